@@ -1,0 +1,62 @@
+"""The seams: what triggers and the gateway see of the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from .envelope import Envelope
+
+
+class Status(str, enum.Enum):
+    """The life of one invocation."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    ABORTED = "ABORTED"
+
+    @property
+    def ended(self) -> bool:
+        """True for the terminal states."""
+        return self not in (Status.QUEUED, Status.RUNNING)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The answer to one accepted envelope."""
+
+    request_id: str
+    created: bool  # False when the same (function, source, id) was accepted before
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Invocation:
+    """One invocation as the store records it."""
+
+    request_id: str
+    function: str
+    trigger: str
+    status: Status
+    created_at: str
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_ms: int | None = None
+    result: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+class Acceptor(Protocol):
+    """What a trigger needs: hand in envelopes, get RequestIds once they are durable."""
+
+    async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
+        """Record one envelope durably and queue its run; raises Throttled or FunctionNotFound."""
+        ...
+
+    async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+        """Record many envelopes in one durable commit; never throttled."""
+        ...

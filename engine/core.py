@@ -1,0 +1,358 @@
+"""The engine: durable acceptance, runs on worker instances, and what the gateway reads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from .api import Accepted, Invocation, Status
+from .dispatcher import Dispatcher
+from .envelope import Envelope, encode, now_rfc3339
+from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
+from .instances import Instance, InstancePool, Outcome, Spec
+from .logs import LogHub
+from .manifest import FunctionConfig, Manifest
+from .metrics import Metrics
+from .store import NewInvocation, SQLiteStore
+
+logger = logging.getLogger(__name__)
+
+SERVER_STOPPED = (
+    "the server stopped during execution; the run was not retried (async execution never retries)"
+)
+
+Listener = Callable[[Invocation], None]
+
+
+class _Run:
+    """A run going on: its instance, once it has one, and whether it was asked to stop."""
+
+    __slots__ = ("instance", "abort")
+
+    def __init__(self) -> None:
+        self.instance: Instance | None = None
+        self.abort = False
+
+
+class Engine:
+    """Ack first, run later: every trigger and the gateway go through this facade."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        server = manifest.server
+        data_dir = manifest.data_dir
+        self.store = SQLiteStore(data_dir / "eventrun.db")
+        self.logs = LogHub(data_dir / "logs", server.log_limit)
+        self.metrics = Metrics()
+        self.pool = InstancePool(
+            max_instances=server.max_instances,
+            idle_timeout=server.instance_idle_timeout,
+            kill_grace=server.kill_grace,
+            base_env={**os.environ, **manifest.s3.aws_environment()},
+        )
+        self.dispatcher = Dispatcher(
+            concurrency={n: f.concurrency for n, f in manifest.functions.items()},
+            qps_limits={n: f.qps_limit for n, f in manifest.functions.items()},
+            max_running=server.max_instances,
+            execute=self._execute,
+        )
+        self.shutting_down = False
+        self._runs: dict[str, _Run] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._listeners: list[Listener] = []
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, lock async modes, recover from a previous stop, start queued runs."""
+        self.store.open()
+        try:
+            await self.store.register_functions(
+                {n: f.async_execution for n, f in self.manifest.functions.items()}, now_rfc3339()
+            )
+            interrupted = await self.store.recover(now_rfc3339(), SERVER_STOPPED)
+        except BaseException:
+            self.store.close()
+            raise
+        for request_id in interrupted:
+            self._note(request_id, f"[eventrun] {SERVER_STOPPED}")
+            self.logs.close(request_id)
+        await self.pool.start()
+        self._started = True
+        resumed = 0
+        for request_id, function in self.store.queued():
+            if function in self.manifest.functions:
+                self.dispatcher.submit(function, request_id)
+                resumed += 1
+            else:
+                await self._end(
+                    request_id,
+                    function,
+                    Outcome(
+                        status=Status.FAILED,
+                        error_type="FunctionNotFound",
+                        error_message=f"function {function!r} is no longer in the manifest",
+                    ),
+                    started=None,
+                )
+        if interrupted or resumed:
+            logger.info("recovered: %d interrupted runs ended FAILED, %d queued runs resumed", len(interrupted), resumed)
+
+    async def stop(self) -> None:
+        """Take nothing new, let running work finish within the grace, then record the rest."""
+        if not self._started or self.shutting_down:
+            return
+        self.shutting_down = True
+        self.dispatcher.pause()
+        grace = self.manifest.server.shutdown_grace
+        still = await self.dispatcher.drain(grace)
+        if still:
+            logger.warning("stopping %d runs still going after %ss", len(still), grace)
+            await self.dispatcher.cancel_all()
+        await self.pool.stop()
+        self.logs.close_all()
+        self.store.close()
+        self._started = False
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(invocation)` whenever a run ends."""
+        self._listeners.append(listener)
+
+    # -- acceptance ------------------------------------------------------------------------
+
+    async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
+        """Record one envelope durably and queue its run."""
+        if self.shutting_down:
+            raise ShuttingDown()
+        self.function(envelope.function)
+        if throttle:
+            try:
+                self.dispatcher.throttle(envelope.function)
+            except Exception:
+                self.metrics.throttled[envelope.function] += 1
+                raise
+        return (await self._record([envelope]))[0]
+
+    async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+        """Record many envelopes in one durable commit; never throttled."""
+        if self.shutting_down:
+            raise ShuttingDown()
+        for envelope in envelopes:
+            self.function(envelope.function)
+        return await self._record(envelopes)
+
+    async def _record(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+        now = now_rfc3339()
+        rows = [
+            NewInvocation(
+                request_id=str(uuid.uuid4()),
+                function=e.function,
+                source=e.source,
+                event_id=e.id,
+                trigger=e.trigger,
+                created_at=now,
+                envelope=encode(e),
+            )
+            for e in envelopes
+        ]
+        accepted = await self.store.accept(rows)
+        for envelope, answer in zip(envelopes, accepted):
+            if answer.created:
+                self.metrics.accepted[envelope.function] += 1
+                self.dispatcher.submit(envelope.function, answer.request_id)
+            else:
+                self.metrics.duplicates[envelope.function] += 1
+        return accepted
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def function(self, name: str) -> FunctionConfig:
+        """A function's configuration."""
+        try:
+            return self.manifest.functions[name]
+        except KeyError:
+            raise FunctionNotFound(name) from None
+
+    def functions(self) -> dict[str, FunctionConfig]:
+        """Every function of the manifest."""
+        return dict(self.manifest.functions)
+
+    def get(self, request_id: str) -> Invocation:
+        """One invocation."""
+        invocation = self.store.get(request_id)
+        if invocation is None:
+            raise InvocationNotFound(request_id)
+        return invocation
+
+    def list(
+        self,
+        *,
+        function: str | None = None,
+        status: Status | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Invocation], str | None]:
+        """Invocations newest first, and the next page's cursor."""
+        if function is not None:
+            self.function(function)
+        return self.store.list(function=function, status=status, limit=limit, cursor=cursor)
+
+    async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
+        """The invocation once it has ended (or as it is when `timeout` passes)."""
+        invocation = self.get(request_id)
+        if invocation.status.ended:
+            return invocation
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiting = self._waiters.get(request_id)
+            if waiting and future in waiting:
+                waiting.remove(future)
+        return self.get(request_id)
+
+    def read_log(self, request_id: str) -> bytes:
+        """The run's log so far."""
+        self.get(request_id)
+        return self.logs.read(request_id)
+
+    def follow_log(self, request_id: str) -> AsyncIterator[str]:
+        """Log lines so far, then live ones, ending when the run ends."""
+        self.get(request_id)
+        return self.logs.follow(request_id, lambda: self.get(request_id).status.ended)
+
+    def metrics_text(self) -> str:
+        """Prometheus text of the engine's counters."""
+        return self.metrics.render(
+            self.manifest.functions,
+            lambda f: (self.dispatcher.queued(f), self.dispatcher.running(f)),
+        )
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and a few figures."""
+        return {
+            "Status": "shutting-down" if self.shutting_down else "ok",
+            "Functions": len(self.manifest.functions),
+            "Running": self.dispatcher.total_running,
+            "Instances": self.pool.size,
+        }
+
+    # -- terminate -------------------------------------------------------------------------
+
+    async def terminate(self, request_id: str) -> Invocation:
+        """Stop a QUEUED or RUNNING run; it ends ABORTED."""
+        invocation = self.get(request_id)
+        if invocation.status.ended:
+            raise InvocationEnded(request_id, invocation.status.value)
+        if self.dispatcher.remove(invocation.function, request_id):
+            outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
+            await self._end(request_id, invocation.function, outcome, started=None)
+            return self.get(request_id)
+        run = self._runs.get(request_id)
+        task = self.dispatcher.task(request_id)
+        if run is not None:
+            run.abort = True
+            if run.instance is not None:
+                await run.instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
+        if task is not None:
+            await asyncio.shield(asyncio.wait({task}))
+        return self.get(request_id)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def _execute(self, function: str, request_id: str) -> None:
+        config = self.manifest.functions[function]
+        run = self._runs[request_id] = _Run()
+        started = time.monotonic()
+        try:
+            envelope = self.store.envelope(request_id)
+            if envelope is None or not await self.store.mark_running(request_id, now_rfc3339()):
+                return  # ended (terminated) in the meantime
+            self.logs.open(request_id)
+            if run.abort:
+                outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated on request")
+            else:
+                outcome = await self._run_on_instance(run, function, config, request_id, envelope)
+        except asyncio.CancelledError:
+            outcome = Outcome(status=Status.FAILED, error_type="ServerStopped", error_message=SERVER_STOPPED)
+            if run.instance is not None:
+                await asyncio.shield(run.instance.kill(self.manifest.server.kill_grace))
+            await asyncio.shield(self._end(request_id, function, outcome, started=started))
+            raise
+        finally:
+            self._runs.pop(request_id, None)
+        await asyncio.shield(self._end(request_id, function, outcome, started=started))
+
+    async def _run_on_instance(
+        self, run: _Run, function: str, config: FunctionConfig, request_id: str, envelope: bytes
+    ) -> Outcome:
+        spec = Spec(
+            function=function,
+            handler=f"{self.manifest.handler_path(function)}:{config.handler_name}",
+            cwd=self.manifest.base_dir,
+            environment=dict(config.environment),
+        )
+        instance = run.instance = await self.pool.acquire(spec)
+        if run.abort:
+            await instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
+        self._note(request_id, f"[eventrun] run started on instance {instance.pid}")
+        outcome = Outcome(status=Status.FAILED, error_type="InternalError", error_message="run did not report")
+        try:
+            outcome = await instance.run(
+                request_id,
+                envelope,
+                config.timeout,
+                lambda lines: self.logs.write(request_id, lines),
+                self.manifest.server.kill_grace,
+            )
+        finally:
+            await asyncio.shield(self.pool.release(instance, keep=outcome.keep_instance and not run.abort))
+        if not outcome.keep_instance and outcome.status is Status.FAILED:
+            self._note(request_id, f"[eventrun] instance {instance.pid} was discarded after the failure")
+        return outcome
+
+    async def _end(self, request_id: str, function: str, outcome: Outcome, *, started: float | None) -> None:
+        """Record the final state (once), close the log, wake waiters and listeners."""
+        if outcome.status is not Status.FINISHED:
+            self._note(request_id, f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}")
+        recorded = await self.store.finish(
+            request_id,
+            outcome.status,
+            now_rfc3339(),
+            result=outcome.result,
+            error_type=outcome.error_type,
+            error_message=outcome.error_message,
+        )
+        self.logs.close(request_id)
+        if recorded:
+            seconds = time.monotonic() - started if started is not None else None
+            self.metrics.observe_end(function, outcome.status, seconds)
+        for future in self._waiters.pop(request_id, ()):
+            if not future.done():
+                future.set_result(None)
+        if recorded and self._listeners:
+            invocation = self.get(request_id)
+            for listener in self._listeners:
+                try:
+                    listener(invocation)
+                except Exception:
+                    logger.exception("listener failed for %s", request_id)
+
+    def _note(self, request_id: str, line: str) -> None:
+        """A line from eventrun itself in the run's log."""
+        self.logs.write(request_id, [line])

@@ -1,0 +1,155 @@
+"""The dispatcher: a FIFO per function, per-function concurrency, a global cap, QPS buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from typing import Awaitable, Callable, Mapping
+
+from .errors import Throttled
+
+logger = logging.getLogger(__name__)
+
+Execute = Callable[[str, str], Awaitable[None]]
+
+
+class TokenBucket:
+    """At most `rate` events per second, with a burst of `rate`."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = float(rate)
+        self.tokens = float(rate)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0.0 if a token was taken, else the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class Dispatcher:
+    """Decides which queued run starts next; `execute` does the running."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: Mapping[str, int],
+        qps_limits: Mapping[str, int],
+        max_running: int,
+        execute: Execute,
+    ) -> None:
+        self._concurrency = dict(concurrency)
+        self._buckets = {name: TokenBucket(limit) for name, limit in qps_limits.items()}
+        self._limits = dict(qps_limits)
+        self._max_running = max_running
+        self._execute = execute
+        self._queues: dict[str, collections.deque[str]] = {name: collections.deque() for name in concurrency}
+        self._running: dict[str, int] = {name: 0 for name in concurrency}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._turn = 0
+        self._paused = False
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def throttle(self, function: str) -> None:
+        """Take one QPS token for the function or raise Throttled."""
+        wait = self._buckets[function].take()
+        if wait:
+            raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)))
+
+    def submit(self, function: str, request_id: str) -> None:
+        """Queue a run (FIFO per function) and start what can start."""
+        self._queues[function].append(request_id)
+        self._pump()
+
+    def remove(self, function: str, request_id: str) -> bool:
+        """Drop a run that has not started yet; False if it is no longer queued."""
+        try:
+            self._queues[function].remove(request_id)
+        except ValueError:
+            return False
+        return True
+
+    # -- counters --------------------------------------------------------------------------
+
+    def queued(self, function: str) -> int:
+        """Runs of the function waiting for a slot."""
+        return len(self._queues[function])
+
+    def running(self, function: str) -> int:
+        """Runs of the function going on."""
+        return self._running[function]
+
+    @property
+    def total_running(self) -> int:
+        """Runs going on across functions."""
+        return len(self._tasks)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Start nothing new (shutdown)."""
+        self._paused = True
+
+    async def drain(self, grace: float) -> set[str]:
+        """Wait up to `grace` seconds for running runs; return the RequestIds still running."""
+        tasks = set(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        return {rid for rid, task in self._tasks.items() if not task.done()}
+
+    async def cancel_all(self) -> None:
+        """Cancel what still runs and wait for it to record its end."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def task(self, request_id: str) -> asyncio.Task[None] | None:
+        """The task running a run, if it runs."""
+        return self._tasks.get(request_id)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._paused:
+            return
+        names = list(self._queues)
+        while len(self._tasks) < self._max_running:
+            started = False
+            for offset in range(len(names)):
+                name = names[(self._turn + offset) % len(names)]
+                queue = self._queues[name]
+                if queue and self._running[name] < self._concurrency[name]:
+                    self._turn = (self._turn + offset + 1) % len(names)
+                    self._start(name, queue.popleft())
+                    started = True
+                    break
+            if not started:
+                return
+
+    def _start(self, function: str, request_id: str) -> None:
+        self._running[function] += 1
+        task = asyncio.create_task(self._run(function, request_id), name=f"run-{request_id}")
+        self._tasks[request_id] = task
+
+    async def _run(self, function: str, request_id: str) -> None:
+        try:
+            await self._execute(function, request_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("run %s of %s crashed inside eventrun", request_id, function)
+        finally:
+            self._running[function] -= 1
+            del self._tasks[request_id]
+            self._pump()

@@ -1,0 +1,74 @@
+"""One error root; each subclass names the thing that is wrong."""
+
+from __future__ import annotations
+
+
+class EventrunError(Exception):
+    """Root of every error eventrun raises on purpose."""
+
+    code = "InternalError"
+
+
+class ManifestError(EventrunError):
+    """The manifest (or the environment overriding it) is invalid."""
+
+    code = "InvalidManifest"
+
+
+class InvalidParameter(EventrunError):
+    """A request carries a value eventrun cannot use."""
+
+    code = "InvalidParameter"
+
+
+class FunctionNotFound(EventrunError):
+    """No function of that name is in the manifest."""
+
+    code = "FunctionNotFound"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"function {name!r} does not exist")
+        self.name = name
+
+
+class InvocationNotFound(EventrunError):
+    """No invocation has that RequestId."""
+
+    code = "InvocationNotFound"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"invocation {request_id!r} does not exist")
+        self.request_id = request_id
+
+
+class InvocationEnded(EventrunError):
+    """The invocation already ended, so it cannot be changed."""
+
+    code = "InvocationEnded"
+
+    def __init__(self, request_id: str, status: str) -> None:
+        super().__init__(f"invocation {request_id!r} already ended with status {status}")
+        self.request_id = request_id
+        self.status = status
+
+
+class Throttled(EventrunError):
+    """The function's qps_limit is exhausted for now."""
+
+    code = "Throttled"
+
+    def __init__(self, function: str, limit: int, retry_after: float) -> None:
+        super().__init__(
+            f"function {function!r} accepts at most {limit} events per second; retry later"
+        )
+        self.function = function
+        self.retry_after = retry_after
+
+
+class ShuttingDown(EventrunError):
+    """The engine is stopping and takes no new events."""
+
+    code = "ShuttingDown"
+
+    def __init__(self) -> None:
+        super().__init__("eventrun is shutting down and accepts no new events")

@@ -1,0 +1,133 @@
+"""Run logs: one file per RequestId, and a small publish/subscribe hub for followers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterable
+
+from .envelope import now_rfc3339
+
+logger = logging.getLogger(__name__)
+
+_END = None  # what a follower's queue receives when the run has ended
+FOLLOWER_BACKLOG = 10_000  # lines a slow follower may lag before it is cut off
+
+
+class _OpenLog:
+    """The log file of a run that is going on."""
+
+    __slots__ = ("fd", "size", "truncated")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.truncated = False
+
+
+class LogHub:
+    """Appends stamped lines to per-run files and hands them to live followers."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.directory = directory
+        self.limit = limit
+        self._open: dict[str, _OpenLog] = {}
+        self._followers: dict[str, set[asyncio.Queue[str | None]]] = {}
+
+    def path(self, request_id: str) -> Path:
+        """Where a run's log lives (two-level fan-out keeps directories small)."""
+        return self.directory / request_id[:2] / f"{request_id}.log"
+
+    def open(self, request_id: str) -> None:
+        """Start (or continue) a run's log; writing opens it too."""
+        if request_id in self._open:
+            return
+        path = self.path(request_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._open[request_id] = _OpenLog(fd, os.fstat(fd).st_size)
+
+    def is_open(self, request_id: str) -> bool:
+        """True while the run's log is being written."""
+        return request_id in self._open
+
+    def write(self, request_id: str, lines: Iterable[str]) -> None:
+        """Stamp and append lines; past the size limit, say so once and drop the rest."""
+        if request_id not in self._open:
+            self.open(request_id)
+        log = self._open[request_id]
+        if log.truncated:
+            return
+        stamp = now_rfc3339()
+        stamped = [f"{stamp} {line}" for line in lines]
+        if not stamped:
+            return
+        data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
+        if log.size + len(data) > self.limit:
+            notice = f"{stamp} [eventrun] log limit of {self.limit} bytes reached; further output of this run is discarded"
+            stamped = [notice]
+            data = (notice + "\n").encode()
+            log.truncated = True
+        os.write(log.fd, data)
+        log.size += len(data)
+        self._publish(request_id, stamped)
+
+    def close(self, request_id: str) -> None:
+        """End a run's log and release its followers."""
+        log = self._open.pop(request_id, None)
+        if log is not None:
+            os.close(log.fd)
+        for follower in self._followers.pop(request_id, ()):
+            _offer(follower, _END)
+
+    def close_all(self) -> None:
+        """Close every open log (shutdown)."""
+        for request_id in list(self._open):
+            self.close(request_id)
+
+    def read(self, request_id: str) -> bytes:
+        """The whole log so far ("" before the run started)."""
+        try:
+            return self.path(request_id).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    async def follow(self, request_id: str, ended: Callable[[], bool]) -> AsyncIterator[str]:
+        """Every line so far, then live lines until the run ends."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        # Subscribe and snapshot with no await in between: no line can fall in the gap.
+        self._followers.setdefault(request_id, set()).add(queue)
+        try:
+            snapshot = self.read(request_id)
+            for line in snapshot.decode("utf-8", "replace").splitlines():
+                yield line
+            if ended() and request_id not in self._open:
+                return
+            while True:
+                line = await queue.get()
+                if line is _END:
+                    return
+                yield line
+        finally:
+            followers = self._followers.get(request_id)
+            if followers is not None:
+                followers.discard(queue)
+                if not followers:
+                    del self._followers[request_id]
+
+    def _publish(self, request_id: str, lines: list[str]) -> None:
+        for follower in list(self._followers.get(request_id, ())):
+            if follower.qsize() + len(lines) > FOLLOWER_BACKLOG:
+                # A follower that cannot keep up is cut off rather than held in memory.
+                self._followers[request_id].discard(follower)
+                _offer(follower, "[eventrun] follower fell too far behind; read the log again to continue")
+                _offer(follower, _END)
+                continue
+            for line in lines:
+                follower.put_nowait(line)
+
+
+def _offer(queue: asyncio.Queue[str | None], item: str | None) -> None:
+    queue.put_nowait(item)

@@ -1,0 +1,373 @@
+"""The function manifest (`eventrun.toml`): pydantic models, read once with the environment."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ManifestError
+
+ASYNC_MAX_TIMEOUT = 24 * 3600.0
+SYNC_MAX_TIMEOUT = 900.0
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "k": 1024, "mb": 1024**2, "m": 1024**2, "gb": 1024**3, "g": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as "90s", "15m", "2h", "24h"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '90s' or '2h', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as '90s', '15m' or '2h', got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string such as "6MB" or "512kb"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        unit = match.group(2).lower() if match else ""
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"expected a size such as '6MB' or '512KB', got {value!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """The `[server]` table."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    data_dir: Path = Path(".eventrun")
+    url: str = ""
+    max_body_size: int = 6 * 1024 * 1024
+    max_instances: int = Field(32, ge=1)
+    instance_idle_timeout: float = 300.0
+    kill_grace: float = 3.0
+    log_limit: int = 64 * 1024 * 1024
+    shutdown_grace: float = 10.0
+
+    _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
+    _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(
+        parse_duration
+    )
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach this server."""
+        if self.url:
+            return self.url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+class KafkaConfig(_Strict):
+    """The `[kafka]` connection table."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    high_water_mark: int = Field(10_000, ge=1)
+
+
+class S3Config(_Strict):
+    """The `[s3]` connection table."""
+
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    webhook_token: str = ""
+    sqs_queue_url: str = ""
+
+    def aws_environment(self) -> dict[str, str]:
+        """The standard AWS variables a function instance receives."""
+        env = {"AWS_DEFAULT_REGION": self.region}
+        if self.endpoint_url:
+            env["AWS_ENDPOINT_URL"] = self.endpoint_url
+        if self.access_key_id:
+            env["AWS_ACCESS_KEY_ID"] = self.access_key_id
+        if self.secret_access_key:
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key
+        return env
+
+
+class S3Trigger(_Strict):
+    """Bucket notifications for one bucket."""
+
+    type: Literal["s3"]
+    bucket: str
+    events: tuple[str, ...] = ("s3:ObjectCreated:*",)
+    prefix: str = ""
+    suffix: str = ""
+
+
+class KafkaTrigger(_Strict):
+    """Records of one Kafka topic."""
+
+    type: Literal["kafka"]
+    topic: str
+    group_id: str = ""
+    starting_position: Literal["latest", "earliest"] = "latest"
+
+
+class TimerTrigger(_Strict):
+    """A cron schedule."""
+
+    type: Literal["timer"]
+    name: str
+    cron: str
+    timezone: str = "UTC"
+    payload: Any = None
+    catch_up: bool = False
+    overlap: bool = True
+
+
+Trigger = Annotated[Union[S3Trigger, KafkaTrigger, TimerTrigger], Field(discriminator="type")]
+
+
+class FunctionConfig(_Strict):
+    """One `[functions.NAME]` table."""
+
+    handler: str
+    async_execution: bool = True
+    timeout: float = 900.0
+    concurrency: int = Field(4, ge=1, le=10_000)
+    qps_limit: int = Field(1000, ge=1)
+    environment: dict[str, str] = Field(default_factory=dict)
+    callback_url: str = ""
+    triggers: tuple[Trigger, ...] = ()
+
+    _timeout = field_validator("timeout", mode="before")(parse_duration)
+
+    @field_validator("handler")
+    @classmethod
+    def _handler_shape(cls, value: str) -> str:
+        path, sep, attr = value.rpartition(":")
+        if not sep or not path or not attr.isidentifier():
+            raise ValueError(f"expected 'path/to/file.py:callable', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _timeout_limit(self) -> FunctionConfig:
+        limit = ASYNC_MAX_TIMEOUT if self.async_execution else SYNC_MAX_TIMEOUT
+        if self.timeout > limit:
+            kind = "async" if self.async_execution else "sync"
+            raise ValueError(
+                f"timeout: {kind} functions may run at most {format_duration(limit)}, "
+                f"got {format_duration(self.timeout)}"
+            )
+        return self
+
+    @property
+    def handler_file(self) -> str:
+        """The handler's file path as written in the manifest."""
+        return self.handler.rpartition(":")[0]
+
+    @property
+    def handler_name(self) -> str:
+        """The handler's callable name."""
+        return self.handler.rpartition(":")[2]
+
+
+def format_duration(seconds: float) -> str:
+    """A duration the way the manifest writes it."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class Manifest(BaseSettings):
+    """The whole manifest: `[server]`, `[kafka]`, `[s3]` and `[functions.*]`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EVENTRUN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerConfig = ServerConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    s3: S3Config = S3Config()
+    functions: dict[str, FunctionConfig] = Field(default_factory=dict)
+    path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("functions")
+    @classmethod
+    def _names(cls, value: dict[str, FunctionConfig]) -> dict[str, FunctionConfig]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"function name {name!r} must start with a letter and hold only letters, "
+                    "digits, '_' or '-' (at most 64)"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (env_settings, init_settings)
+        toml_file = _TOML_FILE.get("path")
+        if toml_file is not None:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
+        return sources
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder handler paths and data_dir are relative to."""
+        return self.path.parent if self.path else Path.cwd()
+
+    @property
+    def data_dir(self) -> Path:
+        """The absolute data directory."""
+        return (self.base_dir / self.server.data_dir).resolve()
+
+    def handler_path(self, name: str) -> Path:
+        """The absolute path of a function's handler file."""
+        return (self.base_dir / self.functions[name].handler_file).resolve()
+
+
+_TOML_FILE: dict[str, Path] = {}
+
+
+def load_manifest(path: Path | str | None) -> Manifest:
+    """Read the manifest at `path` (or defaults only) plus EVENTRUN_* variables."""
+    location = Path(path).resolve() if path is not None else None
+    label = str(path) if path is not None else "the environment"
+    if location is not None and not location.is_file():
+        raise ManifestError(f"{label}: no such manifest file")
+    _TOML_FILE.clear()
+    if location is not None:
+        _TOML_FILE["path"] = location
+    try:
+        manifest = Manifest(path=location)
+    except ValidationError as exc:
+        raise ManifestError(_describe(label, exc)) from None
+    except ValueError as exc:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
+        raise ManifestError(f"{label}: not valid TOML: {exc}") from None
+    finally:
+        _TOML_FILE.clear()
+    for name in manifest.functions:
+        handler = manifest.handler_path(name)
+        if not handler.is_file():
+            raise ManifestError(
+                f"{label}: functions.{name}.handler: file {manifest.functions[name].handler_file!r} "
+                f"not found (looked for {handler})"
+            )
+    _check_trigger_names(label, manifest)
+    return manifest
+
+
+def _check_trigger_names(label: str, manifest: Manifest) -> None:
+    for name, function in manifest.functions.items():
+        seen: set[str] = set()
+        for trigger in function.triggers:
+            if isinstance(trigger, TimerTrigger):
+                if trigger.name in seen:
+                    raise ManifestError(
+                        f"{label}: functions.{name}.triggers: two timer triggers are named {trigger.name!r}"
+                    )
+                seen.add(trigger.name)
+
+
+_KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "": tuple(Manifest.model_fields),
+    "server": tuple(ServerConfig.model_fields),
+    "kafka": tuple(KafkaConfig.model_fields),
+    "s3": tuple(S3Config.model_fields),
+    "function": tuple(FunctionConfig.model_fields),
+    "trigger": tuple(
+        {*S3Trigger.model_fields, *KafkaTrigger.model_fields, *TimerTrigger.model_fields}
+    ),
+}
+
+
+def _describe(label: str, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        # Drop pydantic's union tags ("s3", "function-after[...]") that are not manifest keys.
+        loc = [part for part in loc if not part.startswith(("function-", "tagged-union"))]
+        loc = [
+            part
+            for i, part in enumerate(loc)
+            if not (i and loc[i - 1].isdigit() and part in ("s3", "kafka", "timer"))
+        ]
+        key = _dotted(loc)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + _suggest(loc)
+        elif error["type"] == "union_tag_invalid":
+            message = "unknown trigger type; expected one of 's3', 'kafka', 'timer'"
+        lines.append(f"{label}: {key}: {message}" if key else f"{label}: {message}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        if part.isdigit():
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _suggest(loc: list[str]) -> str:
+    if not loc:
+        return ""
+    wrong = loc[-1]
+    parent = loc[:-1]
+    if not parent:
+        scope = ""
+    elif parent[0] == "functions" and len(parent) == 2:
+        scope = "function"
+    elif parent[0] == "functions" and len(parent) >= 4:
+        scope = "trigger"
+    else:
+        scope = parent[0]
+    known = _KNOWN_KEYS.get(scope, ())
+    close = difflib.get_close_matches(wrong, [k for k in known if k != "path"], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,70 @@
+"""Counters and run-duration histograms, written out as Prometheus text."""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Iterable
+
+from .api import Status
+
+BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
+
+class Metrics:
+    """What the engine counts, per function."""
+
+    def __init__(self) -> None:
+        self.accepted: collections.Counter[str] = collections.Counter()
+        self.duplicates: collections.Counter[str] = collections.Counter()
+        self.throttled: collections.Counter[str] = collections.Counter()
+        self.ended: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: collections.Counter[str] = collections.Counter()
+
+    def observe_end(self, function: str, status: Status, seconds: float | None) -> None:
+        """Count one ended run and its duration."""
+        self.ended[(function, status.value)] += 1
+        if seconds is None:
+            return
+        counts = self._buckets.setdefault(function, [0] * (len(BUCKETS) + 1))
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+        counts[-1] += 1
+        self._sums[function] += seconds
+
+    def render(self, functions: Iterable[str], gauges: Callable[[str], tuple[int, int]]) -> str:
+        """Prometheus text exposition; `gauges(fn)` gives (queued, running)."""
+        names = sorted(functions)
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("eventrun_accepted_total", "counter", "Events accepted (new RequestIds).")
+        out += [f'eventrun_accepted_total{{function="{f}"}} {self.accepted[f]}' for f in names]
+        family("eventrun_duplicates_total", "counter", "Events handed in again and answered with the known RequestId.")
+        out += [f'eventrun_duplicates_total{{function="{f}"}} {self.duplicates[f]}' for f in names]
+        family("eventrun_throttled_total", "counter", "Events refused by qps_limit.")
+        out += [f'eventrun_throttled_total{{function="{f}"}} {self.throttled[f]}' for f in names]
+        family("eventrun_runs_total", "counter", "Runs ended, by final status.")
+        for f in names:
+            for status in Status:
+                if status.ended:
+                    out.append(f'eventrun_runs_total{{function="{f}",status="{status.value}"}} {self.ended[(f, status.value)]}')
+        family("eventrun_queued", "gauge", "Runs waiting for a slot.")
+        family("eventrun_running", "gauge", "Runs going on.")
+        for f in names:
+            queued, running = gauges(f)
+            out.append(f'eventrun_queued{{function="{f}"}} {queued}')
+            out.append(f'eventrun_running{{function="{f}"}} {running}')
+        family("eventrun_run_duration_seconds", "histogram", "Duration of ended runs.")
+        for f in names:
+            counts = self._buckets.get(f, [0] * (len(BUCKETS) + 1))
+            for bound, count in zip(BUCKETS, counts):
+                out.append(f'eventrun_run_duration_seconds_bucket{{function="{f}",le="{bound:g}"}} {count}')
+            out.append(f'eventrun_run_duration_seconds_bucket{{function="{f}",le="+Inf"}} {counts[-1]}')
+            out.append(f'eventrun_run_duration_seconds_sum{{function="{f}"}} {self._sums[f]:.6f}')
+            out.append(f'eventrun_run_duration_seconds_count{{function="{f}"}} {counts[-1]}')
+        return "\n".join(out) + "\n"
