@@ -64,6 +64,7 @@ class Engine:
         self._runs: dict[str, _Run] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
+        self._reporters: dict[str, Callable[[], dict[str, Any]]] = {}
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -129,6 +130,23 @@ class Engine:
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(invocation)` whenever a run ends."""
         self._listeners.append(listener)
+
+    def add_reporter(self, name: str, report: Callable[[], dict[str, Any]]) -> None:
+        """Show `report()` (e.g. a trigger's connection state) under `Triggers` in health()."""
+        self._reporters[name] = report
+
+    def backlog(self, function: str) -> int:
+        """Runs of the function accepted but not yet started."""
+        self.function(function)
+        return self.dispatcher.queued(function)
+
+    def get_state(self, key: str) -> str | None:
+        """A small value a trigger remembered across restarts (e.g. its last timer slot)."""
+        return self.store.get_state(key)
+
+    async def put_state(self, key: str, value: str) -> None:
+        """Remember a small value durably."""
+        await self.store.put_state(key, value)
 
     # -- acceptance ------------------------------------------------------------------------
 
@@ -250,6 +268,7 @@ class Engine:
             "Functions": len(self.manifest.functions),
             "Running": self.dispatcher.total_running,
             "Instances": self.pool.size,
+            "Triggers": {name: report() for name, report in self._reporters.items()},
         }
 
     # -- terminate -------------------------------------------------------------------------
