@@ -140,6 +140,10 @@ class Engine:
         self.function(function)
         return self.dispatcher.queued(function)
 
+    def active(self, function: str, source: str) -> int:
+        """Runs of the function from this source that are QUEUED or RUNNING."""
+        return self.store.count_active(function, source)
+
     def get_state(self, key: str) -> str | None:
         """A small value a trigger remembered across restarts (e.g. its last timer slot)."""
         return self.store.get_state(key)
