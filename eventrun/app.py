@@ -8,6 +8,9 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
 
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import EventrunError
@@ -17,15 +20,51 @@ from eventrun.triggers.http import HttpTrigger
 logger = logging.getLogger("eventrun")
 
 
+class Trigger(Protocol):
+    """What the composition root needs of a trigger."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def state(self) -> dict[str, Any]: ...
+
+
+def build_triggers(engine: Engine, manifest: Manifest) -> tuple[dict[str, Trigger], list[web.AbstractRouteDef]]:
+    """The triggers the manifest asks for, and routes they add to the gateway."""
+    kinds = {t.type for f in manifest.functions.values() for t in f.triggers}
+    triggers: dict[str, Trigger] = {}
+    routes: list[web.AbstractRouteDef] = []
+    # Imported only when used, so a manifest without Kafka never loads aiokafka.
+    if "s3" in kinds or manifest.s3.sqs_queue_url:
+        from eventrun.triggers.s3 import S3Trigger
+
+        s3 = S3Trigger(engine, manifest)
+        routes += s3.routes()
+        triggers["s3"] = s3
+    if "kafka" in kinds:
+        from eventrun.triggers.kafka import KafkaTrigger
+
+        triggers["kafka"] = KafkaTrigger(engine, manifest)
+    if "timer" in kinds:
+        from eventrun.triggers.timer import TimerTrigger
+
+        triggers["timer"] = TimerTrigger(engine, manifest)
+    return triggers, routes
+
+
 async def run(manifest: Manifest, stop: asyncio.Event) -> None:
     """Serve until `stop` is set: engine first, intake last; shut down in reverse."""
     async with contextlib.AsyncExitStack() as stack:
         engine = Engine(manifest)
+        triggers, routes = build_triggers(engine, manifest)
         await engine.start()
         stack.push_async_callback(engine.stop)
-        http = HttpTrigger(engine, manifest.server.host, manifest.server.port)
+        http = HttpTrigger(engine, manifest.server.host, manifest.server.port, extra_routes=routes)
         await http.start()
         stack.push_async_callback(http.stop)
+        for name, trigger in triggers.items():
+            await trigger.start()
+            stack.push_async_callback(trigger.stop)
+            engine.add_reporter(name, trigger.state)
         logger.info(
             "eventrun serving %d functions on http://%s:%s (data in %s)",
             len(manifest.functions),

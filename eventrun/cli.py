@@ -1,0 +1,536 @@
+"""The `eventrun` command: `serve`, and the client commands that talk to a running server."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_MANIFEST = "eventrun.toml"
+STATUSES = ("QUEUED", "RUNNING", "FINISHED", "FAILED", "TIMED_OUT", "ABORTED")
+TERMINAL = frozenset(STATUSES[2:])
+REQUEST_TIMEOUT = 30.0
+# A sync function answers only when its run ends, and sync runs may last 900 s.
+INVOKE_TIMEOUT = 900.0 + 60.0
+POLL_FIRST, POLL_MAX = 0.2, 1.0
+TERMINATE_WAIT = 30.0
+# The server sends a keep-alive comment every 15 s, so this much silence means a dead link.
+STREAM_IDLE_TIMEOUT = 120.0
+
+
+class CliError(Exception):
+    """An expected failure: one line on stderr and a non-zero exit status."""
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+class Client:
+    """The gateway's HTTP API over urllib, with errors turned into one-line `CliError`s."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+    ) -> http.client.HTTPResponse:
+        """Send one request and return the open 2xx response."""
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
+            return response
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise CliError(_describe_http_error(exc)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self.unreachable(exc) from None
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+    ) -> tuple[int, Any]:
+        """Send one request and return the status and the decoded JSON answer."""
+        response = self.open(method, path, query=query, body=body, headers=headers, timeout=timeout)
+        with response:
+            raw = self._read(response)
+        try:
+            return response.status, json.loads(raw) if raw else None
+        except ValueError:
+            message = f"{self.base_url} answered {method} {path} with something that is not JSON"
+            raise CliError(message) from None
+
+    def text(self, path: str) -> str:
+        """GET a text/plain resource."""
+        with self.open("GET", path) as response:
+            return self._read(response).decode("utf-8", errors="replace")
+
+    def lines(self, path: str, query: dict[str, str]) -> Iterator[str]:
+        """GET a streamed resource and yield its lines as they arrive, without line ends."""
+        headers = {"Accept": "text/event-stream"}
+        response = self.open("GET", path, query=query, headers=headers, timeout=STREAM_IDLE_TIMEOUT)
+        with response:
+            while True:
+                try:
+                    line = response.readline()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise CliError(f"lost the connection to {self.base_url} ({_reason(exc)})") from None
+                if not line:
+                    return
+                yield line.decode("utf-8", errors="replace").rstrip("\r\n")
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        try:
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise CliError(f"lost the connection to {self.base_url} ({_reason(exc)})") from None
+
+    def unreachable(self, exc: BaseException) -> CliError:
+        """The one line for a server that cannot be reached."""
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return CliError(f"cannot reach {self.base_url} ({_reason(reason)}); is `eventrun serve` running?")
+
+
+def _reason(exc: object) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _describe_http_error(exc: urllib.error.HTTPError) -> str:
+    """Render the server's `{"Error": {"Code", "Message"}}` answer as one line."""
+    try:
+        error = json.loads(exc.read())["Error"]
+        text = f"{error['Code']}: {error['Message']} (HTTP {exc.code}"
+    except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
+        return f"{exc.url} answered HTTP {exc.code} {exc.reason}".rstrip()
+    retry_after = exc.headers.get("Retry-After") if exc.headers else None
+    if retry_after:
+        text += f", retry after {retry_after}s"
+    return text + ")"
+
+
+# --------------------------------------------------------------------------- finding the server
+
+
+def resolve_url(args: argparse.Namespace) -> str:
+    """--url, else the manifest's server address, else $EVENTRUN_URL, else the default."""
+    url = (
+        args.url
+        or _manifest_url(_manifest_path(args.config))
+        or os.environ.get("EVENTRUN_URL")
+        or DEFAULT_URL
+    )
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(f"not an http(s) URL: {url!r} (expected e.g. {DEFAULT_URL})", exit_status=2)
+    return url.rstrip("/")
+
+
+def _manifest_path(config: str | None) -> Path | None:
+    path = Path(config) if config else Path(DEFAULT_MANIFEST)
+    return path if path.is_file() else None
+
+
+def _manifest_url(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from eventrun.engine.manifest import load_manifest  # pydantic is needed only here
+
+    try:
+        return load_manifest(path).server.base_url
+    except Exception:  # noqa: BLE001 - a manifest read only for its URL must never stop a client
+        return None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway, every configured trigger and the engine."""
+    # Imported here so the client commands never load the engine.
+    from eventrun.app import serve
+    from eventrun.engine.errors import EventrunError
+
+    config = Path(args.config) if args.config else _manifest_path(None)
+    try:
+        return serve(config)
+    except EventrunError as exc:  # a bad manifest, a refused async-mode flip, …
+        raise CliError(str(exc)) from None
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    """Invoke a function; print its RequestId, or its result with --wait."""
+    client = Client(resolve_url(args))
+    body, content_type = _invoke_body(args.data, args.file)
+    path = f"/functions/{_quote(args.name)}/invocations"
+    status, answer = client.call(
+        "POST", path, body=body, headers={"Content-Type": content_type}, timeout=INVOKE_TIMEOUT
+    )
+    answer = answer if isinstance(answer, dict) else {}
+    request_id = str(answer.get("RequestId", ""))
+    if not request_id:
+        raise CliError(f"{client.base_url} accepted the event but sent no RequestId")
+    # A sync function answers 200 once its run has ended; an async one 202 at once.
+    ended = answer if status == 200 and "Status" in answer else None
+    if not args.wait:
+        print(request_id)
+        if ended is not None:
+            _raise_unless_finished(client, request_id, ended)
+        return 0
+    outcome = ended or _wait(client, request_id)
+    _raise_unless_finished(client, request_id, outcome)
+    print(_json(outcome.get("Result")))
+    return 0
+
+
+def _invoke_body(data: str | None, file: str | None) -> tuple[bytes, str]:
+    if data is not None:
+        try:
+            json.loads(data)
+        except ValueError as exc:
+            raise CliError(f"--data is not valid JSON: {exc}", exit_status=2) from None
+        return data.encode("utf-8"), "application/json"
+    if file is not None:
+        try:
+            raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {file}: {_reason(exc)}", exit_status=2) from None
+        try:
+            json.loads(raw)
+        except ValueError:
+            return raw, "application/octet-stream"
+        return raw, "application/json"
+    return b"{}", "application/json"
+
+
+def _wait(client: Client, request_id: str, deadline: float | None = None) -> dict[str, Any]:
+    """Poll an invocation until it ends (or the deadline passes); return its last state."""
+    delay = POLL_FIRST
+    while True:
+        invocation = _get_invocation(client, request_id)
+        if invocation.get("Status") in TERMINAL:
+            return invocation
+        if deadline is not None and time.monotonic() >= deadline:
+            return invocation
+        time.sleep(delay)
+        delay = min(delay * 1.5, POLL_MAX)
+
+
+def _get_invocation(client: Client, request_id: str) -> dict[str, Any]:
+    _, invocation = client.call("GET", f"/invocations/{_quote(request_id)}")
+    if not isinstance(invocation, dict):
+        raise CliError(f"{client.base_url} answered with an invocation that is not a JSON object")
+    return invocation
+
+
+def _raise_unless_finished(client: Client, request_id: str, state: dict[str, Any]) -> None:
+    """Raise the one-line account of a run that ended other than FINISHED."""
+    status = state.get("Status")
+    if status == "FINISHED":
+        return
+    # Short answers (the SSE end event) carry only the status; the invocation has the why.
+    invocation = state if "ErrorType" in state else _get_invocation(client, request_id)
+    parts = [f"{request_id} {status}"]
+    if invocation.get("ErrorType"):
+        parts.append(str(invocation["ErrorType"]))
+    if invocation.get("ErrorMessage"):
+        # Keep it to one line even when the message carries a traceback.
+        parts.append(" ".join(str(invocation["ErrorMessage"]).split()))
+    raise CliError(": ".join(parts))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print one invocation as indented JSON."""
+    print(_json(_get_invocation(Client(resolve_url(args)), args.request_id)))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print a run's log; with --follow, stream it until the run ends."""
+    client = Client(resolve_url(args))
+    path = f"/invocations/{_quote(args.request_id)}/logs"
+    if not args.follow:
+        text = client.text(path)
+        sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
+        return 0
+    end: list[str] | None = None
+    for event, data in _sse_events(client.lines(path, {"follow": "true"})):
+        if event == "end":
+            end = data
+            break
+        if event == "error":
+            raise CliError(_describe_stream_error(data))
+        for line in data:
+            print(line, flush=True)
+    invocation = _end_state(end) or _get_invocation(client, args.request_id)
+    if invocation.get("Status") not in TERMINAL:
+        raise CliError(
+            f"the log stream closed before {args.request_id} ended (now {invocation.get('Status')})"
+        )
+    _raise_unless_finished(client, args.request_id, invocation)
+    return 0
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, list[str]]]:
+    """Server-Sent Events as (event name, data lines), one per blank-line-terminated block."""
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data or event != "message":
+                yield event, data
+            event, data = "message", []
+            continue
+        if line.startswith(":"):  # a comment, used as keep-alive
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+    if event == "end":  # a stream cut right after its last field still counts as ended
+        yield event, data
+
+
+def _describe_stream_error(data: list[str]) -> str:
+    """The one line for an `error` event (the server's JSON error shape, sent in-band)."""
+    try:
+        error = json.loads("\n".join(data))["Error"]
+        return f"the log stream failed: {error['Code']}: {error['Message']}"
+    except (ValueError, KeyError, TypeError):
+        return "the log stream failed: " + " ".join(" ".join(data).split())
+
+
+def _end_state(data: list[str] | None) -> dict[str, Any] | None:
+    """The run's final state if the `end` event carries it (`{"RequestId", "Status"}`)."""
+    try:
+        value = json.loads("\n".join(data or []))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and value.get("Status") in TERMINAL else None
+
+
+def cmd_terminate(args: argparse.Namespace) -> int:
+    """Kill a QUEUED or RUNNING run and print its final status."""
+    client = Client(resolve_url(args))
+    _, answer = client.call("POST", f"/invocations/{_quote(args.request_id)}/terminate")
+    status = answer.get("Status") if isinstance(answer, dict) else None
+    if status not in TERMINAL:
+        # The kill may still be under way (a grace period); wait a little for the end.
+        status = _wait(client, args.request_id, time.monotonic() + TERMINATE_WAIT).get("Status")
+    print(status)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print invocations, newest first, as a table."""
+    client = Client(resolve_url(args))
+    query = {
+        key: str(value)
+        for key, value in (
+            ("function", args.function),
+            ("status", args.status),
+            ("limit", args.limit),
+            ("cursor", args.cursor),
+        )
+        if value is not None
+    }
+    _, answer = client.call("GET", "/invocations", query=query)
+    answer = answer if isinstance(answer, dict) else {}
+    headers = ("RequestId", "FunctionName", "Status", "CreatedAt", "DurationMs")
+    rows = [[_cell(item.get(h)) for h in headers] for item in answer.get("Invocations") or []]
+    print(_table(headers, rows))
+    if answer.get("NextCursor"):
+        print(f"more invocations follow: add --cursor {answer['NextCursor']}", file=sys.stderr)
+    return 0
+
+
+def cmd_functions(args: argparse.Namespace) -> int:
+    """Print the function registry as a table."""
+    _, answer = Client(resolve_url(args)).call("GET", "/functions")
+    items = answer.get("Functions", []) if isinstance(answer, dict) else answer or []
+    headers = ("FunctionName", "Async", "Timeout", "Concurrency", "Triggers")
+    rows = [_function_row(item) for item in items if isinstance(item, dict)]
+    print(_table(headers, rows))
+    return 0
+
+
+def _function_row(item: dict[str, Any]) -> list[str]:
+    asynchronous = item.get("AsyncExecution")
+    return [
+        _cell(item.get("FunctionName")),
+        "-" if asynchronous is None else ("yes" if asynchronous else "no"),
+        _duration(item.get("Timeout")),
+        _cell(item.get("Concurrency")),
+        ",".join(_trigger_label(t) for t in item.get("Triggers") or []) or "-",
+    ]
+
+
+def _trigger_label(trigger: Any) -> str:
+    """`s3:BUCKET`, `kafka:TOPIC` or `timer:NAME`: enough to tell a function's triggers apart."""
+    if not isinstance(trigger, dict):
+        return str(trigger)
+    kind = str(trigger.get("Type") or "?")
+    detail = trigger.get({"s3": "Bucket", "kafka": "Topic"}.get(kind, "Name"))
+    return f"{kind}:{detail}" if detail else kind
+
+
+def _duration(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _cell(value)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{int(value // size)}{unit}"
+    return f"{value:g}s"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart, no trailing blanks."""
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+        for row in [headers, *rows]
+    )
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `eventrun` argument parser."""
+    parser = argparse.ArgumentParser(prog="eventrun", description="Self-hosted async functions.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway, the triggers and the engine")
+    serve.add_argument(
+        "--config", metavar="FILE", help=f"the manifest (default: ./{DEFAULT_MANIFEST} if it exists)"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--url",
+        help=f"the server (default: from the manifest, else $EVENTRUN_URL, else {DEFAULT_URL})",
+    )
+    client.add_argument(
+        "--config", metavar="FILE", help=f"the manifest to read the URL from (default: ./{DEFAULT_MANIFEST})"
+    )
+
+    invoke = commands.add_parser("invoke", parents=[client], help="invoke a function")
+    invoke.add_argument("name", metavar="NAME")
+    body = invoke.add_mutually_exclusive_group()
+    body.add_argument("--data", metavar="JSON", help="the event data as JSON (default: {})")
+    body.add_argument("--file", metavar="F", help="send this file's bytes ('-' for stdin)")
+    invoke.add_argument("--wait", action="store_true", help="wait for the run and print its result")
+    invoke.set_defaults(handler=cmd_invoke)
+
+    status = commands.add_parser("status", parents=[client], help="show one invocation")
+    status.add_argument("request_id", metavar="REQUEST_ID")
+    status.set_defaults(handler=cmd_status)
+
+    logs = commands.add_parser("logs", parents=[client], help="print a run's log")
+    logs.add_argument("request_id", metavar="REQUEST_ID")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream the log until the run ends")
+    logs.set_defaults(handler=cmd_logs)
+
+    terminate = commands.add_parser("terminate", parents=[client], help="kill a queued or running run")
+    terminate.add_argument("request_id", metavar="REQUEST_ID")
+    terminate.set_defaults(handler=cmd_terminate)
+
+    listing = commands.add_parser("list", parents=[client], help="list invocations, newest first")
+    listing.add_argument("--function", metavar="F", help="only this function's invocations")
+    listing.add_argument("--status", metavar="S", type=str.upper, choices=STATUSES, help="only this status")
+    listing.add_argument("--limit", metavar="N", type=_positive_int, help="at most N invocations")
+    listing.add_argument("--cursor", help="continue after a previous page")
+    listing.set_defaults(handler=cmd_list)
+
+    functions = commands.add_parser("functions", parents=[client], help="list the functions")
+    functions.set_defaults(handler=cmd_functions)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `eventrun` command and return its exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage or help already
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.handler(args))
+    except CliError as exc:
+        print(f"eventrun: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`eventrun list | head`); silence the flush at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

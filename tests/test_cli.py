@@ -1,0 +1,753 @@
+"""The `eventrun` command against a stand-in of the gateway's HTTP boundary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import types
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from eventrun import cli
+
+EVENTRUN = Path(sys.executable).with_name("eventrun")
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"Error": {"Code": code, "Message": message}}, status=status, headers=headers)
+
+
+def _invocation(request_id: str, status: str, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "RequestId": request_id,
+        "FunctionName": "thumbnail",
+        "Trigger": "http",
+        "Status": status,
+        "CreatedAt": "2024-05-01T10:00:00Z",
+        "StartedAt": None,
+        "EndedAt": None,
+        "DurationMs": None,
+        "Result": None,
+        "ErrorType": None,
+        "ErrorMessage": None,
+    }
+    return base | fields
+
+
+@dataclass
+class Recorded:
+    """One request the stand-in received."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str
+    body: bytes
+
+
+@dataclass
+class StandIn:
+    """A fake gateway: the DESIGN.md routes with canned answers, run on its own loop and thread."""
+
+    requests: list[Recorded] = field(default_factory=list)
+    # Successive answers of GET /invocations/{id}; the last one repeats.
+    invocations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+    # SSE chunks written one by one; None means "then stay silent forever".
+    streams: dict[str, list[str | None]] = field(default_factory=dict)
+    listing: dict[str, Any] = field(default_factory=lambda: {"Invocations": [], "NextCursor": None})
+    functions: Any = field(default_factory=lambda: {"Functions": []})
+    terminated: dict[str, Any] = field(default_factory=dict)
+    url: str = ""
+
+    def app(self) -> web.Application:
+        """The aiohttp application with the routes the CLI uses."""
+        app = web.Application(middlewares=[self._record])
+        app.router.add_post("/functions/{name}/invocations", self._invoke)
+        app.router.add_get("/invocations", self._list)
+        app.router.add_get("/invocations/{id}", self._status)
+        app.router.add_get("/invocations/{id}/logs", self._logs)
+        app.router.add_post("/invocations/{id}/terminate", self._terminate)
+        app.router.add_get("/functions", self._functions)
+        return app
+
+    @web.middleware
+    async def _record(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(
+            Recorded(request.method, request.path, dict(request.query), request.content_type, body)
+        )
+        return await handler(request)
+
+    async def _invoke(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name == "missing":
+            return _error(404, "FunctionNotFound", "function 'missing' does not exist")
+        if name == "busy":
+            message = "function 'busy' accepts at most 1 events per second; retry later"
+            return _error(429, "Throttled", message, **{"Retry-After": "1"})
+        if name == "broken":
+            return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+        if name == "syncfn":
+            data = json.loads(await request.read())
+            return web.json_response({"RequestId": "sync-1", "Status": "FINISHED", "Result": {"echo": data}})
+        if name == "syncfail":
+            failure = {"ErrorType": "RuntimeError", "ErrorMessage": "nope"}
+            return web.json_response({"RequestId": "sync-2", "Status": "FAILED", "Result": None} | failure)
+        request_id = f"req-{name}"
+        return web.json_response({"RequestId": request_id}, status=202, headers={"X-Request-Id": request_id})
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.match_info["id"]
+        answers = self.invocations.get(request_id)
+        if not answers:
+            return _error(404, "InvocationNotFound", f"invocation {request_id!r} does not exist")
+        return web.json_response(answers.pop(0) if len(answers) > 1 else answers[0])
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.listing)
+
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.match_info["id"]
+        if request.query.get("follow") != "true":
+            return web.Response(text=self.logs[request_id], content_type="text/plain")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in self.streams[request_id]:
+            if chunk is None:
+                await asyncio.Event().wait()
+            else:
+                await response.write(chunk.encode())
+                await asyncio.sleep(0.01)
+        return response
+
+    async def _terminate(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.match_info["id"]
+        if request_id == "ended":
+            return _error(409, "InvocationEnded", "invocation 'ended' already ended with status FINISHED")
+        aborted = {"RequestId": request_id, "Status": "ABORTED"}
+        return web.json_response(self.terminated.get(request_id, aborted))
+
+    async def _functions(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.functions)
+
+    def calls(self, method: str, path: str) -> list[Recorded]:
+        """The recorded requests to one route."""
+        return [r for r in self.requests if (r.method, r.path) == (method, path)]
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandIn]:
+    """A StandIn served on a free port from a background thread, stopped afterwards."""
+    server = StandIn()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner = web.AppRunner(server.app(), shutdown_timeout=0.5)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def stop() -> None:
+        await runner.cleanup()
+        # A handler whose client already went away (the Ctrl-C test) is no longer tracked by
+        # the runner; end it here so no task outlives the loop.
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test in an empty folder, with no EVENTRUN_* variables and fast polling."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("EVENTRUN_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(cli, "POLL_FIRST", 0.01)
+    monkeypatch.setattr(cli, "POLL_MAX", 0.02)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """main(argv) in-process: exit status, stdout, stderr."""
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- invoke
+
+
+def test_invoke_prints_the_request_id_and_sends_an_empty_object(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "thumbnail", "--url", stand_in.url) == (0, "req-thumbnail\n", "")
+    [call] = stand_in.calls("POST", "/functions/thumbnail/invocations")
+    assert (call.content_type, call.body) == ("application/json", b"{}")
+
+
+def test_invoke_sends_data_exactly_as_given(stand_in: StandIn, capsys: Any) -> None:
+    data = '{"b": 2,  "a": [1, "ü"]}'
+    assert run(capsys, "invoke", "thumbnail", "--data", data, "--url", stand_in.url)[0] == 0
+    [call] = stand_in.calls("POST", "/functions/thumbnail/invocations")
+    assert (call.content_type, call.body) == ("application/json", data.encode())
+
+
+def test_invoke_refuses_bad_json_data_before_sending(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "thumbnail", "--data", "{nope", "--url", stand_in.url) == (
+        2,
+        "",
+        "eventrun: --data is not valid JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)\n",
+    )
+    assert stand_in.requests == []
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b'{"k": "v"}\n', "application/json"), (b"\x89PNG\r\n\x1a\n\x00", "application/octet-stream")],
+)
+def test_invoke_sends_file_bytes_typed_by_content(
+    stand_in: StandIn, capsys: Any, tmp_path: Path, content: bytes, content_type: str
+) -> None:
+    (tmp_path / "event.bin").write_bytes(content)
+    assert run(capsys, "invoke", "thumbnail", "--file", "event.bin", "--url", stand_in.url) == (
+        0,
+        "req-thumbnail\n",
+        "",
+    )
+    [call] = stand_in.calls("POST", "/functions/thumbnail/invocations")
+    assert (call.content_type, call.body) == (content_type, content)
+
+
+def test_invoke_reports_an_unreadable_file(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "thumbnail", "--file", "nope.json", "--url", stand_in.url) == (
+        2,
+        "",
+        "eventrun: cannot read nope.json: no such file or directory\n",
+    )
+
+
+def test_invoke_takes_data_or_file_not_both(capsys: Any) -> None:
+    status, out, err = run(capsys, "invoke", "f", "--data", "{}", "--file", "x")
+    assert (status, out) == (2, "")
+    assert err.endswith("error: argument --file: not allowed with argument --data\n")
+
+
+def test_invoke_wait_polls_until_finished_and_prints_the_result(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.invocations["req-thumbnail"] = [
+        _invocation("req-thumbnail", "QUEUED"),
+        _invocation("req-thumbnail", "RUNNING"),
+        _invocation("req-thumbnail", "FINISHED", Result={"size": [64, 64], "name": "ü"}),
+    ]
+    assert run(capsys, "invoke", "thumbnail", "--wait", "--url", stand_in.url) == (
+        0,
+        '{\n  "size": [\n    64,\n    64\n  ],\n  "name": "ü"\n}\n',
+        "",
+    )
+    assert len(stand_in.calls("GET", "/invocations/req-thumbnail")) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "fields", "line"),
+    [
+        (
+            "FAILED",
+            {"ErrorType": "ValueError", "ErrorMessage": "bad size\n  in resize()"},
+            "eventrun: req-thumbnail FAILED: ValueError: bad size in resize()\n",
+        ),
+        ("TIMED_OUT", {}, "eventrun: req-thumbnail TIMED_OUT\n"),
+    ],
+)
+def test_invoke_wait_reports_a_run_that_did_not_finish(
+    stand_in: StandIn, capsys: Any, status: str, fields: dict[str, Any], line: str
+) -> None:
+    stand_in.invocations["req-thumbnail"] = [_invocation("req-thumbnail", status, **fields)]
+    assert run(capsys, "invoke", "thumbnail", "--wait", "--url", stand_in.url) == (1, "", line)
+
+
+def test_invoke_sync_function_prints_the_result_with_wait(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "syncfn", "--data", "[1]", "--wait", "--url", stand_in.url) == (
+        0,
+        '{\n  "echo": [\n    1\n  ]\n}\n',
+        "",
+    )
+    assert stand_in.calls("GET", "/invocations/sync-1") == []
+
+
+def test_invoke_sync_function_prints_the_request_id_without_wait(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "syncfn", "--url", stand_in.url) == (0, "sync-1\n", "")
+
+
+@pytest.mark.parametrize(("wait", "out"), [((), "sync-2\n"), (("--wait",), "")])
+def test_invoke_sync_failure_is_reported_with_its_error(
+    stand_in: StandIn, capsys: Any, wait: tuple[str, ...], out: str
+) -> None:
+    assert run(capsys, "invoke", "syncfail", *wait, "--url", stand_in.url) == (
+        1,
+        out,
+        "eventrun: sync-2 FAILED: RuntimeError: nope\n",
+    )
+    assert stand_in.calls("GET", "/invocations/sync-2") == []
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("missing", "eventrun: FunctionNotFound: function 'missing' does not exist (HTTP 404)\n"),
+        (
+            "busy",
+            "eventrun: Throttled: function 'busy' accepts at most 1 events per second; retry later "
+            "(HTTP 429, retry after 1s)\n",
+        ),
+    ],
+)
+def test_api_errors_are_one_line(stand_in: StandIn, capsys: Any, name: str, line: str) -> None:
+    assert run(capsys, "invoke", name, "--url", stand_in.url) == (1, "", line)
+
+
+def test_a_non_json_error_names_the_url_and_status(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "broken", "--url", stand_in.url) == (
+        1,
+        "",
+        f"eventrun: {stand_in.url}/functions/broken/invocations answered HTTP 502 Bad Gateway\n",
+    )
+
+
+def test_an_unreachable_server_is_one_line(capsys: Any) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert run(capsys, "status", "req-1", "--url", url) == (
+        1,
+        "",
+        f"eventrun: cannot reach {url} (connection refused); is `eventrun serve` running?\n",
+    )
+
+
+def test_a_bad_url_is_refused(capsys: Any) -> None:
+    assert run(capsys, "functions", "--url", "127.0.0.1:8080") == (
+        2,
+        "",
+        "eventrun: not an http(s) URL: '127.0.0.1:8080' (expected e.g. http://127.0.0.1:8080)\n",
+    )
+
+
+# --------------------------------------------------------------------------- status, logs, terminate
+
+
+def test_status_prints_the_invocation_indented(stand_in: StandIn, capsys: Any) -> None:
+    invocation = _invocation("req-1", "RUNNING", StartedAt="2024-05-01T10:00:01Z")
+    stand_in.invocations["req-1"] = [invocation]
+    assert run(capsys, "status", "req-1", "--url", stand_in.url) == (
+        0,
+        json.dumps(invocation, indent=2) + "\n",
+        "",
+    )
+
+
+def test_status_of_an_unknown_request(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "status", "a/b", "--url", stand_in.url) == (
+        1,
+        "",
+        "eventrun: InvocationNotFound: invocation 'a/b' does not exist (HTTP 404)\n",
+    )
+
+
+@pytest.mark.parametrize(("text", "out"), [("one\ntwo\n", "one\ntwo\n"), ("no end", "no end\n"), ("", "")])
+def test_logs_prints_the_text(stand_in: StandIn, capsys: Any, text: str, out: str) -> None:
+    stand_in.logs["req-1"] = text
+    assert run(capsys, "logs", "req-1", "--url", stand_in.url) == (0, out, "")
+
+
+def test_logs_follow_prints_data_lines_until_end(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.streams["req-1"] = [
+        ": keep-alive\n\n",
+        "data: starting\n\n",
+        "data: line one\r\ndata:line two\n\n",
+        'event: end\ndata: {"RequestId": "req-1", "Status": "FINISHED"}\n\n',
+        "data: never printed\n\n",
+    ]
+    assert run(capsys, "logs", "req-1", "--follow", "--url", stand_in.url) == (
+        0,
+        "starting\nline one\nline two\n",
+        "",
+    )
+    [call] = stand_in.calls("GET", "/invocations/req-1/logs")
+    assert call.query == {"follow": "true"}
+    assert stand_in.calls("GET", "/invocations/req-1") == []
+
+
+@pytest.mark.parametrize("end", ['data: {"RequestId": "req-1", "Status": "FAILED"}\n', "data:\n", ""])
+def test_logs_follow_reports_a_failed_run_with_its_error(stand_in: StandIn, capsys: Any, end: str) -> None:
+    stand_in.streams["req-1"] = ["data: oops\n\n", f"event: end\n{end}\n"]
+    stand_in.invocations["req-1"] = [
+        _invocation("req-1", "FAILED", ErrorType="KeyError", ErrorMessage="'x'")
+    ]
+    assert run(capsys, "logs", "req-1", "-f", "--url", stand_in.url) == (
+        1,
+        "oops\n",
+        "eventrun: req-1 FAILED: KeyError: 'x'\n",
+    )
+
+
+def test_logs_follow_reports_a_stream_that_closed_early(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.streams["req-1"] = ["data: half\n\n"]
+    stand_in.invocations["req-1"] = [_invocation("req-1", "RUNNING")]
+    assert run(capsys, "logs", "req-1", "--follow", "--url", stand_in.url) == (
+        1,
+        "half\n",
+        "eventrun: the log stream closed before req-1 ended (now RUNNING)\n",
+    )
+
+
+def test_logs_follow_reports_an_in_band_error(stand_in: StandIn, capsys: Any) -> None:
+    error = {"Error": {"Code": "InternalError", "Message": "internal error; see the server log"}}
+    stand_in.streams["req-1"] = ["data: a\n\n", f"event: error\ndata: {json.dumps(error)}\n\n"]
+    assert run(capsys, "logs", "req-1", "--follow", "--url", stand_in.url) == (
+        1,
+        "a\n",
+        "eventrun: the log stream failed: InternalError: internal error; see the server log\n",
+    )
+
+
+def test_terminate_prints_the_final_status(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "terminate", "req-1", "--url", stand_in.url) == (0, "ABORTED\n", "")
+    assert len(stand_in.calls("POST", "/invocations/req-1/terminate")) == 1
+
+
+def test_terminate_waits_for_a_kill_under_way(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.terminated["req-1"] = _invocation("req-1", "RUNNING")
+    stand_in.invocations["req-1"] = [_invocation("req-1", "RUNNING"), _invocation("req-1", "ABORTED")]
+    assert run(capsys, "terminate", "req-1", "--url", stand_in.url) == (0, "ABORTED\n", "")
+    assert len(stand_in.calls("GET", "/invocations/req-1")) == 2
+
+
+def test_terminate_an_ended_run(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "terminate", "ended", "--url", stand_in.url) == (
+        1,
+        "",
+        "eventrun: InvocationEnded: invocation 'ended' already ended with status FINISHED (HTTP 409)\n",
+    )
+
+
+# --------------------------------------------------------------------------- list, functions
+
+
+def test_list_prints_a_table_and_passes_the_filters(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.listing = {
+        "Invocations": [
+            _invocation("req-2", "RUNNING", CreatedAt="2024-05-01T10:00:02Z"),
+            _invocation("req-1", "FINISHED", FunctionName="orders", DurationMs=1234),
+        ],
+        "NextCursor": None,
+    }
+    argv = ("list", "--function", "thumbnail", "--status", "running", "--limit", "5", "--url", stand_in.url)
+    assert run(capsys, *argv) == (
+        0,
+        "RequestId  FunctionName  Status    CreatedAt             DurationMs\n"
+        "req-2      thumbnail     RUNNING   2024-05-01T10:00:02Z  -\n"
+        "req-1      orders        FINISHED  2024-05-01T10:00:00Z  1234\n",
+        "",
+    )
+    [call] = stand_in.calls("GET", "/invocations")
+    assert call.query == {"function": "thumbnail", "status": "RUNNING", "limit": "5"}
+
+
+def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.listing = {"Invocations": [], "NextCursor": "abc"}
+    assert run(capsys, "list", "--url", stand_in.url) == (
+        0,
+        "RequestId  FunctionName  Status  CreatedAt  DurationMs\n",
+        "more invocations follow: add --cursor abc\n",
+    )
+    assert stand_in.calls("GET", "/invocations")[0].query == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--limit", "0"), "argument --limit: expected a positive integer, got '0'"),
+        (("--status", "DONE"), "argument --status: invalid choice: 'DONE'"),
+    ],
+)
+def test_list_refuses_bad_filters(capsys: Any, argv: tuple[str, ...], message: str) -> None:
+    status, out, err = run(capsys, "list", *argv)
+    assert (status, out) == (2, "")
+    assert message in err.splitlines()[-1]
+
+
+def test_functions_prints_a_table(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.functions = {
+        "Functions": [
+            {
+                "FunctionName": "thumbnail",
+                "AsyncExecution": True,
+                "Timeout": 7200.0,
+                "Concurrency": 4,
+                "QpsLimit": 1000,
+                "Handler": "functions/thumbnail.py:main_handler",
+                "Triggers": [
+                    {"Type": "s3", "Bucket": "uploads", "Events": ["s3:ObjectCreated:*"], "Prefix": ""},
+                    {"Type": "timer", "Name": "nightly", "Cron": "0 0 2 * * * *"},
+                ],
+            },
+            {
+                "FunctionName": "echo",
+                "AsyncExecution": False,
+                "Timeout": 90.5,
+                "Concurrency": 1,
+                "Triggers": [],
+            },
+            {
+                "FunctionName": "orders",
+                "AsyncExecution": True,
+                "Timeout": 900.0,
+                "Concurrency": 10,
+                "Triggers": [{"Type": "kafka", "Topic": "orders", "GroupId": "g"}],
+            },
+        ]
+    }
+    assert run(capsys, "functions", "--url", stand_in.url) == (
+        0,
+        "FunctionName  Async  Timeout  Concurrency  Triggers\n"
+        "thumbnail     yes    2h       4            s3:uploads,timer:nightly\n"
+        "echo          no     90.5s    1            -\n"
+        "orders        yes    15m      10           kafka:orders\n",
+        "",
+    )
+
+
+# --------------------------------------------------------------------------- finding the server
+
+
+def _manifest(path: Path, port: int) -> Path:
+    path.write_text(f"[server]\nport = {port}\n")
+    return path
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_the_url_comes_from_the_manifest_in_the_current_folder(
+    stand_in: StandIn, capsys: Any, tmp_path: Path
+) -> None:
+    _manifest(tmp_path / "eventrun.toml", _port(stand_in.url))
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+
+
+def test_the_url_comes_from_config(stand_in: StandIn, capsys: Any, tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    _manifest(tmp_path / "conf" / "prod.toml", _port(stand_in.url))
+    assert run(capsys, "functions", "--config", "conf/prod.toml")[0] == 0
+
+
+def test_a_broken_manifest_falls_back_to_the_environment(
+    stand_in: StandIn, capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "eventrun.toml").write_text("[server\nport = ")
+    monkeypatch.setenv("EVENTRUN_URL", stand_in.url + "/")
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+
+
+def test_url_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def resolve(url: str | None = None, config: str | None = None) -> str:
+        return cli.resolve_url(argparse.Namespace(url=url, config=config))
+
+    assert resolve() == "http://127.0.0.1:8080"
+    monkeypatch.setenv("EVENTRUN_URL", "http://env:1")
+    assert resolve() == "http://env:1"
+    assert resolve(config="absent.toml") == "http://env:1"
+    _manifest(tmp_path / "eventrun.toml", 9001)
+    assert resolve() == "http://127.0.0.1:9001"
+    assert resolve(url="https://flag:2/") == "https://flag:2"
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@pytest.fixture
+def fake_app(monkeypatch: pytest.MonkeyPatch) -> list[Path | None]:
+    """Stand in for eventrun.app: record the config path serve() receives."""
+    seen: list[Path | None] = []
+
+    def serve(config_path: Path | None) -> int:
+        if config_path is not None and config_path.name == "bad.toml":
+            from eventrun.engine.errors import ManifestError
+
+            raise ManifestError("bad.toml: functions.f.timeout: expected a duration")
+        seen.append(config_path)
+        return 0
+
+    monkeypatch.setitem(sys.modules, "eventrun.app", types.SimpleNamespace(serve=serve))
+    return seen
+
+
+def test_serve_passes_the_manifest(fake_app: list[Path | None], capsys: Any, tmp_path: Path) -> None:
+    assert run(capsys, "serve") == (0, "", "")
+    (tmp_path / "eventrun.toml").write_text("")
+    assert run(capsys, "serve") == (0, "", "")
+    assert run(capsys, "serve", "--config", "other.toml") == (0, "", "")
+    assert fake_app == [None, Path("eventrun.toml"), Path("other.toml")]
+
+
+def test_serve_reports_a_bad_manifest_in_one_line(fake_app: list[Path | None], capsys: Any) -> None:
+    assert run(capsys, "serve", "--config", "bad.toml") == (
+        1,
+        "",
+        "eventrun: bad.toml: functions.f.timeout: expected a duration\n",
+    )
+
+
+# --------------------------------------------------------------------------- the console script
+
+
+def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
+    stand_in.streams["req-1"] = ["data: working\n\n", None]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
+    with subprocess.Popen(
+        [str(EVENTRUN), "logs", "req-1", "--follow", "--url", stand_in.url],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline() == "working\n"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 130
+        assert process.stdout.read() == ""
+        assert process.stderr.read() == ""
+
+
+def test_help_exits_0(capsys: Any) -> None:
+    status, out, err = run(capsys, "--help")
+    assert (status, err) == (0, "")
+    assert out.startswith("usage: eventrun ")
+
+
+# --------------------------------------------------------------------------- against the real server
+
+HANDLER = '''
+import time
+
+
+def main_handler(event, context):
+    data = event["data"] or {}
+    print("working on", data, flush=True)
+    time.sleep(data.get("sleep", 0))
+    if data.get("fail"):
+        raise ValueError("asked to fail")
+    return {"got": data}
+'''
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[str]:
+    """A real `eventrun serve` on a free port, with ./eventrun.toml naming it; stopped afterwards."""
+    import urllib.request
+
+    (tmp_path / "functions").mkdir()
+    (tmp_path / "functions" / "work.py").write_text(HANDLER)
+    port = free_port()
+    (tmp_path / "eventrun.toml").write_text(
+        f'[server]\nport = {port}\n\n'
+        '[functions.work]\nhandler = "functions/work.py:main_handler"\ntimeout = "60s"\n\n'
+        '[functions.now]\nhandler = "functions/work.py:main_handler"\nasync_execution = false\n'
+        'timeout = "30s"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
+    url = f"http://127.0.0.1:{port}"
+    with subprocess.Popen(
+        [str(EVENTRUN), "serve"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as process:
+        try:
+            for _ in range(200):
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                try:
+                    urllib.request.urlopen(url + "/healthz", timeout=1).close()
+                    break
+                except OSError:
+                    threading.Event().wait(0.05)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.e2e
+def test_against_the_real_server(served: str, capsys: Any) -> None:
+    assert run(capsys, "functions") == (
+        0,
+        "FunctionName  Async  Timeout  Concurrency  Triggers\n"
+        "work          yes    1m       4            -\n"
+        "now           no     30s      4            -\n",
+        "",
+    )
+    for name in ("work", "now"):  # async, then sync
+        result = '{\n  "got": {\n    "n": 1\n  }\n}\n'
+        assert run(capsys, "invoke", name, "--data", '{"n": 1}', "--wait") == (0, result, "")
+
+    status, request_id, err = run(capsys, "invoke", "work", "--data", '{"fail": true}')
+    request_id = request_id.strip()
+    assert (status, err) == (0, "")
+    status, out, err = run(capsys, "logs", request_id, "--follow")
+    assert status == 1
+    assert any(line.endswith("working on {'fail': True}") for line in out.splitlines())
+    assert err == f"eventrun: {request_id} FAILED: ValueError: asked to fail\n"
+
+    status, request_id, _ = run(capsys, "invoke", "work", "--data", '{"sleep": 30}')
+    request_id = request_id.strip()
+    assert run(capsys, "terminate", request_id) == (0, "ABORTED\n", "")
+    assert json.loads(run(capsys, "status", request_id)[1])["Status"] == "ABORTED"
+
+    status, out, err = run(capsys, "list", "--function", "work", "--limit", "1")
+    assert status == 0
+    assert err.startswith("more invocations follow: add --cursor ")
+    header, row = out.splitlines()
+    assert header.split() == ["RequestId", "FunctionName", "Status", "CreatedAt", "DurationMs"]
+    assert row.split()[:3] == [request_id, "work", "ABORTED"]
+
+    assert run(capsys, "invoke", "nope") == (
+        1,
+        "",
+        "eventrun: FunctionNotFound: function 'nope' does not exist (HTTP 404)\n",
+    )

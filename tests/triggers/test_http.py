@@ -1,0 +1,720 @@
+"""The HTTP gateway: to_envelope, every route, the error table and the server lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from eventrun.engine.api import Accepted, Invocation, Status
+from eventrun.engine.envelope import Envelope
+from eventrun.engine.errors import (
+    FunctionNotFound,
+    InvalidParameter,
+    InvocationEnded,
+    InvocationNotFound,
+    ManifestError,
+    ShuttingDown,
+    Throttled,
+)
+from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
+from eventrun.triggers import http
+from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, to_envelope
+
+MAX_BODY = 1024
+
+
+def _invocation(request_id: str, status: Status = Status.FINISHED, **fields: Any) -> Invocation:
+    return Invocation(
+        request_id=request_id,
+        function=fields.pop("function", "resize"),
+        trigger="http",
+        status=status,
+        created_at="2024-05-01T10:00:00.000Z",
+        **fields,
+    )
+
+
+class FakeEngine:
+    """Just enough of eventrun.engine.core.Engine to drive the gateway."""
+
+    def __init__(self) -> None:
+        self.manifest = Manifest(
+            server=ServerConfig(max_body_size=MAX_BODY, shutdown_grace=10),
+            functions={
+                "resize": FunctionConfig(handler="functions/resize.py:main_handler", timeout="2h"),
+                "echo": FunctionConfig(
+                    handler="functions/echo.py:main_handler",
+                    async_execution=False,
+                    timeout="30s",
+                    triggers=({"type": "kafka", "topic": "orders", "group_id": "g1"},),
+                ),
+            },
+        )
+        self.shutting_down = False
+        self.accepted: list[Envelope] = []
+        self._ids: dict[tuple[str, str, str], str] = {}
+        self.invocations: dict[str, Invocation] = {}
+        self.accept_error: Exception | None = None
+        self.wait_calls: list[tuple[str, float | None]] = []
+        self.wait_answer: Invocation | None = None
+        self.list_calls: list[dict[str, Any]] = []
+        self.list_answer: tuple[list[Invocation], str | None] = ([], None)
+        self.list_error: Exception | None = None
+        self.log_lines: list[str] = []
+        self.log_gate: asyncio.Event | None = None  # when set, the log pauses until this is set
+        self.health_error: Exception | None = None
+
+    async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
+        if self.accept_error is not None:
+            raise self.accept_error
+        key = (envelope.function, envelope.source, envelope.id)
+        if key in self._ids:
+            return Accepted(self._ids[key], created=False)
+        self.accepted.append(envelope)
+        request_id = f"rid-{len(self.accepted)}"
+        self._ids[key] = request_id
+        self.invocations[request_id] = _invocation(request_id, Status.QUEUED, function=envelope.function)
+        return Accepted(request_id, created=True)
+
+    async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+        return [await self.accept(envelope) for envelope in envelopes]
+
+    def function(self, name: str) -> FunctionConfig:
+        if name not in self.manifest.functions:
+            raise FunctionNotFound(name)
+        return self.manifest.functions[name]
+
+    def functions(self) -> dict[str, FunctionConfig]:
+        return dict(self.manifest.functions)
+
+    def get(self, request_id: str) -> Invocation:
+        if request_id not in self.invocations:
+            raise InvocationNotFound(request_id)
+        return self.invocations[request_id]
+
+    def list(
+        self,
+        *,
+        function: str | None = None,
+        status: Status | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Invocation], str | None]:
+        self.list_calls.append({"function": function, "status": status, "limit": limit, "cursor": cursor})
+        if self.list_error is not None:
+            raise self.list_error
+        return self.list_answer
+
+    async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
+        self.wait_calls.append((request_id, timeout))
+        assert self.wait_answer is not None
+        return self.wait_answer
+
+    async def terminate(self, request_id: str) -> Invocation:
+        invocation = self.get(request_id)
+        if invocation.status.ended:
+            raise InvocationEnded(request_id, invocation.status.value)
+        aborted = _invocation(request_id, Status.ABORTED, function=invocation.function)
+        self.invocations[request_id] = aborted
+        return aborted
+
+    def read_log(self, request_id: str) -> bytes:
+        self.get(request_id)
+        return "".join(f"{line}\n" for line in self.log_lines).encode()
+
+    async def follow_log(self, request_id: str) -> AsyncIterator[str]:
+        self.get(request_id)
+        for line in self.log_lines:
+            yield line
+        if self.log_gate is not None:
+            await self.log_gate.wait()
+            yield "after the gate"
+
+    def metrics_text(self) -> str:
+        return "# TYPE eventrun_accepted_total counter\neventrun_accepted_total 3\n"
+
+    def health(self) -> dict[str, Any]:
+        if self.health_error is not None:
+            raise self.health_error
+        return {"Status": "ok", "Functions": 2}
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def client(engine: FakeEngine) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    async with TestClient(TestServer(build_app(engine))) as test_client:  # type: ignore[arg-type]
+        yield test_client
+
+
+async def _error(response: aiohttp.ClientResponse) -> dict[str, str]:
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"Error"} and set(body["Error"]) == {"Code", "Message"}
+    return body["Error"]
+
+
+# --- to_envelope ---------------------------------------------------------------------------
+
+
+def test_envelope_carries_json_body_and_http_attributes() -> None:
+    envelope = to_envelope("resize", b'{"w": 10, "tags": ["a"]}', "application/json; charset=utf-8", None)
+    assert envelope.data == {"w": 10, "tags": ["a"]}
+    assert envelope.source == "/http/resize"
+    assert envelope.type == "eventrun.http.request"
+    assert envelope.function == "resize"
+    assert envelope.trigger == "http"
+    assert envelope.datacontenttype == "application/json"
+    assert str(uuid.UUID(envelope.id)) == envelope.id
+
+
+def test_envelope_id_is_the_idempotency_key_else_fresh() -> None:
+    assert to_envelope("resize", b"{}", "application/json", "order-42").id == "order-42"
+    first = to_envelope("resize", b"{}", "application/json", None).id
+    second = to_envelope("resize", b"{}", "application/json", "").id
+    assert first != second
+
+
+def test_envelope_refuses_an_overlong_idempotency_key() -> None:
+    with pytest.raises(InvalidParameter, match="Idempotency-Key"):
+        to_envelope("resize", b"{}", "application/json", "k" * 257)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", None, "text/plain"])
+def test_empty_body_is_null(content_type: str | None) -> None:
+    assert to_envelope("resize", b"", content_type, None).data is None
+
+
+def test_malformed_json_is_invalid_parameter() -> None:
+    with pytest.raises(InvalidParameter, match="^request body is not valid JSON: "):
+        to_envelope("resize", b'{"w": ', "application/json", None)
+
+
+def test_structured_json_types_are_parsed() -> None:
+    envelope = to_envelope("resize", b"[1, 2]", "application/cloudevents+json", None)
+    assert envelope.data == [1, 2]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_untyped_or_curl_default_body_is_parsed_when_it_is_json(content_type: str | None) -> None:
+    assert to_envelope("resize", b'{"a": 1}', content_type, None).data == {"a": 1}
+
+
+def test_untyped_non_json_body_is_base64() -> None:
+    envelope = to_envelope("resize", b"a=1&b=2", None, None)
+    assert envelope.data == {"body_base64": base64.b64encode(b"a=1&b=2").decode(), "content_type": None}
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain; charset=utf-8"])
+def test_other_content_types_are_base64_even_if_they_parse(content_type: str) -> None:
+    body = b'{"looks": "like json"}' if content_type.startswith("text") else b"\x00\xff\xfe raw"
+    data = to_envelope("resize", body, content_type, None).data
+    assert data["content_type"] == content_type
+    assert base64.b64decode(data["body_base64"]) == body
+
+
+# --- invoking ------------------------------------------------------------------------------
+
+
+async def test_async_invoke_answers_202_with_request_id(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post("/functions/resize/invocations", json={"w": 10})
+    assert response.status == 202
+    assert await response.json() == {"RequestId": "rid-1"}
+    assert response.headers["X-Request-Id"] == "rid-1"
+    assert engine.accepted[0].data == {"w": 10}
+    assert engine.accepted[0].source == "/http/resize"
+    assert engine.wait_calls == []
+
+
+async def test_idempotency_key_yields_the_same_request_id(client: TestClient, engine: FakeEngine) -> None:
+    ids = []
+    for _ in range(2):
+        response = await client.post(
+            "/functions/resize/invocations", json={}, headers={"Idempotency-Key": "order-7"}
+        )
+        ids.append((await response.json())["RequestId"])
+    assert ids == ["rid-1", "rid-1"]
+    assert [e.id for e in engine.accepted] == ["order-7"]
+
+
+async def test_non_json_body_reaches_the_engine_as_base64(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post(
+        "/functions/resize/invocations", data=b"\x89PNG", headers={"Content-Type": "image/png"}
+    )
+    assert response.status == 202
+    assert engine.accepted[0].data == {"body_base64": "iVBORw==", "content_type": "image/png"}
+
+
+async def test_sync_invoke_waits_and_answers_the_result(client: TestClient, engine: FakeEngine) -> None:
+    engine.wait_answer = _invocation("rid-1", Status.FINISHED, function="echo", result={"ok": True})
+    response = await client.post("/functions/echo/invocations", json={"x": 1})
+    assert response.status == 200
+    assert response.headers["X-Request-Id"] == "rid-1"
+    assert await response.json() == {"RequestId": "rid-1", "Status": "FINISHED", "Result": {"ok": True}}
+    assert engine.wait_calls == [("rid-1", 35.0)]  # timeout 30s + 5s margin
+
+
+async def test_sync_invoke_reports_a_failure(client: TestClient, engine: FakeEngine) -> None:
+    engine.wait_answer = _invocation(
+        "rid-1", Status.FAILED, function="echo", error_type="ValueError", error_message="bad x"
+    )
+    response = await client.post("/functions/echo/invocations", json={})
+    assert response.status == 200
+    assert await response.json() == {
+        "RequestId": "rid-1",
+        "Status": "FAILED",
+        "Result": None,
+        "ErrorType": "ValueError",
+        "ErrorMessage": "bad x",
+    }
+
+
+async def test_event_invocation_type_queues_a_sync_function(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post(
+        "/functions/echo/invocations", json={}, headers={"X-Invocation-Type": "Event"}
+    )
+    assert response.status == 202
+    assert await response.json() == {"RequestId": "rid-1"}
+    assert engine.wait_calls == []
+
+
+async def test_unknown_invocation_type_is_400(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post(
+        "/functions/echo/invocations", json={}, headers={"X-Invocation-Type": "Later"}
+    )
+    assert response.status == 400
+    error = await _error(response)
+    assert error["Code"] == "InvalidParameter" and "X-Invocation-Type" in error["Message"]
+    assert engine.accepted == []
+
+
+async def test_unknown_function_is_404(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post("/functions/nope/invocations", json={})
+    assert response.status == 404
+    error = await _error(response)
+    assert error == {"Code": "FunctionNotFound", "Message": "function 'nope' does not exist"}
+    assert engine.accepted == []
+
+
+async def test_malformed_json_is_400(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post(
+        "/functions/resize/invocations", data=b"{oops", headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    error = await _error(response)
+    assert error["Code"] == "InvalidParameter"
+    assert error["Message"].startswith("request body is not valid JSON: ")
+    assert engine.accepted == []
+
+
+@pytest.mark.parametrize(("retry_after", "header"), [(0.2, "1"), (2.1, "3"), (5.0, "5")])
+async def test_throttled_is_429_with_retry_after(
+    client: TestClient, engine: FakeEngine, retry_after: float, header: str
+) -> None:
+    engine.accept_error = Throttled("resize", 10, retry_after)
+    response = await client.post("/functions/resize/invocations", json={})
+    assert response.status == 429
+    assert response.headers["Retry-After"] == header
+    assert (await _error(response))["Code"] == "Throttled"
+
+
+async def test_shutting_down_refuses_invocations_with_503(client: TestClient, engine: FakeEngine) -> None:
+    engine.shutting_down = True
+    response = await client.post("/functions/resize/invocations", json={})
+    assert response.status == 503
+    assert (await _error(response))["Code"] == "ShuttingDown"
+    assert engine.accepted == []
+
+
+async def test_engine_shutting_down_error_is_503(client: TestClient, engine: FakeEngine) -> None:
+    engine.accept_error = ShuttingDown()
+    response = await client.post("/functions/resize/invocations", json={})
+    assert response.status == 503
+
+
+async def test_body_over_the_limit_is_413(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post("/functions/resize/invocations", data=b"x" * (MAX_BODY + 1))
+    assert response.status == 413
+    error = await _error(response)
+    assert error["Code"] == "PayloadTooLarge" and str(MAX_BODY) in error["Message"]
+    assert engine.accepted == []
+
+
+async def test_chunked_body_over_the_limit_is_413(client: TestClient, engine: FakeEngine) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * (MAX_BODY // 2)
+
+    response = await client.post("/functions/resize/invocations", data=chunks())
+    assert response.status == 413
+    assert (await _error(response))["Code"] == "PayloadTooLarge"
+    assert engine.accepted == []
+
+
+async def test_body_at_the_limit_is_accepted(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.post("/functions/resize/invocations", data=b"z" * MAX_BODY)
+    assert response.status == 202
+
+
+# --- invocations ---------------------------------------------------------------------------
+
+
+async def test_get_invocation_has_every_field(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation(
+        "r1",
+        Status.FINISHED,
+        started_at="2024-05-01T10:00:01.000Z",
+        ended_at="2024-05-01T10:00:03.500Z",
+        duration_ms=2500,
+        result=[1, 2],
+    )
+    response = await client.get("/invocations/r1")
+    assert response.status == 200
+    assert await response.json() == {
+        "RequestId": "r1",
+        "FunctionName": "resize",
+        "Trigger": "http",
+        "Status": "FINISHED",
+        "CreatedAt": "2024-05-01T10:00:00.000Z",
+        "StartedAt": "2024-05-01T10:00:01.000Z",
+        "EndedAt": "2024-05-01T10:00:03.500Z",
+        "DurationMs": 2500,
+        "Result": [1, 2],
+        "ErrorType": None,
+        "ErrorMessage": None,
+    }
+
+
+async def test_get_unknown_invocation_is_404(client: TestClient) -> None:
+    response = await client.get("/invocations/missing")
+    assert response.status == 404
+    assert (await _error(response))["Code"] == "InvocationNotFound"
+
+
+async def test_list_passes_filters_and_answers_a_page(client: TestClient, engine: FakeEngine) -> None:
+    engine.list_answer = ([_invocation("r2"), _invocation("r1")], "cursor-2")
+    response = await client.get(
+        "/invocations", params={"function": "resize", "status": "running", "limit": "2", "cursor": "c1"}
+    )
+    assert response.status == 200
+    body = await response.json()
+    assert [inv["RequestId"] for inv in body["Invocations"]] == ["r2", "r1"]
+    assert body["Invocations"][0]["Status"] == "FINISHED"
+    assert body["NextCursor"] == "cursor-2"
+    assert engine.list_calls == [
+        {"function": "resize", "status": Status.RUNNING, "limit": 2, "cursor": "c1"}
+    ]
+
+
+async def test_list_defaults(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.get("/invocations")
+    assert await response.json() == {"Invocations": [], "NextCursor": None}
+    assert engine.list_calls == [{"function": None, "status": None, "limit": 50, "cursor": None}]
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"status": "DONE"}, "status"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"limit": "5.0"}, "limit"),
+        ({"limit": "-3"}, "limit"),
+    ],
+)
+async def test_list_bad_parameter_is_400_naming_it(
+    client: TestClient, engine: FakeEngine, params: dict[str, str], name: str
+) -> None:
+    response = await client.get("/invocations", params=params)
+    assert response.status == 400
+    error = await _error(response)
+    assert error["Code"] == "InvalidParameter" and error["Message"].startswith(f"{name}: ")
+    assert engine.list_calls == []
+
+
+async def test_list_unknown_function_is_404(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.get("/invocations", params={"function": "nope"})
+    assert response.status == 404
+    assert (await _error(response))["Code"] == "FunctionNotFound"
+
+
+async def test_list_bad_cursor_from_engine_is_400(client: TestClient, engine: FakeEngine) -> None:
+    engine.list_error = InvalidParameter("cursor: not a cursor this server issued")
+    response = await client.get("/invocations", params={"cursor": "garbage"})
+    assert response.status == 400
+    assert (await _error(response))["Message"] == "cursor: not a cursor this server issued"
+
+
+async def test_terminate_answers_the_aborted_invocation(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    response = await client.post("/invocations/r1/terminate")
+    assert response.status == 200
+    body = await response.json()
+    assert body["RequestId"] == "r1" and body["Status"] == "ABORTED"
+
+
+async def test_terminate_an_ended_run_is_409(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.FINISHED)
+    response = await client.post("/invocations/r1/terminate")
+    assert response.status == 409
+    error = await _error(response)
+    assert error["Code"] == "InvocationEnded" and "FINISHED" in error["Message"]
+
+
+async def test_terminate_unknown_is_404(client: TestClient) -> None:
+    response = await client.post("/invocations/missing/terminate")
+    assert response.status == 404
+    assert (await _error(response))["Code"] == "InvocationNotFound"
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+async def test_logs_as_plain_text(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1")
+    engine.log_lines = ["2024-05-01T10:00:01Z hello", "2024-05-01T10:00:02Z bye"]
+    response = await client.get("/invocations/r1/logs")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    assert await response.text() == "2024-05-01T10:00:01Z hello\n2024-05-01T10:00:02Z bye\n"
+
+
+@pytest.mark.parametrize("follow", ["true", "false"])
+async def test_logs_unknown_invocation_is_404(client: TestClient, follow: str) -> None:
+    response = await client.get("/invocations/missing/logs", params={"follow": follow})
+    assert response.status == 404
+    assert (await _error(response))["Code"] == "InvocationNotFound"
+
+
+async def test_logs_bad_follow_is_400(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1")
+    response = await client.get("/invocations/r1/logs", params={"follow": "maybe"})
+    assert response.status == 400
+    assert (await _error(response))["Message"].startswith("follow: ")
+
+
+async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.FAILED)
+    engine.log_lines = ["t1 first", "t2 two\nlines"]
+    response = await client.get("/invocations/r1/logs", params={"follow": "true"})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert await response.text() == (
+        "data: t1 first\n\n"
+        "data: t2 two\ndata: lines\n\n"
+        'event: end\ndata: {"RequestId":"r1","Status":"FAILED"}\n\n'
+    )
+
+
+async def test_follow_sends_live_lines_and_keepalives(
+    client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "SSE_KEEPALIVE", 0.02)
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    engine.log_lines = ["t1 before"]
+    engine.log_gate = asyncio.Event()
+    response = await client.get("/invocations/r1/logs", params={"follow": "1"})
+    assert await response.content.readuntil(b"\n\n") == b"data: t1 before\n\n"
+    assert await response.content.readuntil(b"\n\n") == b": keepalive\n\n"
+    engine.invocations["r1"] = _invocation("r1", Status.FINISHED)
+    engine.log_gate.set()
+    rest = (await response.content.read()).decode()
+    assert "data: after the gate\n\n" in rest
+    assert rest.endswith('event: end\ndata: {"RequestId":"r1","Status":"FINISHED"}\n\n')
+
+
+# --- registry, health, metrics, openapi ----------------------------------------------------
+
+
+async def test_functions_lists_the_registry(client: TestClient) -> None:
+    response = await client.get("/functions")
+    assert response.status == 200
+    functions = {f["FunctionName"]: f for f in (await response.json())["Functions"]}
+    assert functions["resize"] == {
+        "FunctionName": "resize",
+        "AsyncExecution": True,
+        "Timeout": 7200.0,
+        "Concurrency": 4,
+        "QpsLimit": 1000,
+        "Handler": "functions/resize.py:main_handler",
+        "Triggers": [],
+    }
+    assert functions["echo"]["AsyncExecution"] is False
+    assert functions["echo"]["Triggers"] == [
+        {"Type": "kafka", "Topic": "orders", "GroupId": "g1", "StartingPosition": "latest"}
+    ]
+
+
+async def test_get_function_and_unknown(client: TestClient) -> None:
+    response = await client.get("/functions/echo")
+    assert (await response.json())["Timeout"] == 30.0
+    missing = await client.get("/functions/nope")
+    assert missing.status == 404
+    assert (await _error(missing))["Code"] == "FunctionNotFound"
+
+
+async def test_healthz_and_metrics(client: TestClient) -> None:
+    health = await client.get("/healthz")
+    assert health.status == 200 and await health.json() == {"Status": "ok", "Functions": 2}
+    metrics = await client.get("/metrics")
+    assert metrics.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "eventrun_accepted_total 3" in await metrics.text()
+
+
+async def test_openapi_describes_every_route(client: TestClient) -> None:
+    response = await client.get("/openapi.json")
+    document = await response.json()
+    assert document["openapi"].startswith("3.1")
+    served = set()
+    for route in client.app.router.routes():  # type: ignore[union-attr]
+        if route.method == "HEAD":
+            continue
+        path = route.resource.canonical.replace("{request_id}", "{RequestId}")  # type: ignore[union-attr]
+        served.add((path, route.method.lower()))
+    documented = {(path, method) for path, ops in document["paths"].items() for method in ops}
+    assert served == documented
+    schemas = document["components"]["schemas"]
+    responses = document["components"]["responses"]
+
+    def refs(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["$ref"]] if "$ref" in node else []
+            return found + [r for value in node.values() for r in refs(value)]
+        if isinstance(node, list):
+            return [r for value in node for r in refs(value)]
+        return []
+
+    for ref in refs(document):
+        kind, name = ref.removeprefix("#/components/").split("/")
+        assert name in (schemas if kind == "schemas" else responses), ref
+    assert set(schemas["Invocation"]["required"]) == set(http.invocation_json(_invocation("x")))
+    function = http.function_json("resize", FakeEngine().function("resize"))
+    assert set(schemas["Function"]["required"]) == set(function)
+    assert set(schemas["Status"]["enum"]) == {status.value for status in Status}
+
+
+# --- errors everywhere ---------------------------------------------------------------------
+
+
+async def test_unknown_route_is_json_404(client: TestClient) -> None:
+    response = await client.get("/nowhere")
+    assert response.status == 404
+    error = await _error(response)
+    assert error == {"Code": "NotFound", "Message": "no route for GET /nowhere"}
+
+
+async def test_wrong_method_is_json_405(client: TestClient) -> None:
+    response = await client.delete("/healthz")
+    assert response.status == 405
+    assert "GET" in response.headers["Allow"]
+    error = await _error(response)
+    assert error["Code"] == "MethodNotAllowed" and "DELETE" in error["Message"]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("secret detail"), ManifestError("secret detail")])
+async def test_unexpected_exception_is_a_bare_500(
+    client: TestClient, engine: FakeEngine, caplog: pytest.LogCaptureFixture, failure: Exception
+) -> None:
+    engine.health_error = failure
+    with caplog.at_level(logging.ERROR, logger="eventrun.triggers.http"):
+        response = await client.get("/healthz")
+    assert response.status == 500
+    text = await response.text()
+    assert "secret detail" not in text and "Traceback" not in text
+    assert await _error(response) == {"Code": "InternalError", "Message": "internal error; see the server log"}
+    assert any(record.exc_info and record.exc_info[1] is failure for record in caplog.records)
+
+
+async def test_extra_routes_share_the_engine_and_the_error_table(engine: FakeEngine) -> None:
+    async def s3_hook(request: web.Request) -> web.Response:
+        request.app[ENGINE_KEY].get("not-there")
+        return web.Response()
+
+    async def secret(request: web.Request) -> web.Response:
+        raise web.HTTPUnauthorized(text="bad token")
+
+    app = build_app(
+        engine,
+        extra_routes=[web.post("/triggers/s3", s3_hook), web.get("/secret", secret)],
+        openapi_paths={"/triggers/s3": {"post": {"summary": "MinIO webhook"}}},
+    )
+    async with TestClient(TestServer(app)) as test_client:
+        response = await test_client.post("/triggers/s3")
+        assert response.status == 404
+        assert (await _error(response))["Code"] == "InvocationNotFound"
+        unauthorized = await test_client.get("/secret")
+        assert unauthorized.status == 401
+        assert await _error(unauthorized) == {"Code": "Unauthorized", "Message": "bad token"}
+        document = await (await test_client.get("/openapi.json")).json()
+        assert document["paths"]["/triggers/s3"]["post"]["summary"] == "MinIO webhook"
+
+
+# --- the server lifecycle ------------------------------------------------------------------
+
+
+async def test_trigger_serves_on_a_free_port_and_stops(engine: FakeEngine) -> None:
+    trigger = HttpTrigger(engine, "127.0.0.1", 0)
+    async with trigger:
+        assert trigger.port != 0
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{trigger.port}/healthz") as response:
+                assert response.status == 200
+                assert (await response.json())["Status"] == "ok"
+    await trigger.stop()  # idempotent
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"http://127.0.0.1:{trigger.port}/healthz")
+
+
+async def test_stop_ends_open_log_streams_promptly(engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    engine.log_lines = ["t1 running"]
+    engine.log_gate = asyncio.Event()  # never set: the run goes on
+    trigger = HttpTrigger(engine, "127.0.0.1", 0)
+    await trigger.start()
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{trigger.port}/invocations/r1/logs?follow=true"
+        async with session.get(url) as response:
+            assert await response.content.readuntil(b"\n\n") == b"data: t1 running\n\n"
+            started = time.monotonic()
+            await trigger.stop()
+            assert time.monotonic() - started < 5  # well under shutdown_grace (10 s)
+            rest = await response.content.read()
+    assert b"event: end" not in rest  # the run did not end; the client may reconnect
+
+
+async def test_declared_oversize_body_is_refused_before_it_is_sent(engine: FakeEngine) -> None:
+    async with HttpTrigger(engine, "127.0.0.1", 0) as trigger:
+        reader, writer = await asyncio.open_connection("127.0.0.1", trigger.port)
+        try:
+            # Only the headers go out: an answer proves the server did not wait for the body.
+            writer.write(
+                b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 10485760\r\n\r\n"
+            )
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            # aiohttp keeps reading (and dropping) the body so the client sees the answer rather
+            # than a reset; send it and one more request, so the server is idle when it stops.
+            writer.write(b" " * 10485760 + b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            await writer.drain()
+            await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 200"), timeout=5)
+        finally:
+            writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413")
+    assert engine.accepted == []

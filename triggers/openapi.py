@@ -1,0 +1,311 @@
+"""The gateway's OpenAPI 3.1 document, kept beside the routes it describes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+STATUSES = ["QUEUED", "RUNNING", "FINISHED", "FAILED", "TIMED_OUT", "ABORTED"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/responses/{description}"}
+
+
+def _nullable(kind: str) -> dict[str, Any]:
+    return {"type": [kind, "null"]}
+
+
+_REQUEST_ID_HEADER = {"X-Request-Id": {"description": "The RequestId", "schema": {"type": "string"}}}
+_REQUEST_ID = {"name": "RequestId", "in": "path", "required": True, "schema": {"type": "string"}}
+_FUNCTION = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["Error"],
+        "properties": {
+            "Error": {
+                "type": "object",
+                "required": ["Code", "Message"],
+                "properties": {
+                    "Code": {
+                        "type": "string",
+                        "examples": [
+                            "InvalidParameter", "FunctionNotFound", "InvocationNotFound",
+                            "InvocationEnded", "PayloadTooLarge", "Throttled", "ShuttingDown",
+                            "NotFound", "MethodNotAllowed", "InternalError",
+                        ],
+                    },
+                    "Message": {"type": "string"},
+                },
+            }
+        },
+    },
+    "Status": {"type": "string", "enum": STATUSES},
+    "Accepted": {
+        "type": "object",
+        "required": ["RequestId"],
+        "properties": {"RequestId": {"type": "string"}},
+    },
+    "SyncResult": {
+        "type": "object",
+        "required": ["RequestId", "Status", "Result"],
+        "properties": {
+            "RequestId": {"type": "string"},
+            "Status": _ref("Status"),
+            "Result": {"description": "The handler's return value (JSON)"},
+            "ErrorType": {**_nullable("string"), "description": "Present when Status is not FINISHED"},
+            "ErrorMessage": {**_nullable("string"), "description": "Present when Status is not FINISHED"},
+        },
+    },
+    "Invocation": {
+        "type": "object",
+        "required": [
+            "RequestId", "FunctionName", "Trigger", "Status", "CreatedAt", "StartedAt",
+            "EndedAt", "DurationMs", "Result", "ErrorType", "ErrorMessage",
+        ],
+        "properties": {
+            "RequestId": {"type": "string"},
+            "FunctionName": {"type": "string"},
+            "Trigger": {"type": "string", "examples": ["http", "kafka", "s3", "timer"]},
+            "Status": _ref("Status"),
+            "CreatedAt": {"type": "string", "format": "date-time"},
+            "StartedAt": {**_nullable("string"), "format": "date-time"},
+            "EndedAt": {**_nullable("string"), "format": "date-time"},
+            "DurationMs": _nullable("integer"),
+            "Result": {"description": "The handler's return value (JSON), null until FINISHED"},
+            "ErrorType": _nullable("string"),
+            "ErrorMessage": _nullable("string"),
+        },
+    },
+    "InvocationList": {
+        "type": "object",
+        "required": ["Invocations", "NextCursor"],
+        "properties": {
+            "Invocations": {"type": "array", "items": _ref("Invocation")},
+            "NextCursor": {**_nullable("string"), "description": "Pass as cursor for the next page"},
+        },
+    },
+    "Function": {
+        "type": "object",
+        "required": [
+            "FunctionName", "AsyncExecution", "Timeout", "Concurrency", "QpsLimit", "Handler", "Triggers",
+        ],
+        "properties": {
+            "FunctionName": {"type": "string"},
+            "AsyncExecution": {"type": "boolean"},
+            "Timeout": {"type": "number", "description": "Seconds"},
+            "Concurrency": {"type": "integer"},
+            "QpsLimit": {"type": "integer"},
+            "Handler": {"type": "string", "examples": ["functions/thumbnail.py:main_handler"]},
+            "Triggers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["Type"],
+                    "properties": {"Type": {"type": "string", "enum": ["s3", "kafka", "timer"]}},
+                    "additionalProperties": True,
+                },
+            },
+        },
+    },
+    "FunctionList": {
+        "type": "object",
+        "required": ["Functions"],
+        "properties": {"Functions": {"type": "array", "items": _ref("Function")}},
+    },
+    "Health": {
+        "type": "object",
+        "required": ["Status"],
+        "properties": {"Status": {"type": "string", "examples": ["ok"]}},
+        "additionalProperties": True,
+    },
+}
+
+_RESPONSES: dict[str, Any] = {
+    "BadRequest": _json("Bad JSON body or bad parameter", _ref("Error")),
+    "NotFound": _json("Unknown function, RequestId or route", _ref("Error")),
+    "Conflict": _json("The invocation already ended", _ref("Error")),
+    "PayloadTooLarge": _json("Body over server.max_body_size", _ref("Error")),
+    "Throttled": _json(
+        "Over the function's qps_limit",
+        _ref("Error"),
+        {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}},
+    ),
+    "ShuttingDown": _json("The server is stopping", _ref("Error")),
+    "Error": _json("Any other failure: 405 MethodNotAllowed, 500 InternalError", _ref("Error")),
+}
+
+_PATHS: dict[str, Any] = {
+    "/functions/{name}/invocations": {
+        "post": {
+            "summary": "Invoke a function; the body is the event data",
+            "operationId": "invoke",
+            "parameters": [
+                _FUNCTION,
+                {
+                    "name": "X-Invocation-Type",
+                    "in": "header",
+                    "description": "Event queues a sync function instead of waiting for it",
+                    "schema": {"type": "string", "enum": ["Event", "RequestResponse"]},
+                },
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "description": "The event id; the same key yields the same RequestId",
+                    "schema": {"type": "string", "maxLength": 256},
+                },
+            ],
+            "requestBody": {
+                "required": False,
+                "description": "JSON is passed as the event's data; other bodies as "
+                "{body_base64, content_type}",
+                "content": {"application/json": {"schema": {}}, "*/*": {"schema": {}}},
+            },
+            "responses": {
+                "200": _json("A sync function's outcome", _ref("SyncResult"), _REQUEST_ID_HEADER),
+                "202": _json("Accepted; runs later", _ref("Accepted"), _REQUEST_ID_HEADER),
+                "400": _error("BadRequest"),
+                "404": _error("NotFound"),
+                "413": _error("PayloadTooLarge"),
+                "429": _error("Throttled"),
+                "503": _error("ShuttingDown"),
+            },
+        }
+    },
+    "/invocations": {
+        "get": {
+            "summary": "List invocations, newest first",
+            "operationId": "listInvocations",
+            "parameters": [
+                {"name": "function", "in": "query", "schema": {"type": "string"}},
+                {"name": "status", "in": "query", "schema": _ref("Status")},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                },
+                {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": _json("One page", _ref("InvocationList")),
+                "400": _error("BadRequest"),
+                "404": _error("NotFound"),
+            },
+        }
+    },
+    "/invocations/{RequestId}": {
+        "get": {
+            "summary": "One invocation's status",
+            "operationId": "getInvocation",
+            "parameters": [_REQUEST_ID],
+            "responses": {"200": _json("The invocation", _ref("Invocation")), "404": _error("NotFound")},
+        }
+    },
+    "/invocations/{RequestId}/logs": {
+        "get": {
+            "summary": "The run's log; with follow=true, Server-Sent Events until the run ends",
+            "operationId": "getLogs",
+            "parameters": [
+                _REQUEST_ID,
+                {"name": "follow", "in": "query", "schema": {"type": "boolean", "default": False}},
+            ],
+            "responses": {
+                "200": {
+                    "description": "Lines 'RFC3339-time text'. The stream sends each line as "
+                    "'data: <line>', then 'event: end' with data {RequestId, Status}.",
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                "400": _error("BadRequest"),
+                "404": _error("NotFound"),
+            },
+        }
+    },
+    "/invocations/{RequestId}/terminate": {
+        "post": {
+            "summary": "Kill a QUEUED or RUNNING run; it ends ABORTED",
+            "operationId": "terminate",
+            "parameters": [_REQUEST_ID],
+            "responses": {
+                "200": _json("The aborted invocation", _ref("Invocation")),
+                "404": _error("NotFound"),
+                "409": _error("Conflict"),
+            },
+        }
+    },
+    "/functions": {
+        "get": {
+            "summary": "The function registry",
+            "operationId": "listFunctions",
+            "responses": {"200": _json("Every function", _ref("FunctionList"))},
+        }
+    },
+    "/functions/{name}": {
+        "get": {
+            "summary": "One function",
+            "operationId": "getFunction",
+            "parameters": [_FUNCTION],
+            "responses": {"200": _json("The function", _ref("Function")), "404": _error("NotFound")},
+        }
+    },
+    "/healthz": {
+        "get": {
+            "summary": "Liveness",
+            "operationId": "healthz",
+            "responses": {"200": _json("Alive", _ref("Health"))},
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus text exposition",
+            "operationId": "metrics",
+            "responses": {
+                "200": {
+                    "description": "Metrics",
+                    "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
+        }
+    },
+}
+
+
+def openapi_document(extra_paths: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every gateway route, plus paths added by other triggers."""
+    paths = copy.deepcopy({**_PATHS, **(extra_paths or {})})
+    for operations in paths.values():
+        for operation in operations.values():
+            operation.setdefault("responses", {}).setdefault("default", _error("Error"))
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "eventrun",
+            "version": "0.1.0",
+            "description": "Self-hosted async functions: ack first, run later, stream the logs.",
+        },
+        "paths": paths,
+        "components": copy.deepcopy({"schemas": _SCHEMAS, "responses": _RESPONSES}),
+    }
