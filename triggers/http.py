@@ -17,13 +17,7 @@ from aiohttp import hdrs, web
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.envelope import JSONDecodeError, Envelope, dumps, loads
 from eventrun.engine.errors import (
-    EventrunError,
-    FunctionNotFound,
-    InvalidParameter,
-    InvocationEnded,
-    InvocationNotFound,
-    ShuttingDown,
-    Throttled,
+    EventrunError, FunctionNotFound, InvalidParameter, InvocationEnded, InvocationNotFound, ShuttingDown, Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig
 
@@ -62,9 +56,7 @@ _JSON_TYPE = re.compile(r"^application/([\w.+-]+\+)?json$")
 _MAYBE_JSON_TYPES = ("", "application/x-www-form-urlencoded")
 
 
-def to_envelope(
-    function: str, body: bytes, content_type: str | None, idempotency_key: str | None
-) -> Envelope:
+def to_envelope(function: str, body: bytes, content_type: str | None, idempotency_key: str | None) -> Envelope:
     """The envelope for one HTTP invocation; raises InvalidParameter for a malformed JSON body."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     data: Any = None
@@ -78,16 +70,10 @@ def to_envelope(
         data = _parse_or_wrap(body, media_type, content_type)
     key = (idempotency_key or "").strip()
     if len(key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidParameter(
-            f"Idempotency-Key header: at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}"
-        )
+        raise InvalidParameter(f"Idempotency-Key header: at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}")
     return Envelope(
-        id=key or str(uuid.uuid4()),
-        source=f"/http/{function}",
-        type="eventrun.http.request",
-        function=function,
-        trigger="http",
-        data=data,
+        id=key or str(uuid.uuid4()), source=f"/http/{function}", type="eventrun.http.request",
+        function=function, trigger="http", data=data,
     )
 
 
@@ -100,16 +86,12 @@ def _parse_or_wrap(body: bytes, media_type: str, content_type: str | None) -> An
     return {"body_base64": base64.b64encode(body).decode("ascii"), "content_type": content_type}
 
 
-def json_response(
-    value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
+def json_response(value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """A JSON answer encoded with eventrun's one JSON encoder."""
     return web.Response(body=dumps(value), status=status, content_type="application/json", headers=headers)
 
 
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     """The one error shape: {"Error": {"Code", "Message"}}."""
     return json_response({"Error": {"Code": code, "Message": message}}, status=status, headers=headers)
 
@@ -157,19 +139,17 @@ def _map_error(exc: EventrunError) -> web.Response | None:
     status = next((ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS), None)
     if status is None:
         return None
-    headers = {}
+    headers: dict[str, str] = {}
     if isinstance(exc, Throttled):
         headers[hdrs.RETRY_AFTER] = str(max(1, math.ceil(exc.retry_after)))
     return error_response(status, exc.code, str(exc), headers)
 
 
 def _map_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
-    headers = {k: v for k, v in exc.headers.items() if k not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH)}
+    headers = {str(k): v for k, v in exc.headers.items() if k not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH)}
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[ENGINE_KEY].manifest.server.max_body_size
-        return error_response(
-            413, "PayloadTooLarge", f"request body exceeds the limit of {limit} bytes", headers
-        )
+        return error_response(413, "PayloadTooLarge", f"request body exceeds the limit of {limit} bytes", headers)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
         message = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
@@ -221,30 +201,21 @@ async def invoke(request: web.Request) -> web.Response:
         raise ShuttingDown()
     mode = request.headers.get("X-Invocation-Type", "").strip().lower()
     if mode not in ("", "event", "requestresponse"):
-        raise InvalidParameter(
-            f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {mode!r}"
-        )
-    envelope = to_envelope(
-        name,
-        await _read_body(request),
-        request.headers.get(hdrs.CONTENT_TYPE),
-        request.headers.get("Idempotency-Key"),
-    )
+        raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {mode!r}")
+    body = await _read_body(request)
+    envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), request.headers.get("Idempotency-Key"))
     accepted = await engine.accept(envelope)
     headers = {"X-Request-Id": accepted.request_id}
     if config.async_execution or mode == "event":
         return json_response({"RequestId": accepted.request_id}, status=202, headers=headers)
     # The engine ends a sync run at its timeout; the margin covers the kill and the final write.
     invocation = await engine.wait(accepted.request_id, timeout=config.timeout + 5)
-    body: dict[str, Any] = {
-        "RequestId": invocation.request_id,
-        "Status": invocation.status.value,
-        "Result": invocation.result,
+    answer: dict[str, Any] = {
+        "RequestId": invocation.request_id, "Status": invocation.status.value, "Result": invocation.result
     }
     if invocation.status is not Status.FINISHED:
-        body["ErrorType"] = invocation.error_type
-        body["ErrorMessage"] = invocation.error_message
-    return json_response(body, headers=headers)
+        answer.update(ErrorType=invocation.error_type, ErrorMessage=invocation.error_message)
+    return json_response(answer, headers=headers)
 
 
 async def get_invocation(request: web.Request) -> web.Response:
@@ -261,12 +232,8 @@ async def list_invocations(request: web.Request) -> web.Response:
         engine.function(function)  # an unknown name is a 404, not an empty list
     status = _parse_status(query.get("status", ""))
     limit = _parse_limit(query.get("limit", ""))
-    invocations, cursor = engine.list(
-        function=function, status=status, limit=limit, cursor=query.get("cursor") or None
-    )
-    return json_response(
-        {"Invocations": [invocation_json(inv) for inv in invocations], "NextCursor": cursor}
-    )
+    invocations, cursor = engine.list(function=function, status=status, limit=limit, cursor=query.get("cursor") or None)
+    return json_response({"Invocations": [invocation_json(inv) for inv in invocations], "NextCursor": cursor})
 
 
 def _parse_status(raw: str) -> Status | None:
@@ -297,9 +264,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     engine.get(request_id)  # a 404 must be sent before a stream's headers are
     if follow in _TRUE:
         return await _stream_logs(request, engine, request_id)
-    return web.Response(
-        body=engine.read_log(request_id), headers={hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"}
-    )
+    return web.Response(body=engine.read_log(request_id), headers={hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"})
 
 
 async def _stream_logs(request: web.Request, engine: Engine, request_id: str) -> web.StreamResponse:
@@ -339,9 +304,7 @@ async def _stream_logs(request: web.Request, engine: Engine, request_id: str) ->
     return response
 
 
-async def _pump(
-    response: web.StreamResponse, lines: AsyncIterator[str], closing: asyncio.Future[Any]
-) -> bool:
+async def _pump(response: web.StreamResponse, lines: AsyncIterator[str], closing: asyncio.Future[Any]) -> bool:
     """Copy log lines to the stream; True once they ran out, False when the server is closing."""
     iterator = aiter(lines)
     pending: asyncio.Future[str] | None = None
@@ -351,9 +314,7 @@ async def _pump(
             # cancelling (and so finalising) the log iterator.
             if pending is None:
                 pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait(
-                {pending, closing}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({pending, closing}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED)
             if pending in done:
                 try:
                     line = pending.result()
@@ -384,9 +345,7 @@ async def terminate(request: web.Request) -> web.Response:
 async def list_functions(request: web.Request) -> web.Response:
     """GET /functions."""
     functions = _engine(request).functions()
-    return json_response(
-        {"Functions": [function_json(name, config) for name, config in functions.items()]}
-    )
+    return json_response({"Functions": [function_json(name, config) for name, config in functions.items()]})
 
 
 async def get_function(request: web.Request) -> web.Response:
@@ -415,9 +374,7 @@ def build_app(
     openapi_paths: Mapping[str, Any] | None = None,
 ) -> web.Application:
     """The gateway application; extra_routes (e.g. POST /triggers/s3) get the same error handling."""
-    app = web.Application(
-        middlewares=[error_middleware], client_max_size=engine.manifest.server.max_body_size
-    )
+    app = web.Application(middlewares=[error_middleware], client_max_size=engine.manifest.server.max_body_size)
     app[ENGINE_KEY] = engine
     app[_CLOSING_KEY] = asyncio.Event()
     document = dumps(openapi_document(openapi_paths))
@@ -488,6 +445,10 @@ class HttpTrigger:
         self._runner = runner
         self._port = runner.addresses[0][1]
         logger.info("HTTP gateway listening on %s:%s", self._host, self._port)
+
+    def state(self) -> dict[str, Any]:
+        """What /healthz may report about the gateway."""
+        return {"Listening": self._runner is not None, "Port": self._port}
 
     async def stop(self) -> None:
         """Stop listening, end log streams, and let in-flight requests finish within the grace."""

@@ -671,11 +671,13 @@ async def test_trigger_serves_on_a_free_port_and_stops(engine: FakeEngine) -> No
     trigger = HttpTrigger(engine, "127.0.0.1", 0)
     async with trigger:
         assert trigger.port != 0
+        assert trigger.state() == {"Listening": True, "Port": trigger.port}
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{trigger.port}/healthz") as response:
                 assert response.status == 200
                 assert (await response.json())["Status"] == "ok"
     await trigger.stop()  # idempotent
+    assert trigger.state()["Listening"] is False
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(f"http://127.0.0.1:{trigger.port}/healthz")
