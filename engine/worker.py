@@ -13,7 +13,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -124,9 +126,22 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _watch_parent(parent: int) -> None:
+    """End this instance and its process group when the server is gone (e.g. kill -9).
+
+    The instance runs in a process group of its own, so the server's death reaches it only
+    through this watch; its runs are recorded FAILED on restart and must not go on unseen.
+    """
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def main() -> None:
     """Entry point of an instance process."""
     handler, function, token = sys.argv[1:4]
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     # Tasks come on a private copy of stdin; the handler sees an empty stdin.
     tasks = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDONLY)
