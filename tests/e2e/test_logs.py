@@ -1,0 +1,134 @@
+"""Per-run logs: readable while the run goes on, streamed live, kept after the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+TICK = re.compile(r"tick (\d+) at (\d+\.\d+)")
+# DESIGN: printed lines are readable "within a second"; the rest is polling and HTTP slack.
+MAX_LOG_LATENCY = 1.5
+
+
+def ticks(text: str) -> dict[int, float]:
+    """tick number -> wall time the handler printed it."""
+    return {int(m.group(1)): float(m.group(2)) for m in TICK.finditer(text)}
+
+
+async def test_logs_are_readable_while_running_and_after_the_end(eventrun_server, http, handler):
+    server = eventrun_server({"sleepy": {"handler": handler("sleepy")}})
+    api = server.client(http)
+    request_id = await api.accepted("sleepy", {"seconds": 3})
+    await api.wait_for(request_id, {"RUNNING"}, timeout=15)
+
+    latency: dict[int, float] = {}
+    deadline = time.monotonic() + 15
+    while len(latency) < 5 and time.monotonic() < deadline:
+        text = await api.logs(request_id)
+        now = time.time()
+        for number, printed in ticks(text).items():
+            latency.setdefault(number, now - printed)
+        await asyncio.sleep(0.05)
+    assert len(latency) >= 5, f"fewer than 5 tick lines appeared in 15 s: {latency}"
+    state = await api.status(request_id)
+    assert state["Status"] == "RUNNING", f"the lines must be readable before the run ends: {state}"
+    late = {n: round(s, 2) for n, s in latency.items() if s > MAX_LOG_LATENCY}
+    assert not late, f"lines became readable later than {MAX_LOG_LATENCY}s after the print: {late}"
+
+    state = await api.wait_ended(request_id)
+    assert state["Status"] == "FINISHED", state
+    text = await api.logs(request_id)
+    lines = text.splitlines()
+    assert any(line.endswith(f"sleepy start pid={state['Result']['pid']}") for line in lines), text
+    assert any(f"logger line for {request_id}" in line for line in lines), text
+    assert sorted(ticks(text)) == list(range(state["Result"]["ticks"])), text
+    last = state["Result"]["ticks"] - 1
+    order = [f"sleepy start pid={state['Result']['pid']}", "tick 0 at", "tick 1 at", f"tick {last} at", "sleepy done"]
+    positions = [next(i for i, line in enumerate(lines) if marker in line) for marker in order]
+    assert positions == sorted(positions), f"lines out of order: {text}"
+
+
+async def read_sse(response: Any, timeout: float) -> list[tuple[float, str, str]]:
+    """(received at, event, data) for every event until the server closes the stream."""
+    events: list[tuple[float, str, str]] = []
+    event, data = "message", []
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await response.content.readline()
+            if not raw:
+                return events
+            line = raw.decode().rstrip("\r\n")
+            if line == "":
+                if data or event != "message":
+                    events.append((time.time(), event, "\n".join(data)))
+                event, data = "message", []
+            elif line.startswith(":"):
+                continue
+            else:
+                field, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if field == "event":
+                    event = value
+                elif field == "data":
+                    data.append(value)
+
+
+async def test_follow_streams_lines_live_and_ends_with_the_run(eventrun_server, http, handler):
+    server = eventrun_server({"sleepy": {"handler": handler("sleepy")}})
+    api = server.client(http)
+    request_id = await api.accepted("sleepy", {"seconds": 2})
+
+    url = f"{server.url}/invocations/{request_id}/logs"
+    async with http.get(url, params={"follow": "true"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream"), response.headers
+        events = await read_sse(response, timeout=25)
+
+    assert events, "the stream closed without a single event"
+    assert events[-1][1] == "end", f"the stream must end with `event: end`: {events[-3:]}"
+    end_at, _, end_data = events[-1]
+    lines = [(at, data) for at, event, data in events if event == "message"]
+    text = "\n".join(data for _, data in lines)
+    assert "sleepy start" in text and "sleepy done" in text, text
+    assert f"logger line for {request_id}" in text, text
+    late = {}
+    for at, data in lines:
+        for number, printed in ticks(data).items():
+            if at - printed > MAX_LOG_LATENCY:
+                late[number] = round(at - printed, 2)
+    assert not late, f"streamed lines arrived more than {MAX_LOG_LATENCY}s after the print: {late}"
+    first_tick_at = next(at for at, data in lines if "tick 0 at" in data)
+    assert end_at - first_tick_at > 1.0, "lines must arrive while the run goes on, not all at the end"
+    last_printed = max(ticks(text).values())
+    assert end_at - last_printed < 5.0, "the stream must end by itself soon after the run ends"
+    if end_data.startswith("{"):
+        assert json.loads(end_data).get("Status") == "FINISHED", end_data
+    assert (await api.status(request_id))["Status"] == "FINISHED"
+
+    # Following a run that already ended replays its log and ends at once.
+    started = time.monotonic()
+    async with http.get(url, params={"follow": "true"}) as response:
+        replay = await read_sse(response, timeout=10)
+    assert time.monotonic() - started < 5.0
+    assert replay[-1][1] == "end", replay[-3:]
+    assert "\n".join(d for _, e, d in replay if e == "message") == text
+
+
+async def test_logs_survive_a_restart(eventrun_server, http, handler):
+    server = eventrun_server({"sleepy": {"handler": handler("sleepy")}})
+    api = server.client(http)
+    request_id = await api.accepted("sleepy", {"seconds": 0.5})
+    assert (await api.wait_ended(request_id))["Status"] == "FINISHED"
+    before = await api.logs(request_id)
+    assert "sleepy done" in before, before
+    assert server.stop() == 0, f"SIGTERM must end `eventrun serve` cleanly\n{server.log_text()}"
+    server.restart()
+    assert await api.logs(request_id) == before
+    assert (await api.status(request_id))["Status"] == "FINISHED"

@@ -1,0 +1,165 @@
+"""The manifest: durations, limits, precise refusals, environment overrides."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from eventrun.engine.errors import ManifestError
+from eventrun.engine.manifest import load_manifest, parse_duration, parse_size
+
+
+@pytest.fixture(autouse=True)
+def _no_eventrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("EVENTRUN_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """write(text) -> the path of an eventrun.toml holding text, beside a handler file."""
+    (tmp_path / "handlers").mkdir()
+    (tmp_path / "handlers" / "ok.py").write_text("def main_handler(event, context):\n    return 1\n")
+
+    def write(text: str) -> Path:
+        path = tmp_path / "eventrun.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def function(name: str = "f", **keys: str) -> str:
+    lines = [f"[functions.{name}]", 'handler = "handlers/ok.py:main_handler"']
+    lines += [f"{key} = {value}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("24h", 86400.0), ("1.5s", 1.5), ("500ms", 0.5), (30, 30.0)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5x", "h2", "-5s", "0s", "1 2s", True, "2 hours"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "size"), [("6MB", 6 * 1024**2), ("1KB", 1024), ("512kb", 512 * 1024), (100, 100)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_a_full_manifest_loads(write):
+    manifest = load_manifest(
+        write(
+            '[server]\nport = 9001\ndata_dir = "state"\nmax_body_size = "1KB"\n'
+            + function("thumbnail", timeout='"2h"', concurrency="2", environment='{ MODE = "fast" }')
+            + '[[functions.thumbnail.triggers]]\ntype = "s3"\nbucket = "uploads"\n'
+        )
+    )
+    config = manifest.functions["thumbnail"]
+    assert config.timeout == 7200.0 and config.concurrency == 2 and config.async_execution is True
+    assert config.environment == {"MODE": "fast"}
+    assert config.triggers[0].bucket == "uploads"
+    assert manifest.server.port == 9001 and manifest.server.max_body_size == 1024
+    assert manifest.data_dir == (write("").parent / "state").resolve()
+    assert manifest.handler_path("thumbnail") == (write("").parent / "handlers" / "ok.py").resolve()
+
+
+def test_async_functions_may_run_24_hours_but_no_longer(write):
+    assert load_manifest(write(function("long", timeout='"24h"'))).functions["long"].timeout == 86400.0
+    message = refusal(write(function("long", timeout='"25h"')))
+    assert re.search(r"functions\.long(\.|: )timeout", message) and "24h" in message, message
+    assert str(write("")) in message or "eventrun.toml" in message, message
+
+
+def test_sync_functions_may_run_900_seconds_but_no_longer(write):
+    ok = load_manifest(write(function("api", async_execution="false", timeout='"900s"')))
+    assert ok.functions["api"].timeout == 900.0
+    message = refusal(write(function("api", async_execution="false", timeout='"901s"')))
+    assert re.search(r"functions\.api(\.|: )timeout", message) and "sync" in message, message
+
+
+def test_a_bad_duration_names_the_key(write):
+    message = refusal(write(function("f", timeout='"soon"')))
+    assert "functions.f.timeout" in message and "'soon'" in message, message
+
+
+def test_a_typo_key_gets_a_suggestion(write):
+    path = write(function("f", timout='"5s"'))
+    message = refusal(path)
+    line = next(line for line in message.splitlines() if "functions.f.timout" in line)
+    assert line.startswith(str(path)) and "'timeout'" in line, message
+
+
+def test_a_typo_in_server_gets_a_suggestion(write):
+    message = refusal(write('[server]\nprot = 9000\n' + function()))
+    assert "server.prot" in message and "'port'" in message, message
+
+
+def test_an_unknown_trigger_type_is_refused(write):
+    message = refusal(write(function() + '[[functions.f.triggers]]\ntype = "sqs"\nqueue = "q"\n'))
+    assert "functions.f.triggers[0]" in message and "unknown trigger type" in message, message
+
+
+def test_a_missing_trigger_key_is_named(write):
+    message = refusal(write(function() + '[[functions.f.triggers]]\ntype = "kafka"\n'))
+    assert "functions.f.triggers[0].topic" in message, message
+
+
+def test_environment_overrides_the_file(write, monkeypatch):
+    path = write("[server]\nport = 9001\n" + function())
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", "9123")
+    monkeypatch.setenv("EVENTRUN_KAFKA__BOOTSTRAP_SERVERS", "broker:29092")
+    manifest = load_manifest(path)
+    assert manifest.server.port == 9123
+    assert manifest.kafka.bootstrap_servers == "broker:29092"
+    assert "f" in manifest.functions
+
+
+def test_a_bad_environment_value_is_refused(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", "not-a-port")
+    message = refusal(write(function()))
+    assert "server.port" in message, message
+
+
+def test_a_missing_handler_file_is_refused(write):
+    path = write('[functions.ghost]\nhandler = "handlers/missing.py:main_handler"\n')
+    message = refusal(path)
+    assert "functions.ghost.handler" in message and "handlers/missing.py" in message, message
+
+
+def test_a_handler_without_a_callable_is_refused(write):
+    message = refusal(write('[functions.f]\nhandler = "handlers/ok.py"\n'))
+    assert "functions.f.handler" in message, message
+
+
+def test_bad_toml_syntax_is_refused(write):
+    path = write('[functions.f\nhandler = "handlers/ok.py:main_handler"\n')
+    message = refusal(path)
+    assert str(path) in message and "TOML" in message, message
+
+
+def test_a_missing_manifest_file_is_refused(tmp_path):
+    message = refusal(tmp_path / "nowhere.toml")
+    assert "nowhere.toml" in message, message
+
+
+def test_a_bad_function_name_is_refused(write):
+    message = refusal(write(function("9lives")))
+    assert "9lives" in message, message
