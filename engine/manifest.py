@@ -12,8 +12,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -182,16 +182,17 @@ class FunctionConfig(_Strict):
             raise ValueError(f"expected 'path/to/file.py:callable', got {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _timeout_limit(self) -> FunctionConfig:
-        limit = ASYNC_MAX_TIMEOUT if self.async_execution else SYNC_MAX_TIMEOUT
-        if self.timeout > limit:
-            kind = "async" if self.async_execution else "sync"
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_limit(cls, value: float, info: ValidationInfo) -> float:
+        is_async = info.data.get("async_execution", True)
+        limit = ASYNC_MAX_TIMEOUT if is_async else SYNC_MAX_TIMEOUT
+        if value > limit:
+            kind = "async" if is_async else "sync"
             raise ValueError(
-                f"timeout: {kind} functions may run at most {format_duration(limit)}, "
-                f"got {format_duration(self.timeout)}"
+                f"{kind} functions may run at most {format_duration(limit)}, got {format_duration(value)}"
             )
-        return self
+        return value
 
     @property
     def handler_file(self) -> str:
