@@ -175,10 +175,13 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(batch)
+        # One wake-up of the event loop per batch, not one per op.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, future), (ok, value) in zip(batch, outcomes):
-            loop = future.get_loop()
+            by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
+        for loop, settled in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_settle, future, ok, value)
+                loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None:
@@ -364,13 +367,14 @@ class SQLiteStore:
         return int(n)
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 def _invocation(row: tuple[Any, ...]) -> Invocation:

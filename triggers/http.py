@@ -434,7 +434,8 @@ class HttpTrigger:
         if self._runner is not None:
             return
         app = build_app(self._engine, extra_routes=self._extra_routes, openapi_paths=self._openapi_paths)
-        runner = web.AppRunner(app, shutdown_timeout=self._engine.manifest.server.shutdown_grace)
+        # No per-request access log: it costs more than accepting the event; /metrics counts instead.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._engine.manifest.server.shutdown_grace)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._port)
