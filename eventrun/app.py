@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,17 +29,29 @@ class Trigger(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-def build_triggers(engine: Engine, manifest: Manifest) -> tuple[dict[str, Trigger], list[web.AbstractRouteDef]]:
-    """The triggers the manifest asks for, and routes they add to the gateway."""
+@dataclass
+class Wiring:
+    """The triggers the manifest asks for, and what they add to the gateway."""
+
+    triggers: dict[str, Trigger] = field(default_factory=dict)
+    routes: list[web.AbstractRouteDef] = field(default_factory=list)
+    openapi_paths: dict[str, Any] = field(default_factory=dict)
+
+
+def build_triggers(engine: Engine, manifest: Manifest) -> Wiring:
+    """Construct (and so validate) every trigger the manifest asks for."""
     kinds = {t.type for f in manifest.functions.values() for t in f.triggers}
-    triggers: dict[str, Trigger] = {}
-    routes: list[web.AbstractRouteDef] = []
+    wiring = Wiring()
+    triggers = wiring.triggers
     # Imported only when used, so a manifest without Kafka never loads aiokafka.
-    if "s3" in kinds or manifest.s3.sqs_queue_url:
+    # A configured webhook token alone keeps POST /triggers/s3 up: MinIO's queue would
+    # block on 404s while no function has an s3 trigger yet.
+    if "s3" in kinds or manifest.s3.sqs_queue_url or manifest.s3.webhook_token:
         from eventrun.triggers.s3 import S3Trigger
 
         s3 = S3Trigger(engine, manifest)
-        routes += s3.routes()
+        wiring.routes += s3.routes()
+        wiring.openapi_paths.update(s3.openapi_paths())
         triggers["s3"] = s3
     if "kafka" in kinds:
         from eventrun.triggers.kafka import KafkaTrigger
@@ -48,20 +61,26 @@ def build_triggers(engine: Engine, manifest: Manifest) -> tuple[dict[str, Trigge
         from eventrun.triggers.timer import TimerTrigger
 
         triggers["timer"] = TimerTrigger(engine, manifest)
-    return triggers, routes
+    return wiring
 
 
 async def run(manifest: Manifest, stop: asyncio.Event) -> None:
     """Serve until `stop` is set: engine first, intake last; shut down in reverse."""
     async with contextlib.AsyncExitStack() as stack:
         engine = Engine(manifest)
-        triggers, routes = build_triggers(engine, manifest)
+        wiring = build_triggers(engine, manifest)
         await engine.start()
         stack.push_async_callback(engine.stop)
-        http = HttpTrigger(engine, manifest.server.host, manifest.server.port, extra_routes=routes)
+        http = HttpTrigger(
+            engine,
+            manifest.server.host,
+            manifest.server.port,
+            extra_routes=wiring.routes,
+            openapi_paths=wiring.openapi_paths,
+        )
         await http.start()
         stack.push_async_callback(http.stop)
-        for name, trigger in triggers.items():
+        for name, trigger in wiring.triggers.items():
             await trigger.start()
             stack.push_async_callback(trigger.stop)
             engine.add_reporter(name, trigger.state)
