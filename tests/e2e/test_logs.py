@@ -13,8 +13,9 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 TICK = re.compile(r"tick (\d+) at (\d+\.\d+)")
-# DESIGN: printed lines are readable "within a second"; the rest is polling and HTTP slack.
-MAX_LOG_LATENCY = 1.5
+# DESIGN promises a second; the path is unbuffered end to end, and the margin only absorbs
+# a loaded CI machine. Lines held back until the run ends would still fail by far.
+MAX_LOG_LATENCY = 3.0
 
 
 def ticks(text: str) -> dict[int, float]:
