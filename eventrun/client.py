@@ -1,0 +1,185 @@
+"""A small blocking client of the eventrun HTTP API, for the command line."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_MANIFEST = "eventrun.toml"
+STATUSES = ("QUEUED", "RUNNING", "FINISHED", "FAILED", "TIMED_OUT", "ABORTED")
+TERMINAL = frozenset(STATUSES[2:])
+REQUEST_TIMEOUT = 30.0
+# A sync function answers only when its run ends, and sync runs may last 900 s.
+INVOKE_TIMEOUT = 900.0 + 60.0
+POLL_FIRST, POLL_MAX = 0.2, 1.0
+TERMINATE_WAIT = 30.0
+# The server sends a keep-alive comment every 15 s, so this much silence means a dead link.
+STREAM_IDLE_TIMEOUT = 120.0
+
+
+class CliError(Exception):
+    """An expected failure: one line on stderr and a non-zero exit status."""
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+class Client:
+    """The gateway's HTTP API over urllib, with errors turned into one-line `CliError`s."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+    ) -> http.client.HTTPResponse:
+        """Send one request and return the open 2xx response."""
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
+            return response
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise CliError(_describe_http_error(exc)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self.unreachable(exc) from None
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+    ) -> tuple[int, Any]:
+        """Send one request and return the status and the decoded JSON answer."""
+        response = self.open(method, path, query=query, body=body, headers=headers, timeout=timeout)
+        with response:
+            raw = self._read(response)
+        try:
+            return response.status, json.loads(raw) if raw else None
+        except ValueError:
+            message = f"{self.base_url} answered {method} {path} with something that is not JSON"
+            raise CliError(message) from None
+
+    def text(self, path: str) -> str:
+        """GET a text/plain resource."""
+        with self.open("GET", path) as response:
+            return self._read(response).decode("utf-8", errors="replace")
+
+    def lines(self, path: str, query: dict[str, str]) -> Iterator[str]:
+        """GET a streamed resource and yield its lines as they arrive, without line ends."""
+        headers = {"Accept": "text/event-stream"}
+        response = self.open("GET", path, query=query, headers=headers, timeout=STREAM_IDLE_TIMEOUT)
+        with response:
+            while True:
+                try:
+                    line = response.readline()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise CliError(f"lost the connection to {self.base_url} ({describe_os_error(exc)})") from None
+                if not line:
+                    return
+                yield line.decode("utf-8", errors="replace").rstrip("\r\n")
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        try:
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise CliError(f"lost the connection to {self.base_url} ({describe_os_error(exc)})") from None
+
+    def unreachable(self, exc: BaseException) -> CliError:
+        """The one line for a server that cannot be reached."""
+        cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return CliError(f"cannot reach {self.base_url} ({describe_os_error(cause)}); is `eventrun serve` running?")
+
+
+def describe_os_error(exc: object) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _describe_http_error(exc: urllib.error.HTTPError) -> str:
+    """Render the server's `{"Error": {"Code", "Message"}}` answer as one line."""
+    try:
+        error = json.loads(exc.read())["Error"]
+        text = f"{error['Code']}: {error['Message']} (HTTP {exc.code}"
+    except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
+        return f"{exc.url} answered HTTP {exc.code} {exc.reason}".rstrip()
+    retry_after = exc.headers.get("Retry-After") if exc.headers else None
+    if retry_after:
+        text += f", retry after {retry_after}s"
+    return text + ")"
+
+
+# --------------------------------------------------------------------------- finding the server
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, list[str]]]:
+    """Server-Sent Events as (event name, data lines), one per blank-line-terminated block."""
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data or event != "message":
+                yield event, data
+            event, data = "message", []
+            continue
+        if line.startswith(":"):  # a comment, used as keep-alive
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+    if event == "end":  # a stream cut right after its last field still counts as ended
+        yield event, data
+
+
+def describe_stream_error(data: list[str]) -> str:
+    """The one line for an `error` event (the server's JSON error shape, sent in-band)."""
+    try:
+        error = json.loads("\n".join(data))["Error"]
+        return f"the log stream failed: {error['Code']}: {error['Message']}"
+    except (ValueError, KeyError, TypeError):
+        return "the log stream failed: " + " ".join(" ".join(data).split())
+
+
+def end_state(data: list[str] | None) -> dict[str, Any] | None:
+    """The run's final state if the `end` event carries it (`{"RequestId", "Status"}`)."""
+    try:
+        value = json.loads("\n".join(data or []))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and value.get("Status") in TERMINAL else None
