@@ -83,6 +83,7 @@ class Engine:
         for request_id in interrupted:
             self._note(request_id, f"[eventrun] {SERVER_STOPPED}")
             self.logs.close(request_id)
+            self._notify(self.get(request_id))
         await self.pool.start()
         self._started = True
         resumed = 0
@@ -368,13 +369,15 @@ class Engine:
         for future in self._waiters.pop(request_id, ()):
             if not future.done():
                 future.set_result(None)
-        if recorded and self._listeners:
-            invocation = self.get(request_id)
-            for listener in self._listeners:
-                try:
-                    listener(invocation)
-                except Exception:
-                    logger.exception("listener failed for %s", request_id)
+        if recorded:
+            self._notify(self.get(request_id))
+
+    def _notify(self, invocation: Invocation) -> None:
+        for listener in self._listeners:
+            try:
+                listener(invocation)
+            except Exception:
+                logger.exception("listener failed for %s", invocation.request_id)
 
     def _note(self, request_id: str, line: str) -> None:
         """A line from eventrun itself in the run's log."""

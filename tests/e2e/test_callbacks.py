@@ -62,3 +62,17 @@ async def test_outcomes_are_posted_to_the_callback_url(eventrun_server, http, ha
     assert received.empty()
     health = await (await http.get(f"{server.url}/healthz")).json()
     assert health["Triggers"]["callbacks"]["sent"] == 2
+
+
+async def test_a_run_cut_short_by_a_crash_is_reported_after_restart(eventrun_server, http, handler, receiver):
+    url, received = receiver
+    server = eventrun_server({"sleepy": {"handler": handler("sleepy"), "callback_url": url}})
+    api = server.client(http)
+    request_id = await api.accepted("sleepy", {"seconds": 30})
+    await api.wait_for(request_id, {"RUNNING"}, timeout=15)
+    server.kill9()
+    assert received.empty()
+
+    server.restart()
+    body, _ = await asyncio.wait_for(received.get(), 20)
+    assert (body["RequestId"], body["Status"], body["ErrorType"]) == (request_id, "FAILED", "ServerStopped")
