@@ -6,12 +6,11 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import Envelope, encode, now_rfc3339
+from .envelope import Envelope, encode, new_id, now_rfc3339
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -180,7 +179,7 @@ class Engine:
         now = now_rfc3339()
         rows = [
             NewInvocation(
-                request_id=str(uuid.uuid4()),
+                request_id=new_id(),
                 function=e.function,
                 source=e.source,
                 event_id=e.id,
@@ -369,7 +368,7 @@ class Engine:
         for future in self._waiters.pop(request_id, ()):
             if not future.done():
                 future.set_result(None)
-        if recorded:
+        if recorded and self._listeners:
             self._notify(self.get(request_id))
 
     def _notify(self, invocation: Invocation) -> None:

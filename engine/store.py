@@ -59,7 +59,7 @@ _COLUMNS = (
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per acceptance, and frozen __init__ is slow
 class NewInvocation:
     """One envelope about to be recorded."""
 

@@ -36,7 +36,9 @@ class CallbackNotifier:
         self.failed = 0
 
     async def start(self) -> None:
-        """Listen for ended runs."""
+        """Listen for ended runs (only when some function has a callback_url)."""
+        if not self._urls:
+            return
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self._engine.add_listener(self._on_end)
 

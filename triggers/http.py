@@ -8,14 +8,13 @@ import contextlib
 import logging
 import math
 import re
-import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import hdrs, web
 
 from eventrun.engine.api import Invocation, Status
-from eventrun.engine.envelope import JSONDecodeError, Envelope, dumps, loads
+from eventrun.engine.envelope import Envelope, JSONDecodeError, dumps, loads, new_id
 from eventrun.engine.errors import (
     EventrunError, FunctionNotFound, InvalidParameter, InvocationEnded, InvocationNotFound, ShuttingDown, Throttled,
 )
@@ -72,7 +71,7 @@ def to_envelope(function: str, body: bytes, content_type: str | None, idempotenc
     if len(key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidParameter(f"Idempotency-Key header: at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}")
     return Envelope(
-        id=key or str(uuid.uuid4()), source=f"/http/{function}", type="eventrun.http.request",
+        id=key or new_id(), source=f"/http/{function}", type="eventrun.http.request",
         function=function, trigger="http", data=data,
     )
 
