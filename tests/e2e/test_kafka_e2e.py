@@ -1,0 +1,546 @@
+"""The kafka trigger end to end: a real broker (Tansu) -> eventrun -> functions in worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from eventrun.engine.api import Invocation, Status
+from eventrun.engine.core import Engine
+from eventrun.engine.manifest import Manifest, load_manifest
+from eventrun.triggers.http import HttpTrigger
+from eventrun.triggers.kafka import KafkaTrigger, Settings
+from kafka_service import KafkaService, Record, kafka, produce_undecodable_header, unique  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+HANDLERS = Path(__file__).parent / "handlers"
+
+# Quick reactions for tests; Tansu's first group join takes half the session timeout.
+FAST = {
+    "session_timeout_ms": 6000,
+    "probe_interval": 0.5,
+    "backoff_min": 0.2,
+    "backoff_max": 1.0,
+    "stop_timeout": 5.0,
+}
+
+
+def handler(name: str) -> str:
+    return f"{HANDLERS / f'{name}.py'}:main_handler"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def write_manifest(path: Path, tables: Mapping[str, Mapping[str, Any]], functions: Mapping[str, Mapping[str, Any]]) -> Path:
+    out: list[str] = []
+    for name, table in tables.items():
+        out += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items()), ""]
+    for name, config in functions.items():
+        out += [f"[functions.{name}]", *(f"{k} = {_toml(v)}" for k, v in config.items()), ""]
+    path.write_text("\n".join(out))
+    return path
+
+
+@dataclass
+class Server:
+    """One eventrun in this process: engine, Kafka trigger, and (if asked) the HTTP gateway."""
+
+    manifest: Manifest
+    settings: Settings
+    with_http: bool = False
+    engine: Engine = field(init=False)
+    trigger: KafkaTrigger = field(init=False)
+    http: HttpTrigger | None = field(init=False, default=None)
+    _running: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def start(self) -> Server:
+        self.engine = Engine(self.manifest)
+        self.trigger = KafkaTrigger(self.engine, self.manifest, settings=self.settings)
+        await self.engine.start()
+        self._running.append(self.engine.stop)
+        if self.with_http:
+            self.http = HttpTrigger(self.engine, "127.0.0.1", 0)
+            await self.http.start()
+            self._running.append(self.http.stop)
+        await self.trigger.start()
+        self._running.append(self.trigger.stop)
+        self.engine.add_reporter("kafka", self.trigger.state)
+        return self
+
+    async def stop(self) -> None:
+        while self._running:
+            await self._running.pop()()
+
+    @property
+    def consumer_state(self) -> dict[str, Any]:
+        (state,) = self.trigger.state().values()
+        return state
+
+    def invocations(self, function: str) -> list[Invocation]:
+        runs: list[Invocation] = []
+        cursor = None
+        while True:
+            page, cursor = self.engine.list(function=function, limit=1000, cursor=cursor)
+            runs += page
+            if cursor is None:
+                return runs
+
+    async def ended(self, function: str, count: int, timeout: float = 25.0) -> list[Invocation]:
+        """Wait for `count` invocations of `function`, all ended; assert no more than that exist."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.invocations(function)
+            if len(runs) >= count and all(run.status.ended for run in runs):
+                assert len(runs) == count, f"{len(runs)} runs for {count} records"
+                return runs
+            if time.monotonic() > deadline:
+                statuses = sorted({r.status.value for r in runs})
+                raise AssertionError(f"{function}: wanted {count} ended runs, have {len(runs)} {statuses}; {self.trigger.state()}")
+            await asyncio.sleep(0.1)
+
+    async def state_is(self, prefix: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.consumer_state["State"].startswith(prefix):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"state never became {prefix!r}: {self.consumer_state}")
+            await asyncio.sleep(0.05)
+        return self.consumer_state
+
+
+@pytest.fixture
+async def servers(tmp_path: Path, kafka: KafkaService) -> AsyncIterator[Callable[..., Awaitable[Server]]]:  # noqa: F811
+    """Factory: `await servers(functions, name="a", kafka_table=..., settings=..., http=False)`."""
+    made: list[Server] = []
+
+    async def make(
+        functions: Mapping[str, Mapping[str, Any]],
+        *,
+        name: str = "a",
+        server_table: Mapping[str, Any] | None = None,
+        kafka_table: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        http: bool = False,
+        start: bool = True,
+    ) -> Server:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        tables = {
+            "server": {"data_dir": str(folder / "data"), "shutdown_grace": "2s", "kill_grace": "1s", **(server_table or {})},
+            "kafka": {"bootstrap_servers": kafka.bootstrap, **(kafka_table or {})},
+        }
+        manifest = load_manifest(write_manifest(folder / "eventrun.toml", tables, functions))
+        options = {**FAST, **(settings or {})}
+        configured = Settings(
+            bootstrap_servers=manifest.kafka.bootstrap_servers,
+            high_water_mark=manifest.kafka.high_water_mark,
+            max_json=manifest.server.max_body_size,
+            **options,
+        )
+        server = Server(manifest, configured, with_http=http)
+        made.append(server)
+        return await server.start() if start else server
+
+    yield make
+    for server in made:
+        await server.stop()
+
+
+def kafka_function(handler_name: str, topic: str, **extra: Any) -> dict[str, Any]:
+    trigger = {"type": "kafka", "topic": topic, "starting_position": "earliest"}
+    trigger.update(extra.pop("trigger", {}))
+    return {"handler": handler(handler_name), "triggers": [trigger], **extra}
+
+
+def ids(runs: list[Invocation]) -> list[str]:
+    return [run.result["id"] for run in runs if run.status is Status.FINISHED]
+
+
+# --------------------------------------------------------------------------- records in, runs out
+
+
+async def test_each_record_runs_once_with_its_data(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("orders"), partitions=3)
+    records = [
+        Record(json.dumps({"order": i}).encode(), key=f"k{i}".encode(), headers=[("trace", f"t{i}".encode())], partition=i % 3)
+        for i in range(30)
+    ]
+    sent = await kafka.produce(topic, records)
+    server = await servers({"echo": kafka_function("kafka_echo", topic)})
+
+    runs = await server.ended("echo", len(records))
+    assert {run.status for run in runs} == {Status.FINISHED}, [(r.error_type, r.error_message) for r in runs]
+    assert {run.trigger for run in runs} == {"kafka"}
+    by_position = {(r.result["event"]["data"]["partition"], r.result["event"]["data"]["offset"]): r.result["event"] for r in runs}
+    assert set(by_position) == set(sent)
+    for record, position in zip(records, sent):
+        event = by_position[position]
+        assert event["id"] == f"{position[0]}-{position[1]}"
+        assert event["source"] == f"kafka://{topic}"
+        assert event["type"] == "eventrun.kafka.record"
+        assert event["subject"] == record.key.decode()
+        assert event["eventruntrigger"] == "kafka" and event["eventrunfunction"] == "echo"
+        data = event["data"]
+        assert data["value"] == json.loads(record.value)
+        assert data["key"] == record.key.decode()
+        assert data["headers"] == {"trace": record.headers[0][1].decode()}
+        assert isinstance(data["timestamp"], int) and data["timestamp"] > 0
+        assert event["time"].endswith("Z")
+    assert server.consumer_state["State"] == "consuming"
+    assert server.consumer_state["Partitions"] == [0, 1, 2]
+
+
+async def test_starting_position_latest_is_resolved_once(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("latest"))
+    # One batch per record: Tansu answers ListOffsets(latest) with the last batch's base offset + 1.
+    for i in range(5):
+        await kafka.produce_json(topic, [{"old": i}])
+    functions = {"fn": kafka_function("kafka_id", topic, trigger={"starting_position": "latest"})}
+    server = await servers(functions)
+    await server.state_is("consuming")
+    assert server.consumer_state["Partitions"] == [0]
+    await server.stop()
+    # Records sent while no server runs are not skipped: "latest" was pinned at the first start.
+    await kafka.produce_json(topic, [{"new": i} for i in range(3)])
+    server = await servers(functions)
+    runs = await server.ended("fn", 3)
+    assert sorted(ids(runs)) == ["0-5", "0-6", "0-7"]
+
+
+async def test_graceful_restart_mid_stream_loses_and_repeats_nothing(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("restart"), partitions=2)
+    total = 300
+    await kafka.produce_json(topic, [{"i": i, "sleep": 0.005} for i in range(total)], partitions=2)
+    functions = {"fn": kafka_function("kafka_id", topic, concurrency=2)}
+    # A small high-water mark keeps most records in Kafka, so the stop lands mid-stream.
+    options = {"kafka_table": {"high_water_mark": 10}, "settings": {"batch_size": 20}}
+    server = await servers(functions, **options)
+    deadline = time.monotonic() + 20
+    while len(server.invocations("fn")) < 40:
+        assert time.monotonic() < deadline, server.trigger.state()
+        await asyncio.sleep(0.02)
+    assert len(server.invocations("fn")) < total, "the stop came after the whole stream; nothing was tested"
+    await server.stop()
+
+    server = await servers(functions, **options)
+    runs = await server.ended("fn", total, timeout=30)
+    finished = ids(runs)
+    assert len(finished) == len(set(finished)), "a record ran twice"
+    assert {r.status for r in runs} <= {Status.FINISHED, Status.FAILED}
+    for run in runs:
+        if run.status is Status.FAILED:  # was running when the server stopped; never re-run
+            assert run.error_type == "ServerStopped", run
+
+
+async def test_two_servers_split_the_partitions_and_run_each_record_once(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("shared"), partitions=4)
+    total = 400
+    await kafka.produce_json(topic, [{"i": i, "sleep": 0.02} for i in range(total)], partitions=4)
+    functions = {"fn": kafka_function("kafka_id", topic, concurrency=4, trigger={"group_id": "shared-group"})}
+    options = {"kafka_table": {"high_water_mark": 8}, "settings": {"batch_size": 10}}
+    first = await servers(functions, name="a", **options)
+    deadline = time.monotonic() + 20
+    while not first.invocations("fn"):
+        assert time.monotonic() < deadline, first.trigger.state()
+        await asyncio.sleep(0.05)
+    # The second server joins mid-stream: a rebalance moves partitions while records flow.
+    second = await servers(functions, name="b", **options)
+
+    async def both_ended() -> tuple[list[Invocation], list[Invocation]]:
+        deadline = time.monotonic() + 40
+        while True:
+            a, b = first.invocations("fn"), second.invocations("fn")
+            if len(a) + len(b) >= total and all(r.status.ended for r in a + b):
+                return a, b
+            assert time.monotonic() < deadline, (len(a), len(b), first.trigger.state(), second.trigger.state())
+            await asyncio.sleep(0.1)
+
+    a, b = await both_ended()
+    assert a and b, "both servers must have run records"
+    assert first.consumer_state["Partitions"] and second.consumer_state["Partitions"]
+    assert set(first.consumer_state["Partitions"]).isdisjoint(second.consumer_state["Partitions"])
+    assert {r.status for r in a + b} == {Status.FINISHED}
+    ids_a, ids_b = ids(a), ids(b)
+    assert set(ids_a).isdisjoint(ids_b), sorted(set(ids_a) & set(ids_b))[:10]
+    assert len(ids_a) + len(ids_b) == total
+
+
+# --------------------------------------------------------------------------- odd records
+
+
+async def test_poison_records_become_envelopes(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("poison"))
+    huge = json.dumps({"blob": "x" * 200_000}).encode()
+    records = [
+        Record(b"not json at all", key=b"text"),
+        Record(b"\xff\xfe\x00\x01binary", key=b"\xff\xfe"),
+        Record(b"", key=b"empty"),
+        Record(None, key=b"tombstone"),
+        Record(huge, key=b"huge"),
+        Record(b'{"ok": 1}', key=b"headers", headers=[("bin", b"\xff\x00"), ("dup", b"a"), ("dup", b"b"), ("text", b"plain")]),
+    ]
+    sent = await kafka.produce(topic, records)
+    produce_undecodable_header(kafka.bootstrap, topic, 0)
+    await kafka.produce(topic, [Record(b'{"after": true}', key=b"after")])
+    # max_body_size is also the largest value parsed as JSON.
+    server = await servers({"echo": kafka_function("kafka_echo", topic)}, server_table={"max_body_size": "64KB"})
+
+    runs = await server.ended("echo", len(records) + 2)
+    assert {run.status for run in runs} == {Status.FINISHED}, [(r.error_type, r.error_message) for r in runs]
+    events = {r.result["event"]["data"]["offset"]: r.result["event"] for r in runs}
+    assert sorted(events) == list(range(len(records) + 2))
+    offset = {record.key: position[1] for record, position in zip(records, sent)}
+
+    text = events[offset[b"text"]]["data"]
+    assert "value" not in text and base64.b64decode(text["value_base64"]) == b"not json at all"
+    binary = events[offset[b"\xff\xfe"]]
+    assert base64.b64decode(binary["data"]["value_base64"]) == b"\xff\xfe\x00\x01binary"
+    assert binary["data"]["key"] is None and base64.b64decode(binary["data"]["key_base64"]) == b"\xff\xfe"
+    assert "subject" not in binary
+    assert events[offset[b"empty"]]["data"]["value_base64"] == ""
+    assert events[offset[b"tombstone"]]["data"]["value"] is None
+    summary = events[offset[b"huge"]]["data"]["value_base64"]  # kafka_echo summarises long values
+    assert summary == {"length": len(huge), "sha256": hashlib.sha256(huge).hexdigest()}
+    headers = events[offset[b"headers"]]["data"]["headers"]
+    assert headers == {"bin": {"base64": base64.b64encode(b"\xff\x00").decode()}, "dup": ["a", "b"], "text": "plain"}
+
+    undecodable = events[len(records)]
+    assert undecodable["type"] == "eventrun.kafka.undecodable"
+    assert undecodable["id"] == f"0-{len(records)}"
+    assert "decode" in undecodable["data"]["error"].lower()
+    assert events[len(records) + 1]["data"]["value"] == {"after": True}
+    assert server.consumer_state["State"] == "consuming"
+
+
+async def test_cloudevents_attributes_are_kept(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("ce"))
+    binary = [
+        ("ce_specversion", b"1.0"), ("ce_id", b"order-42"), ("ce_source", b"/shop/orders"),
+        ("ce_type", b"com.example.order.created"), ("ce_subject", b"orders/42"), ("ce_time", b"2024-05-01T10:00:00Z"),
+        ("content-type", b"application/json"),
+    ]
+    structured = {
+        "specversion": "1.0", "id": "evt-7", "source": "/billing", "type": "com.example.invoice.paid",
+        "subject": "invoices/7", "time": "2024-05-02T11:00:00Z", "datacontenttype": "application/json",
+        "data": {"invoice": 7},
+    }
+    await kafka.produce(topic, [
+        Record(b'{"order": 42}', key=b"k42", headers=binary),
+        Record(json.dumps(structured).encode(), headers=[("content-type", b"application/cloudevents+json; charset=UTF-8")]),
+        Record(b'{"order": 42, "again": true}', key=b"k42", headers=binary),  # the producer's retry
+        Record(b'{"plain": true}', key=b"plain"),
+    ])
+    server = await servers({"echo": kafka_function("kafka_echo", topic)})
+
+    runs = await server.ended("echo", 3)  # the retry maps to the first one's RequestId
+    events = {r.result["event"]["id"]: r.result["event"] for r in runs}
+    assert set(events) == {"order-42", "evt-7", "0-3"}
+    event = events["order-42"]
+    assert (event["source"], event["type"], event["subject"], event["time"]) == (
+        "/shop/orders", "com.example.order.created", "orders/42", "2024-05-01T10:00:00Z",
+    )
+    assert event["data"]["value"] == {"order": 42} and event["data"]["offset"] == 0
+    event = events["evt-7"]
+    assert (event["source"], event["type"], event["subject"], event["time"]) == (
+        "/billing", "com.example.invoice.paid", "invoices/7", "2024-05-02T11:00:00Z",
+    )
+    assert event["data"] == {"invoice": 7}
+    assert events["0-3"]["source"] == f"kafka://{topic}"
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+async def test_backpressure_pauses_and_resumes_without_loss(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("slow"))
+    total = 40
+    await kafka.produce_json(topic, [{"seconds": 0.05} for _ in range(total)])
+    mark, batch = 5, 4
+    server = await servers(
+        {"slow": kafka_function("kafka_slow", topic, concurrency=1, qps_limit=1)},
+        kafka_table={"high_water_mark": mark},
+        settings={"batch_size": batch},
+    )
+    states: set[str] = set()
+    most = 0
+    deadline = time.monotonic() + 30
+    while len(server.invocations("slow")) < total or not all(r.status.ended for r in server.invocations("slow")):
+        assert time.monotonic() < deadline, server.consumer_state
+        states.add(server.consumer_state["State"].split(" (")[0])
+        most = max(most, server.engine.backlog("slow"))
+        await asyncio.sleep(0.01)
+    runs = await server.ended("slow", total)
+    assert {r.status for r in runs} == {Status.FINISHED}, "qps_limit never refuses Kafka records"
+    assert len(set(ids(runs))) == total
+    assert "paused" in states, states
+    # Checked before each fetch; one batch may be in the engine and the next being read.
+    assert most <= mark + 2 * batch, f"backlog reached {most}, high-water mark {mark}, batch {batch}"
+    await server.state_is("consuming", timeout=5)
+
+
+# --------------------------------------------------------------------------- broker trouble
+
+
+async def test_broker_stopped_and_restarted_while_eventrun_runs(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    if not kafka.can_restart:
+        pytest.skip("needs a broker this test may stop (Tansu), not EVENTRUN_TEST_KAFKA")
+    topic = await kafka.create_topic(unique("outage"))
+    await kafka.produce_json(topic, [{"before": i} for i in range(3)])
+    server = await servers({"fn": kafka_function("kafka_id", topic)}, http=True)
+    assert sorted(ids(await server.ended("fn", 3))) == ["0-0", "0-1", "0-2"]
+
+    kafka.stop_broker()
+    state = await server.state_is("broker unreachable", timeout=15)
+    assert kafka.bootstrap in str(state) or "Kafka" in state["State"] or "Error" in state["State"], state
+    assert server.http is not None
+    async with aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{server.http.port}"
+        async with session.post(f"{base}/functions/fn/invocations", json={"via": "http"}) as answer:
+            assert answer.status == 202, await answer.text()
+            request_id = (await answer.json())["RequestId"]
+        async with session.get(f"{base}/healthz") as answer:
+            health = await answer.json()
+        assert health["Triggers"]["kafka"][f"fn:{topic}"]["State"].startswith("broker unreachable"), health
+    assert (await server.engine.wait(request_id, timeout=15)).status is Status.FINISHED
+
+    # Tansu keeps its log in memory: it comes back empty, so offsets start again at 0.
+    await kafka.start_broker()
+    await kafka.create_topic(topic)
+    await server.state_is("consuming", timeout=20)
+    await kafka.produce_json(topic, [{"after": i} for i in range(3)])
+    runs = await server.ended("fn", 7, timeout=30)
+    kafka_ids = sorted(ids([r for r in runs if r.trigger == "kafka"]))
+    # The new log's records get epoch 1 in their ids, so none is taken for an old one.
+    assert kafka_ids == ["0-0", "0-0-1", "0-1", "0-1-1", "0-2", "0-2-1"], kafka_ids
+
+
+async def test_broker_down_at_start(tmp_path: Path, kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    if not kafka.can_restart:
+        pytest.skip("needs a broker this test may stop (Tansu), not EVENTRUN_TEST_KAFKA")
+    topic = unique("late")
+    kafka.stop_broker()
+    server = await servers({"fn": kafka_function("kafka_id", topic)})
+    state = await server.state_is("broker unreachable", timeout=10)
+    assert "Partitions" in state and state["Partitions"] == []
+    await kafka.start_broker()
+    await kafka.create_topic(topic)
+    await kafka.produce_json(topic, [{"i": i} for i in range(3)])
+    runs = await server.ended("fn", 3, timeout=30)
+    assert sorted(ids(runs)) == ["0-0", "0-1", "0-2"]
+
+
+async def test_clean_stop_commits_what_was_accepted(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    topic = await kafka.create_topic(unique("commit"), partitions=2)
+    await kafka.produce_json(topic, [{"i": i} for i in range(50)], partitions=2)
+    functions = {"fn": kafka_function("kafka_id", topic, trigger={"group_id": "committer"})}
+    server = await servers(functions)
+    await server.ended("fn", 50)
+    await server.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id="committer", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        committed = {p: await consumer.committed(TopicPartition(topic, p)) for p in (0, 1)}
+    finally:
+        await consumer.stop()
+    assert committed == {0: 25, 1: 25}
+
+
+# --------------------------------------------------------------------------- through `eventrun serve`
+
+
+async def test_kill_9_mid_stream_loses_and_repeats_nothing(
+    kafka: KafkaService, eventrun_server: Any, http: aiohttp.ClientSession  # noqa: F811
+) -> None:
+    """A real server process killed with SIGKILL while records stream in, then started again."""
+    topic = await kafka.create_topic(unique("crash"), partitions=2)
+    functions = {
+        "fn": {
+            "handler": handler("kafka_id"),
+            "concurrency": 2,
+            "triggers": [{"type": "kafka", "topic": topic, "starting_position": "earliest"}],
+        }
+    }
+    server = eventrun_server(functions, extra={"kafka": {"bootstrap_servers": kafka.bootstrap, "high_water_mark": 20}})
+    api = server.client(http)
+    total = 400
+
+    async def accepted() -> int:
+        health = (await api.request("GET", "/healthz")).json
+        return int(health["Triggers"]["kafka"][f"fn:{topic}"]["Accepted"])
+
+    async def trickle() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for i in range(total):
+                await producer.send_and_wait(topic, json.dumps({"i": i}).encode(), partition=i % 2)
+                await asyncio.sleep(0.01)
+        finally:
+            await producer.stop()
+
+    async def consuming() -> bool:
+        health = (await api.request("GET", "/healthz")).json
+        return health["Triggers"]["kafka"][f"fn:{topic}"]["State"] == "consuming"
+
+    deadline = time.monotonic() + 20
+    while not await consuming():
+        assert time.monotonic() < deadline, server.log_text()
+        await asyncio.sleep(0.05)
+    producing = asyncio.create_task(trickle())
+    try:
+        deadline = time.monotonic() + 20
+        while await accepted() < 50:
+            assert time.monotonic() < deadline, server.log_text()
+            await asyncio.sleep(0.05)
+        assert not producing.done(), "the kill must come while records still stream in"
+        server.kill9()
+        await asyncio.sleep(0.5)
+        server.restart()
+        await producing
+    finally:
+        producing.cancel()
+
+    async def all_ended() -> list[dict[str, Any]] | None:
+        runs: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            query = {"function": "fn", "limit": 1000, "cursor": cursor}
+            page = (await api.list(**query)).json
+            runs += page["Invocations"]
+            cursor = page["NextCursor"]
+            if not cursor:
+                break
+        done = len(runs) >= total and all(r["Status"] in ("FINISHED", "FAILED") for r in runs)
+        return runs if done else None
+
+    deadline = time.monotonic() + 30
+    while (runs := await all_ended()) is None:
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        await asyncio.sleep(0.2)
+    assert len(runs) == total, f"{len(runs)} runs for {total} records"
+    finished = [r["Result"]["id"] for r in runs if r["Status"] == "FINISHED"]
+    assert len(finished) == len(set(finished)), "a record ran twice"
+    for run in runs:
+        if run["Status"] == "FAILED":  # running when the server died; ends FAILED, never re-run
+            assert run["ErrorType"] == "ServerStopped", run

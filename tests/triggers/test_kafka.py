@@ -1,0 +1,404 @@
+"""The Kafka trigger without a broker: to_envelope on captured records, start positions, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from eventrun.engine.api import Accepted
+from eventrun.engine.envelope import Envelope, decode, encode
+from eventrun.engine.errors import ManifestError
+from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
+from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
+from eventrun.triggers.kafka.parser import fingerprint, undecodable_envelope
+from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide
+from eventrun.triggers.kafka.trigger import _quiet_client_logs
+
+TS = 1714557600123  # 2024-05-01T10:00:00.123Z
+
+
+def record(
+    value: bytes | None = b'{"order": 42}',
+    *,
+    key: bytes | None = b"order-42",
+    headers: Sequence[tuple[str, bytes | None]] = (),
+    topic: str = "orders",
+    partition: int = 2,
+    offset: int = 17,
+    timestamp: int = TS,
+) -> ConsumerRecord[bytes, bytes]:
+    """A record as aiokafka hands it over (no deserializers)."""
+    return ConsumerRecord(
+        topic=topic, partition=partition, offset=offset, timestamp=timestamp, timestamp_type=0,
+        key=key, value=value, checksum=None,
+        serialized_key_size=len(key) if key is not None else -1,
+        serialized_value_size=len(value) if value is not None else -1,
+        headers=tuple(headers),
+    )
+
+
+def roundtrip(envelope: Envelope) -> dict[str, Any]:
+    """The event as a handler gets it, through eventrun's one JSON encoder."""
+    event = json.loads(encode(envelope))
+    assert decode(encode(envelope)) == envelope
+    return event  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- to_envelope
+
+
+def test_a_json_record() -> None:
+    event = roundtrip(to_envelope(record(headers=[("trace", b"abc")]), "orders-fn"))
+    assert event == {
+        "specversion": "1.0",
+        "id": "2-17",
+        "source": "kafka://orders",
+        "type": "eventrun.kafka.record",
+        "subject": "order-42",
+        "time": "2024-05-01T10:00:00.123Z",
+        "datacontenttype": "application/json",
+        "eventrunfunction": "orders-fn",
+        "eventruntrigger": "kafka",
+        "data": {
+            "key": "order-42",
+            "value": {"order": 42},
+            "headers": {"trace": "abc"},
+            "partition": 2,
+            "offset": 17,
+            "timestamp": TS,
+        },
+    }
+
+
+def test_record_ids() -> None:
+    assert record_id(0, 5) == "0-5"
+    assert record_id(3, 12, 2) == "3-12-2"
+    assert to_envelope(record(), "f", epoch=1).id == "2-17-1"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"plain text",
+        b"\xff\xfe\x00\x01",
+        b"",
+        b"{",
+        b'{"n": NaN}',
+        b"[" * 5000 + b"]" * 5000,  # nested too deep to parse
+        "caf\u00e9".encode("latin-1"),
+    ],
+    ids=["text", "binary", "empty", "truncated", "nan", "deep", "latin1"],
+)
+def test_values_that_are_not_json_arrive_as_base64(value: bytes) -> None:
+    data = roundtrip(to_envelope(record(value), "f"))["data"]
+    assert "value" not in data
+    assert base64.b64decode(data["value_base64"]) == value
+
+
+def test_a_tombstone_has_a_null_value() -> None:
+    data = roundtrip(to_envelope(record(None), "f"))["data"]
+    assert data["value"] is None and "value_base64" not in data
+
+
+def test_a_value_over_the_json_limit_is_not_parsed() -> None:
+    value = json.dumps({"blob": "x" * 1000}).encode()
+    assert to_envelope(record(value), "f", max_json=len(value)).data["value"] == {"blob": "x" * 1000}
+    data = to_envelope(record(value), "f", max_json=len(value) - 1).data
+    assert base64.b64decode(data["value_base64"]) == value
+
+
+def test_json_scalars_are_values() -> None:
+    assert to_envelope(record(b"42"), "f").data["value"] == 42
+    assert to_envelope(record(b'"text"'), "f").data["value"] == "text"
+    assert to_envelope(record(b"null"), "f").data["value"] is None
+
+
+def test_keys() -> None:
+    event = roundtrip(to_envelope(record(key=b"\xff\x00"), "f"))
+    assert "subject" not in event
+    assert event["data"]["key"] is None and base64.b64decode(event["data"]["key_base64"]) == b"\xff\x00"
+    event = roundtrip(to_envelope(record(key=None), "f"))
+    assert "subject" not in event and event["data"]["key"] is None and "key_base64" not in event["data"]
+    assert to_envelope(record(key="ключ".encode()), "f").subject == "ключ"
+
+
+def test_headers() -> None:
+    headers = [("a", b"1"), ("bin", b"\xff\xfe"), ("none", None), ("dup", b"x"), ("dup", b"\x80"), ("empty", b"")]
+    assert roundtrip(to_envelope(record(headers=headers), "f"))["data"]["headers"] == {
+        "a": "1",
+        "bin": {"base64": base64.b64encode(b"\xff\xfe").decode()},
+        "none": None,
+        "dup": ["x", {"base64": base64.b64encode(b"\x80").decode()}],
+        "empty": "",
+    }
+
+
+def test_a_record_without_a_timestamp() -> None:
+    envelope = to_envelope(record(timestamp=-1), "f")
+    assert envelope.data["timestamp"] is None
+    assert envelope.time.endswith("Z") and envelope.time[:4].isdigit()
+
+
+def test_record_times_are_rfc3339_utc() -> None:
+    assert to_envelope(record(timestamp=0), "f").time == "1970-01-01T00:00:00.000Z"
+    assert to_envelope(record(timestamp=TS + 1000), "f").time == "2024-05-01T10:00:01.123Z"
+    assert to_envelope(record(timestamp=TS - 123), "f").time == "2024-05-01T10:00:00.000Z"
+
+
+# --------------------------------------------------------------------------- CloudEvents
+
+
+BINARY = [
+    ("ce_specversion", b"1.0"),
+    ("ce_id", b"evt-1"),
+    ("ce_source", b"/shop"),
+    ("ce_type", b"com.example.created"),
+    ("ce_subject", b"orders/42"),
+    ("ce_time", b"2024-05-01T09:00:00Z"),
+    ("ce_traceparent", b"00-abc-def-01"),
+]
+
+
+def test_cloudevents_binary_mode_keeps_the_producers_attributes() -> None:
+    event = roundtrip(to_envelope(record(headers=BINARY), "f", epoch=3))
+    assert (event["id"], event["source"], event["type"], event["subject"], event["time"]) == (
+        "evt-1", "/shop", "com.example.created", "orders/42", "2024-05-01T09:00:00Z",
+    )
+    # The record stays the data; every header, extensions included, is still there.
+    assert event["data"]["value"] == {"order": 42}
+    assert event["data"]["headers"]["ce_traceparent"] == "00-abc-def-01"
+    assert event["data"]["partition"] == 2 and event["data"]["offset"] == 17
+
+
+def test_cloudevents_binary_mode_defaults() -> None:
+    headers = [("ce_id", b"evt-1"), ("ce_source", b"/shop"), ("ce_type", b"t")]
+    envelope = to_envelope(record(headers=headers), "f")
+    assert envelope.subject == "order-42"  # the key, as for any record
+    assert envelope.time == "2024-05-01T10:00:00.123Z"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("ce_id", b"evt-1"), ("ce_source", b"/shop")],
+        [("ce_id", b""), ("ce_source", b"/shop"), ("ce_type", b"t")],
+        [("ce_id", b"\xff"), ("ce_source", b"/shop"), ("ce_type", b"t")],
+        [("ce_id", None), ("ce_source", b"/shop"), ("ce_type", b"t")],
+    ],
+    ids=["no-type", "empty-id", "binary-id", "null-id"],
+)
+def test_incomplete_cloudevents_headers_are_an_ordinary_record(headers: list[tuple[str, bytes | None]]) -> None:
+    envelope = to_envelope(record(headers=headers), "f")
+    assert (envelope.id, envelope.source, envelope.type) == ("2-17", "kafka://orders", "eventrun.kafka.record")
+
+
+STRUCTURED = {
+    "specversion": "1.0",
+    "id": "evt-9",
+    "source": "/billing",
+    "type": "com.example.paid",
+    "subject": "invoices/9",
+    "time": "2024-05-02T08:00:00Z",
+    "datacontenttype": "application/json",
+    "data": {"invoice": 9},
+}
+
+
+def test_cloudevents_structured_mode_takes_the_event_from_the_value() -> None:
+    value = json.dumps(STRUCTURED).encode()
+    headers = [("content-type", b"application/cloudevents+json; charset=UTF-8")]
+    event = roundtrip(to_envelope(record(value, headers=headers), "f"))
+    assert event == {
+        "specversion": "1.0", "id": "evt-9", "source": "/billing", "type": "com.example.paid",
+        "subject": "invoices/9", "time": "2024-05-02T08:00:00Z", "datacontenttype": "application/json",
+        "eventrunfunction": "f", "eventruntrigger": "kafka", "data": {"invoice": 9},
+    }
+
+
+def test_cloudevents_structured_mode_with_data_base64() -> None:
+    value = {key: STRUCTURED[key] for key in ("specversion", "id", "source", "type")}
+    value["data_base64"] = base64.b64encode(b"\x00\x01").decode()
+    headers = [("Content-Type", b"application/cloudevents+json")]
+    envelope = to_envelope(record(json.dumps(value).encode(), headers=headers), "f")
+    assert envelope.data == {"data_base64": value["data_base64"]}
+    assert envelope.subject is None and envelope.time == "2024-05-01T10:00:00.123Z"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"not json", b"[1, 2]", json.dumps({"id": "x", "source": "/s"}).encode(), json.dumps({**STRUCTURED, "id": 7}).encode()],
+    ids=["not-json", "array", "no-type", "id-not-text"],
+)
+def test_a_broken_structured_cloudevent_is_an_ordinary_record(value: bytes) -> None:
+    envelope = to_envelope(record(value, headers=[("content-type", b"application/cloudevents+json")]), "f")
+    assert (envelope.id, envelope.type) == ("2-17", "eventrun.kafka.record")
+
+
+def test_the_undecodable_record_envelope() -> None:
+    event = roundtrip(undecodable_envelope("orders", 1, 9, "f", "UnicodeDecodeError: bad header", epoch=0))
+    assert (event["id"], event["source"], event["type"]) == ("1-9", "kafka://orders", "eventrun.kafka.undecodable")
+    assert event["data"]["error"] == "UnicodeDecodeError: bad header"
+    assert event["data"]["partition"] == 1 and event["data"]["offset"] == 9
+
+
+def test_fingerprints_tell_records_apart() -> None:
+    assert fingerprint(record()) == fingerprint(record())
+    assert fingerprint(record()) != fingerprint(record(timestamp=TS + 1))
+    assert fingerprint(record()) != fingerprint(record(b'{"order": 43}'))
+    assert fingerprint(record(key=None)) != fingerprint(record(key=b""))
+
+
+# --------------------------------------------------------------------------- start positions
+
+
+def test_the_committed_offset_wins() -> None:
+    start = decide(Mark(50, "ab"), 40, 0, started=True, latest=True)
+    assert (start.offset, start.verify, start.pin) == (40, None, False)
+
+
+def test_a_first_start() -> None:
+    assert decide(None, None, 3, started=False, latest=False).offset == 3
+    latest = decide(None, None, 3, started=False, latest=True)
+    assert latest.pin and latest.offset == -1  # the log's end, to be looked up and committed
+
+
+def test_a_partition_new_to_a_running_trigger_is_read_from_its_beginning() -> None:
+    # "latest" applies to the trigger's first start only: a partition added later, or one whose
+    # group offset is gone, must not skip records.
+    start = decide(None, None, 0, started=True, latest=True)
+    assert (start.offset, start.pin) == (0, False)
+
+
+def test_lost_group_offsets_resume_at_the_mark_and_check_the_last_record() -> None:
+    start = decide(Mark(10, "ab"), None, 0, started=True, latest=False)
+    assert (start.offset, start.verify) == (9, "ab")
+    assert decide(Mark(10, None), None, 0, started=True, latest=True).offset == 10
+    assert decide(Mark(10, "ab"), None, 12, started=True, latest=False).offset == 12  # retention took it
+
+
+def test_check_verdicts() -> None:
+    rec = record(offset=9)
+    assert check([rec], 9, None) is Verdict.SAME_LOG
+    assert check([rec], 5, None) is Verdict.SAME_LOG  # forward: a compacted or trimmed log
+    assert check([rec], 10, None) is Verdict.NEW_LOG  # backwards without eventrun seeking there
+    assert check([rec], None, None) is Verdict.SAME_LOG
+    assert check([rec], 9, (9, fingerprint(rec))) is Verdict.SAME_LOG
+    assert check([record(b"other", offset=9)], 9, (9, fingerprint(rec))) is Verdict.RESTART
+    assert check([record(offset=0)], 9, (9, fingerprint(rec))) is Verdict.NEW_LOG
+    assert check([record(offset=12)], 9, (9, fingerprint(rec))) is Verdict.SAME_LOG
+
+
+def test_marks_round_trip_and_count_epochs() -> None:
+    marks = Marks(None)
+    assert not marks.started and marks.get(0) is None and marks.epoch(0) == 0
+    marks.started = True
+    marks.advance(0, 10, "ab")
+    assert marks.new_epoch(1) == 1
+    again = Marks(marks.dumps())
+    assert again.started
+    assert again.get(0) == Mark(10, "ab", 0)
+    assert again.get(1) == Mark(0, None, 1)
+    again.advance(1, 5, "cd")
+    assert again.epoch(1) == 1
+
+
+# --------------------------------------------------------------------------- the trigger
+
+
+class FakeEngine:
+    """The engine interface a Kafka consumer uses."""
+
+    def __init__(self) -> None:
+        self.accepted: list[Envelope] = []
+        self.state: dict[str, str] = {}
+
+    async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+        self.accepted += envelopes
+        return [Accepted(e.id, True) for e in envelopes]
+
+    def backlog(self, function: str) -> int:
+        return 0
+
+    def get_state(self, key: str) -> str | None:
+        return self.state.get(key)
+
+    async def put_state(self, key: str, value: str) -> None:
+        self.state[key] = value
+
+
+def manifest(bootstrap: str = "127.0.0.1:9092", **functions: dict[str, Any]) -> Manifest:
+    return Manifest(
+        kafka=KafkaConfig(bootstrap_servers=bootstrap),
+        functions={name: FunctionConfig(handler="f.py:main", **config) for name, config in functions.items()},
+    )
+
+
+def test_one_consumer_per_kafka_trigger() -> None:
+    m = manifest(
+        orders={"triggers": ({"type": "kafka", "topic": "orders"}, {"type": "kafka", "topic": "refunds", "group_id": "g"})},
+        report={"triggers": ({"type": "timer", "name": "n", "cron": "* * * * *"},)},
+        audit={"triggers": ({"type": "kafka", "topic": "orders", "starting_position": "earliest"},)},
+    )
+    trigger = KafkaTrigger(FakeEngine(), m)
+    assert [(c.function, c.topic, c.group_id) for c in trigger.consumers] == [
+        ("orders", "orders", "eventrun-orders"),
+        ("orders", "refunds", "g"),
+        ("audit", "orders", "eventrun-audit"),
+    ]
+    assert trigger.settings.bootstrap_servers == "127.0.0.1:9092"
+    assert trigger.settings.high_water_mark == 10_000
+    assert set(trigger.state()) == {"orders:orders", "orders:refunds", "audit:orders"}
+    assert {s["State"] for s in trigger.state().values()} == {"stopped"}
+
+
+def test_two_triggers_of_one_group_on_one_topic_are_refused() -> None:
+    m = manifest(
+        a={"triggers": ({"type": "kafka", "topic": "orders", "group_id": "shared"},)},
+        b={"triggers": ({"type": "kafka", "topic": "orders", "group_id": "shared"},)},
+    )
+    with pytest.raises(ManifestError, match=r"functions\.b\.triggers\[0\].*'orders'.*'shared'.*functions\.a"):
+        KafkaTrigger(FakeEngine(), m)
+
+
+async def test_a_broker_that_is_down_delays_nothing_and_shows_in_the_state(unused_tcp_port: int) -> None:
+    m = manifest(f"127.0.0.1:{unused_tcp_port}", fn={"triggers": ({"type": "kafka", "topic": "t"},)})
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{unused_tcp_port}", backoff_min=0.05, backoff_max=0.1)
+    engine = FakeEngine()
+    trigger = KafkaTrigger(engine, m, settings=settings)
+    started = time.monotonic()
+    async with trigger:
+        assert time.monotonic() - started < 1.0
+        deadline = time.monotonic() + 5
+        while not trigger.state()["fn:t"]["State"].startswith("broker unreachable"):
+            assert time.monotonic() < deadline, trigger.state()
+            await asyncio.sleep(0.02)
+        state = trigger.state()["fn:t"]
+        assert "KafkaConnectionError" in state["State"] and str(unused_tcp_port) in state["State"]
+        assert state["Partitions"] == [] and state["Accepted"] == 0
+        await asyncio.sleep(0.3)  # a few retries
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 2.0
+    assert trigger.state()["fn:t"]["State"] == "stopped"
+    assert engine.accepted == []
+
+
+def test_client_logs_are_quieted_unless_configured() -> None:
+    client = logging.getLogger("aiokafka")
+    before = client.level
+    try:
+        client.setLevel(logging.NOTSET)
+        _quiet_client_logs()
+        assert client.level == logging.CRITICAL
+        client.setLevel(logging.DEBUG)
+        _quiet_client_logs()
+        assert client.level == logging.DEBUG
+    finally:
+        client.setLevel(before)

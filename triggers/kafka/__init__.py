@@ -1,0 +1,10 @@
+"""The Kafka trigger: records of a topic become envelopes, accepted in batches, then committed."""
+
+from __future__ import annotations
+
+from .client import Settings
+from .consumer import KafkaEngine, TopicConsumer
+from .parser import record_id, to_envelope
+from .trigger import KafkaTrigger
+
+__all__ = ["KafkaEngine", "KafkaTrigger", "Settings", "TopicConsumer", "record_id", "to_envelope"]

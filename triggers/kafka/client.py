@@ -1,0 +1,90 @@
+"""The aiokafka client as the consumers use it: settings, construction, a stop that always ends."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Awaitable
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import CorruptRecordException
+
+# What the client raises when it cannot decode a fetched record (a header name that is not
+# UTF-8, a bad CRC). It raises it again on every fetch, so the partition would be stuck there.
+RECORD_ERRORS = (CorruptRecordException, ValueError)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Connection and pacing shared by every consumer of one server."""
+
+    bootstrap_servers: str
+    high_water_mark: int = 10_000
+    batch_size: int = 2000
+    max_json: int = 6 * 1024 * 1024
+    poll_interval: float = 0.2  # also how often the backlog is looked at while paused
+    probe_interval: float = 1.0  # idle seconds between checks that the broker still answers
+    broker_timeout: float = 5.0  # for one call to the broker made by eventrun itself
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+    stop_timeout: float = 10.0
+    client_stop_timeout: float = 3.0  # for leaving the group cleanly, before closing by force
+    session_timeout_ms: int = 10_000  # a server that died loses its partitions after this long
+    heartbeat_interval_ms: int = 1_000
+    mark_interval: float = 1.0  # how often the per-partition marks are written down
+
+
+def new_client(settings: Settings, *, function: str, group_id: str) -> AIOKafkaConsumer:
+    """A consumer of the group with manual commits; eventrun decides every start position."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group_id,
+        client_id=f"eventrun-{function}",
+        enable_auto_commit=False,
+        # Only a fallback: eventrun seeks every assigned partition itself (positions.py);
+        # when the log no longer holds a position, the oldest record is the one to go on with.
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",  # records of aborted transactions never run
+        metadata_max_age_ms=5000,  # notice soon a topic created (again) while we wait for it
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        retry_backoff_ms=200,
+    )
+
+
+async def stop_client(consumer: AIOKafkaConsumer, grace: float) -> None:
+    """consumer.stop(), which leaves the group; forced after `grace` seconds.
+
+    stop() first waits for the group coordination in progress, and a JoinGroup request is held
+    by the broker until the rebalance ends (after a crashed member's session timeout, say). It
+    can also raise CancelledError (aiokafka#647). Either way the parts it did not get to are
+    closed here, so no connection or background task is left behind.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if getattr(coordinator, "generation", None) == 0 and getattr(coordinator, "member_id", ""):
+        # Tansu numbers a group's first generation 0 and aiokafka sends LeaveGroup only for
+        # generations above 0; without it the partitions stay with this member until its
+        # session times out. (LeaveGroup carries no generation, so 1 changes nothing else.)
+        coordinator.generation = 1
+    if await _settle(consumer.stop(), grace):
+        return
+    closers = [
+        getattr(coordinator, "_stop_heartbeat_task", None),
+        getattr(coordinator, "_stop_commit_offsets_refresh_task", None),
+        getattr(getattr(consumer, "_fetcher", None), "close", None),
+        getattr(getattr(consumer, "_client", None), "close", None),
+    ]
+    for close in closers:
+        if close is not None:
+            await _settle(close(), grace)
+
+
+async def _settle(call: Awaitable[Any], timeout: float) -> bool:
+    """Run `call` in its own task for at most `timeout` seconds; whether it ended without error."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=timeout)
+        return False
+    return not task.cancelled() and task.exception() is None

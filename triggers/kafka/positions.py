@@ -1,0 +1,129 @@
+"""Where each partition starts, and how a topic that started over (new log, same name) is noticed.
+
+The dedupe key of a record is its (partition, offset). That holds for the life of one log: when a
+topic is deleted and created again, or a broker loses its data (Tansu's memory store on restart),
+offsets start again at 0 and new records would look like ones eventrun already accepted. So each
+trigger remembers, per partition, the offset after the last record it accepted and a fingerprint
+of that record ("marks", in the engine's durable state). Offsets going backwards under the
+consumer (the client fell back to the oldest record because the log no longer holds the
+position) or a different record at a marked offset mean a new log: the partition gets a new
+epoch, and its ids become "{partition}-{offset}-{epoch}", so nothing of the new log is taken
+for a duplicate.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from eventrun.engine.envelope import dumps, loads
+
+from .parser import RecordLike, fingerprint
+
+
+@dataclass(slots=True)
+class Mark:
+    """The offset after the last record accepted from a partition, and that record's fingerprint."""
+
+    next: int
+    fingerprint: str | None  # None when the mark only pins a starting position
+    epoch: int = 0
+
+
+class Marks:
+    """The marks of one trigger (one topic and group), as kept in the engine's state table."""
+
+    def __init__(self, raw: str | None) -> None:
+        self.started = False
+        self._marks: dict[int, Mark] = {}
+        if raw:
+            document: dict[str, Any] = loads(raw)
+            self.started = bool(document.get("started"))
+            for partition, (next_offset, digest, epoch) in document.get("partitions", {}).items():
+                self._marks[int(partition)] = Mark(int(next_offset), digest, int(epoch))
+
+    def get(self, partition: int) -> Mark | None:
+        """The partition's mark, if eventrun read from it before."""
+        return self._marks.get(partition)
+
+    def epoch(self, partition: int) -> int:
+        """How many times the partition's log was found to have started over."""
+        mark = self._marks.get(partition)
+        return mark.epoch if mark else 0
+
+    def advance(self, partition: int, next_offset: int, digest: str | None) -> None:
+        """Records up to `next_offset` were accepted; the last one has `digest`."""
+        self._marks[partition] = Mark(next_offset, digest, self.epoch(partition))
+
+    def new_epoch(self, partition: int) -> int:
+        """The partition's log started over: count a new epoch and forget the old position."""
+        epoch = self.epoch(partition) + 1
+        self._marks[partition] = Mark(0, None, epoch)
+        return epoch
+
+    def dumps(self) -> str:
+        """The marks as the JSON text the engine stores."""
+        partitions = {str(p): [m.next, m.fingerprint, m.epoch] for p, m in sorted(self._marks.items())}
+        return dumps({"started": self.started, "partitions": partitions}).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a newly assigned partition starts reading, and why."""
+
+    offset: int  # -1 with pin: the log's end
+    reason: str
+    verify: str | None = None  # the fingerprint the record at `offset` must have
+    pin: bool = False  # commit the position at once, so "latest" is resolved only once
+
+
+def decide(
+    mark: Mark | None,
+    committed: int | None,
+    beginning: int,
+    *,
+    started: bool,
+    latest: bool,
+) -> Start:
+    """The start of a partition from the group's committed offset, the trigger's mark and the log's start.
+
+    Whether the log still holds what eventrun read is found out when reading (see check()):
+    a position past the log's end makes the client fall back to the oldest record (offsets go
+    backwards), and the record at a mark is compared with the one eventrun read there. The log's
+    end offset is not used for this: Tansu answers ListOffsets(latest) with the base offset of
+    the last record batch plus one, not the offset after its last record.
+    """
+    if committed is not None:
+        return Start(committed, "committed offset")
+    # The group has no offset here: a first start, a partition added later, or a broker that lost it.
+    if mark is None:
+        if latest and not started:
+            return Start(-1, "starting_position latest", pin=True)
+        return Start(beginning, "earliest record (never skip)" if started else "starting_position earliest")
+    if mark.fingerprint is None or mark.next - 1 < beginning:
+        return Start(max(mark.next, beginning), "eventrun's own mark")
+    return Start(mark.next - 1, "eventrun's own mark, checking the last record read", verify=mark.fingerprint)
+
+
+class Verdict(enum.Enum):
+    """What a fetched run of one partition's records means for its log."""
+
+    SAME_LOG = "same"
+    NEW_LOG = "new"  # accept these records, under a new epoch
+    RESTART = "restart"  # a new log: drop these records and read the partition from its beginning
+
+
+def check(records: Sequence[RecordLike], expected: int | None, verify: tuple[int, str] | None) -> Verdict:
+    """Whether a partition's fetched records continue the log eventrun read before."""
+    first = records[0]
+    if verify is not None:
+        offset, digest = verify
+        if first.offset == offset:
+            return Verdict.SAME_LOG if fingerprint(first) == digest else Verdict.RESTART
+        return Verdict.NEW_LOG if first.offset < offset else Verdict.SAME_LOG
+    if expected is not None and first.offset < expected:
+        # Offsets went backwards without eventrun seeking there: the client reset its position
+        # because the log no longer holds it.
+        return Verdict.NEW_LOG
+    return Verdict.SAME_LOG

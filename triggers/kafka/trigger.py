@@ -1,0 +1,82 @@
+"""The Kafka trigger: one consumer per (function, kafka trigger) of the manifest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from eventrun.engine.errors import ManifestError
+from eventrun.engine.manifest import KafkaTrigger as KafkaTriggerConfig
+from eventrun.engine.manifest import Manifest
+
+from .client import Settings
+from .consumer import KafkaEngine, TopicConsumer
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaTrigger:
+    """Every `type = "kafka"` trigger of the manifest, sharing the `[kafka]` connection settings."""
+
+    def __init__(self, engine: KafkaEngine, manifest: Manifest, *, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings(
+            bootstrap_servers=manifest.kafka.bootstrap_servers,
+            high_water_mark=manifest.kafka.high_water_mark,
+            max_json=manifest.server.max_body_size,
+        )
+        self.consumers: list[TopicConsumer] = []
+        seen: dict[tuple[str, str], str] = {}
+        for function, config in manifest.functions.items():
+            for index, trigger in enumerate(config.triggers):
+                if not isinstance(trigger, KafkaTriggerConfig):
+                    continue
+                group_id = trigger.group_id or f"eventrun-{function}"
+                where = f"functions.{function}.triggers[{index}]"
+                if (group_id, trigger.topic) in seen:
+                    # Two consumers of one group on one topic split its partitions between them,
+                    # so each would see only part of the records.
+                    raise ManifestError(
+                        f"{where}: topic {trigger.topic!r} with group_id {group_id!r} is already consumed by "
+                        f"{seen[group_id, trigger.topic]}; give this trigger its own group_id"
+                    )
+                seen[group_id, trigger.topic] = where
+                self.consumers.append(
+                    TopicConsumer(
+                        engine,
+                        function=function,
+                        topic=trigger.topic,
+                        group_id=group_id,
+                        starting_position=trigger.starting_position,
+                        settings=self.settings,
+                    )
+                )
+
+    async def start(self) -> None:
+        """Start every consumer in the background; a broker that is down delays nothing."""
+        _quiet_client_logs()
+        for consumer in self.consumers:
+            await consumer.start()
+
+    async def stop(self) -> None:
+        """Stop every consumer: stop fetching, finish the hand-off, commit, leave the group."""
+        await asyncio.gather(*(consumer.stop() for consumer in self.consumers))
+
+    async def __aenter__(self) -> KafkaTrigger:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def state(self) -> dict[str, Any]:
+        """Each consumer's state for /healthz, keyed "function:topic"."""
+        return {consumer.name: consumer.state() for consumer in self.consumers}
+
+
+def _quiet_client_logs() -> None:
+    # aiokafka logs every failed reconnect at ERROR, several times a second while a broker is
+    # away; the consumers log one line per state change instead. Left alone if configured.
+    client = logging.getLogger("aiokafka")
+    if client.level == logging.NOTSET:
+        client.setLevel(logging.CRITICAL)
