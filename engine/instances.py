@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 MAX_LINE = 64 * 1024  # longer lines are split, so one line never holds unbounded memory
+FRAME_BYTE = FRAME_MARK[0].encode()
 
 LineSink = Callable[[list[str]], None]
 
@@ -153,7 +154,9 @@ class Instance:
                     break
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                while len(pending) > MAX_LINE:
+                # Output lines are split to bound memory; a frame (results can be large) is not,
+                # and the worker itself refuses results over MAX_RESULT.
+                while len(pending) > MAX_LINE and FRAME_BYTE not in pending:
                     lines.append(pending[:MAX_LINE])
                     pending = pending[MAX_LINE:]
                 self._route([line.decode("utf-8", "replace") for line in lines])
@@ -175,7 +178,10 @@ class Instance:
                 text.append(line[:at])
             self._emit(text)
             text = []
-            frame = loads(line[at + len(self._mark) :])
+            try:
+                frame = loads(line[at + len(self._mark) :])
+            except ValueError as exc:
+                frame = {"ok": False, "error_type": "InternalError", "error_message": f"unreadable outcome: {exc}"}
             if self._outcome is not None and not self._outcome.done():
                 self._outcome.set_result(frame)
         self._emit(text)

@@ -26,6 +26,14 @@ from typing import Any, Callable
 from .envelope import dumps, loads
 
 FRAME_MARK = "\x1eeventrun-frame:"
+MAX_RESULT = 6 * 1024 * 1024  # the same bound as an invocation body
+
+
+def _write_all(data: bytes) -> None:
+    """os.write may write part of a large buffer to a pipe; write it all."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view) :]
 
 
 @dataclass
@@ -64,7 +72,7 @@ class _Worker:
     def frame(self, payload: dict[str, Any]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.write(1, self.mark + dumps(payload) + b"\n")
+        _write_all(self.mark + dumps(payload) + b"\n")
 
     def load(self) -> Callable[..., Any]:
         if self.handler is None:
@@ -112,9 +120,19 @@ class _Worker:
                 }
             )
             return
+        if len(encoded) > MAX_RESULT:
+            self.frame(
+                {
+                    "ok": False,
+                    "error_type": "ResultTooLarge",
+                    "error_message": f"the handler's result is {len(encoded)} bytes; the limit is {MAX_RESULT}",
+                    "recycle": False,
+                }
+            )
+            return
         sys.stdout.flush()
         sys.stderr.flush()
-        os.write(1, self.mark + b'{"ok":true,"result":' + encoded + b"}\n")
+        _write_all(self.mark + b'{"ok":true,"result":' + encoded + b"}\n")
 
     def serve(self) -> None:
         for line in self.tasks:
