@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 from .envelope import Envelope
 
@@ -25,8 +25,7 @@ class Status(str, enum.Enum):
         return self not in (Status.QUEUED, Status.RUNNING)
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(NamedTuple):
     """The answer to one accepted envelope."""
 
     request_id: str

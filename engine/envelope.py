@@ -28,13 +28,12 @@ def now_rfc3339() -> str:
 
 
 def new_id() -> str:
-    """A random UUID (version 4) in its usual text form."""
-    # The same value uuid.uuid4() gives, without building a UUID object on the ack path.
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A fresh RequestId: a UUID version 7 (time-ordered, 74 random bits) in its usual text form."""
+    # Time-ordered ids land at the end of the store's index instead of at random pages,
+    # which keeps durable acceptance cheap at high rates; the random part keeps them unguessable.
+    h = f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -196,22 +196,26 @@ class SQLiteStore:
         """Record new invocations; a known (function, source, id) gives back its RequestId."""
 
         def work(conn: sqlite3.Connection) -> list[Accepted]:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO invocations (request_id, function, source, event_id, trigger, status,"
+                " created_at, envelope) VALUES (?, ?, ?, ?, ?, 'QUEUED', ?, ?)"
+                " ON CONFLICT (function, source, event_id) DO NOTHING",
+                [
+                    (r.request_id, r.function, r.source, r.event_id, r.trigger, r.created_at, r.envelope)
+                    for r in rows
+                ],
+            )
+            if conn.total_changes - before == len(rows):
+                return [Accepted(r.request_id, True) for r in rows]
+            # Some were known (redelivery): look up the RequestId each one was given.
             out = []
             for row in rows:
-                cur = conn.execute(
-                    "INSERT INTO invocations (request_id, function, source, event_id, trigger, status,"
-                    " created_at, envelope) VALUES (?, ?, ?, ?, ?, 'QUEUED', ?, ?)"
-                    " ON CONFLICT (function, source, event_id) DO NOTHING",
-                    (row.request_id, row.function, row.source, row.event_id, row.trigger, row.created_at, row.envelope),
-                )
-                if cur.rowcount == 1:
-                    out.append(Accepted(row.request_id, True))
-                else:
-                    (known,) = conn.execute(
-                        "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?",
-                        (row.function, row.source, row.event_id),
-                    ).fetchone()
-                    out.append(Accepted(known, False))
+                (known,) = conn.execute(
+                    "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?",
+                    (row.function, row.source, row.event_id),
+                ).fetchone()
+                out.append(Accepted(known, known == row.request_id))
             return out
 
         return await self._write(work)
