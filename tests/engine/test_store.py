@@ -1,0 +1,149 @@
+"""The SQLite invocation store: idempotent acceptance, transitions, recovery, listing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from eventrun.engine.api import Accepted, Status
+from eventrun.engine.envelope import new_id, now_rfc3339
+from eventrun.engine.errors import InvalidParameter, ManifestError
+from eventrun.engine.store import NewInvocation, SQLiteStore
+
+
+def row(event_id: str, *, function: str = "f", source: str = "/http/f") -> NewInvocation:
+    return NewInvocation(
+        request_id=new_id(),
+        function=function,
+        source=source,
+        event_id=event_id,
+        trigger="http",
+        created_at=now_rfc3339(),
+        envelope=b'{"id":"%s"}' % event_id.encode(),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_acceptance_is_idempotent_on_function_source_and_id(store: SQLiteStore) -> None:
+    first = row("e1")
+    (accepted,) = await store.accept([first])
+    assert accepted == Accepted(first.request_id, True)
+    again = row("e1")
+    assert await store.accept([again]) == [Accepted(first.request_id, False)]
+    # Another function, or another source, is another event.
+    other_fn, other_source = row("e1", function="g"), row("e1", source="/http/g")
+    answers = await store.accept([other_fn, other_source])
+    assert answers == [Accepted(other_fn.request_id, True), Accepted(other_source.request_id, True)]
+
+
+async def test_a_batch_with_known_and_repeated_events_answers_each(store: SQLiteStore) -> None:
+    (known,) = await store.accept([row("a")])
+    batch = [row("a"), row("b"), row("b"), row("c")]
+    answers = await store.accept(batch)
+    assert answers[0] == Accepted(known.request_id, False)
+    assert answers[1] == Accepted(batch[1].request_id, True)
+    assert answers[2] == Accepted(batch[1].request_id, False)  # the same event twice in one batch
+    assert answers[3] == Accepted(batch[3].request_id, True)
+    assert all(store.get(a.request_id) is not None for a in answers)
+    assert store.get(batch[2].request_id) is None  # the repeat got no row of its own
+
+
+async def test_accepted_events_survive_reopening(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    new = row("e1")
+    await store.accept([new])
+    store.close()
+    reopened = SQLiteStore(tmp_path / "eventrun.db")
+    reopened.open()
+    try:
+        invocation = reopened.get(new.request_id)
+        assert invocation is not None and invocation.status is Status.QUEUED
+        assert reopened.envelope(new.request_id) == new.envelope
+        assert reopened.queued() == [(new.request_id, "f")]
+    finally:
+        reopened.close()
+
+
+async def test_a_run_starts_once_and_ends_once(store: SQLiteStore) -> None:
+    new = row("e1")
+    await store.accept([new])
+    assert await store.mark_running(new.request_id, now_rfc3339())
+    assert not await store.mark_running(new.request_id, now_rfc3339())
+    assert await store.finish(new.request_id, Status.FINISHED, now_rfc3339(), result={"ok": [1, 2]})
+    # A late second outcome (e.g. terminate racing the end) does not overwrite the first.
+    assert not await store.finish(new.request_id, Status.ABORTED, now_rfc3339(), error_type="Aborted")
+    invocation = store.get(new.request_id)
+    assert invocation is not None
+    assert invocation.status is Status.FINISHED
+    assert invocation.result == {"ok": [1, 2]}
+    assert invocation.error_type is None
+    assert invocation.duration_ms is not None and invocation.duration_ms >= 0
+
+
+async def test_recovery_fails_running_runs_and_keeps_queued_ones(store: SQLiteStore) -> None:
+    running, queued = row("r"), row("q")
+    await store.accept([running, queued])
+    await store.mark_running(running.request_id, now_rfc3339())
+    assert await store.recover(now_rfc3339(), "the server stopped") == [running.request_id]
+    ended = store.get(running.request_id)
+    assert ended is not None
+    assert (ended.status, ended.error_type, ended.error_message) == (Status.FAILED, "ServerStopped", "the server stopped")
+    assert store.queued() == [(queued.request_id, "f")]
+
+
+async def test_the_async_flag_is_locked_at_creation(store: SQLiteStore) -> None:
+    await store.register_functions({"f": True, "g": False}, now_rfc3339())
+    await store.register_functions({"f": True, "g": False, "h": True}, now_rfc3339())  # unchanged: fine
+    with pytest.raises(ManifestError) as caught:
+        await store.register_functions({"f": False}, now_rfc3339())
+    message = str(caught.value)
+    assert "functions.f.async_execution" in message and "new name" in message
+
+
+async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> None:
+    rows = [row(f"e{i}") for i in range(5)]
+    for new in rows:
+        await store.accept([new])
+    seen: list[str] = []
+    cursor: str | None = None
+    sizes = []
+    while True:
+        page, cursor = store.list(limit=2, cursor=cursor)
+        sizes.append(len(page))
+        seen += [i.request_id for i in page]
+        if cursor is None:
+            break
+    assert sizes == [2, 2, 1]
+    assert seen == [r.request_id for r in reversed(rows)]
+    await store.finish(rows[0].request_id, Status.ABORTED, now_rfc3339())
+    aborted, _ = store.list(status=Status.ABORTED)
+    assert [i.request_id for i in aborted] == [rows[0].request_id]
+    with pytest.raises(InvalidParameter):
+        store.list(cursor="not-a-cursor")
+
+
+async def test_trigger_state_is_remembered(store: SQLiteStore) -> None:
+    assert store.get_state("timer:f/nightly") is None
+    await store.put_state("timer:f/nightly", "2026-01-01T02:00:00Z")
+    await store.put_state("timer:f/nightly", "2026-01-02T02:00:00Z")
+    assert store.get_state("timer:f/nightly") == "2026-01-02T02:00:00Z"
+
+
+async def test_active_runs_are_counted_per_source(store: SQLiteStore) -> None:
+    a, b, c = row("1", source="timer://f/t"), row("2", source="timer://f/t"), row("3", source="/http/f")
+    await store.accept([a, b, c])
+    await store.finish(a.request_id, Status.FINISHED, now_rfc3339())
+    assert store.count_active("f", "timer://f/t") == 1
+    assert store.count_active("f", "/http/f") == 1
