@@ -1,0 +1,112 @@
+"""The dispatcher: FIFO per function, per-function concurrency, the global cap, QPS buckets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eventrun.engine.dispatcher import Dispatcher, TokenBucket
+from eventrun.engine.errors import Throttled
+
+
+class Recorder:
+    """An execute() whose runs last until released, recording their order."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def __call__(self, function: str, request_id: str) -> None:
+        self.started.append(request_id)
+        gate = self.gates.setdefault(request_id, asyncio.Event())
+        await gate.wait()
+
+    def release(self, request_id: str) -> None:
+        self.gates.setdefault(request_id, asyncio.Event()).set()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_runs_start_in_order_up_to_the_function_concurrency() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 2}, qps_limits={"f": 100}, max_running=10, execute=runs)
+    for i in range(5):
+        dispatcher.submit("f", f"r{i}")
+    await settle()
+    assert runs.started == ["r0", "r1"]
+    assert (dispatcher.running("f"), dispatcher.queued("f")) == (2, 3)
+    runs.release("r1")
+    await settle()
+    assert runs.started == ["r0", "r1", "r2"]
+    for i in range(5):
+        runs.release(f"r{i}")
+    await settle()
+    assert runs.started == [f"r{i}" for i in range(5)]
+    assert dispatcher.total_running == 0
+
+
+async def test_the_global_cap_is_shared_fairly_between_functions() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"a": 5, "b": 5}, qps_limits={"a": 9, "b": 9}, max_running=2, execute=runs)
+    for i in range(3):
+        dispatcher.submit("a", f"a{i}")
+    for i in range(3):
+        dispatcher.submit("b", f"b{i}")
+    await settle()
+    # Turns alternate between functions rather than draining one queue first.
+    assert runs.started == ["a0", "b0"]
+    runs.release("a0")
+    await settle()
+    runs.release("b0")
+    await settle()
+    assert runs.started == ["a0", "b0", "a1", "b1"]
+    assert dispatcher.total_running == 2
+    for request_id in [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]:
+        runs.release(request_id)
+    await settle()
+
+
+async def test_a_queued_run_can_be_removed_but_not_a_started_one() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 9}, max_running=9, execute=runs)
+    dispatcher.submit("f", "r0")
+    dispatcher.submit("f", "r1")
+    await settle()
+    assert dispatcher.remove("f", "r1")
+    assert not dispatcher.remove("f", "r0")
+    runs.release("r0")
+    await settle()
+    assert runs.started == ["r0"]
+
+
+async def test_pause_starts_nothing_new_and_drain_reports_what_still_runs() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 9}, max_running=9, execute=runs)
+    dispatcher.submit("f", "r0")
+    await settle()
+    dispatcher.pause()
+    dispatcher.submit("f", "r1")
+    assert await dispatcher.drain(0.05) == {"r0"}
+    await dispatcher.cancel_all()
+    assert runs.started == ["r0"]
+    assert dispatcher.queued("f") == 1
+
+
+def test_the_token_bucket_allows_a_burst_of_the_rate_then_throttles() -> None:
+    bucket = TokenBucket(3)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = bucket.take()
+    assert 0 < wait <= 1 / 3 + 1e-6
+
+
+def test_throttle_names_the_function_and_gives_a_whole_retry_after() -> None:
+    dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 1}, max_running=1, execute=Recorder())
+    dispatcher.throttle("f")
+    with pytest.raises(Throttled) as caught:
+        dispatcher.throttle("f")
+    assert caught.value.retry_after >= 1
+    assert "'f'" in str(caught.value) and "1 events per second" in str(caught.value)
