@@ -67,7 +67,10 @@ async def test_the_global_cap_is_shared_fairly_between_functions() -> None:
     assert dispatcher.total_running == 2
     for request_id in [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]:
         runs.release(request_id)
-    await settle()
+    while dispatcher.queued("a") or dispatcher.queued("b") or dispatcher.total_running:
+        await dispatcher.drain(1)
+        await settle()
+    assert sorted(runs.started) == ["a0", "a1", "a2", "b0", "b1", "b2"]
 
 
 async def test_a_queued_run_can_be_removed_but_not_a_started_one() -> None:
