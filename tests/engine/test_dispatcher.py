@@ -52,25 +52,24 @@ async def test_runs_start_in_order_up_to_the_function_concurrency() -> None:
 async def test_the_global_cap_is_shared_fairly_between_functions() -> None:
     runs = Recorder()
     dispatcher = Dispatcher(concurrency={"a": 5, "b": 5}, qps_limits={"a": 9, "b": 9}, max_running=2, execute=runs)
-    for i in range(3):
-        dispatcher.submit("a", f"a{i}")
-    for i in range(3):
+    for i in range(4):
+        dispatcher.submit("a", f"a{i}")  # a0 and a1 take both slots at once
+    for i in range(2):
         dispatcher.submit("b", f"b{i}")
     await settle()
-    # Turns alternate between functions rather than draining one queue first.
-    assert runs.started == ["a0", "b0"]
-    runs.release("a0")
-    await settle()
-    runs.release("b0")
-    await settle()
-    assert runs.started == ["a0", "b0", "a1", "b1"]
+    assert runs.started == ["a0", "a1"]
+    # From here both functions wait: freed slots alternate between them.
+    for done in ("a0", "a1", "b0"):
+        runs.release(done)
+        await settle()
+    assert runs.started == ["a0", "a1", "b0", "a2", "b1"]
     assert dispatcher.total_running == 2
-    for request_id in [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]:
+    for request_id in ("a2", "a3", "b1"):
         runs.release(request_id)
     while dispatcher.queued("a") or dispatcher.queued("b") or dispatcher.total_running:
         await dispatcher.drain(1)
         await settle()
-    assert sorted(runs.started) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    assert runs.started == ["a0", "a1", "b0", "a2", "b1", "a3"]
 
 
 async def test_a_queued_run_can_be_removed_but_not_a_started_one() -> None:
