@@ -105,6 +105,12 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
 def serve(config_path: Path | None) -> int:
     """`eventrun serve`: run until SIGINT or SIGTERM; exit status for the shell."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config_path is None:
+        logger.warning(
+            "no eventrun.toml in %s and no --config: serving with no functions "
+            "(every [server] key can still be set as EVENTRUN_SERVER__KEY)",
+            Path.cwd(),
+        )
     try:
         manifest = load_manifest(config_path)
     except EventrunError as exc:
