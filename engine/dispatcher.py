@@ -146,6 +146,7 @@ class Dispatcher:
         try:
             await self._execute(function, request_id)
         except asyncio.CancelledError:
+            self._paused = True  # cancelled means shutting down: start nothing in its place
             raise
         except Exception:
             logger.exception("run %s of %s crashed inside eventrun", request_id, function)
