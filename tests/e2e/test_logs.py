@@ -133,3 +133,15 @@ async def test_logs_survive_a_restart(eventrun_server, http, handler):
     server.restart()
     assert await api.logs(request_id) == before
     assert (await api.status(request_id))["Status"] == "FINISHED"
+
+
+async def test_a_function_that_prints_without_end_is_capped_and_told(eventrun_server, http, handler):
+    server = eventrun_server({"chatty": {"handler": handler("chatty")}}, server={"log_limit": "64KB"})
+    api = server.client(http)
+    request_id = await api.accepted("chatty", {"lines": 200_000})  # 20 MB of output
+    ended = await api.wait_ended(request_id)
+    assert ended["Status"] == "FINISHED" and ended["Result"] == 200_000
+    async with http.get(f"{server.url}/invocations/{request_id}/logs") as response:
+        text = await response.text()
+    assert len(text.encode()) < 64 * 1024 + 1024
+    assert "log limit of 65536 bytes reached; further output of this run is discarded" in text

@@ -1,0 +1,47 @@
+"""The log hub: stamped lines per run, a size cap that says so, followers that end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from eventrun.engine.logs import LogHub
+
+
+def test_lines_are_stamped_and_appended(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=1024)
+    hub.write("r1", ["first", "second"])
+    hub.close("r1")
+    lines = hub.read("r1").decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["first", "second"]
+    assert all(line.split(" ", 1)[0].endswith("Z") for line in lines)
+
+
+def test_past_the_limit_the_log_says_so_once_and_stops_growing(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=2000)
+    for _ in range(100):
+        hub.write("r1", ["x" * 100])
+    hub.close("r1")
+    text = hub.read("r1").decode()
+    assert len(text.encode()) <= 2000 + 200
+    assert text.count("log limit of 2000 bytes reached") == 1
+    assert text.splitlines()[-1].endswith("further output of this run is discarded")
+
+
+async def test_a_follower_gets_old_and_new_lines_and_ends_with_the_run(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    hub.write("r1", ["before"])
+    ended = False
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for line in hub.follow("r1", lambda: ended):
+            seen.append(line.split(" ", 1)[1])
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.01)
+    hub.write("r1", ["after"])
+    ended = True
+    hub.close("r1")
+    await asyncio.wait_for(task, 1)
+    assert seen == ["before", "after"]
