@@ -27,6 +27,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from local_process import LocalProcess
 
 READY_TIMEOUT = 20.0
 ENV = "EVENTRUN_TEST_KAFKA"
@@ -64,43 +65,25 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-class TansuBroker:
+class TansuBroker(LocalProcess):
     """One `tansu broker` process with the memory storage engine (it forgets everything on stop)."""
 
     def __init__(self, port: int, log_dir: Path) -> None:
+        super().__init__(log_dir / f"tansu-{port}.log")
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
-        self._log = log_dir / f"tansu-{port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
-        """Start the process (see ready() to wait for it)."""
+        """Start the process (see ready() to wait for it); restarts append to the same log."""
         url = f"tcp://127.0.0.1:{self.port}"
-        with open(self._log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(tansu_binary()), "broker",
-                    "--listener-url", url, "--advertised-listener-url", url,
-                    "--storage-engine", "memory://tansu/",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def stop(self) -> None:
-        """Stop the process this object started."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log_text(self) -> str:
-        """What the broker printed."""
-        return self._log.read_text(errors="replace") if self._log.exists() else ""
+        self.launch(
+            [
+                str(tansu_binary()), "broker",
+                "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],
+            append=True,
+        )
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
+from local_process import LocalProcess
 
 READY_TIMEOUT = 20.0
 REGION = "us-east-1"
@@ -36,24 +36,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class MotoServer:
+class MotoServer(LocalProcess):
     """One `python -m moto.server` process on 127.0.0.1."""
 
     def __init__(self, port: int, log_dir: Path) -> None:
+        super().__init__(log_dir / f"moto-{port}.log")
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self._log = log_dir / f"moto-{port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MotoServer:
         """Start and wait until it answers HTTP."""
-        with open(self._log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        self.launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)])
+        assert self.proc is not None
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -68,19 +62,6 @@ class MotoServer:
         self.stop()
         raise RuntimeError(f"moto_server was not ready within {READY_TIMEOUT}s:\n{self.log_text()}")
 
-    def stop(self) -> None:
-        """Terminate the process this object started."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log_text(self) -> str:
-        """What the server printed."""
-        return self._log.read_text(errors="replace") if self._log.exists() else ""
 
 
 @dataclass(frozen=True)

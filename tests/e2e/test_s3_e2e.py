@@ -27,45 +27,7 @@ CSV_SUMMARY = Path(__file__).resolve().parents[2] / "functions" / "csv_summary.p
 TOKEN = "e2e-token"
 
 # MinIO's documented webhook body (notes §1.3); the bucket is replaced per test.
-MINIO_BODY = {
-    "EventName": "s3:ObjectCreated:Put",
-    "Key": "probe-bucket/in/My File ü.csv",
-    "Records": [
-        {
-            "eventVersion": "2.0",
-            "eventSource": "minio:s3",
-            "awsRegion": "",
-            "eventTime": "2026-11-22T09:01:25.733Z",
-            "eventName": "s3:ObjectCreated:Put",
-            "userIdentity": {"principalId": "minioadmin"},
-            "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "127.0.0.1"},
-            "responseElements": {
-                "x-amz-id-2": "dd9025bab4ad464b049177c95eb6ebf374d3b3fd1af9251148b658df7ac2e3e8",
-                "x-amz-request-id": "1879B5C3F4D2A1E0",
-                "x-minio-deployment-id": "5c6c1b3e-8a0e-4c8e-9d3a-2f0b6f1d7e41",
-                "x-minio-origin-endpoint": "http://127.0.0.1:9000",
-            },
-            "s3": {
-                "s3SchemaVersion": "1.0",
-                "configurationId": "Config",
-                "bucket": {
-                    "name": "probe-bucket",
-                    "ownerIdentity": {"principalId": "minioadmin"},
-                    "arn": "arn:aws:s3:::probe-bucket",
-                },
-                "object": {
-                    "key": "in%2FMy+File+%C3%BC.csv",
-                    "size": 8,
-                    "eTag": "e5ebd4c02cefbe7955977c67ada242b7",
-                    "contentType": "text/csv",
-                    "userMetadata": {"X-Amz-Meta-Origin": "probe", "content-type": "text/csv"},
-                    "sequencer": "1879B5C3F3E6A2C8",
-                },
-            },
-            "source": {"host": "127.0.0.1", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.83"},
-        }
-    ],
-}
+MINIO_BODY = json.loads((Path(__file__).parents[1] / "samples" / "minio_webhook.json").read_text())
 
 
 def _toml(value: Any) -> str:
