@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import queue
 import sqlite3
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 from .api import Accepted, Invocation, Status
 from .envelope import dumps, loads
 from .errors import InvalidParameter, ManifestError
+from .writes import Ending, NewInvocation, Op, Writer
+
+__all__ = ["InvocationStore", "NewInvocation", "SQLiteStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS functions (
     created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS invocations (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,  -- the rowid: ascending, as rows are never deleted
     request_id TEXT NOT NULL UNIQUE,
     function TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -59,19 +59,6 @@ _COLUMNS = (
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
-@dataclass(slots=True)  # not frozen: built once per acceptance, and frozen __init__ is slow
-class NewInvocation:
-    """One envelope about to be recorded."""
-
-    request_id: str
-    function: str
-    source: str
-    event_id: str
-    trigger: str
-    created_at: str
-    envelope: bytes
-
-
 class InvocationStore(Protocol):
     """What the engine needs of a store."""
 
@@ -97,10 +84,7 @@ class SQLiteStore:
     def __init__(self, path: Path, *, batch_limit: int = 2000) -> None:
         self.path = path
         self._batch_limit = batch_limit
-        self._ops: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread: threading.Thread | None = None
+        self._writer: Writer | None = None
         self._reader: sqlite3.Connection | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -111,21 +95,22 @@ class SQLiteStore:
         writer = self._connect()
         writer.executescript(_SCHEMA)
         self._reader = self._connect()
-        self._thread = threading.Thread(target=self._write_loop, args=(writer,), name="eventrun-store", daemon=True)
-        self._thread.start()
+        self._writer = Writer(writer, batch_limit=self._batch_limit)
 
     def close(self) -> None:
         """Finish queued writes and close the connections."""
-        if self._thread is not None:
-            self._ops.put(None)
-            self._thread.join()
-            self._thread = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        # The writer's multi-row statements come in a few dozen sizes; keep them all prepared.
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30, cached_statements=512
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: each commit is fsynced, so an acknowledged event survives a power cut too.
         # Group commits keep that to one fsync per batch rather than one per request.
@@ -133,104 +118,26 @@ class SQLiteStore:
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
-    # -- the writer thread -----------------------------------------------------------------
-
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        stop = False
-        while not stop:
-            first = self._ops.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self._batch_limit:
-                try:
-                    op = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stop = True
-                    break
-                batch.append(op)
-            self._commit(conn, batch)
-        conn.close()
-
-    def _commit(
-        self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-    ) -> None:
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for work, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, work(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:  # one bad op must not sink the batch
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            logger.exception("store commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(batch)
-        # One wake-up of the event loop per batch, not one per op.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, future), (ok, value) in zip(batch, outcomes):
-            by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
-        for loop, settled in by_loop.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_settle_all, settled)
+    async def _submit(self, kind: str, args: Any) -> Any:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writer.submit(Op(kind, args, future))
+        return await future
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None:
-            raise RuntimeError("store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.put((work, future))
-        return await future
+        """Run a piece of SQL in the writer's next transaction."""
+        return await self._submit("sql", work)  # type: ignore[no-any-return]
 
     # -- writes ----------------------------------------------------------------------------
 
     async def accept(self, rows: Sequence[NewInvocation]) -> list[Accepted]:
         """Record new invocations; a known (function, source, id) gives back its RequestId."""
-
-        def work(conn: sqlite3.Connection) -> list[Accepted]:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO invocations (request_id, function, source, event_id, trigger, status,"
-                " created_at, envelope) VALUES (?, ?, ?, ?, ?, 'QUEUED', ?, ?)"
-                " ON CONFLICT (function, source, event_id) DO NOTHING",
-                [
-                    (r.request_id, r.function, r.source, r.event_id, r.trigger, r.created_at, r.envelope)
-                    for r in rows
-                ],
-            )
-            if conn.total_changes - before == len(rows):
-                return [Accepted(r.request_id, True) for r in rows]
-            # Some were known (redelivery): look up the RequestId each one was given.
-            out = []
-            for row in rows:
-                (known,) = conn.execute(
-                    "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?",
-                    (row.function, row.source, row.event_id),
-                ).fetchone()
-                out.append(Accepted(known, known == row.request_id))
-            return out
-
-        return await self._write(work)
+        return await self._submit("accept", rows)  # type: ignore[no-any-return]
 
     async def mark_running(self, request_id: str, started_at: str) -> bool:
         """QUEUED -> RUNNING; False if the run is no longer queued."""
-
-        def work(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE invocations SET status = 'RUNNING', started_at = ? WHERE request_id = ? AND status = 'QUEUED'",
-                (started_at, request_id),
-            )
-            return cur.rowcount == 1
-
-        return await self._write(work)
+        return await self._submit("running", (request_id, started_at))  # type: ignore[no-any-return]
 
     async def finish(
         self,
@@ -244,18 +151,8 @@ class SQLiteStore:
     ) -> bool:
         """Record a terminal state once; False if the run had already ended."""
         blob = dumps(result) if result is not None else None
-
-        def work(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE invocations SET status = ?, ended_at = ?, result = ?, error_type = ?, error_message = ?,"
-                " duration_ms = CASE WHEN started_at IS NULL THEN NULL ELSE"
-                " CAST(ROUND((julianday(?) - julianday(started_at)) * 86400000) AS INTEGER) END"
-                " WHERE request_id = ? AND status IN (?, ?)",
-                (status.value, ended_at, blob, error_type, error_message, ended_at, request_id, *_ACTIVE),
-            )
-            return cur.rowcount == 1
-
-        return await self._write(work)
+        ending = Ending(request_id, status.value, ended_at, blob, error_type, error_message)
+        return await self._submit("finish", ending)  # type: ignore[no-any-return]
 
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""
@@ -369,16 +266,6 @@ class SQLiteStore:
             (function, source, *_ACTIVE),
         ).fetchone()
         return int(n)
-
-
-def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in settled:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
 
 def _invocation(row: tuple[Any, ...]) -> Invocation:

@@ -1,0 +1,140 @@
+"""The store's write path: merged statements give each op the answer it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from eventrun.engine.api import Accepted, Status
+from eventrun.engine.envelope import dumps, new_id, now_rfc3339
+from eventrun.engine.store import _SCHEMA
+from eventrun.engine.writes import ROWS_PER_STATEMENT, Ending, NewInvocation, Op, commit, groups
+
+
+def row(event_id: str, *, request_id: str | None = None, function: str = "f") -> NewInvocation:
+    return NewInvocation(
+        request_id=request_id or new_id(),
+        function=function,
+        source="kafka://orders",
+        event_id=event_id,
+        trigger="kafka",
+        created_at=now_rfc3339(),
+        envelope=b'{"id":"%s"}' % event_id.encode(),
+    )
+
+
+def ending(request_id: str, status: Status, **fields: Any) -> Ending:
+    result = fields.get("result")
+    return Ending(
+        request_id, status.value, now_rfc3339(), dumps(result) if result is not None else None,
+        fields.get("error_type"), fields.get("error_message"),
+    )
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(tmp_path / "eventrun.db", isolation_level=None)
+    conn.executescript(_SCHEMA)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def ops(*specs: tuple[str, Any]) -> list[Op]:
+    loop = asyncio.get_running_loop()
+    return [Op(kind, args, loop.create_future()) for kind, args in specs]
+
+
+def status_of(conn: sqlite3.Connection, request_id: str) -> str:
+    (status,) = conn.execute("SELECT status FROM invocations WHERE request_id = ?", (request_id,)).fetchone()
+    return str(status)
+
+
+def test_consecutive_ops_of_a_kind_merge_and_a_repeated_run_splits_them() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        batch = [
+            Op("accept", [row("a")], future),
+            Op("accept", [row("b")], future),
+            Op("running", ("r1", "t"), future),
+            Op("running", ("r2", "t"), future),
+            Op("finish", ending("r1", Status.FINISHED), future),
+            Op("finish", ending("r1", Status.ABORTED), future),  # the same run again: a new statement
+            Op("sql", lambda c: None, future),
+            Op("sql", lambda c: None, future),
+        ]
+        assert [(kind, len(group)) for kind, group in groups(batch)] == [
+            ("accept", 2), ("running", 2), ("finish", 1), ("finish", 1), ("sql", 1), ("sql", 1),
+        ]
+    finally:
+        loop.close()
+
+
+async def test_one_commit_answers_every_op_as_if_alone(conn: sqlite3.Connection) -> None:
+    known = row("known")
+    assert commit(conn, ops(("accept", [known]))) == [(True, [Accepted(known.request_id, True)])]
+    first, again, repeat = row("new"), row("known"), row("new")
+    outcomes = commit(
+        conn,
+        ops(
+            ("accept", [first]),
+            ("accept", [again, repeat]),  # both known by now: the answers name the first RequestIds
+            ("running", (known.request_id, now_rfc3339())),
+            ("running", (first.request_id, now_rfc3339())),
+            ("running", (known.request_id, now_rfc3339())),  # already running: False
+            ("finish", ending(known.request_id, Status.FINISHED, result={"n": 1})),
+            ("finish", ending(known.request_id, Status.ABORTED)),  # ended already: False
+            ("finish", ending("no-such-run", Status.FAILED)),
+        ),
+    )
+    assert outcomes == [
+        (True, [Accepted(first.request_id, True)]),
+        (True, [Accepted(known.request_id, False), Accepted(first.request_id, False)]),
+        (True, True),
+        (True, True),
+        (True, False),
+        (True, True),
+        (True, False),
+        (True, False),
+    ]
+    assert status_of(conn, known.request_id) == "FINISHED"
+    assert status_of(conn, first.request_id) == "RUNNING"
+    (result, duration) = conn.execute(
+        "SELECT result, duration_ms FROM invocations WHERE request_id = ?", (known.request_id,)
+    ).fetchone()
+    assert (result, duration >= 0) == (b'{"n":1}', True)
+
+
+async def test_batches_larger_than_one_statement_keep_every_row(conn: sqlite3.Connection) -> None:
+    count = 2 * ROWS_PER_STATEMENT + 345  # two full statements, a cut at the hundreds, and the rest
+    rows = [row(f"0-{offset}") for offset in range(count)]
+    repeated = [row(f"0-{offset}") for offset in range(0, count, 7)]  # redelivered within the batch
+    [(ok, answers)] = commit(conn, ops(("accept", rows + repeated)))
+    assert ok
+    assert answers[:count] == [Accepted(r.request_id, True) for r in rows]
+    assert answers[count:] == [Accepted(rows[offset].request_id, False) for offset in range(0, count, 7)]
+    assert conn.execute("SELECT COUNT(*) FROM invocations").fetchone() == (count,)
+
+    started = commit(conn, ops(*(("running", (r.request_id, now_rfc3339())) for r in rows)))
+    assert started == [(True, True)] * count
+    ended = commit(conn, ops(*(("finish", ending(r.request_id, Status.FINISHED)) for r in rows)))
+    assert ended == [(True, True)] * count
+    assert conn.execute("SELECT status, COUNT(*) FROM invocations GROUP BY status").fetchall() == [("FINISHED", count)]
+
+
+async def test_a_failing_op_gets_the_error_and_the_others_still_commit(conn: sqlite3.Connection) -> None:
+    taken = row("a")
+    commit(conn, ops(("accept", [taken])))
+    good, clash, later = row("b"), row("c", request_id=taken.request_id), row("d")
+    outcomes = commit(conn, ops(("accept", [good]), ("accept", [clash]), ("accept", [later])))
+    assert outcomes[0] == (True, [Accepted(good.request_id, True)])
+    assert outcomes[1][0] is False and isinstance(outcomes[1][1], sqlite3.IntegrityError)
+    assert outcomes[2] == (True, [Accepted(later.request_id, True)])
+    events = {e for (e,) in conn.execute("SELECT event_id FROM invocations")}
+    assert events == {"a", "b", "d"}, "the clashing row left nothing behind, the others were kept"
