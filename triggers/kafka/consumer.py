@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from .positions import Marks, Verdict, check, decide
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+IN_FLIGHT = 2
+"""Hand-offs (accept, then commit) a consumer has going at once."""
 
 
 class KafkaEngine(Protocol):
@@ -96,7 +100,8 @@ class TopicConsumer:
         self._verify: dict[int, tuple[int, str]] = {}
         self._uncommitted: dict[TopicPartition, int] = {}
         self._assignment: frozenset[TopicPartition] = frozenset()
-        self._inflight: asyncio.Task[bool] | None = None
+        self._inflight: collections.deque[asyncio.Task[bool]] = collections.deque()  # oldest first
+        self._handing = 0  # records in those hand-offs: not in the engine's backlog yet
         self._connection = "stopped"  # connecting | connected | unreachable | stopped
         self._error = ""
         self._backpressure = False
@@ -218,10 +223,12 @@ class TopicConsumer:
     # -- rebalances ------------------------------------------------------------------------
 
     async def _revoked(self, consumer: AIOKafkaConsumer, revoked: set[TopicPartition]) -> None:
-        # Waits for the hand-off in progress, whose commit so lands before the partitions
+        # Waits for the hand-offs in progress, whose commits so land before the partitions
         # move. Should a commit still fail (the group moved on without us), the new owner reads
         # those records again: on this server acceptance is idempotent on (function, source, id),
         # so they map to the same RequestIds.
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
         async with self._lock:
             self._generation += 1
             if self._uncommitted:
@@ -297,8 +304,10 @@ class TopicConsumer:
 
     # -- hand-off --------------------------------------------------------------------------
     #
-    # Two stages, so the engine's store writes one batch while the next is turned into
-    # envelopes: at most one accept (then commit) is in flight, and batches go in fetch order.
+    # Pipelined, so the engine's store writes one batch while the next is turned into
+    # envelopes and rows: up to IN_FLIGHT hand-offs at once. The engine's store commits them in
+    # the order they were handed over, and each waits for the one before it to commit its
+    # offsets first, so offsets only ever move past records that are durably accepted.
 
     async def _hand_off(
         self, consumer: AIOKafkaConsumer, batch: Mapping[TopicPartition, Sequence[RecordLike]], generation: int
@@ -325,17 +334,25 @@ class TopicConsumer:
             envelopes.extend(to_envelope(r, self.function, epoch=epoch, max_json=max_json) for r in records)
             spans[tp] = span = _Span.of(records)
             self._expected[p] = span.next
-        await self._drain()
         if new_epoch:
+            await self._drain()
             await self._save_marks(force=True)  # durable before any id of the new epoch is used
+        while len(self._inflight) >= IN_FLIGHT:
+            await self._inflight.popleft()
         if envelopes and generation == self._generation:
-            self._inflight = asyncio.create_task(self._accept(consumer, envelopes, spans, generation))
+            previous = self._inflight[-1] if self._inflight else None
+            task = asyncio.create_task(self._accept(consumer, envelopes, spans, generation, previous))
+            self._handing += len(envelopes)
+            task.add_done_callback(lambda _, n=len(envelopes): self._handed(n))
+            self._inflight.append(task)
+
+    def _handed(self, records: int) -> None:
+        self._handing -= records
 
     async def _drain(self) -> None:
-        """Wait for the accept (and commit) in flight."""
-        task, self._inflight = self._inflight, None
-        if task is not None:
-            await task
+        """Wait for the accepts (and commits) in flight."""
+        while self._inflight:
+            await self._inflight.popleft()
 
     async def _accept(
         self,
@@ -343,26 +360,37 @@ class TopicConsumer:
         envelopes: Sequence[Envelope],
         spans: Mapping[TopicPartition, _Span],
         generation: int,
+        previous: asyncio.Task[bool] | None = None,
     ) -> bool:
         """Accept durably, then commit; if the engine fails, read everything uncommitted again."""
+        if generation != self._generation:
+            # Fetched before a rebalance: these partitions restart from their committed
+            # offsets, here or on another server, so the records are read again there.
+            return False
+        failure: Exception | None = None
+        try:
+            await self._engine.accept_batch(envelopes)
+        except Exception as exc:
+            failure = exc
+        if previous is not None:
+            await asyncio.wait({previous})  # its offsets go first
         async with self._lock:
-            if generation != self._generation:
-                # Fetched before a rebalance: these partitions restart from their committed
-                # offsets, here or on another server, so the records are read again there.
-                return False
-            try:
-                await self._engine.accept_batch(envelopes)
-            except Exception as exc:
+            if failure is not None:
                 # Whatever was fetched after this batch is dropped too (new generation), and
                 # every partition starts again from its committed offset: nothing is skipped.
                 self._generation += 1
                 self._pending |= consumer.assignment()
-                if isinstance(exc, ShuttingDown):
+                if isinstance(failure, ShuttingDown):
                     self._stopping.set()
                     return False
-                logger.exception("kafka %s: the engine did not accept %d records; reading them again", self.name, len(envelopes))
+                logger.error(
+                    "kafka %s: the engine did not accept %d records; reading them again",
+                    self.name, len(envelopes), exc_info=failure,
+                )
                 await self._sleep(self._settings.backoff_min)
                 return False
+            if generation != self._generation:
+                return False  # a batch before this one failed, or a rebalance came: read again
             self._accepted += len(envelopes)
             for tp, span in spans.items():
                 self._marks.advance(tp.partition, span.next, span.fingerprint)
@@ -431,7 +459,7 @@ class TopicConsumer:
     # -- backpressure, health --------------------------------------------------------------
 
     def _apply_pauses(self, consumer: AIOKafkaConsumer) -> None:
-        backlog = self._engine.backlog(self.function)
+        backlog = self._engine.backlog(self.function) + self._handing
         mark = self._settings.high_water_mark
         if self._backpressure and backlog <= mark // 2:
             self._backpressure = False
