@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import Envelope, encode, new_id, now_rfc3339
+from .envelope import Envelope, encode, new_ids, now_rfc3339
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -35,6 +35,23 @@ class _Run:
     def __init__(self) -> None:
         self.instance: Instance | None = None
         self.abort = False
+
+
+def _rows(envelopes: Sequence[Envelope]) -> list[NewInvocation]:
+    """The store rows of envelopes being accepted, each with a fresh RequestId."""
+    now = now_rfc3339()
+    return [
+        NewInvocation(
+            request_id=request_id,
+            function=e.function,
+            source=e.source,
+            event_id=e.id,
+            trigger=e.trigger,
+            created_at=now,
+            envelope=encode(e),
+        )
+        for request_id, e in zip(new_ids(len(envelopes)), envelopes)
+    ]
 
 
 class Engine:
@@ -176,20 +193,7 @@ class Engine:
         return await self._record(envelopes)
 
     async def _record(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
-        now = now_rfc3339()
-        rows = [
-            NewInvocation(
-                request_id=new_id(),
-                function=e.function,
-                source=e.source,
-                event_id=e.id,
-                trigger=e.trigger,
-                created_at=now,
-                envelope=encode(e),
-            )
-            for e in envelopes
-        ]
-        accepted = await self.store.accept(rows)
+        accepted = await self.store.accept(_rows(envelopes))
         for envelope, answer in zip(envelopes, accepted):
             if answer.created:
                 self.metrics.accepted[envelope.function] += 1

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
+import time
+import uuid
 from datetime import datetime
 
 import pytest
 
-from eventrun.engine.envelope import Envelope, decode, dumps, encode, loads, now_rfc3339
+from eventrun.engine.envelope import (
+    Envelope,
+    decode,
+    dumps,
+    encode,
+    loads,
+    new_envelope,
+    new_id,
+    new_ids,
+    now_rfc3339,
+)
 
 
 def http_envelope(**changes: object) -> Envelope:
@@ -79,8 +93,50 @@ def test_decode_accepts_a_foreign_cloudevent_without_optional_attributes():
 
 
 def test_envelope_is_frozen():
+    envelope = http_envelope()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        http_envelope().id = "other"  # type: ignore[misc]
+        envelope.id = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        envelope.data = None  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del envelope.subject  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        envelope.extra = 1  # type: ignore[attr-defined]
+    assert envelope == http_envelope()
+
+
+def test_envelope_fields_are_keywords_only():
+    with pytest.raises(TypeError):
+        Envelope("1", "/http/f", "eventrun.http.request", "f", "http")  # type: ignore[misc]
+
+
+def test_envelopes_are_equal_by_value_and_only_to_envelopes():
+    assert http_envelope() == http_envelope() and not http_envelope() != http_envelope()
+    assert http_envelope() != http_envelope(subject="s") and not http_envelope() == http_envelope(subject="s")
+    values = tuple(http_envelope())
+    assert http_envelope() != values and values != http_envelope()
+    assert not http_envelope() == values and not values == http_envelope()
+    assert http_envelope() != "order-42"
+    envelope = http_envelope(data=None)
+    assert hash(envelope) == hash(http_envelope(data=None))
+    with pytest.raises(TypeError):
+        _ = envelope < http_envelope(data=None, id="z")  # type: ignore[operator]
+
+
+def test_envelopes_copy_and_pickle():
+    envelope = http_envelope(subject="s")
+    for twin in (copy.copy(envelope), copy.deepcopy(envelope), pickle.loads(pickle.dumps(envelope))):
+        assert type(twin) is Envelope and twin == envelope
+
+
+def test_new_envelope_builds_what_envelope_builds():
+    fields: dict[str, object] = {"id": "1", "source": "/s", "type": "t", "function": "f", "trigger": "kafka"}
+    built = new_envelope(**fields, subject="k", time="2024-05-01T12:00:00.000Z", data={"a": 1})
+    assert type(built) is Envelope
+    assert built == Envelope(**fields, subject="k", time="2024-05-01T12:00:00.000Z", data={"a": 1})  # type: ignore[arg-type]
+    assert new_envelope(**fields).time.endswith("Z")
+    with pytest.raises(TypeError):
+        new_envelope(id="1")
 
 
 def test_time_defaults_to_now_in_rfc3339():
@@ -92,3 +148,66 @@ def test_time_defaults_to_now_in_rfc3339():
 
 def test_dumps_handles_non_string_keys_and_unicode():
     assert loads(dumps({1: "ü"})) == {"1": "ü"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{1: "a", "b": {2.5: None, True: [1]}}, {"ü": "ключ", "n": [1, 2.5, None]}, None, "text"],
+    ids=["non-str-keys", "str-keys", "null", "text"],
+)
+def test_encode_is_dumps_of_to_dict(data):
+    envelope = http_envelope(data=data, subject="s")
+    assert encode(envelope) == dumps(envelope.to_dict())
+
+
+def test_encode_fails_as_dumps_does():
+    envelope = http_envelope(data={"when": object()})
+    with pytest.raises(TypeError) as dumps_error:
+        dumps(envelope.to_dict())
+    with pytest.raises(TypeError) as encode_error:
+        encode(envelope)
+    assert type(encode_error.value) is type(dumps_error.value)
+    assert str(encode_error.value) == str(dumps_error.value)
+
+
+def check_request_id(text: str, millis_range: tuple[int, int]) -> None:
+    parsed = uuid.UUID(text)
+    assert str(parsed) == text
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert millis_range[0] <= parsed.int >> 80 <= millis_range[1]
+
+
+def test_new_id_is_a_uuid7_of_now():
+    before = time.time_ns() // 1_000_000
+    request_id = new_id()
+    check_request_id(request_id, (before, time.time_ns() // 1_000_000))
+
+
+def test_new_ids_are_distinct_uuid7s_of_now():
+    before = time.time_ns() // 1_000_000
+    ids = new_ids(5000)
+    after = time.time_ns() // 1_000_000
+    assert len(ids) == 5000 and len(set(ids)) == 5000
+    for request_id in ids:
+        check_request_id(request_id, (before, after))
+    assert new_ids(0) == []
+    assert len(new_ids(1)) == 1
+
+
+def test_new_ids_leave_74_bits_random():
+    # Every bit outside the timestamp, version and variant takes both values across many ids.
+    ids = [uuid.UUID(request_id).int for request_id in new_ids(2000)]
+    fixed = (0xF << 76) | (0x3 << 62)  # the version nibble and the variant's two bits
+    random_bits = ((1 << 80) - 1) & ~fixed
+    assert bin(random_bits).count("1") == 74
+    ones = zeros = 0
+    for value in ids:
+        ones |= value & random_bits
+        zeros |= ~value & random_bits
+    assert ones == zeros == random_bits
+
+
+def test_later_ids_sort_after_earlier_ones():
+    first = new_ids(3)
+    time.sleep(0.002)
+    assert max(first) < min(new_ids(3)) and max(first) < new_id()

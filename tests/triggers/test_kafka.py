@@ -18,7 +18,15 @@ from eventrun.engine.envelope import Envelope, decode, encode
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
-from eventrun.triggers.kafka.parser import fingerprint, undecodable_envelope
+from eventrun.triggers.kafka.parser import (
+    DEFAULT_MAX_JSON,
+    RECORD_TYPE,
+    fingerprint,
+    record_data,
+    record_time,
+    source_of,
+    undecodable_envelope,
+)
 from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide
 from eventrun.triggers.kafka.trigger import _quiet_client_logs
 
@@ -151,6 +159,49 @@ def test_record_times_are_rfc3339_utc() -> None:
     assert to_envelope(record(timestamp=0), "f").time == "1970-01-01T00:00:00.000Z"
     assert to_envelope(record(timestamp=TS + 1000), "f").time == "2024-05-01T10:00:01.123Z"
     assert to_envelope(record(timestamp=TS - 123), "f").time == "2024-05-01T10:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"value": b'{"order": 7, "item": "widget", "note": "' + b"x" * 64 + b'"}'},
+        {"key": "ключ".encode()},
+        {"key": b""},
+        {"key": None},
+        {"key": b"\xff\x00"},
+        {"value": None},
+        {"value": b""},
+        {"value": b"not json"},
+        {"value": b"[1, 2.5]"},
+        {"value": b'"\\ud800"'},
+        {"timestamp": 0},
+        {"timestamp": -1},
+        {"timestamp": None},
+        {"timestamp": 10**17},
+        {"partition": 0, "offset": 0, "topic": "a.b-c_d"},
+    ],
+    ids=lambda changes: ",".join(f"{k}={v!r}"[:24] for k, v in changes.items()) or "plain",
+)
+@pytest.mark.parametrize("epoch", [0, 2])
+def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any], epoch: int) -> None:
+    # The usual record takes a shorter path; it must give what the general pieces give.
+    rec = record(**changes)
+    envelope = to_envelope(rec, "f", epoch=epoch)
+    data = record_data(rec, (), DEFAULT_MAX_JSON)
+    now_stamped = rec.timestamp is None or rec.timestamp < 0  # stamped when built, maybe a millisecond apart
+    assert now_stamped or envelope.time == record_time(rec.timestamp)
+    assert envelope == Envelope(
+        id=record_id(rec.partition, rec.offset, epoch),
+        source=source_of(rec.topic),
+        type=RECORD_TYPE,
+        subject=data["key"],
+        time=envelope.time if now_stamped else record_time(rec.timestamp),
+        function="f",
+        trigger="kafka",
+        data=data,
+    )
+    assert list(envelope.data) == list(data)
 
 
 # --------------------------------------------------------------------------- CloudEvents

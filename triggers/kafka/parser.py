@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import Any, Protocol, Sequence
 
-from eventrun.engine.envelope import Envelope, JSONDecodeError, loads, now_rfc3339
+from eventrun.engine.envelope import Envelope, JSONDecodeError, loads, new_envelope, now_rfc3339
 
 TRIGGER = "kafka"
 RECORD_TYPE = "eventrun.kafka.record"
@@ -48,7 +48,39 @@ def to_envelope(
 ) -> Envelope:
     """The envelope of one record for one function; never raises for odd bytes."""
     headers = record.headers
-    if headers:
+    if not headers:
+        # The usual record (UTF-8 key, JSON value, a timestamp) spelled out, as this runs for every
+        # record; anything else falls through to the general path, which gives the same result.
+        key, value, timestamp = record.key, record.value, record.timestamp
+        if key is not None and value and len(value) <= max_json and timestamp is not None and timestamp >= 0:
+            try:
+                subject = key.decode()
+                parsed = loads(value)
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+                pass
+            else:
+                seconds, millis = divmod(timestamp, 1000)
+                second = _second(seconds)
+                if second:
+                    partition, offset = record.partition, record.offset
+                    return new_envelope(
+                        id=f"{partition}-{offset}" if epoch == 0 else f"{partition}-{offset}-{epoch}",
+                        source=f"kafka://{record.topic}",
+                        type=RECORD_TYPE,
+                        subject=subject,
+                        time=f"{second}.{millis:03d}Z",
+                        function=function,
+                        trigger=TRIGGER,
+                        data={
+                            "key": subject,
+                            "value": parsed,
+                            "headers": {},
+                            "partition": partition,
+                            "offset": offset,
+                            "timestamp": timestamp,
+                        },
+                    )
+    else:
         structured = _structured_cloudevent(record.value, headers, max_json)
         if structured is not None:
             return _from_structured(structured, record, function)
