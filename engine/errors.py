@@ -72,3 +72,9 @@ class ShuttingDown(EventrunError):
 
     def __init__(self) -> None:
         super().__init__("eventrun is shutting down and accepts no new events")
+
+
+class StoreError(EventrunError):
+    """The invocation store cannot take writes right now (its writer process is gone)."""
+
+    code = "StoreUnavailable"

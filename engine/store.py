@@ -1,4 +1,4 @@
-"""The invocation store: SQLite (WAL) in data_dir, with group commits on one writer thread."""
+"""The invocation store: SQLite (WAL) in data_dir; reads here, group commits in the writer process."""
 
 from __future__ import annotations
 
@@ -7,50 +7,17 @@ import base64
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Mapping, Protocol, Sequence
 
 from .api import Accepted, Invocation, Status
 from .envelope import dumps, loads
 from .errors import InvalidParameter, ManifestError
-from .writes import Ending, NewInvocation, Op, Writer
+from .writer import WriterProcess
+from .writes import Ending, NewInvocation, Op, connect
 
 __all__ = ["InvocationStore", "NewInvocation", "SQLiteStore"]
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS functions (
-    name TEXT PRIMARY KEY,
-    async_execution INTEGER NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS invocations (
-    seq INTEGER PRIMARY KEY,  -- the rowid: ascending, as rows are never deleted
-    request_id TEXT NOT NULL UNIQUE,
-    function TEXT NOT NULL,
-    source TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    ended_at TEXT,
-    duration_ms INTEGER,
-    result BLOB,
-    error_type TEXT,
-    error_message TEXT,
-    envelope BLOB NOT NULL,
-    UNIQUE (function, source, event_id)
-);
-CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, seq);
-CREATE INDEX IF NOT EXISTS invocations_by_status ON invocations (status, seq);
-CREATE TABLE IF NOT EXISTS state (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
 
 _COLUMNS = (
     "request_id, function, trigger, status, created_at, started_at, ended_at, "
@@ -84,21 +51,19 @@ class SQLiteStore:
     def __init__(self, path: Path, *, batch_limit: int = 2000) -> None:
         self.path = path
         self._batch_limit = batch_limit
-        self._writer: Writer | None = None
+        self._writer: WriterProcess | None = None
         self._reader: sqlite3.Connection | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the schema and start the writer thread."""
+        """Start the writer process (which creates the schema) and open the reading connection."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = self._connect()
-        writer.executescript(_SCHEMA)
-        self._reader = self._connect()
-        self._writer = Writer(writer, batch_limit=self._batch_limit)
+        self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+        self._reader = connect(self.path, check_same_thread=False)
 
     def close(self) -> None:
-        """Finish queued writes and close the connections."""
+        """Finish queued writes, stop the writer process and close the reading connection."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -106,28 +71,23 @@ class SQLiteStore:
             self._reader.close()
             self._reader = None
 
-    def _connect(self) -> sqlite3.Connection:
-        # The writer's multi-row statements come in a few dozen sizes; keep them all prepared.
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30, cached_statements=512
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: each commit is fsynced, so an acknowledged event survives a power cut too.
-        # Group commits keep that to one fsync per batch rather than one per request.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the writer process, while the store is open."""
+        return self._writer.pid if self._writer is not None else None
 
     async def _submit(self, kind: str, args: Any) -> Any:
-        if self._writer is None:
+        writer = self._writer
+        if writer is None:
             raise RuntimeError("store is not open")
+        if not writer.alive:
+            # It died (the error went to whatever was waiting on it); writes go on with a new one.
+            writer.close()
+            writer = self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+            logger.warning("store writer restarted as process %s", writer.pid)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writer.submit(Op(kind, args, future))
+        writer.submit(Op(kind, args), future)
         return await future
-
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a piece of SQL in the writer's next transaction."""
-        return await self._submit("sql", work)  # type: ignore[no-any-return]
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -156,18 +116,7 @@ class SQLiteStore:
 
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""
-
-        def work(conn: sqlite3.Connection) -> list[tuple[str, bool]]:
-            recorded = dict(conn.execute("SELECT name, async_execution FROM functions").fetchall())
-            flipped = [(n, bool(recorded[n])) for n, a in functions.items() if n in recorded and bool(recorded[n]) != a]
-            if not flipped:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO functions (name, async_execution, created_at) VALUES (?, ?, ?)",
-                    [(n, int(a), now) for n, a in functions.items()],
-                )
-            return flipped
-
-        flipped = await self._write(work)
+        flipped = await self._submit("register", (dict(functions), now))
         if flipped:
             raise ManifestError(
                 "\n".join(
@@ -180,29 +129,11 @@ class SQLiteStore:
 
     async def recover(self, now: str, message: str) -> list[str]:
         """End runs left RUNNING by a stopped server as FAILED; return their RequestIds."""
-
-        def work(conn: sqlite3.Connection) -> list[str]:
-            ids = [r for (r,) in conn.execute("SELECT request_id FROM invocations WHERE status = 'RUNNING'")]
-            conn.execute(
-                "UPDATE invocations SET status = 'FAILED', ended_at = ?, error_type = 'ServerStopped',"
-                " error_message = ?, duration_ms = CAST(ROUND((julianday(?) - julianday(started_at)) * 86400000)"
-                " AS INTEGER) WHERE status = 'RUNNING'",
-                (now, message, now),
-            )
-            return ids
-
-        return await self._write(work)
+        return await self._submit("recover", (now, message))  # type: ignore[no-any-return]
 
     async def put_state(self, key: str, value: str) -> None:
         """Remember a small value (e.g. a trigger's last position)."""
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
-
-        await self._write(work)
+        await self._submit("state", (key, value))
 
     # -- reads (on the caller's thread; WAL lets them run beside the writer) ----------------
 

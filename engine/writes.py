@@ -1,15 +1,10 @@
-"""The store's write path: one thread commits what the event loop queues, many writes per commit.
+"""The store's write path: the schema, and the ops that change it, merged into few statements.
 
-Writes arrive as ops (accept these rows, mark this run RUNNING, record this end, or any other
-piece of SQL). The writer thread takes whatever is queued, up to a limit, and commits it in one
-transaction: one fsync for the lot. Consecutive ops of one kind become one statement, so a
-batch of 2,000 Kafka records is two multi-row INSERTs, not 2,000 executions.
-
-That matters beyond the statement count. The sqlite3 module lets go of the GIL only while
-SQLite itself works, and takes it back after every statement (for executemany, after every
-row). While the event loop is busy, each take-back can wait a whole switch interval (5 ms),
-so a writer issuing many small statements crawls exactly when the server is loaded. A few
-large statements keep the writer off the GIL nearly all the time.
+Writes are ops, plain data: accept these rows, mark this run RUNNING, record this end, register
+the manifest's functions, recover after a stop, remember a trigger's state. The writer process
+(writer.py) takes whatever is queued, up to a limit, and commits it in one transaction: one fsync
+for the lot. Consecutive ops of one kind become one statement, so a batch of 2,000 Kafka records
+is two multi-row INSERTs, not 2,000 executions.
 
 Should a merged statement fail (it should not: conflicts on the dedupe key are expected and
 handled), the transaction is rolled back and the same ops are done again one at a time, each
@@ -18,14 +13,11 @@ in a savepoint, so only the op at fault gets the error.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import queue
 import sqlite3
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from .api import Accepted
 
@@ -57,55 +49,55 @@ class Ending(NamedTuple):
     error_message: str | None
 
 
-Work = Callable[[sqlite3.Connection], Any]
+class Op(NamedTuple):
+    """One write: what to do and with what."""
+
+    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state"
+    args: Any  # list[NewInvocation] | (request_id, started_at) | Ending | ... (see _RUN)
 
 
-@dataclass(slots=True)
-class Op:
-    """One queued write and the future of its outcome."""
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS functions (
+    name TEXT PRIMARY KEY,
+    async_execution INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS invocations (
+    seq INTEGER PRIMARY KEY,  -- the rowid: ascending, as rows are never deleted
+    request_id TEXT NOT NULL UNIQUE,
+    function TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    ended_at TEXT,
+    duration_ms INTEGER,
+    result BLOB,
+    error_type TEXT,
+    error_message TEXT,
+    envelope BLOB NOT NULL,
+    UNIQUE (function, source, event_id)
+);
+CREATE INDEX IF NOT EXISTS invocations_by_function ON invocations (function, seq);
+CREATE INDEX IF NOT EXISTS invocations_by_status ON invocations (status, seq);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
 
-    kind: str  # "accept" | "running" | "finish" | "sql"
-    args: Any  # list[NewInvocation] | (request_id, started_at) | Ending | Work
-    future: asyncio.Future[Any] = field(repr=False)
 
-
-class Writer:
-    """The writer thread and its queue."""
-
-    def __init__(self, conn: sqlite3.Connection, *, batch_limit: int) -> None:
-        self._conn = conn
-        self._batch_limit = batch_limit
-        self._ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="eventrun-store", daemon=True)
-        self._thread.start()
-
-    def submit(self, op: Op) -> None:
-        """Queue one op; its future settles on the op's event loop once committed."""
-        self._ops.put(op)
-
-    def close(self) -> None:
-        """Commit what is queued, then stop and close the connection."""
-        self._ops.put(None)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._ops.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self._batch_limit:
-                try:
-                    op = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stop = True
-                    break
-                batch.append(op)
-            _settle(batch, commit(self._conn, batch))
-        self._conn.close()
+def connect(path: Path, **options: Any) -> sqlite3.Connection:
+    """A connection to the store with its durability settings."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, **options)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: each commit is fsynced, so an acknowledged event survives a power cut too.
+    # Group commits keep that to one fsync per batch rather than one per request.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
 
 
 def commit(conn: sqlite3.Connection, batch: Sequence[Op]) -> list[tuple[bool, Any]]:
@@ -157,7 +149,7 @@ def groups(batch: Sequence[Op]) -> Iterator[tuple[str, list[Op]]]:
     for op in batch:
         kind = op.kind
         key = op.args[0] if kind in ("running", "finish") else None
-        if current and (kind != current[0].kind or kind == "sql" or key in seen):
+        if current and (kind != current[0].kind or key in seen):
             yield current[0].kind, current
             current, seen = [], set()
         current.append(op)
@@ -211,15 +203,50 @@ def _finish(conn: sqlite3.Connection, ops: list[Ending]) -> list[bool]:
     return [ending.request_id in changed for ending in ops]
 
 
-def _sql(conn: sqlite3.Connection, ops: list[Work]) -> list[Any]:
-    return [work(conn) for work in ops]
+def _register(conn: sqlite3.Connection, ops: list[tuple[Mapping[str, bool], str]]) -> list[list[tuple[str, bool]]]:
+    """Record new functions' async flag; each op gets the recorded flags its manifest would flip."""
+    out = []
+    for functions, now in ops:
+        recorded = dict(conn.execute("SELECT name, async_execution FROM functions").fetchall())
+        flipped = [(n, bool(recorded[n])) for n, a in functions.items() if n in recorded and bool(recorded[n]) != a]
+        if not flipped:
+            conn.executemany(
+                "INSERT OR IGNORE INTO functions (name, async_execution, created_at) VALUES (?, ?, ?)",
+                [(n, int(a), now) for n, a in functions.items()],
+            )
+        out.append(flipped)
+    return out
+
+
+def _recover(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[list[str]]:
+    """End runs left RUNNING as FAILED (ServerStopped); each op gets the RequestIds it ended."""
+    out = []
+    for now, message in ops:
+        ids = [r for (r,) in conn.execute("SELECT request_id FROM invocations WHERE status = 'RUNNING'")]
+        conn.execute(
+            "UPDATE invocations SET status = 'FAILED', ended_at = ?, error_type = 'ServerStopped',"
+            " error_message = ?, duration_ms = CAST(ROUND((julianday(?) - julianday(started_at)) * 86400000)"
+            " AS INTEGER) WHERE status = 'RUNNING'",
+            (now, message, now),
+        )
+        out.append(ids)
+    return out
+
+
+def _state(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[None]:
+    conn.executemany(
+        "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", ops
+    )
+    return [None] * len(ops)
 
 
 _RUN: dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]] = {
     "accept": _accept,
     "running": _running,
     "finish": _finish,
-    "sql": _sql,
+    "register": _register,
+    "recover": _recover,
+    "state": _state,
 }
 
 
@@ -272,23 +299,3 @@ def _finish_sql(rows: int) -> str:
         " WHERE invocations.request_id = v.column1 AND invocations.status IN ('QUEUED', 'RUNNING')"
         " RETURNING invocations.request_id"
     )
-
-
-def _settle(batch: Sequence[Op], outcomes: Sequence[tuple[bool, Any]]) -> None:
-    # One wake-up of each event loop per batch, not one per op.
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-    for op, (ok, value) in zip(batch, outcomes):
-        by_loop.setdefault(op.future.get_loop(), []).append((op.future, ok, value))
-    for loop, settled in by_loop.items():
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(_settle_all, settled)
-
-
-def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in settled:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)

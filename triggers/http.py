@@ -16,7 +16,8 @@ from aiohttp import hdrs, web
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.envelope import Envelope, JSONDecodeError, dumps, loads, new_id
 from eventrun.engine.errors import (
-    EventrunError, FunctionNotFound, InvalidParameter, InvocationEnded, InvocationNotFound, ShuttingDown, Throttled,
+    EventrunError, FunctionNotFound, InvalidParameter, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
+    Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig
 
@@ -40,6 +41,7 @@ ERROR_STATUS: dict[type[EventrunError], int] = {
     InvocationEnded: 409,
     Throttled: 429,
     ShuttingDown: 503,
+    StoreError: 503,
 }
 
 SSE_KEEPALIVE = 15.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,8 +10,7 @@ import pytest
 
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine.envelope import dumps, new_id, now_rfc3339
-from eventrun.engine.store import _SCHEMA
-from eventrun.engine.writes import ROWS_PER_STATEMENT, Ending, NewInvocation, Op, commit, groups
+from eventrun.engine.writes import ROWS_PER_STATEMENT, SCHEMA, Ending, NewInvocation, Op, commit, groups
 
 
 def row(event_id: str, *, request_id: str | None = None, function: str = "f") -> NewInvocation:
@@ -38,7 +36,7 @@ def ending(request_id: str, status: Status, **fields: Any) -> Ending:
 @pytest.fixture
 def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     conn = sqlite3.connect(tmp_path / "eventrun.db", isolation_level=None)
-    conn.executescript(_SCHEMA)
+    conn.executescript(SCHEMA)
     try:
         yield conn
     finally:
@@ -46,8 +44,7 @@ def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def ops(*specs: tuple[str, Any]) -> list[Op]:
-    loop = asyncio.get_running_loop()
-    return [Op(kind, args, loop.create_future()) for kind, args in specs]
+    return [Op(kind, args) for kind, args in specs]
 
 
 def status_of(conn: sqlite3.Connection, request_id: str) -> str:
@@ -56,24 +53,20 @@ def status_of(conn: sqlite3.Connection, request_id: str) -> str:
 
 
 def test_consecutive_ops_of_a_kind_merge_and_a_repeated_run_splits_them() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        future = loop.create_future()
-        batch = [
-            Op("accept", [row("a")], future),
-            Op("accept", [row("b")], future),
-            Op("running", ("r1", "t"), future),
-            Op("running", ("r2", "t"), future),
-            Op("finish", ending("r1", Status.FINISHED), future),
-            Op("finish", ending("r1", Status.ABORTED), future),  # the same run again: a new statement
-            Op("sql", lambda c: None, future),
-            Op("sql", lambda c: None, future),
-        ]
-        assert [(kind, len(group)) for kind, group in groups(batch)] == [
-            ("accept", 2), ("running", 2), ("finish", 1), ("finish", 1), ("sql", 1), ("sql", 1),
-        ]
-    finally:
-        loop.close()
+    batch = ops(
+        ("accept", [row("a")]),
+        ("accept", [row("b")]),
+        ("running", ("r1", "t")),
+        ("running", ("r2", "t")),
+        ("finish", ending("r1", Status.FINISHED)),
+        ("finish", ending("r1", Status.ABORTED)),  # the same run again: a new statement
+        ("state", ("k", "1")),
+        ("state", ("k", "2")),  # the same key again: upserts go in order, so one statement still
+        ("state", ("j", "1")),
+    )
+    assert [(kind, len(group)) for kind, group in groups(batch)] == [
+        ("accept", 2), ("running", 2), ("finish", 1), ("finish", 1), ("state", 3),
+    ]
 
 
 async def test_one_commit_answers_every_op_as_if_alone(conn: sqlite3.Connection) -> None:

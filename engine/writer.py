@@ -1,0 +1,264 @@
+"""The store's writer process: every write to the SQLite file is committed there.
+
+The server process queues ops (writes.Op) and gets each outcome back once it is committed. The
+writer runs in a process of its own rather than a thread because of the GIL: a thread binding
+thousands of parameters and building rows had to take turns with the event loop, so under load
+the two shared one core; as a process it has the other core to itself.
+
+Frames on a socket pair, each a pickle: the server sends ops one by one; the writer answers
+each batch it committed with the outcomes in the order the ops came, `(True, result)` or
+`(False, exception)`. An accept whose rows all were new is answered ALL_NEW, so the answer
+does not carry thousands of RequestIds back that the server already knows.
+
+The writer ignores SIGINT and SIGTERM: it stops when the server says so, after committing what
+was queued, or when the server's end of the socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import pickle
+import queue
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Sequence
+
+from .api import Accepted
+from .errors import StoreError
+from .writes import SCHEMA, NewInvocation, Op, commit, connect
+
+logger = logging.getLogger(__name__)
+
+ALL_NEW = "all-new"
+"""The outcome of an accept whose every row was new: each keeps the RequestId it came with."""
+
+_READY = "ready"
+_START_TIMEOUT = 60.0
+
+
+class WriterProcess:
+    """The server's end: start the writer, send it ops, settle their futures as batches commit."""
+
+    def __init__(self, path: Path, *, batch_limit: int) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-P", "-m", __name__, str(theirs.fileno()), str(path), str(batch_limit)],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        self._lock = threading.Lock()
+        self._pending: collections.deque[tuple[Op, asyncio.Future[Any]]] = collections.deque()
+        self._closing = False
+        self._wait_ready(path)
+        self._reader = threading.Thread(target=self._read, name="eventrun-store-replies", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        """The writer process's id."""
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        """False once the writer has exited (or is being closed)."""
+        return not self._closing and self._process.poll() is None
+
+    def submit(self, op: Op, future: asyncio.Future[Any]) -> None:
+        """Send one op; `future` (of the caller's loop) settles once the op is committed."""
+        frame = pickle.dumps(_plain(op), pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            if self._closing:
+                raise StoreError("the store is closed")
+            self._pending.append((op, future))
+            try:
+                self._conn.send_bytes(frame)
+            except OSError:
+                self._pending.pop()
+                raise StoreError(self._exit_text()) from None
+
+    def close(self) -> None:
+        """Let the writer commit what is queued and exit; wait for it."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            try:
+                self._conn.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass  # gone already: the reader fails what was pending
+        self._reader.join()
+        try:
+            self._process.wait(_START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.error("store writer %s did not exit; killing it", self._process.pid)
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
+
+    def _wait_ready(self, path: Path) -> None:
+        try:
+            answer = pickle.loads(self._conn.recv_bytes()) if self._conn.poll(_START_TIMEOUT) else None
+        except (EOFError, OSError):
+            answer = None
+        if answer != _READY:
+            self._process.kill()
+            self._process.wait()
+            self._conn.close()
+            detail = answer if isinstance(answer, str) else self._exit_text()
+            raise StoreError(f"cannot open the store {path}: {detail}")
+
+    def _read(self) -> None:
+        while True:
+            try:
+                outcomes = pickle.loads(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                settled = [(*self._pending.popleft(), outcome) for outcome in outcomes]
+            _settle(settled)
+        with self._lock:
+            unanswered, self._pending = list(self._pending), collections.deque()
+            closing = self._closing
+        if unanswered or not closing:
+            text = self._exit_text()
+            logger.error("%s; %d writes are left without an answer", text, len(unanswered))
+            error = StoreError(text)
+            _settle([(op, future, (False, error)) for op, future in unanswered])
+
+    def _exit_text(self) -> str:
+        try:
+            code = self._process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return f"the store's writer process {self._process.pid} stopped answering"
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"the store's writer process {self._process.pid} {how}"
+
+
+def _plain(op: Op) -> tuple[str, Any]:
+    # Rows go as plain tuples: pickling a named tuple calls back into Python for every row.
+    if op.kind == "accept":
+        return op.kind, [tuple(row) for row in op.args]
+    return op.kind, op.args
+
+
+def _named(kind: str, args: Any) -> Op:
+    if kind == "accept":
+        return Op(kind, list(map(NewInvocation._make, args)))
+    return Op(kind, args)
+
+
+def _settle(settled: Sequence[tuple[Op, asyncio.Future[Any], Any]]) -> None:
+    # One wake-up of each event loop per batch, not one per op.
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Op, asyncio.Future[Any], Any]]] = {}
+    for item in settled:
+        by_loop.setdefault(item[1].get_loop(), []).append(item)
+    for loop, items in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle_all, items)
+
+
+def _settle_all(items: Sequence[tuple[Op, asyncio.Future[Any], Any]]) -> None:
+    for op, future, (ok, value) in items:
+        if future.done():
+            continue
+        if not ok:
+            future.set_exception(value)
+        elif value == ALL_NEW:
+            future.set_result([Accepted(row.request_id, True) for row in op.args])
+        else:
+            future.set_result(value)
+
+
+# -- the writer's end ----------------------------------------------------------------------
+
+
+def serve(conn: Connection, path: Path, batch_limit: int) -> None:
+    """Open the store, then commit queued ops in batches until told to stop."""
+    try:
+        db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
+        db.executescript(SCHEMA)
+    except (OSError, sqlite3.Error) as exc:
+        conn.send_bytes(pickle.dumps(f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send_bytes(pickle.dumps(_READY))
+    ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+    threading.Thread(target=_receive, args=(conn, ops), name="receive", daemon=True).start()
+    stop = False
+    while not stop:
+        first = ops.get()
+        if first is None:
+            break
+        batch = [first]
+        while len(batch) < batch_limit:
+            try:
+                op = ops.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                stop = True
+                break
+            batch.append(op)
+        outcomes = [_compact(op, outcome) for op, outcome in zip(batch, commit(db, batch))]
+        try:
+            conn.send_bytes(_dumps(outcomes))
+        except OSError:
+            break  # the server is gone; what was committed stays committed
+    db.close()
+
+
+def _receive(conn: Connection, ops: queue.SimpleQueue[Op | None]) -> None:
+    # Reads all the time, so the server never waits on a full socket while a batch commits.
+    while True:
+        try:
+            frame = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            frame = None
+        op = None if frame is None else _named(*frame)
+        ops.put(op)
+        if op is None:
+            return
+
+
+def _compact(op: Op, outcome: tuple[bool, Any]) -> tuple[bool, Any]:
+    ok, value = outcome
+    if ok and op.kind == "accept" and all(answer.created for answer in value):
+        return True, ALL_NEW
+    return outcome
+
+
+def _dumps(outcomes: list[tuple[bool, Any]]) -> bytes:
+    try:
+        return pickle.dumps(outcomes, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an exception that does not pickle: send its text instead
+        return pickle.dumps(
+            [(ok, value if ok else StoreError(f"{type(value).__name__}: {value}")) for ok, value in outcomes],
+            pickle.HIGHEST_PROTOCOL,
+        )
+
+
+def main(argv: Sequence[str]) -> None:
+    """`python -m eventrun.engine.writer FD PATH BATCH_LIMIT`, as WriterProcess starts it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s eventrun store writer: %(message)s")
+    fd, path, batch_limit = argv
+    serve(Connection(int(fd)), Path(path), int(batch_limit))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

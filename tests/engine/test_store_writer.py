@@ -1,0 +1,84 @@
+"""The store's writer process: writes survive its stop, a dead writer is named and replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from eventrun.engine.api import Accepted, Status
+from eventrun.engine.envelope import new_id, now_rfc3339
+from eventrun.engine.errors import StoreError
+from eventrun.engine.store import NewInvocation, SQLiteStore
+
+
+def row(event_id: str) -> NewInvocation:
+    return NewInvocation(new_id(), "f", "/http/f", event_id, "http", now_rfc3339(), b'{"id":"%s"}' % event_id.encode())
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_writes_queued_at_close_are_committed_and_answered(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    rows = [row(str(i)) for i in range(50)]
+    tasks = [asyncio.create_task(store.accept([r])) for r in rows]
+    await asyncio.sleep(0)  # every accept is sent, none answered yet
+    store.close()
+    assert await asyncio.gather(*tasks) == [[Accepted(r.request_id, True)] for r in rows]
+    reopened = SQLiteStore(tmp_path / "eventrun.db")
+    reopened.open()
+    try:
+        assert [rid for rid, _ in reopened.queued()] == [r.request_id for r in rows]
+    finally:
+        reopened.close()
+
+
+async def test_a_killed_writer_fails_its_writes_by_name_and_a_new_one_takes_over(store: SQLiteStore) -> None:
+    first = row("1")
+    await store.accept([first])
+    pid = store.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    pending = asyncio.create_task(store.accept([row("2")]))
+    await asyncio.sleep(0.1)
+    assert not pending.done()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(StoreError, match=rf"writer process {pid} was killed by signal 9"):
+        await pending
+    second = row("3")
+    assert await store.accept([second]) == [Accepted(second.request_id, True)]
+    assert store.writer_pid not in (None, pid)
+    assert await store.mark_running(first.request_id, now_rfc3339())
+    invocation = store.get(first.request_id)
+    assert invocation is not None and invocation.status is Status.RUNNING
+
+
+async def test_the_writer_ignores_interrupts_meant_for_the_server(store: SQLiteStore) -> None:
+    # Ctrl-C reaches every process of the terminal's group; the server decides when the writer stops.
+    pid = store.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    new = row("1")
+    assert await store.accept([new]) == [Accepted(new.request_id, True)]
+    assert store.writer_pid == pid
+
+
+def test_a_store_that_cannot_be_opened_says_which_and_why(tmp_path: Path) -> None:
+    (tmp_path / "eventrun.db").mkdir()  # a folder where the file should be
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    with pytest.raises(StoreError, match=r"cannot open the store .*eventrun\.db: OperationalError"):
+        store.open()
