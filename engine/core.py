@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -41,17 +42,12 @@ def _rows(envelopes: Sequence[Envelope]) -> list[NewInvocation]:
     """The store rows of envelopes being accepted, each with a fresh RequestId."""
     now = now_rfc3339()
     return [
-        NewInvocation(
-            request_id=request_id,
-            function=e.function,
-            source=e.source,
-            event_id=e.id,
-            trigger=e.trigger,
-            created_at=now,
-            envelope=encode(e),
-        )
+        _new_row((request_id, e.function, e.source, e.id, e.trigger, now, encode(e)))
         for request_id, e in zip(new_ids(len(envelopes)), envelopes)
     ]
+
+
+_new_row = functools.partial(tuple.__new__, NewInvocation)  # NewInvocation(...) without its Python-level __new__
 
 
 class Engine:
@@ -194,12 +190,15 @@ class Engine:
 
     async def _record(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         accepted = await self.store.accept(_rows(envelopes))
+        created: dict[str, list[str]] = {}
         for envelope, answer in zip(envelopes, accepted):
             if answer.created:
-                self.metrics.accepted[envelope.function] += 1
-                self.dispatcher.submit(envelope.function, answer.request_id)
+                created.setdefault(envelope.function, []).append(answer.request_id)
             else:
                 self.metrics.duplicates[envelope.function] += 1
+        for function, request_ids in created.items():
+            self.metrics.accepted[function] += len(request_ids)
+            self.dispatcher.submit(function, *request_ids)
         return accepted
 
     # -- reading ---------------------------------------------------------------------------

@@ -65,9 +65,9 @@ class Dispatcher:
         if wait:
             raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)))
 
-    def submit(self, function: str, request_id: str) -> None:
-        """Queue a run (FIFO per function) and start what can start."""
-        self._queues[function].append(request_id)
+    def submit(self, function: str, *request_ids: str) -> None:
+        """Queue runs (FIFO per function) and start what can start."""
+        self._queues[function].extend(request_ids)
         self._pump()
 
     def remove(self, function: str, request_id: str) -> bool:

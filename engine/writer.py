@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import pickle
 import queue
@@ -162,6 +163,9 @@ def _named(kind: str, args: Any) -> Op:
     return Op(kind, args)
 
 
+_new_answer = functools.partial(tuple.__new__, Accepted)  # Accepted(...) without its Python-level __new__
+
+
 def _settle(settled: Sequence[tuple[Op, asyncio.Future[Any], Any]]) -> None:
     # One wake-up of each event loop per batch, not one per op.
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Op, asyncio.Future[Any], Any]]] = {}
@@ -179,7 +183,7 @@ def _settle_all(items: Sequence[tuple[Op, asyncio.Future[Any], Any]]) -> None:
         if not ok:
             future.set_exception(value)
         elif value == ALL_NEW:
-            future.set_result([Accepted(row.request_id, True) for row in op.args])
+            future.set_result([_new_answer((row[0], True)) for row in op.args])
         else:
             future.set_result(value)
 

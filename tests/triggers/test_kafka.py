@@ -25,6 +25,7 @@ from eventrun.triggers.kafka.parser import (
     record_data,
     record_time,
     source_of,
+    to_envelopes,
     undecodable_envelope,
 )
 from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide
@@ -202,6 +203,22 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
         data=data,
     )
     assert list(envelope.data) == list(data)
+
+
+def test_a_batch_gives_each_record_the_envelope_it_gets_alone() -> None:
+    # Plain records, odd ones, CloudEvents headers and two topics, mixed in one batch.
+    batch = [
+        record(offset=1),
+        record(offset=2, topic="other"),
+        record(offset=3, value=b"not json"),
+        record(offset=4, headers=[("ce_id", b"e4"), ("ce_source", b"/s"), ("ce_type", b"t"), ("ce_specversion", b"1.0")]),
+        record(offset=5, key=None),
+        record(offset=6),
+    ]
+    built = to_envelopes(batch, "f", epoch=3)
+    assert built == [to_envelope(r, "f", epoch=3) for r in batch]
+    assert [e.source for e in built] == ["kafka://orders", "kafka://other", "kafka://orders", "/s", "kafka://orders", "kafka://orders"]
+    assert [e.id for e in built] == ["2-1-3", "2-2-3", "2-3-3", "e4", "2-5-3", "2-6-3"]
 
 
 # --------------------------------------------------------------------------- CloudEvents

@@ -17,7 +17,7 @@ from eventrun.engine.envelope import Envelope
 from eventrun.engine.errors import ShuttingDown
 
 from .client import RECORD_ERRORS, Settings, new_client, stop_client
-from .parser import RecordLike, fingerprint, to_envelope, undecodable_envelope
+from .parser import RecordLike, fingerprint, to_envelopes, undecodable_envelope
 from .positions import Marks, Verdict, check, decide
 
 logger = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ class TopicConsumer:
                 new_epoch = True
             epoch = self._marks.epoch(p)
             max_json = self._settings.max_json
-            envelopes.extend(to_envelope(r, self.function, epoch=epoch, max_json=max_json) for r in records)
+            envelopes += to_envelopes(records, self.function, epoch=epoch, max_json=max_json)
             spans[tp] = span = _Span.of(records)
             self._expected[p] = span.next
         if new_epoch:

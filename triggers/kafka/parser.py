@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import Any, Protocol, Sequence
 
-from eventrun.engine.envelope import Envelope, JSONDecodeError, loads, new_envelope, now_rfc3339
+from eventrun.engine.envelope import SPECVERSION, Envelope, JSONDecodeError, envelope_of_fields, loads, now_rfc3339
 
 TRIGGER = "kafka"
 RECORD_TYPE = "eventrun.kafka.record"
@@ -47,10 +47,22 @@ def to_envelope(
     record: RecordLike, function: str, *, epoch: int = 0, max_json: int = DEFAULT_MAX_JSON
 ) -> Envelope:
     """The envelope of one record for one function; never raises for odd bytes."""
-    headers = record.headers
-    if not headers:
+    return to_envelopes((record,), function, epoch=epoch, max_json=max_json)[0]
+
+
+def to_envelopes(
+    records: Sequence[RecordLike], function: str, *, epoch: int = 0, max_json: int = DEFAULT_MAX_JSON
+) -> list[Envelope]:
+    """The envelopes of records for one function, in order; never raises for odd bytes."""
+    envelopes: list[Envelope] = []
+    append = envelopes.append
+    topic, source = None, ""
+    for record in records:
+        if record.headers:
+            append(_general(record, function, epoch, max_json))
+            continue
         # The usual record (UTF-8 key, JSON value, a timestamp) spelled out, as this runs for every
-        # record; anything else falls through to the general path, which gives the same result.
+        # record; anything else takes the general path, which gives the same result.
         key, value, timestamp = record.key, record.value, record.timestamp
         if key is not None and value and len(value) <= max_json and timestamp is not None and timestamp >= 0:
             try:
@@ -63,24 +75,37 @@ def to_envelope(
                 second = _second(seconds)
                 if second:
                     partition, offset = record.partition, record.offset
-                    return new_envelope(
-                        id=f"{partition}-{offset}" if epoch == 0 else f"{partition}-{offset}-{epoch}",
-                        source=f"kafka://{record.topic}",
-                        type=RECORD_TYPE,
-                        subject=subject,
-                        time=f"{second}.{millis:03d}Z",
-                        function=function,
-                        trigger=TRIGGER,
-                        data={
-                            "key": subject,
-                            "value": parsed,
-                            "headers": {},
-                            "partition": partition,
-                            "offset": offset,
-                            "timestamp": timestamp,
-                        },
-                    )
-    else:
+                    if record.topic is not topic:
+                        topic = record.topic
+                        source = source_of(topic)
+                    data = {
+                        "key": subject,
+                        "value": parsed,
+                        "headers": {},
+                        "partition": partition,
+                        "offset": offset,
+                        "timestamp": timestamp,
+                    }
+                    append(envelope_of_fields((
+                        SPECVERSION,
+                        f"{partition}-{offset}" if epoch == 0 else f"{partition}-{offset}-{epoch}",
+                        source,
+                        RECORD_TYPE,
+                        subject,
+                        f"{second}.{millis:03d}Z",
+                        "application/json",
+                        function,
+                        TRIGGER,
+                        data,
+                    )))
+                    continue
+        append(_general(record, function, epoch, max_json))
+    return envelopes
+
+
+def _general(record: RecordLike, function: str, epoch: int, max_json: int) -> Envelope:
+    headers = record.headers
+    if headers:
         structured = _structured_cloudevent(record.value, headers, max_json)
         if structured is not None:
             return _from_structured(structured, record, function)
