@@ -343,11 +343,7 @@ class TopicConsumer:
             previous = self._inflight[-1] if self._inflight else None
             task = asyncio.create_task(self._accept(consumer, envelopes, spans, generation, previous))
             self._handing += len(envelopes)
-            task.add_done_callback(lambda _, n=len(envelopes): self._handed(n))
             self._inflight.append(task)
-
-    def _handed(self, records: int) -> None:
-        self._handing -= records
 
     async def _drain(self) -> None:
         """Wait for the accepts (and commits) in flight."""
@@ -363,15 +359,18 @@ class TopicConsumer:
         previous: asyncio.Task[bool] | None = None,
     ) -> bool:
         """Accept durably, then commit; if the engine fails, read everything uncommitted again."""
-        if generation != self._generation:
-            # Fetched before a rebalance: these partitions restart from their committed
-            # offsets, here or on another server, so the records are read again there.
-            return False
         failure: Exception | None = None
         try:
-            await self._engine.accept_batch(envelopes)
-        except Exception as exc:
-            failure = exc
+            if generation != self._generation:
+                # Fetched before a rebalance: these partitions restart from their committed
+                # offsets, here or on another server, so the records are read again there.
+                return False
+            try:
+                await self._engine.accept_batch(envelopes)
+            except Exception as exc:
+                failure = exc
+        finally:
+            self._handing -= len(envelopes)  # accepted ones are in the engine's backlog now
         if previous is not None:
             await asyncio.wait({previous})  # its offsets go first
         async with self._lock:
