@@ -8,7 +8,8 @@ the two shared one core; as a process it has the other core to itself.
 Frames on a socket pair, each a pickle: the server sends ops one by one; the writer answers
 each batch it committed with the outcomes in the order the ops came, `(True, result)` or
 `(False, exception)`. An accept whose rows all were new is answered ALL_NEW, so the answer
-does not carry thousands of RequestIds back that the server already knows.
+does not carry thousands of RequestIds back that the server already knows. Rows travel as
+plain tuples: pickling a named tuple calls back into Python for every row.
 
 The writer ignores SIGINT and SIGTERM: it stops when the server says so, after committing what
 was queued, or when the server's end of the socket closes.
@@ -34,12 +35,9 @@ from typing import Any, Sequence
 
 from .api import Accepted
 from .errors import StoreError
-from .writes import SCHEMA, NewInvocation, Op, commit, connect
+from .writes import ALL_NEW, SCHEMA, Op, commit, connect
 
 logger = logging.getLogger(__name__)
-
-ALL_NEW = "all-new"
-"""The outcome of an accept whose every row was new: each keeps the RequestId it came with."""
 
 _READY = "ready"
 _START_TIMEOUT = 60.0
@@ -151,16 +149,9 @@ class WriterProcess:
 
 
 def _plain(op: Op) -> tuple[str, Any]:
-    # Rows go as plain tuples: pickling a named tuple calls back into Python for every row.
     if op.kind == "accept":
         return op.kind, [tuple(row) for row in op.args]
     return op.kind, op.args
-
-
-def _named(kind: str, args: Any) -> Op:
-    if kind == "accept":
-        return Op(kind, list(map(NewInvocation._make, args)))
-    return Op(kind, args)
 
 
 _new_answer = functools.partial(tuple.__new__, Accepted)  # Accepted(...) without its Python-level __new__
@@ -217,7 +208,7 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
                 stop = True
                 break
             batch.append(op)
-        outcomes = [_compact(op, outcome) for op, outcome in zip(batch, commit(db, batch))]
+        outcomes = commit(db, batch)
         try:
             conn.send_bytes(_dumps(outcomes))
         except OSError:
@@ -232,17 +223,10 @@ def _receive(conn: Connection, ops: queue.SimpleQueue[Op | None]) -> None:
             frame = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             frame = None
-        op = None if frame is None else _named(*frame)
+        op = None if frame is None else Op(*frame)
         ops.put(op)
         if op is None:
             return
-
-
-def _compact(op: Op, outcome: tuple[bool, Any]) -> tuple[bool, Any]:
-    ok, value = outcome
-    if ok and op.kind == "accept" and all(answer.created for answer in value):
-        return True, ALL_NEW
-    return outcome
 
 
 def _dumps(outcomes: list[tuple[bool, Any]]) -> bytes:

@@ -162,23 +162,28 @@ def groups(batch: Sequence[Op]) -> Iterator[tuple[str, list[Op]]]:
 # -- the statements ------------------------------------------------------------------------
 
 
-def _accept(conn: sqlite3.Connection, ops: list[list[NewInvocation]]) -> list[list[Accepted]]:
+ALL_NEW = "all-new"
+"""What an accept op gets when every row was new: each keeps the RequestId it came with."""
+
+
+def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation]]) -> list[list[Accepted] | str]:
     rows = [row for rows in ops for row in rows]
     before = conn.total_changes
     for chunk in _chunks(rows):
         conn.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
     if conn.total_changes - before == len(rows):
-        answers = [Accepted(row.request_id, True) for row in rows]
-    else:
-        # Some were known (redelivery, or one event twice): each gets the RequestId it was given.
-        answers = []
-        for row in rows:
-            (known,) = conn.execute(
-                "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?",
-                (row.function, row.source, row.event_id),
-            ).fetchone()
-            answers.append(Accepted(known, known == row.request_id))
-    out, start = [], 0
+        return [ALL_NEW] * len(ops)
+    # Some were known (redelivery, or one event twice): each gets the RequestId it was given.
+    # (Rows may come as plain tuples, in NewInvocation's field order.)
+    answers = []
+    for request_id, function, source, event_id, *_ in rows:
+        (known,) = conn.execute(
+            "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?",
+            (function, source, event_id),
+        ).fetchone()
+        answers.append(Accepted(known, known == request_id))
+    out: list[list[Accepted] | str] = []
+    start = 0
     for op_rows in ops:
         out.append(answers[start : start + len(op_rows)])
         start += len(op_rows)

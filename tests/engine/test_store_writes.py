@@ -10,7 +10,7 @@ import pytest
 
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine.envelope import dumps, new_id, now_rfc3339
-from eventrun.engine.writes import ROWS_PER_STATEMENT, SCHEMA, Ending, NewInvocation, Op, commit, groups
+from eventrun.engine.writes import ALL_NEW, ROWS_PER_STATEMENT, SCHEMA, Ending, NewInvocation, Op, commit, groups
 
 
 def row(event_id: str, *, request_id: str | None = None, function: str = "f") -> NewInvocation:
@@ -71,7 +71,7 @@ def test_consecutive_ops_of_a_kind_merge_and_a_repeated_run_splits_them() -> Non
 
 async def test_one_commit_answers_every_op_as_if_alone(conn: sqlite3.Connection) -> None:
     known = row("known")
-    assert commit(conn, ops(("accept", [known]))) == [(True, [Accepted(known.request_id, True)])]
+    assert commit(conn, ops(("accept", [known]))) == [(True, ALL_NEW)]  # every row new: each keeps its RequestId
     first, again, repeat = row("new"), row("known"), row("new")
     outcomes = commit(
         conn,
@@ -126,8 +126,8 @@ async def test_a_failing_op_gets_the_error_and_the_others_still_commit(conn: sql
     commit(conn, ops(("accept", [taken])))
     good, clash, later = row("b"), row("c", request_id=taken.request_id), row("d")
     outcomes = commit(conn, ops(("accept", [good]), ("accept", [clash]), ("accept", [later])))
-    assert outcomes[0] == (True, [Accepted(good.request_id, True)])
+    assert outcomes[0] == (True, ALL_NEW)
     assert outcomes[1][0] is False and isinstance(outcomes[1][1], sqlite3.IntegrityError)
-    assert outcomes[2] == (True, [Accepted(later.request_id, True)])
+    assert outcomes[2] == (True, ALL_NEW)
     events = {e for (e,) in conn.execute("SELECT event_id FROM invocations")}
     assert events == {"a", "b", "d"}, "the clashing row left nothing behind, the others were kept"
