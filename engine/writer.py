@@ -187,33 +187,86 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     try:
         db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
         db.executescript(SCHEMA)
+        checkpoints = Checkpointer(path)
     except (OSError, sqlite3.Error) as exc:
         conn.send_bytes(pickle.dumps(f"{type(exc).__name__}: {exc}"))
         return
+    db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's work, off the commit path
     conn.send_bytes(pickle.dumps(_READY))
     ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
     threading.Thread(target=_receive, args=(conn, ops), name="receive", daemon=True).start()
     stop = False
-    while not stop:
-        first = ops.get()
-        if first is None:
-            break
-        batch = [first]
-        while len(batch) < batch_limit:
+    try:
+        while not stop:
+            first = ops.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < batch_limit:
+                try:
+                    op = ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            outcomes = commit(db, batch)
             try:
-                op = ops.get_nowait()
-            except queue.Empty:
-                break
-            if op is None:
-                stop = True
-                break
-            batch.append(op)
-        outcomes = commit(db, batch)
+                conn.send_bytes(_dumps(outcomes))
+            except OSError:
+                break  # the server is gone; what was committed stays committed
+            checkpoints.committed(db)
+    finally:
+        checkpoints.close()
+        db.close()
+
+
+class Checkpointer:
+    """Copies committed WAL pages into the database file on a thread of its own.
+
+    SQLite would do it inside every thousandth page's COMMIT, holding up the writes queued
+    behind it. Here a thread with its own connection runs PASSIVE checkpoints (which never
+    block the writer) after commits. Should the WAL outgrow `limit` bytes all the same (the
+    writer always a step ahead), the writer waits for one full checkpoint that empties the file.
+    """
+
+    def __init__(self, path: Path, *, limit: int = 64 * 1024 * 1024) -> None:
+        self._wal = Path(f"{path}-wal")
+        self._limit = limit
+        self._conn = connect(path, check_same_thread=False)
+        self._due = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self, db: sqlite3.Connection) -> None:
+        """After a commit: let the thread catch up; rein the WAL in if it grew too large."""
+        self._due.set()
         try:
-            conn.send_bytes(_dumps(outcomes))
+            oversized = self._wal.stat().st_size > self._limit
         except OSError:
-            break  # the server is gone; what was committed stays committed
-    db.close()
+            return
+        if oversized:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def close(self) -> None:
+        """Stop the thread (closing the last connection checkpoints what is left)."""
+        self._stop = True
+        self._due.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _loop(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._stop:
+                return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                logger.exception("checkpoint failed; the next commit tries again")
 
 
 def _receive(conn: Connection, ops: queue.SimpleQueue[Op | None]) -> None:

@@ -14,6 +14,8 @@ from eventrun.engine.api import Accepted, Status
 from eventrun.engine.envelope import new_id, now_rfc3339
 from eventrun.engine.errors import StoreError
 from eventrun.engine.store import NewInvocation, SQLiteStore
+from eventrun.engine.writer import Checkpointer
+from eventrun.engine.writes import SCHEMA, connect
 
 
 def row(event_id: str) -> NewInvocation:
@@ -82,3 +84,32 @@ def test_a_store_that_cannot_be_opened_says_which_and_why(tmp_path: Path) -> Non
     store = SQLiteStore(tmp_path / "eventrun.db")
     with pytest.raises(StoreError, match=r"cannot open the store .*eventrun\.db: OperationalError"):
         store.open()
+
+
+def test_the_wal_stays_bounded_while_writes_go_on(tmp_path: Path) -> None:
+    path = tmp_path / "eventrun.db"
+    db = connect(path)
+    db.executescript(SCHEMA)
+    db.execute("PRAGMA wal_autocheckpoint=0")  # as in the writer: checkpoints are the Checkpointer's
+    limit = 256 * 1024
+    checkpoints = Checkpointer(path, limit=limit)
+    batch = 100 * 1024  # bytes of envelopes a commit
+    try:
+        for n in range(60):
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO state (key, value) VALUES (?, ?)", [(f"{n}-{i}", "x" * 1024) for i in range(batch // 1024)]
+            )
+            db.execute("COMMIT")
+            checkpoints.committed(db)
+        wal = Path(f"{path}-wal").stat().st_size
+        assert wal <= limit + 2 * batch, f"the WAL grew to {wal} bytes"
+    finally:
+        checkpoints.close()
+        db.close()
+    assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
+    reopened = connect(path)
+    try:
+        assert reopened.execute("SELECT COUNT(*) FROM state").fetchone() == (60 * (batch // 1024),)
+    finally:
+        reopened.close()
