@@ -5,8 +5,8 @@ writer runs in a process of its own rather than a thread because of the GIL: a t
 thousands of parameters and building rows had to take turns with the event loop, so under load
 the two shared one core; as a process it has the other core to itself.
 
-Frames on a socket pair, each a pickle: the server sends ops one by one; the writer answers
-each batch it committed with the outcomes in the order the ops came, `(True, result)` or
+Frames on a socket pair, each a pickle: the server sends the ops of each event-loop turn as one
+frame; the writer answers each batch it committed with the outcomes in the order the ops came, `(True, result)` or
 `(False, exception)`. An accept whose rows all were new is answered ALL_NEW, so the answer
 does not carry thousands of RequestIds back that the server already knows. Rows travel as
 plain tuples: pickling a named tuple calls back into Python for every row.
@@ -44,7 +44,11 @@ _START_TIMEOUT = 60.0
 
 
 class WriterProcess:
-    """The server's end: start the writer, send it ops, settle their futures as batches commit."""
+    """The server's end: start the writer, send it ops, settle their futures as batches commit.
+
+    Used from one event loop, which both sends (the ops of one loop iteration go as one frame)
+    and reads the answers (the socket is watched by the loop: no thread, no wake-up of another).
+    """
 
     def __init__(self, path: Path, *, batch_limit: int) -> None:
         ours, theirs = socket.socketpair()
@@ -60,12 +64,12 @@ class WriterProcess:
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
-        self._lock = threading.Lock()
         self._pending: collections.deque[tuple[Op, asyncio.Future[Any]]] = collections.deque()
+        self._outbox: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._failed = False
         self._wait_ready(path)
-        self._reader = threading.Thread(target=self._read, name="eventrun-store-replies", daemon=True)
-        self._reader.start()
 
     @property
     def pid(self) -> int:
@@ -74,33 +78,35 @@ class WriterProcess:
 
     @property
     def alive(self) -> bool:
-        """False once the writer has exited (or is being closed)."""
-        return not self._closing and self._process.poll() is None
+        """False once the writer has exited or failed (or is being closed)."""
+        return not (self._closing or self._failed) and self._process.poll() is None
 
     def submit(self, op: Op, future: asyncio.Future[Any]) -> None:
-        """Send one op; `future` (of the caller's loop) settles once the op is committed."""
-        frame = pickle.dumps(_plain(op), pickle.HIGHEST_PROTOCOL)
-        with self._lock:
-            if self._closing:
-                raise StoreError("the store is closed")
-            self._pending.append((op, future))
-            try:
-                self._conn.send_bytes(frame)
-            except OSError:
-                self._pending.pop()
-                raise StoreError(self._exit_text()) from None
+        """Queue one op; it is sent when the loop next gets a turn, and `future` settles once committed."""
+        if self._closing:
+            raise StoreError("the store is closed")
+        loop = future.get_loop()
+        if loop is not self._loop:
+            self._watch(loop)
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append((op, future))
 
     def close(self) -> None:
-        """Let the writer commit what is queued and exit; wait for it."""
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-            try:
-                self._conn.send_bytes(pickle.dumps(None))
-            except OSError:
-                pass  # gone already: the reader fails what was pending
-        self._reader.join()
+        """Let the writer commit what is queued and exit; answer what it answers; wait for it."""
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        self._unwatch()
+        try:
+            self._conn.send_bytes(pickle.dumps(None))
+        except OSError:
+            pass  # gone already
+        while self._pending:
+            if not self._answer():
+                break
+        self._fail_pending()
         try:
             self._process.wait(_START_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -121,23 +127,58 @@ class WriterProcess:
             detail = answer if isinstance(answer, str) else self._exit_text()
             raise StoreError(f"cannot open the store {path}: {detail}")
 
-    def _read(self) -> None:
-        while True:
-            try:
-                outcomes = pickle.loads(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            with self._lock:
-                settled = [(*self._pending.popleft(), outcome) for outcome in outcomes]
-            _settle(settled)
-        with self._lock:
-            unanswered, self._pending = list(self._pending), collections.deque()
-            closing = self._closing
-        if unanswered or not closing:
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("the store is in use by another event loop")
+        self._loop = loop
+        loop.add_reader(self._conn.fileno(), self._readable)
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._conn.fileno())
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if not outbox or self._closing:
+            return
+        self._pending.extend(outbox)
+        try:
+            self._conn.send_bytes(pickle.dumps([_plain(op) for op, _ in outbox], pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            self._lost()
+
+    def _readable(self) -> None:
+        while self._conn.poll(0):
+            if not self._answer():
+                self._lost()
+                return
+
+    def _answer(self) -> bool:
+        """Read one batch of outcomes and settle its ops; False at the end of the stream."""
+        try:
+            outcomes = pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            return False
+        for outcome in outcomes:
+            op, future = self._pending.popleft()
+            _settle(op, future, outcome)
+        return True
+
+    def _lost(self) -> None:
+        self._failed = True
+        self._unwatch()
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        unanswered = [*self._pending, *self._outbox]
+        self._pending.clear()
+        self._outbox.clear()
+        if unanswered or not self._closing:
             text = self._exit_text()
             logger.error("%s; %d writes are left without an answer", text, len(unanswered))
             error = StoreError(text)
-            _settle([(op, future, (False, error)) for op, future in unanswered])
+            for op, future in unanswered:
+                _settle(op, future, (False, error))
 
     def _exit_text(self) -> str:
         try:
@@ -149,6 +190,7 @@ class WriterProcess:
 
 
 def _plain(op: Op) -> tuple[str, Any]:
+    # Rows go as plain tuples: pickling a named tuple calls back into Python for every row.
     if op.kind == "accept":
         return op.kind, [tuple(row) for row in op.args]
     return op.kind, op.args
@@ -157,26 +199,16 @@ def _plain(op: Op) -> tuple[str, Any]:
 _new_answer = functools.partial(tuple.__new__, Accepted)  # Accepted(...) without its Python-level __new__
 
 
-def _settle(settled: Sequence[tuple[Op, asyncio.Future[Any], Any]]) -> None:
-    # One wake-up of each event loop per batch, not one per op.
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Op, asyncio.Future[Any], Any]]] = {}
-    for item in settled:
-        by_loop.setdefault(item[1].get_loop(), []).append(item)
-    for loop, items in by_loop.items():
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(_settle_all, items)
-
-
-def _settle_all(items: Sequence[tuple[Op, asyncio.Future[Any], Any]]) -> None:
-    for op, future, (ok, value) in items:
-        if future.done():
-            continue
-        if not ok:
-            future.set_exception(value)
-        elif value == ALL_NEW:
-            future.set_result([_new_answer((row[0], True)) for row in op.args])
-        else:
-            future.set_result(value)
+def _settle(op: Op, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    ok, value = outcome
+    if future.done() or future.get_loop().is_closed():
+        return
+    if not ok:
+        future.set_exception(value)
+    elif value == ALL_NEW:
+        future.set_result([_new_answer((row[0], True)) for row in op.args])
+    else:
+        future.set_result(value)
 
 
 # -- the writer's end ----------------------------------------------------------------------
@@ -276,10 +308,11 @@ def _receive(conn: Connection, ops: queue.SimpleQueue[Op | None]) -> None:
             frame = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             frame = None
-        op = None if frame is None else Op(*frame)
-        ops.put(op)
-        if op is None:
+        if frame is None:
+            ops.put(None)
             return
+        for kind, args in frame:
+            ops.put(Op(kind, args))
 
 
 def _dumps(outcomes: list[tuple[bool, Any]]) -> bytes:
