@@ -74,6 +74,7 @@ class Engine:
         )
         self.shutting_down = False
         self._runs: dict[str, _Run] = {}
+        self._specs: dict[str, Spec] = {}  # how to start an instance, per function
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
         self._reporters: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -327,12 +328,14 @@ class Engine:
     async def _run_on_instance(
         self, run: _Run, function: str, config: FunctionConfig, request_id: str, envelope: bytes
     ) -> Outcome:
-        spec = Spec(
-            function=function,
-            handler=f"{self.manifest.handler_path(function)}:{config.handler_name}",
-            cwd=self.manifest.base_dir,
-            environment=dict(config.environment),
-        )
+        spec = self._specs.get(function)
+        if spec is None:
+            spec = self._specs[function] = Spec(
+                function=function,
+                handler=f"{self.manifest.handler_path(function)}:{config.handler_name}",
+                cwd=self.manifest.base_dir,
+                environment=dict(config.environment),
+            )
         instance = run.instance = await self.pool.acquire(spec)
         if run.abort:
             await instance.abort(Status.ABORTED, self.manifest.server.kill_grace)

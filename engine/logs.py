@@ -34,6 +34,7 @@ class LogHub:
         self.directory = directory
         self.limit = limit
         self._open: dict[str, _OpenLog] = {}
+        self._folders: set[str] = set()  # fan-out folders known to exist
         self._followers: dict[str, set[asyncio.Queue[str | None]]] = {}
 
     def path(self, request_id: str) -> Path:
@@ -44,9 +45,17 @@ class LogHub:
         """Start (or continue) a run's log; writing opens it too."""
         if request_id in self._open:
             return
-        path = self.path(request_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # Once a run: strings rather than Paths, and each fan-out folder made once.
+        folder = os.path.join(self.directory, request_id[:2])
+        file = os.path.join(folder, f"{request_id}.log")
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except FileNotFoundError:  # the folder was removed behind our back: make it again
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._open[request_id] = _OpenLog(fd, os.fstat(fd).st_size)
 
     def is_open(self, request_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 from eventrun.engine.logs import LogHub
@@ -45,3 +46,13 @@ async def test_a_follower_gets_old_and_new_lines_and_ends_with_the_run(tmp_path:
     hub.close("r1")
     await asyncio.wait_for(task, 1)
     assert seen == ["before", "after"]
+
+
+def test_a_log_folder_removed_while_serving_is_made_again(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path / "logs", limit=10_000)
+    hub.write("ab-first", ["one"])
+    hub.close("ab-first")
+    shutil.rmtree(tmp_path / "logs")
+    hub.write("ab-second", ["two"])
+    hub.close("ab-second")
+    assert hub.read("ab-second").decode().endswith(" two\n")
