@@ -15,6 +15,9 @@ into it. Then, one after the other, against that same topic:
   engine alone    for reference: Engine.accept_batch() of the same envelopes, in the same
                   batches, with no Kafka at all; what the trigger could reach at best.
 
+Before the eventrun phases the process sets its garbage collector as `eventrun serve` does
+(eventrun.app.tune_collector) and lets go of the records the ceilings read.
+
 Every rate leaves out the broker's first consumer-group join: the clock starts once the group
 has assigned the partitions (for eventrun: once the trigger reports them). The function's
 high_water_mark is set above --records so that backpressure (which would pace acceptance to the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.resources
 import json
 import os
@@ -42,11 +46,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
+from eventrun.app import tune_collector
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.core import Engine
-from eventrun.engine.envelope import encode
+from eventrun.engine.envelope import Envelope, encode
 from eventrun.engine.manifest import load_manifest
-from eventrun.triggers.kafka import KafkaTrigger, Settings, to_envelope
+from eventrun.triggers.kafka import KafkaTrigger, Settings, to_envelopes
 
 FUNCTION = "noop"
 NOOP_HANDLER = '''\
@@ -145,10 +150,7 @@ async def bare_consumer(bootstrap: str, topic: str, records: int, batch: int) ->
 
 def bare_sqlite(work: Path, records: list[Any], batch: int) -> float:
     """records/s of inserting the same envelopes in batches, WAL + synchronous=FULL."""
-    rows = [
-        (envelope.source, envelope.id, encode(envelope))
-        for envelope in (to_envelope(r, FUNCTION) for r in records)
-    ]
+    rows = [(envelope.source, envelope.id, encode(envelope)) for envelope in to_envelopes(records, FUNCTION)]
     conn = sqlite3.connect(work / "bare.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -163,7 +165,7 @@ def bare_sqlite(work: Path, records: list[Any], batch: int) -> float:
     return len(rows) / elapsed
 
 
-async def engine_alone(work: Path, records: list[Any], batch: int, concurrency: int) -> float:
+async def engine_alone(work: Path, envelopes: list[Envelope], batch: int, concurrency: int) -> float:
     """records/s of Engine.accept_batch for the same envelopes with no Kafka at all (runs go on too)."""
     folder = work / "alone"
     folder.mkdir()
@@ -173,7 +175,6 @@ async def engine_alone(work: Path, records: list[Any], batch: int, concurrency: 
         f'[functions.{FUNCTION}]\nhandler = "noop.py:main_handler"\nconcurrency = {concurrency}\n'
     )
     engine = Engine(load_manifest(folder / "eventrun.toml"))
-    envelopes = [to_envelope(r, FUNCTION) for r in records]
     await engine.start()
     try:
         started = time.perf_counter()
@@ -252,6 +253,12 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"bare consumer       {consumer_rate:>10,.0f} records/s")
             sqlite_rate = bare_sqlite(work, fetched[: args.records], args.batch)
             print(f"bare SQLite insert  {sqlite_rate:>10,.0f} records/s")
+            # From here on the process is set up as `eventrun serve` sets itself up; the records
+            # read above go, so that no later phase pays for a heap a real server would not have.
+            envelopes = to_envelopes(fetched[: args.records], FUNCTION)
+            del fetched
+            gc.collect()
+            tune_collector()
             accepted_rate, finished_rate = await eventrun(
                 work, bootstrap, topic, args.records, args.batch, args.concurrency
             )
@@ -261,10 +268,9 @@ async def main_async(args: argparse.Namespace) -> None:
             which = "bare consumer" if consumer_rate <= sqlite_rate else "bare SQLite insert"
             print(f"accepted/s / lower ceiling ({which}): {accepted_rate / lower:.2f}  (target >= 0.5)")
             if not args.no_engine_alone:
-                alone = await engine_alone(work, fetched[: args.records], args.batch, args.concurrency)
+                alone = await engine_alone(work, envelopes, args.batch, args.concurrency)
                 print(f"for reference, Engine.accept_batch alone (same envelopes, no Kafka): {alone:,.0f} records/s;"
                       f" the trigger reaches {accepted_rate / alone:.2f} of it")
-            del fetched
             print("rates leave out the broker's first consumer-group join; "
                   f"batches of {args.batch}; cores: {os.cpu_count()}")
         finally:

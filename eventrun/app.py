@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -102,6 +103,19 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
         logger.info("stopping: no new events; letting running work finish")
 
 
+def tune_collector() -> None:
+    """Set Python's garbage collector for a server that allocates in bursts (call once, at start).
+
+    What exists at start (modules, the manifest) lives as long as the server, so it is frozen out
+    of every later collection. A Kafka batch or a burst of requests makes tens of thousands of
+    short-lived containers; with the default first threshold (700) each burst set off dozens of
+    collections that promoted the burst into the older generations, whose collections then
+    scanned it again. Fewer, larger young collections cost less and free the same garbage.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 10)
+
+
 def serve(config_path: Path | None) -> int:
     """`eventrun serve`: run until SIGINT or SIGTERM; exit status for the shell."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -116,6 +130,8 @@ def serve(config_path: Path | None) -> int:
     except EventrunError as exc:
         print(f"eventrun: {exc}", file=sys.stderr)
         return 2
+
+    tune_collector()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .client import Settings
 from .consumer import KafkaEngine, TopicConsumer
-from .parser import record_id, to_envelope
+from .parser import record_id, to_envelope, to_envelopes
 from .trigger import KafkaTrigger
 
-__all__ = ["KafkaEngine", "KafkaTrigger", "Settings", "TopicConsumer", "record_id", "to_envelope"]
+__all__ = ["KafkaEngine", "KafkaTrigger", "Settings", "TopicConsumer", "record_id", "to_envelope", "to_envelopes"]
