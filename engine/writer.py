@@ -78,8 +78,8 @@ class WriterProcess:
 
     @property
     def alive(self) -> bool:
-        """False once the writer has exited or failed (or is being closed)."""
-        return not (self._closing or self._failed) and self._process.poll() is None
+        """False once the writer is gone (its socket broke) or is being closed."""
+        return not (self._closing or self._failed)
 
     def submit(self, op: Op, future: asyncio.Future[Any]) -> None:
         """Queue one op; it is sent when the loop next gets a turn, and `future` settles once committed."""
@@ -148,10 +148,10 @@ class WriterProcess:
             self._lost()
 
     def _readable(self) -> None:
-        while self._conn.poll(0):
-            if not self._answer():
-                self._lost()
-                return
+        # One frame a call: the loop calls again while more are waiting. (The writer sends each
+        # frame whole, so reading one never waits long.)
+        if not self._answer():
+            self._lost()
 
     def _answer(self) -> bool:
         """Read one batch of outcomes and settle its ops; False at the end of the stream."""
