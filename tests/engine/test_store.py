@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -23,16 +22,6 @@ def row(event_id: str, *, function: str = "f", source: str = "/http/f") -> NewIn
         created_at=now_rfc3339(),
         envelope=b'{"id":"%s"}' % event_id.encode(),
     )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    store = SQLiteStore(tmp_path / "eventrun.db")
-    store.open()
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 async def test_acceptance_is_idempotent_on_function_source_and_id(store: SQLiteStore) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -20,16 +19,6 @@ from eventrun.engine.writes import SCHEMA, connect
 
 def row(event_id: str) -> NewInvocation:
     return NewInvocation(new_id(), "f", "/http/f", event_id, "http", now_rfc3339(), b'{"id":"%s"}' % event_id.encode())
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    store = SQLiteStore(tmp_path / "eventrun.db")
-    store.open()
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 async def test_writes_queued_at_close_are_committed_and_answered(tmp_path: Path) -> None:
