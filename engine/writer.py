@@ -260,7 +260,8 @@ class Checkpointer:
     SQLite would do it inside every thousandth page's COMMIT, holding up the writes queued
     behind it. Here a thread with its own connection runs PASSIVE checkpoints (which never
     block the writer) after commits. Should the WAL outgrow `limit` bytes all the same (the
-    writer always a step ahead), the writer waits for one full checkpoint that empties the file.
+    writer always a step ahead), the writer waits for the thread's checkpoint to end, then runs
+    one that empties the file (SQLite answers "busy" at once to a second concurrent checkpoint).
     """
 
     def __init__(self, path: Path, *, limit: int = 64 * 1024 * 1024) -> None:
@@ -268,6 +269,7 @@ class Checkpointer:
         self._limit = limit
         self._conn = connect(path, check_same_thread=False)
         self._due = threading.Event()
+        self._running = threading.Lock()  # held while a checkpoint runs
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="checkpoint", daemon=True)
         self._thread.start()
@@ -280,7 +282,10 @@ class Checkpointer:
         except OSError:
             return
         if oversized:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            with self._running:
+                busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                logger.warning("the WAL passed %d bytes and readers kept it from being emptied", self._limit)
 
     def close(self) -> None:
         """Stop the thread (closing the last connection checkpoints what is left)."""
@@ -296,7 +301,8 @@ class Checkpointer:
             if self._stop:
                 return
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                with self._running:
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error:
                 logger.exception("checkpoint failed; the next commit tries again")
 
