@@ -259,23 +259,26 @@ class Checkpointer:
 
     SQLite would do it inside every thousandth page's COMMIT, holding up the writes queued
     behind it. Here a thread with its own connection runs PASSIVE checkpoints (which never
-    block the writer) after commits. Should the WAL outgrow `limit` bytes all the same (the
-    writer always a step ahead), the writer waits for the thread's checkpoint to end, then runs
-    one that empties the file (SQLite answers "busy" at once to a second concurrent checkpoint).
+    block the writer), at most one every `interval` seconds while commits go on: a page written
+    many times meanwhile (a run's row: queued, running, ended) is copied and synced once, not
+    after each commit. Should the WAL outgrow `limit` bytes all the same, the writer waits for
+    the thread's checkpoint to end, then runs one that empties the file (SQLite answers "busy"
+    at once to a second concurrent checkpoint).
     """
 
-    def __init__(self, path: Path, *, limit: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, *, interval: float = 0.2, limit: int = 64 * 1024 * 1024) -> None:
         self._wal = Path(f"{path}-wal")
+        self._interval = interval
         self._limit = limit
         self._conn = connect(path, check_same_thread=False)
-        self._due = threading.Event()
+        self._due = threading.Event()  # commits since the last checkpoint
+        self._stopping = threading.Event()
         self._running = threading.Lock()  # held while a checkpoint runs
-        self._stop = False
         self._thread = threading.Thread(target=self._loop, name="checkpoint", daemon=True)
         self._thread.start()
 
     def committed(self, db: sqlite3.Connection) -> None:
-        """After a commit: let the thread catch up; rein the WAL in if it grew too large."""
+        """After a commit: have the thread copy it in time; rein the WAL in if it grew too large."""
         self._due.set()
         try:
             oversized = self._wal.stat().st_size > self._limit
@@ -289,7 +292,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Stop the thread (closing the last connection checkpoints what is left)."""
-        self._stop = True
+        self._stopping.set()
         self._due.set()
         self._thread.join()
         self._conn.close()
@@ -297,14 +300,16 @@ class Checkpointer:
     def _loop(self) -> None:
         while True:
             self._due.wait()
-            self._due.clear()
-            if self._stop:
+            if self._stopping.is_set():
                 return
+            self._due.clear()
             try:
                 with self._running:
                     self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error:
                 logger.exception("checkpoint failed; the next commit tries again")
+            if self._stopping.wait(self._interval):
+                return
 
 
 def _receive(conn: Connection, ops: queue.SimpleQueue[Op | None]) -> None:

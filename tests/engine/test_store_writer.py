@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,29 @@ def test_the_wal_stays_bounded_while_writes_go_on(tmp_path: Path) -> None:
         assert reopened.execute("SELECT COUNT(*) FROM state").fetchone() == (60 * (batch // 1024),)
     finally:
         reopened.close()
+
+
+def test_the_checkpoint_thread_copies_commits_into_the_database_file(tmp_path: Path) -> None:
+    # Between checkpoints the committed pages live only in the WAL; the database file grows as
+    # the thread copies them over, with no checkpoint on the commit path itself.
+    path = tmp_path / "eventrun.db"
+    db = connect(path)
+    db.executescript(SCHEMA)
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    checkpoints = Checkpointer(path, interval=0.01, limit=1 << 30)
+    empty = path.stat().st_size
+    try:
+        for n in range(20):
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO state (key, value) VALUES (?, ?)", [(f"{n}-{i}", "x" * 1024) for i in range(100)])
+            db.execute("COMMIT")
+            checkpoints.committed(db)
+        deadline = time.monotonic() + 10
+        while path.stat().st_size < empty + 20 * 100 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            checkpoints.committed(db)  # as the next commits would
+        assert path.stat().st_size >= empty + 20 * 100 * 1024, "no checkpoint copied the commits"
+        assert Path(f"{path}-wal").stat().st_size > 0  # PASSIVE ones: the WAL file is reused, not emptied
+    finally:
+        checkpoints.close()
+        db.close()
