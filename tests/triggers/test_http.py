@@ -524,7 +524,7 @@ async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine
 async def test_follow_sends_live_lines_and_keepalives(
     client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http, "SSE_KEEPALIVE", 0.02)
+    monkeypatch.setattr(http.sse, "SSE_KEEPALIVE", 0.02)
     engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
     engine.log_lines = ["t1 before"]
     engine.log_gate = asyncio.Event()

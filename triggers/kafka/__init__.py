@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .client import Settings
-from .consumer import KafkaEngine, TopicConsumer
+from .consumer import TopicConsumer
+from .engine import KafkaEngine
 from .parser import record_id, to_envelope, to_envelopes
 from .trigger import KafkaTrigger
 

@@ -88,3 +88,11 @@ async def _settle(call: Awaitable[Any], timeout: float) -> bool:
         await asyncio.wait({task}, timeout=timeout)
         return False
     return not task.cancelled() and task.exception() is None
+
+
+async def sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less if `stopping` is set meanwhile (a consumer's stop cuts its waits short)."""
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass

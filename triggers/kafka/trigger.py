@@ -11,7 +11,8 @@ from eventrun.engine.manifest import KafkaTrigger as KafkaTriggerConfig
 from eventrun.engine.manifest import Manifest
 
 from .client import Settings
-from .consumer import KafkaEngine, TopicConsumer
+from .consumer import TopicConsumer
+from .engine import KafkaEngine
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,45 @@
+"""Pure conversion of one HTTP invocation request into an envelope: no I/O, no aiohttp."""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+from eventrun.engine.envelope import Envelope, JSONDecodeError, loads, new_id
+from eventrun.engine.errors import InvalidParameter
+
+MAX_IDEMPOTENCY_KEY = 256
+_JSON_TYPE = re.compile(r"^application/([\w.+-]+\+)?json$")
+# curl -d sends JSON with this type unless told otherwise; accept the body if it parses.
+_MAYBE_JSON_TYPES = ("", "application/x-www-form-urlencoded")
+
+
+def to_envelope(function: str, body: bytes, content_type: str | None, idempotency_key: str | None) -> Envelope:
+    """The envelope for one HTTP invocation; raises InvalidParameter for a malformed JSON body."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    data: Any = None
+    if _JSON_TYPE.match(media_type):
+        if body.strip():
+            try:
+                data = loads(body)
+            except JSONDecodeError as exc:
+                raise InvalidParameter(f"request body is not valid JSON: {exc}") from None
+    elif body:
+        data = _parse_or_wrap(body, media_type, content_type)
+    key = (idempotency_key or "").strip()
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidParameter(f"Idempotency-Key header: at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}")
+    return Envelope(
+        id=key or new_id(), source=f"/http/{function}", type="eventrun.http.request",
+        function=function, trigger="http", data=data,
+    )
+
+
+def _parse_or_wrap(body: bytes, media_type: str, content_type: str | None) -> Any:
+    if media_type in _MAYBE_JSON_TYPES:
+        try:
+            return loads(body)
+        except JSONDecodeError:
+            pass
+    return {"body_base64": base64.b64encode(body).decode("ascii"), "content_type": content_type}

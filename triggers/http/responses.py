@@ -1,0 +1,88 @@
+"""The API's JSON shapes: JSON answers, the PascalCase records, and the one error table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from eventrun.engine.api import Invocation
+from eventrun.engine.envelope import dumps
+from eventrun.engine.errors import (
+    EventrunError, FunctionNotFound, InvalidParameter, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
+    Throttled,
+)
+from eventrun.engine.manifest import FunctionConfig
+
+# The one place HTTP status codes are chosen for engine errors (looked up along the MRO).
+ERROR_STATUS: dict[type[EventrunError], int] = {
+    InvalidParameter: 400,
+    FunctionNotFound: 404,
+    InvocationNotFound: 404,
+    InvocationEnded: 409,
+    Throttled: 429,
+    ShuttingDown: 503,
+    StoreError: 503,
+}
+
+
+def json_response(value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer encoded with eventrun's one JSON encoder."""
+    return web.Response(body=dumps(value), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    """The one error shape: {"Error": {"Code", "Message"}}."""
+    return json_response({"Error": {"Code": code, "Message": message}}, status=status, headers=headers)
+
+
+def invocation_json(invocation: Invocation) -> dict[str, Any]:
+    """An invocation in the API's PascalCase shape."""
+    return {
+        "RequestId": invocation.request_id,
+        "FunctionName": invocation.function,
+        "Trigger": invocation.trigger,
+        "Status": invocation.status.value,
+        "CreatedAt": invocation.created_at,
+        "StartedAt": invocation.started_at,
+        "EndedAt": invocation.ended_at,
+        "DurationMs": invocation.duration_ms,
+        "Result": invocation.result,
+        "ErrorType": invocation.error_type,
+        "ErrorMessage": invocation.error_message,
+    }
+
+
+def function_json(name: str, config: FunctionConfig) -> dict[str, Any]:
+    """A registry entry in the API's PascalCase shape (environment and callback stay private)."""
+    triggers = []
+    for trigger in config.triggers:
+        # A timer's payload can be large and is the event data, not the trigger's shape.
+        fields = trigger.model_dump(mode="json", exclude={"payload"})
+        triggers.append({_pascal(key): value for key, value in fields.items()})
+    return {
+        "FunctionName": name,
+        "AsyncExecution": config.async_execution,
+        "Timeout": config.timeout,
+        "Concurrency": config.concurrency,
+        "QpsLimit": config.qps_limit,
+        "Handler": config.handler,
+        "Triggers": triggers,
+    }
+
+
+def _pascal(snake: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in snake.split("_"))
+
+
+def map_error(exc: EventrunError) -> web.Response | None:
+    """The answer ERROR_STATUS gives an engine error, or None when the table has no entry for it."""
+    status = next((ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS), None)
+    if status is None:
+        return None
+    headers: dict[str, str] = {}
+    if isinstance(exc, Throttled):
+        headers[hdrs.RETRY_AFTER] = str(max(1, math.ceil(exc.retry_after)))
+    return error_response(status, exc.code, str(exc), headers)

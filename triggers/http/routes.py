@@ -1,0 +1,226 @@
+"""The gateway's routes: the error middleware, the API's handlers, and build_app to serve them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import hdrs, web
+
+from eventrun.engine.api import Status
+from eventrun.engine.envelope import dumps
+from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
+
+from ..openapi import openapi_document
+from .parser import to_envelope
+from .responses import error_response, function_json, invocation_json, json_response, map_error
+from .sse import stream_logs
+
+if TYPE_CHECKING:
+    from eventrun.engine.core import Engine
+
+logger = logging.getLogger(__name__)
+
+ENGINE_KEY: web.AppKey[Engine] = web.AppKey("engine")
+"""Where the engine lives in the app, for routes registered from other modules."""
+
+_CLOSING_KEY: web.AppKey[asyncio.Event] = web.AppKey("closing")
+
+MAX_LIST_LIMIT = 1000
+_LIMIT = re.compile(r"^\d{1,4}$")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no", "")
+
+
+def _map_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    headers = {str(k): v for k, v in exc.headers.items() if k not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH)}
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[ENGINE_KEY].manifest.server.max_body_size
+        return error_response(413, "PayloadTooLarge", f"request body exceeds the limit of {limit} bytes", headers)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+        return error_response(405, "MethodNotAllowed", message, headers)
+    if request.match_info.http_exception is exc:  # the router found no route
+        return error_response(404, "NotFound", f"no route for {request.method} {request.path}", headers)
+    return error_response(exc.status, exc.reason.replace(" ", ""), exc.text or exc.reason, headers)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every failure into the JSON error shape; never leak a traceback."""
+    try:
+        return await handler(request)
+    except EventrunError as exc:
+        response = map_error(exc)
+        if response is not None:
+            return response
+        logger.exception("unmapped error on %s %s", request.method, request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _map_http_exception(request, exc)
+    except Exception:
+        logger.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(500, "InternalError", "internal error; see the server log")
+
+
+def _engine(request: web.Request) -> Engine:
+    return request.app[ENGINE_KEY]
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = _engine(request).manifest.server.max_body_size
+    # Refuse by the declared length first, so a huge upload is not read at all.
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    return await request.read()
+
+
+async def invoke(request: web.Request) -> web.Response:
+    """POST /functions/{name}/invocations."""
+    engine = _engine(request)
+    name = request.match_info["name"]
+    config = engine.function(name)
+    if engine.shutting_down:
+        raise ShuttingDown()
+    mode = request.headers.get("X-Invocation-Type", "").strip().lower()
+    if mode not in ("", "event", "requestresponse"):
+        raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {mode!r}")
+    body = await _read_body(request)
+    envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), request.headers.get("Idempotency-Key"))
+    accepted = await engine.accept(envelope)
+    headers = {"X-Request-Id": accepted.request_id}
+    if config.async_execution or mode == "event":
+        return json_response({"RequestId": accepted.request_id}, status=202, headers=headers)
+    # The engine ends a sync run at its timeout; the margin covers the kill and the final write.
+    invocation = await engine.wait(accepted.request_id, timeout=config.timeout + 5)
+    answer: dict[str, Any] = {
+        "RequestId": invocation.request_id, "Status": invocation.status.value, "Result": invocation.result
+    }
+    if invocation.status is not Status.FINISHED:
+        answer.update(ErrorType=invocation.error_type, ErrorMessage=invocation.error_message)
+    return json_response(answer, headers=headers)
+
+
+async def get_invocation(request: web.Request) -> web.Response:
+    """GET /invocations/{request_id}."""
+    return json_response(invocation_json(_engine(request).get(request.match_info["request_id"])))
+
+
+async def list_invocations(request: web.Request) -> web.Response:
+    """GET /invocations?function=&status=&limit=&cursor=."""
+    engine = _engine(request)
+    query = request.query
+    function = query.get("function") or None
+    if function is not None:
+        engine.function(function)  # an unknown name is a 404, not an empty list
+    status = _parse_status(query.get("status", ""))
+    limit = _parse_limit(query.get("limit", ""))
+    invocations, cursor = engine.list(function=function, status=status, limit=limit, cursor=query.get("cursor") or None)
+    return json_response({"Invocations": [invocation_json(inv) for inv in invocations], "NextCursor": cursor})
+
+
+def _parse_status(raw: str) -> Status | None:
+    if not raw:
+        return None
+    try:
+        return Status(raw.strip().upper())
+    except ValueError:
+        allowed = ", ".join(s.value for s in Status)
+        raise InvalidParameter(f"status: expected one of {allowed}, got {raw!r}") from None
+
+
+def _parse_limit(raw: str) -> int:
+    if not raw:
+        return 50
+    if not _LIMIT.match(raw) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise InvalidParameter(f"limit: expected an integer from 1 to {MAX_LIST_LIMIT}, got {raw!r}")
+    return int(raw)
+
+
+async def get_logs(request: web.Request) -> web.StreamResponse:
+    """GET /invocations/{request_id}/logs, plain or (?follow=true) as Server-Sent Events."""
+    engine = _engine(request)
+    request_id = request.match_info["request_id"]
+    follow = request.query.get("follow", "").strip().lower()
+    if follow not in _TRUE + _FALSE:
+        raise InvalidParameter(f"follow: expected true or false, got {follow!r}")
+    engine.get(request_id)  # a 404 must be sent before a stream's headers are
+    if follow in _TRUE:
+        return await stream_logs(request, engine, request_id, request.app[_CLOSING_KEY])
+    return web.Response(body=engine.read_log(request_id), headers={hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"})
+
+
+async def terminate(request: web.Request) -> web.Response:
+    """POST /invocations/{request_id}/terminate."""
+    invocation = await _engine(request).terminate(request.match_info["request_id"])
+    return json_response(invocation_json(invocation))
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    """GET /functions."""
+    functions = _engine(request).functions()
+    return json_response({"Functions": [function_json(name, config) for name, config in functions.items()]})
+
+
+async def get_function(request: web.Request) -> web.Response:
+    """GET /functions/{name}."""
+    name = request.match_info["name"]
+    return json_response(function_json(name, _engine(request).function(name)))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz."""
+    return json_response(_engine(request).health())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics in the Prometheus text format."""
+    return web.Response(
+        body=_engine(request).metrics_text().encode(),
+        headers={hdrs.CONTENT_TYPE: "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+def build_app(
+    engine: Engine,
+    *,
+    extra_routes: Iterable[web.AbstractRouteDef] = (),
+    openapi_paths: Mapping[str, Any] | None = None,
+) -> web.Application:
+    """The gateway application; extra_routes (e.g. POST /triggers/s3) get the same error handling."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=engine.manifest.server.max_body_size)
+    app[ENGINE_KEY] = engine
+    app[_CLOSING_KEY] = asyncio.Event()
+    document = dumps(openapi_document(openapi_paths))
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    async def on_shutdown(app: web.Application) -> None:
+        # Log streams can last a whole run; end them so shutdown does not wait its full grace.
+        app[_CLOSING_KEY].set()
+
+    app.on_shutdown.append(on_shutdown)
+    app.add_routes(
+        [
+            web.post("/functions/{name}/invocations", invoke),
+            web.get("/functions", list_functions),
+            web.get("/functions/{name}", get_function),
+            web.get("/invocations", list_invocations),
+            web.get("/invocations/{request_id}", get_invocation),
+            web.get("/invocations/{request_id}/logs", get_logs),
+            web.post("/invocations/{request_id}/terminate", terminate),
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics),
+            web.get("/openapi.json", openapi),
+            *extra_routes,
+        ]
+    )
+    return app
