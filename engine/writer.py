@@ -79,7 +79,13 @@ class WriterProcess:
     @property
     def alive(self) -> bool:
         """False once the writer is gone (its socket broke) or is being closed."""
-        return not (self._closing or self._failed)
+        if self._closing or self._failed:
+            return False
+        if self._loop is None and self._process.poll() is not None:
+            # Gone before the first write: no loop watches its socket yet to notice.
+            self._failed = True
+            return False
+        return True
 
     def submit(self, op: Op, future: asyncio.Future[Any]) -> None:
         """Queue one op; it is sent when the loop next gets a turn, and `future` settles once committed."""
