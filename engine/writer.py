@@ -6,7 +6,9 @@ thousands of parameters and building rows had to take turns with the event loop,
 the two shared one core; as a process it has the other core to itself.
 
 Frames on a socket pair, each a pickle: the server sends the ops of each event-loop turn as one
-frame; the writer answers each batch it committed with the outcomes in the order the ops came, `(True, result)` or
+frame, except that a large accept (a Kafka batch) goes at once, so the writer commits it while
+the server builds the next one. The writer commits up to `batch_limit` rows at a time and
+answers each commit with the outcomes in the order the ops came, `(True, result)` or
 `(False, exception)`. An accept whose rows all were new is answered ALL_NEW, so the answer
 does not carry thousands of RequestIds back that the server already knows. Rows travel as
 plain tuples: pickling a named tuple calls back into Python for every row.
@@ -40,6 +42,9 @@ from .writes import ALL_NEW, SCHEMA, Op, commit, connect
 logger = logging.getLogger(__name__)
 
 _READY = "ready"
+
+SEND_AT_ONCE = 100
+"""An accept of this many rows or more is sent to the writer at once rather than at the end of the loop's turn."""
 _START_TIMEOUT = 60.0
 
 
@@ -97,6 +102,11 @@ class WriterProcess:
         if not self._outbox:
             loop.call_soon(self._flush)
         self._outbox.append((op, future))
+        if op.kind == "accept" and len(op.args) >= SEND_AT_ONCE:
+            # Waiting for the end of the loop's turn would let the next large accept join this
+            # one: the two would be committed and answered together while the server waits,
+            # then built together while the writer waits. Sent alone, they overlap.
+            self._flush()
 
     def close(self) -> None:
         """Let the writer commit what is queued and exit; answer what it answers; wait for it."""
@@ -221,7 +231,7 @@ def _settle(op: Op, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> N
 
 
 def serve(conn: Connection, path: Path, batch_limit: int) -> None:
-    """Open the store, then commit queued ops in batches until told to stop."""
+    """Open the store, then commit queued ops, up to `batch_limit` rows at a time, until told to stop."""
     try:
         db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
         db.executescript(SCHEMA)
@@ -233,22 +243,8 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     conn.send_bytes(pickle.dumps(_READY))
     ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
     threading.Thread(target=_receive, args=(conn, ops), name="receive", daemon=True).start()
-    stop = False
     try:
-        while not stop:
-            first = ops.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < batch_limit:
-                try:
-                    op = ops.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stop = True
-                    break
-                batch.append(op)
+        while batch := take(ops, batch_limit):
             outcomes = commit(db, batch)
             try:
                 conn.send_bytes(_dumps(outcomes))
@@ -316,6 +312,36 @@ class Checkpointer:
                 logger.exception("checkpoint failed; the next commit tries again")
             if self._stopping.wait(self._interval):
                 return
+
+
+def take(ops: queue.SimpleQueue[Op | None], limit: int) -> list[Op]:
+    """The next commit's ops: whatever is queued, up to `limit` rows (an accept counts its rows,
+    any other op one), waiting for the first; empty once the stop mark (None) comes first.
+
+    The first op is taken whatever its size. Bounding by rows, two large accepts queued together
+    are committed and answered one after the other, so the first one's answer does not wait for
+    the second one's rows. A stop mark after some ops is put back, for the next call to see.
+    """
+    first = ops.get()
+    if first is None:
+        return []
+    batch = [first]
+    rows = _rows(first)
+    while rows < limit:
+        try:
+            op = ops.get_nowait()
+        except queue.Empty:
+            break
+        if op is None:
+            ops.put(None)  # nothing comes after it
+            break
+        batch.append(op)
+        rows += _rows(op)
+    return batch
+
+
+def _rows(op: Op) -> int:
+    return len(op.args) if op.kind == "accept" else 1
 
 
 def _receive(conn: Connection, ops: queue.SimpleQueue[Op | None]) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from eventrun.engine.api import Accepted, Status
 from eventrun.engine.envelope import new_id, now_rfc3339
 from eventrun.engine.errors import StoreError
 from eventrun.engine.store import NewInvocation, SQLiteStore
-from eventrun.engine.writer import Checkpointer
-from eventrun.engine.writes import SCHEMA, connect
+from eventrun.engine.writer import SEND_AT_ONCE, Checkpointer, take
+from eventrun.engine.writes import SCHEMA, Op, connect
 
 
 def row(event_id: str) -> NewInvocation:
@@ -77,6 +79,41 @@ async def test_the_writer_ignores_interrupts_meant_for_the_server(store: SQLiteS
     new = row("1")
     assert await store.accept([new]) == [Accepted(new.request_id, True)]
     assert store.writer_pid == pid
+
+
+async def test_a_large_accept_is_committed_while_the_event_loop_is_still_busy(store: SQLiteStore) -> None:
+    # A Kafka batch goes to the writer as it is submitted, not at the end of the loop's turn, so
+    # the writer commits it while the server builds the next one.
+    rows = [row(str(i)) for i in range(SEND_AT_ONCE)]
+    accepting = asyncio.create_task(store.accept(rows))
+    await asyncio.sleep(0)  # the accept's first step has run: its op is submitted
+    reader = sqlite3.connect(store.path)
+    try:
+        deadline = time.monotonic() + 10
+        count = 0
+        while count < len(rows) and time.monotonic() < deadline:  # the loop gets no turn meanwhile
+            time.sleep(0.01)
+            (count,) = reader.execute("SELECT COUNT(*) FROM invocations").fetchone()
+        assert count == len(rows), "the accept waited for the event loop's next turn to be sent"
+    finally:
+        reader.close()
+    assert await accepting == [Accepted(r.request_id, True) for r in rows]
+
+
+def test_a_commit_takes_what_is_queued_up_to_the_row_limit() -> None:
+    ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+    first = Op("accept", [row(f"a{i}") for i in range(3)])
+    second = Op("accept", [row(f"b{i}") for i in range(3)])
+    singles = [Op("running", (f"r{i}", now_rfc3339())) for i in range(5)]
+    for op in (first, second, *singles, None):
+        ops.put(op)
+    assert take(ops, 3) == [first]  # not merged with the next accept: answered on its own
+    assert take(ops, 3) == [second]
+    assert take(ops, 3) == singles[:3]
+    assert take(ops, 3) == singles[3:]  # the stop mark after them is left for the next take
+    assert take(ops, 3) == []
+    ops.put(Op("accept", [row(f"c{i}") for i in range(5)]))
+    assert len(take(ops, 3)[0].args) == 5  # one op larger than the limit still goes whole
 
 
 def test_a_store_that_cannot_be_opened_says_which_and_why(tmp_path: Path) -> None:
