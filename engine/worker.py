@@ -8,7 +8,6 @@ output and outcome arrive in the order they happened.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import inspect
 import logging
@@ -102,6 +101,8 @@ class _Worker:
             handler = self.load()
             outcome = handler(task["event"], context)
             if inspect.isawaitable(outcome):
+                import asyncio  # here, not at the top: it would add a third to every instance's start
+
                 outcome = asyncio.run(_awaited(outcome))
         except BaseException as exc:  # SystemExit too: the run failed, the parent decides
             # Skip this frame: the user's traceback starts at their handler.

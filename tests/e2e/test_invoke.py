@@ -167,6 +167,16 @@ async def test_async_def_handler_runs(eventrun_server, http, handler):
     }
 
 
+async def test_an_instance_of_a_plain_def_handler_does_not_load_asyncio(eventrun_server, http, handler):
+    # Every instance start pays for what the worker imports; asyncio (and ssl with it) is
+    # loaded only for an async handler.
+    server = eventrun_server({"mods": {"handler": handler("modules")}})
+    api = server.client(http)
+    state = await api.wait_ended(await api.accepted("mods", {}))
+    assert state["Status"] == "FINISHED", state
+    assert state["Result"] == {"asyncio": False}
+
+
 async def test_sync_function_answers_with_the_result(eventrun_server, http, handler):
     server = eventrun_server(
         {"echo": {"handler": handler("sync_echo"), "async_execution": False, "timeout": "30s"}}
