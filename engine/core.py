@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import Envelope, encode, new_ids, now_rfc3339
+from .envelope import Envelope, encode_many, new_ids, now_rfc3339
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -42,8 +42,8 @@ def _rows(envelopes: Sequence[Envelope]) -> list[NewInvocation]:
     """The store rows of envelopes being accepted, each with a fresh RequestId."""
     now = now_rfc3339()
     return [
-        _new_row((request_id, e.function, e.source, e.id, e.trigger, now, encode(e)))
-        for request_id, e in zip(new_ids(len(envelopes)), envelopes)
+        _new_row((request_id, e.function, e.source, e.id, e.trigger, now, raw))
+        for request_id, e, raw in zip(new_ids(len(envelopes)), envelopes, encode_many(envelopes))
     ]
 
 

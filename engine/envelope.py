@@ -7,7 +7,7 @@ import functools
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import orjson
 
@@ -138,11 +138,18 @@ class Envelope(_Fields):
 
     def to_dict(self) -> dict[str, Any]:
         """The CloudEvents JSON form, as the handler receives it."""
+        specversion, id, source, type, subject, time, datacontenttype, function, trigger, data = self
+        if subject is not None and datacontenttype is not None:  # the usual case, spelled out: it runs per event
+            return {
+                "specversion": specversion, "id": id, "source": source, "type": type, "subject": subject,
+                "time": time, "datacontenttype": datacontenttype, "eventrunfunction": function,
+                "eventruntrigger": trigger, "data": data,
+            }  # fmt: skip
         event = dict(zip(_JSON_KEYS, self))
         # Unset attributes are left out rather than null; deleting keeps the other keys in order.
-        if self.subject is None:
+        if subject is None:
             del event["subject"]
-        if self.datacontenttype is None:
+        if datacontenttype is None:
             del event["datacontenttype"]
         return event
 
@@ -195,6 +202,29 @@ def encode(envelope: Envelope) -> bytes:
     # Allowing non-str keys (which `data` may hold) slows down every dict, so that option is
     # only for the envelopes that need it; other errors come back the same from this call.
     return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS)
+
+
+_BETWEEN = orjson.Fragment(b"\x00")
+
+
+def encode_many(envelopes: Sequence[Envelope]) -> list[bytes]:
+    """[encode(e) for e in envelopes], with one orjson call for the lot instead of one each.
+
+    A Kafka batch encodes thousands of envelopes; one call does it in about half the time, most
+    of the saving in allocating one output instead of thousands. The envelopes are written as
+    one JSON array with a raw NUL byte after each: orjson never writes one itself (inside a
+    string it escapes it as \\u0000), so splitting at the NULs gives back each envelope's bytes.
+    """
+    if not envelopes:
+        return []
+    items: list[Any] = []
+    for envelope in envelopes:
+        items += (envelope.to_dict(), _BETWEEN)
+    try:
+        joined = orjson.dumps(items)
+    except TypeError:  # non-str keys in some data: one at a time, as encode() does them
+        return [encode(envelope) for envelope in envelopes]
+    return joined[1:-3].split(b",\x00,")  # [e1,NUL,e2,NUL,...,en,NUL]
 
 
 def decode(raw: bytes | str) -> Envelope:

@@ -208,7 +208,7 @@ class WriterProcess:
 def _plain(op: Op) -> tuple[str, Any]:
     # Rows go as plain tuples: pickling a named tuple calls back into Python for every row.
     if op.kind == "accept":
-        return op.kind, [tuple(row) for row in op.args]
+        return op.kind, list(map(tuple, op.args))
     return op.kind, op.args
 
 

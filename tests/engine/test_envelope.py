@@ -16,6 +16,7 @@ from eventrun.engine.envelope import (
     decode,
     dumps,
     encode,
+    encode_many,
     loads,
     new_envelope,
     new_id,
@@ -168,6 +169,35 @@ def test_encode_fails_as_dumps_does():
         encode(envelope)
     assert type(encode_error.value) is type(dumps_error.value)
     assert str(encode_error.value) == str(dumps_error.value)
+
+
+def test_encode_many_gives_each_envelope_its_own_bytes():
+    # NUL bytes and the very bytes the envelopes are split at, inside strings and keys; nested
+    # envelopes; unset attributes; non-str keys (which take the one-at-a-time way).
+    envelopes = [
+        http_envelope(id="1", data={"text": "a\x00b", ",\x00,": ",\x00,", "list": ["\x00", {"\x00": "\x00"}]}),
+        http_envelope(id="2", subject="x\x00y", data=[http_envelope().to_dict(), http_envelope().to_dict()]),
+        http_envelope(id="3", datacontenttype=None, data="\x00"),
+        http_envelope(id="4", data=None),
+        http_envelope(id="5", data={"ü": "ключ", "n": [1, 2.5, None, True]}),
+    ]
+    expected = [encode(envelope) for envelope in envelopes]
+    assert encode_many(envelopes) == expected
+    assert [loads(raw)["id"] for raw in encode_many(envelopes)] == ["1", "2", "3", "4", "5"]
+    assert encode_many(envelopes[:1]) == expected[:1]
+    assert encode_many([]) == []
+    mixed = [*envelopes, http_envelope(id="6", data={1: "a", "b": {2.5: None}})]
+    assert encode_many(mixed) == [encode(envelope) for envelope in mixed]
+
+
+def test_encode_many_fails_as_encode_does():
+    envelopes = [http_envelope(id="1"), http_envelope(id="2", data={"when": object()})]
+    with pytest.raises(TypeError) as encode_error:
+        encode(envelopes[1])
+    with pytest.raises(TypeError) as many_error:
+        encode_many(envelopes)
+    assert type(many_error.value) is type(encode_error.value)
+    assert str(many_error.value) == str(encode_error.value)
 
 
 def check_request_id(text: str, millis_range: tuple[int, int]) -> None:
