@@ -12,7 +12,9 @@ into it. Then, one after the other, against that same topic, in each of --rounds
                   with eventrun's durability (WAL, synchronous=FULL, one commit per batch);
   eventrun        an in-process Engine with the Kafka trigger (its own group) and a no-op
                   function run in worker processes: records/s to durably accepted (the offset
-                  is committed right after), and to FINISHED;
+                  is committed right after), and to FINISHED; and, while accepting, the CPU of
+                  this process (the server's event loop) and of the store's writer process, in
+                  % of one core (100% = that process kept one core busy);
   engine alone    for reference, once at the end: Engine.accept_batch() of the same envelopes,
                   in the same batches, pipelined as the trigger's hand-offs are, with no Kafka
                   at all; roughly what the trigger could reach at best.
@@ -203,7 +205,25 @@ async def engine_alone(work: Path, envelopes: list[Envelope], batch: int, concur
     return len(envelopes) / elapsed
 
 
-async def eventrun(work: Path, bootstrap: str, topic: str, records: int, batch: int, concurrency: int) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Accepting(NamedTuple):
+    """What the eventrun phase measured: rates in records/s, CPU in % of one core while accepting."""
+
+    accepted: float
+    finished: float
+    server_cpu: float
+    writer_cpu: float | None
+
+
+async def eventrun(work: Path, bootstrap: str, topic: str, records: int, batch: int, concurrency: int) -> Accepting:
     """records/s from assignment to durably accepted, and to FINISHED, through the Kafka trigger."""
     work.mkdir()
     (work / "noop.py").write_text(NOOP_HANDLER)
@@ -241,16 +261,24 @@ async def eventrun(work: Path, bootstrap: str, topic: str, records: int, batch: 
     try:
         while not consumer.state()["Partitions"]:
             await asyncio.sleep(0.001)
+        writer = engine.store.writer_pid
+        writer_before = cpu_seconds(writer) if writer is not None else None
+        server_before = time.process_time()
         started = time.perf_counter()
         while consumer.state()["Accepted"] < records:
             await asyncio.sleep(0.002)
         accepted = time.perf_counter() - started
+        server_cpu = (time.process_time() - server_before) / accepted * 100
+        writer_after = cpu_seconds(writer) if writer is not None else None
+        writer_cpu = None
+        if writer_before is not None and writer_after is not None:
+            writer_cpu = (writer_after - writer_before) / accepted * 100
         await asyncio.wait_for(all_finished.wait(), timeout=max(600.0, records / 50))
         done = time.perf_counter() - started
     finally:
         await trigger.stop()
         await engine.stop()
-    return records / accepted, records / done
+    return Accepting(records / accepted, records / done, server_cpu, writer_cpu)
 
 
 class Round(NamedTuple):
@@ -302,12 +330,14 @@ async def main_async(args: argparse.Namespace) -> None:
                 print(f"  bare consumer       {consumer_rate:>10,.0f} records/s")
                 sqlite_rate = bare_sqlite(work / f"bare-{n}.db", envelopes, args.batch)
                 print(f"  bare SQLite insert  {sqlite_rate:>10,.0f} records/s")
-                accepted_rate, finished_rate = await eventrun(
+                phase = await eventrun(
                     work / f"eventrun-{n}", bootstrap, topic, args.records, args.batch, args.concurrency
                 )
-                print(f"  eventrun accepted   {accepted_rate:>10,.0f} records/s  (durable, offsets committed)")
-                print(f"  eventrun FINISHED   {finished_rate:>10,.0f} records/s  (no-op function, concurrency {args.concurrency})")
-                result = Round(consumer_rate, sqlite_rate, accepted_rate, finished_rate)
+                writer_cpu = "?" if phase.writer_cpu is None else f"{phase.writer_cpu:.0f}%"
+                print(f"  eventrun accepted   {phase.accepted:>10,.0f} records/s  (durable, offsets committed;"
+                      f" CPU meanwhile: server process {phase.server_cpu:.0f}%, store writer {writer_cpu})")
+                print(f"  eventrun FINISHED   {phase.finished:>10,.0f} records/s  (no-op function, concurrency {args.concurrency})")
+                result = Round(consumer_rate, sqlite_rate, phase.accepted, phase.finished)
                 print(f"  accepted/s / lower ceiling ({result.lower_name}): {result.ratio:.2f}")
                 rounds.append(result)
             print(f"median of {len(rounds)} round{'s' if len(rounds) > 1 else ''}:")
