@@ -42,10 +42,10 @@ from .writes import ALL_NEW, SCHEMA, Op, commit, connect
 logger = logging.getLogger(__name__)
 
 _READY = "ready"
+_START_TIMEOUT = 60.0
 
 SEND_AT_ONCE = 100
 """An accept of this many rows or more is sent to the writer at once rather than at the end of the loop's turn."""
-_START_TIMEOUT = 60.0
 
 
 class WriterProcess:
