@@ -78,6 +78,7 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
         self._reporters: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._metric_sources: list[Callable[[], str]] = []
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -148,6 +149,10 @@ class Engine:
     def add_reporter(self, name: str, report: Callable[[], dict[str, Any]]) -> None:
         """Show `report()` (e.g. a trigger's connection state) under `Triggers` in health()."""
         self._reporters[name] = report
+
+    def add_metrics(self, render: Callable[[], str]) -> None:
+        """Add `render()` (Prometheus text, e.g. a trigger's figures) to metrics_text()."""
+        self._metric_sources.append(render)
 
     def backlog(self, function: str) -> int:
         """Runs of the function accepted but not yet started."""
@@ -263,11 +268,19 @@ class Engine:
         return self.logs.follow(request_id, lambda: self.get(request_id).status.ended)
 
     def metrics_text(self) -> str:
-        """Prometheus text of the engine's counters."""
-        return self.metrics.render(
-            self.manifest.functions,
-            lambda f: (self.dispatcher.queued(f), self.dispatcher.running(f)),
-        )
+        """Prometheus text of the engine's counters, then of each added source."""
+        parts = [
+            self.metrics.render(
+                self.manifest.functions,
+                lambda f: (self.dispatcher.queued(f), self.dispatcher.running(f)),
+            )
+        ]
+        for render in self._metric_sources:
+            try:
+                parts.append(render())
+            except Exception:  # one broken source must not take the others down
+                logger.exception("a metrics source failed; /metrics goes on without it")
+        return "".join(parts)
 
     def health(self) -> dict[str, Any]:
         """Liveness and a few figures."""

@@ -10,6 +10,20 @@ from .api import Status
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0)
 
 
+def family(name: str, kind: str, help_text: str) -> list[str]:
+    """The HELP and TYPE lines that open a metric family."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
+def labels(**values: str) -> str:
+    """`{a="x",b="y"}`, each value escaped as the Prometheus text format wants."""
+    return "{" + ",".join(f'{name}="{_escape(value)}"' for name, value in values.items()) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     """What the engine counts, per function."""
 
@@ -37,29 +51,24 @@ class Metrics:
         """Prometheus text exposition; `gauges(fn)` gives (queued, running)."""
         names = sorted(functions)
         out: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-
-        family("eventrun_accepted_total", "counter", "Events accepted (new RequestIds).")
+        out += family("eventrun_accepted_total", "counter", "Events accepted (new RequestIds).")
         out += [f'eventrun_accepted_total{{function="{f}"}} {self.accepted[f]}' for f in names]
-        family("eventrun_duplicates_total", "counter", "Events handed in again and answered with the known RequestId.")
+        out += family("eventrun_duplicates_total", "counter", "Events handed in again and answered with the known RequestId.")
         out += [f'eventrun_duplicates_total{{function="{f}"}} {self.duplicates[f]}' for f in names]
-        family("eventrun_throttled_total", "counter", "Events refused by qps_limit.")
+        out += family("eventrun_throttled_total", "counter", "Events refused by qps_limit.")
         out += [f'eventrun_throttled_total{{function="{f}"}} {self.throttled[f]}' for f in names]
-        family("eventrun_runs_total", "counter", "Runs ended, by final status.")
+        out += family("eventrun_runs_total", "counter", "Runs ended, by final status.")
         for f in names:
             for status in Status:
                 if status.ended:
                     out.append(f'eventrun_runs_total{{function="{f}",status="{status.value}"}} {self.ended[(f, status.value)]}')
-        family("eventrun_queued", "gauge", "Runs waiting for a slot.")
-        family("eventrun_running", "gauge", "Runs going on.")
+        out += family("eventrun_queued", "gauge", "Runs waiting for a slot.")
+        out += family("eventrun_running", "gauge", "Runs going on.")
         for f in names:
             queued, running = gauges(f)
             out.append(f'eventrun_queued{{function="{f}"}} {queued}')
             out.append(f'eventrun_running{{function="{f}"}} {running}')
-        family("eventrun_run_duration_seconds", "histogram", "Duration of ended runs.")
+        out += family("eventrun_run_duration_seconds", "histogram", "Duration of ended runs.")
         for f in names:
             counts = self._buckets.get(f, [0] * (len(BUCKETS) + 1))
             for bound, count in zip(BUCKETS, counts):

@@ -29,6 +29,7 @@ class Trigger(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def state(self) -> dict[str, Any]: ...
+    def metrics(self) -> str: ...
 
 
 @dataclass
@@ -92,6 +93,7 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
             await trigger.start()
             stack.push_async_callback(trigger.stop)
             engine.add_reporter(name, trigger.state)
+            engine.add_metrics(trigger.metrics)
         logger.info(
             "eventrun serving %d functions on http://%s:%s (data in %s)",
             len(manifest.functions),

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -86,12 +87,20 @@ class Server:
             self._running.append(self.http.stop)
         await self.trigger.start()
         self._running.append(self.trigger.stop)
-        self.engine.add_reporter("kafka", self.trigger.state)
+        self.engine.add_reporter("kafka", self.trigger.state)  # as `eventrun serve` does
+        self.engine.add_metrics(self.trigger.metrics)
         return self
 
     async def stop(self) -> None:
         while self._running:
             await self._running.pop()()
+
+    def metric(self, name: str) -> int:
+        """The value of one eventrun_kafka_* metric of the (one) consumer in /metrics' text."""
+        text = self.engine.metrics_text()
+        found = re.findall(rf'^{name}\{{function="[^"]*",topic="[^"]*",group="[^"]*"\}} (\d+)$', text, re.M)
+        assert len(found) == 1, text
+        return int(found[0])
 
     @property
     def consumer_state(self) -> dict[str, Any]:
@@ -209,6 +218,10 @@ async def test_each_record_runs_once_with_its_data(kafka: KafkaService, servers:
         assert event["time"].endswith("Z")
     assert server.consumer_state["State"] == "consuming"
     assert server.consumer_state["Partitions"] == [0, 1, 2]
+    assert server.metric("eventrun_kafka_records_accepted_total") == len(records)
+    assert server.metric("eventrun_kafka_partitions") == 3
+    assert server.metric("eventrun_kafka_consumer_connected") == 1
+    assert server.metric("eventrun_kafka_consumer_paused") == 0
 
 
 async def test_starting_position_latest_is_resolved_once(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
@@ -383,17 +396,19 @@ async def test_backpressure_pauses_and_resumes_without_loss(kafka: KafkaService,
         settings={"batch_size": batch},
     )
     states: set[str] = set()
-    most = 0
+    most = paused_metric = 0
     deadline = time.monotonic() + 30
     while len(server.invocations("slow")) < total or not all(r.status.ended for r in server.invocations("slow")):
         assert time.monotonic() < deadline, server.consumer_state
         states.add(server.consumer_state["State"].split(" (")[0])
+        paused_metric = max(paused_metric, server.metric("eventrun_kafka_consumer_paused"))
         most = max(most, server.engine.backlog("slow"))
         await asyncio.sleep(0.01)
     runs = await server.ended("slow", total)
     assert {r.status for r in runs} == {Status.FINISHED}, "qps_limit never refuses Kafka records"
     assert len(set(ids(runs))) == total
     assert "paused" in states, states
+    assert paused_metric == 1, "/metrics never showed the consumer paused"
     # Checked before each fetch; one batch may be in the engine and the next being read.
     assert most <= mark + 2 * batch, f"backlog reached {most}, high-water mark {mark}, batch {batch}"
     await server.state_is("consuming", timeout=5)
@@ -410,9 +425,11 @@ async def test_broker_stopped_and_restarted_while_eventrun_runs(kafka: KafkaServ
     server = await servers({"fn": kafka_function("kafka_id", topic)}, http=True)
     assert sorted(ids(await server.ended("fn", 3))) == ["0-0", "0-1", "0-2"]
 
+    assert server.metric("eventrun_kafka_consumer_connected") == 1
     kafka.stop_broker()
     state = await server.state_is("broker unreachable", timeout=15)
     assert kafka.bootstrap in str(state) or "Kafka" in state["State"] or "Error" in state["State"], state
+    assert server.metric("eventrun_kafka_consumer_connected") == 0
     assert server.http is not None
     async with aiohttp.ClientSession() as session:
         base = f"http://127.0.0.1:{server.http.port}"
@@ -428,6 +445,7 @@ async def test_broker_stopped_and_restarted_while_eventrun_runs(kafka: KafkaServ
     await kafka.start_broker()
     await kafka.create_topic(topic)
     await server.state_is("consuming", timeout=20)
+    assert server.metric("eventrun_kafka_consumer_connected") == 1
     await kafka.produce_json(topic, [{"after": i} for i in range(3)])
     runs = await server.ended("fn", 7, timeout=30)
     kafka_ids = sorted(ids([r for r in runs if r.trigger == "kafka"]))
@@ -539,6 +557,11 @@ async def test_kill_9_mid_stream_loses_and_repeats_nothing(
         assert time.monotonic() < deadline, server.log_text()[-3000:]
         await asyncio.sleep(0.2)
     assert len(runs) == total, f"{len(runs)} runs for {total} records"
+    metrics = (await api.request("GET", "/metrics")).text
+    where = f'{{function="fn",topic="{topic}",group="eventrun-fn"}}'
+    accepted_since_restart = re.search(rf"^eventrun_kafka_records_accepted_total{re.escape(where)} (\d+)$", metrics, re.M)
+    assert accepted_since_restart is not None and int(accepted_since_restart.group(1)) > 0, metrics
+    assert f"eventrun_kafka_consumer_connected{where} 1" in metrics.splitlines(), metrics
     finished = [r["Result"]["id"] for r in runs if r["Status"] == "FINISHED"]
     assert len(finished) == len(set(finished)), "a record ran twice"
     for run in runs:

@@ -238,6 +238,10 @@ async def test_test_event_is_skipped_and_a_duplicate_delivery_runs_once(platform
     assert run.result["event"]["subject"] == "dup/x.csv"
     state = p.trigger.state()
     assert (state["skipped"], state["accepted"], state["duplicates"], state["bad"]) == (1, 1, 1, 0), state
+    metrics = p.trigger.metrics()
+    for line in ("eventrun_s3_skipped_total 1", "eventrun_s3_accepted_total 1", "eventrun_s3_duplicates_total 1",
+                 "eventrun_s3_bad_total 0", "eventrun_s3_records_total 2", "eventrun_s3_sqs_polling 1"):  # fmt: skip
+        assert line in metrics.splitlines(), metrics
     async with aiohttp.ClientSession() as http:
         async with http.get(p.url + "/healthz") as response:
             health = await response.json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -298,6 +299,10 @@ async def test_serve_runs_timers_and_reports_them(eventrun_server, http, handler
     health = (await api.request("GET", "/healthz")).json
     schedule = health["Triggers"]["timer"]["Schedules"][0]
     assert schedule["Function"] == "tick" and schedule["Fired"] >= 2, health
+    metrics = (await api.request("GET", "/metrics")).text
+    fired = re.search(r'^eventrun_timer_fired_total\{function="tick",trigger="every"\} (\d+)$', metrics, re.M)
+    assert fired is not None and int(fired.group(1)) >= 2, metrics
+    assert re.search(r'^eventrun_timer_errors_total\{function="tick",trigger="every"\} 0$', metrics, re.M), metrics
 
 
 @pytest.mark.e2e

@@ -115,6 +115,16 @@ class TopicConsumer:
             "Accepted": self._handoff.accepted,
         }
 
+    def figures(self) -> dict[str, int]:
+        """What /metrics shows about this consumer."""
+        connected = self._health.connection == "connected"
+        return {
+            "connected": int(connected),
+            "paused": int(connected and self._health.backpressure),
+            "partitions": len(self._parts.assignment),
+            "accepted": self._handoff.accepted,
+        }
+
     # -- the loop --------------------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import KafkaTrigger as KafkaTriggerConfig
 from eventrun.engine.manifest import Manifest
+from eventrun.engine.metrics import family, labels
 
 from .client import Settings
 from .consumer import TopicConsumer
@@ -73,6 +74,28 @@ class KafkaTrigger:
     def state(self) -> dict[str, Any]:
         """Each consumer's state for /healthz, keyed "function:topic"."""
         return {consumer.name: consumer.state() for consumer in self.consumers}
+
+    def metrics(self) -> str:
+        """Each consumer's figures as Prometheus text, labelled by function, topic and group."""
+        rows = [
+            (labels(function=c.function, topic=c.topic, group=c.group_id), c.figures()) for c in self.consumers
+        ]
+        out: list[str] = []
+        for name, kind, key, help_text in _FAMILIES:
+            out += family(name, kind, help_text)
+            out += [f"{name}{where} {figures[key]}" for where, figures in rows]
+        return "\n".join(out) + "\n"
+
+
+_FAMILIES = (
+    ("eventrun_kafka_consumer_connected", "gauge", "connected",
+     "1 while the consumer reaches the broker, 0 while it connects, the broker is unreachable or it is stopped."),
+    ("eventrun_kafka_consumer_paused", "gauge", "paused",
+     "1 while the consumer holds its partitions back because the function's backlog passed the high-water mark."),
+    ("eventrun_kafka_partitions", "gauge", "partitions", "Partitions of the topic assigned to the consumer."),
+    ("eventrun_kafka_records_accepted_total", "counter", "accepted",
+     "Records durably accepted (their offsets committed after) since the server started."),
+)  # fmt: skip
 
 
 def _quiet_client_logs() -> None:

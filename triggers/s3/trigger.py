@@ -12,6 +12,7 @@ from aiohttp import web
 from eventrun.engine.api import Accepted, Acceptor
 from eventrun.engine.envelope import Envelope
 from eventrun.engine.manifest import Manifest
+from eventrun.engine.metrics import family
 
 from .parser import parse_record, to_envelopes
 from .sqs import SqsPoller
@@ -85,6 +86,16 @@ class S3Trigger:
             **{name: self.counters[name] for name in _COUNTERS},
         }
 
+    def metrics(self) -> str:
+        """The counters, and whether the SQS poller is polling, as Prometheus text."""
+        polling = self._poller is not None and self._poller.state == "polling"
+        out = family("eventrun_s3_sqs_polling", "gauge", "1 while the SQS poller polls its queue, 0 otherwise (or off).")
+        out.append(f"eventrun_s3_sqs_polling {int(polling)}")
+        for name, help_text in _COUNTER_HELP.items():
+            out += family(f"eventrun_s3_{name}_total", "counter", help_text)
+            out.append(f"eventrun_s3_{name}_total {self.counters[name]}")
+        return "\n".join(out) + "\n"
+
     async def _ingest(self, records: Sequence[dict[str, Any]]) -> list[tuple[Envelope, Accepted]]:
         """Route records to functions and accept them in one durable commit."""
         envelopes: list[Envelope] = []
@@ -106,4 +117,12 @@ class S3Trigger:
         return list(zip(envelopes, answers))
 
 
-_COUNTERS = ("records", "accepted", "duplicates", "unmatched", "skipped", "bad")
+_COUNTER_HELP = {
+    "records": "Bucket notification records received, by webhook or SQS.",
+    "accepted": "Events accepted from them (new RequestIds; a record may match several functions).",
+    "duplicates": "Events from them already accepted before (redeliveries).",
+    "unmatched": "Records that matched no function's s3 trigger.",
+    "skipped": "SQS test events, skipped.",
+    "bad": "SQS messages that were not bucket notifications.",
+}
+_COUNTERS = tuple(_COUNTER_HELP)

@@ -17,6 +17,7 @@ from eventrun.engine.envelope import Envelope
 from eventrun.engine.errors import ManifestError, ShuttingDown
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.manifest import TimerTrigger as TimerConfig
+from eventrun.engine.metrics import family, labels
 
 from .parser import (
     UTC,
@@ -91,6 +92,14 @@ class _Job:
     @property
     def label(self) -> str:
         return f"{self.function}/{self.config.name}"
+
+
+_COUNTERS = (
+    ("eventrun_timer_fired_total", "fired", "Slots that started a run."),
+    ("eventrun_timer_duplicates_total", "duplicates", "Slots found already accepted (after a restart, or on another server)."),
+    ("eventrun_timer_skipped_total", "skipped", "Slots skipped: too late (catch_up = false) or the run before still going (overlap = false)."),
+    ("eventrun_timer_errors_total", "errors", "Slots that could not be accepted."),
+)
 
 
 class TimerTrigger:
@@ -173,6 +182,16 @@ class TimerTrigger:
                 for job in self._jobs
             ],
         }
+
+    def metrics(self) -> str:
+        """Each schedule's counters as Prometheus text, labelled by function and trigger name."""
+        out: list[str] = []
+        for name, attribute, help_text in _COUNTERS:
+            out += family(name, "counter", help_text)
+            out += [
+                f"{name}{labels(function=job.function, trigger=job.name)} {getattr(job, attribute)}" for job in self._jobs
+            ]
+        return "\n".join(out) + "\n"
 
     # -- the schedule loop ------------------------------------------------------------------
 
