@@ -115,10 +115,10 @@ class LogHub:
             if ended() and request_id not in self._open:
                 return
             while True:
-                line = await queue.get()
-                if line is _END:
+                live = await queue.get()
+                if live is None:  # _END: the run has ended
                     return
-                yield line
+                yield live
         finally:
             followers = self._followers.get(request_id)
             if followers is not None:

@@ -33,7 +33,7 @@ class Metrics:
         self.throttled: collections.Counter[str] = collections.Counter()
         self.ended: collections.Counter[tuple[str, str]] = collections.Counter()
         self._buckets: dict[str, list[int]] = {}
-        self._sums: collections.Counter[str] = collections.Counter()
+        self._sums: collections.defaultdict[str, float] = collections.defaultdict(float)
 
     def observe_end(self, function: str, status: Status, seconds: float | None) -> None:
         """Count one ended run and its duration."""

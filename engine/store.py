@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import logging
 import sqlite3
 from pathlib import Path
@@ -167,7 +168,8 @@ class SQLiteStore:
         cursor: str | None = None,
     ) -> tuple[list[Invocation], str | None]:
         """Invocations newest first, and the cursor of the next page (None at the end)."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if function is not None:
             where.append("function = ?")
             args.append(function)
@@ -186,7 +188,7 @@ class SQLiteStore:
         next_cursor = _encode_cursor(rows[limit - 1][-1]) if len(rows) > limit else None
         return page, next_cursor
 
-    def queued(self) -> list[tuple[str, str]]:
+    def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
         """(request_id, function) of every QUEUED run, oldest first."""
         return self._db.execute("SELECT request_id, function FROM invocations WHERE status = 'QUEUED' ORDER BY seq").fetchall()
 

@@ -68,7 +68,7 @@ async def stop_client(consumer: AIOKafkaConsumer, grace: float) -> None:
     closed here, so no connection or background task is left behind.
     """
     coordinator = getattr(consumer, "_coordinator", None)
-    if getattr(coordinator, "generation", None) == 0 and getattr(coordinator, "member_id", ""):
+    if coordinator is not None and getattr(coordinator, "generation", None) == 0 and getattr(coordinator, "member_id", ""):
         # Tansu numbers a group's first generation 0 and aiokafka sends LeaveGroup only for
         # generations above 0; without it the partitions stay with this member until its
         # session times out. (LeaveGroup carries no generation, so 1 changes nothing else.)

@@ -52,6 +52,7 @@ def parse_cron(expr: str, tz: str = "UTC") -> CronTrigger:
     """
     zone = parse_timezone(tz)
     parts = expr.split()
+    names: tuple[str, ...]
     if len(parts) == len(_SCF_FIELDS):
         names = _SCF_FIELDS
     elif len(parts) == len(_CRONTAB_FIELDS):
