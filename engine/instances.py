@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from .api import Status
 from .envelope import dumps, loads
+from . import worker
 from .worker import FRAME_MARK
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ MAX_LINE = 64 * 1024  # longer lines are split, so one line never holds unbounde
 FRAME_BYTE = FRAME_MARK[0].encode()
 
 LineSink = Callable[[list[str]], None]
+
+_WORKER_FILE = worker.__file__
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,9 +268,10 @@ class InstancePool:
         env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-P",  # the cwd is the user's folder: never let it shadow eventrun's own modules
-            "-m",
-            "eventrun.engine.worker",
+            # -P: neither the cwd (the user's folder) nor the worker's own folder goes on sys.path.
+            # Run as a file, not with -m: the eventrun package is not loaded into the instance.
+            "-P",
+            _WORKER_FILE,
             spec.handler,
             spec.function,
             token,

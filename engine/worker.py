@@ -8,21 +8,22 @@ output and outcome arrive in the order they happened.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
-import logging
+# Every instance start pays for what is imported here, so this module imports only what every
+# run needs. The rest comes when used: logging with the first use of context.logger, orjson
+# with the first result other than None, traceback with the first error, asyncio with the
+# first async handler. It runs as a script, outside the eventrun package, so the package (and
+# whatever it imports) is not loaded either.
+import json
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable
 
-from .envelope import dumps, loads
+TYPE_CHECKING = False  # typing itself is not imported: it would cost every start a few ms
+if TYPE_CHECKING:
+    import logging
+    from typing import Any, Callable
 
 FRAME_MARK = "\x1eeventrun-frame:"
 MAX_RESULT = 6 * 1024 * 1024  # the same bound as an invocation body
@@ -35,15 +36,28 @@ def _write_all(data: bytes) -> None:
         view = view[os.write(1, view) :]
 
 
-@dataclass
 class Context:
     """What a handler gets beside the event."""
 
-    request_id: str
-    function_name: str
-    deadline: float  # epoch seconds
-    logger: logging.Logger = field(repr=False)
-    memory_limit_in_mb: int | None = None
+    __slots__ = ("request_id", "function_name", "deadline", "memory_limit_in_mb", "_logger")
+
+    def __init__(self, request_id: str, function_name: str, deadline: float, logger: Callable[[], logging.Logger]) -> None:
+        self.request_id = request_id
+        self.function_name = function_name
+        self.deadline = deadline  # epoch seconds
+        self.memory_limit_in_mb: int | None = None
+        self._logger = logger
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(request_id={self.request_id!r}, function_name={self.function_name!r}, "
+            f"deadline={self.deadline!r}, memory_limit_in_mb={self.memory_limit_in_mb!r})"
+        )
+
+    @property
+    def logger(self) -> logging.Logger:
+        """A logger whose lines go to the run's log (INFO and above)."""
+        return self._logger()
 
     def remaining_time(self) -> float:
         """Seconds left before the run is stopped."""
@@ -54,6 +68,22 @@ class Context:
         return int(self.remaining_time() * 1000)
 
 
+def _frame_json(payload: dict[str, Any]) -> bytes:
+    """A frame's JSON: text and flags only, which the standard library writes as well as orjson."""
+    # A lone surrogate (it can come with an exception's message) becomes "?": the parent's
+    # parser accepts only valid UTF-8.
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+
+def _result_json(value: Any) -> bytes:
+    """A result's JSON, by eventrun's own rules (orjson, non-string keys allowed); TypeError if it has none."""
+    if value is None:
+        return b"null"
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
 class _Worker:
     def __init__(self, handler: str, function: str, token: str, tasks: int) -> None:
         self.handler_spec = handler
@@ -61,27 +91,37 @@ class _Worker:
         self.mark = (FRAME_MARK + token + " ").encode()
         self.tasks = os.fdopen(tasks, "rb")
         self.handler: Callable[..., Any] | None = None
-        self.logger = logging.getLogger(f"eventrun.function.{function}")
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        self.logger.addHandler(stream)
+        self._logger: logging.Logger | None = None
+
+    def logger(self) -> logging.Logger:
+        if self._logger is None:
+            import logging
+
+            logger = logging.getLogger(f"eventrun.function.{self.function}")
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            stream = logging.StreamHandler(sys.stderr)
+            stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+            logger.addHandler(stream)
+            self._logger = logger
+        return self._logger
 
     def frame(self, payload: dict[str, Any]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        _write_all(self.mark + dumps(payload) + b"\n")
+        _write_all(self.mark + _frame_json(payload) + b"\n")
 
     def load(self) -> Callable[..., Any]:
         if self.handler is None:
-            path_text, _, name = self.handler_spec.rpartition(":")
-            path = Path(path_text)
-            sys.path.insert(0, str(path.parent))
-            spec = importlib.util.spec_from_file_location(f"eventrun_handler_{path.stem}", path)
+            import importlib.util
+
+            path, _, name = self.handler_spec.rpartition(":")
+            sys.path.insert(0, os.path.dirname(path))
+            stem = os.path.splitext(os.path.basename(path))[0]
+            spec = importlib.util.spec_from_file_location(f"eventrun_handler_{stem}", path)
             if spec is None or spec.loader is None:
                 raise ImportError(f"cannot load handler file {path}")
-            module: ModuleType = importlib.util.module_from_spec(spec)
+            module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)
             handler = getattr(module, name, None)
@@ -100,17 +140,21 @@ class _Worker:
         try:
             handler = self.load()
             outcome = handler(task["event"], context)
-            if inspect.isawaitable(outcome):
-                import asyncio  # here, not at the top: it would add a third to every instance's start
+            if _maybe_awaitable(outcome):
+                import asyncio
+                import inspect
 
-                outcome = asyncio.run(_awaited(outcome))
+                if inspect.isawaitable(outcome):
+                    outcome = asyncio.run(_awaited(outcome))
         except BaseException as exc:  # SystemExit too: the run failed, the parent decides
+            import traceback
+
             # Skip this frame: the user's traceback starts at their handler.
             traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
             self.frame({"ok": False, "error_type": type(exc).__name__, "error_message": str(exc), "recycle": True})
             return
         try:
-            encoded = dumps(outcome)
+            encoded = _result_json(outcome)
         except TypeError as exc:
             self.frame(
                 {
@@ -138,7 +182,12 @@ class _Worker:
     def serve(self) -> None:
         for line in self.tasks:
             if line.strip():
-                self.run_one(loads(line))
+                self.run_one(json.loads(line))
+
+
+def _maybe_awaitable(value: Any) -> bool:
+    """Cheap and never wrong the other way: everything inspect.isawaitable accepts passes."""
+    return hasattr(value, "__await__") or type(value).__name__ == "generator"
 
 
 async def _awaited(awaitable: Any) -> Any:

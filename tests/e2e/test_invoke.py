@@ -167,14 +167,22 @@ async def test_async_def_handler_runs(eventrun_server, http, handler):
     }
 
 
-async def test_an_instance_of_a_plain_def_handler_does_not_load_asyncio(eventrun_server, http, handler):
-    # Every instance start pays for what the worker imports; asyncio (and ssl with it) is
-    # loaded only for an async handler.
+async def test_an_instance_loads_only_what_its_handler_uses(eventrun_server, http, handler):
+    # Every instance start pays for what the worker imports: asyncio (and ssl with it) comes
+    # only for an async handler, logging with context.logger, orjson with a result; the
+    # eventrun package and what it imports never.
     server = eventrun_server({"mods": {"handler": handler("modules")}})
     api = server.client(http)
     state = await api.wait_ended(await api.accepted("mods", {}))
     assert state["Status"] == "FINISHED", state
-    assert state["Result"] == {"asyncio": False}
+    assert state["Result"] == {
+        "asyncio": False,
+        "orjson": False,
+        "logging": False,
+        "inspect": False,
+        "dataclasses": False,
+        "eventrun": False,
+    }
 
 
 async def test_sync_function_answers_with_the_result(eventrun_server, http, handler):

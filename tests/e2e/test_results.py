@@ -28,3 +28,40 @@ async def test_a_result_over_the_limit_fails_and_says_why(eventrun_server, http,
     assert ended["Status"] == "FAILED", ended
     assert ended["ErrorType"] == "ResultTooLarge"
     assert "limit" in ended["ErrorMessage"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "result"),
+    [
+        ("datetime", {"at": "2026-11-30T12:00:00+00:00"}),
+        ("int-keys", {"1": "one", "2": "two"}),
+        ("nan", [None]),
+    ],
+)
+async def test_results_are_encoded_by_one_set_of_rules(eventrun_server, http, handler, kind, result):
+    # Dates, non-string keys and NaN as orjson writes them (the rules of every other JSON eventrun writes).
+    server = eventrun_server({"shapes": {"handler": handler("shapes")}})
+    api = server.client(http)
+    ended = await api.wait_ended(await api.accepted("shapes", {"kind": kind}))
+    assert ended["Status"] == "FINISHED", ended
+    assert ended["Result"] == result
+
+
+async def test_a_result_that_is_not_json_fails_and_says_why(eventrun_server, http, handler):
+    server = eventrun_server({"shapes": {"handler": handler("shapes")}})
+    api = server.client(http)
+    ended = await api.wait_ended(await api.accepted("shapes", {"kind": "object"}))
+    assert ended["Status"] == "FAILED", ended
+    assert ended["ErrorType"] == "ResultNotSerializable"
+    assert "not JSON-serialisable" in ended["ErrorMessage"]
+
+
+async def test_an_error_message_that_is_not_valid_text_still_comes_back(eventrun_server, http, handler):
+    # A lone surrogate cannot be sent as UTF-8: it comes back as "?", the rest as it was.
+    server = eventrun_server({"shapes": {"handler": handler("shapes")}})
+    api = server.client(http)
+    request_id = await api.accepted("shapes", {"kind": "raise"})
+    ended = await api.wait_ended(request_id)
+    assert ended["Status"] == "FAILED", ended
+    assert ended["ErrorType"] == "ValueError"
+    assert ended["ErrorMessage"] == "n\u00e4chster Versuch ? fehlgeschlagen"
