@@ -17,13 +17,13 @@ FOLLOWER_BACKLOG = 10_000  # lines a slow follower may lag before it is cut off
 
 
 class _OpenLog:
-    """The log file of a run that is going on."""
+    """The log of a run that is going on; its file is made with the first line."""
 
     __slots__ = ("fd", "size", "truncated")
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.size = 0
         self.truncated = False
 
 
@@ -42,9 +42,12 @@ class LogHub:
         return self.directory / request_id[:2] / f"{request_id}.log"
 
     def open(self, request_id: str) -> None:
-        """Start (or continue) a run's log; writing opens it too."""
-        if request_id in self._open:
-            return
+        """Start (or continue) a run's log. Its file is made with the first line: a run that
+        writes nothing leaves no file (and costs no file creation), and reads as empty."""
+        if request_id not in self._open:
+            self._open[request_id] = _OpenLog()
+
+    def _create(self, request_id: str, log: _OpenLog) -> int:
         # Once a run: strings rather than Paths, and each fan-out folder made once.
         folder = os.path.join(self.directory, request_id[:2])
         file = os.path.join(folder, f"{request_id}.log")
@@ -56,7 +59,9 @@ class LogHub:
         except FileNotFoundError:  # the folder was removed behind our back: make it again
             os.makedirs(folder, exist_ok=True)
             fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._open[request_id] = _OpenLog(fd, os.fstat(fd).st_size)
+        log.fd = fd
+        log.size = os.fstat(fd).st_size  # a log continued (e.g. noted after a restart) keeps its limit
+        return fd
 
     def is_open(self, request_id: str) -> bool:
         """True while the run's log is being written."""
@@ -64,29 +69,30 @@ class LogHub:
 
     def write(self, request_id: str, lines: Iterable[str]) -> None:
         """Stamp and append lines; past the size limit, say so once and drop the rest."""
-        if request_id not in self._open:
-            self.open(request_id)
-        log = self._open[request_id]
+        log = self._open.get(request_id)
+        if log is None:
+            log = self._open[request_id] = _OpenLog()
         if log.truncated:
             return
         stamp = now_rfc3339()
         stamped = [f"{stamp} {line}" for line in lines]
         if not stamped:
             return
+        fd = log.fd if log.fd is not None else self._create(request_id, log)
         data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
         if log.size + len(data) > self.limit:
             notice = f"{stamp} [eventrun] log limit of {self.limit} bytes reached; further output of this run is discarded"
             stamped = [notice]
             data = (notice + "\n").encode()
             log.truncated = True
-        os.write(log.fd, data)
+        os.write(fd, data)
         log.size += len(data)
         self._publish(request_id, stamped)
 
     def close(self, request_id: str) -> None:
         """End a run's log and release its followers."""
         log = self._open.pop(request_id, None)
-        if log is not None:
+        if log is not None and log.fd is not None:
             os.close(log.fd)
         for follower in self._followers.pop(request_id, ()):
             _offer(follower, _END)

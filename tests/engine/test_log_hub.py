@@ -56,3 +56,27 @@ def test_a_log_folder_removed_while_serving_is_made_again(tmp_path: Path) -> Non
     hub.write("ab-second", ["two"])
     hub.close("ab-second")
     assert hub.read("ab-second").decode().endswith(" two\n")
+
+
+def test_a_run_that_writes_nothing_leaves_no_file_and_reads_empty(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path / "logs", limit=10_000)
+    hub.open("ab-quiet")
+    assert hub.is_open("ab-quiet")
+    hub.close("ab-quiet")
+    assert not hub.is_open("ab-quiet")
+    assert hub.read("ab-quiet") == b""
+    assert not hub.path("ab-quiet").exists()
+
+
+def test_a_continued_log_keeps_its_limit(tmp_path: Path) -> None:
+    # After a restart a run's log is continued (the server notes why the run ended): the
+    # limit counts what the file already holds.
+    first = LogHub(tmp_path, limit=300)
+    first.write("ab-run", ["x" * 250])
+    first.close("ab-run")
+    second = LogHub(tmp_path, limit=300)
+    second.write("ab-run", ["y" * 100])
+    second.close("ab-run")
+    text = second.read("ab-run").decode()
+    assert "y" * 100 not in text
+    assert text.splitlines()[-1].endswith("further output of this run is discarded")
