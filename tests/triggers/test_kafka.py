@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from eventrun.engine.api import Accepted
@@ -18,6 +19,8 @@ from eventrun.engine.envelope import Envelope, decode, encode
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
+from eventrun.triggers.kafka.handoff import HandOff
+from eventrun.triggers.kafka.health import Health
 from eventrun.triggers.kafka.parser import (
     DEFAULT_MAX_JSON,
     RECORD_TYPE,
@@ -28,6 +31,7 @@ from eventrun.triggers.kafka.parser import (
     to_envelopes,
     undecodable_envelope,
 )
+from eventrun.triggers.kafka.partitions import Partitions
 from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide
 from eventrun.triggers.kafka.trigger import _quiet_client_logs
 
@@ -219,6 +223,22 @@ def test_a_batch_gives_each_record_the_envelope_it_gets_alone() -> None:
     assert built == [to_envelope(r, "f", epoch=3) for r in batch]
     assert [e.source for e in built] == ["kafka://orders", "kafka://other", "kafka://orders", "/s", "kafka://orders", "kafka://orders"]
     assert [e.id for e in built] == ["2-1-3", "2-2-3", "2-3-3", "e4", "2-5-3", "2-6-3"]
+
+
+def test_records_of_a_batch_get_their_own_times() -> None:
+    # The batch loop reuses the time text while the timestamp repeats; it must never carry a
+    # time over to a record with another timestamp, nor past one it cannot format.
+    stamps = [TS, TS, TS + 1, TS + 1000, 10**17, 10**17, TS + 1000, -1, TS, 0, 0]
+    batch = [record(offset=i, timestamp=stamp) for i, stamp in enumerate(stamps)]
+    built = to_envelopes(batch, "f")
+    for rec, envelope in zip(batch, built):
+        if rec.timestamp is not None and rec.timestamp >= 0 and rec.timestamp < 10**17:
+            assert envelope.time == record_time(rec.timestamp), rec.offset
+        assert envelope.data["timestamp"] == (rec.timestamp if rec.timestamp >= 0 else None)
+    assert built[3].time not in (built[4].time, built[5].time)  # 10**17 ms has no date: stamped when built
+    assert [e.time for e in built[:4]] == [
+        "2024-05-01T10:00:00.123Z", "2024-05-01T10:00:00.123Z", "2024-05-01T10:00:00.124Z", "2024-05-01T10:00:01.123Z",
+    ]
 
 
 # --------------------------------------------------------------------------- CloudEvents
@@ -470,3 +490,38 @@ def test_client_logs_are_quieted_unless_configured() -> None:
         assert client.level == logging.DEBUG
     finally:
         client.setLevel(before)
+
+
+async def test_a_hand_off_has_started_its_accept_when_it_returns() -> None:
+    # The consumer fetches and converts the next batch right after a hand-off returns, without
+    # giving the event loop a turn when records are buffered. The accept must already be under
+    # way by then (its rows sent to the store's writer), or the two never overlap.
+    release = asyncio.Event()
+
+    class SlowEngine(FakeEngine):
+        async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+            self.accepted += envelopes  # started: in the real engine, rows built and sent
+            await release.wait()
+            return [Accepted(e.id, True) for e in envelopes]
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.committed: dict[TopicPartition, int] = {}
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            self.committed.update(offsets)
+
+    engine = SlowEngine()
+    parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
+    handoff = HandOff(
+        engine, parts, Health("f:orders", servers="b", group_id="g"), Settings(bootstrap_servers="b"),
+        asyncio.Event(), function="f", topic="orders", name="f:orders",
+    )
+    consumer = Consumer()
+    tp = TopicPartition("orders", 2)
+    await handoff.hand_off(consumer, {tp: [record(offset=0), record(offset=1)]}, parts.generation)  # type: ignore[arg-type]
+    assert [e.id for e in engine.accepted] == ["2-0", "2-1"]
+    assert consumer.committed == {}  # not durable yet: nothing committed
+    release.set()
+    await handoff.drain()
+    assert consumer.committed == {tp: 2}

@@ -117,6 +117,10 @@ class HandOff:
             task = asyncio.create_task(self._accept(consumer, envelopes, spans, generation, previous))
             self.handing += len(envelopes)
             self._inflight.append(task)
+            # Let the accept start now: it builds its rows and sends them to the store's writer
+            # before this consumer fetches and converts the next batch, so the two overlap. (A
+            # fetch that finds records already buffered does not give the loop a turn.)
+            await asyncio.sleep(0)
 
     async def drain(self) -> None:
         """Wait for the accepts (and commits) in flight."""

@@ -57,6 +57,7 @@ def to_envelopes(
     envelopes: list[Envelope] = []
     append = envelopes.append
     topic, source = None, ""
+    stamped, when = None, ""  # the last timestamp seen and its text: records of a batch share them in runs
     for record in records:
         if record.headers:
             append(_general(record, function, epoch, max_json))
@@ -71,9 +72,12 @@ def to_envelopes(
             except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
                 pass
             else:
-                seconds, millis = divmod(timestamp, 1000)
-                second = _second(seconds)
-                if second:
+                if timestamp != stamped:
+                    seconds, millis = divmod(timestamp, 1000)
+                    second = _second(seconds)
+                    when = f"{second}.{millis:03d}Z" if second else ""
+                    stamped = timestamp
+                if when:
                     partition, offset = record.partition, record.offset
                     if record.topic is not topic:
                         topic = record.topic
@@ -92,7 +96,7 @@ def to_envelopes(
                         source,
                         RECORD_TYPE,
                         subject,
-                        f"{second}.{millis:03d}Z",
+                        when,
                         "application/json",
                         function,
                         TRIGGER,
