@@ -352,7 +352,7 @@ class Engine:
         instance = run.instance = await self.pool.acquire(spec)
         if run.abort:
             await instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
-        self._note(request_id, f"[eventrun] run started on instance {instance.pid}")
+        self.logs.hold(request_id, f"[eventrun] run started on instance {instance.pid}")  # with its first line
         outcome = Outcome(status=Status.FAILED, error_type="InternalError", error_message="run did not report")
         try:
             outcome = await instance.run(

@@ -19,12 +19,13 @@ FOLLOWER_BACKLOG = 10_000  # lines a slow follower may lag before it is cut off
 class _OpenLog:
     """The log of a run that is going on; its file is made with the first line."""
 
-    __slots__ = ("fd", "size", "truncated")
+    __slots__ = ("fd", "size", "truncated", "held")
 
     def __init__(self) -> None:
         self.fd: int | None = None
         self.size = 0
         self.truncated = False
+        self.held: list[str] = []  # stamped lines that go in with the first line written
 
 
 class LogHub:
@@ -63,6 +64,21 @@ class LogHub:
         log.size = os.fstat(fd).st_size  # a log continued (e.g. noted after a restart) keeps its limit
         return fd
 
+    def hold(self, request_id: str, line: str) -> None:
+        """A line stamped now and written just before the run's first line; dropped if none comes.
+
+        For eventrun's own line at the start of a run: a run that writes nothing and ends well
+        then leaves no file at all. (Making a file is the costliest part of a short run's
+        bookkeeping: 0.1 to 0.5 ms of the server's time on a journalled filesystem.)
+        """
+        log = self._open.get(request_id)
+        if log is None:
+            log = self._open[request_id] = _OpenLog()
+        if log.fd is None:
+            log.held.append(f"{now_rfc3339()} {line}")
+        else:
+            self.write(request_id, [line])
+
     def is_open(self, request_id: str) -> bool:
         """True while the run's log is being written."""
         return request_id in self._open
@@ -78,7 +94,13 @@ class LogHub:
         stamped = [f"{stamp} {line}" for line in lines]
         if not stamped:
             return
-        fd = log.fd if log.fd is not None else self._create(request_id, log)
+        if log.fd is not None:
+            fd = log.fd
+        else:
+            fd = self._create(request_id, log)
+            if log.held:
+                stamped[:0] = log.held
+                log.held = []
         data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
         if log.size + len(data) > self.limit:
             notice = f"{stamp} [eventrun] log limit of {self.limit} bytes reached; further output of this run is discarded"

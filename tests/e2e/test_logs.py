@@ -145,3 +145,20 @@ async def test_a_function_that_prints_without_end_is_capped_and_told(eventrun_se
         text = await response.text()
     assert len(text.encode()) < 64 * 1024 + 1024
     assert "log limit of 65536 bytes reached; further output of this run is discarded" in text
+
+
+async def test_the_start_line_comes_with_the_first_output_and_a_quiet_run_leaves_an_empty_log(
+    eventrun_server, http, handler
+):
+    server = eventrun_server({"quick": {"handler": handler("quick")}, "quiet": {"handler": handler("modules")}})
+    api = server.client(http)
+    loud = await api.wait_ended(await api.accepted("quick", {}))
+    assert loud["Status"] == "FINISHED", loud
+    pid = loud["Result"]["pid"]
+    lines = (await api.logs(loud["RequestId"])).splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [f"[eventrun] run started on instance {pid}", f"quick ran in pid={pid}"]
+    assert lines[0].split(" ", 1)[0] <= lines[1].split(" ", 1)[0]  # stamped when the run started
+    quiet = await api.wait_ended(await api.accepted("quiet", {}))
+    assert quiet["Status"] == "FINISHED", quiet
+    assert await api.logs(quiet["RequestId"]) == ""
+    assert not list((server.data_dir / "logs").rglob(f"{quiet['RequestId']}.log"))

@@ -80,3 +80,18 @@ def test_a_continued_log_keeps_its_limit(tmp_path: Path) -> None:
     text = second.read("ab-run").decode()
     assert "y" * 100 not in text
     assert text.splitlines()[-1].endswith("further output of this run is discarded")
+
+
+def test_a_held_line_goes_in_before_the_first_line_or_not_at_all(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    hub.hold("ab-loud", "[eventrun] started")
+    hub.write("ab-loud", ["output"])
+    hub.hold("ab-loud", "[eventrun] later")  # the file exists now: written at once
+    hub.close("ab-loud")
+    assert [line.split(" ", 1)[1] for line in hub.read("ab-loud").decode().splitlines()] == [
+        "[eventrun] started", "output", "[eventrun] later",
+    ]
+    hub.hold("ab-quiet", "[eventrun] started")
+    hub.close("ab-quiet")
+    assert hub.read("ab-quiet") == b""
+    assert not hub.path("ab-quiet").exists()
