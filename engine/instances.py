@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .api import Status
 from .envelope import dumps, loads
 from . import worker
+from .spawner import ForkedProcess, Spawner, SpawnerUnavailable, forkable
 from .worker import FRAME_MARK
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class InstanceDied(Exception):
 class Instance:
     """One worker process, running one event at a time."""
 
-    def __init__(self, spec: Spec, process: asyncio.subprocess.Process, token: str) -> None:
+    def __init__(self, spec: Spec, process: asyncio.subprocess.Process | ForkedProcess, token: str) -> None:
         self.spec = spec
         self.process = process
         self.pid = process.pid
@@ -204,17 +205,22 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 class InstancePool:
     """Starts instances, keeps warm ones per function, and reaps idle ones."""
 
-    def __init__(self, *, max_instances: int, idle_timeout: float, kill_grace: float, base_env: dict[str, str]) -> None:
+    def __init__(
+        self, *, max_instances: int, idle_timeout: float, kill_grace: float, base_env: dict[str, str], fork: bool = True
+    ) -> None:
         self.max_instances = max_instances
         self.idle_timeout = idle_timeout
         self.kill_grace = kill_grace
         self._base_env = base_env
+        self._spawner = Spawner(_WORKER_FILE, {**base_env, "PYTHONUNBUFFERED": "1"}) if fork else None
         self._idle: dict[str, list[Instance]] = {}
         self._busy: set[Instance] = set()
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Begin reaping idle instances."""
+        """Start the spawner, and begin reaping idle instances."""
+        if self._spawner is not None:
+            self._spawner.start()
         self._reaper = asyncio.create_task(self._reap(), name="instance-reaper")
 
     async def stop(self) -> None:
@@ -226,6 +232,8 @@ class InstancePool:
         everyone = [i for group in self._idle.values() for i in group] + list(self._busy)
         self._idle.clear()
         await asyncio.gather(*(i.kill(self.kill_grace) for i in everyone), return_exceptions=True)
+        if self._spawner is not None:
+            await self._spawner.close()
 
     @property
     def size(self) -> int:
@@ -266,6 +274,17 @@ class InstancePool:
     async def _spawn(self, spec: Spec) -> Instance:
         token = secrets.token_hex(8)
         env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
+        spawner = self._spawner
+        if spawner is not None and spawner.available and forkable(spec.environment, self._base_env):
+            try:
+                forked = await spawner.spawn(
+                    handler=spec.handler, function=spec.function, token=token, cwd=str(spec.cwd), env=env
+                )
+            except SpawnerUnavailable as exc:
+                logger.warning("cannot fork an instance of %s (%s); starting a fresh interpreter", spec.function, exc)
+            else:
+                logger.info("started instance %s of %s", forked.pid, spec.function)
+                return Instance(spec, forked, token)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             # -P: neither the cwd (the user's folder) nor the worker's own folder goes on sys.path.

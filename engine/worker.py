@@ -195,10 +195,12 @@ async def _awaited(awaitable: Any) -> Any:
 
 
 def _watch_parent(parent: int) -> None:
-    """End this instance and its process group when the server is gone (e.g. kill -9).
+    """End this instance and its process group when its parent is gone (e.g. kill -9).
 
-    The instance runs in a process group of its own, so the server's death reaches it only
-    through this watch; its runs are recorded FAILED on restart and must not go on unseen.
+    The parent is the server, or the spawner the server forks instances from (which ends its
+    instances when the server is gone). The instance runs in a process group of its own, so
+    that death reaches it only through this watch; its runs are recorded FAILED on restart
+    and must not go on unseen.
     """
     while True:
         time.sleep(0.5)
@@ -218,5 +220,122 @@ def main() -> None:
     _Worker(handler, function, token, tasks).serve()
 
 
+# -- the spawner ----------------------------------------------------------------------------
+#
+# A fresh interpreter costs every instance 30 ms or more of CPU before it can load its handler.
+# The spawner is one interpreter, started once by the server, that has done that already: it
+# forks each instance on request and the child becomes the worker above, with the function's
+# own process group, standard streams, folder and environment. The server and the spawner
+# talk over a SOCK_SEQPACKET socket: one JSON message each way per request, the instance's two
+# pipe ends passed along; the spawner also reports each instance's exit status, as only the
+# parent of a process can learn it.
+
+_SPAWN_MESSAGE = 1 << 20  # a request's size bound: the environment is most of it
+
+
+def spawner(control: int) -> None:
+    """Fork instances on request until the server closes its end, then end every instance left."""
+    import select
+    import socket
+
+    sock = socket.socket(fileno=control)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up byte is what counts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutdown comes from the server, not a terminal
+    children: set[int] = set()
+
+    def send(message: dict[str, Any]) -> None:
+        try:
+            sock.send(json.dumps(message).encode())
+        except OSError:
+            pass  # the server is gone; the loop ends at the next read
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    while True:
+        ready, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    if not os.read(wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+            reap()
+        if sock not in ready:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, _SPAWN_MESSAGE, 2)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            break  # the server is gone (or closed its end to stop us)
+        request = json.loads(data)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            send({"id": request["id"], "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        if pid == 0:
+            # The instance. Leaving by SystemExit (never back into this loop) lets the
+            # interpreter shut down as usual: atexit handlers run, streams are flushed.
+            signal.set_wakeup_fd(-1)
+            sock.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            raise SystemExit(_become_instance(request, fds))
+        for fd in fds:
+            os.close(fd)
+        children.add(pid)
+        send({"id": request["id"], "pid": pid})
+        reap()
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _become_instance(request: dict[str, Any], fds: list[int]) -> int | str | None:
+    """In a child of the spawner: take the instance's place, run the worker, give its exit status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.setsid()  # its own process group, as a started instance has
+    tasks_in, output = fds
+    os.dup2(tasks_in, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    time.tzset()  # TZ may differ from the spawner's
+    sys.argv = [__file__, request["handler"], request["function"], request["token"]]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--spawner"]:
+        spawner(int(sys.argv[2]))
+    else:
+        main()

@@ -1,0 +1,232 @@
+"""Instances forked from a spawner process: each starts in about a millisecond of the server's time.
+
+A fresh interpreter costs every instance 30 ms or more of CPU (the interpreter, site-packages)
+before it loads its handler; a burst that starts eight instances pays that eight times. The
+spawner (worker.spawner) is one interpreter started with the server that has paid it once and
+forks each instance on request. The child runs the same worker with the function's own process
+group, pipes, folder and environment.
+
+What a fork cannot give is what the interpreter decides at start from the environment: a
+function whose `environment` sets a PYTHON* variable (PYTHONPATH, PYTHONHASHSEED, ...) or the
+locale (LANG, LC_*) differently from the server's gets a fresh interpreter, as does every
+instance while the spawner is not available. Forked instances share the spawner's hash seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any, Mapping
+
+logger = logging.getLogger(__name__)
+
+_MESSAGE = 64 * 1024  # the spawner's messages are small: a pid, an exit code, an error
+_REPLY_TIMEOUT = 10.0  # a spawner that does not answer by then is given up
+
+
+class SpawnerUnavailable(Exception):
+    """The spawner could not fork this instance; start a fresh interpreter instead."""
+
+
+def forkable(environment: Mapping[str, str], base: Mapping[str, str]) -> bool:
+    """False if a function's environment changes what an interpreter decides at start."""
+    return not any(
+        (name.startswith(("PYTHON", "LC_")) or name in ("LANG", "LANGUAGE")) and base.get(name) != value
+        for name, value in environment.items()
+    )
+
+
+class ForkedProcess:
+    """An instance forked by the spawner, with what Instance uses of asyncio's Process."""
+
+    def __init__(self, pid: int, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> int:
+        """Wait until the spawner reports the process's end; its exit code (-N: killed by signal N)."""
+        return await asyncio.shield(self._exited)
+
+    def exited(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            if not self._exited.done():
+                self._exited.set_result(code)
+
+
+class Spawner:
+    """The server's end of the spawner process."""
+
+    def __init__(self, worker_file: str, env: Mapping[str, str]) -> None:
+        self._worker_file = worker_file
+        self._env = dict(env)
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._children: dict[int, ForkedProcess] = {}
+        self._exits: dict[int, int] = {}  # ends reported before their ForkedProcess existed
+        self._next_id = 0
+        self.pid: int | None = None
+
+    @property
+    def available(self) -> bool:
+        """True while the spawner runs and answers."""
+        return self._sock is not None
+
+    def start(self) -> None:
+        """Start the spawner process (it needs no answer to be ready: requests wait in the socket)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = subprocess.Popen(
+                # -P: as for instances, neither the cwd nor the worker's folder goes on sys.path.
+                [sys.executable, "-P", self._worker_file, "--spawner", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=self._env,
+                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
+            )
+        except OSError as exc:
+            ours.close()
+            logger.warning("cannot start the instance spawner (%s); instances start as fresh interpreters", exc)
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self.pid = self._process.pid
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(ours.fileno(), self._readable)
+
+    async def spawn(self, *, handler: str, function: str, token: str, cwd: str, env: Mapping[str, str]) -> ForkedProcess:
+        """Fork one instance; SpawnerUnavailable if the spawner cannot."""
+        sock, loop = self._sock, self._loop
+        if sock is None or loop is None:
+            raise SpawnerUnavailable("the spawner is not running")
+        tasks_r, tasks_w = os.pipe2(os.O_CLOEXEC)
+        output_r, output_w = os.pipe2(os.O_CLOEXEC)
+        request_id = self._next_id = self._next_id + 1
+        reply: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._replies[request_id] = reply
+        request = {"id": request_id, "handler": handler, "function": function, "token": token, "cwd": cwd, "env": dict(env)}
+        try:
+            try:
+                socket.send_fds(sock, [json.dumps(request).encode()], [tasks_r, output_w])
+            except OSError as exc:  # BlockingIOError included: a spawner that far behind is as good as gone
+                raise SpawnerUnavailable(f"cannot reach the spawner: {exc}") from None
+            finally:
+                os.close(tasks_r)
+                os.close(output_w)
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(reply), _REPLY_TIMEOUT)
+            except asyncio.TimeoutError:
+                self._lost(f"it did not answer within {_REPLY_TIMEOUT:g}s")
+                raise SpawnerUnavailable("the spawner did not answer") from None
+        except BaseException:
+            self._replies.pop(request_id, None)
+            os.close(tasks_w)
+            os.close(output_r)
+            raise
+        if "error" in answer:
+            os.close(tasks_w)
+            os.close(output_r)
+            raise SpawnerUnavailable(str(answer["error"]))
+        pid = int(answer["pid"])
+        try:
+            stdout = asyncio.StreamReader(loop=loop)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), open(output_r, "rb", 0))
+            transport, protocol = await loop.connect_write_pipe(
+                lambda: asyncio.streams.FlowControlMixin(loop=loop), open(tasks_w, "wb", 0)
+            )
+        except BaseException:
+            _kill_group(pid)
+            raise
+        process = ForkedProcess(pid, asyncio.StreamWriter(transport, protocol, None, loop), stdout)
+        self._children[pid] = process
+        if pid in self._exits:
+            self._ended(pid, self._exits.pop(pid))
+        return process
+
+    async def close(self) -> None:
+        """Stop the spawner (it ends any instance it still has) and wait for it."""
+        if self._sock is not None:
+            self._lost(None)
+        if self._process is not None:
+            process, self._process = self._process, None
+            try:
+                await asyncio.to_thread(process.wait, 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+
+    def _readable(self) -> None:
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = sock.recv(_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"{type(exc).__name__}: {exc}")
+                return
+            if not data:
+                self._lost(self._exit_text())
+                return
+            message = json.loads(data)
+            if "exit" in message:
+                self._ended(int(message["exit"]), int(message["code"]))
+                continue
+            reply = self._replies.pop(message.get("id"), None)
+            if reply is not None and not reply.done():
+                reply.set_result(message)
+            elif "pid" in message:  # asked for by a spawn that gave up waiting: not ours to run
+                _kill_group(int(message["pid"]))
+
+    def _ended(self, pid: int, code: int) -> None:
+        process = self._children.pop(pid, None)
+        if process is None:
+            self._exits[pid] = code  # reported before spawn() had its reply in hand
+        else:
+            process.exited(code)
+
+    def _lost(self, why: str | None) -> None:
+        """The spawner is gone (why) or being closed (None): nothing more comes from it."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+        if why is not None:
+            logger.error("the instance spawner stopped (%s); instances start as fresh interpreters", why)
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_result({"error": "the spawner stopped"})
+        self._replies.clear()
+        # Its instances end themselves once their parent is gone; no exit status will come.
+        for pid, process in list(self._children.items()):
+            _kill_group(pid)
+            process.exited(-signal.SIGKILL)
+        self._children.clear()
+
+    def _exit_text(self) -> str:
+        process = self._process
+        code = process.poll() if process is not None else None
+        if code is None:
+            return "it closed its socket"
+        return f"it was killed by signal {-code}" if code < 0 else f"it exited with code {code}"
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
