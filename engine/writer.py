@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
+import operator
 import pickle
 import queue
 import signal
@@ -213,6 +215,7 @@ def _plain(op: Op) -> tuple[str, Any]:
 
 
 _new_answer = functools.partial(tuple.__new__, Accepted)  # Accepted(...) without its Python-level __new__
+_first = operator.itemgetter(0)
 
 
 def _settle(op: Op, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
@@ -222,7 +225,7 @@ def _settle(op: Op, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> N
     if not ok:
         future.set_exception(value)
     elif value == ALL_NEW:
-        future.set_result([_new_answer((row[0], True)) for row in op.args])
+        future.set_result(list(map(_new_answer, zip(map(_first, op.args), itertools.repeat(True)))))
     else:
         future.set_result(value)
 
