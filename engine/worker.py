@@ -264,8 +264,9 @@ def spawner(control: int) -> None:
             children.discard(pid)
             send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
+    control = sock.fileno()
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready, _, _ = select.select([control, wake_r], [], [])
         if wake_r in ready:
             while True:
                 try:
@@ -274,7 +275,7 @@ def spawner(control: int) -> None:
                 except BlockingIOError:
                     break
             reap()
-        if sock not in ready:
+        if control not in ready:
             continue
         try:
             data, fds, _, _ = socket.recv_fds(sock, _SPAWN_MESSAGE, 2)
