@@ -36,10 +36,27 @@ class LogHub:
         self.limit = limit
         self._open: dict[str, _OpenLog] = {}
         self._folders: set[str] = set()  # fan-out folders known to exist
+        try:  # logs in the old layout (see _legacy_path) are read and continued where they are
+            self._legacy = any(len(name) == 2 for name in os.listdir(directory))
+        except OSError:
+            self._legacy = False
         self._followers: dict[str, set[asyncio.Queue[str | None]]] = {}
 
     def path(self, request_id: str) -> Path:
-        """Where a run's log lives (two-level fan-out keeps directories small)."""
+        """Where a run's log lives: in folders by the time at the head of its RequestId.
+
+        A RequestId starts with its creation time in milliseconds (hex), so the first six digits
+        name a folder per 4.7 hours and the next two one of its 256 folders of 65 s each: no
+        folder grows with the server's age, and the logs of one period sit together.
+        """
+        return Path(self._folder(request_id), f"{request_id}.log")
+
+    def _folder(self, request_id: str) -> str:
+        return os.path.join(self.directory, request_id[:6], request_id[6:8])
+
+    def _legacy_path(self, request_id: str) -> Path:
+        # Before the time folders: one folder per first two characters, which for time-ordered
+        # ids is the same folder for decades. Logs written there are still read.
         return self.directory / request_id[:2] / f"{request_id}.log"
 
     def open(self, request_id: str) -> None:
@@ -50,8 +67,12 @@ class LogHub:
 
     def _create(self, request_id: str, log: _OpenLog) -> int:
         # Once a run: strings rather than Paths, and each fan-out folder made once.
-        folder = os.path.join(self.directory, request_id[:2])
+        folder = self._folder(request_id)
         file = os.path.join(folder, f"{request_id}.log")
+        if self._legacy and not os.path.exists(file):
+            legacy = str(self._legacy_path(request_id))
+            if os.path.exists(legacy):
+                folder, file = os.path.dirname(legacy), legacy
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
@@ -126,10 +147,12 @@ class LogHub:
 
     def read(self, request_id: str) -> bytes:
         """The whole log so far ("" before the run started)."""
-        try:
-            return self.path(request_id).read_bytes()
-        except FileNotFoundError:
-            return b""
+        for path in (self.path(request_id), self._legacy_path(request_id)):
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                pass
+        return b""
 
     async def follow(self, request_id: str, ended: Callable[[], bool]) -> AsyncIterator[str]:
         """Every line so far, then live lines until the run ends."""

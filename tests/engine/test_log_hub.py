@@ -6,6 +6,7 @@ import asyncio
 import shutil
 from pathlib import Path
 
+from eventrun.engine.envelope import new_id
 from eventrun.engine.logs import LogHub
 
 
@@ -95,3 +96,30 @@ def test_a_held_line_goes_in_before_the_first_line_or_not_at_all(tmp_path: Path)
     hub.close("ab-quiet")
     assert hub.read("ab-quiet") == b""
     assert not hub.path("ab-quiet").exists()
+
+
+def test_logs_are_kept_in_time_folders_that_stay_small(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    now = new_id()
+    later = f"{int(now[:8], 16) + 1:08x}{now[8:]}"  # 65.5 s later: the next leaf folder
+    for request_id in (now, later):
+        hub.write(request_id, ["line"])
+        hub.close(request_id)
+    assert hub.path(now).parent != hub.path(later).parent
+    assert hub.path(now).parent.parent == hub.path(later).parent.parent  # the same 4.7 hours
+    assert hub.path(now).relative_to(tmp_path).parts == (now[:6], now[6:8], f"{now}.log")
+    assert hub.read(later).decode().endswith(" line\n")
+
+
+def test_a_log_in_the_old_layout_is_read_and_continued_there(tmp_path: Path) -> None:
+    request_id = new_id()
+    old = tmp_path / request_id[:2] / f"{request_id}.log"
+    old.parent.mkdir()
+    old.write_text("2026-01-01T00:00:00.000Z before the upgrade\n")
+    hub = LogHub(tmp_path, limit=10_000)
+    assert hub.read(request_id).decode().splitlines() == ["2026-01-01T00:00:00.000Z before the upgrade"]
+    hub.write(request_id, ["[eventrun] noted after the restart"])
+    hub.close(request_id)
+    lines = hub.read(request_id).decode().splitlines()
+    assert lines[0].endswith("before the upgrade") and lines[1].endswith("noted after the restart")
+    assert not hub.path(request_id).exists()
