@@ -71,6 +71,7 @@ class Engine:
             idle_timeout=server.instance_idle_timeout,
             kill_grace=server.kill_grace,
             base_env={**os.environ, **manifest.s3.aws_environment()},
+            fork=server.fork_instances,
         )
         self.dispatcher = Dispatcher(
             concurrency={n: f.concurrency for n, f in manifest.functions.items()},

@@ -82,6 +82,7 @@ class ServerConfig(_Strict):
     kill_grace: float = 3.0
     log_limit: int = 64 * 1024 * 1024
     shutdown_grace: float = 10.0
+    fork_instances: bool = True
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
     _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(

@@ -70,3 +70,11 @@ async def test_the_spawner_ends_with_the_server(eventrun_server, http, handler, 
     server.proc.send_signal(signal.SIGKILL)
     await poll_until(lambda: not pid_alive(spawner), 10, "the spawner outlived a killed server")
     await poll_until(lambda: not pid_alive(state["Result"]["pid"]), 10, "an instance outlived a killed server")
+
+
+async def test_fork_instances_false_starts_every_instance_fresh(eventrun_server, http, handler):
+    server = eventrun_server({"family": {"handler": handler("family")}}, server={"fork_instances": False})
+    api = server.client(http)
+    state = await api.wait_ended(await api.accepted("family", {}))
+    assert state["Status"] == "FINISHED", state
+    assert state["Result"]["ppid"] == server.pid
