@@ -75,7 +75,8 @@ class Spawner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._children: dict[int, ForkedProcess] = {}
-        self._exits: dict[int, int] = {}  # ends reported before their ForkedProcess existed
+        self._starting: set[int] = set()  # forked for a spawn() still setting up the pipes
+        self._exits: dict[int, int] = {}  # ends of those, reported before their ForkedProcess existed
         self._next_id = 0
         self.pid: int | None = None
 
@@ -141,20 +142,30 @@ class Spawner:
             os.close(tasks_w)
             os.close(output_r)
             raise SpawnerUnavailable(str(answer["error"]))
-        pid = int(answer["pid"])
+        pid = int(answer["pid"])  # in _starting since its reply was read
         try:
             stdout = asyncio.StreamReader(loop=loop)
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), open(output_r, "rb", 0))
+            reading, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), open(output_r, "rb", 0)
+            )
             transport, protocol = await loop.connect_write_pipe(
                 lambda: asyncio.streams.FlowControlMixin(loop=loop), open(tasks_w, "wb", 0)
             )
         except BaseException:
+            self._starting.discard(pid)
+            self._exits.pop(pid, None)
             _kill_group(pid)
             raise
+        if pid not in self._starting:  # the spawner was lost meanwhile, and the process with it
+            reading.close()
+            transport.close()
+            raise SpawnerUnavailable("the spawner stopped")
         process = ForkedProcess(pid, asyncio.StreamWriter(transport, protocol, None, loop), stdout)
+        self._starting.discard(pid)
         self._children[pid] = process
         if pid in self._exits:
-            self._ended(pid, self._exits.pop(pid))
+            process.exited(self._exits.pop(pid))
+            del self._children[pid]
         return process
 
     async def close(self) -> None:
@@ -188,16 +199,19 @@ class Spawner:
                 continue
             reply = self._replies.pop(message.get("id"), None)
             if reply is not None and not reply.done():
+                if "pid" in message:
+                    self._starting.add(int(message["pid"]))  # before its exit can be read
                 reply.set_result(message)
             elif "pid" in message:  # asked for by a spawn that gave up waiting: not ours to run
                 _kill_group(int(message["pid"]))
 
     def _ended(self, pid: int, code: int) -> None:
         process = self._children.pop(pid, None)
-        if process is None:
-            self._exits[pid] = code  # reported before spawn() had its reply in hand
-        else:
+        if process is not None:
             process.exited(code)
+        elif pid in self._starting:
+            self._exits[pid] = code  # spawn() is still connecting its pipes
+        # else: a process forked for a spawn() that gave up; nobody waits for it
 
     def _lost(self, why: str | None) -> None:
         """The spawner is gone (why) or being closed (None): nothing more comes from it."""
@@ -218,6 +232,10 @@ class Spawner:
             _kill_group(pid)
             process.exited(-signal.SIGKILL)
         self._children.clear()
+        for pid in self._starting:
+            _kill_group(pid)
+        self._starting.clear()
+        self._exits.clear()
 
     def _exit_text(self) -> str:
         process = self._process

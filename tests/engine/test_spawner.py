@@ -1,0 +1,85 @@
+"""The spawner: forks workers on request, reports how they end, and ends them when closed or lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from eventrun.engine import worker
+from eventrun.engine.spawner import ForkedProcess, Spawner, SpawnerUnavailable, forkable
+
+HANDLER = "import os\n\ndef main_handler(event, context):\n    return {'pid': os.getpid(), 'cwd': os.getcwd(), 'x': os.environ.get('X')}\n"
+
+
+@pytest.fixture
+async def spawner(tmp_path: Path) -> AsyncIterator[Spawner]:
+    (tmp_path / "h.py").write_text(HANDLER)
+    spawner = Spawner(worker.__file__, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    spawner.start()
+    try:
+        yield spawner
+    finally:
+        await spawner.close()
+
+
+async def spawn(spawner: Spawner, folder: Path, token: str = "t0") -> ForkedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "X": "forked"}
+    return await spawner.spawn(handler=f"{folder}/h.py:main_handler", function="f", token=token, cwd=str(folder), env=env)
+
+
+async def test_a_forked_worker_runs_a_task_and_its_end_is_reported(spawner: Spawner, tmp_path: Path) -> None:
+    process = await spawn(spawner, tmp_path)
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"id": "e"}}\n')
+    await process.stdin.drain()
+    line = await asyncio.wait_for(process.stdout.readline(), 10)
+    assert line.startswith((worker.FRAME_MARK + "t0 ").encode())
+    assert f'"pid":{process.pid}'.encode() in line and b'"x":"forked"' in line and str(tmp_path).encode() in line
+    assert os.getpgid(process.pid) == process.pid  # a process group of its own
+    os.killpg(process.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+    assert process.returncode == -signal.SIGKILL
+    process.stdin.close()
+
+
+async def test_a_worker_that_ends_by_itself_reports_its_code(spawner: Spawner, tmp_path: Path) -> None:
+    process = await spawn(spawner, tmp_path)
+    process.stdin.close()  # no more tasks: the worker returns, the interpreter exits
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_once_the_spawner_is_gone_its_workers_end_and_spawn_says_so(spawner: Spawner, tmp_path: Path) -> None:
+    process = await spawn(spawner, tmp_path)
+    assert spawner.pid is not None
+    os.kill(spawner.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+    process.stdin.close()
+    assert not spawner.available
+    with pytest.raises(SpawnerUnavailable):
+        await spawn(spawner, tmp_path, "t1")
+
+
+async def test_closing_the_spawner_ends_it_and_its_workers(spawner: Spawner, tmp_path: Path) -> None:
+    process = await spawn(spawner, tmp_path)
+    pid = spawner.pid
+    await spawner.close()
+    assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+    process.stdin.close()
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie
+
+
+def test_an_environment_that_changes_the_interpreter_is_not_forkable() -> None:
+    base = {"LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+    assert forkable({"GREETING": "hi", "TZ": "UTC"}, base)
+    assert forkable({"LANG": "C.UTF-8"}, base)  # the same as the server's
+    assert not forkable({"LANG": "de_DE.UTF-8"}, base)
+    assert not forkable({"LC_ALL": "C"}, base)
+    assert not forkable({"PYTHONPATH": "/opt/lib"}, base)
+    assert not forkable({"PYTHONHASHSEED": "0"}, base)
