@@ -23,12 +23,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 
 _MESSAGE = 64 * 1024  # the spawner's messages are small: a pid, an exit code, an error
 _REPLY_TIMEOUT = 10.0  # a spawner that does not answer by then is given up
+RESTART_AFTER = 30.0  # a spawner that stopped is started again this long after, when next needed
 
 
 class SpawnerUnavailable(Exception):
@@ -78,6 +80,7 @@ class Spawner:
         self._starting: set[int] = set()  # forked for a spawn() still setting up the pipes
         self._exits: dict[int, int] = {}  # ends of those, reported before their ForkedProcess existed
         self._next_id = 0
+        self._down_since: float | None = None  # when it stopped (or failed to start), unless closed
         self.pid: int | None = None
 
     @property
@@ -85,8 +88,17 @@ class Spawner:
         """True while the spawner runs and answers."""
         return self._sock is not None
 
+    def revive(self, after: float = RESTART_AFTER) -> None:
+        """Start the spawner again if it stopped at least `after` seconds ago (not if it was closed)."""
+        if self._sock is None and self._down_since is not None and time.monotonic() - self._down_since >= after:
+            self.start()
+
     def start(self) -> None:
         """Start the spawner process (it needs no answer to be ready: requests wait in the socket)."""
+        old = self._process
+        if old is not None and old.poll() is None:
+            old.kill()  # stopped answering without exiting: make sure it is gone
+            old.wait()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
@@ -99,13 +111,16 @@ class Spawner:
             )
         except OSError as exc:
             ours.close()
+            self._down_since = time.monotonic()
             logger.warning("cannot start the instance spawner (%s); instances start as fresh interpreters", exc)
             return
         finally:
             theirs.close()
         ours.setblocking(False)
         self._sock = ours
+        self._down_since = None
         self.pid = self._process.pid
+        logger.info("instance spawner started as process %s", self.pid)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(ours.fileno(), self._readable)
 
@@ -222,7 +237,11 @@ class Spawner:
             self._loop.remove_reader(sock.fileno())
         sock.close()
         if why is not None:
-            logger.error("the instance spawner stopped (%s); instances start as fresh interpreters", why)
+            self._down_since = time.monotonic()
+            logger.error(
+                "the instance spawner stopped (%s); instances start as fresh interpreters, and it is started"
+                " again in %g s", why, RESTART_AFTER,
+            )
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_result({"error": "the spawner stopped"})

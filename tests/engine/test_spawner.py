@@ -83,3 +83,27 @@ def test_an_environment_that_changes_the_interpreter_is_not_forkable() -> None:
     assert not forkable({"LC_ALL": "C"}, base)
     assert not forkable({"PYTHONPATH": "/opt/lib"}, base)
     assert not forkable({"PYTHONHASHSEED": "0"}, base)
+
+
+async def test_a_spawner_that_stopped_is_started_again_once_its_pause_is_over(spawner: Spawner, tmp_path: Path) -> None:
+    first = spawner.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    for _ in range(100):
+        if not spawner.available:
+            break
+        await asyncio.sleep(0.05)
+    assert not spawner.available
+    spawner.revive(after=3600)  # too soon: stays down
+    assert not spawner.available
+    spawner.revive(after=0)
+    assert spawner.available and spawner.pid != first
+    process = await spawn(spawner, tmp_path)
+    process.stdin.close()
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_a_closed_spawner_is_not_started_again(spawner: Spawner) -> None:
+    await spawner.close()
+    spawner.revive(after=0)
+    assert not spawner.available
