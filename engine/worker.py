@@ -4,6 +4,8 @@ The parent talks to this process over two pipes. Tasks arrive as JSON lines on a
 copy of stdin; stdout and stderr share one pipe that carries the function's output, and
 frames back to the parent are lines marked with a per-instance token on that same pipe, so
 output and outcome arrive in the order they happened.
+
+The same file, run with --spawner, is the process instances are forked from (see spawner()).
 """
 
 from __future__ import annotations
