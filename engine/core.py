@@ -343,6 +343,7 @@ class Engine:
                 outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated on request")
             else:
                 outcome = await self._run_on_instance(run, function, config, request_id, envelope)
+            self.dispatcher.release(function, request_id)  # its instance is free: the next run may start
         except asyncio.CancelledError:
             outcome = Outcome(status=Status.FAILED, error_type="ServerStopped", error_message=SERVER_STOPPED)
             if run.instance is not None:

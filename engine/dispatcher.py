@@ -53,6 +53,7 @@ class Dispatcher:
         self._execute = execute
         self._queues: dict[str, collections.deque[str]] = {name: collections.deque() for name in concurrency}
         self._running: dict[str, int] = {name: 0 for name in concurrency}
+        self._holding: set[str] = set()  # runs that hold a slot (see release)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._turn = 0
         self._paused = False
@@ -91,7 +92,18 @@ class Dispatcher:
     @property
     def total_running(self) -> int:
         """Runs going on across functions."""
-        return len(self._tasks)
+        return len(self._holding)
+
+    def release(self, function: str, request_id: str) -> None:
+        """The run is over but for recording its end: its slot goes to the next run now.
+
+        Recording the end waits for a commit; the next run's start waits for one too. Released
+        here, both go in the same commit instead of one after the other.
+        """
+        if request_id in self._holding:
+            self._holding.discard(request_id)
+            self._running[function] -= 1
+            self._pump()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -124,7 +136,7 @@ class Dispatcher:
         if self._paused:
             return
         names = list(self._queues)
-        while len(self._tasks) < self._max_running:
+        while len(self._holding) < self._max_running:
             started = False
             for offset in range(len(names)):
                 name = names[(self._turn + offset) % len(names)]
@@ -139,6 +151,7 @@ class Dispatcher:
 
     def _start(self, function: str, request_id: str) -> None:
         self._running[function] += 1
+        self._holding.add(request_id)
         task = asyncio.create_task(self._run(function, request_id), name=f"run-{request_id}")
         self._tasks[request_id] = task
 
@@ -151,6 +164,8 @@ class Dispatcher:
         except Exception:
             logger.exception("run %s of %s crashed inside eventrun", request_id, function)
         finally:
-            self._running[function] -= 1
             del self._tasks[request_id]
-            self._pump()
+            if request_id in self._holding:
+                self.release(function, request_id)
+            else:
+                self._pump()

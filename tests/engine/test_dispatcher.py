@@ -112,3 +112,25 @@ def test_throttle_names_the_function_and_gives_a_whole_retry_after() -> None:
         dispatcher.throttle("f")
     assert caught.value.retry_after >= 1
     assert "'f'" in str(caught.value) and "1 events per second" in str(caught.value)
+
+
+async def test_a_run_that_releases_its_slot_lets_the_next_start_while_it_records_its_end() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 100}, max_running=1, execute=runs)
+    dispatcher.submit("f", "r0", "r1", "r2")
+    await settle()
+    assert runs.started == ["r0"]
+    dispatcher.release("f", "r0")  # r0's instance is free; it still records its end
+    await settle()
+    assert runs.started == ["r0", "r1"]
+    assert (dispatcher.running("f"), dispatcher.total_running, dispatcher.queued("f")) == (1, 1, 1)
+    runs.release("r0")  # r0 ends: its slot is not given back twice
+    await settle()
+    assert runs.started == ["r0", "r1"]
+    assert dispatcher.running("f") == 1
+    runs.release("r1")
+    await settle()
+    assert runs.started == ["r0", "r1", "r2"]
+    runs.release("r2")
+    await settle()
+    assert (dispatcher.running("f"), dispatcher.total_running) == (0, 0)
