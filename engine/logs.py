@@ -62,8 +62,13 @@ class LogHub:
     def open(self, request_id: str) -> None:
         """Start (or continue) a run's log. Its file is made with the first line: a run that
         writes nothing leaves no file (and costs no file creation), and reads as empty."""
-        if request_id not in self._open:
-            self._open[request_id] = _OpenLog()
+        self._log(request_id)
+
+    def _log(self, request_id: str) -> _OpenLog:
+        log = self._open.get(request_id)
+        if log is None:
+            log = self._open[request_id] = _OpenLog()
+        return log
 
     def _create(self, request_id: str, log: _OpenLog) -> int:
         # Once a run: strings rather than Paths, and each fan-out folder made once.
@@ -92,9 +97,7 @@ class LogHub:
         then leaves no file at all. (Making a file is the costliest part of a short run's
         bookkeeping: 0.1 to 0.5 ms of the server's time on a journalled filesystem.)
         """
-        log = self._open.get(request_id)
-        if log is None:
-            log = self._open[request_id] = _OpenLog()
+        log = self._log(request_id)
         if log.fd is None:
             log.held.append(f"{now_rfc3339()} {line}")
         else:
@@ -106,9 +109,7 @@ class LogHub:
 
     def write(self, request_id: str, lines: Iterable[str]) -> None:
         """Stamp and append lines; past the size limit, say so once and drop the rest."""
-        log = self._open.get(request_id)
-        if log is None:
-            log = self._open[request_id] = _OpenLog()
+        log = self._log(request_id)
         if log.truncated:
             return
         stamp = now_rfc3339()
