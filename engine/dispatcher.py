@@ -165,7 +165,4 @@ class Dispatcher:
             logger.exception("run %s of %s crashed inside eventrun", request_id, function)
         finally:
             del self._tasks[request_id]
-            if request_id in self._holding:
-                self.release(function, request_id)
-            else:
-                self._pump()
+            self.release(function, request_id)  # if _execute has not already

@@ -275,9 +275,7 @@ class InstancePool:
         token = secrets.token_hex(8)
         env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
         spawner = self._spawner
-        if spawner is not None and not spawner.available:
-            spawner.revive()
-        if spawner is not None and spawner.available and forkable(spec.environment, self._base_env):
+        if spawner is not None and forkable(spec.environment, self._base_env) and spawner.ready():
             try:
                 forked = await spawner.spawn(
                     handler=spec.handler, function=spec.function, token=token, cwd=str(spec.cwd), env=env

@@ -88,6 +88,11 @@ class Spawner:
         """True while the spawner runs and answers."""
         return self._sock is not None
 
+    def ready(self) -> bool:
+        """True if the spawner runs, started again first if it stopped RESTART_AFTER seconds ago."""
+        self.revive()
+        return self.available
+
     def revive(self, after: float = RESTART_AFTER) -> None:
         """Start the spawner again if it stopped at least `after` seconds ago (not if it was closed)."""
         if self._sock is None and self._down_since is not None and time.monotonic() - self._down_since >= after:
