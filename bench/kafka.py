@@ -248,12 +248,7 @@ async def eventrun(work: Path, bootstrap: str, topic: str, records: int, batch: 
                 all_finished.set()
 
     engine.add_listener(ended)
-    settings = Settings(
-        bootstrap_servers=bootstrap,
-        high_water_mark=manifest.kafka.high_water_mark,
-        max_json=manifest.server.max_body_size,
-        batch_size=batch,
-    )
+    settings = Settings.from_manifest(manifest, batch_size=batch)
     trigger = KafkaTrigger(engine, manifest, settings=settings)
     await engine.start()
     await trigger.start()

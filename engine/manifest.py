@@ -11,9 +11,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -98,11 +100,75 @@ class ServerConfig(_Strict):
         return f"http://{host}:{self.port}"
 
 
+KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
 class KafkaConfig(_Strict):
     """The `[kafka]` connection table."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
     high_water_mark: int = Field(10_000, ge=1)
+    security_protocol: KafkaProtocol = "PLAINTEXT"
+    ssl_cafile: str = ""  # empty: the system's trusted CAs
+    ssl_certfile: str = ""  # a client certificate, for brokers that ask for one
+    ssl_keyfile: str = ""  # its private key, unless ssl_certfile holds it too
+    ssl_check_hostname: bool = True
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+
+    _uppercase = field_validator("security_protocol", "sasl_mechanism", mode="before")(_upper)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is encrypted."""
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        """Whether the client authenticates with SASL."""
+        return self.security_protocol.startswith("SASL_")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> KafkaConfig:
+        # Settings the protocol would ignore are refused: a TLS file under PLAINTEXT most likely
+        # means a forgotten security_protocol, and the connection would go out unencrypted.
+        protocol = self.security_protocol
+        if not self.tls:
+            unused = [key for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(self, key)]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} set, but security_protocol is {protocol!r}, which does not use TLS; "
+                    f"set security_protocol = \"{'SASL_SSL' if self.sasl else 'SSL'}\""
+                )
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile set without ssl_certfile (the client certificate it belongs to)")
+        if self.sasl:
+            missing = [key for key in ("sasl_username", "sasl_password") if not _text(getattr(self, key))]
+            if missing:
+                raise ValueError(
+                    f"security_protocol {protocol!r} needs {' and '.join(missing)} "
+                    "(the password may come from EVENTRUN_KAFKA__SASL_PASSWORD)"
+                )
+        elif self.sasl_username or self.sasl_password.get_secret_value():
+            raise ValueError(
+                f"sasl_username or sasl_password set, but security_protocol is {protocol!r}, which does not "
+                f"use SASL; set security_protocol = \"{'SASL_SSL' if self.tls else 'SASL_PLAINTEXT'}\""
+            )
+        return self
+
+    def files(self) -> dict[str, str]:
+        """The TLS files named, by key."""
+        return {key: value for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if (value := getattr(self, key))}
+
+
+def _text(value: str | SecretStr) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 class S3Config(_Strict):
@@ -266,6 +332,10 @@ class Manifest(BaseSettings):
         """The absolute data directory."""
         return (self.base_dir / self.server.data_dir).resolve()
 
+    def kafka_file(self, name: str) -> Path:
+        """The absolute path of a TLS file named in `[kafka]`."""
+        return (self.base_dir / name).resolve()
+
     def handler_path(self, name: str) -> Path:
         """The absolute path of a function's handler file."""
         return (self.base_dir / self.functions[name].handler_file).resolve()
@@ -299,6 +369,10 @@ def load_manifest(path: Path | str | None) -> Manifest:
                 f"not found (looked for {handler})"
             )
     _check_trigger_names(label, manifest)
+    for key, name in manifest.kafka.files().items():
+        found = manifest.kafka_file(name)
+        if not found.is_file():
+            raise ManifestError(f"{label}: kafka.{key}: file {name!r} not found (looked for {found})")
     return manifest
 
 

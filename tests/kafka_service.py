@@ -68,18 +68,19 @@ def unique(prefix: str) -> str:
 class TansuBroker(LocalProcess):
     """One `tansu broker` process with the memory storage engine (it forgets everything on stop)."""
 
-    def __init__(self, port: int, log_dir: Path) -> None:
+    def __init__(self, port: int, log_dir: Path, *, advertised_port: int | None = None) -> None:
         super().__init__(log_dir / f"tansu-{port}.log")
         self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
+        self.advertised_port = advertised_port or port  # another port: clients come through a relay there
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
 
     def spawn(self) -> None:
         """Start the process (see ready() to wait for it); restarts append to the same log."""
-        url = f"tcp://127.0.0.1:{self.port}"
         self.launch(
             [
                 str(tansu_binary()), "broker",
-                "--listener-url", url, "--advertised-listener-url", url,
+                "--listener-url", f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine", "memory://tansu/",
             ],
             append=True,

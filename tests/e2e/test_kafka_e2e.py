@@ -161,12 +161,7 @@ async def servers(tmp_path: Path, kafka: KafkaService) -> AsyncIterator[Callable
         }
         manifest = load_manifest(write_manifest(folder / "eventrun.toml", tables, functions))
         options = {**FAST, **(settings or {})}
-        configured = Settings(
-            bootstrap_servers=manifest.kafka.bootstrap_servers,
-            high_water_mark=manifest.kafka.high_water_mark,
-            max_json=manifest.server.max_body_size,
-            **options,
-        )
+        configured = Settings.from_manifest(manifest, **options)
         server = Server(manifest, configured, with_http=http)
         made.append(server)
         return await server.start() if start else server

@@ -163,3 +163,66 @@ def test_a_missing_manifest_file_is_refused(tmp_path):
 def test_a_bad_function_name_is_refused(write):
     message = refusal(write(function("9lives")))
     assert "9lives" in message, message
+
+
+# -- [kafka] security ------------------------------------------------------------------------
+
+
+def kafka(**keys: str) -> str:
+    return "[kafka]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+
+
+def test_kafka_is_plaintext_by_default(write):
+    config = load_manifest(write(function())).kafka
+    assert config.security_protocol == "PLAINTEXT" and not config.tls and not config.sasl
+
+
+def test_kafka_protocol_and_mechanism_take_any_case(write):
+    path = write(kafka(security_protocol='"sasl_ssl"', sasl_mechanism='"scram-sha-512"', sasl_username='"u"',
+                       sasl_password='"p"') + function())
+    config = load_manifest(path).kafka
+    assert (config.security_protocol, config.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert config.tls and config.sasl
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"security_protocol": '"TLS"'}, r"kafka\.security_protocol: .*'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'"),
+        ({"sasl_mechanism": '"GSSAPI"', "security_protocol": '"SASL_SSL"', "sasl_username": '"u"', "sasl_password": '"p"'},
+         r"kafka\.sasl_mechanism: .*'PLAIN', 'SCRAM-SHA-256' or 'SCRAM-SHA-512'"),
+        ({"ssl_cafile": '"ca.pem"'}, r"kafka: ssl_cafile set, but security_protocol is 'PLAINTEXT'.*security_protocol = \"SSL\""),
+        ({"security_protocol": '"SASL_PLAINTEXT"', "sasl_username": '"u"', "sasl_password": '"p"', "ssl_certfile": '"c.pem"'},
+         r"kafka: ssl_certfile set, but security_protocol is 'SASL_PLAINTEXT'.*\"SASL_SSL\""),
+        ({"security_protocol": '"SSL"', "ssl_keyfile": '"k.pem"'}, r"kafka: ssl_keyfile set without ssl_certfile"),
+        ({"security_protocol": '"SASL_SSL"'}, r"kafka: security_protocol 'SASL_SSL' needs sasl_username and sasl_password"),
+        ({"security_protocol": '"SASL_SSL"', "sasl_username": '"u"'},
+         r"kafka: security_protocol 'SASL_SSL' needs sasl_password \(.*EVENTRUN_KAFKA__SASL_PASSWORD"),
+        ({"security_protocol": '"SSL"', "sasl_username": '"u"'},
+         r"kafka: sasl_username or sasl_password set, but security_protocol is 'SSL'.*\"SASL_SSL\""),
+        ({"sasl_pasword": '"p"'}, r"kafka\.sasl_pasword: unknown key \(did you mean 'sasl_password'\?\)"),
+    ],
+)
+def test_kafka_security_mistakes_are_refused_precisely(write, keys, expected):
+    path = write(kafka(**keys) + function())
+    message = refusal(path)
+    assert re.search(expected, message), message
+    assert message.startswith(str(path)), message
+
+
+def test_kafka_tls_files_must_exist_relative_to_the_manifest(write, tmp_path):
+    message = refusal(write(kafka(security_protocol='"SSL"', ssl_cafile='"certs/ca.pem"') + function()))
+    assert "kafka.ssl_cafile: file 'certs/ca.pem' not found" in message, message
+    assert str(tmp_path / "certs" / "ca.pem") in message, message
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").write_text("x")
+    manifest = load_manifest(write(kafka(security_protocol='"SSL"', ssl_cafile='"certs/ca.pem"') + function()))
+    assert manifest.kafka_file(manifest.kafka.ssl_cafile) == tmp_path / "certs" / "ca.pem"
+
+
+def test_the_sasl_password_may_come_from_the_environment_and_is_not_shown(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_KAFKA__SASL_PASSWORD", "hunter2")
+    path = write(kafka(security_protocol='"SASL_PLAINTEXT"', sasl_username='"svc"') + function())
+    config = load_manifest(path).kafka
+    assert config.sasl_password.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(config) and "hunter2" not in str(load_manifest(path))

@@ -470,6 +470,7 @@ async def test_a_broker_that_is_down_delays_nothing_and_shows_in_the_state(unuse
             await asyncio.sleep(0.02)
         state = trigger.state()["fn:t"]
         assert "KafkaConnectionError" in state["State"] and str(unused_tcp_port) in state["State"]
+        assert "Connect call failed" in state["State"], state  # why, from eventrun's own try
         assert state["Partitions"] == [] and state["Accepted"] == 0
         await asyncio.sleep(0.3)  # a few retries
         stopping = time.monotonic()

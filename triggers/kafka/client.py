@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Mapping
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CorruptRecordException
+
+from eventrun.engine.manifest import Manifest
+
+from .security import connection_options
 
 # What the client raises when it cannot decode a fetched record (a header name that is not
 # UTF-8, a bad CRC). It raises it again on every fetch, so the partition would be stuck there.
@@ -19,6 +23,8 @@ class Settings:
     """Connection and pacing shared by every consumer of one server."""
 
     bootstrap_servers: str
+    # aiokafka's keywords for TLS and SASL (security_protocol, ssl_context, sasl_*); none: plaintext
+    connection: Mapping[str, Any] = field(default_factory=dict)
     high_water_mark: int = 10_000
     batch_size: int = 2000
     max_json: int = 6 * 1024 * 1024
@@ -38,11 +44,23 @@ class Settings:
     fetch_partition_bytes: int = 4 * 1024 * 1024
     fetch_bytes: int = 16 * 1024 * 1024  # also bounds what one consumer holds fetched
 
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, **options: Any) -> Settings:
+        """The settings `[kafka]` gives (ManifestError if its TLS files do not load); `options` override the rest."""
+        return cls(
+            bootstrap_servers=manifest.kafka.bootstrap_servers,
+            connection=connection_options(manifest),
+            high_water_mark=manifest.kafka.high_water_mark,
+            max_json=manifest.server.max_body_size,
+            **options,
+        )
+
 
 def new_client(settings: Settings, *, function: str, group_id: str) -> AIOKafkaConsumer:
     """A consumer of the group with manual commits; eventrun decides every start position."""
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
+        **settings.connection,
         group_id=group_id,
         client_id=f"eventrun-{function}",
         enable_auto_commit=False,

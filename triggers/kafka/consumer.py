@@ -7,7 +7,7 @@ import logging
 from typing import Any, Awaitable, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from .client import RECORD_ERRORS, Settings, new_client, sleep_unless, stop_client
 from .engine import KafkaEngine
@@ -15,6 +15,7 @@ from .handoff import IN_FLIGHT, HandOff
 from .health import Health
 from .partitions import Partitions
 from .positions import decide
+from .security import refusal
 
 __all__ = ["IN_FLIGHT", "KafkaEngine", "TopicConsumer"]
 
@@ -138,6 +139,17 @@ class TopicConsumer:
                 await self._consume(consumer)
             except _Stopping:
                 pass
+            except KafkaConnectionError as exc:
+                # "Unable to bootstrap" says nothing of why: a refused connection, a certificate
+                # not trusted, a password refused. One connection made here finds out.
+                settings = self._settings
+                try:
+                    reason = await self._unless_stopped(
+                        refusal(settings.bootstrap_servers, settings.connection, settings.broker_timeout)
+                    )
+                except _Stopping:
+                    reason = None
+                self._health.unreachable(exc, reason)
             except KafkaError as exc:
                 self._health.unreachable(exc)
             except Exception as exc:  # never let the trigger die: start over with a new client

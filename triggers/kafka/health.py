@@ -6,6 +6,8 @@ import logging
 import time
 from typing import Callable
 
+from .security import describe
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,10 +51,10 @@ class Health:
         self._last_contact = time.monotonic()
         self.enter("connected")
 
-    def unreachable(self, exc: BaseException) -> None:
-        """The broker did not answer; `exc` says why, on /healthz and in the log."""
-        text, name = str(exc), type(exc).__name__
-        self.error = text if text.startswith(name) else f"{name}: {text}" if text else name
+    def unreachable(self, exc: BaseException, reason: str | None = None) -> None:
+        """The broker did not answer; `exc` (and `reason`, if known) say why, on /healthz and in the log."""
+        error = describe(exc)
+        self.error = f"{error} ({reason})" if reason else error
         self.enter("unreachable")
 
     def probe_due(self, interval: float) -> bool:

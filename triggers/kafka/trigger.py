@@ -22,11 +22,7 @@ class KafkaTrigger:
     """Every `type = "kafka"` trigger of the manifest, sharing the `[kafka]` connection settings."""
 
     def __init__(self, engine: KafkaEngine, manifest: Manifest, *, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings(
-            bootstrap_servers=manifest.kafka.bootstrap_servers,
-            high_water_mark=manifest.kafka.high_water_mark,
-            max_json=manifest.server.max_body_size,
-        )
+        self.settings = settings or Settings.from_manifest(manifest)
         self.consumers: list[TopicConsumer] = []
         seen: dict[tuple[str, str], str] = {}
         for function, config in manifest.functions.items():

@@ -1,0 +1,91 @@
+"""The `[kafka]` security settings as aiokafka's connection keywords, and why a broker refused us.
+
+TLS (`SSL`), SASL over plaintext (`SASL_PLAINTEXT`) or both (`SASL_SSL`); SASL as PLAIN or SCRAM.
+The client retries a connection that fails and only says "Unable to bootstrap" in the end, with
+the reason (a certificate not trusted, a password refused) logged by a logger the trigger keeps
+quiet. So when the consumer cannot start, `refusal` connects once by itself to learn the reason,
+which /healthz and the log then show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any, Mapping
+
+from aiokafka.conn import create_conn
+from aiokafka.helpers import create_ssl_context
+
+from eventrun.engine.errors import ManifestError
+from eventrun.engine.manifest import Manifest
+
+
+def connection_options(manifest: Manifest) -> dict[str, Any]:
+    """The keywords every aiokafka client of this server gets for its connections."""
+    config = manifest.kafka
+    options: dict[str, Any] = {"security_protocol": config.security_protocol}
+    if config.tls:
+        options["ssl_context"] = _ssl_context(manifest)
+    if config.sasl:
+        options["sasl_mechanism"] = config.sasl_mechanism
+        options["sasl_plain_username"] = config.sasl_username
+        options["sasl_plain_password"] = config.sasl_password.get_secret_value()
+    return options
+
+
+def _ssl_context(manifest: Manifest) -> ssl.SSLContext:
+    config = manifest.kafka
+    path = {key: str(manifest.kafka_file(name)) for key, name in config.files().items()}
+    try:
+        context = create_ssl_context(cafile=path.get("ssl_cafile"))
+    except (OSError, ssl.SSLError) as exc:
+        raise ManifestError(f"kafka.ssl_cafile: cannot load CA certificates from {path['ssl_cafile']}: {exc}") from None
+    if "ssl_certfile" in path:
+        try:
+            context.load_cert_chain(path["ssl_certfile"], path.get("ssl_keyfile"))
+        except (OSError, ssl.SSLError) as exc:
+            files = " and ".join(path[key] for key in ("ssl_certfile", "ssl_keyfile") if key in path)
+            raise ManifestError(
+                f"kafka.ssl_certfile: cannot load the client certificate and its key from {files}: {exc}"
+            ) from None
+    context.check_hostname = config.ssl_check_hostname
+    return context
+
+
+def bootstrap_addresses(servers: str) -> list[tuple[str, int]]:
+    """(host, port) of each server in a bootstrap list such as "a:9092,b:9093" (port 9092 if left out)."""
+    out = []
+    for server in servers.split(","):
+        server = server.strip()
+        if not server:
+            continue
+        host, colon, port = server.rpartition(":")
+        if not colon or not port.isdigit():
+            host, port = server, "9092"
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+async def refusal(servers: str, connection: Mapping[str, Any], timeout: float) -> str | None:
+    """Why connecting to the bootstrap servers fails, as the client would connect; None if one answers."""
+    reasons = []
+    for host, port in bootstrap_addresses(servers):
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(host, port, client_id="eventrun-probe", request_timeout_ms=int(timeout * 1000), **connection),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            reasons.append(f"{host}:{port}: no answer within {timeout:g}s")
+        except Exception as exc:  # what the connection raised is the answer sought
+            reasons.append(f"{host}:{port}: {describe(exc)}")
+        else:
+            conn.close()
+            return None
+    return "; ".join(reasons) or None
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line: its type, and its message unless that already starts with it."""
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
