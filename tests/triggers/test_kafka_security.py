@@ -123,3 +123,27 @@ async def test_refusal_names_a_tls_server_that_is_not_trusted(tmp_path: Path, ca
         server.close()
         await server.wait_closed()
     assert reason is not None and "CERTIFICATE_VERIFY_FAILED" in reason, reason
+
+
+async def test_refusal_is_none_once_one_server_answers(unused_tcp_port_factory) -> None:
+    closed, listening = unused_tcp_port_factory(), unused_tcp_port_factory()
+
+    async def api_versions(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answer the client's first request (ApiVersions v0) with an empty list of versions.
+        size = int.from_bytes(await reader.readexactly(4), "big")
+        request = await reader.readexactly(size)
+        body = request[4:8] + (0).to_bytes(2, "big") + (0).to_bytes(4, "big")  # correlation id, no error, []
+        writer.write(len(body).to_bytes(4, "big") + body)
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(api_versions, "127.0.0.1", listening)
+    try:
+        both = f"127.0.0.1:{closed},127.0.0.1:{listening}"
+        assert await refusal(both, {"security_protocol": "PLAINTEXT"}, 2.0) is None
+        reason = await refusal(f"127.0.0.1:{closed},127.0.0.1:{closed}", {"security_protocol": "PLAINTEXT"}, 2.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert reason is not None and reason.count("Connect call failed") == 2 and "; " in reason, reason

@@ -67,22 +67,29 @@ def bootstrap_addresses(servers: str) -> list[tuple[str, int]]:
 
 
 async def refusal(servers: str, connection: Mapping[str, Any], timeout: float) -> str | None:
-    """Why connecting to the bootstrap servers fails, as the client would connect; None if one answers."""
-    reasons = []
-    for host, port in bootstrap_addresses(servers):
-        try:
-            conn = await asyncio.wait_for(
-                create_conn(host, port, client_id="eventrun-probe", request_timeout_ms=int(timeout * 1000), **connection),
-                timeout,
-            )
-        except asyncio.TimeoutError:
-            reasons.append(f"{host}:{port}: no answer within {timeout:g}s")
-        except Exception as exc:  # what the connection raised is the answer sought
-            reasons.append(f"{host}:{port}: {describe(exc)}")
-        else:
-            conn.close()
-            return None
-    return "; ".join(reasons) or None
+    """Why connecting to the bootstrap servers fails, as the client would connect; None if one answers.
+
+    The servers are tried at once, so a list of unreachable ones costs `timeout` at most.
+    """
+    addresses = bootstrap_addresses(servers)
+    reasons = await asyncio.gather(*(_try(host, port, connection, timeout) for host, port in addresses))
+    if not addresses or None in reasons:
+        return None
+    return "; ".join(f"{host}:{port}: {reason}" for (host, port), reason in zip(addresses, reasons))
+
+
+async def _try(host: str, port: int, connection: Mapping[str, Any], timeout: float) -> str | None:
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, port, client_id="eventrun-probe", request_timeout_ms=int(timeout * 1000), **connection),
+            timeout,
+        )
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout:g}s"
+    except Exception as exc:  # what the connection raised is the answer sought
+        return describe(exc)
+    conn.close()
+    return None
 
 
 def describe(exc: BaseException) -> str:
