@@ -1,8 +1,8 @@
 """The kafka trigger over TLS and SASL, end to end: records through `eventrun serve` into runs.
 
 Clients reach the broker (Tansu) through a relay that terminates TLS with a real certificate and
-can answer the SASL PLAIN login (see kafka_relay.py for why Tansu cannot do either here). The
-certificates come from a test CA made for each test.
+can answer the SASL login, PLAIN or SCRAM (see kafka_relay.py for why Tansu cannot do either
+here). The certificates come from a test CA made for each test.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SecuredBroker:
         context = ssl.create_default_context(cafile=str(self.files["ca"]))
         context.load_cert_chain(self.files["client_cert"], self.files["client_key"])
         options: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "ssl_context": context}
-        if self.relay.plain_users is None:
+        if self.relay.users is None:
             return {**options, "security_protocol": "SSL"}
         user, password = next(iter(USERS.items()))
         return {
@@ -92,7 +92,7 @@ class SecuredBroker:
             await producer.stop()
 
 
-async def secured(tmp_path: Path, *, client_certificate: bool, plain_users: dict[str, str] | None) -> SecuredBroker:
+async def secured(tmp_path: Path, *, client_certificate: bool, users: dict[str, str] | None) -> SecuredBroker:
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("eventrun-client", common_name="eventrun-client")
@@ -114,19 +114,19 @@ async def secured(tmp_path: Path, *, client_certificate: bool, plain_users: dict
     if client_certificate:
         ca.configure_trust(context)
         context.verify_mode = ssl.CERT_REQUIRED
-    relay = Relay(free_port(), free_port(), tls=context, plain_users=plain_users)
+    relay = Relay(free_port(), free_port(), tls=context, users=users)
     return SecuredBroker(relay, folder, ca, files)
 
 
 @pytest.fixture
 async def broker_behind(tmp_path: Path) -> AsyncIterator[Any]:
-    """Factory: `await broker_behind(client_certificate=..., plain_users=...)` -> a started SecuredBroker."""
+    """Factory: `await broker_behind(client_certificate=..., users=...)` -> a started SecuredBroker."""
     if os.environ.get(ENV, "").strip():
         pytest.skip(f"needs a Tansu broker started by the test (it advertises the relay's port), not {ENV}")
     made: list[tuple[TansuBroker, Relay]] = []
 
-    async def make(*, client_certificate: bool = False, plain_users: dict[str, str] | None = None) -> SecuredBroker:
-        setup = await secured(tmp_path, client_certificate=client_certificate, plain_users=plain_users)
+    async def make(*, client_certificate: bool = False, users: dict[str, str] | None = None) -> SecuredBroker:
+        setup = await secured(tmp_path, client_certificate=client_certificate, users=users)
         broker = TansuBroker(setup.relay.target, tmp_path, advertised_port=setup.relay.port)
         broker.spawn()
         made.append((broker, setup.relay))
@@ -180,10 +180,11 @@ async def test_records_arrive_over_mutual_tls(
     assert kafka.relay.client_subjects.count("eventrun-client") > 2, kafka.relay.client_subjects
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "scram-sha-512"])
 async def test_records_arrive_over_sasl_ssl(
-    broker_behind: Any, eventrun_server: Any, http: aiohttp.ClientSession, poll_until: Any
+    broker_behind: Any, eventrun_server: Any, http: aiohttp.ClientSession, poll_until: Any, mechanism: str
 ) -> None:
-    kafka = await broker_behind(plain_users=USERS)
+    kafka = await broker_behind(users=USERS)
     topic = unique("sasl")
     await kafka.produce_json(topic, [{"order": i} for i in range(3)])
     logins_before = len(kafka.relay.logins)
@@ -191,7 +192,7 @@ async def test_records_arrive_over_sasl_ssl(
         "bootstrap_servers": kafka.bootstrap,
         "security_protocol": "sasl_ssl",  # any case
         "ssl_cafile": str(kafka.files["ca"]),
-        "sasl_mechanism": "PLAIN",
+        "sasl_mechanism": mechanism,
         "sasl_username": "alice",
         "sasl_password": USERS["alice"],
     }
@@ -208,6 +209,7 @@ async def test_records_arrive_over_sasl_ssl(
     [
         ("untrusted broker", "CERTIFICATE_VERIFY_FAILED"),
         ("wrong password", "Authentication failed for user alice"),
+        ("wrong SCRAM password", "Authentication failed for user alice"),
     ],
 )
 async def test_a_refused_connection_says_why_and_the_server_keeps_serving(
@@ -219,7 +221,7 @@ async def test_a_refused_connection_says_why_and_the_server_keeps_serving(
     case: str,
     expected: str,
 ) -> None:
-    kafka = await broker_behind(plain_users=USERS)
+    kafka = await broker_behind(users=USERS)
     topic = unique("refused")
     await kafka.produce_json(topic, [{"order": 1}])
     settings: dict[str, Any] = {
@@ -233,6 +235,8 @@ async def test_a_refused_connection_says_why_and_the_server_keeps_serving(
         settings["ssl_cafile"] = str(kafka.files["other_ca"])
     else:
         settings["sasl_password"] = "not-the-password"
+        if "SCRAM" in case:
+            settings["sasl_mechanism"] = "SCRAM-SHA-512"
     functions = {"fn": kafka_function(topic), "echo": {"handler": handler("quick")}}
     server = eventrun_server(functions, extra={"kafka": settings})
     api = server.client(http)
