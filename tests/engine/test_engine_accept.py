@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import pytest
 
 from eventrun.engine.core import Engine
-from eventrun.engine.envelope import Envelope
+from eventrun.engine.envelope import Encoded, Envelope, encode
 from eventrun.engine.manifest import load_manifest
 
 
@@ -52,3 +52,16 @@ async def test_a_batch_mixing_functions_and_known_events(engine: Engine) -> None
     assert (engine.metrics.accepted["a"], engine.metrics.accepted["b"]) == (2, 2)
     assert (engine.metrics.duplicates["a"], engine.metrics.duplicates["b"]) == (1, 1)
     assert [engine.get(a.request_id).function for a in answers] == ["a", "a", "b", "b"]
+
+
+async def test_an_encoded_envelope_is_recorded_as_written_beside_built_ones(engine: Engine) -> None:
+    written = Encoded("w1", "test://batch", "a", "kafka", b'{"id":"w1","data":{"as":  "written"}}')
+    built = event("a", "b1")
+    answers = await engine.accept_batch([built, written, event("b", "b2")])
+    assert [a.created for a in answers] == [True, True, True]
+    assert engine.store.envelope(answers[1].request_id) == written.json
+    assert engine.store.envelope(answers[0].request_id) == encode(built)
+    # Its dedupe key is its own id and source: given again, it maps to the same run.
+    again = await engine.accept_batch([written])
+    assert again[0].request_id == answers[1].request_id and not again[0].created
+    assert engine.backlog("a") == 2 and engine.backlog("b") == 1

@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from eventrun.engine.api import Accepted
-from eventrun.engine.envelope import Envelope, decode, encode
+from eventrun.engine.envelope import Encoded, Envelope, decode, encode
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
@@ -27,7 +27,9 @@ from eventrun.triggers.kafka.parser import (
     fingerprint,
     record_data,
     record_time,
+    _general,
     source_of,
+    to_accept,
     to_envelopes,
     undecodable_envelope,
 )
@@ -207,6 +209,47 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
         data=data,
     )
     assert list(envelope.data) == list(data)
+
+
+@pytest.mark.parametrize(
+    "key", [b"order-42", b"", b'quote " and back\\slash', "\u00fcn\u00ef \u20ac \U0001f680".encode(), b"ctl\x01\x1f\x7f"]
+)
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"order": 42}',
+        b' {\n  "a" : [1, 2.50, -0.0, 1e3, {"b": null}] }\t\r\n',
+        b'"quoted \\"text\\" \\u00e9 \\/ \\u0000"',
+        b"true",
+        b"-7",
+        b'{"dup": 1, "dup": 2}',
+        "{\"\u00e9t\u00e9\": \"\U0001f680\"}".encode(),
+    ],
+)
+def test_the_usual_record_is_written_straight_into_its_json(key: bytes, value: bytes) -> None:
+    rec = record(value, key=key, topic="odd.topic_name-1")
+    (written,) = to_accept([rec], "f-1", epoch=2)
+    built = _general(rec, "f-1", 2, DEFAULT_MAX_JSON)  # what the general path builds for it
+    assert written.__class__ is Encoded
+    assert (written.id, written.source, written.function, written.trigger) == (built.id, built.source, "f-1", "kafka")
+    # What the handler gets, read by the standard library as the worker reads it: the same
+    # event, keys in the same order. (The value keeps the producer's spacing; it means the same.)
+    event = json.loads(written.json)
+    assert event == json.loads(encode(built))
+    assert list(event) == list(built.to_dict()) and list(event["data"]) == list(built.data)
+    assert decode(written.json) == built
+
+
+def test_a_written_value_keeps_integers_beyond_64_bits() -> None:
+    big = 123456789012345678901234567890
+    (written,) = to_accept([record(str(big).encode())], "f")
+    assert json.loads(written.json)["data"]["value"] == big
+
+
+def test_only_the_usual_record_is_written_straight_into_json() -> None:
+    batch = [record(offset=1), record(offset=2, headers=[("h", b"v")]), record(offset=3, value=b"not json"),
+             record(offset=4, key=None), record(offset=5, timestamp=-1), record(offset=6, key=b"\xff")]
+    assert [item.__class__ for item in to_accept(batch, "f")] == [Encoded] + [Envelope] * 5
 
 
 def test_a_batch_gives_each_record_the_envelope_it_gets_alone() -> None:

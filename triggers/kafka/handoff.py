@@ -18,13 +18,13 @@ from typing import Awaitable, Mapping, Sequence, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from eventrun.engine.envelope import Envelope
+from eventrun.engine.envelope import Encoded, Envelope
 from eventrun.engine.errors import ShuttingDown
 
 from .client import RECORD_ERRORS, Settings, sleep_unless
 from .engine import KafkaEngine
 from .health import Health
-from .parser import RecordLike, fingerprint, to_envelopes, undecodable_envelope
+from .parser import RecordLike, fingerprint, to_accept, undecodable_envelope
 from .partitions import Partitions
 from .positions import Verdict, check
 
@@ -85,7 +85,7 @@ class HandOff:
     ) -> None:
         """Check a fetched batch against the log read before and start its accept, at most IN_FLIGHT at once."""
         parts = self._parts
-        envelopes: list[Envelope] = []
+        envelopes: list[Envelope | Encoded] = []
         spans: dict[TopicPartition, _Span] = {}
         new_epoch = False
         for tp, records in batch.items():
@@ -104,7 +104,7 @@ class HandOff:
                 new_epoch = True
             epoch = parts.marks.epoch(p)
             max_json = self._settings.max_json
-            envelopes += to_envelopes(records, self._function, epoch=epoch, max_json=max_json)
+            envelopes += to_accept(records, self._function, epoch=epoch, max_json=max_json)
             spans[tp] = span = _Span.of(records)
             parts.expected[p] = span.next
         if new_epoch:
@@ -135,7 +135,7 @@ class HandOff:
     async def _accept(
         self,
         consumer: AIOKafkaConsumer,
-        envelopes: Sequence[Envelope],
+        envelopes: Sequence[Envelope | Encoded],
         spans: Mapping[TopicPartition, _Span],
         generation: int,
         previous: asyncio.Task[bool] | None = None,
