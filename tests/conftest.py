@@ -432,6 +432,14 @@ def eventrun_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 
 @pytest.fixture
+def no_eventrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No EVENTRUN_* variable of the calling environment reaches the test's manifests."""
+    for key in list(os.environ):
+        if key.startswith("EVENTRUN_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """An aiohttp session with a generous overall timeout per request."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:

@@ -87,6 +87,25 @@ class TansuBroker(LocalProcess):
         )
 
 
+async def wait_until_answering(broker: TansuBroker | None, **client: Any) -> None:
+    """Wait until a metadata request made with these client keywords gets an answer."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if broker is not None and broker.proc is not None and broker.proc.poll() is not None:
+            raise RuntimeError(f"tansu exited with {broker.proc.returncode}:\n{broker.log_text()}")
+        admin = AIOKafkaAdminClient(**client, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except (KafkaError, OSError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no Kafka broker answers at {client['bootstrap_servers']}") from None
+            await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+
+
 @dataclass
 class KafkaService:
     """The broker tests talk to, with helpers to make topics and produce records."""
@@ -96,21 +115,7 @@ class KafkaService:
 
     async def ready(self) -> None:
         """Wait until the broker answers a metadata request."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self.broker.proc.returncode}:\n{self.broker.log_text()}")
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
-            try:
-                await admin.start()
-                await admin.list_topics()
-                return
-            except (KafkaError, OSError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no Kafka broker answers at {self.bootstrap}") from None
-                await asyncio.sleep(0.1)
-            finally:
-                await admin.close()
+        await wait_until_answering(self.broker, bootstrap_servers=self.bootstrap)
 
     @property
     def can_restart(self) -> bool:

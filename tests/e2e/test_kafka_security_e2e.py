@@ -7,10 +7,8 @@ here). The certificates come from a test CA made for each test.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,10 +20,9 @@ import pytest
 import trustme
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
 
 from kafka_relay import Relay
-from kafka_service import ENV, READY_TIMEOUT, TansuBroker, free_port, unique
+from kafka_service import ENV, TansuBroker, free_port, unique, wait_until_answering
 
 pytestmark = pytest.mark.e2e
 
@@ -60,21 +57,9 @@ class SecuredBroker:
             "sasl_plain_username": user, "sasl_plain_password": password,
         }
 
-    async def ready(self) -> None:
+    async def ready(self, broker: TansuBroker) -> None:
         """Wait until the broker answers a metadata request through the relay."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            admin = AIOKafkaAdminClient(**self.client_options(), request_timeout_ms=2000)
-            try:
-                await admin.start()
-                await admin.list_topics()
-                return
-            except (KafkaError, OSError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no Kafka broker answers at {self.bootstrap}") from None
-                await asyncio.sleep(0.1)
-            finally:
-                await admin.close()
+        await wait_until_answering(broker, **self.client_options())
 
     async def produce_json(self, topic: str, values: list[Any]) -> None:
         admin = AIOKafkaAdminClient(**self.client_options())
@@ -131,7 +116,7 @@ async def broker_behind(tmp_path: Path) -> AsyncIterator[Any]:
         broker.spawn()
         made.append((broker, setup.relay))
         await setup.relay.start()
-        await setup.ready()
+        await setup.ready(broker)
         return setup
 
     yield make

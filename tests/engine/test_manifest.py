@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -12,11 +11,7 @@ from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import load_manifest, parse_duration, parse_size
 
 
-@pytest.fixture(autouse=True)
-def _no_eventrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("EVENTRUN_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("no_eventrun_environment")
 
 
 @pytest.fixture

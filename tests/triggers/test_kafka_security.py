@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from pathlib import Path
 
@@ -16,11 +15,7 @@ from eventrun.triggers.kafka import Settings
 from eventrun.triggers.kafka.security import bootstrap_addresses, connection_options, refusal
 
 
-@pytest.fixture(autouse=True)
-def _no_eventrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("EVENTRUN_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("no_eventrun_environment")
 
 
 @pytest.fixture
