@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import Envelope, encode_many, new_ids, now_rfc3339
+from .envelope import Encoded, Envelope, encode_many, new_ids, now_rfc3339
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -38,7 +38,7 @@ class _Run:
         self.abort = False
 
 
-def _rows(envelopes: Sequence[Envelope]) -> list[NewInvocation]:
+def _rows(envelopes: Sequence[Envelope | Encoded]) -> list[NewInvocation]:
     """The store rows of envelopes being accepted, each with a fresh RequestId.
 
     Plain tuples in NewInvocation's field order: the store takes either, and a plain tuple is
@@ -193,8 +193,8 @@ class Engine:
                 raise
         return (await self._record([envelope], {envelope.function}))[0]
 
-    async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
-        """Record many envelopes in one durable commit; never throttled."""
+    async def accept_batch(self, envelopes: Sequence[Envelope | Encoded]) -> list[Accepted]:
+        """Record many envelopes in one durable commit (an Encoded one as it is written); never throttled."""
         if self.shutting_down:
             raise ShuttingDown()
         functions = {envelope.function for envelope in envelopes}
@@ -202,7 +202,7 @@ class Engine:
             self.function(function)
         return await self._record(envelopes, functions)
 
-    async def _record(self, envelopes: Sequence[Envelope], functions: set[str]) -> list[Accepted]:
+    async def _record(self, envelopes: Sequence[Envelope | Encoded], functions: set[str]) -> list[Accepted]:
         rows = _rows(envelopes)
         accepted = await self.store.accept(rows)
         if len(functions) == 1 and all(map(_created, accepted)):
