@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import trustme
 
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import load_manifest
-from eventrun.triggers.kafka import Settings
+from eventrun.triggers.kafka import KafkaTrigger, Settings
 from eventrun.triggers.kafka.security import bootstrap_addresses, connection_options, refusal
 
 
@@ -142,3 +143,24 @@ async def test_refusal_is_none_once_one_server_answers(unused_tcp_port_factory) 
         server.close()
         await server.wait_closed()
     assert reason is not None and reason.count("Connect call failed") == 2 and "; " in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("kafka", "warned"),
+    [
+        ('security_protocol = "SASL_PLAINTEXT"\nsasl_username = "u"\nsasl_password = "p"\n', True),
+        ('security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "SCRAM-SHA-256"\nsasl_username = "u"\nsasl_password = "p"\n', False),
+        ('security_protocol = "SASL_SSL"\nsasl_username = "u"\nsasl_password = "p"\n', False),
+    ],
+)
+def test_a_password_sent_in_the_clear_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kafka: str, warned: bool
+) -> None:
+    class Engine:  # the trigger only keeps it until it starts
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="eventrun.triggers.kafka.trigger"):
+        KafkaTrigger(Engine(), manifest(tmp_path, kafka))  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if "unencrypted" in r.getMessage()]
+    assert warnings == (["kafka: sasl_mechanism PLAIN over security_protocol SASL_PLAINTEXT sends the password "
+                         "unencrypted; use SASL_SSL, or a SCRAM mechanism"] if warned else [])

@@ -23,6 +23,13 @@ class KafkaTrigger:
 
     def __init__(self, engine: KafkaEngine, manifest: Manifest, *, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_manifest(manifest)
+        kafka = manifest.kafka
+        if kafka.security_protocol == "SASL_PLAINTEXT" and kafka.sasl_mechanism == "PLAIN":
+            # The client says so too, but its logs are kept quiet (see _quiet_client_logs).
+            logger.warning(
+                "kafka: sasl_mechanism PLAIN over security_protocol SASL_PLAINTEXT sends the password "
+                "unencrypted; use SASL_SSL, or a SCRAM mechanism"
+            )
         self.consumers: list[TopicConsumer] = []
         seen: dict[tuple[str, str], str] = {}
         for function, config in manifest.functions.items():
