@@ -140,16 +140,7 @@ class TopicConsumer:
             except _Stopping:
                 pass
             except KafkaConnectionError as exc:
-                # "Unable to bootstrap" says nothing of why: a refused connection, a certificate
-                # not trusted, a password refused. One connection made here finds out.
-                settings = self._settings
-                try:
-                    reason = await self._unless_stopped(
-                        refusal(settings.bootstrap_servers, settings.connection, settings.broker_timeout)
-                    )
-                except _Stopping:
-                    reason = None
-                self._health.unreachable(exc, reason)
+                self._health.unreachable(exc, await self._why())
             except KafkaError as exc:
                 self._health.unreachable(exc)
             except Exception as exc:  # never let the trigger die: start over with a new client
@@ -184,7 +175,7 @@ class TopicConsumer:
                 await self._handoff.isolate_poison(consumer, exc)
                 continue
             except KafkaError as exc:
-                self._health.unreachable(exc)
+                self._health.unreachable(exc, await self._why())
                 await sleep_unless(self._stopping, self._settings.backoff_min)
                 continue
             if not batch:
@@ -296,13 +287,27 @@ class TopicConsumer:
         try:
             await self._broker(consumer.topics())
         except (KafkaError, asyncio.TimeoutError) as exc:
-            self._health.probe_failed(exc)
+            self._health.probe_failed(exc, await self._why())
             return
         if self._health.connection == "unreachable":
             self._parts.pending |= consumer.assignment()  # the broker may have lost logs and offsets
         self._health.contact()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _why(self) -> str | None:
+        """Why the brokers do not answer, from one connection made here (None if one does).
+
+        The client's own errors ("Unable to bootstrap", a timeout) say nothing of the cause: a
+        refused connection, a certificate not trusted, a password refused.
+        """
+        settings = self._settings
+        try:
+            return await self._unless_stopped(
+                refusal(settings.bootstrap_servers, settings.connection, settings.broker_timeout)
+            )
+        except _Stopping:
+            return None
 
     async def _broker(self, call: Awaitable[T]) -> T:
         return await asyncio.wait_for(call, self._settings.broker_timeout)

@@ -61,9 +61,9 @@ class Health:
         """Whether the broker said nothing for `interval` seconds, so it is time to ask it something."""
         return time.monotonic() - self._last_contact >= interval
 
-    def probe_failed(self, exc: BaseException) -> None:
+    def probe_failed(self, exc: BaseException, reason: str | None = None) -> None:
         """A probe got no answer: unreachable, and the next probe only after another interval."""
-        self.unreachable(exc)
+        self.unreachable(exc, reason)
         self._last_contact = time.monotonic()
 
     def pressure(self, backlog: int, mark: int) -> bool:
