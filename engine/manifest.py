@@ -117,6 +117,7 @@ class KafkaConfig(_Strict):
     ssl_cafile: str = ""  # empty: the system's trusted CAs
     ssl_certfile: str = ""  # a client certificate, for brokers that ask for one
     ssl_keyfile: str = ""  # its private key, unless ssl_certfile holds it too
+    ssl_keyfile_password: SecretStr = SecretStr("")  # if that key is encrypted
     ssl_check_hostname: bool = True
     sasl_mechanism: SaslMechanism = "PLAIN"
     sasl_username: str = ""
@@ -146,6 +147,8 @@ class KafkaConfig(_Strict):
                     f"{', '.join(unused)} set, but security_protocol is {protocol!r}, which does not use TLS; "
                     f"set security_protocol = \"{'SASL_SSL' if self.sasl else 'SSL'}\""
                 )
+        if self.ssl_keyfile_password.get_secret_value() and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile_password set without ssl_certfile (the client certificate whose key it opens)")
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile set without ssl_certfile (the client certificate it belongs to)")
         if self.sasl:

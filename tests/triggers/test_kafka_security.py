@@ -164,3 +164,37 @@ def test_a_password_sent_in_the_clear_is_warned_of(
     warnings = [r.getMessage() for r in caplog.records if "unencrypted" in r.getMessage()]
     assert warnings == (["kafka: sasl_mechanism PLAIN over security_protocol SASL_PLAINTEXT sends the password "
                          "unencrypted; use SASL_SSL, or a SCRAM mechanism"] if warned else [])
+
+
+@pytest.fixture
+def encrypted_key(tmp_path: Path, ca: trustme.CA) -> Path:
+    """client.pem's key again, encrypted with the password "opensesame"."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key((tmp_path / "client.key").read_bytes(), None)
+    path = tmp_path / "client-encrypted.key"
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"opensesame")
+    ))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("password", "expected"),
+    [
+        (None, r"the private key is encrypted and kafka\.ssl_keyfile_password is not set"),
+        ("wrong", r"the private key is encrypted and kafka\.ssl_keyfile_password does not open it"),
+        ("opensesame", None),
+    ],
+)
+def test_an_encrypted_key_needs_its_password_and_never_prompts(
+    tmp_path: Path, encrypted_key: Path, password: str | None, expected: str | None
+) -> None:
+    kafka = f'security_protocol = "SSL"\nssl_cafile = "ca.pem"\nssl_certfile = "client.pem"\nssl_keyfile = "{encrypted_key.name}"\n'
+    if password is not None:
+        kafka += f'ssl_keyfile_password = "{password}"\n'
+    if expected is None:
+        assert isinstance(connection_options(manifest(tmp_path, kafka))["ssl_context"], ssl.SSLContext)
+    else:
+        with pytest.raises(ManifestError, match=expected):
+            connection_options(manifest(tmp_path, kafka))

@@ -41,15 +41,30 @@ def _ssl_context(manifest: Manifest) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ManifestError(f"kafka.ssl_cafile: cannot load CA certificates from {path['ssl_cafile']}: {exc}") from None
     if "ssl_certfile" in path:
+        # Always a password, if only an empty one: without it OpenSSL would prompt for one on the
+        # terminal and hold up the start; this way an encrypted key fails with an error instead.
+        password = config.ssl_keyfile_password.get_secret_value()
         try:
-            context.load_cert_chain(path["ssl_certfile"], path.get("ssl_keyfile"))
+            context.load_cert_chain(path["ssl_certfile"], path.get("ssl_keyfile"), password=password.encode())
         except (OSError, ssl.SSLError) as exc:
             files = " and ".join(path[key] for key in ("ssl_certfile", "ssl_keyfile") if key in path)
+            hint = ""
+            if _encrypted(path.get("ssl_keyfile", path["ssl_certfile"])):
+                given = "does not open it" if password else "is not set"
+                hint = f" (the private key is encrypted and kafka.ssl_keyfile_password {given})"
             raise ManifestError(
-                f"kafka.ssl_certfile: cannot load the client certificate and its key from {files}: {exc}"
+                f"kafka.ssl_certfile: cannot load the client certificate and its key from {files}: {exc}{hint}"
             ) from None
     context.check_hostname = config.ssl_check_hostname
     return context
+
+
+def _encrypted(pem: str) -> bool:
+    try:
+        with open(pem, "rb") as file:
+            return b"ENCRYPTED" in file.read()
+    except OSError:
+        return False
 
 
 def bootstrap_addresses(servers: str) -> list[tuple[str, int]]:
