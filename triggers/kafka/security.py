@@ -1,10 +1,11 @@
 """The `[kafka]` security settings as aiokafka's connection keywords, and why a broker refused us.
 
 TLS (`SSL`), SASL over plaintext (`SASL_PLAINTEXT`) or both (`SASL_SSL`); SASL as PLAIN or SCRAM.
-The client retries a connection that fails and only says "Unable to bootstrap" in the end, with
-the reason (a certificate not trusted, a password refused) logged by a logger the trigger keeps
-quiet. So when the consumer cannot start, `refusal` connects once by itself to learn the reason,
-which /healthz and the log then show.
+The client retries a connection that fails and in the end says only "Unable to bootstrap" (or
+"Unable to get cluster metadata"), the reason (a refused connection, a certificate not trusted,
+a password refused) going to a logger the trigger keeps quiet. So when a consumer cannot reach
+the brokers, `refusal` connects once by itself to learn the reason, which /healthz and the log
+then show.
 """
 
 from __future__ import annotations
