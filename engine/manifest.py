@@ -147,18 +147,20 @@ class KafkaConfig(_Strict):
                     f"{', '.join(unused)} set, but security_protocol is {protocol!r}, which does not use TLS; "
                     f"set security_protocol = \"{'SASL_SSL' if self.sasl else 'SSL'}\""
                 )
-        if self.ssl_keyfile_password.get_secret_value() and not self.ssl_certfile:
-            raise ValueError("ssl_keyfile_password set without ssl_certfile (the client certificate whose key it opens)")
-        if self.ssl_keyfile and not self.ssl_certfile:
-            raise ValueError("ssl_keyfile set without ssl_certfile (the client certificate it belongs to)")
+        if not self.ssl_certfile:
+            key_password = self.ssl_keyfile_password.get_secret_value()
+            for key, value in (("ssl_keyfile", self.ssl_keyfile), ("ssl_keyfile_password", key_password)):
+                if value:
+                    raise ValueError(f"{key} set without ssl_certfile (the client certificate whose key it names)")
+        username, password = self.sasl_username, self.sasl_password.get_secret_value()
         if self.sasl:
-            missing = [key for key in ("sasl_username", "sasl_password") if not _text(getattr(self, key))]
+            missing = [key for key, value in (("sasl_username", username), ("sasl_password", password)) if not value]
             if missing:
                 raise ValueError(
                     f"security_protocol {protocol!r} needs {' and '.join(missing)} "
                     "(the password may come from EVENTRUN_KAFKA__SASL_PASSWORD)"
                 )
-        elif self.sasl_username or self.sasl_password.get_secret_value():
+        elif username or password:
             raise ValueError(
                 f"sasl_username or sasl_password set, but security_protocol is {protocol!r}, which does not "
                 f"use SASL; set security_protocol = \"{'SASL_SSL' if self.tls else 'SASL_PLAINTEXT'}\""
@@ -168,10 +170,6 @@ class KafkaConfig(_Strict):
     def files(self) -> dict[str, str]:
         """The TLS files named, by key."""
         return {key: value for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if (value := getattr(self, key))}
-
-
-def _text(value: str | SecretStr) -> str:
-    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 class S3Config(_Strict):

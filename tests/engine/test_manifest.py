@@ -189,7 +189,7 @@ def test_kafka_protocol_and_mechanism_take_any_case(write):
         ({"ssl_cafile": '"ca.pem"'}, r"kafka: ssl_cafile set, but security_protocol is 'PLAINTEXT'.*security_protocol = \"SSL\""),
         ({"security_protocol": '"SASL_PLAINTEXT"', "sasl_username": '"u"', "sasl_password": '"p"', "ssl_certfile": '"c.pem"'},
          r"kafka: ssl_certfile set, but security_protocol is 'SASL_PLAINTEXT'.*\"SASL_SSL\""),
-        ({"security_protocol": '"SSL"', "ssl_keyfile": '"k.pem"'}, r"kafka: ssl_keyfile set without ssl_certfile"),
+        ({"security_protocol": '"SSL"', "ssl_keyfile": '"k.pem"'}, r"kafka: ssl_keyfile set without ssl_certfile \(the client certificate"),
         ({"security_protocol": '"SSL"', "ssl_keyfile_password": '"pw"'}, r"kafka: ssl_keyfile_password set without ssl_certfile"),
         ({"security_protocol": '"SASL_SSL"'}, r"kafka: security_protocol 'SASL_SSL' needs sasl_username and sasl_password"),
         ({"security_protocol": '"SASL_SSL"', "sasl_username": '"u"'},
