@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import operator
 import os
@@ -11,7 +12,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import Encoded, Envelope, encode_many, new_ids, now_rfc3339
+from .envelope import Encoded, Envelope, encode_many, now_rfc3339, request_ids
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -45,9 +46,10 @@ def _rows(envelopes: Sequence[Envelope | Encoded]) -> list[NewInvocation]:
     made without a call (and pickled to the writer without one).
     """
     now = now_rfc3339()
+    first, ids = request_ids(len(envelopes))
     rows = [
-        (request_id, e.function, e.source, e.id, e.trigger, now, raw)
-        for request_id, e, raw in zip(new_ids(len(envelopes)), envelopes, encode_many(envelopes))
+        (request_id, e.function, e.source, e.id, e.trigger, now, raw, seq)
+        for request_id, e, raw, seq in zip(ids, envelopes, encode_many(envelopes), itertools.count(first))
     ]
     return rows  # type: ignore[return-value]
 
@@ -217,9 +219,9 @@ class Engine:
                 created.setdefault(envelope.function, []).append(answer.request_id)
             else:
                 self.metrics.duplicates[envelope.function] += 1
-        for function, request_ids in created.items():
-            self.metrics.accepted[function] += len(request_ids)
-            self.dispatcher.submit(function, *request_ids)
+        for function, ids in created.items():
+            self.metrics.accepted[function] += len(ids)
+            self.dispatcher.submit(function, *ids)
         return accepted
 
     # -- reading ---------------------------------------------------------------------------

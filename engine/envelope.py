@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Sequence
@@ -28,33 +30,61 @@ def now_rfc3339() -> str:
 
 
 def new_id() -> str:
-    """A fresh RequestId: a UUID version 7 (time-ordered, 74 random bits) in its usual text form."""
-    # Time-ordered ids land at the end of the store's index instead of at random pages,
-    # which keeps durable acceptance cheap at high rates; the random part keeps them unguessable.
+    """A fresh id: a UUID version 7 (time-ordered, 74 random bits) in its usual text form."""
     h = f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
     variant = "89ab"[int(h[16], 16) & 3]
     return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
 
 
-# Byte maps that put the UUID version (7) and the RFC 9562 variant (0b10) into a random byte.
-_VERSION_7 = bytes(0x70 | (b & 0x0F) for b in range(256))
 _VARIANT_RFC = bytes(0x80 | (b & 0x3F) for b in range(256))
+"""Maps a random byte to one carrying the RFC 9562 variant (0b10) in its top bits."""
+
+_issued = [0]  # the sequence number of the last RequestId given out by this process
+_issuing = threading.Lock()
+_COUNTERS = [f"{c:03x}" for c in range(4096)]
+_REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
-def new_ids(n: int) -> list[str]:
-    """n fresh RequestIds like new_id()'s, all distinct, from one clock read and one os.urandom call."""
-    millis = f"{time.time_ns() // 1_000_000:012x}"
-    head = f"{millis[:8]}-{millis[8:12]}-"
-    while True:
-        # Ten random bytes an id: the last 20 hex digits of its text. Setting the version and
-        # variant bits of every id at once keeps the work per id to one string format.
-        rand = bytearray(os.urandom(10 * n))
-        rand[0::10] = rand[0::10].translate(_VERSION_7)
-        rand[2::10] = rand[2::10].translate(_VARIANT_RFC)
-        groups = iter(rand.hex(" ", 2).split())  # 4 hex digits a group, 5 groups an id
-        ids = [f"{head}{a}-{b}-{c}{d}{e}" for a, b, c, d, e in zip(groups, groups, groups, groups, groups)]
-        if len(set(ids)) == n:  # 74 random bits each: a repeat is all but impossible, but cheap to rule out
-            return ids
+def request_ids(n: int) -> tuple[int, list[str]]:
+    """n fresh RequestIds, and the sequence number of the first (the others' follow one by one).
+
+    A RequestId is a UUID version 7 (RFC 9562) whose 12 bits after the version are a counter
+    (the RFC's method 1): its millisecond and counter, 60 bits, are the run's sequence number in
+    the store, so the store finds a run by its RequestId without an index of RequestIds. The
+    numbers only go up in a process, even should the clock step back (and past the store's
+    largest: issue_after); a 4,097th id in one millisecond borrows the next one. The last 62
+    bits are random, so a RequestId cannot be guessed from another.
+    """
+    with _issuing:
+        first = max(time.time_ns() // 1_000_000 << 12, _issued[0] + 1)
+        _issued[0] = first + n - 1
+    rand = bytearray(os.urandom(8 * n))
+    rand[0::8] = rand[0::8].translate(_VARIANT_RFC)
+    groups = iter(rand.hex(" ", 2).split())  # 4 hex digits a group, 4 groups an id
+    ids: list[str] = []
+    seq, end = first, first + n
+    while seq < end:  # a millisecond at a time: its text is shared, the counter counts on
+        millis, counter = divmod(seq, 4096)
+        upto = min(end, (millis + 1) * 4096)
+        m = f"{millis:012x}"
+        head = f"{m[:8]}-{m[8:12]}-7"
+        counters = _COUNTERS[counter : counter + upto - seq]
+        ids += [f"{head}{c}-{a}-{b}{d}{e}" for c, a, b, d, e in zip(counters, groups, groups, groups, groups)]
+        seq = upto
+    return first, ids
+
+
+def request_seq(request_id: str) -> int | None:
+    """The sequence number a RequestId of request_ids() carries; None for text that is not one."""
+    if _REQUEST_ID.fullmatch(request_id) is None:
+        return None
+    return int(f"{request_id[:8]}{request_id[9:13]}{request_id[15:18]}", 16)
+
+
+def issue_after(seq: int) -> None:
+    """Give out only sequence numbers above `seq` from now on (the largest a store holds)."""
+    with _issuing:
+        _issued[0] = max(_issued[0], seq)
 
 
 class _Fields(NamedTuple):

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from .api import Accepted, Invocation, Status
-from .envelope import dumps, loads
+from .envelope import dumps, issue_after, loads, request_seq
 from .errors import InvalidParameter, ManifestError
 from .writer import WriterProcess
-from .writes import Ending, NewInvocation, Op, connect
+from .writes import Ending, NewInvocation, Op, by_request_id, connect
 
 __all__ = ["InvocationStore", "NewInvocation", "SQLiteStore"]
 
@@ -54,6 +54,7 @@ class SQLiteStore:
         self._batch_limit = batch_limit
         self._writer: WriterProcess | None = None
         self._reader: sqlite3.Connection | None = None
+        self._by_request_id = False  # a store made before runs were keyed by seq (writes.by_request_id)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -62,6 +63,9 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
         self._reader = connect(self.path, check_same_thread=False)
+        self._by_request_id = by_request_id(self._reader)
+        (last,) = self._reader.execute("SELECT max(seq) FROM invocations").fetchone()
+        issue_after(last or 0)  # new RequestIds, hence rows, come after every row the store holds
 
     def close(self) -> None:
         """Finish queued writes, stop the writer process and close the reading connection."""
@@ -151,13 +155,25 @@ class SQLiteStore:
 
     def get(self, request_id: str) -> Invocation | None:
         """One invocation, or None."""
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM invocations WHERE request_id = ?", (request_id,)).fetchone()
+        row = self._find(_COLUMNS, request_id)
         return _invocation(row) if row else None
 
     def envelope(self, request_id: str) -> bytes | None:
         """The recorded envelope JSON of one invocation."""
-        row = self._db.execute("SELECT envelope FROM invocations WHERE request_id = ?", (request_id,)).fetchone()
+        row = self._find("envelope", request_id)
         return bytes(row[0]) if row else None
+
+    def _find(self, columns: str, request_id: str) -> tuple[Any, ...] | None:
+        if self._by_request_id:
+            return self._db.execute(  # type: ignore[no-any-return]
+                f"SELECT {columns} FROM invocations WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        seq = request_seq(request_id)
+        if seq is None:
+            return None  # not a RequestId this store gave out
+        return self._db.execute(  # type: ignore[no-any-return]
+            f"SELECT {columns} FROM invocations WHERE seq = ? AND request_id = ?", (seq, request_id)
+        ).fetchone()
 
     def list(
         self,

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from .api import Accepted
 from .errors import StoreError
-from .writes import ALL_NEW, SCHEMA, Op, commit, connect
+from .writes import ALL_NEW, SCHEMA, Op, by_request_id, commit, connect
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     try:
         db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
         db.executescript(SCHEMA)
+        keyed_by_request_id = by_request_id(db)
         checkpoints = Checkpointer(path)
     except (OSError, sqlite3.Error) as exc:
         conn.send_bytes(pickle.dumps(f"{type(exc).__name__}: {exc}"))
@@ -248,7 +249,7 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     threading.Thread(target=_receive, args=(conn, ops), name="receive", daemon=True).start()
     try:
         while batch := take(ops, batch_limit):
-            outcomes = commit(db, batch)
+            outcomes = commit(db, batch, by_request_id=keyed_by_request_id)
             try:
                 conn.send_bytes(_dumps(outcomes))
             except OSError:

@@ -6,6 +6,10 @@ the manifest's functions, recover after a stop, remember a trigger's state. The 
 for the lot. Consecutive ops of one kind become one statement, so a batch of 2,000 Kafka records
 is two multi-row INSERTs, not 2,000 executions.
 
+A run's row is its RequestId's sequence number (see envelope.request_ids), so a run is found by
+its rowid and no index of RequestIds is filled on acceptance. A store made by an eventrun before
+that keeps its unique index of RequestIds, and its runs are found through it (`by_request_id`).
+
 Should a merged statement fail (it should not: conflicts on the dedupe key are expected and
 handled), the transaction is rolled back and the same ops are done again one at a time, each
 in a savepoint, so only the op at fault gets the error.
@@ -15,15 +19,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from .api import Accepted
+from .envelope import request_seq
 
 logger = logging.getLogger(__name__)
 
-ROWS_PER_STATEMENT = 1000  # 7 parameters a row: well under SQLite's 32,766 variables
+ROWS_PER_STATEMENT = 1000  # 8 parameters a row at most: well under SQLite's 32,766 variables
 
 
 class NewInvocation(NamedTuple):
@@ -36,6 +42,7 @@ class NewInvocation(NamedTuple):
     trigger: str
     created_at: str
     envelope: bytes
+    seq: int  # the RequestId's sequence number (envelope.request_ids): the row's place in the store
 
 
 class Ending(NamedTuple):
@@ -63,8 +70,8 @@ CREATE TABLE IF NOT EXISTS functions (
     created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS invocations (
-    seq INTEGER PRIMARY KEY,  -- the rowid: ascending, as rows are never deleted
-    request_id TEXT NOT NULL UNIQUE,
+    seq INTEGER PRIMARY KEY,  -- the rowid: the RequestId's sequence number, ascending
+    request_id TEXT NOT NULL,  -- unique, as it determines seq
     function TEXT NOT NULL,
     source TEXT NOT NULL,
     event_id TEXT NOT NULL,
@@ -100,29 +107,42 @@ def connect(path: Path, **options: Any) -> sqlite3.Connection:
     return conn
 
 
-def commit(conn: sqlite3.Connection, batch: Sequence[Op]) -> list[tuple[bool, Any]]:
-    """Do the ops in one transaction; (True, result) or (False, exception) for each."""
+def by_request_id(conn: sqlite3.Connection) -> bool:
+    """Whether the store keeps an index of RequestIds (made by an eventrun before runs were keyed by seq)."""
+    return any(
+        [column for (column,) in conn.execute("SELECT name FROM pragma_index_info(?)", (index,))] == ["request_id"]
+        for (index,) in conn.execute("SELECT name FROM pragma_index_list('invocations')")
+    )
+
+
+def commit(conn: sqlite3.Connection, batch: Sequence[Op], *, by_request_id: bool = False) -> list[tuple[bool, Any]]:
+    """Do the ops in one transaction; (True, result) or (False, exception) for each.
+
+    `by_request_id`: find runs through the index of RequestIds (a store made before runs were
+    keyed by seq: see by_request_id()).
+    """
+    run = _RUN_BY_REQUEST_ID if by_request_id else _RUN
     try:
         conn.execute("BEGIN IMMEDIATE")
         outcomes: list[tuple[bool, Any]] = []
         for kind, ops in groups(batch):
-            outcomes.extend((True, result) for result in _RUN[kind](conn, [op.args for op in ops]))
+            outcomes.extend((True, result) for result in run[kind](conn, [op.args for op in ops]))
         conn.execute("COMMIT")
         return outcomes
     except Exception:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-    return _commit_one_by_one(conn, batch)
+    return _commit_one_by_one(conn, batch, run)
 
 
-def _commit_one_by_one(conn: sqlite3.Connection, batch: Sequence[Op]) -> list[tuple[bool, Any]]:
+def _commit_one_by_one(conn: sqlite3.Connection, batch: Sequence[Op], run: _Statements) -> list[tuple[bool, Any]]:
     outcomes: list[tuple[bool, Any]] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
         for op in batch:
             conn.execute("SAVEPOINT op")
             try:
-                (result,) = _RUN[op.kind](conn, [op.args])
+                (result,) = run[op.kind](conn, [op.args])
                 outcomes.append((True, result))
                 conn.execute("RELEASE op")
             except Exception as exc:  # one bad op must not sink the batch
@@ -169,8 +189,14 @@ ALL_NEW = "all-new"
 def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation]]) -> list[list[Accepted] | str]:
     rows = [row for rows in ops for row in rows]
     before = conn.total_changes
-    for chunk in _chunks(rows):
-        conn.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+    shared = set(map(_SHARED, rows))
+    if len(shared) == 1:  # the usual batch: one function, source and trigger, one time of acceptance
+        (common,) = shared
+        for chunk in _chunks(rows):
+            conn.execute(_insert_shared_sql(len(chunk)), [*common, *itertools.chain.from_iterable(map(_OWN, chunk))])
+    else:
+        for chunk in _chunks(rows):
+            conn.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
     if conn.total_changes - before == len(rows):
         return [ALL_NEW] * len(ops)
     # Some were known (redelivery, or one event twice): each gets the RequestId it was given.
@@ -191,21 +217,31 @@ def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation]]) -> lis
 
 
 def _running(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[bool]:
-    changed: set[str] = set()
-    for chunk in _chunks(ops):
-        changed.update(
-            rid for (rid,) in conn.execute(_running_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
-        )
+    changed = _update(conn, _running_sql, [(request_seq(op[0]), *op) for op in ops])
     return [rid in changed for rid, _ in ops]
 
 
 def _finish(conn: sqlite3.Connection, ops: list[Ending]) -> list[bool]:
-    changed: set[str] = set()
-    for chunk in _chunks(ops):
-        changed.update(
-            rid for (rid,) in conn.execute(_finish_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
-        )
+    changed = _update(conn, _finish_sql, [(request_seq(op[0]), *op) for op in ops])
     return [ending.request_id in changed for ending in ops]
+
+
+def _running_by_request_id(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[bool]:
+    changed = _update(conn, _running_by_request_id_sql, ops)
+    return [rid in changed for rid, _ in ops]
+
+
+def _finish_by_request_id(conn: sqlite3.Connection, ops: list[Ending]) -> list[bool]:
+    changed = _update(conn, _finish_by_request_id_sql, ops)
+    return [ending.request_id in changed for ending in ops]
+
+
+def _update(conn: sqlite3.Connection, sql: Callable[[int], str], params: Sequence[Sequence[Any]]) -> set[str]:
+    """Run an UPDATE ... RETURNING request_id over rows of parameters; the RequestIds it changed."""
+    changed: set[str] = set()
+    for chunk in _chunks(params):
+        changed.update(rid for (rid,) in conn.execute(sql(len(chunk)), list(itertools.chain.from_iterable(chunk))))
+    return changed
 
 
 def _register(conn: sqlite3.Connection, ops: list[tuple[Mapping[str, bool], str]]) -> list[list[tuple[str, bool]]]:
@@ -245,7 +281,9 @@ def _state(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[None]:
     return [None] * len(ops)
 
 
-_RUN: dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]] = {
+_Statements = dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]]
+
+_RUN: _Statements = {
     "accept": _accept,
     "running": _running,
     "finish": _finish,
@@ -253,6 +291,7 @@ _RUN: dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]] = {
     "recover": _recover,
     "state": _state,
 }
+_RUN_BY_REQUEST_ID: _Statements = {**_RUN, "running": _running_by_request_id, "finish": _finish_by_request_id}
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -269,7 +308,9 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield items[start:]
 
 
-_NEW_ROW = "(?, ?, ?, ?, ?, 'QUEUED', ?, ?)"
+_NEW_ROW = "(?, ?, ?, ?, ?, 'QUEUED', ?, ?, ?)"  # in NewInvocation's order, status put in
+_SHARED = operator.itemgetter(1, 2, 4, 5)  # function, source, trigger, created_at: one per usual batch
+_OWN = operator.itemgetter(7, 0, 3, 6)  # seq, request_id, event_id, envelope: the rest of a row
 
 
 def _values(rows: int, row: str) -> str:
@@ -279,13 +320,49 @@ def _values(rows: int, row: str) -> str:
 # Statements are cached by their text (the connection's statement cache): one shape per size.
 def _insert_sql(rows: int) -> str:
     return (
-        "INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
+        "INSERT INTO invocations"
+        " (request_id, function, source, event_id, trigger, status, created_at, envelope, seq)"
         f" VALUES {_values(rows, _NEW_ROW)}"
         " ON CONFLICT (function, source, event_id) DO NOTHING"
     )
 
 
+def _insert_shared_sql(rows: int) -> str:
+    # The columns rows share are bound once (?1 to ?4); each row binds only its own four.
+    return (
+        "INSERT INTO invocations"
+        " (seq, request_id, function, source, event_id, trigger, status, created_at, envelope)"
+        " SELECT column1, column2, ?1, ?2, column3, ?3, 'QUEUED', ?4, column4"
+        f" FROM (VALUES {_values(rows, '(?, ?, ?, ?)')})"
+        " WHERE true"  # (SQLite's parser needs it before an upsert's ON CONFLICT)
+        " ON CONFLICT (function, source, event_id) DO NOTHING"
+    )
+
+
 def _running_sql(rows: int) -> str:
+    return (
+        "UPDATE invocations SET status = 'RUNNING', started_at = v.column3"
+        f" FROM (VALUES {_values(rows, '(?, ?, ?)')}) AS v"
+        " WHERE invocations.seq = v.column1 AND invocations.request_id = v.column2"
+        " AND invocations.status = 'QUEUED'"
+        " RETURNING invocations.request_id"
+    )
+
+
+def _finish_sql(rows: int) -> str:
+    return (
+        "UPDATE invocations SET status = v.column3, ended_at = v.column4, result = v.column5,"
+        " error_type = v.column6, error_message = v.column7, duration_ms = CASE"
+        " WHEN invocations.started_at IS NULL THEN NULL ELSE"
+        " CAST(ROUND((julianday(v.column4) - julianday(invocations.started_at)) * 86400000) AS INTEGER) END"
+        f" FROM (VALUES {_values(rows, '(?, ?, ?, ?, ?, ?, ?)')}) AS v"
+        " WHERE invocations.seq = v.column1 AND invocations.request_id = v.column2"
+        " AND invocations.status IN ('QUEUED', 'RUNNING')"
+        " RETURNING invocations.request_id"
+    )
+
+
+def _running_by_request_id_sql(rows: int) -> str:
     return (
         "UPDATE invocations SET status = 'RUNNING', started_at = v.column2"
         f" FROM (VALUES {_values(rows, '(?, ?)')}) AS v"
@@ -294,11 +371,11 @@ def _running_sql(rows: int) -> str:
     )
 
 
-def _finish_sql(rows: int) -> str:
+def _finish_by_request_id_sql(rows: int) -> str:
     return (
         "UPDATE invocations SET status = v.column2, ended_at = v.column3, result = v.column4,"
-        " error_type = v.column5, error_message = v.column6,"
-        " duration_ms = CASE WHEN invocations.started_at IS NULL THEN NULL ELSE"
+        " error_type = v.column5, error_message = v.column6, duration_ms = CASE"
+        " WHEN invocations.started_at IS NULL THEN NULL ELSE"
         " CAST(ROUND((julianday(v.column3) - julianday(invocations.started_at)) * 86400000) AS INTEGER) END"
         f" FROM (VALUES {_values(rows, '(?, ?, ?, ?, ?, ?)')}) AS v"
         " WHERE invocations.request_id = v.column1 AND invocations.status IN ('QUEUED', 'RUNNING')"

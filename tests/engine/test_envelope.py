@@ -11,6 +11,7 @@ from datetime import datetime
 
 import pytest
 
+from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import (
     Envelope,
     decode,
@@ -19,9 +20,11 @@ from eventrun.engine.envelope import (
     encode_many,
     loads,
     new_envelope,
+    issue_after,
     new_id,
-    new_ids,
     now_rfc3339,
+    request_ids,
+    request_seq,
 )
 
 
@@ -213,23 +216,27 @@ def test_new_id_is_a_uuid7_of_now():
     check_request_id(request_id, (before, time.time_ns() // 1_000_000))
 
 
-def test_new_ids_are_distinct_uuid7s_of_now():
+def test_request_ids_are_distinct_uuid7s_of_now_carrying_their_seq():
     before = time.time_ns() // 1_000_000
-    ids = new_ids(5000)
+    first, ids = request_ids(5000)
     after = time.time_ns() // 1_000_000
     assert len(ids) == 5000 and len(set(ids)) == 5000
     for request_id in ids:
-        check_request_id(request_id, (before, after))
-    assert new_ids(0) == []
-    assert len(new_ids(1)) == 1
+        check_request_id(request_id, (before, after + 2))  # 5,000 in a millisecond borrow the next
+    assert [request_seq(request_id) for request_id in ids] == list(range(first, first + 5000))
+    # The seq is the millisecond and the 12 bits after the version (a counter): the UUID's top 64 bits.
+    assert [uuid.UUID(request_id).int >> 64 for request_id in ids] == [
+        (seq >> 12) << 16 | 0x7 << 12 | seq & 0xFFF for seq in range(first, first + 5000)
+    ]
+    assert sorted(ids) == ids  # the text sorts as the seq does
+    assert request_ids(0)[1] == []
+    assert len(request_ids(1)[1]) == 1
 
 
-def test_new_ids_leave_74_bits_random():
-    # Every bit outside the timestamp, version and variant takes both values across many ids.
-    ids = [uuid.UUID(request_id).int for request_id in new_ids(2000)]
-    fixed = (0xF << 76) | (0x3 << 62)  # the version nibble and the variant's two bits
-    random_bits = ((1 << 80) - 1) & ~fixed
-    assert bin(random_bits).count("1") == 74
+def test_request_ids_leave_62_bits_random():
+    # Every bit below the variant takes both values across many ids.
+    ids = [uuid.UUID(request_id).int for request_id in request_ids(2000)[1]]
+    random_bits = (1 << 62) - 1
     ones = zeros = 0
     for value in ids:
         ones |= value & random_bits
@@ -237,7 +244,44 @@ def test_new_ids_leave_74_bits_random():
     assert ones == zeros == random_bits
 
 
+def test_request_ids_only_go_up(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(envelope_module, "_issued", [0])  # what this test issues goes when it ends
+    first, _ = request_ids(3)
+    clock = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: clock() - 3_600 * 10**9)  # the clock steps back an hour
+    second, ids = request_ids(3)
+    assert second == first + 3 and [request_seq(i) for i in ids] == [first + 3, first + 4, first + 5]
+    issue_after(first + 10**9)  # a store holding a later row
+    third, _ = request_ids(1)
+    assert third == first + 10**9 + 1
+    issue_after(first)  # an earlier one changes nothing
+    assert request_ids(1)[0] == third + 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "r1",
+        "01A22E62-474B-7000-ACCA-6DE017235586",  # upper case: not as given out
+        "01a22e62-474b-4000-acca-6de017235586",  # version 4
+        "01a22e62-474b-7000-ccca-6de017235586",  # not the RFC variant
+        "01a22e62-474b-7000-acca-6de01723558",  # one digit short
+        "01a22e62474b-7000-acca-6de017235586-",
+        "+1a22e62-474b-7000-acca-6de017235586",
+        "01a22e6_-474b-7000-acca-6de017235586",
+        "01a22e62-474b-7000-acca-6de017235586\n",
+    ],
+)
+def test_request_seq_of_other_text_is_none(text: str):
+    assert request_seq(text) is None
+
+
+def test_request_seq_reads_a_request_id():
+    assert request_seq("01a22e62-474b-7001-80e0-78300a9d12fa") == 0x01A22E62474B << 12 | 0x001
+
+
 def test_later_ids_sort_after_earlier_ones():
-    first = new_ids(3)
+    first = request_ids(3)[1]
     time.sleep(0.002)
-    assert max(first) < min(new_ids(3)) and max(first) < new_id()
+    assert max(first) < min(request_ids(3)[1]) and max(first) < new_id()

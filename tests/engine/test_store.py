@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from eventrun.engine.api import Accepted, Status
-from eventrun.engine.envelope import new_id, now_rfc3339
+from eventrun.engine import envelope as envelope_module
+from eventrun.engine.envelope import new_id, now_rfc3339, request_ids
 from eventrun.engine.errors import InvalidParameter, ManifestError
 from eventrun.engine.store import NewInvocation, SQLiteStore
+from eventrun.engine.writes import by_request_id
 
 
 def row(event_id: str, *, function: str = "f", source: str = "/http/f") -> NewInvocation:
+    seq, (request_id,) = request_ids(1)
     return NewInvocation(
-        request_id=new_id(),
+        request_id=request_id,
         function=function,
         source=source,
         event_id=event_id,
         trigger="http",
         created_at=now_rfc3339(),
         envelope=b'{"id":"%s"}' % event_id.encode(),
+        seq=seq,
     )
 
 
@@ -136,3 +142,102 @@ async def test_active_runs_are_counted_per_source(store: SQLiteStore) -> None:
     await store.finish(a.request_id, Status.FINISHED, now_rfc3339())
     assert store.count_active("f", "timer://f/t") == 1
     assert store.count_active("f", "/http/f") == 1
+
+
+async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(store: SQLiteStore) -> None:
+    new = row("e1")
+    await store.accept([new])
+    db = sqlite3.connect(store.path)
+    indexed = {tuple(c for (c,) in db.execute("SELECT name FROM pragma_index_info(?)", (i,))) for (i,) in
+               db.execute("SELECT name FROM pragma_index_list('invocations')")}
+    assert ("request_id",) not in indexed and not by_request_id(db)
+    assert db.execute("SELECT seq FROM invocations").fetchall() == [(new.seq,)]  # the row is the RequestId's seq
+    db.close()
+    assert store.get(new.request_id) is not None and store.envelope(new.request_id) == new.envelope
+    # Same seq, another random part; not a RequestId at all: neither is found.
+    forged = new.request_id[:-1] + ("0" if new.request_id[-1] != "0" else "1")
+    assert store.get(forged) is None and store.envelope(forged) is None
+    assert store.get("not-a-request-id") is None
+    assert await store.mark_running(forged, now_rfc3339()) is False
+    assert await store.mark_running(new.request_id, now_rfc3339()) is True
+    assert await store.finish(forged, Status.FINISHED, now_rfc3339()) is False
+    assert await store.finish(new.request_id, Status.FINISHED, now_rfc3339()) is True
+
+
+# The invocations table as eventrun made it before runs were keyed by their RequestId's seq.
+_EARLIER_INVOCATIONS = """
+CREATE TABLE invocations (
+    seq INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    function TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    ended_at TEXT,
+    duration_ms INTEGER,
+    result BLOB,
+    error_type TEXT,
+    error_message TEXT,
+    envelope BLOB NOT NULL,
+    UNIQUE (function, source, event_id)
+);
+"""
+
+
+async def test_a_store_made_before_keeps_finding_runs_by_request_id(tmp_path: Path) -> None:
+    path = tmp_path / "eventrun.db"
+    db = sqlite3.connect(path)
+    db.executescript(_EARLIER_INVOCATIONS)
+    earlier = [new_id(), new_id()]  # RequestIds as they were given out: random below the millisecond
+    db.executemany(
+        "INSERT INTO invocations (seq, request_id, function, source, event_id, trigger, status, created_at, envelope)"
+        " VALUES (?, ?, 'f', '/http/f', ?, 'http', 'QUEUED', ?, ?)",
+        [(n + 1, rid, f"old{n}", now_rfc3339(), b"{}") for n, rid in enumerate(earlier)],
+    )
+    db.commit()
+    assert by_request_id(db)
+    db.close()
+    store = SQLiteStore(path)
+    store.open()
+    try:
+        assert [r for r, _ in store.queued()] == earlier
+        assert store.get(earlier[0]) is not None and store.envelope(earlier[1]) == b"{}"
+        assert await store.mark_running(earlier[0], now_rfc3339()) is True
+        assert await store.finish(earlier[0], Status.FINISHED, now_rfc3339()) is True
+        new = row("new")
+        assert await store.accept([new, row("old0", source="/http/f")]) == [
+            Accepted(new.request_id, True), Accepted(earlier[0], False),  # dedupe spans old and new rows
+        ]
+        assert await store.mark_running(new.request_id, now_rfc3339()) is True
+        assert store.get(new.request_id).status is Status.RUNNING  # type: ignore[union-attr]
+        assert store.get(earlier[0]).status is Status.FINISHED  # type: ignore[union-attr]
+        page, _ = store.list()
+        assert [i.request_id for i in page] == [new.request_id, earlier[1], earlier[0]]  # newest first
+    finally:
+        store.close()
+
+
+async def test_request_ids_given_out_after_opening_come_after_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "eventrun.db"
+    store = SQLiteStore(path)
+    store.open()
+    monkeypatch.setattr(envelope_module, "_issued", [(time.time_ns() // 1_000_000 + 3_600_000) << 12])
+    ahead = row("ahead")  # given out by a server whose clock was an hour ahead
+    await store.accept([ahead])
+    store.close()
+    monkeypatch.setattr(envelope_module, "_issued", [0])  # a new process
+    store.open()
+    try:
+        later = row("later")
+        assert later.seq > ahead.seq
+        await store.accept([later])
+        page, _ = store.list()
+        assert [i.request_id for i in page] == [later.request_id, ahead.request_id]
+        assert store.get(ahead.request_id) is not None
+    finally:
+        store.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from eventrun.engine.api import Accepted, Status
-from eventrun.engine.envelope import new_id, now_rfc3339
+from eventrun.engine.envelope import now_rfc3339, request_ids
 from eventrun.engine.errors import StoreError
 from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.engine.writer import SEND_AT_ONCE, Checkpointer, take
@@ -21,7 +21,8 @@ from eventrun.engine.writes import SCHEMA, Op, connect
 
 
 def row(event_id: str) -> NewInvocation:
-    return NewInvocation(new_id(), "f", "/http/f", event_id, "http", now_rfc3339(), b'{"id":"%s"}' % event_id.encode())
+    seq, (request_id,) = request_ids(1)
+    return NewInvocation(request_id, "f", "/http/f", event_id, "http", now_rfc3339(), b'{"id":"%s"}' % event_id.encode(), seq)
 
 
 async def test_writes_queued_at_close_are_committed_and_answered(tmp_path: Path) -> None:

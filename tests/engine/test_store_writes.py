@@ -9,19 +9,22 @@ from typing import Any, Iterator
 import pytest
 
 from eventrun.engine.api import Accepted, Status
-from eventrun.engine.envelope import dumps, new_id, now_rfc3339
+from eventrun.engine.envelope import dumps, now_rfc3339, request_ids, request_seq
 from eventrun.engine.writes import ALL_NEW, ROWS_PER_STATEMENT, SCHEMA, Ending, NewInvocation, Op, commit, groups
 
 
 def row(event_id: str, *, request_id: str | None = None, function: str = "f") -> NewInvocation:
+    if request_id is None:
+        (request_id,) = request_ids(1)[1]
     return NewInvocation(
-        request_id=request_id or new_id(),
+        request_id=request_id,
         function=function,
         source="kafka://orders",
         event_id=event_id,
         trigger="kafka",
         created_at=now_rfc3339(),
         envelope=b'{"id":"%s"}' % event_id.encode(),
+        seq=request_seq(request_id) or 0,
     )
 
 
@@ -131,3 +134,26 @@ async def test_a_failing_op_gets_the_error_and_the_others_still_commit(conn: sql
     assert outcomes[2] == (True, ALL_NEW)
     events = {e for (e,) in conn.execute("SELECT event_id FROM invocations")}
     assert events == {"a", "b", "d"}, "the clashing row left nothing behind, the others were kept"
+
+
+async def test_rows_sharing_columns_are_stored_as_the_others_are(conn: sqlite3.Connection) -> None:
+    now = now_rfc3339()
+    usual = [row(f"u{i}")._replace(created_at=now) for i in range(250)]  # one function, source, trigger, time
+    mixed = [row(f"m{i}", function="fg"[i % 2])._replace(created_at=now) for i in range(250)]
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    assert commit(conn, ops(("accept", usual))) == [(True, ALL_NEW)]
+    shared = [s for s in statements if s.startswith("INSERT")]
+    statements.clear()
+    assert commit(conn, ops(("accept", mixed))) == [(True, ALL_NEW)]
+    conn.set_trace_callback(None)
+    assert shared and all(" SELECT column1, column2, " in s for s in shared), "the shared columns were bound once"
+    assert not any(" SELECT column1, column2, " in s for s in statements if s.startswith("INSERT"))
+    stored = conn.execute(
+        "SELECT seq, request_id, function, source, event_id, trigger, status, created_at, envelope"
+        " FROM invocations ORDER BY seq"
+    ).fetchall()
+    assert stored == [
+        (r.seq, r.request_id, r.function, r.source, r.event_id, r.trigger, "QUEUED", r.created_at, r.envelope)
+        for r in usual + mixed
+    ]
