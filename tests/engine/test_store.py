@@ -13,7 +13,7 @@ from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import new_id, now_rfc3339, request_ids
 from eventrun.engine.errors import InvalidParameter, ManifestError
 from eventrun.engine.store import NewInvocation, SQLiteStore
-from eventrun.engine.writes import by_request_id
+from eventrun.engine.writes import SCHEMA, by_request_id
 
 
 def row(event_id: str, *, function: str = "f", source: str = "/http/f") -> NewInvocation:
@@ -164,33 +164,17 @@ async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(store: 
     assert await store.finish(new.request_id, Status.FINISHED, now_rfc3339()) is True
 
 
-# The invocations table as eventrun made it before runs were keyed by their RequestId's seq.
-_EARLIER_INVOCATIONS = """
-CREATE TABLE invocations (
-    seq INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL UNIQUE,
-    function TEXT NOT NULL,
-    source TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    ended_at TEXT,
-    duration_ms INTEGER,
-    result BLOB,
-    error_type TEXT,
-    error_message TEXT,
-    envelope BLOB NOT NULL,
-    UNIQUE (function, source, event_id)
-);
-"""
+# The schema as eventrun made it before runs were keyed by their RequestId's seq: the same,
+# but for a unique index of RequestIds.
+_NOW_REQUEST_ID = "request_id TEXT NOT NULL,  -- unique, as it determines seq"
+_EARLIER_SCHEMA = SCHEMA.replace(_NOW_REQUEST_ID, "request_id TEXT NOT NULL UNIQUE,")
 
 
 async def test_a_store_made_before_keeps_finding_runs_by_request_id(tmp_path: Path) -> None:
     path = tmp_path / "eventrun.db"
+    assert _NOW_REQUEST_ID in SCHEMA
     db = sqlite3.connect(path)
-    db.executescript(_EARLIER_INVOCATIONS)
+    db.executescript(_EARLIER_SCHEMA)
     earlier = [new_id(), new_id()]  # RequestIds as they were given out: random below the millisecond
     db.executemany(
         "INSERT INTO invocations (seq, request_id, function, source, event_id, trigger, status, created_at, envelope)"
