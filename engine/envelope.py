@@ -46,7 +46,7 @@ _REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3
 
 
 def request_ids(n: int) -> tuple[int, list[str]]:
-    """n fresh RequestIds, and the sequence number of the first (the others' follow one by one).
+    """n fresh RequestIds, and the sequence number of the first (the others follow one by one).
 
     A RequestId is a UUID version 7 (RFC 9562) whose 12 bits after the version are a counter
     (the RFC's method 1): its millisecond and counter, 60 bits, are the run's sequence number in
