@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import fcntl
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from .api import Accepted, Invocation, Status
 from .envelope import dumps, issue_after, loads, request_seq
-from .errors import InvalidParameter, ManifestError
+from .errors import InvalidParameter, ManifestError, StoreError
 from .writer import WriterProcess
 from .writes import Ending, NewInvocation, Op, by_request_id, connect
 
@@ -55,13 +57,19 @@ class SQLiteStore:
         self._writer: WriterProcess | None = None
         self._reader: sqlite3.Connection | None = None
         self._by_request_id = False  # a store made before runs were keyed by seq (writes.by_request_id)
+        self._lock: int | None = None  # the descriptor holding the store's lock file
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Start the writer process (which creates the schema) and open the reading connection."""
+        """Lock the store, start the writer process (which creates the schema), open the reading connection."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+        self._lock = _lock(self.path)
+        try:
+            self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+        except BaseException:
+            self.close()
+            raise
         self._reader = connect(self.path, check_same_thread=False)
         self._by_request_id = by_request_id(self._reader)
         (last,) = self._reader.execute("SELECT max(seq) FROM invocations").fetchone()
@@ -75,6 +83,9 @@ class SQLiteStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._lock is not None:
+            os.close(self._lock)  # (which lets go of the lock)
+            self._lock = None
 
     @property
     def writer_pid(self) -> int | None:
@@ -215,6 +226,29 @@ class SQLiteStore:
             (function, source, *_ACTIVE),
         ).fetchone()
         return int(n)
+
+
+def _lock(path: Path) -> int:
+    """Hold `{path}.lock` for this process: one server at a time runs the store's runs.
+
+    A second server on the same data_dir would take the first one's RUNNING runs for left over
+    and start its QUEUED ones a second time. The lock goes with the process, however it ends.
+    """
+    lock_path = path.with_name(f"{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise StoreError(
+            f"the store {path} is in use by another eventrun server{by}; "
+            "give this one a data_dir of its own, or stop the other"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _invocation(row: tuple[Any, ...]) -> Invocation:

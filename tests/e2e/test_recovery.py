@@ -115,3 +115,24 @@ def test_an_unknown_trigger_type_is_refused(eventrun_server, handler):
     assert code != 0, server.log_text()
     assert str(server.manifest_path) in stderr and "functions.t.triggers" in stderr, stderr
     assert "unknown trigger type" in stderr, stderr
+
+
+async def test_a_second_server_on_the_same_data_dir_is_refused(eventrun_server, http, handler):
+    functions = {"one": {"handler": handler("quick")}}
+    first = eventrun_server(functions)
+    second = eventrun_server(functions, start=False)
+    second.data_dir = first.data_dir
+    second.write_manifest(functions)
+
+    code = second.run_to_exit()
+    stderr = second.stderr_text()
+    assert code == 2, f"a store in use must be refused\n{second.log_text()}"
+    assert f"in use by another eventrun server (process {first.pid})" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    api = first.client(http)
+    request_id = await api.accepted("one", {})
+    assert (await api.wait_ended(request_id))["Status"] == "FINISHED"  # the first serves on
+
+    first.kill9()  # the lock goes with the process, however it ends
+    second.start()
+    assert (await second.client(http).status(request_id))["Status"] == "FINISHED"

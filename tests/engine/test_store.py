@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import new_id, now_rfc3339, request_ids
-from eventrun.engine.errors import InvalidParameter, ManifestError
+from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
 from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.engine.writes import SCHEMA, by_request_id
 
@@ -225,3 +226,18 @@ async def test_request_ids_given_out_after_opening_come_after_every_row(
         assert store.get(ahead.request_id) is not None
     finally:
         store.close()
+
+
+async def test_a_store_in_use_is_refused_until_let_go(tmp_path: Path) -> None:
+    first = SQLiteStore(tmp_path / "eventrun.db")
+    first.open()
+    second = SQLiteStore(tmp_path / "eventrun.db")
+    try:
+        with pytest.raises(StoreError, match=rf"is in use by another eventrun server \(process {os.getpid()}\)"):
+            second.open()
+        assert second.writer_pid is None, "nothing was started for the refused store"
+        assert await first.accept([row("e1")])  # the first goes on
+    finally:
+        first.close()
+    second.open()
+    second.close()
