@@ -17,6 +17,7 @@ in a savepoint, so only the op at fault gets the error.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -216,28 +217,24 @@ def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation]]) -> lis
     return out
 
 
-def _running(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[bool]:
-    changed = _update(conn, _running_sql, [(request_seq(op[0]), *op) for op in ops])
+_BY_SEQ = "invocations.seq = v.column1 AND invocations.request_id = v.column2"
+_BY_REQUEST_ID = "invocations.request_id = v.column2"  # a store with an index of RequestIds
+"""How an UPDATE finds the rows of its VALUES (seq, request_id, ...)."""
+
+
+def _running(conn: sqlite3.Connection, ops: list[tuple[str, str]], match: str = _BY_SEQ) -> list[bool]:
+    changed = _update(conn, functools.partial(_running_sql, match=match), ops)
     return [rid in changed for rid, _ in ops]
 
 
-def _finish(conn: sqlite3.Connection, ops: list[Ending]) -> list[bool]:
-    changed = _update(conn, _finish_sql, [(request_seq(op[0]), *op) for op in ops])
+def _finish(conn: sqlite3.Connection, ops: list[Ending], match: str = _BY_SEQ) -> list[bool]:
+    changed = _update(conn, functools.partial(_finish_sql, match=match), ops)
     return [ending.request_id in changed for ending in ops]
 
 
-def _running_by_request_id(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[bool]:
-    changed = _update(conn, _running_by_request_id_sql, ops)
-    return [rid in changed for rid, _ in ops]
-
-
-def _finish_by_request_id(conn: sqlite3.Connection, ops: list[Ending]) -> list[bool]:
-    changed = _update(conn, _finish_by_request_id_sql, ops)
-    return [ending.request_id in changed for ending in ops]
-
-
-def _update(conn: sqlite3.Connection, sql: Callable[[int], str], params: Sequence[Sequence[Any]]) -> set[str]:
-    """Run an UPDATE ... RETURNING request_id over rows of parameters; the RequestIds it changed."""
+def _update(conn: sqlite3.Connection, sql: Callable[[int], str], ops: Sequence[Sequence[Any]]) -> set[str]:
+    """Run an UPDATE ... RETURNING request_id over ops led by a RequestId; the RequestIds it changed."""
+    params = [(request_seq(op[0]), *op) for op in ops]
     changed: set[str] = set()
     for chunk in _chunks(params):
         changed.update(rid for (rid,) in conn.execute(sql(len(chunk)), list(itertools.chain.from_iterable(chunk))))
@@ -291,7 +288,11 @@ _RUN: _Statements = {
     "recover": _recover,
     "state": _state,
 }
-_RUN_BY_REQUEST_ID: _Statements = {**_RUN, "running": _running_by_request_id, "finish": _finish_by_request_id}
+_RUN_BY_REQUEST_ID: _Statements = {
+    **_RUN,
+    "running": functools.partial(_running, match=_BY_REQUEST_ID),
+    "finish": functools.partial(_finish, match=_BY_REQUEST_ID),
+}
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -339,45 +340,22 @@ def _insert_shared_sql(rows: int) -> str:
     )
 
 
-def _running_sql(rows: int) -> str:
+def _running_sql(rows: int, match: str) -> str:
     return (
         "UPDATE invocations SET status = 'RUNNING', started_at = v.column3"
         f" FROM (VALUES {_values(rows, '(?, ?, ?)')}) AS v"
-        " WHERE invocations.seq = v.column1 AND invocations.request_id = v.column2"
-        " AND invocations.status = 'QUEUED'"
+        f" WHERE {match} AND invocations.status = 'QUEUED'"
         " RETURNING invocations.request_id"
     )
 
 
-def _finish_sql(rows: int) -> str:
+def _finish_sql(rows: int, match: str) -> str:
     return (
         "UPDATE invocations SET status = v.column3, ended_at = v.column4, result = v.column5,"
         " error_type = v.column6, error_message = v.column7, duration_ms = CASE"
         " WHEN invocations.started_at IS NULL THEN NULL ELSE"
         " CAST(ROUND((julianday(v.column4) - julianday(invocations.started_at)) * 86400000) AS INTEGER) END"
         f" FROM (VALUES {_values(rows, '(?, ?, ?, ?, ?, ?, ?)')}) AS v"
-        " WHERE invocations.seq = v.column1 AND invocations.request_id = v.column2"
-        " AND invocations.status IN ('QUEUED', 'RUNNING')"
-        " RETURNING invocations.request_id"
-    )
-
-
-def _running_by_request_id_sql(rows: int) -> str:
-    return (
-        "UPDATE invocations SET status = 'RUNNING', started_at = v.column2"
-        f" FROM (VALUES {_values(rows, '(?, ?)')}) AS v"
-        " WHERE invocations.request_id = v.column1 AND invocations.status = 'QUEUED'"
-        " RETURNING invocations.request_id"
-    )
-
-
-def _finish_by_request_id_sql(rows: int) -> str:
-    return (
-        "UPDATE invocations SET status = v.column2, ended_at = v.column3, result = v.column4,"
-        " error_type = v.column5, error_message = v.column6, duration_ms = CASE"
-        " WHEN invocations.started_at IS NULL THEN NULL ELSE"
-        " CAST(ROUND((julianday(v.column3) - julianday(invocations.started_at)) * 86400000) AS INTEGER) END"
-        f" FROM (VALUES {_values(rows, '(?, ?, ?, ?, ?, ?)')}) AS v"
-        " WHERE invocations.request_id = v.column1 AND invocations.status IN ('QUEUED', 'RUNNING')"
+        f" WHERE {match} AND invocations.status IN ('QUEUED', 'RUNNING')"
         " RETURNING invocations.request_id"
     )
