@@ -8,7 +8,8 @@ port) unless --bootstrap names a broker, creates a topic and produces --records 
 into it. Then, one after the other, against that same topic, in each of --rounds rounds:
 
   bare consumer   a plain AIOKafkaConsumer (its own group) reading every record with getmany();
-  bare SQLite     the envelopes of those records (the JSON bytes eventrun records for them)
+  bare SQLite     the envelopes of those records (their JSON, as a handler gets it; eventrun
+                  itself keeps a usual record's fields and its topic's template once)
                   inserted in batches into a fresh SQLite file
                   with eventrun's durability (WAL, synchronous=FULL, one commit per batch);
   eventrun        an in-process Engine with the Kafka trigger (its own group) and a no-op
@@ -60,7 +61,7 @@ from aiokafka.errors import KafkaError
 from eventrun.app import tune_collector
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.core import Engine
-from eventrun.engine.envelope import Encoded, Envelope, encode_many
+from eventrun.engine.envelope import AnyEnvelope, encode_many
 from eventrun.engine.manifest import load_manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings
 from eventrun.triggers.kafka.parser import to_accept
@@ -161,7 +162,7 @@ async def bare_consumer(bootstrap: str, topic: str, records: int, batch: int) ->
     return len(got) / elapsed, got
 
 
-def bare_sqlite(path: Path, envelopes: list[Envelope | Encoded], batch: int) -> float:
+def bare_sqlite(path: Path, envelopes: list[AnyEnvelope], batch: int) -> float:
     """records/s of inserting the envelopes in batches into a new file, WAL + synchronous=FULL."""
     rows = [(envelope.source, envelope.id, raw) for envelope, raw in zip(envelopes, encode_many(envelopes))]
     conn = sqlite3.connect(path, isolation_level=None)
@@ -178,7 +179,7 @@ def bare_sqlite(path: Path, envelopes: list[Envelope | Encoded], batch: int) -> 
     return len(rows) / elapsed
 
 
-async def engine_alone(work: Path, envelopes: list[Envelope | Encoded], batch: int, concurrency: int) -> float:
+async def engine_alone(work: Path, envelopes: list[AnyEnvelope], batch: int, concurrency: int) -> float:
     """records/s of Engine.accept_batch for the same envelopes with no Kafka at all (runs go on too).
 
     Batches are handed in with IN_FLIGHT of them at once, as the trigger hands them off.
@@ -309,7 +310,7 @@ async def main_async(args: argparse.Namespace) -> None:
                   f"{args.partitions} partitions")
             rate = await produce(bootstrap, topic, args.records, args.partitions)
             print(f"produced {args.records} records ({rate:,.0f} records/s)")
-            envelopes: list[Envelope | Encoded] = []  # as the trigger hands them to the engine
+            envelopes: list[AnyEnvelope] = []  # as the trigger hands them to the engine
             rounds: list[Round] = []
             for n in range(1, args.rounds + 1):
                 print(f"round {n}/{args.rounds}")

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import Encoded, Envelope, encode_many, now_rfc3339, request_ids
+from .envelope import AnyEnvelope, Envelope, Templated, now_rfc3339, request_ids, stored_many
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -39,7 +39,7 @@ class _Run:
         self.abort = False
 
 
-def _rows(envelopes: Sequence[Envelope | Encoded]) -> list[NewInvocation]:
+def _rows(envelopes: Sequence[AnyEnvelope]) -> list[NewInvocation]:
     """The store rows of envelopes being accepted, each with a fresh RequestId.
 
     Plain tuples in NewInvocation's field order: the store takes either, and a plain tuple is
@@ -49,7 +49,7 @@ def _rows(envelopes: Sequence[Envelope | Encoded]) -> list[NewInvocation]:
     first, ids = request_ids(len(envelopes))
     rows = [
         (request_id, e.function, e.source, e.id, e.trigger, now, raw, seq)
-        for request_id, e, raw, seq in zip(ids, envelopes, encode_many(envelopes), itertools.count(first))
+        for request_id, e, raw, seq in zip(ids, envelopes, stored_many(envelopes), itertools.count(first))
     ]
     return rows  # type: ignore[return-value]
 
@@ -195,8 +195,8 @@ class Engine:
                 raise
         return (await self._record([envelope], {envelope.function}))[0]
 
-    async def accept_batch(self, envelopes: Sequence[Envelope | Encoded]) -> list[Accepted]:
-        """Record many envelopes in one durable commit (an Encoded one as it is written); never throttled."""
+    async def accept_batch(self, envelopes: Sequence[AnyEnvelope]) -> list[Accepted]:
+        """Record many envelopes in one durable commit (a Templated one as its fields); never throttled."""
         if self.shutting_down:
             raise ShuttingDown()
         functions = {envelope.function for envelope in envelopes}
@@ -204,8 +204,11 @@ class Engine:
             self.function(function)
         return await self._record(envelopes, functions)
 
-    async def _record(self, envelopes: Sequence[Envelope | Encoded], functions: set[str]) -> list[Accepted]:
+    async def _record(self, envelopes: Sequence[AnyEnvelope], functions: set[str]) -> list[Accepted]:
         rows = _rows(envelopes)
+        templates = {e.template for e in envelopes if e.__class__ is Templated}  # type: ignore[union-attr]
+        if templates:
+            await self.store.keep_templates(templates)
         accepted = await self.store.accept(rows)
         if len(functions) == 1 and all(map(_created, accepted)):
             # The usual batch (one function, every event new), without a step per event in Python.

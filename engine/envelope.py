@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 import threading
@@ -200,18 +201,52 @@ class Envelope(_Fields):
         )
 
 
-class Encoded(NamedTuple):
-    """An envelope already written as its CloudEvents JSON, with the attributes the store keeps apart.
+class Templated(NamedTuple):
+    """An envelope given as a template and its own fields, with the attributes the store keeps apart.
 
-    For the one hot path that writes the JSON itself (a Kafka record whose value is JSON already):
-    accept_batch takes these beside Envelopes and records `json` as it is.
+    For envelopes that differ only in a few fields, such as a Kafka topic's records (the one hot
+    path that writes envelopes itself): the store keeps the template once and, for each
+    envelope, only `stored`, about a third of the JSON's bytes for a small record. `stored` is
+    template_prefix(template) followed by the fields, separated by NUL bytes (so no field may
+    hold one: JSON text never does). In the template, `%(0)b` stands for the first field,
+    `%(1)b` for the second and so on (a field may come more than once), and `%%` for a percent
+    sign. expand() gives the JSON.
     """
 
     id: str
     source: str
     function: str
     trigger: str
-    json: bytes
+    stored: bytes
+    template: bytes
+
+
+_TEMPLATED = b"\x00"  # how a stored Templated envelope starts; one stored as JSON starts with "{"
+_KEY_SIZE = 16
+
+
+def template_prefix(template: bytes) -> bytes:
+    """What starts the stored form of each envelope written with `template`: a mark and the template's key."""
+    return _TEMPLATED + template_key(template)
+
+
+def template_key(template: bytes) -> bytes:
+    """The key the store keeps a template under: a digest of it."""
+    return hashlib.blake2b(template, digest_size=_KEY_SIZE).digest()
+
+
+def stored_template(stored: bytes) -> bytes | None:
+    """The key of the template a stored envelope was written with; None for one stored as JSON."""
+    return stored[1 : 1 + _KEY_SIZE] if stored[:1] == _TEMPLATED else None
+
+
+def expand(stored: bytes, template: bytes) -> bytes:
+    """The JSON of a Templated envelope from its stored form and its template."""
+    fields = stored[1 + _KEY_SIZE :].split(b"\x00")
+    return template % dict(zip(_FIELD_NAMES[: len(fields)], fields))  # type: ignore[no-any-return]
+
+
+_FIELD_NAMES = [b"%d" % i for i in range(256)]
 
 
 new_envelope = functools.partial(Envelope.__new__, Envelope)
@@ -246,21 +281,33 @@ def encode(envelope: Envelope) -> bytes:
 _BETWEEN = orjson.Fragment(b"\x00")
 
 
-def encode_many(envelopes: Sequence[Envelope | Encoded]) -> list[bytes]:
-    """[encode(e) for e in envelopes] (an Encoded one gives its own JSON), with one orjson call
-    for the lot instead of one each.
+AnyEnvelope = Envelope | Templated
+"""What accept_batch takes."""
 
-    A Kafka batch encodes thousands of envelopes; one call does it in about half the time, most
-    of the saving in allocating one output instead of thousands. The envelopes are written as
-    one JSON array with a raw NUL byte after each: orjson never writes one itself (inside a
-    string it escapes it as \\u0000), so splitting at the NULs gives back each envelope's bytes.
+
+def stored_many(envelopes: Sequence[AnyEnvelope]) -> list[bytes]:
+    """What the store keeps of each envelope: its JSON, or a Templated one's `stored` form.
+
+    Envelopes are encoded with one orjson call for the lot instead of one each. A batch of
+    thousands is done in about half the time, most of the saving in allocating one output
+    instead of thousands. They are written as one JSON array with a raw NUL byte after each:
+    orjson never writes one itself (inside a string it escapes it as \\u0000), so splitting at
+    the NULs gives back each envelope's bytes.
     """
     if not envelopes:
         return []
-    if any(envelope.__class__ is Encoded for envelope in envelopes):
-        written = iter(_encode_all([e for e in envelopes if e.__class__ is not Encoded]))  # type: ignore[misc]
-        return [e.json if e.__class__ is Encoded else next(written) for e in envelopes]  # type: ignore[union-attr]
+    if any(envelope.__class__ is Templated for envelope in envelopes):
+        written = iter(_encode_all([e for e in envelopes if e.__class__ is not Templated]))  # type: ignore[misc]
+        return [e.stored if e.__class__ is Templated else next(written) for e in envelopes]  # type: ignore[union-attr]
     return _encode_all(envelopes)  # type: ignore[arg-type]
+
+
+def encode_many(envelopes: Sequence[AnyEnvelope]) -> list[bytes]:
+    """[encode(e) for e in envelopes]: the JSON of each (a Templated one's expanded)."""
+    return [
+        expand(raw, e.template) if e.__class__ is Templated else raw  # type: ignore[union-attr]
+        for e, raw in zip(envelopes, stored_many(envelopes))
+    ]
 
 
 def _encode_all(envelopes: Sequence[Envelope]) -> list[bytes]:

@@ -10,10 +10,10 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Collection, Mapping, Protocol, Sequence
 
 from .api import Accepted, Invocation, Status
-from .envelope import dumps, issue_after, loads, request_seq
+from .envelope import dumps, expand, issue_after, loads, request_seq, stored_template, template_key
 from .errors import InvalidParameter, ManifestError, StoreError
 from .writer import WriterProcess
 from .writes import Ending, NewInvocation, Op, by_request_id, connect
@@ -32,6 +32,7 @@ _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 class InvocationStore(Protocol):
     """What the engine needs of a store."""
 
+    async def keep_templates(self, templates: Collection[bytes]) -> None: ...
     async def accept(self, rows: Sequence[NewInvocation]) -> list[Accepted]: ...
     async def mark_running(self, request_id: str, started_at: str) -> bool: ...
     async def finish(
@@ -58,6 +59,7 @@ class SQLiteStore:
         self._reader: sqlite3.Connection | None = None
         self._by_request_id = False  # a store made before runs were keyed by seq (writes.by_request_id)
         self._lock: int | None = None  # the descriptor holding the store's lock file
+        self._templates: dict[bytes, bytes] = {}  # the templates of Templated envelopes, by key
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -106,6 +108,15 @@ class SQLiteStore:
         return await future
 
     # -- writes ----------------------------------------------------------------------------
+
+    async def keep_templates(self, templates: Collection[bytes]) -> None:
+        """Record the templates of Templated envelopes about to be accepted (each once)."""
+        new = {template_key(template): template for template in templates}
+        for key in [key for key in new if key in self._templates]:
+            del new[key]
+        if new:
+            await self._submit("templates", list(new.items()))
+            self._templates.update(new)
 
     async def accept(self, rows: Sequence[NewInvocation]) -> list[Accepted]:
         """Record new invocations; a known (function, source, id) gives back its RequestId."""
@@ -172,7 +183,20 @@ class SQLiteStore:
     def envelope(self, request_id: str) -> bytes | None:
         """The recorded envelope JSON of one invocation."""
         row = self._find("envelope", request_id)
-        return bytes(row[0]) if row else None
+        if not row:
+            return None
+        stored = bytes(row[0])
+        key = stored_template(stored)
+        return stored if key is None else expand(stored, self._template(key))
+
+    def _template(self, key: bytes) -> bytes:
+        template = self._templates.get(key)
+        if template is None:
+            row = self._db.execute("SELECT template FROM templates WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise StoreError(f"a stored envelope refers to a template the store does not hold ({key.hex()})")
+            template = self._templates[key] = bytes(row[0])
+        return template
 
     def _find(self, columns: str, request_id: str) -> tuple[Any, ...] | None:
         if self._by_request_id:

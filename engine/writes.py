@@ -60,7 +60,7 @@ class Ending(NamedTuple):
 class Op(NamedTuple):
     """One write: what to do and with what."""
 
-    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state"
+    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates"
     args: Any  # list[NewInvocation] | (request_id, started_at) | Ending | ... (see _RUN)
 
 
@@ -93,6 +93,10 @@ CREATE INDEX IF NOT EXISTS invocations_by_status ON invocations (status, seq);
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS templates (  -- of envelopes stored as their fields (envelope.Templated)
+    key BLOB PRIMARY KEY,  -- envelope.template_key(template)
+    template BLOB NOT NULL
 );
 """
 
@@ -278,6 +282,17 @@ def _state(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[None]:
     return [None] * len(ops)
 
 
+def _templates(conn: sqlite3.Connection, ops: list[list[tuple[bytes, bytes]]]) -> list[None]:
+    """Keep templates by key; a key already holding another template is an error (it never should)."""
+    for pairs in ops:
+        for key, template in pairs:
+            conn.execute("INSERT INTO templates (key, template) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, template))
+            (kept,) = conn.execute("SELECT template FROM templates WHERE key = ?", (key,)).fetchone()
+            if kept != template:
+                raise sqlite3.IntegrityError(f"the store holds another template under the key {key.hex()}")
+    return [None] * len(ops)
+
+
 _Statements = dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]]
 
 _RUN: _Statements = {
@@ -287,6 +302,7 @@ _RUN: _Statements = {
     "register": _register,
     "recover": _recover,
     "state": _state,
+    "templates": _templates,
 }
 _RUN_BY_REQUEST_ID: _Statements = {
     **_RUN,

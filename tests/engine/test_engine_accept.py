@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import pytest
 
 from eventrun.engine.core import Engine
-from eventrun.engine.envelope import Encoded, Envelope, encode
+from eventrun.engine.envelope import Envelope, Templated, encode, template_prefix
 from eventrun.engine.manifest import load_manifest
 
 
@@ -54,14 +54,25 @@ async def test_a_batch_mixing_functions_and_known_events(engine: Engine) -> None
     assert [engine.get(a.request_id).function for a in answers] == ["a", "a", "b", "b"]
 
 
-async def test_an_encoded_envelope_is_recorded_as_written_beside_built_ones(engine: Engine) -> None:
-    written = Encoded("w1", "test://batch", "a", "kafka", b'{"id":"w1","data":{"as":  "written"}}')
-    built = event("a", "b1")
-    answers = await engine.accept_batch([built, written, event("b", "b2")])
+TEMPLATE = b'{"id":"%(0)b","source":"test://batch","data":{"n":%(1)b,"tag":%(2)b,"again":%(1)b,"pct":"100%%"}}'
+
+
+def templated(function: str, id: str, n: int) -> Templated:
+    stored = template_prefix(TEMPLATE) + b"%s\x00%d\x00%s" % (id.encode(), n, b'"t\\u0000"')
+    return Templated(id, "test://batch", function, "kafka", stored, TEMPLATE)
+
+
+async def test_a_templated_envelope_keeps_its_fields_and_is_read_back_whole(engine: Engine) -> None:
+    batch = [templated("a", "t1", 1), event("a", "e1"), templated("b", "t2", 2)]
+    answers = await engine.accept_batch(batch)
     assert [a.created for a in answers] == [True, True, True]
-    assert engine.store.envelope(answers[1].request_id) == written.json
-    assert engine.store.envelope(answers[0].request_id) == encode(built)
-    # Its dedupe key is its own id and source: given again, it maps to the same run.
-    again = await engine.accept_batch([written])
-    assert again[0].request_id == answers[1].request_id and not again[0].created
-    assert engine.backlog("a") == 2 and engine.backlog("b") == 1
+    for answer, (id, n) in zip(answers[::2], [("t1", 1), ("t2", 2)]):
+        whole = b'{"id":"%s","source":"test://batch","data":{"n":%d,"tag":"t\\u0000","again":%d,"pct":"100%%"}}'
+        assert engine.store.envelope(answer.request_id) == whole % (id.encode(), n, n)
+    assert engine.store.envelope(answers[1].request_id) == encode(batch[1])
+    stored = engine.store._db.execute("SELECT envelope FROM invocations ORDER BY seq").fetchall()
+    assert [bytes(s) for (s,) in stored][::2] == [batch[0].stored, batch[2].stored], "only the fields were written"
+    assert engine.store._db.execute("SELECT count(*) FROM templates").fetchone() == (1,)
+    # Given again it maps to the same run, like any event with that function, source and id.
+    again = await engine.accept_batch([templated("a", "t1", 1)])
+    assert again[0].request_id == answers[0].request_id and not again[0].created

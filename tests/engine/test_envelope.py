@@ -14,6 +14,7 @@ import pytest
 from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import (
     Envelope,
+    Templated,
     decode,
     dumps,
     encode,
@@ -25,6 +26,10 @@ from eventrun.engine.envelope import (
     now_rfc3339,
     request_ids,
     request_seq,
+    stored_many,
+    stored_template,
+    template_key,
+    template_prefix,
 )
 
 
@@ -191,6 +196,20 @@ def test_encode_many_gives_each_envelope_its_own_bytes():
     assert encode_many([]) == []
     mixed = [*envelopes, http_envelope(id="6", data={1: "a", "b": {2.5: None}})]
     assert encode_many(mixed) == [encode(envelope) for envelope in mixed]
+
+
+def test_a_templated_envelope_is_stored_as_its_fields_and_expands_to_its_json():
+    template = b'{"id":"%(0)b","data":{"a":%(1)b,"b":%(2)b,"a2":%(1)b},"pct":"50%%"}'
+    stored = template_prefix(template) + b'x1\x00{"k": [1, 2]}\x00""'
+    item = Templated("x1", "test://t", "f", "kafka", stored, template)
+    assert stored_template(stored) == template_key(template) and len(template_key(template)) == 16
+    assert stored_template(b'{"id":"x1"}') is None  # an envelope stored as JSON
+    whole = b'{"id":"x1","data":{"a":{"k": [1, 2]},"b":"","a2":{"k": [1, 2]}},"pct":"50%"}'
+    assert envelope_module.expand(stored, template) == whole
+    built = http_envelope(id="3")
+    assert stored_many([built, item, built]) == [encode(built), stored, encode(built)]
+    assert encode_many([built, item]) == [encode(built), envelope_module.expand(stored, template)]
+    assert template_key(template) != template_key(template + b" ")
 
 
 def test_encode_many_fails_as_encode_does():

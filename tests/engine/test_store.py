@@ -11,7 +11,7 @@ import pytest
 
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine import envelope as envelope_module
-from eventrun.engine.envelope import new_id, now_rfc3339, request_ids
+from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, template_key, template_prefix
 from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
 from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.engine.writes import SCHEMA, by_request_id
@@ -241,3 +241,27 @@ async def test_a_store_in_use_is_refused_until_let_go(tmp_path: Path) -> None:
         first.close()
     second.open()
     second.close()
+
+
+async def test_an_envelope_stored_as_fields_is_read_whole_after_reopening(tmp_path: Path) -> None:
+    template = b'{"id":"%(0)b","n":%(1)b}'
+    stored = template_prefix(template) + b"e1\x007"
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    try:
+        await store.keep_templates({template})
+        await store.keep_templates({template})  # known: nothing to write
+        (accepted,) = await store.accept([row("e1")._replace(envelope=stored)])
+        assert store.envelope(accepted.request_id) == b'{"id":"e1","n":7}'
+    finally:
+        store.close()
+    store = SQLiteStore(tmp_path / "eventrun.db")  # a new process knows no template until it reads one
+    store.open()
+    try:
+        assert store.envelope(accepted.request_id) == b'{"id":"e1","n":7}' == expand(stored, template)
+        # A stored form whose template the store does not hold says so.
+        (lost,) = await store.accept([row("e2")._replace(envelope=template_prefix(b"gone") + b"x")])
+        with pytest.raises(StoreError, match=template_key(b"gone").hex()):
+            store.envelope(lost.request_id)
+    finally:
+        store.close()

@@ -157,3 +157,13 @@ async def test_rows_sharing_columns_are_stored_as_the_others_are(conn: sqlite3.C
         (r.seq, r.request_id, r.function, r.source, r.event_id, r.trigger, "QUEUED", r.created_at, r.envelope)
         for r in usual + mixed
     ]
+
+
+async def test_a_template_is_kept_once_and_a_key_never_holds_two(conn: sqlite3.Connection) -> None:
+    assert commit(conn, ops(("templates", [(b"k1", b"one")]), ("templates", [(b"k1", b"one"), (b"k2", b"two")]))) == [
+        (True, None), (True, None)
+    ]
+    assert conn.execute("SELECT key, template FROM templates ORDER BY key").fetchall() == [(b"k1", b"one"), (b"k2", b"two")]
+    clash = commit(conn, ops(("templates", [(b"k1", b"other")])))
+    assert clash[0][0] is False and "another template" in str(clash[0][1])
+    assert conn.execute("SELECT template FROM templates WHERE key = ?", (b"k1",)).fetchone() == (b"one",)

@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from eventrun.engine.api import Accepted
-from eventrun.engine.envelope import Encoded, Envelope, decode, encode
+from eventrun.engine.envelope import Envelope, Templated, decode, encode, expand, template_prefix
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
@@ -26,6 +26,7 @@ from eventrun.triggers.kafka.parser import (
     RECORD_TYPE,
     fingerprint,
     record_data,
+    record_template,
     record_time,
     _general,
     source_of,
@@ -230,26 +231,46 @@ def test_the_usual_record_is_written_straight_into_its_json(key: bytes, value: b
     rec = record(value, key=key, topic="odd.topic_name-1")
     (written,) = to_accept([rec], "f-1", epoch=2)
     built = _general(rec, "f-1", 2, DEFAULT_MAX_JSON)  # what the general path builds for it
-    assert written.__class__ is Encoded
+    assert written.__class__ is Templated
     assert (written.id, written.source, written.function, written.trigger) == (built.id, built.source, "f-1", "kafka")
     # What the handler gets, read by the standard library as the worker reads it: the same
     # event, keys in the same order. (The value keeps the producer's spacing; it means the same.)
-    event = json.loads(written.json)
+    event = json.loads(expand(written.stored, written.template))
     assert event == json.loads(encode(built))
     assert list(event) == list(built.to_dict()) and list(event["data"]) == list(built.data)
-    assert decode(written.json) == built
+    assert decode(expand(written.stored, written.template)) == built
 
 
 def test_a_written_value_keeps_integers_beyond_64_bits() -> None:
     big = 123456789012345678901234567890
     (written,) = to_accept([record(str(big).encode())], "f")
-    assert json.loads(written.json)["data"]["value"] == big
+    assert json.loads(expand(written.stored, written.template))["data"]["value"] == big
 
 
 def test_only_the_usual_record_is_written_straight_into_json() -> None:
     batch = [record(offset=1), record(offset=2, headers=[("h", b"v")]), record(offset=3, value=b"not json"),
              record(offset=4, key=None), record(offset=5, timestamp=-1), record(offset=6, key=b"\xff")]
-    assert [item.__class__ for item in to_accept(batch, "f")] == [Encoded] + [Envelope] * 5
+    assert [item.__class__ for item in to_accept(batch, "f")] == [Templated] + [Envelope] * 5
+
+
+def test_the_usual_records_of_a_topic_share_one_template_and_keep_only_their_fields() -> None:
+    batch = [record(offset=n, key=b"k-%d" % n, value=b'{"n": %d}' % n) for n in range(3)]
+    written = to_accept(batch, "f")
+    template, _ = record_template("kafka://orders", "f", 0)
+    assert all(item.template is template for item in written)
+    prefix = template_prefix(template)
+    assert [item.stored for item in written] == [
+        prefix + b'2\x00%d\x00"k-%d"\x00%s\x00{"n": %d}\x00%d' % (n, n, record_time(TS).encode(), n, TS) for n in range(3)
+    ]
+    assert len(written[0].stored) < len(encode(to_envelope(batch[0], "f"))) / 2
+
+
+@pytest.mark.parametrize("name", ["100%", "%(0)b", "%s%%"])
+def test_a_percent_sign_in_a_topic_or_function_name_is_kept_as_it_is(name: str) -> None:
+    rec = record(topic=name)
+    (written,) = to_accept([rec], name, epoch=1)
+    event = json.loads(expand(written.stored, written.template))
+    assert (event["source"], event["eventrunfunction"], event["id"]) == (f"kafka://{name}", name, "2-17-1")
 
 
 def test_a_batch_gives_each_record_the_envelope_it_gets_alone() -> None:

@@ -18,7 +18,7 @@ from typing import Awaitable, Mapping, Sequence, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from eventrun.engine.envelope import Encoded, Envelope
+from eventrun.engine.envelope import AnyEnvelope
 from eventrun.engine.errors import ShuttingDown
 
 from .client import RECORD_ERRORS, Settings, sleep_unless
@@ -85,7 +85,7 @@ class HandOff:
     ) -> None:
         """Check a fetched batch against the log read before and start its accept, at most IN_FLIGHT at once."""
         parts = self._parts
-        envelopes: list[Envelope | Encoded] = []
+        envelopes: list[AnyEnvelope] = []
         spans: dict[TopicPartition, _Span] = {}
         new_epoch = False
         for tp, records in batch.items():
@@ -135,7 +135,7 @@ class HandOff:
     async def _accept(
         self,
         consumer: AIOKafkaConsumer,
-        envelopes: Sequence[Envelope | Encoded],
+        envelopes: Sequence[AnyEnvelope],
         spans: Mapping[TopicPartition, _Span],
         generation: int,
         previous: asyncio.Task[bool] | None = None,
