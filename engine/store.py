@@ -111,9 +111,7 @@ class SQLiteStore:
 
     async def keep_templates(self, templates: Collection[bytes]) -> None:
         """Record the templates of Templated envelopes about to be accepted (each once)."""
-        new = {template_key(template): template for template in templates}
-        for key in [key for key in new if key in self._templates]:
-            del new[key]
+        new = {key: template for template in templates if (key := template_key(template)) not in self._templates}
         if new:
             await self._submit("templates", list(new.items()))
             self._templates.update(new)
