@@ -157,6 +157,7 @@ async def test_rows_sharing_columns_are_stored_as_the_others_are(conn: sqlite3.C
         (r.seq, r.request_id, r.function, r.source, r.event_id, r.trigger, "QUEUED", r.created_at, r.envelope)
         for r in usual + mixed
     ]
+    assert conn.execute("SELECT DISTINCT typeof(envelope) FROM invocations").fetchall() == [("blob",)]
 
 
 async def test_a_template_is_kept_once_and_a_key_never_holds_two(conn: sqlite3.Connection) -> None:
