@@ -19,7 +19,7 @@ from eventrun.engine.envelope import Envelope, Templated, decode, encode, expand
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
-from eventrun.triggers.kafka.handoff import HandOff
+from eventrun.triggers.kafka.handoff import UNCOMMITTED, HandOff
 from eventrun.triggers.kafka.health import Health
 from eventrun.triggers.kafka.parser import (
     DEFAULT_MAX_JSON,
@@ -590,3 +590,41 @@ async def test_a_hand_off_has_started_its_accept_when_it_returns() -> None:
     release.set()
     await handoff.drain()
     assert consumer.committed == {tp: 2}
+
+
+async def test_the_next_accept_does_not_wait_for_the_commits_before_it() -> None:
+    # Committing offsets is a round trip to the broker: the accepts after it go on meanwhile,
+    # the commits still go in order, and at most UNCOMMITTED hand-offs wait for theirs.
+    release = asyncio.Event()
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.commits: list[dict[TopicPartition, int]] = []
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            await release.wait()
+            self.commits.append(dict(offsets))
+
+    engine = FakeEngine()
+    parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
+    handoff = HandOff(
+        engine, parts, Health("f:orders", servers="b", group_id="g"), Settings(bootstrap_servers="b"),
+        asyncio.Event(), function="f", topic="orders", name="f:orders",
+    )
+    consumer = Consumer()
+    tp = TopicPartition("orders", 2)
+
+    def batch(n: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        return {tp: [record(offset=2 * n), record(offset=2 * n + 1)]}
+
+    for n in range(UNCOMMITTED):
+        await asyncio.wait_for(handoff.hand_off(consumer, batch(n), parts.generation), 1)  # type: ignore[arg-type]
+    assert len(engine.accepted) == 2 * UNCOMMITTED and consumer.commits == []
+    blocked = asyncio.create_task(handoff.hand_off(consumer, batch(UNCOMMITTED), parts.generation))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not blocked.done() and len(engine.accepted) == 2 * UNCOMMITTED  # bounded
+    release.set()
+    await blocked
+    await handoff.drain()
+    assert consumer.commits == [{tp: 2 * (n + 1)} for n in range(UNCOMMITTED + 1)]
+    assert [e.id for e in engine.accepted] == [f"2-{offset}" for offset in range(2 * UNCOMMITTED + 2)]

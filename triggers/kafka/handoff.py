@@ -1,9 +1,11 @@
 """Hand-off: fetched records become envelopes the engine accepts durably; only then are their offsets committed.
 
 Pipelined, so the engine's store writes one batch while the next is turned into envelopes and
-rows: up to IN_FLIGHT hand-offs at once. The engine's store commits them in the order they were
+rows: up to IN_FLIGHT accepts at once. The engine's store commits them in the order they were
 handed over, and each waits for the one before it to commit its offsets first, so offsets only
-ever move past records that are durably accepted. A record the client cannot decode is handed
+ever move past records that are durably accepted. The next accept does not wait for those
+commits (a round trip to the broker each), only for an accept to end; at most UNCOMMITTED
+hand-offs are under way, accepting or committing. A record the client cannot decode is handed
 over too, as one undecodable envelope, so its partition is not stuck there.
 """
 
@@ -33,7 +35,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IN_FLIGHT = 2
-"""Hand-offs (accept, then commit) a consumer has going at once."""
+"""Accepts a consumer has going at once; each hand-off then commits its offsets, in order."""
+
+UNCOMMITTED = 2 * IN_FLIGHT
+"""Hand-offs a consumer has going at once, accepting or waiting to commit (they hold their envelopes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class HandOff:
         self.lock = asyncio.Lock()
         self.uncommitted: dict[TopicPartition, int] = {}
         self._inflight: collections.deque[asyncio.Task[bool]] = collections.deque()  # oldest first
+        self._accepting: collections.deque[asyncio.Future[None]] = collections.deque()  # done once accepted
         self.handing = 0  # records in those hand-offs: not in the engine's backlog yet
         self.accepted = 0
 
@@ -110,11 +116,16 @@ class HandOff:
         if new_epoch:
             await self.drain()
             await parts.save_marks(force=True)  # durable before any id of the new epoch is used
-        while len(self._inflight) >= IN_FLIGHT:
+        while len(self._inflight) >= UNCOMMITTED:
             await self._inflight.popleft()
+        accepting = self._accepting
+        while accepting and (accepting[0].done() or len(accepting) >= IN_FLIGHT):
+            await accepting.popleft()  # its commit need not wait: the next accept can start
         if envelopes and generation == parts.generation:
             previous = self._inflight[-1] if self._inflight else None
-            task = asyncio.create_task(self._accept(consumer, envelopes, spans, generation, previous))
+            accepted = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._accept(consumer, envelopes, spans, generation, previous, accepted))
+            accepting.append(accepted)
             self.handing += len(envelopes)
             self._inflight.append(task)
             # Let the accept start now: it builds its rows and sends them to the store's writer
@@ -139,8 +150,12 @@ class HandOff:
         spans: Mapping[TopicPartition, _Span],
         generation: int,
         previous: asyncio.Task[bool] | None = None,
+        accepted: asyncio.Future[None] | None = None,
     ) -> bool:
-        """Accept durably, then commit; if the engine fails, read everything uncommitted again."""
+        """Accept durably, then commit; if the engine fails, read everything uncommitted again.
+
+        `accepted` is set once the engine has answered (whatever it answered).
+        """
         parts = self._parts
         failure: Exception | None = None
         try:
@@ -154,6 +169,8 @@ class HandOff:
                 failure = exc
         finally:
             self.handing -= len(envelopes)  # accepted ones are in the engine's backlog now
+            if accepted is not None and not accepted.done():
+                accepted.set_result(None)
         if previous is not None:
             await asyncio.wait({previous})  # its offsets go first
         async with self.lock:
