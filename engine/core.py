@@ -18,7 +18,7 @@ from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
 from .manifest import FunctionConfig, Manifest
 from .metrics import Metrics
-from .store import NewInvocation, SQLiteStore
+from .store import Batch, NewInvocation, SQLiteStore
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +39,33 @@ class _Run:
         self.abort = False
 
 
-def _rows(envelopes: Sequence[AnyEnvelope]) -> list[NewInvocation]:
+def _rows(envelopes: Sequence[AnyEnvelope]) -> Batch | list[NewInvocation]:
     """The store rows of envelopes being accepted, each with a fresh RequestId.
 
-    Plain tuples in NewInvocation's field order: the store takes either, and a plain tuple is
-    made without a call (and pickled to the writer without one).
+    A batch of one function, source and trigger (a Kafka batch, an HTTP event) goes as a Batch,
+    by column; others as plain tuples in NewInvocation's field order: the store takes either,
+    and a plain tuple is made without a call (and pickled to the writer without one).
     """
     now = now_rfc3339()
     first, ids = request_ids(len(envelopes))
+    stored = stored_many(envelopes)
+    shared = set(map(_SHARED, envelopes))
+    if len(shared) == 1:
+        ((function, source, trigger),) = shared
+        return Batch(function, source, trigger, now, first, ids, list(map(_EVENT_ID, envelopes)), stored)
     rows = [
         (request_id, e.function, e.source, e.id, e.trigger, now, raw, seq)
-        for request_id, e, raw, seq in zip(ids, envelopes, stored_many(envelopes), itertools.count(first))
+        for request_id, e, raw, seq in zip(ids, envelopes, stored, itertools.count(first))
     ]
     return rows  # type: ignore[return-value]
+
+
+_SHARED = operator.attrgetter("function", "source", "trigger")  # of an Envelope or a Templated one
+_EVENT_ID = operator.attrgetter("id")
+
+
+def _request_ids(rows: Batch | list[NewInvocation]) -> list[str]:
+    return rows.request_ids if rows.__class__ is Batch else list(map(_request_id, rows))  # type: ignore[union-attr]
 
 
 _created = operator.itemgetter(1)  # Accepted.created
@@ -214,7 +228,7 @@ class Engine:
             # The usual batch (one function, every event new), without a step per event in Python.
             (function,) = functions
             self.metrics.accepted[function] += len(rows)
-            self.dispatcher.submit(function, *map(_request_id, rows))
+            self.dispatcher.submit(function, *_request_ids(rows))
             return accepted
         created: dict[str, list[str]] = {}
         for envelope, answer in zip(envelopes, accepted):

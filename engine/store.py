@@ -16,9 +16,9 @@ from .api import Accepted, Invocation, Status
 from .envelope import dumps, expand, issue_after, loads, request_seq, stored_template, template_key
 from .errors import InvalidParameter, ManifestError, StoreError
 from .writer import WriterProcess
-from .writes import Ending, NewInvocation, Op, by_request_id, connect
+from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect
 
-__all__ = ["InvocationStore", "NewInvocation", "SQLiteStore"]
+__all__ = ["Batch", "InvocationStore", "NewInvocation", "SQLiteStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class InvocationStore(Protocol):
     """What the engine needs of a store."""
 
     async def keep_templates(self, templates: Collection[bytes]) -> None: ...
-    async def accept(self, rows: Sequence[NewInvocation]) -> list[Accepted]: ...
+    async def accept(self, rows: Sequence[NewInvocation] | Batch) -> list[Accepted]: ...
     async def mark_running(self, request_id: str, started_at: str) -> bool: ...
     async def finish(
         self,
@@ -116,7 +116,7 @@ class SQLiteStore:
             await self._submit("templates", list(new.items()))
             self._templates.update(new)
 
-    async def accept(self, rows: Sequence[NewInvocation]) -> list[Accepted]:
+    async def accept(self, rows: Sequence[NewInvocation] | Batch) -> list[Accepted]:
         """Record new invocations; a known (function, source, id) gives back its RequestId."""
         return await self._submit("accept", rows)  # type: ignore[no-any-return]
 

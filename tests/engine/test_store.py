@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sqlite3
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from eventrun.engine.api import Accepted, Status
 from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, template_key, template_prefix
 from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
-from eventrun.engine.store import NewInvocation, SQLiteStore
+from eventrun.engine.store import Batch, NewInvocation, SQLiteStore
 from eventrun.engine.writes import SCHEMA, by_request_id
 
 
@@ -265,3 +266,45 @@ async def test_an_envelope_stored_as_fields_is_read_whole_after_reopening(tmp_pa
             store.envelope(lost.request_id)
     finally:
         store.close()
+
+
+def batch(*event_ids: str, envelopes: list[bytes] | None = None) -> Batch:
+    first, ids = request_ids(len(event_ids))
+    if envelopes is None:
+        envelopes = [b'{"id":"%s"}' % e.encode() for e in event_ids]
+    return Batch("f", "kafka://orders", "kafka", now_rfc3339(), first, ids, list(event_ids), envelopes)
+
+
+def test_a_batch_reads_as_its_rows_and_travels_packed() -> None:
+    # Envelopes hold NUL bytes (a stored form does) or nothing; an id may hold a NUL too.
+    b = batch("0-1", "0-2", "a\x00b", envelopes=[b"\x00k\x001\x002", b"", b"{}"])
+    rows = [
+        (rid, "f", "kafka://orders", eid, "kafka", b.created_at, env, b.first_seq + i)
+        for i, (rid, eid, env) in enumerate(zip(b.request_ids, b.event_ids, b.envelopes))
+    ]
+    assert list(b) == b.rows() == rows and len(b) == 3 and b[1] == rows[1] and b[-1] == rows[2] and b[1:] == rows[1:]
+    assert Batch.unpack(pickle.loads(pickle.dumps(b.pack()))) == rows
+    one = batch("0-7")
+    assert Batch.unpack(one.pack()) == one.rows()
+    packed = batch(*(f"0-{i}" for i in range(2000))).pack()
+    assert all(not isinstance(part, list) for part in packed), "columns without a NUL go as one string each"
+    with pytest.raises(ValueError, match="differ in length"):
+        Batch("f", "s", "kafka", now_rfc3339(), 1, ["r"], ["a", "b"], [b""])
+
+
+async def test_a_batch_is_accepted_as_its_rows_would_be(store: SQLiteStore) -> None:
+    (known,) = await store.accept([row("0-1", source="kafka://orders")])
+    fresh = batch("0-2", "0-3")
+    answers = await store.accept(fresh)
+    assert answers == [Accepted(rid, True) for rid in fresh.request_ids]
+    redelivered = batch("0-1", "0-2", "0-4")
+    answers = await store.accept(redelivered)
+    assert answers == [
+        Accepted(known.request_id, False),
+        Accepted(fresh.request_ids[0], False),
+        Accepted(redelivered.request_ids[2], True),
+    ]
+    for rid, envelope in [(fresh.request_ids[1], b'{"id":"0-3"}'), (redelivered.request_ids[2], b'{"id":"0-4"}')]:
+        invocation = store.get(rid)
+        assert invocation is not None and invocation.status is Status.QUEUED
+        assert store.envelope(rid) == envelope
