@@ -112,16 +112,15 @@ class Batch(Sequence[tuple[Any, ...]]):
         )
 
     @staticmethod
-    def unpack(packed: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """The rows of a packed batch."""
+    def unpack(packed: tuple[Any, ...]) -> Batch:
+        """A packed batch again (its envelopes as bytearrays, which the store binds at once: see _blob)."""
         function, source, trigger, created_at, first_seq, request_ids, event_ids, envelopes, lengths = packed
         ends = list(itertools.accumulate(array.array("Q", lengths)))
         cut = map(slice, itertools.chain((0,), ends), ends)
-        batch = Batch(
+        return Batch(
             function, source, trigger, created_at, first_seq,
-            _split(request_ids), _split(event_ids), list(map(envelopes.__getitem__, cut)),
+            _split(request_ids), _split(event_ids), list(map(bytearray(envelopes).__getitem__, cut)),
         )
-        return batch.rows()
 
 
 def _joined(texts: list[str]) -> str | list[str]:
@@ -279,21 +278,14 @@ ALL_NEW = "all-new"
 """What an accept op gets when every row was new: each keeps the RequestId it came with."""
 
 
-def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation]]) -> list[list[Accepted] | str]:
-    rows = [row for rows in ops for row in rows]
+def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation] | Batch]) -> list[list[Accepted] | str]:
     before = conn.total_changes
-    shared = set(map(_SHARED, rows))
-    if len(shared) == 1:  # the usual batch: one function, source and trigger, one time of acceptance
-        (common,) = shared
-        for chunk in _chunks(rows):
-            params = [*common, *itertools.chain.from_iterable(map(_OWN, chunk))]
-            params[7::4] = map(_blob, params[7::4])  # each row's envelope
-            conn.execute(_insert_shared_sql(len(chunk)), params)
+    if len(ops) == 1 and ops[0].__class__ is Batch:  # a Kafka batch alone: bound column by column
+        rows: Sequence[Any] = ops[0]
+        _insert_batch(conn, ops[0])  # type: ignore[arg-type]
     else:
-        for chunk in _chunks(rows):
-            params = list(itertools.chain.from_iterable(chunk))
-            params[6::8] = map(_blob, params[6::8])  # each row's envelope
-            conn.execute(_insert_sql(len(chunk)), params)
+        rows = [row for rows in ops for row in rows]
+        _insert_rows(conn, rows)
     if conn.total_changes - before == len(rows):
         return [ALL_NEW] * len(ops)
     # Some were known (redelivery, or one event twice): each gets the RequestId it was given.
@@ -311,6 +303,35 @@ def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation]]) -> lis
         out.append(answers[start : start + len(op_rows)])
         start += len(op_rows)
     return out
+
+
+def _insert_batch(conn: sqlite3.Connection, batch: Batch) -> None:
+    common = (batch.function, batch.source, batch.trigger, batch.created_at)
+    envelopes = batch.envelopes
+    if envelopes and envelopes[0].__class__ is not bytearray:
+        envelopes = list(map(_blob, envelopes))
+    for chunk in _chunks(range(len(batch))):
+        start, stop = chunk.start, chunk.stop  # type: ignore[attr-defined]
+        own = zip(
+            range(batch.first_seq + start, batch.first_seq + stop),
+            batch.request_ids[start:stop], batch.event_ids[start:stop], envelopes[start:stop],
+        )
+        conn.execute(_insert_shared_sql(stop - start), [*common, *itertools.chain.from_iterable(own)])
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    shared = set(map(_SHARED, rows))
+    if len(shared) == 1:  # the usual batch: one function, source and trigger, one time of acceptance
+        (common,) = shared
+        for chunk in _chunks(rows):
+            params = [*common, *itertools.chain.from_iterable(map(_OWN, chunk))]
+            params[7::4] = map(_blob, params[7::4])  # each row's envelope
+            conn.execute(_insert_shared_sql(len(chunk)), params)
+    else:
+        for chunk in _chunks(rows):
+            params = list(itertools.chain.from_iterable(chunk))
+            params[6::8] = map(_blob, params[6::8])  # each row's envelope
+            conn.execute(_insert_sql(len(chunk)), params)
 
 
 _BY_SEQ = "invocations.seq = v.column1 AND invocations.request_id = v.column2"

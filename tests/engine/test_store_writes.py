@@ -10,7 +10,7 @@ import pytest
 
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine.envelope import dumps, now_rfc3339, request_ids, request_seq
-from eventrun.engine.writes import ALL_NEW, ROWS_PER_STATEMENT, SCHEMA, Ending, NewInvocation, Op, commit, groups
+from eventrun.engine.writes import ALL_NEW, ROWS_PER_STATEMENT, SCHEMA, Batch, Ending, NewInvocation, Op, commit, groups
 
 
 def row(event_id: str, *, request_id: str | None = None, function: str = "f") -> NewInvocation:
@@ -122,6 +122,28 @@ async def test_batches_larger_than_one_statement_keep_every_row(conn: sqlite3.Co
     ended = commit(conn, ops(*(("finish", ending(r.request_id, Status.FINISHED)) for r in rows)))
     assert ended == [(True, True)] * count
     assert conn.execute("SELECT status, COUNT(*) FROM invocations GROUP BY status").fetchall() == [("FINISHED", count)]
+
+
+async def test_a_batch_by_column_is_stored_and_answered_as_its_rows_would_be(conn: sqlite3.Connection) -> None:
+    count = 2 * ROWS_PER_STATEMENT + 345  # two full statements, a cut at the hundreds, and the rest
+
+    def batch(*event_ids: str) -> Batch:
+        first, ids = request_ids(len(event_ids))
+        envelopes = [b'{"id":"%s"}\x00' % e.encode() for e in event_ids]
+        return Batch("f", "kafka://orders", "kafka", now_rfc3339(), first, ids, list(event_ids), envelopes)
+
+    fresh = batch(*(f"0-{offset}" for offset in range(count)))
+    assert commit(conn, ops(("accept", fresh))) == [(True, ALL_NEW)]
+    stored = conn.execute(
+        "SELECT request_id, function, source, event_id, trigger, created_at, envelope, seq FROM invocations ORDER BY seq"
+    ).fetchall()
+    assert stored == fresh.rows()
+    again = batch("0-0", "0-1234", "1-0")  # redelivered, and one new
+    assert commit(conn, ops(("accept", again))) == [
+        (True, [Accepted(fresh.request_ids[0], False), Accepted(fresh.request_ids[1234], False),
+                Accepted(again.request_ids[2], True)])
+    ]
+    assert conn.execute("SELECT COUNT(*) FROM invocations").fetchone() == (count + 1,)
 
 
 async def test_a_failing_op_gets_the_error_and_the_others_still_commit(conn: sqlite3.Connection) -> None:
