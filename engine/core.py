@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import AnyEnvelope, Envelope, Templated, now_rfc3339, request_ids, stored_many
+from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, now_rfc3339, request_ids, stored_many
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -48,6 +48,9 @@ def _rows(envelopes: Sequence[AnyEnvelope]) -> Batch | list[NewInvocation]:
     """
     now = now_rfc3339()
     first, ids = request_ids(len(envelopes))
+    if envelopes.__class__ is TemplatedBatch:  # the columns as they are
+        batch: TemplatedBatch = envelopes  # type: ignore[assignment]
+        return Batch(batch.function, batch.source, batch.trigger, now, first, ids, batch.ids, batch.stored)
     stored = stored_many(envelopes)
     shared = set(map(_SHARED, envelopes))
     if len(shared) == 1:
@@ -213,14 +216,20 @@ class Engine:
         """Record many envelopes in one durable commit (a Templated one as its fields); never throttled."""
         if self.shutting_down:
             raise ShuttingDown()
-        functions = {envelope.function for envelope in envelopes}
+        if envelopes.__class__ is TemplatedBatch:
+            functions = {envelopes.function}  # type: ignore[attr-defined]
+        else:
+            functions = {envelope.function for envelope in envelopes}
         for function in functions:
             self.function(function)
         return await self._record(envelopes, functions)
 
     async def _record(self, envelopes: Sequence[AnyEnvelope], functions: set[str]) -> list[Accepted]:
         rows = _rows(envelopes)
-        templates = {e.template for e in envelopes if e.__class__ is Templated}  # type: ignore[union-attr]
+        if envelopes.__class__ is TemplatedBatch:
+            templates = {envelopes.template}  # type: ignore[attr-defined]
+        else:
+            templates = {e.template for e in envelopes if e.__class__ is Templated}  # type: ignore[union-attr]
         if templates:
             await self.store.keep_templates(templates)
         accepted = await self.store.accept(rows)

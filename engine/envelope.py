@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import os
 import re
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import orjson
 
@@ -219,6 +220,61 @@ class Templated(NamedTuple):
     trigger: str
     stored: bytes
     template: bytes
+
+
+class TemplatedBatch(Sequence[Templated]):
+    """Templated envelopes sharing their source, function, trigger and template, by column.
+
+    How the Kafka trigger hands over a batch of usual records: no Templated tuple is made per
+    record, and the engine passes the columns on to the store as they are (see writes.Batch).
+    It reads as the Templated envelopes it stands for; a slice of it is one too.
+    """
+
+    __slots__ = ("source", "function", "trigger", "template", "ids", "stored")
+
+    def __init__(
+        self, source: str, function: str, trigger: str, template: bytes, ids: list[str], stored: list[bytes]
+    ) -> None:
+        if len(ids) != len(stored):
+            raise ValueError("a batch's columns differ in length")
+        self.source = source
+        self.function = function
+        self.trigger = trigger
+        self.template = template
+        self.ids = ids
+        self.stored = stored
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return TemplatedBatch(
+                self.source, self.function, self.trigger, self.template, self.ids[index], self.stored[index]
+            )
+        return Templated(self.ids[index], self.source, self.function, self.trigger, self.stored[index], self.template)
+
+    def __iter__(self) -> Iterator[Templated]:
+        source, function, trigger, template = self.source, self.function, self.trigger, self.template
+        return (Templated(i, source, function, trigger, s, template) for i, s in zip(self.ids, self.stored))
+
+    @property
+    def shared(self) -> tuple[str, str, str, bytes]:
+        """What its envelopes share: source, function, trigger and template."""
+        return self.source, self.function, self.trigger, self.template
+
+
+def concatenated(parts: Sequence[Sequence[AnyEnvelope]]) -> Sequence[AnyEnvelope]:
+    """The envelopes of the parts, in order: one TemplatedBatch when each part is one and all share a template."""
+    if parts and all(part.__class__ is TemplatedBatch for part in parts):
+        batches: Sequence[TemplatedBatch] = parts  # type: ignore[assignment]
+        if len({batch.shared for batch in batches}) == 1:
+            if len(batches) == 1:
+                return batches[0]
+            ids = list(itertools.chain.from_iterable(batch.ids for batch in batches))
+            stored = list(itertools.chain.from_iterable(batch.stored for batch in batches))
+            return TemplatedBatch(*batches[0].shared, ids, stored)
+    return list(itertools.chain.from_iterable(parts))
 
 
 _TEMPLATED = b"\x00"  # how a stored Templated envelope starts; one stored as JSON starts with "{"

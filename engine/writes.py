@@ -117,10 +117,8 @@ class Batch(Sequence[tuple[Any, ...]]):
         function, source, trigger, created_at, first_seq, request_ids, event_ids, envelopes, lengths = packed
         ends = list(itertools.accumulate(array.array("Q", lengths)))
         cut = map(slice, itertools.chain((0,), ends), ends)
-        return Batch(
-            function, source, trigger, created_at, first_seq,
-            _split(request_ids), _split(event_ids), list(map(bytearray(envelopes).__getitem__, cut)),
-        )
+        cuts: list[Any] = list(map(bytearray(envelopes).__getitem__, cut))
+        return Batch(function, source, trigger, created_at, first_seq, _split(request_ids), _split(event_ids), cuts)
 
 
 def _joined(texts: list[str]) -> str | list[str]:
@@ -307,7 +305,7 @@ def _accept(conn: sqlite3.Connection, ops: list[Sequence[NewInvocation] | Batch]
 
 def _insert_batch(conn: sqlite3.Connection, batch: Batch) -> None:
     common = (batch.function, batch.source, batch.trigger, batch.created_at)
-    envelopes = batch.envelopes
+    envelopes: list[Any] = batch.envelopes
     if envelopes and envelopes[0].__class__ is not bytearray:
         envelopes = list(map(_blob, envelopes))
     for chunk in _chunks(range(len(batch))):

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import pytest
 
 from eventrun.engine.core import Engine
-from eventrun.engine.envelope import Envelope, Templated, encode, template_prefix
+from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, encode, expand, template_prefix
 from eventrun.engine.manifest import load_manifest
 
 
@@ -76,3 +76,22 @@ async def test_a_templated_envelope_keeps_its_fields_and_is_read_back_whole(engi
     # Given again it maps to the same run, like any event with that function, source and id.
     again = await engine.accept_batch([templated("a", "t1", 1)])
     assert again[0].request_id == answers[0].request_id and not again[0].created
+
+
+async def test_a_batch_of_templated_envelopes_by_column_is_accepted_as_each_would_be(engine: Engine) -> None:
+    items = [templated("a", f"t{n}", n) for n in range(5)]
+    first = items[0]
+    batch = TemplatedBatch(first.source, first.function, first.trigger, TEMPLATE, [e.id for e in items],
+                           [e.stored for e in items])
+    assert list(batch) == items
+    answers = await engine.accept_batch(batch[:3])
+    assert [a.created for a in answers] == [True] * 3
+    for answer, item in zip(answers, items):
+        assert engine.store.envelope(answer.request_id) == expand(item.stored, TEMPLATE)
+        invocation = engine.get(answer.request_id)
+        assert (invocation.function, invocation.trigger, invocation.status.value) == ("a", "kafka", "QUEUED")
+    # The whole batch again: the first three map to their runs, the last two are new.
+    again = await engine.accept_batch(batch)
+    assert [(a.request_id, a.created) for a in again[:3]] == [(a.request_id, False) for a in answers]
+    assert [a.created for a in again[3:]] == [True, True]
+    assert engine.store._db.execute("SELECT count(*) FROM invocations").fetchone() == (5,)

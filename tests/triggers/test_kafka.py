@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from eventrun.engine.api import Accepted
-from eventrun.engine.envelope import Envelope, Templated, decode, encode, expand, template_prefix
+from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, concatenated, decode, encode, expand, template_prefix
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
@@ -251,6 +251,34 @@ def test_only_the_usual_record_is_written_straight_into_json() -> None:
     batch = [record(offset=1), record(offset=2, headers=[("h", b"v")]), record(offset=3, value=b"not json"),
              record(offset=4, key=None), record(offset=5, timestamp=-1), record(offset=6, key=b"\xff")]
     assert [item.__class__ for item in to_accept(batch, "f")] == [Templated] + [Envelope] * 5
+
+
+def test_usual_records_of_one_topic_come_by_column_and_the_others_keep_their_place() -> None:
+    usual = [record(offset=n) for n in range(3)]
+    written = to_accept(usual, "f")
+    assert written.__class__ is TemplatedBatch and written.ids == ["2-0", "2-1", "2-2"]  # type: ignore[attr-defined]
+    items = list(written)
+    assert items == [Templated(f"2-{n}", "kafka://orders", "f", "kafka", items[n].stored, items[n].template) for n in range(3)]
+    assert list(written[1:]) == items[1:] and written[-1] == items[-1]
+    # A record that is not a usual one, or a second topic: each envelope in its place, one by one.
+    mixed = to_accept([usual[0], record(offset=3, value=b"not json"), record(offset=4)], "f")
+    assert [(e.__class__, e.id) for e in mixed] == [(Templated, "2-0"), (Envelope, "2-3"), (Templated, "2-4")]
+    two = to_accept([record(offset=5), record(offset=6, topic="other")], "f")
+    assert [(e.__class__, e.source) for e in two] == [(Templated, "kafka://orders"), (Templated, "kafka://other")]
+    assert list(to_accept([], "f")) == []
+
+
+def test_the_partitions_of_a_fetch_go_as_one_batch_when_they_share_a_template() -> None:
+    p2 = to_accept([record(partition=2, offset=n) for n in range(2)], "f")
+    p3 = to_accept([record(partition=3, offset=n) for n in range(2)], "f")
+    joined = concatenated([p2, p3])
+    assert joined.__class__ is TemplatedBatch and list(joined) == [*p2, *p3]
+    assert concatenated([p2]) is p2
+    other_epoch = to_accept([record(partition=4, offset=0)], "f", epoch=1)
+    odd = to_accept([record(partition=5, offset=0, value=b"x")], "f")
+    for parts in ([p2, other_epoch], [p2, odd]):
+        flat = concatenated(parts)
+        assert flat.__class__ is list and flat == [e for part in parts for e in part]
 
 
 def test_the_usual_records_of_a_topic_share_one_template_and_keep_only_their_fields() -> None:

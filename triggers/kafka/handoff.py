@@ -20,7 +20,7 @@ from typing import Awaitable, Mapping, Sequence, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from eventrun.engine.envelope import AnyEnvelope
+from eventrun.engine.envelope import AnyEnvelope, concatenated
 from eventrun.engine.errors import ShuttingDown
 
 from .client import RECORD_ERRORS, Settings, sleep_unless
@@ -91,7 +91,7 @@ class HandOff:
     ) -> None:
         """Check a fetched batch against the log read before and start its accept, at most IN_FLIGHT at once."""
         parts = self._parts
-        envelopes: list[AnyEnvelope] = []
+        converted: list[Sequence[AnyEnvelope]] = []  # each partition's records
         spans: dict[TopicPartition, _Span] = {}
         new_epoch = False
         for tp, records in batch.items():
@@ -110,9 +110,10 @@ class HandOff:
                 new_epoch = True
             epoch = parts.marks.epoch(p)
             max_json = self._settings.max_json
-            envelopes += to_accept(records, self._function, epoch=epoch, max_json=max_json)
+            converted.append(to_accept(records, self._function, epoch=epoch, max_json=max_json))
             spans[tp] = span = _Span.of(records)
             parts.expected[p] = span.next
+        envelopes = concatenated(converted)
         if new_epoch:
             await self.drain()
             await parts.save_marks(force=True)  # durable before any id of the new epoch is used

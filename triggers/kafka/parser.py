@@ -15,6 +15,7 @@ from eventrun.engine.envelope import (
     Envelope,
     JSONDecodeError,
     Templated,
+    TemplatedBatch,
     decode,
     dumps,
     expand,
@@ -101,7 +102,7 @@ _templated = functools.partial(tuple.__new__, Templated)  # Templated(...) from 
 
 def to_accept(
     records: Sequence[RecordLike], function: str, *, epoch: int = 0, max_json: int = DEFAULT_MAX_JSON
-) -> list[Envelope | Templated]:
+) -> Sequence[Envelope | Templated]:
     """What accept_batch takes for records: their envelopes, the usual ones as a template's fields.
 
     The usual record (UTF-8 key, JSON value, a timestamp, no headers) becomes a Templated
@@ -109,15 +110,19 @@ def to_accept(
     to know it is JSON, not turned into objects and written again) and the template once. That
     is most of the work per record on a busy topic, and a third of the bytes of its JSON.
     Anything else is built as an Envelope by the general path. Either way the envelope is the
-    one to_envelopes gives (it expands and decodes these).
+    one to_envelopes gives (it expands and decodes these). When every record is a usual one of
+    one topic (the rule on a busy topic), the answer is a TemplatedBatch: the same envelopes by
+    column, with no object made per record.
     """
-    out: list[Envelope | Templated] = []
-    append = out.append
+    ids: list[str] = []  # the usual records' ids and stored forms, while all are usual ones
+    fields: list[bytes] = []
+    out: list[Envelope | Templated] | None = None  # each envelope, from the first that is not
     topic, source, template, stored = None, "", b"", b""
     stamped, when = None, b""  # the last timestamp seen and its text: records of a batch share them in runs
     for record in records:
         if record.headers:
-            append(_general(record, function, epoch, max_json))
+            out = _each(out, ids, fields, source, function, template)
+            out.append(_general(record, function, epoch, max_json))
             continue
         key, value, timestamp = record.key, record.value, record.timestamp
         if key is not None and value and len(value) <= max_json and timestamp is not None and timestamp >= 0:
@@ -135,14 +140,35 @@ def to_accept(
                 if when:
                     partition, offset = record.partition, record.offset
                     if record.topic is not topic:
+                        if ids:  # another topic: another template
+                            out = _each(out, ids, fields, source, function, template)
                         topic = record.topic
                         source = source_of(topic)
                         template, stored = record_template(source, function, epoch)
                     event_id = f"{partition}-{offset}" if epoch == 0 else f"{partition}-{offset}-{epoch}"
-                    fields = stored % (partition, offset, subject, when, value, timestamp)
-                    append(_templated((event_id, source, function, TRIGGER, fields, template)))
+                    written = stored % (partition, offset, subject, when, value, timestamp)
+                    if out is None:
+                        ids.append(event_id)
+                        fields.append(written)
+                    else:
+                        out.append(_templated((event_id, source, function, TRIGGER, written, template)))
                     continue
-        append(_general(record, function, epoch, max_json))
+        out = _each(out, ids, fields, source, function, template)
+        out.append(_general(record, function, epoch, max_json))
+    if out is not None:
+        return out
+    return TemplatedBatch(source, function, TRIGGER, template, ids, fields) if ids else []
+
+
+def _each(
+    out: list[Envelope | Templated] | None, ids: list[str], fields: list[bytes], source: str, function: str, template: bytes
+) -> list[Envelope | Templated]:
+    """`out`, or the usual records so far as Templated envelopes once one record is not usual."""
+    if out is not None:
+        return out
+    out = [_templated((i, source, function, TRIGGER, f, template)) for i, f in zip(ids, fields)]
+    ids.clear()
+    fields.clear()
     return out
 
 
