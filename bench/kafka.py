@@ -52,7 +52,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -162,7 +162,7 @@ async def bare_consumer(bootstrap: str, topic: str, records: int, batch: int) ->
     return len(got) / elapsed, got
 
 
-def bare_sqlite(path: Path, envelopes: list[AnyEnvelope], batch: int) -> float:
+def bare_sqlite(path: Path, envelopes: Sequence[AnyEnvelope], batch: int) -> float:
     """records/s of inserting the envelopes in batches into a new file, WAL + synchronous=FULL."""
     rows = [(envelope.source, envelope.id, raw) for envelope, raw in zip(envelopes, encode_many(envelopes))]
     conn = sqlite3.connect(path, isolation_level=None)
@@ -179,7 +179,7 @@ def bare_sqlite(path: Path, envelopes: list[AnyEnvelope], batch: int) -> float:
     return len(rows) / elapsed
 
 
-async def engine_alone(work: Path, envelopes: list[AnyEnvelope], batch: int, concurrency: int) -> float:
+async def engine_alone(work: Path, envelopes: Sequence[AnyEnvelope], batch: int, concurrency: int) -> float:
     """records/s of Engine.accept_batch for the same envelopes with no Kafka at all (runs go on too).
 
     Batches are handed in with IN_FLIGHT of them at once, as the trigger hands them off.
@@ -310,7 +310,7 @@ async def main_async(args: argparse.Namespace) -> None:
                   f"{args.partitions} partitions")
             rate = await produce(bootstrap, topic, args.records, args.partitions)
             print(f"produced {args.records} records ({rate:,.0f} records/s)")
-            envelopes: list[AnyEnvelope] = []  # as the trigger hands them to the engine
+            envelopes: Sequence[AnyEnvelope] = []  # as the trigger hands them to the engine
             rounds: list[Round] = []
             for n in range(1, args.rounds + 1):
                 print(f"round {n}/{args.rounds}")

@@ -19,6 +19,7 @@ from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, concat
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
+from eventrun.triggers.kafka.client import new_client
 from eventrun.triggers.kafka.handoff import UNCOMMITTED, HandOff
 from eventrun.triggers.kafka.health import Health
 from eventrun.triggers.kafka.parser import (
@@ -656,3 +657,15 @@ async def test_the_next_accept_does_not_wait_for_the_commits_before_it() -> None
     await handoff.drain()
     assert consumer.commits == [{tp: 2 * (n + 1)} for n in range(UNCOMMITTED + 1)]
     assert [e.id for e in engine.accepted] == [f"2-{offset}" for offset in range(2 * UNCOMMITTED + 2)]
+
+
+async def test_a_broker_may_hold_a_fetch_only_briefly() -> None:
+    # A fetch held by the broker for the client's 500 ms (seen with Tansu while offsets were
+    # committed) stalls the consumer that long; eventrun's clients allow 100 ms.
+    settings = Settings(bootstrap_servers="127.0.0.1:9")
+    consumer = new_client(settings, function="f", group_id="g")
+    try:
+        assert settings.fetch_wait_ms == 100
+        assert consumer._fetch_max_wait_ms == settings.fetch_wait_ms  # what start() gives its fetcher
+    finally:
+        await consumer.stop()
