@@ -586,6 +586,16 @@ def test_client_logs_are_quieted_unless_configured() -> None:
         client.setLevel(before)
 
 
+def hand_off_to(engine: FakeEngine) -> tuple[HandOff, Partitions]:
+    """The hand-offs of a consumer of topic "orders" for function "f", and its partitions."""
+    parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
+    handoff = HandOff(
+        engine, parts, Health("f:orders", servers="b", group_id="g"), Settings(bootstrap_servers="b"),
+        asyncio.Event(), function="f", topic="orders", name="f:orders",
+    )
+    return handoff, parts
+
+
 async def test_a_hand_off_has_started_its_accept_when_it_returns() -> None:
     # The consumer fetches and converts the next batch right after a hand-off returns, without
     # giving the event loop a turn when records are buffered. The accept must already be under
@@ -606,11 +616,7 @@ async def test_a_hand_off_has_started_its_accept_when_it_returns() -> None:
             self.committed.update(offsets)
 
     engine = SlowEngine()
-    parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
-    handoff = HandOff(
-        engine, parts, Health("f:orders", servers="b", group_id="g"), Settings(bootstrap_servers="b"),
-        asyncio.Event(), function="f", topic="orders", name="f:orders",
-    )
+    handoff, parts = hand_off_to(engine)
     consumer = Consumer()
     tp = TopicPartition("orders", 2)
     await handoff.hand_off(consumer, {tp: [record(offset=0), record(offset=1)]}, parts.generation)  # type: ignore[arg-type]
@@ -635,11 +641,7 @@ async def test_the_next_accept_does_not_wait_for_the_commits_before_it() -> None
             self.commits.append(dict(offsets))
 
     engine = FakeEngine()
-    parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
-    handoff = HandOff(
-        engine, parts, Health("f:orders", servers="b", group_id="g"), Settings(bootstrap_servers="b"),
-        asyncio.Event(), function="f", topic="orders", name="f:orders",
-    )
+    handoff, parts = hand_off_to(engine)
     consumer = Consumer()
     tp = TopicPartition("orders", 2)
 
