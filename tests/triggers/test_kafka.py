@@ -671,3 +671,12 @@ async def test_a_broker_may_hold_a_fetch_only_briefly() -> None:
         assert consumer._fetch_max_wait_ms == settings.fetch_wait_ms  # what start() gives its fetcher
     finally:
         await consumer.stop()
+
+
+def test_records_naming_their_topic_with_equal_strings_still_come_as_one_batch() -> None:
+    # aiokafka gives each partition's records one topic string; another partition's may be
+    # another string object of the same text.
+    records = [record(offset=0, topic="".join(["ord", "ers"])), record(offset=1, topic="".join(["or", "ders"]))]
+    assert records[0].topic is not records[1].topic
+    written = to_accept(records, "f")
+    assert written.__class__ is TemplatedBatch and len(written) == 2

@@ -140,11 +140,12 @@ def to_accept(
                 if when:
                     partition, offset = record.partition, record.offset
                     if record.topic is not topic:
-                        if ids:  # another topic: another template
-                            out = _each(out, ids, fields, source, function, template)
                         topic = record.topic
-                        source = source_of(topic)
-                        template, stored = record_template(source, function, epoch)
+                        source_now = source_of(topic)
+                        template_now, stored = record_template(source_now, function, epoch)
+                        if ids and template_now is not template:  # another topic: another template
+                            out = _each(out, ids, fields, source, function, template)
+                        source, template = source_now, template_now
                     event_id = f"{partition}-{offset}" if epoch == 0 else f"{partition}-{offset}-{epoch}"
                     written = stored % (partition, offset, subject, when, value, timestamp)
                     if out is None:
