@@ -13,7 +13,7 @@ answers each commit with the outcomes in the order the ops came, `(True, result)
 does not carry thousands of RequestIds back that the server already knows. Rows travel as
 plain tuples (pickling a named tuple calls back into Python for every row), and a Batch (a Kafka
 batch's rows by column) packed into a few strings: pickling a tuple a row cost the server about
-half a microsecond a row, more than anything else it does to hand a row over.
+half a microsecond a row, as much as building the rows.
 
 The writer ignores SIGINT and SIGTERM: it stops when the server says so, after committing what
 was queued, or when the server's end of the socket closes.
