@@ -123,11 +123,11 @@ class Engine:
         for request_id in interrupted:
             self._note(request_id, f"[eventrun] {SERVER_STOPPED}")
             self.logs.close(request_id)
-            self._notify(self.get(request_id))
+            self._notify(await self.get(request_id))
         await self.pool.start()
         self._started = True
         resumed = 0
-        for request_id, function in self.store.queued():
+        for request_id, function in await self.store.queued():
             if function in self.manifest.functions:
                 self.dispatcher.submit(function, request_id)
                 resumed += 1
@@ -185,13 +185,13 @@ class Engine:
         self.function(function)
         return self.dispatcher.queued(function)
 
-    def active(self, function: str, source: str) -> int:
+    async def active(self, function: str, source: str) -> int:
         """Runs of the function from this source that are QUEUED or RUNNING."""
-        return self.store.count_active(function, source)
+        return await self.store.count_active(function, source)
 
-    def get_state(self, key: str) -> str | None:
+    async def get_state(self, key: str) -> str | None:
         """A small value a trigger remembered across restarts (e.g. its last timer slot)."""
-        return self.store.get_state(key)
+        return await self.store.get_state(key)
 
     async def put_state(self, key: str, value: str) -> None:
         """Remember a small value durably."""
@@ -263,14 +263,14 @@ class Engine:
         """Every function of the manifest."""
         return dict(self.manifest.functions)
 
-    def get(self, request_id: str) -> Invocation:
+    async def get(self, request_id: str) -> Invocation:
         """One invocation."""
-        invocation = self.store.get(request_id)
+        invocation = await self.store.get(request_id)
         if invocation is None:
             raise InvocationNotFound(request_id)
         return invocation
 
-    def list(
+    async def list(
         self,
         *,
         function: str | None = None,
@@ -281,11 +281,11 @@ class Engine:
         """Invocations newest first, and the next page's cursor."""
         if function is not None:
             self.function(function)
-        return self.store.list(function=function, status=status, limit=limit, cursor=cursor)
+        return await self.store.list(function=function, status=status, limit=limit, cursor=cursor)
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
         """The invocation once it has ended (or as it is when `timeout` passes)."""
-        invocation = self.get(request_id)
+        invocation = await self.get(request_id)
         if invocation.status.ended:
             return invocation
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -298,17 +298,21 @@ class Engine:
             waiting = self._waiters.get(request_id)
             if waiting and future in waiting:
                 waiting.remove(future)
-        return self.get(request_id)
+        return await self.get(request_id)
 
-    def read_log(self, request_id: str) -> bytes:
+    async def read_log(self, request_id: str) -> bytes:
         """The run's log so far."""
-        self.get(request_id)
+        await self.get(request_id)
         return self.logs.read(request_id)
 
-    def follow_log(self, request_id: str) -> AsyncIterator[str]:
+    async def follow_log(self, request_id: str) -> AsyncIterator[str]:
         """Log lines so far, then live ones, ending when the run ends."""
-        self.get(request_id)
-        return self.logs.follow(request_id, lambda: self.get(request_id).status.ended)
+        await self.get(request_id)
+
+        async def ended() -> bool:
+            return (await self.get(request_id)).status.ended
+
+        return self.logs.follow(request_id, ended)
 
     def metrics_text(self) -> str:
         """Prometheus text of the engine's counters, then of each added source."""
@@ -339,13 +343,13 @@ class Engine:
 
     async def terminate(self, request_id: str) -> Invocation:
         """Stop a QUEUED or RUNNING run; it ends ABORTED."""
-        invocation = self.get(request_id)
+        invocation = await self.get(request_id)
         if invocation.status.ended:
             raise InvocationEnded(request_id, invocation.status.value)
         if self.dispatcher.remove(invocation.function, request_id):
             outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
             await self._end(request_id, invocation.function, outcome, started=None)
-            return self.get(request_id)
+            return await self.get(request_id)
         run = self._runs.get(request_id)
         task = self.dispatcher.task(request_id)
         if run is not None:
@@ -354,7 +358,7 @@ class Engine:
                 await run.instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
         if task is not None:
             await asyncio.shield(asyncio.wait({task}))
-        return self.get(request_id)
+        return await self.get(request_id)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -363,7 +367,7 @@ class Engine:
         run = self._runs[request_id] = _Run()
         started = time.monotonic()
         try:
-            envelope = self.store.envelope(request_id)
+            envelope = await self.store.envelope(request_id)
             if envelope is None or not await self.store.mark_running(request_id, now_rfc3339()):
                 return  # ended (terminated) in the meantime
             self.logs.open(request_id)
@@ -432,7 +436,7 @@ class Engine:
             if not future.done():
                 future.set_result(None)
         if recorded and self._listeners:
-            self._notify(self.get(request_id))
+            self._notify(await self.get(request_id))
 
     def _notify(self, invocation: Invocation) -> None:
         for listener in self._listeners:

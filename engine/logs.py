@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from .envelope import now_rfc3339
 
@@ -155,7 +155,7 @@ class LogHub:
                 pass
         return b""
 
-    async def follow(self, request_id: str, ended: Callable[[], bool]) -> AsyncIterator[str]:
+    async def follow(self, request_id: str, ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
         """Every line so far, then live lines until the run ends."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         # Subscribe and snapshot with no await in between: no line can fall in the gap.
@@ -164,7 +164,7 @@ class LogHub:
             snapshot = self.read(request_id)
             for line in snapshot.decode("utf-8", "replace").splitlines():
                 yield line
-            if ended() and request_id not in self._open:
+            if await ended() and request_id not in self._open:  # (a close meanwhile leaves _END queued)
                 return
             while True:
                 live = await queue.get()

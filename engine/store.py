@@ -45,8 +45,8 @@ class InvocationStore(Protocol):
         error_type: str | None = None,
         error_message: str | None = None,
     ) -> bool: ...
-    def get(self, request_id: str) -> Invocation | None: ...
-    def envelope(self, request_id: str) -> bytes | None: ...
+    async def get(self, request_id: str) -> Invocation | None: ...
+    async def envelope(self, request_id: str) -> bytes | None: ...
 
 
 class SQLiteStore:
@@ -168,17 +168,17 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         return self._reader
 
-    def get_state(self, key: str) -> str | None:
+    async def get_state(self, key: str) -> str | None:
         """A remembered value, or None."""
         row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def get(self, request_id: str) -> Invocation | None:
+    async def get(self, request_id: str) -> Invocation | None:
         """One invocation, or None."""
         row = self._find(_COLUMNS, request_id)
         return _invocation(row) if row else None
 
-    def envelope(self, request_id: str) -> bytes | None:
+    async def envelope(self, request_id: str) -> bytes | None:
         """The recorded envelope JSON of one invocation."""
         row = self._find("envelope", request_id)
         if not row:
@@ -208,7 +208,7 @@ class SQLiteStore:
             f"SELECT {columns} FROM invocations WHERE seq = ? AND request_id = ?", (seq, request_id)
         ).fetchone()
 
-    def list(
+    async def list(
         self,
         *,
         function: str | None = None,
@@ -237,11 +237,11 @@ class SQLiteStore:
         next_cursor = _encode_cursor(rows[limit - 1][-1]) if len(rows) > limit else None
         return page, next_cursor
 
-    def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
+    async def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
         """(request_id, function) of every QUEUED run, oldest first."""
         return self._db.execute("SELECT request_id, function FROM invocations WHERE status = 'QUEUED' ORDER BY seq").fetchall()
 
-    def count_active(self, function: str, source: str) -> int:
+    async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""
         (n,) = self._db.execute(
             "SELECT COUNT(*) FROM invocations WHERE function = ? AND source = ? AND status IN (?, ?)",

@@ -111,7 +111,7 @@ class Server:
         runs: list[Invocation] = []
         cursor = None
         while True:
-            page, cursor = self.engine.list(function=function, limit=1000, cursor=cursor)
+            page, cursor = (await self.engine.list(function=function, limit=1000, cursor=cursor))
             runs += page
             if cursor is None:
                 return runs

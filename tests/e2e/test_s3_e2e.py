@@ -88,7 +88,7 @@ class Platform:
             await s3.put_object(Bucket=self.bucket, Key=key, Body=body)
 
     def invocations(self, function: str) -> list[Invocation]:
-        return self.engine.list(function=function, limit=1000)[0]
+        return (await self.engine.list(function=function, limit=1000))[0]
 
     async def ended(self, function: str, count: int, timeout: float = 20.0) -> list[Invocation]:
         """Wait for `count` invocations of `function`, all ended; assert no more arrive meanwhile."""
@@ -313,7 +313,7 @@ async def test_csv_summary_example(platform: Any) -> None:
         "units": {"count": 2, "numeric": 2, "sum": 3, "min": 1, "max": 2},
         "note": {"count": 2, "numeric": 0, "sum": 0, "min": None, "max": None},
     }
-    log = p.engine.read_log(run.request_id).decode()
+    log = (await p.engine.read_log(run.request_id)).decode()
     assert "reading s3://" in log and f"wrote s3://{p.bucket}/{target}" in log, log
     # Writing the summary notified too, but .json matches no trigger: no second run.
     await p.settled(records=2)

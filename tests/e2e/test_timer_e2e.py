@@ -94,7 +94,7 @@ async def world(tmp_path: Path) -> AsyncIterator[Callable[..., World]]:
 
 async def ended_runs(engine: Engine, function: str, timeout: float = 15.0) -> list[Invocation]:
     """Every run of the function once ended, oldest first."""
-    runs, _ = engine.list(function=function, limit=1000)
+    runs, _ = (await engine.list(function=function, limit=1000))
     return [await engine.wait(run.request_id, timeout) for run in reversed(runs)]
 
 
@@ -135,7 +135,7 @@ async def test_every_second_fires_distinct_slots_with_scheduled_time_and_payload
         assert event["time"] == event["id"] and event["id"].endswith("Z")
         slot = parse_slot(event["id"])
         assert slot <= created(run) < slot + timedelta(seconds=2), "accepted at its slot, stamped with the slot"
-    assert engine.get_state("timer:tick/every") == ids[-1]
+    assert (await engine.get_state("timer:tick/every")) == ids[-1]
     assert trigger.state()["Schedules"][0]["LastFire"] == ids[-1]
 
 
@@ -228,19 +228,19 @@ async def test_overlap_false_skips_slots_while_the_previous_run_is_active(world,
     until = loop.time() + 6.0
     while loop.time() < until:
         for name in most:
-            most[name] = max(most[name], engine.active(name, f"timer://{name}/every"))
+            most[name] = max(most[name], (await engine.active(name, f"timer://{name}/every")))
         await asyncio.sleep(0.05)
     await trigger.stop()
     skipped = trigger.state()["Schedules"][0]
-    solo, _ = engine.list(function="solo", limit=100)
-    crowd, _ = engine.list(function="crowd", limit=100)
+    solo, _ = (await engine.list(function="solo", limit=100))
+    crowd, _ = (await engine.list(function="crowd", limit=100))
 
     assert most["solo"] == 1, most
     assert most["crowd"] >= 2, f"control: with overlap the runs pile up ({most})"
     assert 1 <= len(solo) <= 3 < len(crowd), (len(solo), len(crowd))
     assert skipped["Function"] == "solo" and skipped["Skipped"] >= 2, skipped
     finished = sorted(
-        (r for r in [engine.get(run.request_id) for run in solo] if r.started_at and r.ended_at),
+        (r for r in [(await engine.get(run.request_id)) for run in solo] if r.started_at and r.ended_at),
         key=lambda r: r.started_at or "",
     )
     for one, two in zip(finished, finished[1:]):

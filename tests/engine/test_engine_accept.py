@@ -40,7 +40,7 @@ async def test_a_batch_of_new_events_of_one_function(engine: Engine) -> None:
     assert len({a.request_id for a in answers}) == 5
     assert engine.backlog("a") == 5 and engine.backlog("b") == 0
     assert engine.metrics.accepted["a"] == 5
-    assert [engine.get(a.request_id).function for a in answers] == ["a"] * 5
+    assert [(await engine.get(a.request_id)).function for a in answers] == ["a"] * 5
 
 
 async def test_a_batch_mixing_functions_and_known_events(engine: Engine) -> None:
@@ -51,7 +51,7 @@ async def test_a_batch_mixing_functions_and_known_events(engine: Engine) -> None
     assert engine.backlog("a") == 2 and engine.backlog("b") == 2
     assert (engine.metrics.accepted["a"], engine.metrics.accepted["b"]) == (2, 2)
     assert (engine.metrics.duplicates["a"], engine.metrics.duplicates["b"]) == (1, 1)
-    assert [engine.get(a.request_id).function for a in answers] == ["a", "a", "b", "b"]
+    assert [(await engine.get(a.request_id)).function for a in answers] == ["a", "a", "b", "b"]
 
 
 TEMPLATE = b'{"id":"%(0)b","source":"test://batch","data":{"n":%(1)b,"tag":%(2)b,"again":%(1)b,"pct":"100%%"}}'
@@ -68,8 +68,8 @@ async def test_a_templated_envelope_keeps_its_fields_and_is_read_back_whole(engi
     assert [a.created for a in answers] == [True, True, True]
     for answer, (id, n) in zip(answers[::2], [("t1", 1), ("t2", 2)]):
         whole = b'{"id":"%s","source":"test://batch","data":{"n":%d,"tag":"t\\u0000","again":%d,"pct":"100%%"}}'
-        assert engine.store.envelope(answer.request_id) == whole % (id.encode(), n, n)
-    assert engine.store.envelope(answers[1].request_id) == encode(batch[1])
+        assert (await engine.store.envelope(answer.request_id)) == whole % (id.encode(), n, n)
+    assert (await engine.store.envelope(answers[1].request_id)) == encode(batch[1])
     stored = engine.store._db.execute("SELECT envelope FROM invocations ORDER BY seq").fetchall()
     assert [bytes(s) for (s,) in stored][::2] == [batch[0].stored, batch[2].stored], "only the fields were written"
     assert engine.store._db.execute("SELECT count(*) FROM templates").fetchone() == (1,)
@@ -87,8 +87,8 @@ async def test_a_batch_of_templated_envelopes_by_column_is_accepted_as_each_woul
     answers = await engine.accept_batch(batch[:3])
     assert [a.created for a in answers] == [True] * 3
     for answer, item in zip(answers, items):
-        assert engine.store.envelope(answer.request_id) == expand(item.stored, TEMPLATE)
-        invocation = engine.get(answer.request_id)
+        assert (await engine.store.envelope(answer.request_id)) == expand(item.stored, TEMPLATE)
+        invocation = (await engine.get(answer.request_id))
         assert (invocation.function, invocation.trigger, invocation.status.value) == ("a", "kafka", "QUEUED")
     # The whole batch again: the first three map to their runs, the last two are new.
     again = await engine.accept_batch(batch)

@@ -36,8 +36,11 @@ async def test_a_follower_gets_old_and_new_lines_and_ends_with_the_run(tmp_path:
     ended = False
     seen: list[str] = []
 
+    async def has_ended() -> bool:
+        return ended
+
     async def follow() -> None:
-        async for line in hub.follow("r1", lambda: ended):
+        async for line in hub.follow("r1", has_ended):
             seen.append(line.split(" ", 1)[1])
 
     task = asyncio.create_task(follow())

@@ -52,8 +52,8 @@ async def test_a_batch_with_known_and_repeated_events_answers_each(store: SQLite
     assert answers[1] == Accepted(batch[1].request_id, True)
     assert answers[2] == Accepted(batch[1].request_id, False)  # the same event twice in one batch
     assert answers[3] == Accepted(batch[3].request_id, True)
-    assert all(store.get(a.request_id) is not None for a in answers)
-    assert store.get(batch[2].request_id) is None  # the repeat got no row of its own
+    assert all([(await store.get(a.request_id)) is not None for a in answers])
+    assert (await store.get(batch[2].request_id)) is None  # the repeat got no row of its own
 
 
 async def test_accepted_events_survive_reopening(tmp_path: Path) -> None:
@@ -65,10 +65,10 @@ async def test_accepted_events_survive_reopening(tmp_path: Path) -> None:
     reopened = SQLiteStore(tmp_path / "eventrun.db")
     reopened.open()
     try:
-        invocation = reopened.get(new.request_id)
+        invocation = (await reopened.get(new.request_id))
         assert invocation is not None and invocation.status is Status.QUEUED
-        assert reopened.envelope(new.request_id) == new.envelope
-        assert reopened.queued() == [(new.request_id, "f")]
+        assert (await reopened.envelope(new.request_id)) == new.envelope
+        assert (await reopened.queued()) == [(new.request_id, "f")]
     finally:
         reopened.close()
 
@@ -81,7 +81,7 @@ async def test_a_run_starts_once_and_ends_once(store: SQLiteStore) -> None:
     assert await store.finish(new.request_id, Status.FINISHED, now_rfc3339(), result={"ok": [1, 2]})
     # A late second outcome (e.g. terminate racing the end) does not overwrite the first.
     assert not await store.finish(new.request_id, Status.ABORTED, now_rfc3339(), error_type="Aborted")
-    invocation = store.get(new.request_id)
+    invocation = (await store.get(new.request_id))
     assert invocation is not None
     assert invocation.status is Status.FINISHED
     assert invocation.result == {"ok": [1, 2]}
@@ -94,10 +94,10 @@ async def test_recovery_fails_running_runs_and_keeps_queued_ones(store: SQLiteSt
     await store.accept([running, queued])
     await store.mark_running(running.request_id, now_rfc3339())
     assert await store.recover(now_rfc3339(), "the server stopped") == [running.request_id]
-    ended = store.get(running.request_id)
+    ended = (await store.get(running.request_id))
     assert ended is not None
     assert (ended.status, ended.error_type, ended.error_message) == (Status.FAILED, "ServerStopped", "the server stopped")
-    assert store.queued() == [(queued.request_id, "f")]
+    assert (await store.queued()) == [(queued.request_id, "f")]
 
 
 async def test_the_async_flag_is_locked_at_creation(store: SQLiteStore) -> None:
@@ -117,7 +117,7 @@ async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> N
     cursor: str | None = None
     sizes = []
     while True:
-        page, cursor = store.list(limit=2, cursor=cursor)
+        page, cursor = (await store.list(limit=2, cursor=cursor))
         sizes.append(len(page))
         seen += [i.request_id for i in page]
         if cursor is None:
@@ -125,25 +125,25 @@ async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> N
     assert sizes == [2, 2, 1]
     assert seen == [r.request_id for r in reversed(rows)]
     await store.finish(rows[0].request_id, Status.ABORTED, now_rfc3339())
-    aborted, _ = store.list(status=Status.ABORTED)
+    aborted, _ = (await store.list(status=Status.ABORTED))
     assert [i.request_id for i in aborted] == [rows[0].request_id]
     with pytest.raises(InvalidParameter):
-        store.list(cursor="not-a-cursor")
+        (await store.list(cursor="not-a-cursor"))
 
 
 async def test_trigger_state_is_remembered(store: SQLiteStore) -> None:
-    assert store.get_state("timer:f/nightly") is None
+    assert (await store.get_state("timer:f/nightly")) is None
     await store.put_state("timer:f/nightly", "2026-01-01T02:00:00Z")
     await store.put_state("timer:f/nightly", "2026-01-02T02:00:00Z")
-    assert store.get_state("timer:f/nightly") == "2026-01-02T02:00:00Z"
+    assert (await store.get_state("timer:f/nightly")) == "2026-01-02T02:00:00Z"
 
 
 async def test_active_runs_are_counted_per_source(store: SQLiteStore) -> None:
     a, b, c = row("1", source="timer://f/t"), row("2", source="timer://f/t"), row("3", source="/http/f")
     await store.accept([a, b, c])
     await store.finish(a.request_id, Status.FINISHED, now_rfc3339())
-    assert store.count_active("f", "timer://f/t") == 1
-    assert store.count_active("f", "/http/f") == 1
+    assert (await store.count_active("f", "timer://f/t")) == 1
+    assert (await store.count_active("f", "/http/f")) == 1
 
 
 async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(store: SQLiteStore) -> None:
@@ -155,11 +155,11 @@ async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(store: 
     assert ("request_id",) not in indexed and not by_request_id(db)
     assert db.execute("SELECT seq FROM invocations").fetchall() == [(new.seq,)]  # the row is the RequestId's seq
     db.close()
-    assert store.get(new.request_id) is not None and store.envelope(new.request_id) == new.envelope
+    assert (await store.get(new.request_id)) is not None and (await store.envelope(new.request_id)) == new.envelope
     # Same seq, another random part; not a RequestId at all: neither is found.
     forged = new.request_id[:-1] + ("0" if new.request_id[-1] != "0" else "1")
-    assert store.get(forged) is None and store.envelope(forged) is None
-    assert store.get("not-a-request-id") is None
+    assert (await store.get(forged)) is None and (await store.envelope(forged)) is None
+    assert (await store.get("not-a-request-id")) is None
     assert await store.mark_running(forged, now_rfc3339()) is False
     assert await store.mark_running(new.request_id, now_rfc3339()) is True
     assert await store.finish(forged, Status.FINISHED, now_rfc3339()) is False
@@ -189,8 +189,8 @@ async def test_a_store_made_before_keeps_finding_runs_by_request_id(tmp_path: Pa
     store = SQLiteStore(path)
     store.open()
     try:
-        assert [r for r, _ in store.queued()] == earlier
-        assert store.get(earlier[0]) is not None and store.envelope(earlier[1]) == b"{}"
+        assert [r for r, _ in (await store.queued())] == earlier
+        assert (await store.get(earlier[0])) is not None and (await store.envelope(earlier[1])) == b"{}"
         assert await store.mark_running(earlier[0], now_rfc3339()) is True
         assert await store.finish(earlier[0], Status.FINISHED, now_rfc3339()) is True
         new = row("new")
@@ -198,9 +198,9 @@ async def test_a_store_made_before_keeps_finding_runs_by_request_id(tmp_path: Pa
             Accepted(new.request_id, True), Accepted(earlier[0], False),  # dedupe spans old and new rows
         ]
         assert await store.mark_running(new.request_id, now_rfc3339()) is True
-        assert store.get(new.request_id).status is Status.RUNNING  # type: ignore[union-attr]
-        assert store.get(earlier[0]).status is Status.FINISHED  # type: ignore[union-attr]
-        page, _ = store.list()
+        assert (await store.get(new.request_id)).status is Status.RUNNING  # type: ignore[union-attr]
+        assert (await store.get(earlier[0])).status is Status.FINISHED  # type: ignore[union-attr]
+        page, _ = (await store.list())
         assert [i.request_id for i in page] == [new.request_id, earlier[1], earlier[0]]  # newest first
     finally:
         store.close()
@@ -222,9 +222,9 @@ async def test_request_ids_given_out_after_opening_come_after_every_row(
         later = row("later")
         assert later.seq > ahead.seq
         await store.accept([later])
-        page, _ = store.list()
+        page, _ = (await store.list())
         assert [i.request_id for i in page] == [later.request_id, ahead.request_id]
-        assert store.get(ahead.request_id) is not None
+        assert (await store.get(ahead.request_id)) is not None
     finally:
         store.close()
 
@@ -253,17 +253,17 @@ async def test_an_envelope_stored_as_fields_is_read_whole_after_reopening(tmp_pa
         await store.keep_templates({template})
         await store.keep_templates({template})  # known: nothing to write
         (accepted,) = await store.accept([row("e1")._replace(envelope=stored)])
-        assert store.envelope(accepted.request_id) == b'{"id":"e1","n":7}'
+        assert (await store.envelope(accepted.request_id)) == b'{"id":"e1","n":7}'
     finally:
         store.close()
     store = SQLiteStore(tmp_path / "eventrun.db")  # a new process knows no template until it reads one
     store.open()
     try:
-        assert store.envelope(accepted.request_id) == b'{"id":"e1","n":7}' == expand(stored, template)
+        assert (await store.envelope(accepted.request_id)) == b'{"id":"e1","n":7}' == expand(stored, template)
         # A stored form whose template the store does not hold says so.
         (lost,) = await store.accept([row("e2")._replace(envelope=template_prefix(b"gone") + b"x")])
         with pytest.raises(StoreError, match=template_key(b"gone").hex()):
-            store.envelope(lost.request_id)
+            (await store.envelope(lost.request_id))
     finally:
         store.close()
 
@@ -306,6 +306,6 @@ async def test_a_batch_is_accepted_as_its_rows_would_be(store: SQLiteStore) -> N
         Accepted(redelivered.request_ids[2], True),
     ]
     for rid, envelope in [(fresh.request_ids[1], b'{"id":"0-3"}'), (redelivered.request_ids[2], b'{"id":"0-4"}')]:
-        invocation = store.get(rid)
+        invocation = (await store.get(rid))
         assert invocation is not None and invocation.status is Status.QUEUED
-        assert store.envelope(rid) == envelope
+        assert (await store.envelope(rid)) == envelope

@@ -36,7 +36,7 @@ async def test_writes_queued_at_close_are_committed_and_answered(tmp_path: Path)
     reopened = SQLiteStore(tmp_path / "eventrun.db")
     reopened.open()
     try:
-        assert [rid for rid, _ in reopened.queued()] == [r.request_id for r in rows]
+        assert [rid for rid, _ in await reopened.queued()] == [r.request_id for r in rows]
     finally:
         reopened.close()
 
@@ -57,7 +57,7 @@ async def test_a_killed_writer_fails_its_writes_by_name_and_a_new_one_takes_over
     assert await store.accept([second]) == [Accepted(second.request_id, True)]
     assert store.writer_pid not in (None, pid)
     assert await store.mark_running(first.request_id, now_rfc3339())
-    invocation = store.get(first.request_id)
+    invocation = (await store.get(first.request_id))
     assert invocation is not None and invocation.status is Status.RUNNING
 
 

@@ -97,12 +97,12 @@ class FakeEngine:
     def functions(self) -> dict[str, FunctionConfig]:
         return dict(self.manifest.functions)
 
-    def get(self, request_id: str) -> Invocation:
+    async def get(self, request_id: str) -> Invocation:
         if request_id not in self.invocations:
             raise InvocationNotFound(request_id)
         return self.invocations[request_id]
 
-    def list(
+    async def list(
         self,
         *,
         function: str | None = None,
@@ -121,19 +121,22 @@ class FakeEngine:
         return self.wait_answer
 
     async def terminate(self, request_id: str) -> Invocation:
-        invocation = self.get(request_id)
+        invocation = await self.get(request_id)
         if invocation.status.ended:
             raise InvocationEnded(request_id, invocation.status.value)
         aborted = _invocation(request_id, Status.ABORTED, function=invocation.function)
         self.invocations[request_id] = aborted
         return aborted
 
-    def read_log(self, request_id: str) -> bytes:
-        self.get(request_id)
+    async def read_log(self, request_id: str) -> bytes:
+        await self.get(request_id)
         return "".join(f"{line}\n" for line in self.log_lines).encode()
 
     async def follow_log(self, request_id: str) -> AsyncIterator[str]:
-        self.get(request_id)
+        await self.get(request_id)
+        return self._log_lines()
+
+    async def _log_lines(self) -> AsyncIterator[str]:
         for line in self.log_lines:
             yield line
         if self.log_gate is not None:
@@ -642,7 +645,7 @@ async def test_unexpected_exception_is_a_bare_500(
 
 async def test_extra_routes_share_the_engine_and_the_error_table(engine: FakeEngine) -> None:
     async def s3_hook(request: web.Request) -> web.Response:
-        request.app[ENGINE_KEY].get("not-there")
+        await request.app[ENGINE_KEY].get("not-there")
         return web.Response()
 
     async def secret(request: web.Request) -> web.Response:

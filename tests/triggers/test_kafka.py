@@ -508,7 +508,7 @@ class FakeEngine:
     def backlog(self, function: str) -> int:
         return 0
 
-    def get_state(self, key: str) -> str | None:
+    async def get_state(self, key: str) -> str | None:
         return self.state.get(key)
 
     async def put_state(self, key: str, value: str) -> None:

@@ -363,10 +363,10 @@ class FakeEngine:
             out.append(Accepted(self.seen[key], True))
         return out
 
-    def active(self, function: str, source: str) -> int:
+    async def active(self, function: str, source: str) -> int:
         return self.active_runs
 
-    def get_state(self, key: str) -> str | None:
+    async def get_state(self, key: str) -> str | None:
         return self.state.get(key)
 
     async def put_state(self, key: str, value: str) -> None:

@@ -110,7 +110,7 @@ async def invoke(request: web.Request) -> web.Response:
 
 async def get_invocation(request: web.Request) -> web.Response:
     """GET /invocations/{request_id}."""
-    return json_response(invocation_json(_engine(request).get(request.match_info["request_id"])))
+    return json_response(invocation_json(await _engine(request).get(request.match_info["request_id"])))
 
 
 async def list_invocations(request: web.Request) -> web.Response:
@@ -122,7 +122,7 @@ async def list_invocations(request: web.Request) -> web.Response:
         engine.function(function)  # an unknown name is a 404, not an empty list
     status = _parse_status(query.get("status", ""))
     limit = _parse_limit(query.get("limit", ""))
-    invocations, cursor = engine.list(function=function, status=status, limit=limit, cursor=query.get("cursor") or None)
+    invocations, cursor = await engine.list(function=function, status=status, limit=limit, cursor=query.get("cursor") or None)
     return json_response({"Invocations": [invocation_json(inv) for inv in invocations], "NextCursor": cursor})
 
 
@@ -151,10 +151,10 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "").strip().lower()
     if follow not in _TRUE + _FALSE:
         raise InvalidParameter(f"follow: expected true or false, got {follow!r}")
-    engine.get(request_id)  # a 404 must be sent before a stream's headers are
+    await engine.get(request_id)  # a 404 must be sent before a stream's headers are
     if follow in _TRUE:
         return await stream_logs(request, engine, request_id, request.app[_CLOSING_KEY])
-    return web.Response(body=engine.read_log(request_id), headers={hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"})
+    return web.Response(body=await engine.read_log(request_id), headers={hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"})
 
 
 async def terminate(request: web.Request) -> web.Response:

@@ -33,12 +33,12 @@ async def stream_logs(
         }
     )
     await response.prepare(request)
-    lines = engine.follow_log(request_id)
+    lines = await engine.follow_log(request_id)
     closing = asyncio.ensure_future(server_closing.wait())
     try:
         ended = await _pump(response, lines, closing)
         if ended:
-            status = engine.get(request_id).status.value
+            status = (await engine.get(request_id)).status.value
             end = dumps({"RequestId": request_id, "Status": status}).decode()
             await response.write(f"event: end\ndata: {end}\n\n".encode())
         await response.write_eof()

@@ -80,7 +80,7 @@ class TopicConsumer:
         """Start consuming in the background; never waits for (or fails on) the broker."""
         if self._task is not None:
             return
-        self._parts.load_marks()
+        await self._parts.load_marks()
         self._stopping.clear()
         self._health.enter("connecting")
         self._task = asyncio.create_task(self._run(), name=f"kafka-{self.name}")

@@ -46,9 +46,9 @@ class Partitions:
             self._name, partition, self._topic, reason, partition, epoch,
         )
 
-    def load_marks(self) -> None:
+    async def load_marks(self) -> None:
         """Read the marks back from the engine's state, as the last run left them."""
-        self.marks = Marks(self._engine.get_state(self._state_key))
+        self.marks = Marks(await self._engine.get_state(self._state_key))
 
     async def save_marks(self, *, force: bool = False) -> None:
         """Write the marks down; unless forced, at most once per mark interval."""

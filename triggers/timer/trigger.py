@@ -49,11 +49,11 @@ class TimerEngine(Protocol):
         """Record envelopes durably; never throttled; idempotent on (function, source, id)."""
         ...
 
-    def active(self, function: str, source: str) -> int:
+    async def active(self, function: str, source: str) -> int:
         """QUEUED or RUNNING runs of the function from this source."""
         ...
 
-    def get_state(self, key: str) -> str | None:
+    async def get_state(self, key: str) -> str | None:
         """A remembered value."""
         ...
 
@@ -128,7 +128,7 @@ class TimerTrigger:
         self._stopping = asyncio.Event()
         now = _utcnow()
         for job in self._jobs:
-            job.last = self._remembered(job)
+            job.last = await self._remembered(job)
             if job.config.catch_up and job.last is not None:
                 missed = last_slot(job.schedule, job.last, now)
                 if missed is not None:
@@ -242,7 +242,7 @@ class TimerTrigger:
 
     async def _fire(self, job: _Job, slot: datetime) -> bool:
         """Hand one slot to the engine; False once the engine is shutting down."""
-        if not job.config.overlap and self._engine.active(job.function, job.source) > 0:
+        if not job.config.overlap and await self._engine.active(job.function, job.source) > 0:
             logger.info(
                 "timer %s: slot %s skipped: the previous run is still queued or running (overlap = false)",
                 job.label,
@@ -268,8 +268,8 @@ class TimerTrigger:
         await self._remember(job, slot)
         return True
 
-    def _remembered(self, job: _Job) -> datetime | None:
-        text = self._engine.get_state(job.key)
+    async def _remembered(self, job: _Job) -> datetime | None:
+        text = await self._engine.get_state(job.key)
         if text is None:
             return None
         try:
