@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,7 +31,12 @@ WEBHOOK_ID = "EVENTRUN"
 ARN = f"arn:minio:sqs::{WEBHOOK_ID}:webhook"
 # Where the image puts the manifest (and compose mounts it); the Dockerfile's CMD reads it.
 IMAGE_MANIFEST = "/app/compose/eventrun.toml"
+# The node that builds the image and that MinIO's webhook names; the others run its image.
+FIRST_NODE = "eventrun"
+NODES = {FIRST_NODE, "eventrun-2"}
+POSTGRES_DATA = "/var/lib/postgresql/data"  # PGDATA of the official image up to version 17
 _VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
+_DEFAULT = re.compile(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +49,15 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, Any]:
     return compose["services"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def nodes(services: dict[str, Any]) -> dict[str, Any]:
+    """Every eventrun node: the services that run the image the first node builds."""
+    image = services[FIRST_NODE]["image"]
+    found = {name: service for name, service in services.items() if service.get("image") == image}
+    assert set(found) == NODES, sorted(found)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +86,33 @@ def script(service: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def with_defaults(text: str) -> str:
+    """`text` as compose reads it without a .env file: each ${NAME:-default} is its default."""
+    return _DEFAULT.sub(lambda match: match.group(1), text)
+
+
+def published(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each port a service publishes, defaults applied."""
+    found = []
+    for entry in service.get("ports", []):
+        address, host_port, container_port = with_defaults(str(entry)).split(":")
+        found.append((address, host_port, container_port))
+    return found
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's volumes as {path in the container: volume name or host path}."""
+    return {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes", [])}
+
+
+def option(args: list[str], *names: str) -> str:
+    """The value after the first of `names` found in a command's arguments."""
+    for name in names:
+        if name in args:
+            return args[args.index(name) + 1]
+    raise AssertionError(f"none of {names} in {args}")
+
+
 def triggers(manifest: Manifest, kind: type) -> list[tuple[str, Any]]:
     return [(name, t) for name, f in manifest.functions.items() for t in f.triggers if isinstance(t, kind)]
 
@@ -79,35 +121,122 @@ def triggers(manifest: Manifest, kind: type) -> list[tuple[str, Any]]:
 
 
 def test_every_service_is_there(services: dict[str, Any]) -> None:
-    assert set(services) >= {"kafka", "kafka-setup", "minio", "minio-setup", "eventrun"}, sorted(services)
+    expected = {"postgres", "kafka", "kafka-setup", "minio", "minio-setup", *NODES}
+    assert set(services) >= expected, sorted(services)
 
 
 def test_long_running_services_have_healthchecks(services: dict[str, Any]) -> None:
-    for name in ("kafka", "minio", "eventrun"):
+    for name in ("postgres", "kafka", "minio", *sorted(NODES)):
         check = services[name].get("healthcheck")
         assert isinstance(check, dict) and check.get("test"), f"{name} has no healthcheck"
         assert not check.get("disable"), name
 
 
-def test_eventrun_comes_up_last(services: dict[str, Any]) -> None:
-    depends = services["eventrun"]["depends_on"]
-    assert isinstance(depends, dict), "eventrun's depends_on needs conditions, not a bare list"
-    assert depends == {
-        "kafka": {"condition": "service_healthy"},
-        "kafka-setup": {"condition": "service_completed_successfully"},
-        "minio": {"condition": "service_healthy"},
-        "minio-setup": {"condition": "service_completed_successfully"},
-    }
+def test_every_node_comes_up_last(services: dict[str, Any], nodes: dict[str, Any]) -> None:
+    for name, node in nodes.items():
+        depends = node["depends_on"]
+        assert isinstance(depends, dict), f"{name}'s depends_on needs conditions, not a bare list"
+        assert depends == {
+            "postgres": {"condition": "service_healthy"},
+            "kafka": {"condition": "service_healthy"},
+            "kafka-setup": {"condition": "service_completed_successfully"},
+            "minio": {"condition": "service_healthy"},
+            "minio-setup": {"condition": "service_completed_successfully"},
+        }, name
     for job, server in (("kafka-setup", "kafka"), ("minio-setup", "minio")):
         assert services[job]["depends_on"] == {server: {"condition": "service_healthy"}}, job
         assert services[job].get("restart", "no") == "no", f"{job} is a one-shot job"
 
 
-def test_eventrun_is_built_from_the_dockerfile(services: dict[str, Any]) -> None:
-    build = services["eventrun"]["build"]
+def test_eventrun_is_built_from_the_dockerfile(services: dict[str, Any], nodes: dict[str, Any]) -> None:
+    build = services[FIRST_NODE]["build"]
     context = (COMPOSE / build["context"]).resolve()
     assert context == ROOT
     assert (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+    # Two services building one tag collide under compose's parallel builds: one builds it.
+    builders = [name for name, node in nodes.items() if "build" in node]
+    assert builders == [FIRST_NODE], builders
+
+
+# --------------------------------------------------------------------------- PostgreSQL and the nodes
+
+
+def test_postgres_is_the_official_image_on_a_named_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    postgres = services["postgres"]
+    assert postgres["image"] == "postgres:17"
+    settings = env(postgres)
+    assert settings["POSTGRES_USER"] == "eventrun"
+    assert settings["POSTGRES_DB"] == "eventrun"
+    assert with_defaults(settings["POSTGRES_PASSWORD"]) == "eventrun"
+    volume = mounts(postgres)[POSTGRES_DATA]
+    assert volume in (compose.get("volumes") or {}), f"{volume} is not a named volume"
+    assert not postgres.get("ports"), "only the eventrun nodes need PostgreSQL: it publishes no port"
+    assert postgres.get("restart") == "unless-stopped"
+
+
+def test_postgres_is_healthy_once_pg_isready_answers_over_tcp(services: dict[str, Any]) -> None:
+    postgres = services["postgres"]
+    check = postgres["healthcheck"]
+    args = shlex.split(script({"command": check["test"]}))
+    assert args[0] in ("CMD", "CMD-SHELL") and "pg_isready" in args, args
+    settings = env(postgres)
+    assert option(args, "--username", "-U") == settings["POSTGRES_USER"]
+    assert option(args, "--dbname", "-d") == settings["POSTGRES_DB"]
+    # The image's first-start server listens on the Unix socket only: TCP means the real one.
+    assert option(args, "--host", "-h") == "127.0.0.1"
+    assert int(check.get("retries", 3)) >= 3
+
+
+def test_every_node_stores_in_postgres(services: dict[str, Any], nodes: dict[str, Any]) -> None:
+    postgres = env(services["postgres"])
+    urls = {name: env(node)["EVENTRUN_STORE__URL"] for name, node in nodes.items()}
+    assert len(set(urls.values())) == 1, f"the nodes must share one store: {urls}"
+    for name, raw in urls.items():
+        url = urlsplit(raw)
+        assert url.scheme == "postgresql", (name, raw)
+        assert url.hostname == "postgres", (name, raw)
+        assert url.port == 5432, (name, raw)
+        assert url.username == postgres["POSTGRES_USER"], (name, raw)
+        # The same text, so .env sets both sides at once.
+        assert url.password == postgres["POSTGRES_PASSWORD"], (name, raw)
+        assert url.path == "/" + postgres["POSTGRES_DB"], (name, raw)
+
+
+def test_every_node_has_its_own_node_id(nodes: dict[str, Any]) -> None:
+    ids = {name: env(node).get("EVENTRUN_CLUSTER__NODE_ID", "") for name, node in nodes.items()}
+    assert all(ids.values()), f"every node needs an explicit EVENTRUN_CLUSTER__NODE_ID: {ids}"
+    assert len(set(ids.values())) == len(ids), ids
+
+
+def test_every_node_has_its_own_host_port(services: dict[str, Any], nodes: dict[str, Any], manifest: Manifest) -> None:
+    for name, node in nodes.items():
+        ((address, _, container_port),) = published(node)
+        assert address == "127.0.0.1", f"{name}: the API has no authentication"
+        assert container_port == str(manifest.server.port), name
+        (variable,) = _VARIABLE.findall(str(node["ports"][0]))
+        assert variable.endswith("_HOST_PORT"), (name, variable)
+    variables = [_VARIABLE.findall(str(node["ports"][0]))[0] for node in nodes.values()]
+    assert len(set(variables)) == len(variables), f"one .env variable per node: {variables}"
+    host_ports = [host for service in services.values() for _, host, _ in published(service)]
+    assert len(set(host_ports)) == len(host_ports), f"two services publish one host port: {sorted(host_ports)}"
+
+
+def test_nodes_differ_only_in_name_port_and_data_volume(
+    compose: dict[str, Any], nodes: dict[str, Any], manifest: Manifest
+) -> None:
+    def shared(node: dict[str, Any]) -> dict[str, Any]:
+        rest = {k: v for k, v in node.items() if k not in ("build", "ports", "environment", "volumes")}
+        settings = {k: v for k, v in env(node).items() if k != "EVENTRUN_CLUSTER__NODE_ID"}
+        volumes = {path: source for path, source in mounts(node).items() if path != str(manifest.server.data_dir)}
+        return {**rest, "environment": settings, "volumes": volumes}
+
+    first = shared(nodes[FIRST_NODE])
+    for name, node in nodes.items():
+        assert shared(node) == first, name
+    data = {name: mounts(node)[str(manifest.server.data_dir)] for name, node in nodes.items()}
+    assert data[FIRST_NODE] == "eventrun-data", "the first node keeps the volume it always had"
+    assert len(set(data.values())) == len(data), f"each node has its own data_dir volume: {data}"
+    assert set(data.values()) <= set(compose.get("volumes") or {}), data
 
 
 # --------------------------------------------------------------------------- MinIO -> eventrun
@@ -117,7 +246,8 @@ def test_minio_webhook_points_at_eventrun_with_a_queue_dir(services: dict[str, A
     minio = env(services["minio"])
     prefix = "MINIO_NOTIFY_WEBHOOK_"
     assert minio[f"{prefix}ENABLE_{WEBHOOK_ID}"] == "on"
-    assert minio[f"{prefix}ENDPOINT_{WEBHOOK_ID}"] == f"http://eventrun:{manifest.server.port}/triggers/s3"
+    # One node is enough: any node accepts a notification into the shared store.
+    assert minio[f"{prefix}ENDPOINT_{WEBHOOK_ID}"] == f"http://{FIRST_NODE}:{manifest.server.port}/triggers/s3"
     queue_dir = minio[f"{prefix}QUEUE_DIR_{WEBHOOK_ID}"]
     assert queue_dir.startswith("/"), f"MinIO rejects a relative queue_dir: {queue_dir!r}"
     # The queue must outlive the MinIO container: it sits on a mounted volume.
@@ -125,10 +255,10 @@ def test_minio_webhook_points_at_eventrun_with_a_queue_dir(services: dict[str, A
     assert any(queue_dir == m or queue_dir.startswith(m.rstrip("/") + "/") for m in mounts), (queue_dir, mounts)
 
 
-def test_both_sides_read_the_same_token_from_the_env_file(services: dict[str, Any]) -> None:
+def test_both_sides_read_the_same_token_from_the_env_file(services: dict[str, Any], nodes: dict[str, Any]) -> None:
     minio_token = env(services["minio"])[f"MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_{WEBHOOK_ID}"]
-    eventrun_token = env(services["eventrun"])["EVENTRUN_S3__WEBHOOK_TOKEN"]
-    assert minio_token == eventrun_token
+    for name, node in nodes.items():
+        assert env(node)["EVENTRUN_S3__WEBHOOK_TOKEN"] == minio_token, name
     (variable,) = _VARIABLE.findall(minio_token)
     assert f"\n{variable}=" in "\n" + ENV_EXAMPLE.read_text(), f"{variable} is not in compose/.env.example"
 
@@ -151,13 +281,14 @@ def test_minio_setup_creates_the_bucket_and_the_event_rule(services: dict[str, A
     assert trigger.events == ("s3:ObjectCreated:*",)
 
 
-def test_eventrun_reaches_minio_and_kafka_by_service_name(services: dict[str, Any]) -> None:
-    eventrun = env(services["eventrun"])
-    assert eventrun["EVENTRUN_S3__ENDPOINT_URL"] == "http://minio:9000"
-    assert eventrun["EVENTRUN_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+def test_eventrun_reaches_minio_and_kafka_by_service_name(services: dict[str, Any], nodes: dict[str, Any]) -> None:
     minio = env(services["minio"])
-    assert eventrun["EVENTRUN_S3__ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
-    assert eventrun["EVENTRUN_S3__SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    for name, node in nodes.items():
+        eventrun = env(node)
+        assert eventrun["EVENTRUN_S3__ENDPOINT_URL"] == "http://minio:9000", name
+        assert eventrun["EVENTRUN_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092", name
+        assert eventrun["EVENTRUN_S3__ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"], name
+        assert eventrun["EVENTRUN_S3__SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"], name
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -206,21 +337,22 @@ def test_manifest_wires_one_function_to_each_trigger(manifest: Manifest) -> None
         assert handler.parent == ROOT / "functions", f"{name}: the image only holds functions/"
 
 
-def test_manifest_port_is_the_published_and_healthchecked_one(services: dict[str, Any], manifest: Manifest) -> None:
-    eventrun = services["eventrun"]
+def test_manifest_port_is_the_published_and_healthchecked_one(nodes: dict[str, Any], manifest: Manifest) -> None:
     port = manifest.server.port
-    assert any(str(p).endswith(f":{port}") for p in eventrun["ports"]), eventrun["ports"]
-    assert f"127.0.0.1:{port}/healthz" in script({"command": eventrun["healthcheck"]["test"]})
+    for name, node in nodes.items():
+        assert any(str(p).endswith(f":{port}") for p in node["ports"]), (name, node["ports"])
+        assert f"127.0.0.1:{port}/healthz" in script({"command": node["healthcheck"]["test"]}), name
 
 
-def test_compose_mounts_what_the_dockerfile_copies(services: dict[str, Any], manifest: Manifest) -> None:
-    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in services["eventrun"]["volumes"]}
-    assert (COMPOSE / mounts[IMAGE_MANIFEST]).resolve() == MANIFEST
-    assert (COMPOSE / mounts["/app/functions"]).resolve() == ROOT / "functions"
+def test_compose_mounts_what_the_dockerfile_copies(nodes: dict[str, Any], manifest: Manifest) -> None:
     dockerfile = DOCKERFILE.read_text()
     assert f"COPY compose/eventrun.toml {IMAGE_MANIFEST}" in dockerfile
     assert "COPY functions/ /app/functions/" in dockerfile
-    assert mounts[str(manifest.server.data_dir)] == "eventrun-data"
+    for name, node in nodes.items():
+        found = mounts(node)
+        assert (COMPOSE / found[IMAGE_MANIFEST]).resolve() == MANIFEST, name
+        assert (COMPOSE / found["/app/functions"]).resolve() == ROOT / "functions", name
+        assert str(manifest.server.data_dir) in found, f"{name}: data_dir must be on a volume"
 
 
 # --------------------------------------------------------------------------- Dockerfile and env file
