@@ -8,7 +8,7 @@ import logging
 import operator
 import os
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 from .api import Accepted, Invocation, Status
 from .dispatcher import Dispatcher
@@ -19,6 +19,10 @@ from .logs import LogHub
 from .manifest import FunctionConfig, Manifest
 from .metrics import Metrics
 from .store import Batch, NewInvocation, SQLiteStore
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .postgres import PostgresStore
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,16 @@ class Engine:
         self.manifest = manifest
         server = manifest.server
         data_dir = manifest.data_dir
-        self.store = SQLiteStore(data_dir / "eventrun.db")
+        self.store: SQLiteStore | PostgresStore
+        if manifest.store.shared:
+            from .cluster import default_node_id
+            from .postgres import PostgresStore
+
+            self.node_id = manifest.cluster.node_id or default_node_id()
+            self.store = PostgresStore(manifest.store.url, self.node_id, pool_size=manifest.store.pool_size)
+        else:
+            self.node_id = manifest.cluster.node_id or "local"
+            self.store = SQLiteStore(data_dir / "eventrun.db")
         self.logs = LogHub(data_dir / "logs", server.log_limit)
         self.metrics = Metrics()
         self.pool = InstancePool(
@@ -106,19 +119,43 @@ class Engine:
         self._reporters: dict[str, Callable[[], dict[str, Any]]] = {}
         self._metric_sources: list[Callable[[], str]] = []
         self._started = False
+        self.cluster: Cluster | None = None  # with a shared store: this engine is one node of several
+        if manifest.store.shared:
+            from .cluster import Cluster
+
+            self.cluster = Cluster(
+                self.store,  # type: ignore[arg-type]
+                url=server.base_url,
+                lease=manifest.cluster.lease,
+                concurrency={n: f.concurrency for n, f in manifest.functions.items()},
+                qps_limits={n: f.qps_limit for n, f in manifest.functions.items()},
+                dispatcher=self.dispatcher,
+                ended_elsewhere=self._wake_waiters,
+                failed_here=self._ended_by_the_store,
+                terminate_here=self.terminate,
+            )
+            self.logs.sink = self.cluster.shipper.add
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the store, lock async modes, recover from a previous stop, start queued runs."""
-        self.store.open()
+        await self.store.start()
         try:
             await self.store.register_functions(
                 {n: f.async_execution for n, f in self.manifest.functions.items()}, now_rfc3339()
             )
+            if self.cluster is not None:
+                await self.pool.start()
+                await self.cluster.start()  # ends what this node left running; claims queued runs
+                self._started = True
+                return
             interrupted = await self.store.recover(now_rfc3339(), SERVER_STOPPED)
         except BaseException:
-            self.store.close()
+            if self.cluster is not None:
+                await self.cluster.stop()
+                await self.pool.stop()
+            await self.store.stop()
             raise
         for request_id in interrupted:
             self._note(request_id, f"[eventrun] {SERVER_STOPPED}")
@@ -151,6 +188,8 @@ class Engine:
             return
         self.shutting_down = True
         self.dispatcher.pause()
+        if self.cluster is not None:
+            self.cluster.pause()
         grace = self.manifest.server.shutdown_grace
         still = await self.dispatcher.drain(grace)
         if still:
@@ -158,7 +197,9 @@ class Engine:
             await self.dispatcher.cancel_all()
         await self.pool.stop()
         self.logs.close_all()
-        self.store.close()
+        if self.cluster is not None:
+            await self.cluster.stop()  # hands back claimed runs not started, ships the last lines
+        await self.store.stop()
         self._started = False
 
     async def __aenter__(self) -> Engine:
@@ -181,9 +222,12 @@ class Engine:
         self._metric_sources.append(render)
 
     def backlog(self, function: str) -> int:
-        """Runs of the function accepted but not yet started."""
+        """Runs of the function accepted but not yet started (across the cluster, with a shared store)."""
         self.function(function)
-        return self.dispatcher.queued(function)
+        return self._queued(function)
+
+    def _queued(self, function: str) -> int:
+        return self.cluster.queued(function) if self.cluster is not None else self.dispatcher.queued(function)
 
     async def active(self, function: str, source: str) -> int:
         """Runs of the function from this source that are QUEUED or RUNNING."""
@@ -237,7 +281,7 @@ class Engine:
             # The usual batch (one function, every event new), without a step per event in Python.
             (function,) = functions
             self.metrics.accepted[function] += len(rows)
-            self.dispatcher.submit(function, *_request_ids(rows))
+            self._queue(function, _request_ids(rows))
             return accepted
         created: dict[str, list[str]] = {}
         for envelope, answer in zip(envelopes, accepted):
@@ -247,8 +291,15 @@ class Engine:
                 self.metrics.duplicates[envelope.function] += 1
         for function, ids in created.items():
             self.metrics.accepted[function] += len(ids)
-            self.dispatcher.submit(function, *ids)
+            self._queue(function, ids)
         return accepted
+
+    def _queue(self, function: str, request_ids: list[str]) -> None:
+        """New runs wait for a slot: here, or with a shared store, on whichever node claims them."""
+        if self.cluster is not None:
+            self.cluster.accepted(function, len(request_ids))
+        else:
+            self.dispatcher.submit(function, *request_ids)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -303,6 +354,8 @@ class Engine:
     async def read_log(self, request_id: str) -> bytes:
         """The run's log so far."""
         await self.get(request_id)
+        if self.cluster is not None:
+            return await self.cluster.read_log(request_id)
         return self.logs.read(request_id)
 
     async def follow_log(self, request_id: str) -> AsyncIterator[str]:
@@ -312,6 +365,8 @@ class Engine:
         async def ended() -> bool:
             return (await self.get(request_id)).status.ended
 
+        if self.cluster is not None:
+            return self.cluster.follow_log(request_id, ended)
         return self.logs.follow(request_id, ended)
 
     def metrics_text(self) -> str:
@@ -319,9 +374,11 @@ class Engine:
         parts = [
             self.metrics.render(
                 self.manifest.functions,
-                lambda f: (self.dispatcher.queued(f), self.dispatcher.running(f)),
+                lambda f: (self._queued(f), self.dispatcher.running(f)),
             )
         ]
+        if self.cluster is not None:
+            parts.append(self.cluster.metrics_text())
         for render in self._metric_sources:
             try:
                 parts.append(render())
@@ -331,13 +388,17 @@ class Engine:
 
     def health(self) -> dict[str, Any]:
         """Liveness and a few figures."""
-        return {
+        health = {
             "Status": "shutting-down" if self.shutting_down else "ok",
+            "Node": self.node_id,
             "Functions": len(self.manifest.functions),
             "Running": self.dispatcher.total_running,
             "Instances": self.pool.size,
             "Triggers": {name: report() for name, report in self._reporters.items()},
         }
+        if self.cluster is not None:
+            health["Cluster"] = self.cluster.view()
+        return health
 
     # -- terminate -------------------------------------------------------------------------
 
@@ -346,6 +407,8 @@ class Engine:
         invocation = await self.get(request_id)
         if invocation.status.ended:
             raise InvocationEnded(request_id, invocation.status.value)
+        if self.cluster is not None and request_id not in self._runs:
+            return await self._terminate_in_cluster(invocation)
         if self.dispatcher.remove(invocation.function, request_id):
             outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
             await self._end(request_id, invocation.function, outcome, started=None)
@@ -359,6 +422,28 @@ class Engine:
         if task is not None:
             await asyncio.shield(asyncio.wait({task}))
         return await self.get(request_id)
+
+    async def _terminate_in_cluster(self, invocation: Invocation) -> Invocation:
+        """Terminate a run this node does not run: unclaimed, it ends here; else its node is asked."""
+        request_id = invocation.request_id
+        if invocation.status is Status.QUEUED:
+            outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
+            if await self._end(request_id, invocation.function, outcome, started=None, queued_only=True):
+                return await self.get(request_id)
+        owner = await self.store.owner(request_id)  # type: ignore[union-attr]
+        if owner is None:  # it ended meanwhile
+            invocation = await self.get(request_id)
+            if invocation.status.ended:
+                return invocation
+            raise InvocationEnded(request_id, invocation.status.value)
+        if owner == self.node_id:  # claimed here a moment ago, not yet under way
+            if self.dispatcher.remove(invocation.function, request_id):
+                outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
+                await self._end(request_id, invocation.function, outcome, started=None)
+            return await self.wait(request_id, timeout=self.manifest.server.kill_grace + 10)
+        assert self.cluster is not None
+        await self.cluster.terminate_elsewhere(request_id, owner)
+        return await self.wait(request_id, timeout=self.manifest.server.kill_grace + 10)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -416,10 +501,18 @@ class Engine:
             self._note(request_id, f"[eventrun] instance {instance.pid} was discarded after the failure")
         return outcome
 
-    async def _end(self, request_id: str, function: str, outcome: Outcome, *, started: float | None) -> None:
-        """Record the final state (once), close the log, wake waiters and listeners."""
-        if outcome.status is not Status.FINISHED:
-            self._note(request_id, f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}")
+    async def _end(
+        self, request_id: str, function: str, outcome: Outcome, *, started: float | None, queued_only: bool = False
+    ) -> bool:
+        """Record the final state (once), close the log, wake waiters and listeners; False if it had ended.
+
+        `queued_only` (a shared store): record it only if no node has claimed the run yet.
+        """
+        note = f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}"
+        if outcome.status is not Status.FINISHED and not queued_only:
+            self._note(request_id, note)
+        if self.cluster is not None:
+            await self.cluster.shipper.flush()  # every line is in the store before the end is
         recorded = await self.store.finish(
             request_id,
             outcome.status,
@@ -427,16 +520,34 @@ class Engine:
             result=outcome.result,
             error_type=outcome.error_type,
             error_message=outcome.error_message,
+            **({"queued_only": True} if queued_only else {}),
         )
+        if queued_only and recorded:
+            self._note(request_id, note)
+            if self.cluster is not None:
+                await self.cluster.shipper.flush()
         self.logs.close(request_id)
         if recorded:
             seconds = time.monotonic() - started if started is not None else None
             self.metrics.observe_end(function, outcome.status, seconds)
+        self._wake_waiters(request_id)
+        if recorded and self._listeners:
+            self._notify(await self.get(request_id))
+        return recorded
+
+    def _wake_waiters(self, request_id: str) -> None:
         for future in self._waiters.pop(request_id, ()):
             if not future.done():
                 future.set_result(None)
-        if recorded and self._listeners:
-            self._notify(await self.get(request_id))
+
+    async def _ended_by_the_store(self, ended: list[tuple[str, str]]) -> None:
+        """Runs the store ended FAILED (their node died, or this one before a restart): log, wake, tell."""
+        for request_id, _function in ended:
+            invocation = await self.get(request_id)
+            self._note(request_id, f"[eventrun] run ended {invocation.status.value}: {invocation.error_type}: {invocation.error_message}")
+            self.logs.close(request_id)
+            self._wake_waiters(request_id)
+            self._notify(invocation)
 
     def _notify(self, invocation: Invocation) -> None:
         for listener in self._listeners:

@@ -66,10 +66,34 @@ class Dispatcher:
         if wait:
             raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)))
 
+    def share_qps(self, limits: Mapping[str, int]) -> None:
+        """Take new per-second limits (this node's share of cluster-wide ones)."""
+        for function, limit in limits.items():
+            if self._limits.get(function) != limit:
+                self._limits[function] = limit
+                bucket = self._buckets[function]
+                bucket.rate = float(limit)
+                bucket.tokens = min(bucket.tokens, bucket.rate)
+
+    def free(self, function: str) -> int:
+        """How many more runs of the function could start here now."""
+        if self._paused:
+            return 0
+        waiting = sum(map(len, self._queues.values()))
+        here = self._concurrency[function] - self._running[function] - len(self._queues[function])
+        return max(0, min(here, self._max_running - len(self._holding) - waiting))
+
     def submit(self, function: str, *request_ids: str) -> None:
         """Queue runs (FIFO per function) and start what can start."""
         self._queues[function].extend(request_ids)
         self._pump()
+
+    def take_queued(self) -> list[str]:
+        """Every run waiting for a slot, taken out of the queues (to hand back at shutdown)."""
+        taken = [request_id for queue in self._queues.values() for request_id in queue]
+        for queue in self._queues.values():
+            queue.clear()
+        return taken
 
     def remove(self, function: str, request_id: str) -> bool:
         """Drop a run that has not started yet; False if it is no longer queued."""

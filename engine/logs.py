@@ -41,6 +41,7 @@ class LogHub:
         except OSError:
             self._legacy = False
         self._followers: dict[str, set[asyncio.Queue[str | None]]] = {}
+        self.sink: Callable[[str, bytes], None] | None = None  # also given every byte written (a shared store)
 
     def path(self, request_id: str) -> Path:
         """Where a run's log lives: in folders by the time at the head of its RequestId.
@@ -131,6 +132,8 @@ class LogHub:
             log.truncated = True
         os.write(fd, data)
         log.size += len(data)
+        if self.sink is not None:
+            self.sink(request_id, data)
         self._publish(request_id, stamped)
 
     def close(self, request_id: str) -> None:

@@ -194,6 +194,54 @@ class S3Config(_Strict):
         return env
 
 
+class StoreConfig(_Strict):
+    """The `[store]` table: where invocations are kept."""
+
+    url: str = ""  # postgresql://user:password@host:5432/db; empty: SQLite in data_dir
+    pool_size: int = Field(10, ge=2, le=200)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "expected a PostgreSQL URL (postgresql://user:password@host:5432/db), "
+                "or nothing for the embedded SQLite store in data_dir"
+            )
+        return value
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is a PostgreSQL database that several nodes may share."""
+        return bool(self.url)
+
+
+class ClusterConfig(_Strict):
+    """The `[cluster]` table: this node among several on one PostgreSQL store."""
+
+    node_id: str = Field("", max_length=128)  # empty: the host name and the process id
+    lease: float = 10.0  # a node silent this long is taken for dead: its RUNNING runs end FAILED
+
+    _durations = field_validator("lease", mode="before")(parse_duration)
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_range(cls, value: float) -> float:
+        if not 1.0 <= value <= 3600.0:
+            raise ValueError(f"expected a lease from 1s to 1h, got {format_duration(value)}")
+        return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        if value and not _NODE_ID.match(value):
+            raise ValueError(f"node_id {value!r} may hold only letters, digits, '.', ':', '_' or '-'")
+        return value
+
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+
 class S3Trigger(_Strict):
     """Bucket notifications for one bucket."""
 
@@ -294,6 +342,8 @@ class Manifest(BaseSettings):
     server: ServerConfig = ServerConfig()
     kafka: KafkaConfig = KafkaConfig()
     s3: S3Config = S3Config()
+    store: StoreConfig = StoreConfig()
+    cluster: ClusterConfig = ClusterConfig()
     functions: dict[str, FunctionConfig] = Field(default_factory=dict)
     path: Path | None = Field(default=None, exclude=True)
 

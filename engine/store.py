@@ -77,6 +77,14 @@ class SQLiteStore:
         (last,) = self._reader.execute("SELECT max(seq) FROM invocations").fetchone()
         issue_after(last or 0)  # new RequestIds, hence rows, come after every row the store holds
 
+    async def start(self) -> None:
+        """open(), as the engine calls it."""
+        self.open()
+
+    async def stop(self) -> None:
+        """close(), as the engine calls it."""
+        self.close()
+
     def close(self) -> None:
         """Finish queued writes, stop the writer process and close the reading connection."""
         if self._writer is not None:

@@ -1,4 +1,4 @@
-"""Fixtures shared by the engine's tests."""
+"""Fixtures shared by the engine's tests: each store test runs against SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,15 +7,40 @@ from typing import AsyncIterator
 
 import pytest
 
+from eventrun.engine.postgres import PostgresStore
 from eventrun.engine.store import SQLiteStore
+from postgres_service import postgres, postgres_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    """An open store in a fresh folder, closed after the test."""
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    """An open SQLite store in a fresh folder, closed after the test."""
     store = SQLiteStore(tmp_path / "eventrun.db")
     store.open()
     try:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture
+async def postgres_store(postgres: str) -> AsyncIterator[PostgresStore]:
+    """An open PostgreSQL store on a fresh database, closed after the test."""
+    store = PostgresStore(postgres, "node-a")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest) -> SQLiteStore | PostgresStore:
+    """An open store of each kind in turn: what holds for one must hold for the other."""
+    return request.getfixturevalue(f"{request.param}_store")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """[store] url for each kind of store in turn: empty for SQLite, a fresh database's for PostgreSQL."""
+    return request.getfixturevalue("postgres") if request.param == "postgres" else ""  # type: ignore[no-any-return]

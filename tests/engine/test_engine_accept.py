@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import pytest
 
 from eventrun.engine.core import Engine
 from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, encode, expand, template_prefix
 from eventrun.engine.manifest import load_manifest
+from eventrun.engine.store import SQLiteStore
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    """An engine with functions a and b whose runs never start (the dispatcher is paused)."""
+async def engine(tmp_path: Path, store_url: str) -> AsyncIterator[Engine]:
+    """An engine (on each kind of store) with functions a and b whose runs never start."""
     (tmp_path / "noop.py").write_text("def main_handler(event, context):\n    return None\n")
+    store = f'[store]\nurl = "{store_url}"\n\n' if store_url else ""
     (tmp_path / "eventrun.toml").write_text(
-        '[server]\ndata_dir = "data"\n\n'
+        f'[server]\ndata_dir = "data"\n\n{store}'
         '[functions.a]\nhandler = "noop.py:main_handler"\n\n'
         '[functions.b]\nhandler = "noop.py:main_handler"\n'
     )
     engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
+    engine.dispatcher.pause()  # (a node of a cluster then claims nothing either: no slot is free)
     await engine.start()
-    engine.dispatcher.pause()
     try:
         yield engine
     finally:
         await engine.stop()
+
+
+async def rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
+    """What a query finds in the engine's store, whichever kind it is."""
+    if isinstance(engine.store, SQLiteStore):
+        return engine.store._db.execute(sql).fetchall()
+    return [tuple(r) for r in await engine.store.pool.fetch(sql)]
 
 
 def event(function: str, id: str) -> Envelope:
@@ -70,9 +79,9 @@ async def test_a_templated_envelope_keeps_its_fields_and_is_read_back_whole(engi
         whole = b'{"id":"%s","source":"test://batch","data":{"n":%d,"tag":"t\\u0000","again":%d,"pct":"100%%"}}'
         assert (await engine.store.envelope(answer.request_id)) == whole % (id.encode(), n, n)
     assert (await engine.store.envelope(answers[1].request_id)) == encode(batch[1])
-    stored = engine.store._db.execute("SELECT envelope FROM invocations ORDER BY seq").fetchall()
+    stored = await rows(engine, "SELECT envelope FROM invocations ORDER BY request_id")
     assert [bytes(s) for (s,) in stored][::2] == [batch[0].stored, batch[2].stored], "only the fields were written"
-    assert engine.store._db.execute("SELECT count(*) FROM templates").fetchone() == (1,)
+    assert await rows(engine, "SELECT count(*) FROM templates") == [(1,)]
     # Given again it maps to the same run, like any event with that function, source and id.
     again = await engine.accept_batch([templated("a", "t1", 1)])
     assert again[0].request_id == answers[0].request_id and not again[0].created
@@ -94,4 +103,4 @@ async def test_a_batch_of_templated_envelopes_by_column_is_accepted_as_each_woul
     again = await engine.accept_batch(batch)
     assert [(a.request_id, a.created) for a in again[:3]] == [(a.request_id, False) for a in answers]
     assert [a.created for a in again[3:]] == [True, True]
-    assert engine.store._db.execute("SELECT count(*) FROM invocations").fetchone() == (5,)
+    assert await rows(engine, "SELECT count(*) FROM invocations") == [(5,)]

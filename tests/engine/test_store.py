@@ -89,7 +89,8 @@ async def test_a_run_starts_once_and_ends_once(store: SQLiteStore) -> None:
     assert invocation.duration_ms is not None and invocation.duration_ms >= 0
 
 
-async def test_recovery_fails_running_runs_and_keeps_queued_ones(store: SQLiteStore) -> None:
+async def test_recovery_fails_running_runs_and_keeps_queued_ones(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
     running, queued = row("r"), row("q")
     await store.accept([running, queued])
     await store.mark_running(running.request_id, now_rfc3339())
@@ -146,7 +147,8 @@ async def test_active_runs_are_counted_per_source(store: SQLiteStore) -> None:
     assert (await store.count_active("f", "/http/f")) == 1
 
 
-async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(store: SQLiteStore) -> None:
+async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
     new = row("e1")
     await store.accept([new])
     db = sqlite3.connect(store.path)

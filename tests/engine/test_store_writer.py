@@ -20,6 +20,12 @@ from eventrun.engine.writer import SEND_AT_ONCE, Checkpointer, take
 from eventrun.engine.writes import SCHEMA, Op, connect
 
 
+@pytest.fixture
+def store(sqlite_store: SQLiteStore) -> SQLiteStore:
+    """The writer process is the SQLite store's."""
+    return sqlite_store
+
+
 def row(event_id: str) -> NewInvocation:
     seq, (request_id,) = request_ids(1)
     return NewInvocation(request_id, "f", "/http/f", event_id, "http", now_rfc3339(), b'{"id":"%s"}' % event_id.encode(), seq)

@@ -1,0 +1,378 @@
+"""This node among several on one PostgreSQL store: claims, leases, notices and shared logs.
+
+Any node accepts events; the runs wait in the store as QUEUED until a node with a free slot
+claims them (eventrun_claim: oldest first, the function's concurrency held across the cluster).
+A node hears of new runs and freed slots by NOTIFY, and also looks once per heartbeat, so a
+notice missed while its listening connection was down costs a heartbeat, not the run.
+
+Each node renews its lease (a heartbeat) every third of the lease. A node not heard from
+within the lease is taken for dead: the first survivor to notice ends its RUNNING runs FAILED
+(async execution never retries) and takes it off the registry; its QUEUED runs were never
+its own, so any node runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+
+import asyncpg
+
+from .api import Status
+from .dispatcher import Dispatcher
+from .envelope import now_rfc3339
+from .metrics import family, labels
+from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
+
+logger = logging.getLogger(__name__)
+
+NODE_LOST = "NodeLost"
+SHIP_INTERVAL = 0.1  # seconds a log line may wait before it is shipped to the store
+FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
+
+
+def default_node_id() -> str:
+    """The host name and the process id: unique among live nodes without configuration."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def node_lost(owner: str) -> str:
+    """The error message of a run whose node stopped answering."""
+    return (
+        f"node {owner} running this run stopped answering (its lease expired); "
+        "the run was not retried (async execution never retries)"
+    )
+
+
+class Cluster:
+    """What makes one engine a node: it claims runs, keeps its lease, hears the others."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        *,
+        url: str,
+        lease: float,
+        concurrency: Mapping[str, int],
+        qps_limits: Mapping[str, int],
+        dispatcher: Dispatcher,
+        ended_elsewhere: Callable[[str], None],
+        failed_here: Callable[[list[tuple[str, str]]], Awaitable[None]],
+        terminate_here: Callable[[str], Awaitable[Any]],
+    ) -> None:
+        self.store = store
+        self.node_id = store.node_id
+        self.url = url
+        self.lease = lease
+        self._concurrency = dict(concurrency)
+        self._qps_limits = dict(qps_limits)
+        self._dispatcher = dispatcher
+        self._ended_elsewhere = ended_elsewhere
+        self._failed_here = failed_here
+        self._terminate_here = terminate_here
+        self._wanted: set[str] = set()  # functions to claim for
+        self._wake = asyncio.Event()
+        self._log_readers: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.shipper = LogShipper(store)
+        self.nodes: list[Node] = []
+        self.backlog: dict[str, int] = {}
+        self._accepted_since: dict[str, int] = {}  # accepted here since the last backlog count
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the cluster, end what this node id left RUNNING, listen, and start claiming."""
+        await self.store.join(self.url, self.lease)
+        # A node that comes back under its own id (a restart) ends what it left running at once.
+        left = await self.store.fail_runs_of(
+            [self.node_id], now_rfc3339(), "ServerStopped",
+            lambda _: "the server stopped during execution; the run was not retried (async execution never retries)",
+            forget=False,
+        )
+        if left:
+            logger.info("ended %d runs this node left RUNNING as FAILED", len(left))
+            await self._failed_here(left)
+        await self._listen()
+        await self._look()
+        self.shipper.start()
+        self._tasks = [
+            asyncio.create_task(self._claiming(), name="cluster-claims"),
+            asyncio.create_task(self._heartbeats(), name="cluster-heartbeats"),
+        ]
+        self.want(*self._concurrency)
+
+    def pause(self) -> None:
+        """Claim nothing more (shutdown)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming and heartbeats, ship the last log lines, leave the cluster."""
+        self.pause()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        left = self._dispatcher.take_queued()
+        if left:
+            try:
+                await self.store.unclaim(left)
+            except Exception:  # they stay RUNNING under this node: ended FAILED once its lease expires
+                logger.exception("could not hand %d claimed runs back to the queue", len(left))
+        await self.shipper.stop()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        with contextlib.suppress(Exception):
+            await self.store.leave()
+
+    # -- claims ----------------------------------------------------------------------------
+
+    def want(self, *functions: str) -> None:
+        """Look for QUEUED runs of these functions as soon as a slot is free."""
+        self._wanted.update(f for f in functions if f in self._concurrency)
+        self._wake.set()
+
+    def accepted(self, function: str, n: int) -> None:
+        """n new runs of a function were accepted here: claim, and count them in the backlog."""
+        self._accepted_since[function] = self._accepted_since.get(function, 0) + n
+        self.want(function)
+
+    def queued(self, function: str) -> int:
+        """The function's QUEUED runs across the cluster (as of the last heartbeat, plus ours since)."""
+        return self.backlog.get(function, 0) + self._accepted_since.get(function, 0)
+
+    async def _claiming(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            wanted, self._wanted = self._wanted, set()
+            for function in sorted(wanted):
+                if self._stopping:
+                    return
+                free = self._dispatcher.free(function)
+                if free <= 0:
+                    continue
+                try:
+                    claimed = await self.store.claim(function, free, self._concurrency[function])
+                except (OSError, asyncpg.PostgresError) as exc:
+                    logger.warning("claiming runs of %s failed (%s); trying again at the next heartbeat", function, exc)
+                    continue
+                if claimed and self._stopping:
+                    await self.store.unclaim(claimed)
+                    return
+                if claimed:
+                    self._dispatcher.submit(function, *claimed)
+                    if len(claimed) == free:
+                        self._wanted.add(function)  # there may be more; look again when a slot frees
+                if self._stopping:
+                    return
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._beat()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("heartbeat failed (%s); trying again in %.1fs", exc, self.lease / 3)
+
+    async def _beat(self) -> None:
+        if not await self.store.heartbeat():
+            # Taken for dead (paused or cut off past the lease): its RUNNING runs were ended FAILED.
+            logger.error("node %s lost its lease and was taken for dead; joining again", self.node_id)
+            await self.store.join(self.url, self.lease)
+        dead = [n for n in await self.store.expired(self.lease) if n != self.node_id]
+        if dead:
+            ended = await self.store.fail_runs_of(dead, now_rfc3339(), NODE_LOST, node_lost, forget=True)
+            logger.warning("nodes %s stopped answering: %d of their runs ended FAILED", ", ".join(dead), len(ended))
+            if ended:
+                await self._failed_here(ended)
+        if self._listener is None or self._listener.is_closed():
+            await self._listen()
+        await self._look()
+        self.want(*self._concurrency)  # a notice lost on the way costs one heartbeat, not the run
+
+    async def _look(self) -> None:
+        """Refresh the cluster's view: nodes alive, backlog, this node's share of each QPS limit."""
+        self.nodes = [n for n in await self.store.nodes() if n.heartbeat_age < self.lease]
+        self.backlog = await self.store.backlog()
+        self._accepted_since = {}
+        alive = max(1, len(self.nodes))
+        self._dispatcher.share_qps({f: max(1, math.floor(limit / alive)) for f, limit in self._qps_limits.items()})
+
+    # -- notices ---------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        try:
+            self._listener = await self.store.listen(self._notice, self._lost)
+        except (OSError, asyncpg.PostgresError) as exc:
+            logger.warning("cannot listen for notices (%s); looking for work at each heartbeat meanwhile", exc)
+            self._listener = None
+
+    def _lost(self) -> None:
+        logger.warning("the connection listening for notices was lost; listening again at the next heartbeat")
+        self._listener = None
+
+    def _notice(self, channel: str, payload: str) -> None:
+        if channel == QUEUED:
+            self.want(payload)
+        elif channel == ENDED:
+            function, _, request_id = payload.partition(" ")
+            self.want(function)  # a slot of the function is free somewhere: maybe ours to take
+            self._ended_elsewhere(request_id)
+            self._wake_readers(request_id)
+        elif channel == LOGGED:
+            self._wake_readers(payload)
+        elif channel == TERMINATE:
+            owner, _, request_id = payload.partition(" ")
+            if owner == self.node_id:
+                asyncio.get_running_loop().create_task(self._terminate(request_id))
+
+    async def _terminate(self, request_id: str) -> None:
+        try:
+            await self._terminate_here(request_id)
+        except Exception:
+            logger.exception("terminating %s on request of another node failed", request_id)
+
+    async def terminate_elsewhere(self, request_id: str, owner: str) -> None:
+        """Ask the node running a run to terminate it."""
+        await self.store.notify(TERMINATE, f"{owner} {request_id}")
+
+    async def abort_queued(self, request_id: str, message: str) -> bool:
+        """End a run no node has claimed yet as ABORTED; False if one claimed it meanwhile."""
+        return await self.store.finish(
+            request_id, Status.ABORTED, now_rfc3339(), error_type="Aborted", error_message=message, queued_only=True
+        )
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def _wake_readers(self, request_id: str) -> None:
+        for event in self._log_readers.get(request_id, ()):
+            event.set()
+
+    async def read_log(self, request_id: str) -> bytes:
+        """The run's log as shipped to the store so far."""
+        data, _ = await self.store.read_log(request_id)
+        return data
+
+    async def follow_log(self, request_id: str, ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """The run's log so far, then new lines as any node ships them, until the run ends."""
+        event = asyncio.Event()
+        self._log_readers.setdefault(request_id, set()).add(event)
+        last = 0
+        try:
+            while True:
+                event.clear()
+                over = await ended()  # read before the log: what a run wrote is shipped before it ends
+                data, last = await self.store.read_log(request_id, last)
+                for line in data.decode("utf-8", "replace").splitlines():
+                    yield line
+                if over:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FOLLOW_RECHECK):
+                        await event.wait()
+        finally:
+            readers = self._log_readers.get(request_id)
+            if readers is not None:
+                readers.discard(event)
+                if not readers:
+                    del self._log_readers[request_id]
+
+    # -- figures ---------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        """Prometheus text of this node and the cluster it sees."""
+        lines = [
+            *family("eventrun_node_info", "gauge", "This node (its id as a label)."),
+            f"eventrun_node_info{labels(node=self.node_id)} 1",
+            *family("eventrun_cluster_nodes", "gauge", "Nodes alive on the shared store, as of the last heartbeat."),
+            f"eventrun_cluster_nodes {len(self.nodes)}",
+            *family("eventrun_cluster_backlog", "gauge", "QUEUED runs across the cluster, per function."),
+        ]
+        lines += [f"eventrun_cluster_backlog{labels(function=f)} {self.queued(f)}" for f in sorted(self._concurrency)]
+        return "\n".join(lines) + "\n"
+
+    def view(self) -> dict[str, Any]:
+        """The cluster as this node sees it, for /healthz."""
+        return {
+            "Nodes": [{"NodeId": n.node_id, "Url": n.url, "HeartbeatAgeSeconds": round(n.heartbeat_age, 1)} for n in self.nodes],
+            "Backlog": sum(self.backlog.values()) + sum(self._accepted_since.values()),
+            "LeaseSeconds": self.lease,
+        }
+
+
+class LogShipper:
+    """Copies the lines a run writes into the store, a tenth of a second at a time."""
+
+    def __init__(self, store: PostgresStore, interval: float = SHIP_INTERVAL) -> None:
+        self._store = store
+        self._interval = interval
+        self._pending: list[tuple[str, bytes]] = []
+        self._flushed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def start(self) -> None:
+        """Ship in the background from now on."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="log-shipper")
+
+    def add(self, request_id: str, data: bytes) -> None:
+        """A run wrote these bytes (whole lines) to its log."""
+        self._pending.append((request_id, data))
+
+    async def flush(self) -> None:
+        """Ship everything written so far (before a run's end is recorded)."""
+        async with self._lock:
+            if not self._pending:
+                return
+            chunks, self._pending = self._pending, []
+            try:
+                await self._store.append_logs(_merged(chunks))
+            except BaseException:
+                self._pending[:0] = chunks  # kept for the next try
+                raise
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.flush()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("shipping log lines to the store failed (%s); trying again", exc)
+            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    async def stop(self) -> None:
+        """Ship what is left and stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await self.flush()
+        except Exception:
+            logger.exception("the last log lines could not be shipped to the store")
+
+
+def _merged(chunks: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The chunks of each run joined in order: one row per run and shipment."""
+    runs: dict[str, list[bytes]] = {}
+    for request_id, data in chunks:
+        runs.setdefault(request_id, []).append(data)
+    return [(request_id, b"".join(parts)) for request_id, parts in runs.items()]

@@ -1,0 +1,585 @@
+"""The shared invocation store: PostgreSQL, for several nodes on one database (asyncpg).
+
+It keeps what the SQLite store keeps, under the same interface, and what nodes need of each
+other besides: who is alive (a heartbeat each), who runs what (a run's `owner`), the runs'
+logs, and notifications (LISTEN/NOTIFY) when runs are queued, end, or are to be terminated.
+
+A run's key is its RequestId as a `uuid`. RequestIds are UUID version 7 (envelope.request_ids):
+ordered by time, so `ORDER BY request_id` is the order runs were accepted in, across nodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Mapping, Sequence
+
+import asyncpg
+
+from .api import Accepted, Invocation, Status
+from .envelope import dumps, expand, loads, stored_template, template_key
+from .errors import InvalidParameter, ManifestError, StoreError
+from .writes import Batch, NewInvocation
+
+logger = logging.getLogger(__name__)
+
+QUEUED = "eventrun_queued"  # payload: a function with new QUEUED runs, or a freed slot
+ENDED = "eventrun_ended"  # payload: "{function} {request_id}" of a run that ended
+TERMINATE = "eventrun_terminate"  # payload: "{owner} {request_id}": the owner is to stop it
+LOGGED = "eventrun_logged"  # payload: a RequestId whose log grew
+CHANNELS = (QUEUED, ENDED, TERMINATE, LOGGED)
+
+_MIGRATION_LOCK = 0x6576656E  # one key for pg_advisory_lock: nodes starting together migrate one at a time
+
+MIGRATIONS: list[str] = [
+    # 1: the first shared schema
+    """
+    CREATE TABLE functions (
+        name text PRIMARY KEY,
+        async_execution boolean NOT NULL,
+        created_at text NOT NULL
+    );
+    CREATE TABLE invocations (
+        request_id uuid PRIMARY KEY,
+        function text NOT NULL,
+        source text NOT NULL,
+        event_id text NOT NULL,
+        trigger text NOT NULL,
+        status text NOT NULL,
+        created_at text NOT NULL,
+        started_at text,
+        ended_at text,
+        duration_ms bigint,
+        result bytea,
+        error_type text,
+        error_message text,
+        envelope bytea NOT NULL,
+        owner text,  -- the node running it (RUNNING runs)
+        UNIQUE (function, source, event_id)
+    );
+    CREATE INDEX invocations_by_function ON invocations (function, request_id);
+    CREATE INDEX invocations_by_status ON invocations (status, request_id);
+    CREATE INDEX invocations_queued ON invocations (function, request_id) WHERE status = 'QUEUED';
+    CREATE INDEX invocations_running ON invocations (function, owner) WHERE status = 'RUNNING';
+    CREATE TABLE state (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE templates (key bytea PRIMARY KEY, template bytea NOT NULL);
+    CREATE TABLE nodes (
+        node_id text PRIMARY KEY,
+        url text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE logs (
+        n bigserial PRIMARY KEY,
+        request_id uuid NOT NULL,
+        data bytea NOT NULL
+    );
+    CREATE INDEX logs_by_run ON logs (request_id, n);
+
+    -- Claim up to `want` QUEUED runs of a function, oldest first, for `node`, keeping the
+    -- function's RUNNING runs across all nodes at `cap` or below. Claims of one function
+    -- take turns (an advisory lock), so two nodes cannot both see the last free slot.
+    CREATE FUNCTION eventrun_claim(fn text, want int, cap int, node text)
+    RETURNS SETOF text LANGUAGE plpgsql AS $$
+    DECLARE
+        running int;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(1702258030, hashtext(fn));
+        SELECT count(*) INTO running FROM invocations WHERE function = fn AND status = 'RUNNING';
+        RETURN QUERY
+        UPDATE invocations i SET status = 'RUNNING', owner = node  -- started_at: when it starts (mark_running)
+        FROM (
+            SELECT request_id FROM invocations
+            WHERE function = fn AND status = 'QUEUED'
+            ORDER BY request_id
+            LIMIT greatest(0, least(want, cap - running))
+            FOR UPDATE SKIP LOCKED
+        ) picked
+        WHERE i.request_id = picked.request_id
+        RETURNING i.request_id::text;
+    END
+    $$;
+    """,
+]
+
+_COLUMNS = (
+    "request_id::text, function, trigger, status, created_at, started_at, ended_at, "
+    "duration_ms, result, error_type, error_message"
+)
+
+# A run's duration from two RFC 3339 texts, in whole milliseconds.
+_DURATION = "round(extract(epoch FROM ({end}::text::timestamptz - {start}::timestamptz)) * 1000)::bigint"
+
+_NOTIFY_QUEUED = "(SELECT count(pg_notify('" + QUEUED + "', f)) FROM (SELECT DISTINCT function AS f FROM new) d)"
+
+_INSERT_BATCH = (
+    "WITH new AS ("
+    " INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
+    " SELECT r::uuid, $1, $2, e, $3, 'QUEUED', $4, v FROM unnest($5::text[], $6::text[], $7::bytea[]) AS u(r, e, v)"
+    " ON CONFLICT (function, source, event_id) DO NOTHING"
+    " RETURNING request_id, function)"
+    f" SELECT request_id::text FROM new, {_NOTIFY_QUEUED} n"
+)
+_INSERT_ROWS = (
+    "WITH new AS ("
+    " INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
+    " SELECT r::uuid, f, s, e, t, 'QUEUED', c, v"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])"
+    " AS u(r, f, s, e, t, c, v)"
+    " ON CONFLICT (function, source, event_id) DO NOTHING"
+    " RETURNING request_id, function)"
+    f" SELECT request_id::text FROM new, {_NOTIFY_QUEUED} n"
+)
+_KNOWN = (
+    "SELECT i.request_id::text, i.function, i.source, i.event_id FROM invocations i"
+    " JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(f, s, e)"
+    " ON i.function = u.f AND i.source = u.s AND i.event_id = u.e"
+)
+_FINISH = (
+    "WITH ended AS ("
+    " UPDATE invocations SET status = $2, ended_at = $3, result = $4, error_type = $5, error_message = $6,"
+    f" duration_ms = CASE WHEN started_at IS NULL THEN NULL ELSE {_DURATION.format(end='$3', start='started_at')} END"
+    " WHERE request_id = $1::uuid AND status IN ({statuses})"
+    " RETURNING function, request_id)"
+    " SELECT pg_notify('" + ENDED + "', function || ' ' || request_id::text) FROM ended"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A node as the cluster sees it."""
+
+    node_id: str
+    url: str
+    heartbeat_age: float  # seconds since its last heartbeat
+
+
+class NodeIdInUse(StoreError):
+    """Another live node holds this node's id."""
+
+
+class PostgresStore:
+    """Durable invocations in PostgreSQL; every write is committed before its await returns."""
+
+    def __init__(self, url: str, node_id: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.node_id = node_id  # the owner of the runs this node claims
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._templates: dict[bytes, bytes] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema (one node at a time)."""
+        try:
+            self._pool = await asyncpg.create_pool(self.url, min_size=2, max_size=self._pool_size)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot reach the PostgreSQL store at {_safe(self.url)}: {exc}") from None
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    start = open
+    stop = close
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool, while the store is open."""
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    async def listen(self, on_notice: Callable[[str, str], None], on_lost: Callable[[], None]) -> asyncpg.Connection:
+        """A connection of its own that LISTENs on every channel; `on_notice(channel, payload)`."""
+        conn: asyncpg.Connection = await asyncpg.connect(self.url)
+        for channel in CHANNELS:
+            await conn.add_listener(channel, lambda _c, _pid, ch, payload: on_notice(ch, payload))
+        conn.add_termination_listener(lambda _c: on_lost())
+        return conn
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def keep_templates(self, templates: Collection[bytes]) -> None:
+        """Record the templates of Templated envelopes about to be accepted (each once)."""
+        new = {key: template for template in templates if (key := template_key(template)) not in self._templates}
+        if not new:
+            return
+        async with self.pool.acquire() as conn:
+            await conn.executemany(
+                "INSERT INTO templates (key, template) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING", list(new.items())
+            )
+            rows = await conn.fetch("SELECT key, template FROM templates WHERE key = any($1::bytea[])", list(new))
+        kept = {bytes(r["key"]): bytes(r["template"]) for r in rows}
+        for key, template in new.items():
+            if kept.get(key) != template:
+                raise StoreError(f"the store holds another template under the key {key.hex()}")
+        self._templates.update(new)
+
+    async def accept(self, rows: Sequence[NewInvocation] | Batch) -> list[Accepted]:
+        """Record new invocations; a known (function, source, id) gives back its RequestId.
+
+        One statement: the insert and a notification per function, so every node hears of the
+        new runs when (and only when) they are committed.
+        """
+        if not rows:
+            return []
+        if rows.__class__ is Batch:
+            batch: Batch = rows  # type: ignore[assignment]
+            request_ids, event_ids = batch.request_ids, batch.event_ids
+            functions = sources = None
+            new = await self.pool.fetch(
+                _INSERT_BATCH, batch.function, batch.source, batch.trigger, batch.created_at,
+                request_ids, event_ids, [bytes(e) for e in batch.envelopes],
+            )
+        else:
+            columns = list(zip(*rows))
+            request_ids, functions, sources, event_ids = (list(c) for c in columns[:4])
+            new = await self.pool.fetch(
+                _INSERT_ROWS, request_ids, functions, sources, event_ids,
+                list(columns[4]), list(columns[5]), [bytes(e) for e in columns[6]],
+            )
+        if len(new) == len(request_ids):
+            return [Accepted(request_id, True) for request_id in request_ids]
+        # Some were known (redelivery, another node, or one event twice): each gets the RequestId kept.
+        if functions is None:
+            functions = [batch.function] * len(request_ids)
+            sources = [batch.source] * len(request_ids)
+        assert sources is not None
+        known = {
+            (r["function"], r["source"], r["event_id"]): r["request_id"]
+            for r in await self.pool.fetch(_KNOWN, functions, sources, event_ids)
+        }
+        answers = []
+        for request_id, key in zip(request_ids, zip(functions, sources, event_ids)):
+            kept = known.get(key)
+            if kept is None:
+                raise StoreError(f"event {key[2]!r} of {key[1]} was neither recorded nor found")
+            answers.append(Accepted(kept, kept == request_id))
+        return answers
+
+    async def mark_running(self, request_id: str, started_at: str) -> bool:
+        """QUEUED, or claimed by this node, -> RUNNING here, once; False if it ended (terminated) or started."""
+        row = await self.pool.fetchval(
+            "UPDATE invocations SET status = 'RUNNING', owner = $3, started_at = $2 WHERE request_id = $1::uuid"
+            " AND (status = 'QUEUED' OR (status = 'RUNNING' AND owner = $3 AND started_at IS NULL)) RETURNING 1",
+            request_id, started_at, self.node_id,
+        )
+        return row is not None
+
+    async def unclaim(self, request_ids: Sequence[str]) -> None:
+        """Hand runs this node claimed but did not start back to the queue (a shutdown)."""
+        await self.pool.execute(
+            "WITH back AS (UPDATE invocations SET status = 'QUEUED', owner = NULL, started_at = NULL"
+            " WHERE request_id = any($1::uuid[]) AND status = 'RUNNING' AND owner = $2 RETURNING function)"
+            " SELECT count(pg_notify('" + QUEUED + "', f)) FROM (SELECT DISTINCT function AS f FROM back) d",
+            list(request_ids), self.node_id,
+        )
+
+    async def claim(self, function: str, want: int, cap: int) -> list[str]:
+        """QUEUED -> RUNNING on this node (not yet started) for up to `want` runs of a function,
+        oldest first, keeping the function's RUNNING runs across the cluster at `cap` or below."""
+        rows = await self.pool.fetch("SELECT eventrun_claim($1, $2, $3, $4)", function, want, cap, self.node_id)
+        return sorted(r[0] for r in rows)
+
+    async def finish(
+        self,
+        request_id: str,
+        status: Status,
+        ended_at: str,
+        *,
+        result: Any = None,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        queued_only: bool = False,
+    ) -> bool:
+        """Record a terminal state once; False if the run had already ended (or, queued_only, started)."""
+        blob = dumps(result) if result is not None else None
+        statuses = "'QUEUED'" if queued_only else "'QUEUED', 'RUNNING'"
+        rows = await self.pool.fetch(
+            _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, error_type, error_message
+        )
+        return bool(rows)
+
+    async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
+        """Record new functions' async flag; refuse a manifest that flips a recorded one."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE functions IN SHARE ROW EXCLUSIVE MODE")
+            recorded = {r["name"]: r["async_execution"] for r in await conn.fetch("SELECT name, async_execution FROM functions")}
+            flipped = [(n, recorded[n]) for n, a in functions.items() if n in recorded and recorded[n] != a]
+            if not flipped:
+                await conn.executemany(
+                    "INSERT INTO functions (name, async_execution, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    [(n, a, now) for n, a in functions.items()],
+                )
+        if flipped:
+            raise ManifestError(
+                "\n".join(
+                    f"functions.{name}.async_execution: function {name!r} was created with "
+                    f"async_execution = {str(was).lower()} and that can never change; "
+                    f"deploy it under a new name (e.g. '{name}-{'sync' if was else 'async'}') instead"
+                    for name, was in flipped
+                )
+            )
+
+    async def put_state(self, key: str, value: str) -> None:
+        """Remember a small value (e.g. a trigger's last position)."""
+        await self.pool.execute(
+            "INSERT INTO state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            key, value,
+        )
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    async def join(self, url: str, lease: float) -> None:
+        """Register this node; a node id held by a live node (heard from within the lease) is refused."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            age = await conn.fetchval(
+                "SELECT extract(epoch FROM now() - heartbeat_at)::float8 FROM nodes WHERE node_id = $1 FOR UPDATE",
+                self.node_id,
+            )
+            if age is not None and age < lease:
+                raise NodeIdInUse(
+                    f"node id {self.node_id!r} is held by a live node (its last heartbeat {age:.1f}s ago); "
+                    "give this node its own [cluster] node_id, or stop the other"
+                )
+            await conn.execute(
+                "INSERT INTO nodes (node_id, url) VALUES ($1, $2) ON CONFLICT (node_id)"
+                " DO UPDATE SET url = excluded.url, started_at = now(), heartbeat_at = now()",
+                self.node_id, url,
+            )
+
+    async def heartbeat(self) -> bool:
+        """Renew this node's lease; False if the node was taken for dead meanwhile (and must join again)."""
+        row = await self.pool.fetchval("UPDATE nodes SET heartbeat_at = now() WHERE node_id = $1 RETURNING 1", self.node_id)
+        return row is not None
+
+    async def leave(self) -> None:
+        """Take this node out of the cluster (a clean stop)."""
+        await self.pool.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
+
+    async def nodes(self) -> list[Node]:
+        """Every registered node."""
+        rows = await self.pool.fetch(
+            "SELECT node_id, url, extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM nodes ORDER BY node_id"
+        )
+        return [Node(r["node_id"], r["url"], r["age"]) for r in rows]
+
+    async def fail_runs_of(
+        self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, forget: bool
+    ) -> list[tuple[str, str]]:
+        """End the RUNNING runs of these nodes as FAILED; (request_id, function) of each.
+
+        `forget`: also take the nodes out of the registry (they are dead, not this one restarted).
+        """
+        ended: list[tuple[str, str]] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for owner in owners:
+                rows = await conn.fetch(
+                    "WITH ended AS ("
+                    " UPDATE invocations SET status = 'FAILED', ended_at = $2, error_type = $3, error_message = $4,"
+                    f" duration_ms = {_DURATION.format(end='$2', start='started_at')}"
+                    " WHERE status = 'RUNNING' AND owner = $1"
+                    " RETURNING request_id::text AS request_id, function)"
+                    " SELECT request_id, function, pg_notify('" + ENDED + "', function || ' ' || request_id) FROM ended",
+                    owner, now, error_type, message(owner),
+                )
+                ended += [(r["request_id"], r["function"]) for r in rows]
+                if forget:
+                    await conn.execute("DELETE FROM nodes WHERE node_id = $1", owner)
+        return ended
+
+    async def expired(self, lease: float) -> list[str]:
+        """Nodes not heard from within the lease."""
+        rows = await self.pool.fetch(
+            "SELECT node_id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $1)", lease
+        )
+        return [r[0] for r in rows]
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send a notification to every node (this one too)."""
+        await self.pool.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    async def backlog(self) -> dict[str, int]:
+        """QUEUED runs per function, across the cluster."""
+        rows = await self.pool.fetch("SELECT function, count(*) FROM invocations WHERE status = 'QUEUED' GROUP BY function")
+        return {r[0]: r[1] for r in rows}
+
+    # -- logs ------------------------------------------------------------------------------
+
+    async def append_logs(self, chunks: Sequence[tuple[str, bytes]]) -> None:
+        """Append (request_id, data) log chunks, in order, and tell followers on every node."""
+        await self.pool.execute(
+            "WITH added AS (INSERT INTO logs (request_id, data)"
+            " SELECT r::uuid, d FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(r, d, o) ORDER BY o"
+            " RETURNING request_id)"
+            " SELECT count(pg_notify('" + LOGGED + "', r)) FROM (SELECT DISTINCT request_id::text AS r FROM added) d",
+            [r for r, _ in chunks], [d for _, d in chunks],
+        )
+
+    async def read_log(self, request_id: str, after: int = 0) -> tuple[bytes, int]:
+        """The run's log after chunk `after`, and the number of the last chunk read."""
+        if not _is_uuid(request_id):
+            return b"", after
+        row = await self.pool.fetchrow(
+            "SELECT string_agg(data, ''::bytea ORDER BY n), max(n) FROM logs WHERE request_id = $1::uuid AND n > $2",
+            request_id, after,
+        )
+        if row is None or row[1] is None:
+            return b"", after
+        return bytes(row[0]), row[1]
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_state(self, key: str) -> str | None:
+        """A remembered value, or None."""
+        return await self.pool.fetchval("SELECT value FROM state WHERE key = $1", key)  # type: ignore[no-any-return]
+
+    async def get(self, request_id: str) -> Invocation | None:
+        """One invocation, or None."""
+        if not _is_uuid(request_id):
+            return None
+        row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM invocations WHERE request_id = $1::uuid", request_id)
+        return _invocation(row) if row else None
+
+    async def owner(self, request_id: str) -> str | None:
+        """The node running a RUNNING run."""
+        if not _is_uuid(request_id):
+            return None
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT owner FROM invocations WHERE request_id = $1::uuid AND status = 'RUNNING'", request_id
+        )
+
+    async def envelope(self, request_id: str) -> bytes | None:
+        """The recorded envelope JSON of one invocation."""
+        if not _is_uuid(request_id):
+            return None
+        stored = await self.pool.fetchval("SELECT envelope FROM invocations WHERE request_id = $1::uuid", request_id)
+        if stored is None:
+            return None
+        stored = bytes(stored)
+        key = stored_template(stored)
+        return stored if key is None else expand(stored, await self._template(key))
+
+    async def _template(self, key: bytes) -> bytes:
+        template = self._templates.get(key)
+        if template is None:
+            found = await self.pool.fetchval("SELECT template FROM templates WHERE key = $1", key)
+            if found is None:
+                raise StoreError(f"a stored envelope refers to a template the store does not hold ({key.hex()})")
+            template = self._templates[key] = bytes(found)
+        return template
+
+    async def list(
+        self,
+        *,
+        function: str | None = None,
+        status: Status | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Invocation], str | None]:
+        """Invocations newest first, and the cursor of the next page (None at the end)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if function is not None:
+            args.append(function)
+            where.append(f"function = ${len(args)}")
+        if status is not None:
+            args.append(status.value)
+            where.append(f"status = ${len(args)}")
+        if cursor:
+            args.append(_decode_cursor(cursor))
+            where.append(f"request_id < ${len(args)}::uuid")
+        sql = f"SELECT {_COLUMNS} FROM invocations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        args.append(limit + 1)
+        sql += f" ORDER BY request_id DESC LIMIT ${len(args)}"
+        rows = await self.pool.fetch(sql, *args)
+        page = [_invocation(r) for r in rows[:limit]]
+        next_cursor = _encode_cursor(page[-1].request_id) if len(rows) > limit else None
+        return page, next_cursor
+
+    async def count_active(self, function: str, source: str) -> int:
+        """How many runs of this function from this source are QUEUED or RUNNING."""
+        n = await self.pool.fetchval(
+            "SELECT count(*) FROM invocations WHERE function = $1 AND source = $2 AND status IN ('QUEUED', 'RUNNING')",
+            function, source,
+        )
+        return int(n)
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Bring the schema to the newest version (one node at a time); the version it is at."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS eventrun_schema (version int NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM eventrun_schema") or 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the PostgreSQL store is at schema version {version}, newer than this eventrun knows "
+                f"({len(MIGRATIONS)}); run a newer eventrun"
+            )
+        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO eventrun_schema (version) VALUES ($1)", number)
+            logger.info("PostgreSQL store: schema at version %d", number)
+        return len(MIGRATIONS)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
+def _is_uuid(text: str) -> bool:
+    return len(text) == 36 and _UUID_CHARS.issuperset(text) and text.count("-") == 4 and text[8] == text[13] == text[18] == text[23] == "-"
+
+
+_UUID_CHARS = frozenset("0123456789abcdef-")
+
+
+def _invocation(row: Any) -> Invocation:
+    return Invocation(
+        request_id=row[0],
+        function=row[1],
+        trigger=row[2],
+        status=Status(row[3]),
+        created_at=row[4],
+        started_at=row[5],
+        ended_at=row[6],
+        duration_ms=row[7],
+        result=loads(bytes(row[8])) if row[8] is not None else None,
+        error_type=row[9],
+        error_message=row[10],
+    )
+
+
+def _encode_cursor(request_id: str) -> str:
+    return base64.urlsafe_b64encode(f"id:{request_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = text.partition(":")
+        if kind != "id" or not _is_uuid(value):
+            raise ValueError(text)
+        return value
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out") from None
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in userinfo else url
+
