@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from postgres_service import postgres, postgres_server  # noqa: F401  (fixtures: a real PostgreSQL)
 
 HANDLERS = Path(__file__).parent / "e2e" / "handlers"
 READY_TIMEOUT = 15.0

@@ -9,7 +9,6 @@ import pytest
 
 from eventrun.engine.postgres import PostgresStore
 from eventrun.engine.store import SQLiteStore
-from postgres_service import postgres, postgres_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

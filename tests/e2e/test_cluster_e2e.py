@@ -1,0 +1,183 @@
+"""Several `eventrun serve` nodes on one real PostgreSQL: any node answers, runs move, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from conftest import Api, ServerProcess, handler, poll_until
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "2s"
+
+
+class Cluster:
+    """Nodes started on one database, each with its own node id, data_dir and port."""
+
+    def __init__(self, make: Callable[..., ServerProcess], url: str, http: aiohttp.ClientSession) -> None:
+        self._make = make
+        self.url = url
+        self._http = http
+        self.nodes: list[ServerProcess] = []
+
+    def start(
+        self, functions: Mapping[str, Mapping[str, Any]], n: int = 2, *, server: Mapping[str, Any] | None = None, **extra: Any
+    ) -> list[ServerProcess]:
+        """Start n more nodes with these functions (and these [server] keys)."""
+        started = []
+        for _ in range(n):
+            node_id = f"node-{len(self.nodes) + 1}"
+            node = self._make(
+                functions,
+                server=server,
+                extra={"store": {"url": self.url}, "cluster": {"node_id": node_id, "lease": LEASE}, **extra},
+            )
+            node.node_id = node_id  # type: ignore[attr-defined]
+            self.nodes.append(node)
+            started.append(node)
+        return started
+
+    def api(self, node: ServerProcess) -> Api:
+        """A client of one node."""
+        return node.client(self._http)
+
+    async def runs(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Rows straight from the shared database."""
+        conn = await asyncpg.connect(self.url)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+def cluster(eventrun_server: Callable[..., ServerProcess], postgres: str, http: aiohttp.ClientSession) -> Cluster:
+    """Start nodes with `cluster.start(functions, n)`; each is stopped at teardown."""
+    return Cluster(eventrun_server, postgres, http)
+
+
+async def test_any_node_answers_for_a_run_on_another(cluster: Cluster) -> None:
+    nodes = cluster.start({"sleepy": {"handler": handler("sleepy"), "concurrency": 1}})
+    request_id = await cluster.api(nodes[0]).accepted("sleepy", {"seconds": 30})
+    await cluster.api(nodes[0]).wait_for(request_id, {"RUNNING"}, 10)
+    [(owner,)] = await cluster.runs("SELECT owner FROM invocations WHERE request_id = $1::uuid", request_id)
+    # Status, logs (also followed, live) and terminate from the node that does not run it.
+    a = next(n for n in nodes if n.node_id == owner)  # type: ignore[attr-defined]
+    b = next(n for n in nodes if n is not a)
+    api_a, api_b = cluster.api(a), cluster.api(b)
+    running = await api_b.status(request_id)
+    assert running["Status"] == "RUNNING" and running["FunctionName"] == "sleepy"
+    await poll_until(lambda: _has(api_b, request_id, "tick 1 at"), 5, "the log read on the other node")
+    lines: list[str] = []
+    async with cluster._http.get(f"{b.url}/invocations/{request_id}/logs", params={"follow": "true"}) as stream:
+        async def follow() -> None:
+            async for raw in stream.content:
+                lines.append(raw.decode())
+        follower = asyncio.create_task(follow())
+        await poll_until(lambda: sum("tick" in line for line in lines) >= 3, 5, "live lines followed on the other node")
+        # Terminated from the node it does not run on: its own node stops it.
+        reply = await api_b.terminate(request_id)
+        assert reply.status == 200, reply.text
+        await asyncio.wait_for(follower, 10)
+    ended = await api_a.wait_ended(request_id)
+    assert ended["Status"] == "ABORTED", ended
+    assert any("event: end" in line for line in lines), lines
+    listed = (await api_b.list(function="sleepy")).json["Invocations"]
+    assert [r["RequestId"] for r in listed] == [request_id]
+    health = (await api_b.request("GET", "/healthz")).json
+    assert health["Node"] == b.node_id  # type: ignore[attr-defined]
+    assert sorted(n["NodeId"] for n in health["Cluster"]["Nodes"]) == ["node-1", "node-2"]
+    metrics = (await api_a.request("GET", "/metrics")).text
+    assert f'eventrun_node_info{{node="{a.node_id}"}} 1' in metrics  # type: ignore[attr-defined]
+    assert "eventrun_cluster_nodes 2" in metrics
+
+
+async def _has(api: Api, request_id: str, text: str) -> bool:
+    return text in await api.logs(request_id)
+
+
+async def test_a_sync_invocation_answers_with_the_result_wherever_it_ran(cluster: Cluster) -> None:
+    functions = {
+        "sleepy": {"handler": handler("sleepy"), "concurrency": 1},
+        "echo": {"handler": handler("sync_echo"), "async_execution": False},
+    }
+    # Node 1 runs one instance at most, and a long run takes it: its sync call runs on node 2.
+    (a,) = cluster.start(functions, n=1, server={"max_instances": 1})
+    busy = await cluster.api(a).accepted("sleepy", {"seconds": 30, "quiet": True})
+    await cluster.api(a).wait_for(busy, {"RUNNING"}, 10)
+    (b,) = cluster.start(functions, n=1)
+    reply = await cluster.api(a).invoke("echo", {"n": 1})
+    assert reply.status == 200, reply.text
+    assert reply.json["Status"] == "FINISHED" and reply.json["Result"]["data"] == {"n": 1}, reply.json
+    [(owner,)] = await cluster.runs("SELECT owner FROM invocations WHERE request_id = $1::uuid", reply.json["RequestId"])
+    assert owner == "node-2"
+
+
+async def test_queued_runs_spread_and_the_concurrency_holds_across_nodes(cluster: Cluster) -> None:
+    a, b = cluster.start({"pid": {"handler": handler("sleepy"), "concurrency": 2}})
+    api_a = cluster.api(a)
+    ids = [await api_a.accepted("pid", {"seconds": 0.6, "quiet": True}) for _ in range(8)]
+    most = 0
+
+    async def sample() -> bool:
+        nonlocal most
+        rows = await cluster.runs("SELECT count(*) FROM invocations WHERE status = 'RUNNING'")
+        most = max(most, rows[0][0])
+        ended = await cluster.runs("SELECT count(*) FROM invocations WHERE status = 'FINISHED'")
+        return ended[0][0] == len(ids)
+
+    await poll_until(sample, 30, "every run finished", interval=0.02)
+    assert most == 2, f"at most 2 runs of the function at once across the nodes, saw {most}"
+    owners = await cluster.runs("SELECT DISTINCT owner FROM invocations")
+    assert {r[0] for r in owners} == {"node-1", "node-2"}, "both nodes took runs"
+    # FIFO per function: started in the order they were accepted.
+    started = [(await api_a.status(i))["StartedAt"] for i in ids]
+    assert started == sorted(started)
+
+
+async def test_a_killed_node_s_runs_end_failed_and_its_queue_runs_elsewhere(cluster: Cluster) -> None:
+    (a,) = cluster.start({"sleepy": {"handler": handler("sleepy"), "concurrency": 1}}, n=1)
+    api_a = cluster.api(a)
+    running = await api_a.accepted("sleepy", {"seconds": 60})
+    await api_a.wait_for(running, {"RUNNING"}, 10)
+    queued = await api_a.accepted("sleepy", {"seconds": 0.2})
+    assert (await api_a.status(queued))["Status"] == "QUEUED"
+    (b,) = cluster.start({"sleepy": {"handler": handler("sleepy"), "concurrency": 1}}, n=1)
+    api_b = cluster.api(b)
+    a.kill9()
+    failed = await api_b.wait_ended(running, timeout=15)
+    assert failed["Status"] == "FAILED" and failed["ErrorType"] == "NodeLost", failed
+    assert "node-1" in failed["ErrorMessage"] and "not retried" in failed["ErrorMessage"]
+    finished = await api_b.wait_ended(queued, timeout=15)
+    assert finished["Status"] == "FINISHED", finished
+    assert "[eventrun] run ended FAILED: NodeLost" in await api_b.logs(running)
+    health = (await api_b.request("GET", "/healthz")).json
+    assert [n["NodeId"] for n in health["Cluster"]["Nodes"]] == ["node-2"]
+
+
+async def test_the_async_flag_is_locked_across_nodes(cluster: Cluster, eventrun_server: Callable[..., ServerProcess]) -> None:
+    cluster.start({"f": {"handler": handler("quick"), "async_execution": True}}, n=1)
+    flipped = eventrun_server(
+        {"f": {"handler": handler("quick"), "async_execution": False}},
+        extra={"store": {"url": cluster.url}, "cluster": {"node_id": "node-9"}},
+        start=False,
+    )
+    assert flipped.run_to_exit() == 2
+    assert "was created with async_execution = true" in flipped.stderr_text()
+
+
+async def test_a_node_id_held_by_a_live_node_is_refused(cluster: Cluster, eventrun_server: Callable[..., ServerProcess]) -> None:
+    cluster.start({"f": {"handler": handler("quick")}}, n=1)
+    twin = eventrun_server(
+        {"f": {"handler": handler("quick")}},
+        extra={"store": {"url": cluster.url}, "cluster": {"node_id": "node-1"}},
+        start=False,
+    )
+    assert twin.run_to_exit() == 2
+    assert "node id 'node-1' is held by a live node" in twin.stderr_text()
