@@ -20,7 +20,7 @@ import math
 import os
 import socket
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import asyncpg
 
@@ -63,7 +63,7 @@ class Cluster:
         qps_limits: Mapping[str, int],
         dispatcher: Dispatcher,
         ended_elsewhere: Callable[[str], None],
-        failed_here: Callable[[list[tuple[str, str]]], Awaitable[None]],
+        failed_here: Callable[[Sequence[tuple[str, str]]], Awaitable[None]],
         terminate_here: Callable[[str], Awaitable[Any]],
     ) -> None:
         self.store = store
@@ -82,6 +82,7 @@ class Cluster:
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._joined = False
         self.shipper = LogShipper(store)
         self.nodes: list[Node] = []
         self.backlog: dict[str, int] = {}
@@ -92,6 +93,7 @@ class Cluster:
     async def start(self) -> None:
         """Join the cluster, end what this node id left RUNNING, listen, and start claiming."""
         await self.store.join(self.url, self.lease)
+        self._joined = True
         # A node that comes back under its own id (a restart) ends what it left running at once.
         left = await self.store.fail_runs_of(
             [self.node_id], now_rfc3339(), "ServerStopped",
@@ -135,8 +137,10 @@ class Cluster:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
-        with contextlib.suppress(Exception):
-            await self.store.leave()
+        if self._joined:  # (a node refused its id must not take the holder's entry away)
+            self._joined = False
+            with contextlib.suppress(Exception):
+                await self.store.leave()
 
     # -- claims ----------------------------------------------------------------------------
 

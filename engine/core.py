@@ -150,6 +150,7 @@ class Engine:
                 await self.cluster.start()  # ends what this node left running; claims queued runs
                 self._started = True
                 return
+            assert isinstance(self.store, SQLiteStore)  # (a shared store's nodes end what a dead one left: Cluster)
             interrupted = await self.store.recover(now_rfc3339(), SERVER_STOPPED)
         except BaseException:
             if self.cluster is not None:
@@ -540,7 +541,7 @@ class Engine:
             if not future.done():
                 future.set_result(None)
 
-    async def _ended_by_the_store(self, ended: list[tuple[str, str]]) -> None:
+    async def _ended_by_the_store(self, ended: Sequence[tuple[str, str]]) -> None:
         """Runs the store ended FAILED (their node died, or this one before a restart): log, wake, tell."""
         for request_id, _function in ended:
             invocation = await self.get(request_id)

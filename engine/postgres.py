@@ -515,7 +515,7 @@ class PostgresStore:
         return int(n)
 
 
-async def migrate(conn: asyncpg.Connection) -> int:
+async def migrate(conn: Any) -> int:
     """Bring the schema to the newest version (one node at a time); the version it is at."""
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:

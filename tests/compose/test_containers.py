@@ -121,7 +121,7 @@ async def ended_run(engine: Engine, function: str, message: str, timeout: float 
     """The one run of `function`, once it has ended; fail with `message` if none ends in time."""
     deadline = time.monotonic() + timeout
     while True:
-        runs = engine.list(function=function, limit=10)[0]
+        runs = (await engine.list(function=function, limit=10))[0]
         if runs and all(run.status.ended for run in runs):
             assert len(runs) == 1, [(run.request_id, run.status) for run in runs]
             return runs[0]
@@ -199,7 +199,7 @@ async def test_kafka_record_runs_the_orders_function(kafka_bootstrap: str, tmp_p
             finally:
                 await producer.stop()
             run = await ended_run(engine, "orders", f"the record on {topic} started no run")
-            log = engine.read_log(run.request_id).decode()
+            log = (await engine.read_log(run.request_id)).decode()
         finally:
             await trigger.stop()
     finally:

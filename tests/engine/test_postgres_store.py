@@ -1,0 +1,161 @@
+"""What the PostgreSQL store adds for several nodes: claims, leases, shipped logs, notices, its schema."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from eventrun.engine.api import Status
+from eventrun.engine.envelope import now_rfc3339, request_ids
+from eventrun.engine.errors import StoreError
+from eventrun.engine.postgres import ENDED, MIGRATIONS, QUEUED, NodeIdInUse, PostgresStore, migrate
+from eventrun.engine.store import NewInvocation
+
+
+def rows(n: int, *, function: str = "f", prefix: str = "e") -> list[NewInvocation]:
+    seq, ids = request_ids(n)
+    now = now_rfc3339()
+    return [
+        NewInvocation(rid, function, f"/http/{function}", f"{prefix}{i}", "http", now, b'{"n":%d}' % i, seq + i)
+        for i, rid in enumerate(ids)
+    ]
+
+
+@pytest.fixture
+async def other(postgres: str, postgres_store: PostgresStore) -> AsyncIterator[PostgresStore]:
+    """A second node's store on the same database."""
+    store = PostgresStore(postgres, "node-b")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_claims_take_the_oldest_first_and_never_pass_the_cap_across_nodes(
+    postgres_store: PostgresStore, other: PostgresStore
+) -> None:
+    accepted = rows(20)
+    await postgres_store.accept(accepted)
+    # Many claims at once from two nodes: the function's RUNNING runs stay at the cap (3).
+    claims = await asyncio.gather(*(store.claim("f", 2, 3) for store in [postgres_store, other] * 5))
+    claimed = sorted(rid for claim in claims for rid in claim)
+    assert claimed == [r.request_id for r in accepted[:3]], "the three oldest, once each"
+    # A run that ends frees its slot for the next oldest.
+    assert await postgres_store.finish(claimed[0], Status.FINISHED, now_rfc3339())
+    assert await other.claim("f", 5, 3) == [accepted[3].request_id]
+
+
+async def test_a_claimed_run_starts_only_on_its_node_and_once(postgres_store: PostgresStore, other: PostgresStore) -> None:
+    (run,) = rows(1)
+    await postgres_store.accept([run])
+    assert await postgres_store.claim("f", 1, 10) == [run.request_id]
+    assert not await other.mark_running(run.request_id, now_rfc3339()), "another node's claim"
+    assert await postgres_store.mark_running(run.request_id, now_rfc3339())
+    assert not await postgres_store.mark_running(run.request_id, now_rfc3339()), "it started already"
+
+
+async def test_runs_claimed_but_not_started_go_back_to_the_queue(postgres_store: PostgresStore, other: PostgresStore) -> None:
+    accepted = rows(2)
+    await postgres_store.accept(accepted)
+    claimed = await postgres_store.claim("f", 2, 10)
+    await postgres_store.unclaim(claimed)
+    assert await other.claim("f", 2, 10) == claimed
+    invocation = await other.get(claimed[0])
+    assert invocation is not None and invocation.status is Status.RUNNING and invocation.started_at is None
+
+
+async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
+    postgres_store: PostgresStore, other: PostgresStore
+) -> None:
+    await postgres_store.join("http://a", 5.0)
+    await other.join("http://b", 5.0)
+    running, queued = rows(2)
+    await postgres_store.accept([running, queued])
+    await postgres_store.claim("f", 1, 10)
+    assert await postgres_store.mark_running(running.request_id, now_rfc3339())
+    ended = await other.fail_runs_of(["node-a"], now_rfc3339(), "NodeLost", lambda node: f"{node} is gone", forget=True)
+    assert ended == [(running.request_id, "f")]
+    failed = await other.get(running.request_id)
+    assert failed is not None and failed.status is Status.FAILED
+    assert (failed.error_type, failed.error_message) == ("NodeLost", "node-a is gone")
+    assert failed.duration_ms is not None and failed.duration_ms >= 0
+    assert (await other.get(queued.request_id)).status is Status.QUEUED  # type: ignore[union-attr]
+    assert [n.node_id for n in await other.nodes()] == ["node-b"]
+    assert not await postgres_store.heartbeat(), "a node taken off the registry learns it at its next heartbeat"
+
+
+async def test_a_live_node_id_is_refused_and_a_silent_one_taken_over(postgres: str, postgres_store: PostgresStore) -> None:
+    await postgres_store.join("http://a", 5.0)
+    twin = PostgresStore(postgres, "node-a")
+    await twin.open()
+    try:
+        with pytest.raises(NodeIdInUse, match="node id 'node-a' is held by a live node"):
+            await twin.join("http://twin", 5.0)
+        await asyncio.sleep(0.3)
+        assert await twin.expired(0.2) == ["node-a"]
+        await twin.join("http://twin", 0.2)  # silent past this lease: taken over
+        assert [(n.node_id, n.url) for n in await twin.nodes()] == [("node-a", "http://twin")]
+        assert await twin.heartbeat()
+    finally:
+        await twin.close()
+
+
+async def test_a_terminated_queued_run_is_not_ended_once_a_node_claimed_it(postgres_store: PostgresStore) -> None:
+    first, second = rows(2)
+    await postgres_store.accept([first, second])
+    await postgres_store.claim("f", 1, 10)
+    assert not await postgres_store.finish(first.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
+    assert await postgres_store.finish(second.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
+    assert (await postgres_store.get(first.request_id)).status is Status.RUNNING  # type: ignore[union-attr]
+
+
+async def test_shipped_log_lines_read_back_in_order_and_from_where_a_reader_left(postgres_store: PostgresStore) -> None:
+    (run,) = rows(1)
+    await postgres_store.accept([run])
+    await postgres_store.append_logs([(run.request_id, b"one\n"), (run.request_id, b"two\n")])
+    whole, last = await postgres_store.read_log(run.request_id)
+    assert whole == b"one\ntwo\n"
+    await postgres_store.append_logs([(run.request_id, b"three\n")])
+    assert (await postgres_store.read_log(run.request_id, last))[0] == b"three\n"
+    assert await postgres_store.read_log("not-a-request-id") == (b"", 0)
+
+
+async def test_every_node_hears_of_queued_runs_once_committed_and_of_ends(
+    postgres_store: PostgresStore, other: PostgresStore
+) -> None:
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener = await other.listen(lambda channel, payload: heard.put_nowait((channel, payload)), lambda: None)
+    try:
+        (run,) = rows(1, function="thumbs")
+        await postgres_store.accept([run])
+        assert await asyncio.wait_for(heard.get(), 5) == (QUEUED, "thumbs")
+        await postgres_store.accept([run])  # known: nothing new to hear of
+        await postgres_store.finish(run.request_id, Status.ABORTED, now_rfc3339())
+        assert await asyncio.wait_for(heard.get(), 5) == (ENDED, f"thumbs {run.request_id}")
+    finally:
+        await listener.close()
+
+
+async def test_the_schema_is_versioned_and_a_newer_one_refused(postgres: str, postgres_store: PostgresStore) -> None:
+    conn = await asyncpg.connect(postgres)
+    try:
+        assert await migrate(conn) == len(MIGRATIONS)  # again: nothing to do
+        assert await conn.fetchval("SELECT max(version) FROM eventrun_schema") == len(MIGRATIONS)
+        await conn.execute("INSERT INTO eventrun_schema (version) VALUES ($1)", len(MIGRATIONS) + 1)
+    finally:
+        await conn.close()
+    newer = PostgresStore(postgres, "node-c")
+    with pytest.raises(StoreError, match="newer than this eventrun knows"):
+        await newer.open()
+    await newer.close()
+
+
+async def test_an_unreachable_server_is_a_clear_error_without_the_password() -> None:
+    store = PostgresStore("postgresql://eventrun:s3cret@127.0.0.1:1/eventrun", "node-a")
+    with pytest.raises(StoreError, match=r"cannot reach the PostgreSQL store at postgresql://eventrun:\*\*\*@127.0.0.1:1/eventrun") as caught:
+        await store.open()
+    assert "s3cret" not in str(caught.value)
