@@ -171,11 +171,14 @@ class Cluster:
                     continue
                 try:
                     claimed = await self.store.claim(function, free, self._concurrency[function])
-                except (OSError, asyncpg.PostgresError) as exc:
+                except Exception as exc:  # (the store unreachable, say): the claims go on without it
                     logger.warning("claiming runs of %s failed (%s); trying again at the next heartbeat", function, exc)
                     continue
-                if claimed and self._stopping:
-                    await self.store.unclaim(claimed)
+                if claimed and self._stopping:  # shutting down: they go back for another node
+                    try:
+                        await self.store.unclaim(claimed)
+                    except Exception:
+                        logger.exception("could not hand %d claimed runs back; they end FAILED with the lease", len(claimed))
                     return
                 if claimed:
                     self._dispatcher.submit(function, *claimed)
@@ -191,7 +194,7 @@ class Cluster:
             await asyncio.sleep(self.lease / 3)
             try:
                 await self._beat()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # a heartbeat must go on whatever one of them met
                 logger.warning("heartbeat failed (%s); trying again in %.1fs", exc, self.lease / 3)
 
     async def _beat(self) -> None:

@@ -337,12 +337,13 @@ class Engine:
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
         """The invocation once it has ended (or as it is when `timeout` passes)."""
-        invocation = await self.get(request_id)
-        if invocation.status.ended:
-            return invocation
+        # Waiting before looking: an end recorded (on any node) while the store is read still wakes it.
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(request_id, []).append(future)
         try:
+            invocation = await self.get(request_id)
+            if invocation.status.ended:
+                return invocation
             await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             pass
