@@ -10,7 +10,6 @@ ordered by time, so `ORDER BY request_id` is the order runs were accepted in, ac
 
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -18,8 +17,9 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import asyncpg
 
 from .api import Accepted, Invocation, Status
-from .envelope import dumps, expand, loads, stored_template, template_key
-from .errors import InvalidParameter, ManifestError, StoreError
+from .envelope import dumps, expand, stored_template, template_key
+from .errors import InvalidParameter, StoreError
+from .rows import COLUMNS, async_flag_flipped, decode_cursor, encode_cursor, invocation
 from .writes import Batch, NewInvocation
 
 logger = logging.getLogger(__name__)
@@ -103,10 +103,7 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_COLUMNS = (
-    "request_id::text, function, trigger, status, created_at, started_at, ended_at, "
-    "duration_ms, result, error_type, error_message"
-)
+_COLUMNS = COLUMNS.replace("request_id", "request_id::text", 1)  # (as text, not a uuid.UUID)
 
 # A run's duration from two RFC 3339 texts, in whole milliseconds.
 _DURATION = "round(extract(epoch FROM ({end}::text::timestamptz - {start}::timestamptz)) * 1000)::bigint"
@@ -319,14 +316,7 @@ class PostgresStore:
                     [(n, a, now) for n, a in functions.items()],
                 )
         if flipped:
-            raise ManifestError(
-                "\n".join(
-                    f"functions.{name}.async_execution: function {name!r} was created with "
-                    f"async_execution = {str(was).lower()} and that can never change; "
-                    f"deploy it under a new name (e.g. '{name}-{'sync' if was else 'async'}') instead"
-                    for name, was in flipped
-                )
-            )
+            raise async_flag_flipped(flipped)
 
     async def put_state(self, key: str, value: str) -> None:
         """Remember a small value (e.g. a trigger's last position)."""
@@ -446,7 +436,7 @@ class PostgresStore:
         if not _is_uuid(request_id):
             return None
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM invocations WHERE request_id = $1::uuid", request_id)
-        return _invocation(row) if row else None
+        return invocation(row) if row else None
 
     async def owner(self, request_id: str) -> str | None:
         """The node running a RUNNING run."""
@@ -494,7 +484,7 @@ class PostgresStore:
             args.append(status.value)
             where.append(f"status = ${len(args)}")
         if cursor:
-            args.append(_decode_cursor(cursor))
+            args.append(_uuid_cursor(cursor))
             where.append(f"request_id < ${len(args)}::uuid")
         sql = f"SELECT {_COLUMNS} FROM invocations"
         if where:
@@ -502,8 +492,8 @@ class PostgresStore:
         args.append(limit + 1)
         sql += f" ORDER BY request_id DESC LIMIT ${len(args)}"
         rows = await self.pool.fetch(sql, *args)
-        page = [_invocation(r) for r in rows[:limit]]
-        next_cursor = _encode_cursor(page[-1].request_id) if len(rows) > limit else None
+        page = [invocation(r) for r in rows[:limit]]
+        next_cursor = encode_cursor("id", page[-1].request_id) if len(rows) > limit else None
         return page, next_cursor
 
     async def count_active(self, function: str, source: str) -> int:
@@ -543,35 +533,12 @@ def _is_uuid(text: str) -> bool:
 _UUID_CHARS = frozenset("0123456789abcdef-")
 
 
-def _invocation(row: Any) -> Invocation:
-    return Invocation(
-        request_id=row[0],
-        function=row[1],
-        trigger=row[2],
-        status=Status(row[3]),
-        created_at=row[4],
-        started_at=row[5],
-        ended_at=row[6],
-        duration_ms=row[7],
-        result=loads(bytes(row[8])) if row[8] is not None else None,
-        error_type=row[9],
-        error_message=row[10],
-    )
 
-
-def _encode_cursor(request_id: str) -> str:
-    return base64.urlsafe_b64encode(f"id:{request_id}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = text.partition(":")
-        if kind != "id" or not _is_uuid(value):
-            raise ValueError(text)
-        return value
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out") from None
+def _uuid_cursor(cursor: str) -> str:
+    request_id = decode_cursor(cursor, "id")
+    if not _is_uuid(request_id):
+        raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out")
+    return request_id
 
 
 def _safe(url: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import fcntl
 import logging
@@ -13,8 +12,9 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Protocol, Sequence
 
 from .api import Accepted, Invocation, Status
-from .envelope import dumps, expand, issue_after, loads, request_seq, stored_template, template_key
-from .errors import InvalidParameter, ManifestError, StoreError
+from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
+from .errors import InvalidParameter, StoreError
+from .rows import COLUMNS, async_flag_flipped, decode_cursor, encode_cursor, invocation
 from .writer import WriterProcess
 from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect
 
@@ -22,10 +22,7 @@ __all__ = ["Batch", "InvocationStore", "NewInvocation", "SQLiteStore"]
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS = (
-    "request_id, function, trigger, status, created_at, started_at, ended_at, "
-    "duration_ms, result, error_type, error_message, seq"
-)
+_COLUMNS = f"{COLUMNS}, seq"
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
@@ -151,14 +148,7 @@ class SQLiteStore:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""
         flipped = await self._submit("register", (dict(functions), now))
         if flipped:
-            raise ManifestError(
-                "\n".join(
-                    f"functions.{name}.async_execution: function {name!r} was created with "
-                    f"async_execution = {str(was).lower()} and that can never change; "
-                    f"deploy it under a new name (e.g. '{name}-{'sync' if was else 'async'}') instead"
-                    for name, was in flipped
-                )
-            )
+            raise async_flag_flipped(flipped)
 
     async def recover(self, now: str, message: str) -> list[str]:
         """End runs left RUNNING by a stopped server as FAILED; return their RequestIds."""
@@ -184,7 +174,7 @@ class SQLiteStore:
     async def get(self, request_id: str) -> Invocation | None:
         """One invocation, or None."""
         row = self._find(_COLUMNS, request_id)
-        return _invocation(row) if row else None
+        return invocation(row) if row else None
 
     async def envelope(self, request_id: str) -> bytes | None:
         """The recorded envelope JSON of one invocation."""
@@ -235,14 +225,14 @@ class SQLiteStore:
             args.append(status.value)
         if cursor:
             where.append("seq < ?")
-            args.append(_decode_cursor(cursor))
+            args.append(_seq_cursor(cursor))
         sql = f"SELECT {_COLUMNS} FROM invocations"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
-        page = [_invocation(r) for r in rows[:limit]]
-        next_cursor = _encode_cursor(rows[limit - 1][-1]) if len(rows) > limit else None
+        page = [invocation(r) for r in rows[:limit]]
+        next_cursor = encode_cursor("seq", rows[limit - 1][-1]) if len(rows) > limit else None
         return page, next_cursor
 
     async def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
@@ -281,32 +271,8 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _invocation(row: tuple[Any, ...]) -> Invocation:
-    return Invocation(
-        request_id=row[0],
-        function=row[1],
-        trigger=row[2],
-        status=Status(row[3]),
-        created_at=row[4],
-        started_at=row[5],
-        ended_at=row[6],
-        duration_ms=row[7],
-        result=loads(row[8]) if row[8] is not None else None,
-        error_type=row[9],
-        error_message=row[10],
-    )
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = text.partition(":")
-        if kind != "seq":
-            raise ValueError(text)
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out") from None
+def _seq_cursor(cursor: str) -> int:
+    value = decode_cursor(cursor, "seq")
+    if not value.isdigit():
+        raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out")
+    return int(value)
