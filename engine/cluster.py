@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import asyncpg
@@ -29,10 +30,12 @@ from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
+from .store import hold_lock
 
 logger = logging.getLogger(__name__)
 
 NODE_LOST = "NodeLost"
+_LAST_START = "eventrun.node"  # in data_dir: "{node_id} {incarnation}" of this node's last start
 SHIP_INTERVAL = 0.1  # seconds a log line may wait before it is shipped to the store
 FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
 
@@ -57,6 +60,7 @@ class Cluster:
         self,
         store: PostgresStore,
         *,
+        data_dir: Path,
         url: str,
         lease: float,
         concurrency: Mapping[str, int],
@@ -68,6 +72,8 @@ class Cluster:
     ) -> None:
         self.store = store
         self.node_id = store.node_id
+        self._data_dir = data_dir
+        self._lock: int | None = None
         self.url = url
         self.lease = lease
         self._concurrency = dict(concurrency)
@@ -92,13 +98,15 @@ class Cluster:
 
     async def start(self) -> None:
         """Join the cluster, end what this node id left RUNNING, listen, and start claiming."""
-        await self.store.join(self.url, self.lease)
+        # The data_dir is this node's: held, it tells a restart (its last start is dead) from a twin.
+        self._lock = hold_lock(self._data_dir / "eventrun.node.lock", f"the data_dir {self._data_dir}")
+        await self.store.join(self.url, self.lease, self._last_start())
         self._joined = True
+        self._remember_start()
         # A node that comes back under its own id (a restart) ends what it left running at once.
         left = await self.store.fail_runs_of(
             [self.node_id], now_rfc3339(), "ServerStopped",
             lambda _: "the server stopped during execution; the run was not retried (async execution never retries)",
-            forget=False,
         )
         if left:
             logger.info("ended %d runs this node left RUNNING as FAILED", len(left))
@@ -141,6 +149,23 @@ class Cluster:
             self._joined = False
             with contextlib.suppress(Exception):
                 await self.store.leave()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _last_start(self) -> str | None:
+        """The incarnation this node id had at its last start from this data_dir."""
+        try:
+            node_id, incarnation = (self._data_dir / _LAST_START).read_text().split()
+        except (OSError, ValueError):
+            return None
+        return incarnation if node_id == self.node_id else None
+
+    def _remember_start(self) -> None:
+        path = self._data_dir / _LAST_START
+        partial = path.with_name(f"{path.name}.partial")
+        partial.write_text(f"{self.node_id} {self.store.incarnation}\n")
+        os.replace(partial, path)
 
     # -- claims ----------------------------------------------------------------------------
 
@@ -201,10 +226,10 @@ class Cluster:
         if not await self.store.heartbeat():
             # Taken for dead (paused or cut off past the lease): its RUNNING runs were ended FAILED.
             logger.error("node %s lost its lease and was taken for dead; joining again", self.node_id)
-            await self.store.join(self.url, self.lease)
+            await self.store.join(self.url, self.lease, self.store.incarnation)
         dead = [n for n in await self.store.expired(self.lease) if n != self.node_id]
         if dead:
-            ended = await self.store.fail_runs_of(dead, now_rfc3339(), NODE_LOST, node_lost, forget=True)
+            ended = await self.store.fail_runs_of(dead, now_rfc3339(), NODE_LOST, node_lost, lease=self.lease)
             logger.warning("nodes %s stopped answering: %d of their runs ended FAILED", ", ".join(dead), len(ended))
             if ended:
                 await self._failed_here(ended)

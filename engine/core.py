@@ -125,6 +125,7 @@ class Engine:
 
             self.cluster = Cluster(
                 self.store,  # type: ignore[arg-type]
+                data_dir=data_dir,
                 url=server.base_url,
                 lease=manifest.cluster.lease,
                 concurrency={n: f.concurrency for n, f in manifest.functions.items()},

@@ -11,6 +11,7 @@ ordered by time, so `ORDER BY request_id` is the order runs were accepted in, ac
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -66,6 +67,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE templates (key bytea PRIMARY KEY, template bytea NOT NULL);
     CREATE TABLE nodes (
         node_id text PRIMARY KEY,
+        incarnation text NOT NULL,  -- one per start of the node
         url text NOT NULL,
         started_at timestamptz NOT NULL DEFAULT now(),
         heartbeat_at timestamptz NOT NULL DEFAULT now()
@@ -162,6 +164,7 @@ class PostgresStore:
     def __init__(self, url: str, node_id: str, *, pool_size: int = 10) -> None:
         self.url = url
         self.node_id = node_id  # the owner of the runs this node claims
+        self.incarnation = secrets.token_hex(8)  # this start of the node: a restart is another
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._templates: dict[bytes, bytes] = {}
@@ -327,32 +330,38 @@ class PostgresStore:
 
     # -- nodes -----------------------------------------------------------------------------
 
-    async def join(self, url: str, lease: float) -> None:
-        """Register this node; a node id held by a live node (heard from within the lease) is refused."""
+    async def join(self, url: str, lease: float, previous: str | None = None) -> None:
+        """Register this start of the node; a node id held by a live node (heard from within the
+        lease) is refused, unless that is `previous`, this node's own start before (now dead)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            age = await conn.fetchval(
-                "SELECT extract(epoch FROM now() - heartbeat_at)::float8 FROM nodes WHERE node_id = $1 FOR UPDATE",
+            row = await conn.fetchrow(
+                "SELECT incarnation, extract(epoch FROM now() - heartbeat_at)::float8 AS age"
+                " FROM nodes WHERE node_id = $1 FOR UPDATE",
                 self.node_id,
             )
-            if age is not None and age < lease:
+            age = row["age"] if row is not None else None
+            if row is not None and age < lease and row["incarnation"] != previous:
                 raise NodeIdInUse(
                     f"node id {self.node_id!r} is held by a live node (its last heartbeat {age:.1f}s ago); "
                     "give this node its own [cluster] node_id, or stop the other"
                 )
             await conn.execute(
-                "INSERT INTO nodes (node_id, url) VALUES ($1, $2) ON CONFLICT (node_id)"
-                " DO UPDATE SET url = excluded.url, started_at = now(), heartbeat_at = now()",
-                self.node_id, url,
+                "INSERT INTO nodes (node_id, incarnation, url) VALUES ($1, $2, $3) ON CONFLICT (node_id) DO UPDATE"
+                " SET incarnation = excluded.incarnation, url = excluded.url, started_at = now(), heartbeat_at = now()",
+                self.node_id, self.incarnation, url,
             )
 
     async def heartbeat(self) -> bool:
         """Renew this node's lease; False if the node was taken for dead meanwhile (and must join again)."""
-        row = await self.pool.fetchval("UPDATE nodes SET heartbeat_at = now() WHERE node_id = $1 RETURNING 1", self.node_id)
+        row = await self.pool.fetchval(
+            "UPDATE nodes SET heartbeat_at = now() WHERE node_id = $1 AND incarnation = $2 RETURNING 1",
+            self.node_id, self.incarnation,
+        )
         return row is not None
 
     async def leave(self) -> None:
         """Take this node out of the cluster (a clean stop)."""
-        await self.pool.execute("DELETE FROM nodes WHERE node_id = $1", self.node_id)
+        await self.pool.execute("DELETE FROM nodes WHERE node_id = $1 AND incarnation = $2", self.node_id, self.incarnation)
 
     async def nodes(self) -> list[Node]:
         """Every registered node."""
@@ -362,15 +371,22 @@ class PostgresStore:
         return [Node(r["node_id"], r["url"], r["age"]) for r in rows]
 
     async def fail_runs_of(
-        self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, forget: bool
+        self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, lease: float | None = None
     ) -> list[tuple[str, str]]:
         """End the RUNNING runs of these nodes as FAILED; (request_id, function) of each.
 
-        `forget`: also take the nodes out of the registry (they are dead, not this one restarted).
+        `lease`: the owners were taken for dead. Each is taken off the registry, and its runs
+        ended, only if it is still silent past the lease then (it did not start again meanwhile,
+        and no other survivor got there first).
         """
         ended: list[tuple[str, str]] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for owner in owners:
+                if lease is not None and not await conn.fetchval(
+                    "DELETE FROM nodes WHERE node_id = $1 AND heartbeat_at < now() - make_interval(secs => $2) RETURNING 1",
+                    owner, lease,
+                ):
+                    continue
                 rows = await conn.fetch(
                     "WITH ended AS ("
                     " UPDATE invocations SET status = 'FAILED', ended_at = $2, error_type = $3, error_message = $4,"
@@ -381,8 +397,6 @@ class PostgresStore:
                     owner, now, error_type, message(owner),
                 )
                 ended += [(r["request_id"], r["function"]) for r in rows]
-                if forget:
-                    await conn.execute("DELETE FROM nodes WHERE node_id = $1", owner)
         return ended
 
     async def expired(self, lease: float) -> list[str]:

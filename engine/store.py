@@ -254,7 +254,12 @@ def _lock(path: Path) -> int:
     A second server on the same data_dir would take the first one's RUNNING runs for left over
     and start its QUEUED ones a second time. The lock goes with the process, however it ends.
     """
-    lock_path = path.with_name(f"{path.name}.lock")
+    return hold_lock(path.with_name(f"{path.name}.lock"), f"the store {path}")
+
+
+def hold_lock(lock_path: Path, what: str) -> int:
+    """Hold a lock file for this process (its pid written in it); StoreError naming the holder if taken."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -263,7 +268,7 @@ def _lock(path: Path) -> int:
         os.close(fd)
         by = f" (process {holder})" if holder.isdigit() else ""
         raise StoreError(
-            f"the store {path} is in use by another eventrun server{by}; "
+            f"{what} is in use by another eventrun server{by}; "
             "give this one a data_dir of its own, or stop the other"
         ) from None
     os.ftruncate(fd, 0)

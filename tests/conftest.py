@@ -406,7 +406,21 @@ class Api:
 
 
 @pytest.fixture
-def eventrun_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+def server_store(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """The store tables of the servers a test starts: none (SQLite in data_dir) unless a module
+    parametrizes this fixture (indirect) with "postgres": then a fresh PostgreSQL database, and
+    a fixed node id, so a restarted server is the same node (as a restarted single server is)."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        return {"store": {"url": request.getfixturevalue("postgres")}, "cluster": {"node_id": "node-1"}}
+    return {}
+
+
+BOTH_STORES = pytest.mark.parametrize("server_store", ["sqlite", "postgres"], indirect=True)
+"""A module's `pytestmark`: its end-to-end tests run once on each kind of store."""
+
+
+@pytest.fixture
+def eventrun_server(tmp_path: Path, server_store: dict[str, dict[str, Any]]) -> Iterator[Callable[..., ServerProcess]]:
     """Factory: eventrun_server(functions, server=..., extra=..., start=True) -> a ServerProcess.
 
     `functions` maps names to function tables (use `handler("quick")` for the handler);
@@ -423,7 +437,7 @@ def eventrun_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     ) -> ServerProcess:
         folder = tmp_path / f"server{len(servers)}"
         folder.mkdir()
-        process = ServerProcess(folder, functions, server=server, extra=extra)
+        process = ServerProcess(folder, functions, server=server, extra={**server_store, **(extra or {})})
         servers.append(process)
         return process.start() if start else process
 

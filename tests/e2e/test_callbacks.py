@@ -6,9 +6,11 @@ import asyncio
 from typing import Any, AsyncIterator
 
 import pytest
+
+from conftest import BOTH_STORES
 from aiohttp import web
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from conftest import BOTH_STORES
+
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
 
 async def invocations_of(api, function: str) -> list[str]:

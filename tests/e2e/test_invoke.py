@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from conftest import BOTH_STORES
+
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 ENVELOPE_KEYS = {

@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from conftest import BOTH_STORES
+
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
 START = re.compile(r"sleepy start pid=(\d+)")
 

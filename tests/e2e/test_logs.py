@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from conftest import BOTH_STORES
+
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
 TICK = re.compile(r"tick (\d+) at (\d+\.\d+)")
 # DESIGN promises a second; the path is unbuffered end to end, and the margin only absorbs

@@ -8,7 +8,9 @@ import signal
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from conftest import BOTH_STORES
+
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
 START = re.compile(r"sleepy start pid=(\d+)")
 

@@ -77,8 +77,15 @@ async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
     await postgres_store.accept([running, queued])
     await postgres_store.claim("f", 1, 10)
     assert await postgres_store.mark_running(running.request_id, now_rfc3339())
-    ended = await other.fail_runs_of(["node-a"], now_rfc3339(), "NodeLost", lambda node: f"{node} is gone", forget=True)
+    async def reap() -> list[tuple[str, str]]:
+        return await other.fail_runs_of(["node-a"], now_rfc3339(), "NodeLost", lambda node: f"{node} is gone", lease=0.2)
+
+    assert await reap() == [], "node-a is not silent past the lease yet"
+    await asyncio.sleep(0.3)
+    assert await other.heartbeat()
+    ended = await reap()
     assert ended == [(running.request_id, "f")]
+    assert await reap() == [], "once"
     failed = await other.get(running.request_id)
     assert failed is not None and failed.status is Status.FAILED
     assert (failed.error_type, failed.error_message) == ("NodeLost", "node-a is gone")
