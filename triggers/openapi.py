@@ -129,8 +129,30 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Health": {
         "type": "object",
-        "required": ["Status"],
-        "properties": {"Status": {"type": "string", "examples": ["ok"]}},
+        "required": ["Status", "Node"],
+        "properties": {
+            "Status": {"type": "string", "examples": ["ok"]},
+            "Node": {"type": "string", "description": "This node's id ([cluster] node_id)"},
+            "Cluster": {
+                "type": "object",
+                "description": "With a PostgreSQL store: the nodes alive and the QUEUED runs of all of them",
+                "properties": {
+                    "Nodes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "NodeId": {"type": "string"},
+                                "Url": {"type": "string"},
+                                "HeartbeatAgeSeconds": {"type": "number"},
+                            },
+                        },
+                    },
+                    "Backlog": {"type": "integer"},
+                    "LeaseSeconds": {"type": "number"},
+                },
+            },
+        },
         "additionalProperties": True,
     },
 }
