@@ -25,6 +25,12 @@ class Status(str, enum.Enum):
         return self not in (Status.QUEUED, Status.RUNNING)
 
 
+SERVER_STOPPED = (
+    "the server stopped during execution; the run was not retried (async execution never retries)"
+)
+"""The error message of a run its server stopped (or crashed) during."""
+
+
 class Accepted(NamedTuple):
     """The answer to one accepted envelope."""
 

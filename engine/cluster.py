@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import asyncpg
 
-from .api import Status
+from .api import SERVER_STOPPED, Status
 from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
 from .metrics import family, labels
@@ -105,8 +105,7 @@ class Cluster:
         self._remember_start()
         # A node that comes back under its own id (a restart) ends what it left running at once.
         left = await self.store.fail_runs_of(
-            [self.node_id], now_rfc3339(), "ServerStopped",
-            lambda _: "the server stopped during execution; the run was not retried (async execution never retries)",
+            [self.node_id], now_rfc3339(), "ServerStopped", lambda _: SERVER_STOPPED
         )
         if left:
             logger.info("ended %d runs this node left RUNNING as FAILED", len(left))

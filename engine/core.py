@@ -10,7 +10,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
-from .api import Accepted, Invocation, Status
+from .api import SERVER_STOPPED, Accepted, Invocation, Status
 from .dispatcher import Dispatcher
 from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, now_rfc3339, request_ids, stored_many
 from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SERVER_STOPPED = (
-    "the server stopped during execution; the run was not retried (async execution never retries)"
-)
 
 Listener = Callable[[Invocation], None]
 
