@@ -166,3 +166,14 @@ async def test_an_unreachable_server_is_a_clear_error_without_the_password() -> 
     with pytest.raises(StoreError, match=r"cannot reach the PostgreSQL store at postgresql://eventrun:\*\*\*@127.0.0.1:1/eventrun") as caught:
         await store.open()
     assert "s3cret" not in str(caught.value)
+
+
+async def test_one_event_handed_to_two_nodes_at_once_is_one_run(postgres_store: PostgresStore, other: PostgresStore) -> None:
+    # As a Kafka batch is after a crash between acceptance and the offset commit, once the
+    # partition moves: the same records reach another node, each with a fresh RequestId.
+    mine, theirs = rows(50, prefix="3-"), rows(50, prefix="3-")
+    answers = await asyncio.gather(postgres_store.accept(mine), other.accept(theirs))
+    kept = [a.request_id for a in answers[0]]
+    assert kept == [a.request_id for a in answers[1]], "both nodes answer with the same RequestIds"
+    assert sum(a.created for pair in answers for a in pair) == 50
+    assert await postgres_store.claim("f", 100, 100) == sorted(kept)
