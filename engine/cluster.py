@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 NODE_LOST = "NodeLost"
 _LAST_START = "eventrun.node"  # in data_dir: "{node_id} {incarnation}" of this node's last start
+ANNOUNCE_EVERY = 0.02  # seconds between notices of new runs from one node
 SHIP_INTERVAL = 0.1  # seconds a log line may wait before it is shipped to the store
 FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
 
@@ -84,6 +85,8 @@ class Cluster:
         self._terminate_here = terminate_here
         self._wanted: set[str] = set()  # functions to claim for
         self._wake = asyncio.Event()
+        self._unannounced: set[str] = set()  # functions with runs accepted here the others were not told of
+        self._announce = asyncio.Event()
         self._log_readers: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -116,6 +119,7 @@ class Cluster:
         self._tasks = [
             asyncio.create_task(self._claiming(), name="cluster-claims"),
             asyncio.create_task(self._heartbeats(), name="cluster-heartbeats"),
+            asyncio.create_task(self._announcing(), name="cluster-announcements"),
         ]
         self.want(*self._concurrency)
 
@@ -174,9 +178,26 @@ class Cluster:
         self._wake.set()
 
     def accepted(self, function: str, n: int) -> None:
-        """n new runs of a function were accepted here: claim, and count them in the backlog."""
+        """n new runs of a function were accepted here: claim, tell the others, count them in the backlog."""
         self._accepted_since[function] = self._accepted_since.get(function, 0) + n
         self.want(function)
+        self._unannounced.add(function)
+        self._announce.set()
+
+    async def _announcing(self) -> None:
+        """Tell the other nodes of new runs: one notice per function at most every ANNOUNCE_EVERY.
+
+        (Not one per accept: a notice takes a lock of the whole database at its commit.)
+        """
+        while True:
+            await self._announce.wait()
+            self._announce.clear()
+            functions, self._unannounced = self._unannounced, set()
+            try:
+                await self.store.announce(functions)
+            except Exception as exc:  # the others find the runs at their next heartbeat
+                logger.warning("telling the other nodes of new runs failed (%s)", exc)
+            await asyncio.sleep(ANNOUNCE_EVERY)
 
     def queued(self, function: str) -> int:
         """The function's QUEUED runs across the cluster (as of the last heartbeat, plus ours since)."""
@@ -255,6 +276,8 @@ class Cluster:
             self._listener = None
 
     def _lost(self) -> None:
+        if self._stopping:  # (closed on purpose)
+            return
         logger.warning("the connection listening for notices was lost; listening again at the next heartbeat")
         self._listener = None
 

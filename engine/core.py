@@ -452,8 +452,8 @@ class Engine:
         run = self._runs[request_id] = _Run()
         started = time.monotonic()
         try:
-            envelope = await self.store.envelope(request_id)
-            if envelope is None or not await self.store.mark_running(request_id, now_rfc3339()):
+            envelope = await self.store.begin(request_id, now_rfc3339())
+            if envelope is None:
                 return  # ended (terminated) in the meantime
             self.logs.open(request_id)
             if run.abort:

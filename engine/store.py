@@ -27,10 +27,14 @@ _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
 class InvocationStore(Protocol):
-    """What the engine needs of a store."""
+    """What the engine needs of a store (SQLiteStore here, or postgres.PostgresStore)."""
 
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def register_functions(self, functions: Mapping[str, bool], now: str) -> None: ...
     async def keep_templates(self, templates: Collection[bytes]) -> None: ...
     async def accept(self, rows: Sequence[NewInvocation] | Batch) -> list[Accepted]: ...
+    async def begin(self, request_id: str, started_at: str) -> bytes | None: ...
     async def mark_running(self, request_id: str, started_at: str) -> bool: ...
     async def finish(
         self,
@@ -42,8 +46,19 @@ class InvocationStore(Protocol):
         error_type: str | None = None,
         error_message: str | None = None,
     ) -> bool: ...
+    async def put_state(self, key: str, value: str) -> None: ...
+    async def get_state(self, key: str) -> str | None: ...
     async def get(self, request_id: str) -> Invocation | None: ...
     async def envelope(self, request_id: str) -> bytes | None: ...
+    async def list(
+        self,
+        *,
+        function: str | None = None,
+        status: Status | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[Invocation], str | None]: ...
+    async def count_active(self, function: str, source: str) -> int: ...
 
 
 class SQLiteStore:
@@ -128,6 +143,13 @@ class SQLiteStore:
     async def mark_running(self, request_id: str, started_at: str) -> bool:
         """QUEUED -> RUNNING; False if the run is no longer queued."""
         return await self._submit("running", (request_id, started_at))  # type: ignore[no-any-return]
+
+    async def begin(self, request_id: str, started_at: str) -> bytes | None:
+        """QUEUED -> RUNNING, and the run's envelope; None if it is no longer queued (terminated)."""
+        envelope = await self.envelope(request_id)
+        if envelope is None or not await self.mark_running(request_id, started_at):
+            return None
+        return envelope
 
     async def finish(
         self,

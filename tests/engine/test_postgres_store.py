@@ -131,18 +131,17 @@ async def test_shipped_log_lines_read_back_in_order_and_from_where_a_reader_left
     assert await postgres_store.read_log("not-a-request-id") == (b"", 0)
 
 
-async def test_every_node_hears_of_queued_runs_once_committed_and_of_ends(
-    postgres_store: PostgresStore, other: PostgresStore
-) -> None:
+async def test_every_node_hears_of_new_runs_and_of_ends(postgres_store: PostgresStore, other: PostgresStore) -> None:
     heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     listener = await other.listen(lambda channel, payload: heard.put_nowait((channel, payload)), lambda: None)
     try:
         (run,) = rows(1, function="thumbs")
         await postgres_store.accept([run])
-        assert await asyncio.wait_for(heard.get(), 5) == (QUEUED, "thumbs")
-        await postgres_store.accept([run])  # known: nothing new to hear of
+        await postgres_store.announce(["thumbs", "crops"])
+        assert {await asyncio.wait_for(heard.get(), 5) for _ in range(2)} == {(QUEUED, "thumbs"), (QUEUED, "crops")}
         await postgres_store.finish(run.request_id, Status.ABORTED, now_rfc3339())
         assert await asyncio.wait_for(heard.get(), 5) == (ENDED, f"thumbs {run.request_id}")
+        assert heard.empty()
     finally:
         await listener.close()
 

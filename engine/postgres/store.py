@@ -17,124 +17,21 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import asyncpg
 
-from .api import Accepted, Invocation, Status
-from .envelope import dumps, expand, stored_template, template_key
-from .errors import InvalidParameter, StoreError
-from .rows import COLUMNS, async_flag_flipped, decode_cursor, encode_cursor, invocation
-from .writes import Batch, NewInvocation
+from ..api import Accepted, Invocation, Status
+from ..envelope import dumps, expand, stored_template, template_key
+from ..errors import InvalidParameter, StoreError
+from ..rows import COLUMNS, async_flag_flipped, decode_cursor, encode_cursor, invocation
+from ..writes import Batch, NewInvocation
+from .intake import Intake
+from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
 
 logger = logging.getLogger(__name__)
-
-QUEUED = "eventrun_queued"  # payload: a function with new QUEUED runs, or a freed slot
-ENDED = "eventrun_ended"  # payload: "{function} {request_id}" of a run that ended
-TERMINATE = "eventrun_terminate"  # payload: "{owner} {request_id}": the owner is to stop it
-LOGGED = "eventrun_logged"  # payload: a RequestId whose log grew
-CHANNELS = (QUEUED, ENDED, TERMINATE, LOGGED)
-
-_MIGRATION_LOCK = 0x6576656E  # one key for pg_advisory_lock: nodes starting together migrate one at a time
-
-MIGRATIONS: list[str] = [
-    # 1: the first shared schema
-    """
-    CREATE TABLE functions (
-        name text PRIMARY KEY,
-        async_execution boolean NOT NULL,
-        created_at text NOT NULL
-    );
-    CREATE TABLE invocations (
-        request_id uuid PRIMARY KEY,
-        function text NOT NULL,
-        source text NOT NULL,
-        event_id text NOT NULL,
-        trigger text NOT NULL,
-        status text NOT NULL,
-        created_at text NOT NULL,
-        started_at text,
-        ended_at text,
-        duration_ms bigint,
-        result bytea,
-        error_type text,
-        error_message text,
-        envelope bytea NOT NULL,
-        owner text,  -- the node running it (RUNNING runs)
-        UNIQUE (function, source, event_id)
-    );
-    CREATE INDEX invocations_by_function ON invocations (function, request_id);
-    CREATE INDEX invocations_by_status ON invocations (status, request_id);
-    CREATE INDEX invocations_queued ON invocations (function, request_id) WHERE status = 'QUEUED';
-    CREATE INDEX invocations_running ON invocations (function, owner) WHERE status = 'RUNNING';
-    CREATE TABLE state (key text PRIMARY KEY, value text NOT NULL);
-    CREATE TABLE templates (key bytea PRIMARY KEY, template bytea NOT NULL);
-    CREATE TABLE nodes (
-        node_id text PRIMARY KEY,
-        incarnation text NOT NULL,  -- one per start of the node
-        url text NOT NULL,
-        started_at timestamptz NOT NULL DEFAULT now(),
-        heartbeat_at timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE logs (
-        n bigserial PRIMARY KEY,
-        request_id uuid NOT NULL,
-        data bytea NOT NULL
-    );
-    CREATE INDEX logs_by_run ON logs (request_id, n);
-
-    -- Claim up to `want` QUEUED runs of a function, oldest first, for `node`, keeping the
-    -- function's RUNNING runs across all nodes at `cap` or below. Claims of one function
-    -- take turns (an advisory lock), so two nodes cannot both see the last free slot.
-    CREATE FUNCTION eventrun_claim(fn text, want int, cap int, node text)
-    RETURNS SETOF text LANGUAGE plpgsql AS $$
-    DECLARE
-        running int;
-    BEGIN
-        PERFORM pg_advisory_xact_lock(1702258030, hashtext(fn));
-        SELECT count(*) INTO running FROM invocations WHERE function = fn AND status = 'RUNNING';
-        RETURN QUERY
-        UPDATE invocations i SET status = 'RUNNING', owner = node  -- started_at: when it starts (mark_running)
-        FROM (
-            SELECT request_id FROM invocations
-            WHERE function = fn AND status = 'QUEUED'
-            ORDER BY request_id
-            LIMIT greatest(0, least(want, cap - running))
-            FOR UPDATE SKIP LOCKED
-        ) picked
-        WHERE i.request_id = picked.request_id
-        RETURNING i.request_id::text;
-    END
-    $$;
-    """,
-]
 
 _COLUMNS = COLUMNS.replace("request_id", "request_id::text", 1)  # (as text, not a uuid.UUID)
 
 # A run's duration from two RFC 3339 texts, in whole milliseconds.
 _DURATION = "round(extract(epoch FROM ({end}::text::timestamptz - {start}::timestamptz)) * 1000)::bigint"
 
-_NOTIFY_QUEUED = "(SELECT count(pg_notify('" + QUEUED + "', f)) FROM (SELECT DISTINCT function AS f FROM new) d)"
-
-_INSERT_BATCH = (
-    "WITH new AS ("
-    " INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
-    " SELECT r::uuid, $1, $2, e, $3, 'QUEUED', $4, v FROM unnest($5::text[], $6::text[], $7::bytea[]) AS u(r, e, v)"
-    " ON CONFLICT (function, source, event_id) DO NOTHING"
-    " RETURNING request_id, function)"
-    f" SELECT request_id::text FROM new, {_NOTIFY_QUEUED} n"
-)
-_INSERT_ROWS = (
-    "WITH new AS ("
-    " INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
-    " SELECT r::uuid, f, s, e, t, 'QUEUED', c, v"
-    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])"
-    " AS u(r, f, s, e, t, c, v)"
-    " ON CONFLICT (function, source, event_id) DO NOTHING"
-    " RETURNING request_id, function)"
-    f" SELECT request_id::text FROM new, {_NOTIFY_QUEUED} n"
-)
-_KNOWN = (
-    "SELECT i.request_id::text, i.function, i.source, i.event_id FROM invocations i"
-    " JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(f, s, e)"
-    " ON i.function = u.f AND i.source = u.s AND i.event_id = u.e"
-)
 _FINISH = (
     "WITH ended AS ("
     " UPDATE invocations SET status = $2, ended_at = $3, result = $4, error_type = $5, error_message = $6,"
@@ -167,6 +64,7 @@ class PostgresStore:
         self.incarnation = secrets.token_hex(8)  # this start of the node: a restart is another
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        self._intake: Intake | None = None
         self._templates: dict[bytes, bytes] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -174,7 +72,10 @@ class PostgresStore:
     async def open(self) -> None:
         """Connect, and create or migrate the schema (one node at a time)."""
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=2, max_size=self._pool_size)
+            # No reset when a connection goes back to the pool (a round trip after every query):
+            # nothing here leaves session state behind (LISTEN has a connection of its own).
+            self._pool = await asyncpg.create_pool(self.url, min_size=2, max_size=self._pool_size, reset=_keep)
+            self._intake = Intake(self._pool)
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot reach the PostgreSQL store at {_safe(self.url)}: {exc}") from None
         async with self.pool.acquire() as conn:
@@ -225,53 +126,30 @@ class PostgresStore:
     async def accept(self, rows: Sequence[NewInvocation] | Batch) -> list[Accepted]:
         """Record new invocations; a known (function, source, id) gives back its RequestId.
 
-        One statement: the insert and a notification per function, so every node hears of the
-        new runs when (and only when) they are committed.
+        Accepts that wait while one is committed go together in the next statement (Intake).
         """
         if not rows:
             return []
-        if rows.__class__ is Batch:
-            batch: Batch = rows  # type: ignore[assignment]
-            request_ids, event_ids = batch.request_ids, batch.event_ids
-            functions = sources = None
-            new = await self.pool.fetch(
-                _INSERT_BATCH, batch.function, batch.source, batch.trigger, batch.created_at,
-                request_ids, event_ids, [bytes(e) for e in batch.envelopes],
-            )
-        else:
-            columns = list(zip(*rows))
-            request_ids, functions, sources, event_ids = (list(c) for c in columns[:4])
-            new = await self.pool.fetch(
-                _INSERT_ROWS, request_ids, functions, sources, event_ids,
-                list(columns[4]), list(columns[5]), [bytes(e) for e in columns[6]],
-            )
-        if len(new) == len(request_ids):
-            return [Accepted(request_id, True) for request_id in request_ids]
-        # Some were known (redelivery, another node, or one event twice): each gets the RequestId kept.
-        if functions is None:
-            functions = [batch.function] * len(request_ids)
-            sources = [batch.source] * len(request_ids)
-        assert sources is not None
-        known = {
-            (r["function"], r["source"], r["event_id"]): r["request_id"]
-            for r in await self.pool.fetch(_KNOWN, functions, sources, event_ids)
-        }
-        answers = []
-        for request_id, key in zip(request_ids, zip(functions, sources, event_ids)):
-            kept = known.get(key)
-            if kept is None:
-                raise StoreError(f"event {key[2]!r} of {key[1]} was neither recorded nor found")
-            answers.append(Accepted(kept, kept == request_id))
-        return answers
+        if self._intake is None:
+            raise RuntimeError("store is not open")
+        return await self._intake.accept(rows)
 
     async def mark_running(self, request_id: str, started_at: str) -> bool:
         """QUEUED, or claimed by this node, -> RUNNING here, once; False if it ended (terminated) or started."""
-        row = await self.pool.fetchval(
+        return await self._start(request_id, started_at, "1") is not None
+
+    async def begin(self, request_id: str, started_at: str) -> bytes | None:
+        """mark_running, and the run's envelope if it started (in one round trip)."""
+        stored = await self._start(request_id, started_at, "envelope")
+        return None if stored is None else await self._whole(bytes(stored))
+
+    async def _start(self, request_id: str, started_at: str, returning: str) -> Any:
+        return await self.pool.fetchval(
             "UPDATE invocations SET status = 'RUNNING', owner = $3, started_at = $2 WHERE request_id = $1::uuid"
-            " AND (status = 'QUEUED' OR (status = 'RUNNING' AND owner = $3 AND started_at IS NULL)) RETURNING 1",
+            " AND (status = 'QUEUED' OR (status = 'RUNNING' AND owner = $3 AND started_at IS NULL))"
+            f" RETURNING {returning}",
             request_id, started_at, self.node_id,
         )
-        return row is not None
 
     async def unclaim(self, request_ids: Sequence[str]) -> None:
         """Hand runs this node claimed but did not start back to the queue (a shutdown)."""
@@ -303,7 +181,7 @@ class PostgresStore:
         blob = dumps(result) if result is not None else None
         statuses = "'QUEUED'" if queued_only else "'QUEUED', 'RUNNING'"
         rows = await self.pool.fetch(
-            _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, error_type, error_message
+            _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, _text(error_type), _text(error_message)
         )
         return bool(rows)
 
@@ -339,8 +217,8 @@ class PostgresStore:
                 " FROM nodes WHERE node_id = $1 FOR UPDATE",
                 self.node_id,
             )
-            age = row["age"] if row is not None else None
-            if row is not None and age < lease and row["incarnation"] != previous:
+            if row is not None and row["age"] < lease and row["incarnation"] != previous:
+                age = row["age"]
                 raise NodeIdInUse(
                     f"node id {self.node_id!r} is held by a live node (its last heartbeat {age:.1f}s ago); "
                     "give this node its own [cluster] node_id, or stop the other"
@@ -410,6 +288,12 @@ class PostgresStore:
         """Send a notification to every node (this one too)."""
         await self.pool.execute("SELECT pg_notify($1, $2)", channel, payload)
 
+    async def announce(self, functions: Collection[str]) -> None:
+        """Tell every node these functions have new QUEUED runs."""
+        await self.pool.execute(
+            "SELECT count(pg_notify('" + QUEUED + "', f)) FROM unnest($1::text[]) AS f", list(functions)
+        )
+
     async def backlog(self) -> dict[str, int]:
         """QUEUED runs per function, across the cluster."""
         rows = await self.pool.fetch("SELECT function, count(*) FROM invocations WHERE status = 'QUEUED' GROUP BY function")
@@ -465,9 +349,10 @@ class PostgresStore:
         if not _is_uuid(request_id):
             return None
         stored = await self.pool.fetchval("SELECT envelope FROM invocations WHERE request_id = $1::uuid", request_id)
-        if stored is None:
-            return None
-        stored = bytes(stored)
+        return None if stored is None else await self._whole(bytes(stored))
+
+    async def _whole(self, stored: bytes) -> bytes:
+        """The envelope JSON of a stored one (a Templated envelope's fields put in its template)."""
         key = stored_template(stored)
         return stored if key is None else expand(stored, await self._template(key))
 
@@ -519,27 +404,6 @@ class PostgresStore:
         return int(n)
 
 
-async def migrate(conn: Any) -> int:
-    """Bring the schema to the newest version (one node at a time); the version it is at."""
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-    try:
-        await conn.execute("CREATE TABLE IF NOT EXISTS eventrun_schema (version int NOT NULL)")
-        version = await conn.fetchval("SELECT max(version) FROM eventrun_schema") or 0
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"the PostgreSQL store is at schema version {version}, newer than this eventrun knows "
-                f"({len(MIGRATIONS)}); run a newer eventrun"
-            )
-        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO eventrun_schema (version) VALUES ($1)", number)
-            logger.info("PostgreSQL store: schema at version %d", number)
-        return len(MIGRATIONS)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
-
-
 def _is_uuid(text: str) -> bool:
     return len(text) == 36 and _UUID_CHARS.issuperset(text) and text.count("-") == 4 and text[8] == text[13] == text[18] == text[23] == "-"
 
@@ -553,6 +417,15 @@ def _uuid_cursor(cursor: str) -> str:
     if not _is_uuid(request_id):
         raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out")
     return request_id
+
+
+async def _keep(conn: asyncpg.Connection) -> None:
+    """A pooled connection is handed on as it is."""
+
+
+def _text(value: str | None) -> str | None:
+    """A message as PostgreSQL text can hold it (no NUL characters)."""
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
 
 
 def _safe(url: str) -> str:

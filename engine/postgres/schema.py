@@ -1,0 +1,115 @@
+"""The shared store's schema: its tables, the claim function, the notice channels, and migrations.
+
+The schema is versioned (`eventrun_schema`): each entry of MIGRATIONS brings it one version
+further, in a transaction, while nodes starting together wait on an advisory lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+QUEUED = "eventrun_queued"  # payload: a function with new QUEUED runs, or a freed slot
+ENDED = "eventrun_ended"  # payload: "{function} {request_id}" of a run that ended
+TERMINATE = "eventrun_terminate"  # payload: "{owner} {request_id}": the owner is to stop it
+LOGGED = "eventrun_logged"  # payload: a RequestId whose log grew
+CHANNELS = (QUEUED, ENDED, TERMINATE, LOGGED)
+
+_MIGRATION_LOCK = 0x6576656E  # one key for pg_advisory_lock: nodes starting together migrate one at a time
+
+MIGRATIONS: list[str] = [
+    # 1: the first shared schema
+    """
+    CREATE TABLE functions (
+        name text PRIMARY KEY,
+        async_execution boolean NOT NULL,
+        created_at text NOT NULL
+    );
+    CREATE TABLE invocations (
+        request_id uuid PRIMARY KEY,
+        function text NOT NULL,
+        source text NOT NULL,
+        event_id bytea NOT NULL,  -- (text cannot hold a NUL; an S3 key may)
+        trigger text NOT NULL,
+        status text NOT NULL,
+        created_at text NOT NULL,
+        started_at text,
+        ended_at text,
+        duration_ms bigint,
+        result bytea,
+        error_type text,
+        error_message text,
+        envelope bytea NOT NULL,
+        owner text,  -- the node running it (RUNNING runs)
+        UNIQUE (function, source, event_id)
+    );
+    CREATE INDEX invocations_by_function ON invocations (function, request_id);
+    CREATE INDEX invocations_by_status ON invocations (status, request_id);
+    CREATE INDEX invocations_queued ON invocations (function, request_id) WHERE status = 'QUEUED';
+    CREATE INDEX invocations_running ON invocations (function, owner) WHERE status = 'RUNNING';
+    CREATE TABLE state (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE templates (key bytea PRIMARY KEY, template bytea NOT NULL);
+    CREATE TABLE nodes (
+        node_id text PRIMARY KEY,
+        incarnation text NOT NULL,  -- one per start of the node
+        url text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE logs (
+        n bigserial PRIMARY KEY,
+        request_id uuid NOT NULL,
+        data bytea NOT NULL
+    );
+    CREATE INDEX logs_by_run ON logs (request_id, n);
+
+    -- Claim up to `want` QUEUED runs of a function, oldest first, for `node`, keeping the
+    -- function's RUNNING runs across all nodes at `cap` or below. Claims of one function
+    -- take turns (an advisory lock), so two nodes cannot both see the last free slot.
+    CREATE FUNCTION eventrun_claim(fn text, want int, cap int, node text)
+    RETURNS SETOF text LANGUAGE plpgsql AS $$
+    DECLARE
+        running int;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(1702258030, hashtext(fn));
+        SELECT count(*) INTO running FROM invocations WHERE function = fn AND status = 'RUNNING';
+        RETURN QUERY
+        UPDATE invocations i SET status = 'RUNNING', owner = node  -- started_at: when it starts (mark_running)
+        FROM (
+            SELECT request_id FROM invocations
+            WHERE function = fn AND status = 'QUEUED'
+            ORDER BY request_id
+            LIMIT greatest(0, least(want, cap - running))
+            FOR UPDATE SKIP LOCKED
+        ) picked
+        WHERE i.request_id = picked.request_id
+        RETURNING i.request_id::text;
+    END
+    $$;
+    """,
+]
+
+
+async def migrate(conn: Any) -> int:
+    """Bring the schema to the newest version (one node at a time); the version it is at."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS eventrun_schema (version int NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM eventrun_schema") or 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the PostgreSQL store is at schema version {version}, newer than this eventrun knows "
+                f"({len(MIGRATIONS)}); run a newer eventrun"
+            )
+        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO eventrun_schema (version) VALUES ($1)", number)
+            logger.info("PostgreSQL store: schema at version %d", number)
+        return len(MIGRATIONS)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
