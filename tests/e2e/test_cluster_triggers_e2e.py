@@ -46,7 +46,7 @@ async def all_ended(cluster: Cluster, function: str, count: int, timeout: float)
 
     async def ended() -> list[asyncpg.Record] | None:
         rows = await cluster.runs(
-            "SELECT request_id::text, source, event_id, status, error_type, owner, result"
+            "SELECT request_id::text, source, convert_from(event_id, 'UTF8') AS event_id, status, error_type, owner, result"
             " FROM invocations WHERE function = $1",
             function,
         )
