@@ -64,15 +64,16 @@ class Dispatcher:
         """Take one QPS token for the function or raise Throttled."""
         wait = self._buckets[function].take()
         if wait:
-            raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)))
+            bucket = self._buckets[function]
+            share = int(bucket.rate) if bucket.rate != self._limits[function] else None
+            raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)), share=share)
 
-    def share_qps(self, limits: Mapping[str, int]) -> None:
-        """Take new per-second limits (this node's share of cluster-wide ones)."""
-        for function, limit in limits.items():
-            if self._limits.get(function) != limit:
-                self._limits[function] = limit
-                bucket = self._buckets[function]
-                bucket.rate = float(limit)
+    def share_qps(self, shares: Mapping[str, int]) -> None:
+        """Allow each function only this node's share of its qps_limit (several nodes on one store)."""
+        for function, share in shares.items():
+            bucket = self._buckets[function]
+            if bucket.rate != share:
+                bucket.rate = float(share)
                 bucket.tokens = min(bucket.tokens, bucket.rate)
 
     def free(self, function: str) -> int:

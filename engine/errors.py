@@ -57,10 +57,9 @@ class Throttled(EventrunError):
 
     code = "Throttled"
 
-    def __init__(self, function: str, limit: int, retry_after: float) -> None:
-        super().__init__(
-            f"function {function!r} accepts at most {limit} events per second; retry later"
-        )
+    def __init__(self, function: str, limit: int, retry_after: float, *, share: int | None = None) -> None:
+        across = f" across the nodes ({share} a second on this one)" if share is not None else ""
+        super().__init__(f"function {function!r} accepts at most {limit} events per second{across}; retry later")
         self.function = function
         self.retry_after = retry_after
 

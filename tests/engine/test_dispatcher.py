@@ -134,3 +134,32 @@ async def test_a_run_that_releases_its_slot_lets_the_next_start_while_it_records
     runs.release("r2")
     await settle()
     assert (dispatcher.running("f"), dispatcher.total_running) == (0, 0)
+
+
+async def test_free_slots_count_the_function_the_global_cap_and_what_waits() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 3, "g": 5}, qps_limits={"f": 1, "g": 1}, max_running=4, execute=runs)
+    assert (dispatcher.free("f"), dispatcher.free("g")) == (3, 4)
+    dispatcher.submit("f", "f0", "f1")
+    await settle()
+    assert (dispatcher.free("f"), dispatcher.free("g")) == (1, 2)
+    dispatcher.submit("g", "g0", "g1", "g2")  # two start, one waits for the global cap
+    await settle()
+    assert (dispatcher.free("f"), dispatcher.free("g")) == (0, 0)
+    assert dispatcher.take_queued() == ["g2"] and dispatcher.queued("g") == 0
+    dispatcher.pause()
+    runs.release("f0")
+    await settle()
+    assert dispatcher.free("f") == 0, "a paused dispatcher takes nothing more"
+    for rid in ("f1", "g0", "g1"):
+        runs.release(rid)
+    await settle()
+
+
+def test_a_shared_qps_limit_takes_the_node_s_share() -> None:
+    dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 10}, max_running=1, execute=Recorder())
+    dispatcher.share_qps({"f": 3})  # (a third of 10 on each of three nodes)
+    for _ in range(3):
+        dispatcher.throttle("f")
+    with pytest.raises(Throttled, match=r"at most 10 events per second across the nodes \(3 a second on this one\)"):
+        dispatcher.throttle("f")
