@@ -107,11 +107,11 @@ class Server:
         (state,) = self.trigger.state().values()
         return state
 
-    def invocations(self, function: str) -> list[Invocation]:
+    async def invocations(self, function: str) -> list[Invocation]:
         runs: list[Invocation] = []
         cursor = None
         while True:
-            page, cursor = (await self.engine.list(function=function, limit=1000, cursor=cursor))
+            page, cursor = await self.engine.list(function=function, limit=1000, cursor=cursor)
             runs += page
             if cursor is None:
                 return runs
@@ -120,7 +120,7 @@ class Server:
         """Wait for `count` invocations of `function`, all ended; assert no more than that exist."""
         deadline = time.monotonic() + timeout
         while True:
-            runs = self.invocations(function)
+            runs = await self.invocations(function)
             if len(runs) >= count and all(run.status.ended for run in runs):
                 assert len(runs) == count, f"{len(runs)} runs for {count} records"
                 return runs
@@ -245,10 +245,10 @@ async def test_graceful_restart_mid_stream_loses_and_repeats_nothing(kafka: Kafk
     options = {"kafka_table": {"high_water_mark": 10}, "settings": {"batch_size": 20}}
     server = await servers(functions, **options)
     deadline = time.monotonic() + 20
-    while len(server.invocations("fn")) < 40:
+    while len(await server.invocations("fn")) < 40:
         assert time.monotonic() < deadline, server.trigger.state()
         await asyncio.sleep(0.02)
-    assert len(server.invocations("fn")) < total, "the stop came after the whole stream; nothing was tested"
+    assert len(await server.invocations("fn")) < total, "the stop came after the whole stream; nothing was tested"
     await server.stop()
 
     server = await servers(functions, **options)
@@ -269,7 +269,7 @@ async def test_two_servers_split_the_partitions_and_run_each_record_once(kafka: 
     options = {"kafka_table": {"high_water_mark": 8}, "settings": {"batch_size": 10}}
     first = await servers(functions, name="a", **options)
     deadline = time.monotonic() + 20
-    while not first.invocations("fn"):
+    while not (await first.invocations("fn")):
         assert time.monotonic() < deadline, first.trigger.state()
         await asyncio.sleep(0.05)
     # The second server joins mid-stream: a rebalance moves partitions while records flow.
@@ -278,7 +278,7 @@ async def test_two_servers_split_the_partitions_and_run_each_record_once(kafka: 
     async def both_ended() -> tuple[list[Invocation], list[Invocation]]:
         deadline = time.monotonic() + 40
         while True:
-            a, b = first.invocations("fn"), second.invocations("fn")
+            a, b = (await first.invocations("fn")), (await second.invocations("fn"))
             if len(a) + len(b) >= total and all(r.status.ended for r in a + b):
                 return a, b
             assert time.monotonic() < deadline, (len(a), len(b), first.trigger.state(), second.trigger.state())
@@ -393,7 +393,7 @@ async def test_backpressure_pauses_and_resumes_without_loss(kafka: KafkaService,
     states: set[str] = set()
     most = paused_metric = 0
     deadline = time.monotonic() + 30
-    while len(server.invocations("slow")) < total or not all(r.status.ended for r in server.invocations("slow")):
+    while len(await server.invocations("slow")) < total or not all(r.status.ended for r in (await server.invocations("slow"))):
         assert time.monotonic() < deadline, server.consumer_state
         states.add(server.consumer_state["State"].split(" (")[0])
         paused_metric = max(paused_metric, server.metric("eventrun_kafka_consumer_paused"))

@@ -87,14 +87,14 @@ class Platform:
         async with self.service.client("s3") as s3:
             await s3.put_object(Bucket=self.bucket, Key=key, Body=body)
 
-    def invocations(self, function: str) -> list[Invocation]:
+    async def invocations(self, function: str) -> list[Invocation]:
         return (await self.engine.list(function=function, limit=1000))[0]
 
     async def ended(self, function: str, count: int, timeout: float = 20.0) -> list[Invocation]:
         """Wait for `count` invocations of `function`, all ended; assert no more arrive meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
-            runs = self.invocations(function)
+            runs = await self.invocations(function)
             if len(runs) >= count and all(run.status.ended for run in runs):
                 assert len(runs) == count, [(r.function, r.request_id) for r in runs]
                 return runs
@@ -317,4 +317,4 @@ async def test_csv_summary_example(platform: Any) -> None:
     assert "reading s3://" in log and f"wrote s3://{p.bucket}/{target}" in log, log
     # Writing the summary notified too, but .json matches no trigger: no second run.
     await p.settled(records=2)
-    assert len(p.invocations("csv_summary")) == 1
+    assert len(await p.invocations("csv_summary")) == 1

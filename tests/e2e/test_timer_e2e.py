@@ -94,7 +94,7 @@ async def world(tmp_path: Path) -> AsyncIterator[Callable[..., World]]:
 
 async def ended_runs(engine: Engine, function: str, timeout: float = 15.0) -> list[Invocation]:
     """Every run of the function once ended, oldest first."""
-    runs, _ = (await engine.list(function=function, limit=1000))
+    runs, _ = await engine.list(function=function, limit=1000)
     return [await engine.wait(run.request_id, timeout) for run in reversed(runs)]
 
 
@@ -232,8 +232,8 @@ async def test_overlap_false_skips_slots_while_the_previous_run_is_active(world,
         await asyncio.sleep(0.05)
     await trigger.stop()
     skipped = trigger.state()["Schedules"][0]
-    solo, _ = (await engine.list(function="solo", limit=100))
-    crowd, _ = (await engine.list(function="crowd", limit=100))
+    solo, _ = await engine.list(function="solo", limit=100)
+    crowd, _ = await engine.list(function="crowd", limit=100)
 
     assert most["solo"] == 1, most
     assert most["crowd"] >= 2, f"control: with overlap the runs pile up ({most})"

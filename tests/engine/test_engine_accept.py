@@ -97,7 +97,7 @@ async def test_a_batch_of_templated_envelopes_by_column_is_accepted_as_each_woul
     assert [a.created for a in answers] == [True] * 3
     for answer, item in zip(answers, items):
         assert (await engine.store.envelope(answer.request_id)) == expand(item.stored, TEMPLATE)
-        invocation = (await engine.get(answer.request_id))
+        invocation = await engine.get(answer.request_id)
         assert (invocation.function, invocation.trigger, invocation.status.value) == ("a", "kafka", "QUEUED")
     # The whole batch again: the first three map to their runs, the last two are new.
     again = await engine.accept_batch(batch)

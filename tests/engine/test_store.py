@@ -65,7 +65,7 @@ async def test_accepted_events_survive_reopening(tmp_path: Path) -> None:
     reopened = SQLiteStore(tmp_path / "eventrun.db")
     reopened.open()
     try:
-        invocation = (await reopened.get(new.request_id))
+        invocation = await reopened.get(new.request_id)
         assert invocation is not None and invocation.status is Status.QUEUED
         assert (await reopened.envelope(new.request_id)) == new.envelope
         assert (await reopened.queued()) == [(new.request_id, "f")]
@@ -81,7 +81,7 @@ async def test_a_run_starts_once_and_ends_once(store: SQLiteStore) -> None:
     assert await store.finish(new.request_id, Status.FINISHED, now_rfc3339(), result={"ok": [1, 2]})
     # A late second outcome (e.g. terminate racing the end) does not overwrite the first.
     assert not await store.finish(new.request_id, Status.ABORTED, now_rfc3339(), error_type="Aborted")
-    invocation = (await store.get(new.request_id))
+    invocation = await store.get(new.request_id)
     assert invocation is not None
     assert invocation.status is Status.FINISHED
     assert invocation.result == {"ok": [1, 2]}
@@ -95,7 +95,7 @@ async def test_recovery_fails_running_runs_and_keeps_queued_ones(sqlite_store: S
     await store.accept([running, queued])
     await store.mark_running(running.request_id, now_rfc3339())
     assert await store.recover(now_rfc3339(), "the server stopped") == [running.request_id]
-    ended = (await store.get(running.request_id))
+    ended = await store.get(running.request_id)
     assert ended is not None
     assert (ended.status, ended.error_type, ended.error_message) == (Status.FAILED, "ServerStopped", "the server stopped")
     assert (await store.queued()) == [(queued.request_id, "f")]
@@ -118,7 +118,7 @@ async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> N
     cursor: str | None = None
     sizes = []
     while True:
-        page, cursor = (await store.list(limit=2, cursor=cursor))
+        page, cursor = await store.list(limit=2, cursor=cursor)
         sizes.append(len(page))
         seen += [i.request_id for i in page]
         if cursor is None:
@@ -126,7 +126,7 @@ async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> N
     assert sizes == [2, 2, 1]
     assert seen == [r.request_id for r in reversed(rows)]
     await store.finish(rows[0].request_id, Status.ABORTED, now_rfc3339())
-    aborted, _ = (await store.list(status=Status.ABORTED))
+    aborted, _ = await store.list(status=Status.ABORTED)
     assert [i.request_id for i in aborted] == [rows[0].request_id]
     with pytest.raises(InvalidParameter):
         (await store.list(cursor="not-a-cursor"))
@@ -202,7 +202,7 @@ async def test_a_store_made_before_keeps_finding_runs_by_request_id(tmp_path: Pa
         assert await store.mark_running(new.request_id, now_rfc3339()) is True
         assert (await store.get(new.request_id)).status is Status.RUNNING  # type: ignore[union-attr]
         assert (await store.get(earlier[0])).status is Status.FINISHED  # type: ignore[union-attr]
-        page, _ = (await store.list())
+        page, _ = await store.list()
         assert [i.request_id for i in page] == [new.request_id, earlier[1], earlier[0]]  # newest first
     finally:
         store.close()
@@ -224,7 +224,7 @@ async def test_request_ids_given_out_after_opening_come_after_every_row(
         later = row("later")
         assert later.seq > ahead.seq
         await store.accept([later])
-        page, _ = (await store.list())
+        page, _ = await store.list()
         assert [i.request_id for i in page] == [later.request_id, ahead.request_id]
         assert (await store.get(ahead.request_id)) is not None
     finally:
@@ -308,6 +308,6 @@ async def test_a_batch_is_accepted_as_its_rows_would_be(store: SQLiteStore) -> N
         Accepted(redelivered.request_ids[2], True),
     ]
     for rid, envelope in [(fresh.request_ids[1], b'{"id":"0-3"}'), (redelivered.request_ids[2], b'{"id":"0-4"}')]:
-        invocation = (await store.get(rid))
+        invocation = await store.get(rid)
         assert invocation is not None and invocation.status is Status.QUEUED
         assert (await store.envelope(rid)) == envelope

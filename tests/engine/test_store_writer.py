@@ -63,7 +63,7 @@ async def test_a_killed_writer_fails_its_writes_by_name_and_a_new_one_takes_over
     assert await store.accept([second]) == [Accepted(second.request_id, True)]
     assert store.writer_pid not in (None, pid)
     assert await store.mark_running(first.request_id, now_rfc3339())
-    invocation = (await store.get(first.request_id))
+    invocation = await store.get(first.request_id)
     assert invocation is not None and invocation.status is Status.RUNNING
 
 
