@@ -35,7 +35,7 @@ MIGRATIONS: list[str] = [
         source text NOT NULL,
         event_id bytea NOT NULL,  -- (text cannot hold a NUL; an S3 key may)
         trigger text NOT NULL,
-        status text NOT NULL,
+        status text NOT NULL,  -- a Status, or CLAIMED: taken by a node, not yet started (read as QUEUED)
         created_at text NOT NULL,
         started_at text,
         ended_at text,
@@ -44,13 +44,13 @@ MIGRATIONS: list[str] = [
         error_type text,
         error_message text,
         envelope bytea NOT NULL,
-        owner text,  -- the node running it (RUNNING runs)
+        owner text,  -- the node that claimed it (CLAIMED and RUNNING runs)
         UNIQUE (function, source, event_id)
     );
     CREATE INDEX invocations_by_function ON invocations (function, request_id);
     CREATE INDEX invocations_by_status ON invocations (status, request_id);
     CREATE INDEX invocations_queued ON invocations (function, request_id) WHERE status = 'QUEUED';
-    CREATE INDEX invocations_running ON invocations (function, owner) WHERE status = 'RUNNING';
+    CREATE INDEX invocations_taken ON invocations (function, owner) WHERE status IN ('CLAIMED', 'RUNNING');
     CREATE TABLE state (key text PRIMARY KEY, value text NOT NULL);
     CREATE TABLE templates (key bytea PRIMARY KEY, template bytea NOT NULL);
     CREATE TABLE nodes (
@@ -68,7 +68,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX logs_by_run ON logs (request_id, n);
 
     -- Claim up to `want` QUEUED runs of a function, oldest first, for `node`, keeping the
-    -- function's RUNNING runs across all nodes at `cap` or below. Claims of one function
+    -- function's CLAIMED and RUNNING runs across all nodes at `cap` or below. Claims of one function
     -- take turns (an advisory lock), so two nodes cannot both see the last free slot.
     CREATE FUNCTION eventrun_claim(fn text, want int, cap int, node text)
     RETURNS SETOF text LANGUAGE plpgsql AS $$
@@ -76,9 +76,9 @@ MIGRATIONS: list[str] = [
         running int;
     BEGIN
         PERFORM pg_advisory_xact_lock(1702258030, hashtext(fn));
-        SELECT count(*) INTO running FROM invocations WHERE function = fn AND status = 'RUNNING';
+        SELECT count(*) INTO running FROM invocations WHERE function = fn AND status IN ('CLAIMED', 'RUNNING');
         RETURN QUERY
-        UPDATE invocations i SET status = 'RUNNING', owner = node  -- started_at: when it starts (mark_running)
+        UPDATE invocations i SET status = 'CLAIMED', owner = node
         FROM (
             SELECT request_id FROM invocations
             WHERE function = fn AND status = 'QUEUED'

@@ -27,7 +27,10 @@ from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS = COLUMNS.replace("request_id", "request_id::text", 1)  # (as text, not a uuid.UUID)
+# The RequestId as text (not a uuid.UUID); a claimed run not yet started reads as QUEUED.
+_COLUMNS = COLUMNS.replace("request_id", "request_id::text", 1).replace(
+    "status", "CASE status WHEN 'CLAIMED' THEN 'QUEUED' ELSE status END", 1
+)
 
 # A run's duration from two RFC 3339 texts, in whole milliseconds.
 _DURATION = "round(extract(epoch FROM ({end}::text::timestamptz - {start}::timestamptz)) * 1000)::bigint"
@@ -135,7 +138,7 @@ class PostgresStore:
         return await self._intake.accept(rows)
 
     async def mark_running(self, request_id: str, started_at: str) -> bool:
-        """QUEUED, or claimed by this node, -> RUNNING here, once; False if it ended (terminated) or started."""
+        """QUEUED, or CLAIMED by this node, -> RUNNING here, once; False if it ended (terminated) or started."""
         return await self._start(request_id, started_at, "1") is not None
 
     async def begin(self, request_id: str, started_at: str) -> bytes | None:
@@ -146,7 +149,7 @@ class PostgresStore:
     async def _start(self, request_id: str, started_at: str, returning: str) -> Any:
         return await self.pool.fetchval(
             "UPDATE invocations SET status = 'RUNNING', owner = $3, started_at = $2 WHERE request_id = $1::uuid"
-            " AND (status = 'QUEUED' OR (status = 'RUNNING' AND owner = $3 AND started_at IS NULL))"
+            " AND (status = 'QUEUED' OR (status = 'CLAIMED' AND owner = $3))"
             f" RETURNING {returning}",
             request_id, started_at, self.node_id,
         )
@@ -154,15 +157,15 @@ class PostgresStore:
     async def unclaim(self, request_ids: Sequence[str]) -> None:
         """Hand runs this node claimed but did not start back to the queue (a shutdown)."""
         await self.pool.execute(
-            "WITH back AS (UPDATE invocations SET status = 'QUEUED', owner = NULL, started_at = NULL"
-            " WHERE request_id = any($1::uuid[]) AND status = 'RUNNING' AND owner = $2 RETURNING function)"
+            "WITH back AS (UPDATE invocations SET status = 'QUEUED', owner = NULL"
+            " WHERE request_id = any($1::uuid[]) AND status = 'CLAIMED' AND owner = $2 RETURNING function)"
             " SELECT count(pg_notify('" + QUEUED + "', f)) FROM (SELECT DISTINCT function AS f FROM back) d",
             list(request_ids), self.node_id,
         )
 
     async def claim(self, function: str, want: int, cap: int) -> list[str]:
-        """QUEUED -> RUNNING on this node (not yet started) for up to `want` runs of a function,
-        oldest first, keeping the function's RUNNING runs across the cluster at `cap` or below."""
+        """QUEUED -> CLAIMED by this node for up to `want` runs of a function, oldest first, keeping
+        the function's claimed and running runs across the cluster at `cap` or below."""
         rows = await self.pool.fetch("SELECT eventrun_claim($1, $2, $3, $4)", function, want, cap, self.node_id)
         return sorted(r[0] for r in rows)
 
@@ -179,7 +182,7 @@ class PostgresStore:
     ) -> bool:
         """Record a terminal state once; False if the run had already ended (or, queued_only, started)."""
         blob = dumps(result) if result is not None else None
-        statuses = "'QUEUED'" if queued_only else "'QUEUED', 'RUNNING'"
+        statuses = "'QUEUED'" if queued_only else "'QUEUED', 'CLAIMED', 'RUNNING'"
         rows = await self.pool.fetch(
             _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, _text(error_type), _text(error_message)
         )
@@ -251,7 +254,8 @@ class PostgresStore:
     async def fail_runs_of(
         self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, lease: float | None = None
     ) -> list[tuple[str, str]]:
-        """End the RUNNING runs of these nodes as FAILED; (request_id, function) of each.
+        """End the RUNNING runs of these nodes as FAILED, and queue what they claimed again;
+        (request_id, function) of each run ended.
 
         `lease`: the owners were taken for dead. Each is taken off the registry, and its runs
         ended, only if it is still silent past the lease then (it did not start again meanwhile,
@@ -265,6 +269,9 @@ class PostgresStore:
                     owner, lease,
                 ):
                     continue
+                await conn.execute(
+                    "UPDATE invocations SET status = 'QUEUED', owner = NULL WHERE status = 'CLAIMED' AND owner = $1", owner
+                )
                 rows = await conn.fetch(
                     "WITH ended AS ("
                     " UPDATE invocations SET status = 'FAILED', ended_at = $2, error_type = $3, error_message = $4,"
@@ -296,7 +303,9 @@ class PostgresStore:
 
     async def backlog(self) -> dict[str, int]:
         """QUEUED runs per function, across the cluster."""
-        rows = await self.pool.fetch("SELECT function, count(*) FROM invocations WHERE status = 'QUEUED' GROUP BY function")
+        rows = await self.pool.fetch(
+            "SELECT function, count(*) FROM invocations WHERE status IN ('QUEUED', 'CLAIMED') GROUP BY function"
+        )
         return {r[0]: r[1] for r in rows}
 
     # -- logs ------------------------------------------------------------------------------
@@ -337,11 +346,11 @@ class PostgresStore:
         return invocation(row) if row else None
 
     async def owner(self, request_id: str) -> str | None:
-        """The node running a RUNNING run."""
+        """The node a run is claimed by or running on (None once it ended, or while it is QUEUED)."""
         if not _is_uuid(request_id):
             return None
         return await self.pool.fetchval(  # type: ignore[no-any-return]
-            "SELECT owner FROM invocations WHERE request_id = $1::uuid AND status = 'RUNNING'", request_id
+            "SELECT owner FROM invocations WHERE request_id = $1::uuid AND status IN ('CLAIMED', 'RUNNING')", request_id
         )
 
     async def envelope(self, request_id: str) -> bytes | None:
@@ -379,9 +388,9 @@ class PostgresStore:
         if function is not None:
             args.append(function)
             where.append(f"function = ${len(args)}")
-        if status is not None:
-            args.append(status.value)
-            where.append(f"status = ${len(args)}")
+        if status is not None:  # (QUEUED: claimed ones too, which read as QUEUED)
+            args.append([status.value, "CLAIMED"] if status is Status.QUEUED else [status.value])
+            where.append(f"status = any(${len(args)}::text[])")
         if cursor:
             args.append(_uuid_cursor(cursor))
             where.append(f"request_id < ${len(args)}::uuid")
@@ -398,7 +407,8 @@ class PostgresStore:
     async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""
         n = await self.pool.fetchval(
-            "SELECT count(*) FROM invocations WHERE function = $1 AND source = $2 AND status IN ('QUEUED', 'RUNNING')",
+            "SELECT count(*) FROM invocations WHERE function = $1 AND source = $2"
+            " AND status IN ('QUEUED', 'CLAIMED', 'RUNNING')",
             function, source,
         )
         return int(n)

@@ -65,7 +65,8 @@ async def test_runs_claimed_but_not_started_go_back_to_the_queue(postgres_store:
     await postgres_store.unclaim(claimed)
     assert await other.claim("f", 2, 10) == claimed
     invocation = await other.get(claimed[0])
-    assert invocation is not None and invocation.status is Status.RUNNING and invocation.started_at is None
+    assert invocation is not None and invocation.status is Status.QUEUED, "claimed, not started: still QUEUED to its users"
+    assert (await other.list(status=Status.QUEUED))[0][0].request_id == claimed[1]
 
 
 async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
@@ -73,9 +74,9 @@ async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
 ) -> None:
     await postgres_store.join("http://a", 5.0)
     await other.join("http://b", 5.0)
-    running, queued = rows(2)
-    await postgres_store.accept([running, queued])
-    await postgres_store.claim("f", 1, 10)
+    running, claimed, queued = rows(3)
+    await postgres_store.accept([running, claimed, queued])
+    await postgres_store.claim("f", 2, 10)
     assert await postgres_store.mark_running(running.request_id, now_rfc3339())
     async def reap() -> list[tuple[str, str]]:
         return await other.fail_runs_of(["node-a"], now_rfc3339(), "NodeLost", lambda node: f"{node} is gone", lease=0.2)
@@ -91,6 +92,7 @@ async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
     assert (failed.error_type, failed.error_message) == ("NodeLost", "node-a is gone")
     assert failed.duration_ms is not None and failed.duration_ms >= 0
     assert (await other.get(queued.request_id)).status is Status.QUEUED  # type: ignore[union-attr]
+    assert await other.claim("f", 5, 10) == [claimed.request_id, queued.request_id], "what it claimed is queued again"
     assert [n.node_id for n in await other.nodes()] == ["node-b"]
     assert not await postgres_store.heartbeat(), "a node taken off the registry learns it at its next heartbeat"
 
@@ -117,7 +119,7 @@ async def test_a_terminated_queued_run_is_not_ended_once_a_node_claimed_it(postg
     await postgres_store.claim("f", 1, 10)
     assert not await postgres_store.finish(first.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
     assert await postgres_store.finish(second.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
-    assert (await postgres_store.get(first.request_id)).status is Status.RUNNING  # type: ignore[union-attr]
+    assert await postgres_store.owner(first.request_id) == "node-a"
 
 
 async def test_shipped_log_lines_read_back_in_order_and_from_where_a_reader_left(postgres_store: PostgresStore) -> None:
