@@ -146,6 +146,8 @@ class Instance:
             await asyncio.wait_for(asyncio.shield(self._reader), 5)
         if self.process.stdin is not None:
             self.process.stdin.close()
+        if isinstance(self.process, ForkedProcess):  # (asyncio closes a Process's pipes itself)
+            self.process.close_pipes()
 
     async def _read(self) -> None:
         stream = self.process.stdout
@@ -165,6 +167,8 @@ class Instance:
                     pending = pending[MAX_LINE:]
                 self._route([line.decode("utf-8", "replace") for line in lines])
         finally:
+            if isinstance(self.process, ForkedProcess):  # at its end of file, or cancelled with the loop
+                self.process.close_pipes()
             if pending:
                 self._route([pending.decode("utf-8", "replace")])
             if self._outcome is not None and not self._outcome.done():

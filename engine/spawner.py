@@ -48,16 +48,24 @@ def forkable(environment: Mapping[str, str], base: Mapping[str, str]) -> bool:
 class ForkedProcess:
     """An instance forked by the spawner, with what Instance uses of asyncio's Process."""
 
-    def __init__(self, pid: int, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader) -> None:
+    def __init__(
+        self, pid: int, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader, reading: asyncio.BaseTransport
+    ) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
+        self._reading = reading  # stdout's pipe: closed by its end of file, or by close_pipes()
         self.returncode: int | None = None
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def wait(self) -> int:
         """Wait until the spawner reports the process's end; its exit code (-N: killed by signal N)."""
         return await asyncio.shield(self._exited)
+
+    def close_pipes(self) -> None:
+        """Let go of stdout's pipe should it still be open (the instance is done with)."""
+        if not self._reading.is_closing():
+            self._reading.close()
 
     def exited(self, code: int) -> None:
         if self.returncode is None:
@@ -180,7 +188,7 @@ class Spawner:
             reading.close()
             transport.close()
             raise SpawnerUnavailable("the spawner stopped")
-        process = ForkedProcess(pid, asyncio.StreamWriter(transport, protocol, None, loop), stdout)
+        process = ForkedProcess(pid, asyncio.StreamWriter(transport, protocol, None, loop), stdout, reading)
         self._starting.discard(pid)
         self._children[pid] = process
         if pid in self._exits:

@@ -8,6 +8,8 @@ make their databases on that server instead.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -36,14 +38,15 @@ def database_url(server_url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """The URL of a PostgreSQL server for the whole session."""
     given = os.environ.get(ENV)
     if given:
         yield given
         return
-    # The server's Unix socket lives in this folder; socket paths are limited to ~100 bytes.
-    folder = Path(tmp_path_factory.mktemp("pg", numbered=True))
+    # A folder of its own, not under pytest's numbered ones (another pytest run may prune those
+    # while this server runs); short, as the server's Unix socket lives in it.
+    folder = Path(tempfile.mkdtemp(prefix="eventrun-pg-"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs (on import) warns when XDG_RUNTIME_DIR is unset
         try:
@@ -58,6 +61,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

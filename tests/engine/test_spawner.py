@@ -25,11 +25,18 @@ async def spawner(tmp_path: Path) -> AsyncIterator[Spawner]:
         yield spawner
     finally:
         await spawner.close()
+        while _spawned:  # (as an Instance does when done with its process)
+            _spawned.pop().close_pipes()
+
+
+_spawned: list[ForkedProcess] = []
 
 
 async def spawn(spawner: Spawner, folder: Path, token: str = "t0") -> ForkedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "X": "forked"}
-    return await spawner.spawn(handler=f"{folder}/h.py:main_handler", function="f", token=token, cwd=str(folder), env=env)
+    process = await spawner.spawn(handler=f"{folder}/h.py:main_handler", function="f", token=token, cwd=str(folder), env=env)
+    _spawned.append(process)
+    return process
 
 
 async def test_a_forked_worker_runs_a_task_and_its_end_is_reported(spawner: Spawner, tmp_path: Path) -> None:
