@@ -325,13 +325,31 @@ class Engine:
         *,
         function: str | None = None,
         status: Status | None = None,
+        trigger: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Invocation], str | None]:
-        """Invocations newest first, and the next page's cursor."""
+        """Invocations newest first (accepted from `since` until before `until`, Unix ms), and the next page's cursor."""
         if function is not None:
             self.function(function)
-        return await self.store.list(function=function, status=status, limit=limit, cursor=cursor)
+        return await self.store.list(
+            function=function, status=status, trigger=trigger, since=since, until=until, limit=limit, cursor=cursor
+        )
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Runs of each function of the manifest by status."""
+        found = await self.store.counts()
+        empty = {s.value: 0 for s in Status}
+        return {name: found.get(name, dict(empty)) for name in self.manifest.functions}
+
+    async def envelope(self, request_id: str) -> bytes:
+        """The envelope a run was given, as JSON."""
+        envelope = await self.store.envelope(request_id)
+        if envelope is None:
+            raise InvocationNotFound(request_id)
+        return envelope
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
         """The invocation once it has ended (or as it is when `timeout` passes)."""

@@ -33,6 +33,20 @@ def invocation(row: Any) -> Invocation:
     )
 
 
+def counts(rows: Any) -> dict[str, dict[str, int]]:
+    """{function: {status: n}} from (function, status, n) rows, every status present."""
+    out: dict[str, dict[str, int]] = {}
+    for function, status, n in rows:
+        out.setdefault(function, dict.fromkeys((s.value for s in Status), 0))[status] += int(n)
+    return out
+
+
+def first_id_of(millis: int) -> str:
+    """The smallest RequestId of a Unix millisecond (a UUID version 7 begins with it)."""
+    head = f"{millis:012x}"
+    return f"{head[:8]}-{head[8:]}-0000-0000-000000000000"
+
+
 def encode_cursor(kind: str, value: object) -> str:
     """An opaque cursor: where the next page starts, and which kind of store gave it out."""
     return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")

@@ -14,7 +14,7 @@ from typing import Any, Collection, Mapping, Protocol, Sequence
 from .api import Accepted, Invocation, Status
 from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
 from .errors import InvalidParameter, StoreError
-from .rows import COLUMNS, async_flag_flipped, decode_cursor, encode_cursor, invocation
+from .rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, invocation
 from .writer import WriterProcess
 from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect
 
@@ -55,10 +55,14 @@ class InvocationStore(Protocol):
         *,
         function: str | None = None,
         status: Status | None = None,
+        trigger: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[builtins.list[Invocation], str | None]: ...
     async def count_active(self, function: str, source: str) -> int: ...
+    async def counts(self) -> dict[str, dict[str, int]]: ...
 
 
 class SQLiteStore:
@@ -233,10 +237,17 @@ class SQLiteStore:
         *,
         function: str | None = None,
         status: Status | None = None,
+        trigger: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Invocation], str | None]:
-        """Invocations newest first, and the cursor of the next page (None at the end)."""
+        """Invocations newest first, and the cursor of the next page (None at the end).
+
+        `since` and `until` (Unix milliseconds) bound when they were accepted, found through
+        their RequestIds, which begin with that millisecond: the key itself, no other index.
+        """
         where: list[str] = []
         args: list[Any] = []
         if function is not None:
@@ -245,6 +256,15 @@ class SQLiteStore:
         if status is not None:
             where.append("status = ?")
             args.append(status.value)
+        if trigger is not None:
+            where.append("trigger = ?")
+            args.append(trigger)
+        if since is not None:
+            where.append("seq >= ?")
+            args.append(since << 12)  # (a RequestId's sequence number: its millisecond, then a 12-bit counter)
+        if until is not None:
+            where.append("seq < ?")
+            args.append(until << 12)
         if cursor:
             where.append("seq < ?")
             args.append(_seq_cursor(cursor))
@@ -260,6 +280,10 @@ class SQLiteStore:
     async def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
         """(request_id, function) of every QUEUED run, oldest first."""
         return self._db.execute("SELECT request_id, function FROM invocations WHERE status = 'QUEUED' ORDER BY seq").fetchall()
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """How many runs each function has in each status."""
+        return _counts(self._db.execute("SELECT function, status, count(*) FROM invocations GROUP BY function, status"))
 
     async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""

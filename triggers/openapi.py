@@ -215,6 +215,19 @@ _PATHS: dict[str, Any] = {
             "parameters": [
                 {"name": "function", "in": "query", "schema": {"type": "string"}},
                 {"name": "status", "in": "query", "schema": _ref("Status")},
+                {"name": "trigger", "in": "query", "schema": {"type": "string", "enum": ["http", "kafka", "s3", "timer"]}},
+                {
+                    "name": "since",
+                    "in": "query",
+                    "description": "Accepted at or after this RFC 3339 time (with its zone)",
+                    "schema": {"type": "string", "format": "date-time"},
+                },
+                {
+                    "name": "until",
+                    "in": "query",
+                    "description": "Accepted before this RFC 3339 time (with its zone)",
+                    "schema": {"type": "string", "format": "date-time"},
+                },
                 {
                     "name": "limit",
                     "in": "query",
@@ -235,6 +248,56 @@ _PATHS: dict[str, Any] = {
             "operationId": "getInvocation",
             "parameters": [_REQUEST_ID],
             "responses": {"200": _json("The invocation", _ref("Invocation")), "404": _error("NotFound")},
+        }
+    },
+    "/invocations/{RequestId}/event": {
+        "get": {
+            "summary": "The CloudEvents envelope the run was given",
+            "operationId": "getEvent",
+            "parameters": [_REQUEST_ID],
+            "responses": {
+                "200": {"description": "The envelope", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "404": _error("NotFound"),
+            },
+        }
+    },
+    "/counts": {
+        "get": {
+            "summary": "Each function's runs by status",
+            "operationId": "counts",
+            "responses": {
+                "200": _json(
+                    "{Functions: {name: {status: count}}}",
+                    {
+                        "type": "object",
+                        "required": ["Functions"],
+                        "properties": {
+                            "Functions": {
+                                "type": "object",
+                                "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
+                            }
+                        },
+                    },
+                )
+            },
+        }
+    },
+    "/ui": {
+        "get": {
+            "summary": "The dashboard (redirects to /ui/)",
+            "operationId": "dashboard",
+            "responses": {"302": {"description": "To /ui/"}},
+        }
+    },
+    "/ui/{name}": {
+        "get": {
+            "summary": "The dashboard's files: index.html (at /ui/), app.js, app.css",
+            "operationId": "dashboardFile",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file", "content": {"text/html": {"schema": {"type": "string"}}}},
+                "404": _error("NotFound"),
+            },
         }
     },
     "/invocations/{RequestId}/logs": {

@@ -20,7 +20,7 @@ import asyncpg
 from ..api import Accepted, Invocation, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
-from ..rows import COLUMNS, async_flag_flipped, decode_cursor, encode_cursor, invocation
+from ..rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation
 from ..writes import Batch, NewInvocation
 from .intake import Intake
 from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
@@ -379,10 +379,17 @@ class PostgresStore:
         *,
         function: str | None = None,
         status: Status | None = None,
+        trigger: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Invocation], str | None]:
-        """Invocations newest first, and the cursor of the next page (None at the end)."""
+        """Invocations newest first, and the cursor of the next page (None at the end).
+
+        `since` and `until` (Unix milliseconds) bound when they were accepted, found through
+        their RequestIds, which begin with that millisecond: the key itself, no other index.
+        """
         where: list[str] = []
         args: list[Any] = []
         if function is not None:
@@ -391,6 +398,15 @@ class PostgresStore:
         if status is not None:  # (QUEUED: claimed ones too, which read as QUEUED)
             args.append([status.value, "CLAIMED"] if status is Status.QUEUED else [status.value])
             where.append(f"status = any(${len(args)}::text[])")
+        if trigger is not None:
+            args.append(trigger)
+            where.append(f"trigger = ${len(args)}")
+        if since is not None:
+            args.append(first_id_of(since))
+            where.append(f"request_id >= ${len(args)}::uuid")
+        if until is not None:
+            args.append(first_id_of(until))
+            where.append(f"request_id < ${len(args)}::uuid")
         if cursor:
             args.append(_uuid_cursor(cursor))
             where.append(f"request_id < ${len(args)}::uuid")
@@ -403,6 +419,15 @@ class PostgresStore:
         page = [invocation(r) for r in rows[:limit]]
         next_cursor = encode_cursor("id", page[-1].request_id) if len(rows) > limit else None
         return page, next_cursor
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """How many runs each function has in each status (a claimed run counts as QUEUED)."""
+        return _counts(
+            await self.pool.fetch(
+                "SELECT function, CASE status WHEN 'CLAIMED' THEN 'QUEUED' ELSE status END, count(*)"
+                " FROM invocations GROUP BY 1, 2"
+            )
+        )
 
     async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""

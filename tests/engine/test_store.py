@@ -12,7 +12,7 @@ import pytest
 
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine import envelope as envelope_module
-from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, template_key, template_prefix
+from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, request_seq, template_key, template_prefix
 from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
 from eventrun.engine.store import Batch, NewInvocation, SQLiteStore
 from eventrun.engine.writes import SCHEMA, by_request_id
@@ -311,3 +311,29 @@ async def test_a_batch_is_accepted_as_its_rows_would_be(store: SQLiteStore) -> N
         invocation = await store.get(rid)
         assert invocation is not None and invocation.status is Status.QUEUED
         assert (await store.envelope(rid)) == envelope
+
+
+async def test_listing_filters_by_trigger_and_time_of_acceptance(store: SQLiteStore) -> None:
+    early = row("e1")
+    await store.accept([early])
+    time.sleep(0.005)  # (the next RequestIds begin with a later millisecond)
+    middle = row("e2")._replace(trigger="kafka")
+    await store.accept([middle])
+    time.sleep(0.005)
+    late = row("e3")
+    await store.accept([late])
+    millis = [request_seq(r.request_id) >> 12 for r in (early, middle, late)]  # type: ignore[operator]
+    assert [i.request_id for i in (await store.list(trigger="kafka"))[0]] == [middle.request_id]
+    assert [i.request_id for i in (await store.list(since=millis[1]))[0]] == [late.request_id, middle.request_id]
+    assert [i.request_id for i in (await store.list(until=millis[1]))[0]] == [early.request_id]
+    between, _ = await store.list(since=millis[1], until=millis[2])
+    assert [i.request_id for i in between] == [middle.request_id]
+
+
+async def test_counts_are_per_function_and_status_with_every_status(store: SQLiteStore) -> None:
+    a1, a2, b1 = row("1", function="a"), row("2", function="a"), row("1", function="b")
+    await store.accept([a1, a2, b1])
+    await store.finish(a1.request_id, Status.ABORTED, now_rfc3339())
+    counts = await store.counts()
+    assert counts["a"] == {"QUEUED": 1, "RUNNING": 0, "FINISHED": 0, "FAILED": 0, "TIMED_OUT": 0, "ABORTED": 1}
+    assert counts["b"]["QUEUED"] == 1 and sum(counts["b"].values()) == 1

@@ -107,10 +107,16 @@ class FakeEngine:
         *,
         function: str | None = None,
         status: Status | None = None,
+        trigger: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Invocation], str | None]:
-        self.list_calls.append({"function": function, "status": status, "limit": limit, "cursor": cursor})
+        self.list_calls.append(
+            {"function": function, "status": status, "trigger": trigger, "since": since, "until": until,
+             "limit": limit, "cursor": cursor}
+        )
         if self.list_error is not None:
             raise self.list_error
         return self.list_answer
@@ -410,7 +416,11 @@ async def test_get_unknown_invocation_is_404(client: TestClient) -> None:
 async def test_list_passes_filters_and_answers_a_page(client: TestClient, engine: FakeEngine) -> None:
     engine.list_answer = ([_invocation("r2"), _invocation("r1")], "cursor-2")
     response = await client.get(
-        "/invocations", params={"function": "resize", "status": "running", "limit": "2", "cursor": "c1"}
+        "/invocations",
+        params={
+            "function": "resize", "status": "running", "trigger": "kafka", "since": "2026-12-05T08:00:00Z",
+            "until": "2026-12-05T10:00:00+02:00", "limit": "2", "cursor": "c1",
+        },
     )
     assert response.status == 200
     body = await response.json()
@@ -418,14 +428,34 @@ async def test_list_passes_filters_and_answers_a_page(client: TestClient, engine
     assert body["Invocations"][0]["Status"] == "FINISHED"
     assert body["NextCursor"] == "cursor-2"
     assert engine.list_calls == [
-        {"function": "resize", "status": Status.RUNNING, "limit": 2, "cursor": "c1"}
+        {
+            "function": "resize", "status": Status.RUNNING, "trigger": "kafka", "since": 1796457600000,
+            "until": 1796457600000, "limit": 2, "cursor": "c1",
+        }
     ]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"trigger": "ftp"}, "trigger: expected one of http, kafka, s3, timer, got 'ftp'"),
+        ({"since": "yesterday"}, "since: expected an RFC 3339 time with its zone"),
+        ({"until": "2026-12-05T08:00:00"}, "until: expected an RFC 3339 time with its zone"),
+    ],
+)
+async def test_bad_list_filters_are_named(client: TestClient, engine: FakeEngine, query: dict[str, str], message: str) -> None:
+    response = await client.get("/invocations", params=query)
+    assert response.status == 400
+    assert message in (await response.json())["Error"]["Message"]
+    assert engine.list_calls == []
 
 
 async def test_list_defaults(client: TestClient, engine: FakeEngine) -> None:
     response = await client.get("/invocations")
     assert await response.json() == {"Invocations": [], "NextCursor": None}
-    assert engine.list_calls == [{"function": None, "status": None, "limit": 50, "cursor": None}]
+    assert engine.list_calls == [
+        {"function": None, "status": None, "trigger": None, "since": None, "until": None, "limit": 50, "cursor": None}
+    ]
 
 
 @pytest.mark.parametrize(

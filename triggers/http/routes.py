@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -18,6 +19,7 @@ from ..openapi import openapi_document
 from .parser import to_envelope
 from .responses import error_response, function_json, invocation_json, json_response, map_error
 from .sse import stream_logs
+from .ui import ui_routes
 
 if TYPE_CHECKING:
     from eventrun.engine.core import Engine
@@ -114,16 +116,57 @@ async def get_invocation(request: web.Request) -> web.Response:
 
 
 async def list_invocations(request: web.Request) -> web.Response:
-    """GET /invocations?function=&status=&limit=&cursor=."""
+    """GET /invocations?function=&status=&trigger=&since=&until=&limit=&cursor=."""
     engine = _engine(request)
     query = request.query
     function = query.get("function") or None
     if function is not None:
         engine.function(function)  # an unknown name is a 404, not an empty list
-    status = _parse_status(query.get("status", ""))
-    limit = _parse_limit(query.get("limit", ""))
-    invocations, cursor = await engine.list(function=function, status=status, limit=limit, cursor=query.get("cursor") or None)
+    invocations, cursor = await engine.list(
+        function=function,
+        status=_parse_status(query.get("status", "")),
+        trigger=_parse_trigger(query.get("trigger", "")),
+        since=_parse_time("since", query.get("since", "")),
+        until=_parse_time("until", query.get("until", "")),
+        limit=_parse_limit(query.get("limit", "")),
+        cursor=query.get("cursor") or None,
+    )
     return json_response({"Invocations": [invocation_json(inv) for inv in invocations], "NextCursor": cursor})
+
+
+async def counts(request: web.Request) -> web.Response:
+    """GET /counts: each function's runs by status."""
+    return json_response({"Functions": await _engine(request).counts()})
+
+
+async def get_event(request: web.Request) -> web.Response:
+    """GET /invocations/{request_id}/event: the envelope the run was given."""
+    body = await _engine(request).envelope(request.match_info["request_id"])
+    return web.Response(body=body, content_type="application/json")
+
+
+TRIGGERS = ("http", "kafka", "s3", "timer")
+
+
+def _parse_trigger(raw: str) -> str | None:
+    if not raw:
+        return None
+    if raw not in TRIGGERS:
+        raise InvalidParameter(f"trigger: expected one of {', '.join(TRIGGERS)}, got {raw!r}")
+    return raw
+
+
+def _parse_time(name: str, raw: str) -> int | None:
+    """An RFC 3339 time (with a zone; Z for UTC) as Unix milliseconds."""
+    if not raw:
+        return None
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise InvalidParameter(f"{name}: expected an RFC 3339 time with its zone, e.g. 2026-12-05T08:00:00Z, got {raw!r}")
+    return max(0, int(when.timestamp() * 1000))  # (before 1970: from the start)
 
 
 def _parse_status(raw: str) -> Status | None:
@@ -216,10 +259,13 @@ def build_app(
             web.get("/invocations", list_invocations),
             web.get("/invocations/{request_id}", get_invocation),
             web.get("/invocations/{request_id}/logs", get_logs),
+            web.get("/invocations/{request_id}/event", get_event),
+            web.get("/counts", counts),
             web.post("/invocations/{request_id}/terminate", terminate),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
             web.get("/openapi.json", openapi),
+            *ui_routes(),
             *extra_routes,
         ]
     )
