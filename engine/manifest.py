@@ -85,6 +85,7 @@ class ServerConfig(_Strict):
     log_limit: int = 64 * 1024 * 1024
     shutdown_grace: float = 10.0
     fork_instances: bool = True
+    ui_token: str = ""  # if set, the dashboard and the API ask for it: Authorization: Bearer <ui_token>
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
     _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,19 +46,41 @@ def resolve_url(args: argparse.Namespace) -> str:
     return url.rstrip("/")
 
 
+def client_for(args: argparse.Namespace) -> Client:
+    """A client of the server the arguments name, with its ui_token if it asks for one."""
+    return Client(resolve_url(args), resolve_token(args))
+
+
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """--token, else the manifest's [server] ui_token (or EVENTRUN_SERVER__UI_TOKEN), else $EVENTRUN_TOKEN."""
+    manifest = _manifest(_manifest_path(args.config))
+    return (
+        getattr(args, "token", None)
+        or (manifest.server.ui_token if manifest is not None else None)
+        or os.environ.get("EVENTRUN_TOKEN")
+        or None
+    )
+
+
 def _manifest_path(config: str | None) -> Path | None:
     path = Path(config) if config else Path(DEFAULT_MANIFEST)
     return path if path.is_file() else None
 
 
 def _manifest_url(path: Path | None) -> str | None:
+    manifest = _manifest(path)
+    return manifest.server.base_url if manifest is not None else None
+
+
+@functools.lru_cache(maxsize=4)  # (read once for both the URL and the token)
+def _manifest(path: Path | None) -> Any:
     if path is None:
         return None
     from eventrun.engine.manifest import load_manifest  # pydantic is needed only here
 
     try:
-        return load_manifest(path).server.base_url
-    except Exception:  # noqa: BLE001 - a manifest read only for its URL must never stop a client
+        return load_manifest(path)
+    except Exception:  # noqa: BLE001 - a manifest read only for its URL and token must never stop a client
         return None
 
 
@@ -79,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_invoke(args: argparse.Namespace) -> int:
     """Invoke a function; print its RequestId, or its result with --wait."""
-    client = Client(resolve_url(args))
+    client = client_for(args)
     body, content_type = _invoke_body(args.data, args.file)
     path = f"/functions/{_quote(args.name)}/invocations"
     status, answer = client.call(
@@ -160,13 +183,13 @@ def _raise_unless_finished(client: Client, request_id: str, state: dict[str, Any
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print one invocation as indented JSON."""
-    print(_json(_get_invocation(Client(resolve_url(args)), args.request_id)))
+    print(_json(_get_invocation(client_for(args), args.request_id)))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Print a run's log; with --follow, stream it until the run ends."""
-    client = Client(resolve_url(args))
+    client = client_for(args)
     path = f"/invocations/{_quote(args.request_id)}/logs"
     if not args.follow:
         text = client.text(path)
@@ -192,7 +215,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_terminate(args: argparse.Namespace) -> int:
     """Kill a QUEUED or RUNNING run and print its final status."""
-    client = Client(resolve_url(args))
+    client = client_for(args)
     _, answer = client.call("POST", f"/invocations/{_quote(args.request_id)}/terminate")
     status = answer.get("Status") if isinstance(answer, dict) else None
     if status not in TERMINAL:
@@ -204,7 +227,7 @@ def cmd_terminate(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print invocations, newest first, as a table."""
-    client = Client(resolve_url(args))
+    client = client_for(args)
     query = {
         key: str(value)
         for key, value in (
@@ -227,7 +250,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_functions(args: argparse.Namespace) -> int:
     """Print the function registry as a table."""
-    _, answer = Client(resolve_url(args)).call("GET", "/functions")
+    _, answer = client_for(args).call("GET", "/functions")
     items = answer.get("Functions", []) if isinstance(answer, dict) else answer or []
     headers = ("FunctionName", "Async", "Timeout", "Concurrency", "Triggers")
     rows = [_function_row(item) for item in items if isinstance(item, dict)]
@@ -309,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--config", metavar="FILE", help=f"the manifest to read the URL from (default: ./{DEFAULT_MANIFEST})"
+    )
+    client.add_argument(
+        "--token",
+        help="the server's ui_token, if it asks for one (default: from the manifest, else $EVENTRUN_TOKEN)",
     )
 
     invoke = commands.add_parser("invoke", parents=[client], help="invoke a function")

@@ -38,8 +38,9 @@ class CliError(Exception):
 class Client:
     """The gateway's HTTP API over urllib, with errors turned into one-line `CliError`s."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def open(
         self,
@@ -55,7 +56,7 @@ class Client:
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        request = urllib.request.Request(url, data=body, method=method, headers={**self._auth, **(headers or {})})
         try:
             response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
             return response

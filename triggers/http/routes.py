@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -231,6 +232,35 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+# What a server with a ui_token serves to anyone: liveness, the dashboard's files (they hold no
+# data; the page asks for the token), and the MinIO webhook (it has a token of its own).
+_OPEN_PATHS = ("/healthz", "/ui", "/ui/", "/triggers/s3")
+
+
+def token_middleware(token: str) -> Any:
+    """Ask every request but _OPEN_PATHS for `Authorization: Bearer <token>`."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def ask_for_token(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = request.path
+        if path in _OPEN_PATHS or path.startswith("/ui/"):
+            return await handler(request)
+        given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
+        if not hmac.compare_digest(given, expected):
+            return error_response(
+                401,
+                "Unauthorized",
+                "this server asks for its ui_token: send the header Authorization: Bearer <ui_token>",
+                {hdrs.WWW_AUTHENTICATE: 'Bearer realm="eventrun"'},
+            )
+        return await handler(request)
+
+    return ask_for_token
+
+
 def build_app(
     engine: Engine,
     *,
@@ -238,7 +268,10 @@ def build_app(
     openapi_paths: Mapping[str, Any] | None = None,
 ) -> web.Application:
     """The gateway application; extra_routes (e.g. POST /triggers/s3) get the same error handling."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=engine.manifest.server.max_body_size)
+    middlewares = [error_middleware]
+    if engine.manifest.server.ui_token:
+        middlewares.append(token_middleware(engine.manifest.server.ui_token))
+    app = web.Application(middlewares=middlewares, client_max_size=engine.manifest.server.max_body_size)
     app[ENGINE_KEY] = engine
     app[_CLOSING_KEY] = asyncio.Event()
     document = dumps(openapi_document(openapi_paths))

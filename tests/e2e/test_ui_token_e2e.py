@@ -1,0 +1,53 @@
+"""A server with [server] ui_token: the API and the dashboard's data ask for it, the CLI sends it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from conftest import handler
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "s3cret-token"
+
+
+async def cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "eventrun.cli", *args]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=cwd
+    )
+
+
+async def test_a_token_is_asked_for_everything_but_liveness_the_page_and_the_webhook(eventrun_server, http: aiohttp.ClientSession) -> None:
+    server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": TOKEN})
+    for method, path in [("GET", "/invocations"), ("GET", "/functions"), ("POST", "/functions/quick/invocations"),
+                         ("GET", "/counts"), ("GET", "/metrics")]:
+        for auth in (None, "Bearer wrong", f"Basic {TOKEN}"):
+            headers = {"Authorization": auth} if auth else {}
+            async with http.request(method, server.url + path, headers=headers, json={}) as answer:
+                assert answer.status == 401, (method, path, auth)
+                assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+                body = await answer.json()
+                assert body["Error"]["Code"] == "Unauthorized" and "ui_token" in body["Error"]["Message"]
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    async with http.post(server.url + "/functions/quick/invocations", json={}, headers=good) as answer:
+        assert answer.status == 202
+    for path in ("/healthz", "/ui/"):
+        async with http.get(server.url + path) as answer:
+            assert answer.status == 200, path
+
+
+async def test_the_cli_sends_the_token_of_the_manifest_or_of_the_flag(eventrun_server) -> None:
+    server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": TOKEN})
+    folder = str(server.manifest_path.parent)
+    refused = await cli("functions", "--url", server.url, "--token", "wrong")
+    assert refused.returncode != 0 and "ui_token" in refused.stderr, refused
+    by_flag = await cli("functions", "--url", server.url, "--token", TOKEN)
+    assert by_flag.returncode == 0 and "quick" in by_flag.stdout, by_flag.stderr
+    from_manifest = await cli("functions", "--config", str(server.manifest_path), cwd=folder)
+    assert from_manifest.returncode == 0 and "quick" in from_manifest.stdout, from_manifest.stderr
