@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -32,11 +31,13 @@ from eventrun.client import (
     sse_events,
 )
 
-def resolve_url(args: argparse.Namespace) -> str:
+def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
     """--url, else the manifest's server address, else $EVENTRUN_URL, else the default."""
+    if manifest is None and not args.url:
+        manifest = _manifest(_manifest_path(args.config))
     url = (
         args.url
-        or _manifest_url(_manifest_path(args.config))
+        or (manifest.server.base_url if manifest is not None else None)
         or os.environ.get("EVENTRUN_URL")
         or DEFAULT_URL
     )
@@ -48,12 +49,14 @@ def resolve_url(args: argparse.Namespace) -> str:
 
 def client_for(args: argparse.Namespace) -> Client:
     """A client of the server the arguments name, with its ui_token if it asks for one."""
-    return Client(resolve_url(args), resolve_token(args))
+    manifest = None if args.url and getattr(args, "token", None) else _manifest(_manifest_path(args.config))
+    return Client(resolve_url(args, manifest), resolve_token(args, manifest))
 
 
-def resolve_token(args: argparse.Namespace) -> str | None:
+def resolve_token(args: argparse.Namespace, manifest: Any = None) -> str | None:
     """--token, else the manifest's [server] ui_token (or EVENTRUN_SERVER__UI_TOKEN), else $EVENTRUN_TOKEN."""
-    manifest = _manifest(_manifest_path(args.config))
+    if manifest is None and not getattr(args, "token", None):
+        manifest = _manifest(_manifest_path(args.config))
     return (
         getattr(args, "token", None)
         or (manifest.server.ui_token if manifest is not None else None)
@@ -67,12 +70,6 @@ def _manifest_path(config: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def _manifest_url(path: Path | None) -> str | None:
-    manifest = _manifest(path)
-    return manifest.server.base_url if manifest is not None else None
-
-
-@functools.lru_cache(maxsize=4)  # (read once for both the URL and the token)
 def _manifest(path: Path | None) -> Any:
     if path is None:
         return None
