@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 from .api import SERVER_STOPPED, Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, now_rfc3339, request_ids, stored_many
-from .errors import FunctionNotFound, InvocationEnded, InvocationNotFound, ShuttingDown
+from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, loads, now_rfc3339, request_ids, stored_many
+from .errors import FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
 from .manifest import FunctionConfig, Manifest
@@ -299,6 +299,63 @@ class Engine:
             self.cluster.accepted(function, len(request_ids))
         else:
             self.dispatcher.submit(function, *request_ids)
+
+    # -- replay ----------------------------------------------------------------------------
+
+    async def replay(self, request_id: str) -> Accepted:
+        """A new run of an ended run's envelope, with a new RequestId, linked to it both ways.
+
+        Async execution never retries on its own; this is how a user does, when they choose to.
+        """
+        if self.shutting_down:
+            raise ShuttingDown()
+        original = await self.get(request_id)
+        if not original.status.ended:
+            raise InvocationActive(request_id, original.status.value)
+        self.function(original.function)  # (a function no longer in the manifest cannot run)
+        envelope = await self.envelope(request_id)
+        first, (new_id,) = request_ids(1)
+        # Its own dedupe key: the envelope (and the id in it) stays the event it was.
+        row = NewInvocation(
+            new_id, original.function, loads(envelope)["source"], f"replay:{new_id}", original.trigger,
+            now_rfc3339(), envelope, first,
+        )
+        await self.store.replay(row, request_id)
+        self.metrics.accepted[original.function] += 1
+        self._queue(original.function, [new_id])
+        return Accepted(new_id, True)
+
+    async def replay_many(
+        self,
+        function: str,
+        *,
+        status: Status | None = None,
+        trigger: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        dry_run: bool = False,
+    ) -> list[tuple[str, str | None]]:
+        """Replay the ended runs of a function that match, newest first, each once, at most `limit`;
+        (original, new RequestId) pairs, the new one None in a dry run."""
+        if status is not None and not status.ended:
+            raise InvalidParameter(f"status: only ended runs can be replayed, not {status.value} ones")
+        picked: list[str] = []
+        cursor: str | None = None
+        while len(picked) < limit:
+            page, cursor = await self.list(
+                function=function, status=status, trigger=trigger, since=since, until=until, limit=200, cursor=cursor
+            )
+            picked += [i.request_id for i in page if i.status.ended and i.request_id not in picked][: limit - len(picked)]
+            if cursor is None:
+                break
+        if dry_run:
+            return [(request_id, None) for request_id in picked]
+        return [(request_id, (await self.replay(request_id)).request_id) for request_id in picked]
+
+    async def links(self, request_id: str) -> tuple[str | None, list[str]]:
+        """The run a run replays, and the runs that replay it."""
+        return await self.store.links(request_id)
 
     # -- reading ---------------------------------------------------------------------------
 

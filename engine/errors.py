@@ -41,6 +41,17 @@ class InvocationNotFound(EventrunError):
         self.request_id = request_id
 
 
+class InvocationActive(EventrunError):
+    """The invocation is still QUEUED or RUNNING, so it cannot be replayed yet."""
+
+    code = "InvocationActive"
+
+    def __init__(self, request_id: str, status: str) -> None:
+        super().__init__(f"invocation {request_id!r} is still {status}; replay it once it has ended")
+        self.request_id = request_id
+        self.status = status
+
+
 class InvocationEnded(EventrunError):
     """The invocation already ended, so it cannot be changed."""
 

@@ -63,6 +63,8 @@ class InvocationStore(Protocol):
     ) -> tuple[builtins.list[Invocation], str | None]: ...
     async def count_active(self, function: str, source: str) -> int: ...
     async def counts(self) -> dict[str, dict[str, int]]: ...
+    async def replay(self, row: NewInvocation, replay_of: str) -> None: ...
+    async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]: ...
 
 
 class SQLiteStore:
@@ -169,6 +171,18 @@ class SQLiteStore:
         blob = dumps(result) if result is not None else None
         ending = Ending(request_id, status.value, ended_at, blob, error_type, error_message)
         return await self._submit("finish", ending)  # type: ignore[no-any-return]
+
+    async def replay(self, row: NewInvocation, replay_of: str) -> None:
+        """Record a new run replaying another (its row, and the link between the two) in one commit."""
+        await self._submit("replay", (tuple(row), replay_of))
+
+    async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]:
+        """The run a run replays (or None), and the runs that replay it, oldest first."""
+        found = self._db.execute("SELECT replay_of FROM replays WHERE request_id = ?", (request_id,)).fetchone()
+        replays = self._db.execute(
+            "SELECT request_id FROM replays WHERE replay_of = ? ORDER BY request_id", (request_id,)
+        ).fetchall()
+        return (found[0] if found else None), [r for (r,) in replays]
 
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""

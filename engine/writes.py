@@ -145,7 +145,7 @@ class Ending(NamedTuple):
 class Op(NamedTuple):
     """One write: what to do and with what."""
 
-    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates"
+    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates", "replay"
     args: Any  # list[NewInvocation] | (request_id, started_at) | Ending | ... (see _RUN)
 
 
@@ -179,6 +179,11 @@ CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replays (  -- a run made by replaying another: request_id replays replay_of
+    request_id TEXT PRIMARY KEY,
+    replay_of TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replays_of ON replays (replay_of);
 CREATE TABLE IF NOT EXISTS templates (  -- of envelopes stored as their fields (envelope.Templated)
     key BLOB PRIMARY KEY,  -- envelope.template_key(template)
     template BLOB NOT NULL
@@ -386,6 +391,16 @@ def _recover(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[list[
     return out
 
 
+def _replay(conn: sqlite3.Connection, ops: list[tuple[Sequence[Any], str]]) -> list[None]:
+    """Record replays: each op a new run's row (in NewInvocation's order) and the run it replays."""
+    for row, replay_of in ops:
+        params = list(row)
+        params[6] = _blob(params[6])
+        conn.execute(_insert_sql(1), params)
+        conn.execute("INSERT INTO replays (request_id, replay_of) VALUES (?, ?)", (row[0], replay_of))
+    return [None] * len(ops)
+
+
 def _state(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[None]:
     conn.executemany(
         "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", ops
@@ -414,6 +429,7 @@ _RUN: _Statements = {
     "recover": _recover,
     "state": _state,
     "templates": _templates,
+    "replay": _replay,
 }
 _RUN_BY_REQUEST_ID: _Statements = {
     **_RUN,

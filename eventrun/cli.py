@@ -222,6 +222,50 @@ def cmd_terminate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay one ended run (print the new RequestId), or a function's runs that match a filter."""
+    client = client_for(args)
+    if args.request_id is not None:
+        if args.function is not None:
+            raise CliError("give a REQUEST_ID or --function, not both", exit_status=2)
+        _, answer = client.call("POST", f"/invocations/{_quote(args.request_id)}/replay")
+        print(answer["RequestId"])
+        return 0
+    if args.function is None:
+        raise CliError("give the REQUEST_ID of a run to replay, or --function F with a filter", exit_status=2)
+    body: dict[str, Any] = {"Limit": args.limit, "DryRun": args.dry_run}
+    if args.status:
+        body["Status"] = args.status
+    if args.trigger:
+        body["Trigger"] = args.trigger
+    for key, value in (("Since", args.since), ("Until", args.until)):
+        if value:
+            body[key] = _time_or_ago(value)
+    _, answer = client.call(
+        "POST", f"/functions/{_quote(args.function)}/replay", body=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    for pair in answer["Replayed"]:
+        print(pair["ReplayOf"] if args.dry_run else f"{pair['ReplayOf']} -> {pair['RequestId']}")
+    what = "would be replayed" if args.dry_run else "replayed"
+    print(f"{len(answer['Replayed'])} runs {what}", file=sys.stderr)
+    return 0
+
+
+def _time_or_ago(value: str) -> str:
+    """An RFC 3339 time as given, or a duration ("90m", "1h", "2d") as that long ago, in UTC."""
+    from datetime import datetime, timedelta, timezone
+
+    from eventrun.engine.manifest import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except (ValueError, TypeError):
+        return value  # the server names what is wrong with it
+    when = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print invocations, newest first, as a table."""
     client = client_for(args)
@@ -355,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     terminate = commands.add_parser("terminate", parents=[client], help="kill a queued or running run")
     terminate.add_argument("request_id", metavar="REQUEST_ID")
     terminate.set_defaults(handler=cmd_terminate)
+
+    replaying = commands.add_parser(
+        "replay", parents=[client], help="run an ended run's event again (or a function's runs that match)"
+    )
+    replaying.add_argument("request_id", metavar="REQUEST_ID", nargs="?", help="the run to replay")
+    replaying.add_argument("--function", metavar="F", help="replay this function's ended runs that match")
+    replaying.add_argument("--status", metavar="S", type=str.upper, choices=STATUSES, help="only runs that ended so")
+    replaying.add_argument("--trigger", choices=("http", "kafka", "s3", "timer"), help="only runs from this trigger")
+    replaying.add_argument("--since", metavar="T", help="accepted since: an RFC 3339 time, or a duration ago (1h)")
+    replaying.add_argument("--until", metavar="T", help="accepted before: an RFC 3339 time, or a duration ago")
+    replaying.add_argument("--limit", type=int, default=100, help="at most this many (default 100, at most 1000)")
+    replaying.add_argument("--dry-run", action="store_true", help="only print what would be replayed")
+    replaying.set_defaults(handler=cmd_replay)
 
     listing = commands.add_parser("list", parents=[client], help="list invocations, newest first")
     listing.add_argument("--function", metavar="F", help="only this function's invocations")

@@ -89,6 +89,12 @@ _SCHEMAS: dict[str, Any] = {
             "Result": {"description": "The handler's return value (JSON), null until FINISHED"},
             "ErrorType": _nullable("string"),
             "ErrorMessage": _nullable("string"),
+            "ReplayOf": {**_nullable("string"), "description": "GET /invocations/{RequestId}: the run this one replays"},
+            "Replays": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "GET /invocations/{RequestId}: the runs that replay this one, oldest first",
+            },
         },
     },
     "InvocationList": {
@@ -331,6 +337,76 @@ _PATHS: dict[str, Any] = {
                 "200": _json("The aborted invocation", _ref("Invocation")),
                 "404": _error("NotFound"),
                 "409": _error("Conflict"),
+            },
+        }
+    },
+    "/invocations/{RequestId}/replay": {
+        "post": {
+            "summary": "A new run of an ended run's envelope, with a new RequestId, linked both ways",
+            "operationId": "replay",
+            "parameters": [_REQUEST_ID],
+            "responses": {
+                "202": _json(
+                    "Accepted",
+                    {
+                        "type": "object",
+                        "required": ["RequestId", "ReplayOf"],
+                        "properties": {"RequestId": {"type": "string"}, "ReplayOf": {"type": "string"}},
+                    },
+                ),
+                "404": _error("NotFound"),
+                "409": _error("Conflict"),
+                "503": _error("ShuttingDown"),
+            },
+        }
+    },
+    "/functions/{name}/replay": {
+        "post": {
+            "summary": "Replay the ended runs of a function that match a filter, newest first, each once",
+            "operationId": "replayFunction",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "Status": _ref("Status"),
+                                "Trigger": {"type": "string", "enum": ["http", "kafka", "s3", "timer"]},
+                                "Since": {"type": "string", "format": "date-time"},
+                                "Until": {"type": "string", "format": "date-time"},
+                                "Limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                                "DryRun": {"type": "boolean", "default": False},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    "What was (or, DryRun, would be) replayed",
+                    {
+                        "type": "object",
+                        "required": ["DryRun", "Replayed"],
+                        "properties": {
+                            "DryRun": {"type": "boolean"},
+                            "Replayed": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "ReplayOf": {"type": "string"},
+                                        "RequestId": {"type": ["string", "null"]},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                ),
+                "400": _error("BadRequest"),
+                "404": _error("NotFound"),
             },
         }
     },

@@ -91,6 +91,14 @@ MIGRATIONS: list[str] = [
     END
     $$;
     """,
+    # 2: replays, linked both ways
+    """
+    CREATE TABLE replays (
+        request_id uuid PRIMARY KEY,
+        replay_of uuid NOT NULL
+    );
+    CREATE INDEX replays_of ON replays (replay_of, request_id);
+    """,
 ]
 
 

@@ -22,7 +22,7 @@ from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
 from ..rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation
 from ..writes import Batch, NewInvocation
-from .intake import Intake
+from .intake import Intake, event_key
 from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,28 @@ class PostgresStore:
             _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, _text(error_type), _text(error_message)
         )
         return bool(rows)
+
+    async def replay(self, row: NewInvocation, replay_of: str) -> None:
+        """Record a new run replaying another (its row, and the link between the two) in one commit."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
+                " VALUES ($1::uuid, $2, $3, $4, $5, 'QUEUED', $6, $7)",
+                row.request_id, row.function, row.source, event_key(row.event_id), row.trigger, row.created_at,
+                bytes(row.envelope),
+            )
+            await conn.execute("INSERT INTO replays (request_id, replay_of) VALUES ($1::uuid, $2::uuid)", row.request_id, replay_of)
+
+    async def links(self, request_id: str) -> tuple[str | None, list[str]]:
+        """The run a run replays (or None), and the runs that replay it, oldest first."""
+        if not _is_uuid(request_id):
+            return None, []
+        async with self.pool.acquire() as conn:
+            replay_of = await conn.fetchval("SELECT replay_of::text FROM replays WHERE request_id = $1::uuid", request_id)
+            rows = await conn.fetch(
+                "SELECT request_id::text FROM replays WHERE replay_of = $1::uuid ORDER BY request_id", request_id
+            )
+        return replay_of, [r[0] for r in rows]
 
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""

@@ -67,6 +67,7 @@ class FakeEngine:
         self.accept_error: Exception | None = None
         self.wait_calls: list[tuple[str, float | None]] = []
         self.wait_answer: Invocation | None = None
+        self.links_answer: tuple[str | None, list[str]] = (None, [])
         self.list_calls: list[dict[str, Any]] = []
         self.list_answer: tuple[list[Invocation], str | None] = ([], None)
         self.list_error: Exception | None = None
@@ -133,6 +134,10 @@ class FakeEngine:
         aborted = _invocation(request_id, Status.ABORTED, function=invocation.function)
         self.invocations[request_id] = aborted
         return aborted
+
+    async def links(self, request_id: str) -> tuple[str | None, list[str]]:
+        await self.get(request_id)
+        return self.links_answer
 
     async def read_log(self, request_id: str) -> bytes:
         await self.get(request_id)
@@ -390,6 +395,7 @@ async def test_get_invocation_has_every_field(client: TestClient, engine: FakeEn
         duration_ms=2500,
         result=[1, 2],
     )
+    engine.links_answer = ("r0", ["r2", "r3"])
     response = await client.get("/invocations/r1")
     assert response.status == 200
     assert await response.json() == {
@@ -404,6 +410,8 @@ async def test_get_invocation_has_every_field(client: TestClient, engine: FakeEn
         "Result": [1, 2],
         "ErrorType": None,
         "ErrorMessage": None,
+        "ReplayOf": "r0",
+        "Replays": ["r2", "r3"],
     }
 
 

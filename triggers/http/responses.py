@@ -11,7 +11,8 @@ from aiohttp import hdrs, web
 from eventrun.engine.api import Invocation
 from eventrun.engine.envelope import dumps
 from eventrun.engine.errors import (
-    EventrunError, FunctionNotFound, InvalidParameter, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
+    EventrunError, FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound,
+    ShuttingDown, StoreError,
     Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig
@@ -22,6 +23,7 @@ ERROR_STATUS: dict[type[EventrunError], int] = {
     FunctionNotFound: 404,
     InvocationNotFound: 404,
     InvocationEnded: 409,
+    InvocationActive: 409,
     Throttled: 429,
     ShuttingDown: 503,
     StoreError: 503,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import hdrs, web
 
 from eventrun.engine.api import Status
-from eventrun.engine.envelope import dumps
+from eventrun.engine.envelope import dumps, loads
 from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 
 from ..openapi import openapi_document
@@ -112,8 +112,61 @@ async def invoke(request: web.Request) -> web.Response:
 
 
 async def get_invocation(request: web.Request) -> web.Response:
-    """GET /invocations/{request_id}."""
-    return json_response(invocation_json(await _engine(request).get(request.match_info["request_id"])))
+    """GET /invocations/{request_id}, with the runs it is linked to by replays."""
+    engine = _engine(request)
+    request_id = request.match_info["request_id"]
+    answer = invocation_json(await engine.get(request_id))
+    answer["ReplayOf"], answer["Replays"] = await engine.links(request_id)
+    return json_response(answer)
+
+
+async def replay(request: web.Request) -> web.Response:
+    """POST /invocations/{request_id}/replay: a new run of the same envelope."""
+    original = request.match_info["request_id"]
+    accepted = await _engine(request).replay(original)
+    return json_response(
+        {"RequestId": accepted.request_id, "ReplayOf": original}, status=202, headers={"X-Request-Id": accepted.request_id}
+    )
+
+
+_REPLAY_FIELDS = {"Status", "Trigger", "Since", "Until", "Limit", "DryRun"}
+
+
+async def replay_function(request: web.Request) -> web.Response:
+    """POST /functions/{name}/replay with a filter: replay the ended runs that match, each once."""
+    engine = _engine(request)
+    name = request.match_info["name"]
+    engine.function(name)
+    raw = await _read_body(request)
+    try:
+        body = loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise InvalidParameter("the body is not JSON; expected e.g. {\"Status\": \"FAILED\", \"Limit\": 100}") from None
+    if not isinstance(body, dict):
+        raise InvalidParameter("the body must be a JSON object, e.g. {\"Status\": \"FAILED\"}")
+    unknown = sorted(set(body) - _REPLAY_FIELDS)
+    if unknown:
+        raise InvalidParameter(f"unknown field {unknown[0]!r}; expected some of {', '.join(sorted(_REPLAY_FIELDS))}")
+    limit = body.get("Limit", 100)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidParameter(f"Limit: expected an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
+    dry_run = body.get("DryRun", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidParameter(f"DryRun: expected true or false, got {dry_run!r}")
+    text = {key: body.get(key) for key in ("Status", "Trigger", "Since", "Until")}
+    for key, value in text.items():
+        if value is not None and not isinstance(value, str):
+            raise InvalidParameter(f"{key}: expected a string, got {value!r}")
+    pairs = await engine.replay_many(
+        name,
+        status=_parse_status(text["Status"] or ""),
+        trigger=_parse_trigger(text["Trigger"] or ""),
+        since=_parse_time("Since", text["Since"] or ""),
+        until=_parse_time("Until", text["Until"] or ""),
+        limit=limit,
+        dry_run=dry_run,
+    )
+    return json_response({"DryRun": dry_run, "Replayed": [{"ReplayOf": old, "RequestId": new} for old, new in pairs]})
 
 
 async def list_invocations(request: web.Request) -> web.Response:
@@ -295,6 +348,8 @@ def build_app(
             web.get("/invocations/{request_id}/event", get_event),
             web.get("/counts", counts),
             web.post("/invocations/{request_id}/terminate", terminate),
+            web.post("/invocations/{request_id}/replay", replay),
+            web.post("/functions/{name}/replay", replay_function),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
             web.get("/openapi.json", openapi),

@@ -1,0 +1,81 @@
+"""Replay: a new run of an ended run's envelope, linked both ways; in bulk by filter; from the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from conftest import BOTH_STORES, handler
+
+pytestmark = [pytest.mark.e2e, BOTH_STORES]
+
+
+async def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "eventrun.cli", *args, "--url", url]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+    )
+
+
+async def test_a_failed_run_is_replayed_with_its_envelope_and_linked_both_ways(eventrun_server, http: aiohttp.ClientSession) -> None:
+    server = eventrun_server({"pid": {"handler": handler("pid")}, "sleepy": {"handler": handler("sleepy")}})
+    api = server.client(http)
+    original = await api.accepted("pid", {"fail": True})
+    assert (await api.wait_ended(original))["Status"] == "FAILED"
+    reply = await api.request("POST", f"/invocations/{original}/replay")
+    assert reply.status == 202, reply.text
+    again = reply.json["RequestId"]
+    assert reply.json["ReplayOf"] == original and reply.headers["X-Request-Id"] == again != original
+    assert (await api.wait_ended(again))["Status"] == "FAILED"  # the same event, so the same failure
+    first = (await api.request("GET", f"/invocations/{original}/event")).json
+    second = (await api.request("GET", f"/invocations/{again}/event")).json
+    assert first == second and first["data"] == {"fail": True}
+    assert (await api.status(original))["Replays"] == [again]
+    replayed = await api.status(again)
+    assert replayed["ReplayOf"] == original and replayed["Replays"] == [] and replayed["Trigger"] == "http"
+    third = (await api.request("POST", f"/invocations/{original}/replay")).json["RequestId"]
+    assert (await api.status(original))["Replays"] == [again, third]
+    # Still going: refused. Unknown: not found.
+    going = await api.accepted("sleepy", {"seconds": 30, "quiet": True})
+    refused = await api.request("POST", f"/invocations/{going}/replay")
+    assert refused.status == 409 and refused.error(409)["Code"] == "InvocationActive", refused.text
+    missing = await api.request("POST", "/invocations/01a24565-00f3-7000-b97d-74f7456f1511/replay")
+    assert missing.status == 404
+
+
+async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, http: aiohttp.ClientSession) -> None:
+    server = eventrun_server({"pid": {"handler": handler("pid")}})
+    api = server.client(http)
+    failed = [await api.accepted("pid", {"fail": True, "n": n}) for n in range(3)]
+    finished = await api.accepted("pid", {"n": 9})
+    for request_id in [*failed, finished]:
+        await api.wait_ended(request_id)
+
+    async def bulk(**body: object) -> dict:
+        reply = await api.request("POST", "/functions/pid/replay", json=body)
+        assert reply.status == 200, reply.text
+        return reply.json  # type: ignore[no-any-return]
+
+    dry = await bulk(Status="FAILED", DryRun=True)
+    assert dry["DryRun"] is True and sorted(p["ReplayOf"] for p in dry["Replayed"]) == sorted(failed)
+    assert all(p["RequestId"] is None for p in dry["Replayed"])
+    assert len((await api.list(function="pid")).json["Invocations"]) == 4, "a dry run runs nothing"
+    done = await bulk(Status="FAILED", Limit=2)
+    assert [p["ReplayOf"] for p in done["Replayed"]] == failed[::-1][:2], "newest first, at most Limit"
+    assert len({p["RequestId"] for p in done["Replayed"]}) == 2
+    for pair in done["Replayed"]:
+        assert (await api.wait_ended(pair["RequestId"]))["ReplayOf"] == pair["ReplayOf"]
+    for body, message in [({"Status": "RUNNING"}, "only ended runs"), ({"Limit": 0}, "Limit"), ({"Colour": 1}, "unknown field")]:
+        reply = await api.request("POST", "/functions/pid/replay", json=body)
+        assert reply.status == 400 and message in reply.error(400)["Message"], reply.text
+    # The CLI: one run, and a filter with a time given as a duration ago.
+    out = await cli("replay", finished, url=server.url)
+    assert out.returncode == 0, out.stderr
+    assert (await api.status(out.stdout.strip()))["ReplayOf"] == finished
+    listed = await cli("replay", "--function", "pid", "--status", "FINISHED", "--since", "1h", "--dry-run", url=server.url)
+    assert listed.returncode == 0 and finished in listed.stdout.split(), listed.stderr
+    assert "would be replayed" in listed.stderr
