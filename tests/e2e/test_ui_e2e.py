@@ -361,6 +361,27 @@ async def test_terminate_from_the_run_view(eventrun_server, http, handler, dashb
     await expect(ui.row_status(request_id)).to_have_text("ABORTED", timeout=WAIT)
 
 
+async def test_replay_from_the_run_view_links_both_runs(eventrun_server, http, handler, dashboard):
+    server = eventrun_server({"pid": {"handler": handler("pid")}})
+    api = server.client(http)
+    original = await api.accepted("pid", {"fail": True})
+    assert (await api.wait_ended(original))["Status"] == "FAILED"
+    ui = await dashboard(server)
+    await ui.open(f"#/runs/{original}")
+    button = ui.testid("run-replay")
+    await expect(button).to_be_enabled(timeout=WAIT)
+    await button.click()
+    link = ui.testid("run-replay-link")
+    await expect(link).to_be_visible(timeout=WAIT)
+    again = (await link.text_content() or "").strip()
+    assert (await api.status(again))["ReplayOf"] == original
+    await expect(ui.testid("run-replays")).to_have_text(again, timeout=WAIT)
+    await link.click()
+    await expect(ui.testid("run-id")).to_have_text(again, timeout=WAIT)
+    await expect(ui.testid("run-replay-of")).to_have_text(original, timeout=WAIT)
+    await expect(ui.testid("run-status")).to_have_text("FAILED", timeout=WAIT)
+
+
 async def test_filters_narrow_the_runs_table(eventrun_server, http, handler, dashboard):
     server = eventrun_server(
         {

@@ -679,7 +679,42 @@ function renderRun(inv) {
   setText(byTestId("run-waited"), formatMs(between(inv.CreatedAt, inv.StartedAt)));
   setText(byTestId("run-duration"), durationText(inv));
   byTestId("run-terminate").disabled = !ACTIVE.has(inv.Status);
+  byTestId("run-replay").disabled = ACTIVE.has(inv.Status);
+  renderLinks(byTestId("run-replay-of"), inv.ReplayOf ? [inv.ReplayOf] : []);
+  renderLinks(byTestId("run-replays"), inv.Replays ?? []);
   renderOutcome(inv);
+}
+
+/** Links to runs (a replay's original, or its replays), or a dash; rebuilt only when they change. */
+function renderLinks(node, requestIds) {
+  const key = requestIds.join(" ");
+  if (node.dataset.ids === key) return;
+  node.dataset.ids = key;
+  node.replaceChildren(...(requestIds.length ? [] : [document.createTextNode("—")]));
+  requestIds.forEach((requestId, index) => {
+    if (index) node.append(document.createTextNode(", "));
+    node.append(el("a", { href: runHref(requestId), class: "mono", text: requestId }));
+  });
+}
+
+async function onReplay() {
+  const id = run.id;
+  const button = byTestId("run-replay");
+  const answerNode = byTestId("run-replay-result");
+  button.disabled = true;
+  setText(answerNode, "replaying…");
+  try {
+    const answer = await api(`/invocations/${encodeURIComponent(id)}/replay`, { method: "POST" });
+    if (id !== run.id) return;
+    answerNode.replaceChildren(
+      document.createTextNode("Replayed as "),
+      el("a", { href: runHref(answer.RequestId), class: "mono", "data-testid": "run-replay-link", text: answer.RequestId }),
+    );
+  } catch (error) {
+    if (id === run.id) setText(answerNode, describeError(error));
+  }
+  if (id === run.id) button.disabled = ACTIVE.has(run.status);
+  runPoller.now();
 }
 
 /** The result of a finished run, or the error of one that did not finish well. */
@@ -972,6 +1007,10 @@ function openRun(id) {
   }
   byTestId("run-terminate").disabled = true;
   setText(byTestId("run-terminate-result"), "");
+  byTestId("run-replay").disabled = true;
+  byTestId("run-replay-result").replaceChildren();
+  renderLinks(byTestId("run-replay-of"), []);
+  renderLinks(byTestId("run-replays"), []);
   showMessage(byTestId("run-load-error"), "");
   byTestId("run-outcome").hidden = true;
   setText(byTestId("run-envelope"), "loading…");
@@ -1036,6 +1075,7 @@ function start() {
   byTestId("older").addEventListener("click", onOlder);
   byTestId("newest").addEventListener("click", () => goToPage(0));
   byTestId("run-terminate").addEventListener("click", onTerminate);
+  byTestId("run-replay").addEventListener("click", onReplay);
   byTestId("token-form").addEventListener("submit", onTokenSubmit);
   window.addEventListener("hashchange", route);
   // The node id belongs in the header whichever view the page opens on.
