@@ -16,9 +16,10 @@ from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, loads, n
 from .errors import FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
-from .manifest import FunctionConfig, Manifest
+from .manifest import FunctionConfig, Manifest, format_duration
 from .metrics import Metrics
 from .store import Batch, NewInvocation, SQLiteStore
+from .writes import PRUNE_AT_ONCE
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -116,6 +117,8 @@ class Engine:
         self._reporters: dict[str, Callable[[], dict[str, Any]]] = {}
         self._metric_sources: list[Callable[[], str]] = []
         self._started = False
+        self._pruning: asyncio.Task[None] | None = None
+        self.pruned = 0  # runs deleted by retention since the start
         self.cluster: Cluster | None = None  # with a shared store: this engine is one node of several
         if manifest.store.shared:
             from .cluster import Cluster
@@ -147,6 +150,7 @@ class Engine:
                 await self.pool.start()
                 await self.cluster.start()  # ends what this node left running; claims queued runs
                 self._started = True
+                self._start_pruning()
                 return
             assert isinstance(self.store, SQLiteStore)  # (a shared store's nodes end what a dead one left: Cluster)
             interrupted = await self.store.recover(now_rfc3339(), SERVER_STOPPED)
@@ -180,12 +184,45 @@ class Engine:
                 )
         if interrupted or resumed:
             logger.info("recovered: %d interrupted runs ended FAILED, %d queued runs resumed", len(interrupted), resumed)
+        self._start_pruning()
+
+    def _start_pruning(self) -> None:
+        if self.manifest.server.retention > 0:
+            self._pruning = asyncio.create_task(self._prune_forever(), name="retention")
+
+    async def _prune_forever(self) -> None:
+        """Delete ended runs (and their logs) older than [server] retention, every little while."""
+        retention = self.manifest.server.retention
+        every = min(60.0, max(1.0, retention / 4))
+        while True:
+            try:
+                await self.prune(int((time.time() - retention) * 1000))
+            except Exception:  # (the store unreachable, say): the next round tries again
+                logger.exception("pruning runs past their retention failed")
+            await asyncio.sleep(every)
+
+    async def prune(self, ended_before_ms: int) -> int:
+        """Delete the runs that ended before this time (Unix ms), with their logs; how many."""
+        total = 0
+        while True:
+            pruned = await self.store.prune(ended_before_ms)
+            for request_id in pruned:
+                self.logs.remove(request_id)
+            total += len(pruned)
+            if len(pruned) < PRUNE_AT_ONCE:
+                break
+        if total:
+            self.pruned += total
+            logger.info("deleted %d runs that ended more than %s ago", total, format_duration(self.manifest.server.retention))
+        return total
 
     async def stop(self) -> None:
         """Take nothing new, let running work finish within the grace, then record the rest."""
         if not self._started or self.shutting_down:
             return
         self.shutting_down = True
+        if self._pruning is not None:
+            self._pruning.cancel()
         self.dispatcher.pause()
         if self.cluster is not None:
             self.cluster.pause()

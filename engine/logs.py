@@ -136,6 +136,14 @@ class LogHub:
             self.sink(request_id, data)
         self._publish(request_id, stamped)
 
+    def remove(self, request_id: str) -> None:
+        """Delete an ended run's log (retention)."""
+        for path in (self.path(request_id), self._legacy_path(request_id)):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
     def close(self, request_id: str) -> None:
         """End a run's log and release its followers."""
         log = self._open.pop(request_id, None)

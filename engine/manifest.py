@@ -86,8 +86,10 @@ class ServerConfig(_Strict):
     shutdown_grace: float = 10.0
     fork_instances: bool = True
     ui_token: str = ""  # if set, the dashboard and the API ask for it: Authorization: Bearer <ui_token>
+    retention: float = 0.0  # ended runs (and their logs) older than this are deleted; 0: kept for ever
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
+    _retention = field_validator("retention", mode="before")(lambda v: 0.0 if v in (0, "0", "", None) else parse_duration(v))
     _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(
         parse_duration
     )

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Collection, Mapping, Protocol, Sequence
 
@@ -65,6 +66,7 @@ class InvocationStore(Protocol):
     async def counts(self) -> dict[str, dict[str, int]]: ...
     async def replay(self, row: NewInvocation, replay_of: str) -> None: ...
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]: ...
+    async def prune(self, ended_before_ms: int) -> builtins.list[str]: ...
 
 
 class SQLiteStore:
@@ -175,6 +177,12 @@ class SQLiteStore:
     async def replay(self, row: NewInvocation, replay_of: str) -> None:
         """Record a new run replaying another (its row, and the link between the two) in one commit."""
         await self._submit("replay", (tuple(row), replay_of))
+
+    async def prune(self, ended_before_ms: int) -> builtins.list[str]:
+        """Delete up to writes.PRUNE_AT_ONCE runs that ended before this time (Unix ms); their RequestIds."""
+        ended_before = datetime.fromtimestamp(ended_before_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+        pruned = await self._submit("prune", ((ended_before_ms + 1) << 12, ended_before.replace("+00:00", "Z")))
+        return pruned  # type: ignore[no-any-return]
 
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""

@@ -145,7 +145,7 @@ class Ending(NamedTuple):
 class Op(NamedTuple):
     """One write: what to do and with what."""
 
-    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates", "replay"
+    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates", "replay", "prune"
     args: Any  # list[NewInvocation] | (request_id, started_at) | Ending | ... (see _RUN)
 
 
@@ -376,6 +376,30 @@ def _register(conn: sqlite3.Connection, ops: list[tuple[Mapping[str, bool], str]
     return out
 
 
+PRUNE_AT_ONCE = 5000  # runs deleted in one op, so one prune does not hold the writer long
+
+
+def _prune(conn: sqlite3.Connection, ops: list[tuple[int, str]]) -> list[list[str]]:
+    """Delete ended runs that ended before a time (and their replay links); each op gets their RequestIds.
+
+    Each op is (the first seq after that time, the time as RFC 3339 text): a run that ended
+    before it was accepted before it, so the key bounds the search before ended_at is read.
+    """
+    out = []
+    for below, ended_before in ops:
+        ids = [
+            r for (r,) in conn.execute(
+                "DELETE FROM invocations WHERE seq IN (SELECT seq FROM invocations WHERE seq < ?"
+                " AND status NOT IN ('QUEUED', 'RUNNING') AND ended_at < ? ORDER BY seq LIMIT ?)"
+                " RETURNING request_id",
+                (below, ended_before, PRUNE_AT_ONCE),
+            )
+        ]
+        conn.executemany("DELETE FROM replays WHERE request_id = ? OR replay_of = ?", [(r, r) for r in ids])
+        out.append(ids)
+    return out
+
+
 def _recover(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[list[str]]:
     """End runs left RUNNING as FAILED (ServerStopped); each op gets the RequestIds it ended."""
     out = []
@@ -430,6 +454,7 @@ _RUN: _Statements = {
     "state": _state,
     "templates": _templates,
     "replay": _replay,
+    "prune": _prune,
 }
 _RUN_BY_REQUEST_ID: _Statements = {
     **_RUN,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -21,7 +22,7 @@ from ..api import Accepted, Invocation, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
 from ..rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation
-from ..writes import Batch, NewInvocation
+from ..writes import PRUNE_AT_ONCE, Batch, NewInvocation
 from .intake import Intake, event_key
 from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
 
@@ -198,6 +199,22 @@ class PostgresStore:
                 bytes(row.envelope),
             )
             await conn.execute("INSERT INTO replays (request_id, replay_of) VALUES ($1::uuid, $2::uuid)", row.request_id, replay_of)
+
+    async def prune(self, ended_before_ms: int, at_once: int = PRUNE_AT_ONCE) -> list[str]:
+        """Delete up to `at_once` runs that ended before this time (Unix ms), their logs and links;
+        their RequestIds. (Any node may prune: deleting what another deleted is no error.)"""
+        ended_before = datetime.fromtimestamp(ended_before_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "DELETE FROM invocations WHERE request_id IN (SELECT request_id FROM invocations"
+                " WHERE request_id < $1::uuid AND status NOT IN ('QUEUED', 'CLAIMED', 'RUNNING') AND ended_at < $2"
+                " ORDER BY request_id LIMIT $3) RETURNING request_id",
+                first_id_of(ended_before_ms + 1), ended_before.replace("+00:00", "Z"), at_once,
+            )
+            ids = [r[0] for r in rows]
+            await conn.execute("DELETE FROM logs WHERE request_id = any($1::uuid[])", ids)
+            await conn.execute("DELETE FROM replays WHERE request_id = any($1::uuid[]) OR replay_of = any($1::uuid[])", ids)
+        return [str(i) for i in ids]
 
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""

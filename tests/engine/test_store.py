@@ -337,3 +337,22 @@ async def test_counts_are_per_function_and_status_with_every_status(store: SQLit
     counts = await store.counts()
     assert counts["a"] == {"QUEUED": 1, "RUNNING": 0, "FINISHED": 0, "FAILED": 0, "TIMED_OUT": 0, "ABORTED": 1}
     assert counts["b"]["QUEUED"] == 1 and sum(counts["b"].values()) == 1
+
+
+async def test_runs_that_ended_before_a_time_are_pruned_with_their_links(store: SQLiteStore) -> None:
+    old_a, old_b, queued = row("a"), row("b"), row("q")
+    await store.accept([old_a, old_b, queued])
+    await store.finish(old_a.request_id, Status.FINISHED, now_rfc3339())
+    await store.finish(old_b.request_id, Status.FAILED, now_rfc3339())
+    time.sleep(0.005)
+    cutoff = int(time.time() * 1000)
+    time.sleep(0.005)
+    late = row("l")
+    await store.replay(late, old_a.request_id)
+    await store.finish(late.request_id, Status.FINISHED, now_rfc3339())
+    assert sorted(await store.prune(cutoff)) == sorted([old_a.request_id, old_b.request_id])
+    assert await store.get(old_a.request_id) is None and await store.get(old_b.request_id) is None
+    assert await store.get(queued.request_id) is not None, "a run that has not ended stays"
+    assert await store.get(late.request_id) is not None, "a run that ended after the time stays"
+    assert await store.links(late.request_id) == (None, []), "the link to a pruned run goes with it"
+    assert await store.prune(cutoff) == []
