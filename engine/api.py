@@ -38,6 +38,25 @@ class Accepted(NamedTuple):
     created: bool  # False when the same (function, source, id) was accepted before
 
 
+class Delivery(NamedTuple):
+    """One delivery owed for an ended run (a row of the store's outbox), as a node claims it."""
+
+    id: int
+    request_id: str
+    function: str
+    kind: str  # "callback" or "on_failure"
+    target: str  # an http(s) URL, or kafka:TOPIC
+    attempts: int  # made before this one
+
+
+class Outbox(NamedTuple):
+    """What the outbox holds."""
+
+    pending: int
+    given_up: int
+    next_in: float | None  # seconds until the next pending delivery is due (<= 0: now); None: none pending
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Invocation:
     """One invocation as the store records it."""

@@ -8,7 +8,7 @@ import logging
 import operator
 import os
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from .api import SERVER_STOPPED, Accepted, Invocation, Status
 from .dispatcher import Dispatcher
@@ -114,6 +114,7 @@ class Engine:
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
+        self._stopping: list[Callable[[], Awaitable[None]]] = []
         self._reporters: dict[str, Callable[[], dict[str, Any]]] = {}
         self._metric_sources: list[Callable[[], str]] = []
         self._started = False
@@ -146,6 +147,7 @@ class Engine:
             await self.store.register_functions(
                 {n: f.async_execution for n, f in self.manifest.functions.items()}, now_rfc3339()
             )
+            await self.store.set_destinations({n: f.destinations for n, f in self.manifest.functions.items()})
             if self.cluster is not None:
                 await self.pool.start()
                 await self.cluster.start()  # ends what this node left running; claims queued runs
@@ -233,6 +235,11 @@ class Engine:
             await self.dispatcher.cancel_all()
         await self.pool.stop()
         self.logs.close_all()
+        for hook in self._stopping:
+            try:
+                await hook()
+            except Exception:
+                logger.exception("a stop hook failed; stopping goes on")
         if self.cluster is not None:
             await self.cluster.stop()  # hands back claimed runs not started, ships the last lines
         await self.store.stop()
@@ -248,6 +255,10 @@ class Engine:
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(invocation)` whenever a run ends."""
         self._listeners.append(listener)
+
+    def on_stopping(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await `hook()` when stopping, once every run has ended and before the store closes."""
+        self._stopping.append(hook)
 
     def add_reporter(self, name: str, report: Callable[[], dict[str, Any]]) -> None:
         """Show `report()` (e.g. a trigger's connection state) under `Triggers` in health()."""

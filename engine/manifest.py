@@ -279,6 +279,32 @@ class TimerTrigger(_Strict):
 Trigger = Annotated[Union[S3Trigger, KafkaTrigger, TimerTrigger], Field(discriminator="type")]
 
 
+def _http_url(value: str) -> str:
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+class OnFailure(_Strict):
+    """Where the record of a failed run goes: `{ url = ... }` or `{ kafka_topic = ... }`."""
+
+    url: str = ""
+    kafka_topic: str = ""
+
+    _url = field_validator("url")(_http_url)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> OnFailure:
+        if bool(self.url) == bool(self.kafka_topic):
+            raise ValueError("give exactly one of url or kafka_topic")
+        return self
+
+    @property
+    def target(self) -> str:
+        """The destination as the outbox records it: the URL, or `kafka:TOPIC`."""
+        return self.url or f"kafka:{self.kafka_topic}"
+
+
 class FunctionConfig(_Strict):
     """One `[functions.NAME]` table."""
 
@@ -289,9 +315,12 @@ class FunctionConfig(_Strict):
     qps_limit: int = Field(1000, ge=1)
     environment: dict[str, str] = Field(default_factory=dict)
     callback_url: str = ""
+    callback_secret: SecretStr = SecretStr("")  # signs what goes to callback_url and on_failure.url
+    on_failure: OnFailure | None = None
     triggers: tuple[Trigger, ...] = ()
 
     _timeout = field_validator("timeout", mode="before")(parse_duration)
+    _callback_url = field_validator("callback_url")(_http_url)
 
     @field_validator("handler")
     @classmethod
@@ -312,6 +341,15 @@ class FunctionConfig(_Strict):
                 f"{kind} functions may run at most {format_duration(limit)}, got {format_duration(value)}"
             )
         return value
+
+    @property
+    def destinations(self) -> list[tuple[str, str]]:
+        """(kind, target) of each place the function's ended runs go: "callback" (every end)
+        and "on_failure" (FAILED and TIMED_OUT runs)."""
+        out = [("callback", self.callback_url)] if self.callback_url else []
+        if self.on_failure is not None:
+            out.append(("on_failure", self.on_failure.target))
+        return out
 
     @property
     def handler_file(self) -> str:
@@ -448,6 +486,7 @@ _KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "kafka": tuple(KafkaConfig.model_fields),
     "s3": tuple(S3Config.model_fields),
     "function": tuple(FunctionConfig.model_fields),
+    "on_failure": tuple(OnFailure.model_fields),
     "trigger": tuple(
         {*S3Trigger.model_fields, *KafkaTrigger.model_fields, *TimerTrigger.model_fields}
     ),
@@ -494,6 +533,8 @@ def _suggest(loc: list[str]) -> str:
         scope = ""
     elif parent[0] == "functions" and len(parent) == 2:
         scope = "function"
+    elif parent[0] == "functions" and parent[2:] == ["on_failure"]:
+        scope = "on_failure"
     elif parent[0] == "functions" and len(parent) >= 4:
         scope = "trigger"
     else:

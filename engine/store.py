@@ -8,11 +8,12 @@ import fcntl
 import logging
 import os
 import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Collection, Mapping, Protocol, Sequence
 
-from .api import Accepted, Invocation, Status
+from .api import Accepted, Delivery, Invocation, Outbox, Status
 from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
 from .errors import InvalidParameter, StoreError
 from .rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, invocation
@@ -67,6 +68,13 @@ class InvocationStore(Protocol):
     async def replay(self, row: NewInvocation, replay_of: str) -> None: ...
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]: ...
     async def prune(self, ended_before_ms: int) -> builtins.list[str]: ...
+    async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None: ...
+    async def claim_deliveries(self, limit: int, lease: float) -> builtins.list[Delivery]: ...
+    async def settle_delivery(
+        self, delivery_id: int, *, retry_in: float | None = None, error: str | None = None, give_up: bool = False
+    ) -> None: ...
+    async def release_deliveries(self) -> None: ...
+    async def outbox(self) -> Outbox: ...
 
 
 class SQLiteStore:
@@ -183,6 +191,37 @@ class SQLiteStore:
         ended_before = datetime.fromtimestamp(ended_before_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
         pruned = await self._submit("prune", ((ended_before_ms + 1) << 12, ended_before.replace("+00:00", "Z")))
         return pruned  # type: ignore[no-any-return]
+
+    # -- the outbox: deliveries owed for ended runs (written by the end's own commit) ------
+
+    async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+        """Where each function's runs go when they end, from now on: {function: [(kind, target)]}."""
+        rows = [(function, kind, target) for function, pairs in destinations.items() for kind, target in pairs]
+        await self._submit("destinations", rows)
+
+    async def claim_deliveries(self, limit: int, lease: float) -> builtins.list[Delivery]:
+        """Up to `limit` due deliveries, oldest first, held for this server for `lease` seconds."""
+        rows = await self._submit("outbox_claim", (_OWNER, _now_ms(), int(lease * 1000), limit))
+        return [Delivery(*row) for row in rows]
+
+    async def settle_delivery(
+        self, delivery_id: int, *, retry_in: float | None = None, error: str | None = None, give_up: bool = False
+    ) -> None:
+        """Record an attempt: delivered (no retry_in, no give_up), to try again in `retry_in` s, or given up."""
+        due_at = _now_ms() + int(retry_in * 1000) if retry_in is not None else None
+        await self._submit("outbox_settle", (delivery_id, due_at, error, give_up))
+
+    async def release_deliveries(self) -> None:
+        """Make deliveries claimed before a stop (cut off mid-attempt) due at once."""
+        await self._submit("outbox_release", _OWNER)
+
+    async def outbox(self) -> Outbox:
+        """How many deliveries are pending and given up, and when the next is due."""
+        pending, given_up, due_at = self._db.execute(
+            "SELECT count(*) FILTER (WHERE gave_up = 0), count(*) FILTER (WHERE gave_up = 1),"
+            " min(due_at) FILTER (WHERE gave_up = 0) FROM outbox"
+        ).fetchone()
+        return Outbox(pending, given_up, None if due_at is None else (due_at - _now_ms()) / 1000)
 
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""
@@ -314,6 +353,13 @@ class SQLiteStore:
             (function, source, *_ACTIVE),
         ).fetchone()
         return int(n)
+
+
+_OWNER = "local"  # who holds a claimed delivery: this server is the store's only one
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _lock(path: Path) -> int:

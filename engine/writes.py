@@ -145,7 +145,7 @@ class Ending(NamedTuple):
 class Op(NamedTuple):
     """One write: what to do and with what."""
 
-    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates", "replay", "prune"
+    kind: str  # a key of _RUN: "accept", "running", "finish", "register", "recover", "state", "templates", "replay", "prune", "destinations", "outbox_*"
     args: Any  # list[NewInvocation] | (request_id, started_at) | Ending | ... (see _RUN)
 
 
@@ -188,6 +188,35 @@ CREATE TABLE IF NOT EXISTS templates (  -- of envelopes stored as their fields (
     key BLOB PRIMARY KEY,  -- envelope.template_key(template)
     template BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS destinations (  -- where each function's ended runs go (the manifest's)
+    function TEXT NOT NULL,
+    kind TEXT NOT NULL,  -- 'callback': every end; 'on_failure': FAILED and TIMED_OUT
+    target TEXT NOT NULL,  -- an http(s) URL, or kafka:TOPIC
+    PRIMARY KEY (function, kind, target)
+);
+CREATE TABLE IF NOT EXISTS outbox (  -- deliveries owed, written by the same commit as the run's end
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    function TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due_at INTEGER NOT NULL DEFAULT 0,  -- Unix ms of the next attempt (or when a claim runs out)
+    owner TEXT,  -- the node trying it now
+    last_error TEXT,
+    gave_up INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due_at) WHERE gave_up = 0;
+CREATE INDEX IF NOT EXISTS outbox_by_run ON outbox (request_id);
+-- Every way a run ends (finish, recovery after a stop, terminate) goes through this: what is
+-- owed for the end is committed with it, or neither is.
+CREATE TRIGGER IF NOT EXISTS outbox_on_end AFTER UPDATE OF status ON invocations
+WHEN OLD.status IN ('QUEUED', 'RUNNING') AND NEW.status NOT IN ('QUEUED', 'RUNNING')
+BEGIN
+    INSERT INTO outbox (request_id, function, kind, target)
+    SELECT NEW.request_id, NEW.function, kind, target FROM destinations
+    WHERE function = NEW.function AND (kind = 'callback' OR NEW.status IN ('FAILED', 'TIMED_OUT'));
+END;
 """
 
 
@@ -380,7 +409,8 @@ PRUNE_AT_ONCE = 5000  # runs deleted in one op, so one prune does not hold the w
 
 
 def _prune(conn: sqlite3.Connection, ops: list[tuple[int, str]]) -> list[list[str]]:
-    """Delete ended runs that ended before a time (and their replay links); each op gets their RequestIds.
+    """Delete ended runs that ended before a time (and their replay links and given-up deliveries);
+    each op gets their RequestIds. A run with a delivery still owed stays until it is delivered.
 
     Each op is (the first seq after that time, the time as RFC 3339 text): a run that ended
     before it was accepted before it, so the key bounds the search before ended_at is read.
@@ -390,12 +420,15 @@ def _prune(conn: sqlite3.Connection, ops: list[tuple[int, str]]) -> list[list[st
         ids = [
             r for (r,) in conn.execute(
                 "DELETE FROM invocations WHERE seq IN (SELECT seq FROM invocations WHERE seq < ?"
-                " AND status NOT IN ('QUEUED', 'RUNNING') AND ended_at < ? ORDER BY seq LIMIT ?)"
+                " AND status NOT IN ('QUEUED', 'RUNNING') AND ended_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.request_id = invocations.request_id AND gave_up = 0)"
+                " ORDER BY seq LIMIT ?)"
                 " RETURNING request_id",
                 (below, ended_before, PRUNE_AT_ONCE),
             )
         ]
         conn.executemany("DELETE FROM replays WHERE request_id = ? OR replay_of = ?", [(r, r) for r in ids])
+        conn.executemany("DELETE FROM outbox WHERE request_id = ?", [(r,) for r in ids])
         out.append(ids)
     return out
 
@@ -422,6 +455,48 @@ def _replay(conn: sqlite3.Connection, ops: list[tuple[Sequence[Any], str]]) -> l
         params[6] = _blob(params[6])
         conn.execute(_insert_sql(1), params)
         conn.execute("INSERT INTO replays (request_id, replay_of) VALUES (?, ?)", (row[0], replay_of))
+    return [None] * len(ops)
+
+
+def _destinations(conn: sqlite3.Connection, ops: list[list[tuple[str, str, str]]]) -> list[None]:
+    """Set every function's destinations: each op the whole list of (function, kind, target)."""
+    for rows in ops:
+        conn.execute("DELETE FROM destinations")
+        conn.executemany("INSERT OR IGNORE INTO destinations (function, kind, target) VALUES (?, ?, ?)", rows)
+    return [None] * len(ops)
+
+
+def _outbox_claim(conn: sqlite3.Connection, ops: list[tuple[str, int, int, int]]) -> list[list[tuple[Any, ...]]]:
+    """Take due deliveries: each op (owner, now ms, lease ms, limit) gets its rows, held until the lease runs out."""
+    out = []
+    for owner, now, lease, limit in ops:
+        rows = conn.execute(
+            "UPDATE outbox SET owner = ?, due_at = ? WHERE id IN"
+            " (SELECT id FROM outbox WHERE gave_up = 0 AND due_at <= ? ORDER BY due_at, id LIMIT ?)"
+            " RETURNING id, request_id, function, kind, target, attempts",
+            (owner, now + lease, now, limit),
+        ).fetchall()
+        out.append(sorted(rows))
+    return out
+
+
+def _outbox_settle(conn: sqlite3.Connection, ops: list[tuple[int, int | None, str | None, bool]]) -> list[None]:
+    """Record attempts: each op (id, next attempt's Unix ms or None when delivered, error, gave up)."""
+    for delivery_id, due_at, error, gave_up in ops:
+        if due_at is None and not gave_up:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (delivery_id,))
+        else:
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, due_at = ?, owner = NULL, last_error = ?, gave_up = ?"
+                " WHERE id = ?",
+                (due_at or 0, error, int(gave_up), delivery_id),
+            )
+    return [None] * len(ops)
+
+
+def _outbox_release(conn: sqlite3.Connection, ops: list[str]) -> list[None]:
+    """Make the deliveries an owner was trying when it stopped due at once (each op an owner)."""
+    conn.executemany("UPDATE outbox SET owner = NULL, due_at = 0 WHERE owner = ? AND gave_up = 0", [(o,) for o in ops])
     return [None] * len(ops)
 
 
@@ -455,6 +530,10 @@ _RUN: _Statements = {
     "templates": _templates,
     "replay": _replay,
     "prune": _prune,
+    "destinations": _destinations,
+    "outbox_claim": _outbox_claim,
+    "outbox_settle": _outbox_settle,
+    "outbox_release": _outbox_release,
 }
 _RUN_BY_REQUEST_ID: _Statements = {
     **_RUN,

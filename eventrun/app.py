@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from eventrun.callbacks import CallbackNotifier
+from eventrun.destinations import Deliverer
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import EventrunError
 from eventrun.engine.manifest import Manifest, load_manifest
@@ -72,14 +72,13 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         engine = Engine(manifest)
         wiring = build_triggers(engine, manifest)
-        # Listening before the engine starts, so runs resumed at start report too; stopped
-        # after the engine, so the outcomes recorded during shutdown go out as well.
-        callbacks = CallbackNotifier(engine, manifest)
-        await callbacks.start()
-        stack.push_async_callback(callbacks.stop)
-        engine.add_reporter("callbacks", callbacks.state)
         await engine.start()
         stack.push_async_callback(engine.stop)
+        # Stopped by the engine once its last run has ended, so what the ends owe goes out too.
+        deliveries = Deliverer(engine, manifest)
+        await deliveries.start()
+        engine.add_reporter("deliveries", deliveries.state)
+        engine.add_metrics(deliveries.metrics)
         http = HttpTrigger(
             engine,
             manifest.server.host,

@@ -99,6 +99,43 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX replays_of ON replays (replay_of, request_id);
     """,
+    # 3: destinations, and the outbox of deliveries owed, filled by the end of a run itself
+    """
+    CREATE TABLE destinations (
+        function text NOT NULL,
+        kind text NOT NULL,  -- 'callback': every end; 'on_failure': FAILED and TIMED_OUT
+        target text NOT NULL,  -- an http(s) URL, or kafka:TOPIC
+        PRIMARY KEY (function, kind, target)
+    );
+    CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        request_id uuid NOT NULL,
+        function text NOT NULL,
+        kind text NOT NULL,
+        target text NOT NULL,
+        attempts int NOT NULL DEFAULT 0,
+        due_at timestamptz NOT NULL DEFAULT now(),  -- of the next attempt (or when a claim runs out)
+        owner text,  -- the node trying it now
+        last_error text,
+        gave_up boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX outbox_due ON outbox (due_at) WHERE NOT gave_up;
+    CREATE INDEX outbox_by_run ON outbox (request_id);
+
+    -- Every way a run ends (finish, a node found dead, terminate) goes through this: what is owed
+    -- for the end is committed with it, or neither is.
+    CREATE FUNCTION eventrun_outbox_on_end() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO outbox (request_id, function, kind, target)
+        SELECT NEW.request_id, NEW.function, d.kind, d.target FROM destinations d
+        WHERE d.function = NEW.function AND (d.kind = 'callback' OR NEW.status IN ('FAILED', 'TIMED_OUT'));
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER outbox_on_end AFTER UPDATE OF status ON invocations FOR EACH ROW
+    WHEN (OLD.status IN ('QUEUED', 'CLAIMED', 'RUNNING') AND NEW.status NOT IN ('QUEUED', 'CLAIMED', 'RUNNING'))
+    EXECUTE FUNCTION eventrun_outbox_on_end();
+    """,
 ]
 
 

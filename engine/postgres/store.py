@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import asyncpg
 
-from ..api import Accepted, Invocation, Status
+from ..api import Accepted, Delivery, Invocation, Outbox, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
 from ..rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation
@@ -201,20 +201,74 @@ class PostgresStore:
             await conn.execute("INSERT INTO replays (request_id, replay_of) VALUES ($1::uuid, $2::uuid)", row.request_id, replay_of)
 
     async def prune(self, ended_before_ms: int, at_once: int = PRUNE_AT_ONCE) -> list[str]:
-        """Delete up to `at_once` runs that ended before this time (Unix ms), their logs and links;
-        their RequestIds. (Any node may prune: deleting what another deleted is no error.)"""
+        """Delete up to `at_once` runs that ended before this time (Unix ms), their logs, links and
+        given-up deliveries (a run with a delivery still owed stays); their RequestIds.
+        (Any node may prune: deleting what another deleted is no error.)"""
         ended_before = datetime.fromtimestamp(ended_before_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "DELETE FROM invocations WHERE request_id IN (SELECT request_id FROM invocations"
                 " WHERE request_id < $1::uuid AND status NOT IN ('QUEUED', 'CLAIMED', 'RUNNING') AND ended_at < $2"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.request_id = invocations.request_id AND NOT o.gave_up)"
                 " ORDER BY request_id LIMIT $3) RETURNING request_id",
                 first_id_of(ended_before_ms + 1), ended_before.replace("+00:00", "Z"), at_once,
             )
             ids = [r[0] for r in rows]
             await conn.execute("DELETE FROM logs WHERE request_id = any($1::uuid[])", ids)
             await conn.execute("DELETE FROM replays WHERE request_id = any($1::uuid[]) OR replay_of = any($1::uuid[])", ids)
+            await conn.execute("DELETE FROM outbox WHERE request_id = any($1::uuid[])", ids)
         return [str(i) for i in ids]
+
+    # -- the outbox: deliveries owed for ended runs (written by the end's own commit) ------
+
+    async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+        """Where each function's runs go when they end, from now on: {function: [(kind, target)]}.
+        (The last node started sets them for the cluster: nodes share one manifest.)"""
+        rows = [(function, kind, target) for function, pairs in destinations.items() for kind, target in pairs]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM destinations")
+            await conn.executemany(
+                "INSERT INTO destinations (function, kind, target) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", rows
+            )
+
+    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        """Up to `limit` due deliveries, oldest first, held for this node for `lease` seconds
+        (another node takes them if it does not settle them by then)."""
+        rows = await self.pool.fetch(
+            "UPDATE outbox o SET owner = $1, due_at = now() + make_interval(secs => $2)"
+            " FROM (SELECT id FROM outbox WHERE NOT gave_up AND due_at <= now() ORDER BY due_at, id LIMIT $3"
+            " FOR UPDATE SKIP LOCKED) due"
+            " WHERE o.id = due.id RETURNING o.id, o.request_id::text, o.function, o.kind, o.target, o.attempts",
+            self.node_id, lease, limit,
+        )
+        return sorted(Delivery(*r) for r in rows)
+
+    async def settle_delivery(
+        self, delivery_id: int, *, retry_in: float | None = None, error: str | None = None, give_up: bool = False
+    ) -> None:
+        """Record an attempt: delivered (no retry_in, no give_up), to try again in `retry_in` s, or given up."""
+        if retry_in is None and not give_up:
+            await self.pool.execute("DELETE FROM outbox WHERE id = $1", delivery_id)
+            return
+        await self.pool.execute(
+            "UPDATE outbox SET attempts = attempts + 1, due_at = now() + make_interval(secs => $2), owner = NULL,"
+            " last_error = $3, gave_up = $4 WHERE id = $1",
+            delivery_id, retry_in or 0.0, _text(error), give_up,
+        )
+
+    async def release_deliveries(self) -> None:
+        """Make the deliveries this node claimed before a stop (cut off mid-attempt) due at once."""
+        await self.pool.execute(
+            "UPDATE outbox SET owner = NULL, due_at = now() WHERE owner = $1 AND NOT gave_up", self.node_id
+        )
+
+    async def outbox(self) -> Outbox:
+        """How many deliveries are pending and given up, and when the next is due."""
+        row = await self.pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE NOT gave_up), count(*) FILTER (WHERE gave_up),"
+            " extract(epoch FROM min(due_at) FILTER (WHERE NOT gave_up) - now())::float8 FROM outbox"
+        )
+        return Outbox(row[0], row[1], row[2])
 
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""

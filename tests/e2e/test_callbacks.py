@@ -63,7 +63,7 @@ async def test_outcomes_are_posted_to_the_callback_url(eventrun_server, http, ha
     await asyncio.sleep(0.5)
     assert received.empty()
     health = await (await http.get(f"{server.url}/healthz")).json()
-    assert health["Triggers"]["callbacks"]["sent"] == 2
+    assert health["Triggers"]["deliveries"]["sent"] == 2
 
 
 async def test_a_run_cut_short_by_a_crash_is_reported_after_restart(eventrun_server, http, handler, receiver):

@@ -1,0 +1,322 @@
+"""Destinations: what a run's end owes the outside world, delivered at least once from the store's outbox.
+
+A function's `callback_url` gets every ended run (the GET /invocations/{id} document); its
+`on_failure` destination (a URL or a Kafka topic) gets the record of each FAILED or TIMED_OUT
+run: that document, the envelope the run was given, and the tail of its log.
+
+The store writes what is owed in the same commit as the run's end (its outbox), so a crash
+between the end and the delivery loses nothing: whichever server (or node) comes next claims
+the delivery and makes it. A claim is a lease: one not settled in time is claimed again, which
+is why a receiver may see a delivery twice and gets `X-Eventrun-Delivery` to tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from eventrun.engine.api import Delivery, Invocation
+from eventrun.engine.core import Engine
+from eventrun.engine.envelope import dumps
+from eventrun.engine.errors import InvocationNotFound
+from eventrun.engine.manifest import Manifest
+from eventrun.triggers.http import invocation_json
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL = 4096  # bytes of a failed run's log sent with its record (cut to whole lines)
+GIVE_UP_AFTER = 24 * 3600.0  # seconds after the run's end; a delivery failing that long is given up
+RETRYABLE_STATUSES = frozenset({408, 425, 429})  # 4xx answers that may go the next time
+
+
+class Undeliverable(Exception):
+    """This delivery cannot go, however often it is tried (the receiver refused it)."""
+
+
+class DeliveryFailed(Exception):
+    """The receiver did not take it this time."""
+
+
+class Deliverer:
+    """Claims due deliveries from the store's outbox, makes them, and records each attempt."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        manifest: Manifest,
+        *,
+        backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        lease: float = 60.0,
+        in_flight: int = 16,
+        poll: float = 1.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._manifest = manifest
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._lease = lease  # how long a claim holds; longer than an attempt takes (timeout)
+        self._in_flight = in_flight  # attempts at once, at most
+        self._poll = poll  # the longest wait between looks at the outbox (others' ends, clock)
+        self._timeout = timeout
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._producer: Any = None  # an AIOKafkaProducer, made at the first Kafka delivery
+        self.sent = 0
+        self.failed = 0  # attempts that failed (and will be tried again)
+        self.given_up = 0
+        self.pending = 0  # in the outbox at the last look
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take back what this server was delivering when it stopped, then deliver until stopped."""
+        await self._engine.store.release_deliveries()
+        self._engine.add_listener(self._on_end)
+        self._engine.on_stopping(self.stop)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        self._loop = asyncio.create_task(self._deliver_forever(), name="deliveries")
+
+    async def stop(self) -> None:
+        """Stop claiming; give attempts under way a moment, then cut them off (their claims
+        are released, so the next start makes them)."""
+        if self._loop is None:
+            return
+        loop, self._loop = self._loop, None
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        if self._attempts:
+            await asyncio.wait(self._attempts, timeout=5)
+        for task in self._attempts:
+            task.cancel()
+        await asyncio.gather(*self._attempts, return_exceptions=True)
+        try:
+            await self._engine.store.release_deliveries()
+        except Exception:  # the store gone: the claims run out by themselves
+            logger.warning("could not hand back the deliveries under way; they go again when their claim runs out")
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    def state(self) -> dict[str, Any]:
+        """Figures for /healthz."""
+        destinations = {name: [t for _, t in f.destinations] for name, f in self._manifest.functions.items() if f.destinations}
+        return {
+            "destinations": destinations,
+            "pending": self.pending,
+            "sent": self.sent,
+            "failed_attempts": self.failed,
+            "given_up": self.given_up,
+        }
+
+    def metrics(self) -> str:
+        """Prometheus text of the deliveries."""
+        return (
+            "# HELP eventrun_deliveries_sent_total Deliveries made (callbacks and on-failure records).\n"
+            "# TYPE eventrun_deliveries_sent_total counter\n"
+            f"eventrun_deliveries_sent_total {self.sent}\n"
+            "# HELP eventrun_delivery_failures_total Delivery attempts that failed and are tried again.\n"
+            "# TYPE eventrun_delivery_failures_total counter\n"
+            f"eventrun_delivery_failures_total {self.failed}\n"
+            "# HELP eventrun_deliveries_given_up_total Deliveries given up (refused, or failing past 24h).\n"
+            "# TYPE eventrun_deliveries_given_up_total counter\n"
+            f"eventrun_deliveries_given_up_total {self.given_up}\n"
+            "# HELP eventrun_outbox_pending Deliveries waiting in the outbox.\n"
+            "# TYPE eventrun_outbox_pending gauge\n"
+            f"eventrun_outbox_pending {self.pending}\n"
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _on_end(self, _invocation: Invocation) -> None:
+        self._wake.set()  # its deliveries, if any, are in the outbox already
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            try:
+                wait = await self._round()
+            except Exception:  # the store unreachable, say: look again in a while
+                logger.exception("reading the outbox failed")
+                wait = self._poll
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+
+    async def _round(self) -> float:
+        """Start what is due (as many as there are free slots); how long to wait before the next look."""
+        free = self._free_slots()
+        if free:
+            for delivery in await self._engine.store.claim_deliveries(free, self._lease):
+                task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
+        outbox = await self._engine.store.outbox()
+        self.pending = outbox.pending
+        if not self._free_slots():
+            return self._poll  # (an attempt ending wakes the loop)
+        if outbox.next_in is None:
+            return self._poll
+        return min(self._poll, max(0.0, outbox.next_in))
+
+    def _free_slots(self) -> int:
+        return self._in_flight - len(self._attempts)
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        try:
+            await self._make(delivery)
+        except Undeliverable as exc:
+            self.given_up += 1
+            logger.error("gave up delivering %s of %s to %s: %s", delivery.kind, delivery.request_id, delivery.target, exc)
+            await self._settle(delivery, error=str(exc), give_up=True)
+        except Exception as exc:
+            problem = _describe(exc)
+            invocation = await self._engine.store.get(delivery.request_id)
+            if invocation is not None and _age(invocation) > GIVE_UP_AFTER:
+                self.given_up += 1
+                logger.error(
+                    "gave up delivering %s of %s to %s after %d attempts over %s: %s",
+                    delivery.kind, delivery.request_id, delivery.target, delivery.attempts + 1, "24h", problem,
+                )
+                await self._settle(delivery, error=problem, give_up=True)
+            else:
+                self.failed += 1
+                retry_in = min(self._max_backoff, self._backoff * 2**delivery.attempts)
+                logger.warning(
+                    "delivering %s of %s to %s failed (attempt %d; next in %.0fs): %s",
+                    delivery.kind, delivery.request_id, delivery.target, delivery.attempts + 1, retry_in, problem,
+                )
+                await self._settle(delivery, error=problem, retry_in=retry_in)
+        else:
+            self.sent += 1
+            await self._settle(delivery)
+        finally:
+            self._wake.set()  # a slot is free
+
+    async def _settle(self, delivery: Delivery, **outcome: Any) -> None:
+        try:
+            await self._engine.store.settle_delivery(delivery.id, **outcome)
+        except Exception:  # its claim runs out and it is tried again: at least once, maybe twice
+            logger.exception("could not record the attempt to deliver %s of %s", delivery.kind, delivery.request_id)
+
+    # -- one delivery ----------------------------------------------------------------------
+
+    async def _make(self, delivery: Delivery) -> None:
+        try:
+            invocation = await self._engine.get(delivery.request_id)
+        except InvocationNotFound:
+            raise Undeliverable("the run is no longer in the store") from None
+        document = invocation_json(invocation)
+        if delivery.kind == "on_failure":
+            document["Event"] = orjson.Fragment(await self._engine.envelope(delivery.request_id))
+            document["LogTail"] = log_tail(await self._engine.read_log(delivery.request_id))
+        body = dumps(document)
+        if delivery.target.startswith("kafka:"):
+            await self._produce(delivery, delivery.target.removeprefix("kafka:"), body)
+        else:
+            await self._post(delivery, body)
+
+    async def _post(self, delivery: Delivery, body: bytes) -> None:
+        assert self._session is not None
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Id": delivery.request_id,
+            "X-Eventrun-Delivery": delivery.kind,
+            "X-Eventrun-Attempt": str(delivery.attempts + 1),
+        }
+        function = self._manifest.functions.get(delivery.function)
+        secret = function.callback_secret.get_secret_value() if function is not None else ""
+        if secret:
+            headers["X-Eventrun-Signature"] = signature(secret, body)
+        async with self._session.post(delivery.target, data=body, headers=headers) as response:
+            if response.status < 300:
+                return
+            text = (await response.text(errors="replace"))[:200]
+            problem = f"HTTP {response.status} {text}".strip()
+            if 400 <= response.status < 500 and response.status not in RETRYABLE_STATUSES:
+                raise Undeliverable(problem)
+            raise DeliveryFailed(problem)
+
+    async def _produce(self, delivery: Delivery, topic: str, body: bytes) -> None:
+        producer = await self._kafka()
+        headers = [("eventrun-delivery", delivery.kind.encode()), ("eventrun-request-id", delivery.request_id.encode())]
+        try:
+            await asyncio.wait_for(
+                producer.send_and_wait(topic, body, key=delivery.request_id.encode(), headers=headers), self._timeout
+            )
+        except Exception:
+            # A producer that failed may be stuck on a broker gone away: the next attempt starts afresh.
+            self._producer = None
+            await asyncio.shield(producer.stop())
+            raise
+
+    async def _kafka(self) -> Any:
+        if self._producer is None:
+            from aiokafka import AIOKafkaProducer
+
+            from eventrun.triggers.kafka.security import connection_options
+
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._manifest.kafka.bootstrap_servers,
+                **connection_options(self._manifest),
+                client_id="eventrun-destinations",
+                acks="all",
+                request_timeout_ms=int(self._timeout * 1000),
+            )
+            try:
+                await asyncio.wait_for(producer.start(), self._timeout)
+            except BaseException:
+                await asyncio.shield(producer.stop())
+                raise
+            self._producer = producer
+        return self._producer
+
+
+def signature(secret: str, body: bytes, now: float | None = None) -> str:
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>`: what X-Eventrun-Signature holds.
+
+    The time is signed with the body, so a receiver can refuse an old delivery played again.
+    """
+    stamp = str(int(now if now is not None else time.time()))
+    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={stamp},v1={digest}"
+
+
+def log_tail(log: bytes, limit: int = LOG_TAIL) -> str:
+    """The end of a log, at most `limit` bytes, starting at a line."""
+    if len(log) > limit:
+        log = log[-limit:]
+        cut = log.find(b"\n")
+        if 0 <= cut < len(log) - 1:
+            log = log[cut + 1 :]
+    return log.decode("utf-8", errors="replace")
+
+
+def _age(invocation: Invocation) -> float:
+    if not invocation.ended_at:
+        return 0.0
+    ended = datetime.fromisoformat(invocation.ended_at.replace("Z", "+00:00"))
+    return time.time() - ended.timestamp()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, DeliveryFailed):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

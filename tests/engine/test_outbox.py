@@ -1,0 +1,172 @@
+"""The outbox: what a run's end owes is written by the end's own commit, claimed under a lease, settled once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from eventrun.engine.api import Status
+from eventrun.engine.envelope import now_rfc3339
+from eventrun.engine.postgres import PostgresStore
+from eventrun.engine.store import SQLiteStore
+
+from test_store import row
+
+Store = SQLiteStore | PostgresStore
+
+DESTINATIONS = {"f": [("callback", "http://receiver/done"), ("on_failure", "kafka:failures")], "g": []}
+
+
+async def ended(store: Store, status: Status, *, function: str = "f") -> str:
+    new = row(f"e-{time.monotonic_ns()}", function=function)
+    await store.accept([new])
+    await store.mark_running(new.request_id, now_rfc3339())
+    assert await store.finish(new.request_id, status, now_rfc3339(), error_type=None if status is Status.FINISHED else "E")
+    return new.request_id
+
+
+async def test_each_end_owes_its_function_s_destinations(store: Store) -> None:
+    await store.set_destinations(DESTINATIONS)
+    finished = await ended(store, Status.FINISHED)
+    failed = await ended(store, Status.FAILED)
+    timed_out = await ended(store, Status.TIMED_OUT)
+    aborted = await ended(store, Status.ABORTED)
+    await ended(store, Status.FAILED, function="g")  # no destinations: owes nothing
+
+    owed = {(d.request_id, d.kind, d.target) for d in await store.claim_deliveries(100, 60)}
+    assert owed == {
+        (finished, "callback", "http://receiver/done"),
+        (failed, "callback", "http://receiver/done"),
+        (failed, "on_failure", "kafka:failures"),
+        (timed_out, "callback", "http://receiver/done"),
+        (timed_out, "on_failure", "kafka:failures"),
+        (aborted, "callback", "http://receiver/done"),
+    }
+
+
+async def test_a_second_end_of_a_run_owes_nothing_more(store: Store) -> None:
+    await store.set_destinations(DESTINATIONS)
+    request_id = await ended(store, Status.FINISHED)
+    assert not await store.finish(request_id, Status.ABORTED, now_rfc3339())
+    assert [d.kind for d in await store.claim_deliveries(100, 60)] == ["callback"]
+
+
+async def test_a_claim_holds_until_settled_or_its_lease_runs_out(store: Store) -> None:
+    await store.set_destinations({"f": [("callback", "http://receiver/done")]})
+    first = await ended(store, Status.FINISHED)
+    second = await ended(store, Status.FINISHED)
+
+    held = await store.claim_deliveries(1, 0.3)
+    assert [d.request_id for d in held] == [first], "oldest first, no more than asked"
+    assert [d.request_id for d in await store.claim_deliveries(10, 60)] == [second]
+    assert await store.claim_deliveries(10, 60) == [], "both are held"
+
+    await asyncio.sleep(0.5)  # the first claim (0.3 s) runs out: another attempt may take it
+    (again,) = await store.claim_deliveries(10, 60)
+    assert (again.id, again.request_id, again.attempts) == (held[0].id, first, 0)
+
+    await store.settle_delivery(again.id)
+    outbox = await store.outbox()
+    assert (outbox.pending, outbox.given_up) == (1, 0), "the delivered one is gone, the second still held"
+
+
+async def test_a_failed_attempt_is_tried_again_later_and_a_refused_one_given_up(store: Store) -> None:
+    await store.set_destinations({"f": [("callback", "http://receiver/done")]})
+    retried = await ended(store, Status.FINISHED)
+    refused = await ended(store, Status.FINISHED)
+    first, second = await store.claim_deliveries(10, 60)
+
+    await store.settle_delivery(first.id, retry_in=0.3, error="HTTP 503")
+    await store.settle_delivery(second.id, error="HTTP 400 bad", give_up=True)
+    outbox = await store.outbox()
+    assert (outbox.pending, outbox.given_up) == (1, 1)
+    assert outbox.next_in is not None and 0 < outbox.next_in <= 0.3
+    assert await store.claim_deliveries(10, 60) == [], "not due yet"
+
+    await asyncio.sleep(0.4)
+    (again,) = await store.claim_deliveries(10, 60)
+    assert (again.request_id, again.attempts) == (retried, 1)
+    assert refused != retried
+
+
+async def test_claims_cut_off_by_a_stop_are_due_again_at_once(store: Store) -> None:
+    await store.set_destinations({"f": [("callback", "http://receiver/done")]})
+    request_id = await ended(store, Status.FINISHED)
+    assert len(await store.claim_deliveries(10, 3600)) == 1
+    await store.release_deliveries()
+    (again,) = await store.claim_deliveries(10, 60)
+    assert again.request_id == request_id
+
+
+async def test_destinations_are_replaced_by_the_next_manifest(store: Store) -> None:
+    await store.set_destinations(DESTINATIONS)
+    await store.set_destinations({"f": [("on_failure", "http://receiver/failed")]})
+    await ended(store, Status.FINISHED)
+    failed = await ended(store, Status.FAILED)
+    assert [(d.request_id, d.kind, d.target) for d in await store.claim_deliveries(10, 60)] == [
+        (failed, "on_failure", "http://receiver/failed")
+    ]
+
+
+async def test_a_run_with_a_delivery_owed_outlives_its_retention(store: Store) -> None:
+    await store.set_destinations({"f": [("callback", "http://receiver/done")]})
+    owed = await ended(store, Status.FINISHED)
+    given_up = await ended(store, Status.FINISHED)
+    await store.set_destinations({})
+    plain = await ended(store, Status.FINISHED)
+    first, second = await store.claim_deliveries(10, 60)
+    assert (first.request_id, second.request_id) == (owed, given_up)
+    await store.settle_delivery(second.id, error="HTTP 410", give_up=True)
+
+    time.sleep(0.005)
+    assert sorted(await store.prune(int(time.time() * 1000))) == sorted([given_up, plain])
+    assert await store.get(owed) is not None
+    assert (await store.outbox()).given_up == 0, "a given-up delivery goes with its run"
+
+
+async def test_deliveries_of_a_run_ended_by_recovery_are_owed_too(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
+    await store.set_destinations({"f": [("on_failure", "http://receiver/failed")]})
+    new = row("cut-short")
+    await store.accept([new])
+    await store.mark_running(new.request_id, now_rfc3339())
+    assert await store.recover(now_rfc3339(), "the server stopped") == [new.request_id]
+    (owed,) = await store.claim_deliveries(10, 60)
+    assert (owed.request_id, owed.kind) == (new.request_id, "on_failure")
+
+
+async def test_a_run_of_a_dead_node_owes_its_deliveries(postgres_store: PostgresStore, postgres: str) -> None:
+    store = postgres_store
+    await store.set_destinations({"f": [("on_failure", "http://receiver/failed")]})
+    other = PostgresStore(postgres, "node-b")
+    await other.open()
+    try:
+        await other.join("http://b", lease=60)
+        new = row("on-b")
+        await other.accept([new])
+        assert await other.claim("f", 1, 10) == [new.request_id]
+        assert await other.mark_running(new.request_id, now_rfc3339())
+    finally:
+        await other.close()
+    ended_runs = await store.fail_runs_of(["node-b"], now_rfc3339(), "NodeLost", lambda n: f"{n} was lost")
+    assert ended_runs == [(new.request_id, "f")]
+    (owed,) = await store.claim_deliveries(10, 60)
+    assert (owed.request_id, owed.kind) == (new.request_id, "on_failure")
+
+
+async def test_two_nodes_never_hold_one_delivery_at_once(postgres_store: PostgresStore, postgres: str) -> None:
+    store = postgres_store
+    await store.set_destinations({"f": [("callback", "http://receiver/done")]})
+    owed = {await ended(store, Status.FINISHED) for _ in range(40)}
+    other = PostgresStore(postgres, "node-b")
+    await other.open()
+    try:
+        a, b = [], []
+        for _ in range(8):
+            got_a, got_b = await asyncio.gather(store.claim_deliveries(3, 60), other.claim_deliveries(3, 60))
+            a += got_a
+            b += got_b
+        assert not {d.id for d in a} & {d.id for d in b}
+        assert {d.request_id for d in a + b} == owed
+    finally:
+        await other.close()
