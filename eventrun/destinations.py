@@ -114,7 +114,7 @@ class Deliverer:
 
     def state(self) -> dict[str, Any]:
         """Figures for /healthz."""
-        destinations = {name: [t for _, t in f.destinations] for name, f in self._manifest.functions.items() if f.destinations}
+        destinations = {name: dict(f.destinations) for name, f in self._manifest.functions.items() if f.destinations}
         return {
             "destinations": destinations,
             "pending": self.pending,

@@ -268,6 +268,7 @@ class PostgresStore:
             "SELECT count(*) FILTER (WHERE NOT gave_up), count(*) FILTER (WHERE gave_up),"
             " extract(epoch FROM min(due_at) FILTER (WHERE NOT gave_up) - now())::float8 FROM outbox"
         )
+        assert row is not None  # (an aggregate always has its one row)
         return Outbox(row[0], row[1], row[2])
 
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
