@@ -41,7 +41,7 @@ class LogHub:
         except OSError:
             self._legacy = False
         self._followers: dict[str, set[asyncio.Queue[str | None]]] = {}
-        self.sink: Callable[[str, bytes], None] | None = None  # also given every byte written (a shared store)
+        self.sink: Callable[[str, bytes], None] | None = None  # given every byte written (a shared store)
 
     def path(self, request_id: str) -> Path:
         """Where a run's log lives: in folders by the time at the head of its RequestId.
@@ -145,10 +145,13 @@ class LogHub:
                 pass
 
     def close(self, request_id: str) -> None:
-        """End a run's log and release its followers."""
+        """End a run's log and release its followers. With a sink (a shared store, which keeps
+        the logs and is where they are read), the local file was only a spool and goes too."""
         log = self._open.pop(request_id, None)
         if log is not None and log.fd is not None:
             os.close(log.fd)
+            if self.sink is not None:
+                self.remove(request_id)
         for follower in self._followers.pop(request_id, ()):
             _offer(follower, _END)
 

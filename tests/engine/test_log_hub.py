@@ -126,3 +126,16 @@ def test_a_log_in_the_old_layout_is_read_and_continued_there(tmp_path: Path) -> 
     lines = hub.read(request_id).decode().splitlines()
     assert lines[0].endswith("before the upgrade") and lines[1].endswith("noted after the restart")
     assert not hub.path(request_id).exists()
+
+
+def test_with_a_sink_the_local_file_is_only_a_spool_until_the_run_ends(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    shipped: list[tuple[str, bytes]] = []
+    hub.sink = lambda request_id, data: shipped.append((request_id, data))
+    request_id = new_id()
+    hub.write(request_id, ["one", "two"])
+    assert hub.path(request_id).is_file()
+    hub.close(request_id)
+    assert not hub.path(request_id).exists(), "the shared store keeps the log: no copy stays behind"
+    assert [r for r, _ in shipped] == [request_id]
+    assert shipped[0][1].decode().splitlines()[1].endswith(" two")
