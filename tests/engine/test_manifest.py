@@ -222,3 +222,32 @@ def test_the_sasl_password_may_come_from_the_environment_and_is_not_shown(write,
     config = load_manifest(path).kafka
     assert config.sasl_password.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(config) and "hunter2" not in str(load_manifest(path))
+
+
+def test_destinations_are_read_in_order_callback_then_on_failure(write) -> None:
+    manifest = load_manifest(
+        write(
+            function("a", callback_url='"https://hooks.example.com/done"', callback_secret='"s3cr3t-value"', on_failure='{ kafka_topic = "failures" }')
+            + function("b", on_failure='{ url = "http://127.0.0.1:9/failed" }')
+            + function("c")
+        )
+    )
+    assert manifest.functions["a"].destinations == [("callback", "https://hooks.example.com/done"), ("on_failure", "kafka:failures")]
+    assert manifest.functions["a"].callback_secret.get_secret_value() == "s3cr3t-value"
+    assert "s3cr3t-value" not in repr(manifest.functions["a"]), "the secret stays out of logs and reprs"
+    assert manifest.functions["b"].destinations == [("on_failure", "http://127.0.0.1:9/failed")]
+    assert manifest.functions["c"].destinations == []
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"callback_url": '"hooks.example.com/done"'}, "functions.f.callback_url: expected an http:// or https:// URL, got 'hooks.example.com/done'"),
+        ({"on_failure": '{ url = "ftp://x/y" }'}, "functions.f.on_failure.url: expected an http:// or https:// URL"),
+        ({"on_failure": '{ url = "http://x", kafka_topic = "t" }'}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
+        ({"on_failure": "{}"}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
+        ({"on_failure": '{ topic = "t" }'}, "functions.f.on_failure.topic: unknown key (did you mean 'kafka_topic'?)"),
+    ],
+)
+def test_bad_destinations_are_refused_precisely(write, keys, message) -> None:
+    assert message in refusal(write(function(**keys)))
