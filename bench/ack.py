@@ -15,40 +15,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
+
+import _server
+from _server import NOOP_HANDLER, bare_argv, eventrun_argv, free_port, require_eventrun, tail
 
 FUNCTION = "noop"
 BODY = b'{"bench": true}'
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0  # longer than eventrun's default shutdown_grace (10s)
-
-NOOP_HANDLER = '''\
-"""Does nothing: the benchmark measures acceptance, not the run."""
-
-
-def main_handler(event, context):
-    """Return at once."""
-    return None
-'''
 
 MANIFEST = """\
 [server]
@@ -95,104 +78,14 @@ class Result:
         return ordered[min(rank, len(ordered)) - 1] * 1000
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# --- servers -------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def server_process(name: str, argv: list[str], port: int, cwd: Path, log: Path) -> Iterator[str]:
     """Run a server subprocess until /healthz answers; stop it (and its children) on exit."""
-    with log.open("wb") as out:
-        # A session of its own: Ctrl-C reaches only this script, which then stops the server
-        # in order, and killpg() can reach the worker instances eventrun starts.
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(name, proc, f"{base}/healthz", log)
-        yield base
-    finally:
-        stop(proc)
-
-
-def wait_ready(name: str, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Poll `url` until it answers 200; fail with the server's output if it dies or hangs."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{name} did not answer {url} within {READY_TIMEOUT:.0f}s:\n{tail(log)}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM for an ordered shutdown; SIGKILL the whole group if it does not end in time."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-    # Leftover worker instances share the group even after the server itself ended.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def tail(log: Path, lines: int = 30) -> str:
-    """The last lines a server wrote."""
-    text = log.read_text(errors="replace").splitlines()[-lines:]
-    return textwrap.indent("\n".join(text) or "(no output)", "    ")
-
-
-def eventrun_argv(manifest: Path) -> list[str]:
-    """The command that starts `eventrun serve` with this interpreter."""
-    # Calling main() works whether or not eventrun/cli.py has a __main__ guard.
-    code = "import sys; from eventrun.cli import main; sys.exit(main())"
-    return [sys.executable, "-c", code, "serve", "--config", str(manifest)]
-
-
-def run_bare_server(port: int) -> None:
-    """The baseline: aiohttp answering 202 with a fresh RequestId, nothing stored."""
-
-    async def invoke(request: web.Request) -> web.Response:
-        await request.read()  # take the body off the wire, as any real server must
-        request_id = str(uuid.uuid4())
-        return web.json_response({"RequestId": request_id}, status=202, headers={"X-Request-Id": request_id})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"Status": "ok"})
-
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post("/functions/{name}/invocations", invoke)
-        app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopped.set)
-        try:
-            await stopped.wait()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(serve())
+        with _server.server_process(name, argv, port, cwd, log) as (base, _):
+            yield base
+    except _server.ServerFailed as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # --- load ----------------------------------------------------------------------------------
@@ -291,8 +184,7 @@ def run_load(name: str, base: str, args: argparse.Namespace) -> Result:
 
 def bench_eventrun(work: Path, args: argparse.Namespace) -> Result:
     """Serve the no-op function with eventrun and load it."""
-    if importlib.util.find_spec("eventrun.cli") is None:
-        raise SystemExit("eventrun is not importable here; run with the Python eventrun is installed in")
+    require_eventrun()
     port = free_port()
     (work / "noop.py").write_text(NOOP_HANDLER)
     manifest = work / "eventrun.toml"
@@ -310,8 +202,7 @@ def bench_eventrun(work: Path, args: argparse.Namespace) -> Result:
 def bench_bare(work: Path, args: argparse.Namespace) -> Result:
     """Serve the bare aiohttp baseline and load it."""
     port = free_port()
-    argv = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)]
-    with server_process("bare aiohttp", argv, port, work, work / "bare.log") as base:
+    with server_process("bare aiohttp", bare_argv(port), port, work, work / "bare.log") as base:
         print(f"bare aiohttp ready at {base}; loading for {args.seconds:g}s")
         return run_load("bare", base, args)
 
@@ -323,11 +214,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent client connections (64)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run (2)")
     parser.add_argument("--only", choices=("eventrun", "bare"), help="load just one of the two servers")
-    parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare_server is not None:
-        run_bare_server(args.bare_server)
-        return
     if args.seconds <= 0 or args.concurrency < 1:
         parser.error("--seconds must be positive and --concurrency at least 1")
 

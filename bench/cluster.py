@@ -47,20 +47,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import math
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-import urllib.error
-import urllib.request
 import uuid
 import warnings
 from collections import Counter
@@ -72,13 +66,14 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 
+from _server import ServerFailed, eventrun_argv, free_port, launch, require_eventrun, runs_total, stop, tail, wait_ready
+
 NOOP = "noop"
 SLEEP = "sleep"
 SLEEP_SECONDS = 0.2
 MAX_INSTANCES = 8
 BODY = b'{"bench": true}'
 READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0  # longer than eventrun's default shutdown_grace (10s)
 POLL_INTERVAL = 0.05
 STALL_TIMEOUT = 30.0  # no run ended for this long after the last 202: give up waiting
 LEASE = "10s"
@@ -133,8 +128,6 @@ url = {url}
 node_id = "{node_id}"
 lease = "{lease}"
 """
-
-RUNS_TOTAL = re.compile(r'^eventrun_runs_total\{function="([^"]+)",status="([A-Z_]+)"\} (\d+)$', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -203,15 +196,7 @@ class Outcome:
     failure: str = ""
 
 
-class NodeFailed(Exception):
-    """A node did not start (its output is in the message)."""
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+NodeFailed = ServerFailed  # a node did not start (its output is in the message)
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
@@ -300,58 +285,14 @@ def node_process(name: str, folder: Path, store_url: str | None) -> Iterator[Nod
     port = free_port()
     manifest = write_node(folder, port, store_url, name)
     log = folder / "eventrun.log"
-    code = "import sys; from eventrun.cli import main; sys.exit(main())"
-    argv = [sys.executable, "-c", code, "serve", "--config", str(manifest)]
     env = {key: value for key, value in os.environ.items() if not key.startswith("EVENTRUN_")}
-    with log.open("wb") as out:
-        # A session of its own: Ctrl-C reaches only this script, which then stops the node in
-        # order, and killpg() reaches the worker instances the node starts.
-        proc = subprocess.Popen(
-            argv, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = launch(eventrun_argv(manifest), folder, log, env)
     node = Node(name, f"http://127.0.0.1:{port}", log, proc)
     try:
-        wait_ready(node)
+        wait_ready(node.name, proc, f"{node.base}/healthz", log, READY_TIMEOUT)
         yield node
     finally:
         stop(proc)
-
-
-def wait_ready(node: Node) -> None:
-    """Poll /healthz until it answers 200; fail with the node's output if it dies or hangs."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if node.proc.poll() is not None:
-            raise NodeFailed(f"{node.name} exited with status {node.proc.returncode}:\n{tail(node.log)}")
-        try:
-            with urllib.request.urlopen(f"{node.base}/healthz", timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise NodeFailed(f"{node.name} did not answer {node.base}/healthz within {READY_TIMEOUT:.0f}s:\n{tail(node.log)}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM for an ordered shutdown; SIGKILL the whole group if it does not end in time."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-    # Leftover worker instances share the group even after the node itself ended.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def tail(log: Path, lines: int = 30) -> str:
-    """The last lines a node wrote."""
-    text = log.read_text(errors="replace").splitlines()[-lines:]
-    return textwrap.indent("\n".join(text) or "(no output)", "    ")
 
 
 # --- counting ended runs -------------------------------------------------------------------
@@ -367,11 +308,10 @@ async def metrics_counts(session: aiohttp.ClientSession, nodes: list[Node], func
         async with session.get(f"{node.base}/metrics") as answer:
             answer.raise_for_status()
             text = await answer.text()
-        for name, status, value in RUNS_TOTAL.findall(text):
-            if name == function:
-                total[status] += int(value)
-                if status == "FINISHED":
-                    per_node[node.name] = int(value)
+        counts = runs_total(text, function)
+        total.update(counts)
+        if "FINISHED" in counts:
+            per_node[node.name] = counts["FINISHED"]
     return +total, per_node  # without the statuses no run ended in
 
 
@@ -597,8 +537,7 @@ def main() -> None:
         parser.error("--noop and --sleep must not be negative nor both 0, and --concurrency must be at least 1")
     if args.postgres and not args.postgres.startswith(("postgresql://", "postgres://")):
         parser.error("--postgres expects a URL such as postgresql://user:password@host:5432/postgres")
-    if importlib.util.find_spec("eventrun.cli") is None:
-        raise SystemExit("eventrun is not importable here; run with the Python eventrun is installed in")
+    require_eventrun()
 
     setups = [s for s in SETUPS if args.only in (None, s.key)]
     # SIGTERM ends the benchmark the way Ctrl-C does, so the nodes and PostgreSQL are always stopped.
