@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from conftest import Api, ServerProcess, handler, poll_until
+from test_destinations_e2e import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -168,6 +169,29 @@ async def test_a_killed_node_s_runs_end_failed_and_its_queue_runs_elsewhere(clus
     assert [n["NodeId"] for n in health["Cluster"]["Nodes"]] == ["node-2"]
 
 
+async def test_a_run_lost_with_its_node_has_its_failure_delivered_by_a_survivor(cluster: Cluster) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        functions = {"sleepy": {"handler": handler("sleepy"), "on_failure": {"url": receiver.url}}}
+        (a,) = cluster.start(functions, n=1)
+        running = await cluster.api(a).accepted("sleepy", {"seconds": 60})
+        await cluster.api(a).wait_for(running, {"RUNNING"}, 10)
+        (b,) = cluster.start(functions, n=1)
+        a.kill9()
+        (record,) = await poll_until(lambda: receiver.of("on_failure", running), 20, "the NodeLost run's record never came")
+        assert (record.json["Status"], record.json["ErrorType"]) == ("FAILED", "NodeLost")
+        assert record.json["Event"]["data"] == {"seconds": 60}
+        async def owed() -> list[Any]:
+            return await cluster.runs("SELECT * FROM outbox")
+
+        await poll_until(lambda: _nothing(owed()), 10, "the delivery stayed owed")
+        assert len(receiver.of("on_failure", running)) == 1
+        assert b.proc is not None and b.proc.poll() is None
+    finally:
+        await receiver.stop()
+
+
 async def test_the_async_flag_is_locked_across_nodes(cluster: Cluster, eventrun_server: Callable[..., ServerProcess]) -> None:
     cluster.start({"f": {"handler": handler("quick"), "async_execution": True}}, n=1)
     flipped = eventrun_server(
@@ -188,3 +212,7 @@ async def test_a_node_id_held_by_a_live_node_is_refused(cluster: Cluster, eventr
     )
     assert twin.run_to_exit() == 2
     assert "node id 'node-1' is held by a live node" in twin.stderr_text()
+
+
+async def _nothing(rows: Any) -> bool:
+    return not await rows
