@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -162,22 +163,19 @@ def bench_eventrun(work: Path, args: argparse.Namespace) -> list[Measure]:
         raise SystemExit(str(exc)) from None
 
 
-async def pipe_load(script: Path, args: argparse.Namespace) -> Measure:
-    """The ticker as a plain child process; read its stdout line by line."""
+def pipe_load(script: Path, args: argparse.Namespace) -> Measure:
+    """The ticker as a plain child process; read its stdout line by line as it comes."""
     result = Measure("pipe")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-u", str(script), str(args.seconds), str(args.every),
-        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-    )
-    try:
+    argv = [sys.executable, "-u", str(script), str(args.seconds), str(args.every)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) as proc:
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            if (seconds := latency(raw.decode().rstrip("\n"))) is not None:
-                result.latencies.append(seconds)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        try:
+            for raw in proc.stdout:
+                if (seconds := latency(raw.decode().rstrip("\n"))) is not None:
+                    result.latencies.append(seconds)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     result.expected = len(result.latencies)  # every line the child printed came through
     return result
 
@@ -187,7 +185,7 @@ def bench_pipe(work: Path, args: argparse.Namespace) -> Measure:
     script = work / "ticker.py"
     script.write_text(HANDLER)
     print("pipe: the same function as a child process, its stdout read by this one")
-    return run(pipe_load(script, args))
+    return pipe_load(script, args)
 
 
 def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
