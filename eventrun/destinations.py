@@ -187,8 +187,7 @@ class Deliverer:
             await self._settle(delivery, error=str(exc), give_up=True)
         except Exception as exc:
             problem = _describe(exc)
-            invocation = await self._engine.store.get(delivery.request_id)
-            if invocation is not None and _age(invocation) > GIVE_UP_AFTER:
+            if await self._too_old(delivery):
                 self.given_up += 1
                 logger.error(
                     "gave up delivering %s of %s to %s after %d attempts over %s: %s",
@@ -208,6 +207,14 @@ class Deliverer:
             await self._settle(delivery)
         finally:
             self._wake.set()  # a slot is free
+
+    async def _too_old(self, delivery: Delivery) -> bool:
+        """Whether the run ended more than GIVE_UP_AFTER ago (if the store cannot say: not yet)."""
+        try:
+            invocation = await self._engine.store.get(delivery.request_id)
+        except Exception:
+            return False
+        return invocation is not None and _age(invocation) > GIVE_UP_AFTER
 
     async def _settle(self, delivery: Delivery, **outcome: Any) -> None:
         try:
