@@ -1,0 +1,63 @@
+"""The deliverer's pure parts, and its choice between trying again and giving up."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from types import SimpleNamespace
+from typing import Any
+
+from eventrun.destinations import Deliverer, DeliveryFailed, log_tail, signature
+from eventrun.engine.api import Delivery, Invocation, Status
+
+
+def test_the_signature_covers_the_time_and_the_body() -> None:
+    header = signature("k", b'{"a":1}', now=1_700_000_000)
+    assert header == "t=1700000000,v1=" + hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+    assert signature("k", b'{"a":2}', now=1_700_000_000) != header
+    assert signature("other", b'{"a":1}', now=1_700_000_000) != header
+
+
+def test_a_log_tail_starts_at_a_line_and_keeps_the_end() -> None:
+    log = b"".join(b"line %d\n" % i for i in range(1000))
+    tail = log_tail(log, limit=100)
+    assert tail.endswith("line 999\n") and tail.startswith("line ")
+    assert len(tail.encode()) <= 100
+    assert log_tail(b"short\n") == "short\n"
+    assert log_tail(b"\xff\xfe broken utf-8\n") == "\ufffd\ufffd broken utf-8\n"
+
+
+class FakeStore:
+    def __init__(self, ended_at: str) -> None:
+        self.ended_at = ended_at
+        self.settled: list[dict[str, Any]] = []
+
+    async def get(self, request_id: str) -> Invocation:
+        return Invocation(request_id=request_id, function="f", trigger="http", status=Status.FAILED, created_at=self.ended_at, ended_at=self.ended_at)
+
+    async def settle_delivery(self, delivery_id: int, **outcome: Any) -> None:
+        self.settled.append(outcome)
+
+
+async def attempt_failing(ended_at: str, attempts: int) -> dict[str, Any]:
+    store = FakeStore(ended_at)
+    engine = SimpleNamespace(store=store)
+    manifest = SimpleNamespace(functions={})
+    deliverer = Deliverer(engine, manifest)  # type: ignore[arg-type]
+
+    async def fail(_delivery: Delivery) -> None:
+        raise DeliveryFailed("HTTP 503 busy")
+
+    deliverer._make = fail  # type: ignore[method-assign]
+    await deliverer._attempt(Delivery(1, "01a2461d-5009-7000-b391-852c8a6cf159", "f", "callback", "http://x", attempts))
+    (outcome,) = store.settled
+    return outcome
+
+
+async def test_a_failing_delivery_backs_off_then_is_given_up_a_day_after_the_end() -> None:
+    recent = await attempt_failing("2999-01-01T00:00:00.000Z", attempts=3)
+    assert recent == {"error": "HTTP 503 busy", "retry_in": 8.0}
+    capped = await attempt_failing("2999-01-01T00:00:00.000Z", attempts=40)
+    assert capped["retry_in"] == 300.0
+    old = await attempt_failing("2020-01-01T00:00:00.000Z", attempts=200)
+    assert old == {"error": "HTTP 503 busy", "give_up": True}
