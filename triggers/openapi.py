@@ -44,9 +44,10 @@ _SCHEMAS: dict[str, Any] = {
                     "Code": {
                         "type": "string",
                         "examples": [
-                            "InvalidParameter", "FunctionNotFound", "InvocationNotFound",
-                            "InvocationEnded", "PayloadTooLarge", "Throttled", "ShuttingDown",
-                            "NotFound", "MethodNotAllowed", "InternalError",
+                            "InvalidParameter", "Unauthorized", "WebhookTokenNotSet", "FunctionNotFound",
+                            "InvocationNotFound", "InvocationEnded", "InvocationActive", "PayloadTooLarge",
+                            "Throttled", "ShuttingDown", "StoreUnavailable", "NotFound", "MethodNotAllowed",
+                            "InternalError",
                         ],
                     },
                     "Message": {"type": "string"},
@@ -166,7 +167,9 @@ _SCHEMAS: dict[str, Any] = {
 _RESPONSES: dict[str, Any] = {
     "BadRequest": _json("Bad JSON body or bad parameter", _ref("Error")),
     "NotFound": _json("Unknown function, RequestId or route", _ref("Error")),
-    "Conflict": _json("The invocation already ended", _ref("Error")),
+    "Conflict": _json(
+        "The invocation already ended (InvocationEnded), or a replayed one has not (InvocationActive)", _ref("Error")
+    ),
     "PayloadTooLarge": _json("Body over server.max_body_size", _ref("Error")),
     "Throttled": _json(
         "Over the function's qps_limit",
@@ -301,7 +304,12 @@ _PATHS: dict[str, Any] = {
             "operationId": "dashboardFile",
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {
-                "200": {"description": "The file", "content": {"text/html": {"schema": {"type": "string"}}}},
+                "200": {
+                    "description": "The file",
+                    "content": {
+                        kind: {"schema": {"type": "string"}} for kind in ("text/html", "text/javascript", "text/css")
+                    },
+                },
                 "404": _error("NotFound"),
             },
         }
@@ -320,7 +328,17 @@ _PATHS: dict[str, Any] = {
                     "'data: <line>', then 'event: end' with data {RequestId, Status}.",
                     "content": {
                         "text/plain": {"schema": {"type": "string"}},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        # Before OpenAPI 3.2 (itemSchema), an event stream's schema describes one event.
+                        "text/event-stream": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["data"],
+                                "properties": {
+                                    "event": {"type": "string", "enum": ["message", "end", "error"]},
+                                    "data": {"type": "string"},
+                                },
+                            }
+                        },
                     },
                 },
                 "400": _error("BadRequest"),

@@ -301,7 +301,8 @@ def token_middleware(token: str) -> Any:
         path = request.path
         if path in _OPEN_PATHS or path.startswith("/ui/"):
             return await handler(request)
-        given = request.headers.get(hdrs.AUTHORIZATION, "").encode()
+        # surrogateescape: aiohttp keeps header bytes that are not UTF-8 as lone surrogates.
+        given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             return error_response(
                 401,

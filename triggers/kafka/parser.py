@@ -32,6 +32,9 @@ DEFAULT_MAX_JSON = 6 * 1024 * 1024
 """Values larger than this are handed over as `value_base64` instead of being parsed."""
 
 _CE_PREFIX = "ce_"
+# orjson writes at most 254 levels of nesting; the envelope holds a value two levels down
+# (envelope, data), so a value nested deeper parses but could never be stored: it is not JSON here.
+MAX_NESTING = 252
 
 
 class RecordLike(Protocol):
@@ -128,10 +131,11 @@ def to_accept(
         if key is not None and value and len(value) <= max_json and timestamp is not None and timestamp >= 0:
             try:
                 subject = _json_string(key.decode()).encode()
-                loads(value)  # that it is JSON is all that is needed of it
+                # That it is JSON (and not too deep to store) is all that is needed of it.
+                usual = not _nests_too_deep(value, loads(value))
             except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
-                pass
-            else:
+                usual = False
+            if usual:
                 if timestamp != stamped:
                     seconds, millis = divmod(timestamp, 1000)
                     second = _second(seconds)
@@ -363,9 +367,21 @@ def _json(raw: bytes, max_json: int) -> Any:
     if not raw or len(raw) > max_json:
         return _NOT_JSON
     try:
-        return loads(raw)
+        parsed = loads(raw)
     except (JSONDecodeError, ValueError, RecursionError):
         return _NOT_JSON
+    return _NOT_JSON if _nests_too_deep(raw, parsed) else parsed
+
+
+def _nests_too_deep(raw: bytes, parsed: Any) -> bool:
+    # Each level takes a bracket, so counting them (fast) spares most values the exact check.
+    if raw.count(b"[") + raw.count(b"{") <= MAX_NESTING:
+        return False
+    try:
+        dumps([[parsed]])  # the value as deep as the envelope holds it
+    except TypeError:  # orjson's "Recursion limit reached"
+        return True
+    return False
 
 
 def _text(raw: bytes) -> str | None:

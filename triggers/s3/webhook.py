@@ -34,7 +34,8 @@ def check_authorization(header: str | None, token: str) -> str | None:
     scheme, _, given = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         return "Authorization header: expected 'Bearer <webhook_token>'"
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # surrogateescape: aiohttp keeps header bytes that are not UTF-8 as lone surrogates.
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         return "Authorization header: wrong webhook token"
     return None
 
@@ -131,7 +132,15 @@ OPENAPI_PATHS: dict[str, Any] = {
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": {"type": "object", "required": ["Records"]}}},
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["Records"],
+                            "properties": {"Records": {"type": "array", "items": {"type": "object"}}},
+                        }
+                    }
+                },
             },
             "responses": {
                 "200": {
