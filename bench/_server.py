@@ -24,8 +24,11 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0  # longer than eventrun's default shutdown_grace (10s)
@@ -44,6 +47,25 @@ RUNS_TOTAL = re.compile(r'^eventrun_runs_total\{function="([^"]+)",status="([A-Z
 
 class ServerFailed(Exception):
     """A server exited or did not answer in time (its last output is in the message)."""
+
+
+def run_measure(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a measure in its own event loop; SIGTERM or Ctrl-C end it as KeyboardInterrupt
+    (so the caller's `finally` stops the servers in order)."""
+
+    async def measured() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coroutine
+
+    try:
+        return asyncio.run(measured())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        # Closing the loop reset SIGTERM to its default, which would skip stopping the servers.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def free_port() -> int:

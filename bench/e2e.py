@@ -46,15 +46,14 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 import _server
-from _server import NOOP_HANDLER, free_port, require_eventrun, runs_total
+from _server import NOOP_HANDLER, free_port, require_eventrun, run_measure, runs_total
 
 FUNCTION = "noop"
 BODY = b'{"bench": true}'
@@ -217,7 +216,7 @@ def bench_eventrun(work: Path, args: argparse.Namespace) -> Measure:
             manifest = MANIFEST % {"instances": args.instances, "function": FUNCTION, "data_dir": json.dumps(str(data))}
             with _server.eventrun_server(folder, manifest, {"noop.py": NOOP_HANDLER}) as (base, proc):
                 print(f"eventrun serve ready at {base} (concurrency = max_instances = {args.instances}, data_dir {data})")
-                result = run(eventrun_load(base, proc.pid, args))
+                result = run_measure(eventrun_load(base, proc.pid, args))
     except _server.ServerFailed as exc:
         raise SystemExit(str(exc)) from None
     if result.errors or result.note:
@@ -340,30 +339,13 @@ def bench_arq(work: Path, args: argparse.Namespace) -> Measure:
                 raise SystemExit(f"the arq worker exited:\n{_server.tail(log)}")
             print(f"redis-server on port {port}, arq worker pid {worker.pid} "
                   f"(max_jobs = {ARQ_MAX_JOBS}, poll_delay = {ARQ_POLL_DELAY})")
-            return run(arq_load(port, {"redis": redis_pid, "worker": worker.pid}, args))
+            return run_measure(arq_load(port, {"redis": redis_pid, "worker": worker.pid}, args))
         finally:
             _server.stop(worker)
 
 
 # --- main ----------------------------------------------------------------------------------
 
-
-def run(coroutine: Coroutine[Any, Any, Measure]) -> Measure:
-    """Run a load in its own event loop; SIGTERM or Ctrl-C end it as KeyboardInterrupt."""
-
-    async def measured() -> Measure:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await coroutine
-
-    try:
-        return asyncio.run(measured())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-    finally:
-        # Closing the loop reset SIGTERM to its default, which would skip stopping the servers.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def report(results: list[Measure], args: argparse.Namespace) -> None:

@@ -29,15 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 import _server
-from _server import require_eventrun
+from _server import require_eventrun, run_measure
 
 FUNCTION = "ticker"
 DELAY = 0.3  # seconds the function waits before its first line
@@ -158,7 +156,7 @@ def bench_eventrun(work: Path, args: argparse.Namespace) -> list[Measure]:
         with _server.eventrun_server(folder, MANIFEST, {"ticker.py": HANDLER}) as (base, _):
             print(f"eventrun serve ready at {base}; a run printing every {args.every * 1000:g} ms for {args.seconds:g}s, "
                   f"{args.followers} follower(s)")
-            return run(eventrun_load(base, args))
+            return run_measure(eventrun_load(base, args))
     except _server.ServerFailed as exc:
         raise SystemExit(str(exc)) from None
 
@@ -187,22 +185,6 @@ def bench_pipe(work: Path, args: argparse.Namespace) -> Measure:
     print("pipe: the same function as a child process, its stdout read by this one")
     return pipe_load(script, args)
 
-
-def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Run a load in its own event loop; SIGTERM or Ctrl-C end it as KeyboardInterrupt."""
-
-    async def measured() -> Any:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await coroutine
-
-    try:
-        return asyncio.run(measured())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-    finally:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def report(results: list[Measure], args: argparse.Namespace) -> None:

@@ -33,7 +33,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 import aiohttp
 
 import _server
-from _server import bare_argv, free_port, require_eventrun
+from _server import bare_argv, free_port, require_eventrun, run_measure
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 SLEEPER = "sleeper"
@@ -131,22 +130,6 @@ def read_figure(label: str, pid: int, *, eventrun: bool = True, note: str = "") 
     return figure
 
 
-def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine in its own event loop; SIGTERM or Ctrl-C end it as KeyboardInterrupt."""
-
-    async def measured() -> Any:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await coroutine
-
-    try:
-        return asyncio.run(measured())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-    finally:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
 
 async def metric(session: aiohttp.ClientSession, base: str, name: str, function: str) -> int:
     """One gauge or counter of GET /metrics for a function (0 if absent)."""
@@ -192,7 +175,7 @@ def bench_server(work: Path, args: argparse.Namespace) -> list[Figure]:
         figures.append(read_figure("eventrun idle", proc.pid))
         if args.only in (None, "queued"):
             print(f"  invoking {SLEEPER} {args.queued} times ...")
-            queued, elapsed = run(fill_queue(base, args.queued))
+            queued, elapsed = run_measure(fill_queue(base, args.queued))
             print(f"  {args.queued} accepted in {elapsed:.1f}s; {queued} QUEUED")
             time.sleep(args.settle)
             figures.append(read_figure(f"eventrun, {queued:,} queued", proc.pid, note=f"{queued} QUEUED, 1 RUNNING"))
@@ -275,17 +258,17 @@ def bench_kafka(work: Path, args: argparse.Namespace) -> Figure:
         raise SystemExit(f"no Kafka broker: {exc}") from None
     try:
         service = helpers.KafkaService(broker.bootstrap, broker)
-        run(service.ready())
-        run(service.create_topic(TOPIC, args.partitions))
+        run_measure(service.ready())
+        run_measure(service.create_topic(TOPIC, args.partitions))
         print(f"Tansu at {broker.bootstrap}; producing {args.records:,} records into {TOPIC} ({args.partitions} partitions) ...")
-        seconds = run(produce(broker.bootstrap, args.records, args.partitions))
+        seconds = run_measure(produce(broker.bootstrap, args.records, args.partitions))
         print(f"  produced in {seconds:.1f}s")
         manifest = MANIFEST.format(bootstrap=broker.bootstrap, sleeper=SLEEPER) + KAFKA_FUNCTION.format(
             consumer=CONSUMER, topic=TOPIC
         )
         with _server.eventrun_server(work / "eventrun-kafka", manifest, {"sleeper.py": HANDLER}) as (base, proc):
             print(f"eventrun serve with a Kafka trigger ready at {base} (pid {proc.pid})")
-            accepted, queued, paused = run(wait_for_pause(base, timeout=120))
+            accepted, queued, paused = run_measure(wait_for_pause(base, timeout=120))
             state = "paused" if paused else "NOT paused (gave up waiting after 120 s)"
             print(f"  consumer {state}: {accepted:,} records accepted, {queued:,} QUEUED")
             time.sleep(args.settle)

@@ -32,7 +32,6 @@ cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import signal
@@ -40,16 +39,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 import _server
-from _server import NOOP_HANDLER, bare_argv, free_port, require_eventrun
+from _server import NOOP_HANDLER, bare_argv, free_port, require_eventrun, run_measure
 
 FUNCTION = "noop"
 BODY = b'{"bench": true}'
@@ -118,22 +115,6 @@ async def calls(name: str, base: str, args: argparse.Namespace, expect: int) -> 
     return result
 
 
-def run(coroutine: Coroutine[Any, Any, Measure]) -> Measure:
-    """Run a measure in its own event loop; SIGTERM or Ctrl-C end it as KeyboardInterrupt."""
-
-    async def measured() -> Measure:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await coroutine
-
-    try:
-        return asyncio.run(measured())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-    finally:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
 
 def bench_eventrun(work: Path, args: argparse.Namespace) -> Measure:
     """Serve the sync no-op function with eventrun; call it one call at a time."""
@@ -144,7 +125,7 @@ def bench_eventrun(work: Path, args: argparse.Namespace) -> Measure:
             manifest = MANIFEST % {"function": FUNCTION, "data_dir": json.dumps(str(data))}
             with _server.eventrun_server(folder, manifest, {"noop.py": NOOP_HANDLER}) as (base, _):
                 print(f"eventrun serve ready at {base} (data_dir {data}); {args.warmup} + {args.calls} sync calls")
-                return run(calls("eventrun", base, args, 200))
+                return run_measure(calls("eventrun", base, args, 200))
     except _server.ServerFailed as exc:
         raise SystemExit(str(exc)) from None
 
@@ -155,7 +136,7 @@ def bench_bare(work: Path, args: argparse.Namespace) -> Measure:
     try:
         with _server.server_process("bare aiohttp", bare_argv(port), port, work, work / "bare.log") as (base, _):
             print(f"bare aiohttp ready at {base}; {args.warmup} + {args.calls} calls")
-            return run(calls("bare", base, args, 202))
+            return run_measure(calls("bare", base, args, 202))
     except _server.ServerFailed as exc:
         raise SystemExit(str(exc)) from None
 

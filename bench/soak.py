@@ -28,7 +28,6 @@ import asyncio
 import collections
 import importlib.util
 import logging
-import os
 import random
 import signal
 import sqlite3
