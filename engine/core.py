@@ -604,6 +604,7 @@ class Engine:
                 handler=f"{self.manifest.handler_path(function)}:{config.handler_name}",
                 cwd=self.manifest.base_dir,
                 environment=dict(config.environment),
+                memory_limit=self.manifest.server.memory_limit if config.memory_limit is None else config.memory_limit,
             )
         instance = run.instance = await self.pool.acquire(spec)
         if run.abort:
@@ -617,6 +618,7 @@ class Engine:
                 config.timeout,
                 lambda lines: self.logs.write(request_id, lines),
                 self.manifest.server.kill_grace,
+                log_limit=self.manifest.server.log_limit,
             )
         finally:
             await asyncio.shield(self.pool.release(instance, keep=outcome.keep_instance and not run.abort))

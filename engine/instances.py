@@ -1,4 +1,12 @@
-"""Worker instances: one Python process per instance, kept warm between good runs."""
+"""Worker instances: one Python process per instance, kept warm between good runs.
+
+Nothing a function does in its instance may hurt the server or other runs. Its output is read
+in bounded pieces and, once past what the run's log keeps, only searched for the run's outcome,
+never held or decoded. A run ends when its outcome arrives, or when the process ends without
+one (even while processes it started still hold its output pipe open), or at its timeout,
+which also bounds handing it the event. A killed instance takes with it every process it
+started, including ones that left its process group (see kill()).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +26,14 @@ from .api import Status
 from .envelope import dumps, loads
 from . import worker
 from .spawner import ForkedProcess, Spawner, SpawnerUnavailable, forkable
-from .worker import FRAME_MARK
+from .worker import FRAME_MARK, MAX_FRAME, children_of
 
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 MAX_LINE = 64 * 1024  # longer lines are split, so one line never holds unbounded memory
-FRAME_BYTE = FRAME_MARK[0].encode()
+AFTER_EXIT = 1.0  # seconds to read what a process wrote before it ended, for its outcome
+OUTSIDE_RUNS = 64 * 1024  # bytes of output between runs shown in the server's log (each time)
 
 LineSink = Callable[[list[str]], None]
 
@@ -39,6 +48,7 @@ class Spec:
     handler: str  # absolute "path/to/file.py:callable"
     cwd: Path
     environment: dict[str, str]
+    memory_limit: int = 0  # bytes of data memory (RLIMIT_DATA) an instance may use; 0: no limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +76,11 @@ class Instance:
         self._mark = FRAME_MARK + token + " "
         self._sink: LineSink | None = None
         self._outcome: asyncio.Future[dict[str, Any]] | None = None
+        self._budget = OUTSIDE_RUNS  # bytes of output still passed on; past it, only frames are looked for
         self._reader = asyncio.create_task(self._read(), name=f"instance-{self.pid}-reader")
+        self._exit = asyncio.ensure_future(self._wait_exit())
+        self._exit.add_done_callback(self._exited)
+        self._pipe = None if isinstance(process, ForkedProcess) else _stdout_link(self.pid)
         self.last_used = time.monotonic()
         self.stopping: Status | None = None  # why we are killing it, if we are
 
@@ -75,37 +89,114 @@ class Instance:
         """True while the process runs."""
         return self.process.returncode is None and not self._reader.done()
 
-    async def run(self, request_id: str, envelope: bytes, timeout: float, sink: LineSink, kill_grace: float) -> Outcome:
-        """Hand one event to the instance and wait for its outcome, within the timeout."""
+    async def run(
+        self,
+        request_id: str,
+        envelope: bytes,
+        timeout: float,
+        sink: LineSink,
+        kill_grace: float,
+        *,
+        log_limit: int | None = None,
+    ) -> Outcome:
+        """Hand one event to the instance and wait for its outcome, within the timeout.
+
+        `log_limit`: output past this many bytes is not passed to `sink` (the log would drop it).
+        """
         assert self.process.stdin is not None
         self._sink = sink
+        self._budget = log_limit if log_limit is not None else 1 << 62
         self._outcome = asyncio.get_running_loop().create_future()
         deadline = time.time() + timeout
         task = b'{"request_id":' + dumps(request_id) + b',"deadline":' + dumps(deadline) + b',"event":' + envelope + b"}\n"
         try:
-            self.process.stdin.write(task)
-            await self.process.stdin.drain()
-            frame = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
+            # Handing it the event counts against the timeout: an instance that stopped reading
+            # (stopped, or stuck in native code) never takes a large one.
+            frame = await asyncio.wait_for(self._exchange(task), timeout)
         except asyncio.TimeoutError:
             self.stopping = self.stopping or Status.TIMED_OUT
             await self.kill(kill_grace)
             return self._stopped_outcome(timeout)
         except (InstanceDied, ConnectionError):
-            await self.process.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Its pipe closes as it exits, a moment before its exit status comes.
+                await asyncio.wait_for(asyncio.shield(self._exit), AFTER_EXIT)
             if self.stopping is not None:
+                await asyncio.shield(self._exit)
                 return self._stopped_outcome(timeout)
+            if self.process.returncode is None:
+                return Outcome(
+                    status=Status.FAILED,
+                    error_type="InstanceDied",
+                    error_message="the instance closed its output pipe (every copy of stdout and stderr), so it could"
+                    " not report the run's end; it was stopped",
+                )
             return Outcome(status=Status.FAILED, error_type="InstanceDied", error_message=self._exit_text())
         finally:
             self._sink = None
+            self._budget = OUTSIDE_RUNS
             self.last_used = time.monotonic()
         if frame.get("ok"):
-            return Outcome(status=Status.FINISHED, result=frame.get("result"), keep_instance=True)
+            return Outcome(status=Status.FINISHED, result=frame.get("result"), keep_instance=not frame.get("recycle"))
         return Outcome(
             status=Status.FAILED,
             error_type=frame.get("error_type") or "Error",
             error_message=frame.get("error_message") or "",
             keep_instance=not frame.get("recycle", True),
         )
+
+    async def _exchange(self, task: bytes) -> dict[str, Any]:
+        """Send the task; its outcome frame (InstanceDied if the process ended without one)."""
+        assert self.process.stdin is not None and self._outcome is not None
+        self.process.stdin.write(task)
+        await self.process.stdin.drain()
+        return await asyncio.shield(self._outcome)
+
+    async def _wait_exit(self) -> int:
+        """The exit code, once the process has exited, whether or not its pipes are closed.
+
+        (asyncio's Process.wait() also waits for its pipes to close, which processes the
+        function started can hold open for ever; a pidfd says when the process itself ended.)
+        """
+        process = self.process
+        if isinstance(process, ForkedProcess):
+            return await process.wait()
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except ProcessLookupError:
+            pass  # ended already: its exit code is on its way
+        except (OSError, AttributeError):  # no pidfds here: the closing of its pipes must do
+            return await process.wait()
+        else:
+            ended: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            loop.add_reader(pidfd, readable)
+            try:
+                await ended
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+        while process.returncode is None:  # asyncio's child watcher reaps it in a moment
+            await asyncio.sleep(0.005)
+        return process.returncode
+
+    def _exited(self, exit: asyncio.Future[int]) -> None:
+        # Its end of file does not come while processes it started hold the pipe open: the exit
+        # is what says it ended. What it wrote before still comes through first.
+        if exit.cancelled() or exit.exception() is not None:
+            return
+        if self._outcome is not None and not self._outcome.done():
+            asyncio.get_running_loop().call_later(AFTER_EXIT, self._died)
+
+    def _died(self) -> None:
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_exception(InstanceDied())
+            self._outcome.exception()  # retrieved here; run() reads it again
 
     def _stopped_outcome(self, timeout: float) -> Outcome:
         if self.stopping is Status.TIMED_OUT:
@@ -132,18 +223,39 @@ class Instance:
         await self.kill(kill_grace)
 
     async def kill(self, grace: float) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds; waits until the process is gone."""
+        """SIGTERM, then SIGKILL after `grace` seconds; waits until the process is gone.
+
+        The signals go to the instance's process group, which holds what the function started,
+        unless a process moved to a group or session of its own (a daemon's double fork). Those
+        are still below the instance, a child subreaper (see worker.py), so they are found by
+        walking its tree and killed first. Should the instance die by itself, its parent takes
+        the tree over: a spawner kills what it inherits. The server, parent of instances started
+        as fresh interpreters, is no subreaper (it would inherit every orphan of its own
+        children); for those, what still holds the instance's output pipe is killed. A process
+        that also closed its copies of the pipe (a proper daemon) is out of reach then.
+        """
         if self.process.returncode is None:
+            _kill_escaped(self.pid)
             _signal_group(self.pid, signal.SIGTERM)
+            _signal_group(self.pid, signal.SIGCONT)  # a stopped process would not act on its SIGTERM
             try:
-                await asyncio.wait_for(self.process.wait(), grace)
+                await asyncio.wait_for(asyncio.shield(self._exit), grace)
             except asyncio.TimeoutError:
+                _kill_escaped(self.pid)
                 _signal_group(self.pid, signal.SIGKILL)
-                await self.process.wait()
+                await asyncio.shield(self._exit)
         # Children the function left behind in its group go too.
         _signal_group(self.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), 5)
+            await asyncio.wait_for(asyncio.shield(self._reader), 1)
+        if not self._reader.done() and self._pipe is not None:
+            # Its output pipe is still held, by processes it started that left its group and,
+            # as it died, its tree: whoever holds that pipe goes.
+            for pid in await asyncio.to_thread(_holders, self._pipe):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._reader), 4)
         if self.process.stdin is not None:
             self.process.stdin.close()
         if isinstance(self.process, ForkedProcess):  # (asyncio closes a Process's pipes itself)
@@ -152,24 +264,33 @@ class Instance:
     async def _read(self) -> None:
         stream = self.process.stdout
         assert stream is not None
+        mark = self._mark.encode()
+        keep = len(mark) - 1  # the most of a mark one read can end with
         pending = b""
         try:
             while True:
                 chunk = await stream.read(READ_CHUNK)
                 if not chunk:
                     break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                # Output lines are split to bound memory; a frame (results can be large) is not,
-                # and the worker itself refuses results over MAX_RESULT.
-                while len(pending) > MAX_LINE and FRAME_BYTE not in pending:
-                    lines.append(pending[:MAX_LINE])
-                    pending = pending[MAX_LINE:]
-                self._route([line.decode("utf-8", "replace") for line in lines])
+                data = pending + chunk if pending else chunk
+                if self._budget <= 0:
+                    # Past what the log keeps (a flood): the output is dropped unread, and only
+                    # the frame is looked for; no line is split or decoded.
+                    at = data.find(mark)
+                    if at < 0:
+                        pending = data[-keep:]
+                        continue
+                    data = data[at:]
+                *lines, pending = data.split(b"\n")
+                if len(pending) > MAX_LINE + keep:
+                    pending = _cut(pending, lines, mark)
+                if lines:
+                    self._budget -= sum(map(len, lines)) + len(lines)
+                    self._route([line.decode("utf-8", "replace") for line in lines])
         finally:
             if isinstance(self.process, ForkedProcess):  # at its end of file, or cancelled with the loop
                 self.process.close_pipes()
-            if pending:
+            if pending and self._budget > 0:
                 self._route([pending.decode("utf-8", "replace")])
             if self._outcome is not None and not self._outcome.done():
                 self._outcome.set_exception(InstanceDied())
@@ -198,12 +319,77 @@ class Instance:
         if lines and self._sink is not None:
             self._sink(lines)
         elif lines:
-            logger.info("instance %s of %s said outside a run: %s", self.pid, self.spec.function, lines[:3])
+            shown = [line[:200] for line in lines[:3]]
+            logger.info("instance %s of %s said outside a run: %s", self.pid, self.spec.function, shown)
+
+
+def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:
+    """A line too long to hold: split it into `lines` of MAX_LINE; what is left to read on with.
+
+    Output lines are split to bound memory, but for its last bytes, which may begin a frame's
+    mark. A frame (results can be large) is not split, up to MAX_FRAME: the worker sends no
+    longer one, so one longer is not a frame, and is taken as output.
+    """
+    at = pending.find(mark)
+    if at >= 0:
+        if at:
+            lines.append(pending[:at])
+        pending = pending[at:]
+        if len(pending) <= MAX_FRAME:
+            return pending
+    while len(pending) > MAX_LINE + len(mark):
+        lines.append(pending[:MAX_LINE])
+        pending = pending[MAX_LINE:]
+    return pending
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+
+
+def _stdout_link(pid: int) -> str | None:
+    """What /proc shows a process's fd 1 as ("pipe:[INODE]"), to know its pipe by."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/1")
+    except OSError:
+        return None
+
+
+def _holders(link: str) -> list[int]:
+    """Processes other than this one with an fd on `link` (one instance's output pipe)."""
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{name}/fd/{fd}") == link:
+                    found.append(int(name))
+                    break
+            except OSError:
+                pass
+    return found
+
+
+def _kill_escaped(pid: int) -> None:
+    """SIGKILL the processes below `pid` that are not in its process group (which gets its own signals)."""
+    below = children_of(pid)
+    seen: set[int] = set()
+    while below:
+        child = below.pop()
+        if child in seen:
+            continue
+        seen.add(child)
+        below += children_of(child)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(child) != pid:
+                os.kill(child, signal.SIGKILL)
 
 
 class InstancePool:
@@ -282,7 +468,12 @@ class InstancePool:
         if spawner is not None and forkable(spec.environment, self._base_env) and spawner.ready():
             try:
                 forked = await spawner.spawn(
-                    handler=spec.handler, function=spec.function, token=token, cwd=str(spec.cwd), env=env
+                    handler=spec.handler,
+                    function=spec.function,
+                    token=token,
+                    cwd=str(spec.cwd),
+                    env=env,
+                    memory_limit=spec.memory_limit,
                 )
             except SpawnerUnavailable as exc:
                 logger.warning("cannot fork an instance of %s (%s); starting a fresh interpreter", spec.function, exc)
@@ -298,6 +489,7 @@ class InstancePool:
             spec.handler,
             spec.function,
             token,
+            str(spec.memory_limit),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

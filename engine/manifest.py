@@ -67,6 +67,19 @@ def parse_size(value: Any) -> int:
     return size
 
 
+MIN_MEMORY_LIMIT = 64 * 1024**2  # an instance's interpreter needs some 30 MB before the handler's module
+
+
+def parse_memory_limit(value: Any) -> int:
+    """An instance's memory_limit in bytes: a size of at least 64MB, or 0 (no limit)."""
+    if value in (0, "0", "") and not isinstance(value, bool):
+        return 0
+    size = parse_size(value)
+    if size < MIN_MEMORY_LIMIT:
+        raise ValueError(f"a memory_limit must be at least 64MB (or 0: no limit), got {value!r}")
+    return size
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,8 +100,10 @@ class ServerConfig(_Strict):
     fork_instances: bool = True
     ui_token: str = ""  # if set, the dashboard and the API ask for it: Authorization: Bearer <ui_token>
     retention: float = 0.0  # ended runs (and their logs) older than this are deleted; 0: kept for ever
+    memory_limit: int = 0  # each instance's data memory (RLIMIT_DATA), unless its function sets one; 0: no limit
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
+    _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)
     _retention = field_validator("retention", mode="before")(lambda v: 0.0 if v in (0, "0", "", None) else parse_duration(v))
     _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(
         parse_duration
@@ -318,8 +333,10 @@ class FunctionConfig(_Strict):
     callback_secret: SecretStr = SecretStr("")  # signs what goes to callback_url and on_failure.url
     on_failure: OnFailure | None = None
     triggers: tuple[Trigger, ...] = ()
+    memory_limit: int | None = None  # bytes of data memory per instance; None: [server] memory_limit; 0: no limit
 
     _timeout = field_validator("timeout", mode="before")(parse_duration)
+    _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)
     _callback_url = field_validator("callback_url")(_http_url)
 
     @field_validator("handler")

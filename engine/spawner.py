@@ -4,7 +4,10 @@ A fresh interpreter costs every instance 30 ms or more of CPU (the interpreter, 
 before it loads its handler; a burst that starts eight instances pays that eight times. The
 spawner (worker.spawner) is one interpreter started with the server that has paid it once and
 forks each instance on request. The child runs the same worker with the function's own process
-group, pipes, folder and environment.
+group, pipes, folder, environment and memory limit.
+
+The spawner is a child subreaper: a process an instance started that outlives the instance
+(a crash, a kill) is handed to the spawner, which kills it (see worker.spawner).
 
 What a fork cannot give is what the interpreter decides at start from the environment: a
 function whose `environment` sets a PYTHON* variable (PYTHONPATH, PYTHONHASHSEED, ...) or the
@@ -137,8 +140,10 @@ class Spawner:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(ours.fileno(), self._readable)
 
-    async def spawn(self, *, handler: str, function: str, token: str, cwd: str, env: Mapping[str, str]) -> ForkedProcess:
-        """Fork one instance; SpawnerUnavailable if the spawner cannot."""
+    async def spawn(
+        self, *, handler: str, function: str, token: str, cwd: str, env: Mapping[str, str], memory_limit: int = 0
+    ) -> ForkedProcess:
+        """Fork one instance, its data memory capped at `memory_limit` bytes (0: not); SpawnerUnavailable if not."""
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
             raise SpawnerUnavailable("the spawner is not running")
@@ -147,7 +152,15 @@ class Spawner:
         request_id = self._next_id = self._next_id + 1
         reply: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._replies[request_id] = reply
-        request = {"id": request_id, "handler": handler, "function": function, "token": token, "cwd": cwd, "env": dict(env)}
+        request = {
+            "id": request_id,
+            "handler": handler,
+            "function": function,
+            "token": token,
+            "cwd": cwd,
+            "env": dict(env),
+            "memory_limit": memory_limit,
+        }
         try:
             try:
                 socket.send_fds(sock, [json.dumps(request).encode()], [tasks_r, output_w])

@@ -3,7 +3,24 @@
 The parent talks to this process over two pipes. Tasks arrive as JSON lines on a private
 copy of stdin; stdout and stderr share one pipe that carries the function's output, and
 frames back to the parent are lines marked with a per-instance token on that same pipe, so
-output and outcome arrive in the order they happened.
+output and outcome arrive in the order they happened. Frames go through a private copy of
+stdout, so a handler that closes its stdout and stderr, or puts a file in their place, cannot
+lose them.
+
+What a run leaves behind ends with it. The instance is a child subreaper
+(PR_SET_CHILD_SUBREAPER): a process the function starts stays in the instance's tree of
+children even if it forks twice and moves to a session of its own, which takes it out of the
+instance's process group, the unit eventrun signals. So when the handler has returned, every
+process still in that tree is killed before the outcome is reported; one system call finds
+that there is none, the usual case. Should the instance itself die first (a crash, a kill at a
+timeout), its remaining processes pass to its parent: the spawner, also a subreaper, kills
+them. For an instance started as a fresh interpreter, whose parent is the server, the server
+kills them as it kills the instance, or after a crash those that still hold its output pipe
+(see instances.Instance.kill).
+
+A function's memory_limit is an RLIMIT_DATA set here before its module is imported, for
+forked instances too: heap and other private writable memory, not shared libraries or mapped
+files. An allocation past it raises MemoryError, reported as MemoryLimitExceeded.
 
 The same file, run with --spawner, is the process instances are forked from (see spawner()).
 """
@@ -29,13 +46,28 @@ if TYPE_CHECKING:
 
 FRAME_MARK = "\x1eeventrun-frame:"
 MAX_RESULT = 6 * 1024 * 1024  # the same bound as an invocation body
+MAX_MESSAGE = 16 * 1024  # characters of an error message kept (the traceback in the log has it all)
+MAX_FRAME = MAX_RESULT + 256 * 1024  # no frame is longer: a result, or a message, and a little
+_MB = 1024 * 1024
+_BALLAST = 4 * _MB  # under a memory_limit, let go of when it is reached: room to report it
+_LEFTOVER_WAIT = 2.0  # seconds to wait for the processes a run left behind to die once killed
+_PR_SET_CHILD_SUBREAPER = 36
 
 
-def _write_all(data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> None:
     """os.write may write part of a large buffer to a pipe; write it all."""
     view = memoryview(data)
     while view:
-        view = view[os.write(1, view) :]
+        view = view[os.write(fd, view) :]
+
+
+def _flush_stdio() -> None:
+    """Flush what the handler printed, as far as it left its streams usable."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - closed, replaced by something odd, or its fd closed
+            pass
 
 
 class Context:
@@ -77,6 +109,14 @@ def _frame_json(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
+def _ballast() -> Any:
+    """Memory counted against the memory_limit but never touched (so not resident): an
+    anonymous private mapping, given back when the limit is reached."""
+    import mmap
+
+    return mmap.mmap(-1, _BALLAST, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def _result_json(value: Any) -> bytes:
     """A result's JSON, by eventrun's own rules (orjson, non-string keys allowed); TypeError if it has none."""
     if value is None:
@@ -87,13 +127,16 @@ def _result_json(value: Any) -> bytes:
 
 
 class _Worker:
-    def __init__(self, handler: str, function: str, token: str, tasks: int) -> None:
+    def __init__(self, handler: str, function: str, token: str, tasks: int, frames: int, memory_limit: int) -> None:
         self.handler_spec = handler
         self.function = function
         self.mark = (FRAME_MARK + token + " ").encode()
         self.tasks = os.fdopen(tasks, "rb")
+        self.frames = frames  # a private copy of stdout's pipe
+        self.memory_limit = memory_limit  # bytes; 0: none
         self.handler: Callable[..., Any] | None = None
         self._logger: logging.Logger | None = None
+        self._ballast = _ballast() if memory_limit else None
 
     def logger(self) -> logging.Logger:
         if self._logger is None:
@@ -108,10 +151,13 @@ class _Worker:
             self._logger = logger
         return self._logger
 
+    def write(self, data: bytes) -> None:
+        """Output to the run's log, after what the handler printed."""
+        _flush_stdio()
+        _write_all(self.frames, data)
+
     def frame(self, payload: dict[str, Any]) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _write_all(self.mark + _frame_json(payload) + b"\n")
+        self.write(self.mark + _frame_json(payload) + b"\n")
 
     def load(self) -> Callable[..., Any]:
         if self.handler is None:
@@ -139,6 +185,9 @@ class _Worker:
             deadline=task["deadline"],
             logger=self.logger,
         )
+        if self.memory_limit:
+            context.memory_limit_in_mb = self.memory_limit // _MB
+        failure: dict[str, Any] | None = None
         try:
             handler = self.load()
             outcome = handler(task["event"], context)
@@ -149,16 +198,14 @@ class _Worker:
                 if inspect.isawaitable(outcome):
                     outcome = asyncio.run(_awaited(outcome))
         except BaseException as exc:  # SystemExit too: the run failed, the parent decides
-            import traceback
-
-            # Skip this frame: the user's traceback starts at their handler.
-            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
-            self.frame({"ok": False, "error_type": type(exc).__name__, "error_message": str(exc), "recycle": True})
+            failure = self.failed(exc)
+        if failure is not None:  # (reported out of the except block, which holds the handler's frames)
+            self.end({"ok": False, **failure, "recycle": True})
             return
         try:
             encoded = _result_json(outcome)
         except TypeError as exc:
-            self.frame(
+            self.end(
                 {
                     "ok": False,
                     "error_type": "ResultNotSerializable",
@@ -167,8 +214,14 @@ class _Worker:
                 }
             )
             return
+        except MemoryError as exc:
+            failure = self.failed(exc)
+        if failure is not None:
+            del outcome
+            self.end({"ok": False, **failure, "recycle": True})
+            return
         if len(encoded) > MAX_RESULT:
-            self.frame(
+            self.end(
                 {
                     "ok": False,
                     "error_type": "ResultTooLarge",
@@ -177,9 +230,69 @@ class _Worker:
                 }
             )
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _write_all(self.mark + b'{"ok":true,"result":' + encoded + b"}\n")
+        self.end(None, encoded)
+
+    def failed(self, exc: BaseException) -> dict[str, str]:
+        """Print the handler's traceback to the run's log; the error type and message to report."""
+        if isinstance(exc, MemoryError) and self.memory_limit:
+            if self._ballast is not None:
+                self._ballast.close()  # the room to report it in
+                self._ballast = None
+            error_type = "MemoryLimitExceeded"
+            message = f"the function ran out of memory: its memory_limit is {self.memory_limit // _MB} MB"
+        else:
+            error_type = type(exc).__name__
+            try:
+                message = str(exc)
+            except BaseException:  # noqa: BLE001 - a hostile __str__ does not take the report down with it
+                message = f"<{error_type} whose message cannot be read>"
+        try:
+            import traceback
+
+            # Skip this frame: the user's traceback starts at their handler.
+            trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+            text = "".join(trace)
+        except BaseException:  # noqa: BLE001 - e.g. MemoryError again
+            text = f"{error_type}: {message}\n"
+        self.write(text.encode("utf-8", "replace"))
+        return {"error_type": error_type, "error_message": message[:MAX_MESSAGE]}
+
+    def end(self, failure: dict[str, Any] | None, result: bytes = b"") -> None:
+        """Report the run's outcome (a failure, else the result's JSON), once what it left behind is gone.
+
+        A run that left processes running or broke its standard streams does not leave its
+        instance warm: the parent discards it ("recycle").
+        """
+        recycle = False
+        killed = _end_leftovers(_LEFTOVER_WAIT)
+        if killed:
+            recycle = True
+            pids = ", ".join(map(str, killed[:10])) + (", ..." if len(killed) > 10 else "")
+            self.write(
+                f"[eventrun] the run left {len(killed)} processes running ({pids}); they were killed, and this"
+                " instance is not reused\n".encode()
+            )
+        if not self._stdio_intact():
+            recycle = True
+            self.write(b"[eventrun] the run closed or replaced its stdout or stderr; this instance is not reused\n")
+        if failure is not None:
+            self.frame({**failure, "recycle": True} if recycle else failure)
+        elif recycle:
+            self.write(self.mark + b'{"ok":true,"recycle":true,"result":' + result + b"}\n")
+        else:
+            self.write(self.mark + b'{"ok":true,"result":' + result + b"}\n")
+
+    def _stdio_intact(self) -> bool:
+        """True if fds 1 and 2 are still the output pipe, and sys.stdout and sys.stderr open."""
+        try:
+            pipe = os.fstat(self.frames)
+            for fd in (1, 2):
+                st = os.fstat(fd)
+                if (st.st_ino, st.st_dev) != (pipe.st_ino, pipe.st_dev):
+                    return False
+        except OSError:
+            return False
+        return not any(stream is None or getattr(stream, "closed", False) for stream in (sys.stdout, sys.stderr))
 
     def serve(self) -> None:
         for line in self.tasks:
@@ -197,7 +310,7 @@ async def _awaited(awaitable: Any) -> Any:
 
 
 def _watch_parent(parent: int) -> None:
-    """End this instance and its process group when its parent is gone (e.g. kill -9).
+    """End this instance, its process group and what it started when its parent is gone (e.g. kill -9).
 
     The parent is the server, or the spawner the server forks instances from (which ends its
     instances when the server is gone). The instance runs in a process group of its own, so
@@ -207,19 +320,121 @@ def _watch_parent(parent: int) -> None:
     while True:
         time.sleep(0.5)
         if os.getppid() != parent:
+            _end_leftovers(0.5)
             os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a process's children, from /proc (its zombies included)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as file:
+                found += map(int, file.read().split())
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/{pid}/task/{tid}"):  # a kernel without CONFIG_PROC_CHILDREN
+                return _children_by_scan(pid)
+        except OSError:  # the thread or the process ended meanwhile
+            pass
+    return found
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as file:
+                    stat = file.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(b")")[2].split()[1]) == pid:
+                found.append(int(name))
+    return found
+
+
+def _end_leftovers(wait: float) -> list[int]:
+    """Kill every process this instance has below it, wait up to `wait` s for them; the pids killed.
+
+    As a subreaper, the instance is the parent of every process the run started, or of its
+    parent: each round kills the children (their own children then come to this process)
+    and reaps what died, until no child is left. Zombies (children that ended and were never
+    waited for) are reaped, not counted.
+    """
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return []  # no child at all: the usual case, for one system call
+    killed: list[int] = []
+    me = os.getpid()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            break  # none left
+        if time.monotonic() > deadline:
+            break
+        for pid in children_of(me):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            if pid not in killed:
+                killed.append(pid)
+        time.sleep(0.002)
+    return killed
+
+
+def _subreaper() -> None:
+    """Become the process that orphans below this one are handed to (instead of init)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (ImportError, OSError, AttributeError):  # not Linux: process groups alone, then
+        pass
+
+
+def _limit_memory(limit: int) -> None:
+    """Cap the process's data memory (and its children's) at `limit` bytes; the hard limit too,
+    so the function cannot lift it."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _deprioritise() -> None:
+    """Should the machine run out of memory, let the kernel pick an instance before the server."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as file:
+            file.write("500")
+    except OSError:
+        pass
 
 
 def main() -> None:
     """Entry point of an instance process."""
     handler, function, token = sys.argv[1:4]
+    memory_limit = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    _subreaper()
+    _deprioritise()
+    if memory_limit:
+        _limit_memory(memory_limit)  # before the handler's module is imported (with the first event)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
-    # Tasks come on a private copy of stdin; the handler sees an empty stdin.
+    # Tasks come on a private copy of stdin; the handler sees an empty stdin. Frames go out on
+    # a private copy of stdout.
     tasks = os.dup(0)
+    frames = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    _Worker(handler, function, token, tasks).serve()
+    _Worker(handler, function, token, tasks, frames, memory_limit).serve()
 
 
 # -- the spawner ----------------------------------------------------------------------------
@@ -237,6 +452,7 @@ _SPAWN_MESSAGE = 1 << 20  # a request's size bound: the environment is most of i
 
 def spawner(control: int) -> None:
     """Fork instances on request until the server closes its end, then end every instance left."""
+    import contextlib
     import select
     import socket
 
@@ -247,6 +463,7 @@ def spawner(control: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up byte is what counts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutdown comes from the server, not a terminal
+    _subreaper()  # (also loads ctypes, so that instances forked from here have it at hand)
     children: set[int] = set()
 
     def send(message: dict[str, Any]) -> None:
@@ -256,15 +473,25 @@ def spawner(control: int) -> None:
             pass  # the server is gone; the loop ends at the next read
 
     def reap() -> None:
-        while children:
+        reaped = False
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            children.discard(pid)
-            send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+                break
+            reaped = True
+            if pid in children:
+                children.discard(pid)
+                send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        if reaped:
+            # A process left by an instance that died (this spawner is their subreaper) is a
+            # child of ours that is no instance: it goes. Its own children come to us, and go next.
+            for pid in children_of(os.getpid()):
+                if pid not in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
     control = sock.fileno()
     while True:
@@ -311,6 +538,8 @@ def spawner(control: int) -> None:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
+    # What those instances had started comes to us as they die: end it all before we go.
+    _end_leftovers(2.0)
 
 
 def _become_instance(request: dict[str, Any], fds: list[int]) -> int | str | None:
@@ -329,7 +558,7 @@ def _become_instance(request: dict[str, Any], fds: list[int]) -> int | str | Non
     os.environ.clear()
     os.environ.update(request["env"])
     time.tzset()  # TZ may differ from the spawner's
-    sys.argv = [__file__, request["handler"], request["function"], request["token"]]
+    sys.argv = [__file__, request["handler"], request["function"], request["token"], str(request["memory_limit"])]
     try:
         main()
     except SystemExit as exc:

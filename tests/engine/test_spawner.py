@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -114,3 +115,52 @@ async def test_a_closed_spawner_is_not_started_again(spawner: Spawner) -> None:
     await spawner.close()
     spawner.revive(after=0)
     assert not spawner.available
+
+
+DAEMON = '''import os, time
+
+def main_handler(event, context):
+    """Double-fork a daemon into a session of its own, name it in a file, then sleep."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            with open(event["pidfile"] + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(event["pidfile"] + ".tmp", event["pidfile"])
+            while True:
+                time.sleep(60)
+        os._exit(0)
+    time.sleep(3600)
+'''
+
+
+async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the_spawner(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    (tmp_path / "daemon.py").write_text(DAEMON)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await spawner.spawn(
+        handler=f"{tmp_path}/daemon.py:main_handler", function="f", token="t0", cwd=str(tmp_path), env=env
+    )
+    _spawned.append(process)
+    pidfile = tmp_path / "daemon.pid"
+    process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"pidfile": "%s"}}\n' % str(pidfile).encode())
+    await process.stdin.drain()
+    for _ in range(200):
+        if pidfile.exists():
+            break
+        await asyncio.sleep(0.05)
+    daemon = int(pidfile.read_text())
+    try:
+        assert os.getpgid(daemon) != process.pid  # out of the worker's group: a group kill misses it
+        os.killpg(process.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+        for _ in range(100):
+            if not Path(f"/proc/{daemon}").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not Path(f"/proc/{daemon}").exists(), "the daemon outlived its worker"
+    finally:
+        process.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
