@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import itertools
 import logging
 import operator
 import os
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from .api import SERVER_STOPPED, Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, loads, now_rfc3339, request_ids, stored_many
+from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, dumps, loads, now_rfc3339, request_ids, stored_many
 from .errors import FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
 from .manifest import FunctionConfig, Manifest, format_duration
 from .metrics import Metrics
 from .store import Batch, NewInvocation, SQLiteStore
-from .writes import PRUNE_AT_ONCE
+from .writes import PRUNE_AT_ONCE, Ending
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -29,6 +32,23 @@ logger = logging.getLogger(__name__)
 
 
 Listener = Callable[[Invocation], None]
+
+
+START_BEHIND = 0.05
+"""Seconds after its start that a sync call's start is written, unless its end comes first (see Engine.call)."""
+
+
+class _Behind:
+    """A sync call whose record is on its way to the store: its state meanwhile, its envelope,
+    and its rows until they are sent."""
+
+    __slots__ = ("invocation", "envelope", "rows", "timer")
+
+    def __init__(self, invocation: Invocation, rows: Batch) -> None:
+        self.invocation = invocation
+        self.envelope: bytes = rows.envelopes[0]
+        self.rows: Batch | None = rows
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Run:
@@ -67,6 +87,13 @@ def _rows(envelopes: Sequence[AnyEnvelope]) -> Batch | list[NewInvocation]:
 
 _SHARED = operator.attrgetter("function", "source", "trigger")  # of an Envelope or a Templated one
 _EVENT_ID = operator.attrgetter("id")
+
+
+def _ms_between(start: str | None, end: str) -> int | None:
+    """Milliseconds from one RFC 3339 time to another (as the store computes a run's duration)."""
+    if start is None:
+        return None
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() * 1000)
 
 
 def _request_ids(rows: Batch | list[NewInvocation]) -> list[str]:
@@ -111,6 +138,7 @@ class Engine:
         )
         self.shutting_down = False
         self._runs: dict[str, _Run] = {}
+        self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
@@ -296,12 +324,15 @@ class Engine:
             raise ShuttingDown()
         self.function(envelope.function)
         if throttle:
-            try:
-                self.dispatcher.throttle(envelope.function)
-            except Exception:
-                self.metrics.throttled[envelope.function] += 1
-                raise
+            self._throttle(envelope.function)
         return (await self._record([envelope], {envelope.function}))[0]
+
+    def _throttle(self, function: str) -> None:
+        try:
+            self.dispatcher.throttle(function)
+        except Exception:
+            self.metrics.throttled[function] += 1
+            raise
 
     async def accept_batch(self, envelopes: Sequence[AnyEnvelope]) -> list[Accepted]:
         """Record many envelopes in one durable commit (a Templated one as its fields); never throttled."""
@@ -347,6 +378,86 @@ class Engine:
             self.cluster.accepted(function, len(request_ids))
         else:
             self.dispatcher.submit(function, *request_ids)
+
+    # -- sync calls ------------------------------------------------------------------------
+
+    async def call(self, envelope: Envelope, *, unique: bool = False) -> Invocation:
+        """A sync call: its run, once ended (or as it is when the timeout and a margin have passed).
+
+        `unique`: the envelope's id was made for this call (no Idempotency-Key), so it cannot be
+        a duplicate. Then, on a node with its own store and a slot free, the run starts at once
+        and its record is written behind it instead of before each step: accepted RUNNING
+        START_BEHIND seconds after its start, ended when it ends (the two in one commit when
+        the end comes first). The caller, waiting on the answer, holds the outcome, and this
+        engine answers for the run until the store has it. Otherwise the durable path of an
+        async event: accept, queue, wait for the end.
+        """
+        function = envelope.function
+        config = self.function(function)
+        if self.shutting_down:
+            raise ShuttingDown()
+        self._throttle(function)
+        if unique and self.cluster is None and self.dispatcher.can_start(function):
+            request_id = self._start_behind(envelope)
+        else:
+            request_id = (await self._record([envelope], {function}))[0].request_id
+        # The engine ends a sync run at its timeout; the margin covers the kill and the final write.
+        return await self.wait(request_id, timeout=config.timeout + 5)
+
+    def _start_behind(self, envelope: Envelope) -> str:
+        """Start a sync call's run now; its record (RUNNING) goes to the store without waiting."""
+        rows: Batch = _rows([envelope])  # type: ignore[assignment]  # (one envelope: a Batch)
+        request_id = rows.request_ids[0]
+        invocation = Invocation(
+            request_id=request_id, function=envelope.function, trigger=envelope.trigger,
+            status=Status.RUNNING, created_at=rows.created_at, started_at=rows.created_at,
+        )
+        behind = self._behind[request_id] = _Behind(invocation, rows)
+        behind.timer = asyncio.get_running_loop().call_later(START_BEHIND, self._write_start, behind)
+        self.metrics.accepted[envelope.function] += 1
+        self.dispatcher.start_now(envelope.function, request_id)
+        return request_id
+
+    def _write_start(self, behind: _Behind) -> None:
+        """Send a sync call's record as it started (once): accepted, RUNNING."""
+        if behind.timer is not None:
+            behind.timer.cancel()
+            behind.timer = None
+        rows, behind.rows = behind.rows, None
+        if rows is not None:
+            written = self.store.start_behind(rows, rows.created_at)  # type: ignore[union-attr]
+            written.add_done_callback(functools.partial(self._written_behind, rows.request_ids[0], "start"))
+
+    def _end_behind(self, behind: _Behind, outcome: Outcome) -> bool:
+        """Record a sync call's end without waiting (see call); False if it had ended.
+
+        A call that ends within START_BEHIND of its start has its start and its end written
+        together, in one commit, instead of one commit each.
+        """
+        started = behind.invocation
+        if started.status.ended:
+            return False
+        self._write_start(behind)
+        ended_at = now_rfc3339()
+        behind.invocation = dataclasses.replace(
+            started, status=outcome.status, ended_at=ended_at, duration_ms=_ms_between(started.started_at, ended_at),
+            result=outcome.result, error_type=outcome.error_type, error_message=outcome.error_message,
+        )
+        ending = Ending(
+            started.request_id, outcome.status.value, ended_at,
+            dumps(outcome.result) if outcome.result is not None else None, outcome.error_type, outcome.error_message,
+        )
+        written = self.store.finish_behind(ending)  # type: ignore[union-attr]
+        written.add_done_callback(functools.partial(self._written_behind, started.request_id, "end"))
+        return True
+
+    def _written_behind(self, request_id: str, step: str, written: asyncio.Future[Any]) -> None:
+        """A sync call's record was committed (or failed to be): from its end on, the store answers for it."""
+        if step == "end":
+            self._behind.pop(request_id, None)
+        error = None if written.cancelled() else written.exception()
+        if error is not None:
+            logger.error("the record of sync call %s (its %s) was not written: %s", request_id, step, error)
 
     # -- replay ----------------------------------------------------------------------------
 
@@ -420,6 +531,9 @@ class Engine:
 
     async def get(self, request_id: str) -> Invocation:
         """One invocation."""
+        behind = self._behind.get(request_id)
+        if behind is not None:
+            return behind.invocation
         invocation = await self.store.get(request_id)
         if invocation is None:
             raise InvocationNotFound(request_id)
@@ -453,7 +567,10 @@ class Engine:
         """The envelope a run was given, as JSON."""
         envelope = await self.store.envelope(request_id)
         if envelope is None:
-            raise InvocationNotFound(request_id)
+            behind = self._behind.get(request_id)
+            if behind is None:
+                raise InvocationNotFound(request_id)
+            return behind.envelope
         return envelope
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
@@ -575,7 +692,8 @@ class Engine:
         run = self._runs[request_id] = _Run()
         started = time.monotonic()
         try:
-            envelope = await self.store.begin(request_id, now_rfc3339())
+            behind = self._behind.get(request_id)
+            envelope = behind.envelope if behind is not None else await self.store.begin(request_id, now_rfc3339())
             if envelope is None:
                 return  # ended (terminated) in the meantime
             self.logs.open(request_id)
@@ -638,15 +756,19 @@ class Engine:
             self._note(request_id, note)
         if self.cluster is not None:
             await self.cluster.shipper.flush()  # every line is in the store before the end is
-        recorded = await self.store.finish(
-            request_id,
-            outcome.status,
-            now_rfc3339(),
-            result=outcome.result,
-            error_type=outcome.error_type,
-            error_message=outcome.error_message,
-            **({"queued_only": True} if queued_only else {}),
-        )
+        behind = self._behind.get(request_id)
+        if behind is not None:
+            recorded = self._end_behind(behind, outcome)
+        else:
+            recorded = await self.store.finish(
+                request_id,
+                outcome.status,
+                now_rfc3339(),
+                result=outcome.result,
+                error_type=outcome.error_type,
+                error_message=outcome.error_message,
+                **({"queued_only": True} if queued_only else {}),
+            )
         if queued_only and recorded:
             self._note(request_id, note)
             if self.cluster is not None:

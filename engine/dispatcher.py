@@ -89,6 +89,21 @@ class Dispatcher:
         self._queues[function].extend(request_ids)
         self._pump()
 
+    def can_start(self, function: str) -> bool:
+        """Whether a run of the function would start at once: a slot is free and none of its runs waits."""
+        return (
+            not self._paused
+            and not self._queues[function]
+            and len(self._holding) < self._max_running
+            and self._running[function] < self._concurrency[function]
+        )
+
+    def start_now(self, function: str, request_id: str) -> None:
+        """Start a run that was never queued; only right after can_start() said it would."""
+        if not self.can_start(function):
+            raise RuntimeError(f"start_now({function!r}) without a free slot, or past a run that waits")
+        self._start(function, request_id)
+
     def take_queued(self) -> list[str]:
         """Every run waiting for a slot, taken out of the queues (to hand back at shutdown)."""
         taken = [request_id for queue in self._queues.values() for request_id in queue]

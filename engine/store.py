@@ -131,6 +131,10 @@ class SQLiteStore:
         return self._writer.pid if self._writer is not None else None
 
     async def _submit(self, kind: str, args: Any) -> Any:
+        return await self._send(kind, args)
+
+    def _send(self, kind: str, args: Any) -> asyncio.Future[Any]:
+        """Queue one write for the writer process; the future settles once it is committed."""
         writer = self._writer
         if writer is None:
             raise RuntimeError("store is not open")
@@ -141,7 +145,7 @@ class SQLiteStore:
             logger.warning("store writer restarted as process %s", writer.pid)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         writer.submit(Op(kind, args), future)
-        return await future
+        return future
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -181,6 +185,20 @@ class SQLiteStore:
         blob = dumps(result) if result is not None else None
         ending = Ending(request_id, status.value, ended_at, blob, error_type, error_message)
         return await self._submit("finish", ending)  # type: ignore[no-any-return]
+
+    # -- a sync call's record, written behind its run (see Engine.call) --------------------
+
+    def start_behind(self, rows: Batch, started_at: str) -> asyncio.Future[Any]:
+        """Accept a batch of one new invocation already RUNNING, without waiting: the future settles once committed.
+
+        The accept and the start go in the same frame to the writer, hence the same commit.
+        """
+        self._send("accept", rows)
+        return self._send("running", (rows.request_ids[0], started_at))
+
+    def finish_behind(self, ending: Ending) -> asyncio.Future[Any]:
+        """Record a terminal state without waiting: the future settles (True, or False if it had ended) once committed."""
+        return self._send("finish", ending)
 
     async def replay(self, row: NewInvocation, replay_of: str) -> None:
         """Record a new run replaying another (its row, and the link between the two) in one commit."""

@@ -69,6 +69,7 @@ class Deliverer:
         self._poll = poll  # the longest wait between looks at the outbox (others' ends, clock)
         self._timeout = timeout
         self._wake = asyncio.Event()
+        self._owing = {name for name, f in manifest.functions.items() if f.destinations}  # their ends wake the loop
         self._loop: asyncio.Task[None] | None = None
         self._attempts: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -142,8 +143,9 @@ class Deliverer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _on_end(self, _invocation: Invocation) -> None:
-        self._wake.set()  # its deliveries, if any, are in the outbox already
+    def _on_end(self, invocation: Invocation) -> None:
+        if invocation.function in self._owing:
+            self._wake.set()  # its deliveries, if any, are in the outbox already
 
     async def _deliver_forever(self) -> None:
         while True:
@@ -160,20 +162,25 @@ class Deliverer:
             self._wake.clear()
 
     async def _round(self) -> float:
-        """Start what is due (as many as there are free slots); how long to wait before the next look."""
+        """Start what is due (as many as there are free slots); how long to wait before the next look.
+
+        The outbox is read first, and claimed from (a write) only when something is due.
+        """
+        outbox = await self._engine.store.outbox()
+        self.pending = outbox.pending
+        due = outbox.next_in is not None and outbox.next_in <= 0
         free = self._free_slots()
-        if free:
-            for delivery in await self._engine.store.claim_deliveries(free, self._lease):
+        if due and free:
+            claimed = await self._engine.store.claim_deliveries(free, self._lease)
+            for delivery in claimed:
                 task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
-        outbox = await self._engine.store.outbox()
-        self.pending = outbox.pending
-        if not self._free_slots():
-            return self._poll  # (an attempt ending wakes the loop)
-        if outbox.next_in is None:
-            return self._poll
-        return min(self._poll, max(0.0, outbox.next_in))
+            if claimed:
+                return 0.0  # more may be due: look again at once
+        if due or outbox.next_in is None:
+            return self._poll  # (an attempt ending, or a run of a function with destinations ending, wakes the loop)
+        return min(self._poll, outbox.next_in)
 
     def _free_slots(self) -> int:
         return self._in_flight - len(self._attempts)

@@ -163,3 +163,31 @@ def test_a_shared_qps_limit_takes_the_node_s_share() -> None:
         dispatcher.throttle("f")
     with pytest.raises(Throttled, match=r"at most 10 events per second across the nodes \(3 a second on this one\)"):
         dispatcher.throttle("f")
+
+
+async def test_a_run_starts_now_only_with_a_free_slot_and_nothing_waiting() -> None:
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 2, "g": 1}, qps_limits={"f": 9, "g": 9}, max_running=2, execute=runs)
+    assert dispatcher.can_start("f")
+    dispatcher.start_now("f", "now")
+    await settle()
+    assert runs.started == ["now"] and dispatcher.running("f") == 1
+    dispatcher.submit("g", "g0")  # takes the last global slot
+    await settle()
+    assert not dispatcher.can_start("f"), "the global cap is reached"
+    runs.release("g0")
+    await settle()
+    assert dispatcher.can_start("f")
+    dispatcher.submit("f", "queued-a")
+    dispatcher.submit("f", "queued-b")  # concurrency 2: waits behind "now" and "queued-a"
+    await settle()
+    assert dispatcher.queued("f") == 1
+    assert not dispatcher.can_start("f"), "a run that waits goes first"
+    with pytest.raises(RuntimeError):
+        dispatcher.start_now("f", "jumper")
+    for request_id in ("now", "queued-a", "queued-b"):
+        runs.release(request_id)
+    await settle()
+    assert runs.started == ["now", "g0", "queued-a", "queued-b"]
+    dispatcher.pause()
+    assert not dispatcher.can_start("f"), "nothing starts while shutting down"

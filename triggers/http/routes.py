@@ -96,13 +96,13 @@ async def invoke(request: web.Request) -> web.Response:
     if mode not in ("", "event", "requestresponse"):
         raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {mode!r}")
     body = await _read_body(request)
-    envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), request.headers.get("Idempotency-Key"))
-    accepted = await engine.accept(envelope)
-    headers = {"X-Request-Id": accepted.request_id}
+    key = request.headers.get("Idempotency-Key")
+    envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), key)
     if config.async_execution or mode == "event":
-        return json_response({"RequestId": accepted.request_id}, status=202, headers=headers)
-    # The engine ends a sync run at its timeout; the margin covers the kill and the final write.
-    invocation = await engine.wait(accepted.request_id, timeout=config.timeout + 5)
+        accepted = await engine.accept(envelope)
+        return json_response({"RequestId": accepted.request_id}, status=202, headers={"X-Request-Id": accepted.request_id})
+    invocation = await engine.call(envelope, unique=not (key or "").strip())
+    headers = {"X-Request-Id": invocation.request_id}
     answer: dict[str, Any] = {
         "RequestId": invocation.request_id, "Status": invocation.status.value, "Result": invocation.result
     }
