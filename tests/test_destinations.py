@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from eventrun.destinations import Deliverer, DeliveryFailed, log_tail, signature
-from eventrun.engine.api import Delivery, Invocation, Status
+from eventrun.engine.api import Delivery, Invocation, Outbox, Status
 
 
 def test_the_signature_covers_the_time_and_the_body() -> None:
@@ -61,3 +61,52 @@ async def test_a_failing_delivery_backs_off_then_is_given_up_a_day_after_the_end
     assert capped["retry_in"] == 300.0
     old = await attempt_failing("2020-01-01T00:00:00.000Z", attempts=200)
     assert old == {"error": "HTTP 503 busy", "give_up": True}
+
+
+class OutboxStore:
+    """An outbox that says when its next delivery is due, and counts the claims made on it."""
+
+    def __init__(self, next_in: float | None, due: int = 0) -> None:
+        self.next_in = next_in
+        self.due = due
+        self.claims = 0
+
+    async def outbox(self) -> Outbox:
+        return Outbox(pending=self.due, given_up=0, next_in=self.next_in)
+
+    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        self.claims += 1
+        claimed = [Delivery(i, f"r{i}", "f", "callback", "http://x", 0) for i in range(min(limit, self.due))]
+        self.due -= len(claimed)
+        return claimed
+
+
+def deliverer_on(store: OutboxStore, destinations: dict[str, list[tuple[str, str]]]) -> Deliverer:
+    functions = {name: SimpleNamespace(destinations=pairs) for name, pairs in destinations.items()}
+    deliverer = Deliverer(SimpleNamespace(store=store), SimpleNamespace(functions=functions), poll=1.0)  # type: ignore[arg-type]
+
+    async def delivered(_delivery: Delivery) -> None:
+        return None
+
+    deliverer._attempt = delivered  # type: ignore[method-assign]
+    return deliverer
+
+
+async def test_the_outbox_is_claimed_from_only_when_a_delivery_is_due() -> None:
+    empty = OutboxStore(next_in=None)
+    assert await deliverer_on(empty, {})._round() == 1.0
+    later = OutboxStore(next_in=0.25, due=1)
+    assert await deliverer_on(later, {})._round() == 0.25
+    assert empty.claims == later.claims == 0, "a claim is a write: none while nothing is due"
+    due = OutboxStore(next_in=-0.5, due=3)
+    assert await deliverer_on(due, {})._round() == 0.0, "after a claim, look again at once"
+    assert (due.claims, due.due) == (1, 0)
+
+
+def test_only_the_end_of_a_run_owing_deliveries_wakes_the_deliverer() -> None:
+    deliverer = deliverer_on(OutboxStore(next_in=None), {"owes": [("callback", "http://x")], "quiet": []})
+    ended = {name: Invocation(request_id="r", function=name, trigger="http", status=Status.FAILED, created_at="t") for name in ("owes", "quiet")}
+    deliverer._on_end(ended["quiet"])
+    assert not deliverer._wake.is_set()
+    deliverer._on_end(ended["owes"])
+    assert deliverer._wake.is_set()
