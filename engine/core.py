@@ -34,21 +34,21 @@ logger = logging.getLogger(__name__)
 Listener = Callable[[Invocation], None]
 
 
-START_BEHIND = 0.05
-"""Seconds after its start that a sync call's start is written, unless its end comes first (see Engine.call)."""
+WRITE_BEHIND = 0.05
+"""Seconds between sends of sync calls' records to the store, each send one commit (see Engine.call)."""
 
 
 class _Behind:
-    """A sync call whose record is on its way to the store: its state meanwhile, its envelope,
-    and its rows until they are sent."""
+    """A sync call whose record the store does not hold all of yet: its state meanwhile, its
+    envelope, and its start and its end until they are sent."""
 
-    __slots__ = ("invocation", "envelope", "rows", "timer")
+    __slots__ = ("invocation", "envelope", "rows", "ending")
 
     def __init__(self, invocation: Invocation, rows: Batch) -> None:
         self.invocation = invocation
         self.envelope: bytes = rows.envelopes[0]
         self.rows: Batch | None = rows
-        self.timer: asyncio.TimerHandle | None = None
+        self.ending: Ending | None = None
 
 
 class _Run:
@@ -139,6 +139,8 @@ class Engine:
         self.shutting_down = False
         self._runs: dict[str, _Run] = {}
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
+        self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
+        self._sending: asyncio.TimerHandle | None = None
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listeners: list[Listener] = []
@@ -263,6 +265,8 @@ class Engine:
             await self.dispatcher.cancel_all()
         await self.pool.stop()
         self.logs.close_all()
+        if self._unsent:
+            self._send_behind()  # (the store commits what it was sent before it stops)
         for hook in self._stopping:
             try:
                 await hook()
@@ -386,11 +390,11 @@ class Engine:
 
         `unique`: the envelope's id was made for this call (no Idempotency-Key), so it cannot be
         a duplicate. Then, on a node with its own store and a slot free, the run starts at once
-        and its record is written behind it instead of before each step: accepted RUNNING
-        START_BEHIND seconds after its start, ended when it ends (the two in one commit when
-        the end comes first). The caller, waiting on the answer, holds the outcome, and this
-        engine answers for the run until the store has it. Otherwise the durable path of an
-        async event: accept, queue, wait for the end.
+        and its record is written behind it instead of before each step: every WRITE_BEHIND
+        seconds the starts and ends of the sync calls since the last send go to the store in one
+        commit. The caller, waiting on the answer, holds the outcome, and this engine answers
+        for the run until the store has it. Otherwise the durable path of an async event:
+        accept, queue, wait for the end.
         """
         function = envelope.function
         config = self.function(function)
@@ -405,51 +409,60 @@ class Engine:
         return await self.wait(request_id, timeout=config.timeout + 5)
 
     def _start_behind(self, envelope: Envelope) -> str:
-        """Start a sync call's run now; its record (RUNNING) goes to the store without waiting."""
+        """Start a sync call's run now; its record (accepted, RUNNING) is sent with the next batch."""
         rows: Batch = _rows([envelope])  # type: ignore[assignment]  # (one envelope: a Batch)
         request_id = rows.request_ids[0]
         invocation = Invocation(
             request_id=request_id, function=envelope.function, trigger=envelope.trigger,
             status=Status.RUNNING, created_at=rows.created_at, started_at=rows.created_at,
         )
-        behind = self._behind[request_id] = _Behind(invocation, rows)
-        behind.timer = asyncio.get_running_loop().call_later(START_BEHIND, self._write_start, behind)
+        self._behind[request_id] = self._unsent[request_id] = _Behind(invocation, rows)
+        self._send_soon()
         self.metrics.accepted[envelope.function] += 1
         self.dispatcher.start_now(envelope.function, request_id)
         return request_id
 
-    def _write_start(self, behind: _Behind) -> None:
-        """Send a sync call's record as it started (once): accepted, RUNNING."""
-        if behind.timer is not None:
-            behind.timer.cancel()
-            behind.timer = None
-        rows, behind.rows = behind.rows, None
-        if rows is not None:
-            written = self.store.start_behind(rows, rows.created_at)  # type: ignore[union-attr]
-            written.add_done_callback(functools.partial(self._written_behind, rows.request_ids[0], "start"))
-
     def _end_behind(self, behind: _Behind, outcome: Outcome) -> bool:
-        """Record a sync call's end without waiting (see call); False if it had ended.
-
-        A call that ends within START_BEHIND of its start has its start and its end written
-        together, in one commit, instead of one commit each.
-        """
+        """Record a sync call's end with the next batch (see call); False if it had ended."""
         started = behind.invocation
         if started.status.ended:
             return False
-        self._write_start(behind)
         ended_at = now_rfc3339()
         behind.invocation = dataclasses.replace(
             started, status=outcome.status, ended_at=ended_at, duration_ms=_ms_between(started.started_at, ended_at),
             result=outcome.result, error_type=outcome.error_type, error_message=outcome.error_message,
         )
-        ending = Ending(
+        behind.ending = Ending(
             started.request_id, outcome.status.value, ended_at,
             dumps(outcome.result) if outcome.result is not None else None, outcome.error_type, outcome.error_message,
         )
-        written = self.store.finish_behind(ending)  # type: ignore[union-attr]
-        written.add_done_callback(functools.partial(self._written_behind, started.request_id, "end"))
+        self._unsent[started.request_id] = behind
+        self._send_soon()
         return True
+
+    def _send_soon(self) -> None:
+        if self._sending is None:
+            self._sending = asyncio.get_running_loop().call_later(WRITE_BEHIND, self._send_behind)
+
+    def _send_behind(self) -> None:
+        """Send the starts and ends of sync calls not yet sent, in one turn of the loop: one commit."""
+        if self._sending is not None:
+            self._sending.cancel()
+            self._sending = None
+        unsent, self._unsent = self._unsent, {}
+        store: SQLiteStore = self.store  # type: ignore[assignment]  # (only a store of its own writes behind)
+        starts = [(request_id, behind.rows) for request_id, behind in unsent.items() if behind.rows is not None]
+        for request_id, rows in starts:  # the accepts first, so they become one statement, then the starts
+            store.accept_behind(rows).add_done_callback(functools.partial(self._written_behind, request_id, "acceptance"))
+        for request_id, rows in starts:
+            unsent[request_id].rows = None
+            written = store.start_behind(request_id, rows.created_at)
+            written.add_done_callback(functools.partial(self._written_behind, request_id, "start"))
+        for request_id, behind in unsent.items():
+            if behind.ending is not None:
+                ending, behind.ending = behind.ending, None
+                written = store.finish_behind(ending)
+                written.add_done_callback(functools.partial(self._written_behind, request_id, "end"))
 
     def _written_behind(self, request_id: str, step: str, written: asyncio.Future[Any]) -> None:
         """A sync call's record was committed (or failed to be): from its end on, the store answers for it."""
@@ -582,8 +595,9 @@ class Engine:
             invocation = await self.get(request_id)
             if invocation.status.ended:
                 return invocation
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
             pass
         finally:
             waiting = self._waiters.get(request_id)
@@ -710,7 +724,9 @@ class Engine:
             raise
         finally:
             self._runs.pop(request_id, None)
-        await asyncio.shield(self._end(request_id, function, outcome, started=started))
+        end = self._end(request_id, function, outcome, started=started)
+        # A sync call's end only joins the next batch, without waiting: nothing there to shield.
+        await (end if request_id in self._behind else asyncio.shield(end))
 
     async def _run_on_instance(
         self, run: _Run, function: str, config: FunctionConfig, request_id: str, envelope: bytes
@@ -739,7 +755,8 @@ class Engine:
                 log_limit=self.manifest.server.log_limit,
             )
         finally:
-            await asyncio.shield(self.pool.release(instance, keep=outcome.keep_instance and not run.abort))
+            if not self.pool.keep_warm(instance, keep=outcome.keep_instance and not run.abort):
+                await asyncio.shield(instance.kill(self.manifest.server.kill_grace))
         if not outcome.keep_instance and outcome.status is Status.FAILED:
             self._note(request_id, f"[eventrun] instance {instance.pid} was discarded after the failure")
         return outcome

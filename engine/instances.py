@@ -112,7 +112,8 @@ class Instance:
         try:
             # Handing it the event counts against the timeout: an instance that stopped reading
             # (stopped, or stuck in native code) never takes a large one.
-            frame = await asyncio.wait_for(self._exchange(task), timeout)
+            async with asyncio.timeout(timeout):  # (no task of its own, unlike wait_for)
+                frame = await self._exchange(task)
         except asyncio.TimeoutError:
             self.stopping = self.stopping or Status.TIMED_OUT
             await self.kill(kill_grace)
@@ -444,14 +445,14 @@ class InstancePool:
         self._busy.add(instance)
         return instance
 
-    async def release(self, instance: Instance, *, keep: bool) -> None:
-        """Return an instance after a run: warm if the run ended well, discarded otherwise."""
+    def keep_warm(self, instance: Instance, *, keep: bool) -> bool:
+        """Take an instance back after a run and keep it warm if `keep` and it lives; False: kill it."""
         self._busy.discard(instance)
         if keep and instance.alive:
             instance.last_used = time.monotonic()
             self._idle.setdefault(instance.spec.function, []).append(instance)
-        else:
-            await instance.kill(self.kill_grace)
+            return True
+        return False
 
     async def _evict_one(self) -> None:
         candidates = [i for group in self._idle.values() for i in group]

@@ -188,16 +188,16 @@ class SQLiteStore:
 
     # -- a sync call's record, written behind its run (see Engine.call) --------------------
 
-    def start_behind(self, rows: Batch, started_at: str) -> asyncio.Future[Any]:
-        """Accept a batch of one new invocation already RUNNING, without waiting: the future settles once committed.
+    def accept_behind(self, rows: Batch) -> asyncio.Future[Any]:
+        """accept(), without waiting: the future settles once committed."""
+        return self._send("accept", rows)
 
-        The accept and the start go in the same frame to the writer, hence the same commit.
-        """
-        self._send("accept", rows)
-        return self._send("running", (rows.request_ids[0], started_at))
+    def start_behind(self, request_id: str, started_at: str) -> asyncio.Future[Any]:
+        """mark_running(), without waiting: the future settles once committed."""
+        return self._send("running", (request_id, started_at))
 
     def finish_behind(self, ending: Ending) -> asyncio.Future[Any]:
-        """Record a terminal state without waiting: the future settles (True, or False if it had ended) once committed."""
+        """finish(), without waiting: the future settles (True, or False if it had ended) once committed."""
         return self._send("finish", ending)
 
     async def replay(self, row: NewInvocation, replay_of: str) -> None:
