@@ -128,3 +128,14 @@ def _time(text: str) -> datetime:
 
 async def _printed(api, request_id: str) -> bool:
     return "sleepy start" in await api.logs(request_id)
+
+
+async def test_a_stop_right_after_the_answer_still_records_the_call(eventrun_server, http, handler):
+    server = eventrun_server({"echo": _sync(handler("sync_echo"))})
+    api = server.client(http)
+    answers = [(await api.invoke("echo", {"n": n})).json for n in range(3)]
+    server.stop()  # within the batch's 50 ms: what was not yet sent goes before the store closes
+    server.restart()
+    for answer in answers:
+        state = await api.status(answer["RequestId"])
+        assert state["Status"] == "FINISHED" and state["Result"] == answer["Result"], state
