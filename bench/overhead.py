@@ -21,12 +21,12 @@ overhead is eventrun's median minus the bare server's, and the ratio that overhe
 by the pipe's median round trip (target <= 3): what eventrun spends on a call besides HTTP,
 counted in the hand-offs between two processes that any isolated run needs at least one of.
 
-Inside eventrun a sync call is accepted (committed to SQLite, synchronous = FULL), started
-(committed RUNNING), run on the instance (a pipe round trip), ended (committed), and read
-back for the answer: three commits, each a round trip to the store's writer process and a
-flush of SQLite's WAL. With --data-dir /dev/shm the store is on tmpfs, where the flushes cost
-nothing: the difference is what they cost. Client, server and instance share the machine's
-cores.
+Inside eventrun a sync call with a slot free starts at once on the warm instance (a pipe round
+trip) and is answered from its outcome; its record (accepted, RUNNING, ended) goes to the
+store's writer process behind it, with the other sync calls of the same 50 ms, in one commit
+(SQLite, synchronous = FULL). With --data-dir /dev/shm the store is on tmpfs, where the
+flushes cost nothing: no difference means no flush is on the call's path. Client, server,
+store writer and instance share the machine's cores.
 """
 
 from __future__ import annotations
