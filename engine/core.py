@@ -492,6 +492,8 @@ class Engine:
             new_id, original.function, loads(envelope)["source"], f"replay:{new_id}", original.trigger,
             now_rfc3339(), envelope, first,
         )
+        if request_id in self._unsent:
+            self._send_behind()  # the original's record goes first
         await self.store.replay(row, request_id)
         self.metrics.accepted[original.function] += 1
         self._queue(original.function, [new_id])

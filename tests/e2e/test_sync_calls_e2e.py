@@ -139,3 +139,19 @@ async def test_a_stop_right_after_the_answer_still_records_the_call(eventrun_ser
     for answer in answers:
         state = await api.status(answer["RequestId"])
         assert state["Status"] == "FINISHED" and state["Result"] == answer["Result"], state
+
+
+async def test_a_sync_call_replayed_at_once_is_linked_to_its_replay(eventrun_server, http, handler):
+    server = eventrun_server({"echo": _sync(handler("sync_echo"))})
+    api = server.client(http)
+    answer = (await api.invoke("echo", {"n": 5})).json
+    replayed = await api.request("POST", f"/invocations/{answer['RequestId']}/replay")  # within the 50 ms
+    assert replayed.status == 202, replayed.text
+    replay_id = replayed.json["RequestId"]
+    state = await api.wait_ended(replay_id)
+    assert state["Status"] == "FINISHED" and state["Result"]["data"] == {"n": 5}, state
+    assert state["ReplayOf"] == answer["RequestId"], state
+    server.stop()
+    server.restart()
+    original = await api.status(answer["RequestId"])
+    assert original["Status"] == "FINISHED" and original["Replays"] == [replay_id], original
