@@ -84,7 +84,8 @@ class Deliverer:
     async def start(self) -> None:
         """Take back what this server was delivering when it stopped, then deliver until stopped."""
         await self._engine.store.release_deliveries()
-        self._engine.add_listener(self._on_end)
+        if self._owing:  # (a listener costs every run's end a read of its record)
+            self._engine.add_listener(self._on_end)
         self._engine.on_stopping(self.stop)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
         self._loop = asyncio.create_task(self._deliver_forever(), name="deliveries")

@@ -304,3 +304,18 @@ def test_later_ids_sort_after_earlier_ones():
     first = request_ids(3)[1]
     time.sleep(0.002)
     assert max(first) < min(request_ids(3)[1]) and max(first) < new_id()
+
+
+@pytest.mark.parametrize(
+    "millis",
+    [1_767_225_599_998, 1_767_225_599_999, 1_767_225_600_000, 1_767_225_600_001, 1_798_761_600_500, 0],
+)
+def test_now_is_the_utc_time_to_the_millisecond(monkeypatch: pytest.MonkeyPatch, millis: int) -> None:
+    from datetime import timezone
+
+    monkeypatch.setattr(envelope_module, "_clock", [-1, "", -1, ""])
+    monkeypatch.setattr(envelope_module.time, "time", lambda: millis / 1000)
+    expected = datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    assert now_rfc3339() == expected.replace("+00:00", "Z")
+    monkeypatch.setattr(envelope_module.time, "time", lambda: (millis + 1) / 1000)  # the next millisecond
+    assert now_rfc3339() == datetime.fromtimestamp((millis + 1) / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
