@@ -453,22 +453,31 @@ class Engine:
         store: SQLiteStore = self.store  # type: ignore[assignment]  # (only a store of its own writes behind)
         starts = [(request_id, behind.rows) for request_id, behind in unsent.items() if behind.rows is not None]
         for request_id, rows in starts:  # the accepts first, so they become one statement, then the starts
-            store.accept_behind(rows).add_done_callback(functools.partial(self._written_behind, request_id, "acceptance"))
+            self._write_behind(request_id, "acceptance", functools.partial(store.accept_behind, rows))
         for request_id, rows in starts:
             unsent[request_id].rows = None
-            written = store.start_behind(request_id, rows.created_at)
-            written.add_done_callback(functools.partial(self._written_behind, request_id, "start"))
+            self._write_behind(request_id, "start", functools.partial(store.start_behind, request_id, rows.created_at))
         for request_id, behind in unsent.items():
             if behind.ending is not None:
                 ending, behind.ending = behind.ending, None
-                written = store.finish_behind(ending)
-                written.add_done_callback(functools.partial(self._written_behind, request_id, "end"))
+                self._write_behind(request_id, "end", functools.partial(store.finish_behind, ending))
 
-    def _written_behind(self, request_id: str, step: str, written: asyncio.Future[Any]) -> None:
+    def _write_behind(self, request_id: str, step: str, write: Callable[[], asyncio.Future[Any]]) -> None:
+        try:
+            written = write()
+        except Exception as exc:  # the store closed or its writer gone: the record is lost, say so
+            self._written_behind(request_id, step, exc)
+        else:
+            written.add_done_callback(functools.partial(self._written_behind, request_id, step))
+
+    def _written_behind(self, request_id: str, step: str, written: asyncio.Future[Any] | Exception) -> None:
         """A sync call's record was committed (or failed to be): from its end on, the store answers for it."""
         if step == "end":
             self._behind.pop(request_id, None)
-        error = None if written.cancelled() else written.exception()
+        if isinstance(written, Exception):
+            error: BaseException | None = written
+        else:
+            error = None if written.cancelled() else written.exception()
         if error is not None:
             logger.error("the record of sync call %s (its %s) was not written: %s", request_id, step, error)
 

@@ -1,0 +1,92 @@
+"""Engine.call: a sync call's record written behind it, in batches, and what happens when it cannot be."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from eventrun.engine import core
+from eventrun.engine.api import Status
+from eventrun.engine.core import Engine
+from eventrun.engine.envelope import Envelope, new_id
+from eventrun.engine.manifest import load_manifest
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    """An engine on its own SQLite store with one sync function that echoes its event's data."""
+    (tmp_path / "echo.py").write_text("def main_handler(event, context):\n    return event['data']\n")
+    (tmp_path / "eventrun.toml").write_text(
+        '[server]\ndata_dir = "data"\n\n'
+        '[functions.echo]\nhandler = "echo.py:main_handler"\nasync_execution = false\ntimeout = "30s"\nconcurrency = 8\n'
+    )
+    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def call(n: int) -> Envelope:
+    return Envelope(id=new_id(), source="/http/echo", type="eventrun.http.request", function="echo", trigger="http", data={"n": n})
+
+
+async def stored_statuses(engine: Engine) -> dict[str, str]:
+    return dict(engine.store._db.execute("SELECT request_id, status FROM invocations").fetchall())  # type: ignore[union-attr]
+
+
+async def test_calls_answered_together_are_recorded_in_one_commit(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    await asyncio.gather(*(engine.call(call(n), unique=True) for n in range(6)))  # six warm instances
+    await asyncio.sleep(core.WRITE_BEHIND * 4)
+    warm_up = await stored_statuses(engine)
+    monkeypatch.setattr(core, "WRITE_BEHIND", 1.0)  # longer than six calls on warm instances take
+    commits = []
+    writer = engine.store._writer  # type: ignore[union-attr]
+    flush = writer._flush
+
+    def counting_flush() -> None:
+        commits.append(len(writer._outbox))
+        flush()
+
+    monkeypatch.setattr(writer, "_flush", counting_flush)
+    answers = await asyncio.gather(*(engine.call(call(n), unique=True) for n in range(6)))
+    assert [a.status for a in answers] == [Status.FINISHED] * 6
+    assert [a.result for a in answers] == [{"n": n} for n in range(6)]
+    assert await stored_statuses(engine) == warm_up, "nothing is written before the batch goes"
+    assert [await engine.get(a.request_id) for a in answers] == answers, "meanwhile the engine answers for them"
+
+    await asyncio.sleep(core.WRITE_BEHIND * 1.5)
+    assert await stored_statuses(engine) == {**warm_up, **{a.request_id: "FINISHED" for a in answers}}
+    assert [await engine.get(a.request_id) for a in answers] == answers, "the store's record is what the caller got"
+    assert commits == [18], "six acceptances, six starts and six ends sent as one frame"
+    assert not engine._behind
+
+
+async def test_a_call_with_a_key_of_its_own_is_recorded_before_it_runs(engine: Engine) -> None:
+    answer = await engine.call(call(1), unique=False)
+    assert answer.status is Status.FINISHED
+    assert (await stored_statuses(engine))[answer.request_id] == "FINISHED"
+    assert not engine._behind
+
+
+async def test_a_record_that_cannot_be_sent_is_reported_and_let_go(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def closed(*_args: object) -> None:
+        raise RuntimeError("store is not open")
+
+    monkeypatch.setattr(engine.store, "accept_behind", closed)
+    monkeypatch.setattr(engine.store, "start_behind", closed)
+    monkeypatch.setattr(engine.store, "finish_behind", closed)
+    with caplog.at_level(logging.ERROR, logger="eventrun.engine.core"):
+        answer = await engine.call(call(7), unique=True)
+        await asyncio.sleep(core.WRITE_BEHIND * 4)
+    assert answer.status is Status.FINISHED and answer.result == {"n": 7}
+    assert not engine._behind and not engine._unsent, "nothing is held for a record that was never written"
+    said = [r.getMessage() for r in caplog.records]
+    assert any(answer.request_id in m and "end" in m and "store is not open" in m for m in said), said
