@@ -361,8 +361,16 @@ class SQLiteStore:
         return self._db.execute("SELECT request_id, function FROM invocations WHERE status = 'QUEUED' ORDER BY seq").fetchall()
 
     async def counts(self) -> dict[str, dict[str, int]]:
-        """How many runs each function has in each status."""
-        return _counts(self._db.execute("SELECT function, status, count(*) FROM invocations GROUP BY function, status"))
+        """How many runs each function has in each status: a pass over every run, so on a thread of
+        its own with a connection of its own, while the event loop goes on."""
+        return _counts(await asyncio.to_thread(self._count_all))
+
+    def _count_all(self) -> builtins.list[tuple[str, str, int]]:
+        conn = connect(self.path)
+        try:
+            return conn.execute("SELECT function, status, count(*) FROM invocations GROUP BY function, status").fetchall()
+        finally:
+            conn.close()
 
     async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""
