@@ -1,4 +1,4 @@
-"""Engine.call: a sync call's record written behind it, in batches, and what happens when it cannot be."""
+"""Engine.call (a sync call's record written behind it, in batches) and Engine.counts (shared, reused)."""
 
 from __future__ import annotations
 
