@@ -1,11 +1,14 @@
 """A soak: mixed load (HTTP, Kafka, a timer) on one `eventrun serve`, killed -9 every few minutes.
 
     python bench/soak.py [--minutes 30] [--kill-every 180] [--http-rate 50] [--kafka-rate 100]
+                         [--sync-rate 20]
 
 Starts Tansu (memory storage, a free port) and `eventrun serve` on a temporary data_dir with
-three functions: `web` (HTTP), `stream` (a Kafka topic of 4 partitions) and `tick` (a timer
-every second), each sleeping a random 0-50 ms. For --minutes it sends HTTP invocations, each
-with its own Idempotency-Key, and produces Kafka records, each at its rate; about every
+four functions: `web` (HTTP), `call` (HTTP, a sync function), `stream` (a Kafka topic of 4
+partitions) and `tick` (a timer every second), each sleeping a random 0-50 ms. For --minutes
+it sends HTTP invocations, each with its own Idempotency-Key, sync calls (no key: each is
+answered with its outcome or not at all, and never sent again), and produces Kafka records,
+each at its rate; about every
 --kill-every seconds (give or take a third) it kills the server with SIGKILL and starts it
 again at once. A client that gets no answer sends the same key again until one comes: only
 an answered 202 counts as acknowledged. A record counts once the broker acknowledged it.
@@ -14,6 +17,9 @@ Then it stops the load, waits for every run to end, stops the server and reads i
 
   - every acknowledged HTTP key has exactly one run, with the RequestId its 202 gave;
   - every acknowledged Kafka record (partition, offset) has exactly one run;
+  - every answered sync call has its run recorded as it was answered, but for calls answered
+    within LOST_WINDOW seconds before a kill, whose record may have been lost with the server
+    (sync calls are recorded behind their answer, see the README's Guarantees);
   - no run is left QUEUED or RUNNING; runs cut short by a kill ended FAILED (ServerStopped);
   - no timer slot ran twice.
 
@@ -39,11 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 BENCH = Path(__file__).resolve().parent
+LOST_WINDOW = 0.25  # seconds: a sync call's record goes to the store within 0.05 s of its answer
 
 
 def _bench_kafka() -> Any:
@@ -77,6 +85,13 @@ bootstrap_servers = "{bootstrap}"
 [functions.web]
 handler = "handler.py:main_handler"
 concurrency = 8
+qps_limit = 100000
+
+[functions.call]
+handler = "handler.py:main_handler"
+async_execution = false
+timeout = "30s"
+concurrency = 4
 qps_limit = 100000
 
 [functions.stream]
@@ -150,6 +165,9 @@ class Load:
         self.http_retries = 0
         self.kafka_acked: set[tuple[int, int]] = set()
         self.kafka_retries = 0
+        self.sync_answered: dict[str, tuple[float, Any]] = {}  # RequestId -> (when answered, Result)
+        self.sync_unanswered = 0
+        self.kills: list[float] = []  # when each kill -9 was sent (time.monotonic())
         self.stopping = asyncio.Event()
 
 
@@ -176,6 +194,28 @@ async def send_http(server: Server, session: aiohttp.ClientSession, load: Load, 
             await asyncio.sleep(interval * random.uniform(0.5, 1.5))
 
     await asyncio.gather(*(client(n) for n in range(workers)))
+
+
+async def send_sync(server: Server, session: aiohttp.ClientSession, load: Load, rate: float) -> None:
+    """About `rate` sync calls a second from four clients; an unanswered call is counted, not sent again."""
+    workers = 4
+
+    async def client() -> None:
+        interval = workers / rate
+        while not load.stopping.is_set():
+            try:
+                async with session.post(f"{server.url}/functions/call/invocations", json={"sync": True}) as response:
+                    if response.status == 200:
+                        answer = await response.json()
+                        load.sync_answered[answer["RequestId"]] = (time.monotonic(), answer["Result"])
+                    else:
+                        load.sync_unanswered += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                load.sync_unanswered += 1
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+
+    await asyncio.gather(*(client() for _ in range(workers)))
 
 
 async def send_kafka(bootstrap: str, topic: str, load: Load, rate: float) -> None:
@@ -211,6 +251,7 @@ async def kill_now_and_then(server: Server, session: aiohttp.ClientSession, load
             return restarts
         except asyncio.TimeoutError:
             pass
+        load.kills.append(time.monotonic())
         server.kill9()
         took = await server.start(session)
         restarts.append(took)
@@ -270,6 +311,23 @@ def check(db: Path, load: Load, topic: str) -> tuple[bool, list[str]]:
                  f" {len(k_twice)} with two or more; {len(stream)} runs in all")
     ok = ok and not k_missing and not k_twice
 
+    stored = {
+        request_id: (status, orjson.loads(result) if result is not None else None)
+        for request_id, status, result in conn.execute("SELECT request_id, status, result FROM invocations WHERE function = 'call'")
+    }
+    near_kill = {
+        request_id for request_id, (answered, _) in load.sync_answered.items()
+        if any(0 <= kill - answered <= LOST_WINDOW for kill in load.kills)
+    }
+    s_missing = [r for r in load.sync_answered if r not in stored and r not in near_kill]
+    s_lost = [r for r in near_kill if r not in stored]
+    s_wrong = [r for r, (_, result) in load.sync_answered.items() if r in stored and stored[r] != ("FINISHED", result)]
+    lines.append(f"sync calls: {len(load.sync_answered)} answered, {len(s_missing)} without their record,"
+                 f" {len(s_wrong)} recorded otherwise than answered; {len(near_kill)} answered within {LOST_WINDOW}s"
+                 f" before a kill, {len(s_lost)} of them without a record (allowed); {load.sync_unanswered} unanswered;"
+                 f" {len(stored)} runs in all")
+    ok = ok and not s_missing and not s_wrong
+
     slots = collections.Counter(e for (e,) in conn.execute("SELECT event_id FROM invocations WHERE function = 'tick'"))
     t_twice = [e for e, n in slots.items() if n > 1]
     lines.append(f"timer: {len(slots)} slots ran, {len(t_twice)} ran twice")
@@ -300,11 +358,13 @@ async def soak(args: argparse.Namespace) -> int:
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=64)) as session:
             await server.start(session)
-            print(f"soak for {args.minutes} min in {work}: HTTP {args.http_rate}/s, Kafka {args.kafka_rate}/s, "
+            print(f"soak for {args.minutes} min in {work}: HTTP {args.http_rate}/s, sync calls {args.sync_rate}/s, "
+                  f"Kafka {args.kafka_rate}/s, "
                   f"a timer each second; kill -9 about every {args.kill_every:.0f}s", flush=True)
             tasks = [
                 asyncio.create_task(send_http(server, session, load, args.http_rate, args.http_clients)),
                 asyncio.create_task(send_kafka(bootstrap, topic, load, args.kafka_rate)),
+                asyncio.create_task(send_sync(server, session, load, args.sync_rate)),
             ]
             killer = asyncio.create_task(kill_now_and_then(server, session, load, args.kill_every))
             await asyncio.sleep(args.minutes * 60)
@@ -336,6 +396,7 @@ def main() -> None:
     parser.add_argument("--http-rate", type=float, default=50.0, help="HTTP invocations a second")
     parser.add_argument("--http-clients", type=int, default=8)
     parser.add_argument("--kafka-rate", type=float, default=100.0, help="Kafka records a second")
+    parser.add_argument("--sync-rate", type=float, default=20.0, help="sync calls a second")
     args = parser.parse_args()
     sys.exit(asyncio.run(soak(args)))
 
