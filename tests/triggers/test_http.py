@@ -67,6 +67,7 @@ class FakeEngine:
         self.accept_error: Exception | None = None
         self.wait_calls: list[tuple[str, float | None]] = []
         self.wait_answer: Invocation | None = None
+        self.call_unique: list[bool] = []  # whether each sync call came without an Idempotency-Key
         self.links_answer: tuple[str | None, list[str]] = (None, [])
         self.list_calls: list[dict[str, Any]] = []
         self.list_answer: tuple[list[Invocation], str | None] = ([], None)
@@ -89,6 +90,11 @@ class FakeEngine:
 
     async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         return [await self.accept(envelope) for envelope in envelopes]
+
+    async def call(self, envelope: Envelope, *, unique: bool = False) -> Invocation:
+        self.call_unique.append(unique)
+        accepted = await self.accept(envelope)
+        return await self.wait(accepted.request_id, timeout=self.function(envelope.function).timeout + 5)
 
     def function(self, name: str) -> FunctionConfig:
         if name not in self.manifest.functions:
@@ -279,6 +285,9 @@ async def test_sync_invoke_waits_and_answers_the_result(client: TestClient, engi
     assert response.headers["X-Request-Id"] == "rid-1"
     assert await response.json() == {"RequestId": "rid-1", "Status": "FINISHED", "Result": {"ok": True}}
     assert engine.wait_calls == [("rid-1", 35.0)]  # timeout 30s + 5s margin
+    assert engine.call_unique == [True]
+    await client.post("/functions/echo/invocations", json={"x": 2}, headers={"Idempotency-Key": "k"})
+    assert engine.call_unique == [True, False], "a call with a key may be a duplicate"
 
 
 async def test_sync_invoke_reports_a_failure(client: TestClient, engine: FakeEngine) -> None:
