@@ -3,8 +3,9 @@
 Writes are ops, plain data: accept these rows, mark this run RUNNING, record this end, register
 the manifest's functions, recover after a stop, remember a trigger's state. The writer process
 (writer.py) takes whatever is queued, up to a limit, and commits it in one transaction: one fsync
-for the lot. Consecutive ops of one kind become one statement, so a batch of 2,000 Kafka records
-is two multi-row INSERTs, not 2,000 executions.
+for the lot. Ops of one kind become one statement, so a batch of 2,000 Kafka records is two
+multi-row INSERTs, not 2,000 executions, and the starts and ends of many runs, interleaved in
+the queue, are two UPDATEs (see groups).
 
 A run's row is its RequestId's sequence number (see envelope.request_ids), so a run is found by
 its rowid and no index of RequestIds is filled on acceptance. A store made by an eventrun before
@@ -248,9 +249,11 @@ def commit(conn: sqlite3.Connection, batch: Sequence[Op], *, by_request_id: bool
     run = _RUN_BY_REQUEST_ID if by_request_id else _RUN
     try:
         conn.execute("BEGIN IMMEDIATE")
-        outcomes: list[tuple[bool, Any]] = []
-        for kind, ops in groups(batch):
-            outcomes.extend((True, result) for result in run[kind](conn, [op.args for op in ops]))
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
+        for kind, positions in groups(batch):
+            results = run[kind](conn, [batch[i].args for i in positions])
+            for i, result in zip(positions, results):
+                outcomes[i] = (True, result)
         conn.execute("COMMIT")
         return outcomes
     except Exception:
@@ -282,25 +285,54 @@ def _commit_one_by_one(conn: sqlite3.Connection, batch: Sequence[Op], run: _Stat
         return [(False, exc)] * len(batch)
 
 
-def groups(batch: Sequence[Op]) -> Iterator[tuple[str, list[Op]]]:
-    """Runs of consecutive ops of one kind, in queue order, each becoming one statement.
+_STEPS = ("accept", "running", "finish")
+"""A run's steps, in the order they come for any one run."""
 
-    A run's transitions split a group where a RequestId comes again (two ends of one run):
-    one UPDATE cannot say which of two rows for the same run came first.
+
+def groups(batch: Sequence[Op]) -> Iterator[tuple[str, list[int]]]:
+    """The ops of a batch in groups of one kind, each becoming one statement: (kind, positions).
+
+    A run's steps come in one order (accepted, running, ended), so in a stretch of such ops the
+    accepts go first, then the starts, then the ends: starts and ends interleaved in the queue
+    make two statements, not one each, and each op's outcome is the one it would have had in
+    queue order. Where that would not hold, the stretch closes: at a start or end of a run that
+    already ended in it (the start of a terminated run must find it ended, the second of two
+    ends must find the first), at a second start of one run (one UPDATE cannot say which of two
+    rows for the same run came first), and at an op of another kind. Ops of the other kinds
+    group while consecutive.
     """
-    current: list[Op] = []
-    seen: set[str] = set()
-    for op in batch:
+    stretch: dict[str, list[int]] = {}
+    started: set[str] = set()
+    ended: set[str] = set()
+    other: list[int] = []
+    for i, op in enumerate(batch):
         kind = op.kind
-        key = op.args[0] if kind in ("running", "finish") else None
-        if current and (kind != current[0].kind or key in seen):
-            yield current[0].kind, current
-            current, seen = [], set()
-        current.append(op)
-        if key is not None:
-            seen.add(key)
-    if current:
-        yield current[0].kind, current
+        if kind in _STEPS:
+            if other:
+                yield batch[other[0]].kind, other
+                other = []
+            if kind != "accept":
+                request_id = op.args[0]
+                if request_id in ended or (kind == "running" and request_id in started):
+                    yield from _in_step_order(stretch)
+                    stretch, started, ended = {}, set(), set()
+                (started if kind == "running" else ended).add(request_id)
+            stretch.setdefault(kind, []).append(i)
+        else:
+            if stretch:
+                yield from _in_step_order(stretch)
+                stretch, started, ended = {}, set(), set()
+            if other and batch[other[0]].kind != kind:
+                yield batch[other[0]].kind, other
+                other = []
+            other.append(i)
+    yield from _in_step_order(stretch)
+    if other:
+        yield batch[other[0]].kind, other
+
+
+def _in_step_order(stretch: dict[str, list[int]]) -> Iterator[tuple[str, list[int]]]:
+    return ((kind, stretch[kind]) for kind in _STEPS if kind in stretch)
 
 
 # -- the statements ------------------------------------------------------------------------

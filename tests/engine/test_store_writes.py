@@ -107,6 +107,63 @@ async def test_one_commit_answers_every_op_as_if_alone(conn: sqlite3.Connection)
     assert (result, duration >= 0) == (b'{"n":1}', True)
 
 
+def test_interleaved_starts_and_ends_make_one_statement_each() -> None:
+    batch = ops(
+        ("running", ("r1", "t")),
+        ("finish", ending("r1", Status.FINISHED)),
+        ("running", ("r2", "t")),
+        ("accept", [row("c")]),  # a new run: its acceptance goes before the steps of older ones
+        ("finish", ending("r2", Status.FINISHED)),
+        ("running", ("r3", "t")),
+    )
+    assert list(groups(batch)) == [("accept", [3]), ("running", [0, 2, 5]), ("finish", [1, 4])]
+
+
+def test_a_step_that_could_not_go_ahead_of_an_end_of_its_run_closes_the_stretch() -> None:
+    batch = ops(
+        ("finish", ending("r1", Status.ABORTED)),  # terminated while queued
+        ("running", ("r2", "t")),
+        ("running", ("r1", "t")),  # its start must find it ended: after the end, not before
+        ("finish", ending("r2", Status.FINISHED)),
+        ("state", ("k", "1")),  # another kind closes the stretch too
+        ("running", ("r3", "t")),
+        ("running", ("r3", "t")),  # a second start of one run
+    )
+    assert list(groups(batch)) == [
+        ("running", [1]), ("finish", [0]),
+        ("running", [2]), ("finish", [3]),
+        ("state", [4]),
+        ("running", [5]),
+        ("running", [6]),
+    ]
+
+
+def test_reordered_steps_answer_each_op_in_queue_order(conn: sqlite3.Connection) -> None:
+    a, b, terminated = row("a"), row("b"), row("t")
+    commit(conn, ops(("accept", [a, terminated])))
+    fresh = row("fresh")
+    outcomes = commit(
+        conn,
+        ops(
+            ("running", (a.request_id, now_rfc3339())),
+            ("finish", ending(a.request_id, Status.FINISHED, result={"a": 1})),
+            ("finish", ending(terminated.request_id, Status.ABORTED)),
+            ("accept", [b, fresh]),
+            ("running", (terminated.request_id, now_rfc3339())),  # ended above: False
+            ("running", (b.request_id, now_rfc3339())),
+            ("finish", ending(b.request_id, Status.FAILED, error_type="E")),
+            ("finish", ending(a.request_id, Status.ABORTED)),  # a's second end: False
+        ),
+    )
+    assert outcomes == [(True, True), (True, True), (True, True), (True, ALL_NEW), (True, False), (True, True), (True, True), (True, False)]
+    statuses = {r.request_id: status_of(conn, r.request_id) for r in (a, b, terminated, fresh)}
+    assert statuses == {a.request_id: "FINISHED", b.request_id: "FAILED", terminated.request_id: "ABORTED", fresh.request_id: "QUEUED"}
+    durations = conn.execute(
+        "SELECT duration_ms >= 0 FROM invocations WHERE request_id IN (?, ?)", (a.request_id, b.request_id)
+    ).fetchall()
+    assert durations == [(1,), (1,)]  # each start was recorded before its end
+
+
 async def test_batches_larger_than_one_statement_keep_every_row(conn: sqlite3.Connection) -> None:
     count = 2 * ROWS_PER_STATEMENT + 345  # two full statements, a cut at the hundreds, and the rest
     rows = [row(f"0-{offset}") for offset in range(count)]
