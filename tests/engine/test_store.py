@@ -14,7 +14,7 @@ from eventrun.engine.api import Accepted, Status
 from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, request_seq, template_key, template_prefix
 from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
-from eventrun.engine.store import Batch, NewInvocation, SQLiteStore
+from eventrun.engine.store import Batch, NewInvocation, SQLiteStore, Unstarted
 from eventrun.engine.writes import SCHEMA, by_request_id
 
 
@@ -87,6 +87,46 @@ async def test_a_run_starts_once_and_ends_once(store: SQLiteStore) -> None:
     assert invocation.result == {"ok": [1, 2]}
     assert invocation.error_type is None
     assert invocation.duration_ms is not None and invocation.duration_ms >= 0
+
+
+async def test_a_run_starts_with_the_envelope_kept_from_its_acceptance(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (known,) = await sqlite_store.accept([row("known")])
+    kept, again, terminated = row("kept"), row("known"), row("terminated")
+    await sqlite_store.accept([kept, again, terminated])  # `again` is a known event: no run of its own
+    assert await sqlite_store.finish(terminated.request_id, Status.ABORTED, now_rfc3339())  # ended unstarted
+    assert len(sqlite_store._unstarted) == 2  # known and kept
+
+    def no_reads(*_: object) -> None:
+        raise AssertionError("the envelope was read back from the store")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sqlite_store, "_find", no_reads)
+        assert await sqlite_store.begin(kept.request_id, now_rfc3339()) == kept.envelope
+    assert len(sqlite_store._unstarted) == 1
+    assert await sqlite_store.begin(terminated.request_id, now_rfc3339()) is None  # ended: read, and not started
+    assert await sqlite_store.begin(kept.request_id, now_rfc3339()) is None  # started once only
+
+
+async def test_past_its_bounds_a_start_reads_its_envelope_from_the_store(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store._unstarted = Unstarted(entries=2, size=1000)
+    store.open()
+    try:
+        rows = [row(f"e{n}") for n in range(4)]
+        large = row("large")._replace(envelope=b"x" * 1001)
+        await store.accept(rows + [large])
+        assert len(store._unstarted) == 2  # the first two
+        for new in rows + [large]:
+            assert await store.begin(new.request_id, now_rfc3339()) == new.envelope
+        assert len(store._unstarted) == 0
+        kept = Unstarted(entries=10, size=10)
+        kept.keep([r._replace(envelope=b"12345") for r in rows], [Accepted(r.request_id, True) for r in rows])
+        assert len(kept) == 2  # 10 bytes in all
+        assert kept.take(rows[0].request_id) == b"12345" and kept.take(rows[0].request_id) is None
+    finally:
+        store.close()
 
 
 async def test_recovery_fails_running_runs_and_keeps_queued_ones(sqlite_store: SQLiteStore) -> None:
