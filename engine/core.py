@@ -21,6 +21,7 @@ from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
 from .manifest import FunctionConfig, Manifest, format_duration
 from .metrics import Metrics
+from .recount import Recount
 from .store import Batch, NewInvocation, SQLiteStore
 from .writes import PRUNE_AT_ONCE, Ending
 
@@ -49,40 +50,6 @@ class _Behind:
         self.envelope: bytes = rows.envelopes[0]
         self.rows: Batch | None = rows
         self.ending: Ending | None = None
-
-
-class _Recount:
-    """Counting every run by status is a pass over the whole store (seconds for millions of runs).
-
-    Requests that come while a count goes on share it, and a count is reused for REUSE times as
-    long as it took: a few milliseconds on a small store, and on a large one the store is never
-    counting more than a tenth of the time, however often a dashboard asks.
-    """
-
-    REUSE = 10
-
-    def __init__(self, count: Callable[[], Awaitable[dict[str, dict[str, int]]]]) -> None:
-        self._count = count
-        self._last: dict[str, dict[str, int]] | None = None
-        self._fresh_until = 0.0
-        self._counting: asyncio.Future[dict[str, dict[str, int]]] | None = None
-
-    async def result(self) -> dict[str, dict[str, int]]:
-        if self._last is not None and time.monotonic() < self._fresh_until:
-            return self._last
-        if self._counting is None:
-            self._counting = asyncio.ensure_future(self._recount())
-        return await asyncio.shield(self._counting)
-
-    async def _recount(self) -> dict[str, dict[str, int]]:
-        started = time.monotonic()
-        try:
-            self._last = await self._count()
-        finally:
-            self._counting = None
-        ended = time.monotonic()
-        self._fresh_until = ended + (ended - started) * self.REUSE
-        return self._last
 
 
 class _Run:
@@ -172,7 +139,7 @@ class Engine:
         )
         self.shutting_down = False
         self._runs: dict[str, _Run] = {}
-        self._recount = _Recount(lambda: self.store.counts())
+        self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
         self._sending: asyncio.TimerHandle | None = None
@@ -617,7 +584,7 @@ class Engine:
         )
 
     async def counts(self) -> dict[str, dict[str, int]]:
-        """Runs of each function of the manifest by status (see _Recount: shared, and at most 10% of the time)."""
+        """Runs of each function of the manifest by status (see Recount: shared, and at most 10% of the time)."""
         found = await self._recount.result()
         empty = {s.value: 0 for s in Status}
         return {name: found.get(name, dict(empty)) for name in self.manifest.functions}

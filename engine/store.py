@@ -75,6 +75,7 @@ class InvocationStore(Protocol):
     ) -> None: ...
     async def release_deliveries(self) -> None: ...
     async def outbox(self) -> Outbox: ...
+    async def next_delivery(self) -> float | None: ...
 
 
 class Unstarted:
@@ -277,12 +278,26 @@ class SQLiteStore:
         await self._submit("outbox_release", _OWNER)
 
     async def outbox(self) -> Outbox:
-        """How many deliveries are pending and given up, and when the next is due."""
-        pending, given_up, due_at = self._db.execute(
-            "SELECT count(*) FILTER (WHERE gave_up = 0), count(*) FILTER (WHERE gave_up = 1),"
-            " min(due_at) FILTER (WHERE gave_up = 0) FROM outbox"
-        ).fetchone()
+        """How many deliveries are pending and given up, and when the next is due: a pass over
+        the whole outbox, so on a thread of its own with a connection of its own."""
+        pending, given_up, due_at = await asyncio.to_thread(self._read_outbox)
         return Outbox(pending, given_up, None if due_at is None else (due_at - _now_ms()) / 1000)
+
+    def _read_outbox(self) -> tuple[int, int, int | None]:
+        conn = connect(self.path)
+        try:
+            return conn.execute(  # type: ignore[no-any-return]
+                "SELECT count(*) FILTER (WHERE gave_up = 0), count(*) FILTER (WHERE gave_up = 1),"
+                " min(due_at) FILTER (WHERE gave_up = 0) FROM outbox"
+            ).fetchone()
+        finally:
+            conn.close()
+
+    async def next_delivery(self) -> float | None:
+        """Seconds until the next pending delivery is due (<= 0: due now), None if none is pending
+        (the index of pending deliveries by due time: no pass over the outbox)."""
+        (due_at,) = self._db.execute("SELECT min(due_at) FROM outbox WHERE gave_up = 0").fetchone()
+        return None if due_at is None else (due_at - _now_ms()) / 1000
 
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""

@@ -28,6 +28,7 @@ from eventrun.engine.core import Engine
 from eventrun.engine.envelope import dumps
 from eventrun.engine.errors import InvocationNotFound
 from eventrun.engine.manifest import Manifest
+from eventrun.engine.recount import Recount
 from eventrun.triggers.http import invocation_json
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ class Deliverer:
         self.sent = 0
         self.failed = 0  # attempts that failed (and will be tried again)
         self.given_up = 0
-        self.pending = 0  # in the outbox at the last look
+        # How many wait in the outbox: a pass over it, so counted in the background, and
+        # again once the last count is poll seconds old (or ten times as old as it took).
+        self._pending = Recount(self._count_pending, at_least=poll)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -98,6 +101,7 @@ class Deliverer:
         loop, self._loop = self._loop, None
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+        self._pending.cancel()
         if self._attempts:
             await asyncio.wait(self._attempts, timeout=5)
         for task in self._attempts:
@@ -113,6 +117,14 @@ class Deliverer:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             await producer.stop()
+
+    @property
+    def pending(self) -> int:
+        """Deliveries in the outbox, as last counted."""
+        return self._pending.latest or 0
+
+    async def _count_pending(self) -> int:
+        return (await self._engine.store.outbox()).pending
 
     def state(self) -> dict[str, Any]:
         """Figures for /healthz."""
@@ -165,11 +177,12 @@ class Deliverer:
     async def _round(self) -> float:
         """Start what is due (as many as there are free slots); how long to wait before the next look.
 
-        The outbox is read first, and claimed from (a write) only when something is due.
+        The outbox is read first (when its next delivery is due, from its index), and claimed
+        from (a write) only when something is due.
         """
-        outbox = await self._engine.store.outbox()
-        self.pending = outbox.pending
-        due = outbox.next_in is not None and outbox.next_in <= 0
+        self._pending.refresh()
+        next_in = await self._engine.store.next_delivery()
+        due = next_in is not None and next_in <= 0
         free = self._free_slots()
         if due and free:
             claimed = await self._engine.store.claim_deliveries(free, self._lease)
@@ -179,9 +192,9 @@ class Deliverer:
                 task.add_done_callback(self._attempts.discard)
             if claimed:
                 return 0.0  # more may be due: look again at once
-        if due or outbox.next_in is None:
+        if due or next_in is None:
             return self._poll  # (an attempt ending, or a run of a function with destinations ending, wakes the loop)
-        return min(self._poll, outbox.next_in)
+        return min(self._poll, next_in)
 
     def _free_slots(self) -> int:
         return self._in_flight - len(self._attempts)

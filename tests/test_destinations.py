@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from types import SimpleNamespace
@@ -70,9 +71,14 @@ class OutboxStore:
         self.next_in = next_in
         self.due = due
         self.claims = 0
+        self.counts = 0  # passes over the whole outbox
 
     async def outbox(self) -> Outbox:
+        self.counts += 1
         return Outbox(pending=self.due, given_up=0, next_in=self.next_in)
+
+    async def next_delivery(self) -> float | None:
+        return self.next_in
 
     async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
         self.claims += 1
@@ -110,3 +116,13 @@ def test_only_the_end_of_a_run_owing_deliveries_wakes_the_deliverer() -> None:
     assert not deliverer._wake.is_set()
     deliverer._on_end(ended["owes"])
     assert deliverer._wake.is_set()
+
+
+async def test_the_outbox_is_counted_in_the_background_at_most_once_a_poll() -> None:
+    store = OutboxStore(next_in=30.0, due=7)
+    deliverer = deliverer_on(store, {})
+    for _ in range(5):  # e.g. five runs owing deliveries ended in a row
+        assert await deliverer._round() == 1.0
+    await asyncio.sleep(0.01)
+    assert (store.counts, deliverer.pending) == (1, 7), "one count, shown in /healthz and /metrics"
+    assert deliverer.state()["pending"] == 7 and "eventrun_outbox_pending 7" in deliverer.metrics()

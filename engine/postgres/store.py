@@ -271,6 +271,13 @@ class PostgresStore:
         assert row is not None  # (an aggregate always has its one row)
         return Outbox(row[0], row[1], row[2])
 
+    async def next_delivery(self) -> float | None:
+        """Seconds until the next pending delivery is due (<= 0: due now), None if none is pending
+        (the index of pending deliveries by due time: no pass over the outbox)."""
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT extract(epoch FROM min(due_at) - now())::float8 FROM outbox WHERE NOT gave_up"
+        )
+
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""
         if not _is_uuid(request_id):

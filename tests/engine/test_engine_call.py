@@ -90,34 +90,3 @@ async def test_a_record_that_cannot_be_sent_is_reported_and_let_go(
     assert not engine._behind and not engine._unsent, "nothing is held for a record that was never written"
     said = [r.getMessage() for r in caplog.records]
     assert any(answer.request_id in m and "end" in m and "store is not open" in m for m in said), said
-
-
-async def test_counts_are_shared_and_reused_for_ten_times_as_long_as_they_took(monkeypatch: pytest.MonkeyPatch) -> None:
-    counted = []
-
-    async def count() -> dict[str, dict[str, int]]:
-        counted.append(len(counted))
-        await asyncio.sleep(0.05)
-        return {"f": {"FINISHED": len(counted)}}
-
-    recount = core._Recount(count)
-    together = await asyncio.gather(*(recount.result() for _ in range(5)))
-    assert counted == [0] and all(r == {"f": {"FINISHED": 1}} for r in together), "one count for requests at once"
-    assert await recount.result() == {"f": {"FINISHED": 1}} and counted == [0], "reused right after"
-    await asyncio.sleep(0.05 * core._Recount.REUSE + 0.1)
-    assert await recount.result() == {"f": {"FINISHED": 2}}, "counted again once it has aged"
-
-
-async def test_a_failed_count_is_not_kept() -> None:
-    attempts = []
-
-    async def count() -> dict[str, dict[str, int]]:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise RuntimeError("database is locked")
-        return {}
-
-    recount = core._Recount(count)
-    with pytest.raises(RuntimeError):
-        await recount.result()
-    assert await recount.result() == {} and len(attempts) == 2

@@ -81,6 +81,8 @@ async def test_a_failed_attempt_is_tried_again_later_and_a_refused_one_given_up(
     outbox = await store.outbox()
     assert (outbox.pending, outbox.given_up) == (1, 1)
     assert outbox.next_in is not None and 0 < outbox.next_in <= 0.3
+    next_in = await store.next_delivery()  # the same, from the index of pending deliveries
+    assert next_in is not None and 0 < next_in <= outbox.next_in
     assert await store.claim_deliveries(10, 60) == [], "not due yet"
 
     await asyncio.sleep(0.4)
@@ -170,3 +172,42 @@ async def test_two_nodes_never_hold_one_delivery_at_once(postgres_store: Postgre
         assert {d.request_id for d in a + b} == owed
     finally:
         await other.close()
+
+
+async def test_when_the_next_delivery_is_due_is_known_without_counting(store: Store) -> None:
+    assert await store.next_delivery() is None, "nothing pending"
+    await store.set_destinations({"f": [("callback", "http://receiver/done")]})
+    await ended(store, Status.FINISHED)
+    next_in = await store.next_delivery()
+    assert next_in is not None and next_in <= 0, "due at once"
+    (claimed,) = await store.claim_deliveries(10, 60)
+    held = await store.next_delivery()
+    assert held is not None and 59 < held <= 60, "a claimed one is due again when its claim runs out"
+    await store.settle_delivery(claimed.id, error="HTTP 410", give_up=True)
+    assert await store.next_delivery() is None, "given up: no longer pending"
+
+
+async def test_the_sqlite_outbox_is_counted_off_the_event_loop(sqlite_store: SQLiteStore) -> None:
+    counting = sqlite_store._read_outbox
+
+    def slow_count() -> tuple[int, int, int | None]:
+        time.sleep(0.3)  # a pass over a large outbox
+        return counting()
+
+    sqlite_store._read_outbox = slow_count  # type: ignore[method-assign]
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(tick())
+    try:
+        await asyncio.sleep(0)
+        before = ticks
+        await sqlite_store.outbox()
+        assert ticks - before >= 10, "the event loop went on while the outbox was counted"
+    finally:
+        ticking.cancel()
