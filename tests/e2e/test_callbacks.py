@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from conftest import BOTH_STORES
+from server_process import BOTH_STORES
 from aiohttp import web
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]

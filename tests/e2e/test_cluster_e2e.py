@@ -11,7 +11,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from conftest import Api, ServerProcess, handler, poll_until
+from server_process import Api, ServerProcess, handler, poll_until
 from test_destinations_e2e import Receiver
 
 pytestmark = pytest.mark.e2e

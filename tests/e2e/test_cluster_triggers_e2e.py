@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
-from conftest import ENDED, ServerProcess, handler, poll_until
+from server_process import ENDED, ServerProcess, handler, poll_until
 from eventrun.triggers.timer import parse_slot
 from kafka_service import KafkaService, kafka, unique  # noqa: F401
 from test_cluster_e2e import Cluster, cluster  # noqa: F401

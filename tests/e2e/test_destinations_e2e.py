@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
-from conftest import BOTH_STORES, free_port, handler, poll_until
+from server_process import BOTH_STORES, free_port, handler, poll_until
 from kafka_service import KafkaService, kafka, unique  # noqa: F401
 
 pytestmark = pytest.mark.e2e

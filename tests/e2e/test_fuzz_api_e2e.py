@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from conftest import ServerProcess
+from server_process import ServerProcess
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BOTH_STORES
+from server_process import BOTH_STORES
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import BOTH_STORES
+from server_process import BOTH_STORES
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 

@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import pytest
 
-from conftest import BOTH_STORES, handler
+from server_process import BOTH_STORES, handler
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 

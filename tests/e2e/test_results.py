@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BOTH_STORES
+from server_process import BOTH_STORES
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 

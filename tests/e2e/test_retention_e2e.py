@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from conftest import BOTH_STORES, handler, poll_until
+from server_process import BOTH_STORES, handler, poll_until
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 

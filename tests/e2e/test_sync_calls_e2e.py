@@ -15,7 +15,7 @@ from datetime import datetime
 import aiohttp
 import pytest
 
-from conftest import BOTH_STORES
+from server_process import BOTH_STORES
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 

@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import pytest
 
-from conftest import handler
+from server_process import handler
 
 pytestmark = pytest.mark.e2e
 
