@@ -151,7 +151,9 @@ class Instance:
         assert self.process.stdin is not None and self._outcome is not None
         self.process.stdin.write(task)
         await self.process.stdin.drain()
-        return await asyncio.shield(self._outcome)
+        # Awaited as it is: cut off (the timeout, a stop), it is cancelled, and whatever would
+        # settle it later looks whether it is done first.
+        return await self._outcome
 
     async def _wait_exit(self) -> int:
         """The exit code, once the process has exited, whether or not its pipes are closed.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 from typing import Callable, Iterable
 
 from .api import Status
@@ -41,10 +43,7 @@ class Metrics:
         if seconds is None:
             return
         counts = self._buckets.setdefault(function, [0] * (len(BUCKETS) + 1))
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                counts[i] += 1
-        counts[-1] += 1
+        counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # its own bucket: render() adds them up
         self._sums[function] += seconds
 
     def render(self, functions: Iterable[str], gauges: Callable[[str], tuple[int, int]]) -> str:
@@ -70,7 +69,7 @@ class Metrics:
             out.append(f'eventrun_running{{function="{f}"}} {running}')
         out += family("eventrun_run_duration_seconds", "histogram", "Duration of ended runs.")
         for f in names:
-            counts = self._buckets.get(f, [0] * (len(BUCKETS) + 1))
+            counts = list(itertools.accumulate(self._buckets.get(f, [0] * (len(BUCKETS) + 1))))
             for bound, count in zip(BUCKETS, counts):
                 out.append(f'eventrun_run_duration_seconds_bucket{{function="{f}",le="{bound:g}"}} {count}')
             out.append(f'eventrun_run_duration_seconds_bucket{{function="{f}",le="+Inf"}} {counts[-1]}')

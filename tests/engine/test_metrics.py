@@ -9,7 +9,8 @@ import pytest
 
 from eventrun.engine.core import Engine
 from eventrun.engine.manifest import load_manifest
-from eventrun.engine.metrics import family, labels
+from eventrun.engine.api import Status
+from eventrun.engine.metrics import Metrics, family, labels
 
 
 def test_label_values_are_escaped_as_the_text_format_wants():
@@ -41,3 +42,23 @@ async def test_added_sources_follow_the_engine_counters_and_a_failing_one_is_lef
     assert 'eventrun_accepted_total{function="f"} 0' in lines
     assert lines[-2:] == ["a_total 1", "b_total 2"]
     assert "a metrics source failed" in caplog.text
+
+
+def test_run_durations_fill_cumulative_buckets() -> None:
+    metrics = Metrics()
+    for seconds in (0.005, 0.01, 0.3, 7200.0, 100000.0):  # on a bound counts in that bucket
+        metrics.observe_end("f", Status.FINISHED, seconds)
+    metrics.observe_end("f", Status.ABORTED, None)  # ended before it ran: counted, no duration
+    lines = metrics.render(["f"], lambda f: (0, 0)).splitlines()
+    buckets = {
+        line.split('le="')[1].split('"')[0]: int(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("eventrun_run_duration_seconds_bucket")
+    }
+    assert buckets == {
+        "0.01": 2, "0.05": 2, "0.1": 2, "0.5": 3, "1": 3, "5": 3, "10": 3, "60": 3, "300": 3,
+        "1800": 3, "3600": 3, "21600": 4, "86400": 4, "+Inf": 5,
+    }
+    assert 'eventrun_run_duration_seconds_count{function="f"} 5' in lines
+    assert 'eventrun_run_duration_seconds_sum{function="f"} 107200.315000' in lines
+    assert 'eventrun_runs_total{function="f",status="ABORTED"} 1' in lines
