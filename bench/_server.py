@@ -88,9 +88,9 @@ def eventrun_argv(manifest: Path) -> list[str]:
     return [sys.executable, "-c", code, "serve", "--config", str(manifest)]
 
 
-def bare_argv(port: int) -> list[str]:
+def bare_argv(port: int, *, relay: bool = False) -> list[str]:
     """The command that starts the bare aiohttp server of run_bare_server()."""
-    return [sys.executable, str(Path(__file__).resolve()), "--bare", str(port)]
+    return [sys.executable, str(Path(__file__).resolve()), "--relay" if relay else "--bare", str(port)]
 
 
 def launch(argv: list[str], cwd: Path, log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -257,12 +257,29 @@ def require_eventrun() -> None:
 # --- the bare baseline ---------------------------------------------------------------------
 
 
-def run_bare_server(port: int) -> None:
-    """The baseline: aiohttp answering 202 with a fresh RequestId, nothing stored."""
+ECHO_CHILD = """\
+import socket, sys
+peer = socket.socket(fileno=int(sys.argv[1]))
+while data := peer.recv(65536):
+    peer.sendall(data)
+"""
+
+
+def run_bare_server(port: int, *, relay: bool = False) -> None:
+    """The baseline: aiohttp answering 202 with a fresh RequestId, nothing stored.
+
+    `relay`: the handler first sends the body to a child process over a socket and awaits it
+    back (asyncio streams), one request at a time: the least a server that runs each call in
+    another process does beyond HTTP.
+    """
     from aiohttp import web
 
     async def invoke(request: web.Request) -> web.Response:
-        await request.read()  # take the body off the wire, as any real server must
+        body = await request.read()  # take the body off the wire, as any real server must
+        if relay:
+            async with hand_off:
+                child_writer.write(body)
+                await child_reader.readexactly(len(body))
         request_id = str(uuid.uuid4())
         return web.json_response({"RequestId": request_id}, status=202, headers={"X-Request-Id": request_id})
 
@@ -270,6 +287,12 @@ def run_bare_server(port: int) -> None:
         return web.json_response({"Status": "ok"})
 
     async def serve() -> None:
+        nonlocal child_reader, child_writer
+        if relay:
+            ours, theirs = socket.socketpair()
+            child = subprocess.Popen([sys.executable, "-c", ECHO_CHILD, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+            theirs.close()
+            child_reader, child_writer = await asyncio.open_unix_connection(sock=ours)
         app = web.Application()
         app.router.add_post("/functions/{name}/invocations", invoke)
         app.router.add_get("/healthz", healthz)
@@ -285,11 +308,20 @@ def run_bare_server(port: int) -> None:
             await stopped.wait()
         finally:
             await runner.cleanup()
+            if relay:
+                child_writer.close()
+                child.wait(5)
 
+    child_reader: asyncio.StreamReader
+    child_writer: asyncio.StreamWriter
+    hand_off = asyncio.Lock()
     asyncio.run(serve())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the bare aiohttp server of the benchmarks")
-    parser.add_argument("--bare", type=int, metavar="PORT", required=True)
-    run_bare_server(parser.parse_args().bare)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bare", type=int, metavar="PORT")
+    which.add_argument("--relay", type=int, metavar="PORT", help="the bare server, each call relayed through a child process")
+    args = parser.parse_args()
+    run_bare_server(args.bare if args.bare is not None else args.relay, relay=args.relay is not None)

@@ -1,7 +1,7 @@
 """What a warm sync call costs eventrun beyond the HTTP round trip, in pipe round trips.
 
     python bench/overhead.py [--calls 2000] [--warmup 200] [--pipe-trips 20000]
-                             [--only eventrun|bare|pipe] [--data-dir DIR]
+                             [--only eventrun|bare|relay|pipe] [--data-dir DIR]
 
 Three measures, one after the other, in one run:
 
@@ -12,6 +12,9 @@ Three measures, one after the other, in one run:
             finds the function's instance warm and idle;
   bare      the same client, the same calls, against a bare aiohttp server whose handler
             reads the body and answers at once (bench/_server.py);
+  relay     the bare server again, its handler first sending the body to a child process
+            over a socket and awaiting it back (asyncio streams): the least a server that
+            runs each call in another process does beyond HTTP;
   pipe      a multiprocessing Pipe between this process and a child that echoes: a
             64-byte message there and back, one at a time.
 
@@ -32,6 +35,7 @@ store writer and instance share the machine's cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import signal
@@ -51,6 +55,7 @@ from _server import NOOP_HANDLER, bare_argv, free_port, require_eventrun, run_me
 FUNCTION = "noop"
 BODY = b'{"bench": true}'
 PIPE_MESSAGE = b"x" * 64
+BLOCK = 100  # calls to one server before the next one's turn
 
 MANIFEST = """\
 [server]
@@ -93,52 +98,86 @@ class Measure:
         return ordered[min(len(ordered), max(1, round(q / 100 * len(ordered)))) - 1] * 1e6
 
 
-async def calls(name: str, base: str, args: argparse.Namespace, expect: int) -> Measure:
-    """One client, one connection, one call at a time; times each call."""
-    result = Measure(name)
-    url = f"{base}/functions/{FUNCTION}/invocations"
-    headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        for i in range(args.warmup + args.calls):
+class Caller:
+    """One client on one kept-alive connection to one server, calling one call at a time."""
+
+    def __init__(self, name: str, base: str, expect: int) -> None:
+        self.measure = Measure(name)
+        self._url = f"{base}/functions/{FUNCTION}/invocations"
+        self._expect = expect
+        self._session: aiohttp.ClientSession | None = None
+
+    async def calls(self, count: int, *, keep: bool) -> None:
+        """Make `count` calls; `keep` their times (else they warm up)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=1)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+        headers = {"Content-Type": "application/json"}
+        result = self.measure
+        for _ in range(count):
             started = time.perf_counter()
-            async with session.post(url, data=BODY, headers=headers) as answer:
+            async with self._session.post(self._url, data=BODY, headers=headers) as answer:
                 body = await answer.read()
                 status = answer.status
             elapsed = time.perf_counter() - started
-            if status != expect:
+            if status != self._expect:
                 result.errors += 1
                 if result.errors == 1:
-                    print(f"  {name}: unexpected answer {status}: {body[:200]!r}")
-            elif i >= args.warmup:
+                    print(f"  {result.name}: unexpected answer {status}: {body[:200]!r}")
+            elif keep:
                 result.times.append(elapsed)
-    return result
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._session is not None:
+            await self._session.close()
 
 
+class PipeCaller:
+    """Round trips of a 64-byte message over a multiprocessing Pipe to a child that echoes."""
 
-def bench_eventrun(work: Path, args: argparse.Namespace) -> Measure:
-    """Serve the sync no-op function with eventrun; call it one call at a time."""
-    require_eventrun()
-    folder = work / "eventrun"
+    def __init__(self) -> None:
+        self.measure = Measure("pipe")
+        self._ours, theirs = multiprocessing.Pipe()
+        self._child = multiprocessing.Process(target=echo, args=(theirs,), daemon=True)
+        self._child.start()
+        theirs.close()
+        print(f"pipe: round trips of {len(PIPE_MESSAGE)} bytes to child pid {self._child.pid}")
+
+    async def calls(self, count: int, *, keep: bool) -> None:
+        """Make `count` round trips (blocking: nothing else runs meanwhile); `keep` their times."""
+        ours, times = self._ours, self.measure.times
+        for _ in range(count):
+            started = time.perf_counter()
+            ours.send_bytes(PIPE_MESSAGE)
+            ours.recv_bytes()
+            if keep:
+                times.append(time.perf_counter() - started)
+
+    async def close(self) -> None:
+        """Stop the child."""
+        self._ours.close()
+        self._child.join(5)
+        if self._child.is_alive():
+            self._child.kill()
+            self._child.join()
+
+
+async def interleaved(callers: list[Caller | PipeCaller], args: argparse.Namespace) -> list[Measure]:
+    """Warm every measure up, then give each a block of calls in turn, round after round, so
+    that the machine's slow and fast moments fall on all of them alike."""
+    rounds = max(1, args.calls // BLOCK)
+    per_round = [max(1, round(trips / rounds)) for trips in (args.pipe_trips if isinstance(c, PipeCaller) else args.calls for c in callers)]
     try:
-        with _server.data_dir(work, args.data_dir) as data:
-            manifest = MANIFEST % {"function": FUNCTION, "data_dir": json.dumps(str(data))}
-            with _server.eventrun_server(folder, manifest, {"noop.py": NOOP_HANDLER}) as (base, _):
-                print(f"eventrun serve ready at {base} (data_dir {data}); {args.warmup} + {args.calls} sync calls")
-                return run_measure(calls("eventrun", base, args, 200))
-    except _server.ServerFailed as exc:
-        raise SystemExit(str(exc)) from None
-
-
-def bench_bare(work: Path, args: argparse.Namespace) -> Measure:
-    """Serve the bare aiohttp handler; call it one call at a time."""
-    port = free_port()
-    try:
-        with _server.server_process("bare aiohttp", bare_argv(port), port, work, work / "bare.log") as (base, _):
-            print(f"bare aiohttp ready at {base}; {args.warmup} + {args.calls} calls")
-            return run_measure(calls("bare", base, args, 202))
-    except _server.ServerFailed as exc:
-        raise SystemExit(str(exc)) from None
+        for caller in callers:
+            await caller.calls(args.warmup if isinstance(caller, Caller) else max(args.warmup, args.pipe_trips // 10), keep=False)
+        for _ in range(rounds):
+            for caller, count in zip(callers, per_round):
+                await caller.calls(count, keep=True)
+    finally:
+        for caller in callers:
+            await caller.close()
+    return [caller.measure for caller in callers]
 
 
 def echo(conn: Connection) -> None:
@@ -150,29 +189,29 @@ def echo(conn: Connection) -> None:
         pass
 
 
-def bench_pipe(args: argparse.Namespace) -> Measure:
-    """Round trips of a 64-byte message over a multiprocessing Pipe to a child that echoes."""
-    result = Measure("pipe")
-    ours, theirs = multiprocessing.Pipe()
-    child = multiprocessing.Process(target=echo, args=(theirs,), daemon=True)
-    child.start()
-    theirs.close()
+def start_servers(work: Path, args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Caller | PipeCaller]:
+    """Start the servers of the chosen measures, all at once (idle ones cost nothing)."""
+    callers: list[Caller | PipeCaller] = []
     try:
-        warmup = max(args.warmup, args.pipe_trips // 10)
-        for i in range(warmup + args.pipe_trips):
-            started = time.perf_counter()
-            ours.send_bytes(PIPE_MESSAGE)
-            ours.recv_bytes()
-            if i >= warmup:
-                result.times.append(time.perf_counter() - started)
-    finally:
-        ours.close()
-        child.join(5)
-        if child.is_alive():
-            child.kill()
-            child.join()
-    print(f"pipe: {args.pipe_trips} round trips of {len(PIPE_MESSAGE)} bytes to child pid {child.pid}")
-    return result
+        if args.only in (None, "eventrun"):
+            require_eventrun()
+            data = stack.enter_context(_server.data_dir(work, args.data_dir))
+            manifest = MANIFEST % {"function": FUNCTION, "data_dir": json.dumps(str(data))}
+            base, _ = stack.enter_context(_server.eventrun_server(work / "eventrun", manifest, {"noop.py": NOOP_HANDLER}))
+            print(f"eventrun serve ready at {base} (data_dir {data}): sync calls")
+            callers.append(Caller("eventrun", base, 200))
+        for name in ("bare", "relay"):
+            if args.only in (None, name):
+                port = free_port()
+                argv = bare_argv(port, relay=name == "relay")
+                base, _ = stack.enter_context(_server.server_process(f"{name} aiohttp", argv, port, work, work / f"{name}.log"))
+                print(f"{name} aiohttp ready at {base}")
+                callers.append(Caller(name, base, 202))
+    except _server.ServerFailed as exc:
+        raise SystemExit(str(exc)) from None
+    if args.only in (None, "pipe"):
+        callers.append(PipeCaller())
+    return callers
 
 
 def report(results: list[Measure], args: argparse.Namespace) -> None:
@@ -191,6 +230,14 @@ def report(results: list[Measure], args: argparse.Namespace) -> None:
             ratio = overhead / by_name["pipe"].median_us
             verdict = "met" if ratio <= 3 else "NOT met"
             print(f"that overhead / pipe round trip: {ratio:.1f}x (target <= 3: {verdict})")
+    if "relay" in by_name and "bare" in by_name:
+        floor = by_name["relay"].median_us - by_name["bare"].median_us
+        line = f"relay - bare aiohttp: {floor:.1f} us a call (one hand-off to a process and back, in asyncio)"
+        if "pipe" in by_name:
+            line += f", {floor / by_name['pipe'].median_us:.1f}x the pipe"
+        print(line)
+        if "eventrun" in by_name:
+            print(f"eventrun - relay: {by_name['eventrun'].median_us - by_name['relay'].median_us:.1f} us a call (eventrun's own work)")
 
 
 def main() -> None:
@@ -199,7 +246,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="measured HTTP calls per server (2000)")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls first (200)")
     parser.add_argument("--pipe-trips", type=int, default=20000, help="measured pipe round trips (20000)")
-    parser.add_argument("--only", choices=("eventrun", "bare", "pipe"), help="run just one measure")
+    parser.add_argument("--only", choices=("eventrun", "bare", "relay", "pipe"), help="run just one measure")
     parser.add_argument("--data-dir", metavar="DIR", type=Path,
                         help="put eventrun's data_dir in a fresh folder under DIR, e.g. /dev/shm (no disk flushes)")
     args = parser.parse_args()
@@ -207,16 +254,11 @@ def main() -> None:
         parser.error("--calls and --pipe-trips must be at least 1, --warmup not negative")
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    results: list[Measure] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="eventrun-bench-") as tmp:
-            work = Path(tmp)
-            if args.only in (None, "eventrun"):
-                results.append(bench_eventrun(work, args))
-            if args.only in (None, "bare"):
-                results.append(bench_bare(work, args))
-            if args.only in (None, "pipe"):
-                results.append(bench_pipe(args))
+        with tempfile.TemporaryDirectory(prefix="eventrun-bench-") as tmp, contextlib.ExitStack() as stack:
+            callers = start_servers(Path(tmp), args, stack)
+            print(f"{args.warmup} calls each to warm up, then blocks of {BLOCK} in turn")
+            results = run_measure(interleaved(callers, args))
     except KeyboardInterrupt:
         print("\ninterrupted; servers stopped", file=sys.stderr)
         sys.exit(130)
