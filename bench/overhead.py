@@ -3,7 +3,7 @@
     python bench/overhead.py [--calls 2000] [--warmup 200] [--pipe-trips 20000]
                              [--only eventrun|bare|relay|pipe] [--data-dir DIR]
 
-Three measures, one after the other, in one run:
+Four measures in one run, their servers all up at once:
 
   eventrun  a real `eventrun serve` (temporary data_dir, free port) with one sync no-op
             function (async_execution = false): POST /functions/noop/invocations answers
@@ -18,11 +18,15 @@ Three measures, one after the other, in one run:
   pipe      a multiprocessing Pipe between this process and a child that echoes: a
             64-byte message there and back, one at a time.
 
-Each call is timed on its own with time.perf_counter(); the first --warmup calls are not
-counted. The figures are per call in microseconds (median, and the mean beside it); the
+Each measure first makes --warmup calls that are not counted; then they take turns, a block of
+100 calls (the pipe: a like share of its round trips) each, round after round, so that the
+machine's slow and fast moments fall on all of them alike. Each call is timed on its own with
+time.perf_counter(). The figures are per call in microseconds (median, and the mean beside it); the
 overhead is eventrun's median minus the bare server's, and the ratio that overhead divided
 by the pipe's median round trip (target <= 3): what eventrun spends on a call besides HTTP,
 counted in the hand-offs between two processes that any isolated run needs at least one of.
+The relay's excess over the bare server is what one such hand-off costs through an event loop,
+and eventrun's excess over the relay is eventrun's own work.
 
 Inside eventrun a sync call with a slot free starts at once on the warm instance (a pipe round
 trip) and is answered from its outcome; its record (accepted, RUNNING, ended) goes to the
