@@ -69,7 +69,13 @@ async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, ht
     assert len({p["RequestId"] for p in done["Replayed"]}) == 2
     for pair in done["Replayed"]:
         assert (await api.wait_ended(pair["RequestId"]))["ReplayOf"] == pair["ReplayOf"]
-    for body, message in [({"Status": "RUNNING"}, "only ended runs"), ({"Limit": 0}, "Limit"), ({"Colour": 1}, "unknown field")]:
+    whole = await bulk(Status="FAILED", Limit=1.0, DryRun=True)
+    assert len(whole["Replayed"]) == 1, "a number with no fraction is an integer, as JSON Schema has it"
+    refusals = [
+        ({"Status": "RUNNING"}, "only ended runs"), ({"Limit": 0}, "Limit"), ({"Limit": 1.5}, "Limit"),
+        ({"Limit": True}, "Limit"), ({"Colour": 1}, "unknown field"),
+    ]
+    for body, message in refusals:
         reply = await api.request("POST", "/functions/pid/replay", json=body)
         assert reply.status == 400 and message in reply.error(400)["Message"], reply.text
     # The CLI: one run, and a filter with a time given as a duration ago.

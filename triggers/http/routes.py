@@ -148,6 +148,8 @@ async def replay_function(request: web.Request) -> web.Response:
     if unknown:
         raise InvalidParameter(f"unknown field {unknown[0]!r}; expected some of {', '.join(sorted(_REPLAY_FIELDS))}")
     limit = body.get("Limit", 100)
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)  # 100.0 is an integer to JSON Schema, and so to the API's own schema
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
         raise InvalidParameter(f"Limit: expected an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
     dry_run = body.get("DryRun", False)
