@@ -282,8 +282,10 @@ CRON = st.lists(FIELD, min_size=5, max_size=7).map(" ".join) | st.text(max_size=
 ZONE = st.sampled_from(["UTC", "Asia/Shanghai", "America/New_York", "Europe/London", "Australia/Lord_Howe"])
 
 
-# Any clock reading a server may have; near year 9999 next_slot overflows the datetime type.
-CLOCK = st.datetimes(datetime(1970, 1, 1), datetime(9000, 1, 1), timezones=st.just(UTC))
+# Any clock reading a server may have, up to the last a datetime holds.
+CLOCK = st.datetimes(datetime(1970, 1, 1), datetime.max, timezones=st.just(UTC)) | st.sampled_from(
+    [datetime.max.replace(tzinfo=UTC), datetime(9999, 12, 31, 23, 59, tzinfo=UTC)]
+)
 
 
 @given(expr=CRON, zone=ZONE, after=CLOCK)

@@ -153,7 +153,10 @@ def next_slot(schedule: CronTrigger, after: datetime) -> datetime | None:
     """The first slot strictly after `after`, in UTC; None once the schedule has ended."""
     # No previous fire time is passed: APScheduler then starts from `now`, rounded up to the
     # second, which with the microsecond makes "strictly after". Arithmetic stays in UTC.
-    fire = schedule.get_next_fire_time(None, after.astimezone(UTC) + timedelta(microseconds=1))
+    try:
+        fire = schedule.get_next_fire_time(None, after.astimezone(UTC) + timedelta(microseconds=1))
+    except OverflowError:  # past the last time a datetime holds (the end of year 9999): no slot
+        return None
     return fire.astimezone(UTC) if fire is not None else None
 
 
