@@ -42,3 +42,11 @@ def test_ack_checks_what_it_acknowledged() -> None:
     output = run_bench("ack.py", "--seconds", "1", "--warmup", "0", "--concurrency", "4")
     assert re.search(r"check: last RequestId \S+ is recorded", output), output
     assert re.search(r"^eventrun / bare accepted/s: [0-9.]+$", output, re.MULTILINE), output
+
+
+@pytest.mark.timeout(120)
+def test_e2e_runs_its_rounds_and_checks_every_run() -> None:
+    output = run_bench("e2e.py", "--only", "eventrun", "--jobs", "60", "--warmup", "10", "--rounds", "2")
+    assert output.count("check: GET /counts has 70 FINISHED runs of noop") == 2, output
+    rows = re.findall(r"^([12])\s+eventrun\s+60\s+[0-9.]+\s+([0-9.]+)\s", output, re.MULTILINE)
+    assert [number for number, _ in rows] == ["1", "2"] and all(float(rate) > 0 for _, rate in rows), output
