@@ -23,6 +23,7 @@ from eventrun.engine.manifest import Manifest, load_manifest
 from eventrun.triggers.http import HttpTrigger
 from eventrun.triggers.kafka import KafkaTrigger, Settings
 from kafka_service import KafkaService, Record, kafka, produce_undecodable_header, unique  # noqa: F401
+from server_process import to_toml
 
 pytestmark = pytest.mark.e2e
 
@@ -42,25 +43,8 @@ def handler(name: str) -> str:
     return f"{HANDLERS / f'{name}.py'}:main_handler"
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
-
-
 def write_manifest(path: Path, tables: Mapping[str, Mapping[str, Any]], functions: Mapping[str, Mapping[str, Any]]) -> Path:
-    out: list[str] = []
-    for name, table in tables.items():
-        out += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items()), ""]
-    for name, config in functions.items():
-        out += [f"[functions.{name}]", *(f"{k} = {_toml(v)}" for k, v in config.items()), ""]
-    path.write_text("\n".join(out))
+    path.write_text(to_toml({**tables, "functions": functions}))
     return path
 
 
