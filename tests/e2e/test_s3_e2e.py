@@ -19,6 +19,7 @@ from eventrun.engine.manifest import load_manifest
 from eventrun.triggers.http import HttpTrigger
 from eventrun.triggers.s3 import S3Trigger
 from s3_service import S3Service, bucket_notifying_queue, has_sqs, queue_depth, s3_service, unique  # noqa: F401
+from server_process import to_toml
 
 pytestmark = pytest.mark.e2e
 
@@ -30,26 +31,9 @@ TOKEN = "e2e-token"
 MINIO_BODY = json.loads((Path(__file__).parents[1] / "samples" / "minio_webhook.json").read_text())
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(value if isinstance(value, (int, float)) else str(value))
-
-
 def write_manifest(path: Path, tables: Mapping[str, Mapping[str, Any]], functions: Mapping[str, Mapping[str, Any]]) -> Path:
-    """A manifest file: plain tables, then each function with its [[triggers]]."""
-    out: list[str] = []
-    for name, table in tables.items():
-        out += [f"[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items()), ""]
-    for name, config in functions.items():
-        out.append(f"[functions.{name}]")
-        out += [f"{k} = {_toml(v)}" for k, v in config.items() if k != "triggers"]
-        for trigger in config.get("triggers", ()):
-            out += ["", f"[[functions.{name}.triggers]]", *(f"{k} = {_toml(v)}" for k, v in trigger.items())]
-        out.append("")
-    path.write_text("\n".join(out))
+    """A manifest file: plain tables, then each function (its triggers an inline array of tables)."""
+    path.write_text(to_toml({**tables, "functions": functions}))
     return path
 
 
