@@ -54,7 +54,6 @@ class Outbox(NamedTuple):
 
     pending: int
     given_up: int
-    next_in: float | None  # seconds until the next pending delivery is due (<= 0: now); None: none pending
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

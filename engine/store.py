@@ -278,17 +278,16 @@ class SQLiteStore:
         await self._submit("outbox_release", _OWNER)
 
     async def outbox(self) -> Outbox:
-        """How many deliveries are pending and given up, and when the next is due: a pass over
-        the whole outbox, so on a thread of its own with a connection of its own."""
-        pending, given_up, due_at = await asyncio.to_thread(self._read_outbox)
-        return Outbox(pending, given_up, None if due_at is None else (due_at - _now_ms()) / 1000)
+        """How many deliveries are pending and given up (when the next is due comes from
+        next_delivery()): a pass over the whole outbox, so on a thread of its own with a
+        connection of its own."""
+        return Outbox(*await asyncio.to_thread(self._read_outbox))
 
-    def _read_outbox(self) -> tuple[int, int, int | None]:
+    def _read_outbox(self) -> tuple[int, int]:
         conn = connect(self.path)
         try:
             return conn.execute(  # type: ignore[no-any-return]
-                "SELECT count(*) FILTER (WHERE gave_up = 0), count(*) FILTER (WHERE gave_up = 1),"
-                " min(due_at) FILTER (WHERE gave_up = 0) FROM outbox"
+                "SELECT count(*) FILTER (WHERE gave_up = 0), count(*) FILTER (WHERE gave_up = 1) FROM outbox"
             ).fetchone()
         finally:
             conn.close()

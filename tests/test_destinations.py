@@ -75,7 +75,7 @@ class OutboxStore:
 
     async def outbox(self) -> Outbox:
         self.counts += 1
-        return Outbox(pending=self.due, given_up=0, next_in=self.next_in)
+        return Outbox(pending=self.due, given_up=0)
 
     async def next_delivery(self) -> float | None:
         return self.next_in

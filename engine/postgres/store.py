@@ -263,13 +263,13 @@ class PostgresStore:
         )
 
     async def outbox(self) -> Outbox:
-        """How many deliveries are pending and given up, and when the next is due."""
+        """How many deliveries are pending and given up (a pass over the outbox; when the next is
+        due comes from next_delivery())."""
         row = await self.pool.fetchrow(
-            "SELECT count(*) FILTER (WHERE NOT gave_up), count(*) FILTER (WHERE gave_up),"
-            " extract(epoch FROM min(due_at) FILTER (WHERE NOT gave_up) - now())::float8 FROM outbox"
+            "SELECT count(*) FILTER (WHERE NOT gave_up), count(*) FILTER (WHERE gave_up) FROM outbox"
         )
         assert row is not None  # (an aggregate always has its one row)
-        return Outbox(row[0], row[1], row[2])
+        return Outbox(row[0], row[1])
 
     async def next_delivery(self) -> float | None:
         """Seconds until the next pending delivery is due (<= 0: due now), None if none is pending
