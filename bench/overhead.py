@@ -171,10 +171,13 @@ async def interleaved(callers: list[Caller | PipeCaller], args: argparse.Namespa
     """Warm every measure up, then give each a block of calls in turn, round after round, so
     that the machine's slow and fast moments fall on all of them alike."""
     rounds = max(1, args.calls // BLOCK)
-    per_round = [max(1, round(trips / rounds)) for trips in (args.pipe_trips if isinstance(c, PipeCaller) else args.calls for c in callers)]
+    pipe_warmup = max(args.warmup, args.pipe_trips // 10)
+    warmups = [pipe_warmup if isinstance(c, PipeCaller) else args.warmup for c in callers]
+    totals = [args.pipe_trips if isinstance(c, PipeCaller) else args.calls for c in callers]
+    per_round = [max(1, round(total / rounds)) for total in totals]
     try:
-        for caller in callers:
-            await caller.calls(args.warmup if isinstance(caller, Caller) else max(args.warmup, args.pipe_trips // 10), keep=False)
+        for caller, warmup in zip(callers, warmups):
+            await caller.calls(warmup, keep=False)
         for _ in range(rounds):
             for caller, count in zip(callers, per_round):
                 await caller.calls(count, keep=True)
