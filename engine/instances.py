@@ -25,7 +25,7 @@ from typing import Any, Callable
 from .api import Status
 from .envelope import dumps, loads
 from . import worker
-from .spawner import ForkedProcess, Spawner, SpawnerUnavailable, forkable
+from .spawner import SpawnedProcess, Spawner, SpawnerUnavailable, forkable
 from .worker import FRAME_MARK, MAX_FRAME, children_of
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class InstanceDied(Exception):
 class Instance:
     """One worker process, running one event at a time."""
 
-    def __init__(self, spec: Spec, process: asyncio.subprocess.Process | ForkedProcess, token: str) -> None:
+    def __init__(self, spec: Spec, process: asyncio.subprocess.Process | SpawnedProcess, token: str) -> None:
         self.spec = spec
         self.process = process
         self.pid = process.pid
@@ -80,7 +80,7 @@ class Instance:
         self._reader = asyncio.create_task(self._read(), name=f"instance-{self.pid}-reader")
         self._exit = asyncio.ensure_future(self._wait_exit())
         self._exit.add_done_callback(self._exited)
-        self._pipe = None if isinstance(process, ForkedProcess) else _stdout_link(self.pid)
+        self._pipe = None if isinstance(process, SpawnedProcess) else _stdout_link(self.pid)
         self.last_used = time.monotonic()
         self.stopping: Status | None = None  # why we are killing it, if we are
 
@@ -162,7 +162,7 @@ class Instance:
         function started can hold open for ever; a pidfd says when the process itself ended.)
         """
         process = self.process
-        if isinstance(process, ForkedProcess):
+        if isinstance(process, SpawnedProcess):
             return await process.wait()
         loop = asyncio.get_running_loop()
         try:
@@ -232,10 +232,10 @@ class Instance:
         unless a process moved to a group or session of its own (a daemon's double fork). Those
         are still below the instance, a child subreaper (see worker.py), so they are found by
         walking its tree and killed first. Should the instance die by itself, its parent takes
-        the tree over: a spawner kills what it inherits. The server, parent of instances started
-        as fresh interpreters, is no subreaper (it would inherit every orphan of its own
-        children); for those, what still holds the instance's output pipe is killed. A process
-        that also closed its copies of the pipe (a proper daemon) is out of reach then.
+        the tree over: a spawner kills what it inherits. The server, parent of the instances it
+        starts itself while the spawner is down, is no subreaper (it would inherit every orphan
+        of its own children); for those, what still holds the instance's output pipe is killed.
+        A process that also closed its copies of the pipe (a proper daemon) is out of reach then.
         """
         if self.process.returncode is None:
             _kill_escaped(self.pid)
@@ -261,7 +261,7 @@ class Instance:
             await asyncio.wait_for(asyncio.shield(self._reader), 4)
         if self.process.stdin is not None:
             self.process.stdin.close()
-        if isinstance(self.process, ForkedProcess):  # (asyncio closes a Process's pipes itself)
+        if isinstance(self.process, SpawnedProcess):  # (asyncio closes a Process's pipes itself)
             self.process.close_pipes()
 
     async def _read(self) -> None:
@@ -291,7 +291,7 @@ class Instance:
                     self._budget -= sum(map(len, lines)) + len(lines)
                     self._route([line.decode("utf-8", "replace") for line in lines])
         finally:
-            if isinstance(self.process, ForkedProcess):  # at its end of file, or cancelled with the loop
+            if isinstance(self.process, SpawnedProcess):  # at its end of file, or cancelled with the loop
                 self.process.close_pipes()
             if pending and self._budget > 0:
                 self._route([pending.decode("utf-8", "replace")])
@@ -405,15 +405,15 @@ class InstancePool:
         self.idle_timeout = idle_timeout
         self.kill_grace = kill_grace
         self._base_env = base_env
-        self._spawner = Spawner(_WORKER_FILE, {**base_env, "PYTHONUNBUFFERED": "1"}) if fork else None
+        self._fork = fork
+        self._spawner = Spawner(_WORKER_FILE, {**base_env, "PYTHONUNBUFFERED": "1"})
         self._idle: dict[str, list[Instance]] = {}
         self._busy: set[Instance] = set()
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the spawner, and begin reaping idle instances."""
-        if self._spawner is not None:
-            self._spawner.start()
+        self._spawner.start()
         self._reaper = asyncio.create_task(self._reap(), name="instance-reaper")
 
     async def stop(self) -> None:
@@ -425,8 +425,7 @@ class InstancePool:
         everyone = [i for group in self._idle.values() for i in group] + list(self._busy)
         self._idle.clear()
         await asyncio.gather(*(i.kill(self.kill_grace) for i in everyone), return_exceptions=True)
-        if self._spawner is not None:
-            await self._spawner.close()
+        await self._spawner.close()
 
     @property
     def size(self) -> int:
@@ -467,19 +466,22 @@ class InstancePool:
     async def _spawn(self, spec: Spec) -> Instance:
         token = secrets.token_hex(8)
         env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
-        spawner = self._spawner
-        if spawner is not None and forkable(spec.environment, self._base_env) and spawner.ready():
+        # A fresh interpreter is still started by the spawner while it runs: so the spawner, a
+        # subreaper, inherits what the instance leaves behind should it die (see worker.py).
+        fresh = not (self._fork and forkable(spec.environment, self._base_env))
+        if self._spawner.ready():
             try:
-                forked = await spawner.spawn(
+                forked = await self._spawner.spawn(
                     handler=spec.handler,
                     function=spec.function,
                     token=token,
                     cwd=str(spec.cwd),
                     env=env,
                     memory_limit=spec.memory_limit,
+                    fresh=fresh,
                 )
             except SpawnerUnavailable as exc:
-                logger.warning("cannot fork an instance of %s (%s); starting a fresh interpreter", spec.function, exc)
+                logger.warning("cannot start an instance of %s from the spawner (%s); starting one here", spec.function, exc)
             else:
                 logger.info("started instance %s of %s", forked.pid, spec.function)
                 return Instance(spec, forked, token)

@@ -12,7 +12,9 @@ The spawner is a child subreaper: a process an instance started that outlives th
 What a fork cannot give is what the interpreter decides at start from the environment: a
 function whose `environment` sets a PYTHON* variable (PYTHONPATH, PYTHONHASHSEED, ...) or the
 locale (LANG, LC_*) differently from the server's gets a fresh interpreter, as does every
-instance while the spawner is not available. Forked instances share the spawner's hash seed.
+instance with `fork_instances = false`. The spawner starts those too (its child execs a new
+interpreter), so that they are also its children. Only while the spawner is not available
+does the server start instances itself. Forked instances share the spawner's hash seed.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def forkable(environment: Mapping[str, str], base: Mapping[str, str]) -> bool:
     )
 
 
-class ForkedProcess:
-    """An instance forked by the spawner, with what Instance uses of asyncio's Process."""
+class SpawnedProcess:
+    """An instance the spawner started (forked, or forked to exec), with what Instance uses of asyncio's Process."""
 
     def __init__(
         self, pid: int, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader, reading: asyncio.BaseTransport
@@ -87,9 +89,9 @@ class Spawner:
         self._process: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._children: dict[int, ForkedProcess] = {}
+        self._children: dict[int, SpawnedProcess] = {}
         self._starting: set[int] = set()  # forked for a spawn() still setting up the pipes
-        self._exits: dict[int, int] = {}  # ends of those, reported before their ForkedProcess existed
+        self._exits: dict[int, int] = {}  # ends of those, reported before their SpawnedProcess existed
         self._next_id = 0
         self._down_since: float | None = None  # when it stopped (or failed to start), unless closed
         self.pid: int | None = None
@@ -141,9 +143,20 @@ class Spawner:
         self._loop.add_reader(ours.fileno(), self._readable)
 
     async def spawn(
-        self, *, handler: str, function: str, token: str, cwd: str, env: Mapping[str, str], memory_limit: int = 0
-    ) -> ForkedProcess:
-        """Fork one instance, its data memory capped at `memory_limit` bytes (0: not); SpawnerUnavailable if not."""
+        self,
+        *,
+        handler: str,
+        function: str,
+        token: str,
+        cwd: str,
+        env: Mapping[str, str],
+        memory_limit: int = 0,
+        fresh: bool = False,
+    ) -> SpawnedProcess:
+        """Fork one instance, its data memory capped at `memory_limit` bytes (0: not); SpawnerUnavailable if not.
+
+        `fresh`: the forked child starts a new interpreter (exec) to run the worker in.
+        """
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
             raise SpawnerUnavailable("the spawner is not running")
@@ -160,6 +173,7 @@ class Spawner:
             "cwd": cwd,
             "env": dict(env),
             "memory_limit": memory_limit,
+            "fresh": fresh,
         }
         try:
             try:
@@ -201,7 +215,7 @@ class Spawner:
             reading.close()
             transport.close()
             raise SpawnerUnavailable("the spawner stopped")
-        process = ForkedProcess(pid, asyncio.StreamWriter(transport, protocol, None, loop), stdout, reading)
+        process = SpawnedProcess(pid, asyncio.StreamWriter(transport, protocol, None, loop), stdout, reading)
         self._starting.discard(pid)
         self._children[pid] = process
         if pid in self._exits:

@@ -14,8 +14,9 @@ instance's process group, the unit eventrun signals. So when the handler has ret
 process still in that tree is killed before the outcome is reported; one system call finds
 that there is none, the usual case. Should the instance itself die first (a crash, a kill at a
 timeout), its remaining processes pass to its parent: the spawner, also a subreaper, kills
-them. For an instance started as a fresh interpreter, whose parent is the server, the server
-kills them as it kills the instance, or after a crash those that still hold its output pipe
+them. The spawner also starts the instances that need a fresh interpreter (it forks, the child
+execs). Only while the spawner is down does the server start instances itself; it kills their
+leftovers as it kills the instance, or after a crash those that still hold its output pipe
 (see instances.Instance.kill).
 
 A function's memory_limit is an RLIMIT_DATA set here before its module is imported, for
@@ -555,15 +556,32 @@ def _become_instance(request: dict[str, Any], fds: list[int]) -> int | str | Non
         if fd > 2:
             os.close(fd)
     os.chdir(request["cwd"])
+    arguments = [request["handler"], request["function"], request["token"], str(request["memory_limit"])]
+    if request.get("fresh"):
+        _become_fresh_interpreter(arguments, request["env"])
     os.environ.clear()
     os.environ.update(request["env"])
     time.tzset()  # TZ may differ from the spawner's
-    sys.argv = [__file__, request["handler"], request["function"], request["token"], str(request["memory_limit"])]
+    sys.argv = [__file__, *arguments]
     try:
         main()
     except SystemExit as exc:
         return exc.code
     return 0
+
+
+def _become_fresh_interpreter(arguments: list[str], env: dict[str, str]) -> None:
+    """In a child of the spawner: start the worker in a new interpreter, as the server would.
+
+    The process stays the spawner's child, so what it leaves behind still comes to a subreaper
+    that kills it (the server is none). Never returns: should the exec fail, the reason goes to
+    the instance's output (the run's log) and the instance ends with status 127.
+    """
+    try:
+        os.execve(sys.executable, [sys.executable, "-P", __file__, *arguments], env)
+    except OSError as exc:
+        os.write(2, f"eventrun: cannot start a fresh interpreter ({sys.executable}): {exc}\n".encode())
+    os._exit(127)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Instances are forked from a spawner process, and are the same as instances started fresh."""
+"""Instances are forked from a spawner process, and are the same as instances started fresh
+(which the spawner also starts while it runs)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ async def test_an_environment_that_changes_the_interpreter_gets_a_fresh_one(even
     state = await api.wait_ended(await api.accepted("family", {"module": "extra_module"}))
     assert state["Status"] == "FINISHED", state
     assert state["Result"]["module"] == 42  # PYTHONPATH is read when an interpreter starts
-    assert state["Result"]["ppid"] == server.pid
+    assert_fresh_from_the_spawner(state["Result"], server)
 
 
 async def test_without_the_spawner_instances_start_fresh_and_runs_go_on(
@@ -77,4 +78,11 @@ async def test_fork_instances_false_starts_every_instance_fresh(eventrun_server,
     api = server.client(http)
     state = await api.wait_ended(await api.accepted("family", {}))
     assert state["Status"] == "FINISHED", state
-    assert state["Result"]["ppid"] == server.pid
+    assert_fresh_from_the_spawner(state["Result"], server)
+
+
+def assert_fresh_from_the_spawner(me: dict, server) -> None:
+    """A new interpreter started with the worker's own arguments, whose parent is the spawner
+    (the subreaper that ends what it leaves behind), not the server."""
+    assert "--spawner" not in cmdline(me["pid"]) and "family" in cmdline(me["pid"]), cmdline(me["pid"])
+    assert "--spawner" in cmdline(me["ppid"]) and parent_of(me["ppid"]) == server.pid

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 import pytest
 
 from eventrun.engine import worker
-from eventrun.engine.spawner import ForkedProcess, Spawner, SpawnerUnavailable, forkable
+from eventrun.engine.spawner import SpawnedProcess, Spawner, SpawnerUnavailable, forkable
 
 HANDLER = "import os\n\ndef main_handler(event, context):\n    return {'pid': os.getpid(), 'cwd': os.getcwd(), 'x': os.environ.get('X')}\n"
 
@@ -30,18 +30,25 @@ async def spawner(tmp_path: Path) -> AsyncIterator[Spawner]:
             _spawned.pop().close_pipes()
 
 
-_spawned: list[ForkedProcess] = []
+_spawned: list[SpawnedProcess] = []
 
 
-async def spawn(spawner: Spawner, folder: Path, token: str = "t0") -> ForkedProcess:
+async def spawn(spawner: Spawner, folder: Path, token: str = "t0", *, fresh: bool = False) -> SpawnedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "X": "forked"}
-    process = await spawner.spawn(handler=f"{folder}/h.py:main_handler", function="f", token=token, cwd=str(folder), env=env)
+    process = await spawner.spawn(
+        handler=f"{folder}/h.py:main_handler", function="f", token=token, cwd=str(folder), env=env, fresh=fresh
+    )
     _spawned.append(process)
     return process
 
 
-async def test_a_forked_worker_runs_a_task_and_its_end_is_reported(spawner: Spawner, tmp_path: Path) -> None:
-    process = await spawn(spawner, tmp_path)
+def arguments_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
+async def test_a_spawned_worker_runs_a_task_and_its_end_is_reported(spawner: Spawner, tmp_path: Path, fresh: bool) -> None:
+    process = await spawn(spawner, tmp_path, fresh=fresh)
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"id": "e"}}\n')
     await process.stdin.drain()
@@ -49,6 +56,10 @@ async def test_a_forked_worker_runs_a_task_and_its_end_is_reported(spawner: Spaw
     assert line.startswith((worker.FRAME_MARK + "t0 ").encode())
     assert f'"pid":{process.pid}'.encode() in line and b'"x":"forked"' in line and str(tmp_path).encode() in line
     assert os.getpgid(process.pid) == process.pid  # a process group of its own
+    # A fresh one is a new interpreter, started with the worker's arguments; a forked one
+    # still shows the spawner's.
+    assert ("--spawner" in arguments_of(process.pid)) is not fresh
+    assert (f"{tmp_path}/h.py:main_handler" in arguments_of(process.pid)) is fresh
     os.killpg(process.pid, signal.SIGKILL)
     assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
     assert process.returncode == -signal.SIGKILL
@@ -134,13 +145,14 @@ def main_handler(event, context):
 '''
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
 async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the_spawner(
-    spawner: Spawner, tmp_path: Path
+    spawner: Spawner, tmp_path: Path, fresh: bool
 ) -> None:
     (tmp_path / "daemon.py").write_text(DAEMON)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = await spawner.spawn(
-        handler=f"{tmp_path}/daemon.py:main_handler", function="f", token="t0", cwd=str(tmp_path), env=env
+        handler=f"{tmp_path}/daemon.py:main_handler", function="f", token="t0", cwd=str(tmp_path), env=env, fresh=fresh
     )
     _spawned.append(process)
     pidfile = tmp_path / "daemon.pid"

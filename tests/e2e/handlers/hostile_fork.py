@@ -1,4 +1,5 @@
-"""Leaves processes behind: a plain child, and a daemon double-forked into a session of its own."""
+"""Leaves processes behind: a plain child, and a daemon double-forked into a session of its own
+that lets go of every file it inherited (the instance's pipes included), as daemons do."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def _child() -> int:
     return pid
 
 
+def _let_go_of_files() -> None:
+    """Standard streams on /dev/null, every other descriptor closed: nothing ties it to the instance."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+
 def _daemon() -> int:
     """The classic double fork: the daemon ends up in a new session, its parent gone."""
     read, write = os.pipe()
@@ -30,7 +39,7 @@ def _daemon() -> int:
         os.setsid()
         grandchild = os.fork()
         if grandchild == 0:
-            os.close(write)
+            _let_go_of_files()
             _sleep_forever()
         os.write(write, str(grandchild).encode())
         os._exit(0)
