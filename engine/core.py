@@ -727,7 +727,14 @@ class Engine:
             if run.abort:
                 outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated on request")
             else:
-                outcome = await self._run_on_instance(run, function, config, request_id, envelope)
+                try:
+                    outcome = await self._run_on_instance(run, function, config, request_id, envelope)
+                except Exception as exc:  # eventrun's own failure: the run still ends, and says so
+                    logger.exception("run %s of %s failed inside eventrun", request_id, function)
+                    outcome = Outcome(
+                        status=Status.FAILED, error_type="InternalError",
+                        error_message=f"eventrun failed while running it ({type(exc).__name__}: {exc}); see the server log",
+                    )
             self.dispatcher.release(function, request_id)  # its instance is free: the next run may start
         except asyncio.CancelledError:
             outcome = Outcome(status=Status.FAILED, error_type="ServerStopped", error_message=SERVER_STOPPED)
@@ -753,7 +760,13 @@ class Engine:
                 environment=dict(config.environment),
                 memory_limit=self.manifest.server.memory_limit if config.memory_limit is None else config.memory_limit,
             )
-        instance = run.instance = await self.pool.acquire(spec)
+        try:
+            instance = run.instance = await self.pool.acquire(spec)
+        except OSError as exc:  # no process, pipe or file descriptor to be had (EAGAIN, EMFILE, ENOMEM)
+            logger.error("cannot start an instance of %s for run %s: %s", function, request_id, exc)
+            return Outcome(
+                status=Status.FAILED, error_type="InstanceStartFailed", error_message=f"no instance could be started: {exc}"
+            )
         if run.abort:
             await instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
         self.logs.hold(request_id, f"[eventrun] run started on instance {instance.pid}")  # with its first line

@@ -19,13 +19,14 @@ FOLLOWER_BACKLOG = 10_000  # lines a slow follower may lag before it is cut off
 class _OpenLog:
     """The log of a run that is going on; its file is made with the first line."""
 
-    __slots__ = ("fd", "size", "truncated", "held")
+    __slots__ = ("fd", "size", "truncated", "held", "unwritable")
 
     def __init__(self) -> None:
         self.fd: int | None = None
         self.size = 0
         self.truncated = False
         self.held: list[str] = []  # stamped lines that go in with the first line written
+        self.unwritable = False  # its file could not be made or written: not tried again
 
 
 class LogHub:
@@ -117,39 +118,59 @@ class LogHub:
         stamped = [f"{stamp} {line}" for line in lines]
         if not stamped:
             return
-        if log.fd is not None:
-            fd = log.fd
-        else:
-            fd = self._create(request_id, log)
-            if log.held:
-                stamped[:0] = log.held
-                log.held = []
+        if log.held:  # (only before the first line is written: the file is made with it)
+            stamped[:0] = log.held
+            log.held = []
+        fd = log.fd
+        if fd is None and not log.unwritable:
+            try:
+                fd = self._create(request_id, log)
+            except OSError as exc:
+                self._cannot_write(request_id, log, exc)
         data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
         if log.size + len(data) > self.limit:
             notice = f"{stamp} [eventrun] log limit of {self.limit} bytes reached; further output of this run is discarded"
             stamped = [notice]
             data = (notice + "\n").encode()
             log.truncated = True
-        os.write(fd, data)
+        if fd is not None:
+            try:
+                os.write(fd, data)
+            except OSError as exc:
+                self._cannot_write(request_id, log, exc)
         log.size += len(data)
         if self.sink is not None:
             self.sink(request_id, data)
         self._publish(request_id, stamped)
+
+    def _cannot_write(self, request_id: str, log: _OpenLog, exc: OSError) -> None:
+        """The run's file cannot be made or written (a full disk, no file descriptor left): the
+        file is given up for the rest of the run, not the run. Live followers (and a shared
+        store) still get its lines; the server's log says why the file lacks them."""
+        logger.error("cannot write the log of run %s (%s); its further lines are not kept in its file", request_id, exc)
+        log.unwritable = True
+        if log.fd is not None:
+            try:
+                os.close(log.fd)
+            except OSError:
+                pass
+            log.fd = None
 
     def remove(self, request_id: str) -> None:
         """Delete an ended run's log (retention)."""
         for path in (self.path(request_id), self._legacy_path(request_id)):
             try:
                 os.remove(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
 
     def close(self, request_id: str) -> None:
         """End a run's log and release its followers. With a sink (a shared store, which keeps
         the logs and is where they are read), the local file was only a spool and goes too."""
         log = self._open.pop(request_id, None)
-        if log is not None and log.fd is not None:
-            os.close(log.fd)
+        if log is not None and (log.fd is not None or log.unwritable):
+            if log.fd is not None:
+                os.close(log.fd)
             if self.sink is not None:
                 self.remove(request_id)
         for follower in self._followers.pop(request_id, ()):
@@ -165,7 +186,7 @@ class LogHub:
         for path in (self.path(request_id), self._legacy_path(request_id)):
             try:
                 return path.read_bytes()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # (no file made: nothing written, or it could not be)
                 pass
         return b""
 

@@ -90,3 +90,27 @@ async def test_a_record_that_cannot_be_sent_is_reported_and_let_go(
     assert not engine._behind and not engine._unsent, "nothing is held for a record that was never written"
     said = [r.getMessage() for r in caplog.records]
     assert any(answer.request_id in m and "end" in m and "store is not open" in m for m in said), said
+
+
+@pytest.mark.parametrize(
+    "failure, error_type, message",
+    [
+        (OSError(24, "Too many open files"), "InstanceStartFailed", "no instance could be started: [Errno 24] Too many open files"),
+        (RuntimeError("a bug"), "InternalError", "eventrun failed while running it (RuntimeError: a bug); see the server log"),
+    ],
+)
+async def test_a_run_that_eventrun_itself_cannot_run_ends_failed_and_frees_its_slot(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, failure: Exception, error_type: str, message: str
+) -> None:
+    async def fails(spec: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(engine.pool, "acquire", fails)
+    called = await engine.call(call(1), unique=True)  # a sync call, its record written behind
+    queued = await engine.wait((await engine.accept(call(2))).request_id, timeout=10)  # the durable path
+    for invocation in (called, queued):
+        assert (invocation.status, invocation.error_type, invocation.error_message) == (Status.FAILED, error_type, message)
+    monkeypatch.undo()
+    assert engine.dispatcher.running("echo") == 0
+    again = await engine.call(call(3), unique=True)
+    assert (again.status, again.result) == (Status.FINISHED, {"n": 3})

@@ -139,3 +139,54 @@ def test_with_a_sink_the_local_file_is_only_a_spool_until_the_run_ends(tmp_path:
     assert not hub.path(request_id).exists(), "the shared store keeps the log: no copy stays behind"
     assert [r for r, _ in shipped] == [request_id]
     assert shipped[0][1].decode().splitlines()[1].endswith(" two")
+
+
+async def test_a_log_file_that_cannot_be_made_costs_the_file_not_the_run(tmp_path: Path, caplog) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    shipped: list[bytes] = []
+    hub.sink = lambda request_id, data: shipped.append(data)
+    request_id = new_id()
+    hub.path(request_id).parent.parent.write_text("a file where the run's folder would go")
+    ended = False
+
+    async def has_ended() -> bool:
+        return ended
+
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for line in hub.follow(request_id, has_ended):
+            seen.append(line.split(" ", 1)[1])
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0.01)
+    hub.hold(request_id, "[eventrun] run started")
+    hub.write(request_id, ["one"])
+    hub.write(request_id, ["two"])
+    ended = True
+    hub.close(request_id)
+    await asyncio.wait_for(follower, 5)
+    assert seen == ["[eventrun] run started", "one", "two"]  # live followers and the sink still get every line
+    assert [line.split(" ", 1)[1] for line in b"".join(shipped).decode().splitlines()] == seen
+    errors = [r.getMessage() for r in caplog.records if "cannot write the log" in r.getMessage()]
+    assert len(errors) == 1 and request_id in errors[0], errors  # said once, not tried again each line
+    assert hub.read(request_id) == b""
+
+
+def test_a_log_file_that_stops_taking_writes_is_given_up_for_the_run(tmp_path: Path, monkeypatch, caplog) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    request_id = new_id()
+    hub.write(request_id, ["kept"])
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("eventrun.engine.logs.os.write", full)
+    hub.write(request_id, ["lost"])
+    hub.write(request_id, ["lost too"])
+    monkeypatch.undo()
+    hub.write(request_id, ["not tried again"])
+    hub.close(request_id)
+    assert [line.split(" ", 1)[1] for line in hub.read(request_id).decode().splitlines()] == ["kept"]
+    assert sum("No space left on device" in r.getMessage() for r in caplog.records) == 1
+    hub.write(new_id(), ["another run's log is written as before"])
