@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Seque
 from .api import SERVER_STOPPED, Accepted, Invocation, Status
 from .dispatcher import Dispatcher
 from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, dumps, loads, now_rfc3339, request_ids, stored_many
-from .errors import FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown
+from .errors import (
+    FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
+)
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
 from .manifest import FunctionConfig, Manifest, format_duration
@@ -37,6 +39,10 @@ Listener = Callable[[Invocation], None]
 
 WRITE_BEHIND = 0.05
 """Seconds between sends of sync calls' records to the store, each send one commit (see Engine.call)."""
+
+REFUSED_RETRY = (0.1, 5.0)
+"""While the store refuses writes (a full disk, its writer restarting), a run's start or end is
+tried again after the first of these seconds, then twice as long each time, up to the second."""
 
 
 class _Behind:
@@ -141,6 +147,7 @@ class Engine:
         self._runs: dict[str, _Run] = {}
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
+        self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
         self._sending: asyncio.TimerHandle | None = None
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function
@@ -720,9 +727,14 @@ class Engine:
         started = time.monotonic()
         try:
             behind = self._behind.get(request_id)
-            envelope = behind.envelope if behind is not None else await self.store.begin(request_id, now_rfc3339())
+            try:
+                envelope = behind.envelope if behind is not None else await self.store.begin(request_id, now_rfc3339())
+            except StoreError as exc:
+                self._start_refused(function, request_id, exc)
+                return
             if envelope is None:
                 return  # ended (terminated) in the meantime
+            self._starts_refused = 0
             self.logs.open(request_id)
             if run.abort:
                 outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated on request")
@@ -747,6 +759,15 @@ class Engine:
         end = self._end(request_id, function, outcome, started=started)
         # A sync call's end only joins the next batch, without waiting: nothing there to shield.
         await (end if request_id in self._behind else asyncio.shield(end))
+
+    def _start_refused(self, function: str, request_id: str, exc: StoreError) -> None:
+        """The store did not record a run's start: the run waits at the head of its queue, and
+        no run starts until the store is tried again (see REFUSED_RETRY)."""
+        first, most = REFUSED_RETRY
+        delay = min(first * 2**self._starts_refused, most)
+        self._starts_refused += 1
+        logger.error("the store refused the start of run %s (%s); starts are tried again in %gs", request_id, exc, delay)
+        self.dispatcher.retry_later(function, request_id, delay)
 
     async def _run_on_instance(
         self, run: _Run, function: str, config: FunctionConfig, request_id: str, envelope: bytes
@@ -803,15 +824,7 @@ class Engine:
         if behind is not None:
             recorded = self._end_behind(behind, outcome)
         else:
-            recorded = await self.store.finish(
-                request_id,
-                outcome.status,
-                now_rfc3339(),
-                result=outcome.result,
-                error_type=outcome.error_type,
-                error_message=outcome.error_message,
-                **({"queued_only": True} if queued_only else {}),
-            )
+            recorded = await self._finish(request_id, outcome, queued_only=queued_only)
         if queued_only and recorded:
             self._note(request_id, note)
             if self.cluster is not None:
@@ -824,6 +837,27 @@ class Engine:
         if recorded and self._listeners:
             self._notify(await self.get(request_id))
         return recorded
+
+    async def _finish(self, request_id: str, outcome: Outcome, *, queued_only: bool) -> bool:
+        """Record a run's end, tried again for as long as the store refuses it: an outcome is kept
+        until the store has it (or the server stops, and the run then ends ServerStopped)."""
+        first, most = REFUSED_RETRY
+        delay = first
+        while True:
+            try:
+                return await self.store.finish(
+                    request_id,
+                    outcome.status,
+                    now_rfc3339(),
+                    result=outcome.result,
+                    error_type=outcome.error_type,
+                    error_message=outcome.error_message,
+                    **({"queued_only": True} if queued_only else {}),
+                )
+            except StoreError as exc:
+                logger.error("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)
 
     def _wake_waiters(self, request_id: str) -> None:
         for future in self._waiters.pop(request_id, ()):

@@ -57,6 +57,7 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._turn = 0
         self._paused = False
+        self._held: asyncio.TimerHandle | None = None  # start nothing until it fires (see retry_later)
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -78,7 +79,7 @@ class Dispatcher:
 
     def free(self, function: str) -> int:
         """How many more runs of the function could start here now."""
-        if self._paused:
+        if self._paused or self._held is not None:
             return 0
         waiting = sum(map(len, self._queues.values()))
         here = self._concurrency[function] - self._running[function] - len(self._queues[function])
@@ -110,6 +111,18 @@ class Dispatcher:
         for queue in self._queues.values():
             queue.clear()
         return taken
+
+    def retry_later(self, function: str, request_id: str, after: float) -> None:
+        """Put a run that could not start back at the head of its queue, and start no run for
+        `after` seconds (the store refused its start: the next would fare no better)."""
+        self._queues[function].appendleft(request_id)
+        if self._held is not None:
+            self._held.cancel()
+        self._held = asyncio.get_running_loop().call_later(after, self._unhold)
+
+    def _unhold(self) -> None:
+        self._held = None
+        self._pump()
 
     def remove(self, function: str, request_id: str) -> bool:
         """Drop a run that has not started yet; False if it is no longer queued."""
@@ -173,7 +186,7 @@ class Dispatcher:
     # -- scheduling ------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        if self._paused:
+        if self._paused or self._held is not None:
             return
         names = list(self._queues)
         while len(self._holding) < self._max_running:

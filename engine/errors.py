@@ -85,6 +85,6 @@ class ShuttingDown(EventrunError):
 
 
 class StoreError(EventrunError):
-    """The invocation store cannot take writes right now (its writer process is gone)."""
+    """The invocation store cannot take writes right now (its writer process is gone, or it refuses them: a full disk)."""
 
     code = "StoreUnavailable"

@@ -227,6 +227,8 @@ def _settle(op: Op, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> N
     if future.done() or future.get_loop().is_closed():
         return
     if not ok:
+        if isinstance(value, sqlite3.Error):  # its transaction was rolled back: nothing of it is recorded
+            value = StoreError(f"the store refused the write ({value}); nothing of it was recorded")
         future.set_exception(value)
     elif value == ALL_NEW:
         rows = op.args

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,50 @@ async def test_a_run_that_cannot_get_an_instance_fails_with_the_reason_and_the_s
     assert again["Status"] == "FINISHED", again
     assert again["Result"]["data"] == {"n": 2}
     assert "[eventrun] run started on instance" in await api.logs(again["RequestId"])
+
+
+def writer_of(server_pid: int) -> int:
+    """The store's writer process: the server's child running eventrun.engine.writer."""
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        for child in Path(f"/proc/{server_pid}/task/{task}/children").read_text().split():
+            if b"eventrun.engine.writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no store writer below the server")
+
+
+async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end_is_lost(
+    eventrun_server, http, handler, poll_until
+):
+    server = eventrun_server(
+        {"sleepy": {"handler": handler("sleepy"), "concurrency": 1}, "quick": {"handler": handler("quick")}}
+    )
+    api = server.client(http)
+    running = await api.accepted("sleepy", {"seconds": 1.5, "quiet": True})
+    await api.wait_for(running, {"RUNNING"}, timeout=10)
+    queued = await api.accepted("sleepy", {"seconds": 0, "quiet": True})  # waits for the one slot
+    writer = writer_of(server.pid)
+    soft, hard = resource.prlimit(writer, resource.RLIMIT_FSIZE)
+    # The store's files cannot grow past one byte: every commit fails, as on a full disk.
+    resource.prlimit(writer, resource.RLIMIT_FSIZE, (1, hard))
+    try:
+        reply = await api.invoke("quick", {"n": 1})
+        assert reply.status == 503, reply.text
+        error = reply.error(503)
+        assert error["Code"] == "StoreUnavailable" and "nothing of it was recorded" in error["Message"], error
+        # The first run ends meanwhile and the second would start: the store takes neither.
+        await poll_until(
+            lambda: f"the store refused the end of run {running}" in server.stderr_text()
+            and f"the store refused the start of run {queued}" in server.stderr_text(),
+            10,
+            "the refused end and start were not reported",
+        )
+        assert (await api.status(running))["Status"] == "RUNNING"
+        assert (await api.status(queued))["Status"] == "QUEUED"
+    finally:
+        resource.prlimit(writer, resource.RLIMIT_FSIZE, (soft, hard))
+    # Once the store takes writes again, the end is recorded with its result, and the start goes ahead.
+    first = await api.wait_ended(running, timeout=15)
+    assert first["Status"] == "FINISHED" and first["Result"]["ticks"] == 0, first
+    second = await api.wait_ended(queued, timeout=15)
+    assert second["Status"] == "FINISHED", second
+    assert (await api.wait_ended(await api.accepted("quick", {"n": 2})))["Status"] == "FINISHED"

@@ -191,3 +191,26 @@ async def test_a_run_starts_now_only_with_a_free_slot_and_nothing_waiting() -> N
     assert runs.started == ["now", "g0", "queued-a", "queued-b"]
     dispatcher.pause()
     assert not dispatcher.can_start("f"), "nothing starts while shutting down"
+
+
+async def test_a_run_retried_later_is_next_of_its_function_and_nothing_starts_while_held() -> None:
+    started: list[str] = []
+    refused = {"r0"}
+    dispatcher: Dispatcher
+
+    async def execute(function: str, request_id: str) -> None:
+        started.append(request_id)
+        if request_id in refused:  # as the engine does when the store refuses a start
+            refused.discard(request_id)
+            dispatcher.retry_later(function, request_id, 0.2)
+
+    dispatcher = Dispatcher(concurrency={"f": 1, "g": 1}, qps_limits={"f": 100, "g": 100}, max_running=10, execute=execute)
+    dispatcher.submit("f", "r0", "r1")
+    await settle()
+    assert started == ["r0"]
+    dispatcher.submit("g", "g0")  # another function's run waits too: nothing starts while held
+    await settle()
+    assert started == ["r0"] and dispatcher.queued("f") == 2 and dispatcher.free("g") == 0
+    await asyncio.sleep(0.3)
+    assert sorted(started[1:]) == ["g0", "r0", "r1"] and started.index("r0", 1) < started.index("r1")
+    assert dispatcher.total_running == 0 and dispatcher.queued("f") == 0
