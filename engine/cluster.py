@@ -28,6 +28,7 @@ import asyncpg
 from .api import SERVER_STOPPED, Status
 from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
+from .errors import StoreError
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
 from .store import hold_lock
@@ -407,7 +408,7 @@ class LogShipper:
             started = time.monotonic()
             try:
                 await self.flush()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("shipping log lines to the store failed (%s); trying again", exc)
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 

@@ -818,8 +818,6 @@ class Engine:
         note = f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}"
         if outcome.status is not Status.FINISHED and not queued_only:
             self._note(request_id, note)
-        if self.cluster is not None:
-            await self.cluster.shipper.flush()  # every line is in the store before the end is
         behind = self._behind.get(request_id)
         if behind is not None:
             recorded = self._end_behind(behind, outcome)
@@ -828,7 +826,10 @@ class Engine:
         if queued_only and recorded:
             self._note(request_id, note)
             if self.cluster is not None:
-                await self.cluster.shipper.flush()
+                try:
+                    await self.cluster.shipper.flush()
+                except StoreError:  # the line waits for the shipper's next round; the end is recorded
+                    pass
         self.logs.close(request_id)
         if recorded:
             seconds = time.monotonic() - started if started is not None else None
@@ -840,11 +841,16 @@ class Engine:
 
     async def _finish(self, request_id: str, outcome: Outcome, *, queued_only: bool) -> bool:
         """Record a run's end, tried again for as long as the store refuses it: an outcome is kept
-        until the store has it (or the server stops, and the run then ends ServerStopped)."""
+        until the store has it (or the server stops, and the run then ends ServerStopped).
+
+        `queued_only` (terminating a run no node has claimed) is tried once: its caller is told.
+        """
         first, most = REFUSED_RETRY
         delay = first
         while True:
             try:
+                if self.cluster is not None:
+                    await self.cluster.shipper.flush()  # every line is in the store before the end is
                 return await self.store.finish(
                     request_id,
                     outcome.status,
@@ -855,6 +861,8 @@ class Engine:
                     **({"queued_only": True} if queued_only else {}),
                 )
             except StoreError as exc:
+                if queued_only:
+                    raise
                 logger.error("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, most)

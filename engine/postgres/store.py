@@ -10,11 +10,12 @@ ordered by time, so `ORDER BY request_id` is the order runs were accepted in, ac
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from datetime import datetime, timezone
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence, TypeVar
 
 import asyncpg
 
@@ -27,6 +28,8 @@ from .intake import Intake, event_key
 from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
 
 logger = logging.getLogger(__name__)
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
 # The RequestId as text (not a uuid.UUID); a claimed run not yet started reads as QUEUED.
 _COLUMNS = COLUMNS.replace("request_id", "request_id::text", 1).replace(
@@ -44,6 +47,35 @@ _FINISH = (
     " RETURNING function, request_id)"
     " SELECT pg_notify('" + ENDED + "', function || ' ' || request_id::text) FROM ended"
 )
+
+
+# What says the database cannot serve a query now, rather than that the query is wrong: the
+# connection lost or refused, the server shutting down or starting, out of disk or
+# connections, or read-only (a failover under way). asyncpg raises InternalClientError on a
+# connection whose session the server ended in the middle of a query (it is not used again).
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
+
+
+def _refusal_as_store_error(method: _Method) -> _Method:
+    """A method raising StoreError for a database that cannot serve it now (see _UNAVAILABLE):
+    the API answers 503 rather than 500, and a run's start and end are tried again, as with
+    the SQLite store."""
+
+    @functools.wraps(method)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreError(f"the PostgreSQL store cannot serve this now ({type(exc).__name__}: {exc})") from None
+
+    return guarded  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +159,7 @@ class PostgresStore:
                 raise StoreError(f"the store holds another template under the key {key.hex()}")
         self._templates.update(new)
 
+    @_refusal_as_store_error
     async def accept(self, rows: Sequence[NewInvocation] | Batch) -> list[Accepted]:
         """Record new invocations; a known (function, source, id) gives back its RequestId.
 
@@ -138,10 +171,12 @@ class PostgresStore:
             raise RuntimeError("store is not open")
         return await self._intake.accept(rows)
 
+    @_refusal_as_store_error
     async def mark_running(self, request_id: str, started_at: str) -> bool:
         """QUEUED, or CLAIMED by this node, -> RUNNING here, once; False if it ended (terminated) or started."""
         return await self._start(request_id, started_at, "1") is not None
 
+    @_refusal_as_store_error
     async def begin(self, request_id: str, started_at: str) -> bytes | None:
         """mark_running, and the run's envelope if it started (in one round trip)."""
         stored = await self._start(request_id, started_at, "envelope")
@@ -170,6 +205,7 @@ class PostgresStore:
         rows = await self.pool.fetch("SELECT eventrun_claim($1, $2, $3, $4)", function, want, cap, self.node_id)
         return sorted(r[0] for r in rows)
 
+    @_refusal_as_store_error
     async def finish(
         self,
         request_id: str,
@@ -189,6 +225,7 @@ class PostgresStore:
         )
         return bool(rows)
 
+    @_refusal_as_store_error
     async def replay(self, row: NewInvocation, replay_of: str) -> None:
         """Record a new run replaying another (its row, and the link between the two) in one commit."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -278,6 +315,7 @@ class PostgresStore:
             "SELECT extract(epoch FROM min(due_at) - now())::float8 FROM outbox WHERE NOT gave_up"
         )
 
+    @_refusal_as_store_error
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""
         if not _is_uuid(request_id):
@@ -411,6 +449,7 @@ class PostgresStore:
 
     # -- logs ------------------------------------------------------------------------------
 
+    @_refusal_as_store_error
     async def append_logs(self, chunks: Sequence[tuple[str, bytes]]) -> None:
         """Append (request_id, data) log chunks, in order, and tell followers on every node."""
         await self.pool.execute(
@@ -421,6 +460,7 @@ class PostgresStore:
             [r for r, _ in chunks], [d for _, d in chunks],
         )
 
+    @_refusal_as_store_error
     async def read_log(self, request_id: str, after: int = 0) -> tuple[bytes, int]:
         """The run's log after chunk `after`, and the number of the last chunk read."""
         if not _is_uuid(request_id):
@@ -439,6 +479,7 @@ class PostgresStore:
         """A remembered value, or None."""
         return await self.pool.fetchval("SELECT value FROM state WHERE key = $1", key)  # type: ignore[no-any-return]
 
+    @_refusal_as_store_error
     async def get(self, request_id: str) -> Invocation | None:
         """One invocation, or None."""
         if not _is_uuid(request_id):
@@ -446,6 +487,7 @@ class PostgresStore:
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM invocations WHERE request_id = $1::uuid", request_id)
         return invocation(row) if row else None
 
+    @_refusal_as_store_error
     async def owner(self, request_id: str) -> str | None:
         """The node a run is claimed by or running on (None once it ended, or while it is QUEUED)."""
         if not _is_uuid(request_id):
@@ -454,6 +496,7 @@ class PostgresStore:
             "SELECT owner FROM invocations WHERE request_id = $1::uuid AND status IN ('CLAIMED', 'RUNNING')", request_id
         )
 
+    @_refusal_as_store_error
     async def envelope(self, request_id: str) -> bytes | None:
         """The recorded envelope JSON of one invocation."""
         if not _is_uuid(request_id):
@@ -475,6 +518,7 @@ class PostgresStore:
             template = self._templates[key] = bytes(found)
         return template
 
+    @_refusal_as_store_error
     async def list(
         self,
         *,
@@ -521,6 +565,7 @@ class PostgresStore:
         next_cursor = encode_cursor("id", page[-1].request_id) if len(rows) > limit else None
         return page, next_cursor
 
+    @_refusal_as_store_error
     async def counts(self) -> dict[str, dict[str, int]]:
         """How many runs each function has in each status (a claimed run counts as QUEUED)."""
         return _counts(

@@ -169,6 +169,63 @@ async def test_a_killed_node_s_runs_end_failed_and_its_queue_runs_elsewhere(clus
     assert [n["NodeId"] for n in health["Cluster"]["Nodes"]] == ["node-2"]
 
 
+async def read_only(url: str, on: bool) -> None:
+    """Make the database read-only for new sessions (as a failover to a replica is), or writable
+    again, and cut off the sessions it has: every node reconnects into the new state."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET default_transaction_read_only = off")  # (this session: to undo it)
+        database = await conn.fetchval("SELECT current_database()")
+        setting = "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+        await conn.execute(f'ALTER DATABASE "{database}" {setting}')
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_while_the_database_refuses_writes_events_get_503_and_a_run_s_end_waits_for_it(cluster: Cluster) -> None:
+    (node,) = cluster.start(
+        {"sleepy": {"handler": handler("sleepy"), "concurrency": 1}, "quick": {"handler": handler("quick")}}, n=1
+    )
+    api = cluster.api(node)
+    running = await api.accepted("sleepy", {"seconds": 1.5, "quiet": True})
+    await api.wait_for(running, {"RUNNING"}, 10)
+    queued = await api.accepted("sleepy", {"seconds": 0, "quiet": True})
+    await read_only(cluster.url, True)
+    try:
+        reply = await api.invoke("quick", {"n": 1})
+        error = reply.error(503)
+        assert error["Code"] == "StoreUnavailable" and "the PostgreSQL store cannot serve this now" in error["Message"], error
+        await poll_until(
+            lambda: f"the store refused the end of run {running}" in node.stderr_text(), 15, "the refused end was not reported"
+        )
+    finally:
+        await read_only(cluster.url, False)
+    first = await ended_once_served(api, running)
+    assert first["Status"] == "FINISHED" and first["Result"]["ticks"] == 0, first
+    assert f"logger line for {running}" in await api.logs(running)  # its lines were shipped before its end
+    assert (await ended_once_served(api, queued))["Status"] == "FINISHED"
+    assert (await api.wait_ended(await api.accepted("quick", {"n": 2}), timeout=20))["Status"] == "FINISHED"
+
+
+async def ended_once_served(api: Api, request_id: str) -> dict[str, Any]:
+    """The run's state once ended, asking until then; a 503 (a connection the database cut off
+    being found out, once each) is an answer to ask again after, as a client would."""
+
+    async def ended() -> dict[str, Any] | None:
+        reply = await api.request("GET", f"/invocations/{request_id}")
+        if reply.status == 503:
+            assert reply.error(503)["Code"] == "StoreUnavailable"
+            return None
+        assert reply.status == 200, reply.text
+        return reply.json if reply.json["Status"] not in ("QUEUED", "RUNNING") else None
+
+    return await poll_until(ended, 20, f"{request_id} did not end once the database took writes again")
+
+
 async def test_a_run_lost_with_its_node_has_its_failure_delivered_by_a_survivor(cluster: Cluster) -> None:
     receiver = Receiver()
     await receiver.start()
