@@ -47,15 +47,18 @@ tried again after the first of these seconds, then twice as long each time, up t
 
 class _Behind:
     """A sync call whose record the store does not hold all of yet: its state meanwhile, its
-    envelope, and its start and its end until they are sent."""
+    envelope, and its start and its end until they are sent (and again, should the store
+    refuse them: `accepted` and `ended` are kept for that)."""
 
-    __slots__ = ("invocation", "envelope", "rows", "ending")
+    __slots__ = ("invocation", "envelope", "rows", "ending", "accepted", "ended")
 
     def __init__(self, invocation: Invocation, rows: Batch) -> None:
         self.invocation = invocation
         self.envelope: bytes = rows.envelopes[0]
         self.rows: Batch | None = rows
         self.ending: Ending | None = None
+        self.accepted = rows
+        self.ended: Ending | None = None
 
 
 class _Run:
@@ -148,6 +151,7 @@ class Engine:
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
+        self._behind_refused = 0  # sync calls' records the store refused in a row (see _written_behind)
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
         self._sending: asyncio.TimerHandle | None = None
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function
@@ -441,7 +445,7 @@ class Engine:
             started, status=outcome.status, ended_at=ended_at, duration_ms=_ms_between(started.started_at, ended_at),
             result=outcome.result, error_type=outcome.error_type, error_message=outcome.error_message,
         )
-        behind.ending = Ending(
+        behind.ending = behind.ended = Ending(
             started.request_id, outcome.status.value, ended_at,
             dumps(outcome.result) if outcome.result is not None else None, outcome.error_type, outcome.error_message,
         )
@@ -449,9 +453,9 @@ class Engine:
         self._send_soon()
         return True
 
-    def _send_soon(self) -> None:
+    def _send_soon(self, after: float = WRITE_BEHIND) -> None:
         if self._sending is None:
-            self._sending = asyncio.get_running_loop().call_later(WRITE_BEHIND, self._send_behind)
+            self._sending = asyncio.get_running_loop().call_later(after, self._send_behind)
 
     def _send_behind(self) -> None:
         """Send the starts and ends of sync calls not yet sent, in one turn of the loop: one commit."""
@@ -480,15 +484,36 @@ class Engine:
             written.add_done_callback(functools.partial(self._written_behind, request_id, step))
 
     def _written_behind(self, request_id: str, step: str, written: asyncio.Future[Any] | Exception) -> None:
-        """A sync call's record was committed (or failed to be): from its end on, the store answers for it."""
-        if step == "end":
-            self._behind.pop(request_id, None)
+        """A sync call's record was committed (or failed to be): from its end on, the store answers for it.
+
+        A step the store refused (StoreError: a full disk, its writer restarting) is sent again
+        with the steps after it, with the back-off of a run's end (REFUSED_RETRY): its
+        acceptance and start (each harmless twice), then its end once it has ended. Any other
+        failure (the store closed) loses the record, and the server's log says so.
+        """
         if isinstance(written, Exception):
             error: BaseException | None = written
         else:
             error = None if written.cancelled() else written.exception()
-        if error is not None:
-            logger.error("the record of sync call %s (its %s) was not written: %s", request_id, step, error)
+        behind = self._behind.get(request_id)
+        if isinstance(error, StoreError) and behind is not None:
+            behind.rows = behind.accepted if step != "end" else behind.rows
+            behind.ending = behind.ended
+            self._unsent[request_id] = behind
+            first, most = REFUSED_RETRY
+            delay = min(first * 2**self._behind_refused, most)
+            self._behind_refused += 1
+            logger.error("the store refused the %s of sync call %s (%s); sending it again in %gs", step, request_id, error, delay)
+            self._send_soon(delay)
+            return
+        if error is None:
+            self._behind_refused = 0
+            if step == "end" and request_id not in self._unsent:  # (not sent again meanwhile: written)
+                self._behind.pop(request_id, None)
+            return
+        if step == "end":
+            self._behind.pop(request_id, None)
+        logger.error("the record of sync call %s (its %s) was not written: %s", request_id, step, error)
 
     # -- replay ----------------------------------------------------------------------------
 

@@ -55,7 +55,11 @@ async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end
     eventrun_server, http, handler, poll_until
 ):
     server = eventrun_server(
-        {"sleepy": {"handler": handler("sleepy"), "concurrency": 1}, "quick": {"handler": handler("quick")}}
+        {
+            "sleepy": {"handler": handler("sleepy"), "concurrency": 1},
+            "quick": {"handler": handler("quick")},
+            "echo": {"handler": handler("quick"), "async_execution": False},
+        }
     )
     api = server.client(http)
     running = await api.accepted("sleepy", {"seconds": 1.5, "quiet": True})
@@ -70,6 +74,9 @@ async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end
         assert reply.status == 503, reply.text
         error = reply.error(503)
         assert error["Code"] == "StoreUnavailable" and "nothing of it was recorded" in error["Message"], error
+        # A sync call is answered from its run; its record, written behind, waits for the store.
+        called = await api.invoke("echo", {"n": 3})
+        assert called.status == 200 and called.json["Status"] == "FINISHED", called.text
         # The first run ends meanwhile and the second would start: the store takes neither.
         await poll_until(
             lambda: f"the store refused the end of run {running}" in server.stderr_text()
@@ -86,4 +93,12 @@ async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end
     assert first["Status"] == "FINISHED" and first["Result"]["ticks"] == 0, first
     second = await api.wait_ended(queued, timeout=15)
     assert second["Status"] == "FINISHED", second
+    # The sync call's record is in the store: listed (a list reads only the store), with its result.
+    async def listed() -> dict | None:
+        listing = (await api.list(function="echo")).json["Invocations"]
+        return listing[0] if listing and listing[0]["Status"] == "FINISHED" else None
+
+    record = await poll_until(listed, 15, "the sync call's record never reached the store")
+    assert record["RequestId"] == called.json["RequestId"] and record["Result"]["data"] == {"n": 3}, record
+    assert f"the store refused the acceptance of sync call {record['RequestId']}" in server.stderr_text()
     assert (await api.wait_ended(await api.accepted("quick", {"n": 2})))["Status"] == "FINISHED"

@@ -114,3 +114,38 @@ async def test_a_run_that_eventrun_itself_cannot_run_ends_failed_and_frees_its_s
     assert engine.dispatcher.running("echo") == 0
     again = await engine.call(call(3), unique=True)
     assert (again.status, again.result) == (Status.FINISHED, {"n": 3})
+
+
+async def test_a_record_the_store_refuses_is_sent_again_until_it_is_written(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from eventrun.engine.errors import StoreError
+
+    refusals = {"accept_behind": 2, "start_behind": 2, "finish_behind": 3}
+    sent: list[str] = []
+    for name, times in refusals.items():
+        real = getattr(engine.store, name)
+
+        def refusing(*args: object, _name: str = name, _real=real) -> asyncio.Future[object]:
+            sent.append(_name)
+            if refusals[_name] > 0:  # as a full disk does: the commit fails, nothing is recorded
+                refusals[_name] -= 1
+                future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                future.set_exception(StoreError("the store refused the write (database or disk is full)"))
+                return future
+            return _real(*args)
+
+        monkeypatch.setattr(engine.store, name, refusing)
+    with caplog.at_level(logging.ERROR, logger="eventrun.engine.core"):
+        answer = await engine.call(call(8), unique=True)
+        assert answer.status is Status.FINISHED and answer.result == {"n": 8}
+        for _ in range(100):
+            if not engine._behind:
+                break
+            await asyncio.sleep(0.05)
+    assert not engine._behind and not engine._unsent
+    assert (await stored_statuses(engine)) == {answer.request_id: "FINISHED"}
+    stored = await engine.store.get(answer.request_id)
+    assert stored is not None and stored.result == {"n": 8} and stored.started_at is not None
+    assert sent.count("finish_behind") >= 4 and refusals == {"accept_behind": 0, "start_behind": 0, "finish_behind": 0}
+    assert any("the store refused the end of sync call" in r.getMessage() for r in caplog.records)
