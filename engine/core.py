@@ -45,6 +45,12 @@ REFUSED_RETRY = (0.1, 5.0)
 tried again after the first of these seconds, then twice as long each time, up to the second."""
 
 
+def _refused_delay(refusals: int) -> float:
+    """Seconds to wait before trying a write again that the store refused this many times in a row before."""
+    first, most = REFUSED_RETRY
+    return min(first * 2 ** min(refusals, 32), most)
+
+
 class _Behind:
     """A sync call whose record the store does not hold all of yet: its state meanwhile, its
     envelope, and its start and its end until they are sent (and again, should the store
@@ -497,11 +503,11 @@ class Engine:
             error = None if written.cancelled() else written.exception()
         behind = self._behind.get(request_id)
         if isinstance(error, StoreError) and behind is not None:
-            behind.rows = behind.accepted if step != "end" else behind.rows
+            if step != "end":
+                behind.rows = behind.accepted
             behind.ending = behind.ended
             self._unsent[request_id] = behind
-            first, most = REFUSED_RETRY
-            delay = min(first * 2**self._behind_refused, most)
+            delay = _refused_delay(self._behind_refused)
             self._behind_refused += 1
             logger.error("the store refused the %s of sync call %s (%s); sending it again in %gs", step, request_id, error, delay)
             self._send_soon(delay)
@@ -788,8 +794,7 @@ class Engine:
     def _start_refused(self, function: str, request_id: str, exc: StoreError) -> None:
         """The store did not record a run's start: the run waits at the head of its queue, and
         no run starts until the store is tried again (see REFUSED_RETRY)."""
-        first, most = REFUSED_RETRY
-        delay = min(first * 2**self._starts_refused, most)
+        delay = _refused_delay(self._starts_refused)
         self._starts_refused += 1
         logger.error("the store refused the start of run %s (%s); starts are tried again in %gs", request_id, exc, delay)
         self.dispatcher.retry_later(function, request_id, delay)
@@ -870,8 +875,7 @@ class Engine:
 
         `queued_only` (terminating a run no node has claimed) is tried once: its caller is told.
         """
-        first, most = REFUSED_RETRY
-        delay = first
+        refusals = 0
         while True:
             try:
                 if self.cluster is not None:
@@ -888,9 +892,10 @@ class Engine:
             except StoreError as exc:
                 if queued_only:
                     raise
+                delay = _refused_delay(refusals)
                 logger.error("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, most)
+                await asyncio.sleep(delay)
+                refusals += 1
 
     def _wake_waiters(self, request_id: str) -> None:
         for future in self._waiters.pop(request_id, ()):
