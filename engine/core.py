@@ -157,7 +157,9 @@ class Engine:
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
-        self._behind_refused = 0  # sync calls' records the store refused in a row (see _written_behind)
+        self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
+        self._sends = 0  # sends of sync calls' records so far; the last one refused:
+        self._refused_send = -1
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
         self._sending: asyncio.TimerHandle | None = None
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function
@@ -469,6 +471,7 @@ class Engine:
             self._sending.cancel()
             self._sending = None
         unsent, self._unsent = self._unsent, {}
+        self._sends += 1
         store: SQLiteStore = self.store  # type: ignore[assignment]  # (only a store of its own writes behind)
         starts = [(request_id, behind.rows) for request_id, behind in unsent.items() if behind.rows is not None]
         for request_id, rows in starts:  # the accepts first, so they become one statement, then the starts
@@ -482,20 +485,23 @@ class Engine:
                 self._write_behind(request_id, "end", functools.partial(store.finish_behind, ending))
 
     def _write_behind(self, request_id: str, step: str, write: Callable[[], asyncio.Future[Any]]) -> None:
+        done = functools.partial(self._written_behind, self._sends, request_id, step)
         try:
             written = write()
         except Exception as exc:  # the store closed or its writer gone: the record is lost, say so
-            self._written_behind(request_id, step, exc)
+            done(exc)
         else:
-            written.add_done_callback(functools.partial(self._written_behind, request_id, step))
+            written.add_done_callback(done)
 
-    def _written_behind(self, request_id: str, step: str, written: asyncio.Future[Any] | Exception) -> None:
+    def _written_behind(self, send: int, request_id: str, step: str, written: asyncio.Future[Any] | Exception) -> None:
         """A sync call's record was committed (or failed to be): from its end on, the store answers for it.
 
         A step the store refused (StoreError: a full disk, its writer restarting) is sent again
         with the steps after it, with the back-off of a run's end (REFUSED_RETRY): its
-        acceptance and start (each harmless twice), then its end once it has ended. Any other
-        failure (the store closed) loses the record, and the server's log says so.
+        acceptance and start (each harmless twice), then its end once it has ended. The back-off
+        counts sends, not records (one send refused is one commit refused), and the server's log
+        says it once a send. Any other failure (the store closed) loses the record, and the log
+        says so.
         """
         if isinstance(written, Exception):
             error: BaseException | None = written
@@ -507,10 +513,15 @@ class Engine:
                 behind.rows = behind.accepted
             behind.ending = behind.ended
             self._unsent[request_id] = behind
-            delay = _refused_delay(self._behind_refused)
-            self._behind_refused += 1
-            logger.error("the store refused the %s of sync call %s (%s); sending it again in %gs", step, request_id, error, delay)
-            self._send_soon(delay)
+            if send != self._refused_send:  # the first record of its send refused
+                self._refused_send = send
+                delay = _refused_delay(self._behind_refused)
+                self._behind_refused += 1
+                logger.error(
+                    "the store refused the %s of sync call %s (%s); sending it, and what else of that send it"
+                    " refuses, again in %gs", step, request_id, error, delay,
+                )
+                self._send_soon(delay)
             return
         if error is None:
             self._behind_refused = 0
