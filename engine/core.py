@@ -40,6 +40,10 @@ Listener = Callable[[Invocation], None]
 WRITE_BEHIND = 0.05
 """Seconds between sends of sync calls' records to the store, each send one commit (see Engine.call)."""
 
+END_GRACE = 10.0
+"""Seconds a stop waits, past killing the instances it stops, for runs to record their ends;
+an end the store still refuses then is left to the next start (the run ends ServerStopped)."""
+
 REFUSED_RETRY = (0.1, 5.0)
 """While the store refuses writes (a full disk, its writer restarting), a run's start or end is
 tried again after the first of these seconds, then twice as long each time, up to the second."""
@@ -283,7 +287,7 @@ class Engine:
         still = await self.dispatcher.drain(grace)
         if still:
             logger.warning("stopping %d runs still going after %ss", len(still), grace)
-            await self.dispatcher.cancel_all()
+            await self.dispatcher.cancel_all(self.manifest.server.kill_grace + END_GRACE)
         await self.pool.stop()
         self.logs.close_all()
         if self._unsent:
@@ -798,9 +802,9 @@ class Engine:
             raise
         finally:
             self._runs.pop(request_id, None)
-        end = self._end(request_id, function, outcome, started=started)
-        # A sync call's end only joins the next batch, without waiting: nothing there to shield.
-        await (end if request_id in self._behind else asyncio.shield(end))
+        # Released above, the run is only recording its end now: a stop does not cancel that
+        # (see Dispatcher.cancel_all), so it is awaited here rather than shielded in a task of its own.
+        await self._end(request_id, function, outcome, started=started)
 
     def _start_refused(self, function: str, request_id: str, exc: StoreError) -> None:
         """The store did not record a run's start: the run waits at the head of its queue, and

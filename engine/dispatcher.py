@@ -171,13 +171,22 @@ class Dispatcher:
             await asyncio.wait(tasks, timeout=grace)
         return {rid for rid, task in self._tasks.items() if not task.done()}
 
-    async def cancel_all(self) -> None:
-        """Cancel what still runs and wait for it to record its end."""
+    async def cancel_all(self, grace: float) -> None:
+        """Cancel the runs still going, and wait for every run to record its end.
+
+        A run that has released its slot is only recording its end: it is not cancelled, unless
+        that takes longer than `grace` seconds (the store refusing it).
+        """
         tasks = list(self._tasks.values())
-        for task in tasks:
+        for request_id, task in self._tasks.items():
+            if request_id in self._holding:
+                task.cancel()
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def task(self, request_id: str) -> asyncio.Task[None] | None:
         """The task running a run, if it runs."""

@@ -85,6 +85,43 @@ async def test_a_queued_run_can_be_removed_but_not_a_started_one() -> None:
     assert runs.started == ["r0"]
 
 
+async def test_cancel_all_cancels_runs_going_and_lets_released_ones_record_their_end() -> None:
+    outcomes: dict[str, str] = {}
+    ending = asyncio.Event()  # a store slow to commit: the released run's end waits for it
+
+    async def execute(function: str, request_id: str) -> None:
+        if request_id == "running":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                outcomes[request_id] = "cancelled"
+                raise
+        dispatcher.release(function, request_id)  # its slot goes; only its end is left to record
+        try:
+            await ending.wait()
+        except asyncio.CancelledError:
+            outcomes[request_id] = "end cancelled"
+            raise
+        outcomes[request_id] = "end recorded"
+
+    dispatcher = Dispatcher(concurrency={"f": 2}, qps_limits={"f": 9}, max_running=9, execute=execute)
+    dispatcher.submit("f", "running", "ending")
+    await settle()
+    asyncio.get_running_loop().call_later(0.05, ending.set)
+    await dispatcher.cancel_all(5.0)
+    assert outcomes == {"running": "cancelled", "ending": "end recorded"}
+
+    # An end that takes longer than the grace (a store that refuses it) is cancelled after it.
+    ending.clear()
+    outcomes.clear()
+    dispatcher = Dispatcher(concurrency={"f": 2}, qps_limits={"f": 9}, max_running=9, execute=execute)
+    dispatcher.submit("f", "stuck")
+    await settle()
+    await dispatcher.cancel_all(0.05)
+    assert outcomes == {"stuck": "end cancelled"}
+    assert dispatcher.task("stuck") is None
+
+
 async def test_pause_starts_nothing_new_and_drain_reports_what_still_runs() -> None:
     runs = Recorder()
     dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 9}, max_running=9, execute=runs)
@@ -93,7 +130,7 @@ async def test_pause_starts_nothing_new_and_drain_reports_what_still_runs() -> N
     dispatcher.pause()
     dispatcher.submit("f", "r1")
     assert await dispatcher.drain(0.05) == {"r0"}
-    await dispatcher.cancel_all()
+    await dispatcher.cancel_all(1.0)
     assert runs.started == ["r0"]
     assert dispatcher.queued("f") == 1
 
