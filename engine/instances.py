@@ -25,7 +25,7 @@ from typing import Any, Callable
 from .api import Status
 from .envelope import dumps, loads
 from . import worker
-from .spawner import SpawnedProcess, Spawner, SpawnerUnavailable, forkable
+from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, forkable
 from .worker import FRAME_MARK, MAX_FRAME, children_of
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,18 @@ class Instance:
         self.process = process
         self.pid = process.pid
         self._mark = FRAME_MARK + token + " "
+        self._mark_bytes = self._mark.encode()
         self._sink: LineSink | None = None
         self._outcome: asyncio.Future[dict[str, Any]] | None = None
         self._budget = OUTSIDE_RUNS  # bytes of output still passed on; past it, only frames are looked for
-        self._reader = asyncio.create_task(self._read(), name=f"instance-{self.pid}-reader")
+        self._pending = b""  # output after its last full line
+        self._pump: asyncio.Task[None] | None = None
+        if isinstance(process, SpawnedProcess):
+            self._output = process.stdout
+        else:  # a Process of asyncio's: its stream is read by a task that hands the pieces on
+            self._output = OutputPipe(asyncio.get_running_loop())
+            self._pump = asyncio.create_task(self._read_stream(), name=f"instance-{self.pid}-reader")
+        self._output.attach(self._feed, self._ended)
         self._exit = asyncio.ensure_future(self._wait_exit())
         self._exit.add_done_callback(self._exited)
         self._pipe = None if isinstance(process, SpawnedProcess) else _stdout_link(self.pid)
@@ -87,7 +95,7 @@ class Instance:
     @property
     def alive(self) -> bool:
         """True while the process runs."""
-        return self.process.returncode is None and not self._reader.done()
+        return self.process.returncode is None and not self._output.closed.done()
 
     async def run(
         self,
@@ -250,54 +258,60 @@ class Instance:
         # Children the function left behind in its group go too.
         _signal_group(self.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), 1)
-        if not self._reader.done() and self._pipe is not None:
+            await asyncio.wait_for(asyncio.shield(self._output.closed), 1)
+        if not self._output.closed.done() and self._pipe is not None:
             # Its output pipe is still held, by processes it started that left its group and,
             # as it died, its tree: whoever holds that pipe goes.
             for pid in await asyncio.to_thread(_holders, self._pipe):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), 4)
+            await asyncio.wait_for(asyncio.shield(self._output.closed), 4)
         if self.process.stdin is not None:
             self.process.stdin.close()
         if isinstance(self.process, SpawnedProcess):  # (asyncio closes a Process's pipes itself)
             self.process.close_pipes()
 
-    async def _read(self) -> None:
+    async def _read_stream(self) -> None:
         stream = self.process.stdout
         assert stream is not None
-        mark = self._mark.encode()
-        keep = len(mark) - 1  # the most of a mark one read can end with
-        pending = b""
         try:
-            while True:
-                chunk = await stream.read(READ_CHUNK)
-                if not chunk:
-                    break
-                data = pending + chunk if pending else chunk
-                if self._budget <= 0:
-                    # Past what the log keeps (a flood): the output is dropped unread, and only
-                    # the frame is looked for; no line is split or decoded.
-                    at = data.find(mark)
-                    if at < 0:
-                        pending = data[-keep:]
-                        continue
-                    data = data[at:]
-                *lines, pending = data.split(b"\n")
-                if len(pending) > MAX_LINE + keep:
-                    pending = _cut(pending, lines, mark)
-                if lines:
-                    self._budget -= sum(map(len, lines)) + len(lines)
-                    self._route([line.decode("utf-8", "replace") for line in lines])
-        finally:
-            if isinstance(self.process, SpawnedProcess):  # at its end of file, or cancelled with the loop
-                self.process.close_pipes()
-            if pending and self._budget > 0:
-                self._route([pending.decode("utf-8", "replace")])
-            if self._outcome is not None and not self._outcome.done():
-                self._outcome.set_exception(InstanceDied())
-                self._outcome.exception()  # retrieved here; run() reads it again
+            while chunk := await stream.read(READ_CHUNK):
+                self._output.data_received(chunk)
+        finally:  # at its end of file, or cancelled with the loop
+            self._output.connection_lost(None)
+
+    def _feed(self, data: bytes) -> None:
+        """Output as it arrives: whole lines to the run's log, the outcome frame to the run."""
+        mark = self._mark_bytes
+        if self._pending:
+            data = self._pending + data
+        if self._budget <= 0:
+            # Past what the log keeps (a flood): the output is dropped unread, and only the
+            # frame is looked for; no line is split or decoded.
+            at = data.find(mark)
+            if at < 0:
+                self._pending = data[-(len(mark) - 1) :]  # the most of a mark it can end with
+                return
+            data = data[at:]
+        *lines, pending = data.split(b"\n")
+        if len(pending) > MAX_LINE + len(mark) - 1:
+            pending = _cut(pending, lines, mark)
+        self._pending = pending
+        if lines:
+            self._budget -= sum(map(len, lines)) + len(lines)
+            self._route([line.decode("utf-8", "replace") for line in lines])
+
+    def _ended(self) -> None:
+        """The output pipe's end: what is left of it is passed on, and a run still waiting has died."""
+        if isinstance(self.process, SpawnedProcess):
+            self.process.close_pipes()
+        pending, self._pending = self._pending, b""
+        if pending and self._budget > 0:
+            self._route([pending.decode("utf-8", "replace")])
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_exception(InstanceDied())
+            self._outcome.exception()  # retrieved here; run() reads it again
 
     def _route(self, lines: list[str]) -> None:
         text: list[str] = []

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,46 @@ def forkable(environment: Mapping[str, str], base: Mapping[str, str]) -> bool:
     )
 
 
+class OutputPipe(asyncio.Protocol):
+    """The read end of an instance's output pipe: what arrives goes to its reader at once, in
+    the loop's callback that read it (no task, no buffer of its own, no wake-up of a waiter).
+
+    What arrives before a reader is attached is kept for it; `closed` is done once the pipe is
+    (at its end of file, or closed here).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._feed: Callable[[bytes], None] | None = None
+        self._end: Callable[[], None] | None = None
+        self._early: list[bytes] = []
+
+    def attach(self, feed: Callable[[bytes], None], end: Callable[[], None]) -> None:
+        """Hand what arrives to `feed`, and call `end` once at the pipe's end (now if it is over)."""
+        self._feed, self._end = feed, end
+        early, self._early = self._early, []
+        for data in early:
+            feed(data)
+        if self.closed.done():
+            end()
+
+    def data_received(self, data: bytes) -> None:
+        if self._feed is None:
+            self._early.append(data)
+        else:
+            self._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+            if self._end is not None:
+                self._end()
+
+
 class SpawnedProcess:
     """An instance the spawner started (forked, or forked to exec), with what Instance uses of asyncio's Process."""
 
-    def __init__(
-        self, pid: int, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader, reading: asyncio.BaseTransport
-    ) -> None:
+    def __init__(self, pid: int, stdin: asyncio.StreamWriter, stdout: OutputPipe, reading: asyncio.BaseTransport) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
@@ -199,10 +233,8 @@ class Spawner:
             raise SpawnerUnavailable(str(answer["error"]))
         pid = int(answer["pid"])  # in _starting since its reply was read
         try:
-            stdout = asyncio.StreamReader(loop=loop)
-            reading, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), open(output_r, "rb", 0)
-            )
+            stdout = OutputPipe(loop)
+            reading, _ = await loop.connect_read_pipe(lambda: stdout, open(output_r, "rb", 0))
             transport, protocol = await loop.connect_write_pipe(
                 lambda: asyncio.streams.FlowControlMixin(loop=loop), open(tasks_w, "wb", 0)
             )

@@ -52,7 +52,16 @@ async def test_a_spawned_worker_runs_a_task_and_its_end_is_reported(spawner: Spa
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"id": "e"}}\n')
     await process.stdin.drain()
-    line = await asyncio.wait_for(process.stdout.readline(), 10)
+    arrived: list[bytes] = []
+    first_line: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def feed(data: bytes) -> None:
+        arrived.append(data)
+        if b"\n" in data and not first_line.done():
+            first_line.set_result(b"".join(arrived).split(b"\n")[0])
+
+    process.stdout.attach(feed, lambda: None)
+    line = await asyncio.wait_for(first_line, 10)
     assert line.startswith((worker.FRAME_MARK + "t0 ").encode())
     assert f'"pid":{process.pid}'.encode() in line and b'"x":"forked"' in line and str(tmp_path).encode() in line
     assert os.getpgid(process.pid) == process.pid  # a process group of its own
@@ -176,3 +185,26 @@ async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the
         process.stdin.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon, signal.SIGKILL)
+
+
+async def test_an_output_pipe_hands_on_what_came_before_its_reader_and_its_end_once() -> None:
+    from eventrun.engine.spawner import OutputPipe
+
+    pipe = OutputPipe(asyncio.get_running_loop())
+    pipe.data_received(b"early ")
+    got: list[bytes] = []
+    ends: list[str] = []
+    pipe.attach(got.append, lambda: ends.append("end"))
+    pipe.data_received(b"late\n")
+    assert got == [b"early ", b"late\n"] and ends == [] and not pipe.closed.done()
+    pipe.connection_lost(None)
+    pipe.connection_lost(None)  # (a close after the end of file)
+    assert ends == ["end"] and pipe.closed.done()
+
+    over = OutputPipe(asyncio.get_running_loop())
+    over.data_received(b"last words")
+    over.connection_lost(None)  # over before its reader came
+    got.clear()
+    ends.clear()
+    over.attach(got.append, lambda: ends.append("end"))
+    assert got == [b"last words"] and ends == ["end"]
