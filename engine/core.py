@@ -49,6 +49,29 @@ REFUSED_RETRY = (0.1, 5.0)
 tried again after the first of these seconds, then twice as long each time, up to the second."""
 
 
+REFUSAL_LOG_EVERY = 5.0
+"""While the store refuses runs' ends, the server's log names one refusal at most this often,
+with how many there were since the last line, rather than every run's every try."""
+
+
+class _Refusals:
+    """Refused writes of one kind, logged once a while rather than once each."""
+
+    def __init__(self) -> None:
+        self._quiet_until = 0.0
+        self._unlogged = 0
+
+    def log(self, text: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._unlogged += 1
+            return
+        if self._unlogged:
+            text, args = text + " (and %d more refused since the last such line)", (*args, self._unlogged)
+        logger.error(text, *args)
+        self._quiet_until, self._unlogged = now + REFUSAL_LOG_EVERY, 0
+
+
 def _refused_delay(refusals: int) -> float:
     """Seconds to wait before trying a write again that the store refused this many times in a row before."""
     first, most = REFUSED_RETRY
@@ -161,6 +184,7 @@ class Engine:
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
+        self._ends_refused = _Refusals()  # (see _finish)
         self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
         self._sends = 0  # sends of sync calls' records so far; the last one refused:
         self._refused_send = -1
@@ -908,7 +932,7 @@ class Engine:
                 if queued_only:
                     raise
                 delay = _refused_delay(refusals)
-                logger.error("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
+                self._ends_refused.log("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
                 await asyncio.sleep(delay)
                 refusals += 1
 

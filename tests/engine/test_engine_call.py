@@ -149,3 +149,29 @@ async def test_a_record_the_store_refuses_is_sent_again_until_it_is_written(
     assert stored is not None and stored.result == {"n": 8} and stored.started_at is not None
     assert sent.count("finish_behind") >= 4 and refusals == {"accept_behind": 0, "start_behind": 0, "finish_behind": 0}
     assert any("the store refused the end of sync call" in r.getMessage() for r in caplog.records)
+
+
+async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from eventrun.engine.errors import StoreError
+
+    monkeypatch.setattr(core, "REFUSAL_LOG_EVERY", 0.25)
+    refusals: dict[str, int] = {}
+    real = engine.store.finish
+
+    async def refusing(request_id: str, *args: object, **kwargs: object) -> bool:
+        refusals[request_id] = refusals.get(request_id, 0) + 1
+        if refusals[request_id] <= 3:  # 0.1 + 0.2 + 0.4 s of retries for each run
+            raise StoreError("the store refused the write (database or disk is full)")
+        return await real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine.store, "finish", refusing)
+    with caplog.at_level(logging.ERROR, logger="eventrun.engine.core"):
+        # With an Idempotency-Key of their own, the calls take the durable path: each end is committed.
+        answers = await asyncio.gather(*(engine.call(call(n)) for n in range(6)))
+    assert [a.status for a in answers] == [Status.FINISHED] * 6
+    assert sorted(refusals.values()) == [4] * 6
+    lines = [r.getMessage() for r in caplog.records if "the store refused the end of run" in r.getMessage()]
+    assert 1 <= len(lines) <= 6, lines  # 18 refusals over about 0.7 s: a line at most every 0.25 s
+    assert any("more refused since the last such line" in line for line in lines), lines
