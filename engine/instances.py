@@ -276,7 +276,7 @@ class Instance:
         stream = self.process.stdout
         assert stream is not None
         try:
-            while chunk := await stream.read(READ_CHUNK):
+            while not self._output.closed.done() and (chunk := await stream.read(READ_CHUNK)):
                 self._output.data_received(chunk)
         finally:  # at its end of file, or cancelled with the loop
             self._output.connection_lost(None)

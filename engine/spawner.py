@@ -55,11 +55,13 @@ class OutputPipe(asyncio.Protocol):
     the loop's callback that read it (no task, no buffer of its own, no wake-up of a waiter).
 
     What arrives before a reader is attached is kept for it; `closed` is done once the pipe is
-    (at its end of file, or closed here).
+    (at its end of file, or closed here). Should the reader fail on a piece, the pipe is closed
+    and the reader told it ended, as at an end of file: nothing more is read from it.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.closed: asyncio.Future[None] = loop.create_future()
+        self._transport: asyncio.BaseTransport | None = None
         self._feed: Callable[[bytes], None] | None = None
         self._end: Callable[[], None] | None = None
         self._early: list[bytes] = []
@@ -68,16 +70,31 @@ class OutputPipe(asyncio.Protocol):
         """Hand what arrives to `feed`, and call `end` once at the pipe's end (now if it is over)."""
         self._feed, self._end = feed, end
         early, self._early = self._early, []
+        over = self.closed.done()  # (then connection_lost told nobody)
         for data in early:
-            feed(data)
-        if self.closed.done():
+            self._hand_on(data)
+        if over:
             end()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self._feed is None:
             self._early.append(data)
-        else:
+            return
+        if not self.closed.done():  # (after a failure, nothing more is read)
+            self._hand_on(data)
+
+    def _hand_on(self, data: bytes) -> None:
+        assert self._feed is not None
+        try:
             self._feed(data)
+        except Exception:
+            logger.exception("reading an instance's output failed; its output pipe is closed")
+            if self._transport is not None:
+                self._transport.close()
+            self.connection_lost(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():

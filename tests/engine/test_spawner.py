@@ -208,3 +208,27 @@ async def test_an_output_pipe_hands_on_what_came_before_its_reader_and_its_end_o
     ends.clear()
     over.attach(got.append, lambda: ends.append("end"))
     assert got == [b"last words"] and ends == ["end"]
+
+
+async def test_an_output_pipe_whose_reader_fails_is_closed_and_ended() -> None:
+    from eventrun.engine.spawner import OutputPipe
+
+    class Transport(asyncio.BaseTransport):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    pipe = OutputPipe(asyncio.get_running_loop())
+    transport = Transport()
+    pipe.connection_made(transport)
+    ends: list[str] = []
+
+    def feed(data: bytes) -> None:
+        raise ValueError("a reader's bug")
+
+    pipe.attach(feed, lambda: ends.append("end"))
+    pipe.data_received(b"output\n")
+    pipe.data_received(b"more\n")  # nothing is read past the failure
+    pipe.connection_lost(None)  # (the transport's own close, later)
+    assert transport.closed and pipe.closed.done() and ends == ["end"]
