@@ -186,8 +186,8 @@ class Engine:
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
         self._ends_refused = _Refusals()  # (see _finish)
         self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
-        self._sends = 0  # sends of sync calls' records so far; the last one refused:
-        self._refused_send = -1
+        self._sends = 0  # sends of sync calls' records so far
+        self._refused_send = -1  # the last of those the store refused a record of
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
         self._sending: asyncio.TimerHandle | None = None
         self._specs: dict[str, Spec] = {}  # how to start an instance, per function

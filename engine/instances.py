@@ -79,7 +79,7 @@ class Instance:
         self._outcome: asyncio.Future[dict[str, Any]] | None = None
         self._budget = OUTSIDE_RUNS  # bytes of output still passed on; past it, only frames are looked for
         self._pending = b""  # output after its last full line
-        self._pump: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None  # (held, so that the task is not collected)
         if isinstance(process, SpawnedProcess):
             self._output = process.stdout
         else:  # a Process of asyncio's: its stream is read by a task that hands the pieces on
