@@ -79,6 +79,11 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
         await deliveries.start()
         engine.add_reporter("deliveries", deliveries.state)
         engine.add_metrics(deliveries.metrics)
+        # Reported from the first /healthz on ("stopped" until each has started), so a probe
+        # never sees a server that answers without the triggers its manifest declares.
+        for name, trigger in wiring.triggers.items():
+            engine.add_reporter(name, trigger.state)
+            engine.add_metrics(trigger.metrics)
         http = HttpTrigger(
             engine,
             manifest.server.host,
@@ -88,11 +93,9 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
         )
         await http.start()
         stack.push_async_callback(http.stop)
-        for name, trigger in wiring.triggers.items():
+        for trigger in wiring.triggers.values():
             await trigger.start()
             stack.push_async_callback(trigger.stop)
-            engine.add_reporter(name, trigger.state)
-            engine.add_metrics(trigger.metrics)
         logger.info(
             "eventrun serving %d functions on http://%s:%s (data in %s)",
             len(manifest.functions),
