@@ -55,14 +55,17 @@ with how many there were since the last line, rather than every run's every try.
 
 
 class _Refusals:
-    """Refused writes of one kind, logged once a while rather than once each."""
+    """Refused writes of one kind, logged once a while rather than once each, and the store's
+    recovery once, with the refusals no line has counted yet."""
 
     def __init__(self) -> None:
         self._quiet_until = 0.0
         self._unlogged = 0
+        self._refusing = False
 
     def log(self, text: str, *args: object) -> None:
         now = time.monotonic()
+        self._refusing = True
         if now < self._quiet_until:
             self._unlogged += 1
             return
@@ -70,6 +73,15 @@ class _Refusals:
             text, args = text + " (and %d more refused since the last such line)", (*args, self._unlogged)
         logger.error(text, *args)
         self._quiet_until, self._unlogged = now + REFUSAL_LOG_EVERY, 0
+
+    def recovered(self, text: str) -> None:
+        """A write of this kind was recorded after refusals: say so once (the next refusal is logged at once)."""
+        if not self._refusing:
+            return
+        if self._unlogged:
+            text += f" ({self._unlogged} more refused since the last such line)"
+        logger.warning(text)
+        self._quiet_until, self._unlogged, self._refusing = 0.0, 0, False
 
 
 def _refused_delay(refusals: int) -> float:
@@ -919,7 +931,7 @@ class Engine:
             try:
                 if self.cluster is not None:
                     await self.cluster.shipper.flush()  # every line is in the store before the end is
-                return await self.store.finish(
+                recorded = await self.store.finish(
                     request_id,
                     outcome.status,
                     now_rfc3339(),
@@ -928,6 +940,9 @@ class Engine:
                     error_message=outcome.error_message,
                     **({"queued_only": True} if queued_only else {}),
                 )
+                if refusals:
+                    self._ends_refused.recovered("the store records runs' ends again")
+                return recorded
             except StoreError as exc:
                 if queued_only:
                     raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -167,7 +168,7 @@ async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
         return await real(request_id, *args, **kwargs)
 
     monkeypatch.setattr(engine.store, "finish", refusing)
-    with caplog.at_level(logging.ERROR, logger="eventrun.engine.core"):
+    with caplog.at_level(logging.WARNING, logger="eventrun.engine.core"):
         # With an Idempotency-Key of their own, the calls take the durable path: each end is committed.
         answers = await asyncio.gather(*(engine.call(call(n)) for n in range(6)))
     assert [a.status for a in answers] == [Status.FINISHED] * 6
@@ -175,3 +176,8 @@ async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
     lines = [r.getMessage() for r in caplog.records if "the store refused the end of run" in r.getMessage()]
     assert 1 <= len(lines) <= 6, lines  # 18 refusals over about 0.7 s: a line at most every 0.25 s
     assert any("more refused since the last such line" in line for line in lines), lines
+    # Each refusal is in a line: counted by one, or by the recovery's line (the first end recorded).
+    recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the store records runs' ends again")]
+    assert len(recovered) == 1, recovered
+    counted = [int(m) for m in re.findall(r"\((?:and )?(\d+) more refused since the last such line\)", "\n".join(lines + recovered))]
+    assert len(lines) + sum(counted) == 18, (lines, recovered)
