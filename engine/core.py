@@ -55,8 +55,9 @@ with how many there were since the last line, rather than every run's every try.
 
 
 class _Refusals:
-    """Refused writes of one kind, logged once a while rather than once each, and the store's
-    recovery once, with the refusals no line has counted yet."""
+    """Refused writes of one kind (runs' starts, runs' ends, sync calls' records), logged once a
+    while rather than once each, and the store's recovery once, with the refusals no line has
+    counted yet. Each kind keeps its own back-off; this is only what the log says of it."""
 
     def __init__(self) -> None:
         self._quiet_until = 0.0
@@ -196,8 +197,9 @@ class Engine:
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
-        self._ends_refused = _Refusals()  # (see _finish)
         self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
+        # What the server's log says of refused writes, by kind (see _Refusals).
+        self._refused_starts, self._refused_ends, self._refused_records = _Refusals(), _Refusals(), _Refusals()
         self._sends = 0  # sends of sync calls' records so far
         self._refused_send = -1  # the last of those the store refused a record of
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
@@ -539,8 +541,8 @@ class Engine:
         A step the store refused (StoreError: a full disk, its writer restarting) is sent again
         with the steps after it, with the back-off of a run's end (REFUSED_RETRY): its
         acceptance and start (each harmless twice), then its end once it has ended. The back-off
-        counts sends, not records (one send refused is one commit refused), and the server's log
-        says it once a send. Any other failure (the store closed) loses the record, and the log
+        counts sends, not records (one send refused is one commit refused), and so does the
+        server's log (see _Refusals). Any other failure (the store closed) loses the record, and the log
         says so.
         """
         if isinstance(written, Exception):
@@ -557,14 +559,16 @@ class Engine:
                 self._refused_send = send
                 delay = _refused_delay(self._behind_refused)
                 self._behind_refused += 1
-                logger.error(
+                self._refused_records.log(
                     "the store refused the %s of sync call %s (%s); sending it, and what else of that send it"
                     " refuses, again in %gs", step, request_id, error, delay,
                 )
                 self._send_soon(delay)
             return
         if error is None:
-            self._behind_refused = 0
+            if self._behind_refused:
+                self._refused_records.recovered("the store records sync calls' records again")
+                self._behind_refused = 0
             if step == "end" and request_id not in self._unsent:  # (not sent again meanwhile: written)
                 self._behind.pop(request_id, None)
             return
@@ -816,7 +820,9 @@ class Engine:
                 return
             if envelope is None:
                 return  # ended (terminated) in the meantime
-            self._starts_refused = 0
+            if self._starts_refused:
+                self._refused_starts.recovered("the store records runs' starts again")
+                self._starts_refused = 0
             self.logs.open(request_id)
             if run.abort:
                 outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated on request")
@@ -847,7 +853,7 @@ class Engine:
         no run starts until the store is tried again (see REFUSED_RETRY)."""
         delay = _refused_delay(self._starts_refused)
         self._starts_refused += 1
-        logger.error("the store refused the start of run %s (%s); starts are tried again in %gs", request_id, exc, delay)
+        self._refused_starts.log("the store refused the start of run %s (%s); starts are tried again in %gs", request_id, exc, delay)
         self.dispatcher.retry_later(function, request_id, delay)
 
     async def _run_on_instance(
@@ -941,13 +947,13 @@ class Engine:
                     **({"queued_only": True} if queued_only else {}),
                 )
                 if refusals:
-                    self._ends_refused.recovered("the store records runs' ends again")
+                    self._refused_ends.recovered("the store records runs' ends again")
                 return recorded
             except StoreError as exc:
                 if queued_only:
                     raise
                 delay = _refused_delay(refusals)
-                self._ends_refused.log("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
+                self._refused_ends.log("the store refused the end of run %s (%s); trying again in %gs", request_id, exc, delay)
                 await asyncio.sleep(delay)
                 refusals += 1
 

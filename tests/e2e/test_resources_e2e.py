@@ -93,6 +93,9 @@ async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end
     assert first["Status"] == "FINISHED" and first["Result"]["ticks"] == 0, first
     second = await api.wait_ended(queued, timeout=15)
     assert second["Status"] == "FINISHED", second
+    # The log says the store recovered, once for each kind of write it had refused.
+    for kind in ("runs' ends", "runs' starts"):
+        assert server.stderr_text().count(f"the store records {kind} again") == 1, server.stderr_text()[-3000:]
     # The sync call's record is in the store: listed (a list reads only the store), with its result.
     async def listed() -> dict | None:
         listing = (await api.list(function="echo")).json["Invocations"]
@@ -101,4 +104,5 @@ async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end
     record = await poll_until(listed, 15, "the sync call's record never reached the store")
     assert record["RequestId"] == called.json["RequestId"] and record["Result"]["data"] == {"n": 3}, record
     assert f"the store refused the acceptance of sync call {record['RequestId']}" in server.stderr_text()
+    assert "the store records sync calls' records again" in server.stderr_text()
     assert (await api.wait_ended(await api.accepted("quick", {"n": 2})))["Status"] == "FINISHED"

@@ -137,7 +137,8 @@ async def test_a_record_the_store_refuses_is_sent_again_until_it_is_written(
             return _real(*args)
 
         monkeypatch.setattr(engine.store, name, refusing)
-    with caplog.at_level(logging.ERROR, logger="eventrun.engine.core"):
+    monkeypatch.setattr(core, "REFUSAL_LOG_EVERY", 0.0)  # a line for each refused send
+    with caplog.at_level(logging.WARNING, logger="eventrun.engine.core"):
         answer = await engine.call(call(8), unique=True)
         assert answer.status is Status.FINISHED and answer.result == {"n": 8}
         for _ in range(100):
@@ -150,6 +151,8 @@ async def test_a_record_the_store_refuses_is_sent_again_until_it_is_written(
     assert stored is not None and stored.result == {"n": 8} and stored.started_at is not None
     assert sent.count("finish_behind") >= 4 and refusals == {"accept_behind": 0, "start_behind": 0, "finish_behind": 0}
     assert any("the store refused the end of sync call" in r.getMessage() for r in caplog.records)
+    recovered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the store records sync calls' records again")]
+    assert recovered and "more refused" not in recovered[0], recovered
 
 
 async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
