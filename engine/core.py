@@ -635,6 +635,10 @@ class Engine:
         """The run a run replays, and the runs that replay it."""
         return await self.store.links(request_id)
 
+    async def accepted_before(self, envelope: Envelope) -> str | None:
+        """The RequestId the envelope's event was accepted under already (a retry), or None."""
+        return await self.store.find_event(envelope.function, envelope.source, envelope.id)
+
     # -- reading ---------------------------------------------------------------------------
 
     def function(self, name: str) -> FunctionConfig:

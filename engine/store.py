@@ -64,6 +64,7 @@ class InvocationStore(Protocol):
         cursor: str | None = None,
     ) -> tuple[builtins.list[Invocation], str | None]: ...
     async def count_active(self, function: str, source: str) -> int: ...
+    async def find_event(self, function: str, source: str, event_id: str) -> str | None: ...
     async def counts(self) -> dict[str, dict[str, int]]: ...
     async def replay(self, row: NewInvocation, replay_of: str) -> None: ...
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]: ...
@@ -439,6 +440,14 @@ class SQLiteStore:
             (function, source, *_ACTIVE),
         ).fetchone()
         return int(n)
+
+    async def find_event(self, function: str, source: str, event_id: str) -> str | None:
+        """The RequestId the event (function, source, id) was accepted under, or None."""
+        row = self._db.execute(
+            "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?",
+            (function, source, event_id),
+        ).fetchone()
+        return row[0] if row else None
 
 
 _OWNER = "local"  # who holds a claimed delivery: this server is the store's only one

@@ -584,6 +584,15 @@ class PostgresStore:
         )
         return int(n)
 
+    @_refusal_as_store_error
+    async def find_event(self, function: str, source: str, event_id: str) -> str | None:
+        """The RequestId the event (function, source, id) was accepted under, or None."""
+        found = await self.pool.fetchval(
+            "SELECT request_id::text FROM invocations WHERE function = $1 AND source = $2 AND event_id = $3",
+            function, source, event_key(event_id),
+        )
+        return found  # type: ignore[no-any-return]
+
 
 def _is_uuid(text: str) -> bool:
     return len(text) == 36 and _UUID_CHARS.issuperset(text) and text.count("-") == 4 and text[8] == text[13] == text[18] == text[23] == "-"

@@ -72,6 +72,35 @@ async def test_qps_limit_is_429_with_retry_after(eventrun_server, http, handler)
     assert sorted(await invocations_of(api, "capped")) == sorted(accepted)
 
 
+async def test_a_retry_with_the_same_idempotency_key_is_not_throttled(eventrun_server, http, handler):
+    # qps_limit counts new events: a retry of one already accepted gets its RequestId (and a sync
+    # call its answer) however many come in the second, while a new event is still refused.
+    server = eventrun_server(
+        {
+            "capped": {"handler": handler("quick"), "qps_limit": 1},
+            "capped_sync": {"handler": handler("quick"), "qps_limit": 1, "async_execution": False},
+        }
+    )
+    api = server.client(http)
+    first = await api.invoke("capped", {"n": 1}, headers={"Idempotency-Key": "order-1"})
+    assert first.status == 202, first.text
+    retries = await asyncio.gather(
+        *(api.invoke("capped", {"n": 1}, headers={"Idempotency-Key": "order-1"}) for _ in range(3)),
+        api.invoke("capped", {"n": 2}, headers={"Idempotency-Key": "order-2"}),
+    )
+    *again, new = retries
+    assert [(r.status, r.json["RequestId"]) for r in again] == [(202, first.json["RequestId"])] * 3, [r.text for r in again]
+    new.error(429)
+    assert await invocations_of(api, "capped") == [first.json["RequestId"]]
+
+    answered = await api.invoke("capped_sync", {"n": 3}, headers={"Idempotency-Key": "call-1"})
+    assert answered.status == 200 and answered.json["Status"] == "FINISHED", answered.text
+    again = await api.invoke("capped_sync", {"n": 3}, headers={"Idempotency-Key": "call-1"})
+    assert again.status == 200, again.text
+    assert again.json == answered.json
+    (await api.invoke("capped_sync", {"n": 4}, headers={"Idempotency-Key": "call-2"})).error(429)
+
+
 async def test_bad_list_parameters_are_400(eventrun_server, http, handler):
     server = eventrun_server({"quick": {"handler": handler("quick")}})
     api = server.client(http)

@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 
 from eventrun.engine.api import Status
 from eventrun.engine.envelope import dumps, loads
-from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
+from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown, Throttled
 
 from ..openapi import openapi_document
 from .parser import to_envelope
@@ -98,10 +98,20 @@ async def invoke(request: web.Request) -> web.Response:
     body = await _read_body(request)
     key = request.headers.get("Idempotency-Key")
     envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), key)
-    if config.async_execution or mode == "event":
-        accepted = await engine.accept(envelope)
-        return json_response({"RequestId": accepted.request_id}, status=202, headers={"X-Request-Id": accepted.request_id})
-    invocation = await engine.call(envelope, unique=not (key or "").strip())
+    run_async = config.async_execution or mode == "event"
+    try:
+        if run_async:
+            accepted = await engine.accept(envelope)
+            return json_response({"RequestId": accepted.request_id}, status=202, headers={"X-Request-Id": accepted.request_id})
+        invocation = await engine.call(envelope, unique=not (key or "").strip())
+    except Throttled:
+        # qps_limit counts new events: a retry of one already accepted gets its run, as unthrottled.
+        earlier = await engine.accepted_before(envelope) if (key or "").strip() else None
+        if earlier is None:
+            raise
+        if run_async:
+            return json_response({"RequestId": earlier}, status=202, headers={"X-Request-Id": earlier})
+        invocation = await engine.wait(earlier, timeout=config.timeout + 5)
     headers = {"X-Request-Id": invocation.request_id}
     answer: dict[str, Any] = {
         "RequestId": invocation.request_id, "Status": invocation.status.value, "Result": invocation.result
