@@ -27,16 +27,19 @@ async def test_a_token_is_asked_for_everything_but_liveness_the_page_and_the_web
     server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": TOKEN})
     for method, path in [("GET", "/invocations"), ("GET", "/functions"), ("POST", "/functions/quick/invocations"),
                          ("GET", "/counts"), ("GET", "/metrics")]:
-        for auth in (None, "Bearer wrong", f"Basic {TOKEN}"):
+        for auth in (None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer{TOKEN}", f"Bearer {TOKEN}x", TOKEN):
             headers = {"Authorization": auth} if auth else {}
             async with http.request(method, server.url + path, headers=headers, json={}) as answer:
                 assert answer.status == 401, (method, path, auth)
                 assert answer.headers["WWW-Authenticate"].startswith("Bearer")
                 body = await answer.json()
                 assert body["Error"]["Code"] == "Unauthorized" and "ui_token" in body["Error"]["Message"]
-    good = {"Authorization": f"Bearer {TOKEN}"}
-    async with http.post(server.url + "/functions/quick/invocations", json={}, headers=good) as answer:
-        assert answer.status == 202
+    # The scheme is case-insensitive (RFC 9110), the token is not.
+    for good in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN} "):
+        async with http.post(server.url + "/functions/quick/invocations", json={}, headers={"Authorization": good}) as answer:
+            assert answer.status == 202, good
+    async with http.get(server.url + "/counts", headers={"Authorization": f"Bearer {TOKEN.upper()}"}) as answer:
+        assert answer.status == 401
     for path in ("/healthz", "/ui/"):
         async with http.get(server.url + path) as answer:
             assert answer.status == 200, path

@@ -303,8 +303,8 @@ _OPEN_PATHS = ("/healthz", "/ui", "/ui/", "/triggers/s3")
 
 
 def token_middleware(token: str) -> Any:
-    """Ask every request but _OPEN_PATHS for `Authorization: Bearer <token>`."""
-    expected = f"Bearer {token}".encode()
+    """Ask every request but _OPEN_PATHS for `Authorization: Bearer <token>` (the scheme in any case)."""
+    expected = token.encode()
 
     @web.middleware
     async def ask_for_token(
@@ -314,8 +314,8 @@ def token_middleware(token: str) -> Any:
         if path in _OPEN_PATHS or path.startswith("/ui/"):
             return await handler(request)
         # surrogateescape: aiohttp keeps header bytes that are not UTF-8 as lone surrogates.
-        given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, expected):
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), expected):
             return error_response(
                 401,
                 "Unauthorized",
