@@ -92,9 +92,10 @@ async def invoke(request: web.Request) -> web.Response:
     config = engine.function(name)
     if engine.shutting_down:
         raise ShuttingDown()
-    mode = request.headers.get("X-Invocation-Type", "").strip().lower()
+    given = request.headers.get("X-Invocation-Type", "").strip()
+    mode = given.lower()
     if mode not in ("", "event", "requestresponse"):
-        raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {mode!r}")
+        raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {given!r}")
     body = await _read_body(request)
     key = request.headers.get("Idempotency-Key")
     envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), key)
