@@ -74,6 +74,7 @@ async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, ht
     refusals = [
         ({"Status": "RUNNING"}, "only ended runs"), ({"Limit": 0}, "Limit"), ({"Limit": 1.5}, "Limit"),
         ({"Limit": True}, "Limit"), ({"Colour": 1}, "unknown field"),
+        ({"Status": "DONE"}, "Status: expected one of"), ({"Trigger": "ftp"}, "Trigger: expected one of"),
     ]
     for body, message in refusals:
         reply = await api.request("POST", "/functions/pid/replay", json=body)

@@ -172,8 +172,8 @@ async def replay_function(request: web.Request) -> web.Response:
             raise InvalidParameter(f"{key}: expected a string, got {value!r}")
     pairs = await engine.replay_many(
         name,
-        status=_parse_status(text["Status"] or ""),
-        trigger=_parse_trigger(text["Trigger"] or ""),
+        status=_parse_status("Status", text["Status"] or ""),
+        trigger=_parse_trigger("Trigger", text["Trigger"] or ""),
         since=_parse_time("Since", text["Since"] or ""),
         until=_parse_time("Until", text["Until"] or ""),
         limit=limit,
@@ -191,8 +191,8 @@ async def list_invocations(request: web.Request) -> web.Response:
         engine.function(function)  # an unknown name is a 404, not an empty list
     invocations, cursor = await engine.list(
         function=function,
-        status=_parse_status(query.get("status", "")),
-        trigger=_parse_trigger(query.get("trigger", "")),
+        status=_parse_status("status", query.get("status", "")),
+        trigger=_parse_trigger("trigger", query.get("trigger", "")),
         since=_parse_time("since", query.get("since", "")),
         until=_parse_time("until", query.get("until", "")),
         limit=_parse_limit(query.get("limit", "")),
@@ -215,11 +215,11 @@ async def get_event(request: web.Request) -> web.Response:
 TRIGGERS = ("http", "kafka", "s3", "timer")
 
 
-def _parse_trigger(raw: str) -> str | None:
+def _parse_trigger(name: str, raw: str) -> str | None:
     if not raw:
         return None
     if raw not in TRIGGERS:
-        raise InvalidParameter(f"trigger: expected one of {', '.join(TRIGGERS)}, got {raw!r}")
+        raise InvalidParameter(f"{name}: expected one of {', '.join(TRIGGERS)}, got {raw!r}")
     return raw
 
 
@@ -236,14 +236,14 @@ def _parse_time(name: str, raw: str) -> int | None:
     return max(0, int(when.timestamp() * 1000))  # (before 1970: from the start)
 
 
-def _parse_status(raw: str) -> Status | None:
+def _parse_status(name: str, raw: str) -> Status | None:
     if not raw:
         return None
     try:
         return Status(raw.strip().upper())
     except ValueError:
         allowed = ", ".join(s.value for s in Status)
-        raise InvalidParameter(f"status: expected one of {allowed}, got {raw!r}") from None
+        raise InvalidParameter(f"{name}: expected one of {allowed}, got {raw!r}") from None
 
 
 def _parse_limit(raw: str) -> int:
