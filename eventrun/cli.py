@@ -18,6 +18,7 @@ from eventrun.client import (
     DEFAULT_MANIFEST,
     DEFAULT_URL,
     INVOKE_TIMEOUT,
+    MAX_LIMIT,
     POLL_FIRST,
     POLL_MAX,
     STATUSES,
@@ -32,15 +33,15 @@ from eventrun.client import (
 )
 
 def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
-    """--url, else the manifest's server address, else $EVENTRUN_URL, else the default."""
+    """--url, else the manifest's server address, else $EVENTRUN_URL, else the default.
+
+    The manifest is the one `load_client_manifest` reads: --config FILE, else ./eventrun.toml,
+    each with the EVENTRUN_* variables applied, else those variables alone. With no manifest
+    file, its address counts only where EVENTRUN_SERVER__URL, __HOST or __PORT set one.
+    """
     if manifest is None and not args.url:
-        manifest = _manifest(_manifest_path(args.config))
-    url = (
-        args.url
-        or (manifest.server.base_url if manifest is not None else None)
-        or os.environ.get("EVENTRUN_URL")
-        or DEFAULT_URL
-    )
+        manifest = load_client_manifest(args.config)
+    url = args.url or _manifest_url(manifest) or os.environ.get("EVENTRUN_URL") or DEFAULT_URL
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise CliError(f"not an http(s) URL: {url!r} (expected e.g. {DEFAULT_URL})", exit_status=2)
@@ -49,14 +50,18 @@ def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
 
 def client_for(args: argparse.Namespace) -> Client:
     """A client of the server the arguments name, with its ui_token if it asks for one."""
-    manifest = None if args.url and getattr(args, "token", None) else _manifest(_manifest_path(args.config))
+    manifest = None
+    # An explicit --config is always read (a missing or refused one is a usage error); the
+    # manifest found in the current folder only when --url and --token leave something to find.
+    if args.config or not (args.url and getattr(args, "token", None)):
+        manifest = load_client_manifest(args.config)
     return Client(resolve_url(args, manifest), resolve_token(args, manifest))
 
 
 def resolve_token(args: argparse.Namespace, manifest: Any = None) -> str | None:
     """--token, else the manifest's [server] ui_token (or EVENTRUN_SERVER__UI_TOKEN), else $EVENTRUN_TOKEN."""
     if manifest is None and not getattr(args, "token", None):
-        manifest = _manifest(_manifest_path(args.config))
+        manifest = load_client_manifest(args.config)
     return (
         getattr(args, "token", None)
         or (manifest.server.ui_token if manifest is not None else None)
@@ -66,19 +71,47 @@ def resolve_token(args: argparse.Namespace, manifest: Any = None) -> str | None:
 
 
 def _manifest_path(config: str | None) -> Path | None:
-    path = Path(config) if config else Path(DEFAULT_MANIFEST)
+    """--config FILE as given (it must then exist), else ./eventrun.toml if it exists, else None."""
+    if config:
+        return Path(config)
+    path = Path(DEFAULT_MANIFEST)
     return path if path.is_file() else None
 
 
-def _manifest(path: Path | None) -> Any:
-    if path is None:
+# Variables a client reads itself; every other EVENTRUN_* variable is the manifest's.
+_CLIENT_VARIABLES = ("EVENTRUN_URL", "EVENTRUN_TOKEN")
+
+
+def load_client_manifest(config: str | None) -> Any:
+    """The manifest a client command finds its server in, read as `eventrun serve` reads it.
+
+    --config FILE, else ./eventrun.toml if it exists, else the defaults, each with the
+    EVENTRUN_<TABLE>__<KEY> variables applied (None when there is neither a file nor such a
+    variable: the defaults alone, without loading pydantic). A manifest that is missing or
+    refused is a usage error (exit status 2) with the message `serve` gives for it.
+    """
+    path = _manifest_path(config)
+    if path is None and not any(
+        name.upper().startswith("EVENTRUN_") and name.upper() not in _CLIENT_VARIABLES for name in os.environ
+    ):
         return None
-    from eventrun.engine.manifest import load_manifest  # pydantic is needed only here
+    # Imported here so that a client with nothing to read never loads pydantic.
+    from eventrun.engine.errors import EventrunError
+    from eventrun.engine.manifest import load_manifest
 
     try:
         return load_manifest(path)
-    except Exception:  # noqa: BLE001 - a manifest read only for its URL and token must never stop a client
+    except EventrunError as exc:
+        raise CliError(str(exc), exit_status=2) from None
+
+
+def _manifest_url(manifest: Any) -> str | None:
+    """The manifest's server address; with no manifest file, only one the environment set."""
+    if manifest is None:
         return None
+    if manifest.path is None and not {"url", "host", "port"} & manifest.server.model_fields_set:
+        return None  # the defaults alone: $EVENTRUN_URL may still name the server
+    return str(manifest.server.base_url)
 
 
 # --------------------------------------------------------------------------- commands
@@ -224,15 +257,16 @@ def cmd_terminate(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay one ended run (print the new RequestId), or a function's runs that match a filter."""
+    if args.request_id is not None and args.function is not None:
+        raise CliError("give a REQUEST_ID or --function, not both", exit_status=2)
+    if args.request_id is None and args.function is None:
+        raise CliError("give the REQUEST_ID of a run to replay, or --function F with a filter", exit_status=2)
     client = client_for(args)
     if args.request_id is not None:
-        if args.function is not None:
-            raise CliError("give a REQUEST_ID or --function, not both", exit_status=2)
         _, answer = client.call("POST", f"/invocations/{_quote(args.request_id)}/replay")
         print(answer["RequestId"])
         return 0
-    if args.function is None:
-        raise CliError("give the REQUEST_ID of a run to replay, or --function F with a filter", exit_status=2)
+    # --limit, --since and --until were checked (and the times made RFC 3339) while parsing.
     body: dict[str, Any] = {"Limit": args.limit, "DryRun": args.dry_run}
     if args.status:
         body["Status"] = args.status
@@ -240,7 +274,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         body["Trigger"] = args.trigger
     for key, value in (("Since", args.since), ("Until", args.until)):
         if value:
-            body[key] = _time_or_ago(value)
+            body[key] = value
     _, answer = client.call(
         "POST", f"/functions/{_quote(args.function)}/replay", body=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
@@ -250,20 +284,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     what = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(answer['Replayed'])} runs {what}", file=sys.stderr)
     return 0
-
-
-def _time_or_ago(value: str) -> str:
-    """An RFC 3339 time as given, or a duration ("90m", "1h", "2d") as that long ago, in UTC."""
-    from datetime import datetime, timedelta, timezone
-
-    from eventrun.engine.manifest import parse_duration
-
-    try:
-        seconds = parse_duration(value)
-    except (ValueError, TypeError):
-        return value  # the server names what is wrong with it
-    when = datetime.now(timezone.utc) - timedelta(seconds=seconds)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -405,18 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replaying.add_argument("request_id", metavar="REQUEST_ID", nargs="?", help="the run to replay")
     replaying.add_argument("--function", metavar="F", help="replay this function's ended runs that match")
-    replaying.add_argument("--status", metavar="S", type=str.upper, choices=STATUSES, help="only runs that ended so")
+    replaying.add_argument("--status", metavar="S", type=_status, help="only runs that ended so")
     replaying.add_argument("--trigger", choices=("http", "kafka", "s3", "timer"), help="only runs from this trigger")
-    replaying.add_argument("--since", metavar="T", help="accepted since: an RFC 3339 time, or a duration ago (1h)")
-    replaying.add_argument("--until", metavar="T", help="accepted before: an RFC 3339 time, or a duration ago")
-    replaying.add_argument("--limit", type=int, default=100, help="at most this many (default 100, at most 1000)")
+    replaying.add_argument(
+        "--since", metavar="T", type=_time_or_ago, help="accepted since: an RFC 3339 time, or a duration ago (1h)"
+    )
+    replaying.add_argument(
+        "--until", metavar="T", type=_time_or_ago, help="accepted before: an RFC 3339 time, or a duration ago"
+    )
+    replaying.add_argument(
+        "--limit", metavar="N", type=_limit, default=100, help=f"at most N runs (default 100, at most {MAX_LIMIT})"
+    )
     replaying.add_argument("--dry-run", action="store_true", help="only print what would be replayed")
     replaying.set_defaults(handler=cmd_replay)
 
     listing = commands.add_parser("list", parents=[client], help="list invocations, newest first")
     listing.add_argument("--function", metavar="F", help="only this function's invocations")
-    listing.add_argument("--status", metavar="S", type=str.upper, choices=STATUSES, help="only this status")
-    listing.add_argument("--limit", metavar="N", type=_positive_int, help="at most N invocations")
+    listing.add_argument("--status", metavar="S", type=_status, help="only this status")
+    listing.add_argument(
+        "--limit", metavar="N", type=_limit, help=f"at most N invocations (default 50, at most {MAX_LIMIT})"
+    )
     listing.add_argument("--cursor", help="continue after a previous page")
     listing.set_defaults(handler=cmd_list)
 
@@ -425,14 +453,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def _limit(text: str) -> int:
+    """A --limit value: an integer the server takes, 1 to MAX_LIMIT (as `list` and `replay` send it)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = 0
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_LIMIT}, got {text!r}")
     return value
+
+
+def _status(text: str) -> str:
+    """A --status value, in any case, as the server takes it (upper case)."""
+    if text.upper() not in STATUSES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(STATUSES)}, got {text!r}")
+    return text.upper()
+
+
+def _time_or_ago(text: str) -> str:
+    """A --since/--until value as the server takes it: an RFC 3339 time with its zone, as given,
+    or a duration ("90m", "1h", "2d") as that long ago, in UTC."""
+    from datetime import datetime, timedelta, timezone
+
+    from eventrun.engine.manifest import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except (ValueError, TypeError):
+        pass
+    else:
+        start = datetime(1970, 1, 1, tzinfo=timezone.utc)  # the server reads earlier times as this
+        try:
+            when = max(start, datetime.now(timezone.utc) - timedelta(seconds=seconds))
+        except OverflowError:  # further back than datetime goes
+            when = start
+        return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # What the server's list and replay take (datetime.fromisoformat, with a zone).
+    try:
+        zoned = datetime.fromisoformat(text.strip()).tzinfo is not None
+    except ValueError:
+        zoned = False
+    if not zoned:
+        raise argparse.ArgumentTypeError(
+            "expected an RFC 3339 time with its zone (e.g. 2026-12-05T08:00:00Z) "
+            f"or a duration ago (e.g. 90m, 1h, 2d), got {text!r}"
+        )
+    return text.strip()
 
 
 def main(argv: list[str] | None = None) -> int:

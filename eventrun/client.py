@@ -15,6 +15,9 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MANIFEST = "eventrun.toml"
 STATUSES = ("QUEUED", "RUNNING", "FINISHED", "FAILED", "TIMED_OUT", "ABORTED")
 TERMINAL = frozenset(STATUSES[2:])
+# The most runs one page of GET /invocations, or one bulk replay, may hold (the server's
+# MAX_LIST_LIMIT, in triggers/http/routes.py, which imports aiohttp: the client does not).
+MAX_LIMIT = 1000
 REQUEST_TIMEOUT = 30.0
 # A sync function answers only when its run ends, and sync runs may last 900 s.
 INVOKE_TIMEOUT = 900.0 + 60.0

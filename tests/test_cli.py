@@ -81,6 +81,7 @@ class StandIn:
         app.router.add_get("/invocations/{id}/logs", self._logs)
         app.router.add_post("/invocations/{id}/terminate", self._terminate)
         app.router.add_get("/functions", self._functions)
+        app.router.add_post("/functions/{name}/replay", self._replay)
         return app
 
     @web.middleware
@@ -144,6 +145,11 @@ class StandIn:
 
     async def _functions(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.functions)
+
+    async def _replay(self, request: web.Request) -> web.StreamResponse:
+        dry_run = json.loads(await request.read()).get("DryRun", False)
+        pair = {"ReplayOf": "old-1", "RequestId": None if dry_run else "new-1"}
+        return web.json_response({"DryRun": dry_run, "Replayed": [pair]})
 
     def calls(self, method: str, path: str) -> list[Recorded]:
         """The recorded requests to one route."""
@@ -499,14 +505,88 @@ def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("--limit", "0"), "argument --limit: expected a positive integer, got '0'"),
-        (("--status", "DONE"), "argument --status: invalid choice: 'DONE'"),
+        (("--limit", "0"), "argument --limit: expected an integer from 1 to 1000, got '0'"),
+        (("--limit", "1001"), "argument --limit: expected an integer from 1 to 1000, got '1001'"),
+        (("--limit", "ten"), "argument --limit: expected an integer from 1 to 1000, got 'ten'"),
+        (("--status", "done"), "argument --status: expected one of QUEUED, RUNNING, FINISHED, FAILED, TIMED_OUT, ABORTED, got 'done'"),
     ],
 )
 def test_list_refuses_bad_filters(capsys: Any, argv: tuple[str, ...], message: str) -> None:
     status, out, err = run(capsys, "list", *argv)
     assert (status, out) == (2, "")
     assert message in err.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- replay
+
+TIME_OR_DURATION = (
+    "expected an RFC 3339 time with its zone (e.g. 2026-12-05T08:00:00Z) or a duration ago (e.g. 90m, 1h, 2d)"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--limit", "0"), "argument --limit: expected an integer from 1 to 1000, got '0'"),
+        (("--limit", "2000"), "argument --limit: expected an integer from 1 to 1000, got '2000'"),
+        (("--limit", "-1"), "argument --limit: expected an integer from 1 to 1000, got '-1'"),
+        (("--since", "bogus"), f"argument --since: {TIME_OR_DURATION}, got 'bogus'"),
+        (("--since", "0"), f"argument --since: {TIME_OR_DURATION}, got '0'"),
+        (("--until", "2026-12-05T08:00:00"), f"argument --until: {TIME_OR_DURATION}, got '2026-12-05T08:00:00'"),
+        (("--status", "RUNNIN"), "argument --status: expected one of QUEUED, RUNNING, FINISHED, FAILED, TIMED_OUT, ABORTED, got 'RUNNIN'"),
+    ],
+)
+def test_replay_refuses_bad_values_before_sending(
+    stand_in: StandIn, capsys: Any, argv: tuple[str, ...], message: str
+) -> None:
+    status, out, err = run(capsys, "replay", "--function", "thumbnail", *argv, "--dry-run", "--url", stand_in.url)
+    assert (status, out) == (2, "")
+    assert err.splitlines()[-1].startswith(f"eventrun replay: error: {message}")
+    assert stand_in.requests == []
+
+
+def test_replay_sends_the_filter_with_times_as_rfc_3339(stand_in: StandIn, capsys: Any) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    argv = ("--since", "90m", "--until", "2026-12-05T08:00:00+01:00", "--limit", "1000", "--status", "failed")
+    before = datetime.now(timezone.utc)
+    assert run(capsys, "replay", "--function", "thumbnail", *argv, "--url", stand_in.url) == (
+        0,
+        "old-1 -> new-1\n",
+        "1 runs replayed\n",
+    )
+    body = json.loads(stand_in.calls("POST", "/functions/thumbnail/replay")[0].body)
+    since = datetime.fromisoformat(body.pop("Since"))
+    assert before - timedelta(minutes=90, seconds=5) <= since <= datetime.now(timezone.utc) - timedelta(minutes=90)
+    assert body == {"Until": "2026-12-05T08:00:00+01:00", "Limit": 1000, "Status": "FAILED", "DryRun": False}
+
+
+def test_replay_of_a_time_before_1970_is_from_the_start(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "replay", "--function", "f", "--since", "999999999d", "--dry-run", "--url", stand_in.url)[0] == 0
+    assert json.loads(stand_in.requests[0].body)["Since"] == "1970-01-01T00:00:00.000Z"
+
+
+def test_client_checks_match_the_servers() -> None:
+    """--limit and --since/--until take exactly what the server's list and replay take."""
+    from eventrun.client import MAX_LIMIT
+    from eventrun.engine.errors import InvalidParameter
+    from eventrun.triggers.http.routes import MAX_LIST_LIMIT, _parse_time
+
+    assert MAX_LIMIT == MAX_LIST_LIMIT
+    for text in (
+        "2026-12-05T08:00:00Z", "2026-12-05T08:00:00.123+05:30", " 2026-12-05T08:00:00-00:00 ", "2026-12-05",
+        "2026-12-05T08:00:00", "yesterday", "2026-13-05T08:00:00Z", "2026-12-05 08:00:00Z",
+    ):
+        try:
+            _parse_time("since", text)
+            server = True
+        except InvalidParameter:
+            server = False
+        try:
+            client = cli._time_or_ago(text) == text.strip()
+        except argparse.ArgumentTypeError:
+            client = False
+        assert client == server, text
 
 
 def test_functions_prints_a_table(stand_in: StandIn, capsys: Any) -> None:
@@ -575,12 +655,93 @@ def test_the_url_comes_from_config(stand_in: StandIn, capsys: Any, tmp_path: Pat
     assert run(capsys, "functions", "--config", "conf/prod.toml")[0] == 0
 
 
-def test_a_broken_manifest_falls_back_to_the_environment(
+def test_the_url_comes_from_server_variables_without_a_manifest(
+    stand_in: StandIn, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", str(_port(stand_in.url)))
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+    monkeypatch.delenv("EVENTRUN_SERVER__PORT")
+    monkeypatch.setenv("EVENTRUN_SERVER__URL", stand_in.url + "/")
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+
+
+def test_server_variables_override_the_manifest(
     stand_in: StandIn, capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "eventrun.toml").write_text("[server\nport = ")
-    monkeypatch.setenv("EVENTRUN_URL", stand_in.url + "/")
-    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+    _manifest(tmp_path / "eventrun.toml", free_port())
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", str(_port(stand_in.url)))
+    assert run(capsys, "functions")[0] == 0
+    (tmp_path / "conf").mkdir()
+    _manifest(tmp_path / "conf" / "prod.toml", free_port())
+    assert run(capsys, "functions", "--config", "conf/prod.toml")[0] == 0
+
+
+# The manifest's own messages (engine/manifest.py) are pinned in its tests; here, a fragment
+# of each, the file's name first, and the exit status.
+
+
+def _missing(tmp_path: Path) -> tuple[str, str]:
+    return str(tmp_path / "nope.toml"), "no such"
+
+
+def _syntax(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "syntax.toml").write_text("[server\nport = ")
+    return "syntax.toml", "TOML"
+
+
+def _unknown_key(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "unknown.toml").write_text("[server]\nprot = 9000\n")
+    return "unknown.toml", "prot"
+
+
+def _bad_value(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "value.toml").write_text('[server]\nport = "high"\n')
+    return "value.toml", "port"
+
+
+BAD_MANIFESTS = [_missing, _syntax, _unknown_key, _bad_value]
+
+
+@pytest.mark.parametrize("bad", BAD_MANIFESTS)
+@pytest.mark.parametrize("extra", [(), ("--url", "URL"), ("--url", "URL", "--token", "t")])
+def test_a_config_that_is_missing_or_refused_is_a_usage_error(
+    stand_in: StandIn, capsys: Any, tmp_path: Path, bad: Callable[[Path], tuple[str, str]], extra: tuple[str, ...]
+) -> None:
+    config, what = bad(tmp_path)
+    extra = tuple(stand_in.url if arg == "URL" else arg for arg in extra)
+    status, out, err = run(capsys, "functions", "--config", config, *extra)
+    assert (status, out) == (2, ""), err
+    assert err.startswith(f"eventrun: {config}: ") and what in err and "cannot reach" not in err, err
+    assert stand_in.requests == []
+
+
+@pytest.mark.parametrize("bad", BAD_MANIFESTS)
+def test_a_refused_config_reads_as_serve_reports_it(
+    capsys: Any, tmp_path: Path, bad: Callable[[Path], tuple[str, str]]
+) -> None:
+    config, _ = bad(tmp_path)
+    assert run(capsys, "list", "--config", config) == run(capsys, "serve", "--config", config)
+
+
+def test_a_broken_manifest_in_the_current_folder_is_a_usage_error(
+    stand_in: StandIn, capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "eventrun.toml").write_text("[server]\nprot = 9000\n")
+    monkeypatch.setenv("EVENTRUN_URL", stand_in.url)  # not a way around it: the file comes first
+    status, out, err = run(capsys, "functions")
+    assert (status, out) == (2, "") and err.startswith("eventrun: eventrun.toml: ") and "prot" in err, err
+    assert run(capsys, "functions") == run(capsys, "serve")
+    # Still read with --url alone, for its ui_token.
+    assert run(capsys, "functions", "--url", stand_in.url) == (status, out, err)
+    assert stand_in.requests == []
+    # Given --url and --token, there is nothing to read it for.
+    assert run(capsys, "functions", "--url", stand_in.url, "--token", "t")[0] == 0
+
+
+def test_a_bad_server_variable_is_a_usage_error(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", "high")
+    status, out, err = run(capsys, "functions")
+    assert (status, out) == (2, "") and "port" in err.lower() and "cannot reach" not in err, err
 
 
 def test_url_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -590,10 +751,38 @@ def test_url_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert resolve() == "http://127.0.0.1:8080"
     monkeypatch.setenv("EVENTRUN_URL", "http://env:1")
     assert resolve() == "http://env:1"
-    assert resolve(config="absent.toml") == "http://env:1"
+    monkeypatch.setenv("EVENTRUN_SERVER__UI_TOKEN", "t")  # a [server] variable that names no address
+    assert resolve() == "http://env:1"
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", "9002")  # one that does: the manifest's [server], before $EVENTRUN_URL
+    assert resolve() == "http://127.0.0.1:9002"
+    monkeypatch.setenv("EVENTRUN_SERVER__HOST", "0.0.0.0")
+    assert resolve() == "http://127.0.0.1:9002"
+    monkeypatch.setenv("EVENTRUN_SERVER__HOST", "box")
+    assert resolve() == "http://box:9002"
+    monkeypatch.setenv("EVENTRUN_SERVER__URL", "https://proxy/eventrun/")
+    assert resolve() == "https://proxy/eventrun"
+    for name in ("EVENTRUN_SERVER__PORT", "EVENTRUN_SERVER__HOST", "EVENTRUN_SERVER__URL"):
+        monkeypatch.delenv(name)
+    with pytest.raises(cli.CliError) as refused:
+        resolve(config="absent.toml")
+    assert refused.value.exit_status == 2 and str(refused.value).startswith("absent.toml: ")
     _manifest(tmp_path / "eventrun.toml", 9001)
     assert resolve() == "http://127.0.0.1:9001"
+    monkeypatch.setenv("EVENTRUN_SERVER__PORT", "9003")
+    assert resolve() == "http://127.0.0.1:9003"
     assert resolve(url="https://flag:2/") == "https://flag:2"
+
+
+def test_the_token_comes_from_the_server_variable_without_a_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
+    def resolve(token: str | None = None) -> str | None:
+        return cli.resolve_token(argparse.Namespace(url=None, config=None, token=token))
+
+    assert resolve() is None
+    monkeypatch.setenv("EVENTRUN_TOKEN", "env")
+    assert resolve() == "env"
+    monkeypatch.setenv("EVENTRUN_SERVER__UI_TOKEN", "server")
+    assert resolve() == "server"
+    assert resolve("flag") == "flag"
 
 
 # --------------------------------------------------------------------------- serve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,58 @@ async def test_cli_round_trip(eventrun_server, http, handler):
 
     missing = await eventrun("status", "no-such-request", url=url)
     assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1, missing
+
+
+async def eventrun_in(folder, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m eventrun.cli ARGS` in `folder`, with no --url and only these EVENTRUN_* variables."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")} | (env or {})
+    command = [sys.executable, "-m", "eventrun.cli", *args]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        cwd=folder, env=environment,
+    )
+
+
+async def test_the_client_finds_the_server_as_serve_does(eventrun_server, handler, tmp_path):
+    """EVENTRUN_SERVER__PORT with no manifest in the folder; a --config that is missing or refused."""
+    server = eventrun_server({"quick": {"handler": handler("quick")}})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    found = await eventrun_in(empty, "functions", env={"EVENTRUN_SERVER__PORT": str(server.port)})
+    assert found.returncode == 0 and "quick" in found.stdout, found.stderr
+    # The file's port, overridden by the variable, as `serve` would read it.
+    (empty / "eventrun.toml").write_text("[server]\nport = 1\n")
+    found = await eventrun_in(empty, "functions", env={"EVENTRUN_SERVER__PORT": str(server.port)})
+    assert found.returncode == 0 and "quick" in found.stdout, found.stderr
+    (empty / "eventrun.toml").unlink()
+
+    (empty / "broken.toml").write_text("[server\nport = ")
+    (empty / "unknown.toml").write_text(f"[server]\nprot = {server.port}\n")
+    for config in (str(tmp_path / "nope.toml"), "broken.toml", "unknown.toml"):
+        env = {"EVENTRUN_SERVER__PORT": str(server.port)}
+        refused = await eventrun_in(empty, "functions", "--config", config, env=env)
+        serve = await eventrun_in(empty, "serve", "--config", config, env=env)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+        assert refused.stderr.startswith(f"eventrun: {config}: ") and "cannot reach" not in refused.stderr
+        assert (serve.returncode, serve.stderr) == (2, refused.stderr)
+
+
+async def test_replay_refuses_bad_values_as_usage_errors(eventrun_server, handler):
+    server = eventrun_server({"quick": {"handler": handler("quick")}})
+    time_or_duration = "expected an RFC 3339 time with its zone (e.g. 2026-12-05T08:00:00Z) or a duration ago"
+    for argv, message in (
+        (("--limit", "0"), "argument --limit: expected an integer from 1 to 1000, got '0'"),
+        (("--limit", "2000"), "argument --limit: expected an integer from 1 to 1000, got '2000'"),
+        (("--since", "bogus"), f"argument --since: {time_or_duration}"),
+        (("--until", "yesterday"), f"argument --until: {time_or_duration}"),
+    ):
+        refused = await eventrun("replay", "--function", "quick", *argv, "--dry-run", url=server.url)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+        assert refused.stderr.splitlines()[-1].startswith(f"eventrun replay: error: {message}"), refused.stderr
+    # The bounds themselves, and both forms of a time, are taken.
+    taken = await eventrun(
+        "replay", "--function", "quick", "--limit", "1000", "--since", "2h", "--until", "2099-01-01T00:00:00Z",
+        "--dry-run", url=server.url,
+    )
+    assert (taken.returncode, taken.stdout, taken.stderr) == (0, "", "0 runs would be replayed\n")
