@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -21,10 +20,14 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from .errors import ManifestError
+
+if TYPE_CHECKING:
+    from .manifest_errors import Origins
 
 ASYNC_MAX_TIMEOUT = 24 * 3600.0
 SYNC_MAX_TIMEOUT = 900.0
@@ -292,6 +295,9 @@ class TimerTrigger(_Strict):
 
 
 Trigger = Annotated[Union[S3Trigger, KafkaTrigger, TimerTrigger], Field(discriminator="type")]
+TRIGGER_TYPES: tuple[str, ...] = tuple(
+    get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(Trigger)[0])
+)
 
 
 def _http_url(value: str) -> str:
@@ -425,7 +431,9 @@ class Manifest(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: tuple[PydanticBaseSettingsSource, ...] = (env_settings, init_settings)
+        # The init arguments hold only `path` (load_manifest's), which no variable may move:
+        # handler paths and data_dir are relative to it.
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
@@ -455,6 +463,8 @@ _TOML_FILE: dict[str, Path] = {}
 
 def load_manifest(path: Path | str | None) -> Manifest:
     """Read the manifest at `path` (or defaults only) plus EVENTRUN_* variables."""
+    from .manifest_errors import Origins, describe, describe_settings_error  # (it imports this module)
+
     location = Path(path).resolve() if path is not None else None
     label = str(path) if path is not None else "the environment"
     if location is not None and not location.is_file():
@@ -465,97 +475,49 @@ def load_manifest(path: Path | str | None) -> Manifest:
     try:
         manifest = Manifest(path=location)
     except ValidationError as exc:
-        raise ManifestError(_describe(label, exc)) from None
+        raise ManifestError(describe(Origins(label, location), exc)) from None
+    except SettingsError as exc:  # an EVENTRUN_* variable that should hold JSON does not
+        raise ManifestError(describe_settings_error(label, exc)) from None
     except ValueError as exc:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
         raise ManifestError(f"{label}: not valid TOML: {exc}") from None
     finally:
         _TOML_FILE.clear()
-    for name in manifest.functions:
+    origins = Origins(label, location)
+    for name, function in manifest.functions.items():
         handler = manifest.handler_path(name)
         if not handler.is_file():
-            raise ManifestError(
-                f"{label}: functions.{name}.handler: file {manifest.functions[name].handler_file!r} "
-                f"not found (looked for {handler})"
-            )
-    _check_trigger_names(label, manifest)
+            raise ManifestError(origins.line(["functions", name, "handler"], _handler_problem(function, handler)))
+    _check_trigger_names(origins, manifest)
     for key, name in manifest.kafka.files().items():
         found = manifest.kafka_file(name)
         if not found.is_file():
-            raise ManifestError(f"{label}: kafka.{key}: file {name!r} not found (looked for {found})")
+            raise ManifestError(origins.line(["kafka", key], f"file {name!r} not found (looked for {found})"))
     return manifest
 
 
-def _check_trigger_names(label: str, manifest: Manifest) -> None:
+def _handler_problem(function: FunctionConfig, found: Path) -> str:
+    file = function.handler_file
+    if not found.is_dir():
+        return f"file {file!r} not found (looked for {found})"
+    message = (
+        f"{file!r} is a directory ({found}), not a Python file; a handler is "
+        '"path/to/file.py:callable", relative to the manifest'
+    )
+    guess = found / f"{function.handler_name}.py"
+    if guess.is_file():
+        message += f' (did you mean "{file.rstrip("/")}/{guess.name}:{function.handler_name}"?)'
+    return message
+
+
+def _check_trigger_names(origins: Origins, manifest: Manifest) -> None:
     for name, function in manifest.functions.items():
         seen: set[str] = set()
         for trigger in function.triggers:
             if isinstance(trigger, TimerTrigger):
                 if trigger.name in seen:
                     raise ManifestError(
-                        f"{label}: functions.{name}.triggers: two timer triggers are named {trigger.name!r}"
+                        origins.line(
+                            ["functions", name, "triggers"], f"two timer triggers are named {trigger.name!r}"
+                        )
                     )
                 seen.add(trigger.name)
-
-
-_KNOWN_KEYS: dict[str, tuple[str, ...]] = {
-    "": tuple(Manifest.model_fields),
-    "server": tuple(ServerConfig.model_fields),
-    "kafka": tuple(KafkaConfig.model_fields),
-    "s3": tuple(S3Config.model_fields),
-    "function": tuple(FunctionConfig.model_fields),
-    "on_failure": tuple(OnFailure.model_fields),
-    "trigger": tuple(
-        {*S3Trigger.model_fields, *KafkaTrigger.model_fields, *TimerTrigger.model_fields}
-    ),
-}
-
-
-def _describe(label: str, exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
-        # Drop pydantic's union tags ("s3", "function-after[...]") that are not manifest keys.
-        loc = [part for part in loc if not part.startswith(("function-", "tagged-union"))]
-        loc = [
-            part
-            for i, part in enumerate(loc)
-            if not (i and loc[i - 1].isdigit() and part in ("s3", "kafka", "timer"))
-        ]
-        key = _dotted(loc)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key" + _suggest(loc)
-        elif error["type"] == "union_tag_invalid":
-            message = "unknown trigger type; expected one of 's3', 'kafka', 'timer'"
-        lines.append(f"{label}: {key}: {message}" if key else f"{label}: {message}")
-    return "\n".join(lines)
-
-
-def _dotted(loc: list[str]) -> str:
-    out = ""
-    for part in loc:
-        if part.isdigit():
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def _suggest(loc: list[str]) -> str:
-    if not loc:
-        return ""
-    wrong = loc[-1]
-    parent = loc[:-1]
-    if not parent:
-        scope = ""
-    elif parent[0] == "functions" and len(parent) == 2:
-        scope = "function"
-    elif parent[0] == "functions" and parent[2:] == ["on_failure"]:
-        scope = "on_failure"
-    elif parent[0] == "functions" and len(parent) >= 4:
-        scope = "trigger"
-    else:
-        scope = parent[0]
-    known = _KNOWN_KEYS.get(scope, ())
-    close = difflib.get_close_matches(wrong, [k for k in known if k != "path"], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

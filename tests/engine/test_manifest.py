@@ -112,6 +112,60 @@ def test_an_unknown_trigger_type_is_refused(write):
     assert "functions.f.triggers[0]" in message and "unknown trigger type" in message, message
 
 
+def test_an_unknown_trigger_type_names_the_key_the_value_and_the_choices(write):
+    path = write(function() + '[[functions.f.triggers]]\ntype = "tmer"\nname = "t"\ncron = "* * * * *"\n')
+    assert refusal(path) == (
+        f"{path}: functions.f.triggers[0].type: unknown trigger type 'tmer' (did you mean 'timer'?); "
+        "expected one of 's3', 'kafka', 'timer'"
+    )
+
+
+def test_a_trigger_without_a_type_says_so(write):
+    path = write(function() + '[[functions.f.triggers]]\nname = "t"\ncron = "* * * * *"\n')
+    assert refusal(path) == f"{path}: functions.f.triggers[0]: missing key 'type' (one of 's3', 'kafka', 'timer')"
+
+
+def test_triggers_written_as_one_table_ask_for_an_array_of_tables(write):
+    path = write(function(triggers='{ type = "timer", name = "t", cron = "* * * * *" }'))
+    assert refusal(path) == (
+        f"{path}: functions.f.triggers: expected an array of tables ([[functions.f.triggers]]), got a table"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server = 5\n" + function(), "server: expected a table ([server]), got 5"),
+        (function(environment='"MODE=fast"'), "functions.f.environment: expected a table, got a string"),
+        (function(triggers='["timer"]'), "functions.f.triggers[0]: expected a table ([[functions.f.triggers]]), got 'timer'"),
+        (function() + '[[functions.f.triggers]]\ntype = "s3"\nbucket = "b"\nevents = "s3:ObjectCreated:*"\n',
+         "functions.f.triggers[0].events: expected an array of strings, got 's3:ObjectCreated:*'"),
+        ("[server]\nport = [9000]\n" + function(), "server.port: Input should be a valid integer, got an array"),
+        ("[server]\nfork_instances = \"maybe\"\n" + function(), "server.fork_instances: Input should be a valid boolean, got 'maybe'"),
+        ("functions = [1]\n", "functions: expected a table ([functions.NAME]), got an array"),
+        (function(on_failure='"http://x/y"'), "functions.f.on_failure: expected a table, got 'http://x/y'"),
+        (function() + '[[functions.f.triggers]]\ntype = "kafka"\ntopic = "t"\nstarting_position = "lates"\n',
+         "functions.f.triggers[0].starting_position: Input should be 'latest' or 'earliest', got 'lates' (did you mean 'latest'?)"),
+    ],
+    ids=["server", "environment", "trigger", "events", "port", "boolean", "functions", "on_failure", "choice"],
+)
+def test_shape_errors_are_worded_in_toml_terms(write, text, expected):
+    message = refusal(write(text))
+    assert expected in message, message
+    for word in ("tuple", "dictionary", "list", "instance of", "unable to"):
+        assert word not in message, message
+
+
+def test_a_secret_of_the_wrong_type_is_not_shown(write):
+    message = refusal(write(kafka(security_protocol='"SASL_SSL"', sasl_username='"u"', sasl_password="73519") + function()))
+    assert "kafka.sasl_password" in message and "an integer" in message and "73519" not in message, message
+
+
+def test_a_typo_in_store_gets_a_suggestion(write):
+    message = refusal(write("[store]\npool_sise = 4\n" + function()))
+    assert "store.pool_sise: unknown key (did you mean 'pool_size'?)" in message, message
+
+
 def test_a_missing_trigger_key_is_named(write):
     message = refusal(write(function() + '[[functions.f.triggers]]\ntype = "kafka"\n'))
     assert "functions.f.triggers[0].topic" in message, message
@@ -127,16 +181,94 @@ def test_environment_overrides_the_file(write, monkeypatch):
     assert "f" in manifest.functions
 
 
+def test_no_variable_moves_the_manifest_folder(write, monkeypatch, tmp_path):
+    # EVENTRUN_PATH is a plausible name for a variable of one's own: it must not move where
+    # handlers and data_dir are found.
+    monkeypatch.setenv("EVENTRUN_PATH", str(tmp_path / "elsewhere" / "eventrun.toml"))
+    path = write(function())
+    manifest = load_manifest(path)
+    assert manifest.path == path and manifest.base_dir == tmp_path
+    assert manifest.handler_path("f") == tmp_path / "handlers" / "ok.py"
+    monkeypatch.chdir(tmp_path / "handlers")
+    assert load_manifest(None).base_dir == tmp_path / "handlers"
+
+
 def test_a_bad_environment_value_is_refused(write, monkeypatch):
     monkeypatch.setenv("EVENTRUN_SERVER__PORT", "not-a-port")
     message = refusal(write(function()))
-    assert "server.port" in message, message
+    assert message == "the environment: EVENTRUN_SERVER__PORT: Input should be a valid integer, got 'not-a-port'"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("EVENTRUN_SERVER__PORT", "abc", "the environment: EVENTRUN_SERVER__PORT: Input should be a valid integer, got 'abc'"),
+        ("EVENTRUN_SERVER__PROT", "1", "the environment: EVENTRUN_SERVER__PROT: unknown key (did you mean EVENTRUN_SERVER__PORT?)"),
+        ("EVENTRUN_SERVER__MAX_BODY_SIZE", "huge",
+         "the environment: EVENTRUN_SERVER__MAX_BODY_SIZE: expected a size such as '6MB' or '512KB', got 'huge'"),
+        ("EVENTRUN_KAFKA__SASL_PASWORD", "x",
+         "the environment: EVENTRUN_KAFKA__SASL_PASWORD: unknown key (did you mean EVENTRUN_KAFKA__SASL_PASSWORD?)"),
+        ("EVENTRUN_SERVER", '{"port": "x"}', "the environment: EVENTRUN_SERVER (port): Input should be a valid integer, got 'x'"),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable_not_the_file(write, monkeypatch, variable, value, expected):
+    path = write("[server]\nport = 9001\n" + function())
+    monkeypatch.setenv(variable, value)
+    message = refusal(path)
+    assert message == expected, message
+    assert str(path) not in message
+
+
+def test_errors_from_the_file_and_the_environment_each_name_their_source(write, monkeypatch):
+    path = write('[server]\nport = "nope"\n' + function())
+    monkeypatch.setenv("EVENTRUN_SERVER__MAX_BODY_SIZE", "huge")
+    assert refusal(path).splitlines() == [
+        f"{path}: server.port: Input should be a valid integer, got 'nope'",
+        "the environment: EVENTRUN_SERVER__MAX_BODY_SIZE: expected a size such as '6MB' or '512KB', got 'huge'",
+    ]
+
+
+def test_an_environment_variable_that_is_not_json_is_not_blamed_on_the_file(write, monkeypatch):
+    path = write(function())
+    monkeypatch.setenv("EVENTRUN_SERVER", "port=9000")
+    message = refusal(path)
+    assert message.startswith("the environment: EVENTRUN_SERVER: not valid JSON"), message
+    assert "EVENTRUN_SERVER__KEY" in message and "TOML" not in message and str(path) not in message, message
+
+
+def test_a_table_check_names_the_variables_it_read(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("EVENTRUN_KAFKA__BOOTSTRAP_SERVERS", "broker:9092")
+    path = write(kafka(sasl_username='"svc"') + function())
+    message = refusal(path)
+    assert message.startswith(f"{path}: kafka: security_protocol 'SASL_SSL' needs sasl_password"), message
+    assert message.endswith("; set in the environment: EVENTRUN_KAFKA__SECURITY_PROTOCOL"), message
+    # No [kafka] in the file: the environment alone is at fault.
+    message = refusal(write(function()))
+    assert message.startswith("the environment: kafka: security_protocol 'SASL_SSL' needs sasl_username"), message
+
+
+def test_a_missing_file_named_by_a_variable_names_the_variable(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_KAFKA__SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("EVENTRUN_KAFKA__SSL_CAFILE", "certs/ca.pem")
+    message = refusal(write(function()))
+    assert message.startswith("the environment: EVENTRUN_KAFKA__SSL_CAFILE: file 'certs/ca.pem' not found"), message
 
 
 def test_a_missing_handler_file_is_refused(write):
     path = write('[functions.ghost]\nhandler = "handlers/missing.py:main_handler"\n')
     message = refusal(path)
     assert "functions.ghost.handler" in message and "handlers/missing.py" in message, message
+
+
+def test_a_handler_naming_a_directory_says_so(write, tmp_path):
+    path = write('[functions.f]\nhandler = "handlers:main_handler"\n')
+    message = refusal(path)
+    assert message.startswith(f"{path}: functions.f.handler: 'handlers' is a directory ({tmp_path / 'handlers'})"), message
+    assert 'a handler is "path/to/file.py:callable", relative to the manifest' in message, message
+    assert "not found" not in message, message
+    (tmp_path / "handlers" / "main_handler.py").write_text("def main_handler(event, context):\n    return 1\n")
+    assert refusal(path).endswith('(did you mean "handlers/main_handler.py:main_handler"?)')
 
 
 def test_a_handler_without_a_callable_is_refused(write):
