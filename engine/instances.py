@@ -26,7 +26,7 @@ from .api import Status
 from .envelope import dumps, loads
 from . import worker
 from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, forkable
-from .worker import FRAME_MARK, MAX_FRAME, children_of
+from .worker import FRAME_MARK, JSON_DEPTH, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP, children_of
 
 logger = logging.getLogger(__name__)
 
@@ -324,10 +324,17 @@ class Instance:
                 text.append(line[:at])
             self._emit(text)
             text = []
+            raw = line[at + len(self._mark) :]
             try:
-                frame = loads(line[at + len(self._mark) :])
+                frame = loads(raw)
             except ValueError as exc:
-                frame = {"ok": False, "error_type": "InternalError", "error_message": f"unreadable outcome: {exc}"}
+                if str(exc).startswith("depth limit exceeded"):  # orjson reads 1024 levels: a result deeper still
+                    frame = _too_deep({"recycle": True})
+                else:
+                    frame = {"ok": False, "error_type": "InternalError", "error_message": f"unreadable outcome: {exc}"}
+            else:
+                if isinstance(frame, dict) and frame.get("ok") and _nests_too_deep(raw, frame.get("result")):
+                    frame = _too_deep(frame)
             if self._outcome is not None and not self._outcome.done():
                 self._outcome.set_result(frame)
         self._emit(text)
@@ -338,6 +345,32 @@ class Instance:
         elif lines:
             shown = [line[:200] for line in lines[:3]]
             logger.info("instance %s of %s said outside a run: %s", self.pid, self.spec.function, shown)
+
+
+def _nests_too_deep(text: str, result: Any) -> bool:
+    """Whether a result nests deeper than MAX_RESULT_NESTING levels, so that some document
+    holding it could not be written (the worker's encoder lets some through: tuples, for one).
+
+    Each level takes a bracket, so counting them in the frame's text (fast) spares most
+    results the exact check: writing the result as deep as the deepest document holds it.
+    """
+    if text.count("[") + text.count("{") <= MAX_RESULT_NESTING + 1:  # (+ the frame's own brace)
+        return False
+    for _ in range(JSON_DEPTH - MAX_RESULT_NESTING):
+        result = [result]
+    try:
+        dumps(result)
+    except TypeError:  # orjson's "Recursion limit reached"
+        return True
+    return False
+
+
+def _too_deep(frame: dict[str, Any]) -> dict[str, Any]:
+    """The outcome of a run whose result nests too deep to be served, in place of its frame."""
+    return {
+        "ok": False, "error_type": "ResultNotSerializable", "error_message": RESULT_TOO_DEEP,
+        "recycle": bool(frame.get("recycle")),
+    }
 
 
 def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:

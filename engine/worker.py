@@ -49,6 +49,16 @@ FRAME_MARK = "\x1eeventrun-frame:"
 MAX_RESULT = 6 * 1024 * 1024  # the same bound as an invocation body
 MAX_MESSAGE = 16 * 1024  # characters of an error message kept (the traceback in the log has it all)
 MAX_FRAME = MAX_RESULT + 256 * 1024  # no frame is longer: a result, or a message, and a little
+# orjson writes at most JSON_DEPTH levels of nesting (see triggers/http/parser.py, MAX_NESTING),
+# and a result is written inside other documents: 3 levels down in GET /invocations
+# ({"Invocations": [{"Result": ...}]}), 1 in GET /invocations/{id}, a sync call's answer and a
+# callback. A result nested deeper than this could be stored but not always served; the server
+# checks it as it arrives (instances.Instance) and fails the run with ResultNotSerializable.
+JSON_DEPTH = 254
+MAX_RESULT_NESTING = JSON_DEPTH - 3
+RESULT_TOO_DEEP = (
+    f"the handler's return value is not JSON-serialisable: it nests deeper than {MAX_RESULT_NESTING} levels"
+)
 _MB = 1024 * 1024
 _BALLAST = 4 * _MB  # under a memory_limit, let go of when it is reached: room to report it
 _LEFTOVER_WAIT = 2.0  # seconds to wait for the processes a run left behind to die once killed
@@ -206,14 +216,11 @@ class _Worker:
         try:
             encoded = _result_json(outcome)
         except TypeError as exc:
-            self.end(
-                {
-                    "ok": False,
-                    "error_type": "ResultNotSerializable",
-                    "error_message": f"the handler's return value is not JSON-serialisable: {exc}",
-                    "recycle": False,
-                }
-            )
+            if str(exc) == "Recursion limit reached":  # orjson's, past JSON_DEPTH levels (or a cycle)
+                message = f"{RESULT_TOO_DEEP} (or contains itself)"
+            else:
+                message = f"the handler's return value is not JSON-serialisable: {exc}"
+            self.end({"ok": False, "error_type": "ResultNotSerializable", "error_message": message, "recycle": False})
             return
         except MemoryError as exc:
             failure = self.failed(exc)

@@ -25,11 +25,11 @@ import orjson
 
 from eventrun.engine.api import Delivery, Invocation
 from eventrun.engine.core import Engine
-from eventrun.engine.envelope import dumps
 from eventrun.engine.errors import InvocationNotFound
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.recount import Recount
 from eventrun.triggers.http import invocation_json
+from eventrun.triggers.http.responses import document_json
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Deliverer:
         if delivery.kind == "on_failure":
             document["Event"] = orjson.Fragment(await self._engine.envelope(delivery.request_id))
             document["LogTail"] = log_tail(await self._engine.read_log(delivery.request_id))
-        body = dumps(document)
+        body = document_json(document)  # (a result stored too deep to write in it is replaced, as in the API)
         if delivery.target.startswith("kafka:"):
             await self._produce(delivery, delivery.target.removeprefix("kafka:"), body)
         else:

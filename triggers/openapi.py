@@ -68,8 +68,8 @@ _SCHEMAS: dict[str, Any] = {
             "RequestId": {"type": "string"},
             "Status": _ref("Status"),
             "Result": {"description": "The handler's return value (JSON)"},
-            "ErrorType": {**_nullable("string"), "description": "Present when Status is not FINISHED"},
-            "ErrorMessage": {**_nullable("string"), "description": "Present when Status is not FINISHED"},
+            "ErrorType": {**_nullable("string"), "description": "Present when Status is not FINISHED, or when a result stored too deep cannot be returned"},
+            "ErrorMessage": {**_nullable("string"), "description": "Present when Status is not FINISHED, or when a result stored too deep cannot be returned"},
         },
     },
     "Invocation": {

@@ -16,6 +16,7 @@ from eventrun.engine.errors import (
     Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig
+from eventrun.engine.worker import JSON_DEPTH, MAX_RESULT_NESTING
 
 # The one place HTTP status codes are chosen for engine errors (looked up along the MRO).
 ERROR_STATUS: dict[type[EventrunError], int] = {
@@ -30,9 +31,50 @@ ERROR_STATUS: dict[type[EventrunError], int] = {
 }
 
 
+# What a run's "Result" becomes in a document that could not be written with it: a result stored
+# before results were held to MAX_RESULT_NESTING levels (see worker.py) and nested deeper.
+UNSERVABLE_RESULT = {
+    "Result": None,
+    "ErrorType": "ResultNotSerializable",
+    "ErrorMessage": f"the stored result nests deeper than {MAX_RESULT_NESTING} levels and cannot be returned",
+}
+
+
 def json_response(value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """A JSON answer encoded with eventrun's one JSON encoder."""
-    return web.Response(body=dumps(value), status=status, content_type="application/json", headers=headers)
+    return web.Response(body=document_json(value), status=status, content_type="application/json", headers=headers)
+
+
+def document_json(value: Any) -> bytes:
+    """An answer's JSON (or a callback's): a run whose stored result nests too deep to be written
+    in it has that result replaced (UNSERVABLE_RESULT), not the whole document refused."""
+    try:
+        return dumps(value)
+    except TypeError:  # orjson's "Recursion limit reached" (anything else fails again below)
+        return dumps(_servable(value))
+
+
+def _servable(value: Any) -> Any:
+    """`value` with every "Result" nested deeper than MAX_RESULT_NESTING levels replaced; a
+    document's own containers are walked, never a result."""
+    if isinstance(value, list):
+        return [_servable(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    servable = {key: item if key == "Result" else _servable(item) for key, item in value.items()}
+    if "Result" in value and _nests_too_deep(value["Result"]):
+        servable.update(UNSERVABLE_RESULT)
+    return servable
+
+
+def _nests_too_deep(result: Any) -> bool:
+    for _ in range(JSON_DEPTH - MAX_RESULT_NESTING):  # as deep as the deepest document holds it
+        result = [result]
+    try:
+        dumps(result)
+    except TypeError:
+        return True
+    return False
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
