@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,9 +25,7 @@ from pydantic_settings import (
 )
 
 from .errors import ManifestError
-
-if TYPE_CHECKING:
-    from .manifest_errors import Origins
+from .manifest_errors import Origins, Schema, describe, describe_settings_error
 
 ASYNC_MAX_TIMEOUT = 24 * 3600.0
 SYNC_MAX_TIMEOUT = 900.0
@@ -460,11 +458,25 @@ class Manifest(BaseSettings):
 
 _TOML_FILE: dict[str, Path] = {}
 
+_SCHEMA = Schema(
+    Manifest,
+    keys={
+        "": tuple(Manifest.model_fields),
+        "server": tuple(ServerConfig.model_fields),
+        "kafka": tuple(KafkaConfig.model_fields),
+        "s3": tuple(S3Config.model_fields),
+        "store": tuple(StoreConfig.model_fields),
+        "cluster": tuple(ClusterConfig.model_fields),
+        "function": tuple(FunctionConfig.model_fields),
+        "on_failure": tuple(OnFailure.model_fields),
+        "trigger": tuple({*S3Trigger.model_fields, *KafkaTrigger.model_fields, *TimerTrigger.model_fields}),
+    },
+    trigger_types=TRIGGER_TYPES,
+)
+
 
 def load_manifest(path: Path | str | None) -> Manifest:
     """Read the manifest at `path` (or defaults only) plus EVENTRUN_* variables."""
-    from .manifest_errors import Origins, describe, describe_settings_error  # (it imports this module)
-
     location = Path(path).resolve() if path is not None else None
     label = str(path) if path is not None else "the environment"
     if location is not None and not location.is_file():
@@ -475,14 +487,14 @@ def load_manifest(path: Path | str | None) -> Manifest:
     try:
         manifest = Manifest(path=location)
     except ValidationError as exc:
-        raise ManifestError(describe(Origins(label, location), exc)) from None
+        raise ManifestError(describe(Origins(_SCHEMA, label, location), exc)) from None
     except SettingsError as exc:  # an EVENTRUN_* variable that should hold JSON does not
         raise ManifestError(describe_settings_error(label, exc)) from None
     except ValueError as exc:  # TOML syntax errors arrive as tomllib.TOMLDecodeError
         raise ManifestError(f"{label}: not valid TOML: {exc}") from None
     finally:
         _TOML_FILE.clear()
-    origins = Origins(label, location)
+    origins = Origins(_SCHEMA, label, location)
     for name, function in manifest.functions.items():
         handler = manifest.handler_path(name)
         if not handler.is_file():

@@ -2,8 +2,9 @@
 from (the EVENTRUN_* variable that set it, else the file), its key, the value, and what is
 wrong, in TOML words (arrays and tables), with a suggestion for a typo.
 
-Used by load_manifest, for pydantic's errors and for the checks it makes after pydantic's;
-the variables and the file are read again only to describe an error.
+Used by engine.manifest.load_manifest, for pydantic's errors and for the checks it makes after
+pydantic's, with the manifest's models given as a Schema (this module imports none of them).
+The variables and the file are read again only to describe an error.
 """
 
 from __future__ import annotations
@@ -14,26 +15,23 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import EnvSettingsSource, SettingsError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsError
 
-from .manifest import (
-    TRIGGER_TYPES,
-    ClusterConfig,
-    FunctionConfig,
-    KafkaConfig,
-    KafkaTrigger,
-    Manifest,
-    OnFailure,
-    S3Config,
-    S3Trigger,
-    ServerConfig,
-    StoreConfig,
-    TimerTrigger,
-)
+
+@dataclass(frozen=True)
+class Schema:
+    """What errors are described against (the manifest's models, given by engine.manifest)."""
+
+    settings: type[BaseSettings]  # read again for the values the environment gave
+    keys: Mapping[str, tuple[str, ...]]  # the known keys by table: "" (the top), "server", ..., "function", "trigger"
+    trigger_types: tuple[str, ...]
+
 
 _ENV_PREFIX = "EVENTRUN_"
 _ENV_DELIMITER = "__"
@@ -47,7 +45,8 @@ class Origins:
     """Where the values of one load came from, so that each error names its true source: the
     EVENTRUN_* variable that set the value, else the manifest file."""
 
-    def __init__(self, label: str, location: Path | None) -> None:
+    def __init__(self, schema: Schema, label: str, location: Path | None) -> None:
+        self.schema = schema
         self.label = label
         self.location = location
         self._env: dict[str, Any] | None = None
@@ -58,7 +57,7 @@ class Origins:
         """The values the EVENTRUN_* variables give, nested as in the manifest."""
         if self._env is None:
             try:
-                self._env = EnvSettingsSource(Manifest)()
+                self._env = EnvSettingsSource(self.schema.settings)()
             except ValueError:  # SettingsError included: reported before this is asked
                 self._env = {}
         return self._env
@@ -198,25 +197,14 @@ def _is_json(text: str) -> bool:
 
 # -- pydantic's errors in manifest terms -------------------------------------------------------
 
-_KNOWN_KEYS: dict[str, tuple[str, ...]] = {
-    "": tuple(Manifest.model_fields),
-    "server": tuple(ServerConfig.model_fields),
-    "kafka": tuple(KafkaConfig.model_fields),
-    "s3": tuple(S3Config.model_fields),
-    "store": tuple(StoreConfig.model_fields),
-    "cluster": tuple(ClusterConfig.model_fields),
-    "function": tuple(FunctionConfig.model_fields),
-    "on_failure": tuple(OnFailure.model_fields),
-    "trigger": tuple(
-        {*S3Trigger.model_fields, *KafkaTrigger.model_fields, *TimerTrigger.model_fields}
-    ),
-}
 _ARRAY_ERRORS = ("list_type", "tuple_type", "set_type", "frozen_set_type")
 _TABLE_ERRORS = ("dict_type", "model_type", "model_attributes_type", "dataclass_type")
 _SECRET_WORDS = ("password", "secret", "token")
 
 
 def describe(origins: Origins, exc: ValidationError) -> str:
+    """pydantic's errors, a line each, in the manifest's terms and naming each value's source."""
+    trigger_types = origins.schema.trigger_types
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
@@ -225,7 +213,7 @@ def describe(origins: Origins, exc: ValidationError) -> str:
         loc = [
             part
             for i, part in enumerate(loc)
-            if not (i and loc[i - 1].isdigit() and part in TRIGGER_TYPES)
+            if not (i and loc[i - 1].isdigit() and part in trigger_types)
         ]
         kind = error["type"]
         value = error.get("input")
@@ -236,13 +224,13 @@ def describe(origins: Origins, exc: ValidationError) -> str:
         elif kind == "missing":
             scope = loc[:-1]
         elif kind == "union_tag_not_found":
-            message = f"missing key 'type' (one of {_choices(TRIGGER_TYPES)})"
+            message = f"missing key 'type' (one of {_choices(trigger_types)})"
         elif kind == "union_tag_invalid":
             tag = value.get("type", "") if isinstance(value, dict) else error.get("ctx", {}).get("tag", "")
             loc = [*loc, "type"]
             message = (
-                f"unknown trigger type {_shown(tag)}{_did_you_mean(str(tag), TRIGGER_TYPES)}; "
-                f"expected one of {_choices(TRIGGER_TYPES)}"
+                f"unknown trigger type {_shown(tag)}{_did_you_mean(str(tag), trigger_types)}; "
+                f"expected one of {_choices(trigger_types)}"
             )
         else:
             message = _in_toml_terms(kind, loc, value, message, error.get("ctx") or {})
@@ -316,7 +304,7 @@ def _did_you_mean(wrong: str, choices: tuple[str, ...] | list[str]) -> str:
 
 
 def _unknown_key_hint(origins: Origins, loc: list[str]) -> str:
-    close = _suggest(loc)
+    close = _suggest(loc, origins.schema.keys)
     if close is None:
         return ""
     found = origins.variable(loc)
@@ -337,7 +325,7 @@ def _dotted(loc: list[str]) -> str:
     return out
 
 
-def _suggest(loc: list[str]) -> str | None:
+def _suggest(loc: list[str], keys: Mapping[str, tuple[str, ...]]) -> str | None:
     """The known key closest to the unknown one at loc, if one is close."""
     if not loc:
         return None
@@ -353,6 +341,6 @@ def _suggest(loc: list[str]) -> str | None:
         scope = "trigger"
     else:
         scope = parent[0]
-    known = _KNOWN_KEYS.get(scope, ())
+    known = keys.get(scope, ())
     close = difflib.get_close_matches(wrong, [k for k in known if k != "path"], n=1)
     return close[0] if close else None
