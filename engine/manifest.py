@@ -25,7 +25,7 @@ from pydantic_settings import (
 )
 
 from .errors import ManifestError
-from .manifest_errors import Origins, Schema, describe, describe_settings_error
+from .manifest_errors import Origins, Schema, describe, describe_settings_error, unknown_tables
 
 ASYNC_MAX_TIMEOUT = 24 * 3600.0
 SYNC_MAX_TIMEOUT = 900.0
@@ -481,6 +481,9 @@ def load_manifest(path: Path | str | None) -> Manifest:
     label = str(path) if path is not None else "the environment"
     if location is not None and not location.is_file():
         raise ManifestError(f"{label}: no such manifest file")
+    unread = unknown_tables(_SCHEMA)
+    if unread is not None:
+        raise ManifestError(unread)
     _TOML_FILE.clear()
     if location is not None:
         _TOML_FILE["path"] = location

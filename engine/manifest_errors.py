@@ -165,6 +165,24 @@ def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
+def unknown_tables(schema: Schema) -> str | None:
+    """A line for each EVENTRUN_<TABLE>__<KEY> variable whose table the manifest has not (which
+    pydantic-settings would leave unread, silently), or None."""
+    tables = [key for key in schema.keys[""] if key != "path"]
+    lines = []
+    for name in sorted(os.environ):
+        rest = name.upper().removeprefix(_ENV_PREFIX)
+        if rest == name.upper() or _ENV_DELIMITER not in rest:
+            continue
+        table, _, key = rest.partition(_ENV_DELIMITER)
+        if table.lower() in tables:
+            continue
+        close = difflib.get_close_matches(table.lower(), tables, n=1)
+        hint = f" (did you mean {_ENV_PREFIX}{close[0].upper()}{_ENV_DELIMITER}{key}?)" if close else ""
+        lines.append(f"the environment: {name}: unknown table {table.lower()!r}{hint}; the tables are {', '.join(tables)}")
+    return "\n".join(lines) or None
+
+
 def describe_settings_error(label: str, exc: SettingsError) -> str:
     if "EnvSettingsSource" not in str(exc):
         return f"{label}: {exc}"

@@ -193,6 +193,16 @@ def test_no_variable_moves_the_manifest_folder(write, monkeypatch, tmp_path):
     assert load_manifest(None).base_dir == tmp_path / "handlers"
 
 
+def test_a_variable_for_a_table_the_manifest_has_not_is_refused(write, monkeypatch):
+    # pydantic-settings leaves it unread: the server would run on port 8080 without a word.
+    monkeypatch.setenv("EVENTRUN_SERVR__PORT", "9000")
+    monkeypatch.setenv("EVENTRUN_PATH", "/opt/eventrun")  # no table in its name: not a manifest key, left alone
+    assert refusal(write(function())) == (
+        "the environment: EVENTRUN_SERVR__PORT: unknown table 'servr' (did you mean EVENTRUN_SERVER__PORT?);"
+        " the tables are server, kafka, s3, store, cluster, functions"
+    )
+
+
 def test_a_bad_environment_value_is_refused(write, monkeypatch):
     monkeypatch.setenv("EVENTRUN_SERVER__PORT", "not-a-port")
     message = refusal(write(function()))
