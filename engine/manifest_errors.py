@@ -240,6 +240,7 @@ def describe(origins: Origins, exc: ValidationError) -> str:
         if kind == "extra_forbidden":
             message = "unknown key" + _unknown_key_hint(origins, loc)
         elif kind == "missing":
+            message = "a required key, not set"
             scope = loc[:-1]
         elif kind == "union_tag_not_found":
             message = f"missing key 'type' (one of {_choices(trigger_types)})"

@@ -168,7 +168,7 @@ def test_a_typo_in_store_gets_a_suggestion(write):
 
 def test_a_missing_trigger_key_is_named(write):
     message = refusal(write(function() + '[[functions.f.triggers]]\ntype = "kafka"\n'))
-    assert "functions.f.triggers[0].topic" in message, message
+    assert message.endswith("functions.f.triggers[0].topic: a required key, not set"), message
 
 
 def test_environment_overrides_the_file(write, monkeypatch):
