@@ -291,6 +291,7 @@ async def test_poison_records_become_envelopes(kafka: KafkaService, servers: Any
         Record(None, key=b"tombstone"),
         Record(huge, key=b"huge"),
         Record(b'{"ok": 1}', key=b"headers", headers=[("bin", b"\xff\x00"), ("dup", b"a"), ("dup", b"b"), ("text", b"plain")]),
+        Record(b'{\n  "pretty": [1,\r\n 2],\n  "text": "a\\nb"\n}\n', key=b"pretty"),
     ]
     sent = await kafka.produce(topic, records)
     produce_undecodable_header(kafka.bootstrap, topic, 0)
@@ -316,6 +317,9 @@ async def test_poison_records_become_envelopes(kafka: KafkaService, servers: Any
     assert summary == {"length": len(huge), "sha256": hashlib.sha256(huge).hexdigest()}
     headers = events[offset[b"headers"]]["data"]["headers"]
     assert headers == {"bin": {"base64": base64.b64encode(b"\xff\x00").decode()}, "dup": ["a", "b"], "text": "plain"}
+
+    # JSON with line breaks between its tokens (pretty-printed) reaches the function whole.
+    assert events[offset[b"pretty"]]["data"]["value"] == {"pretty": [1, 2], "text": "a\nb"}
 
     undecodable = events[len(records)]
     assert undecodable["type"] == "eventrun.kafka.undecodable"

@@ -220,7 +220,7 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
     "value",
     [
         b'{"order": 42}',
-        b' {\n  "a" : [1, 2.50, -0.0, 1e3, {"b": null}] }\t\r\n',
+        b' {  "a" : [1, 2.50, -0.0, 1e3, {"b": null}] }\t ',
         b'"quoted \\"text\\" \\u00e9 \\/ \\u0000"',
         b"true",
         b"-7",
@@ -240,6 +240,22 @@ def test_the_usual_record_is_written_straight_into_its_json(key: bytes, value: b
     assert event == json.loads(encode(built))
     assert list(event) == list(built.to_dict()) and list(event["data"]) == list(built.data)
     assert decode(expand(written.stored, written.template)) == built
+    assert b"\n" not in expand(written.stored, written.template)  # an instance reads an envelope a line
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b'{\n  "order": 7,\n  "big": 123456789012345678901234567890\n}', b'{"a":\r\n1}', b'{"order": 7}\n', b"[1,\r2]",
+     b'{"text": "two\\nlines"}\r\n'],
+)
+def test_a_value_with_line_breaks_is_written_on_one_line(value: bytes) -> None:
+    # JSON may hold line breaks between tokens; written into the envelope as they are, they cut
+    # it in two where the instance reads it (the run died with InstanceDied).
+    (written,) = to_accept([record(value, key=b"k")], "f")
+    assert written.__class__ is Templated
+    envelope = expand(written.stored, written.template)
+    assert b"\n" not in envelope and b"\r" not in envelope
+    assert json.loads(envelope)["data"]["value"] == json.loads(value)  # every digit, every escaped line break
 
 
 def test_a_written_value_keeps_integers_beyond_64_bits() -> None:

@@ -151,7 +151,7 @@ def to_accept(
                             out = _each(out, ids, fields, source, function, template)
                         source, template = source_now, template_now
                     event_id = f"{partition}-{offset}" if epoch == 0 else f"{partition}-{offset}-{epoch}"
-                    written = stored % (partition, offset, subject, when, value, timestamp)
+                    written = stored % (partition, offset, subject, when, _one_line(value), timestamp)
                     if out is None:
                         ids.append(event_id)
                         fields.append(written)
@@ -163,6 +163,15 @@ def to_accept(
     if out is not None:
         return out
     return TemplatedBatch(source, function, TRIGGER, template, ids, fields) if ids else []
+
+
+def _one_line(value: bytes) -> bytes:
+    """A JSON value on one line, as a usual record's envelope must be (an instance reads one
+    envelope a line). JSON holds a line break only between tokens (in a string it is escaped),
+    so a space in its place means the same."""
+    if b"\n" in value or b"\r" in value:
+        return value.replace(b"\n", b" ").replace(b"\r", b" ")
+    return value
 
 
 def _each(
