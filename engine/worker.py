@@ -218,6 +218,11 @@ class _Worker:
         except TypeError as exc:
             if str(exc) == "Recursion limit reached":  # orjson's, past JSON_DEPTH levels (or a cycle)
                 message = f"{RESULT_TOO_DEEP} (or contains itself)"
+            elif str(exc) == "Integer exceeds 64-bit range":
+                message = (
+                    "the handler's return value is not JSON-serialisable: it holds an integer beyond 64 bits"
+                    " (a result's integers fit in 64 bits; return a larger one as a string)"
+                )
             else:
                 message = f"the handler's return value is not JSON-serialisable: {exc}"
             self.end({"ok": False, "error_type": "ResultNotSerializable", "error_message": message, "recycle": False})

@@ -58,6 +58,17 @@ async def test_a_result_that_is_not_json_fails_and_says_why(eventrun_server, htt
     assert "not JSON-serialisable" in ended["ErrorMessage"]
 
 
+async def test_an_integer_beyond_64_bits_in_a_result_fails_and_says_what_to_do(eventrun_server, http, handler):
+    server = eventrun_server({"shapes": {"handler": handler("shapes")}})
+    api = server.client(http)
+    ended = await api.wait_ended(await api.accepted("shapes", {"kind": "big-int"}))
+    assert ended["Status"] == "FAILED" and ended["ErrorType"] == "ResultNotSerializable", ended
+    assert ended["ErrorMessage"] == (
+        "the handler's return value is not JSON-serialisable: it holds an integer beyond 64 bits"
+        " (a result's integers fit in 64 bits; return a larger one as a string)"
+    )
+
+
 async def test_an_error_message_that_is_not_valid_text_still_comes_back(eventrun_server, http, handler):
     # A lone surrogate cannot be sent as UTF-8: it comes back as "?", the rest as it was.
     server = eventrun_server({"shapes": {"handler": handler("shapes")}})

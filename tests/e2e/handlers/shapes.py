@@ -15,6 +15,8 @@ def main_handler(event: dict[str, Any], context: Any) -> Any:
         return {1: "one", 2: "two"}
     if kind == "nan":
         return [float("nan")]
+    if kind == "big-int":
+        return {"n": 2**64, "largest": 2**64 - 1}
     if kind == "object":
         return object()
     if kind == "raise":
