@@ -197,6 +197,7 @@ class Engine:
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
+        self._start_tried: dict[str, str] = {}  # the time of a run's refused start, to try again with
         self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
         # What the server's log says of refused writes, by kind (see _Refusals).
         self._refused_starts, self._refused_ends, self._refused_records = _Refusals(), _Refusals(), _Refusals()
@@ -817,9 +818,13 @@ class Engine:
         started = time.monotonic()
         try:
             behind = self._behind.get(request_id)
+            # A start tried again goes with the first try's time: the store takes a start it
+            # already recorded at that time as this one (a commit whose answer was lost).
+            started_at = self._start_tried.pop(request_id, None) or now_rfc3339()
             try:
-                envelope = behind.envelope if behind is not None else await self.store.begin(request_id, now_rfc3339())
+                envelope = behind.envelope if behind is not None else await self.store.begin(request_id, started_at)
             except StoreError as exc:
+                self._start_tried[request_id] = started_at
                 self._start_refused(function, request_id, exc)
                 return
             if envelope is None:
@@ -906,6 +911,7 @@ class Engine:
 
         `queued_only` (a shared store): record it only if no node has claimed the run yet.
         """
+        self._start_tried.pop(request_id, None)  # (a run ended while its refused start waited to be tried again)
         note = f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}"
         if outcome.status is not Status.FINISHED and not queued_only:
             self._note(request_id, note)

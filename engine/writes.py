@@ -627,7 +627,9 @@ def _running_sql(rows: int, match: str) -> str:
     return (
         "UPDATE invocations SET status = 'RUNNING', started_at = v.column3"
         f" FROM (VALUES {_values(rows, '(?, ?, ?)')}) AS v"
-        f" WHERE {match} AND invocations.status = 'QUEUED'"
+        f" WHERE {match} AND (invocations.status = 'QUEUED'"
+        # (this very start, recorded by a commit whose answer was lost: see Engine._execute)
+        " OR (invocations.status = 'RUNNING' AND invocations.started_at = v.column3))"
         " RETURNING invocations.request_id"
     )
 

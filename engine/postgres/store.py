@@ -173,7 +173,8 @@ class PostgresStore:
 
     @_refusal_as_store_error
     async def mark_running(self, request_id: str, started_at: str) -> bool:
-        """QUEUED, or CLAIMED by this node, -> RUNNING here, once; False if it ended (terminated) or started."""
+        """QUEUED, or CLAIMED by this node, -> RUNNING here, once; False if it ended (terminated) or started
+        (but for a start at the same `started_at` by this node: the same start, tried again)."""
         return await self._start(request_id, started_at, "1") is not None
 
     @_refusal_as_store_error
@@ -185,7 +186,9 @@ class PostgresStore:
     async def _start(self, request_id: str, started_at: str, returning: str) -> Any:
         return await self.pool.fetchval(
             "UPDATE invocations SET status = 'RUNNING', owner = $3, started_at = $2 WHERE request_id = $1::uuid"
-            " AND (status = 'QUEUED' OR (status = 'CLAIMED' AND owner = $3))"
+            " AND (status = 'QUEUED' OR (status = 'CLAIMED' AND owner = $3)"
+            # (this very start, recorded by a commit whose answer was lost: see Engine._execute)
+            " OR (status = 'RUNNING' AND owner = $3 AND started_at = $2))"
             f" RETURNING {returning}",
             request_id, started_at, self.node_id,
         )

@@ -184,3 +184,31 @@ async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
     assert len(recovered) == 1, recovered
     counted = [int(m) for m in re.findall(r"\((?:and )?(\d+) more refused since the last such line\)", "\n".join(lines + recovered))]
     assert len(lines) + sum(counted) == 18, (lines, recovered)
+
+
+async def test_a_start_recorded_by_a_commit_whose_answer_was_lost_runs_when_tried_again(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store committed the start (RUNNING) but its answer never came (a dropped connection,
+    # a writer that died after its commit): the engine tries the start again, and the store takes
+    # the same start, at the same time, as this one, rather than leaving the run RUNNING with
+    # nothing running it.
+    from eventrun.engine.errors import StoreError
+
+    real = engine.store.begin
+    tries: list[str] = []
+
+    async def answer_lost(request_id: str, started_at: str) -> bytes | None:
+        tries.append(started_at)
+        envelope = await real(request_id, started_at)
+        if len(tries) == 1:
+            assert envelope is not None
+            raise StoreError("the store's writer process 1 was killed by signal 9")
+        return envelope
+
+    monkeypatch.setattr(engine.store, "begin", answer_lost)
+    answer = await asyncio.wait_for(engine.call(call(9)), 15)  # (a key of its own: the durable path)
+    assert answer.status is Status.FINISHED and answer.result == {"n": 9}, answer
+    assert len(tries) == 2 and tries[0] == tries[1], tries
+    assert (await stored_statuses(engine)) == {answer.request_id: "FINISHED"}
+    assert not engine._start_tried

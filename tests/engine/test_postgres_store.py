@@ -54,8 +54,12 @@ async def test_a_claimed_run_starts_only_on_its_node_and_once(postgres_store: Po
     await postgres_store.accept([run])
     assert await postgres_store.claim("f", 1, 10) == [run.request_id]
     assert not await other.mark_running(run.request_id, now_rfc3339()), "another node's claim"
-    assert await postgres_store.mark_running(run.request_id, now_rfc3339())
-    assert not await postgres_store.mark_running(run.request_id, now_rfc3339()), "it started already"
+    started_at = now_rfc3339()
+    assert await postgres_store.mark_running(run.request_id, started_at)
+    assert not await postgres_store.mark_running(run.request_id, "2000-01-01T00:00:00.000Z"), "it started already"
+    # The same start tried again (its first answer lost) is taken as itself; never from another node.
+    assert await postgres_store.mark_running(run.request_id, started_at)
+    assert not await other.mark_running(run.request_id, started_at)
 
 
 async def test_runs_claimed_but_not_started_go_back_to_the_queue(postgres_store: PostgresStore, other: PostgresStore) -> None:
