@@ -97,6 +97,7 @@ class Cluster:
         self.nodes: list[Node] = []
         self.backlog: dict[str, int] = {}
         self._accepted_since: dict[str, int] = {}  # accepted here since the last backlog count
+        self._claims_in_doubt = False  # a claim failed: the store may hold claims of ours we never heard of
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -219,6 +220,7 @@ class Cluster:
                     claimed = await self.store.claim(function, free, self._concurrency[function])
                 except Exception as exc:  # (the store unreachable, say): the claims go on without it
                     logger.warning("claiming runs of %s failed (%s); trying again at the next heartbeat", function, exc)
+                    self._claims_in_doubt = True  # it may have been committed, its answer lost
                     continue
                 if claimed and self._stopping:  # shutting down: they go back for another node
                     try:
@@ -254,10 +256,22 @@ class Cluster:
             logger.warning("nodes %s stopped answering: %d of their runs ended FAILED", ", ".join(dead), len(ended))
             if ended:
                 await self._failed_here(ended)
+        if self._claims_in_doubt:
+            await self._hand_back_unknown_claims()
         if self._listener is None or self._listener.is_closed():
             await self._listen()
         await self._look()
         self.want(*self._concurrency)  # a notice lost on the way costs one heartbeat, not the run
+
+    async def _hand_back_unknown_claims(self) -> None:
+        """After a failed claim: hand back to the queue the runs the store holds CLAIMED by this
+        node that it does not know of (the claim was committed, its answer lost); left CLAIMED,
+        they would wait for this node's death, each holding a slot of its function."""
+        unknown = [rid for rid in await self.store.claimed_here() if not self._dispatcher.knows(rid)]
+        if unknown:
+            await self.store.unclaim(unknown)
+            logger.warning("handed %d runs back to the queue that a failed claim had taken for this node", len(unknown))
+        self._claims_in_doubt = False
 
     async def _look(self) -> None:
         """Refresh the cluster's view: nodes alive, backlog, this node's share of each QPS limit."""

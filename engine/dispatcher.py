@@ -132,6 +132,10 @@ class Dispatcher:
             return False
         return True
 
+    def knows(self, request_id: str) -> bool:
+        """Whether the run waits in a queue here or is going on (a pass over the queues: rarely asked)."""
+        return request_id in self._tasks or any(request_id in queue for queue in self._queues.values())
+
     # -- counters --------------------------------------------------------------------------
 
     def queued(self, function: str) -> int:

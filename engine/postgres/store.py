@@ -202,6 +202,13 @@ class PostgresStore:
             list(request_ids), self.node_id,
         )
 
+    async def claimed_here(self) -> list[str]:
+        """The runs this node holds CLAIMED in the store."""
+        rows = await self.pool.fetch(
+            "SELECT request_id::text FROM invocations WHERE status = 'CLAIMED' AND owner = $1", self.node_id
+        )
+        return sorted(r[0] for r in rows)
+
     async def claim(self, function: str, want: int, cap: int) -> list[str]:
         """QUEUED -> CLAIMED by this node for up to `want` runs of a function, oldest first, keeping
         the function's claimed and running runs across the cluster at `cap` or below."""

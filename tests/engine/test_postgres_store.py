@@ -182,3 +182,37 @@ async def test_one_event_handed_to_two_nodes_at_once_is_one_run(postgres_store: 
     assert kept == [a.request_id for a in answers[1]], "both nodes answer with the same RequestIds"
     assert sum(a.created for pair in answers for a in pair) == 50
     assert await postgres_store.claim("f", 100, 100) == sorted(kept)
+
+
+async def test_claims_a_failed_claim_left_behind_go_back_to_the_queue(
+    postgres_store: PostgresStore, other: PostgresStore, tmp_path
+) -> None:
+    # A claim committed whose answer was lost (a dropped connection): the node never heard of its
+    # runs, which would stay CLAIMED, each holding a slot, until the node died. After a failed
+    # claim the next heartbeat hands back the claims the node does not know of, and only those.
+    from eventrun.engine.cluster import Cluster
+    from eventrun.engine.dispatcher import Dispatcher
+
+    async def never(function: str, request_id: str) -> None:
+        raise AssertionError("nothing starts here")
+
+    dispatcher = Dispatcher(concurrency={"f": 0}, qps_limits={"f": 1000}, max_running=8, execute=never)
+
+    async def nothing(*args: object) -> None:
+        return None
+
+    cluster = Cluster(
+        postgres_store, data_dir=tmp_path, url="http://127.0.0.1:1", lease=10.0, concurrency={"f": 10},
+        qps_limits={"f": 1000}, dispatcher=dispatcher, ended_elsewhere=lambda rid: None,
+        failed_here=nothing, terminate_here=nothing,
+    )
+    accepted = rows(3)
+    await postgres_store.accept(accepted)
+    known = await postgres_store.claim("f", 1, 10)
+    dispatcher.submit("f", *known)  # claimed and heard of: queued here
+    lost = await postgres_store.claim("f", 2, 10)  # claimed, its answer lost
+    assert sorted(await postgres_store.claimed_here()) == sorted(known + lost)
+
+    await cluster._hand_back_unknown_claims()
+    assert await postgres_store.claimed_here() == known
+    assert await other.claim("f", 5, 10) == lost
