@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -213,6 +214,9 @@ class S3Config(_Strict):
         return env
 
 
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 class StoreConfig(_Strict):
     """The `[store]` table: where invocations are kept."""
 
@@ -227,6 +231,16 @@ class StoreConfig(_Strict):
                 "expected a PostgreSQL URL (postgresql://user:password@host:5432/db), "
                 "or nothing for the embedded SQLite store in data_dir"
             )
+        if value:
+            # What the driver would fail on with a traceback at start (never naming the password).
+            try:
+                parts = urllib.parse.urlsplit(value)
+                parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+            except ValueError as exc:
+                raise ValueError(f"not a valid PostgreSQL URL: {exc}") from None
+            for mode in urllib.parse.parse_qs(parts.query).get("sslmode", []):
+                if mode not in _SSL_MODES:
+                    raise ValueError(f"sslmode {mode!r} in the URL: expected one of {', '.join(_SSL_MODES)}")
         return value
 
     @property

@@ -393,3 +393,25 @@ def test_destinations_are_read_in_order_callback_then_on_failure(write) -> None:
 )
 def test_bad_destinations_are_refused_precisely(write, keys, message) -> None:
     assert message in refusal(write(function(**keys)))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://u:pw@h/db", "expected a PostgreSQL URL"),
+        ("postgresql://u:hunter2@h:notaport/db", "not a valid PostgreSQL URL: Port could not be cast to integer value as 'notaport'"),
+        ("postgresql://u:hunter2@h:99999/db", "not a valid PostgreSQL URL: Port out of range 0-65535"),
+        ("postgresql://u:hunter2@[::1/db", "not a valid PostgreSQL URL: Invalid IPv6 URL"),
+        ("postgresql://u:hunter2@h/db?sslmode=bogus", "sslmode 'bogus' in the URL: expected one of disable, allow"),
+    ],
+)
+def test_a_store_url_the_driver_would_fail_on_is_refused_at_start(write, url, expected):
+    # Before, these went through and `eventrun serve` died with the driver's traceback.
+    message = refusal(write(f'[store]\nurl = "{url}"\n' + function()))
+    assert "eventrun.toml: store.url: " in message, message
+    assert expected in message and "hunter2" not in message, message
+
+
+def test_a_store_url_with_its_options_is_taken(write):
+    url = "postgresql://u:pw@db.example:5433/eventrun?sslmode=verify-full"
+    assert load_manifest(write(f'[store]\nurl = "{url}"\n' + function())).store.url == url
