@@ -346,8 +346,15 @@ class Cluster:
         try:
             while True:
                 event.clear()
-                over = await ended()  # read before the log: what a run wrote is shipped before it ends
-                data, last = await self.store.read_log(request_id, last)
+                try:
+                    over = await ended()  # read before the log: what a run wrote is shipped before it ends
+                    data, last = await self.store.read_log(request_id, last)
+                except StoreError as exc:
+                    # The store cannot serve now (an outage); the run goes on, and so does the
+                    # follower, reading on once it can (the stream's keepalives hold it open).
+                    logger.debug("following the log of %s: %s; reading again in %gs", request_id, exc, FOLLOW_RECHECK)
+                    await asyncio.sleep(FOLLOW_RECHECK)
+                    continue
                 for line in data.decode("utf-8", "replace").splitlines():
                     yield line
                 if over:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from eventrun.engine.api import Status
+from eventrun.engine.cluster import Cluster
+from eventrun.engine.dispatcher import Dispatcher
 from eventrun.engine.envelope import now_rfc3339, request_ids
 from eventrun.engine.errors import StoreError
 from eventrun.engine.postgres import ENDED, MIGRATIONS, QUEUED, NodeIdInUse, PostgresStore, migrate
@@ -185,27 +188,12 @@ async def test_one_event_handed_to_two_nodes_at_once_is_one_run(postgres_store: 
 
 
 async def test_claims_a_failed_claim_left_behind_go_back_to_the_queue(
-    postgres_store: PostgresStore, other: PostgresStore, tmp_path
+    postgres_store: PostgresStore, other: PostgresStore, tmp_path: Path
 ) -> None:
     # A claim committed whose answer was lost (a dropped connection): the node never heard of its
     # runs, which would stay CLAIMED, each holding a slot, until the node died. After a failed
     # claim the next heartbeat hands back the claims the node does not know of, and only those.
-    from eventrun.engine.cluster import Cluster
-    from eventrun.engine.dispatcher import Dispatcher
-
-    async def never(function: str, request_id: str) -> None:
-        raise AssertionError("nothing starts here")
-
-    dispatcher = Dispatcher(concurrency={"f": 0}, qps_limits={"f": 1000}, max_running=8, execute=never)
-
-    async def nothing(*args: object) -> None:
-        return None
-
-    cluster = Cluster(
-        postgres_store, data_dir=tmp_path, url="http://127.0.0.1:1", lease=10.0, concurrency={"f": 10},
-        qps_limits={"f": 1000}, dispatcher=dispatcher, ended_elsewhere=lambda rid: None,
-        failed_here=nothing, terminate_here=nothing,
-    )
+    cluster, dispatcher = node(postgres_store, tmp_path)
     accepted = rows(3)
     await postgres_store.accept(accepted)
     known = await postgres_store.claim("f", 1, 10)
@@ -216,3 +204,51 @@ async def test_claims_a_failed_claim_left_behind_go_back_to_the_queue(
     await cluster._hand_back_unknown_claims()
     assert await postgres_store.claimed_here() == known
     assert await other.claim("f", 5, 10) == lost
+
+
+async def test_a_log_follower_rides_out_a_store_that_cannot_serve(
+    postgres_store: PostgresStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PostgreSQL outage of a few seconds ended every follower with an InternalError while the
+    # run went on; the follower now reads on once the store serves again.
+    from eventrun.engine import cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "FOLLOW_RECHECK", 0.05)
+    cluster, _ = node(postgres_store, tmp_path)
+    (run,) = rows(1)
+    await postgres_store.accept([run])
+    await postgres_store.append_logs([(run.request_id, b"2026-12-06T00:00:00.000Z first\n")])
+    real = postgres_store.read_log
+    outage = {"reads": 3}
+
+    async def read_log(request_id: str, after: int) -> tuple[bytes, int]:
+        if outage["reads"]:
+            outage["reads"] -= 1
+            raise StoreError("the PostgreSQL store cannot serve this now (connection was closed in the middle of operation)")
+        return await real(request_id, after)
+
+    monkeypatch.setattr(postgres_store, "read_log", read_log)
+    checks = iter([False, False, False, False, True])
+
+    async def ended() -> bool:
+        return next(checks)
+
+    lines = [line async for line in cluster.follow_log(run.request_id, ended)]
+    assert lines == ["2026-12-06T00:00:00.000Z first"] and outage["reads"] == 0
+
+
+def node(store: PostgresStore, data_dir: Path) -> tuple[Cluster, Dispatcher]:
+    """A Cluster on the store whose dispatcher starts nothing (its runs wait in its queue)."""
+    async def never(function: str, request_id: str) -> None:
+        raise AssertionError("nothing starts here")
+
+    async def nothing(*args: object) -> None:
+        return None
+
+    dispatcher = Dispatcher(concurrency={"f": 0}, qps_limits={"f": 1000}, max_running=8, execute=never)
+    cluster = Cluster(
+        store, data_dir=data_dir, url="http://127.0.0.1:1", lease=10.0, concurrency={"f": 10},
+        qps_limits={"f": 1000}, dispatcher=dispatcher, ended_elsewhere=lambda rid: None,
+        failed_here=nothing, terminate_here=nothing,
+    )
+    return cluster, dispatcher
