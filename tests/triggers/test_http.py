@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from eventrun.engine.errors import (
     InvocationNotFound,
     ManifestError,
     ShuttingDown,
+    StoreError,
     Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
@@ -74,6 +76,7 @@ class FakeEngine:
         self.list_error: Exception | None = None
         self.log_lines: list[str] = []
         self.log_gate: asyncio.Event | None = None  # when set, the log pauses until this is set
+        self.log_error: Exception | None = None  # raised by the log after its lines
         self.health_error: Exception | None = None
 
     async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
@@ -156,6 +159,8 @@ class FakeEngine:
     async def _log_lines(self) -> AsyncIterator[str]:
         for line in self.log_lines:
             yield line
+        if self.log_error is not None:
+            raise self.log_error
         if self.log_gate is not None:
             await self.log_gate.wait()
             yield "after the gate"
@@ -569,6 +574,24 @@ async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine
         "data: t2 two\ndata: lines\n\n"
         'event: end\ndata: {"RequestId":"r1","Status":"FAILED"}\n\n'
     )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (StoreError("the PostgreSQL store cannot serve this now (connection refused)"),
+         {"Code": "StoreUnavailable", "Message": "the PostgreSQL store cannot serve this now (connection refused)"}),
+        (RuntimeError("a bug"), {"Code": "InternalError", "Message": "internal error; see the server log"}),
+    ],
+)
+async def test_a_follow_that_fails_says_why_in_band(client: TestClient, engine: FakeEngine, error: Exception, expected: dict) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    engine.log_lines = ["t1 first"]
+    engine.log_error = error
+    response = await client.get("/invocations/r1/logs", params={"follow": "true"})
+    text = await response.text()
+    assert text.startswith("data: t1 first\n\nevent: error\ndata: "), text
+    assert json.loads(text.split("event: error\ndata: ", 1)[1]) == {"Error": expected}
 
 
 async def test_follow_sends_live_lines_and_keepalives(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 
 from eventrun.engine.envelope import dumps
+from eventrun.engine.errors import EventrunError
 
 if TYPE_CHECKING:
     from eventrun.engine.core import Engine
@@ -44,10 +45,15 @@ async def stream_logs(
         await response.write_eof()
     except ConnectionResetError:
         logger.debug("log follower of %s went away", request_id)
-    except Exception:
-        # Headers are out, so the middleware cannot answer any more; tell the client in-band.
-        logger.exception("log stream of %s failed", request_id)
-        error = dumps({"Error": {"Code": "InternalError", "Message": "internal error; see the server log"}})
+    except Exception as exc:
+        # Headers are out, so the middleware cannot answer any more; tell the client in-band:
+        # an error of the API's (the store unavailable, say) as itself, any other as internal.
+        if isinstance(exc, EventrunError):
+            logger.warning("log stream of %s ended: %s", request_id, exc)
+            error = dumps({"Error": {"Code": exc.code, "Message": str(exc)}})
+        else:
+            logger.exception("log stream of %s failed", request_id)
+            error = dumps({"Error": {"Code": "InternalError", "Message": "internal error; see the server log"}})
         with contextlib.suppress(ConnectionResetError):
             await response.write(b"event: error\ndata: " + error + b"\n\n")
     finally:
