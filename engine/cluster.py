@@ -39,6 +39,8 @@ NODE_LOST = "NodeLost"
 _LAST_START = "eventrun.node"  # in data_dir: "{node_id} {incarnation}" of this node's last start
 ANNOUNCE_EVERY = 0.02  # seconds between notices of new runs from one node
 SHIP_INTERVAL = 0.1  # seconds a log line may wait before it is shipped to the store
+SHIP_MOST = 5.0  # seconds between tries at most while shipping log lines fails (from SHIP_INTERVAL, doubling)
+SHIP_LOG_EVERY = 5.0  # seconds between the log's lines about shipments that fail, at least
 FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
 
 
@@ -425,13 +427,23 @@ class LogShipper:
                 raise
 
     async def _run(self) -> None:
+        failures = 0  # shipments failed in a row: each waits twice as long as the last, up to SHIP_MOST
+        quiet_until = 0.0  # a failure is logged at most every SHIP_LOG_EVERY seconds
         while True:
             started = time.monotonic()
             try:
                 await self.flush()
             except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                logger.warning("shipping log lines to the store failed (%s); trying again", exc)
-            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+                failures += 1
+                if started >= quiet_until:
+                    logger.warning("shipping log lines to the store failed (%s); trying again (%d tries so far)", exc, failures)
+                    quiet_until = started + SHIP_LOG_EVERY
+            else:
+                if failures:
+                    logger.warning("log lines are shipped to the store again, after %d failed tries", failures)
+                failures, quiet_until = 0, 0.0
+            wait = min(self._interval * 2**failures, SHIP_MOST) if failures else self._interval
+            await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
 
     async def stop(self) -> None:
         """Ship what is left and stop."""

@@ -25,7 +25,7 @@ import orjson
 
 from eventrun.engine.api import Delivery, Invocation
 from eventrun.engine.core import Engine
-from eventrun.engine.errors import InvocationNotFound
+from eventrun.engine.errors import InvocationNotFound, StoreError
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.recount import Recount
 from eventrun.triggers.http import invocation_json
@@ -161,12 +161,22 @@ class Deliverer:
             self._wake.set()  # its deliveries, if any, are in the outbox already
 
     async def _deliver_forever(self) -> None:
+        failures = 0  # rounds failed in a row
         while True:
             try:
                 wait = await self._round()
-            except Exception:  # the store unreachable, say: look again in a while
+            except StoreError as exc:  # the store cannot serve now: look again in a while, and say so once
+                if not failures:
+                    logger.warning("reading the outbox failed (%s); trying again every %gs", exc, self._poll)
+                failures += 1
+                wait = self._poll
+            except Exception:  # eventrun's own failure: its traceback, each time
                 logger.exception("reading the outbox failed")
                 wait = self._poll
+            else:
+                if failures:
+                    logger.warning("the outbox is read again, after %d failed rounds", failures)
+                failures = 0
             if wait > 0:
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)

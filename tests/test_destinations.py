@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import logging
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from eventrun.destinations import Deliverer, DeliveryFailed, log_tail, signature
 from eventrun.engine.api import Delivery, Invocation, Outbox, Status
@@ -126,3 +130,37 @@ async def test_the_outbox_is_counted_in_the_background_at_most_once_a_poll() -> 
     await asyncio.sleep(0.01)
     assert (store.counts, deliverer.pending) == (1, 7), "one count, shown in /healthz and /metrics"
     assert deliverer.state()["pending"] == 7 and "eventrun_outbox_pending 7" in deliverer.metrics()
+
+
+async def test_an_outbox_the_store_cannot_read_is_logged_once_and_its_recovery_once(caplog: pytest.LogCaptureFixture) -> None:
+    # A PostgreSQL outage wrote a traceback every poll; now one line, then one when it reads again.
+    from eventrun.engine.errors import StoreError
+
+    class Down(OutboxStore):
+        failing = 3
+
+        async def next_delivery(self) -> float | None:
+            if self.failing:
+                self.failing -= 1
+                raise StoreError("the PostgreSQL store cannot serve this now (ConnectionRefusedError)")
+            return await super().next_delivery()
+
+    store = Down(next_in=None)
+    deliverer = deliverer_on(store, {})
+    deliverer._poll = 0.01
+    with caplog.at_level(logging.WARNING, logger="eventrun.destinations"):
+        task = asyncio.create_task(deliverer._deliver_forever())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not store.failing:
+                break
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if m.startswith("reading the outbox failed")] == [
+        "reading the outbox failed (the PostgreSQL store cannot serve this now (ConnectionRefusedError)); trying again every 0.01s"
+    ]
+    assert "the outbox is read again, after 3 failed rounds" in messages
+    assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"

@@ -278,6 +278,7 @@ class PostgresStore:
                 "INSERT INTO destinations (function, kind, target) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", rows
             )
 
+    @_refusal_as_store_error
     async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
         """Up to `limit` due deliveries, oldest first, held for this node for `lease` seconds
         (another node takes them if it does not settle them by then)."""
@@ -290,6 +291,7 @@ class PostgresStore:
         )
         return sorted(Delivery(*r) for r in rows)
 
+    @_refusal_as_store_error
     async def settle_delivery(
         self, delivery_id: int, *, retry_in: float | None = None, error: str | None = None, give_up: bool = False
     ) -> None:
@@ -309,6 +311,7 @@ class PostgresStore:
             "UPDATE outbox SET owner = NULL, due_at = now() WHERE owner = $1 AND NOT gave_up", self.node_id
         )
 
+    @_refusal_as_store_error
     async def outbox(self) -> Outbox:
         """How many deliveries are pending and given up (a pass over the outbox; when the next is
         due comes from next_delivery())."""
@@ -318,6 +321,7 @@ class PostgresStore:
         assert row is not None  # (an aggregate always has its one row)
         return Outbox(row[0], row[1])
 
+    @_refusal_as_store_error
     async def next_delivery(self) -> float | None:
         """Seconds until the next pending delivery is due (<= 0: due now), None if none is pending
         (the index of pending deliveries by due time: no pass over the outbox)."""

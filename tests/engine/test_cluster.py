@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any, Sequence
 
 import pytest
 
+from eventrun.engine import cluster
 from eventrun.engine.cluster import LogShipper, node_lost
 
 
@@ -44,6 +47,40 @@ async def test_lines_that_could_not_be_shipped_go_with_the_next_try() -> None:
     store.down = False
     await shipper.flush()
     assert store.shipped == [[("r1", b"a\nb\n")]]
+
+
+async def test_a_store_that_is_down_is_tried_less_and_less_often_and_logged_once_a_while(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An outage used to write a warning every 0.1 s, and try as often.
+    monkeypatch.setattr(cluster, "SHIP_MOST", 0.08)
+    monkeypatch.setattr(cluster, "SHIP_LOG_EVERY", 0.3)
+    store = FakeStore()
+    tries = 0
+    real = store.append_logs
+
+    async def counted(chunks: Sequence[tuple[str, bytes]]) -> None:
+        nonlocal tries
+        tries += 1
+        await real(chunks)
+
+    store.append_logs = counted  # type: ignore[method-assign]
+    shipper = LogShipper(store, interval=0.01)  # type: ignore[arg-type]
+    shipper.add("r1", b"a\n")
+    store.down = True
+    with caplog.at_level(logging.WARNING, logger="eventrun.engine.cluster"):
+        shipper.start()
+        await asyncio.sleep(0.7)
+        down_tries = tries
+        store.down = False
+        await asyncio.sleep(0.2)
+        await shipper.stop()
+    # Every 0.01 s that would be 70 tries; doubling from 0.01 s up to 0.08 s, about a dozen.
+    assert 3 <= down_tries <= 15, down_tries
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shipping log lines to the store failed")]
+    assert 1 <= len(failed) <= 3, failed  # 0.7 s of failures, a line at most every 0.3 s
+    assert any(r.getMessage().startswith("log lines are shipped to the store again") for r in caplog.records)
+    assert store.shipped == [[("r1", b"a\n")]]
 
 
 def test_a_lost_node_s_runs_say_which_node_and_that_nothing_was_retried() -> None:
