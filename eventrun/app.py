@@ -147,8 +147,9 @@ def serve(config_path: Path | None) -> int:
     try:
         asyncio.run(main())
     except EventrunError as exc:
-        where = f"{config_path}: " if config_path is not None else ""
-        print(f"eventrun: {where}{exc}", file=sys.stderr)
+        # The manifest was read; what stops the start now is where it points (the store, the
+        # data_dir, the node id), which the message names, whether the file or a variable set it.
+        print(f"eventrun: cannot start: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"eventrun: cannot serve: {exc}", file=sys.stderr)

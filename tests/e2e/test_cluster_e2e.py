@@ -268,7 +268,7 @@ async def test_a_node_id_held_by_a_live_node_is_refused(cluster: Cluster, eventr
         start=False,
     )
     assert twin.run_to_exit() == 2
-    assert "node id 'node-1' is held by a live node" in twin.stderr_text()
+    assert "eventrun: cannot start: node id 'node-1' is held by a live node" in twin.stderr_text()
 
 
 async def _nothing(rows: Any) -> bool:
