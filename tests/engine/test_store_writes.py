@@ -81,9 +81,10 @@ async def test_one_commit_answers_every_op_as_if_alone(conn: sqlite3.Connection)
         ops(
             ("accept", [first]),
             ("accept", [again, repeat]),  # both known by now: the answers name the first RequestIds
-            ("running", (known.request_id, now_rfc3339())),
-            ("running", (first.request_id, now_rfc3339())),
-            ("running", (known.request_id, now_rfc3339())),  # already running: False
+            ("running", (known.request_id, "2026-12-06T10:00:00.000Z")),
+            ("running", (first.request_id, "2026-12-06T10:00:00.001Z")),
+            ("running", (known.request_id, "2026-12-06T10:00:00.002Z")),  # already running: False
+            ("running", (first.request_id, "2026-12-06T10:00:00.001Z")),  # the same start, tried again: True
             ("finish", ending(known.request_id, Status.FINISHED, result={"n": 1})),
             ("finish", ending(known.request_id, Status.ABORTED)),  # ended already: False
             ("finish", ending("no-such-run", Status.FAILED)),
@@ -95,6 +96,7 @@ async def test_one_commit_answers_every_op_as_if_alone(conn: sqlite3.Connection)
         (True, True),
         (True, True),
         (True, False),
+        (True, True),
         (True, True),
         (True, False),
         (True, False),
