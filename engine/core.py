@@ -774,7 +774,7 @@ class Engine:
             raise InvocationEnded(request_id, invocation.status.value)
         if self.cluster is not None and request_id not in self._runs:
             return await self._terminate_in_cluster(invocation)
-        if self.dispatcher.remove(invocation.function, request_id):
+        if self._unqueue(invocation.function, request_id):
             outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
             await self._end(request_id, invocation.function, outcome, started=None)
             return await self.get(request_id)
@@ -787,6 +787,14 @@ class Engine:
         if task is not None:
             await asyncio.shield(asyncio.wait({task}))
         return await self.get(request_id)
+
+    def _unqueue(self, function: str, request_id: str) -> bool:
+        """Take a run that has not started out of its queue (with the time of a refused start it
+        waited to try again); False if it is no longer queued."""
+        if not self.dispatcher.remove(function, request_id):
+            return False
+        self._start_tried.pop(request_id, None)
+        return True
 
     async def _terminate_in_cluster(self, invocation: Invocation) -> Invocation:
         """Terminate a run this node does not run: unclaimed, it ends here; else its node is asked."""
@@ -802,7 +810,7 @@ class Engine:
                 return invocation
             raise InvocationEnded(request_id, invocation.status.value)
         if owner == self.node_id:  # claimed here a moment ago, not yet under way
-            if self.dispatcher.remove(invocation.function, request_id):
+            if self._unqueue(invocation.function, request_id):
                 outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
                 await self._end(request_id, invocation.function, outcome, started=None)
             return await self.wait(request_id, timeout=self.manifest.server.kill_grace + 10)
@@ -911,7 +919,6 @@ class Engine:
 
         `queued_only` (a shared store): record it only if no node has claimed the run yet.
         """
-        self._start_tried.pop(request_id, None)  # (a run ended while its refused start waited to be tried again)
         note = f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}"
         if outcome.status is not Status.FINISHED and not queued_only:
             self._note(request_id, note)

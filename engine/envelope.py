@@ -14,6 +14,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import orjson
 
+from .worker import JSON_DEPTH, MAX_RESULT_NESTING
+
 SPECVERSION = "1.0"
 
 
@@ -318,6 +320,18 @@ def dumps(value: Any) -> bytes:
 
 loads = orjson.loads
 """Parse JSON bytes or text (orjson's own function: no call in between on the hot paths)."""
+
+
+def too_deep_to_serve(result: Any) -> bool:
+    """Whether a run's result nests deeper than MAX_RESULT_NESTING levels, so that some answer
+    holding it could not be written: told by writing it as deep as the deepest one holds it."""
+    for _ in range(JSON_DEPTH - MAX_RESULT_NESTING):
+        result = [result]
+    try:
+        dumps(result)
+    except TypeError:  # orjson's "Recursion limit reached"
+        return True
+    return False
 
 
 JSONDecodeError = orjson.JSONDecodeError

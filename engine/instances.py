@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .api import Status
-from .envelope import dumps, loads
+from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
 from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, forkable
-from .worker import FRAME_MARK, JSON_DEPTH, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP, children_of
+from .worker import FRAME_MARK, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP, children_of
 
 logger = logging.getLogger(__name__)
 
@@ -356,13 +356,7 @@ def _nests_too_deep(text: str, result: Any) -> bool:
     """
     if text.count("[") + text.count("{") <= MAX_RESULT_NESTING + 1:  # (+ the frame's own brace)
         return False
-    for _ in range(JSON_DEPTH - MAX_RESULT_NESTING):
-        result = [result]
-    try:
-        dumps(result)
-    except TypeError:  # orjson's "Recursion limit reached"
-        return True
-    return False
+    return too_deep_to_serve(result)
 
 
 def _too_deep(frame: dict[str, Any]) -> dict[str, Any]:

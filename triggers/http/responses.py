@@ -9,14 +9,14 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from eventrun.engine.api import Invocation
-from eventrun.engine.envelope import dumps
+from eventrun.engine.envelope import dumps, too_deep_to_serve
 from eventrun.engine.errors import (
     EventrunError, FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound,
     ShuttingDown, StoreError,
     Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig
-from eventrun.engine.worker import JSON_DEPTH, MAX_RESULT_NESTING
+from eventrun.engine.worker import MAX_RESULT_NESTING
 
 # The one place HTTP status codes are chosen for engine errors (looked up along the MRO).
 ERROR_STATUS: dict[type[EventrunError], int] = {
@@ -62,19 +62,9 @@ def _servable(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     servable = {key: item if key == "Result" else _servable(item) for key, item in value.items()}
-    if "Result" in value and _nests_too_deep(value["Result"]):
+    if "Result" in value and too_deep_to_serve(value["Result"]):
         servable.update(UNSERVABLE_RESULT)
     return servable
-
-
-def _nests_too_deep(result: Any) -> bool:
-    for _ in range(JSON_DEPTH - MAX_RESULT_NESTING):  # as deep as the deepest document holds it
-        result = [result]
-    try:
-        dumps(result)
-    except TypeError:
-        return True
-    return False
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -98,16 +98,17 @@ async def invoke(request: web.Request) -> web.Response:
         raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {given!r}")
     body = await _read_body(request)
     key = request.headers.get("Idempotency-Key")
+    keyed = bool((key or "").strip())
     envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), key)
     run_async = config.async_execution or mode == "event"
     try:
         if run_async:
             accepted = await engine.accept(envelope)
             return json_response({"RequestId": accepted.request_id}, status=202, headers={"X-Request-Id": accepted.request_id})
-        invocation = await engine.call(envelope, unique=not (key or "").strip())
+        invocation = await engine.call(envelope, unique=not keyed)
     except Throttled:
         # qps_limit counts new events: a retry of one already accepted gets its run, as unthrottled.
-        earlier = await engine.accepted_before(envelope) if (key or "").strip() else None
+        earlier = await engine.accepted_before(envelope) if keyed else None
         if earlier is None:
             raise
         if run_async:
