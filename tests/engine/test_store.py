@@ -76,8 +76,9 @@ async def test_accepted_events_survive_reopening(tmp_path: Path) -> None:
 async def test_a_run_starts_once_and_ends_once(store: SQLiteStore) -> None:
     new = row("e1")
     await store.accept([new])
-    assert await store.mark_running(new.request_id, now_rfc3339())
-    assert not await store.mark_running(new.request_id, now_rfc3339())
+    # (distinct start times: a start at the same time is the same start, tried again)
+    assert await store.mark_running(new.request_id, "2026-01-01T00:00:00.000Z")
+    assert not await store.mark_running(new.request_id, "2026-01-01T00:00:00.001Z")
     assert await store.finish(new.request_id, Status.FINISHED, now_rfc3339(), result={"ok": [1, 2]})
     # A late second outcome (e.g. terminate racing the end) does not overwrite the first.
     assert not await store.finish(new.request_id, Status.ABORTED, now_rfc3339(), error_type="Aborted")
@@ -103,10 +104,11 @@ async def test_a_run_starts_with_the_envelope_kept_from_its_acceptance(
 
     with monkeypatch.context() as patched:
         patched.setattr(sqlite_store, "_find", no_reads)
-        assert await sqlite_store.begin(kept.request_id, now_rfc3339()) == kept.envelope
+        assert await sqlite_store.begin(kept.request_id, "2026-01-01T00:00:00.000Z") == kept.envelope
     assert len(sqlite_store._unstarted) == 1
     assert await sqlite_store.begin(terminated.request_id, now_rfc3339()) is None  # ended: read, and not started
-    assert await sqlite_store.begin(kept.request_id, now_rfc3339()) is None  # started once only
+    # started once only (a start at another time; at the same time it is the same start, tried again)
+    assert await sqlite_store.begin(kept.request_id, "2026-01-01T00:00:00.001Z") is None
 
 
 async def test_past_its_bounds_a_start_reads_its_envelope_from_the_store(tmp_path: Path) -> None:
