@@ -322,16 +322,25 @@ loads = orjson.loads
 """Parse JSON bytes or text (orjson's own function: no call in between on the hot paths)."""
 
 
-def too_deep_to_serve(result: Any) -> bool:
-    """Whether a run's result nests deeper than MAX_RESULT_NESTING levels, so that some answer
-    holding it could not be written: told by writing it as deep as the deepest one holds it."""
-    for _ in range(JSON_DEPTH - MAX_RESULT_NESTING):
-        result = [result]
+def nests_deeper(value: Any, levels: int, raw: bytes | None = None) -> bool:
+    """Whether `value` nests deeper than `levels` levels (at most JSON_DEPTH, what orjson writes):
+    told by writing it as deep as the deepest document holding it. `raw`, the JSON it was parsed
+    from, spares most values that: each level takes a bracket."""
+    if raw is not None and raw.count(b"[") + raw.count(b"{") <= levels:
+        return False
+    for _ in range(JSON_DEPTH - levels):
+        value = [value]
     try:
-        dumps(result)
+        dumps(value)
     except TypeError:  # orjson's "Recursion limit reached"
         return True
     return False
+
+
+def too_deep_to_serve(result: Any) -> bool:
+    """Whether a run's result nests deeper than MAX_RESULT_NESTING levels, so that some answer
+    holding it could not be written."""
+    return nests_deeper(result, MAX_RESULT_NESTING)
 
 
 JSONDecodeError = orjson.JSONDecodeError

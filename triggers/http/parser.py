@@ -6,16 +6,16 @@ import base64
 import re
 from typing import Any
 
-from eventrun.engine.envelope import Envelope, JSONDecodeError, dumps, loads, new_id
+from eventrun.engine.envelope import JSON_DEPTH, Envelope, JSONDecodeError, loads, nests_deeper, new_id
 from eventrun.engine.errors import InvalidParameter
 
 MAX_IDEMPOTENCY_KEY = 256
 _JSON_TYPE = re.compile(r"^application/([\w.+-]+\+)?json$")
 # curl -d sends JSON with this type unless told otherwise; accept the body if it parses.
 _MAYBE_JSON_TYPES = ("", "application/x-www-form-urlencoded")
-# orjson writes at most 254 levels of nesting and the envelope is one of them: data nested deeper
-# parses (orjson reads 1024) but could never be stored.
-MAX_NESTING = 253
+# orjson writes at most JSON_DEPTH levels of nesting and the envelope is one of them: data nested
+# deeper parses (orjson reads 1024) but could never be stored.
+MAX_NESTING = JSON_DEPTH - 1
 
 
 def to_envelope(function: str, body: bytes, content_type: str | None, idempotency_key: str | None) -> Envelope:
@@ -30,7 +30,7 @@ def to_envelope(function: str, body: bytes, content_type: str | None, idempotenc
                 data = loads(body)
             except JSONDecodeError as exc:
                 raise InvalidParameter(f"request body is not valid JSON: {exc}") from None
-            if _nests_too_deep(body, data):
+            if nests_deeper(data, MAX_NESTING, body):
                 raise InvalidParameter(f"request body nests deeper than {MAX_NESTING} levels")
     elif body:
         data = _parse_or_wrap(body, media_type, content_type)
@@ -51,17 +51,6 @@ def _check_utf8(name: str, value: str | None) -> None:
         raise InvalidParameter(f"{name} header: not valid UTF-8") from None
 
 
-def _nests_too_deep(body: bytes, data: Any) -> bool:
-    # Each level takes a bracket, so counting them (fast) spares most bodies the exact check.
-    if body.count(b"[") + body.count(b"{") <= MAX_NESTING:
-        return False
-    try:
-        dumps([data])  # data one level down, as in the envelope
-    except TypeError:  # orjson's "Recursion limit reached"
-        return True
-    return False
-
-
 def _parse_or_wrap(body: bytes, media_type: str, content_type: str | None) -> Any:
     if media_type in _MAYBE_JSON_TYPES:
         try:
@@ -69,6 +58,6 @@ def _parse_or_wrap(body: bytes, media_type: str, content_type: str | None) -> An
         except JSONDecodeError:
             pass
         else:
-            if not _nests_too_deep(body, data):
+            if not nests_deeper(data, MAX_NESTING, body):
                 return data
     return {"body_base64": base64.b64encode(body).decode("ascii"), "content_type": content_type}

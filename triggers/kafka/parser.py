@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any, Protocol, Sequence
 
 from eventrun.engine.envelope import (
+    JSON_DEPTH,
     SPECVERSION,
     Envelope,
     JSONDecodeError,
@@ -20,6 +21,7 @@ from eventrun.engine.envelope import (
     dumps,
     expand,
     loads,
+    nests_deeper,
     now_rfc3339,
     template_prefix,
 )
@@ -32,9 +34,9 @@ DEFAULT_MAX_JSON = 6 * 1024 * 1024
 """Values larger than this are handed over as `value_base64` instead of being parsed."""
 
 _CE_PREFIX = "ce_"
-# orjson writes at most 254 levels of nesting; the envelope holds a value two levels down
+# orjson writes at most JSON_DEPTH levels of nesting; the envelope holds a value two levels down
 # (envelope, data), so a value nested deeper parses but could never be stored: it is not JSON here.
-MAX_NESTING = 252
+MAX_NESTING = JSON_DEPTH - 2
 
 
 class RecordLike(Protocol):
@@ -132,7 +134,7 @@ def to_accept(
             try:
                 subject = _json_string(key.decode()).encode()
                 # That it is JSON (and not too deep to store) is all that is needed of it.
-                usual = not _nests_too_deep(value, loads(value))
+                usual = not nests_deeper(loads(value), MAX_NESTING, value)
             except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
                 usual = False
             if usual:
@@ -379,18 +381,7 @@ def _json(raw: bytes, max_json: int) -> Any:
         parsed = loads(raw)
     except (JSONDecodeError, ValueError, RecursionError):
         return _NOT_JSON
-    return _NOT_JSON if _nests_too_deep(raw, parsed) else parsed
-
-
-def _nests_too_deep(raw: bytes, parsed: Any) -> bool:
-    # Each level takes a bracket, so counting them (fast) spares most values the exact check.
-    if raw.count(b"[") + raw.count(b"{") <= MAX_NESTING:
-        return False
-    try:
-        dumps([[parsed]])  # the value as deep as the envelope holds it
-    except TypeError:  # orjson's "Recursion limit reached"
-        return True
-    return False
+    return _NOT_JSON if nests_deeper(parsed, MAX_NESTING, raw) else parsed
 
 
 def _text(raw: bytes) -> str | None:

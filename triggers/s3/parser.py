@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from eventrun.engine.envelope import Envelope, JSONDecodeError, dumps, loads
+from eventrun.engine.envelope import JSON_DEPTH, Envelope, JSONDecodeError, loads, nests_deeper
 from eventrun.engine.errors import InvalidParameter
 from eventrun.engine.manifest import FunctionConfig
 from eventrun.engine.manifest import S3Trigger as S3TriggerConfig
 
 TEST_EVENT = "s3:TestEvent"
-# orjson writes at most 254 levels of nesting; the envelope holds the record two levels down
-# (envelope, data), so a record nested deeper parses but could never be stored.
-MAX_NESTING = 252
+# orjson writes at most JSON_DEPTH levels of nesting; the envelope holds the record two levels
+# down (envelope, data), so a record nested deeper parses but could never be stored.
+MAX_NESTING = JSON_DEPTH - 2
 
 
 class BadNotification(InvalidParameter):
@@ -116,10 +116,8 @@ def parse_record(record: Any, *, where: str = "record") -> S3Event:
         raise BadNotification(f"{where}.s3.bucket.name: expected a string")
     if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
         raise BadNotification(f"{where}.s3.object.key: expected a string")
-    try:
-        dumps([[record]])  # the record as deep as the envelope holds it
-    except TypeError:  # orjson's "Recursion limit reached"
-        raise BadNotification(f"{where}: nests deeper than {MAX_NESTING} levels") from None
+    if nests_deeper(record, MAX_NESTING):
+        raise BadNotification(f"{where}: nests deeper than {MAX_NESTING} levels")
     size = obj.get("size")
     time = record.get("eventTime")
     return S3Event(
