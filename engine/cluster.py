@@ -29,6 +29,7 @@ from .api import SERVER_STOPPED, Status
 from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
 from .errors import StoreError
+from .logs import log_lines
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
 from .store import hold_lock
@@ -357,7 +358,7 @@ class Cluster:
                     logger.debug("following the log of %s: %s; reading again in %gs", request_id, exc, FOLLOW_RECHECK)
                     await asyncio.sleep(FOLLOW_RECHECK)
                     continue
-                for line in data.decode("utf-8", "replace").splitlines():
+                for line in log_lines(data):
                     yield line
                 if over:
                     return

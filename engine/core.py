@@ -11,6 +11,7 @@ import operator
 import os
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from .api import SERVER_STOPPED, Accepted, Invocation, Status
@@ -722,6 +723,12 @@ class Engine:
         if self.cluster is not None:
             return await self.cluster.read_log(request_id)
         return self.logs.read(request_id)
+
+    async def log_file(self, request_id: str) -> Path | None:
+        """The file holding the run's log so far, to be sent as it is; None where there is no
+        such file (nothing written yet, or a shared store, where read_log reads it)."""
+        await self.get(request_id)
+        return None if self.cluster is not None else self.logs.file(request_id)
 
     async def follow_log(self, request_id: str) -> AsyncIterator[str]:
         """Log lines so far, then live ones, ending when the run ends."""

@@ -12,8 +12,27 @@ from .envelope import now_rfc3339
 
 logger = logging.getLogger(__name__)
 
+FOLLOW_CHUNK = 1 << 20
+"""Bytes of a run's file a follower reads at a time: following a large log holds no more."""
+
+FOLLOWER_LAG = 1 << 20
+"""Bytes of live lines a follower may have waiting; past them it reads on from the run's file."""
+
+_Lines = tuple[list[str], "int | None", int]  # (stamped lines, their end in the run's file or None, their size)
 _END = None  # what a follower's queue receives when the run has ended
-FOLLOWER_BACKLOG = 10_000  # lines a slow follower may lag before it is cut off
+_BEHIND: _Lines = ([], None, 0)  # ... when it fell behind: the lines it missed are read from the file
+
+
+class _Follower:
+    """A follower's live lines, and how far behind it is."""
+
+    __slots__ = ("queue", "lag", "behind", "closed")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[_Lines | None] = asyncio.Queue()
+        self.lag = 0  # bytes of the lines in the queue
+        self.behind = False  # given no more lines until it has read the file
+        self.closed = False  # the run's log was closed since it subscribed: _END is queued
 
 
 class _OpenLog:
@@ -41,7 +60,7 @@ class LogHub:
             self._legacy = any(len(name) == 2 for name in os.listdir(directory))
         except OSError:
             self._legacy = False
-        self._followers: dict[str, set[asyncio.Queue[str | None]]] = {}
+        self._followers: dict[str, set[_Follower]] = {}
         self.sink: Callable[[str, bytes], None] | None = None  # given every byte written (a shared store)
 
     def path(self, request_id: str) -> Path:
@@ -141,7 +160,8 @@ class LogHub:
         log.size += len(data)
         if self.sink is not None:
             self.sink(request_id, data)
-        self._publish(request_id, stamped)
+        if request_id in self._followers:
+            self._publish(request_id, stamped, None if log.fd is None else log.size, len(data))
 
     def _cannot_write(self, request_id: str, log: _OpenLog, exc: OSError) -> None:
         """The run's file cannot be made or written (a full disk, no file descriptor left): the
@@ -174,12 +194,20 @@ class LogHub:
             if self.sink is not None:
                 self.remove(request_id)
         for follower in self._followers.pop(request_id, ()):
-            _offer(follower, _END)
+            follower.closed = True
+            follower.queue.put_nowait(_END)
 
     def close_all(self) -> None:
         """Close every open log (shutdown)."""
         for request_id in list(self._open):
             self.close(request_id)
+
+    def file(self, request_id: str) -> Path | None:
+        """The run's file, if it has one (a run that wrote nothing has none)."""
+        for path in (self.path(request_id), self._legacy_path(request_id)):
+            if path.is_file():
+                return path
+        return None
 
     def read(self, request_id: str) -> bytes:
         """The whole log so far ("" before the run started)."""
@@ -191,39 +219,79 @@ class LogHub:
         return b""
 
     async def follow(self, request_id: str, ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-        """Every line so far, then live lines until the run ends."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        # Subscribe and snapshot with no await in between: no line can fall in the gap.
-        self._followers.setdefault(request_id, set()).add(queue)
+        """Every line so far, then live lines until the run ends.
+
+        The lines so far are read from the run's file a chunk at a time, and so are the live
+        lines a slow follower falls behind on. Each batch of live lines carries where it ends in
+        the file, so none is given twice: those the follower read from the file already are passed over.
+        """
+        follower = _Follower()
+        self._followers.setdefault(request_id, set()).add(follower)
+        offset = 0
         try:
-            snapshot = self.read(request_id)
-            for line in snapshot.decode("utf-8", "replace").splitlines():
-                yield line
-            if await ended() and request_id not in self._open:  # (a close meanwhile leaves _END queued)
-                return
             while True:
-                live = await queue.get()
-                if live is None:  # _END: the run has ended
-                    return
-                yield live
+                # The file from `offset` to its end; no await between the last read and the queue.
+                while chunk := self._read_from(request_id, offset):
+                    offset += len(chunk)
+                    for line in log_lines(chunk):
+                        yield line
+                if not follower.closed and request_id not in self._open and await ended() and not follower.closed:
+                    return  # (ended before this follower subscribed: nothing more will come)
+                while (item := await follower.queue.get()) is not _BEHIND:
+                    if item is None:  # _END: the run has ended
+                        return
+                    lines, end, size = item
+                    follower.lag -= size
+                    if end is None or end > offset:
+                        for line in lines:
+                            yield line
+                        offset = end if end is not None else offset
+                follower.behind, follower.lag = False, 0  # (lines published from here are read or passed over)
         finally:
             followers = self._followers.get(request_id)
             if followers is not None:
-                followers.discard(queue)
+                followers.discard(follower)
                 if not followers:
                     del self._followers[request_id]
 
-    def _publish(self, request_id: str, lines: list[str]) -> None:
-        for follower in list(self._followers.get(request_id, ())):
-            if follower.qsize() + len(lines) > FOLLOWER_BACKLOG:
-                # A follower that cannot keep up is cut off rather than held in memory.
-                self._followers[request_id].discard(follower)
-                _offer(follower, "[eventrun] follower fell too far behind; read the log again to continue")
-                _offer(follower, _END)
+    def _read_from(self, request_id: str, offset: int) -> bytes:
+        """Whole lines of the run's file from `offset`, about FOLLOW_CHUNK bytes; b"" at its end."""
+        for path in (self.path(request_id), self._legacy_path(request_id)):
+            try:
+                with open(path, "rb") as file:
+                    file.seek(offset)
+                    data = file.read(FOLLOW_CHUNK)
+                    if len(data) == FOLLOW_CHUNK and not data.endswith(b"\n"):
+                        data += file.readline()  # the rest of the last line
+                    return data
+            except (FileNotFoundError, NotADirectoryError):  # (no file made: nothing written, or it could not be)
+                pass
+        return b""
+
+    def _publish(self, request_id: str, lines: list[str], end: int | None, size: int) -> None:
+        """Hand lines to the run's followers; `end`: where they end in its file (None: not in it)."""
+        followers = self._followers[request_id]
+        for follower in list(followers):
+            if follower.behind:
                 continue
-            for line in lines:
-                follower.put_nowait(line)
+            if follower.lag + size <= FOLLOWER_LAG:
+                follower.lag += size
+                follower.queue.put_nowait((lines, end, size))
+            elif end is not None:
+                follower.behind = True  # it reads these from the file, once it has taken what it has
+                follower.queue.put_nowait(_BEHIND)
+            else:
+                # Lines the file does not hold (it could not be written): a follower that cannot
+                # keep up is cut off rather than held in memory.
+                followers.discard(follower)
+                notice = f"{now_rfc3339()} [eventrun] follower fell too far behind; read the log again to continue"
+                follower.queue.put_nowait(([notice], None, 0))
+                follower.queue.put_nowait(_END)
 
 
-def _offer(queue: asyncio.Queue[str | None], item: str | None) -> None:
-    queue.put_nowait(item)
+def log_lines(chunk: bytes) -> list[str]:
+    """The lines of whole lines read from a run's log (split at line feeds only, as written)."""
+    text = chunk.decode("utf-8", "replace")
+    if not text:
+        return []
+    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")

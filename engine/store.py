@@ -487,6 +487,7 @@ def hold_lock(lock_path: Path, what: str) -> int:
 
 def _seq_cursor(cursor: str) -> int:
     value = decode_cursor(cursor, "seq")
-    if not value.isdigit():
+    # A run's row number: ASCII digits, within SQLite's 64-bit integers.
+    if not (value.isascii() and value.isdigit() and int(value) < 1 << 63):
         raise InvalidParameter(f"cursor {cursor!r} is not a cursor this server gave out")
     return int(value)

@@ -124,6 +124,33 @@ async def test_follow_streams_lines_live_and_ends_with_the_run(eventrun_server, 
     assert "\n".join(d for _, e, d in replay if e == "message") == text
 
 
+async def test_a_follower_gets_every_line_of_a_burst_and_a_progress_bar_as_written(eventrun_server, http, handler):
+    server = eventrun_server({"burst": {"handler": handler("burst")}})
+    api = server.client(http)
+    request_id = await api.accepted("burst", {"wait": 1.0, "lines": 60_000})
+
+    async with http.get(f"{server.url}/invocations/{request_id}/logs", params={"follow": "true"}) as response:
+        assert response.status == 200
+        body = (await asyncio.wait_for(response.read(), 60)).decode()
+    # Server-Sent Events as a browser reads them: a line ends at CR LF, CR or LF.
+    events, data, event = [], [], "message"
+    for line in re.split("\r\n|\r|\n", body):
+        if line == "":
+            if data:
+                events.append((event, "\n".join(data)))
+            event, data = "message", []
+        elif line.startswith("data: "):
+            data.append(line.removeprefix("data: "))
+        elif line.startswith("event: "):
+            event = line.removeprefix("event: ")
+    assert events[-1][0] == "end" and json.loads(events[-1][1])["Status"] == "FINISHED", events[-3:]
+    lines = [data.split(" ", 1)[1] for event, data in events[:-1]]
+    numbered = [line for line in lines if line.startswith("line ")]
+    assert numbered == [f"line {n}" for n in range(60_000)]  # every one, in order, none twice, not cut off
+    assert "progress 10%\nprogress 50%" in lines  # one line, as the browser shows it, nothing lost
+    assert lines[-1] == "tail"  # written after the burst, just before the run ended
+
+
 async def test_logs_survive_a_restart(eventrun_server, http, handler):
     server = eventrun_server({"sleepy": {"handler": handler("sleepy")}})
     api = server.client(http)

@@ -192,3 +192,104 @@ def test_a_log_file_that_stops_taking_writes_is_given_up_for_the_run(tmp_path: P
     assert [line.split(" ", 1)[1] for line in hub.read(request_id).decode().splitlines()] == ["kept"]
     assert sum("No space left on device" in r.getMessage() for r in caplog.records) == 1
     hub.write(new_id(), ["another run's log is written as before"])
+
+
+def _follow(hub: LogHub, request_id: str, ended: list[bool]) -> tuple[asyncio.Task[None], list[str]]:
+    """A follower of the run, as a task, and the lines it has seen (without their stamps); it
+    lets the loop turn once a line, as one sending each line to a client does."""
+    seen: list[str] = []
+
+    async def has_ended() -> bool:
+        return ended[0]
+
+    async def follow() -> None:
+        async for line in hub.follow(request_id, has_ended):
+            seen.append(line.split(" ", 1)[1])
+            await asyncio.sleep(0)
+
+    return asyncio.create_task(follow()), seen
+
+
+async def test_a_follower_that_joins_during_a_run_gets_the_lines_written_before_it_ends(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=1 << 20)
+    request_id = new_id()
+    hub.write(request_id, [f"early {n}" for n in range(1000)])
+    ended = [False]
+    follower, seen = _follow(hub, request_id, ended)
+    for _ in range(10):
+        await asyncio.sleep(0)  # the follower reads what the file holds, and is still sending it ...
+    assert 0 < len(seen) < 1000
+    hub.write(request_id, ["tail"])  # ... when the run writes its last line and ends
+    ended[0] = True
+    hub.close(request_id)
+    await asyncio.wait_for(follower, 5)
+    assert seen == [f"early {n}" for n in range(1000)] + ["tail"]
+
+
+async def test_a_follower_that_falls_behind_reads_on_from_the_file(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=64 << 20)
+    request_id = new_id()
+    ended = [False]
+    follower, seen = _follow(hub, request_id, ended)
+    await asyncio.sleep(0.01)
+    written = [f"line {n} " + "x" * 100 for n in range(30_000)]
+    for at in range(0, len(written), 500):  # 3 MiB in bursts, faster than the follower takes them
+        hub.write(request_id, written[at : at + 500])
+        if at % 5000 == 0:
+            await asyncio.sleep(0)
+    ended[0] = True
+    hub.close(request_id)
+    await asyncio.wait_for(follower, 10)
+    assert seen == written  # every line, in order, none twice, and not cut off
+
+
+async def test_a_follower_of_a_large_log_reads_it_a_chunk_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    hub = LogHub(tmp_path, limit=64 << 20)
+    request_id = new_id()
+    written = [f"line {n}" for n in range(5000)]
+    hub.write(request_id, written)
+    hub.close(request_id)
+    reads: list[int] = []
+    read_from = hub._read_from
+
+    def counted(request_id: str, offset: int) -> bytes:
+        data = read_from(request_id, offset)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr("eventrun.engine.logs.FOLLOW_CHUNK", 1000)
+    monkeypatch.setattr(hub, "_read_from", counted)
+    follower, seen = _follow(hub, request_id, [True])
+    await asyncio.wait_for(follower, 5)
+    assert seen == written
+    assert max(reads) < 1100 and len(reads) > 50  # whole lines, about a chunk at a time
+
+
+async def test_a_follower_gets_a_line_holding_a_carriage_return_as_one_line(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    request_id = new_id()
+    hub.write(request_id, ["progress 10%\rprogress 50%"])
+    ended = [False]
+    follower, seen = _follow(hub, request_id, ended)
+    await asyncio.sleep(0.01)
+    hub.write(request_id, ["done\r"])
+    ended[0] = True
+    hub.close(request_id)
+    await asyncio.wait_for(follower, 5)
+    assert seen == ["progress 10%\rprogress 50%", "done\r"]  # as the run wrote them, read or live
+
+
+async def test_a_follower_of_lines_no_file_holds_is_cut_off_rather_than_held(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=64 << 20)
+    request_id = new_id()
+    hub.path(request_id).parent.parent.write_text("a file where the run's folder would go")
+    ended = [False]
+    follower, seen = _follow(hub, request_id, ended)
+    await asyncio.sleep(0.01)
+    for _ in range(30):
+        hub.write(request_id, ["x" * 1000] * 100)  # 3 MB the follower does not take meanwhile
+    ended[0] = True
+    hub.close(request_id)
+    await asyncio.wait_for(follower, 5)
+    assert seen[-1] == "[eventrun] follower fell too far behind; read the log again to continue"
+    assert 0 < len(seen) - 1 < 3000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import pickle
 import sqlite3
@@ -172,6 +173,13 @@ async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> N
     assert [i.request_id for i in aborted] == [rows[0].request_id]
     with pytest.raises(InvalidParameter):
         (await store.list(cursor="not-a-cursor"))
+
+
+@pytest.mark.parametrize("value", ["seq:99999999999999999999999", "seq:9223372036854775808", "seq:\u00b2", "id:\u00b2"])
+async def test_a_forged_cursor_is_refused_as_one(store: SQLiteStore, value: str) -> None:
+    cursor = base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+    with pytest.raises(InvalidParameter, match="is not a cursor this server gave out"):
+        await store.list(cursor=cursor)
 
 
 async def test_trigger_state_is_remembered(store: SQLiteStore) -> None:

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -77,6 +78,7 @@ class FakeEngine:
         self.log_lines: list[str] = []
         self.log_gate: asyncio.Event | None = None  # when set, the log pauses until this is set
         self.log_error: Exception | None = None  # raised by the log after its lines
+        self.log_path: Path | None = None  # the log's file, if it has one
         self.health_error: Exception | None = None
 
     async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
@@ -151,6 +153,10 @@ class FakeEngine:
     async def read_log(self, request_id: str) -> bytes:
         await self.get(request_id)
         return "".join(f"{line}\n" for line in self.log_lines).encode()
+
+    async def log_file(self, request_id: str) -> Path | None:
+        await self.get(request_id)
+        return self.log_path
 
     async def follow_log(self, request_id: str) -> AsyncIterator[str]:
         await self.get(request_id)
@@ -548,6 +554,21 @@ async def test_logs_as_plain_text(client: TestClient, engine: FakeEngine) -> Non
     assert await response.text() == "2024-05-01T10:00:01Z hello\n2024-05-01T10:00:02Z bye\n"
 
 
+async def test_a_log_file_is_sent_as_it_is_not_read_into_memory(
+    client: TestClient, engine: FakeEngine, tmp_path: Path
+) -> None:
+    engine.invocations["r1"] = _invocation("r1")
+    engine.log_path = tmp_path / "r1.log"
+    engine.log_path.write_bytes(b"2024-05-01T10:00:01Z from the file\n" * 1000)
+    engine.log_lines = ["not read: the file is sent"]
+    response = await client.get("/invocations/r1/logs")
+    assert response.status == 200
+    assert response.content_type == "text/plain" and response.charset == "utf-8"
+    assert await response.read() == engine.log_path.read_bytes()
+    part = await client.get("/invocations/r1/logs", headers={"Range": "bytes=0-19"})  # a file's, so ranges too
+    assert part.status == 206 and await part.read() == b"2024-05-01T10:00:01Z"
+
+
 @pytest.mark.parametrize("follow", ["true", "false"])
 async def test_logs_unknown_invocation_is_404(client: TestClient, follow: str) -> None:
     response = await client.get("/invocations/missing/logs", params={"follow": follow})
@@ -564,7 +585,7 @@ async def test_logs_bad_follow_is_400(client: TestClient, engine: FakeEngine) ->
 
 async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine: FakeEngine) -> None:
     engine.invocations["r1"] = _invocation("r1", Status.FAILED)
-    engine.log_lines = ["t1 first", "t2 two\nlines"]
+    engine.log_lines = ["t1 first", "t2 two\nlines", "t3 10%\r50%\r\n"]
     response = await client.get("/invocations/r1/logs", params={"follow": "true"})
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
@@ -572,6 +593,7 @@ async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine
     assert await response.text() == (
         "data: t1 first\n\n"
         "data: t2 two\ndata: lines\n\n"
+        "data: t3 10%\ndata: 50%\ndata: \n\n"  # a carriage return ends a field too: none is sent raw
         'event: end\ndata: {"RequestId":"r1","Status":"FAILED"}\n\n'
     )
 

@@ -265,7 +265,11 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     await engine.get(request_id)  # a 404 must be sent before a stream's headers are
     if follow in _TRUE:
         return await stream_logs(request, engine, request_id, request.app[_CLOSING_KEY])
-    return web.Response(body=await engine.read_log(request_id), headers={hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"})
+    headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"}
+    file = await engine.log_file(request_id)
+    if file is not None:  # sent from the file as it is, not read into memory first (up to log_limit)
+        return web.FileResponse(file, headers=headers)
+    return web.Response(body=await engine.read_log(request_id), headers=headers)
 
 
 async def terminate(request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from eventrun.engine.core import Engine
 
 logger = logging.getLogger(__name__)
+
+_FIELD_ENDS = re.compile("\r\n|\r|\n")
 
 SSE_KEEPALIVE = 15.0
 """Seconds of silence after which a log stream sends a comment line, so proxies keep it open."""
@@ -85,8 +88,9 @@ async def _pump(response: web.StreamResponse, lines: AsyncIterator[str], closing
                     pending = None
                     return True
                 pending = None
-                # A field may not hold a newline; SSE joins consecutive data fields with one.
-                fields = "".join(f"data: {part}\n" for part in line.split("\n"))
+                # A field ends at a line feed or a carriage return (a progress bar's): each part
+                # goes in a field of its own, and the client joins them with line feeds.
+                fields = "".join(f"data: {part}\n" for part in _FIELD_ENDS.split(line))
                 await response.write(f"{fields}\n".encode())
             elif closing in done:
                 return False
