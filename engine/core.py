@@ -631,7 +631,13 @@ class Engine:
                 break
         if dry_run:
             return [(request_id, None) for request_id in picked]
-        return [(request_id, (await self.replay(request_id)).request_id) for request_id in picked]
+        pairs: list[tuple[str, str | None]] = []
+        for request_id in picked:
+            try:
+                pairs.append((request_id, (await self.replay(request_id)).request_id))
+            except InvocationNotFound:
+                continue  # deleted since it was picked (retention): there is nothing left to replay
+        return pairs
 
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
         """The run a run replays, and the runs that replay it."""
