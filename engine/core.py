@@ -350,7 +350,8 @@ class Engine:
         await self.stop()
 
     def add_listener(self, listener: Listener) -> None:
-        """Call `listener(invocation)` whenever a run ends."""
+        """Call `listener(invocation)` whenever a run's end is recorded (and with it what the end
+        owes, e.g. its deliveries in the outbox): a sync call's once its record, written behind it, is."""
         self._listeners.append(listener)
 
     def on_stopping(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -572,7 +573,9 @@ class Engine:
                 self._refused_records.recovered("the store records sync calls' records again")
                 self._behind_refused = 0
             if step == "end" and request_id not in self._unsent:  # (not sent again meanwhile: written)
-                self._behind.pop(request_id, None)
+                written_behind = self._behind.pop(request_id, None)
+                if written_behind is not None and self._listeners:
+                    self._notify(written_behind.invocation)  # its deliveries are in the outbox now
             return
         if step == "end":
             self._behind.pop(request_id, None)
@@ -952,7 +955,7 @@ class Engine:
             seconds = time.monotonic() - started if started is not None else None
             self.metrics.observe_end(function, outcome.status, seconds)
         self._wake_waiters(request_id)
-        if recorded and self._listeners:
+        if recorded and self._listeners and behind is None:  # (one behind: once its end is written)
             self._notify(await self.get(request_id))
         return recorded
 
