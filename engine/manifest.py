@@ -313,8 +313,36 @@ TRIGGER_TYPES: tuple[str, ...] = tuple(
 
 
 def _http_url(value: str) -> str:
-    if value and not re.match(r"^https?://[^/\s]+", value):
+    if not value:
+        return value
+    if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    # What the HTTP client would fail on at every delivery. Not echoed: a receiver's URL may
+    # hold its credentials (userinfo, a token in the query).
+    if re.search(r"\s", value):
+        raise ValueError("not a valid URL: it holds a space")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError("not a valid URL: it names no host")
+    if port == 0:
+        raise ValueError("not a valid URL: port 0 (expected 1 to 65535)")
+    return value
+
+
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _kafka_topic(value: str) -> str:
+    if value and (not _KAFKA_TOPIC.fullmatch(value) or value in (".", "..")):
+        if len(value) > 249:
+            raise ValueError(f"a Kafka topic name has at most 249 characters, got {len(value)}")
+        raise ValueError(
+            f"expected a Kafka topic name (letters, digits, '.', '_' and '-'; not '.' or '..'), got {value!r}"
+        )
     return value
 
 
@@ -325,6 +353,7 @@ class OnFailure(_Strict):
     kafka_topic: str = ""
 
     _url = field_validator("url")(_http_url)
+    _topic = field_validator("kafka_topic")(_kafka_topic)
 
     @model_validator(mode="after")
     def _one_target(self) -> OnFailure:

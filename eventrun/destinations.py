@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import logging
 import time
+import urllib.parse
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 LOG_TAIL = 4096  # bytes of a failed run's log sent with its record (cut to whole lines)
 GIVE_UP_AFTER = 24 * 3600.0  # seconds after the run's end; a delivery failing that long is given up
 RETRYABLE_STATUSES = frozenset({408, 425, 429})  # 4xx answers that may go the next time
+ANSWER_PREFIX = 256  # bytes of a refusing receiver's answer read for the log (the rest is not read)
 
 
 class Undeliverable(Exception):
@@ -75,6 +77,7 @@ class Deliverer:
         self._attempts: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._producer: Any = None  # an AIOKafkaProducer, made at the first Kafka delivery
+        self._starting: asyncio.Task[Any] | None = None  # its start, shared by the deliveries waiting for it
         self.sent = 0
         self.failed = 0  # attempts that failed (and will be tried again)
         self.given_up = 0
@@ -114,6 +117,10 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            starting.cancel()  # (a producer it made is stopped by it)
+            await asyncio.gather(starting, return_exceptions=True)
         if self._producer is not None:
             producer, self._producer = self._producer, None
             await producer.stop()
@@ -128,7 +135,11 @@ class Deliverer:
 
     def state(self) -> dict[str, Any]:
         """Figures for /healthz."""
-        destinations = {name: dict(f.destinations) for name, f in self._manifest.functions.items() if f.destinations}
+        destinations = {
+            name: {kind: shown_target(target) for kind, target in f.destinations}
+            for name, f in self._manifest.functions.items()
+            if f.destinations
+        }
         return {
             "destinations": destinations,
             "pending": self.pending,
@@ -210,11 +221,12 @@ class Deliverer:
         return self._in_flight - len(self._attempts)
 
     async def _attempt(self, delivery: Delivery) -> None:
+        target = shown_target(delivery.target)
         try:
             await self._make(delivery)
         except Undeliverable as exc:
             self.given_up += 1
-            logger.error("gave up delivering %s of %s to %s: %s", delivery.kind, delivery.request_id, delivery.target, exc)
+            logger.error("gave up delivering %s of %s to %s: %s", delivery.kind, delivery.request_id, target, exc)
             await self._settle(delivery, error=str(exc), give_up=True)
         except Exception as exc:
             problem = _describe(exc)
@@ -222,7 +234,7 @@ class Deliverer:
                 self.given_up += 1
                 logger.error(
                     "gave up delivering %s of %s to %s after %d attempts over %s: %s",
-                    delivery.kind, delivery.request_id, delivery.target, delivery.attempts + 1, "24h", problem,
+                    delivery.kind, delivery.request_id, target, delivery.attempts + 1, "24h", problem,
                 )
                 await self._settle(delivery, error=problem, give_up=True)
             else:
@@ -230,7 +242,7 @@ class Deliverer:
                 retry_in = min(self._max_backoff, self._backoff * 2**delivery.attempts)
                 logger.warning(
                     "delivering %s of %s to %s failed (attempt %d; next in %.0fs): %s",
-                    delivery.kind, delivery.request_id, delivery.target, delivery.attempts + 1, retry_in, problem,
+                    delivery.kind, delivery.request_id, target, delivery.attempts + 1, retry_in, problem,
                 )
                 await self._settle(delivery, error=problem, retry_in=retry_in)
         else:
@@ -270,22 +282,46 @@ class Deliverer:
         else:
             await self._post(delivery, body)
 
+    def _secret(self, delivery: Delivery) -> str:
+        """What signs a delivery to a URL: its function's callback_secret, as the manifest has it now.
+
+        The outbox keeps no secrets, so a function gone from the manifest took its secret with
+        it: rather than go unsigned, its delivery fails like an attempt the receiver did not
+        take, and goes (signed) once a manifest has the function again, or is given up a day
+        after the run's end.
+        """
+        function = self._manifest.functions.get(delivery.function)
+        if function is None:
+            raise DeliveryFailed(
+                f"function {delivery.function!r} is no longer in the manifest, so its callback_secret"
+                " is not known: not sent unsigned"
+            )
+        return function.callback_secret.get_secret_value()
+
     async def _post(self, delivery: Delivery, body: bytes) -> None:
         assert self._session is not None
+        secret = self._secret(delivery)
         headers = {
             "Content-Type": "application/json",
             "X-Request-Id": delivery.request_id,
             "X-Eventrun-Delivery": delivery.kind,
             "X-Eventrun-Attempt": str(delivery.attempts + 1),
         }
-        function = self._manifest.functions.get(delivery.function)
-        secret = function.callback_secret.get_secret_value() if function is not None else ""
         if secret:
             headers["X-Eventrun-Signature"] = signature(secret, body)
-        async with self._session.post(delivery.target, data=body, headers=headers) as response:
+        # A redirect is not followed: 301 to 303 would turn the POST into a GET without its
+        # body (answered 200, so counted as delivered), and any would carry it, signed, elsewhere.
+        async with self._session.post(delivery.target, data=body, headers=headers, allow_redirects=False) as response:
             if response.status < 300:
                 return
-            text = (await response.text(errors="replace"))[:200]
+            if response.status < 400:
+                location = response.headers.get("Location", "")
+                to = f" to {shown_target(location)}" if location else ""
+                raise Undeliverable(
+                    f"HTTP {response.status} redirect{to}: redirects are not followed;"
+                    " set the URL that takes the POST itself"
+                )
+            text = await _answer_prefix(response)
             problem = f"HTTP {response.status} {text}".strip()
             if 400 <= response.status < 500 and response.status not in RETRYABLE_STATUSES:
                 raise Undeliverable(problem)
@@ -299,31 +335,42 @@ class Deliverer:
                 producer.send_and_wait(topic, body, key=delivery.request_id.encode(), headers=headers), self._timeout
             )
         except Exception:
-            # A producer that failed may be stuck on a broker gone away: the next attempt starts afresh.
-            self._producer = None
-            await asyncio.shield(producer.stop())
+            # A producer that failed may be stuck on a broker gone away: the next attempt starts
+            # afresh (the first of the attempts failing on it stops it).
+            if self._producer is producer:
+                self._producer = None
+                await asyncio.shield(producer.stop())
             raise
 
     async def _kafka(self) -> Any:
-        if self._producer is None:
-            from aiokafka import AIOKafkaProducer
+        """The producer, started at the first Kafka delivery; deliveries that come while it
+        starts wait for that start rather than make producers of their own."""
+        if self._producer is not None:
+            return self._producer
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._start_producer(), name="deliveries' kafka producer")
+        # Shielded: a delivery cut off while waiting leaves the start to the others.
+        return await asyncio.shield(self._starting)
 
-            from eventrun.triggers.kafka.security import connection_options
+    async def _start_producer(self) -> Any:
+        from aiokafka import AIOKafkaProducer
 
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._manifest.kafka.bootstrap_servers,
-                **connection_options(self._manifest),
-                client_id="eventrun-destinations",
-                acks="all",
-                request_timeout_ms=int(self._timeout * 1000),
-            )
-            try:
-                await asyncio.wait_for(producer.start(), self._timeout)
-            except BaseException:
-                await asyncio.shield(producer.stop())
-                raise
-            self._producer = producer
-        return self._producer
+        from eventrun.triggers.kafka.security import connection_options
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._manifest.kafka.bootstrap_servers,
+            **connection_options(self._manifest),
+            client_id="eventrun-destinations",
+            acks="all",
+            request_timeout_ms=int(self._timeout * 1000),
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self._timeout)
+        except BaseException:
+            await asyncio.shield(producer.stop())
+            raise
+        self._producer = producer
+        return producer
 
 
 def signature(secret: str, body: bytes, now: float | None = None) -> str:
@@ -336,6 +383,22 @@ def signature(secret: str, body: bytes, now: float | None = None) -> str:
     return f"t={stamp},v1={digest}"
 
 
+def shown_target(target: str) -> str:
+    """A destination as /healthz and the log show it: a URL as scheme://host[:port]/path, without
+    the userinfo, query and fragment that may hold a receiver's credentials; a Kafka topic as is."""
+    if target.startswith("kafka:"):
+        return target
+    try:
+        parts = urllib.parse.urlsplit(target)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # (the manifest refuses such a URL; a Location header may be anything)
+        return "(a URL that cannot be read)"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def log_tail(log: bytes, limit: int = LOG_TAIL) -> str:
     """The end of a log, at most `limit` bytes, starting at a line."""
     if len(log) > limit:
@@ -344,6 +407,18 @@ def log_tail(log: bytes, limit: int = LOG_TAIL) -> str:
         if 0 <= cut < len(log) - 1:
             log = log[cut + 1 :]
     return log.decode("utf-8", errors="replace")
+
+
+async def _answer_prefix(response: aiohttp.ClientResponse, limit: int = ANSWER_PREFIX) -> str:
+    """The start of a receiver's answer, at most `limit` bytes, on one line (what is left unread
+    is dropped with the connection when the response is released)."""
+    prefix = b""
+    while len(prefix) < limit:
+        chunk = await response.content.read(limit - len(prefix))
+        if not chunk:
+            break
+        prefix += chunk
+    return " ".join(prefix.decode("utf-8", errors="replace").split())
 
 
 def _age(invocation: Invocation) -> float:

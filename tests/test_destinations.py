@@ -7,13 +7,18 @@ import contextlib
 import hashlib
 import hmac
 import logging
+from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, AsyncIterator
 
+import aiohttp
 import pytest
+from aiohttp import web
+from pydantic import SecretStr
 
-from eventrun.destinations import Deliverer, DeliveryFailed, log_tail, signature
+from eventrun.destinations import Deliverer, DeliveryFailed, Undeliverable, log_tail, shown_target, signature
 from eventrun.engine.api import Delivery, Invocation, Outbox, Status
+from eventrun.engine.manifest import KafkaConfig
 
 
 def test_the_signature_covers_the_time_and_the_body() -> None:
@@ -164,3 +169,212 @@ async def test_an_outbox_the_store_cannot_read_is_logged_once_and_its_recovery_o
     ]
     assert "the outbox is read again, after 3 failed rounds" in messages
     assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"
+
+
+# -- one delivery to a URL, against a local receiver ------------------------------------------
+
+RECENT = "2999-01-01T00:00:00.000Z"  # a run's end that is not a day old
+REQUEST_ID = "01a2461d-5009-7000-b391-852c8a6cf159"
+
+
+@dataclass
+class Hooks:
+    """A local receiver: /ok takes a POST (and a GET), /moved/{status} redirects to /ok, /endless
+    refuses with an answer that never ends."""
+
+    url: str = ""
+    seen: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)  # method, path, headers, body
+
+
+@pytest.fixture
+async def hooks() -> AsyncIterator[Hooks]:
+    """The receiver, listening on a free port."""
+    found = Hooks()
+    done = asyncio.Event()
+
+    async def record(request: web.Request) -> None:
+        found.seen.append((request.method, request.path, dict(request.headers), await request.read()))
+
+    async def ok(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(status=204 if request.method == "POST" else 200)
+
+    async def moved(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(status=int(request.match_info["status"]), headers={"Location": "/ok?token=t0k3n"})
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        response = web.StreamResponse(status=500)
+        await response.prepare(request)
+        await response.write(b"busy " * 20_000)
+        await done.wait()  # the rest never comes
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/ok", ok)
+    app.router.add_post("/moved/{status}", moved)
+    app.router.add_post("/endless", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    found.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        yield found
+    finally:
+        done.set()
+        await runner.cleanup()
+
+
+def posting_function(secret: str = "") -> SimpleNamespace:
+    return SimpleNamespace(callback_secret=SecretStr(secret), destinations=[])
+
+
+@contextlib.asynccontextmanager
+async def posting(functions: dict[str, Any], store: FakeStore | None = None) -> AsyncIterator[Deliverer]:
+    """A deliverer with its HTTP session, for the functions given, over a store of recent ends."""
+    store = store or FakeStore(RECENT)
+    engine = SimpleNamespace(store=store, get=store.get)
+    deliverer = Deliverer(engine, SimpleNamespace(functions=functions), timeout=5.0)  # type: ignore[arg-type]
+    deliverer._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+    try:
+        yield deliverer
+    finally:
+        await deliverer._session.close()
+
+
+def to(url: str, function: str = "f", attempts: int = 0) -> Delivery:
+    return Delivery(1, REQUEST_ID, function, "callback", url, attempts)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307])
+async def test_a_redirect_is_not_followed_and_the_delivery_is_given_up(hooks: Hooks, status: int) -> None:
+    # Followed, 301 to 303 turned the POST into a GET without its body, answered 200: counted delivered.
+    store = FakeStore(RECENT)
+    async with posting({"f": posting_function()}, store) as deliverer:
+        await deliverer._attempt(to(f"{hooks.url}/moved/{status}"))
+    assert [(method, path) for method, path, _, _ in hooks.seen] == [("POST", f"/moved/{status}")]
+    assert store.settled == [
+        {
+            "error": f"HTTP {status} redirect to /ok: redirects are not followed; set the URL that takes the POST itself",
+            "give_up": True,
+        }
+    ]
+    assert (deliverer.sent, deliverer.given_up) == (0, 1)
+
+
+async def test_a_refusing_answer_is_read_no_further_than_its_start(hooks: Hooks) -> None:
+    async with posting({"f": posting_function()}) as deliverer:
+        with pytest.raises(DeliveryFailed) as info:
+            # (an answer read to its end would wait here for ever, and grow without bound)
+            await asyncio.wait_for(deliverer._post(to(f"{hooks.url}/endless"), b"{}"), 3)
+    problem = str(info.value)
+    assert problem.startswith("HTTP 500 busy busy busy") and len(problem) <= len("HTTP 500 ") + 256, problem
+
+
+def test_a_destination_is_shown_without_its_credentials() -> None:
+    assert shown_target("https://user:pw@Hooks.example.com:8443/done/x?token=t0k3n#frag") == "https://hooks.example.com:8443/done/x"
+    assert shown_target("http://[::1]:8080/hook?sig=abc") == "http://[::1]:8080/hook"
+    assert shown_target("https://hooks.example.com") == "https://hooks.example.com"
+    assert shown_target("/elsewhere?token=t0k3n") == "/elsewhere"
+    assert shown_target("kafka:transcode-failures") == "kafka:transcode-failures"
+    assert shown_target("http://[::1/x") == "(a URL that cannot be read)"
+
+
+async def test_healthz_and_the_log_show_a_callback_url_without_its_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    url = "https://user:hunter2@hooks.example.com/done?token=t0k3n"
+    functions = {"f": SimpleNamespace(destinations=[("callback", url), ("on_failure", "kafka:failures")])}
+    deliverer = Deliverer(SimpleNamespace(store=FakeStore(RECENT)), SimpleNamespace(functions=functions))  # type: ignore[arg-type]
+    assert deliverer.state()["destinations"] == {"f": {"callback": "https://hooks.example.com/done", "on_failure": "kafka:failures"}}
+
+    outcomes = [DeliveryFailed("HTTP 503 busy"), Undeliverable("HTTP 404 gone"), DeliveryFailed("HTTP 503 busy")]
+
+    async def make(_delivery: Delivery) -> None:
+        raise outcomes.pop(0)
+
+    deliverer._make = make  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="eventrun.destinations"):
+        await deliverer._attempt(to(url))  # failed, tried again
+        await deliverer._attempt(to(url))  # refused
+        deliverer._engine.store.ended_at = "2020-01-01T00:00:00.000Z"  # type: ignore[attr-defined]
+        await deliverer._attempt(to(url, attempts=200))  # failing for a day
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all(" to https://hooks.example.com/done" in line for line in lines), lines
+    assert not any("hunter2" in line or "t0k3n" in line for line in lines), lines
+
+
+async def test_a_delivery_owed_for_a_function_gone_from_the_manifest_is_not_sent_unsigned(hooks: Hooks) -> None:
+    store = FakeStore(RECENT)
+    async with posting({}, store) as deliverer:
+        await deliverer._attempt(to(f"{hooks.url}/ok", function="gone"))
+        assert hooks.seen == [], "its secret went with it: not sent unsigned"
+        assert store.settled == [
+            {
+                "error": "function 'gone' is no longer in the manifest, so its callback_secret is not known: not sent unsigned",
+                "retry_in": 1.0,
+            }
+        ]
+        # A manifest with the function again: the delivery goes, signed with its secret.
+        deliverer._manifest = SimpleNamespace(functions={"gone": posting_function("k")})  # type: ignore[assignment]
+        await deliverer._attempt(to(f"{hooks.url}/ok", function="gone", attempts=1))
+    ((method, _, headers, body),) = hooks.seen
+    stamp = dict(part.split("=", 1) for part in headers["X-Eventrun-Signature"].split(","))["t"]
+    assert method == "POST" and headers["X-Eventrun-Signature"] == signature("k", body, now=int(stamp))
+    assert store.settled[-1] == {} and deliverer.sent == 1
+
+
+async def test_a_kafka_delivery_owed_for_a_function_gone_from_the_manifest_still_goes() -> None:
+    produced: list[str] = []
+    async with posting({}) as deliverer:
+
+        async def produce(_delivery: Delivery, topic: str, _body: bytes) -> None:
+            produced.append(topic)
+
+        deliverer._produce = produce  # type: ignore[method-assign]
+        await deliverer._make(Delivery(1, REQUEST_ID, "gone", "callback", "kafka:failures", 0))
+    assert produced == ["failures"], "a topic is not signed: nothing went with the function"
+
+
+# -- the Kafka producer -----------------------------------------------------------------------
+
+
+class FakeProducer:
+    """An AIOKafkaProducer whose start takes a moment, and fails while `failing` says so."""
+
+    made: list[FakeProducer] = []
+    failing = False
+
+    def __init__(self, **_options: Any) -> None:
+        self.made.append(self)
+        self.stopped = False
+
+    async def start(self) -> None:
+        await asyncio.sleep(0.05)
+        if self.failing:
+            raise ConnectionError("the broker is down")
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_deliveries_that_come_while_the_producer_starts_share_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiokafka
+
+    monkeypatch.setattr(FakeProducer, "made", [])
+    monkeypatch.setattr(aiokafka, "AIOKafkaProducer", FakeProducer)
+    manifest = SimpleNamespace(functions={}, kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9"))
+    deliverer = Deliverer(SimpleNamespace(store=None), manifest)  # type: ignore[arg-type]
+
+    producers = await asyncio.gather(*(deliverer._kafka() for _ in range(8)))
+    assert len(FakeProducer.made) == 1 and all(p is FakeProducer.made[0] for p in producers), "one producer, stopped at stop()"
+    assert await deliverer._kafka() is FakeProducer.made[0]
+
+    # A start that fails fails every delivery waiting for it, and the next makes a new producer.
+    deliverer._producer = None
+    monkeypatch.setattr(FakeProducer, "failing", True)
+    failures = await asyncio.gather(*(deliverer._kafka() for _ in range(4)), return_exceptions=True)
+    assert all(isinstance(f, ConnectionError) for f in failures) and len(FakeProducer.made) == 2
+    assert FakeProducer.made[1].stopped, "a producer that did not start is stopped"
+    monkeypatch.setattr(FakeProducer, "failing", False)
+    assert await deliverer._kafka() is FakeProducer.made[2]

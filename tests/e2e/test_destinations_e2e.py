@@ -29,6 +29,8 @@ class Delivered:
 
     headers: Mapping[str, str]  # (any case, as HTTP has it)
     body: bytes
+    method: str = "POST"
+    path: str = "/hook"
 
     @property
     def json(self) -> dict[str, Any]:
@@ -45,6 +47,7 @@ class Receiver:
 
     port: int = field(default_factory=free_port)
     status: int = 204  # what it answers
+    location: str = ""  # with a 3xx status: where it sends the request (/elsewhere takes a GET or a POST)
     got: list[Delivered] = field(default_factory=list)
     _runner: web.AppRunner | None = None
 
@@ -54,11 +57,17 @@ class Receiver:
 
     async def start(self) -> None:
         async def hook(request: web.Request) -> web.Response:
-            self.got.append(Delivered(request.headers.copy(), await request.read()))
-            return web.Response(status=self.status, text="no thanks" if self.status >= 400 else "")
+            self.got.append(Delivered(request.headers.copy(), await request.read(), request.method, request.path))
+            headers = {"Location": self.location} if self.location else None
+            return web.Response(status=self.status, text="no thanks" if self.status >= 400 else "", headers=headers)
+
+        async def elsewhere(request: web.Request) -> web.Response:
+            self.got.append(Delivered(request.headers.copy(), await request.read(), request.method, request.path))
+            return web.Response(status=200)
 
         app = web.Application()
         app.router.add_post("/hook", hook)
+        app.router.add_route("*", "/elsewhere", elsewhere)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -173,6 +182,28 @@ async def test_a_refused_delivery_is_given_up_not_retried(eventrun_server, http,
     assert len(receiver.of("on_failure", failed)) == 1
     assert (await deliveries(http, server.url))["pending"] == 0
     assert "gave up delivering on_failure" in server.stderr_text() and "HTTP 400 no thanks" in server.stderr_text()
+
+
+async def test_a_redirect_is_given_up_and_no_credential_of_the_url_is_shown(eventrun_server, http, receiver: Receiver) -> None:
+    # Followed, the 302 made the POST a GET without its body, answered 200: lost, counted as sent.
+    receiver.status, receiver.location = 302, "/elsewhere?sig=s1gn"
+    await receiver.start()
+    url = f"http://user:hunter2@127.0.0.1:{receiver.port}/hook?token=t0k3n"
+    server = eventrun_server({"quick": {"handler": handler("quick"), "callback_url": url}})
+    api = server.client(http)
+    ended = await api.accepted("quick", {})
+
+    async def given_up() -> bool:
+        return (await deliveries(http, server.url))["given_up"] == 1
+
+    await poll_until(given_up, 20, "the redirected callback was not given up")
+    assert [(d.method, d.path) for d in receiver.got] == [("POST", "/hook")], "a redirect is not followed"
+    figures = await deliveries(http, server.url)
+    assert (figures["sent"], figures["pending"]) == (0, 0)
+    assert figures["destinations"] == {"quick": {"callback": f"http://127.0.0.1:{receiver.port}/hook"}}
+    log = server.stderr_text()
+    assert f"gave up delivering callback of {ended} to http://127.0.0.1:{receiver.port}/hook: HTTP 302 redirect to /elsewhere: redirects are not followed" in log, log
+    assert not any(secret in log for secret in ("hunter2", "t0k3n", "s1gn")), log
 
 
 @BOTH_STORES

@@ -389,10 +389,33 @@ def test_destinations_are_read_in_order_callback_then_on_failure(write) -> None:
         ({"on_failure": '{ url = "http://x", kafka_topic = "t" }'}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
         ({"on_failure": "{}"}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
         ({"on_failure": '{ topic = "t" }'}, "functions.f.on_failure.topic: unknown key (did you mean 'kafka_topic'?)"),
+        # What the HTTP client or the Kafka producer would have failed on at every delivery:
+        ({"callback_url": '"http://127.0.0.1:99999/x"'}, "functions.f.callback_url: not a valid URL: Port out of range 0-65535"),
+        ({"callback_url": '"http://[::1/x"'}, "functions.f.callback_url: not a valid URL: Invalid IPv6 URL"),
+        ({"callback_url": '"http://hooks:0/x"'}, "functions.f.callback_url: not a valid URL: port 0 (expected 1 to 65535)"),
+        ({"callback_url": '"http://:8080/x"'}, "functions.f.callback_url: not a valid URL: it names no host"),
+        ({"callback_url": '"http://hooks example/x"'}, "functions.f.callback_url: not a valid URL: it holds a space"),
+        ({"on_failure": '{ url = "https://hooks:port/x" }'}, "functions.f.on_failure.url: not a valid URL: Port could not be cast to integer value as 'port'"),
+        ({"on_failure": '{ kafka_topic = "bad topic!" }'}, "functions.f.on_failure.kafka_topic: expected a Kafka topic name (letters, digits, '.', '_' and '-'; not '.' or '..'), got 'bad topic!'"),
+        ({"on_failure": '{ kafka_topic = ".." }'}, "functions.f.on_failure.kafka_topic: expected a Kafka topic name"),
+        ({"on_failure": '{ kafka_topic = "failures\\n" }'}, "functions.f.on_failure.kafka_topic: expected a Kafka topic name"),
+        ({"on_failure": f'{{ kafka_topic = "{"t" * 250}" }}'}, "functions.f.on_failure.kafka_topic: a Kafka topic name has at most 249 characters, got 250"),
     ],
 )
 def test_bad_destinations_are_refused_precisely(write, keys, message) -> None:
     assert message in refusal(write(function(**keys)))
+
+
+def test_a_refused_destination_url_does_not_show_its_credentials(write) -> None:
+    message = refusal(write(function(callback_url='"https://user:hunter2@hooks.example.com:99999/done?token=t0k3n"')))
+    assert "functions.f.callback_url: not a valid URL: Port out of range 0-65535" in message, message
+    assert "hunter2" not in message and "t0k3n" not in message, message
+
+
+def test_the_longest_kafka_topic_and_every_legal_character_are_taken(write) -> None:
+    for topic in ("t" * 249, "Failures.v2_eu-west"):
+        manifest = load_manifest(write(function(on_failure=f'{{ kafka_topic = "{topic}" }}')))
+        assert manifest.functions["f"].destinations == [("on_failure", f"kafka:{topic}")]
 
 
 @pytest.mark.parametrize(
