@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import logging
 import time
@@ -814,4 +815,37 @@ async def test_declared_oversize_body_is_refused_before_it_is_sent(engine: FakeE
         finally:
             writer.close()
     assert status_line.startswith(b"HTTP/1.1 413")
+    assert engine.accepted == []
+
+
+@pytest.mark.parametrize("size", [1, 40])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_body_that_cannot_be_decompressed_is_400(
+    client: TestClient, engine: FakeEngine, encoding: str, size: int
+) -> None:
+    response = await client.post(
+        "/functions/resize/invocations", data=b'{"not": "compressed"}' * size, headers={"Content-Encoding": encoding}
+    )
+    assert response.status == 400
+    if response.content_type == "application/json":  # (aiohttp refuses some before any handler sees them)
+        error = await _error(response)
+        assert error["Code"] == "InvalidParameter" and encoding in error["Message"], error
+    assert engine.accepted == []
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_compressed_body_is_read_decompressed(client: TestClient, engine: FakeEngine) -> None:
+    body = gzip.compress(b'{"width": 640}')
+    response = await client.post(
+        "/functions/resize/invocations", data=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert response.status == 202
+    assert [envelope.data for envelope in engine.accepted] == [{"width": 640}]
+
+
+async def test_a_compressed_body_over_the_limit_once_decompressed_is_413(client: TestClient, engine: FakeEngine) -> None:
+    body = gzip.compress(b" " * (MAX_BODY * 4))  # small on the wire
+    assert len(body) < MAX_BODY
+    response = await client.post("/functions/resize/invocations", data=body, headers={"Content-Encoding": "gzip"})
+    assert response.status == 413
     assert engine.accepted == []

@@ -68,6 +68,14 @@ async def error_middleware(
         if exc.status < 400:
             raise
         return _map_http_exception(request, exc)
+    except web.RequestPayloadError as exc:  # e.g. a body its Content-Encoding does not decode
+        reason = " ".join(str(exc.__cause__ or exc).split()).removeprefix("400, message: ")
+        response = error_response(400, "InvalidParameter", f"the request body could not be read: {reason}")
+        # Nothing more of the body can be read: aiohttp is not to try (it would fail again and drop
+        # the connection before the answer), and the connection closes after the answer.
+        request.content.feed_eof()
+        response.force_close()
+        return response
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
     return error_response(500, "InternalError", "internal error; see the server log")
