@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.parse
 from pathlib import Path
@@ -38,6 +39,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
+MAX_DURATION = 100 * 365 * 86400.0
+"""Seconds a duration may be at most: past it, times in the past or future stop being dates."""
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as "90s", "15m", "2h", "24h"."""
     if isinstance(value, bool):
@@ -49,9 +54,22 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"expected a duration such as '90s', '15m' or '2h', got {value!r}")
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if math.isnan(seconds):  # (TOML has nan and inf)
+        raise ValueError(f"expected a duration such as '90s' or '2h', got {value!r}")
     if seconds <= 0:
         raise ValueError(f"a duration must be positive, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a duration may be at most {MAX_DURATION // 86400:.0f}d (100 years), got {value!r}")
     return seconds
+
+
+def parse_duration_or_zero(value: Any) -> float:
+    """parse_duration, or 0 for a zero ("0", "0s", "", 0): none, as a setting that may be off."""
+    if isinstance(value, str) and (match := _DURATION.match(value)) and float(match.group(1)) == 0:
+        return 0.0
+    if value in (0, "", None) and not isinstance(value, bool):
+        return 0.0
+    return parse_duration(value)
 
 
 def parse_size(value: Any) -> int:
@@ -106,7 +124,7 @@ class ServerConfig(_Strict):
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
     _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)
-    _retention = field_validator("retention", mode="before")(lambda v: 0.0 if v in (0, "0", "", None) else parse_duration(v))
+    _retention = field_validator("retention", mode="before")(parse_duration_or_zero)
     _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(
         parse_duration
     )
@@ -284,6 +302,20 @@ class S3Trigger(_Strict):
     prefix: str = ""
     suffix: str = ""
 
+    @field_validator("bucket")
+    @classmethod
+    def _a_bucket(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a bucket's name, got an empty string")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("expected at least one event name (such as 's3:ObjectCreated:*'), got none: nothing would ever match")
+        return value
+
 
 class KafkaTrigger(_Strict):
     """Records of one Kafka topic."""
@@ -292,6 +324,13 @@ class KafkaTrigger(_Strict):
     topic: str
     group_id: str = ""
     starting_position: Literal["latest", "earliest"] = "latest"
+
+    @field_validator("topic")
+    @classmethod
+    def _a_topic(cls, value: str) -> str:
+        if not value:
+            raise ValueError("expected a Kafka topic name, got an empty string")
+        return _kafka_topic(value)
 
 
 class TimerTrigger(_Strict):
@@ -305,11 +344,29 @@ class TimerTrigger(_Strict):
     catch_up: bool = False
     overlap: bool = True
 
+    @field_validator("payload")
+    @classmethod
+    def _as_json(cls, value: Any) -> Any:
+        if not _finite(value):
+            raise ValueError("nan and inf have no JSON form, so the function could not be given them; write them as strings")
+        return value
+
 
 Trigger = Annotated[Union[S3Trigger, KafkaTrigger, TimerTrigger], Field(discriminator="type")]
 TRIGGER_TYPES: tuple[str, ...] = tuple(
     get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(Trigger)[0])
 )
+
+
+def _finite(value: Any) -> bool:
+    """Whether every number in a value parsed from TOML has a JSON form (not nan or inf)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    return True
 
 
 def _http_url(value: str) -> str:
@@ -513,6 +570,7 @@ _SCHEMA = Schema(
         "function": tuple(FunctionConfig.model_fields),
         "on_failure": tuple(OnFailure.model_fields),
         "trigger": tuple({*S3Trigger.model_fields, *KafkaTrigger.model_fields, *TimerTrigger.model_fields}),
+        **{f"trigger.{kind}": tuple(model.model_fields) for kind, model in zip(TRIGGER_TYPES, get_args(get_args(Trigger)[0]))},
     },
     trigger_types=TRIGGER_TYPES,
 )

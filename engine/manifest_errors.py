@@ -29,7 +29,8 @@ class Schema:
     """What errors are described against (the manifest's models, given by engine.manifest)."""
 
     settings: type[BaseSettings]  # read again for the values the environment gave
-    keys: Mapping[str, tuple[str, ...]]  # the known keys by table: "" (the top), "server", ..., "function", "trigger"
+    keys: Mapping[str, tuple[str, ...]]  # the known keys by table: "" (the top), "server", ..., "function",
+    # "trigger" (of any type), "trigger.s3" (of one type)
     trigger_types: tuple[str, ...]
 
 
@@ -228,6 +229,7 @@ def describe(origins: Origins, exc: ValidationError) -> str:
         loc = [str(part) for part in error["loc"]]
         # Drop pydantic's union tags ("s3", "function-after[...]") that are not manifest keys.
         loc = [part for part in loc if not part.startswith(("function-", "tagged-union"))]
+        tags = [part for i, part in enumerate(loc) if i and loc[i - 1].isdigit() and part in trigger_types]
         loc = [
             part
             for i, part in enumerate(loc)
@@ -238,7 +240,7 @@ def describe(origins: Origins, exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         scope = None
         if kind == "extra_forbidden":
-            message = "unknown key" + _unknown_key_hint(origins, loc)
+            message = "unknown key" + _unknown_key_hint(origins, loc, tags[-1] if tags else "")
         elif kind == "missing":
             message = "a required key, not set"
             scope = loc[:-1]
@@ -322,8 +324,15 @@ def _did_you_mean(wrong: str, choices: tuple[str, ...] | list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _unknown_key_hint(origins: Origins, loc: list[str]) -> str:
-    close = _suggest(loc, origins.schema.keys)
+def _unknown_key_hint(origins: Origins, loc: list[str], trigger_type: str = "") -> str:
+    keys = origins.schema.keys
+    if trigger_type and loc:
+        # A key of another type of trigger: say so, rather than suggest the key itself.
+        owners = [t for t in origins.schema.trigger_types if t != trigger_type and loc[-1] in keys.get(f"trigger.{t}", ())]
+        if owners:
+            return f" (a key of {' and '.join(owners)} triggers; this trigger's type is {trigger_type!r})"
+        keys = {**keys, "trigger": keys.get(f"trigger.{trigger_type}", keys.get("trigger", ()))}
+    close = _suggest(loc, keys)
     if close is None:
         return ""
     found = origins.variable(loc)

@@ -438,3 +438,45 @@ def test_a_store_url_the_driver_would_fail_on_is_refused_at_start(write, url, ex
 def test_a_store_url_with_its_options_is_taken(write):
     url = "postgresql://u:pw@db.example:5433/eventrun?sslmode=verify-full"
     assert load_manifest(write(f'[store]\nurl = "{url}"\n' + function())).store.url == url
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nretention = 1e13\n", "server.retention: a duration may be at most 36500d (100 years), got 10000000000000.0"),
+        ('[server]\nretention = "3000000000d"\n', "server.retention: a duration may be at most 36500d (100 years), got '3000000000d'"),
+        ("[server]\nretention = nan\n", "server.retention: expected a duration such as '90s' or '2h', got nan"),
+        ("[server]\nkill_grace = inf\n", "server.kill_grace: a duration may be at most 36500d (100 years), got inf"),
+    ],
+    ids=["huge", "huge-days", "nan", "inf"],
+)
+def test_a_duration_that_is_no_time_is_refused(write, text, expected):
+    assert expected in refusal(write(text + function()))
+
+
+@pytest.mark.parametrize("retention", ['"0s"', '"0h"', "0", '"0"', "0.0"])
+def test_a_zero_retention_in_any_unit_keeps_runs_for_ever(write, retention):
+    assert load_manifest(write(f"[server]\nretention = {retention}\n" + function())).server.retention == 0.0
+
+
+@pytest.mark.parametrize(
+    ("trigger", "expected"),
+    [
+        ('{ type = "kafka", topic = "my topic!" }',
+         "functions.f.triggers[0].topic: expected a Kafka topic name (letters, digits, '.', '_' and '-'; not '.' or '..'), got 'my topic!'"),
+        ('{ type = "kafka", topic = "" }', "functions.f.triggers[0].topic: expected a Kafka topic name, got an empty string"),
+        ('{ type = "s3", bucket = "" }', "functions.f.triggers[0].bucket: expected a bucket's name, got an empty string"),
+        ('{ type = "s3", bucket = "b", events = [] }', "functions.f.triggers[0].events: expected at least one event name"),
+        ('{ type = "timer", name = "n", cron = "* * * * *", payload = { x = [1, nan] } }',
+         "functions.f.triggers[0].payload: nan and inf have no JSON form"),
+        ('{ type = "kafka", topic = "t", prefix = "x" }',
+         "functions.f.triggers[0].prefix: unknown key (a key of s3 triggers; this trigger's type is 'kafka')"),
+        ('{ type = "s3", bucket = "b", cron = "* * * * *" }',
+         "functions.f.triggers[0].cron: unknown key (a key of timer triggers; this trigger's type is 's3')"),
+        ('{ type = "kafka", topic = "t", group = "g" }', "functions.f.triggers[0].group: unknown key (did you mean 'group_id'?)"),
+    ],
+    ids=["topic", "no-topic", "no-bucket", "no-events", "nan-payload", "s3-key", "timer-key", "typo"],
+)
+def test_a_trigger_that_could_never_work_is_refused_precisely(write, trigger, expected):
+    message = refusal(write(function(triggers=f"[{trigger}]")))
+    assert expected in message, message
