@@ -43,8 +43,8 @@ MAX_DURATION = 100 * 365 * 86400.0
 """Seconds a duration may be at most: past it, times in the past or future stop being dates."""
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as "90s", "15m", "2h", "24h"."""
+def parse_duration(value: Any, most: float = MAX_DURATION) -> float:
+    """Seconds from a number or a string such as "90s", "15m", "2h", "24h"; at most `most`."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '90s' or '2h', got {value!r}")
     if isinstance(value, (int, float)):
@@ -58,18 +58,18 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"expected a duration such as '90s' or '2h', got {value!r}")
     if seconds <= 0:
         raise ValueError(f"a duration must be positive, got {value!r}")
-    if seconds > MAX_DURATION:
-        raise ValueError(f"a duration may be at most {MAX_DURATION // 86400:.0f}d (100 years), got {value!r}")
+    if seconds > most:
+        raise ValueError(f"a duration may be at most {most // 86400:.0f}d (100 years), got {value!r}")
     return seconds
 
 
-def parse_duration_or_zero(value: Any) -> float:
+def parse_duration_or_zero(value: Any, most: float = MAX_DURATION) -> float:
     """parse_duration, or 0 for a zero ("0", "0s", "", 0): none, as a setting that may be off."""
     if isinstance(value, str) and (match := _DURATION.match(value)) and float(match.group(1)) == 0:
         return 0.0
     if value in (0, "", None) and not isinstance(value, bool):
         return 0.0
-    return parse_duration(value)
+    return parse_duration(value, most)
 
 
 def parse_size(value: Any) -> int:
@@ -146,6 +146,9 @@ def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
 
+_BROKER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:,\[\]]+)(?::(\d{1,5}))?")  # host or [IPv6], then :port if any
+
+
 class KafkaConfig(_Strict):
     """The `[kafka]` connection table."""
 
@@ -162,6 +165,15 @@ class KafkaConfig(_Strict):
     sasl_password: SecretStr = SecretStr("")
 
     _uppercase = field_validator("security_protocol", "sasl_mechanism", mode="before")(_upper)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _brokers(cls, value: str) -> str:
+        for broker in value.split(","):
+            match = _BROKER.fullmatch(broker.strip())
+            if match is None or (match[2] is not None and not 1 <= int(match[2]) <= 65535):
+                raise ValueError(f"expected host:port, or several separated by commas, got {value!r}")
+        return value
 
     @property
     def tls(self) -> bool:
@@ -219,6 +231,8 @@ class S3Config(_Strict):
     secret_access_key: str = ""
     webhook_token: str = ""
     sqs_queue_url: str = ""
+
+    _urls = field_validator("endpoint_url", "sqs_queue_url")(lambda value: _http_url(value))
 
     def aws_environment(self) -> dict[str, str]:
         """The standard AWS variables a function instance receives."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -479,7 +480,7 @@ def _time_or_ago(text: str) -> str:
     from eventrun.engine.manifest import parse_duration
 
     try:
-        seconds = parse_duration(text)
+        seconds = parse_duration(text, most=math.inf)  # (further back than 1970 reads as 1970)
     except (ValueError, TypeError):
         pass
     else:

@@ -480,3 +480,25 @@ def test_a_zero_retention_in_any_unit_keeps_runs_for_ever(write, retention):
 def test_a_trigger_that_could_never_work_is_refused_precisely(write, trigger, expected):
     message = refusal(write(function(triggers=f"[{trigger}]")))
     assert expected in message, message
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('[kafka]\nbootstrap_servers = "127.0.0.1:99999"\n',
+         "kafka.bootstrap_servers: expected host:port, or several separated by commas, got '127.0.0.1:99999'"),
+        ('[kafka]\nbootstrap_servers = ""\n', "kafka.bootstrap_servers: expected host:port, or several separated by commas, got ''"),
+        ('[kafka]\nbootstrap_servers = "broker:kafka"\n', "kafka.bootstrap_servers: expected host:port"),
+        ('[s3]\nsqs_queue_url = "q1"\n', "s3.sqs_queue_url: expected an http:// or https:// URL, got 'q1'"),
+        ('[s3]\nendpoint_url = "127.0.0.1:9000"\n', "s3.endpoint_url: expected an http:// or https:// URL, got '127.0.0.1:9000'"),
+    ],
+    ids=["port", "empty", "not-a-port", "queue", "endpoint"],
+)
+def test_a_connection_no_client_could_open_is_refused(write, table, expected):
+    message = refusal(write(table + function()))
+    assert expected in message, message
+
+
+def test_brokers_are_read_as_kafka_clients_read_them(write):
+    brokers = "a:9092, b.example:9093,[::1]:9094,c"
+    assert load_manifest(write(f'[kafka]\nbootstrap_servers = "{brokers}"\n' + function())).kafka.bootstrap_servers == brokers
