@@ -211,6 +211,22 @@ def test_aws_record_with_sequencer_and_version() -> None:
     assert envelope.data["size"] == 1024
 
 
+@pytest.mark.parametrize("given", ["not a time", "2024-05-01", "2024-05-01T10:00:00", 1714557600, ""])
+def test_an_event_time_that_is_no_rfc_3339_time_is_not_the_envelopes(given: Any) -> None:
+    record = aws_record("in/a.csv")
+    record["eventTime"] = given
+    (envelope,) = to_envelopes(record, {"f": function(s3("uploads"))})
+    assert envelope.time != given and envelope.time.endswith("Z")  # the time it was accepted instead
+    assert parse_record(record).time is None
+
+
+def test_an_event_time_with_its_zone_is_the_envelopes() -> None:
+    record = aws_record("in/a.csv")
+    record["eventTime"] = "2024-05-01T10:00:00.000+02:00"
+    (envelope,) = to_envelopes(record, {"f": function(s3("uploads"))})
+    assert envelope.time == "2024-05-01T10:00:00.000+02:00"
+
+
 def test_minio_removal_without_size_and_etag() -> None:
     record = aws_record("in%2Fgone.csv", event="s3:ObjectRemoved:Delete", size=None)
     del record["s3"]["object"]["eTag"]
