@@ -13,7 +13,7 @@ import pytest
 
 from eventrun.engine.api import Accepted
 from eventrun.engine.envelope import Envelope
-from eventrun.engine.errors import ManifestError, ShuttingDown
+from eventrun.engine.errors import ManifestError, ShuttingDown, StoreError
 from eventrun.engine.manifest import FunctionConfig, Manifest
 from eventrun.triggers.timer import (
     EVENT_TYPE,
@@ -348,10 +348,19 @@ class FakeEngine:
         self.state = dict(state or {})
         self.active_runs = active
         self.shutting_down = False
+        self.refusals = 0  # the store's next calls that fail (an outage)
+        self.refused: list[str] = []  # the slots it refused
+
+    def _outage(self, what: str) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            self.refused.append(what)
+            raise StoreError("the PostgreSQL store cannot serve this now (connection refused)")
 
     async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
         if self.shutting_down:
             raise ShuttingDown()
+        self._outage(envelopes[0].id)
         out = []
         for envelope in envelopes:
             key = (envelope.function, envelope.source, envelope.id)
@@ -364,6 +373,7 @@ class FakeEngine:
         return out
 
     async def active(self, function: str, source: str) -> int:
+        self._outage("active")
         return self.active_runs
 
     async def get_state(self, key: str) -> str | None:
@@ -425,6 +435,36 @@ async def test_overlap_false_skips_while_a_run_is_active() -> None:
     assert {e.source for e in engine.accepted} == {"timer://report/free"}
     assert schedules["nightly"]["Fired"] == 0 and schedules["nightly"]["Skipped"] >= 1
     assert "timer:report/nightly" in engine.state, "a skipped slot is still remembered as handled"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+async def test_a_slot_the_store_cannot_take_is_tried_again_until_it_can(overlap: bool) -> None:
+    engine = FakeEngine()
+    engine.refusals = 2  # 0.5 s, then 1 s: the store is back before the next slot, 2 s on
+    async with TimerTrigger(engine, manifest(timer(cron="*/2 * * * * * *", overlap=overlap))) as trigger:
+        async with asyncio.timeout(10):
+            while len(engine.accepted) < 2:
+                await asyncio.sleep(0.05)
+        [schedule] = trigger.state()["Schedules"]
+    ids = [e.id for e in engine.accepted]
+    if not overlap:
+        assert engine.refused == ["active", "active"]
+    else:
+        assert engine.refused == [ids[0], ids[0]]  # the first slot, accepted once the store could
+    assert parse_slot(ids[1]) - parse_slot(ids[0]) == timedelta(seconds=2), ids  # none lost
+    assert schedule["Failure"] is None and schedule["Errors"] == 0, schedule
+
+
+async def test_a_slot_the_store_cannot_take_before_the_next_is_due_gives_way_to_it() -> None:
+    engine = FakeEngine()
+    engine.refusals = 3  # 0.5 + 1 + 2 s: past the next slot, a second on
+    async with TimerTrigger(engine, manifest(timer())) as trigger:
+        async with asyncio.timeout(10):
+            while not engine.accepted:
+                await asyncio.sleep(0.05)
+        [schedule] = trigger.state()["Schedules"]
+    assert schedule["Failure"] is None and schedule["Errors"] >= 1, schedule
+    assert engine.accepted[0].id not in engine.refused[:1]  # a later slot fired in its place
 
 
 async def test_two_timers_on_one_store_accept_each_slot_once() -> None:

@@ -14,7 +14,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from eventrun.engine.api import Accepted
 from eventrun.engine.envelope import Envelope
-from eventrun.engine.errors import ManifestError, ShuttingDown
+from eventrun.engine.errors import ManifestError, ShuttingDown, StoreError
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.manifest import TimerTrigger as TimerConfig
 from eventrun.engine.metrics import family, labels
@@ -37,6 +37,9 @@ MISFIRE_GRACE = 10.0
 
 STOP_TIMEOUT = 5.0
 """Seconds stop() waits for a slot being handed to the engine before cancelling it."""
+
+STORE_RETRY = (0.5, 5.0)
+"""While the store cannot take a slot: seconds before the first try again, and at most between tries."""
 
 _MAX_NAP = 60.0  # re-read the wall clock at least this often, so a clock step is noticed
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")  # SCF's rule for timer names
@@ -133,7 +136,11 @@ class TimerTrigger:
                 missed = last_slot(job.schedule, job.last, now)
                 if missed is not None:
                     logger.info("timer %s: catching up %s, the last slot missed while down", job.label, slot_id(missed))
-                    await self._fire(job, missed)
+                    try:
+                        await self._fire_once(job, missed)  # (once: the start does not wait for the store)
+                    except StoreError as exc:
+                        logger.error("timer %s: slot %s could not be caught up: %s", job.label, slot_id(missed), exc)
+                        job.errors += 1
         for job in self._jobs:
             self._tasks.append(asyncio.create_task(self._run(job, now), name=f"timer {job.label}"))
         if self._jobs:
@@ -241,7 +248,36 @@ class TimerTrigger:
         return True
 
     async def _fire(self, job: _Job, slot: datetime) -> bool:
-        """Hand one slot to the engine; False once the engine is shutting down."""
+        """Hand one slot to the engine; False once the engine is shutting down. While the store
+        cannot serve (an outage, a full disk), the slot is tried again until it can, or until the
+        schedule's next slot is due (which then fires in its place)."""
+        retry = STORE_RETRY[0]
+        while True:
+            try:
+                fired = await self._fire_once(job, slot)
+            except StoreError as exc:
+                following = next_slot(job.schedule, slot)
+                now = _utcnow()
+                if following is None or following <= now + timedelta(seconds=retry):
+                    logger.error(
+                        "timer %s: slot %s could not be accepted before the next one was due: %s", job.label, slot_id(slot), exc
+                    )
+                    job.errors += 1
+                    return True
+                if retry == STORE_RETRY[0]:
+                    logger.warning(
+                        "timer %s: the store cannot take slot %s now (%s); trying again until it can, up to the next slot",
+                        job.label, slot_id(slot), exc,
+                    )
+                if await self._sleep_until(now + timedelta(seconds=retry)):
+                    return False
+                retry = min(retry * 2, STORE_RETRY[1])
+                continue
+            if retry != STORE_RETRY[0] and fired:
+                logger.warning("timer %s: slot %s accepted once the store could take it", job.label, slot_id(slot))
+            return fired
+
+    async def _fire_once(self, job: _Job, slot: datetime) -> bool:
         if not job.config.overlap and await self._engine.active(job.function, job.source) > 0:
             logger.info(
                 "timer %s: slot %s skipped: the previous run is still queued or running (overlap = false)",
@@ -256,6 +292,8 @@ class TimerTrigger:
             [accepted] = await self._engine.accept_batch([envelope])
         except ShuttingDown:
             return False
+        except StoreError:
+            raise  # (tried again by _fire)
         except Exception:
             logger.exception("timer %s: slot %s could not be accepted", job.label, envelope.id)
             job.errors += 1
