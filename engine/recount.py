@@ -29,6 +29,7 @@ class Recount(Generic[T]):
         self.latest: T | None = None  # the last count, however old
         self._fresh_until = 0.0
         self._counting: asyncio.Future[T] | None = None
+        self._failures = 0  # counts failed in a row (logged: the first, and the recovery)
 
     async def result(self) -> T:
         """The count: the last one while it is fresh, else a new one (shared with other callers)."""
@@ -39,7 +40,7 @@ class Recount(Generic[T]):
     def refresh(self) -> None:
         """Count again in the background should the last count have aged (`latest` meanwhile)."""
         if time.monotonic() >= self._fresh_until:
-            self._start().add_done_callback(_log_failure)
+            self._start().add_done_callback(_retrieved)
 
     def cancel(self) -> None:
         """Cut off a count under way (on a stop)."""
@@ -55,13 +56,23 @@ class Recount(Generic[T]):
         started = time.monotonic()
         try:
             self.latest = await self._count()
+        except Exception as exc:
+            # While the store cannot count (an outage), every caller would fail alike: one line.
+            if not self._failures:
+                logger.warning("a count failed; the last one stands, and so do further failures until one succeeds: %s", exc)
+            self._failures += 1
+            raise
         finally:
             self._counting = None
+        if self._failures:
+            logger.warning("counts succeed again, after %d failed", self._failures)
+            self._failures = 0
         ended = time.monotonic()
         self._fresh_until = ended + max(self._at_least, (ended - started) * self.REUSE)
         return self.latest
 
 
-def _log_failure(counting: asyncio.Future[object]) -> None:
-    if not counting.cancelled() and counting.exception() is not None:
-        logger.warning("a count failed; the last one stands: %s", counting.exception())
+def _retrieved(counting: asyncio.Future[object]) -> None:
+    """A background count's failure is logged by the count itself (see Recount._recount)."""
+    if not counting.cancelled():
+        counting.exception()

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from eventrun.engine.errors import StoreError
 from eventrun.engine.recount import Recount
 
 
@@ -82,3 +83,25 @@ async def test_a_background_count_that_fails_keeps_the_last_figure(caplog: pytes
     assert recount.latest == 5
     assert any("database is locked" in r.getMessage() for r in caplog.records)
     assert await recount.result() == 7
+
+
+async def test_counts_failing_in_a_row_are_logged_once_and_their_end_once(caplog: pytest.LogCaptureFixture) -> None:
+    answers: list[int | Exception] = [5, *(StoreError("the store cannot serve this now") for _ in range(20)), 7]
+
+    async def count() -> int:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    recount = Recount(count)
+    assert await recount.result() == 5
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):  # e.g. the dashboard asking every second through an outage
+            await asyncio.sleep(0.001)
+            recount.refresh()
+        await asyncio.sleep(0.01)
+        assert await recount.result() == 7
+    messages = [r.getMessage() for r in caplog.records]
+    assert recount.latest == 7 and len(messages) == 2, messages
+    assert "the store cannot serve this now" in messages[0] and "after 20 failed" in messages[1]
