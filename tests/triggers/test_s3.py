@@ -241,6 +241,22 @@ def test_get_and_put_sharing_a_minio_sequencer_get_distinct_ids() -> None:
     assert put.id != get.id
 
 
+@pytest.mark.parametrize(
+    "event", ["s3:ObjectAccessed:Get", "s3:ObjectAccessed:Head", "s3:ObjectCreated:PutTagging", "s3:ObjectCreated:PutRetention"]
+)
+def test_events_that_leave_the_object_as_it_was_are_told_apart_by_their_time(event: str) -> None:
+    # MinIO gives them the sequencer of the write before them (the object's modification time).
+    first, second = aws_record("k", event=event), aws_record("k", event=event)
+    second["eventTime"] = "2024-05-01T10:00:07.250Z"
+    assert parse_record(first).id == f"{event.removeprefix('s3:')}:uploads/k:0055AED6DCD90281E5:2024-05-01T10:00:00.000Z"
+    assert parse_record(first).id != parse_record(second).id
+    assert parse_record(first).id == parse_record(aws_record("k", event=event)).id  # a redelivery is the same event
+
+
+def test_a_write_is_named_by_its_sequencer_alone() -> None:
+    assert parse_record(aws_record("k", event="s3:ObjectCreated:Put")).id == "ObjectCreated:Put:uploads/k:0055AED6DCD90281E5"
+
+
 def test_sns_envelope_is_unwrapped() -> None:
     sns = {"Type": "Notification", "MessageId": "m-1", "TopicArn": "arn:aws:sns:us-east-1:1:t", "Message": MOTO_PUT}
     (record,) = records_from_body(sns)

@@ -20,6 +20,15 @@ TEST_EVENT = "s3:TestEvent"
 MAX_NESTING = JSON_DEPTH - 2
 
 
+# MinIO's sequencer is the object's modification time: events that leave the object as it was
+# (reads, tags, retention, legal holds) share the sequencer of the write before them, so their
+# time tells them apart (a redelivery keeps it).
+_SEQUENCER_SHARED = (
+    "ObjectAccessed:", "ObjectCreated:PutTagging", "ObjectCreated:DeleteTagging",
+    "ObjectCreated:PutRetention", "ObjectCreated:PutLegalHold",
+)
+
+
 class BadNotification(InvalidParameter):
     """A body that is not an S3 notification (the gateway answers 400)."""
 
@@ -42,6 +51,8 @@ class S3Event:
     def id(self) -> str:
         """The CloudEvents id, stable across redeliveries of the same notification."""
         head = f"{self.event_name}:{self.bucket}/{self.key}"
+        if self.sequencer and self.time and self.event_name.startswith(_SEQUENCER_SHARED):
+            return f"{head}:{self.sequencer}:{self.time}"
         if self.sequencer:
             return f"{head}:{self.sequencer}"
         # moto (and a few stores) send no sequencer; these together still name one event.
