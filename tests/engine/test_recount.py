@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -65,8 +66,8 @@ async def test_a_refresh_counts_in_the_background_once_the_count_has_aged() -> N
     assert recount.latest == 2 and counted == [0, 1]
 
 
-async def test_a_background_count_that_fails_keeps_the_last_figure(caplog: pytest.LogCaptureFixture) -> None:
-    answers: list[int | Exception] = [5, RuntimeError("database is locked"), 7]
+def answering(answers: list[int | Exception]) -> Callable[[], Awaitable[int]]:
+    """A count giving these answers in turn (an exception is raised)."""
 
     async def count() -> int:
         answer = answers.pop(0)
@@ -74,7 +75,11 @@ async def test_a_background_count_that_fails_keeps_the_last_figure(caplog: pytes
             raise answer
         return answer
 
-    recount = Recount(count)
+    return count
+
+
+async def test_a_background_count_that_fails_keeps_the_last_figure(caplog: pytest.LogCaptureFixture) -> None:
+    recount = Recount(answering([5, RuntimeError("database is locked"), 7]))
     assert await recount.result() == 5
     await asyncio.sleep(0.01)  # aged (it took no time)
     with caplog.at_level(logging.WARNING):
@@ -86,15 +91,7 @@ async def test_a_background_count_that_fails_keeps_the_last_figure(caplog: pytes
 
 
 async def test_counts_failing_in_a_row_are_logged_once_and_their_end_once(caplog: pytest.LogCaptureFixture) -> None:
-    answers: list[int | Exception] = [5, *(StoreError("the store cannot serve this now") for _ in range(20)), 7]
-
-    async def count() -> int:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    recount = Recount(count)
+    recount = Recount(answering([5, *(StoreError("the store cannot serve this now") for _ in range(20)), 7]))
     assert await recount.result() == 5
     with caplog.at_level(logging.WARNING):
         for _ in range(20):  # e.g. the dashboard asking every second through an outage
