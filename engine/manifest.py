@@ -36,7 +36,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "k": 1024, "mb": 1024**2, "m": 1024**2, "gb": 1024**3, "g": 1024**3}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # (used with fullmatch: no newline after it)
 
 
 MAX_DURATION = 100 * 365 * 86400.0
@@ -299,12 +299,12 @@ class ClusterConfig(_Strict):
     @field_validator("node_id")
     @classmethod
     def _node_name(cls, value: str) -> str:
-        if value and not _NODE_ID.match(value):
+        if value and not _NODE_ID.fullmatch(value):
             raise ValueError(f"node_id {value!r} may hold only letters, digits, '.', ':', '_' or '-'")
         return value
 
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
+_NODE_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
 
 class S3Trigger(_Strict):
@@ -527,7 +527,7 @@ class Manifest(BaseSettings):
     @classmethod
     def _names(cls, value: dict[str, FunctionConfig]) -> dict[str, FunctionConfig]:
         for name in value:
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise ValueError(
                     f"function name {name!r} must start with a letter and hold only letters, "
                     "digits, '_' or '-' (at most 64)"

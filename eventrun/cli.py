@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from eventrun.client import (
     DEFAULT_MANIFEST,
     DEFAULT_URL,
@@ -43,7 +45,11 @@ def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
     if manifest is None and not args.url:
         manifest = load_client_manifest(args.config)
     url = args.url or _manifest_url(manifest) or os.environ.get("EVENTRUN_URL") or DEFAULT_URL
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # (raises for a port that is not a number from 0 to 65535)
+    except ValueError:
+        parts = urllib.parse.SplitResult("", "", "", "", "")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise CliError(f"not an http(s) URL: {url!r} (expected e.g. {DEFAULT_URL})", exit_status=2)
     return url.rstrip("/")
@@ -159,7 +165,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 def _invoke_body(data: str | None, file: str | None) -> tuple[bytes, str]:
     if data is not None:
         try:
-            json.loads(data)
+            orjson.loads(data)  # as the server reads it (no NaN or Infinity)
         except ValueError as exc:
             raise CliError(f"--data is not valid JSON: {exc}", exit_status=2) from None
         return data.encode("utf-8"), "application/json"
@@ -169,7 +175,7 @@ def _invoke_body(data: str | None, file: str | None) -> tuple[bytes, str]:
         except OSError as exc:
             raise CliError(f"cannot read {file}: {describe_os_error(exc)}", exit_status=2) from None
         try:
-            json.loads(raw)
+            orjson.loads(raw)
         except ValueError:
             return raw, "application/octet-stream"
         return raw, "application/json"
@@ -492,7 +498,7 @@ def _time_or_ago(text: str) -> str:
         return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     # What the server's list and replay take (datetime.fromisoformat, with a zone).
     try:
-        zoned = datetime.fromisoformat(text.strip()).tzinfo is not None
+        zoned = datetime.fromisoformat(text.strip().upper()).tzinfo is not None
     except ValueError:
         zoned = False
     if not zoned:
@@ -503,12 +509,29 @@ def _time_or_ago(text: str) -> str:
     return text.strip()
 
 
+def _not_utf8(args: argparse.Namespace) -> tuple[str, bytes] | None:
+    """The first argument that is not valid UTF-8 (the shell passed bytes no request can carry)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return name.replace("_", "-"), os.fsencode(item)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `eventrun` command and return its exit status."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage or help already
         return exc.code if isinstance(exc.code, int) else 2
+    undecodable = _not_utf8(args)
+    if undecodable is not None:
+        name, raw = undecodable
+        print(f"eventrun: {name}: not valid UTF-8: {raw!r}", file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args))
     except CliError as exc:

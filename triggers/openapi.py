@@ -371,6 +371,7 @@ _PATHS: dict[str, Any] = {
                         "required": ["RequestId", "ReplayOf"],
                         "properties": {"RequestId": {"type": "string"}, "ReplayOf": {"type": "string"}},
                     },
+                    _REQUEST_ID_HEADER,
                 ),
                 "404": _error("NotFound"),
                 "409": _error("Conflict"),
@@ -425,6 +426,8 @@ _PATHS: dict[str, Any] = {
                 ),
                 "400": _error("BadRequest"),
                 "404": _error("NotFound"),
+                "413": _error("PayloadTooLarge"),
+                "503": _error("ShuttingDown"),
             },
         }
     },

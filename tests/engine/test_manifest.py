@@ -297,9 +297,16 @@ def test_a_missing_manifest_file_is_refused(tmp_path):
     assert "nowhere.toml" in message, message
 
 
-def test_a_bad_function_name_is_refused(write):
-    message = refusal(write(function("9lives")))
-    assert "9lives" in message, message
+@pytest.mark.parametrize(("name", "shown"), [("9lives", "'9lives'"), ('"hello\\n"', "'hello\\n'"), ('"hello "', "'hello '")])
+def test_a_bad_function_name_is_refused(write, name, shown):
+    assert refusal(write(function(name))).endswith(
+        f"functions: function name {shown} must start with a letter and hold only letters, digits, '_' or '-' (at most 64)"
+    )
+
+
+def test_a_node_id_with_a_line_break_is_refused(write):
+    message = refusal(write('[cluster]\nnode_id = "a\\n"\n' + function()))
+    assert message.endswith("cluster.node_id: node_id 'a\\n' may hold only letters, digits, '.', ':', '_' or '-'"), message
 
 
 # -- [kafka] security ------------------------------------------------------------------------

@@ -464,9 +464,17 @@ async def test_list_passes_filters_and_answers_a_page(client: TestClient, engine
     ]
 
 
+async def test_list_times_may_be_written_in_lower_case(client: TestClient, engine: FakeEngine) -> None:
+    response = await client.get("/invocations", params={"since": "2026-12-05t08:00:00z", "until": "2026-12-05t10:00:00+02:00"})
+    assert response.status == 200
+    assert (engine.list_calls[0]["since"], engine.list_calls[0]["until"]) == (1796457600000, 1796457600000)
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
+        ({"limit": "12abc"}, "limit: expected an integer from 1 to 1000, got '12abc'"),
+        ({"limit": "\u0661\u0662"}, "limit: expected an integer from 1 to 1000"),
         ({"trigger": "ftp"}, "trigger: expected one of http, kafka, s3, timer, got 'ftp'"),
         ({"since": "yesterday"}, "since: expected an RFC 3339 time with its zone"),
         ({"until": "2026-12-05T08:00:00"}, "until: expected an RFC 3339 time with its zone"),
@@ -556,18 +564,27 @@ async def test_logs_as_plain_text(client: TestClient, engine: FakeEngine) -> Non
 
 
 async def test_a_log_file_is_sent_as_it_is_not_read_into_memory(
-    client: TestClient, engine: FakeEngine, tmp_path: Path
+    client: TestClient, engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine.invocations["r1"] = _invocation("r1")
     engine.log_path = tmp_path / "r1.log"
     engine.log_path.write_bytes(b"2024-05-01T10:00:01Z from the file\n" * 1000)
     engine.log_lines = ["not read: the file is sent"]
-    response = await client.get("/invocations/r1/logs")
+    monkeypatch.setattr(http.routes, "LOG_CHUNK", 1000)
+    sent: list[int] = []
+    write = web.StreamResponse.write
+
+    async def counted(self: web.StreamResponse, data: bytes) -> None:
+        sent.append(len(data))
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", counted)
+    response = await client.get("/invocations/r1/logs", headers={"Range": "bytes=0-19"})  # (no ranges: the whole log)
     assert response.status == 200
     assert response.content_type == "text/plain" and response.charset == "utf-8"
+    assert response.content_length == engine.log_path.stat().st_size
     assert await response.read() == engine.log_path.read_bytes()
-    part = await client.get("/invocations/r1/logs", headers={"Range": "bytes=0-19"})  # a file's, so ranges too
-    assert part.status == 206 and await part.read() == b"2024-05-01T10:00:01Z"
+    assert max(sent) == 1000 and len(sent) == -(-engine.log_path.stat().st_size // 1000)  # a chunk at a time
 
 
 @pytest.mark.parametrize("follow", ["true", "false"])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -33,7 +35,8 @@ ENGINE_KEY: web.AppKey[Engine] = web.AppKey("engine")
 _CLOSING_KEY: web.AppKey[asyncio.Event] = web.AppKey("closing")
 
 MAX_LIST_LIMIT = 1000
-_LIMIT = re.compile(r"^\d{1,4}$")
+LOG_CHUNK = 256 * 1024  # bytes of a log file sent at a time: a log of up to log_limit is never all in memory
+_LIMIT = re.compile(r"[0-9]{1,4}")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
@@ -237,7 +240,7 @@ def _parse_time(name: str, raw: str) -> int | None:
     if not raw:
         return None
     try:
-        when = datetime.fromisoformat(raw.strip())
+        when = datetime.fromisoformat(raw.strip().upper())  # (RFC 3339 allows a lower-case t and z)
     except ValueError:
         when = None
     if when is None or when.tzinfo is None:
@@ -258,7 +261,7 @@ def _parse_status(name: str, raw: str) -> Status | None:
 def _parse_limit(raw: str) -> int:
     if not raw:
         return 50
-    if not _LIMIT.match(raw) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
         raise InvalidParameter(f"limit: expected an integer from 1 to {MAX_LIST_LIMIT}, got {raw!r}")
     return int(raw)
 
@@ -275,9 +278,26 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
         return await stream_logs(request, engine, request_id, request.app[_CLOSING_KEY])
     headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"}
     file = await engine.log_file(request_id)
-    if file is not None:  # sent from the file as it is, not read into memory first (up to log_limit)
-        return web.FileResponse(file, headers=headers)
+    if file is not None:
+        try:
+            return await _send_file(request, file, headers)
+        except FileNotFoundError:  # deleted meanwhile (retention): as a log never written
+            pass
     return web.Response(body=await engine.read_log(request_id), headers=headers)
+
+
+async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) -> web.StreamResponse:
+    """A file as it is now, a chunk at a time (reads of a local file, as its writes are)."""
+    with open(path, "rb") as file:
+        left = os.fstat(file.fileno()).st_size
+        response = web.StreamResponse(headers=headers)
+        response.content_length = left
+        await response.prepare(request)
+        while left > 0 and (chunk := file.read(min(LOG_CHUNK, left))):
+            left -= len(chunk)
+            await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def terminate(request: web.Request) -> web.Response:

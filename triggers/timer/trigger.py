@@ -42,7 +42,7 @@ STORE_RETRY = (0.5, 5.0)
 """While the store cannot take a slot: seconds before the first try again, and at most between tries."""
 
 _MAX_NAP = 60.0  # re-read the wall clock at least this often, so a clock step is noticed
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")  # SCF's rule for timer names
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,59}")  # (fullmatch) SCF's rule for timer names
 
 
 class TimerEngine(Protocol):
@@ -335,7 +335,7 @@ def _jobs(manifest: Manifest) -> list[_Job]:
             if not isinstance(trigger, TimerConfig):
                 continue
             where = f"functions.{function}.triggers[{index}] (timer {trigger.name!r})"
-            if not _NAME.match(trigger.name):
+            if not _NAME.fullmatch(trigger.name):
                 problems.append(
                     f"{where}: name: must start with a letter and hold only letters, digits, "
                     "'_' or '-' (at most 60)"
