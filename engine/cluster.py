@@ -6,9 +6,12 @@ A node hears of new runs and freed slots by NOTIFY, and also looks once per hear
 notice missed while its listening connection was down costs a heartbeat, not the run.
 
 Each node renews its lease (a heartbeat) every third of the lease. A node not heard from
-within the lease is taken for dead: the first survivor to notice ends its RUNNING runs FAILED
+within its lease is taken for dead: the first survivor to notice ends its RUNNING runs FAILED
 (async execution never retries) and takes it off the registry; its QUEUED runs were never
 its own, so any node runs them.
+
+A terminate of a run on another node is kept with the run (abort_requested) as well as told by
+NOTIFY: the node running it also looks for such requests at each heartbeat.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import asyncpg
 from .api import SERVER_STOPPED, Status
 from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
-from .errors import StoreError
+from .errors import InvocationEnded, InvocationNotFound, NodeNotAnswering, StoreError
 from .logs import log_lines
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
@@ -43,6 +46,7 @@ SHIP_INTERVAL = 0.1  # seconds a log line may wait before it is shipped to the s
 SHIP_MOST = 5.0  # seconds between tries at most while shipping log lines fails (from SHIP_INTERVAL, doubling)
 SHIP_LOG_EVERY = 5.0  # seconds between the log's lines about shipments that fail, at least
 FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
+RENEWAL_LATE = 1.0  # seconds past its time (a third of its lease) a node's renewal is taken as missed
 
 
 def default_node_id() -> str:
@@ -101,6 +105,7 @@ class Cluster:
         self.backlog: dict[str, int] = {}
         self._accepted_since: dict[str, int] = {}  # accepted here since the last backlog count
         self._claims_in_doubt = False  # a claim failed: the store may hold claims of ours we never heard of
+        self._aborting: dict[str, asyncio.Task[None]] = {}  # runs of this node being stopped on request
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -142,6 +147,10 @@ class Cluster:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        aborting = list(self._aborting.values())
+        for task in aborting:
+            task.cancel()
+        await asyncio.gather(*aborting, return_exceptions=True)
         left = self._dispatcher.take_queued()
         if left:
             try:
@@ -255,16 +264,23 @@ class Cluster:
             await self.store.join(self.url, self.lease, self.store.incarnation)
         dead = [n for n in await self.store.expired(self.lease) if n != self.node_id]
         if dead:
-            ended = await self.store.fail_runs_of(dead, now_rfc3339(), NODE_LOST, node_lost, lease=self.lease)
-            logger.warning("nodes %s stopped answering: %d of their runs ended FAILED", ", ".join(dead), len(ended))
-            if ended:
-                await self._failed_here(ended)
+            await self._take_for_dead(dead)
         if self._claims_in_doubt:
             await self._hand_back_unknown_claims()
         if self._listener is None or self._listener.is_closed():
             await self._listen()
+        # (after listening again: a request made meanwhile is either heard or found here)
+        for request_id in await self.store.aborts_requested():
+            self._abort(request_id)  # its notice may have been lost with a connection
         await self._look()
         self.want(*self._concurrency)  # a notice lost on the way costs one heartbeat, not the run
+
+    async def _take_for_dead(self, dead: Sequence[str]) -> None:
+        """End the RUNNING runs of nodes silent past their lease FAILED (NodeLost), and drop the nodes."""
+        ended = await self.store.fail_runs_of(dead, now_rfc3339(), NODE_LOST, node_lost, lease=self.lease)
+        logger.warning("nodes %s stopped answering: %d of their runs ended FAILED", ", ".join(dead), len(ended))
+        if ended:
+            await self._failed_here(ended)
 
     async def _hand_back_unknown_claims(self) -> None:
         """After a failed claim: hand back to the queue the runs the store holds CLAIMED by this
@@ -278,7 +294,7 @@ class Cluster:
 
     async def _look(self) -> None:
         """Refresh the cluster's view: nodes alive, backlog, this node's share of each QPS limit."""
-        self.nodes = [n for n in await self.store.nodes() if n.heartbeat_age < self.lease]
+        self.nodes = [n for n in await self.store.nodes() if n.heartbeat_age < (n.lease or self.lease)]
         self.backlog = await self.store.backlog()
         self._accepted_since = {}
         alive = max(1, len(self.nodes))
@@ -312,20 +328,45 @@ class Cluster:
         elif channel == TERMINATE:
             owner, _, request_id = payload.partition(" ")
             if owner == self.node_id:
-                asyncio.get_running_loop().create_task(self._terminate(request_id))
+                self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        """Stop a run of this node on another's request (once, however often it is asked)."""
+        if request_id in self._aborting:
+            return
+        task = asyncio.get_running_loop().create_task(self._terminate(request_id), name=f"abort-{request_id}")
+        self._aborting[request_id] = task
+        task.add_done_callback(lambda _: self._aborting.pop(request_id, None))
 
     async def _terminate(self, request_id: str) -> None:
         try:
             await self._terminate_here(request_id)
+        except (InvocationEnded, InvocationNotFound):
+            pass  # it ended (or was pruned) before it could be stopped
         except Exception:
             logger.exception("terminating %s on request of another node failed", request_id)
 
-    async def terminate_elsewhere(self, request_id: str, owner: str) -> None:
-        """Ask the node running a run to terminate it."""
-        await self.store.notify(TERMINATE, f"{owner} {request_id}")
+    async def terminate_elsewhere(self, request_id: str) -> str | None:
+        """Ask the node running a run to terminate it (the request is kept until the run ends);
+        the node asked, None if the run had ended."""
+        return await self.store.request_abort(request_id)
+
+    async def check_answering(self, node_id: str, request_id: str) -> None:
+        """After a terminate sent to `node_id` was not acted on: raise NodeNotAnswering if that
+        node has stopped renewing its lease (it missed a renewal), so no node can stop the run.
+        A node silent past its lease is taken for dead here, as at a heartbeat: the run ends
+        FAILED (NodeLost) now."""
+        node = next((n for n in await self.store.nodes() if n.node_id == node_id), None)
+        if node is None:  # taken for dead already: its runs ended with it
+            return
+        lease = node.lease or self.lease
+        if node.heartbeat_age >= lease:
+            await self._take_for_dead([node_id])
+        elif node.heartbeat_age > lease / 3 + RENEWAL_LATE:
+            raise NodeNotAnswering(request_id, node_id, node.heartbeat_age, lease)
 
     async def abort_queued(self, request_id: str, message: str) -> bool:
-        """End a run no node has claimed yet as ABORTED; False if one claimed it meanwhile."""
+        """End a run no node has started yet as ABORTED; False if one started it meanwhile."""
         return await self.store.finish(
             request_id, Status.ABORTED, now_rfc3339(), error_type="Aborted", error_message=message, queued_only=True
         )

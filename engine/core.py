@@ -45,6 +45,13 @@ END_GRACE = 10.0
 """Seconds a stop waits, past killing the instances it stops, for runs to record their ends;
 an end the store still refuses then is left to the next start (the run ends ServerStopped)."""
 
+TERMINATE_WAIT = 10.0
+"""Seconds a terminate waits, past kill_grace, for the run to end before answering with it as it is."""
+
+WAIT_RECHECK = 1.0
+"""With a shared store, a wait for a run's end also reads the store this often: the notice of
+an end recorded on another node may be lost with a dropped connection."""
+
 REFUSED_RETRY = (0.1, 5.0)
 """While the store refuses writes (a full disk, its writer restarting), a run's start or end is
 tried again after the first of these seconds, then twice as long each time, up to the second."""
@@ -717,7 +724,10 @@ class Engine:
             if invocation.status.ended:
                 return invocation
             async with asyncio.timeout(timeout):
-                await future
+                if self.cluster is None:
+                    await future
+                else:
+                    await self._wait_in_cluster(request_id, future)
         except TimeoutError:
             pass
         finally:
@@ -725,6 +735,18 @@ class Engine:
             if waiting and future in waiting:
                 waiting.remove(future)
         return await self.get(request_id)
+
+    async def _wait_in_cluster(self, request_id: str, future: asyncio.Future[None]) -> None:
+        """Until the run's end is heard of, or found in the store (read every WAIT_RECHECK seconds)."""
+        while not future.done():
+            await asyncio.wait({future}, timeout=WAIT_RECHECK)
+            if future.done():
+                return
+            try:
+                if (await self.get(request_id)).status.ended:
+                    return
+            except StoreError:  # the store cannot serve now: the notice, or the next look, tells
+                pass
 
     async def read_log(self, request_id: str) -> bytes:
         """The run's log so far."""
@@ -790,14 +812,23 @@ class Engine:
             raise InvocationEnded(request_id, invocation.status.value)
         if self.cluster is not None and request_id not in self._runs:
             return await self._terminate_in_cluster(invocation)
+        return await self._terminate_here(invocation)
+
+    async def _terminate_here(self, invocation: Invocation) -> Invocation:
+        """Stop a run this engine holds, whatever step it is at: queued, starting, or running."""
+        request_id = invocation.request_id
         if self._unqueue(invocation.function, request_id):
             outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
             await self._end(request_id, invocation.function, outcome, started=None)
             return await self.get(request_id)
-        run = self._runs.get(request_id)
         task = self.dispatcher.task(request_id)
+        if task is not None and request_id not in self._runs:
+            # Taken off its queue a moment ago: its task makes its _Run at its first step, which
+            # was scheduled before this one (or the run is over and only recording its end).
+            await asyncio.sleep(0)
+        run = self._runs.get(request_id)
         if run is not None:
-            run.abort = True
+            run.abort = True  # (seen by _execute before the run goes to an instance, if it has not yet)
             if run.instance is not None:
                 await run.instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
         if task is not None:
@@ -813,26 +844,31 @@ class Engine:
         return True
 
     async def _terminate_in_cluster(self, invocation: Invocation) -> Invocation:
-        """Terminate a run this node does not run: unclaimed, it ends here; else its node is asked."""
+        """Terminate a run this node is not running: not started yet, it ends here, whichever node
+        claimed it; started here meanwhile, it is stopped here; else its node is asked."""
         request_id = invocation.request_id
         if invocation.status is Status.QUEUED:
             outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
             if await self._end(request_id, invocation.function, outcome, started=None, queued_only=True):
+                self._unqueue(invocation.function, request_id)  # (claimed here: its node finds it ended otherwise)
                 return await self.get(request_id)
+        # It has started (or ended) since: RUNNING, its node does not change until it ends.
         owner = await self.store.owner(request_id)  # type: ignore[union-attr]
         if owner is None:  # it ended meanwhile
             invocation = await self.get(request_id)
             if invocation.status.ended:
                 return invocation
             raise InvocationEnded(request_id, invocation.status.value)
-        if owner == self.node_id:  # claimed here a moment ago, not yet under way
-            if self._unqueue(invocation.function, request_id):
-                outcome = Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated before it started")
-                await self._end(request_id, invocation.function, outcome, started=None)
-            return await self.wait(request_id, timeout=self.manifest.server.kill_grace + 10)
+        if owner == self.node_id:
+            return await self._terminate_here(invocation)
         assert self.cluster is not None
-        await self.cluster.terminate_elsewhere(request_id, owner)
-        return await self.wait(request_id, timeout=self.manifest.server.kill_grace + 10)
+        if await self.cluster.terminate_elsewhere(request_id) is None:  # it ended meanwhile
+            return await self.get(request_id)
+        invocation = await self.wait(request_id, timeout=self.manifest.server.kill_grace + TERMINATE_WAIT)
+        if not invocation.status.ended:
+            await self.cluster.check_answering(owner, request_id)  # NodeNotAnswering, or its lease ran out here
+            invocation = await self.get(request_id)
+        return invocation
 
     # -- running ---------------------------------------------------------------------------
 
@@ -933,7 +969,7 @@ class Engine:
     ) -> bool:
         """Record the final state (once), close the log, wake waiters and listeners; False if it had ended.
 
-        `queued_only` (a shared store): record it only if no node has claimed the run yet.
+        `queued_only` (a shared store): record it only if no node has started the run yet.
         """
         note = f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}"
         if outcome.status is not Status.FINISHED and not queued_only:

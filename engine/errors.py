@@ -52,6 +52,20 @@ class InvocationActive(EventrunError):
         self.status = status
 
 
+class NodeNotAnswering(EventrunError):
+    """A run's node has stopped renewing its lease: no other node can stop the run."""
+
+    code = "NodeNotAnswering"
+
+    def __init__(self, request_id: str, node: str, silent: float, lease: float) -> None:
+        super().__init__(
+            f"invocation {request_id!r} runs on node {node}, which has not renewed its lease for {silent:.1f}s, so no "
+            f"other node can stop it; it ends FAILED (NodeLost) once that lease ({lease:g}s) runs out, or ABORTED "
+            "should the node answer first (the request is kept)"
+        )
+        self.request_id = request_id
+
+
 class InvocationEnded(EventrunError):
     """The invocation already ended, so it cannot be changed."""
 

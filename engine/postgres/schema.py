@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 QUEUED = "eventrun_queued"  # payload: a function with new QUEUED runs, or a freed slot
 ENDED = "eventrun_ended"  # payload: "{function} {request_id}" of a run that ended
-TERMINATE = "eventrun_terminate"  # payload: "{owner} {request_id}": the owner is to stop it
+TERMINATE = "eventrun_terminate"  # payload: "{owner} {request_id}": the owner is to stop it (see abort_requested)
 LOGGED = "eventrun_logged"  # payload: a RequestId whose log grew
 CHANNELS = (QUEUED, ENDED, TERMINATE, LOGGED)
 
@@ -135,6 +135,12 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER outbox_on_end AFTER UPDATE OF status ON invocations FOR EACH ROW
     WHEN (OLD.status IN ('QUEUED', 'CLAIMED', 'RUNNING') AND NEW.status NOT IN ('QUEUED', 'CLAIMED', 'RUNNING'))
     EXECUTE FUNCTION eventrun_outbox_on_end();
+    """,
+    # 4: terminations kept until the run's node acts on them; each node judged by its own lease
+    """
+    ALTER TABLE invocations ADD COLUMN abort_requested boolean NOT NULL DEFAULT false;
+    CREATE INDEX invocations_to_abort ON invocations (owner) WHERE abort_requested AND status IN ('CLAIMED', 'RUNNING');
+    ALTER TABLE nodes ADD COLUMN lease float8;  -- seconds; NULL: a node of an eventrun before this (judged by the observer's)
     """,
 ]
 

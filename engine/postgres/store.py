@@ -25,7 +25,7 @@ from ..errors import InvalidParameter, StoreError
 from ..rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation
 from ..writes import PRUNE_AT_ONCE, Batch, NewInvocation
 from .intake import Intake, event_key
-from .schema import CHANNELS, ENDED, LOGGED, QUEUED, migrate
+from .schema import CHANNELS, ENDED, LOGGED, QUEUED, TERMINATE, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Node:
     node_id: str
     url: str
     heartbeat_age: float  # seconds since its last heartbeat
+    lease: float | None = None  # its own [cluster] lease (None: a node of an eventrun that did not record it)
 
 
 class NodeIdInUse(StoreError):
@@ -227,9 +228,13 @@ class PostgresStore:
         error_message: str | None = None,
         queued_only: bool = False,
     ) -> bool:
-        """Record a terminal state once; False if the run had already ended (or, queued_only, started)."""
+        """Record a terminal state once; False if the run had already ended (or, queued_only, started).
+
+        `queued_only`: only a run not started yet, QUEUED or CLAIMED by any node (a terminate):
+        the node holding a claim finds it ended when it tries to start it (mark_running).
+        """
         blob = dumps(result) if result is not None else None
-        statuses = "'QUEUED'" if queued_only else "'QUEUED', 'CLAIMED', 'RUNNING'"
+        statuses = "'QUEUED', 'CLAIMED'" if queued_only else "'QUEUED', 'CLAIMED', 'RUNNING'"
         rows = await self.pool.fetch(
             _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, _text(error_type), _text(error_message)
         )
@@ -369,20 +374,21 @@ class PostgresStore:
         lease) is refused, unless that is `previous`, this node's own start before (now dead)."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT incarnation, extract(epoch FROM now() - heartbeat_at)::float8 AS age"
+                "SELECT incarnation, extract(epoch FROM now() - heartbeat_at)::float8 AS age, coalesce(lease, $2) AS lease"
                 " FROM nodes WHERE node_id = $1 FOR UPDATE",
-                self.node_id,
+                self.node_id, lease,
             )
-            if row is not None and row["age"] < lease and row["incarnation"] != previous:
+            if row is not None and row["age"] < row["lease"] and row["incarnation"] != previous:
                 age = row["age"]
                 raise NodeIdInUse(
                     f"node id {self.node_id!r} is held by a live node (its last heartbeat {age:.1f}s ago); "
                     "give this node its own [cluster] node_id, or stop the other"
                 )
             await conn.execute(
-                "INSERT INTO nodes (node_id, incarnation, url) VALUES ($1, $2, $3) ON CONFLICT (node_id) DO UPDATE"
-                " SET incarnation = excluded.incarnation, url = excluded.url, started_at = now(), heartbeat_at = now()",
-                self.node_id, self.incarnation, url,
+                "INSERT INTO nodes (node_id, incarnation, url, lease) VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE"
+                " SET incarnation = excluded.incarnation, url = excluded.url, lease = excluded.lease,"
+                " started_at = now(), heartbeat_at = now()",
+                self.node_id, self.incarnation, url, lease,
             )
 
     async def heartbeat(self) -> bool:
@@ -400,9 +406,9 @@ class PostgresStore:
     async def nodes(self) -> list[Node]:
         """Every registered node."""
         rows = await self.pool.fetch(
-            "SELECT node_id, url, extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM nodes ORDER BY node_id"
+            "SELECT node_id, url, extract(epoch FROM now() - heartbeat_at)::float8 AS age, lease FROM nodes ORDER BY node_id"
         )
-        return [Node(r["node_id"], r["url"], r["age"]) for r in rows]
+        return [Node(r["node_id"], r["url"], r["age"], r["lease"]) for r in rows]
 
     async def fail_runs_of(
         self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, lease: float | None = None
@@ -411,14 +417,16 @@ class PostgresStore:
         (request_id, function) of each run ended.
 
         `lease`: the owners were taken for dead. Each is taken off the registry, and its runs
-        ended, only if it is still silent past the lease then (it did not start again meanwhile,
-        and no other survivor got there first).
+        ended, only if it is still silent past its lease then (it did not start again meanwhile,
+        and no other survivor got there first); a node that did not record its own lease is
+        judged by this one.
         """
         ended: list[tuple[str, str]] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for owner in owners:
                 if lease is not None and not await conn.fetchval(
-                    "DELETE FROM nodes WHERE node_id = $1 AND heartbeat_at < now() - make_interval(secs => $2) RETURNING 1",
+                    "DELETE FROM nodes WHERE node_id = $1"
+                    " AND heartbeat_at < now() - make_interval(secs => coalesce(lease, $2)) RETURNING 1",
                     owner, lease,
                 ):
                     continue
@@ -438,11 +446,34 @@ class PostgresStore:
         return ended
 
     async def expired(self, lease: float) -> list[str]:
-        """Nodes not heard from within the lease."""
+        """Nodes not heard from within their own lease (`lease` for a node that did not record one)."""
         rows = await self.pool.fetch(
-            "SELECT node_id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $1)", lease
+            "SELECT node_id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => coalesce(lease, $1))", lease
         )
         return [r[0] for r in rows]
+
+    @_refusal_as_store_error
+    async def request_abort(self, request_id: str) -> str | None:
+        """Ask the node running a run to stop it: kept with the run until it ends, and told by a
+        notice; the node asked (None if the run is not claimed or running)."""
+        if not _is_uuid(request_id):
+            return None
+        row = await self.pool.fetchrow(
+            "WITH asked AS (UPDATE invocations SET abort_requested = true"
+            " WHERE request_id = $1::uuid AND status IN ('CLAIMED', 'RUNNING') RETURNING owner, request_id::text AS r)"
+            " SELECT owner, pg_notify('" + TERMINATE + "', owner || ' ' || r) FROM asked",
+            request_id,
+        )
+        return None if row is None else row["owner"]  # type: ignore[no-any-return]
+
+    async def aborts_requested(self) -> list[str]:
+        """The runs of this node that were asked to stop (a notice of it may have been lost)."""
+        rows = await self.pool.fetch(
+            "SELECT request_id::text FROM invocations"
+            " WHERE owner = $1 AND abort_requested AND status IN ('CLAIMED', 'RUNNING')",
+            self.node_id,
+        )
+        return sorted(r[0] for r in rows)
 
     async def notify(self, channel: str, payload: str) -> None:
         """Send a notification to every node (this one too)."""

@@ -29,7 +29,13 @@ class Cluster:
         self.nodes: list[ServerProcess] = []
 
     def start(
-        self, functions: Mapping[str, Mapping[str, Any]], n: int = 2, *, server: Mapping[str, Any] | None = None, **extra: Any
+        self,
+        functions: Mapping[str, Mapping[str, Any]],
+        n: int = 2,
+        *,
+        server: Mapping[str, Any] | None = None,
+        lease: str = LEASE,
+        **extra: Any,
     ) -> list[ServerProcess]:
         """Start n more nodes with these functions (and these [server] keys)."""
         started = []
@@ -38,7 +44,7 @@ class Cluster:
             node = self._make(
                 functions,
                 server=server,
-                extra={"store": {"url": self.url}, "cluster": {"node_id": node_id, "lease": LEASE}, **extra},
+                extra={"store": {"url": self.url}, "cluster": {"node_id": node_id, "lease": lease}, **extra},
             )
             node.node_id = node_id  # type: ignore[attr-defined]
             self.nodes.append(node)
@@ -98,6 +104,43 @@ async def test_any_node_answers_for_a_run_on_another(cluster: Cluster) -> None:
     metrics = (await api_a.request("GET", "/metrics")).text
     assert f'eventrun_node_info{{node="{a.node_id}"}} 1' in metrics  # type: ignore[attr-defined]
     assert "eventrun_cluster_nodes 2" in metrics
+
+
+async def test_a_run_terminated_as_soon_as_it_is_accepted_ends_aborted(cluster: Cluster) -> None:
+    # Terminated on the node that accepted it, right away: the node often claimed and started it
+    # meanwhile, and the terminate only waited for it to finish.
+    (node,) = cluster.start({"sleepy": {"handler": handler("sleepy"), "concurrency": 2}}, n=1)
+    api = cluster.api(node)
+    for _ in range(6):
+        request_id = await api.accepted("sleepy", {"seconds": 1, "quiet": True})
+        reply = await api.terminate(request_id)
+        assert reply.status == 200, reply.text
+        assert reply.json["Status"] == "ABORTED", reply.json
+
+
+async def test_a_terminate_whose_notice_is_lost_with_the_listeners_still_stops_the_run(cluster: Cluster) -> None:
+    # Every node's listening connection dropped (as a PostgreSQL restart drops them): the notice
+    # asking the run's node to stop it was lost, and the run went on; the caller got it RUNNING.
+    nodes = cluster.start({"sleepy": {"handler": handler("sleepy"), "concurrency": 1}}, lease="6s")
+    request_id = await cluster.api(nodes[0]).accepted("sleepy", {"seconds": 30, "quiet": True})
+    await cluster.api(nodes[0]).wait_for(request_id, {"RUNNING"}, 10)
+    [(owner,)] = await cluster.runs("SELECT owner FROM invocations WHERE request_id = $1::uuid", request_id)
+    asking = next(n for n in nodes if n.node_id != owner)  # type: ignore[attr-defined]
+    killed = [
+        r[0] for r in await cluster.runs(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+            " AND pg_terminate_backend(pid)"
+        )
+    ]
+    assert len(killed) == 2, killed
+
+    async def gone() -> bool:
+        return not await cluster.runs("SELECT 1 FROM pg_stat_activity WHERE pid = any($1::int[])", killed)
+
+    await poll_until(gone, 5, "the listening connections did not go", interval=0.01)
+    reply = await cluster.api(asking).terminate(request_id)  # (each node listens again at its next heartbeat)
+    assert reply.status == 200, reply.text
+    assert reply.json["Status"] == "ABORTED", reply.json
 
 
 async def _has(api: Api, request_id: str, text: str) -> bool:
@@ -209,6 +252,22 @@ async def test_while_the_database_refuses_writes_events_get_503_and_a_run_s_end_
     assert f"logger line for {running}" in await api.logs(running)  # its lines were shipped before its end
     assert (await ended_once_served(api, queued))["Status"] == "FINISHED"
     assert (await api.wait_ended(await api.accepted("quick", {"n": 2}), timeout=20))["Status"] == "FINISHED"
+
+
+async def test_terminating_a_run_whose_node_was_killed_answers_that_the_node_does_not_answer(cluster: Cluster) -> None:
+    # It answered 200 with the run RUNNING, as if it had been stopped.
+    functions = {"sleepy": {"handler": handler("sleepy"), "concurrency": 1}}
+    (a,) = cluster.start(functions, n=1, lease="30s")
+    running = await cluster.api(a).accepted("sleepy", {"seconds": 60, "quiet": True})
+    await cluster.api(a).wait_for(running, {"RUNNING"}, 10)
+    (b,) = cluster.start(functions, n=1, lease="30s")
+    a.kill9()
+    reply = await cluster.api(b).terminate(running)
+    error = reply.error(409)
+    assert error["Code"] == "NodeNotAnswering", error
+    assert "node node-1, which has not renewed its lease for" in error["Message"], error
+    assert "ends FAILED (NodeLost) once that lease (30s) runs out" in error["Message"], error
+    assert (await cluster.api(b).status(running))["Status"] == "RUNNING"
 
 
 async def ended_once_served(api: Api, request_id: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from eventrun.engine.cluster import Cluster
 from eventrun.engine.dispatcher import Dispatcher
 from eventrun.engine.envelope import now_rfc3339, request_ids
 from eventrun.engine.errors import StoreError
-from eventrun.engine.postgres import ENDED, MIGRATIONS, QUEUED, NodeIdInUse, PostgresStore, migrate
+from eventrun.engine.postgres import ENDED, MIGRATIONS, QUEUED, TERMINATE, NodeIdInUse, PostgresStore, migrate
 from eventrun.engine.store import NewInvocation
 
 
@@ -79,7 +79,7 @@ async def test_runs_claimed_but_not_started_go_back_to_the_queue(postgres_store:
 async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
     postgres_store: PostgresStore, other: PostgresStore
 ) -> None:
-    await postgres_store.join("http://a", 5.0)
+    await postgres_store.join("http://a", 0.2)
     await other.join("http://b", 5.0)
     running, claimed, queued = rows(3)
     await postgres_store.accept([running, claimed, queued])
@@ -105,7 +105,7 @@ async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
 
 
 async def test_a_live_node_id_is_refused_and_a_silent_one_taken_over(postgres: str, postgres_store: PostgresStore) -> None:
-    await postgres_store.join("http://a", 5.0)
+    await postgres_store.join("http://a", 0.2)
     twin = PostgresStore(postgres, "node-a")
     await twin.open()
     try:
@@ -120,13 +120,88 @@ async def test_a_live_node_id_is_refused_and_a_silent_one_taken_over(postgres: s
         await twin.close()
 
 
-async def test_a_terminated_queued_run_is_not_ended_once_a_node_claimed_it(postgres_store: PostgresStore) -> None:
-    first, second = rows(2)
-    await postgres_store.accept([first, second])
+async def test_a_terminated_run_not_started_ends_even_claimed_and_its_node_does_not_start_it(
+    postgres_store: PostgresStore, other: PostgresStore
+) -> None:
+    # A claimed run reads QUEUED: ended in the store by whichever node is asked, its claim goes
+    # with it. Left to the claiming node, a terminate raced the run's start there.
+    running, claimed, queued = rows(3)
+    await postgres_store.accept([running, claimed, queued])
+    await postgres_store.claim("f", 2, 10)
+    assert await postgres_store.mark_running(running.request_id, now_rfc3339())
+    assert not await other.finish(running.request_id, Status.ABORTED, now_rfc3339(), queued_only=True), "it started"
+    assert await postgres_store.owner(running.request_id) == "node-a"
+    assert await other.finish(claimed.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
+    assert not await postgres_store.mark_running(claimed.request_id, now_rfc3339()), "ended before its node started it"
+    assert await other.finish(queued.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
+
+
+async def test_a_terminate_is_kept_with_the_run_until_its_node_reads_it(
+    postgres_store: PostgresStore, other: PostgresStore
+) -> None:
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener = await postgres_store.listen(lambda channel, payload: heard.put_nowait((channel, payload)), lambda: None)
+    try:
+        running, queued = rows(2)
+        await postgres_store.accept([running, queued])
+        await postgres_store.claim("f", 1, 10)
+        assert await postgres_store.mark_running(running.request_id, now_rfc3339())
+        assert await other.request_abort(queued.request_id) is None, "no node holds it"
+        assert await other.request_abort(running.request_id) == "node-a"
+        assert await asyncio.wait_for(heard.get(), 5) == (TERMINATE, f"node-a {running.request_id}")
+        assert await postgres_store.aborts_requested() == [running.request_id], "also without the notice"
+        assert await other.aborts_requested() == [], "only the node running it is asked"
+        await postgres_store.finish(running.request_id, Status.ABORTED, now_rfc3339())
+        assert await postgres_store.aborts_requested() == [], "an ended run is asked nothing"
+    finally:
+        await listener.close()
+
+
+async def test_each_node_is_judged_by_its_own_lease(postgres_store: PostgresStore, other: PostgresStore) -> None:
+    # A node with a short lease took healthy nodes with a longer one for dead, ending their runs.
+    await postgres_store.join("http://a", 30.0)
+    await other.join("http://b", 0.2)
+    (run,) = rows(1)
+    await postgres_store.accept([run])
     await postgres_store.claim("f", 1, 10)
-    assert not await postgres_store.finish(first.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
-    assert await postgres_store.finish(second.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
-    assert await postgres_store.owner(first.request_id) == "node-a"
+    assert await postgres_store.mark_running(run.request_id, now_rfc3339())
+    await asyncio.sleep(0.4)
+    assert await other.heartbeat()
+    assert await other.expired(0.2) == [], "node-a, heard from 0.4 s ago, is within its 30 s lease"
+    assert await other.fail_runs_of(["node-a"], now_rfc3339(), "NodeLost", lambda node: "gone", lease=0.2) == []
+    assert (await other.get(run.request_id)).status is Status.RUNNING  # type: ignore[union-attr]
+    assert {(n.node_id, n.lease) for n in await other.nodes()} == {("node-a", 30.0), ("node-b", 0.2)}
+    await asyncio.sleep(0.3)
+    assert await postgres_store.expired(30.0) == ["node-b"], "node-b, silent past its own 0.2 s"
+
+
+async def test_a_database_of_the_schema_before_is_migrated_and_its_nodes_judged_by_the_observer(postgres: str) -> None:
+    conn = await asyncpg.connect(postgres)
+    try:
+        await conn.execute("CREATE TABLE eventrun_schema (version int NOT NULL)")
+        for number, sql in enumerate(MIGRATIONS[:3], start=1):
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO eventrun_schema (version) VALUES ($1)", number)
+        # A node of the eventrun before, heard from 2 s ago; and a run it runs.
+        await conn.execute(
+            "INSERT INTO nodes (node_id, incarnation, url, heartbeat_at) VALUES ('old', 'i', 'http://old', now() - interval '2 seconds')"
+        )
+        (run,) = rows(1)
+        await conn.execute(
+            "INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope, owner)"
+            " VALUES ($1::uuid, 'f', 's', 'e', 'http', 'RUNNING', $2, '{}', 'old')",
+            run.request_id, run.created_at,
+        )
+    finally:
+        await conn.close()
+    store = PostgresStore(postgres, "node-n")
+    await store.open()
+    try:
+        assert [(n.node_id, n.lease) for n in await store.nodes()] == [("old", None)]
+        assert await store.expired(10.0) == [] and await store.expired(1.0) == ["old"]
+        assert await store.request_abort(run.request_id) == "old"
+    finally:
+        await store.close()
 
 
 async def test_shipped_log_lines_read_back_in_order_and_from_where_a_reader_left(postgres_store: PostgresStore) -> None:

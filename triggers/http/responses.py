@@ -12,8 +12,7 @@ from eventrun.engine.api import Invocation
 from eventrun.engine.envelope import dumps, too_deep_to_serve
 from eventrun.engine.errors import (
     EventrunError, FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound,
-    ShuttingDown, StoreError,
-    Throttled,
+    NodeNotAnswering, ShuttingDown, StoreError, Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig
 from eventrun.engine.worker import MAX_RESULT_NESTING
@@ -25,6 +24,7 @@ ERROR_STATUS: dict[type[EventrunError], int] = {
     InvocationNotFound: 404,
     InvocationEnded: 409,
     InvocationActive: 409,
+    NodeNotAnswering: 409,
     Throttled: 429,
     ShuttingDown: 503,
     StoreError: 503,
