@@ -457,6 +457,17 @@ class FunctionConfig(_Strict):
     _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)
     _callback_url = field_validator("callback_url")(_http_url)
 
+    @field_validator("environment")
+    @classmethod
+    def _variables(cls, value: dict[str, str]) -> dict[str, str]:
+        # What no process environment can hold (each instance would fail to start); values unshown.
+        for name, text in value.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(f"variable name {name!r}: expected a name without '=' or NUL characters")
+            if "\0" in text:
+                raise ValueError(f"variable {name}: its value holds a NUL character, which no environment can hold")
+        return value
+
     @field_validator("handler")
     @classmethod
     def _handler_shape(cls, value: str) -> str:

@@ -509,3 +509,17 @@ def test_a_connection_no_client_could_open_is_refused(write, table, expected):
 def test_brokers_are_read_as_kafka_clients_read_them(write):
     brokers = "a:9092, b.example:9093,[::1]:9094,c"
     assert load_manifest(write(f'[kafka]\nbootstrap_servers = "{brokers}"\n' + function())).kafka.bootstrap_servers == brokers
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ('{ X = "a\\u0000b-secret" }', "functions.f.environment: variable X: its value holds a NUL character"),
+        ('{ "A=B" = "c" }', "functions.f.environment: variable name 'A=B': expected a name without '=' or NUL characters"),
+        ('{ "" = "c" }', "functions.f.environment: variable name '': expected a name without '=' or NUL characters"),
+    ],
+    ids=["nul-value", "equals-name", "empty-name"],
+)
+def test_an_environment_no_process_can_have_is_refused(write, environment, expected):
+    message = refusal(write(function(environment=environment)))
+    assert expected in message and "secret" not in message, message
