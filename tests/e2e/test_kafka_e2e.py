@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.core import Engine
@@ -161,6 +162,15 @@ def kafka_function(handler_name: str, topic: str, **extra: Any) -> dict[str, Any
     return {"handler": handler(handler_name), "triggers": [trigger], **extra}
 
 
+async def delete_topic(kafka: KafkaService, topic: str) -> None:  # noqa: F811
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+
 def ids(runs: list[Invocation]) -> list[str]:
     return [run.result["id"] for run in runs if run.status is Status.FINISHED]
 
@@ -218,6 +228,43 @@ async def test_starting_position_latest_is_resolved_once(kafka: KafkaService, se
     server = await servers(functions)
     runs = await server.ended("fn", 3)
     assert sorted(ids(runs)) == ["0-5", "0-6", "0-7"]
+
+
+async def test_starting_position_latest_counts_from_the_start_not_the_group_join(
+    kafka: KafkaService, servers: Any  # noqa: F811
+) -> None:
+    # "latest" was the log's end when the group assigned the partitions, seconds after the
+    # start with Tansu: records produced meanwhile never ran.
+    topic = await kafka.create_topic(unique("joining"), partitions=2)
+    for i in range(4):  # one batch per record (see test_starting_position_latest_is_resolved_once)
+        await kafka.produce(topic, [Record(json.dumps({"old": i}).encode(), key=b"k", partition=i % 2)])
+    functions = {"fn": kafka_function("kafka_id", topic, trigger={"starting_position": "latest"})}
+    server = await servers(functions)
+    for i in range(4):
+        await kafka.produce(topic, [Record(json.dumps({"new": i}).encode(), key=b"k", partition=i % 2)])
+    assert server.consumer_state["Partitions"] == [], "the records were to come while the group was joining"
+    runs = await server.ended("fn", 4)
+    assert sorted(ids(runs)) == ["0-2", "0-3", "1-2", "1-3"]
+    # And once, for good: a restart (a new client, a new join) skips nothing either.
+    await server.stop()
+    await kafka.produce(topic, [Record(b'{"while": "stopped"}', key=b"k", partition=0)])
+    server = await servers(functions)
+    await kafka.produce(topic, [Record(b'{"after": "restart"}', key=b"k", partition=1)])
+    runs = await server.ended("fn", 6)  # (the same data_dir: the first four are there too)
+    assert sorted(ids(runs)) == ["0-2", "0-3", "0-4", "1-2", "1-3", "1-4"]
+
+
+async def test_starting_position_latest_on_a_topic_created_after_the_start_reads_all_of_it(
+    kafka: KafkaService, servers: Any  # noqa: F811
+) -> None:
+    # No topic at the trigger's first start: every record it will hold comes after the start,
+    # even those produced before the group has assigned its partitions.
+    topic = unique("later")
+    server = await servers({"fn": kafka_function("kafka_id", topic, trigger={"starting_position": "latest"})})
+    await kafka.create_topic(topic)
+    await kafka.produce_json(topic, [{"i": i} for i in range(3)])
+    runs = await server.ended("fn", 3, timeout=30)
+    assert sorted(ids(runs)) == ["0-0", "0-1", "0-2"]
 
 
 async def test_graceful_restart_mid_stream_loses_and_repeats_nothing(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
@@ -365,6 +412,36 @@ async def test_cloudevents_attributes_are_kept(kafka: KafkaService, servers: Any
     assert events["0-3"]["source"] == f"kafka://{topic}"
 
 
+async def test_integers_keep_every_digit_whatever_the_record(
+    tmp_path: Path, kafka: KafkaService, servers: Any  # noqa: F811
+) -> None:
+    # Only a record with a UTF-8 key and no headers used to keep them: the others were written
+    # from what orjson parsed, and the function got 1.2345678901234568e+29.
+    big = 123456789012345678901234567890
+    value = b'{"order_id": %d}' % big
+    topic = await kafka.create_topic(unique("digits"))
+    await kafka.produce(topic, [
+        Record(value, key=b"usual"),
+        Record(value),
+        Record(value, key=b"k", headers=[("trace", b"t")]),
+        Record(value, key=b"\xff\xfe"),
+        Record(b'{\n  "order_id": %d\n}\n' % big, headers=[("trace", b"t")]),
+    ])
+    digits = tmp_path / "digits.py"
+    digits.write_text('def main_handler(event, context):\n    return str(event["data"]["value"]["order_id"])\n')
+    trigger = {"type": "kafka", "topic": topic, "starting_position": "earliest"}
+    server = await servers({"digits": {"handler": f"{digits}:main_handler", "triggers": [trigger]}}, http=True)
+
+    runs = await server.ended("digits", 5)
+    assert [(r.status, r.result) for r in runs] == [(Status.FINISHED, str(big))] * 5, [(r.error_type, r.error_message) for r in runs]
+    assert server.http is not None
+    async with aiohttp.ClientSession() as session:
+        for run in runs:
+            async with session.get(f"http://127.0.0.1:{server.http.port}/invocations/{run.request_id}/event") as answer:
+                assert answer.status == 200, await answer.text()
+                assert json.loads(await answer.read())["data"]["value"] == {"order_id": big}
+
+
 # --------------------------------------------------------------------------- backpressure
 
 
@@ -435,6 +512,26 @@ async def test_broker_stopped_and_restarted_while_eventrun_runs(kafka: KafkaServ
     kafka_ids = sorted(ids([r for r in runs if r.trigger == "kafka"]))
     # The new log's records get epoch 1 in their ids, so none is taken for an old one.
     assert kafka_ids == ["0-0", "0-0-1", "0-1", "0-1-1", "0-2", "0-2-1"], kafka_ids
+
+
+async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
+    kafka: KafkaService, servers: Any, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    # The consumer stood at offset 10, with the group's offset there, and no rebalance came:
+    # Tansu answered its reads of the new log with no records until the log grew past 10, and
+    # offsets 0-9 of the new log never ran (its later records ran as "0-10", "0-11").
+    topic = await kafka.create_topic(unique("again"))
+    await kafka.produce_json(topic, [{"old": i} for i in range(10)])
+    server = await servers({"fn": kafka_function("kafka_id", topic)})
+    assert len(await server.ended("fn", 10)) == 10
+    await delete_topic(kafka, topic)
+    await kafka.create_topic(topic)
+    await kafka.produce_json(topic, [{"new": i} for i in range(3)])
+    await asyncio.sleep(1)  # the consumer reads the new log while it is shorter than 10
+    await kafka.produce_json(topic, [{"new": i} for i in range(3, 12)])
+    runs = await server.ended("fn", 22, timeout=40)
+    assert sorted(i for i in ids(runs) if i.count("-") == 2) == sorted(f"0-{n}-1" for n in range(12)), sorted(ids(runs))
+    assert re.search(r"started over \(its log ends at offset [0-3], before offset 10 ", caplog.text), caplog.text
 
 
 async def test_broker_down_at_start(tmp_path: Path, kafka: KafkaService, servers: Any) -> None:  # noqa: F811

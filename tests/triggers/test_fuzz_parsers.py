@@ -14,12 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
-from eventrun.engine.envelope import Envelope, decode, encode
+from eventrun.engine.envelope import Envelope, decode, encode, encode_many
 from eventrun.engine.errors import InvalidParameter
 from eventrun.engine.manifest import FunctionConfig
 from eventrun.triggers.http.parser import to_envelope as http_envelope
 from eventrun.triggers.kafka.parser import (
     DEFAULT_MAX_JSON,
+    _structured_cloudevent,
     to_accept,
     to_envelope,
     to_envelopes,
@@ -211,6 +212,7 @@ def test_any_authorization_header_is_checked_without_raising(header: str | None)
 
 VALUE = st.none() | st.binary(max_size=60) | JSON_TEXT
 VALUE |= st.sampled_from([b"1e400", b'"\\ud800"', deep(250), deep(251), deep(300), deep(2000)])
+VALUE |= st.sampled_from([b'{"n": 123456789012345678901234567890}', b'[\r\n -18446744073709551617,\n 1.50\n]\n'])
 VALUE |= st.builds(
     lambda event, data: json.dumps({**event, "data": data}).encode(),
     st.fixed_dictionaries(
@@ -266,6 +268,12 @@ def test_kafka_records_are_always_envelopes(records: list[ConsumerRecord[bytes, 
         assert_storable(envelope)
         alone = to_envelope(record, "f", epoch=epoch, max_json=max_json)
         assert _comparable(alone, record) == _comparable(envelope, record)
+    # What is stored is one line, and a JSON value is the producer's, every digit of it.
+    for written, record in zip(encode_many(to_accept(records, "f", epoch=epoch, max_json=max_json)), records):
+        assert b"\n" not in written and b"\r" not in written
+        data = json.loads(written)["data"]
+        if _structured_cloudevent(record.value, record.headers, max_json) is None and "value" in data:
+            assert data["value"] == (None if record.value is None else json.loads(record.value))
 
 
 # --------------------------------------------------------------------------- timer

@@ -15,10 +15,20 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from eventrun.engine.api import Accepted
-from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, concatenated, decode, encode, expand, template_prefix
+from eventrun.engine.envelope import (
+    Envelope,
+    Templated,
+    TemplatedBatch,
+    concatenated,
+    decode,
+    encode,
+    encode_many,
+    expand,
+    template_prefix,
+)
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
-from eventrun.triggers.kafka import KafkaTrigger, Settings, record_id, to_envelope
+from eventrun.triggers.kafka import KafkaTrigger, Settings, TopicConsumer, record_id, to_envelope
 from eventrun.triggers.kafka.client import new_client
 from eventrun.triggers.kafka.handoff import UNCOMMITTED, HandOff
 from eventrun.triggers.kafka.health import Health
@@ -36,10 +46,11 @@ from eventrun.triggers.kafka.parser import (
     undecodable_envelope,
 )
 from eventrun.triggers.kafka.partitions import Partitions
-from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide
+from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide, latest_offset
 from eventrun.triggers.kafka.trigger import _quiet_client_logs
 
 TS = 1714557600123  # 2024-05-01T10:00:00.123Z
+BINARY_HEADERS = [("ce_id", b"evt-1"), ("ce_source", b"/shop"), ("ce_type", b"t")]  # CloudEvents binary mode
 
 
 def record(
@@ -200,7 +211,7 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
     data = record_data(rec, (), DEFAULT_MAX_JSON)
     now_stamped = rec.timestamp is None or rec.timestamp < 0  # stamped when built, maybe a millisecond apart
     assert now_stamped or envelope.time == record_time(rec.timestamp)
-    assert envelope == Envelope(
+    built = Envelope(
         id=record_id(rec.partition, rec.offset, epoch),
         source=source_of(rec.topic),
         type=RECORD_TYPE,
@@ -210,6 +221,7 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
         trigger="kafka",
         data=data,
     )
+    assert envelope == decode(encode(built))  # (a value is held as its text until written)
     assert list(envelope.data) == list(data)
 
 
@@ -239,7 +251,7 @@ def test_the_usual_record_is_written_straight_into_its_json(key: bytes, value: b
     event = json.loads(expand(written.stored, written.template))
     assert event == json.loads(encode(built))
     assert list(event) == list(built.to_dict()) and list(event["data"]) == list(built.data)
-    assert decode(expand(written.stored, written.template)) == built
+    assert decode(expand(written.stored, written.template)) == decode(encode(built))
     assert b"\n" not in expand(written.stored, written.template)  # an instance reads an envelope a line
 
 
@@ -262,6 +274,46 @@ def test_a_written_value_keeps_integers_beyond_64_bits() -> None:
     big = 123456789012345678901234567890
     (written,) = to_accept([record(str(big).encode())], "f")
     assert json.loads(expand(written.stored, written.template))["data"]["value"] == big
+
+
+BIG = 123456789012345678901234567890  # beyond 64 bits: orjson reads it as a float
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"key": None},
+        {"headers": [("trace", b"abc")]},
+        {"key": b"\xff\x00"},
+        {"timestamp": -1},
+        {"headers": BINARY_HEADERS},
+        {"key": None, "value": b'{\n  "order_id": %d\r\n}\n' % BIG},
+    ],
+    ids=["usual", "no-key", "header", "binary-key", "no-timestamp", "cloudevents-binary", "no-key-pretty"],
+)
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_value_keeps_every_digit_on_every_path(changes: dict[str, Any], alone: bool) -> None:
+    # Only the usual record's path copied the value's text; the others wrote it again from
+    # what orjson parsed, and the handler got 1.2345678901234568e+29.
+    rec = record(**{"value": b'{"order_id": %d}' % BIG, **changes})
+    batch = [rec] if alone else [record(offset=1), rec, record(offset=3, value=b"not json")]
+    written = encode_many(to_accept(batch, "f"))
+    event = json.loads(written[0 if alone else 1])  # read as the worker reads it
+    assert event["data"]["value"] == {"order_id": BIG}
+    assert b"%d" % BIG in written[0 if alone else 1]
+    assert all(b"\n" not in w and b"\r" not in w for w in written)  # an instance reads an envelope a line
+
+
+def test_a_structured_cloudevent_keeps_every_digit_of_its_data() -> None:
+    structured = [("content-type", b"application/cloudevents+json")]
+    value = b'{"id": "e", "source": "/s", "type": "t", "data": {"n": %d, "m": [%d, 1.5, -7]}}' % (BIG, -BIG)
+    (written,) = encode_many(to_accept([record(value, headers=structured)], "f"))
+    event = json.loads(written)
+    assert (event["id"], event["data"]) == ("e", {"n": BIG, "m": [-BIG, 1.5, -7]})
+    edge = b'{"id": "e", "source": "/s", "type": "t", "data": [18446744073709551615, -9223372036854775808, "%d"]}' % BIG
+    (written,) = encode_many(to_accept([record(edge, headers=structured)], "f"))
+    assert json.loads(written)["data"] == [2**64 - 1, -(2**63), str(BIG)]
 
 
 def test_only_the_usual_record_is_written_straight_into_json() -> None:
@@ -457,28 +509,59 @@ def test_fingerprints_tell_records_apart() -> None:
 
 
 def test_the_committed_offset_wins() -> None:
-    start = decide(Mark(50, "ab"), 40, 0, started=True, latest=True)
+    start = decide(Mark(50, "ab"), 40, 0, started=True, latest=45)
     assert (start.offset, start.verify, start.pin) == (40, None, False)
 
 
 def test_a_first_start() -> None:
-    assert decide(None, None, 3, started=False, latest=False).offset == 3
-    latest = decide(None, None, 3, started=False, latest=True)
-    assert latest.pin and latest.offset == -1  # the log's end, to be looked up and committed
+    assert decide(None, None, 3, started=False).offset == 3
+    latest = decide(None, None, 3, started=True, latest=7)
+    assert latest.pin and latest.offset == 7  # written down at the start, committed once assigned
+    assert decide(None, None, 9, started=True, latest=7).offset == 9  # retention took the records before
 
 
 def test_a_partition_new_to_a_running_trigger_is_read_from_its_beginning() -> None:
     # "latest" applies to the trigger's first start only: a partition added later, or one whose
     # group offset is gone, must not skip records.
-    start = decide(None, None, 0, started=True, latest=True)
+    start = decide(None, None, 0, started=True)
     assert (start.offset, start.pin) == (0, False)
 
 
+def test_latest_is_the_first_record_stamped_since_the_start_or_the_end_if_earlier() -> None:
+    since = TS
+    assert latest_offset(10, since, (4, since + 5)) == 4  # produced after the start, before the lookup
+    assert latest_offset(10, since, (4, since)) == 4
+    assert latest_offset(10, since, None) == 10  # nothing stamped since
+    assert latest_offset(10, since, (0, -1)) == 10  # Tansu's "nothing found"
+    assert latest_offset(10, since, (4, since - 1)) == 10
+    assert latest_offset(10, since, (12, since + 5)) == 10  # stamps come from producers' clocks: the end bounds it
+    assert latest_offset(0, since, (0, since + 5)) == 0
+
+
 def test_lost_group_offsets_resume_at_the_mark_and_check_the_last_record() -> None:
-    start = decide(Mark(10, "ab"), None, 0, started=True, latest=False)
+    start = decide(Mark(10, "ab"), None, 0, started=True)
     assert (start.offset, start.verify) == (9, "ab")
-    assert decide(Mark(10, None), None, 0, started=True, latest=True).offset == 10
-    assert decide(Mark(10, "ab"), None, 12, started=True, latest=False).offset == 12  # retention took it
+    assert decide(Mark(10, None), None, 0, started=True, latest=3).offset == 10
+    assert decide(Mark(10, "ab"), None, 12, started=True).offset == 12  # retention took it
+
+
+def test_where_the_trigger_left_off_its_last_record_is_read_again_to_check_the_log() -> None:
+    # The group's offset is where this trigger's mark is: the topic may have been deleted and
+    # created again while it was away (or in a rebalance), so the last record is checked.
+    start = decide(Mark(10, "ab"), 10, 0, started=True)
+    assert (start.offset, start.verify, start.pin) == (9, "ab", False)
+    assert decide(Mark(10, "ab"), 12, 0, started=True).verify is None  # another server read on: nothing to check
+    assert decide(Mark(10, None), 10, 0, started=True).verify is None
+    assert decide(Mark(10, "ab"), 10, 10, started=True).offset == 10  # retention took the record
+
+
+def test_a_new_log_is_read_from_its_beginning_whatever_offset_the_group_has() -> None:
+    # Nothing of the new log accepted yet: an offset the group has belongs to the old one.
+    for committed in (None, 0, 10):
+        start = decide(Mark(0, None, 1), committed, 2, started=True)
+        assert (start.offset, start.pin) == (2, True), committed
+    assert decide(Mark(0, None, 0), 10, 0, started=True).offset == 10  # "latest" pinned at 0: no new log
+    assert decide(Mark(4, "ab", 1), 4, 0, started=True).offset == 3  # the new log, read on
 
 
 def test_check_verdicts() -> None:
@@ -505,6 +588,9 @@ def test_marks_round_trip_and_count_epochs() -> None:
     assert again.get(1) == Mark(0, None, 1)
     again.advance(1, 5, "cd")
     assert again.epoch(1) == 1
+    again.latest = {2: 7, 0: 3}
+    assert Marks(again.dumps()).latest == {0: 3, 2: 7}
+    assert Marks('{"started": true, "partitions": {}}').latest == {}  # written before "latest" was kept
 
 
 # --------------------------------------------------------------------------- the trigger
@@ -696,3 +782,73 @@ def test_records_naming_their_topic_with_equal_strings_still_come_as_one_batch()
     assert records[0].topic is not records[1].topic
     written = to_accept(records, "f")
     assert written.__class__ is TemplatedBatch and len(written) == 2
+
+
+async def test_the_record_read_again_to_check_the_log_is_not_handed_over_twice() -> None:
+    engine = FakeEngine()
+    handoff, parts = hand_off_to(engine)
+    tp = TopicPartition("orders", 2)
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.paused: set[TopicPartition] = set()
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            pass
+
+        def pause(self, *tps: TopicPartition) -> None:
+            self.paused.update(tps)
+
+    consumer = Consumer()
+    parts.verify[2], parts.expected[2] = (16, fingerprint(record(offset=16))), 16
+    await handoff.hand_off(consumer, {tp: [record(offset=16), record(offset=17)]}, parts.generation)  # type: ignore[arg-type]
+    await handoff.drain()
+    assert [e.id for e in engine.accepted] == ["2-17"]
+    parts.verify[2], parts.expected[2] = (17, fingerprint(record(offset=17))), 17
+    await handoff.hand_off(consumer, {tp: [record(offset=17)]}, parts.generation)  # type: ignore[arg-type]
+    assert parts.expected[2] == 18 and len(engine.accepted) == 1
+    # Another record there: the log started over; the partition waits for its start to be decided again.
+    parts.verify[2], parts.expected[2] = (18, fingerprint(record(offset=18))), 18
+    await handoff.hand_off(consumer, {tp: [record(b'{"other": 1}', offset=18)]}, parts.generation)  # type: ignore[arg-type]
+    assert len(engine.accepted) == 1 and tp in parts.pending and tp in consumer.paused
+    assert parts.marks.get(2) == Mark(0, None, 1)
+
+
+async def test_a_log_that_ends_before_the_position_is_read_again_under_a_new_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    # Tansu answers a read past a log's end with no records, not offset-out-of-range: a topic
+    # deleted and created again was read only once it grew past the old position, from there.
+    engine = FakeEngine()
+    settings = Settings(bootstrap_servers="b")
+    consumer = TopicConsumer(engine, function="f", topic="orders", group_id="g", starting_position="earliest", settings=settings)
+    parts = consumer._parts
+    p0, p1, p2 = (TopicPartition("orders", p) for p in range(3))
+
+    class Client:
+        def __init__(self) -> None:
+            self.highwaters = {p0: 3, p1: 10, p2: None}
+            self.paused: set[TopicPartition] = set()
+
+        def assignment(self) -> set[TopicPartition]:
+            return {p0, p1, p2}
+
+        def highwater(self, tp: TopicPartition) -> int | None:
+            return self.highwaters[tp]
+
+        def pause(self, *tps: TopicPartition) -> None:
+            self.paused.update(tps)
+
+    client = Client()
+    parts.expected.update({0: 10, 1: 10, 2: 10})
+    parts.marks.advance(0, 10, "ab")
+    await consumer._notice_new_logs(client, {})  # type: ignore[arg-type]
+    assert parts.pending == {p0} and client.paused == {p0}
+    assert parts.marks.get(0) == Mark(0, None, 1)
+    assert "started over (its log ends at offset 3, before offset 10" in caplog.text
+    assert Marks(engine.state["kafka:g:orders"]).get(0) == Mark(0, None, 1)  # written down before any new id is used
+    # Decided again, it starts at the new log's beginning, though the group has the old offset.
+    assert decide(parts.marks.get(0), 10, 0, started=True).offset == 0
+    # Fetched just now, a partition is left alone; so is one whose start is being decided.
+    parts.pending.clear()
+    parts.expected[0] = 10
+    await consumer._notice_new_logs(client, {p0: []})  # type: ignore[arg-type]
+    assert parts.pending == set() and parts.marks.epoch(0) == 1

@@ -60,8 +60,11 @@ class Settings:
         )
 
 
-def new_client(settings: Settings, *, function: str, group_id: str) -> AIOKafkaConsumer:
-    """A consumer of the group with manual commits; eventrun decides every start position."""
+def new_client(settings: Settings, *, function: str, group_id: str | None) -> AIOKafkaConsumer:
+    """A consumer of the group with manual commits; eventrun decides every start position.
+
+    Without a group: a client that only looks things up (it joins nothing, assigns nothing).
+    """
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         **settings.connection,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, TypeVar
+import time
+from typing import Any, Awaitable, Collection, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -14,7 +15,7 @@ from .engine import KafkaEngine
 from .handoff import IN_FLIGHT, HandOff
 from .health import Health
 from .partitions import Partitions
-from .positions import decide
+from .positions import decide, latest_offset
 from .security import refusal
 
 __all__ = ["IN_FLIGHT", "KafkaEngine", "TopicConsumer"]
@@ -59,6 +60,7 @@ class TopicConsumer:
         self.name = f"{function}:{topic}"
         self._engine = engine
         self._latest = starting_position == "latest"
+        self._since = 0  # when start() was called, in ms since the epoch: "latest" counts from there
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -81,6 +83,7 @@ class TopicConsumer:
         if self._task is not None:
             return
         await self._parts.load_marks()
+        self._since = int(time.time() * 1000)
         self._stopping.clear()
         self._health.enter("connecting")
         self._task = asyncio.create_task(self._run(), name=f"kafka-{self.name}")
@@ -133,7 +136,9 @@ class TopicConsumer:
         while not self._stopping.is_set():
             consumer = self._new_consumer()
             try:
-                await self._unless_stopped(consumer.start())
+                if self._latest and not self._parts.marks.started:
+                    await self._unless_stopped(self._pin_latest())
+                await self._unless_stopped(consumer.start())  # joins the group: seconds, with Tansu
                 backoff = self._settings.backoff_min
                 self._health.contact()
                 await self._consume(consumer)
@@ -141,7 +146,7 @@ class TopicConsumer:
                 pass
             except KafkaConnectionError as exc:
                 self._health.unreachable(exc, await self._why())
-            except KafkaError as exc:
+            except (KafkaError, asyncio.TimeoutError) as exc:
                 self._health.unreachable(exc)
             except Exception as exc:  # never let the trigger die: start over with a new client
                 logger.exception("kafka %s: consumer failed; starting a new one", self.name)
@@ -158,6 +163,36 @@ class TopicConsumer:
         consumer = new_client(self._settings, function=self.function, group_id=self.group_id)
         consumer.subscribe([self.topic], listener=_Listener(self, consumer))
         return consumer
+
+    async def _pin_latest(self) -> None:
+        """Write down where starting_position "latest" puts each partition (see latest_offset).
+
+        Done once, at the trigger's first start, before its consumer joins the group: the group
+        may assign the partitions seconds later, and the records produced meanwhile are to be
+        read. Partitions that appear later (all of them, when there is no topic yet) hold only
+        records produced since the start: they are read from their beginning.
+        """
+        client = new_client(self._settings, function=self.function, group_id=None)
+        try:
+            await client.start()
+            # What consumer.topics() asks for, the partitions included (it keeps only the names).
+            cluster = await self._broker(client._client.fetch_all_metadata())
+            partitions = [TopicPartition(self.topic, p) for p in sorted(cluster.partitions_for_topic(self.topic) or ())]
+            if partitions:
+                end = await self._broker(client.end_offsets(partitions))
+                found = await self._broker(client.offsets_for_times({tp: self._since for tp in partitions}))
+            else:
+                end, found = {}, {}
+        finally:
+            await stop_client(client, self._settings.client_stop_timeout)
+        marks = self._parts.marks
+        for tp, offset in end.items():
+            at = found.get(tp)
+            answer = None if at is None else (at.offset, at.timestamp)
+            marks.latest[tp.partition] = latest_offset(offset, self._since, answer)
+        marks.started = True
+        await self._parts.save_marks(force=True)  # durable before any partition is read
+        logger.debug("kafka %s: starting_position latest: %s", self.name, marks.latest or "no partitions yet")
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
@@ -187,6 +222,36 @@ class TopicConsumer:
             else:
                 self._health.contact()
                 await self._handoff.hand_off(consumer, batch, generation)
+            await self._notice_new_logs(consumer, batch)
+
+    async def _notice_new_logs(self, consumer: AIOKafkaConsumer, fetched: Collection[TopicPartition]) -> None:
+        """Start a partition again, under a new epoch, once its log ends before where reading stands.
+
+        Apache Kafka answers a read past a log's end (a topic deleted and created again, a broker
+        that lost its data) with offset-out-of-range, and the client goes back to the oldest
+        record: check() sees the offsets go backwards. Tansu answers with no records, and the
+        new log would be read only from that position on, once it grew past it; but the high
+        watermark in its answers (the log's end, known from a fetch at the client's position)
+        tells. The partition's start is then decided again: the new log from its beginning.
+        """
+        parts = self._parts
+        shorter: list[tuple[TopicPartition, int, int]] = []
+        for tp in consumer.assignment():
+            if tp in fetched or tp in parts.pending:
+                continue
+            end, expected = consumer.highwater(tp), parts.expected.get(tp.partition)
+            if end is not None and expected is not None and end < expected:
+                shorter.append((tp, end, expected))
+        if not shorter:
+            return
+        await self._handoff.drain()  # the marks of what is in flight advance first, in the old epoch
+        for tp, end, expected in shorter:
+            if tp in consumer.assignment() and tp not in parts.pending:
+                reason = f"its log ends at offset {end}, before offset {expected} where reading stood"
+                parts.new_epoch(tp.partition, reason)
+                parts.pending.add(tp)
+                consumer.pause(tp)
+        await parts.save_marks(force=True)  # durable before any id of the new epoch is used
 
     # -- rebalances ------------------------------------------------------------------------
 
@@ -221,12 +286,9 @@ class TopicConsumer:
         if not partitions:
             parts.pending.clear()
             return
-        end: dict[TopicPartition, int] = {}
         try:
             committed = {tp: await self._broker(consumer.committed(tp)) for tp in partitions}
             beginning = await self._broker(consumer.beginning_offsets(partitions))
-            if self._latest and not parts.marks.started:
-                end = await self._broker(consumer.end_offsets(partitions))
         except (KafkaError, asyncio.TimeoutError) as exc:
             self._health.unreachable(exc)
             await sleep_unless(self._stopping, self._settings.backoff_min)
@@ -234,15 +296,15 @@ class TopicConsumer:
         if generation != parts.generation:
             return  # a rebalance came in between: decide again for the new assignment
         pins: dict[TopicPartition, int] = {}
+        marks = parts.marks
         for tp in partitions:
             p = tp.partition
-            start = decide(
-                parts.marks.get(p), committed[tp], beginning[tp], started=parts.marks.started, latest=self._latest
-            )
-            offset = end[tp] if start.pin else start.offset
+            start = decide(marks.get(p), committed[tp], beginning[tp], started=marks.started, latest=marks.latest.get(p))
+            offset = start.offset
             if start.pin:
-                parts.marks.advance(p, offset, None)
+                marks.advance(p, offset, None)
                 pins[tp] = offset
+            marks.latest.pop(p, None)  # from now on the group's offset or the mark says where
             consumer.seek(tp, offset)
             parts.expected[p] = offset
             if start.verify is not None:

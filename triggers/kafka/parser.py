@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 import json.encoder
+import re
 import time
 from collections import Counter
 from typing import Any, Protocol, Sequence
+
+from orjson import Fragment
 
 from eventrun.engine.envelope import (
     JSON_DEPTH,
@@ -19,6 +23,7 @@ from eventrun.engine.envelope import (
     TemplatedBatch,
     decode,
     dumps,
+    encode,
     expand,
     loads,
     nests_deeper,
@@ -64,16 +69,20 @@ def source_of(topic: str) -> str:
 def to_envelope(
     record: RecordLike, function: str, *, epoch: int = 0, max_json: int = DEFAULT_MAX_JSON
 ) -> Envelope:
-    """The envelope of one record for one function; never raises for odd bytes."""
+    """The envelope of one record for one function, read back from its JSON; never raises for odd bytes."""
     return to_envelopes((record,), function, epoch=epoch, max_json=max_json)[0]
 
 
 def to_envelopes(
     records: Sequence[RecordLike], function: str, *, epoch: int = 0, max_json: int = DEFAULT_MAX_JSON
 ) -> list[Envelope]:
-    """The envelopes of records for one function, in order; never raises for odd bytes."""
+    """The envelopes of records for one function, in order, read back from their JSON; never raises for odd bytes.
+
+    What to_accept gives holds a value as the producer's text (see record_data); read back, it
+    is Python objects, as eventrun's decoder gives them (an integer beyond 64 bits a float).
+    """
     return [
-        decode(expand(item.stored, item.template)) if item.__class__ is Templated else item  # type: ignore[union-attr, misc]
+        decode(expand(item.stored, item.template) if item.__class__ is Templated else encode(item))  # type: ignore[union-attr, arg-type]
         for item in to_accept(records, function, epoch=epoch, max_json=max_json)
     ]
 
@@ -243,7 +252,12 @@ def undecodable_envelope(
 
 
 def record_data(record: RecordLike, headers: Sequence[tuple[str, bytes | None]], max_json: int) -> dict[str, Any]:
-    """The `data` of a record's envelope: key, value (or value_base64), headers and position."""
+    """The `data` of a record's envelope: key, value (or value_base64), headers and position.
+
+    A JSON value is held as its own text (an orjson Fragment, on one line), not as the objects
+    it parses to: orjson reads an integer beyond 64 bits as a float, and writing that back
+    would lose digits. The usual record's path copies the text the same way.
+    """
     key = record.key
     text_key = _text(key) if key is not None else None
     data: dict[str, Any] = {"key": text_key}
@@ -253,11 +267,10 @@ def record_data(record: RecordLike, headers: Sequence[tuple[str, bytes | None]],
     if value is None:
         data["value"] = None  # a tombstone
     else:
-        parsed = _json(value, max_json)
-        if parsed is _NOT_JSON:
+        if _json(value, max_json) is _NOT_JSON:
             data["value_base64"] = _b64(value)
         else:
-            data["value"] = parsed
+            data["value"] = Fragment(_one_line(value))
     timestamp = record.timestamp
     data["headers"] = headers_dict(headers) if headers else {}
     data["partition"] = record.partition
@@ -343,7 +356,23 @@ def _structured_cloudevent(
         return None
     if not all(isinstance(event.get(name), str) and event[name] for name in ("id", "source", "type")):
         return None
+    if _LONG_DIGITS.search(value):
+        # orjson reads an integer beyond 64 bits as a float; the standard library keeps it whole.
+        # (Rarely needed: only a value with 19 digits in a row may hold such an integer.)
+        try:
+            event = json.loads(value, parse_int=_exact_int)
+        except (ValueError, RecursionError):
+            pass
     return event
+
+
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _exact_int(text: str) -> Any:
+    """An integer of a JSON text: one orjson writes, or beyond 64 bits its digits as they are."""
+    number = int(text)
+    return number if -(2**63) <= number < 2**64 else Fragment(text.encode())
 
 
 def _from_structured(event: dict[str, Any], record: RecordLike, function: str) -> Envelope:

@@ -6,9 +6,9 @@ offsets start again at 0 and new records would look like ones eventrun already a
 trigger remembers, per partition, the offset after the last record it accepted and a fingerprint
 of that record ("marks", in the engine's durable state). Offsets going backwards under the
 consumer (the client fell back to the oldest record because the log no longer holds the
-position) or a different record at a marked offset mean a new log: the partition gets a new
-epoch, and its ids become "{partition}-{offset}-{epoch}", so nothing of the new log is taken
-for a duplicate.
+position), a log that ends before the position (see TopicConsumer._notice_new_logs) or a
+different record at a marked offset mean a new log: the partition gets a new epoch, and its ids
+become "{partition}-{offset}-{epoch}", so nothing of the new log is taken for a duplicate.
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ class Marks:
 
     def __init__(self, raw: str | None) -> None:
         self.started = False
+        # Where "latest" put each partition at the trigger's first start, until the group has
+        # an offset there: the group may assign the partitions only seconds later.
+        self.latest: dict[int, int] = {}
         self._marks: dict[int, Mark] = {}
         if raw:
             document: dict[str, Any] = loads(raw)
             self.started = bool(document.get("started"))
+            self.latest = {int(partition): int(offset) for partition, offset in document.get("latest", {}).items()}
             for partition, (next_offset, digest, epoch) in document.get("partitions", {}).items():
                 self._marks[int(partition)] = Mark(int(next_offset), digest, int(epoch))
 
@@ -65,17 +69,34 @@ class Marks:
     def dumps(self) -> str:
         """The marks as the JSON text the engine stores."""
         partitions = {str(p): [m.next, m.fingerprint, m.epoch] for p, m in sorted(self._marks.items())}
-        return dumps({"started": self.started, "partitions": partitions}).decode()
+        document: dict[str, Any] = {"started": self.started, "partitions": partitions}
+        if self.latest:
+            document["latest"] = {str(p): offset for p, offset in sorted(self.latest.items())}
+        return dumps(document).decode()
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
     """Where a newly assigned partition starts reading, and why."""
 
-    offset: int  # -1 with pin: the log's end
+    offset: int
     reason: str
     verify: str | None = None  # the fingerprint the record at `offset` must have
-    pin: bool = False  # commit the position at once, so "latest" is resolved only once
+    pin: bool = False  # commit the position at once: "latest" as resolved, or a new log's beginning
+
+
+def latest_offset(end: int, since: int, found: tuple[int, int] | None) -> int:
+    """Where "latest" starts a partition: its first record stamped `since` (ms) or later, or its
+    `end` when eventrun looked, whichever comes first.
+
+    `found` is the broker's answer to the look-up by time: (offset, that record's timestamp).
+    The end bounds it because stamps come from the producers' clocks: a record in the log when
+    eventrun looked is never skipped for its stamp. (Tansu answers a look-up that finds nothing
+    with offset 0 and timestamp -1: only a stamp at or after `since` counts.)
+    """
+    if found is not None and found[1] >= since and 0 <= found[0] < end:
+        return found[0]
+    return end
 
 
 def decide(
@@ -84,22 +105,35 @@ def decide(
     beginning: int,
     *,
     started: bool,
-    latest: bool,
+    latest: int | None = None,
 ) -> Start:
     """The start of a partition from the group's committed offset, the trigger's mark and the log's start.
+
+    `latest`: where starting_position "latest" put the partition at the trigger's first start
+    (see latest_offset), if it did.
 
     Whether the log still holds what eventrun read is found out when reading (see check()):
     a position past the log's end makes the client fall back to the oldest record (offsets go
     backwards), and the record at a mark is compared with the one eventrun read there. The log's
-    end offset is not used for this: Tansu answers ListOffsets(latest) with the base offset of
-    the last record batch plus one, not the offset after its last record.
+    end offset is not looked up for this: Tansu answers ListOffsets(latest) with the base offset
+    of the last record batch plus one, not the offset after its last record. (The high watermark
+    of its fetch answers is right: the consumer watches that.)
     """
+    if mark is not None and mark.epoch and mark.next == 0 and mark.fingerprint is None:
+        # The log started over and nothing of the new one was accepted yet: an offset the group
+        # has is the old log's. (Reading the new one again from its beginning, under the same
+        # epoch, gives the ids it gave: idempotent.)
+        return Start(beginning, "a new log, from its first record", pin=True)
     if committed is not None:
+        if mark is not None and mark.fingerprint is not None and committed == mark.next and committed - 1 >= beginning:
+            # Where this trigger left off: read its last record again, to know the log is still
+            # the one it read (the topic may have been deleted and created again meanwhile).
+            return Start(committed - 1, "committed offset, checking the last record read", verify=mark.fingerprint)
         return Start(committed, "committed offset")
     # The group has no offset here: a first start, a partition added later, or a broker that lost it.
     if mark is None:
-        if latest and not started:
-            return Start(-1, "starting_position latest", pin=True)
+        if latest is not None:
+            return Start(max(latest, beginning), "starting_position latest, as of the trigger's first start", pin=True)
         return Start(beginning, "earliest record (never skip)" if started else "starting_position earliest")
     if mark.fingerprint is None or mark.next - 1 < beginning:
         return Start(max(mark.next, beginning), "eventrun's own mark")
