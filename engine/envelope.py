@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import json
 import os
 import re
 import threading
@@ -320,6 +321,26 @@ def dumps(value: Any) -> bytes:
 
 loads = orjson.loads
 """Parse JSON bytes or text (orjson's own function: no call in between on the hot paths)."""
+
+
+def loads_exact(raw: bytes, parsed: Any) -> Any:
+    """`parsed`, orjson's reading of `raw`; or, should `raw` hold an integer beyond 64 bits
+    (which orjson reads as a float), `raw` read again keeping such integers' digits, written
+    back as they came (orjson Fragments). Only JSON with 19 digits in a row is read twice."""
+    if not _LONG_DIGITS.search(raw):
+        return parsed
+    try:
+        return json.loads(raw, parse_int=_exact_int)
+    except (ValueError, RecursionError):
+        return parsed
+
+
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _exact_int(text: str) -> Any:
+    number = int(text)
+    return number if -(2**63) <= number < 2**64 else orjson.Fragment(text.encode())
 
 
 def nests_deeper(value: Any, levels: int, raw: bytes | None = None) -> bool:

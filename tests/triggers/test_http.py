@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from eventrun.engine.api import Accepted, Invocation, Status
-from eventrun.engine.envelope import Envelope
+from eventrun.engine.envelope import Envelope, encode, now_rfc3339, request_ids
 from eventrun.engine.errors import (
     FunctionNotFound,
     InvalidParameter,
@@ -31,6 +31,7 @@ from eventrun.engine.errors import (
     Throttled,
 )
 from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
+from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.triggers import http
 from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, to_envelope
 
@@ -81,8 +82,10 @@ class FakeEngine:
         self.log_error: Exception | None = None  # raised by the log after its lines
         self.log_path: Path | None = None  # the log's file, if it has one
         self.health_error: Exception | None = None
+        self.accept_repeatable: list[bool] = []  # each accept's `repeatable`
 
-    async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
+    async def accept(self, envelope: Envelope, *, throttle: bool = True, repeatable: bool = False) -> Accepted:
+        self.accept_repeatable.append(repeatable)
         if self.accept_error is not None:
             raise self.accept_error
         key = (envelope.function, envelope.source, envelope.id)
@@ -243,6 +246,20 @@ def test_structured_json_types_are_parsed() -> None:
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
 def test_untyped_or_curl_default_body_is_parsed_when_it_is_json(content_type: str | None) -> None:
     assert to_envelope("resize", b'{"a": 1}', content_type, None).data == {"a": 1}
+
+
+@pytest.mark.parametrize("content_type", ["application/json", None])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": 18446744073709551616, "n": [-9223372036854775809, 1], "small": 18446744073709551615}',
+        b'123456789012345678901234567890',
+        b'{"phone": "1234567890123456789012", "x": 1.5e300}',  # long digits in a string: read as given
+    ],
+)
+def test_integers_beyond_64_bits_keep_every_digit(body: bytes, content_type: str | None) -> None:
+    envelope = to_envelope("f", body, content_type, None)
+    assert json.loads(encode(envelope))["data"] == json.loads(body)  # (the standard library reads them exactly)
 
 
 def test_untyped_non_json_body_is_base64() -> None:
@@ -527,6 +544,40 @@ async def test_list_bad_cursor_from_engine_is_400(client: TestClient, engine: Fa
     response = await client.get("/invocations", params={"cursor": "garbage"})
     assert response.status == 400
     assert (await _error(response))["Message"] == "cursor: not a cursor this server issued"
+
+
+async def test_a_list_of_large_results_comes_in_bounded_pages_that_lose_no_run(
+    client: TestClient, engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store's own paging behind the route: each answer holds at most the budget (or one run).
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    try:
+        seq, ids = request_ids(6)
+        await store.accept(
+            [NewInvocation(rid, "f", "/http/f", rid, "http", now_rfc3339(), b"{}", seq + i) for i, rid in enumerate(ids)]
+        )
+        for i, rid in enumerate(ids):
+            await store.finish(rid, Status.FINISHED, now_rfc3339(), result=f"{i}" * 3000)
+        monkeypatch.setattr(store, "page_bytes", 8000)
+        monkeypatch.setattr(engine, "list", store.list)
+        seen: list[str] = []
+        params = {"limit": "1000"}
+        while True:
+            response = await client.get("/invocations", params=params)
+            assert response.status == 200
+            body = await response.read()
+            assert len(body) < 8000 + 1000  # (two results of 3002 bytes, and the runs' other fields)
+            page = json.loads(body)
+            assert [len(run["Result"]) for run in page["Invocations"]] == [3000] * len(page["Invocations"])
+            seen += [run["RequestId"] for run in page["Invocations"]]
+            if page["NextCursor"] is None:
+                break
+            assert len(page["Invocations"]) == 2  # fewer than asked: the budget ended the page
+            params["cursor"] = page["NextCursor"]
+        assert seen == ids[::-1]
+    finally:
+        store.close()
 
 
 async def test_terminate_answers_the_aborted_invocation(client: TestClient, engine: FakeEngine) -> None:

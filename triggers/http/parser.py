@@ -6,7 +6,7 @@ import base64
 import re
 from typing import Any
 
-from eventrun.engine.envelope import JSON_DEPTH, Envelope, JSONDecodeError, loads, nests_deeper, new_id
+from eventrun.engine.envelope import JSON_DEPTH, Envelope, JSONDecodeError, loads, loads_exact, nests_deeper, new_id
 from eventrun.engine.errors import InvalidParameter
 
 MAX_IDEMPOTENCY_KEY = 256
@@ -27,7 +27,7 @@ def to_envelope(function: str, body: bytes, content_type: str | None, idempotenc
     if _JSON_TYPE.match(media_type):
         if body.strip():
             try:
-                data = loads(body)
+                data = loads_exact(body, loads(body))  # (an integer beyond 64 bits keeps every digit)
             except JSONDecodeError as exc:
                 raise InvalidParameter(f"request body is not valid JSON: {exc}") from None
             if nests_deeper(data, MAX_NESTING, body):
@@ -54,7 +54,7 @@ def _check_utf8(name: str, value: str | None) -> None:
 def _parse_or_wrap(body: bytes, media_type: str, content_type: str | None) -> Any:
     if media_type in _MAYBE_JSON_TYPES:
         try:
-            data = loads(body)
+            data = loads_exact(body, loads(body))
         except JSONDecodeError:
             pass
         else:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import json.encoder
-import re
 import time
 from collections import Counter
 from typing import Any, Protocol, Sequence
@@ -26,6 +24,7 @@ from eventrun.engine.envelope import (
     encode,
     expand,
     loads,
+    loads_exact,
     nests_deeper,
     now_rfc3339,
     template_prefix,
@@ -356,23 +355,7 @@ def _structured_cloudevent(
         return None
     if not all(isinstance(event.get(name), str) and event[name] for name in ("id", "source", "type")):
         return None
-    if _LONG_DIGITS.search(value):
-        # orjson reads an integer beyond 64 bits as a float; the standard library keeps it whole.
-        # (Rarely needed: only a value with 19 digits in a row may hold such an integer.)
-        try:
-            event = json.loads(value, parse_int=_exact_int)
-        except (ValueError, RecursionError):
-            pass
-    return event
-
-
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
-
-
-def _exact_int(text: str) -> Any:
-    """An integer of a JSON text: one orjson writes, or beyond 64 bits its digits as they are."""
-    number = int(text)
-    return number if -(2**63) <= number < 2**64 else Fragment(text.encode())
+    return loads_exact(value, event)  # (its integers beyond 64 bits, too, keep every digit)
 
 
 def _from_structured(event: dict[str, Any], record: RecordLike, function: str) -> Envelope:
