@@ -25,8 +25,8 @@ from typing import Any, Callable
 from .api import Status
 from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
-from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, forkable
-from .worker import FRAME_MARK, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP, children_of
+from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable
+from .worker import FRAME_MARK, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,10 @@ class Instance:
             if self.stopping is not None:
                 await asyncio.shield(self._exit)
                 return self._stopped_outcome(timeout)
-            if self.process.returncode is None:
+            spawner_lost = isinstance(self.process, SpawnedProcess) and self.process.spawner_lost is not None
+            if spawner_lost:  # (its exit comes once what it started is ended too)
+                await asyncio.shield(self._exit)
+            elif self.process.returncode is None:
                 return Outcome(
                     status=Status.FAILED,
                     error_type="InstanceDied",
@@ -219,6 +222,11 @@ class Instance:
         return Outcome(status=Status.ABORTED, error_type="Aborted", error_message="the run was terminated on request")
 
     def _exit_text(self) -> str:
+        if isinstance(self.process, SpawnedProcess) and self.process.spawner_lost is not None:
+            return (
+                f"the instance spawner died ({self.process.spawner_lost}), and this run's instance, one of its"
+                " children, was ended with it"
+            )
         code = self.process.returncode
         if code is not None and code < 0:
             try:
@@ -423,14 +431,7 @@ def _holders(link: str) -> list[int]:
 
 def _kill_escaped(pid: int) -> None:
     """SIGKILL the processes below `pid` that are not in its process group (which gets its own signals)."""
-    below = children_of(pid)
-    seen: set[int] = set()
-    while below:
-        child = below.pop()
-        if child in seen:
-            continue
-        seen.add(child)
-        below += children_of(child)
+    for child in descendants(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(child) != pid:
                 os.kill(child, signal.SIGKILL)

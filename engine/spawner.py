@@ -31,10 +31,13 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
+from .worker import children_of
+
 logger = logging.getLogger(__name__)
 
 _MESSAGE = 64 * 1024  # the spawner's messages are small: a pid, an exit code, an error
 _REPLY_TIMEOUT = 10.0  # a spawner that does not answer by then is given up
+_ORPHANS_WAIT = 2.0  # seconds to go on killing what is below an instance whose spawner is gone
 RESTART_AFTER = 30.0  # a spawner that stopped is started again this long after, when next needed
 
 
@@ -112,6 +115,7 @@ class SpawnedProcess:
         self.stdout = stdout
         self._reading = reading  # stdout's pipe: closed by its end of file, or by close_pipes()
         self.returncode: int | None = None
+        self.spawner_lost: str | None = None  # why the spawner went, if the process was ended for that
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def wait(self) -> int:
@@ -145,6 +149,7 @@ class Spawner:
         self._exits: dict[int, int] = {}  # ends of those, reported before their SpawnedProcess existed
         self._next_id = 0
         self._down_since: float | None = None  # when it stopped (or failed to start), unless closed
+        self._ending: set[asyncio.Task[None]] = set()  # ending the instances of a spawner that was lost
         self.pid: int | None = None
 
     @property
@@ -276,6 +281,8 @@ class Spawner:
         """Stop the spawner (it ends any instance it still has) and wait for it."""
         if self._sock is not None:
             self._lost(None)
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         if self._process is not None:
             process, self._process = self._process, None
             try:
@@ -335,24 +342,104 @@ class Spawner:
             if not reply.done():
                 reply.set_result({"error": "the spawner stopped"})
         self._replies.clear()
-        # Its instances end themselves once their parent is gone; no exit status will come.
-        for pid, process in list(self._children.items()):
-            _kill_group(pid)
-            process.exited(-signal.SIGKILL)
-        self._children.clear()
-        for pid in self._starting:
-            _kill_group(pid)
-        self._starting.clear()
+        children, self._children = self._children, {}
+        starting, self._starting = list(self._starting), set()
         self._exits.clear()
+        if why is None:
+            # Closed: the spawner, a subreaper, ends what its instances leave behind as they die.
+            for pid in [*children, *starting]:
+                _kill_group(pid)
+            for process in children.values():
+                process.exited(-signal.SIGKILL)
+            return
+        # Lost: no exit status will come, and nobody takes over what the instances started
+        # (the processes that left their groups) should they die first. So they are ended from
+        # here, each from the bottom of its tree (see end_tree), away from the loop.
+        for process in children.values():
+            process.spawner_lost = why
+        if children or starting:
+            task = asyncio.get_running_loop().create_task(self._end_orphans(children, starting, self._process, why))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    async def _end_orphans(
+        self, children: dict[int, SpawnedProcess], starting: list[int], spawner: subprocess.Popen[bytes] | None, why: str
+    ) -> None:
+        """End the instances of a lost spawner and what they started; then they have exited."""
+        try:
+            await asyncio.to_thread(_end_trees, [*children, *starting])
+        finally:
+            if spawner is not None and spawner.poll() is not None:  # its exit is known by now
+                why = _exit_text(spawner.returncode)
+            for process in children.values():
+                process.spawner_lost = why
+                process.exited(-signal.SIGKILL)
 
     def _exit_text(self) -> str:
         process = self._process
         code = process.poll() if process is not None else None
-        if code is None:
-            return "it closed its socket"
-        return f"it was killed by signal {-code}" if code < 0 else f"it exited with code {code}"
+        return "it closed its socket" if code is None else _exit_text(code)
+
+
+def _exit_text(code: int) -> str:
+    """How a process ended, from its exit code (-N: signal N)."""
+    if code >= 0:
+        return f"it exited with code {code}"
+    try:
+        return f"it was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"it was killed by signal {-code}"
 
 
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), from /proc; zombies included."""
+    found: list[int] = []
+    seen: set[int] = set()
+    below = children_of(pid)
+    while below:
+        child = below.pop()
+        if child not in seen:
+            seen.add(child)
+            found.append(child)
+            below += children_of(child)
+    return found
+
+
+def end_tree(pid: int, wait: float) -> None:
+    """SIGKILL every process below `pid`, a living instance, until none is left (for `wait` s at
+    most); then the instance's process group, the instance with it.
+
+    The instance is a child subreaper (see worker.py): so long as it lives, a process whose
+    parent is killed is handed to it, and the next walk of its tree finds it, wherever its
+    session or group. This is worker._end_leftovers done from outside, for an instance that
+    cannot do it itself because its spawner, which would have, is gone.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        living = [child for child in descendants(pid) if _state(child) not in ("", "Z", "X")]
+        if not living or time.monotonic() > deadline:
+            break
+        for child in living:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+        time.sleep(0.002)
+    _kill_group(pid)
+
+
+def _end_trees(pids: list[int]) -> None:
+    for pid in pids:
+        end_tree(pid, _ORPHANS_WAIT)
+
+
+def _state(pid: int) -> str:
+    """A process's one-letter state (R, S, Z, ...); "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return file.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError):
+        return ""

@@ -5,7 +5,8 @@ copy of stdin; stdout and stderr share one pipe that carries the function's outp
 frames back to the parent are lines marked with a per-instance token on that same pipe, so
 output and outcome arrive in the order they happened. Frames go through a private copy of
 stdout, so a handler that closes its stdout and stderr, or puts a file in their place, cannot
-lose them.
+lose them; should it close or replace that copy instead (closing every fd from 3 up), they go
+through stdout, or any fd still on the pipe, and the instance is not reused.
 
 What a run leaves behind ends with it. The instance is a child subreaper
 (PR_SET_CHILD_SUBREAPER): a process the function starts stays in the instance's tree of
@@ -69,7 +70,19 @@ def _write_all(fd: int, data: bytes) -> None:
     """os.write may write part of a large buffer to a pipe; write it all."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # the handler made stdout non-blocking, and so our copy of it
+            os.set_blocking(fd, True)
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """What an fd is open on (device and inode: one pipe, one file), None if it is closed."""
+    try:
+        st = os.fstat(fd)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _flush_stdio() -> None:
@@ -142,8 +155,15 @@ class _Worker:
         self.handler_spec = handler
         self.function = function
         self.mark = (FRAME_MARK + token + " ").encode()
-        self.tasks = os.fdopen(tasks, "rb")
+        # (Never closed by the file object: should the handler close the fd, or open something
+        # else on its number, finalising the object must not close what is there then.)
+        self.tasks = os.fdopen(tasks, "rb", closefd=False)
         self.frames = frames  # a private copy of stdout's pipe
+        # What the worker's fds are open on, to know whether a handler closed or replaced them.
+        self._tasks_pipe = _identity(tasks)
+        self._output_pipe = _identity(frames)
+        self._stdin = _identity(0)  # /dev/null
+        self.serving = True  # False once the tasks can no longer be read
         self.memory_limit = memory_limit  # bytes; 0: none
         self.handler: Callable[..., Any] | None = None
         self._logger: logging.Logger | None = None
@@ -162,13 +182,33 @@ class _Worker:
             self._logger = logger
         return self._logger
 
-    def write(self, data: bytes) -> None:
-        """Output to the run's log, after what the handler printed."""
-        _flush_stdio()
-        _write_all(self.frames, data)
+    def write(self, data: bytes) -> bool:
+        """Output to the run's log, after what the handler printed; False if no fd reaches it any more.
 
-    def frame(self, payload: dict[str, Any]) -> None:
-        self.write(self.mark + _frame_json(payload) + b"\n")
+        It goes through the private copy of stdout's pipe, unless the handler closed it or put
+        something else on its number: then through any fd of this process still on that pipe
+        (stdout, most often). The parent finds frames wherever they are in the output.
+        """
+        _flush_stdio()
+        fds = [self.frames] if _identity(self.frames) == self._output_pipe else []
+        for fd in fds or self._output_fds():
+            try:
+                _write_all(fd, data)
+            except OSError:  # e.g. the read end of the pipe, opened through /proc: try another
+                continue
+            return True
+        return False
+
+    def _output_fds(self) -> list[int]:
+        """This process's fds on the output pipe, stdout and stderr first."""
+        try:
+            found = sorted(int(name) for name in os.listdir("/proc/self/fd"))
+        except OSError:
+            found = [1, 2]
+        return [fd for fd in found if _identity(fd) == self._output_pipe]
+
+    def frame(self, payload: dict[str, Any]) -> bool:
+        return self.write(self.mark + _frame_json(payload) + b"\n")
 
     def load(self) -> Callable[..., Any]:
         if self.handler is None:
@@ -273,42 +313,63 @@ class _Worker:
     def end(self, failure: dict[str, Any] | None, result: bytes = b"") -> None:
         """Report the run's outcome (a failure, else the result's JSON), once what it left behind is gone.
 
-        A run that left processes running or broke its standard streams does not leave its
-        instance warm: the parent discards it ("recycle").
+        A run that left processes running, broke its standard streams or the worker's own fds
+        does not leave its instance warm: the parent discards it ("recycle"). Should no fd on the
+        output pipe be left to report through, the parent sees the pipe end without an outcome
+        and says so (the run closed its output); this process waits to be stopped.
         """
-        recycle = False
+        notes: list[str] = []
         killed = _end_leftovers(_LEFTOVER_WAIT)
         if killed:
-            recycle = True
             pids = ", ".join(map(str, killed[:10])) + (", ..." if len(killed) > 10 else "")
-            self.write(
-                f"[eventrun] the run left {len(killed)} processes running ({pids}); they were killed, and this"
-                " instance is not reused\n".encode()
-            )
+            notes.append(f"the run left {len(killed)} processes running ({pids}); they were killed, and this instance")
         if not self._stdio_intact():
-            recycle = True
-            self.write(b"[eventrun] the run closed or replaced its stdout or stderr; this instance is not reused\n")
+            notes.append("the run closed or replaced its stdout or stderr; this instance")
+        if not self._stdin_intact():
+            notes.append("the run closed or replaced its stdin; this instance")
+        if not self._own_fds_intact():
+            # No more tasks can be read: this process ends once the outcome is out.
+            self.serving = False
+            notes.append(
+                f"the run closed or replaced the file descriptors eventrun's worker reads events from and reports"
+                f" through ({self.tasks.fileno()} and {self.frames}); this instance"
+            )
+        for note in notes:
+            self.write(f"[eventrun] {note} is not reused\n".encode())
+        recycle = bool(notes)
         if failure is not None:
-            self.frame({**failure, "recycle": True} if recycle else failure)
+            sent = self.frame({**failure, "recycle": True} if recycle else failure)
         elif recycle:
-            self.write(self.mark + b'{"ok":true,"recycle":true,"result":' + result + b"}\n")
+            sent = self.write(self.mark + b'{"ok":true,"recycle":true,"result":' + result + b"}\n")
         else:
-            self.write(self.mark + b'{"ok":true,"result":' + result + b"}\n")
+            sent = self.write(self.mark + b'{"ok":true,"result":' + result + b"}\n")
+        if not sent:
+            while True:  # stopped by the parent, or by the watch should the parent be gone
+                time.sleep(3600)
 
     def _stdio_intact(self) -> bool:
         """True if fds 1 and 2 are still the output pipe, and sys.stdout and sys.stderr open."""
-        try:
-            pipe = os.fstat(self.frames)
-            for fd in (1, 2):
-                st = os.fstat(fd)
-                if (st.st_ino, st.st_dev) != (pipe.st_ino, pipe.st_dev):
-                    return False
-        except OSError:
+        if _identity(1) != self._output_pipe or _identity(2) != self._output_pipe:
             return False
         return not any(stream is None or getattr(stream, "closed", False) for stream in (sys.stdout, sys.stderr))
 
+    def _stdin_intact(self) -> bool:
+        """True if fd 0 is still /dev/null, and sys.stdin open."""
+        stream = sys.stdin
+        return _identity(0) == self._stdin and stream is not None and not getattr(stream, "closed", False)
+
+    def _own_fds_intact(self) -> bool:
+        """True if the worker's private copies of its pipes are still open on them."""
+        return _identity(self.tasks.fileno()) == self._tasks_pipe and _identity(self.frames) == self._output_pipe
+
     def serve(self) -> None:
-        for line in self.tasks:
+        while self.serving:
+            try:
+                line = self.tasks.readline()
+            except (OSError, ValueError):  # its fd closed meanwhile (by a thread a handler left)
+                return
+            if not line:
+                return  # the parent closed it: no more events
             if line.strip():
                 self.run_one(json.loads(line))
 

@@ -326,3 +326,72 @@ async def test_a_large_event_for_an_instance_that_does_not_read_it_times_out(
     await poll_until(lambda: not pid_alive(pid), 5, f"deaf instance {pid} outlived its timeout")
     health = await api.request("GET", "/healthz")
     assert health.status == 200 and health.json["Running"] == 0, health.text
+
+
+# -- 7. the worker's own file descriptors, and stdin ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how, fork_instances",
+    [("close", True), ("null", True), ("reuse", True), ("close", False)],
+    ids=["close-forked", "null-forked", "reuse-forked", "close-fresh"],
+)
+async def test_a_run_that_closes_or_replaces_the_workers_own_fds_still_finishes(
+    eventrun_server, http, handler, poll_until, pid_alive, tmp_path, how, fork_instances
+):
+    # fds 0, 1 and 2 are left as they were: its outcome goes out on stdout's pipe, and as the
+    # worker's private copies of its pipes are gone, the instance is not kept.
+    server = eventrun_server(
+        {"fds": {"handler": handler("hostile_fds"), "timeout": "10s", "concurrency": 1}},
+        server={"fork_instances": fork_instances},
+    )
+    api = server.client(http)
+    reused = tmp_path / "reused"
+    request_id = await api.accepted("fds", {"how": how, "file": str(reused)})
+    state = await api.wait_ended(request_id, timeout=15)
+    assert state["Status"] == "FINISHED", state
+    pid = state["Result"]["pid"]
+    assert state["Result"] == {"pid": pid, "how": how, "read": None}, state
+    log = await api.logs(request_id)
+    assert f"hostile_fds {how} pid={pid}" in log and " x\n" in log, log
+    assert "closed or replaced the file descriptors" in log and "Traceback" not in log, log
+    if how == "reuse":  # the fds it got in the worker's place are a file of its own, left alone
+        assert reused.exists() and "eventrun-frame" not in reused.read_text(errors="replace")
+    await poll_until(lambda: not pid_alive(pid), 5, f"instance {pid} without its own fds was kept")
+    again = await api.wait_ended(await api.accepted("fds", {"how": "read"}))
+    assert again["Status"] == "FINISHED" and again["Result"]["pid"] != pid, again
+    assert "said outside a run" not in server.stderr_text(), server.stderr_text()[-2000:]
+
+
+async def test_a_run_that_leaves_no_way_to_report_its_end_fails_saying_so(
+    eventrun_server, http, handler, poll_until, pid_alive
+):
+    # Every fd but stdin closed, and the handler returns: no copy of the output pipe is left.
+    server = eventrun_server({"fds": {"handler": handler("hostile_fds"), "timeout": "30s"}})
+    api = server.client(http)
+    request_id = await api.accepted("fds", {"how": "everything"})
+    state = await api.wait_ended(request_id, timeout=15)
+    assert state["Status"] == "FAILED", state
+    assert state["ErrorType"] == "InstanceDied", state
+    assert "closed its output pipe" in state["ErrorMessage"], state
+    assert state["DurationMs"] < 10000, state
+    assert "Traceback" not in await api.logs(request_id)
+    pid = await instance_of(api, request_id)
+    await poll_until(lambda: not pid_alive(pid), 5, f"instance {pid} that closed its output still runs")
+
+
+@pytest.mark.parametrize("how", ["stdin-sys", "stdin-os"])
+async def test_a_run_that_closes_its_stdin_does_not_leave_it_closed_for_the_next(
+    eventrun_server, http, handler, poll_until, pid_alive, how
+):
+    server = eventrun_server({"fds": {"handler": handler("hostile_fds"), "concurrency": 1}})
+    api = server.client(http)
+    request_id = await api.accepted("fds", {"how": how})
+    state = await api.wait_ended(request_id)
+    assert state["Status"] == "FINISHED", state
+    pid = state["Result"]["pid"]
+    assert "closed or replaced its stdin" in await api.logs(request_id)
+    await poll_until(lambda: not pid_alive(pid), 5, f"instance {pid} with a closed stdin was kept")
+    again = await api.wait_ended(await api.accepted("fds", {"how": "read"}))
+    assert again["Status"] == "FINISHED", again
+    assert again["Result"]["read"] == "" and again["Result"]["pid"] != pid, again

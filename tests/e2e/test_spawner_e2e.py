@@ -86,3 +86,39 @@ def assert_fresh_from_the_spawner(me: dict, server) -> None:
     (the subreaper that ends what it leaves behind), not the server."""
     assert "--spawner" not in cmdline(me["pid"]) and "family" in cmdline(me["pid"]), cmdline(me["pid"])
     assert "--spawner" in cmdline(me["ppid"]) and parent_of(me["ppid"]) == server.pid
+
+
+async def test_a_spawner_killed_by_a_function_ends_its_runs_saying_so_and_all_they_started(
+    eventrun_server, http, handler, poll_until, pid_alive, tmp_path
+):
+    # The spawner is every forked instance's parent, so its death ends them all: the run of
+    # another function that had left a daemon (double-forked into a session of its own,
+    # ignoring SIGTERM) ends too, and its daemon with it.
+    server = eventrun_server(
+        {
+            "fork": {"handler": handler("hostile_fork"), "timeout": "60s"},
+            "parent": {"handler": handler("hostile_parent"), "timeout": "60s"},
+            "family": {"handler": handler("family")},
+        }
+    )
+    api = server.client(http)
+    pidfile = tmp_path / "pids"
+    forker = await api.accepted("fork", {"pidfile": str(pidfile), "then": "sleep"})
+    await poll_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 10, "no pids written")
+    pids = [int(pid) for pid in pidfile.read_text().split()]
+    try:
+        killer = await api.accepted("parent", {})
+        for request_id in (forker, killer):
+            state = await api.wait_ended(request_id, timeout=15)
+            assert state["Status"] == "FAILED", state
+            assert state["ErrorType"] == "InstanceDied", state
+            assert "the instance spawner died (it was killed by SIGKILL)" in state["ErrorMessage"], state
+        await poll_until(lambda: not any(map(pid_alive, pids)), 5, f"processes {pids} outlived their run's spawner")
+        after = await api.wait_ended(await api.accepted("family", {}))
+        assert after["Status"] == "FINISHED", after
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -187,6 +187,43 @@ async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the
             os.kill(daemon, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
+async def test_once_the_spawner_is_gone_what_its_workers_left_outside_their_groups_ends_too(
+    spawner: Spawner, tmp_path: Path, fresh: bool
+) -> None:
+    # The worker is killed from here (its parent is gone, so it cannot end its tree itself,
+    # and nobody would take over what it started): its daemon goes with it.
+    (tmp_path / "daemon.py").write_text(DAEMON)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await spawner.spawn(
+        handler=f"{tmp_path}/daemon.py:main_handler", function="f", token="t0", cwd=str(tmp_path), env=env, fresh=fresh
+    )
+    _spawned.append(process)
+    pidfile = tmp_path / "daemon.pid"
+    process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"pidfile": "%s"}}\n' % str(pidfile).encode())
+    await process.stdin.drain()
+    for _ in range(200):
+        if pidfile.exists():
+            break
+        await asyncio.sleep(0.05)
+    daemon = int(pidfile.read_text())
+    try:
+        assert os.getpgid(daemon) != process.pid
+        assert spawner.pid is not None
+        os.kill(spawner.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+        assert process.spawner_lost == "it was killed by SIGKILL", process.spawner_lost
+        for _ in range(100):
+            if not Path(f"/proc/{daemon}").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not Path(f"/proc/{daemon}").exists(), "the daemon outlived its worker's spawner"
+    finally:
+        process.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
+
+
 async def test_an_output_pipe_hands_on_what_came_before_its_reader_and_its_end_once() -> None:
     from eventrun.engine.spawner import OutputPipe
 
