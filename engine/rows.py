@@ -1,9 +1,9 @@
-"""What both stores share: an invocation from its row, list cursors, the async-flag refusal."""
+"""What both stores share: an invocation from its row, list pages and cursors, the async-flag refusal."""
 
 from __future__ import annotations
 
 import base64
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .api import Invocation, Status
 from .envelope import loads
@@ -14,6 +14,11 @@ COLUMNS = (
     "duration_ms, result, error_type, error_message"
 )
 """The columns invocation() reads, in its order (a store may add more after them)."""
+
+PAGE_BYTES = 8 * 1024 * 1024
+"""What the results and error messages of one page of a list may hold together: a page ends
+before the run that would take it past this (its first run always goes in), so a page costs at
+most this, or its one run, whatever `limit` asks for; the cursor goes on from there."""
 
 
 def invocation(row: Any) -> Invocation:
@@ -39,6 +44,17 @@ def counts(rows: Any) -> dict[str, dict[str, int]]:
     for function, status, n in rows:
         out.setdefault(function, dict.fromkeys((s.value for s in Status), 0))[status] += int(n)
     return out
+
+
+def page_length(sizes: Iterable[int], limit: int, budget: int) -> int:
+    """How many runs of a list's page go in, given their sizes newest first (see PAGE_BYTES)."""
+    held = taken = 0
+    for size in sizes:
+        held += size
+        if taken == limit or (taken and held > budget):
+            break
+        taken += 1
+    return taken
 
 
 def first_id_of(millis: int) -> str:

@@ -16,7 +16,9 @@ from typing import Any, Collection, Mapping, Protocol, Sequence
 from .api import Accepted, Delivery, Invocation, Outbox, Status
 from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
 from .errors import InvalidParameter, StoreError
-from .rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, invocation
+from .rows import (
+    COLUMNS, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, invocation, page_length,
+)
 from .writer import WriterProcess
 from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect
 
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 _COLUMNS = f"{COLUMNS}, seq"
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+# A run's weight in a page of a list. length() of a BLOB reads the record's header, not the BLOB.
+_SIZE = "coalesce(length(result), 0) + coalesce(length(error_message), 0)"
 
 
 class InvocationStore(Protocol):
@@ -119,6 +123,8 @@ class Unstarted:
 
 class SQLiteStore:
     """Durable invocations; every write is committed (and fsynced) before its await returns."""
+
+    page_bytes = PAGE_BYTES  # what the results of one page of list() may hold (rows.PAGE_BYTES)
 
     def __init__(self, path: Path, *, batch_limit: int = 2000) -> None:
         self.path = path
@@ -387,6 +393,7 @@ class SQLiteStore:
 
         `since` and `until` (Unix milliseconds) bound when they were accepted, found through
         their RequestIds, which begin with that millisecond: the key itself, no other index.
+        A page holds fewer than `limit` runs when their results would pass `page_bytes`.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -408,14 +415,28 @@ class SQLiteStore:
         if cursor:
             where.append("seq < ?")
             args.append(_seq_cursor(cursor))
-        sql = f"SELECT {_COLUMNS} FROM invocations"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
-        page = [invocation(r) for r in rows[:limit]]
-        next_cursor = encode_cursor("seq", rows[limit - 1][-1]) if len(rows) > limit else None
-        return page, next_cursor
+        where_sql = "".join(f" AND {term}" for term in where)
+        db = self._db
+        # Two reads of one snapshot: how much each run of the page holds (read from the rows'
+        # headers, not their results), then the runs that go in, whole; those past the budget
+        # are never read. (In the small case this costs less than a window sum in SQL.)
+        db.execute("BEGIN")
+        try:
+            sizes = db.execute(
+                f"SELECT seq, {_SIZE} FROM invocations WHERE 1{where_sql} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
+            ).fetchall()
+            taken = page_length((size for _, size in sizes), limit, self.page_bytes)
+            if not taken:
+                return [], None
+            first, last = sizes[0][0], sizes[taken - 1][0]
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM invocations WHERE seq <= ? AND seq >= ?{where_sql} ORDER BY seq DESC",
+                (first, last, *args),
+            )
+            page = [invocation(row) for row in rows]  # (a row at a time)
+        finally:
+            db.execute("COMMIT")
+        return page, encode_cursor("seq", last) if len(sizes) > taken else None
 
     async def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
         """(request_id, function) of every QUEUED run, oldest first."""

@@ -21,6 +21,7 @@ from eventrun.client import (
     DEFAULT_MANIFEST,
     DEFAULT_URL,
     INVOKE_TIMEOUT,
+    LIST_LIMIT,
     MAX_LIMIT,
     POLL_FIRST,
     POLL_MAX,
@@ -294,25 +295,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print invocations, newest first, as a table."""
+    """Print invocations, newest first, as a table.
+
+    A page of runs with large results holds fewer than asked (the server bounds what a page
+    holds), so pages are asked for until --limit runs are in; each is cut to the table's cells
+    before the next is read, so no more than one page's results are held at a time.
+    """
     client = client_for(args)
-    query = {
-        key: str(value)
-        for key, value in (
-            ("function", args.function),
-            ("status", args.status),
-            ("limit", args.limit),
-            ("cursor", args.cursor),
-        )
-        if value is not None
-    }
-    _, answer = client.call("GET", "/invocations", query=query)
-    answer = answer if isinstance(answer, dict) else {}
     headers = ("RequestId", "FunctionName", "Status", "CreatedAt", "DurationMs")
-    rows = [[_cell(item.get(h)) for h in headers] for item in answer.get("Invocations") or []]
+    rows: list[list[str]] = []
+    limit, cursor = args.limit, args.cursor
+    while True:
+        query = {
+            key: str(value)
+            for key, value in (
+                ("function", args.function),
+                ("status", args.status),
+                ("limit", limit),
+                ("cursor", cursor),
+            )
+            if value is not None
+        }
+        _, answer = client.call("GET", "/invocations", query=query)
+        answer = answer if isinstance(answer, dict) else {}
+        page = [[_cell(item.get(h)) for h in headers] for item in answer.get("Invocations") or []]
+        cursor = answer.get("NextCursor")
+        del answer  # (the page's results: the next page is read without them)
+        rows += page
+        left = (args.limit or LIST_LIMIT) - len(rows)
+        if not (cursor and page and left > 0):  # (an empty page with a cursor: asking again would not advance)
+            break
+        limit = left
     print(_table(headers, rows))
-    if answer.get("NextCursor"):
-        print(f"more invocations follow: add --cursor {answer['NextCursor']}", file=sys.stderr)
+    if cursor:
+        print(f"more invocations follow: add --cursor {cursor}", file=sys.stderr)
     return 0
 
 

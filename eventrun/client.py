@@ -18,6 +18,8 @@ TERMINAL = frozenset(STATUSES[2:])
 # The most runs one page of GET /invocations, or one bulk replay, may hold (the server's
 # MAX_LIST_LIMIT, in triggers/http/routes.py, which imports aiohttp: the client does not).
 MAX_LIMIT = 1000
+# The runs a page of GET /invocations holds when no limit is asked for (the server's default).
+LIST_LIMIT = 50
 REQUEST_TIMEOUT = 30.0
 # A sync function answers only when its run ends, and sync runs may last 900 s.
 INVOKE_TIMEOUT = 900.0 + 60.0

@@ -68,6 +68,8 @@ class StandIn:
     # SSE chunks written one by one; None means "then stay silent forever".
     streams: dict[str, list[str | None]] = field(default_factory=dict)
     listing: dict[str, Any] = field(default_factory=lambda: {"Invocations": [], "NextCursor": None})
+    # Successive answers of GET /invocations, when given (then `listing`).
+    listings: list[dict[str, Any]] = field(default_factory=list)
     functions: Any = field(default_factory=lambda: {"Functions": []})
     terminated: dict[str, Any] = field(default_factory=dict)
     url: str = ""
@@ -120,7 +122,7 @@ class StandIn:
         return web.json_response(answers.pop(0) if len(answers) > 1 else answers[0])
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.listing)
+        return web.json_response(self.listings.pop(0) if self.listings else self.listing)
 
     async def _logs(self, request: web.Request) -> web.StreamResponse:
         request_id = request.match_info["id"]
@@ -521,6 +523,36 @@ def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
         "more invocations follow: add --cursor abc\n",
     )
     assert stand_in.calls("GET", "/invocations")[0].query == {}
+
+
+def test_list_asks_for_more_pages_until_it_has_the_limit(stand_in: StandIn, capsys: Any) -> None:
+    # A page of runs with large results holds fewer than asked; the table still gets --limit runs.
+    big = "r" * 100_000
+    stand_in.listings = [
+        {
+            "Invocations": [_invocation("req-5", "FINISHED", Result=big), _invocation("req-4", "FINISHED", Result=big)],
+            "NextCursor": "c1",
+        },
+        {"Invocations": [_invocation("req-3", "FINISHED", Result=big)], "NextCursor": "c2"},
+        {"Invocations": [_invocation("req-2", "FINISHED", Result=big)], "NextCursor": "c3"},
+    ]
+    status, out, err = run(capsys, "list", "--function", "thumbnail", "--limit", "4", "--url", stand_in.url)
+    assert (status, err) == (0, "more invocations follow: add --cursor c3\n")
+    assert [line.split()[0] for line in out.splitlines()] == ["RequestId", "req-5", "req-4", "req-3", "req-2"]
+    assert big not in out
+    assert [call.query for call in stand_in.calls("GET", "/invocations")] == [
+        {"function": "thumbnail", "limit": "4"},
+        {"function": "thumbnail", "limit": "2", "cursor": "c1"},
+        {"function": "thumbnail", "limit": "1", "cursor": "c2"},
+    ]
+    # Without --limit, the server's default page (50) is what it fills; the last page ends it.
+    stand_in.listings = [
+        {"Invocations": [_invocation("req-9", "QUEUED")], "NextCursor": "c9"},
+        {"Invocations": [_invocation("req-8", "QUEUED")], "NextCursor": None},
+    ]
+    status, out, err = run(capsys, "list", "--url", stand_in.url)
+    assert (status, err, len(out.splitlines())) == (0, "", 3)
+    assert [call.query for call in stand_in.calls("GET", "/invocations")[3:]] == [{}, {"limit": "49", "cursor": "c9"}]
 
 
 @pytest.mark.parametrize(

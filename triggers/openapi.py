@@ -240,6 +240,11 @@ _PATHS: dict[str, Any] = {
                 {
                     "name": "limit",
                     "in": "query",
+                    "description": (
+                        "At most this many runs. A page may hold fewer: it ends before the run whose result and"
+                        " error message would take what the page holds past 8 MiB (its first run always goes in),"
+                        " and NextCursor goes on from there; only a null NextCursor means the end"
+                    ),
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
                 },
                 {"name": "cursor", "in": "query", "schema": {"type": "string"}},

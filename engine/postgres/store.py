@@ -22,7 +22,9 @@ import asyncpg
 from ..api import Accepted, Delivery, Invocation, Outbox, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
-from ..rows import COLUMNS, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation
+from ..rows import (
+    COLUMNS, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation,
+)
 from ..writes import PRUNE_AT_ONCE, Batch, NewInvocation
 from .intake import Intake, event_key
 from .schema import CHANNELS, ENDED, LOGGED, QUEUED, TERMINATE, migrate
@@ -94,6 +96,8 @@ class NodeIdInUse(StoreError):
 
 class PostgresStore:
     """Durable invocations in PostgreSQL; every write is committed before its await returns."""
+
+    page_bytes = PAGE_BYTES  # what the results of one page of list() may hold (rows.PAGE_BYTES)
 
     def __init__(self, url: str, node_id: str, *, pool_size: int = 10) -> None:
         self.url = url
@@ -579,6 +583,7 @@ class PostgresStore:
 
         `since` and `until` (Unix milliseconds) bound when they were accepted, found through
         their RequestIds, which begin with that millisecond: the key itself, no other index.
+        A page holds fewer than `limit` runs when their results would pass `page_bytes`.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -600,15 +605,29 @@ class PostgresStore:
         if cursor:
             args.append(_uuid_cursor(cursor))
             where.append(f"request_id < ${len(args)}::uuid")
-        sql = f"SELECT {_COLUMNS} FROM invocations"
+        # One statement, one snapshot: each matching run's size (octet_length() reads a stored
+        # value's length, not the value, TOASTed or not), the sum of the sizes up to each run,
+        # and then only the runs that go in (rows.page_length's rule), read whole.
+        filtered = (
+            "SELECT request_id, coalesce(octet_length(result), 0) + coalesce(octet_length(error_message), 0) AS size"
+            " FROM invocations"
+        )
         if where:
-            sql += " WHERE " + " AND ".join(where)
-        args.append(limit + 1)
-        sql += f" ORDER BY request_id DESC LIMIT ${len(args)}"
+            filtered += " WHERE " + " AND ".join(where)
+        args += [limit + 1, limit, self.page_bytes]
+        n = len(args)
+        sql = (
+            "WITH page AS (SELECT request_id, row_number() OVER w AS n, sum(size) OVER w AS held,"
+            f" count(*) OVER () AS found FROM ({filtered} ORDER BY request_id DESC LIMIT ${n - 2}) AS filtered"
+            " WINDOW w AS (ORDER BY request_id DESC ROWS UNBOUNDED PRECEDING))"
+            f" SELECT {_COLUMNS}, (SELECT max(found) FROM page) FROM invocations WHERE request_id IN"
+            f" (SELECT request_id FROM page WHERE n <= ${n - 1} AND (n = 1 OR held <= ${n}))"
+            " ORDER BY invocations.request_id DESC"
+        )
         rows = await self.pool.fetch(sql, *args)
-        page = [invocation(r) for r in rows[:limit]]
-        next_cursor = encode_cursor("id", page[-1].request_id) if len(rows) > limit else None
-        return page, next_cursor
+        page = [invocation(row) for row in rows]
+        found = rows[-1][-1] if rows else 0
+        return page, encode_cursor("id", page[-1].request_id) if found > len(page) else None
 
     @_refusal_as_store_error
     async def counts(self) -> dict[str, dict[str, int]]:

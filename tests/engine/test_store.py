@@ -175,6 +175,39 @@ async def test_listing_pages_newest_first_with_a_cursor(store: SQLiteStore) -> N
         (await store.list(cursor="not-a-cursor"))
 
 
+async def test_a_page_of_large_results_ends_at_the_budget_and_the_cursor_goes_on(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Newest first, each run holds: 402, 402, 1502, 600 (an error message), 0 (queued), 402, 402 bytes.
+    rows = [row(f"e{i}") for i in range(7)]
+    await store.accept(rows)
+    big, small = "b" * 1500, "s" * 400
+    results = {0: small, 1: small, 4: big, 5: small, 6: small}
+    for i, result in results.items():
+        await store.finish(rows[i].request_id, Status.FINISHED, now_rfc3339(), result=result)
+    await store.finish(rows[3].request_id, Status.FAILED, now_rfc3339(), error_type="E", error_message="m" * 600)
+    monkeypatch.setattr(store, "page_bytes", 1000)
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.list(limit=5, cursor=cursor)
+        pages.append([i.request_id for i in page])
+        for invocation in page:  # (every result whole)
+            index = next(n for n, r in enumerate(rows) if r.request_id == invocation.request_id)
+            assert invocation.result == results.get(index)
+        if cursor is None:
+            break
+    ids = [r.request_id for r in reversed(rows)]
+    # The first run of a page always goes in (even one past the budget on its own); a page
+    # ends before the run that would take it past; no run is lost or repeated.
+    assert pages == [ids[0:2], ids[2:3], ids[3:5], ids[5:7]]
+    monkeypatch.setattr(store, "page_bytes", 10_000)
+    page, cursor = await store.list(limit=5)
+    assert [i.request_id for i in page] == ids[:5] and cursor is not None  # within the budget: `limit` rules
+    page, cursor = await store.list(function="f", status=Status.FINISHED, limit=5, cursor=cursor)
+    assert [i.request_id for i in page] == ids[5:7] and cursor is None
+
+
 @pytest.mark.parametrize("value", ["seq:99999999999999999999999", "seq:9223372036854775808", "seq:\u00b2", "id:\u00b2"])
 async def test_a_forged_cursor_is_refused_as_one(store: SQLiteStore, value: str) -> None:
     cursor = base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
