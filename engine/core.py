@@ -19,6 +19,7 @@ from .dispatcher import Dispatcher
 from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, dumps, loads, now_rfc3339, request_ids, stored_many
 from .errors import (
     FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
+    Throttled,
 )
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub
@@ -335,6 +336,11 @@ class Engine:
         if still:
             logger.warning("stopping %d runs still going after %ss", len(still), grace)
             await self.dispatcher.cancel_all(self.manifest.server.kill_grace + END_GRACE)
+        # Every run here has ended; a caller still waiting (a sync call whose run stays queued
+        # for the next start, or runs on another node) is answered with its run as it is now,
+        # by the hooks' time (the gateway answers its requests in flight in one of them).
+        for request_id in list(self._waiters):
+            self._wake_waiters(request_id)
         await self.pool.stop()
         self.logs.close_all()
         if self._unsent:
@@ -395,21 +401,37 @@ class Engine:
 
     # -- acceptance ------------------------------------------------------------------------
 
-    async def accept(self, envelope: Envelope, *, throttle: bool = True) -> Accepted:
-        """Record one envelope durably and queue its run."""
+    async def accept(self, envelope: Envelope, *, throttle: bool = True, repeatable: bool = False) -> Accepted:
+        """Record one envelope durably and queue its run.
+
+        `repeatable`: the envelope's id may name an event accepted before (an Idempotency-Key):
+        a repeat gets its RequestId and is not counted against qps_limit.
+        """
         if self.shutting_down:
             raise ShuttingDown()
-        self.function(envelope.function)
-        if throttle:
-            self._throttle(envelope.function)
-        return (await self._record([envelope], {envelope.function}))[0]
+        function = envelope.function
+        self.function(function)
+        if throttle and (earlier := await self._admit(envelope, repeatable)) is not None:
+            return Accepted(earlier, False)
+        accepted = (await self._record([envelope], {function}))[0]
+        if throttle and not accepted.created:
+            self.dispatcher.give_back(function)  # a repeat found by its commit takes no token either
+        return accepted
 
-    def _throttle(self, function: str) -> None:
+    async def _admit(self, envelope: Envelope, repeatable: bool) -> str | None:
+        """Take a qps_limit token for the envelope's event; or, with none left, the RequestId it
+        was accepted under before (a repeat: one lookup, made only when throttled); else Throttled."""
+        function = envelope.function
         try:
             self.dispatcher.throttle(function)
-        except Exception:
-            self.metrics.throttled[function] += 1
-            raise
+        except Throttled:
+            earlier = await self.accepted_before(envelope) if repeatable else None
+            if earlier is None:
+                self.metrics.throttled[function] += 1
+                raise
+            self.metrics.duplicates[function] += 1
+            return earlier
+        return None
 
     async def accept_batch(self, envelopes: Sequence[AnyEnvelope]) -> list[Accepted]:
         """Record many envelopes in one durable commit (a Templated one as its fields); never throttled."""
@@ -473,13 +495,32 @@ class Engine:
         config = self.function(function)
         if self.shutting_down:
             raise ShuttingDown()
-        self._throttle(function)
+        if (earlier := await self._admit(envelope, repeatable=not unique)) is not None:
+            return await self.answer(earlier)
         if unique and self.cluster is None and self.dispatcher.can_start(function):
             request_id = self._start_behind(envelope)
         else:
-            request_id = (await self._record([envelope], {function}))[0].request_id
-        # The engine ends a sync run at its timeout; the margin covers the kill and the final write.
-        return await self.wait(request_id, timeout=config.timeout + 5)
+            accepted = (await self._record([envelope], {function}))[0]
+            if not accepted.created:
+                self.dispatcher.give_back(function)  # a repeat takes no token
+            request_id = accepted.request_id
+        return await self.answer(request_id)
+
+    async def answer(self, request_id: str) -> Invocation:
+        """A sync call's answer: its run, once ended. A queued run waits its turn however long;
+        one started ends by its timeout and kill_grace, so past those and a margin (its end
+        lost: a bug, or a store gone) the answer is the run as it is."""
+        function = (await self.get(request_id)).function
+        margin = self.function(function).timeout + self.manifest.server.kill_grace + 5
+        running_since: float | None = None
+        while True:
+            invocation = await self.wait(request_id, timeout=margin)
+            if invocation.status.ended or self.shutting_down:  # (a stop answers the waiting as they are)
+                return invocation
+            if invocation.status is Status.RUNNING:
+                if running_since is not None and time.monotonic() - running_since >= margin:
+                    return invocation
+                running_since = running_since or time.monotonic()
 
     def _start_behind(self, envelope: Envelope) -> str:
         """Start a sync call's run now; its record (accepted, RUNNING) is sent with the next batch."""
@@ -833,7 +874,9 @@ class Engine:
                 await run.instance.abort(Status.ABORTED, self.manifest.server.kill_grace)
         if task is not None:
             await asyncio.shield(asyncio.wait({task}))
-        return await self.get(request_id)
+            return await self.get(request_id)
+        # Neither queued nor under way here: a terminate at the same time is recording its end.
+        return await self.wait(request_id, timeout=self.manifest.server.kill_grace + TERMINATE_WAIT)
 
     def _unqueue(self, function: str, request_id: str) -> bool:
         """Take a run that has not started out of its queue (with the time of a refused start it

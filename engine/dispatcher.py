@@ -34,6 +34,10 @@ class TokenBucket:
             return 0.0
         return (1.0 - self.tokens) / self.rate
 
+    def give_back(self) -> None:
+        """Return a token taken for nothing (the event was a repeat)."""
+        self.tokens = min(self.rate, self.tokens + 1.0)
+
 
 class Dispatcher:
     """Decides which queued run starts next; `execute` does the running."""
@@ -68,6 +72,10 @@ class Dispatcher:
             bucket = self._buckets[function]
             share = int(bucket.rate) if bucket.rate != self._limits[function] else None
             raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)), share=share)
+
+    def give_back(self, function: str) -> None:
+        """Return the QPS token an event took that turned out to be a repeat of one accepted before."""
+        self._buckets[function].give_back()
 
     def share_qps(self, shares: Mapping[str, int]) -> None:
         """Allow each function only this node's share of its qps_limit (several nodes on one store)."""

@@ -72,8 +72,20 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         engine = Engine(manifest)
         wiring = build_triggers(engine, manifest)
+        http = HttpTrigger(
+            engine,
+            manifest.server.host,
+            manifest.server.port,
+            extra_routes=wiring.routes,
+            openapi_paths=wiring.openapi_paths,
+        )
+        stack.push_async_callback(http.stop)  # (done by the engine's stop already, unless that failed)
         await engine.start()
         stack.push_async_callback(engine.stop)
+        # The gateway stops inside the engine's stop, once every run has ended and before the
+        # store closes: a sync call in flight is answered with its run's end, which the store
+        # can still be read for. Before the deliveries' stop, which may take seconds.
+        engine.on_stopping(http.stop)
         # Stopped by the engine once its last run has ended, so what the ends owe goes out too.
         deliveries = Deliverer(engine, manifest)
         await deliveries.start()
@@ -84,15 +96,8 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
         for name, trigger in wiring.triggers.items():
             engine.add_reporter(name, trigger.state)
             engine.add_metrics(trigger.metrics)
-        http = HttpTrigger(
-            engine,
-            manifest.server.host,
-            manifest.server.port,
-            extra_routes=wiring.routes,
-            openapi_paths=wiring.openapi_paths,
-        )
         await http.start()
-        stack.push_async_callback(http.stop)
+        stack.push_async_callback(http.close)  # intake stops before the engine's stop begins
         for trigger in wiring.triggers.values():
             await trigger.start()
             stack.push_async_callback(trigger.stop)

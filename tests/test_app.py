@@ -1,16 +1,21 @@
-"""The server's order of start: what a probe sees while the triggers are still starting."""
+"""The server's order of start and stop: what a probe sees while the triggers are still starting,
+what the callers in flight get when it stops."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from eventrun import app
+from eventrun.engine.api import SERVER_STOPPED
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest, ServerConfig
 from eventrun.triggers.kafka import KafkaTrigger
 from kafka_service import free_port
+from server_process import handler
 
 
 async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_still_starting(
@@ -56,5 +61,72 @@ async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_stil
         }
     finally:
         release.set()
+        stop.set()
+        await asyncio.wait_for(serving, 60)
+
+
+async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_once(tmp_path: Path) -> None:
+    # The listener closes and log followers end first; the runs get shutdown_grace, then end
+    # ServerStopped; then each sync caller gets its run as it ended, or as it stands: queued
+    # for the next start. No caller is cut off, and the stop takes the graces and little more.
+    grace, kill = 1.0, 1.0
+    port = free_port()
+    manifest = Manifest(
+        server=ServerConfig(port=port, data_dir=tmp_path / "data", shutdown_grace=grace, kill_grace=kill),
+        functions={
+            "hs": FunctionConfig(handler=handler("sleepy"), async_execution=False, timeout=60.0, concurrency=1),
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    stop = asyncio.Event()
+    serving = asyncio.create_task(app.run(manifest, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def call(seconds: float) -> tuple[int, dict[str, Any]]:
+                async with session.post(f"{url}/functions/hs/invocations", json={"seconds": seconds}) as reply:
+                    return reply.status, await reply.json()
+
+            async def invocations(status: str) -> list[dict[str, Any]]:
+                async with session.get(f"{url}/invocations", params={"status": status}) as reply:
+                    return (await reply.json())["Invocations"]  # type: ignore[no-any-return]
+
+            async def appeared(status: str) -> str:
+                for _ in range(300):
+                    await asyncio.sleep(0.05)
+                    if found := await invocations(status):
+                        return str(found[0]["RequestId"])
+                raise AssertionError(f"no {status} run")
+
+            for _ in range(300):  # the listener opens after the engine has started
+                try:
+                    async with session.get(f"{url}/healthz"):
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            running = asyncio.create_task(call(60))
+            running_id = await appeared("RUNNING")
+            queued = asyncio.create_task(call(0.1))
+            queued_id = await appeared("QUEUED")
+            async with session.get(f"{url}/invocations/{running_id}/logs", params={"follow": "true"}) as follower:
+                await follower.content.readuntil(b"\n\n")
+                started = time.monotonic()
+                stop.set()
+                await asyncio.wait_for(follower.content.read(), grace / 2)
+            async with aiohttp.ClientSession() as fresh:  # (a new connection, not one kept alive)
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await fresh.get(f"{url}/healthz")
+            assert await asyncio.wait_for(running, grace + kill + 5) == (
+                200,
+                {
+                    "RequestId": running_id, "Status": "FAILED", "Result": None,
+                    "ErrorType": "ServerStopped", "ErrorMessage": SERVER_STOPPED,
+                },
+            )
+            status, answer = await asyncio.wait_for(queued, 5)
+            assert status == 200 and (answer["RequestId"], answer["Status"]) == (queued_id, "QUEUED"), answer
+        await asyncio.wait_for(serving, grace + kill + 5)
+        assert time.monotonic() - started < grace + kill + 1.5
+    finally:
         stop.set()
         await asyncio.wait_for(serving, 60)

@@ -1,9 +1,12 @@
-"""How runs end: terminate, timeout, exceptions, dead instances; warm and recycled instances."""
+"""How runs end: terminate, timeout, exceptions, dead instances, a stop; warm and recycled instances."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
+import aiohttp
 import pytest
 
 from server_process import BOTH_STORES
@@ -153,3 +156,52 @@ async def test_a_dead_instance_fails_the_run_and_the_server_keeps_serving(eventr
     again = await api.wait_ended(await api.accepted("crash", {}))
     assert again["Status"] == "FAILED", "a fresh instance must serve (and fail) the next event"
     assert (await api.request("GET", "/healthz")).status == 200
+
+
+async def test_a_sync_call_in_flight_when_the_server_stops_is_answered_with_its_end(
+    eventrun_server, http, handler, poll_until
+):
+    # The gateway must not cut the caller off: it stops taking connections, the engine ends the
+    # run (ServerStopped once shutdown_grace is out), the caller gets that end, and the stop takes
+    # shutdown_grace + kill_grace at most, plus the time to close.
+    grace, kill = 3.0, 2.0
+    server = eventrun_server(
+        {"hs": {"handler": handler("sleepy"), "async_execution": False, "timeout": "60s"}},
+        server={"shutdown_grace": f"{grace:g}s", "kill_grace": f"{kill:g}s"},
+    )
+    api = server.client(http)
+    call = asyncio.create_task(api.invoke("hs", {"seconds": 60}))
+
+    async def running() -> str | None:
+        found = (await api.list(function="hs", status="RUNNING")).json["Invocations"]
+        return found[0]["RequestId"] if found else None
+
+    request_id = await poll_until(running, 15, "the sync call never ran")
+    await instance_pid(api, poll_until, request_id)
+
+    started = time.monotonic()
+    stopping = asyncio.create_task(asyncio.to_thread(server.stop))  # SIGTERM, then the exit awaited
+    await asyncio.sleep(0.5)
+    try:  # the stop takes nothing new: a new connection is refused, or the event is 503
+        late = await api.invoke("hs", {"seconds": 1})
+    except aiohttp.ClientConnectionError:
+        pass
+    else:
+        assert late.error(503)["Code"] == "ShuttingDown", late.text
+    try:
+        answer = await asyncio.wait_for(call, grace + kill + 10)
+    except aiohttp.ClientError as exc:
+        raise AssertionError(f"the caller got no answer ({exc!r})\n{server.log_text()}") from None
+    code = await stopping
+    took = time.monotonic() - started
+    assert code == 0, server.log_text()
+    assert took < grace + kill + 2, f"the stop took {took:.1f}s\n{server.log_text()}"
+    assert answer.status == 200, answer.text
+    assert answer.headers.get("X-Request-Id") == request_id, answer.headers
+    assert answer.json["RequestId"] == request_id, answer.json
+    assert (answer.json["Status"], answer.json["ErrorType"]) == ("FAILED", "ServerStopped"), answer.json
+
+    server.restart()
+    state = await api.status(request_id)
+    assert (state["Status"], state["ErrorType"]) == ("FAILED", "ServerStopped"), state
+    assert (await api.logs(request_id)).count("sleepy start") == 1, "a sync call is never run again"

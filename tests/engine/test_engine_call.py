@@ -233,3 +233,20 @@ async def test_listeners_hear_of_a_sync_call_once_its_record_is_written(engine: 
     await asyncio.sleep(core.WRITE_BEHIND * 4)
     # Told once, with its end (and what that owes, e.g. its deliveries) in the store already.
     assert [h for h in heard if h[0] == answer.request_id] == [(answer.request_id, "FINISHED", "FINISHED")]
+
+
+async def test_a_sync_call_queued_longer_than_its_timeout_is_answered_once_its_run_ends(tmp_path: Path) -> None:
+    # One at a time, each run 0.9 s of a 1 s timeout: the eighth waits its turn about 6.3 s,
+    # longer than its own timeout, kill_grace and the margin put together.
+    (tmp_path / "nap.py").write_text("import time\n\ndef main_handler(event, context):\n    time.sleep(0.9)\n    return event['data']\n")
+    (tmp_path / "eventrun.toml").write_text(
+        '[server]\ndata_dir = "data"\nkill_grace = "0.1s"\n\n'
+        '[functions.nap]\nhandler = "nap.py:main_handler"\nasync_execution = false\ntimeout = "1s"\nconcurrency = 1\n'
+    )
+    async with Engine(load_manifest(tmp_path / "eventrun.toml")) as engine:
+        calls = [
+            Envelope(id=new_id(), source="/http/nap", type="eventrun.http.request", function="nap", trigger="http", data=n)
+            for n in range(8)
+        ]
+        answers = await asyncio.gather(*(engine.call(envelope, unique=True) for envelope in calls))
+    assert [(a.status, a.result) for a in answers] == [(Status.FINISHED, n) for n in range(8)]

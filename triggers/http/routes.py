@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 
 from eventrun.engine.api import Status
 from eventrun.engine.envelope import dumps, loads
-from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown, Throttled
+from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 
 from ..openapi import openapi_document
 from .parser import to_envelope
@@ -111,20 +111,10 @@ async def invoke(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     keyed = bool((key or "").strip())
     envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), key)
-    run_async = config.async_execution or mode == "event"
-    try:
-        if run_async:
-            accepted = await engine.accept(envelope)
-            return json_response({"RequestId": accepted.request_id}, status=202, headers={"X-Request-Id": accepted.request_id})
-        invocation = await engine.call(envelope, unique=not keyed)
-    except Throttled:
-        # qps_limit counts new events: a retry of one already accepted gets its run, as unthrottled.
-        earlier = await engine.accepted_before(envelope) if keyed else None
-        if earlier is None:
-            raise
-        if run_async:
-            return json_response({"RequestId": earlier}, status=202, headers={"X-Request-Id": earlier})
-        invocation = await engine.wait(earlier, timeout=config.timeout + 5)
+    if config.async_execution or mode == "event":
+        accepted = await engine.accept(envelope, repeatable=keyed)
+        return json_response({"RequestId": accepted.request_id}, status=202, headers={"X-Request-Id": accepted.request_id})
+    invocation = await engine.call(envelope, unique=not keyed)
     headers = {"X-Request-Id": invocation.request_id}
     answer: dict[str, Any] = {
         "RequestId": invocation.request_id, "Status": invocation.status.value, "Result": invocation.result

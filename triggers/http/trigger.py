@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ANSWER_GRACE = 1.0
+"""Seconds stop() gives requests still in flight before it cuts them off (aiohttp may wait twice
+this: once for the handler, once more after cancelling it). The server stops the gateway once
+the engine has ended every run, so a sync call then only has its answer to write."""
+
 
 class HttpTrigger:
     """The gateway as a trigger: serves build_app(engine) on host:port until stopped."""
@@ -46,7 +51,7 @@ class HttpTrigger:
             return
         app = build_app(self._engine, extra_routes=self._extra_routes, openapi_paths=self._openapi_paths)
         # No per-request access log: it costs more than accepting the event; /metrics counts instead.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._engine.manifest.server.shutdown_grace)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=ANSWER_GRACE)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._port)
@@ -60,10 +65,23 @@ class HttpTrigger:
 
     def state(self) -> dict[str, Any]:
         """What /healthz may report about the gateway."""
-        return {"Listening": self._runner is not None, "Port": self._port}
+        return {"Listening": self._runner is not None and bool(self._runner.sites), "Port": self._port}
+
+    async def close(self) -> None:
+        """Stop intake: take no new connection and end log streams; requests in flight go on."""
+        runner = self._runner
+        if runner is None or not runner.sites:
+            return
+        # A site's stop closes its listening socket only; connections open stay, their handlers
+        # going on: a sync call in flight is answered once the engine has ended its run.
+        for site in list(runner.sites):
+            await site.stop()
+        await runner.shutdown()  # on_shutdown: log followers get their closing (stop() sends it again)
+        logger.info("HTTP gateway closed to new connections")
 
     async def stop(self) -> None:
-        """Stop listening, end log streams, and let in-flight requests finish within the grace."""
+        """Close, let requests in flight finish within ANSWER_GRACE, then close every connection."""
+        await self.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

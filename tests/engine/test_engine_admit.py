@@ -1,0 +1,60 @@
+"""qps_limit counts new events: a repeat of one accepted before (its Idempotency-Key) takes no token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import AsyncIterator
+
+import pytest
+
+from eventrun.engine import dispatcher
+from eventrun.engine.core import Engine
+from eventrun.engine.envelope import Envelope, new_id
+from eventrun.engine.errors import Throttled
+from eventrun.engine.manifest import load_manifest
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Engine]:
+    """An engine whose async function `a` and sync function `s` each take 2 new events a second,
+    in a second that lasts (the buckets' clock stands still: no token comes back by itself)."""
+    monkeypatch.setattr(dispatcher, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    (tmp_path / "echo.py").write_text("def main_handler(event, context):\n    return event['data']\n")
+    (tmp_path / "eventrun.toml").write_text(
+        '[server]\ndata_dir = "data"\n\n'
+        '[functions.a]\nhandler = "echo.py:main_handler"\nqps_limit = 2\n\n'
+        '[functions.s]\nhandler = "echo.py:main_handler"\nqps_limit = 2\nasync_execution = false\n'
+    )
+    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def event(function: str, key: str | None = None) -> Envelope:
+    return Envelope(id=key or new_id(), source=f"/http/{function}", type="t", function=function, trigger="http", data={})
+
+
+async def test_repeats_of_an_accepted_event_take_no_token(engine: Engine) -> None:
+    first = await engine.accept(event("a", "order-1"), repeatable=True)
+    for _ in range(5):  # retries, within the second: one token was taken, and only one
+        again = await engine.accept(event("a", "order-1"), repeatable=True)
+        assert (again.request_id, again.created) == (first.request_id, False)
+    assert (await engine.accept(event("a"))).created  # the second token is still there for a new event
+    with pytest.raises(Throttled):
+        await engine.accept(event("a"))
+    assert (engine.metrics.accepted["a"], engine.metrics.duplicates["a"], engine.metrics.throttled["a"]) == (2, 5, 1)
+
+
+async def test_repeats_of_a_sync_call_take_no_token_and_get_its_answer(engine: Engine) -> None:
+    first = await engine.call(event("s", "call-1"))
+    for _ in range(3):
+        again = await engine.call(event("s", "call-1"))
+        assert (again.request_id, again.status, again.result) == (first.request_id, first.status, first.result)
+    assert (await engine.call(event("s"), unique=True)).result == {}  # the second token
+    with pytest.raises(Throttled):
+        await engine.call(event("s"), unique=True)
+    assert engine.metrics.throttled["s"] == 1 and engine.metrics.duplicates["s"] == 3
