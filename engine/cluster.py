@@ -46,6 +46,7 @@ SHIP_INTERVAL = 0.1  # seconds a log line may wait before it is shipped to the s
 SHIP_MOST = 5.0  # seconds between tries at most while shipping log lines fails (from SHIP_INTERVAL, doubling)
 SHIP_LOG_EVERY = 5.0  # seconds between the log's lines about shipments that fail, at least
 FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
+FOLLOW_CHUNK = 1 << 20  # bytes of a log a follower reads from the store at a time
 RENEWAL_LATE = 1.0  # seconds past its time (a third of its lease) a node's renewal is taken as missed
 
 
@@ -387,12 +388,14 @@ class Cluster:
         event = asyncio.Event()
         self._log_readers.setdefault(request_id, set()).add(event)
         last = 0
+        over = more = False
         try:
             while True:
                 event.clear()
                 try:
-                    over = await ended()  # read before the log: what a run wrote is shipped before it ends
-                    data, last = await self.store.read_log(request_id, last)
+                    if not more:  # (read before the log: what a run wrote is shipped before it ends)
+                        over = await ended()
+                    data, last = await self.store.read_log(request_id, last, most=FOLLOW_CHUNK)
                 except StoreError as exc:
                     # The store cannot serve now (an outage); the run goes on, and so does the
                     # follower, reading on once it can (the stream's keepalives hold it open).
@@ -401,6 +404,9 @@ class Cluster:
                     continue
                 for line in log_lines(data):
                     yield line
+                more = len(data) >= FOLLOW_CHUNK  # a whole piece: the log may go on past it
+                if more:
+                    continue
                 if over:
                     return
                 with contextlib.suppress(TimeoutError):

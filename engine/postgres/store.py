@@ -510,14 +510,23 @@ class PostgresStore:
         )
 
     @_refusal_as_store_error
-    async def read_log(self, request_id: str, after: int = 0) -> tuple[bytes, int]:
-        """The run's log after chunk `after`, and the number of the last chunk read."""
+    async def read_log(self, request_id: str, after: int = 0, most: int | None = None) -> tuple[bytes, int]:
+        """The run's log after chunk `after`, and the number of the last chunk read; with `most`,
+        only the chunks that begin within that many bytes (at least one; each whole lines)."""
         if not _is_uuid(request_id):
             return b"", after
-        row = await self.pool.fetchrow(
-            "SELECT string_agg(data, ''::bytea ORDER BY n), max(n) FROM logs WHERE request_id = $1::uuid AND n > $2",
-            request_id, after,
-        )
+        if most is None:
+            row = await self.pool.fetchrow(
+                "SELECT string_agg(data, ''::bytea ORDER BY n), max(n) FROM logs WHERE request_id = $1::uuid AND n > $2",
+                request_id, after,
+            )
+        else:  # (octet_length reads a chunk's size, not the chunk: those past `most` are not read)
+            row = await self.pool.fetchrow(
+                "SELECT string_agg(data, ''::bytea ORDER BY n), max(n) FROM logs WHERE request_id = $1::uuid AND n IN ("
+                " SELECT n FROM (SELECT n, sum(octet_length(data)) OVER (ORDER BY n) - octet_length(data) AS before"
+                " FROM logs WHERE request_id = $1::uuid AND n > $2) sized WHERE before < $3)",
+                request_id, after, most,
+            )
         if row is None or row[1] is None:
             return b"", after
         return bytes(row[0]), row[1]

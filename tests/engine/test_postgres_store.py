@@ -215,6 +215,38 @@ async def test_shipped_log_lines_read_back_in_order_and_from_where_a_reader_left
     assert await postgres_store.read_log("not-a-request-id") == (b"", 0)
 
 
+async def test_a_log_is_read_a_piece_at_a_time_and_a_follower_gets_all_of_it(
+    postgres_store: PostgresStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventrun.engine import cluster as cluster_module
+
+    (run,) = rows(1)
+    await postgres_store.accept([run])
+    shipments = [b"".join(b"2026-12-06T00:00:00.000Z line %02d.%d\n" % (s, n) for n in range(10)) for s in range(30)]
+    await postgres_store.append_logs([(run.request_id, shipment) for shipment in shipments])
+    piece, last = await postgres_store.read_log(run.request_id, 0, most=len(shipments[0]) * 2 + 1)
+    assert piece == b"".join(shipments[:3])  # the chunks that begin within the bytes asked for
+    assert (await postgres_store.read_log(run.request_id, last, most=1))[0] == shipments[3]  # at least one
+    monkeypatch.setattr(cluster_module, "FOLLOW_CHUNK", len(shipments[0]) * 3)
+    sizes: list[int] = []
+    real = postgres_store.read_log
+
+    async def read_log(request_id: str, after: int, most: int | None = None) -> tuple[bytes, int]:
+        data, upto = await real(request_id, after, most)
+        sizes.append(len(data))
+        return data, upto
+
+    monkeypatch.setattr(postgres_store, "read_log", read_log)
+    cluster, _ = node(postgres_store, tmp_path)
+
+    async def ended() -> bool:
+        return True
+
+    lines = [line async for line in cluster.follow_log(run.request_id, ended)]
+    assert lines == b"".join(shipments).decode().splitlines()
+    assert max(sizes) == len(shipments[0]) * 3 and len(sizes) == 11  # ten pieces, then nothing more
+
+
 async def test_every_node_hears_of_new_runs_and_of_ends(postgres_store: PostgresStore, other: PostgresStore) -> None:
     heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     listener = await other.listen(lambda channel, payload: heard.put_nowait((channel, payload)), lambda: None)
@@ -296,11 +328,11 @@ async def test_a_log_follower_rides_out_a_store_that_cannot_serve(
     real = postgres_store.read_log
     outage = {"reads": 3}
 
-    async def read_log(request_id: str, after: int) -> tuple[bytes, int]:
+    async def read_log(request_id: str, after: int, most: int | None = None) -> tuple[bytes, int]:
         if outage["reads"]:
             outage["reads"] -= 1
             raise StoreError("the PostgreSQL store cannot serve this now (connection was closed in the middle of operation)")
-        return await real(request_id, after)
+        return await real(request_id, after, most)
 
     monkeypatch.setattr(postgres_store, "read_log", read_log)
     checks = iter([False, False, False, False, True])
