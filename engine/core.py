@@ -496,7 +496,7 @@ class Engine:
         if self.shutting_down:
             raise ShuttingDown()
         if (earlier := await self._admit(envelope, repeatable=not unique)) is not None:
-            return await self.answer(earlier)
+            return await self._answer(earlier, config)
         if unique and self.cluster is None and self.dispatcher.can_start(function):
             request_id = self._start_behind(envelope)
         else:
@@ -504,14 +504,13 @@ class Engine:
             if not accepted.created:
                 self.dispatcher.give_back(function)  # a repeat takes no token
             request_id = accepted.request_id
-        return await self.answer(request_id)
+        return await self._answer(request_id, config)
 
-    async def answer(self, request_id: str) -> Invocation:
+    async def _answer(self, request_id: str, config: FunctionConfig) -> Invocation:
         """A sync call's answer: its run, once ended. A queued run waits its turn however long;
         one started ends by its timeout and kill_grace, so past those and a margin (its end
         lost: a bug, or a store gone) the answer is the run as it is."""
-        function = (await self.get(request_id)).function
-        margin = self.function(function).timeout + self.manifest.server.kill_grace + 5
+        margin = config.timeout + self.manifest.server.kill_grace + 5
         running_since: float | None = None
         while True:
             invocation = await self.wait(request_id, timeout=margin)
