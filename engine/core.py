@@ -419,18 +419,17 @@ class Engine:
         return accepted
 
     async def _admit(self, envelope: Envelope, repeatable: bool) -> str | None:
-        """Take a qps_limit token for the envelope's event; or, with none left, the RequestId it
-        was accepted under before (a repeat: one lookup, made only when throttled); else Throttled."""
+        """The RequestId the envelope's event was accepted under before (a repeat, looked up only
+        when `repeatable`: it takes nothing of qps_limit); else take a token for it, or Throttled."""
         function = envelope.function
+        if repeatable and (earlier := await self.accepted_before(envelope)) is not None:
+            self.metrics.duplicates[function] += 1
+            return earlier
         try:
             self.dispatcher.throttle(function)
         except Throttled:
-            earlier = await self.accepted_before(envelope) if repeatable else None
-            if earlier is None:
-                self.metrics.throttled[function] += 1
-                raise
-            self.metrics.duplicates[function] += 1
-            return earlier
+            self.metrics.throttled[function] += 1
+            raise
         return None
 
     async def accept_batch(self, envelopes: Sequence[AnyEnvelope]) -> list[Accepted]:

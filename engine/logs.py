@@ -223,15 +223,19 @@ class LogHub:
 
         The lines so far are read from the run's file a chunk at a time, and so are the live
         lines a slow follower falls behind on. Each batch of live lines carries where it ends in
-        the file, so none is given twice: those the follower read from the file already are passed over.
+        the file, so none is given twice: those the follower read from the file already are passed
+        over. The file, once open, is held open: a log deleted meanwhile (retention) is read to its end.
         """
         follower = _Follower()
         self._followers.setdefault(request_id, set()).add(follower)
+        fd: int | None = None
         offset = 0
         try:
             while True:
                 # The file from `offset` to its end; no await between the last read and the queue.
-                while chunk := self._read_from(request_id, offset):
+                if fd is None:
+                    fd = self._open_to_read(request_id)
+                while fd is not None and (chunk := _read_lines(fd, offset)):
                     offset += len(chunk)
                     for line in log_lines(chunk):
                         yield line
@@ -248,25 +252,22 @@ class LogHub:
                         offset = end if end is not None else offset
                 follower.behind, follower.lag = False, 0  # (lines published from here are read or passed over)
         finally:
+            if fd is not None:
+                os.close(fd)
             followers = self._followers.get(request_id)
             if followers is not None:
                 followers.discard(follower)
                 if not followers:
                     del self._followers[request_id]
 
-    def _read_from(self, request_id: str, offset: int) -> bytes:
-        """Whole lines of the run's file from `offset`, about FOLLOW_CHUNK bytes; b"" at its end."""
+    def _open_to_read(self, request_id: str) -> int | None:
+        """The run's file, open to read; None while it has none (nothing written yet, or it could not be made)."""
         for path in (self.path(request_id), self._legacy_path(request_id)):
             try:
-                with open(path, "rb") as file:
-                    file.seek(offset)
-                    data = file.read(FOLLOW_CHUNK)
-                    if len(data) == FOLLOW_CHUNK and not data.endswith(b"\n"):
-                        data += file.readline()  # the rest of the last line
-                    return data
-            except (FileNotFoundError, NotADirectoryError):  # (no file made: nothing written, or it could not be)
+                return os.open(path, os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError):
                 pass
-        return b""
+        return None
 
     def _publish(self, request_id: str, lines: list[str], end: int | None, size: int) -> None:
         """Hand lines to the run's followers; `end`: where they end in its file (None: not in it)."""
@@ -287,6 +288,14 @@ class LogHub:
                 notice = f"{now_rfc3339()} [eventrun] follower fell too far behind; read the log again to continue"
                 follower.queue.put_nowait(([notice], None, 0))
                 follower.queue.put_nowait(_END)
+
+
+def _read_lines(fd: int, offset: int) -> bytes:
+    """Whole lines of a log file from `offset`, about FOLLOW_CHUNK bytes; b"" at its end."""
+    data = os.pread(fd, FOLLOW_CHUNK, offset)
+    if len(data) == FOLLOW_CHUNK and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1] or data  # (a line is far shorter than a chunk)
+    return data
 
 
 def log_lines(chunk: bytes) -> list[str]:

@@ -386,7 +386,7 @@ def _finite(value: Any) -> bool:
 def _http_url(value: str) -> str:
     if not value:
         return value
-    if not re.match(r"^https?://[^/\s]+", value):
+    if not re.match(r"^https?://[^/\s]+", value, re.IGNORECASE):
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
     # What the HTTP client would fail on at every delivery. Not echoed: a receiver's URL may
     # hold its credentials (userinfo, a token in the query).

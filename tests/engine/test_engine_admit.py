@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 from typing import AsyncIterator
@@ -58,3 +59,13 @@ async def test_repeats_of_a_sync_call_take_no_token_and_get_its_answer(engine: E
     with pytest.raises(Throttled):
         await engine.call(event("s"), unique=True)
     assert engine.metrics.throttled["s"] == 1 and engine.metrics.duplicates["s"] == 3
+
+
+async def test_repeats_at_the_same_moment_as_new_events_leave_them_the_limit(engine: Engine) -> None:
+    await engine.accept(event("a", "order-1"), repeatable=True)  # one token of two left
+    again, new = await asyncio.gather(
+        engine.accept(event("a", "order-1"), repeatable=True), engine.accept(event("a")), return_exceptions=True
+    )
+    assert not isinstance(again, Exception) and not again.created, again
+    assert not isinstance(new, Exception) and new.created, new  # the token the repeat did not take
+    assert engine.metrics.throttled["a"] == 0

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from eventrun.engine.envelope import new_id
+from eventrun.engine import logs
 from eventrun.engine.logs import LogHub
 
 
@@ -250,19 +251,35 @@ async def test_a_follower_of_a_large_log_reads_it_a_chunk_at_a_time(tmp_path: Pa
     hub.write(request_id, written)
     hub.close(request_id)
     reads: list[int] = []
-    read_from = hub._read_from
+    read_lines = logs._read_lines
 
-    def counted(request_id: str, offset: int) -> bytes:
-        data = read_from(request_id, offset)
+    def counted(fd: int, offset: int) -> bytes:
+        data = read_lines(fd, offset)
         reads.append(len(data))
         return data
 
-    monkeypatch.setattr("eventrun.engine.logs.FOLLOW_CHUNK", 1000)
-    monkeypatch.setattr(hub, "_read_from", counted)
+    monkeypatch.setattr(logs, "FOLLOW_CHUNK", 1000)
+    monkeypatch.setattr(logs, "_read_lines", counted)
     follower, seen = _follow(hub, request_id, [True])
     await asyncio.wait_for(follower, 5)
     assert seen == written
-    assert max(reads) < 1100 and len(reads) > 50  # whole lines, about a chunk at a time
+    assert max(reads) <= 1000 and len(reads) > 50  # whole lines, a chunk at a time
+
+
+async def test_a_log_deleted_while_a_follower_reads_it_is_read_to_its_end(tmp_path: Path, monkeypatch) -> None:
+    hub = LogHub(tmp_path, limit=64 << 20)
+    request_id = new_id()
+    written = [f"line {n}" for n in range(5000)]
+    hub.write(request_id, written)
+    hub.close(request_id)
+    monkeypatch.setattr(logs, "FOLLOW_CHUNK", 1000)
+    follower, seen = _follow(hub, request_id, [True])
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert 0 < len(seen) < 5000
+    hub.remove(request_id)  # retention, while the follower is reading
+    await asyncio.wait_for(follower, 5)
+    assert seen == written
 
 
 async def test_a_follower_gets_a_line_holding_a_carriage_return_as_one_line(tmp_path: Path) -> None:

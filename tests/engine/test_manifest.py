@@ -523,3 +523,8 @@ def test_brokers_are_read_as_kafka_clients_read_them(write):
 def test_an_environment_no_process_can_have_is_refused(write, environment, expected):
     message = refusal(write(function(environment=environment)))
     assert expected in message and "secret" not in message, message
+
+
+def test_a_url_scheme_is_read_in_any_case(write):
+    manifest = load_manifest(write('[s3]\nendpoint_url = "HTTP://MINIO:9000"\n' + function(callback_url='"HTTPS://hooks.example/x"')))
+    assert manifest.s3.endpoint_url == "HTTP://MINIO:9000"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 import logging
@@ -636,6 +637,33 @@ async def test_a_log_file_is_sent_as_it_is_not_read_into_memory(
     assert response.content_length == engine.log_path.stat().st_size
     assert await response.read() == engine.log_path.read_bytes()
     assert max(sent) == 1000 and len(sent) == -(-engine.log_path.stat().st_size // 1000)  # a chunk at a time
+
+
+async def test_a_client_that_goes_away_while_a_log_file_is_sent_is_let_go_quietly(
+    client: TestClient, engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine.invocations["r1"] = _invocation("r1")
+    engine.log_path = tmp_path / "r1.log"
+    engine.log_path.write_bytes(b"2024-05-01T10:00:01Z a line of a long log\n" * 200_000)  # 8 MB
+    monkeypatch.setattr(http.routes, "LOG_CHUNK", 4096)
+    write = web.StreamResponse.write
+    written: list[int] = []
+
+    async def gone_after_a_few(self: web.StreamResponse, data: bytes) -> None:
+        written.append(len(data))
+        if len(written) > 3:  # what aiohttp raises once the client has gone (`eventrun logs r1 | head`)
+            raise ConnectionResetError("Cannot write to closing transport")
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", gone_after_a_few)
+    with caplog.at_level(logging.WARNING):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(5):
+                await (await client.get("/invocations/r1/logs")).read()
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    assert len(written) == 4  # it stopped sending at once
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert (await client.get("/healthz")).status == 200
 
 
 @pytest.mark.parametrize("follow", ["true", "false"])

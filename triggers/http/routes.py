@@ -283,9 +283,13 @@ async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) 
         response = web.StreamResponse(headers=headers)
         response.content_length = left
         await response.prepare(request)
-        while left > 0 and (chunk := file.read(min(LOG_CHUNK, left))):
-            left -= len(chunk)
-            await response.write(chunk)
+        try:
+            while left > 0 and (chunk := file.read(min(LOG_CHUNK, left))):
+                left -= len(chunk)
+                await response.write(chunk)
+        except ConnectionResetError:  # the client went away (`eventrun logs ID | head`)
+            response.force_close()
+            return response
     await response.write_eof()
     return response
 
