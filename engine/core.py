@@ -411,26 +411,30 @@ class Engine:
             raise ShuttingDown()
         function = envelope.function
         self.function(function)
-        if throttle and (earlier := await self._admit(envelope, repeatable)) is not None:
-            return Accepted(earlier, False)
+        if throttle:
+            if repeatable and (earlier := await self._repeat_of(envelope)) is not None:
+                return Accepted(earlier, False)
+            self._throttle(function)
         accepted = (await self._record([envelope], {function}))[0]
         if throttle and not accepted.created:
             self.dispatcher.give_back(function)  # a repeat found by its commit takes no token either
         return accepted
 
-    async def _admit(self, envelope: Envelope, repeatable: bool) -> str | None:
-        """The RequestId the envelope's event was accepted under before (a repeat, looked up only
-        when `repeatable`: it takes nothing of qps_limit); else take a token for it, or Throttled."""
-        function = envelope.function
-        if repeatable and (earlier := await self.accepted_before(envelope)) is not None:
-            self.metrics.duplicates[function] += 1
-            return earlier
+    async def _repeat_of(self, envelope: Envelope) -> str | None:
+        """The RequestId the envelope's event was accepted under before: a repeat, which takes
+        nothing of qps_limit (looked up before a token is taken, so none is held meanwhile)."""
+        earlier = await self.accepted_before(envelope)
+        if earlier is not None:
+            self.metrics.duplicates[envelope.function] += 1
+        return earlier
+
+    def _throttle(self, function: str) -> None:
+        """Take a qps_limit token for a new event, or Throttled."""
         try:
             self.dispatcher.throttle(function)
         except Throttled:
             self.metrics.throttled[function] += 1
             raise
-        return None
 
     async def accept_batch(self, envelopes: Sequence[AnyEnvelope]) -> list[Accepted]:
         """Record many envelopes in one durable commit (a Templated one as its fields); never throttled."""
@@ -494,8 +498,9 @@ class Engine:
         config = self.function(function)
         if self.shutting_down:
             raise ShuttingDown()
-        if (earlier := await self._admit(envelope, repeatable=not unique)) is not None:
+        if not unique and (earlier := await self._repeat_of(envelope)) is not None:
             return await self._answer(earlier, config)
+        self._throttle(function)
         if unique and self.cluster is None and self.dispatcher.can_start(function):
             request_id = self._start_behind(envelope)
         else:

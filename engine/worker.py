@@ -182,15 +182,16 @@ class _Worker:
             self._logger = logger
         return self._logger
 
-    def write(self, data: bytes) -> bool:
+    def write(self, data: bytes, *, checked: bool = False) -> bool:
         """Output to the run's log, after what the handler printed; False if no fd reaches it any more.
 
         It goes through the private copy of stdout's pipe, unless the handler closed it or put
         something else on its number: then through any fd of this process still on that pipe
         (stdout, most often). The parent finds frames wherever they are in the output.
+        `checked`: the private copy was just found on the pipe.
         """
         _flush_stdio()
-        fds = [self.frames] if _identity(self.frames) == self._output_pipe else []
+        fds = [self.frames] if checked or _identity(self.frames) == self._output_pipe else []
         for fd in fds or self._output_fds():
             try:
                 _write_all(fd, data)
@@ -323,11 +324,13 @@ class _Worker:
         if killed:
             pids = ", ".join(map(str, killed[:10])) + (", ..." if len(killed) > 10 else "")
             notes.append(f"the run left {len(killed)} processes running ({pids}); they were killed, and this instance")
-        if not self._stdio_intact():
+        on = {fd: _identity(fd) for fd in (0, 1, 2, self.tasks.fileno(), self.frames)}  # (one fstat each, per run)
+        if not self._stdio_intact(on):
             notes.append("the run closed or replaced its stdout or stderr; this instance")
-        if not self._stdin_intact():
+        if not self._stdin_intact(on):
             notes.append("the run closed or replaced its stdin; this instance")
-        if not self._own_fds_intact():
+        own_fds = self._own_fds_intact(on)
+        if not own_fds:
             # No more tasks can be read: this process ends once the outcome is out.
             self.serving = False
             notes.append(
@@ -341,26 +344,26 @@ class _Worker:
             sent = self.frame({**failure, "recycle": True} if recycle else failure)
         elif recycle:
             sent = self.write(self.mark + b'{"ok":true,"recycle":true,"result":' + result + b"}\n")
-        else:
-            sent = self.write(self.mark + b'{"ok":true,"result":' + result + b"}\n")
+        else:  # (the usual end: the fds were just found as they were)
+            sent = self.write(self.mark + b'{"ok":true,"result":' + result + b"}\n", checked=True)
         if not sent:
             while True:  # stopped by the parent, or by the watch should the parent be gone
                 time.sleep(3600)
 
-    def _stdio_intact(self) -> bool:
+    def _stdio_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
         """True if fds 1 and 2 are still the output pipe, and sys.stdout and sys.stderr open."""
-        if _identity(1) != self._output_pipe or _identity(2) != self._output_pipe:
+        if on[1] != self._output_pipe or on[2] != self._output_pipe:
             return False
         return not any(stream is None or getattr(stream, "closed", False) for stream in (sys.stdout, sys.stderr))
 
-    def _stdin_intact(self) -> bool:
+    def _stdin_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
         """True if fd 0 is still /dev/null, and sys.stdin open."""
         stream = sys.stdin
-        return _identity(0) == self._stdin and stream is not None and not getattr(stream, "closed", False)
+        return on[0] == self._stdin and stream is not None and not getattr(stream, "closed", False)
 
-    def _own_fds_intact(self) -> bool:
+    def _own_fds_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
         """True if the worker's private copies of its pipes are still open on them."""
-        return _identity(self.tasks.fileno()) == self._tasks_pipe and _identity(self.frames) == self._output_pipe
+        return on[self.tasks.fileno()] == self._tasks_pipe and on[self.frames] == self._output_pipe
 
     def serve(self) -> None:
         while self.serving:
