@@ -7,6 +7,8 @@ from typing import AsyncIterator
 
 import pytest
 
+from eventrun.engine.core import Engine
+from eventrun.engine.manifest import load_manifest
 from eventrun.engine.postgres import PostgresStore
 from eventrun.engine.store import SQLiteStore
 
@@ -43,3 +45,17 @@ def store(request: pytest.FixtureRequest) -> SQLiteStore | PostgresStore:
 def store_url(request: pytest.FixtureRequest) -> str:
     """[store] url for each kind of store in turn: empty for SQLite, a fresh database's for PostgreSQL."""
     return request.getfixturevalue("postgres") if request.param == "postgres" else ""  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def idle_engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    """An engine on its own SQLite store with a function f whose runs never start (they stay queued)."""
+    (tmp_path / "noop.py").write_text("def main_handler(event, context):\n    return None\n")
+    (tmp_path / "eventrun.toml").write_text('[server]\ndata_dir = "data"\n\n[functions.f]\nhandler = "noop.py:main_handler"\n')
+    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
+    engine.dispatcher.pause()
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
