@@ -452,6 +452,7 @@ class InstancePool:
         self._idle: dict[str, list[Instance]] = {}
         self._busy: set[Instance] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._evicted: set[asyncio.Task[None]] = set()  # idle instances being stopped to make room
 
     async def start(self) -> None:
         """Start the spawner, and begin reaping idle instances."""
@@ -466,7 +467,7 @@ class InstancePool:
                 await self._reaper
         everyone = [i for group in self._idle.values() for i in group] + list(self._busy)
         self._idle.clear()
-        await asyncio.gather(*(i.kill(self.kill_grace) for i in everyone), return_exceptions=True)
+        await asyncio.gather(*(i.kill(self.kill_grace) for i in everyone), *self._evicted, return_exceptions=True)
         await self._spawner.close()
 
     @property
@@ -483,7 +484,7 @@ class InstancePool:
                 self._busy.add(instance)
                 return instance
         if self.size >= self.max_instances:
-            await self._evict_one()
+            self._evict_one()
         instance = await self._spawn(spec)
         self._busy.add(instance)
         return instance
@@ -497,13 +498,17 @@ class InstancePool:
             return True
         return False
 
-    async def _evict_one(self) -> None:
+    def _evict_one(self) -> None:
         candidates = [i for group in self._idle.values() for i in group]
         if not candidates:
             return
         oldest = min(candidates, key=lambda i: i.last_used)
         self._idle[oldest.spec.function].remove(oldest)
-        await oldest.kill(self.kill_grace)
+        # Stopped in the background: the run that needs the room does not wait out kill_grace for
+        # an instance that takes its time to go (one ignoring SIGTERM); it is SIGKILLed after it.
+        stopping = asyncio.create_task(oldest.kill(self.kill_grace), name=f"evict {oldest.pid}")
+        self._evicted.add(stopping)
+        stopping.add_done_callback(self._evicted.discard)
 
     async def _spawn(self, spec: Spec) -> Instance:
         token = secrets.token_hex(8)

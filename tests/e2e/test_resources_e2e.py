@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,23 @@ async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end
     assert f"the store refused the acceptance of sync call {record['RequestId']}" in server.stderr_text()
     assert "the store records sync calls' records again" in server.stderr_text()
     assert (await api.wait_ended(await api.accepted("quick", {"n": 2})))["Status"] == "FINISHED"
+
+
+async def test_a_run_that_needs_the_room_of_an_idle_instance_does_not_wait_for_it_to_go(
+    eventrun_server, http, handler, pid_alive
+):
+    # One instance at most: b's run needs the room of a's idle instance, which ignores SIGTERM and
+    # so takes kill_grace (10 s) to stop. The run does not wait for that.
+    server = eventrun_server(
+        {"a": {"handler": handler("stubborn")}, "b": {"handler": handler("quick")}},
+        server={"max_instances": 1, "kill_grace": "10s"},
+    )
+    api = server.client(http)
+    first = await api.wait_ended(await api.accepted("a", {}))
+    assert first["Status"] == "FINISHED", first
+    stubborn = first["Result"]
+    second = await api.wait_ended(await api.accepted("b", {"n": 1}), timeout=30)
+    assert second["Status"] == "FINISHED", second
+    took = datetime.fromisoformat(second["EndedAt"]) - datetime.fromisoformat(second["StartedAt"])
+    assert took.total_seconds() < 5, second  # not kill_grace
+    assert pid_alive(stubborn), "the evicted instance is still going (it has kill_grace)"
