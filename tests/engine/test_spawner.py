@@ -154,10 +154,8 @@ def main_handler(event, context):
 '''
 
 
-@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
-async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the_spawner(
-    spawner: Spawner, tmp_path: Path, fresh: bool
-) -> None:
+async def worker_with_a_daemon(spawner: Spawner, tmp_path: Path, fresh: bool) -> tuple[SpawnedProcess, int]:
+    """A worker whose run has started a daemon of its own (a session apart, deaf to SIGTERM); its pid."""
     (tmp_path / "daemon.py").write_text(DAEMON)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = await spawner.spawn(
@@ -171,15 +169,27 @@ async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the
         if pidfile.exists():
             break
         await asyncio.sleep(0.05)
-    daemon = int(pidfile.read_text())
+    return process, int(pidfile.read_text())
+
+
+async def gone(pid: int) -> None:
+    """Wait up to 5 s for a process to be gone."""
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            return
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
+async def test_a_process_a_killed_worker_left_outside_its_group_is_killed_by_the_spawner(
+    spawner: Spawner, tmp_path: Path, fresh: bool
+) -> None:
+    process, daemon = await worker_with_a_daemon(spawner, tmp_path, fresh)
     try:
         assert os.getpgid(daemon) != process.pid  # out of the worker's group: a group kill misses it
         os.killpg(process.pid, signal.SIGKILL)
         assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
-        for _ in range(100):
-            if not Path(f"/proc/{daemon}").exists():
-                break
-            await asyncio.sleep(0.05)
+        await gone(daemon)
         assert not Path(f"/proc/{daemon}").exists(), "the daemon outlived its worker"
     finally:
         process.stdin.close()
@@ -193,30 +203,14 @@ async def test_once_the_spawner_is_gone_what_its_workers_left_outside_their_grou
 ) -> None:
     # The worker is killed from here (its parent is gone, so it cannot end its tree itself,
     # and nobody would take over what it started): its daemon goes with it.
-    (tmp_path / "daemon.py").write_text(DAEMON)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await spawner.spawn(
-        handler=f"{tmp_path}/daemon.py:main_handler", function="f", token="t0", cwd=str(tmp_path), env=env, fresh=fresh
-    )
-    _spawned.append(process)
-    pidfile = tmp_path / "daemon.pid"
-    process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"pidfile": "%s"}}\n' % str(pidfile).encode())
-    await process.stdin.drain()
-    for _ in range(200):
-        if pidfile.exists():
-            break
-        await asyncio.sleep(0.05)
-    daemon = int(pidfile.read_text())
+    process, daemon = await worker_with_a_daemon(spawner, tmp_path, fresh)
     try:
         assert os.getpgid(daemon) != process.pid
         assert spawner.pid is not None
         os.kill(spawner.pid, signal.SIGKILL)
         assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
         assert process.spawner_lost == "it was killed by SIGKILL", process.spawner_lost
-        for _ in range(100):
-            if not Path(f"/proc/{daemon}").exists():
-                break
-            await asyncio.sleep(0.05)
+        await gone(daemon)
         assert not Path(f"/proc/{daemon}").exists(), "the daemon outlived its worker's spawner"
     finally:
         process.stdin.close()
