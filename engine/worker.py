@@ -142,12 +142,97 @@ def _ballast() -> Any:
 
 
 def _result_json(value: Any) -> bytes:
-    """A result's JSON, by eventrun's own rules (orjson, non-string keys allowed); TypeError if it has none."""
+    """A result's JSON, by eventrun's own rules (orjson, non-string keys allowed); TypeError if it has none.
+
+    JSON has no NaN or Infinity, and orjson writes them (values and keys alike) as null, which
+    would store another value than the one returned: such a result is refused. Finding one takes
+    a walk through the value in Python, so only a result whose JSON holds the text null is walked
+    (no other can hold them): most are not, and their check is one search of the bytes. Nor is
+    one over MAX_RESULT, which fails for its size anyway.
+    """
     if value is None:
         return b"null"
     import orjson
 
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    encoded = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    if b"null" in encoded and len(encoded) <= MAX_RESULT:
+        where = _non_finite(value)
+        if where is not None:
+            raise TypeError(f"{where}; JSON has no NaN or Infinity (return such a number as a string, or None)")
+    return encoded
+
+
+def _non_finite(result: Any) -> str | None:
+    """Where a result holds a NaN or an infinity that orjson would write as null, e.g.
+    'result["x"][2] is NaN'; None if nowhere. Only what orjson writes is looked at."""
+    from enum import Enum
+    from math import isfinite
+
+    plain = {str, int, bool, type(None)}
+
+    def name(number: Any) -> str | None:
+        if isinstance(number, Enum):
+            number = number.value
+        if not isinstance(number, float) or isfinite(number):
+            return None
+        return "NaN" if number != number else "Infinity" if number > 0 else "-Infinity"
+
+    def find(value: Any) -> tuple[list[str], str] | None:
+        """The first one found: (the path's steps, innermost first; what it is, e.g. "is NaN")."""
+        if value is None or isinstance(value, (str, int)):  # most of a result: nothing to look at
+            return None
+        if isinstance(value, float):
+            what = name(value)
+            return ([], f"is {what}") if what else None
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        elif isinstance(value, Enum):  # written as its value
+            return find(value.value)
+        elif hasattr(type(value), "__dataclass_fields__"):
+            items = _dataclass_items(value)
+        else:  # datetime, UUID and the like: no number in them
+            return None
+        keyed = isinstance(value, dict)
+        for key, item in items:
+            if keyed and type(key) is not str and (what := name(key)):
+                return [], f"has a key that is {what}"
+            if type(item) in plain or (type(item) is float and isfinite(item)):  # (no call for these)
+                continue
+            found = find(item)
+            if found:
+                found[0].append(_step(key, value))
+                return found
+        return None
+
+    found = find(result)
+    if found is None:
+        return None
+    steps, what = found
+    return "result" + "".join(reversed(steps)) + " " + what
+
+
+def _dataclass_items(value: Any) -> list[tuple[str, Any]]:
+    """A dataclass instance's fields as orjson writes them: its attributes but those named _..."""
+    if hasattr(value, "__dict__"):
+        return [(key, item) for key, item in vars(value).items() if not key.startswith("_")]
+    import dataclasses
+
+    missing = object()
+    pairs = [(field.name, getattr(value, field.name, missing)) for field in dataclasses.fields(value)]
+    return [(key, item) for key, item in pairs if item is not missing and not key.startswith("_")]
+
+
+def _step(key: Any, container: Any) -> str:
+    """One step of a path into a result: ["name"] or [1] for a key or an index, .name for a field."""
+    if isinstance(key, str) and len(key) > 40:  # the path stays short enough to read
+        key = key[:40] + "..."
+    if not isinstance(container, (dict, list, tuple)):
+        return f".{key}"
+    if isinstance(key, str):
+        return "[" + json.dumps(key, ensure_ascii=False) + "]"
+    return f"[{key!r}]"
 
 
 class _Worker:

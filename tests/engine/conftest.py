@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -47,15 +47,42 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("postgres") if request.param == "postgres" else ""  # type: ignore[no-any-return]
 
 
+StartEngine = Callable[..., Awaitable[Engine]]
+
+
 @pytest.fixture
-async def idle_engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    """An engine on its own SQLite store with a function f whose runs never start (they stay queued)."""
-    (tmp_path / "noop.py").write_text("def main_handler(event, context):\n    return None\n")
-    (tmp_path / "eventrun.toml").write_text('[server]\ndata_dir = "data"\n\n[functions.f]\nhandler = "noop.py:main_handler"\n')
-    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
-    engine.dispatcher.pause()
-    await engine.start()
+async def start_engine(tmp_path: Path) -> AsyncIterator[StartEngine]:
+    """Factory: start_engine(manifest, files={name: text}, paused=False) -> a started Engine.
+
+    Writes the handler files and `manifest` (as eventrun.toml) to tmp_path and starts an engine
+    on it; `paused`: its dispatcher starts no run (they stay queued). Every engine started here
+    is stopped at teardown, the last one first.
+    """
+    started: list[Engine] = []
+
+    async def start(manifest: str, files: Mapping[str, str] | None = None, *, paused: bool = False) -> Engine:
+        for name, text in (files or {}).items():
+            (tmp_path / name).write_text(text)
+        (tmp_path / "eventrun.toml").write_text(manifest)
+        engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
+        if paused:
+            engine.dispatcher.pause()  # (a node of a cluster then claims nothing either: no slot is free)
+        await engine.start()
+        started.append(engine)
+        return engine
+
     try:
-        yield engine
+        yield start
     finally:
-        await engine.stop()
+        for engine in reversed(started):
+            await engine.stop()
+
+
+@pytest.fixture
+async def idle_engine(start_engine: StartEngine) -> Engine:
+    """An engine on its own SQLite store with a function f whose runs never start (they stay queued)."""
+    return await start_engine(
+        '[server]\ndata_dir = "data"\n\n[functions.f]\nhandler = "noop.py:main_handler"\n',
+        {"noop.py": "def main_handler(event, context):\n    return None\n"},
+        paused=True,
+    )

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from pathlib import Path
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -17,7 +17,6 @@ from eventrun.engine.api import Status
 from eventrun.engine.core import Engine
 from eventrun.engine.envelope import Envelope, new_id, now_rfc3339, request_ids
 from eventrun.engine.errors import NodeNotAnswering
-from eventrun.engine.manifest import load_manifest
 from eventrun.engine.postgres import PostgresStore
 from eventrun.engine.store import NewInvocation
 from eventrun.triggers.http.responses import ERROR_STATUS
@@ -33,22 +32,15 @@ def main_handler(event, context):
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, postgres: str) -> AsyncIterator[Engine]:
+async def engine(postgres: str, start_engine: Callable[..., Awaitable[Engine]]) -> Engine:
     """Node node-a on a fresh PostgreSQL database: `sleepy` (async) and `echo` (sync, 3 s timeout)."""
-    (tmp_path / "sleepy.py").write_text(SLEEPY)
-    (tmp_path / "echo.py").write_text("def main_handler(event, context):\n    return event['data']\n")
-    (tmp_path / "eventrun.toml").write_text(
+    return await start_engine(
         '[server]\ndata_dir = "data"\nkill_grace = "1s"\n\n'
         f'[store]\nurl = "{postgres}"\n\n[cluster]\nnode_id = "node-a"\nlease = "3s"\n\n'
         '[functions.sleepy]\nhandler = "sleepy.py:main_handler"\nconcurrency = 2\n\n'
-        '[functions.echo]\nhandler = "echo.py:main_handler"\nasync_execution = false\ntimeout = "3s"\n'
+        '[functions.echo]\nhandler = "echo.py:main_handler"\nasync_execution = false\ntimeout = "3s"\n',
+        {"sleepy.py": SLEEPY, "echo.py": "def main_handler(event, context):\n    return event['data']\n"},
     )
-    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 @pytest.fixture

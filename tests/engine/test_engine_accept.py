@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, AsyncIterator
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from eventrun.engine.core import Engine
 from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, encode, expand, template_prefix
-from eventrun.engine.manifest import load_manifest
 from eventrun.engine.store import SQLiteStore
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, store_url: str) -> AsyncIterator[Engine]:
+async def engine(store_url: str, start_engine: Callable[..., Awaitable[Engine]]) -> Engine:
     """An engine (on each kind of store) with functions a and b whose runs never start."""
-    (tmp_path / "noop.py").write_text("def main_handler(event, context):\n    return None\n")
     store = f'[store]\nurl = "{store_url}"\n\n' if store_url else ""
-    (tmp_path / "eventrun.toml").write_text(
+    return await start_engine(
         f'[server]\ndata_dir = "data"\n\n{store}'
         '[functions.a]\nhandler = "noop.py:main_handler"\n\n'
-        '[functions.b]\nhandler = "noop.py:main_handler"\n'
+        '[functions.b]\nhandler = "noop.py:main_handler"\n',
+        {"noop.py": "def main_handler(event, context):\n    return None\n"},
+        paused=True,
     )
-    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
-    engine.dispatcher.pause()  # (a node of a cluster then claims nothing either: no slot is free)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 async def rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:

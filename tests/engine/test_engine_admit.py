@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import AsyncIterator
 
 import pytest
 
@@ -13,26 +12,19 @@ from eventrun.engine import dispatcher
 from eventrun.engine.core import Engine
 from eventrun.engine.envelope import Envelope, new_id
 from eventrun.engine.errors import Throttled
-from eventrun.engine.manifest import load_manifest
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Engine]:
+async def engine(monkeypatch: pytest.MonkeyPatch, start_engine: Callable[..., Awaitable[Engine]]) -> Engine:
     """An engine whose async function `a` and sync function `s` each take 2 new events a second,
     in a second that lasts (the buckets' clock stands still: no token comes back by itself)."""
     monkeypatch.setattr(dispatcher, "time", SimpleNamespace(monotonic=lambda: 1000.0))
-    (tmp_path / "echo.py").write_text("def main_handler(event, context):\n    return event['data']\n")
-    (tmp_path / "eventrun.toml").write_text(
+    return await start_engine(
         '[server]\ndata_dir = "data"\n\n'
         '[functions.a]\nhandler = "echo.py:main_handler"\nqps_limit = 2\n\n'
-        '[functions.s]\nhandler = "echo.py:main_handler"\nqps_limit = 2\nasync_execution = false\n'
+        '[functions.s]\nhandler = "echo.py:main_handler"\nqps_limit = 2\nasync_execution = false\n',
+        {"echo.py": "def main_handler(event, context):\n    return event['data']\n"},
     )
-    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 def event(function: str, key: str | None = None) -> Envelope:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -18,19 +18,13 @@ from eventrun.engine.manifest import load_manifest
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+async def engine(start_engine: Callable[..., Awaitable[Engine]]) -> Engine:
     """An engine on its own SQLite store with one sync function that echoes its event's data."""
-    (tmp_path / "echo.py").write_text("def main_handler(event, context):\n    return event['data']\n")
-    (tmp_path / "eventrun.toml").write_text(
+    return await start_engine(
         '[server]\ndata_dir = "data"\n\n'
-        '[functions.echo]\nhandler = "echo.py:main_handler"\nasync_execution = false\ntimeout = "30s"\nconcurrency = 8\n'
+        '[functions.echo]\nhandler = "echo.py:main_handler"\nasync_execution = false\ntimeout = "30s"\nconcurrency = 8\n',
+        {"echo.py": "def main_handler(event, context):\n    return event['data']\n"},
     )
-    engine = Engine(load_manifest(tmp_path / "eventrun.toml"))
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 def call(n: int) -> Envelope:
