@@ -734,12 +734,17 @@ class Engine:
         until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        results: bool = True,
     ) -> tuple[list[Invocation], str | None]:
-        """Invocations newest first (accepted from `since` until before `until`, Unix ms), and the next page's cursor."""
+        """Invocations newest first (accepted from `since` until before `until`, Unix ms), and the next page's cursor.
+
+        Without `results`, each run's result is left unread (None).
+        """
         if function is not None:
             self.function(function)
         return await self.store.list(
-            function=function, status=status, trigger=trigger, since=since, until=until, limit=limit, cursor=cursor
+            function=function, status=status, trigger=trigger, since=since, until=until, limit=limit, cursor=cursor,
+            results=results,
         )
 
     async def counts(self) -> dict[str, dict[str, int]]:

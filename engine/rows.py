@@ -15,6 +15,9 @@ COLUMNS = (
 )
 """The columns invocation() reads, in its order (a store may add more after them)."""
 
+COLUMNS_WITHOUT_RESULT = COLUMNS.replace(" result,", " NULL,")
+"""COLUMNS with NULL in the result's place: what a list without results reads (never the result)."""
+
 PAGE_BYTES = 8 * 1024 * 1024
 """What the results and error messages of one page of a list may hold together: a page ends
 before the run that would take it past this (its first run always goes in), so a page costs at

@@ -17,7 +17,8 @@ from .api import Accepted, Delivery, Invocation, Outbox, Status
 from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
 from .errors import InvalidParameter, StoreError
 from .rows import (
-    COLUMNS, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, invocation, page_length,
+    COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
+    invocation, page_length,
 )
 from .writer import WriterProcess
 from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect
@@ -30,6 +31,7 @@ _COLUMNS = f"{COLUMNS}, seq"
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 # A run's weight in a page of a list. length() of a BLOB reads the record's header, not the BLOB.
 _SIZE = "coalesce(length(result), 0) + coalesce(length(error_message), 0)"
+_SIZE_WITHOUT_RESULT = "coalesce(length(error_message), 0)"
 
 
 class InvocationStore(Protocol):
@@ -66,6 +68,7 @@ class InvocationStore(Protocol):
         until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        results: bool = True,
     ) -> tuple[builtins.list[Invocation], str | None]: ...
     async def count_active(self, function: str, source: str) -> int: ...
     async def find_event(self, function: str, source: str, event_id: str) -> str | None: ...
@@ -388,12 +391,14 @@ class SQLiteStore:
         until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        results: bool = True,
     ) -> tuple[list[Invocation], str | None]:
         """Invocations newest first, and the cursor of the next page (None at the end).
 
         `since` and `until` (Unix milliseconds) bound when they were accepted, found through
         their RequestIds, which begin with that millisecond: the key itself, no other index.
         A page holds fewer than `limit` runs when their results would pass `page_bytes`.
+        Without `results`, no result is read (each is None) nor counted against `page_bytes`.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -416,6 +421,7 @@ class SQLiteStore:
             where.append("seq < ?")
             args.append(_seq_cursor(cursor))
         where_sql = "".join(f" AND {term}" for term in where)
+        weight, columns = (_SIZE, _COLUMNS) if results else (_SIZE_WITHOUT_RESULT, COLUMNS_WITHOUT_RESULT)
         db = self._db
         # Two reads of one snapshot: how much each run of the page holds (read from the rows'
         # headers, not their results), then the runs that go in, whole; those past the budget
@@ -423,14 +429,14 @@ class SQLiteStore:
         db.execute("BEGIN")
         try:
             sizes = db.execute(
-                f"SELECT seq, {_SIZE} FROM invocations WHERE 1{where_sql} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
+                f"SELECT seq, {weight} FROM invocations WHERE 1{where_sql} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
             ).fetchall()
             taken = page_length((size for _, size in sizes), limit, self.page_bytes)
             if not taken:
                 return [], None
             first, last = sizes[0][0], sizes[taken - 1][0]
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM invocations WHERE seq <= ? AND seq >= ?{where_sql} ORDER BY seq DESC",
+                f"SELECT {columns} FROM invocations WHERE seq <= ? AND seq >= ?{where_sql} ORDER BY seq DESC",
                 (first, last, *args),
             )
             page = [invocation(row) for row in rows]  # (a row at a time)

@@ -297,9 +297,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     """Print invocations, newest first, as a table.
 
-    A page of runs with large results holds fewer than asked (the server bounds what a page
-    holds), so pages are asked for until --limit runs are in; each is cut to the table's cells
-    before the next is read, so no more than one page's results are held at a time.
+    The table shows no results, so they are not asked for (results=false). A page of runs with
+    large error messages may still hold fewer than asked (the server bounds what a page holds),
+    so pages are asked for until --limit runs are in; each is cut to the table's cells before
+    the next is read, so no more than one page is held at a time.
     """
     client = client_for(args)
     headers = ("RequestId", "FunctionName", "Status", "CreatedAt", "DurationMs")
@@ -313,6 +314,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 ("status", args.status),
                 ("limit", limit),
                 ("cursor", cursor),
+                ("results", "false"),
             )
             if value is not None
         }
@@ -320,7 +322,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         answer = answer if isinstance(answer, dict) else {}
         page = [[_cell(item.get(h)) for h in headers] for item in answer.get("Invocations") or []]
         cursor = answer.get("NextCursor")
-        del answer  # (the page's results: the next page is read without them)
+        del answer  # (the page's error messages: the next page is read without them)
         rows += page
         left = (args.limit or LIST_LIMIT) - len(rows)
         if not (cursor and page and left > 0):  # (an empty page with a cursor: asking again would not advance)

@@ -512,7 +512,8 @@ def test_list_prints_a_table_and_passes_the_filters(stand_in: StandIn, capsys: A
         "",
     )
     [call] = stand_in.calls("GET", "/invocations")
-    assert call.query == {"function": "thumbnail", "status": "RUNNING", "limit": "5"}
+    # The table shows no results, so none are asked for.
+    assert call.query == {"function": "thumbnail", "status": "RUNNING", "limit": "5", "results": "false"}
 
 
 def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
@@ -522,28 +523,30 @@ def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
         "RequestId  FunctionName  Status  CreatedAt  DurationMs\n",
         "more invocations follow: add --cursor abc\n",
     )
-    assert stand_in.calls("GET", "/invocations")[0].query == {}
+    assert stand_in.calls("GET", "/invocations")[0].query == {"results": "false"}
 
 
 def test_list_asks_for_more_pages_until_it_has_the_limit(stand_in: StandIn, capsys: Any) -> None:
-    # A page of runs with large results holds fewer than asked; the table still gets --limit runs.
-    big = "r" * 100_000
+    # A page of runs with large error messages holds fewer than asked; the table still gets --limit runs.
+    big = "m" * 100_000
     stand_in.listings = [
         {
-            "Invocations": [_invocation("req-5", "FINISHED", Result=big), _invocation("req-4", "FINISHED", Result=big)],
+            "Invocations": [
+                _invocation("req-5", "FAILED", ErrorMessage=big), _invocation("req-4", "FAILED", ErrorMessage=big)
+            ],
             "NextCursor": "c1",
         },
-        {"Invocations": [_invocation("req-3", "FINISHED", Result=big)], "NextCursor": "c2"},
-        {"Invocations": [_invocation("req-2", "FINISHED", Result=big)], "NextCursor": "c3"},
+        {"Invocations": [_invocation("req-3", "FAILED", ErrorMessage=big)], "NextCursor": "c2"},
+        {"Invocations": [_invocation("req-2", "FAILED", ErrorMessage=big)], "NextCursor": "c3"},
     ]
     status, out, err = run(capsys, "list", "--function", "thumbnail", "--limit", "4", "--url", stand_in.url)
     assert (status, err) == (0, "more invocations follow: add --cursor c3\n")
     assert [line.split()[0] for line in out.splitlines()] == ["RequestId", "req-5", "req-4", "req-3", "req-2"]
     assert big not in out
     assert [call.query for call in stand_in.calls("GET", "/invocations")] == [
-        {"function": "thumbnail", "limit": "4"},
-        {"function": "thumbnail", "limit": "2", "cursor": "c1"},
-        {"function": "thumbnail", "limit": "1", "cursor": "c2"},
+        {"function": "thumbnail", "limit": "4", "results": "false"},
+        {"function": "thumbnail", "limit": "2", "cursor": "c1", "results": "false"},
+        {"function": "thumbnail", "limit": "1", "cursor": "c2", "results": "false"},
     ]
     # Without --limit, the server's default page (50) is what it fills; the last page ends it.
     stand_in.listings = [
@@ -552,7 +555,9 @@ def test_list_asks_for_more_pages_until_it_has_the_limit(stand_in: StandIn, caps
     ]
     status, out, err = run(capsys, "list", "--url", stand_in.url)
     assert (status, err, len(out.splitlines())) == (0, "", 3)
-    assert [call.query for call in stand_in.calls("GET", "/invocations")[3:]] == [{}, {"limit": "49", "cursor": "c9"}]
+    assert [call.query for call in stand_in.calls("GET", "/invocations")[3:]] == [
+        {"results": "false"}, {"limit": "49", "cursor": "c9", "results": "false"}
+    ]
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,33 @@ _REQUEST_ID_HEADER = {"X-Request-Id": {"description": "The RequestId", "schema":
 _REQUEST_ID = {"name": "RequestId", "in": "path", "required": True, "schema": {"type": "string"}}
 _FUNCTION = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
+_INVOCATION: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "RequestId", "FunctionName", "Trigger", "Status", "CreatedAt", "StartedAt",
+        "EndedAt", "DurationMs", "Result", "ErrorType", "ErrorMessage",
+    ],
+    "properties": {
+        "RequestId": {"type": "string"},
+        "FunctionName": {"type": "string"},
+        "Trigger": {"type": "string", "examples": ["http", "kafka", "s3", "timer"]},
+        "Status": _ref("Status"),
+        "CreatedAt": {"type": "string", "format": "date-time"},
+        "StartedAt": {**_nullable("string"), "format": "date-time"},
+        "EndedAt": {**_nullable("string"), "format": "date-time"},
+        "DurationMs": _nullable("integer"),
+        "Result": {"description": "The handler's return value (JSON), null until FINISHED"},
+        "ErrorType": _nullable("string"),
+        "ErrorMessage": _nullable("string"),
+        "ReplayOf": {**_nullable("string"), "description": "GET /invocations/{RequestId}: the run this one replays"},
+        "Replays": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "GET /invocations/{RequestId}: the runs that replay this one, oldest first",
+        },
+    },
+}
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -72,37 +99,17 @@ _SCHEMAS: dict[str, Any] = {
             "ErrorMessage": {**_nullable("string"), "description": "Present when Status is not FINISHED, or when a result stored too deep cannot be returned"},
         },
     },
-    "Invocation": {
-        "type": "object",
-        "required": [
-            "RequestId", "FunctionName", "Trigger", "Status", "CreatedAt", "StartedAt",
-            "EndedAt", "DurationMs", "Result", "ErrorType", "ErrorMessage",
-        ],
-        "properties": {
-            "RequestId": {"type": "string"},
-            "FunctionName": {"type": "string"},
-            "Trigger": {"type": "string", "examples": ["http", "kafka", "s3", "timer"]},
-            "Status": _ref("Status"),
-            "CreatedAt": {"type": "string", "format": "date-time"},
-            "StartedAt": {**_nullable("string"), "format": "date-time"},
-            "EndedAt": {**_nullable("string"), "format": "date-time"},
-            "DurationMs": _nullable("integer"),
-            "Result": {"description": "The handler's return value (JSON), null until FINISHED"},
-            "ErrorType": _nullable("string"),
-            "ErrorMessage": _nullable("string"),
-            "ReplayOf": {**_nullable("string"), "description": "GET /invocations/{RequestId}: the run this one replays"},
-            "Replays": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "GET /invocations/{RequestId}: the runs that replay this one, oldest first",
-            },
-        },
+    "Invocation": _INVOCATION,
+    "ListedInvocation": {
+        **_INVOCATION,
+        "description": "An Invocation in a list; with results=false, without its Result",
+        "required": [name for name in _INVOCATION["required"] if name != "Result"],
     },
     "InvocationList": {
         "type": "object",
         "required": ["Invocations", "NextCursor"],
         "properties": {
-            "Invocations": {"type": "array", "items": _ref("Invocation")},
+            "Invocations": {"type": "array", "items": _ref("ListedInvocation")},
             "NextCursor": {**_nullable("string"), "description": "Pass as cursor for the next page"},
         },
     },
@@ -248,6 +255,15 @@ _PATHS: dict[str, Any] = {
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
                 },
                 {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "results",
+                    "in": "query",
+                    "description": (
+                        "false: the runs come without their Result (no such key), which is then neither read"
+                        " nor counted in the page's 8 MiB; true or false in any case"
+                    ),
+                    "schema": {"type": "boolean", "default": True},
+                },
             ],
             "responses": {
                 "200": _json("One page", _ref("InvocationList")),

@@ -23,7 +23,8 @@ from ..api import Accepted, Delivery, Invocation, Outbox, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
 from ..rows import (
-    COLUMNS, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor, first_id_of, invocation,
+    COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
+    first_id_of, invocation,
 )
 from ..writes import PRUNE_AT_ONCE, Batch, NewInvocation
 from .intake import Intake, event_key
@@ -33,10 +34,16 @@ logger = logging.getLogger(__name__)
 
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
-# The RequestId as text (not a uuid.UUID); a claimed run not yet started reads as QUEUED.
-_COLUMNS = COLUMNS.replace("request_id", "request_id::text", 1).replace(
-    "status", "CASE status WHEN 'CLAIMED' THEN 'QUEUED' ELSE status END", 1
-)
+
+def _as_read(columns: str) -> str:
+    """The RequestId as text (not a uuid.UUID); a claimed run not yet started reads as QUEUED."""
+    return columns.replace("request_id", "request_id::text", 1).replace(
+        "status", "CASE status WHEN 'CLAIMED' THEN 'QUEUED' ELSE status END", 1
+    )
+
+
+_COLUMNS = _as_read(COLUMNS)
+_COLUMNS_WITHOUT_RESULT = _as_read(COLUMNS_WITHOUT_RESULT)
 
 # A run's duration from two RFC 3339 texts, in whole milliseconds.
 _DURATION = "round(extract(epoch FROM ({end}::text::timestamptz - {start}::timestamptz)) * 1000)::bigint"
@@ -587,12 +594,14 @@ class PostgresStore:
         until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        results: bool = True,
     ) -> tuple[list[Invocation], str | None]:
         """Invocations newest first, and the cursor of the next page (None at the end).
 
         `since` and `until` (Unix milliseconds) bound when they were accepted, found through
         their RequestIds, which begin with that millisecond: the key itself, no other index.
         A page holds fewer than `limit` runs when their results would pass `page_bytes`.
+        Without `results`, no result is read (each is None) nor counted against `page_bytes`.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -617,10 +626,10 @@ class PostgresStore:
         # One statement, one snapshot: each matching run's size (octet_length() reads a stored
         # value's length, not the value, TOASTed or not), the sum of the sizes up to each run,
         # and then only the runs that go in (rows.page_length's rule), read whole.
-        filtered = (
-            "SELECT request_id, coalesce(octet_length(result), 0) + coalesce(octet_length(error_message), 0) AS size"
-            " FROM invocations"
-        )
+        weight = "coalesce(octet_length(error_message), 0)"
+        if results:
+            weight = f"coalesce(octet_length(result), 0) + {weight}"
+        filtered = f"SELECT request_id, {weight} AS size FROM invocations"
         if where:
             filtered += " WHERE " + " AND ".join(where)
         args += [limit + 1, limit, self.page_bytes]
@@ -629,7 +638,8 @@ class PostgresStore:
             "WITH page AS (SELECT request_id, row_number() OVER w AS n, sum(size) OVER w AS held,"
             f" count(*) OVER () AS found FROM ({filtered} ORDER BY request_id DESC LIMIT ${n - 2}) AS filtered"
             " WINDOW w AS (ORDER BY request_id DESC ROWS UNBOUNDED PRECEDING))"
-            f" SELECT {_COLUMNS}, (SELECT max(found) FROM page) FROM invocations WHERE request_id IN"
+            f" SELECT {_COLUMNS if results else _COLUMNS_WITHOUT_RESULT}, (SELECT max(found) FROM page)"
+            " FROM invocations WHERE request_id IN"
             f" (SELECT request_id FROM page WHERE n <= ${n - 1} AND (n = 1 OR held <= ${n}))"
             " ORDER BY invocations.request_id DESC"
         )

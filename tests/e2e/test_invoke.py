@@ -273,6 +273,12 @@ async def test_listing_pages_newest_first_with_a_cursor(eventrun_server, http, h
     assert ids == [stranger, *newest_first], ids
     item = everything.json["Invocations"][0]
     assert item["FunctionName"] == "other" and item["Status"] == "FINISHED", item
+    assert "Result" in item and any(i["Result"] is not None for i in everything.json["Invocations"]), everything.json
+
+    bare = await api.list(function="lst", results="false")
+    assert [item["RequestId"] for item in bare.json["Invocations"]] == newest_first, bare.text
+    assert all("Result" not in item for item in bare.json["Invocations"]), bare.text
+    assert [item["ErrorType"] is not None for item in bare.json["Invocations"]] == [False, True, False, True, False]
 
 
 async def test_function_registry(eventrun_server, http, handler):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -462,6 +463,8 @@ async def test_paging_older_and_newest(eventrun_server, http, handler, dashboard
     ids = [await api.accepted("fine", {"n": n}) for n in range(57)]
     await api.wait_ended(ids[-1])
     ui = await dashboard(server)
+    listed: list[str] = []  # the URLs of the page's GET /invocations
+    ui.page.on("request", lambda request: listed.append(request.url) if "/invocations?" in request.url else None)
     page = await ui.open()
     rows = page.locator('[data-testid="runs-table"] tbody tr')
     await expect(rows).to_have_count(50, timeout=WAIT)
@@ -482,6 +485,8 @@ async def test_paging_older_and_newest(eventrun_server, http, handler, dashboard
     await ui.testid("newest").click()
     await expect(ui.row(latest)).to_be_visible(timeout=WAIT)
     assert (await ui.shown_ids())[:2] == [latest, newest[0]]
+    # The table shows no results, so no page of it asks for them.
+    assert listed and all(parse_qs(urlsplit(url).query).get("results") == ["false"] for url in listed)
 
 
 async def test_untrusted_text_is_shown_as_text(eventrun_server, http, handler, dashboard, tmp_path):

@@ -208,6 +208,51 @@ async def test_a_page_of_large_results_ends_at_the_budget_and_the_cursor_goes_on
     assert [i.request_id for i in page] == ids[5:7] and cursor is None
 
 
+async def test_a_page_without_results_neither_reads_nor_counts_them(store: SQLiteStore) -> None:
+    # Newest first: a failed run (its error message counts still), then four results of 3 MiB.
+    rows = [row(f"e{i}") for i in range(5)]
+    await store.accept(rows)
+    big = "r" * (3 * 1024 * 1024)
+    for new in rows[:4]:
+        await store.finish(new.request_id, Status.FINISHED, now_rfc3339(), result=big)
+    await store.finish(rows[4].request_id, Status.FAILED, now_rfc3339(), error_type="E", error_message="m" * 600)
+    ids = [r.request_id for r in reversed(rows)]
+    page, cursor = await store.list(limit=5)
+    assert [i.request_id for i in page] == ids[:3] and cursor is not None  # the 8 MiB budget cuts it
+    page, cursor = await store.list(limit=5, results=False)
+    assert [i.request_id for i in page] == ids and cursor is None  # results count nothing: `limit` rules
+    assert [i.result for i in page] == [None] * 5
+    assert (page[0].status, page[0].error_type, page[0].error_message) == (Status.FAILED, "E", "m" * 600)
+    assert [i.status for i in page[1:]] == [Status.FINISHED] * 4
+    page, cursor = await store.list(status=Status.FINISHED, limit=2, results=False)
+    assert [i.request_id for i in page] == ids[1:3] and cursor is not None
+    page, cursor = await store.list(status=Status.FINISHED, limit=2, cursor=cursor, results=False)
+    assert [i.request_id for i in page] == ids[3:5] and cursor is None
+
+
+async def test_sqlite_reads_no_result_for_a_page_without_results(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
+    new = row("e1")
+    await store.accept([new])
+    await store.finish(new.request_id, Status.FINISHED, now_rfc3339(), result={"big": "r" * 100_000})
+    read: set[str] = set()
+
+    def note_reads(action: int, table: str | None, column: str | None, *_: object) -> int:
+        if action == sqlite3.SQLITE_READ and table == "invocations" and column:
+            read.add(column)
+        return sqlite3.SQLITE_OK
+
+    store._db.set_authorizer(note_reads)  # (every column a statement reads, as SQLite prepares it)
+    try:
+        (listed,), _ = await store.list(results=False)
+        assert listed.request_id == new.request_id and listed.result is None
+        assert "error_message" in read and "result" not in read
+        await store.list()
+        assert "result" in read  # (what the authorizer sees of a list with results)
+    finally:
+        store._db.set_authorizer(None)
+
+
 @pytest.mark.parametrize("value", ["seq:99999999999999999999999", "seq:9223372036854775808", "seq:\u00b2", "id:\u00b2"])
 async def test_a_forged_cursor_is_refused_as_one(store: SQLiteStore, value: str) -> None:
     cursor = base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")

@@ -129,10 +129,11 @@ class FakeEngine:
         until: int | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        results: bool = True,
     ) -> tuple[list[Invocation], str | None]:
         self.list_calls.append(
             {"function": function, "status": status, "trigger": trigger, "since": since, "until": until,
-             "limit": limit, "cursor": cursor}
+             "limit": limit, "cursor": cursor, "results": results}
         )
         if self.list_error is not None:
             raise self.list_error
@@ -477,7 +478,7 @@ async def test_list_passes_filters_and_answers_a_page(client: TestClient, engine
     assert engine.list_calls == [
         {
             "function": "resize", "status": Status.RUNNING, "trigger": "kafka", "since": 1796457600000,
-            "until": 1796457600000, "limit": 2, "cursor": "c1",
+            "until": 1796457600000, "limit": 2, "cursor": "c1", "results": True,
         }
     ]
 
@@ -509,7 +510,10 @@ async def test_list_defaults(client: TestClient, engine: FakeEngine) -> None:
     response = await client.get("/invocations")
     assert await response.json() == {"Invocations": [], "NextCursor": None}
     assert engine.list_calls == [
-        {"function": None, "status": None, "trigger": None, "since": None, "until": None, "limit": 50, "cursor": None}
+        {
+            "function": None, "status": None, "trigger": None, "since": None, "until": None, "limit": 50, "cursor": None,
+            "results": True,
+        }
     ]
 
 
@@ -522,6 +526,12 @@ async def test_list_defaults(client: TestClient, engine: FakeEngine) -> None:
         ({"limit": "ten"}, "limit"),
         ({"limit": "5.0"}, "limit"),
         ({"limit": "-3"}, "limit"),
+        ({"results": "yes"}, "results"),
+        ({"results": "1"}, "results"),
+        ({"results": "0"}, "results"),
+        ({"results": "no"}, "results"),
+        ({"results": "truee"}, "results"),
+        ({"results": " false"}, "results"),
     ],
 )
 async def test_list_bad_parameter_is_400_naming_it(
@@ -579,6 +589,69 @@ async def test_a_list_of_large_results_comes_in_bounded_pages_that_lose_no_run(
         assert seen == ids[::-1]
     finally:
         store.close()
+
+
+@pytest.fixture
+async def stored_runs(engine: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[str]]:
+    """Behind the route, a real store of six runs (newest last) with 3,000-byte results, whose
+    pages may hold 8,000 bytes; the last run failed instead, with an error message of its own."""
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    try:
+        seq, ids = request_ids(6)
+        await store.accept(
+            [NewInvocation(rid, "f", "/http/f", rid, "http", now_rfc3339(), b"{}", seq + i) for i, rid in enumerate(ids)]
+        )
+        for i, rid in enumerate(ids[:-1]):
+            await store.finish(rid, Status.FINISHED, now_rfc3339(), result=f"{i}" * 3000)
+        await store.finish(ids[-1], Status.FAILED, now_rfc3339(), error_type="ValueError", error_message="bad input")
+        monkeypatch.setattr(store, "page_bytes", 8000)
+        monkeypatch.setattr(engine, "list", store.list)
+        yield ids
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("value", ["false", "FALSE", "False"])
+async def test_a_list_without_results_has_no_result_key_and_holds_limit_runs(
+    client: TestClient, stored_runs: list[str], value: str
+) -> None:
+    # With results, the 8,000-byte budget holds two of these runs a page; without, results count nothing.
+    response = await client.get("/invocations", params={"limit": "1000", "results": value})
+    assert response.status == 200
+    page = await response.json()
+    assert [run["RequestId"] for run in page["Invocations"]] == stored_runs[::-1] and page["NextCursor"] is None
+    assert all("Result" not in run for run in page["Invocations"])
+    failed = page["Invocations"][0]
+    assert (failed["Status"], failed["ErrorType"], failed["ErrorMessage"]) == ("FAILED", "ValueError", "bad input")
+    assert set(page["Invocations"][1]) == set(http.invocation_json(_invocation("x"))) - {"Result"}
+
+
+async def test_a_list_without_results_pages_with_its_cursor(client: TestClient, stored_runs: list[str]) -> None:
+    seen: list[str] = []
+    sizes: list[int] = []
+    params = {"limit": "4", "results": "false"}
+    while True:
+        response = await client.get("/invocations", params=params)
+        assert response.status == 200
+        page = await response.json()
+        assert all("Result" not in run for run in page["Invocations"])
+        sizes.append(len(page["Invocations"]))
+        seen += [run["RequestId"] for run in page["Invocations"]]
+        if page["NextCursor"] is None:
+            break
+        params["cursor"] = page["NextCursor"]
+    assert (sizes, seen) == ([4, 2], stored_runs[::-1])
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", "tRuE", ""])
+async def test_a_list_with_results_is_as_before(client: TestClient, stored_runs: list[str], value: str) -> None:
+    response = await client.get("/invocations", params={"limit": "1000", "results": value})
+    assert response.status == 200
+    page = await response.json()
+    # The budget ends the page: the failed run (no result) and two of 3,000 bytes, then the third would pass it.
+    assert [run["RequestId"] for run in page["Invocations"]] == stored_runs[::-1][:3] and page["NextCursor"]
+    assert [run["Result"] for run in page["Invocations"]] == [None, "4" * 3000, "3" * 3000]
 
 
 async def test_terminate_answers_the_aborted_invocation(client: TestClient, engine: FakeEngine) -> None:

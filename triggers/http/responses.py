@@ -72,9 +72,9 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
     return json_response({"Error": {"Code": code, "Message": message}}, status=status, headers=headers)
 
 
-def invocation_json(invocation: Invocation) -> dict[str, Any]:
-    """An invocation in the API's PascalCase shape."""
-    return {
+def invocation_json(invocation: Invocation, *, result: bool = True) -> dict[str, Any]:
+    """An invocation in the API's PascalCase shape; without `result`, it has no "Result" at all."""
+    answer = {
         "RequestId": invocation.request_id,
         "FunctionName": invocation.function,
         "Trigger": invocation.trigger,
@@ -87,6 +87,9 @@ def invocation_json(invocation: Invocation) -> dict[str, Any]:
         "ErrorType": invocation.error_type,
         "ErrorMessage": invocation.error_message,
     }
+    if not result:
+        del answer["Result"]
+    return answer
 
 
 def function_json(name: str, config: FunctionConfig) -> dict[str, Any]:

@@ -185,12 +185,13 @@ async def replay_function(request: web.Request) -> web.Response:
 
 
 async def list_invocations(request: web.Request) -> web.Response:
-    """GET /invocations?function=&status=&trigger=&since=&until=&limit=&cursor=."""
+    """GET /invocations?function=&status=&trigger=&since=&until=&limit=&cursor=&results=."""
     engine = _engine(request)
     query = request.query
     function = query.get("function") or None
     if function is not None:
         engine.function(function)  # an unknown name is a 404, not an empty list
+    results = _parse_results(query.get("results", ""))
     invocations, cursor = await engine.list(
         function=function,
         status=_parse_status("status", query.get("status", "")),
@@ -199,8 +200,10 @@ async def list_invocations(request: web.Request) -> web.Response:
         until=_parse_time("until", query.get("until", "")),
         limit=_parse_limit(query.get("limit", "")),
         cursor=query.get("cursor") or None,
+        results=results,
     )
-    return json_response({"Invocations": [invocation_json(inv) for inv in invocations], "NextCursor": cursor})
+    items = [invocation_json(inv, result=results) for inv in invocations]
+    return json_response({"Invocations": items, "NextCursor": cursor})
 
 
 async def counts(request: web.Request) -> web.Response:
@@ -246,6 +249,15 @@ def _parse_status(name: str, raw: str) -> Status | None:
     except ValueError:
         allowed = ", ".join(s.value for s in Status)
         raise InvalidParameter(f"{name}: expected one of {allowed}, got {raw!r}") from None
+
+
+def _parse_results(raw: str) -> bool:
+    """results=true or false, in any case; true when absent."""
+    if not raw:
+        return True
+    if raw.lower() not in ("true", "false"):
+        raise InvalidParameter(f"results: expected true or false, got {raw!r}")
+    return raw.lower() == "true"
 
 
 def _parse_limit(raw: str) -> int:
