@@ -378,10 +378,22 @@ class Cluster:
         for event in self._log_readers.get(request_id, ()):
             event.set()
 
-    async def read_log(self, request_id: str) -> bytes:
-        """The run's log as shipped to the store so far."""
+    async def read_log(self, request_id: str, *, last: int | None = None) -> bytes:
+        """The run's log as shipped to the store so far; with `last`, the chunks that hold its
+        last `last` bytes (whole lines, so a little more)."""
+        if last is not None:
+            return await self.store.read_log_end(request_id, last)
         data, _ = await self.store.read_log(request_id)
         return data
+
+    async def log_pieces(self, request_id: str) -> AsyncIterator[bytes]:
+        """The run's log as shipped to the store so far, about FOLLOW_CHUNK bytes (whole lines) at a time."""
+        last = 0
+        while True:
+            data, last = await self.store.read_log(request_id, last, most=FOLLOW_CHUNK)
+            if not data:
+                return
+            yield data
 
     async def follow_log(self, request_id: str, ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
         """The run's log so far, then new lines as any node ships them, until the run ends."""

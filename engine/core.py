@@ -797,12 +797,22 @@ class Engine:
             except StoreError:  # the store cannot serve now: the notice, or the next look, tells
                 pass
 
-    async def read_log(self, request_id: str) -> bytes:
-        """The run's log so far."""
+    async def read_log(self, request_id: str, *, last: int | None = None) -> bytes:
+        """The run's log so far; with `last`, at least its last `last` bytes (with a shared store,
+        the whole lines that hold them), not the whole of a log that may be large."""
         await self.get(request_id)
         if self.cluster is not None:
-            return await self.cluster.read_log(request_id)
-        return self.logs.read(request_id)
+            return await self.cluster.read_log(request_id, last=last)
+        return self.logs.read(request_id, last=last)
+
+    async def log_pieces(self, request_id: str) -> AsyncIterator[bytes]:
+        """The run's log so far a piece at a time, where there is no file to send (see log_file)."""
+        await self.get(request_id)
+        if self.cluster is not None:
+            async for piece in self.cluster.log_pieces(request_id):
+                yield piece
+        elif log := self.logs.read(request_id):  # (its file was just made, or removed)
+            yield log
 
     async def log_file(self, request_id: str) -> Path | None:
         """The file holding the run's log so far, to be sent as it is; None where there is no

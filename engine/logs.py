@@ -209,11 +209,14 @@ class LogHub:
                 return path
         return None
 
-    def read(self, request_id: str) -> bytes:
-        """The whole log so far ("" before the run started)."""
+    def read(self, request_id: str, *, last: int | None = None) -> bytes:
+        """The whole log so far ("" before the run started); with `last`, only its last `last` bytes."""
         for path in (self.path(request_id), self._legacy_path(request_id)):
             try:
-                return path.read_bytes()
+                with open(path, "rb") as file:
+                    if last is not None:
+                        file.seek(max(0, os.fstat(file.fileno()).st_size - last))
+                    return file.read(last if last is not None else -1)
             except (FileNotFoundError, NotADirectoryError):  # (no file made: nothing written, or it could not be)
                 pass
         return b""

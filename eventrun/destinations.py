@@ -275,7 +275,9 @@ class Deliverer:
         document = invocation_json(invocation)
         if delivery.kind == "on_failure":
             document["Event"] = orjson.Fragment(await self._engine.envelope(delivery.request_id))
-            document["LogTail"] = log_tail(await self._engine.read_log(delivery.request_id))
+            # (A byte more than the tail: log_tail then sees that the log goes on before it.)
+            log_end = await self._engine.read_log(delivery.request_id, last=LOG_TAIL + 1)
+            document["LogTail"] = log_tail(log_end)
         body = document_json(document)  # (a result stored too deep to write in it is replaced, as in the API)
         if delivery.target.startswith("kafka:"):
             await self._produce(delivery, delivery.target.removeprefix("kafka:"), body)

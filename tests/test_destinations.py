@@ -12,11 +12,12 @@ from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from eventrun.destinations import Deliverer, DeliveryFailed, Undeliverable, log_tail, shown_target, signature
+from eventrun.destinations import LOG_TAIL, Deliverer, DeliveryFailed, Undeliverable, log_tail, shown_target, signature
 from eventrun.engine.api import Delivery, Invocation, Outbox, Status
 from eventrun.engine.manifest import KafkaConfig
 
@@ -271,6 +272,31 @@ async def test_a_refusing_answer_is_read_no_further_than_its_start(hooks: Hooks)
             await asyncio.wait_for(deliverer._post(to(f"{hooks.url}/endless"), b"{}"), 3)
     problem = str(info.value)
     assert problem.startswith("HTTP 500 busy busy busy") and len(problem) <= len("HTTP 500 ") + 256, problem
+
+
+async def test_a_failed_run_s_record_reads_only_the_end_of_its_log(hooks: Hooks) -> None:
+    # A log may reach log_limit (64 MiB by default): its tail is all the record sends, and all that is read.
+    whole = b"".join(b"line %06d\n" % n for n in range(100_000))
+    asked: list[int | None] = []
+
+    async def read_log(request_id: str, *, last: int | None = None) -> bytes:
+        asked.append(last)
+        return whole if last is None else whole[-last:]
+
+    async def envelope(request_id: str) -> bytes:
+        return b'{"data":1}'
+
+    store = FakeStore(RECENT)
+    engine = SimpleNamespace(store=store, get=store.get, read_log=read_log, envelope=envelope)
+    deliverer = Deliverer(engine, SimpleNamespace(functions={"f": posting_function()}), timeout=5.0)  # type: ignore[arg-type]
+    deliverer._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+    try:
+        await deliverer._make(Delivery(1, REQUEST_ID, "f", "on_failure", f"{hooks.url}/ok", 0))
+    finally:
+        await deliverer._session.close()
+    ((_, _, _, body),) = hooks.seen
+    assert orjson.loads(body)["LogTail"] == log_tail(whole) and log_tail(whole).endswith("line 099999\n")
+    assert asked == [LOG_TAIL + 1]
 
 
 def test_a_destination_is_shown_without_its_credentials() -> None:

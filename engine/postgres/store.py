@@ -538,6 +538,19 @@ class PostgresStore:
             return b"", after
         return bytes(row[0]), row[1]
 
+    @_refusal_as_store_error
+    async def read_log_end(self, request_id: str, most: int) -> bytes:
+        """The chunks of the run's log that hold its last `most` bytes (at least one; whole lines)."""
+        if not _is_uuid(request_id):
+            return b""
+        data = await self.pool.fetchval(  # (octet_length reads a chunk's size, not the chunk)
+            "SELECT string_agg(data, ''::bytea ORDER BY n) FROM logs WHERE request_id = $1::uuid AND n IN ("
+            " SELECT n FROM (SELECT n, sum(octet_length(data)) OVER (ORDER BY n DESC) - octet_length(data) AS after"
+            " FROM logs WHERE request_id = $1::uuid) sized WHERE after < $2)",
+            request_id, most,
+        )
+        return bytes(data) if data is not None else b""
+
     # -- reads -----------------------------------------------------------------------------
 
     async def get_state(self, key: str) -> str | None:

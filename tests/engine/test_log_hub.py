@@ -20,6 +20,15 @@ def test_lines_are_stamped_and_appended(tmp_path: Path) -> None:
     assert all(line.split(" ", 1)[0].endswith("Z") for line in lines)
 
 
+def test_the_end_of_a_log_is_read_alone(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=1 << 20)
+    hub.write("r1", [f"line {n:04d}" for n in range(1000)])
+    whole = hub.read("r1")
+    assert hub.read("r1", last=30) == whole[-30:]
+    assert hub.read("r1", last=len(whole) + 5) == whole
+    assert hub.read("never-written", last=30) == b""
+
+
 def test_past_the_limit_the_log_says_so_once_and_stops_growing(tmp_path: Path) -> None:
     hub = LogHub(tmp_path, limit=2000)
     for _ in range(100):

@@ -247,6 +247,29 @@ async def test_a_log_is_read_a_piece_at_a_time_and_a_follower_gets_all_of_it(
     assert max(sizes) == len(shipments[0]) * 3 and len(sizes) == 11  # ten pieces, then nothing more
 
 
+async def test_the_end_of_a_log_is_read_without_the_rest_and_a_whole_log_in_pieces(
+    postgres_store: PostgresStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventrun.engine import cluster as cluster_module
+
+    (run,) = rows(1)
+    await postgres_store.accept([run])
+    shipments = [b"".join(b"2026-12-07T00:00:00.000Z line %02d.%d\n" % (s, n) for n in range(10)) for s in range(30)]
+    await postgres_store.append_logs([(run.request_id, shipment) for shipment in shipments])
+    size = len(shipments[0])
+    # The chunks that hold the last bytes asked for, whole: two and a byte take three chunks.
+    assert await postgres_store.read_log_end(run.request_id, size * 2 + 1) == b"".join(shipments[-3:])
+    assert await postgres_store.read_log_end(run.request_id, 1) == shipments[-1]
+    assert await postgres_store.read_log_end(run.request_id, size * 100) == b"".join(shipments)
+    assert await postgres_store.read_log_end("not-a-request-id", 10) == b""
+    monkeypatch.setattr(cluster_module, "FOLLOW_CHUNK", size * 4)
+    cluster, _ = node(postgres_store, tmp_path)
+    pieces = [piece async for piece in cluster.log_pieces(run.request_id)]
+    assert [len(piece) for piece in pieces] == [size * 4] * 7 + [size * 2]
+    assert b"".join(pieces) == b"".join(shipments)
+    assert await cluster.read_log(run.request_id, last=size + 1) == b"".join(shipments[-2:])
+
+
 async def test_every_node_hears_of_new_runs_and_of_ends(postgres_store: PostgresStore, other: PostgresStore) -> None:
     heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     listener = await other.listen(lambda channel, payload: heard.put_nowait((channel, payload)), lambda: None)

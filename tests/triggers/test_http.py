@@ -156,9 +156,10 @@ class FakeEngine:
         await self.get(request_id)
         return self.links_answer
 
-    async def read_log(self, request_id: str) -> bytes:
+    async def log_pieces(self, request_id: str) -> AsyncIterator[bytes]:
         await self.get(request_id)
-        return "".join(f"{line}\n" for line in self.log_lines).encode()
+        for line in self.log_lines:  # (a line a piece, as a shared store's chunks come)
+            yield f"{line}\n".encode()
 
     async def log_file(self, request_id: str) -> Path | None:
         await self.get(request_id)
@@ -686,6 +687,25 @@ async def test_logs_as_plain_text(client: TestClient, engine: FakeEngine) -> Non
     assert response.status == 200
     assert response.content_type == "text/plain"
     assert await response.text() == "2024-05-01T10:00:01Z hello\n2024-05-01T10:00:02Z bye\n"
+
+
+async def test_a_log_read_in_pieces_is_sent_a_piece_at_a_time(
+    client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.invocations["r1"] = _invocation("r1")
+    engine.log_lines = [f"2024-05-01T10:00:01Z line {n}" for n in range(50)]
+    sent: list[bytes] = []
+    write = web.StreamResponse.write
+
+    async def counted(self: web.StreamResponse, data: bytes) -> None:
+        sent.append(data)
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", counted)
+    response = await client.get("/invocations/r1/logs")
+    assert response.status == 200 and response.content_type == "text/plain"
+    assert await response.text() == "".join(f"{line}\n" for line in engine.log_lines)
+    assert sent == [f"{line}\n".encode() for line in engine.log_lines]  # as read, never joined in memory
 
 
 async def test_a_log_file_is_sent_as_it_is_not_read_into_memory(

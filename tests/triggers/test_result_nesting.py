@@ -134,7 +134,7 @@ class FakeEngine:
     async def envelope(self, request_id: str) -> bytes:
         return b'{"data":1}'
 
-    async def read_log(self, request_id: str) -> bytes:
+    async def read_log(self, request_id: str, *, last: int | None = None) -> bytes:
         return b"a line\n"
 
 

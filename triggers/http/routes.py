@@ -7,7 +7,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -285,7 +285,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
             return await _send_file(request, file, headers)
         except FileNotFoundError:  # deleted meanwhile (retention): as a log never written
             pass
-    return web.Response(body=await engine.read_log(request_id), headers=headers)
+    return await _send_pieces(request, engine.log_pieces(request_id), headers)
 
 
 async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) -> web.StreamResponse:
@@ -302,6 +302,26 @@ async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) 
         except ConnectionResetError:  # the client went away (`eventrun logs ID | head`)
             response.force_close()
             return response
+    await response.write_eof()
+    return response
+
+
+async def _send_pieces(request: web.Request, pieces: AsyncIterator[bytes], headers: dict[str, str]) -> web.StreamResponse:
+    """A log read a piece at a time (from a shared store), sent as it is read. The first piece
+    is read before the answer starts, so a store that cannot serve gets its error answer."""
+    first = await anext(pieces, b"")
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    try:
+        if first:
+            await response.write(first)
+            async for piece in pieces:
+                await response.write(piece)
+    except ConnectionResetError:  # the client went away
+        response.force_close()
+        return response
+    finally:
+        await pieces.aclose()  # type: ignore[attr-defined]
     await response.write_eof()
     return response
 
