@@ -376,7 +376,8 @@ def _too_deep(frame: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:
-    """A line too long to hold: split it into `lines` of MAX_LINE; what is left to read on with.
+    """A line too long to hold: split it into `lines` of at most MAX_LINE bytes, none ending
+    inside a UTF-8 character; what is left to read on with.
 
     Output lines are split to bound memory, but for its last bytes, which may begin a frame's
     mark. A frame (results can be large) is not split, up to MAX_FRAME: the worker sends no
@@ -390,9 +391,22 @@ def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:
         if len(pending) <= MAX_FRAME:
             return pending
     while len(pending) > MAX_LINE + len(mark):
-        lines.append(pending[:MAX_LINE])
-        pending = pending[MAX_LINE:]
+        at = _character_start(pending, MAX_LINE)
+        lines.append(pending[:at])
+        pending = pending[at:]
     return pending
+
+
+def _character_start(data: bytes, at: int) -> int:
+    """Where to cut `data` near `at`: there, or up to 3 bytes before, where a UTF-8 character starts.
+
+    Each piece of a line is decoded on its own: cut inside a character, both halves would
+    read as U+FFFD. Bytes that are not UTF-8 are cut at `at`, as they read as U+FFFD anyway.
+    """
+    for back in range(4):
+        if data[at - back] & 0xC0 != 0x80:  # not a continuation byte: a character starts here
+            return at - back
+    return at
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

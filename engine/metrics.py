@@ -61,12 +61,12 @@ class Metrics:
             for status in Status:
                 if status.ended:
                     out.append(f'eventrun_runs_total{{function="{f}",status="{status.value}"}} {self.ended[(f, status.value)]}')
+        # Each family's samples follow its own TYPE line, as the text format requires.
+        now = {f: gauges(f) for f in names}
         out += family("eventrun_queued", "gauge", "Runs waiting for a slot.")
+        out += [f'eventrun_queued{{function="{f}"}} {now[f][0]}' for f in names]
         out += family("eventrun_running", "gauge", "Runs going on.")
-        for f in names:
-            queued, running = gauges(f)
-            out.append(f'eventrun_queued{{function="{f}"}} {queued}')
-            out.append(f'eventrun_running{{function="{f}"}} {running}')
+        out += [f'eventrun_running{{function="{f}"}} {now[f][1]}' for f in names]
         out += family("eventrun_run_duration_seconds", "histogram", "Duration of ended runs.")
         for f in names:
             counts = list(itertools.accumulate(self._buckets.get(f, [0] * (len(BUCKETS) + 1))))

@@ -16,10 +16,13 @@ async def test_a_large_result_comes_back_whole(eventrun_server, http, handler):
     ended = await api.wait_ended(request_id)
     assert ended["Status"] == "FINISHED", ended
     assert ended["Result"] == "x" * 1_000_000
-    # The 200,000-character line was logged in pieces, none of them lost.
+    # The 200,000-character line was logged in pieces, none of them lost; the line of
+    # multi-byte characters too, each piece cut between characters.
     async with http.get(f"{server.url}/invocations/{request_id}/logs") as response:
         text = await response.text()
     assert sum(line.count("y") for line in text.splitlines()) == 200_000
+    mixed = [line.split(" ", 1)[1] for line in text.splitlines() if "€" in line or "\ufffd" in line]
+    assert len(mixed) > 1 and "".join(mixed) == "é€𝄞" * 30_000
 
 
 async def test_a_result_over_the_limit_fails_and_says_why(eventrun_server, http, handler):
