@@ -28,6 +28,7 @@ from pydantic_settings import (
 
 from .errors import ManifestError
 from .manifest_errors import Origins, Schema, describe, describe_settings_error, unknown_tables
+from .tokens import token_problem
 
 ASYNC_MAX_TIMEOUT = 24 * 3600.0
 SYNC_MAX_TIMEOUT = 900.0
@@ -128,6 +129,11 @@ class ServerConfig(_Strict):
     _durations = field_validator("instance_idle_timeout", "kill_grace", "shutdown_grace", mode="before")(
         parse_duration
     )
+
+    @field_validator("ui_token")
+    @classmethod
+    def _sendable_token(cls, value: str) -> str:
+        return _sendable_token(value)
 
     @property
     def base_url(self) -> str:
@@ -233,6 +239,7 @@ class S3Config(_Strict):
     sqs_queue_url: str = ""
 
     _urls = field_validator("endpoint_url", "sqs_queue_url")(lambda value: _http_url(value))
+    _token = field_validator("webhook_token")(lambda value: _sendable_token(value))
 
     def aws_environment(self) -> dict[str, str]:
         """The standard AWS variables a function instance receives."""
@@ -244,6 +251,15 @@ class S3Config(_Strict):
         if self.secret_access_key:
             env["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key
         return env
+
+
+def _sendable_token(value: str) -> str:
+    """A bearer token as configured; ValueError if no client could send it as written (which
+    would let nobody in). The message says what is wrong, never the token: it is a secret."""
+    problem = token_problem(value) if value else None
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

@@ -33,8 +33,10 @@ from eventrun.client import (
     describe_stream_error,
     end_state,
     describe_os_error,
+    printable,
     sse_events,
 )
+from eventrun.engine.tokens import token_problem
 
 def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
     """--url, else the manifest's server address, else $EVENTRUN_URL, else the default.
@@ -53,7 +55,34 @@ def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
         parts = urllib.parse.SplitResult("", "", "", "", "")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise CliError(f"not an http(s) URL: {url!r} (expected e.g. {DEFAULT_URL})", exit_status=2)
+    problem = _server_url_problem(url, parts)
+    if problem is not None:
+        raise CliError(problem, exit_status=2)
     return url.rstrip("/")
+
+
+def _server_url_problem(url: str, parts: urllib.parse.SplitResult) -> str | None:
+    """Why an http(s) URL cannot name the server requests go to, or None.
+
+    Paths are appended to it, so it holds no query or fragment; a server asks for a token, not
+    a password. Said without echoing the password, or the query (it may hold a secret too).
+    """
+    if "@" in parts.netloc:
+        shown = f"{parts.scheme}://...@{parts.netloc.rpartition('@')[2]}"
+        return f"not a server URL: {shown!r} holds a user name or password (a server's ui_token goes in --token)"
+    base = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    for mark, what in (("?", "a query"), ("#", "a fragment")):
+        if mark in url:
+            shown = base + mark + "..."
+            return f"not a server URL: {shown!r} holds {what}; give the server's address alone, e.g. {DEFAULT_URL}"
+    try:
+        (parts.hostname or "").encode("idna")  # as the connection will look the name up
+    except UnicodeError as exc:
+        return f"not a valid host name in {base!r}: {exc.__cause__ or exc}"
+    wrong = next((char for char in parts.path if not "!" <= char <= "~"), None)
+    if wrong is not None:
+        return f"not a valid URL path in {base!r}: {wrong!r} cannot be sent as it is (percent-encode it)"
+    return None
 
 
 def client_for(args: argparse.Namespace) -> Client:
@@ -70,12 +99,19 @@ def resolve_token(args: argparse.Namespace, manifest: Any = None) -> str | None:
     """--token, else the manifest's [server] ui_token (or EVENTRUN_SERVER__UI_TOKEN), else $EVENTRUN_TOKEN."""
     if manifest is None and not getattr(args, "token", None):
         manifest = load_client_manifest(args.config)
-    return (
-        getattr(args, "token", None)
-        or (manifest.server.ui_token if manifest is not None else None)
-        or os.environ.get("EVENTRUN_TOKEN")
-        or None
+    sources = (
+        ("--token", getattr(args, "token", None)),
+        ("[server] ui_token", manifest.server.ui_token if manifest is not None else None),
+        ("EVENTRUN_TOKEN", os.environ.get("EVENTRUN_TOKEN")),
     )
+    for source, token in sources:
+        if token:
+            # A token the request could not carry as written would crash it, or be refused.
+            problem = token_problem(token)
+            if problem is not None:
+                raise CliError(f"{source}: {problem}", exit_status=2)
+            return token
+    return None
 
 
 def _manifest_path(config: str | None) -> Path | None:
@@ -216,7 +252,8 @@ def _raise_unless_finished(client: Client, request_id: str, state: dict[str, Any
     if invocation.get("ErrorMessage"):
         # Keep it to one line even when the message carries a traceback.
         parts.append(" ".join(str(invocation["ErrorMessage"]).split()))
-    raise CliError(": ".join(parts))
+    # The function wrote these: escape what would drive the terminal (ESC, BEL, ...).
+    raise CliError(printable(": ".join(parts)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -245,7 +282,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     invocation = end_state(end) or _get_invocation(client, args.request_id)
     if invocation.get("Status") not in TERMINAL:
         raise CliError(
-            f"the log stream closed before {args.request_id} ended (now {invocation.get('Status')})"
+            f"the log stream closed before {args.request_id} ended (now {printable(str(invocation.get('Status')))})"
         )
     _raise_unless_finished(client, args.request_id, invocation)
     return 0
@@ -330,7 +367,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         limit = left
     print(_table(headers, rows))
     if cursor:
-        print(f"more invocations follow: add --cursor {cursor}", file=sys.stderr)
+        print(f"more invocations follow: add --cursor {printable(str(cursor))}", file=sys.stderr)
     return 0
 
 
@@ -541,6 +578,12 @@ def _not_utf8(args: argparse.Namespace) -> tuple[str, bytes] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `eventrun` command and return its exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        # A log or a result in characters the terminal's encoding lacks (LC_ALL=C) is shown
+        # escaped rather than ending the command with a traceback.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage or help already
@@ -553,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except CliError as exc:
-        print(f"eventrun: {exc}", file=sys.stderr)
+        # Each line with its control characters escaped: messages carry text a server sent.
+        print("eventrun: " + "\n".join(map(printable, str(exc).split("\n"))), file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         return 130

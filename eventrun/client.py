@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,6 +46,7 @@ class Client:
 
     def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url
+        # The token was checked as sendable (engine.tokens) where it was read.
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def open(
@@ -67,6 +69,9 @@ class Client:
             return response
         except urllib.error.HTTPError as exc:
             with exc:
+                challenge = (exc.headers.get("WWW-Authenticate") or "") if exc.headers else ""
+                if exc.code == 401 and challenge.lower().startswith("bearer"):  # (the ui_token's, not a proxy's)
+                    raise CliError(self._unauthorized()) from None
                 raise CliError(_describe_http_error(exc)) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self.unreachable(exc) from None
@@ -116,10 +121,28 @@ class Client:
         except (OSError, http.client.HTTPException) as exc:
             raise CliError(f"lost the connection to {self.base_url} ({describe_os_error(exc)})") from None
 
+    def _unauthorized(self) -> str:
+        """The one line for a 401: the server asks for its ui_token, and was sent none or another."""
+        if self._auth:
+            return f"Unauthorized: {self.base_url} refused the token sent: it is not the server's ui_token (HTTP 401)"
+        return (
+            f"Unauthorized: {self.base_url} asks for its ui_token and none was sent: "
+            "pass --token or set EVENTRUN_TOKEN (HTTP 401)"
+        )
+
     def unreachable(self, exc: BaseException) -> CliError:
         """The one line for a server that cannot be reached."""
         cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         return CliError(f"cannot reach {self.base_url} ({describe_os_error(cause)}); is `eventrun serve` running?")
+
+
+def printable(text: str) -> str:
+    """`text` on one line, its control characters (ESC, BEL, CR, line ends, C1 codes, ...) shown
+    escaped as `\\x1b`, so that text a server sent cannot drive the terminal it is printed on."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) == "Cc" else char
+        for char in text
+    )
 
 
 def describe_os_error(exc: object) -> str:
@@ -140,12 +163,12 @@ def _describe_http_error(exc: urllib.error.HTTPError) -> str:
     """Render the server's `{"Error": {"Code", "Message"}}` answer as one line."""
     try:
         error = json.loads(exc.read())["Error"]
-        text = f"{error['Code']}: {error['Message']} (HTTP {exc.code}"
+        text = f"{printable(str(error['Code']))}: {printable(str(error['Message']))} (HTTP {exc.code}"
     except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
         return f"{exc.url} answered HTTP {exc.code} {exc.reason}".rstrip()
     retry_after = exc.headers.get("Retry-After") if exc.headers else None
     if retry_after:
-        text += f", retry after {retry_after}s"
+        text += f", retry after {printable(retry_after)}s"
     return text + ")"
 
 
@@ -177,9 +200,9 @@ def describe_stream_error(data: list[str]) -> str:
     """The one line for an `error` event (the server's JSON error shape, sent in-band)."""
     try:
         error = json.loads("\n".join(data))["Error"]
-        return f"the log stream failed: {error['Code']}: {error['Message']}"
+        return f"the log stream failed: {printable(str(error['Code']))}: {printable(str(error['Message']))}"
     except (ValueError, KeyError, TypeError):
-        return "the log stream failed: " + " ".join(" ".join(data).split())
+        return "the log stream failed: " + printable(" ".join(" ".join(data).split()))
 
 
 def end_state(data: list[str] | None) -> dict[str, Any] | None:

@@ -72,6 +72,8 @@ class StandIn:
     listings: list[dict[str, Any]] = field(default_factory=list)
     functions: Any = field(default_factory=lambda: {"Functions": []})
     terminated: dict[str, Any] = field(default_factory=dict)
+    # When set, every request must carry `Authorization: Bearer <token>`, as with a ui_token.
+    token: str | None = None
     url: str = ""
 
     def app(self) -> web.Application:
@@ -94,6 +96,9 @@ class StandIn:
         self.requests.append(
             Recorded(request.method, request.path, dict(request.query), request.content_type, body)
         )
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            message = "this server asks for its ui_token: send the header Authorization: Bearer <ui_token>"
+            return _error(401, "Unauthorized", message, **{"WWW-Authenticate": 'Bearer realm="eventrun"'})
         return await handler(request)
 
     async def _invoke(self, request: web.Request) -> web.StreamResponse:
@@ -105,6 +110,8 @@ class StandIn:
             return _error(429, "Throttled", message, **{"Retry-After": "1"})
         if name == "broken":
             return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+        if name == "garish":
+            return _error(400, "Invalid\x1b[5m", "\x1b]0;owned\x07red \x1b[31mtext\r\nand a line")
         if name == "syncfn":
             data = json.loads(await request.read())
             return web.json_response({"RequestId": "sync-1", "Status": "FINISHED", "Result": {"echo": data}})
@@ -373,6 +380,79 @@ def test_a_bad_url_is_refused(capsys: Any, url: str) -> None:
     )
 
 
+LONG_LABEL = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("url", "line"),
+    [
+        ("http://a..b:1", "not a valid host name in 'http://a..b:1': label empty or too long"),
+        (f"http://{LONG_LABEL}:1", f"not a valid host name in 'http://{LONG_LABEL}:1': label too long"),
+        ("http://127.0.0.1:9/\u00fc", "not a valid URL path in 'http://127.0.0.1:9/\u00fc': '\u00fc' cannot be sent as it is (percent-encode it)"),
+        ("http://127.0.0.1:9/a b", "not a valid URL path in 'http://127.0.0.1:9/a b': ' ' cannot be sent as it is (percent-encode it)"),
+        ("http://127.0.0.1:9?x=\u00fc", "not a server URL: 'http://127.0.0.1:9?...' holds a query; give the server's address alone, e.g. http://127.0.0.1:8080"),
+        ("http://127.0.0.1:9/?", "not a server URL: 'http://127.0.0.1:9/?...' holds a query; give the server's address alone, e.g. http://127.0.0.1:8080"),
+        ("http://127.0.0.1:9#frag", "not a server URL: 'http://127.0.0.1:9#...' holds a fragment; give the server's address alone, e.g. http://127.0.0.1:8080"),
+        ("http://user:pw@127.0.0.1:9", "not a server URL: 'http://...@127.0.0.1:9' holds a user name or password (a server's ui_token goes in --token)"),
+    ],
+    ids=["empty-label", "long-label", "non-ascii-path", "space", "query", "empty-query", "fragment", "userinfo"],
+)
+def test_a_url_that_names_no_server_is_a_usage_error(capsys: Any, url: str, line: str) -> None:
+    assert run(capsys, "functions", "--url", url) == (2, "", f"eventrun: {line}\n")
+
+
+def test_a_url_with_a_password_is_never_echoed(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTRUN_URL", "https://admin:hunter2@eventrun.example.com")
+    status, out, err = run(capsys, "status", "req-1")
+    assert (status, out) == (2, "") and "hunter2" not in err and "holds a user name or password" in err, err
+
+
+UNSENDABLE_TOKENS = {
+    "non-ascii": ("p\u00e4sswort-x", "holds a non-ASCII character"),
+    "chinese": ("\u5bc6\u7801", "holds a non-ASCII character"),
+    "trailing-space": ("sesame ", "ends with whitespace"),
+    "leading-space": (" sesame", "begins with whitespace"),
+    "inner-space": ("ses ame", "holds a space"),
+    "tab": ("ses\tame", "holds a control character"),
+    "escape": ("ses\x1bame", "holds a control character"),
+    "blank": ("   ", "holds only whitespace"),
+}
+
+
+@pytest.mark.parametrize("source", ["--token", "EVENTRUN_TOKEN"])
+@pytest.mark.parametrize(("token", "why"), UNSENDABLE_TOKENS.values(), ids=UNSENDABLE_TOKENS.keys())
+def test_a_token_no_request_could_carry_is_a_usage_error(
+    stand_in: StandIn, capsys: Any, monkeypatch: pytest.MonkeyPatch, source: str, token: str, why: str
+) -> None:
+    argv = ["functions", "--url", stand_in.url]
+    if source == "--token":
+        argv += ["--token", token]
+    else:
+        monkeypatch.setenv("EVENTRUN_TOKEN", token)
+    assert run(capsys, *argv) == (
+        2,
+        "",
+        f"eventrun: {source}: expected printable ASCII only (the characters ! to ~: no spaces, control or "
+        f"non-ASCII characters), as a token travels in an HTTP Authorization header; this one {why}\n",
+    )
+    assert stand_in.requests == []
+
+
+def test_a_401_says_whether_a_token_was_sent(stand_in: StandIn, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in.token = "sesame"
+    assert run(capsys, "functions", "--url", stand_in.url) == (
+        1,
+        "",
+        f"eventrun: Unauthorized: {stand_in.url} asks for its ui_token and none was sent: "
+        "pass --token or set EVENTRUN_TOKEN (HTTP 401)\n",
+    )
+    refused = f"eventrun: Unauthorized: {stand_in.url} refused the token sent: it is not the server's ui_token (HTTP 401)\n"
+    assert run(capsys, "functions", "--url", stand_in.url, "--token", "open") == (1, "", refused)
+    monkeypatch.setenv("EVENTRUN_TOKEN", "open")
+    assert run(capsys, "functions", "--url", stand_in.url) == (1, "", refused)
+    assert run(capsys, "functions", "--url", stand_in.url, "--token", "sesame")[0] == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -470,6 +550,69 @@ def test_logs_follow_reports_an_in_band_error(stand_in: StandIn, capsys: Any) ->
         "a\n",
         "eventrun: the log stream failed: InternalError: internal error; see the server log\n",
     )
+
+
+GARISH = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\x9b1m\r\n  and a line"  # retitle, clear, colour, C1 CSI
+
+
+def test_what_a_failed_run_says_cannot_drive_the_terminal(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.invocations["req-thumbnail"] = [
+        _invocation("req-thumbnail", "FAILED", ErrorType="Evil\x1b[8m", ErrorMessage=GARISH)
+    ]
+    assert run(capsys, "invoke", "thumbnail", "--wait", "--url", stand_in.url) == (
+        1,
+        "",
+        "eventrun: req-thumbnail FAILED: Evil\\x1b[8m: "
+        "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mred\\x9b1m and a line\n",
+    )
+
+
+def test_what_a_server_says_cannot_drive_the_terminal(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "invoke", "garish", "--url", stand_in.url) == (
+        1,
+        "",
+        "eventrun: Invalid\\x1b[5m: \\x1b]0;owned\\x07red \\x1b[31mtext\\r\\nand a line (HTTP 400)\n",
+    )
+    error = {"Error": {"Code": "InternalError", "Message": "\x1b[2Jgone\x07"}}
+    stand_in.streams["req-1"] = ["data: \x1b[1mbold\x1b[0m\n\n", f"event: error\ndata: {json.dumps(error)}\n\n"]
+    assert run(capsys, "logs", "req-1", "--follow", "--url", stand_in.url) == (
+        1,
+        "\x1b[1mbold\x1b[0m\n",  # the function's own output: as it is
+        "eventrun: the log stream failed: InternalError: \\x1b[2Jgone\\x07\n",
+    )
+
+
+def test_logs_print_the_functions_output_as_it_is(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.logs["req-1"] = "\x1b[32mgreen\x1b[0m\tand a tab\n"
+    assert run(capsys, "logs", "req-1", "--url", stand_in.url) == (0, "\x1b[32mgreen\x1b[0m\tand a tab\n", "")
+
+
+@pytest.mark.parametrize(
+    "environment", [{"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C", "PYTHONUTF8": "0"}], ids=["ascii", "c-locale"]
+)
+def test_output_the_terminal_cannot_encode_is_escaped(
+    stand_in: StandIn, tmp_path: Path, environment: dict[str, str]
+) -> None:
+    stand_in.logs["req-1"] = "caf\u00e9 \u4f60\u597d\n"
+    stand_in.invocations["req-1"] = [
+        _invocation("req-1", "FAILED", ErrorType="ValueError", ErrorMessage="caf\u00e9 \u4f60\u597d")
+    ]
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("EVENTRUN_", "LC_", "LANG")) and k not in ("PYTHONIOENCODING", "PYTHONUTF8")
+    }
+
+    def eventrun(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(EVENTRUN), *argv, "--url", stand_in.url], cwd=tmp_path, env={**env, **environment},
+            capture_output=True, text=True, encoding="utf-8", timeout=30,
+        )
+
+    logs = eventrun("logs", "req-1")
+    assert (logs.returncode, logs.stdout, logs.stderr) == (0, "caf\\xe9 \\u4f60\\u597d\n", "")
+    status = eventrun("status", "req-1")
+    assert (status.returncode, status.stderr) == (0, "")
+    assert '"ErrorMessage": "caf\\xe9 \\u4f60\\u597d"' in status.stdout
 
 
 def test_terminate_prints_the_final_status(stand_in: StandIn, capsys: Any) -> None:

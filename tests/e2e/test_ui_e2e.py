@@ -554,6 +554,68 @@ async def test_a_server_with_a_token_gets_it_from_the_page(eventrun_server, hand
     await expect(form).to_be_hidden()
 
 
+async def test_a_refused_token_stays_said_until_another_is_given(eventrun_server, handler, dashboard):
+    server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": "dashboard-token"})
+    ui = await dashboard(server)
+    page = await ui.open(ready=False)
+    await expect(ui.testid("token-message")).to_have_text("This server asks for its ui_token.", timeout=WAIT)
+    await ui.testid("token-input").fill("wrong")
+    await ui.testid("token-submit").click()
+    message = ui.testid("token-message")
+    await expect(message).to_have_text("That token was refused; enter the server's ui_token.", timeout=WAIT)
+    # The polls that follow go without a token, and are answered 401 in turn: the refusal stays.
+    unanswered: list[str] = []
+    page.on("response", lambda response: response.status == 401 and unanswered.append(response.url))
+    for _ in range(50):
+        if len(unanswered) >= 3:
+            break
+        await page.wait_for_timeout(200)
+    assert len(unanswered) >= 3, unanswered
+    await expect(message).to_have_text("That token was refused; enter the server's ui_token.")
+    await ui.testid("token-input").fill("dashboard-token")
+    await ui.testid("token-submit").click()
+    await expect(ui.function_row("quick")).to_be_visible(timeout=WAIT)
+    await expect(ui.testid("token-form")).to_be_hidden()
+
+
+@pytest.mark.parametrize("typed", ["\u5bc6\u7801", "p\u00e4sswort", "two words"], ids=["chinese", "latin-1", "space"])
+async def test_a_token_the_page_cannot_send_is_refused_on_the_form(eventrun_server, handler, dashboard, typed):
+    server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": "dashboard-token"})
+    ui = await dashboard(server)
+    page = await ui.open(ready=False)
+    await expect(ui.testid("token-form")).to_be_visible(timeout=WAIT)
+    carried: list[str] = []
+    page.on("request", lambda request: "authorization" in request.headers and carried.append(request.url))
+    await ui.testid("token-input").fill(typed)
+    await ui.testid("token-submit").click()
+    message = ui.testid("token-message")
+    await expect(message).to_contain_text("That token cannot be sent", timeout=WAIT)
+    await expect(message).to_contain_text("printable ASCII")
+    await page.wait_for_timeout(2500)  # polls come and go, answered 401: the form and its message stay
+    await expect(ui.testid("token-form")).to_be_visible()
+    await expect(message).to_contain_text("That token cannot be sent")
+    await expect(ui.testid("connection")).to_have_text("live")
+    assert carried == [], "the token was sent"
+    assert await page.evaluate("sessionStorage.getItem('eventrun.token')") is None
+
+
+async def test_a_stored_token_the_page_cannot_send_is_dropped(eventrun_server, handler, dashboard):
+    # (kept by a page that took such a token: reloading it must not leave the tab stuck)
+    server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": "dashboard-token"})
+    ui = await dashboard(server)
+    page = await ui.open(ready=False)
+    await expect(ui.testid("token-form")).to_be_visible(timeout=WAIT)
+    await page.evaluate("sessionStorage.setItem('eventrun.token', '\u5bc6\u7801')")
+    await page.reload()
+    await expect(ui.testid("token-form")).to_be_visible(timeout=WAIT)
+    await expect(ui.testid("token-message")).to_have_text("This server asks for its ui_token.")
+    await expect(ui.testid("connection")).to_have_text("live", timeout=WAIT)
+    assert await page.evaluate("sessionStorage.getItem('eventrun.token')") is None
+    await ui.testid("token-input").fill("dashboard-token")
+    await ui.testid("token-submit").click()
+    await expect(ui.function_row("quick")).to_be_visible(timeout=WAIT)
+
+
 def test_the_page_never_turns_strings_into_markup():
     """No HTML parsing of strings in the script, nothing inline in the page (the CSP forbids it)."""
     script = (UI / "app.js").read_text()

@@ -49,8 +49,31 @@ async def test_the_cli_sends_the_token_of_the_manifest_or_of_the_flag(eventrun_s
     server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": TOKEN})
     folder = str(server.manifest_path.parent)
     refused = await cli("functions", "--url", server.url, "--token", "wrong")
-    assert refused.returncode != 0 and "ui_token" in refused.stderr, refused
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        f"eventrun: Unauthorized: {server.url} refused the token sent: it is not the server's ui_token (HTTP 401)\n",
+    )
+    none = await cli("functions", "--url", server.url, cwd=str(server.tmp_path.parent))
+    assert (none.returncode, none.stderr) == (
+        1,
+        f"eventrun: Unauthorized: {server.url} asks for its ui_token and none was sent: "
+        "pass --token or set EVENTRUN_TOKEN (HTTP 401)\n",
+    )
     by_flag = await cli("functions", "--url", server.url, "--token", TOKEN)
     assert by_flag.returncode == 0 and "quick" in by_flag.stdout, by_flag.stderr
     from_manifest = await cli("functions", "--config", str(server.manifest_path), cwd=folder)
     assert from_manifest.returncode == 0 and "quick" in from_manifest.stdout, from_manifest.stderr
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [("p\u00e4sswort", "holds a non-ASCII character"), ("abc ", "ends with whitespace"), ("a b", "holds a space")],
+    ids=["latin-1", "trailing-space", "space"],
+)
+async def test_a_ui_token_no_client_could_send_is_refused_at_start(eventrun_server, token: str, why: str) -> None:
+    # Each was once served: curl could send the first (as UTF-8), no browser or CLI could; the
+    # second let nobody in (what is sent is stripped, the token was not).
+    server = eventrun_server({"quick": {"handler": handler("quick")}}, server={"ui_token": token}, start=False)
+    assert await asyncio.to_thread(server.run_to_exit) == 2
+    assert "server.ui_token: expected printable ASCII only" in server.stderr_text(), server.log_text()
+    assert f"this one {why}" in server.stderr_text() and token not in server.stderr_text()

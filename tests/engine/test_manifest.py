@@ -528,3 +528,45 @@ def test_an_environment_no_process_can_have_is_refused(write, environment, expec
 def test_a_url_scheme_is_read_in_any_case(write):
     manifest = load_manifest(write('[s3]\nendpoint_url = "HTTP://MINIO:9000"\n' + function(callback_url='"HTTPS://hooks.example/x"')))
     assert manifest.s3.endpoint_url == "HTTP://MINIO:9000"
+
+
+TOKEN_RULE = (
+    "expected printable ASCII only (the characters ! to ~: no spaces, control or non-ASCII characters), "
+    "as a token travels in an HTTP Authorization header"
+)
+UNSENDABLE_TOKENS = {
+    # (the TOML string, the value the environment gives, what the refusal says of it)
+    "latin-1": ('"p\\u00e4sswort-x"', "p\u00e4sswort-x", "holds a non-ASCII character"),
+    "chinese": ('"\\u5bc6\\u7801"', "\u5bc6\u7801", "holds a non-ASCII character"),
+    "trailing-space": ('"sesame "', "sesame ", "ends with whitespace"),
+    "leading-tab": ('"\\tsesame"', "\tsesame", "begins with whitespace"),
+    "inner-space": ('"ses ame"', "ses ame", "holds a space"),
+    "escape": ('"ses\\u001bame"', "ses\x1bame", "holds a control character"),
+    "delete": ('"ses\\u007fame"', "ses\x7fame", "holds a control character"),
+    "blank": ('"   "', "   ", "holds only whitespace"),
+}
+
+
+@pytest.mark.parametrize(("toml", "value", "why"), UNSENDABLE_TOKENS.values(), ids=UNSENDABLE_TOKENS.keys())
+def test_a_ui_token_no_client_could_send_is_refused(write, monkeypatch, toml, value, why):
+    # (what is wrong with it, never the token: it is a secret)
+    path = write(f"[server]\nui_token = {toml}\n" + function())
+    assert refusal(path) == f"{path}: server.ui_token: {TOKEN_RULE}; this one {why}"
+    monkeypatch.setenv("EVENTRUN_SERVER__UI_TOKEN", value)
+    message = refusal(write(function()))
+    assert message == f"the environment: EVENTRUN_SERVER__UI_TOKEN: {TOKEN_RULE}; this one {why}"
+
+
+@pytest.mark.parametrize("value", ["sesame ", "p\u00e4sswort", "ses ame"])
+def test_an_s3_webhook_token_no_client_could_send_is_refused(write, monkeypatch, value):
+    # MinIO sends it as `Authorization: Bearer <token>`, which the webhook strips: it must match as sent.
+    monkeypatch.setenv("EVENTRUN_S3__WEBHOOK_TOKEN", value)
+    assert refusal(write(function())).startswith(f"the environment: EVENTRUN_S3__WEBHOOK_TOKEN: {TOKEN_RULE}; this one ")
+    monkeypatch.setenv("EVENTRUN_S3__WEBHOOK_TOKEN", "0123abcd-token")
+    assert load_manifest(write(function())).s3.webhook_token == "0123abcd-token"
+
+
+@pytest.mark.parametrize("token", ["", "s3cret-token", "!#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "Zm9vYmFy=="])
+def test_a_ui_token_of_printable_ascii_loads(write, token):
+    toml = token.replace("\\", "\\\\")
+    assert load_manifest(write(f'[server]\nui_token = "{toml}"\n' + function())).server.ui_token == token

@@ -164,14 +164,29 @@ function setConnection(ok) {
 // `Authorization: Bearer <token>`. The page then asks for it and keeps it for this tab only
 // (sessionStorage), so closing the tab forgets it.
 
-const auth = { token: readStoredToken() };
+// What a token may hold: printable ASCII, no spaces (engine/tokens.py, which the server's
+// ui_token obeys). fetch() refuses a header outside Latin-1 and sends Latin-1 as it is, where
+// the server reads UTF-8, so any other token would fail to send or be refused.
+const SENDABLE_TOKEN = /^[!-~]+$/;
+const TOKEN_ASKED = "This server asks for its ui_token.";
+const TOKEN_REFUSED = "That token was refused; enter the server's ui_token.";
+const TOKEN_UNSENDABLE =
+  "That token cannot be sent: a ui_token holds only printable ASCII characters (no spaces, " +
+  "control or non-ASCII characters), as it travels in an HTTP Authorization header.";
+
+// `notice`: what the form says of the last token given (refused, or not sendable), kept
+// while the requests that follow, sent without a token, are answered 401: until another is given.
+const auth = { token: readStoredToken(), notice: "" };
 
 function readStoredToken() {
   try {
-    return sessionStorage.getItem(TOKEN_KEY) || "";
+    const token = sessionStorage.getItem(TOKEN_KEY) || "";
+    if (SENDABLE_TOKEN.test(token)) return token;
+    sessionStorage.removeItem(TOKEN_KEY); // (kept by an older page) no request could carry it: ask again
   } catch {
-    return ""; // storage refused (e.g. by a privacy setting): ask on every load
+    // storage refused (e.g. by a privacy setting): ask on every load
   }
+  return "";
 }
 
 function storeToken(token) {
@@ -189,17 +204,9 @@ function authHeader(token) {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
-/**
- * A request sent with token `sent` (maybe none) was answered 401: show the token form, and
- * forget a token that was refused. Answers to requests sent before the token changed are
- * stale and change nothing.
- */
-function askForToken(sent) {
-  if (sent !== auth.token) return;
-  const refused = Boolean(sent);
-  if (refused) storeToken("");
+/** Show the token form with `message`, focused if it was hidden. */
+function showTokenForm(message) {
   const form = byTestId("token-form");
-  const message = refused ? "That token was refused; enter the server's ui_token." : "This server asks for its ui_token.";
   setText(byTestId("token-message"), message);
   if (form.hidden) {
     form.hidden = false;
@@ -207,11 +214,31 @@ function askForToken(sent) {
   }
 }
 
+/**
+ * A request sent with token `sent` (maybe none) was answered 401: show the token form, and
+ * forget a token that was refused. Answers to requests sent before the token changed are
+ * stale and change nothing.
+ */
+function askForToken(sent) {
+  if (sent !== auth.token) return;
+  if (sent) {
+    storeToken("");
+    auth.notice = TOKEN_REFUSED;
+  }
+  showTokenForm(auth.notice || TOKEN_ASKED);
+}
+
 function onTokenSubmit(event) {
   event.preventDefault();
   const input = byTestId("token-input");
   const token = input.value.trim();
   if (!token) return;
+  if (!SENDABLE_TOKEN.test(token)) {
+    auth.notice = TOKEN_UNSENDABLE; // the token is neither kept nor sent
+    showTokenForm(auth.notice);
+    return;
+  }
+  auth.notice = "";
   storeToken(token);
   input.value = "";
   byTestId("token-form").hidden = true;
