@@ -215,15 +215,23 @@ async def test_shipped_log_lines_read_back_in_order_and_from_where_a_reader_left
     assert await postgres_store.read_log("not-a-request-id") == (b"", 0)
 
 
-async def test_a_log_is_read_a_piece_at_a_time_and_a_follower_gets_all_of_it(
-    postgres_store: PostgresStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from eventrun.engine import cluster as cluster_module
-
+@pytest.fixture
+async def shipped(postgres_store: PostgresStore) -> tuple[NewInvocation, list[bytes]]:
+    """A run whose log was shipped in 30 chunks of 10 lines each (of one size): the run, the chunks."""
     (run,) = rows(1)
     await postgres_store.accept([run])
     shipments = [b"".join(b"2026-12-06T00:00:00.000Z line %02d.%d\n" % (s, n) for n in range(10)) for s in range(30)]
     await postgres_store.append_logs([(run.request_id, shipment) for shipment in shipments])
+    return run, shipments
+
+
+async def test_a_log_is_read_a_piece_at_a_time_and_a_follower_gets_all_of_it(
+    postgres_store: PostgresStore, shipped: tuple[NewInvocation, list[bytes]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eventrun.engine import cluster as cluster_module
+
+    run, shipments = shipped
     piece, last = await postgres_store.read_log(run.request_id, 0, most=len(shipments[0]) * 2 + 1)
     assert piece == b"".join(shipments[:3])  # the chunks that begin within the bytes asked for
     assert (await postgres_store.read_log(run.request_id, last, most=1))[0] == shipments[3]  # at least one
@@ -248,14 +256,12 @@ async def test_a_log_is_read_a_piece_at_a_time_and_a_follower_gets_all_of_it(
 
 
 async def test_the_end_of_a_log_is_read_without_the_rest_and_a_whole_log_in_pieces(
-    postgres_store: PostgresStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_store: PostgresStore, shipped: tuple[NewInvocation, list[bytes]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from eventrun.engine import cluster as cluster_module
 
-    (run,) = rows(1)
-    await postgres_store.accept([run])
-    shipments = [b"".join(b"2026-12-07T00:00:00.000Z line %02d.%d\n" % (s, n) for n in range(10)) for s in range(30)]
-    await postgres_store.append_logs([(run.request_id, shipment) for shipment in shipments])
+    run, shipments = shipped
     size = len(shipments[0])
     # The chunks that hold the last bytes asked for, whole: two and a byte take three chunks.
     assert await postgres_store.read_log_end(run.request_id, size * 2 + 1) == b"".join(shipments[-3:])
