@@ -26,7 +26,7 @@ from .api import Status
 from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
 from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable
-from .worker import FRAME_MARK, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP
+from .worker import FRAME_MARK, FRAME_MORE, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class Instance:
         self.spec = spec
         self.process = process
         self.pid = process.pid
-        self._mark = FRAME_MARK + token + " "
-        self._mark_bytes = self._mark.encode()
+        self._mark = (FRAME_MARK + token).encode()  # what each piece of a frame begins with (see worker.FRAME_MORE)
+        self._parts: list[bytes] = []  # the pieces of a frame that came before its last
+        self._parts_size = 0  # their bytes, counted on past MAX_FRAME (no more are kept then)
         self._sink: LineSink | None = None
         self._outcome: asyncio.Future[dict[str, Any]] | None = None
         self._budget = OUTSIDE_RUNS  # bytes of output still passed on; past it, only frames are looked for
@@ -122,6 +123,13 @@ class Instance:
             # (stopped, or stuck in native code) never takes a large one.
             async with asyncio.timeout(timeout):  # (no task of its own, unlike wait_for)
                 frame = await self._exchange(task)
+            if self.stopping is not None:
+                # Stopped on request while it ran: it ends so, whatever its handler reported since
+                # (one that catches SIGTERM may exit or return), once its instance is gone or
+                # kill_grace has passed. What it printed meanwhile goes to its log.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._exit), kill_grace + AFTER_EXIT)
+                return self._stopped_outcome(timeout)
         except asyncio.TimeoutError:
             self.stopping = self.stopping or Status.TIMED_OUT
             await self.kill(kill_grace)
@@ -291,7 +299,7 @@ class Instance:
 
     def _feed(self, data: bytes) -> None:
         """Output as it arrives: whole lines to the run's log, the outcome frame to the run."""
-        mark = self._mark_bytes
+        mark = self._mark
         if self._pending:
             data = self._pending + data
         if self._budget <= 0:
@@ -307,8 +315,7 @@ class Instance:
             pending = _cut(pending, lines, mark)
         self._pending = pending
         if lines:
-            self._budget -= sum(map(len, lines)) + len(lines)
-            self._route([line.decode("utf-8", "replace") for line in lines])
+            self._route(lines)
 
     def _ended(self) -> None:
         """The output pipe's end: what is left of it is passed on, and a run still waiting has died."""
@@ -316,36 +323,48 @@ class Instance:
             self.process.close_pipes()
         pending, self._pending = self._pending, b""
         if pending and self._budget > 0:
-            self._route([pending.decode("utf-8", "replace")])
+            self._route([pending])
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_exception(InstanceDied())
             self._outcome.exception()  # retrieved here; run() reads it again
 
-    def _route(self, lines: list[str]) -> None:
+    def _route(self, lines: list[bytes]) -> None:
+        """Whole lines: output to the run's log (within its budget), the pieces of a frame to the frame.
+
+        A piece's mark is looked for anywhere in a line, not only at its start: a thread of the
+        run that writes more than PIPE_BUF bytes at once may have them split around the piece,
+        which then follows some of them on their line.
+        """
+        mark, more = self._mark, FRAME_MORE.encode()
         text: list[str] = []
         for line in lines:
-            at = line.find(self._mark)
+            at = line.find(mark)
+            if at != 0 and self._budget > 0:  # (an empty line is output too; nothing before a mark is none)
+                output = line if at < 0 else line[:at]
+                self._budget -= len(output) + 1
+                text.append(output.decode("utf-8", "replace"))
             if at < 0:
-                text.append(line)
                 continue
-            if at:
-                text.append(line[:at])
+            at += len(mark)
+            if line[at : at + 1] == more:
+                self._parts_size += len(line) - at - 1
+                if self._parts_size <= MAX_FRAME:
+                    self._parts.append(line[at + 1 :])
+                continue
             self._emit(text)
             text = []
-            raw = line[at + len(self._mark) :]
-            try:
-                frame = loads(raw)
-            except ValueError as exc:
-                if str(exc).startswith("depth limit exceeded"):  # orjson reads 1024 levels: a result deeper still
-                    frame = _too_deep({"recycle": True})
-                else:
-                    frame = {"ok": False, "error_type": "InternalError", "error_message": f"unreadable outcome: {exc}"}
-            else:
-                if isinstance(frame, dict) and frame.get("ok") and _nests_too_deep(raw, frame.get("result")):
-                    frame = _too_deep(frame)
+            frame = self._assemble(line[at + 1 :])
             if self._outcome is not None and not self._outcome.done():
                 self._outcome.set_result(frame)
         self._emit(text)
+
+    def _assemble(self, last: bytes) -> dict[str, Any]:
+        """The frame whose last piece this is, read: the run's outcome."""
+        parts, size = self._parts, self._parts_size + len(last)
+        self._parts, self._parts_size = [], 0
+        if size > MAX_FRAME:  # the worker sends no longer one
+            return _unreadable(f"it is longer than {MAX_FRAME} bytes")
+        return _read_frame(b"".join([*parts, last]) if parts else last)
 
     def _emit(self, lines: list[str]) -> None:
         if lines and self._sink is not None:
@@ -355,14 +374,34 @@ class Instance:
             logger.info("instance %s of %s said outside a run: %s", self.pid, self.spec.function, shown)
 
 
-def _nests_too_deep(text: str, result: Any) -> bool:
+def _read_frame(raw: bytes) -> dict[str, Any]:
+    """A frame's JSON, read and checked: the outcome it reports, or why it cannot be had."""
+    try:
+        frame = loads(raw)
+    except ValueError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson reads 1024 levels: a result deeper still
+            return _too_deep({"recycle": True})
+        return _unreadable(str(exc))
+    if not isinstance(frame, dict):
+        return _unreadable("it is no JSON object")
+    if frame.get("ok") and _nests_too_deep(raw, frame.get("result")):
+        return _too_deep(frame)
+    return frame
+
+
+def _unreadable(why: str) -> dict[str, Any]:
+    """The outcome of a run whose frame cannot be read, in place of its frame."""
+    return {"ok": False, "error_type": "InternalError", "error_message": f"unreadable outcome: {why}"}
+
+
+def _nests_too_deep(text: bytes, result: Any) -> bool:
     """Whether a result nests deeper than MAX_RESULT_NESTING levels, so that some document
     holding it could not be written (the worker's encoder lets some through: tuples, for one).
 
     Each level takes a bracket, so counting them in the frame's text (fast) spares most
     results the exact check: writing the result as deep as the deepest document holds it.
     """
-    if text.count("[") + text.count("{") <= MAX_RESULT_NESTING + 1:  # (+ the frame's own brace)
+    if text.count(b"[") + text.count(b"{") <= MAX_RESULT_NESTING + 1:  # (+ the frame's own brace)
         return False
     return too_deep_to_serve(result)
 
@@ -380,8 +419,9 @@ def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:
     inside a UTF-8 character; what is left to read on with.
 
     Output lines are split to bound memory, but for its last bytes, which may begin a frame's
-    mark. A frame (results can be large) is not split, up to MAX_FRAME: the worker sends no
-    longer one, so one longer is not a frame, and is taken as output.
+    mark. What follows a mark (a piece of a frame, PIPE_BUF bytes at most; a whole frame should
+    it come as one line) is not split, up to MAX_FRAME: no frame is longer, so one longer is
+    not a frame, and is taken as output.
     """
     at = pending.find(mark)
     if at >= 0:

@@ -642,7 +642,7 @@ def load_manifest(path: Path | str | None) -> Manifest:
     origins = Origins(_SCHEMA, label, location)
     for name, function in manifest.functions.items():
         handler = manifest.handler_path(name)
-        if not handler.is_file():
+        if not handler.is_file() or not handler.name.endswith(".py"):
             raise ManifestError(origins.line(["functions", name, "handler"], _handler_problem(function, handler)))
     _check_trigger_names(origins, manifest)
     for key, name in manifest.kafka.files().items():
@@ -654,6 +654,9 @@ def load_manifest(path: Path | str | None) -> Manifest:
 
 def _handler_problem(function: FunctionConfig, found: Path) -> str:
     file = function.handler_file
+    if found.is_file():  # the worker imports a module from the file, and only from a .py file
+        why = "its name does not end in .py" if not file.endswith(".py") else f"it leads to {found}"
+        return f'{file!r} is not a Python file ({why}); a handler is "path/to/file.py:callable", relative to the manifest'
     if not found.is_dir():
         return f"file {file!r} not found (looked for {found})"
     message = (

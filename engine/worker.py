@@ -18,11 +18,14 @@ timeout), its remaining processes pass to its parent: the spawner, also a subrea
 them. The spawner also starts the instances that need a fresh interpreter (it forks, the child
 execs). Only while the spawner is down does the server start instances itself; it kills their
 leftovers as it kills the instance, or after a crash those that still hold its output pipe
-(see instances.Instance.kill).
+(see instances.Instance.kill). A thread cannot be killed: one the run left running makes the
+instance not reused. A process the handler forked that comes back from the handler ends
+there (_leave_fork): only the instance reports, and reads events.
 
 A function's memory_limit is an RLIMIT_DATA set here before its module is imported, for
 forked instances too: heap and other private writable memory, not shared libraries or mapped
-files. An allocation past it raises MemoryError, reported as MemoryLimitExceeded.
+files. An allocation past it (a MemoryError, a thread whose stack does not fit, a mapping or
+fork refused with ENOMEM) is reported as MemoryLimitExceeded.
 
 The same file, run with --spawner, is the process instances are forked from (see spawner()).
 """
@@ -44,9 +47,19 @@ import time
 TYPE_CHECKING = False  # typing itself is not imported: it would cost every start a few ms
 if TYPE_CHECKING:
     import logging
-    from typing import Any, Callable
+    from typing import Any, Callable, Iterator
+    from typing import NoReturn
 
 FRAME_MARK = "\x1eeventrun-frame:"
+# A frame is a line: FRAME_MARK, the instance's token, FRAME_LAST, the frame's JSON. A write to a
+# pipe of at most PIPE_BUF bytes is atomic (no other write's bytes land inside it), a longer one
+# is not: a frame that long goes as several such lines, each written by one write, all but the
+# last with FRAME_MORE after the token, each holding the next slice of the JSON. So output that
+# other threads of the run write meanwhile comes between the pieces (or before a piece's mark, on
+# its line), never inside one, and the parent puts the frame together again (instances.Instance).
+FRAME_LAST = " "
+FRAME_MORE = "+"
+PIPE_BUF = 4096  # Linux's (select.PIPE_BUF: select is not imported for it)
 MAX_RESULT = 6 * 1024 * 1024  # the same bound as an invocation body
 MAX_MESSAGE = 16 * 1024  # characters of an error message kept (the traceback in the log has it all)
 MAX_FRAME = MAX_RESULT + 256 * 1024  # no frame is longer: a result, or a message, and a little
@@ -133,6 +146,22 @@ def _frame_json(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
+def _frame_pieces(mark: bytes, frame: bytes) -> Iterator[bytes]:
+    """A frame's line (`mark`, ending in FRAME_LAST, then its JSON and a newline) as lines of at most
+    PIPE_BUF bytes, each to go out in one write: itself, as a rule (see FRAME_MORE)."""
+    if len(frame) <= PIPE_BUF:
+        yield frame
+        return
+    more = mark[: -len(FRAME_LAST)] + FRAME_MORE.encode()
+    body = memoryview(frame)[len(mark) : -1]
+    size = PIPE_BUF - len(mark) - 1
+    at = 0
+    while len(body) - at > size:
+        yield more + body[at : at + size] + b"\n"
+        at += size
+    yield mark + body[at:] + b"\n"
+
+
 def _ballast() -> Any:
     """Memory counted against the memory_limit but never touched (so not resident): an
     anonymous private mapping, given back when the limit is reached."""
@@ -149,17 +178,91 @@ def _result_json(value: Any) -> bytes:
     a walk through the value in Python, so only a result whose JSON holds the text null is walked
     (no other can hold them): most are not, and their check is one search of the bytes. Nor is
     one over MAX_RESULT, which fails for its size anyway.
+
+    Nor are two keys of one dict written as the same string (1 and "1", True and "true"): orjson
+    writes both, and whoever reads the JSON keeps one. Only a result with a key other than a str
+    can hold them, and only such a result is walked: the first encoding, without non-string
+    keys, fails for it.
     """
     if value is None:
         return b"null"
     import orjson
 
-    encoded = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-    if b"null" in encoded and len(encoded) <= MAX_RESULT:
+    try:
+        encoded = orjson.dumps(value)
+        keyed = False
+    except TypeError as exc:
+        if str(exc) != "Dict key must be str":
+            raise
+        encoded = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        keyed = True
+    if len(encoded) > MAX_RESULT:
+        return encoded
+    if b"null" in encoded:
         where = _non_finite(value)
         if where is not None:
             raise TypeError(f"{where}; JSON has no NaN or Infinity (return such a number as a string, or None)")
+    if keyed:
+        where = _key_collision(value)
+        if where is not None:
+            raise TypeError(f"{where}; JSON keys are strings, so one value would be lost (give each a key of its own)")
     return encoded
+
+
+def _key_collision(result: Any) -> str | None:
+    """Where a dict in a result has two keys orjson writes as the same string, e.g.
+    'result["x"] has keys 1 and "1", both written "1"'; None if nowhere."""
+    from enum import Enum
+
+    import orjson
+
+    def written(keys: Any) -> dict[str, None]:
+        return orjson.loads(orjson.dumps(dict.fromkeys(keys), option=orjson.OPT_NON_STR_KEYS))  # type: ignore[no-any-return]
+
+    def clash(mapping: dict[Any, Any]) -> str | None:
+        if all(type(key) is str for key in mapping) or len(written(mapping)) == len(mapping):
+            return None
+        seen: dict[str, Any] = {}
+        for key in mapping:
+            name = next(iter(written([key])))
+            if name in seen:
+                return f"has keys {_key_text(seen[name])} and {_key_text(key)}, both written {_key_text(name)}"
+            seen[name] = key
+        return None
+
+    def find(value: Any) -> tuple[list[str], str] | None:
+        """The first one found: (the path's steps, innermost first; what it is)."""
+        if isinstance(value, dict):
+            what = clash(value)
+            if what:
+                return [], what
+            items: Any = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        elif isinstance(value, Enum):  # written as its value
+            return find(value.value)
+        elif hasattr(type(value), "__dataclass_fields__"):
+            items = _dataclass_items(value)
+        else:  # str, numbers, datetime, UUID and the like: no key in them
+            return None
+        for key, item in items:
+            found = find(item)
+            if found:
+                found[0].append(_step(key, value))
+                return found
+        return None
+
+    found = find(result)
+    if found is None:
+        return None
+    steps, what = found
+    return "result" + "".join(reversed(steps)) + " " + what
+
+
+def _key_text(key: Any) -> str:
+    """A key as a message shows it: a str as JSON, anything else as Python writes it; 40 characters at most."""
+    text = json.dumps(key, ensure_ascii=False) if isinstance(key, str) else repr(key)
+    return text if len(text) <= 42 else text[:40] + "..."
 
 
 def _non_finite(result: Any) -> str | None:
@@ -248,11 +351,17 @@ class _Worker:
         self._tasks_pipe = _identity(tasks)
         self._output_pipe = _identity(frames)
         self._stdin = _identity(0)  # /dev/null
+        # sys.stdout and sys.stderr as a run should leave them (once the handler's module is
+        # imported: what that sets up is the instance's own); stderr as it is now, the run's log.
+        self._streams = (sys.stdout, sys.stderr)
+        self._stderr = sys.stderr
+        self.pid = os.getpid()  # a process the handler forks is not the instance (see _leave_fork)
         self.serving = True  # False once the tasks can no longer be read
         self.memory_limit = memory_limit  # bytes; 0: none
         self.handler: Callable[..., Any] | None = None
         self._logger: logging.Logger | None = None
         self._ballast = _ballast() if memory_limit else None
+        self._threads: list[threading.Thread] | None = None  # those there as the handler was called
 
     def logger(self) -> logging.Logger:
         if self._logger is None:
@@ -261,26 +370,33 @@ class _Worker:
             logger = logging.getLogger(f"eventrun.function.{self.function}")
             logger.setLevel(logging.INFO)
             logger.propagate = False
-            stream = logging.StreamHandler(sys.stderr)
+            # The run's log, even inside contextlib.redirect_stderr (the handler is made once).
+            stream = logging.StreamHandler(self._stderr)
             stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
             logger.addHandler(stream)
             self._logger = logger
         return self._logger
 
     def write(self, data: bytes, *, checked: bool = False) -> bool:
-        """Output to the run's log, after what the handler printed; False if no fd reaches it any more.
+        """Output to the run's log, after what the handler printed, or a frame's line (`data` begins
+        with the mark); False if no fd reaches it any more.
 
         It goes through the private copy of stdout's pipe, unless the handler closed it or put
         something else on its number: then through any fd of this process still on that pipe
-        (stdout, most often). The parent finds frames wherever they are in the output.
-        `checked`: the private copy was just found on the pipe.
+        (stdout, most often). The parent finds frames wherever they are in the output. A frame
+        longer than PIPE_BUF goes in pieces (see FRAME_MORE). `checked`: the private copy was just
+        found on the pipe.
         """
         _flush_stdio()
+        pieces = _frame_pieces(self.mark, data) if data.startswith(self.mark) else iter((data,))
+        piece: bytes | None = next(pieces)
         fds = [self.frames] if checked or _identity(self.frames) == self._output_pipe else []
         for fd in fds or self._output_fds():
             try:
-                _write_all(fd, data)
-            except OSError:  # e.g. the read end of the pipe, opened through /proc: try another
+                while piece is not None:
+                    _write_all(fd, piece)
+                    piece = next(pieces, None)
+            except OSError:  # e.g. the read end of the pipe, opened through /proc: try another, from this piece
                 continue
             return True
         return False
@@ -325,8 +441,13 @@ class _Worker:
         if self.memory_limit:
             context.memory_limit_in_mb = self.memory_limit // _MB
         failure: dict[str, Any] | None = None
+        self._threads = None
         try:
+            imported = self.handler is not None
             handler = self.load()
+            if not imported:  # what importing its module set up is the instance's, alike for each run
+                self._streams = (sys.stdout, sys.stderr)
+            self._threads = threading.enumerate()
             outcome = handler(task["event"], context)
             if _maybe_awaitable(outcome):
                 import asyncio
@@ -335,7 +456,11 @@ class _Worker:
                 if inspect.isawaitable(outcome):
                     outcome = asyncio.run(_awaited(outcome))
         except BaseException as exc:  # SystemExit too: the run failed, the parent decides
+            if os.getpid() != self.pid:
+                _leave_fork(exc)
             failure = self.failed(exc)
+        if os.getpid() != self.pid:
+            _leave_fork(None)
         if failure is not None:  # (reported out of the except block, which holds the handler's frames)
             self.end({"ok": False, **failure, "recycle": True})
             return
@@ -373,12 +498,14 @@ class _Worker:
 
     def failed(self, exc: BaseException) -> dict[str, str]:
         """Print the handler's traceback to the run's log; the error type and message to report."""
-        if isinstance(exc, MemoryError) and self.memory_limit:
+        if self.memory_limit and _out_of_memory(exc):
             if self._ballast is not None:
                 self._ballast.close()  # the room to report it in
                 self._ballast = None
             error_type = "MemoryLimitExceeded"
             message = f"the function ran out of memory: its memory_limit is {self.memory_limit // _MB} MB"
+            if isinstance(exc, RuntimeError):
+                message += " (a new thread's stack did not fit)"
         else:
             error_type = type(exc).__name__
             try:
@@ -399,16 +526,19 @@ class _Worker:
     def end(self, failure: dict[str, Any] | None, result: bytes = b"") -> None:
         """Report the run's outcome (a failure, else the result's JSON), once what it left behind is gone.
 
-        A run that left processes running, broke its standard streams or the worker's own fds
-        does not leave its instance warm: the parent discards it ("recycle"). Should no fd on the
-        output pipe be left to report through, the parent sees the pipe end without an outcome
-        and says so (the run closed its output); this process waits to be stopped.
+        A run that left processes or threads running, broke its standard streams or the worker's
+        own fds does not leave its instance warm: the parent discards it ("recycle"). Should no
+        fd on the output pipe be left to report through, the parent sees the pipe end without an
+        outcome and says so (the run closed its output); this process waits to be stopped.
         """
         notes: list[str] = []
         killed = _end_leftovers(_LEFTOVER_WAIT)
         if killed:
             pids = ", ".join(map(str, killed[:10])) + (", ..." if len(killed) > 10 else "")
             notes.append(f"the run left {len(killed)} processes running ({pids}); they were killed, and this instance")
+        threads = _threads_left(self._threads) if self._threads is not None else 0
+        if threads:  # (a thread cannot be stopped: it would go on into the next runs)
+            notes.append(f"the run left {threads} threads running; this instance")
         on = {fd: _identity(fd) for fd in (0, 1, 2, self.tasks.fileno(), self.frames)}  # (one fstat each, per run)
         if not self._stdio_intact(on):
             notes.append("the run closed or replaced its stdout or stderr; this instance")
@@ -436,8 +566,11 @@ class _Worker:
                 time.sleep(3600)
 
     def _stdio_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
-        """True if fds 1 and 2 are still the output pipe, and sys.stdout and sys.stderr open."""
+        """True if fds 1 and 2 are still the output pipe, and sys.stdout and sys.stderr the objects
+        they were before the run, and open."""
         if on[1] != self._output_pipe or on[2] != self._output_pipe:
+            return False
+        if sys.stdout is not self._streams[0] or sys.stderr is not self._streams[1]:
             return False
         return not any(stream is None or getattr(stream, "closed", False) for stream in (sys.stdout, sys.stderr))
 
@@ -460,6 +593,51 @@ class _Worker:
                 return  # the parent closed it: no more events
             if line.strip():
                 self.run_one(json.loads(line))
+
+
+def _leave_fork(exc: BaseException | None) -> NoReturn:
+    """End a process the handler forked that came back from it (a return, `exc` raised, SystemExit)
+    as the end of a script would, but at once: it is not the instance, and reports nothing,
+    reads no event."""
+    code: Any = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code
+    elif exc is not None:
+        code = 1
+        try:
+            import traceback
+
+            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+        except BaseException:  # noqa: BLE001, S110 - a broken stderr, MemoryError: it ends all the same
+            pass
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message")
+        try:
+            print(code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001, S110
+            pass
+        code = 1
+    _flush_stdio()
+    os._exit(code & 0xFF)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception says that memory could not be had: MemoryError, ENOMEM (a mapping, a
+    fork), or a thread whose stack could not be mapped."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno == 12  # ENOMEM
+    return type(exc) is RuntimeError and exc.args == ("can't start new thread",)
+
+
+def _threads_left(before: list[threading.Thread]) -> int:
+    """How many threads that were not among `before` are alive (counted first: most runs leave none)."""
+    if threading.active_count() <= sum(thread.is_alive() for thread in before):
+        return 0
+    known = set(before)
+    return sum(thread not in known for thread in threading.enumerate())
 
 
 def _maybe_awaitable(value: Any) -> bool:

@@ -92,6 +92,45 @@ async def test_a_run_past_its_timeout_ends_timed_out(
     await poll_until(lambda: not pid_alive(pid), 10, f"instance {pid} outlived its run's timeout")
 
 
+async def cleanup_started(api, poll_until, request_id: str) -> None:
+    """Wait until a cleanup run has set its SIGTERM handler."""
+    async def started() -> bool:
+        return "cleanup start" in await api.logs(request_id)
+
+    await poll_until(started, 15, f"{request_id} never started")
+
+
+# A handler that catches SIGTERM may clean up in kill_grace, then exit (FAILED SystemExit, it used
+# to end) or return (FINISHED with its partial result): the run ends as it was stopped all the same.
+@pytest.mark.parametrize("on_term", ["exit", "return"])
+async def test_a_terminated_run_ends_aborted_whatever_its_sigterm_handler_does(
+    eventrun_server, http, handler, poll_until, on_term
+):
+    server = eventrun_server({"cleanup": {"handler": handler("cleanup")}})
+    api = server.client(http)
+    request_id = await api.accepted("cleanup", {"seconds": 30, "on_term": on_term})
+    await cleanup_started(api, poll_until, request_id)
+
+    reply = await api.terminate(request_id)
+    assert reply.status == 200, reply.text
+    assert reply.json["Status"] == "ABORTED", reply.json
+    state = await api.status(request_id)
+    assert (state["Status"], state["ErrorType"], state["Result"]) == ("ABORTED", "Aborted", None), state
+    assert "cleaning up" in await api.logs(request_id)
+
+
+@pytest.mark.parametrize("on_term", ["exit", "return"])
+async def test_a_run_past_its_timeout_ends_timed_out_whatever_its_sigterm_handler_does(
+    eventrun_server, http, handler, poll_until, on_term
+):
+    server = eventrun_server({"cleanup": {"handler": handler("cleanup"), "timeout": "2s"}})
+    api = server.client(http)
+    request_id = await api.accepted("cleanup", {"seconds": 30, "on_term": on_term})
+    state = await api.wait_ended(request_id, timeout=15)
+    assert (state["Status"], state["ErrorType"], state["Result"]) == ("TIMED_OUT", "TimedOut", None), state
+    assert "cleaning up" in await api.logs(request_id)
+
+
 async def test_success_keeps_the_instance_warm(eventrun_server, http, handler):
     server = eventrun_server({"pid": {"handler": handler("pid"), "concurrency": 1}})
     api = server.client(http)

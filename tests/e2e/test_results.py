@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from server_process import BOTH_STORES
@@ -23,6 +25,32 @@ async def test_a_large_result_comes_back_whole(eventrun_server, http, handler):
     assert sum(line.count("y") for line in text.splitlines()) == 200_000
     mixed = [line.split(" ", 1)[1] for line in text.splitlines() if "€" in line or "\ufffd" in line]
     assert len(mixed) > 1 and "".join(mixed) == "é€𝄞" * 30_000
+
+
+@pytest.mark.parametrize("size", [70_000, 2 * 1024 * 1024])
+async def test_a_large_result_comes_back_whole_while_a_thread_of_the_run_prints(
+    eventrun_server, http, handler, poll_until, size
+):
+    # The outcome shares the pipe with the run's output, and the thread's lines used to land
+    # inside it ("unreadable outcome"): it goes in pieces that each arrive whole.
+    server = eventrun_server({"heartbeat": {"handler": handler("heartbeat"), "async_execution": False, "timeout": "30s"}})
+    api = server.client(http)
+    for _ in range(3):  # (the instance stays warm: the last run's thread still prints into the next)
+        reply = await api.invoke("heartbeat", {"size": size})
+        assert reply.status == 200, reply.text[:500]
+        answer = reply.json
+        assert answer["Status"] == "FINISHED", {**answer, "Result": None}
+        assert answer["Result"] == {"blob": "z" * size}
+        request_id = answer["RequestId"]
+        await poll_until(
+            lambda: _heartbeats(api, request_id), 10, f"no heartbeat line in the log of {request_id}"
+        )
+
+
+async def _heartbeats(api, request_id: str) -> bool:
+    """Whether the run's log holds lines of its thread's, each whole."""
+    found = re.findall(r"^\S+ (heartbeat \d+)$", await api.logs(request_id), re.MULTILINE)
+    return len(found) > 10
 
 
 async def test_a_result_over_the_limit_fails_and_says_why(eventrun_server, http, handler):

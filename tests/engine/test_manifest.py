@@ -281,6 +281,27 @@ def test_a_handler_naming_a_directory_says_so(write, tmp_path):
     assert refusal(path).endswith('(did you mean "handlers/main_handler.py:main_handler"?)')
 
 
+@pytest.mark.parametrize("name", ["handlers/x.txt", "handlers/x", "handlers/x.py.bak"])
+def test_a_handler_file_that_is_not_python_is_refused(write, tmp_path, name):
+    # It exists, but the worker can import no module from it: every run would fail with ImportError.
+    (tmp_path / name).write_text("def main_handler(event, context):\n    return 1\n")
+    path = write(f'[functions.f]\nhandler = "{name}:main_handler"\n')
+    assert refusal(path) == (
+        f"{path}: functions.f.handler: {name!r} is not a Python file (its name does not end in .py); a handler is"
+        ' "path/to/file.py:callable", relative to the manifest'
+    )
+
+
+def test_a_handler_file_linking_to_a_file_that_is_not_python_is_refused(write, tmp_path):
+    # The worker is given the file the link leads to.
+    (tmp_path / "handlers" / "x.txt").write_text("def main_handler(event, context):\n    return 1\n")
+    (tmp_path / "handlers" / "link.py").symlink_to("x.txt")
+    path = write('[functions.f]\nhandler = "handlers/link.py:main_handler"\n')
+    assert refusal(path).startswith(
+        f"{path}: functions.f.handler: 'handlers/link.py' is not a Python file (it leads to {tmp_path / 'handlers' / 'x.txt'});"
+    )
+
+
 def test_a_handler_without_a_callable_is_refused(write):
     message = refusal(write('[functions.f]\nhandler = "handlers/ok.py"\n'))
     assert "functions.f.handler" in message, message

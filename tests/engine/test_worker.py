@@ -1,14 +1,19 @@
-"""The worker's encoding of a result: JSON by eventrun's rules, or a ResultNotSerializable that says why."""
+"""The worker: a result's encoding (JSON by eventrun's rules, or a ResultNotSerializable that says
+why), and what a run may leave on its instance for the next."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
+import os
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
+from test_instances import feed, reader
 
 from eventrun.engine import worker
 from eventrun.engine.api import Status
@@ -128,3 +133,304 @@ async def test_a_run_returning_nan_or_infinity_ends_failed_and_says_where(
     nulls = Envelope(id=new_id(), source="/http/shapes", type="t", function="shapes", trigger="http", data="nulls")
     again = await engine.call(nulls)  # the same instance, still serving
     assert (again.status, again.result) == (Status.FINISHED, {"a": None, "b": "null", "c": 1.5}), again
+
+
+# -- keys that JSON would make one --------------------------------------------------------------
+
+KEYS_APART = "; JSON keys are strings, so one value would be lost (give each a key of its own)"
+
+
+@pytest.mark.parametrize(
+    ("result", "where"),
+    [
+        ({1: "a", "1": "b"}, 'result has keys 1 and "1", both written "1"'),
+        ({True: 1, "true": 2}, 'result has keys True and "true", both written "true"'),
+        ({"x": [{None: 0, "null": 1}]}, 'result["x"][0] has keys None and "null", both written "null"'),
+        ({"k": {1.5: 0, "1.5": 1}}, 'result["k"] has keys 1.5 and "1.5", both written "1.5"'),
+        ({"at": Point({2: 0, "2": 1})}, 'result["at"].x has keys 2 and "2", both written "2"'),  # type: ignore[arg-type]
+    ],
+)
+def test_keys_written_as_the_same_string_are_refused_with_where_they_are(result: Any, where: str) -> None:
+    # orjson writes both: a client reading the JSON keeps only the last one.
+    with pytest.raises(TypeError) as caught:
+        worker._result_json(result)
+    assert str(caught.value) == where + KEYS_APART
+
+
+def test_distinct_non_string_keys_are_written_as_before() -> None:
+    result = {1: "a", "2": "b", None: [{True: 0, 3.5: 1}], "n": {"null": None}}
+    assert worker._result_json(result) == orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
+
+
+def test_a_result_with_only_string_keys_is_not_walked_for_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "_key_collision", None)
+    assert worker._result_json({"a": {"b": [1, {"c": 2}]}}) == b'{"a":{"b":[1,{"c":2}]}}'
+
+
+# -- what a run leaves on its instance ----------------------------------------------------------
+
+FORKER = """\
+import os, sys, time
+
+def main_handler(event, context):
+    how = event["data"]
+    if how == "pid":
+        return {"pid": os.getpid()}
+    pid = os.fork()
+    if pid == 0:
+        print("child working", flush=True)
+        if how == "exit":
+            sys.exit(0)
+        if how == "exit3":
+            sys.exit(3)
+        if how == "raise":
+            raise ValueError("the child fails")
+        time.sleep(0.2)  # so that a child reporting would report first
+        return {"who": "child"}
+    _, status = os.waitpid(pid, 0)
+    return {"child_exit": os.waitstatus_to_exitcode(status), "pid": os.getpid()}
+"""
+
+
+def _manifest(fork_instances: bool, extra: str = "") -> str:
+    return (
+        f'[server]\ndata_dir = "data"\nfork_instances = {str(fork_instances).lower()}\n\n'
+        f'[functions.f]\nhandler = "f.py:main_handler"\nasync_execution = false\nconcurrency = 1\n{extra}'
+    )
+
+
+async def _call(engine: Engine, data: Any) -> Any:
+    return await engine.call(Envelope(id=new_id(), source="/http/f", type="t", function="f", trigger="http", data=data))
+
+
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+@pytest.mark.parametrize(("how", "code"), [("exit", 0), ("exit3", 3), ("return", 0), ("raise", 1)])
+async def test_a_process_the_handler_forks_ends_where_it_comes_back_and_reports_nothing(
+    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str, code: int
+) -> None:
+    engine = await start_engine(_manifest(fork_instances), {"f.py": FORKER})
+    first = await _call(engine, how)
+    assert first.status == Status.FINISHED, first
+    pid = first.result["pid"]
+    assert first.result == {"child_exit": code, "pid": pid}, first
+    log = (await engine.read_log(first.request_id)).decode()
+    assert "child working" in log, log
+    assert ("ValueError: the child fails" in log) == (how == "raise"), log
+    # The child read no event: the next one is the instance's, and its outcome is its own.
+    for _ in range(2):
+        again = await _call(engine, "pid")
+        assert (again.status, again.result) == (Status.FINISHED, {"pid": pid}), again
+
+
+THREADS = """\
+import os, subprocess, sys, threading, time
+
+def started_at_import():
+    while True:
+        time.sleep(60)
+
+threading.Thread(target=started_at_import, name="module-thread", daemon=True).start()
+
+def main_handler(event, context):
+    how = event["data"]
+    if how == "ticker":
+        def tick():
+            while True:
+                print("tick from", context.request_id, flush=True)
+                time.sleep(0.05)
+        threading.Thread(target=tick, daemon=True).start()
+        time.sleep(0.1)
+    elif how == "exit":
+        def later():
+            time.sleep(0.5)
+            os._exit(7)
+        threading.Thread(target=later, daemon=True).start()
+    elif how == "joined":
+        thread = threading.Thread(target=time.sleep, args=(0.05,))
+        thread.start()
+        thread.join()
+    elif how == "subprocess":
+        def later():
+            time.sleep(0.3)
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        threading.Thread(target=later, daemon=True).start()
+    elif how == "nap":
+        time.sleep(0.8)
+    print("ran", how, flush=True)
+    return {"pid": os.getpid()}
+"""
+LEFT_THREADS = "[eventrun] the run left 1 threads running; this instance is not reused"
+
+
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+@pytest.mark.parametrize("how", ["ticker", "exit", "subprocess"])
+async def test_an_instance_a_run_left_threads_on_is_not_reused(
+    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str
+) -> None:
+    engine = await start_engine(_manifest(fork_instances), {"f.py": THREADS})
+    # Threads its module started as it was imported are the instance's own, and joined ones are gone.
+    warm = [await _call(engine, "joined") for _ in range(2)]
+    assert [run.status for run in warm] == [Status.FINISHED] * 2, warm
+    assert warm[0].result == warm[1].result, warm
+    assert "threads running" not in (await engine.read_log(warm[1].request_id)).decode()
+    left = await _call(engine, how)
+    assert (left.status, left.result) == (Status.FINISHED, warm[0].result), left
+    assert LEFT_THREADS in (await engine.read_log(left.request_id)).decode()
+    # A run long enough for the thread to end the instance, or start its process, were it kept.
+    after = await _call(engine, "nap")
+    assert after.status == Status.FINISHED and after.result != warm[0].result, after
+    log = (await engine.read_log(after.request_id)).decode()
+    assert "tick" not in log and "threads running" not in log and "processes running" not in log, log
+
+
+LOGGER = """\
+import contextlib, io, os, sys
+
+def main_handler(event, context):
+    if event["data"] == "quiet":
+        with contextlib.redirect_stderr(io.StringIO()):  # silence a noisy library for one call
+            context.logger.info("inside the redirect")
+    context.logger.info("logger line from %s", context.request_id)
+    return os.getpid()
+"""
+
+
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+async def test_context_logger_writes_to_the_runs_log_whatever_sys_stderr_is(
+    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool
+) -> None:
+    engine = await start_engine(_manifest(fork_instances), {"f.py": LOGGER})
+    first = await _call(engine, "quiet")
+    log = (await engine.read_log(first.request_id)).decode()
+    assert "INFO inside the redirect" in log and f"INFO logger line from {first.request_id}" in log, log
+    second = await _call(engine, "plain")
+    assert second.result == first.result, second
+    assert f"INFO logger line from {second.request_id}" in (await engine.read_log(second.request_id)).decode()
+
+
+STREAMS = """\
+import io, os, sys
+
+def main_handler(event, context):
+    print("printed by", context.request_id)
+    if event["data"] == "replace":
+        sys.stdout = sys.stderr = io.StringIO()
+    return os.getpid()
+"""
+
+
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+async def test_an_instance_whose_stdout_objects_a_run_replaced_is_not_reused(
+    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool
+) -> None:
+    engine = await start_engine(_manifest(fork_instances), {"f.py": STREAMS})
+    replaced = await _call(engine, "replace")
+    assert replaced.status == Status.FINISHED, replaced
+    assert "closed or replaced its stdout or stderr" in (await engine.read_log(replaced.request_id)).decode()
+    after = await _call(engine, "print")
+    assert after.status == Status.FINISHED and after.result != replaced.result, after
+    assert f"printed by {after.request_id}" in (await engine.read_log(after.request_id)).decode()
+
+
+MEMORY = """\
+import mmap, threading, time
+
+def main_handler(event, context):
+    if event["data"] == "threads":
+        threads = [threading.Thread(target=time.sleep, args=(0.5,)) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    elif event["data"] == "mmap":
+        mmap.mmap(-1, 300 * 1024 * 1024, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return "fits"
+"""
+
+
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+@pytest.mark.parametrize(("how", "traceback"), [("threads", "can't start new thread"), ("mmap", "[Errno 12]")])
+async def test_memory_past_the_limit_by_a_thread_or_a_mapping_is_memory_limit_exceeded(
+    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str, traceback: str
+) -> None:
+    engine = await start_engine(_manifest(fork_instances, 'memory_limit = "100MB"\n'), {"f.py": MEMORY})
+    answer = await _call(engine, how)
+    assert (answer.status, answer.error_type) == (Status.FAILED, "MemoryLimitExceeded"), answer
+    assert answer.error_message.startswith("the function ran out of memory: its memory_limit is 100 MB"), answer
+    assert traceback in (await engine.read_log(answer.request_id)).decode()
+    again = await _call(engine, "none")
+    assert (again.status, again.result) == (Status.FINISHED, "fits"), again
+
+
+KEYS = """\
+def main_handler(event, context):
+    return {1: "a", "1": "b"} if event["data"] == "clash" else {1: "a", "2": "b"}
+"""
+
+
+async def test_a_run_returning_keys_json_would_merge_ends_failed_and_says_where(
+    start_engine: Callable[..., Awaitable[Engine]],
+) -> None:
+    engine = await start_engine(_manifest(True), {"f.py": KEYS})
+    answer = await _call(engine, "clash")
+    assert (answer.status, answer.error_type, answer.result) == (Status.FAILED, "ResultNotSerializable", None), answer
+    assert answer.error_message == (
+        f'the handler\'s return value is not JSON-serialisable: result has keys 1 and "1", both written "1"{KEYS_APART}'
+    )
+    again = await _call(engine, "apart")
+    assert (again.status, again.result) == (Status.FINISHED, {"1": "a", "2": "b"}), again
+
+
+def test_a_short_frame_goes_as_one_line_a_long_one_in_pieces_of_at_most_pipe_buf() -> None:
+    mark = (worker.FRAME_MARK + "t0 ").encode()
+    short = mark + b'{"ok":true,"result":1}\n'
+    assert list(worker._frame_pieces(mark, short)) == [short]
+    body = orjson.dumps({"ok": True, "result": "é€𝄞" * 10_000})
+    sent = list(worker._frame_pieces(mark, mark + body + b"\n"))
+    more = (worker.FRAME_MARK + "t0" + worker.FRAME_MORE).encode()
+    assert len(sent) > 20 and all(len(piece) <= worker.PIPE_BUF and piece.endswith(b"\n") for piece in sent)
+    assert all(piece.startswith(more) for piece in sent[:-1]) and sent[-1].startswith(mark)
+    assert b"".join(piece[len(mark) : -1] for piece in sent) == body
+
+
+def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None:
+    """A thread the run left writes lines longer than PIPE_BUF (not written at once) while the
+    worker reports a large result on the same pipe: the parent still reads it whole."""
+    read_end, write_end = os.pipe()
+    tasks_read, tasks_write = os.pipe()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            os.write(write_end, b"y" * 20_000 + b"\n")
+
+    threads = [threading.Thread(target=drain), threading.Thread(target=flood)]
+    for thread in threads:
+        thread.start()
+    result = {"blob": "z" * 2 * 1024 * 1024}
+    try:
+        instance_side = worker._Worker("h.py:main_handler", "f", "t0", tasks_read, write_end, 0)
+        report = instance_side.mark + b'{"ok":true,"result":' + orjson.dumps(result) + b"}\n"
+        assert instance_side.write(report, checked=True)  # as _Worker.end reports a result
+    finally:
+        stop.set()
+        threads[1].join()
+        for fd in (write_end, tasks_read, tasks_write):
+            os.close(fd)
+        threads[0].join()
+        os.close(read_end)
+    instance, logged = reader()
+    loop = asyncio.new_event_loop()
+    try:
+        instance._outcome = loop.create_future()
+        feed(instance, bytes(received))
+        assert instance._outcome.result() == {"ok": True, "result": result}
+    finally:
+        loop.close()
+    assert logged and all(set(line) <= {"y"} for line in logged)

@@ -16,7 +16,7 @@ from eventrun.engine import instances
 from eventrun.engine.api import Delivery, Invocation, Status
 from eventrun.engine.envelope import dumps
 from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
-from eventrun.engine.worker import JSON_DEPTH, MAX_RESULT_NESTING, RESULT_TOO_DEEP
+from eventrun.engine.worker import JSON_DEPTH, MAX_RESULT_NESTING, PIPE_BUF, RESULT_TOO_DEEP, _frame_pieces
 from eventrun.triggers.http import build_app, invocation_json
 from eventrun.triggers.http.responses import UNSERVABLE_RESULT, document_json, json_response
 
@@ -60,7 +60,7 @@ def test_the_limit_leaves_room_for_the_deepest_document_and_no_more() -> None:
 @pytest.mark.parametrize(("levels", "too_deep"), [(MAX_RESULT_NESTING, False), (MAX_RESULT_NESTING + 1, True), (254, True)])
 def test_the_server_checks_a_result_as_it_arrives(levels: int, too_deep: bool) -> None:
     result = nested(levels)
-    text = '{"ok":true,"result":' + dumps(result).decode() + "}"
+    text = b'{"ok":true,"result":' + dumps(result) + b"}"
     assert instances._nests_too_deep(text, result) is too_deep
 
 
@@ -68,7 +68,7 @@ def test_a_shallow_result_is_not_written_twice_to_be_checked(monkeypatch: pytest
     # A result with no more brackets than the limit passes on the count alone.
     monkeypatch.setattr(instances, "dumps", None)
     result = {"rows": [[1, 2]] * 100, "text": "[" * 10}
-    assert not instances._nests_too_deep(orjson.dumps({"ok": True, "result": result}).decode(), result)
+    assert not instances._nests_too_deep(orjson.dumps({"ok": True, "result": result}), result)
 
 
 def test_a_frame_too_deep_becomes_the_run_s_failure() -> None:
@@ -182,13 +182,18 @@ async def test_a_delivery_of_a_run_stored_too_deep_goes_with_the_result_replaced
         (b"[" * 1100 + b"]" * 1100, instances._too_deep({"recycle": True})),  # past what orjson reads
     ],
 )
-async def test_an_instance_s_frame_is_checked_as_it_is_read(result: bytes, outcome: dict[str, Any]) -> None:
+@pytest.mark.parametrize("pieces", [False, True], ids=["one-line", "in-pieces"])
+async def test_an_instance_s_frame_is_checked_as_it_is_read(result: bytes, outcome: dict[str, Any], pieces: bool) -> None:
     instance = instances.Instance.__new__(instances.Instance)
-    instance._mark = "\x1eeventrun-frame:t0 "
+    instance._mark = b"\x1eeventrun-frame:t0"
+    instance._parts, instance._parts_size, instance._budget = [], 0, 1 << 62
     lines: list[str] = []
     instance._sink = lines.extend
     instance._outcome = asyncio.get_running_loop().create_future()
-    frame = '{"ok":true,"result":' + result.decode() + "}"
-    instance._route(["before", "said " + instance._mark + frame, "after"])
+    padding = b" " * 3 * PIPE_BUF if pieces else b""  # (JSON's whitespace: a frame the worker sends in pieces)
+    frame = instance._mark + b' {"ok":true,' + padding + b'"result":' + result + b"}\n"
+    sent = list(_frame_pieces(instance._mark + b" ", frame))
+    assert (len(sent) > 1) is pieces
+    instance._route([b"before", b"said " + sent[0][:-1], *(piece[:-1] for piece in sent[1:]), b"after"])
     assert instance._outcome.result() == outcome
     assert lines == ["before", "said ", "after"]
