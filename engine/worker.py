@@ -47,8 +47,7 @@ import time
 TYPE_CHECKING = False  # typing itself is not imported: it would cost every start a few ms
 if TYPE_CHECKING:
     import logging
-    from typing import Any, Callable, Iterator
-    from typing import NoReturn
+    from typing import Any, Callable, Iterator, NoReturn
 
 FRAME_MARK = "\x1eeventrun-frame:"
 # A frame is a line: FRAME_MARK, the instance's token, FRAME_LAST, the frame's JSON. A write to a
@@ -342,7 +341,7 @@ class _Worker:
     def __init__(self, handler: str, function: str, token: str, tasks: int, frames: int, memory_limit: int) -> None:
         self.handler_spec = handler
         self.function = function
-        self.mark = (FRAME_MARK + token + " ").encode()
+        self.mark = (FRAME_MARK + token + FRAME_LAST).encode()
         # (Never closed by the file object: should the handler close the fd, or open something
         # else on its number, finalising the object must not close what is there then.)
         self.tasks = os.fdopen(tasks, "rb", closefd=False)
