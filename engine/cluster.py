@@ -8,7 +8,10 @@ notice missed while its listening connection was down costs a heartbeat, not the
 Each node renews its lease (a heartbeat) every third of the lease. A node not heard from
 within its lease is taken for dead: the first survivor to notice ends its RUNNING runs FAILED
 (async execution never retries) and takes it off the registry; its QUEUED runs were never
-its own, so any node runs them.
+its own, so any node runs them. A node judges others only from the store's answers to its
+own renewals: once its renewals failed (or came late), it gives each other node its whole
+lease again from the moment the store answers, for an outage of the store silences every
+node alike. A node that finds it was taken for dead stops the runs that were ended for it.
 
 A terminate of a run on another node is kept with the run (abort_requested) as well as told by
 NOTIFY: the node running it also looks for such requests at each heartbeat.
@@ -28,11 +31,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import asyncpg
 
-from .api import SERVER_STOPPED, Status
+from .api import SERVER_STOPPED, Invocation, Status
 from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
 from .errors import InvocationEnded, InvocationNotFound, NodeNotAnswering, StoreError
-from .logs import log_lines
+from .failures import FailureLog
+from .logs import is_end_note, log_lines
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
 from .store import hold_lock
@@ -48,6 +52,13 @@ SHIP_LOG_EVERY = 5.0  # seconds between the log's lines about shipments that fai
 FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notices or not
 FOLLOW_CHUNK = 1 << 20  # bytes of a log a follower reads from the store at a time
 RENEWAL_LATE = 1.0  # seconds past its time (a third of its lease) a node's renewal is taken as missed
+HEARTBEAT_LOG_EVERY = 60.0  # seconds between the log's lines about heartbeats that fail, at least
+CLOSING_WAIT = 5.0  # seconds a follower waits, past an end recorded before its closing line, for that line
+# Ends the store records before eventrun's closing line can be written, and a follower waits
+# for that line: NodeLost (by the node that took the run's node for dead), ServerStopped (by a
+# node ending at its start what it left running), Aborted (a terminate of a run not started:
+# the line may say so only once the store has it).
+_CLOSED_AFTER = frozenset({NODE_LOST, "ServerStopped", "Aborted"})
 
 
 def default_node_id() -> str:
@@ -79,6 +90,7 @@ class Cluster:
         ended_elsewhere: Callable[[str], None],
         failed_here: Callable[[Sequence[tuple[str, str]]], Awaitable[None]],
         terminate_here: Callable[[str], Awaitable[Any]],
+        lost_here: Callable[[], Awaitable[None]],
     ) -> None:
         self.store = store
         self.node_id = store.node_id
@@ -92,6 +104,7 @@ class Cluster:
         self._ended_elsewhere = ended_elsewhere
         self._failed_here = failed_here
         self._terminate_here = terminate_here
+        self._lost_here = lost_here
         self._wanted: set[str] = set()  # functions to claim for
         self._wake = asyncio.Event()
         self._unannounced: set[str] = set()  # functions with runs accepted here the others were not told of
@@ -107,6 +120,9 @@ class Cluster:
         self._accepted_since: dict[str, int] = {}  # accepted here since the last backlog count
         self._claims_in_doubt = False  # a claim failed: the store may hold claims of ours we never heard of
         self._aborting: dict[str, asyncio.Task[None]] = {}  # runs of this node being stopped on request
+        self._renewals_failed = False  # a renewal of this node's lease failed since the last that went through
+        self._answered_since = -math.inf  # (monotonic) the store has renewed this node's lease in time since
+        self._beats_failing = FailureLog(logger, every=HEARTBEAT_LOG_EVERY, level=logging.WARNING)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -256,14 +272,21 @@ class Cluster:
             try:
                 await self._beat()
             except Exception as exc:  # a heartbeat must go on whatever one of them met
-                logger.warning("heartbeat failed (%s); trying again in %.1fs", exc, self.lease / 3)
+                self._beats_failing.log("heartbeat failed (%s); trying again every %gs", exc, self.lease / 3)
+            else:
+                self._beats_failing.recovered("heartbeats reach the store again")
 
     async def _beat(self) -> None:
-        if not await self.store.heartbeat():
-            # Taken for dead (paused or cut off past the lease): its RUNNING runs were ended FAILED.
-            logger.error("node %s lost its lease and was taken for dead; joining again", self.node_id)
+        if not await self._renew():
+            # Taken for dead (paused or cut off past the lease while the others reached the store):
+            # its RUNNING runs were ended FAILED (NodeLost), and their slots went to other nodes.
+            logger.error(
+                "node %s lost its lease and was taken for dead; stopping the runs that were ended for it, and joining again",
+                self.node_id,
+            )
+            await self._lost_here()
             await self.store.join(self.url, self.lease, self.store.incarnation)
-        dead = [n for n in await self.store.expired(self.lease) if n != self.node_id]
+        dead = [n.node_id for n in await self.store.nodes() if n.node_id != self.node_id and self._past_lease(n)]
         if dead:
             await self._take_for_dead(dead)
         if self._claims_in_doubt:
@@ -275,6 +298,28 @@ class Cluster:
             self._abort(request_id)  # its notice may have been lost with a connection
         await self._look()
         self.want(*self._concurrency)  # a notice lost on the way costs one heartbeat, not the run
+
+    async def _renew(self) -> bool:
+        """Renew this node's lease (False: it was taken for dead meanwhile). After renewals that
+        failed, or one that took longer than a third of the lease, the others were as likely cut
+        off as this node: each is given its whole lease again from now before it is judged."""
+        asked = time.monotonic()
+        try:
+            renewed = await self.store.heartbeat()
+        except BaseException:
+            self._renewals_failed = True
+            raise
+        answered = time.monotonic()
+        if self._renewals_failed or answered - asked > self.lease / 3:
+            self._renewals_failed = False
+            self._answered_since = answered
+        return renewed
+
+    def _past_lease(self, node: Node) -> bool:
+        """Whether another node is to be taken for dead: silent past its own lease, while this node
+        has reached the store for that long (see _renew)."""
+        lease = node.lease or self.lease
+        return node.heartbeat_age >= lease and time.monotonic() - self._answered_since >= lease
 
     async def _take_for_dead(self, dead: Sequence[str]) -> None:
         """End the RUNNING runs of nodes silent past their lease FAILED (NodeLost), and drop the nodes."""
@@ -295,7 +340,7 @@ class Cluster:
 
     async def _look(self) -> None:
         """Refresh the cluster's view: nodes alive, backlog, this node's share of each QPS limit."""
-        self.nodes = [n for n in await self.store.nodes() if n.heartbeat_age < (n.lease or self.lease)]
+        self.nodes = [n for n in await self.store.nodes() if not self._past_lease(n)]
         self.backlog = await self.store.backlog()
         self._accepted_since = {}
         alive = max(1, len(self.nodes))
@@ -352,19 +397,21 @@ class Cluster:
         the node asked, None if the run had ended."""
         return await self.store.request_abort(request_id)
 
-    async def check_answering(self, node_id: str, request_id: str) -> None:
-        """After a terminate sent to `node_id` was not acted on: raise NodeNotAnswering if that
-        node has stopped renewing its lease (it missed a renewal), so no node can stop the run.
-        A node silent past its lease is taken for dead here, as at a heartbeat: the run ends
-        FAILED (NodeLost) now."""
+    async def not_stopped(self, node_id: str, request_id: str, waited: float) -> None:
+        """A terminate sent to `node_id` was not acted on within `waited` seconds. A node silent
+        past its lease is taken for dead here, as at a heartbeat: the run ends FAILED (NodeLost)
+        now. Should the run still not have ended, raise NodeNotAnswering, whatever the node's
+        last heartbeat: no other node can stop the run (and the request is kept for it)."""
         node = next((n for n in await self.store.nodes() if n.node_id == node_id), None)
-        if node is None:  # taken for dead already: its runs ended with it
-            return
-        lease = node.lease or self.lease
-        if node.heartbeat_age >= lease:
+        if node is not None and self._past_lease(node):
             await self._take_for_dead([node_id])
-        elif node.heartbeat_age > lease / 3 + RENEWAL_LATE:
-            raise NodeNotAnswering(request_id, node_id, node.heartbeat_age, lease)
+        if await self.store.owner(request_id) is None:  # it has ended
+            return
+        if node is None:
+            raise NodeNotAnswering(request_id, node_id, None, self.lease)
+        lease = node.lease or self.lease
+        renewing = node.heartbeat_age <= lease / 3 + RENEWAL_LATE  # it has not missed a renewal
+        raise NodeNotAnswering(request_id, node_id, node.heartbeat_age, lease, waited=waited if renewing else None)
 
     async def abort_queued(self, request_id: str, message: str) -> bool:
         """End a run no node has started yet as ABORTED; False if one started it meanwhile."""
@@ -395,18 +442,25 @@ class Cluster:
                 return
             yield data
 
-    async def follow_log(self, request_id: str, ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-        """The run's log so far, then new lines as any node ships them, until the run ends."""
+    async def follow_log(self, request_id: str, state: Callable[[], Awaitable[Invocation]]) -> AsyncIterator[str]:
+        """The run's log so far, then new lines as any node ships them, until the run ends.
+
+        What a run writes is shipped before its end is recorded, but eventrun's closing line of
+        an end recorded by the store for a node (_CLOSED_AFTER) is written just after: the
+        follower waits for that line too, CLOSING_WAIT seconds at most (its writer may die first).
+        """
         event = asyncio.Event()
         self._log_readers.setdefault(request_id, set()).add(event)
         last = 0
-        over = more = False
+        more = closed = False
+        run: Invocation | None = None
+        closing_by: float | None = None  # the run has ended: the follower waits for its closing line until then
         try:
             while True:
                 event.clear()
                 try:
                     if not more:  # (read before the log: what a run wrote is shipped before it ends)
-                        over = await ended()
+                        run = await state()
                     data, last = await self.store.read_log(request_id, last, most=FOLLOW_CHUNK)
                 except StoreError as exc:
                     # The store cannot serve now (an outage); the run goes on, and so does the
@@ -415,14 +469,22 @@ class Cluster:
                     await asyncio.sleep(FOLLOW_RECHECK)
                     continue
                 for line in log_lines(data):
+                    closed = closed or is_end_note(line)
                     yield line
                 more = len(data) >= FOLLOW_CHUNK  # a whole piece: the log may go on past it
                 if more:
                     continue
-                if over:
-                    return
+                wait = FOLLOW_RECHECK
+                if run is not None and run.status.ended:
+                    if closed or run.error_type not in _CLOSED_AFTER:
+                        return
+                    if closing_by is None:
+                        closing_by = time.monotonic() + CLOSING_WAIT
+                    wait = closing_by - time.monotonic()
+                    if wait <= 0:
+                        return
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(FOLLOW_RECHECK):
+                    async with asyncio.timeout(min(wait, FOLLOW_RECHECK)):
                         await event.wait()
         finally:
             readers = self._log_readers.get(request_id)

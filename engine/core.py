@@ -21,8 +21,9 @@ from .errors import (
     FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
     Throttled,
 )
+from .failures import FailureLog
 from .instances import Instance, InstancePool, Outcome, Spec
-from .logs import LogHub
+from .logs import LogHub, end_note
 from .manifest import FunctionConfig, Manifest, format_duration
 from .metrics import Metrics
 from .recount import Recount
@@ -63,37 +64,6 @@ REFUSAL_LOG_EVERY = 5.0
 with how many there were since the last line, rather than every run's every try."""
 
 
-class _Refusals:
-    """Refused writes of one kind (runs' starts, runs' ends, sync calls' records), logged once a
-    while rather than once each, and the store's recovery once, with the refusals no line has
-    counted yet. Each kind keeps its own back-off; this is only what the log says of it."""
-
-    def __init__(self) -> None:
-        self._quiet_until = 0.0
-        self._unlogged = 0
-        self._refusing = False
-
-    def log(self, text: str, *args: object) -> None:
-        now = time.monotonic()
-        self._refusing = True
-        if now < self._quiet_until:
-            self._unlogged += 1
-            return
-        if self._unlogged:
-            text, args = text + " (and %d more refused since the last such line)", (*args, self._unlogged)
-        logger.error(text, *args)
-        self._quiet_until, self._unlogged = now + REFUSAL_LOG_EVERY, 0
-
-    def recovered(self, text: str) -> None:
-        """A write of this kind was recorded after refusals: say so once (the next refusal is logged at once)."""
-        if not self._refusing:
-            return
-        if self._unlogged:
-            text += f" ({self._unlogged} more refused since the last such line)"
-        logger.warning(text)
-        self._quiet_until, self._unlogged, self._refusing = 0.0, 0, False
-
-
 def _refused_delay(refusals: int) -> float:
     """Seconds to wait before trying a write again that the store refused this many times in a row before."""
     first, most = REFUSED_RETRY
@@ -117,13 +87,15 @@ class _Behind:
 
 
 class _Run:
-    """A run going on: its instance, once it has one, and whether it was asked to stop."""
+    """A run going on: its instance, once it has one, whether it was asked to stop, and whether
+    its end was recorded elsewhere (this node was taken for dead meanwhile: see _stop_lost_runs)."""
 
-    __slots__ = ("instance", "abort")
+    __slots__ = ("instance", "abort", "lost")
 
     def __init__(self) -> None:
         self.instance: Instance | None = None
         self.abort = False
+        self.lost = False
 
 
 def _rows(envelopes: Sequence[AnyEnvelope]) -> Batch | list[NewInvocation]:
@@ -203,13 +175,16 @@ class Engine:
         )
         self.shutting_down = False
         self._runs: dict[str, _Run] = {}
+        self._stopping_lost: set[asyncio.Task[None]] = set()  # instances of lost runs being killed (see _stop_lost_runs)
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
         self._start_tried: dict[str, str] = {}  # the time of a run's refused start, to try again with
         self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
-        # What the server's log says of refused writes, by kind (see _Refusals).
-        self._refused_starts, self._refused_ends, self._refused_records = _Refusals(), _Refusals(), _Refusals()
+        # What the server's log says of refused writes, by kind (see FailureLog).
+        self._refused_starts = FailureLog(logger, every=REFUSAL_LOG_EVERY, counted="refused")
+        self._refused_ends = FailureLog(logger, every=REFUSAL_LOG_EVERY, counted="refused")
+        self._refused_records = FailureLog(logger, every=REFUSAL_LOG_EVERY, counted="refused")
         self._sends = 0  # sends of sync calls' records so far
         self._refused_send = -1  # the last of those the store refused a record of
         self._unsent: dict[str, _Behind] = {}  # those with a start or an end not yet sent to the store
@@ -238,6 +213,7 @@ class Engine:
                 ended_elsewhere=self._wake_waiters,
                 failed_here=self._ended_by_the_store,
                 terminate_here=self.terminate,
+                lost_here=self._stop_lost_runs,
             )
             self.logs.sink = self.cluster.shipper.add
 
@@ -336,6 +312,7 @@ class Engine:
         if still:
             logger.warning("stopping %d runs still going after %ss", len(still), grace)
             await self.dispatcher.cancel_all(self.manifest.server.kill_grace + END_GRACE)
+        await asyncio.gather(*self._stopping_lost, return_exceptions=True)  # (their runs ended: their kills end too)
         # Every run here has ended; a caller still waiting (a sync call whose run stays queued
         # for the next start, or runs on another node) is answered with its run as it is now,
         # by the hooks' time (the gateway answers its requests in flight in one of them).
@@ -596,7 +573,7 @@ class Engine:
         with the steps after it, with the back-off of a run's end (REFUSED_RETRY): its
         acceptance and start (each harmless twice), then its end once it has ended. The back-off
         counts sends, not records (one send refused is one commit refused), and so does the
-        server's log (see _Refusals). Any other failure (the store closed) loses the record, and the log
+        server's log (see FailureLog). Any other failure (the store closed) loses the record, and the log
         says so.
         """
         if isinstance(written, Exception):
@@ -824,11 +801,14 @@ class Engine:
         """Log lines so far, then live ones, ending when the run ends."""
         await self.get(request_id)
 
+        async def state() -> Invocation:
+            return await self.get(request_id)
+
         async def ended() -> bool:
-            return (await self.get(request_id)).status.ended
+            return (await state()).status.ended
 
         if self.cluster is not None:
-            return self.cluster.follow_log(request_id, ended)
+            return self.cluster.follow_log(request_id, state)
         return self.logs.follow(request_id, ended)
 
     def metrics_text(self) -> str:
@@ -925,11 +905,13 @@ class Engine:
         assert self.cluster is not None
         if await self.cluster.terminate_elsewhere(request_id) is None:  # it ended meanwhile
             return await self.get(request_id)
-        invocation = await self.wait(request_id, timeout=self.manifest.server.kill_grace + TERMINATE_WAIT)
-        if not invocation.status.ended:
-            await self.cluster.check_answering(owner, request_id)  # NodeNotAnswering, or its lease ran out here
-            invocation = await self.get(request_id)
-        return invocation
+        waited = self.manifest.server.kill_grace + TERMINATE_WAIT
+        invocation = await self.wait(request_id, timeout=waited)
+        if invocation.status.ended:
+            return invocation
+        # Never answered RUNNING: NodeNotAnswering, unless its node's lease ran out and it ended NodeLost here.
+        await self.cluster.not_stopped(owner, request_id, waited)
+        return await self.get(request_id)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -974,6 +956,9 @@ class Engine:
             raise
         finally:
             self._runs.pop(request_id, None)
+        if run.lost:  # its end (NodeLost) was recorded, and its closing line written, by another node
+            self.logs.close(request_id)
+            return
         # Released above, the run is only recording its end now: a stop does not cancel that
         # (see Dispatcher.cancel_all), so it is awaited here rather than shielded in a task of its own.
         await self._end(request_id, function, outcome, started=started)
@@ -1032,7 +1017,7 @@ class Engine:
 
         `queued_only` (a shared store): record it only if no node has started the run yet.
         """
-        note = f"[eventrun] run ended {outcome.status.value}: {outcome.error_type}: {outcome.error_message}"
+        note = end_note(outcome.status.value, outcome.error_type, outcome.error_message)
         if outcome.status is not Status.FINISHED and not queued_only:
             self._note(request_id, note)
         behind = self._behind.get(request_id)
@@ -1093,13 +1078,41 @@ class Engine:
                 future.set_result(None)
 
     async def _ended_by_the_store(self, ended: Sequence[tuple[str, str]]) -> None:
-        """Runs the store ended FAILED (their node died, or this one before a restart): log, wake, tell."""
-        for request_id, _function in ended:
-            invocation = await self.get(request_id)
-            self._note(request_id, f"[eventrun] run ended {invocation.status.value}: {invocation.error_type}: {invocation.error_message}")
-            self.logs.close(request_id)
-            self._wake_waiters(request_id)
+        """Runs the store ended FAILED (their node died, or this one before a restart): log, wake, tell.
+
+        Their ends are committed, and announced, before their closing lines can be written: the
+        lines are shipped at once, and followers wait for them (see Cluster.follow_log)."""
+        invocations = [await self.get(request_id) for request_id, _function in ended]
+        for invocation in invocations:
+            self._note(invocation.request_id, end_note(invocation.status.value, invocation.error_type, invocation.error_message))
+        if self.cluster is not None:
+            try:
+                await self.cluster.shipper.flush()
+            except StoreError:  # the lines wait for the shipper's next round
+                pass
+        for invocation in invocations:
+            self.logs.close(invocation.request_id)
+            self._wake_waiters(invocation.request_id)
             self._notify(invocation)
+
+    async def _stop_lost_runs(self) -> None:
+        """This node was taken for dead (cut off from the store, or paused, past its lease): the
+        others ended its RUNNING runs FAILED (NodeLost) and gave their slots away. Stop those still
+        going here; their ends stand as recorded (runs started here since go on)."""
+        grace = self.manifest.server.kill_grace
+        for request_id, run in list(self._runs.items()):
+            invocation = await self.get(request_id)
+            if run.lost or not invocation.status.ended:
+                continue
+            run.lost = run.abort = True  # (an instance not acquired yet is stopped as it comes: _run_on_instance)
+            if run.instance is not None:
+                logger.warning(
+                    "stopping run %s: this node was taken for dead, and the run ended %s (%s) meanwhile",
+                    request_id, invocation.status.value, invocation.error_type,
+                )
+                task = asyncio.create_task(run.instance.abort(Status.ABORTED, grace), name=f"stop-lost-{request_id}")
+                self._stopping_lost.add(task)
+                task.add_done_callback(self._stopping_lost.discard)
 
     def _notify(self, invocation: Invocation) -> None:
         for listener in self._listeners:

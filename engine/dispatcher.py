@@ -133,9 +133,13 @@ class Dispatcher:
         self._pump()
 
     def remove(self, function: str, request_id: str) -> bool:
-        """Drop a run that has not started yet; False if it is no longer queued."""
+        """Drop a run that has not started yet; False if it is no longer queued (or, with a shared
+        store, its function is not in this node's manifest: it was never queued here)."""
+        queue = self._queues.get(function)
+        if queue is None:
+            return False
         try:
-            self._queues[function].remove(request_id)
+            queue.remove(request_id)
         except ValueError:
             return False
         return True
@@ -147,12 +151,12 @@ class Dispatcher:
     # -- counters --------------------------------------------------------------------------
 
     def queued(self, function: str) -> int:
-        """Runs of the function waiting for a slot."""
-        return len(self._queues[function])
+        """Runs of the function waiting for a slot (none of a function this node does not serve)."""
+        return len(self._queues.get(function, ()))
 
     def running(self, function: str) -> int:
-        """Runs of the function going on."""
-        return self._running[function]
+        """Runs of the function going on (none of a function this node does not serve)."""
+        return self._running.get(function, 0)
 
     @property
     def total_running(self) -> int:

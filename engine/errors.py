@@ -53,16 +53,30 @@ class InvocationActive(EventrunError):
 
 
 class NodeNotAnswering(EventrunError):
-    """A run's node has stopped renewing its lease: no other node can stop the run."""
+    """A run's node has not acted on a terminate within the wait, and no other node can stop the run."""
 
     code = "NodeNotAnswering"
 
-    def __init__(self, request_id: str, node: str, silent: float, lease: float) -> None:
-        super().__init__(
-            f"invocation {request_id!r} runs on node {node}, which has not renewed its lease for {silent:.1f}s, so no "
-            f"other node can stop it; it ends FAILED (NodeLost) once that lease ({lease:g}s) runs out, or ABORTED "
-            "should the node answer first (the request is kept)"
-        )
+    def __init__(self, request_id: str, node: str, silent: float | None, lease: float, *, waited: float | None = None) -> None:
+        if silent is None:  # it left the registry (a stop whose end of the run the store refused)
+            message = (
+                f"invocation {request_id!r} runs on node {node}, which has left the cluster without ending it, so no "
+                "other node can stop it; it ends FAILED (ServerStopped) when that node starts again"
+            )
+        elif waited is None:  # it stopped renewing its lease: killed, cut off, paused
+            message = (
+                f"invocation {request_id!r} runs on node {node}, which has not renewed its lease for {silent:.1f}s, so no "
+                f"other node can stop it; it ends FAILED (NodeLost) once that lease ({lease:g}s) runs out, or ABORTED "
+                "should the node answer first (the request is kept)"
+            )
+        else:  # it renewed its lease lately: it has not got to the request yet, or has just died
+            message = (
+                f"invocation {request_id!r} runs on node {node}, which has not stopped it within {waited:g}s of the "
+                f"request (it last renewed its lease {silent:.1f}s ago), and no other node can stop it; the request is "
+                f"kept: it ends ABORTED once that node acts on it, or FAILED (NodeLost) should that node's lease "
+                f"({lease:g}s) run out first"
+            )
+        super().__init__(message)
         self.request_id = request_id
 
 

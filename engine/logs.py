@@ -301,6 +301,19 @@ def _read_lines(fd: int, offset: int) -> bytes:
     return data
 
 
+_END_NOTE = "[eventrun] run ended "
+
+
+def end_note(status: str, error_type: str | None, error_message: str | None) -> str:
+    """eventrun's closing line in the log of a run that did not finish well."""
+    return f"{_END_NOTE}{status}: {error_type}: {error_message}"
+
+
+def is_end_note(line: str) -> bool:
+    """Whether a line as read from a run's log (stamped) is eventrun's closing line (end_note)."""
+    return line.partition(" ")[2].startswith(_END_NOTE)
+
+
 def log_lines(chunk: bytes) -> list[str]:
     """The lines of whole lines read from a run's log (split at line feeds only, as written)."""
     text = chunk.decode("utf-8", "replace")

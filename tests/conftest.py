@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from postgres_service import postgres, postgres_server  # noqa: F401  (fixtures: a real PostgreSQL)
+from postgres_service import postgres, postgres_link, postgres_server  # noqa: F401  (fixtures: a real PostgreSQL)
 from server_process import ServerProcess, handler, pid_alive, poll_until
 
 

@@ -149,7 +149,10 @@ async def migrate(conn: Any) -> int:
     """Bring the schema to the newest version (one node at a time); the version it is at."""
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
-        await conn.execute("CREATE TABLE IF NOT EXISTS eventrun_schema (version int NOT NULL)")
+        # (Asked first: CREATE TABLE IF NOT EXISTS needs the right to create tables even when the
+        # table is there, and a node's user need not have it once the schema is made.)
+        if await conn.fetchval("SELECT to_regclass('eventrun_schema')") is None:
+            await conn.execute("CREATE TABLE IF NOT EXISTS eventrun_schema (version int NOT NULL)")
         version = await conn.fetchval("SELECT max(version) FROM eventrun_schema") or 0
         if version > len(MIGRATIONS):
             raise StoreError(

@@ -72,6 +72,10 @@ _UNAVAILABLE = (
 )
 
 
+# What says the server cannot be reached at all (at open: the other errors are its answers).
+_UNREACHABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InternalClientError)
+
+
 def _refusal_as_store_error(method: _Method) -> _Method:
     """A method raising StoreError for a database that cannot serve it now (see _UNAVAILABLE):
     the API answers 503 rather than 500, and a run's start and end are tried again, as with
@@ -118,16 +122,25 @@ class PostgresStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, and create or migrate the schema (one node at a time)."""
+        """Connect, and create or migrate the schema (one node at a time); StoreError naming
+        what stood in the way (the server unreachable, a wrong password, a user without rights)."""
         try:
             # No reset when a connection goes back to the pool (a round trip after every query):
             # nothing here leaves session state behind (LISTEN has a connection of its own).
-            self._pool = await asyncpg.create_pool(self.url, min_size=2, max_size=self._pool_size, reset=_keep)
-            self._intake = Intake(self._pool)
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise StoreError(f"cannot reach the PostgreSQL store at {_safe(self.url)}: {exc}") from None
-        async with self.pool.acquire() as conn:
-            await migrate(conn)
+            # No floor of connections (min_size 0): asyncpg restores a floor in the background and
+            # logs each try that fails with its traceback while the database is down; here a query
+            # connects what it needs, and its caller says (once in a while) that it failed.
+            self._pool = await asyncpg.create_pool(self.url, min_size=0, max_size=self._pool_size, reset=_keep)
+            async with self._pool.acquire() as conn:
+                await migrate(conn)
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, _UNREACHABLE):
+                raise StoreError(f"cannot reach the PostgreSQL store at {_safe(self.url)}: {exc}") from None
+            if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):  # (a wrong password, no rights, ...)
+                raise StoreError(f"cannot use the PostgreSQL store at {_safe(self.url)}: {_cause(exc)}") from None
+            raise  # (a newer schema: its StoreError says so)
+        self._intake = Intake(self._pool)
 
     async def close(self) -> None:
         """Close every connection."""
@@ -146,15 +159,24 @@ class PostgresStore:
         return self._pool
 
     async def listen(self, on_notice: Callable[[str, str], None], on_lost: Callable[[], None]) -> asyncpg.Connection:
-        """A connection of its own that LISTENs on every channel; `on_notice(channel, payload)`."""
+        """A connection of its own that LISTENs on every channel; `on_notice(channel, payload)`.
+
+        (Its OSError or asyncpg error is left as it is: Cluster takes either as a reason to look
+        for work at each heartbeat until it can listen again, at its start too.)
+        """
         conn: asyncpg.Connection = await asyncpg.connect(self.url)
-        for channel in CHANNELS:
-            await conn.add_listener(channel, lambda _c, _pid, ch, payload: on_notice(ch, payload))
+        try:
+            for channel in CHANNELS:
+                await conn.add_listener(channel, lambda _c, _pid, ch, payload: on_notice(ch, payload))
+        except BaseException:
+            conn.terminate()  # (half listening is of no use: the next try makes another)
+            raise
         conn.add_termination_listener(lambda _c: on_lost())
         return conn
 
     # -- writes ----------------------------------------------------------------------------
 
+    @_refusal_as_store_error
     async def keep_templates(self, templates: Collection[bytes]) -> None:
         """Record the templates of Templated envelopes about to be accepted (each once)."""
         new = {key: template for template in templates if (key := template_key(template)) not in self._templates}
@@ -205,6 +227,7 @@ class PostgresStore:
             request_id, started_at, self.node_id,
         )
 
+    @_refusal_as_store_error
     async def unclaim(self, request_ids: Sequence[str]) -> None:
         """Hand runs this node claimed but did not start back to the queue (a shutdown)."""
         await self.pool.execute(
@@ -214,6 +237,7 @@ class PostgresStore:
             list(request_ids), self.node_id,
         )
 
+    @_refusal_as_store_error
     async def claimed_here(self) -> list[str]:
         """The runs this node holds CLAIMED in the store."""
         rows = await self.pool.fetch(
@@ -221,6 +245,7 @@ class PostgresStore:
         )
         return sorted(r[0] for r in rows)
 
+    @_refusal_as_store_error
     async def claim(self, function: str, want: int, cap: int) -> list[str]:
         """QUEUED -> CLAIMED by this node for up to `want` runs of a function, oldest first, keeping
         the function's claimed and running runs across the cluster at `cap` or below."""
@@ -263,6 +288,7 @@ class PostgresStore:
             )
             await conn.execute("INSERT INTO replays (request_id, replay_of) VALUES ($1::uuid, $2::uuid)", row.request_id, replay_of)
 
+    @_refusal_as_store_error
     async def prune(self, ended_before_ms: int, at_once: int = PRUNE_AT_ONCE) -> list[str]:
         """Delete up to `at_once` runs that ended before this time (Unix ms), their logs, links and
         given-up deliveries (a run with a delivery still owed stays); their RequestIds.
@@ -284,12 +310,18 @@ class PostgresStore:
 
     # -- the outbox: deliveries owed for ended runs (written by the end's own commit) ------
 
+    @_refusal_as_store_error
     async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None:
         """Where each function's runs go when they end, from now on: {function: [(kind, target)]}.
-        (The last node started sets them for the cluster: nodes share one manifest.)"""
+
+        Only the functions given (this node's manifest, each with its destinations, or none) are
+        set: a function the manifest lacks keeps what another node's manifest set for it, as
+        nodes may run with different manifests. (One dropped from every manifest keeps its last:
+        what its runs' ends owe is held until a manifest has it again, or given up after a day.)
+        """
         rows = [(function, kind, target) for function, pairs in destinations.items() for kind, target in pairs]
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("DELETE FROM destinations")
+            await conn.execute("DELETE FROM destinations WHERE function = any($1::text[])", list(destinations))
             await conn.executemany(
                 "INSERT INTO destinations (function, kind, target) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", rows
             )
@@ -321,6 +353,7 @@ class PostgresStore:
             delivery_id, retry_in or 0.0, _text(error), give_up,
         )
 
+    @_refusal_as_store_error
     async def release_deliveries(self) -> None:
         """Make the deliveries this node claimed before a stop (cut off mid-attempt) due at once."""
         await self.pool.execute(
@@ -357,6 +390,7 @@ class PostgresStore:
             )
         return replay_of, [r[0] for r in rows]
 
+    @_refusal_as_store_error
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -371,6 +405,7 @@ class PostgresStore:
         if flipped:
             raise async_flag_flipped(flipped)
 
+    @_refusal_as_store_error
     async def put_state(self, key: str, value: str) -> None:
         """Remember a small value (e.g. a trigger's last position)."""
         await self.pool.execute(
@@ -380,6 +415,7 @@ class PostgresStore:
 
     # -- nodes -----------------------------------------------------------------------------
 
+    @_refusal_as_store_error
     async def join(self, url: str, lease: float, previous: str | None = None) -> None:
         """Register this start of the node; a node id held by a live node (heard from within the
         lease) is refused, unless that is `previous`, this node's own start before (now dead)."""
@@ -402,6 +438,7 @@ class PostgresStore:
                 self.node_id, self.incarnation, url, lease,
             )
 
+    @_refusal_as_store_error
     async def heartbeat(self) -> bool:
         """Renew this node's lease; False if the node was taken for dead meanwhile (and must join again)."""
         row = await self.pool.fetchval(
@@ -410,10 +447,12 @@ class PostgresStore:
         )
         return row is not None
 
+    @_refusal_as_store_error
     async def leave(self) -> None:
         """Take this node out of the cluster (a clean stop)."""
         await self.pool.execute("DELETE FROM nodes WHERE node_id = $1 AND incarnation = $2", self.node_id, self.incarnation)
 
+    @_refusal_as_store_error
     async def nodes(self) -> list[Node]:
         """Every registered node."""
         rows = await self.pool.fetch(
@@ -421,6 +460,7 @@ class PostgresStore:
         )
         return [Node(r["node_id"], r["url"], r["age"], r["lease"]) for r in rows]
 
+    @_refusal_as_store_error
     async def fail_runs_of(
         self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, lease: float | None = None
     ) -> list[tuple[str, str]]:
@@ -456,6 +496,7 @@ class PostgresStore:
                 ended += [(r["request_id"], r["function"]) for r in rows]
         return ended
 
+    @_refusal_as_store_error
     async def expired(self, lease: float) -> list[str]:
         """Nodes not heard from within their own lease (`lease` for a node that did not record one)."""
         rows = await self.pool.fetch(
@@ -477,6 +518,7 @@ class PostgresStore:
         )
         return None if row is None else row["owner"]  # type: ignore[no-any-return]
 
+    @_refusal_as_store_error
     async def aborts_requested(self) -> list[str]:
         """The runs of this node that were asked to stop (a notice of it may have been lost)."""
         rows = await self.pool.fetch(
@@ -486,16 +528,19 @@ class PostgresStore:
         )
         return sorted(r[0] for r in rows)
 
+    @_refusal_as_store_error
     async def notify(self, channel: str, payload: str) -> None:
         """Send a notification to every node (this one too)."""
         await self.pool.execute("SELECT pg_notify($1, $2)", channel, payload)
 
+    @_refusal_as_store_error
     async def announce(self, functions: Collection[str]) -> None:
         """Tell every node these functions have new QUEUED runs."""
         await self.pool.execute(
             "SELECT count(pg_notify('" + QUEUED + "', f)) FROM unnest($1::text[]) AS f", list(functions)
         )
 
+    @_refusal_as_store_error
     async def backlog(self) -> dict[str, int]:
         """QUEUED runs per function, across the cluster."""
         rows = await self.pool.fetch(
@@ -553,6 +598,7 @@ class PostgresStore:
 
     # -- reads -----------------------------------------------------------------------------
 
+    @_refusal_as_store_error
     async def get_state(self, key: str) -> str | None:
         """A remembered value, or None."""
         return await self.pool.fetchval("SELECT value FROM state WHERE key = $1", key)  # type: ignore[no-any-return]
@@ -671,6 +717,7 @@ class PostgresStore:
             )
         )
 
+    @_refusal_as_store_error
     async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""
         n = await self.pool.fetchval(
@@ -712,6 +759,14 @@ async def _keep(conn: asyncpg.Connection) -> None:
 def _text(value: str | None) -> str | None:
     """A message as PostgreSQL text can hold it (no NUL characters)."""
     return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+
+
+def _cause(exc: BaseException) -> str:
+    """What the server (or the driver) said, and the kind of error; with a hint where one helps."""
+    cause = f"{exc} ({type(exc).__name__})"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        cause += "; its user must be allowed to read and write the schema's tables, and the first start to create them"
+    return cause
 
 
 def _safe(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime, timedelta
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,6 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from postgres_service import as_user
 from server_process import Api, ServerProcess, handler, poll_until
 from test_destinations_e2e import Receiver
 
@@ -328,6 +330,31 @@ async def test_a_node_id_held_by_a_live_node_is_refused(cluster: Cluster, eventr
     )
     assert twin.run_to_exit() == 2
     assert "eventrun: cannot start: node id 'node-1' is held by a live node" in twin.stderr_text()
+
+
+async def test_a_database_user_without_rights_is_refused_in_one_line(
+    postgres: str, eventrun_server: Callable[..., ServerProcess]
+) -> None:
+    # It was a 36-line traceback of InsufficientPrivilegeError and exit status 1, where a wrong
+    # password, a missing database or a newer schema get one line and exit status 2.
+    role = f"eventrun_user_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres)
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        url = as_user(postgres, role, "pw")
+        node = eventrun_server(
+            {"f": {"handler": handler("quick")}}, extra={"store": {"url": url}, "cluster": {"node_id": "node-1"}}, start=False
+        )
+        assert node.run_to_exit() == 2, node.log_text()
+        stderr = node.stderr_text()
+        assert stderr.startswith(
+            f"eventrun: cannot start: cannot use the PostgreSQL store at {url.replace(':pw@', ':***@')}:"
+            " permission denied for schema public (InsufficientPrivilegeError); "
+        ), stderr
+        assert stderr.count("\n") == 1 and "Traceback" not in node.log_text(), node.log_text()
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
 
 
 async def _nothing(rows: Any) -> bool:

@@ -314,3 +314,34 @@ def test_serve_refuses_a_bad_cron_naming_function_and_trigger(eventrun_server, h
     assert code != 0, server.log_text()
     assert "functions.report.triggers[0] (timer 'nightly')" in stderr and "hour field '25'" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.e2e
+async def test_serve_timer_fires_again_after_a_postgresql_outage(postgres, postgres_link, eventrun_server, http, handler, poll_until):
+    # Reported: PostgreSQL stopped for 3 s stopped a timer with overlap = false for good ("timer
+    # tick/every2 stopped by an unexpected error", a ConnectionRefusedError while it counted the
+    # runs going on), and /healthz still showed it running, with a NextFire long past.
+    functions = {"tick": {"handler": handler("timer_echo"), "triggers": [timer(name="every2", cron="*/2 * * * * * *", overlap=False)]}}
+    store = {"store": {"url": postgres_link.url(postgres)}, "cluster": {"node_id": "node-1"}}
+    server = eventrun_server(functions, extra=store)
+    api = server.client(http)
+
+    async def timer_state() -> dict[str, Any]:
+        return (await api.request("GET", "/healthz")).json["Triggers"]["timer"]  # type: ignore[no-any-return]
+
+    async def fired(at_least: int) -> bool:
+        return (await timer_state())["Schedules"][0]["Fired"] >= at_least
+
+    await poll_until(lambda: fired(1), 15, "no slot fired before the outage")
+    postgres_link.cut()
+    await asyncio.sleep(3)
+    postgres_link.mend()
+    before = (await timer_state())["Schedules"][0]["Fired"]
+    await poll_until(lambda: fired(before + 2), 15, "no slot fired after the outage")
+    state = await timer_state()
+    [schedule] = state["Schedules"]
+    assert state["Status"] == "running" and schedule["Failure"] is None, state
+    assert parse_slot(schedule["NextFire"]) > datetime.now(UTC) - timedelta(seconds=1), state
+    log = server.log_text()
+    assert "stopped by an unexpected error" not in log, log
+    assert "Failed to restore the pool connection floor" not in log, log  # (asyncpg's, with a traceback each time)

@@ -199,3 +199,31 @@ async def test_terminating_a_run_whose_node_s_lease_ran_out_answers_with_its_nod
     await node_x.pool.execute("UPDATE nodes SET heartbeat_at = now() - interval '25 seconds' WHERE node_id = 'node-x'")
     ended = await engine.terminate(request_id)
     assert (ended.status, ended.error_type) == (Status.FAILED, "NodeLost"), ended
+
+
+async def test_terminating_a_run_whose_node_renewed_its_lease_lately_and_does_not_act_is_a_conflict(
+    engine: Engine, node_x: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node with a long lease killed right after a heartbeat: the wait was over before the node
+    # could be seen to miss a renewal, and terminate answered 200 with the run RUNNING.
+    monkeypatch.setattr(core, "TERMINATE_WAIT", 0.2)
+    await node_x.join("http://x", 60.0)
+    request_id = await running_on(node_x)
+    with pytest.raises(NodeNotAnswering) as caught:
+        await engine.terminate(request_id)
+    message = str(caught.value)
+    assert re.search(r"node node-x, which has not stopped it within 1\.2s of the request \(it last renewed its lease \d\.\ds ago\)", message), message
+    assert "it ends ABORTED once that node acts on it, or FAILED (NodeLost) should that node's lease (60s) run out first" in message
+    assert (await engine.get(request_id)).status is Status.RUNNING
+
+
+async def test_terminating_a_queued_run_of_a_function_this_node_does_not_serve_answers_its_end(
+    engine: Engine, node_x: PostgresStore
+) -> None:
+    # Accepted by a node whose manifest has `only1`, terminated through one whose manifest has
+    # not: the run was ABORTED, and the terminate answered 500 (a KeyError in the dispatcher).
+    seq, (request_id,) = request_ids(1)
+    row = NewInvocation(request_id, "only1", "/http/only1", new_id(), "http", now_rfc3339(), b'{"data":{}}', seq)
+    await node_x.accept([row])
+    ended = await engine.terminate(request_id)
+    assert (ended.status, ended.error_type, ended.function) == (Status.ABORTED, "Aborted", "only1"), ended

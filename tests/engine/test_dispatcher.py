@@ -251,3 +251,12 @@ async def test_a_run_retried_later_is_next_of_its_function_and_nothing_starts_wh
     await asyncio.sleep(0.3)
     assert sorted(started[1:]) == ["g0", "r0", "r1"] and started.index("r0", 1) < started.index("r1")
     assert dispatcher.total_running == 0 and dispatcher.queued("f") == 0
+
+
+async def test_a_function_this_node_does_not_serve_has_nothing_queued_or_running_here() -> None:
+    # With a shared store, a terminate of another node's run of such a function asked this one
+    # to take it out of its queue: a KeyError, and the terminate answered 500.
+    runs = Recorder()
+    dispatcher = Dispatcher(concurrency={"f": 1}, qps_limits={"f": 100}, max_running=10, execute=runs)
+    assert dispatcher.remove("only1", "r1") is False
+    assert (dispatcher.queued("only1"), dispatcher.running("only1")) == (0, 0)

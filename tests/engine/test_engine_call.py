@@ -131,7 +131,7 @@ async def test_a_record_the_store_refuses_is_sent_again_until_it_is_written(
             return _real(*args)
 
         monkeypatch.setattr(engine.store, name, refusing)
-    monkeypatch.setattr(core, "REFUSAL_LOG_EVERY", 0.0)  # a line for each refused send
+    monkeypatch.setattr(engine._refused_records, "every", 0.0)  # a line for each refused send
     with caplog.at_level(logging.WARNING, logger="eventrun.engine.core"):
         answer = await engine.call(call(8), unique=True)
         assert answer.status is Status.FINISHED and answer.result == {"n": 8}
@@ -154,7 +154,7 @@ async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
 ) -> None:
     from eventrun.engine.errors import StoreError
 
-    monkeypatch.setattr(core, "REFUSAL_LOG_EVERY", 0.25)
+    monkeypatch.setattr(engine._refused_ends, "every", 0.25)
     refusals: dict[str, int] = {}
     real = engine.store.finish
 

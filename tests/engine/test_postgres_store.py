@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from postgres_service import Link, as_user
 
-from eventrun.engine.api import Status
+from eventrun.engine.api import Invocation, Status
 from eventrun.engine.cluster import Cluster
 from eventrun.engine.dispatcher import Dispatcher
 from eventrun.engine.envelope import now_rfc3339, request_ids
@@ -247,8 +252,8 @@ async def test_a_log_is_read_a_piece_at_a_time_and_a_follower_gets_all_of_it(
     monkeypatch.setattr(postgres_store, "read_log", read_log)
     cluster, _ = node(postgres_store, tmp_path)
 
-    async def ended() -> bool:
-        return True
+    async def ended() -> Invocation:
+        return state_of(run, Status.FINISHED)
 
     lines = [line async for line in cluster.follow_log(run.request_id, ended)]
     assert lines == b"".join(shipments).decode().splitlines()
@@ -364,13 +369,190 @@ async def test_a_log_follower_rides_out_a_store_that_cannot_serve(
         return await real(request_id, after, most)
 
     monkeypatch.setattr(postgres_store, "read_log", read_log)
-    checks = iter([False, False, False, False, True])
+    checks = iter([Status.RUNNING] * 4 + [Status.FINISHED])
 
-    async def ended() -> bool:
-        return next(checks)
+    async def ended() -> Invocation:
+        return state_of(run, next(checks))
 
     lines = [line async for line in cluster.follow_log(run.request_id, ended)]
     assert lines == ["2026-12-06T00:00:00.000Z first"] and outage["reads"] == 0
+
+
+# What each public coroutine method of the store is called with when the database is gone.
+_RUN = request_ids(1)[1][0]
+_NOW = now_rfc3339()
+CALLS: dict[str, tuple[Any, ...]] = {
+    "keep_templates": ([b'{"specversion":"1.0"}'],),
+    "accept": (rows(1),),
+    "mark_running": (_RUN, _NOW),
+    "begin": (_RUN, _NOW),
+    "unclaim": ([_RUN],),
+    "claimed_here": (),
+    "claim": ("f", 1, 1),
+    "finish": (_RUN, Status.FINISHED, _NOW),
+    "replay": (rows(1)[0], _RUN),
+    "prune": (0,),
+    "set_destinations": ({"f": [("callback", "http://127.0.0.1:1/done")]},),
+    "claim_deliveries": (1, 60.0),
+    "settle_delivery": (1,),
+    "release_deliveries": (),
+    "outbox": (),
+    "next_delivery": (),
+    "links": (_RUN,),
+    "register_functions": ({"f": True}, _NOW),
+    "put_state": ("k", "v"),
+    "join": ("http://127.0.0.1:1", 10.0),
+    "heartbeat": (),
+    "leave": (),
+    "nodes": (),
+    "fail_runs_of": (["node-x"], _NOW, "NodeLost", str),
+    "expired": (10.0,),
+    "request_abort": (_RUN,),
+    "aborts_requested": (),
+    "notify": (QUEUED, "f"),
+    "announce": (["f"],),
+    "backlog": (),
+    "append_logs": ([(_RUN, b"a line\n")],),
+    "read_log": (_RUN,),
+    "read_log_end": (_RUN, 100),
+    "get_state": ("k",),
+    "get": (_RUN,),
+    "owner": (_RUN,),
+    "envelope": (_RUN,),
+    "list": (),
+    "counts": (),
+    "count_active": ("f", "/http/f"),
+    "find_event": ("f", "/http/f", "e0"),
+}
+# Not called while the database is gone: the lifecycle, and `listen`, whose OSError or asyncpg
+# error Cluster takes as a reason to look for work at each heartbeat until it listens again.
+NOT_CALLED = {"open", "start", "close", "stop", "listen"}
+
+
+def test_every_public_method_of_the_store_is_called_in_the_outage_test() -> None:
+    public = {
+        name for name, member in inspect.getmembers(PostgresStore)
+        if not name.startswith("_") and inspect.iscoroutinefunction(member)
+    }
+    assert public - NOT_CALLED == set(CALLS), "give CALLS the arguments of a new method (or say in NOT_CALLED why not)"
+
+
+async def test_every_method_meets_a_database_that_is_gone_with_a_store_error(postgres: str, postgres_link: Link) -> None:
+    # A timer with overlap = false stopped for good after a PostgreSQL outage: count_active let
+    # a ConnectionRefusedError through where the timer tries a StoreError again (a 503 for the
+    # API). Every method the serving node calls turns a lost database into a StoreError.
+    store = PostgresStore(postgres_link.url(postgres), "node-a")
+    await store.open()
+    try:
+        postgres_link.cut()
+        leaks: dict[str, str] = {}
+        for name, args in CALLS.items():
+            try:
+                await getattr(store, name)(*args)
+            except StoreError:
+                continue
+            except Exception as exc:
+                leaks[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                leaks[name] = "no error (does it reach the database with these arguments?)"
+        assert not leaks, leaks
+    finally:
+        await store.close()
+
+
+async def test_an_outage_logs_no_traceback_of_the_driver_and_the_store_serves_after_it(
+    postgres: str, postgres_link: Link, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncpg logged "Failed to restore the pool connection floor" with a traceback of some 40
+    # lines, again and again while the database was down; the store's callers say it once.
+    caplog.set_level(logging.DEBUG, logger="asyncpg")
+    store = PostgresStore(postgres_link.url(postgres), "node-a")
+    await store.open()
+    try:
+        await store.accept(rows(2))
+        postgres_link.cut()
+        for _ in range(6):
+            with pytest.raises(StoreError):
+                await store.counts()
+            await asyncio.sleep(0.25)
+        postgres_link.mend()
+        assert (await store.counts())["f"]["QUEUED"] == 2
+    finally:
+        await store.close()
+    driver = [r for r in caplog.records if r.name.startswith("asyncpg")]
+    assert not driver, [(r.name, r.getMessage()) for r in driver]
+
+
+async def test_a_node_sets_the_destinations_of_its_manifest_s_functions_and_no_others(
+    postgres_store: PostgresStore, other: PostgresStore
+) -> None:
+    # A node whose manifest lacked a function deleted that function's destinations for the
+    # whole cluster: its runs' ends owed nothing any more, whichever node ran them.
+    await postgres_store.set_destinations({"f": [("callback", "http://a/f")], "g": [("on_failure", "kafka:g-failed")]})
+    await other.set_destinations({"f": [("callback", "http://b/f")], "h": []})  # (no g here)
+
+    async def destinations() -> list[tuple[str, str, str]]:
+        found = await postgres_store.pool.fetch("SELECT function, kind, target FROM destinations ORDER BY function")
+        return [tuple(r) for r in found]
+
+    assert await destinations() == [("f", "callback", "http://b/f"), ("g", "on_failure", "kafka:g-failed")]
+    (run,) = rows(1, function="g")
+    await postgres_store.accept([run])
+    assert await other.finish(run.request_id, Status.FAILED, now_rfc3339(), error_type="E", error_message="m")
+    owed = await other.pool.fetch("SELECT request_id::text, kind, target FROM outbox")
+    assert [tuple(r) for r in owed] == [(run.request_id, "on_failure", "kafka:g-failed")]
+    await other.set_destinations({"f": []})  # (a function its manifest has with none: it has none)
+    assert await destinations() == [("g", "on_failure", "kafka:g-failed")]
+
+
+async def test_a_user_without_rights_is_refused_at_open_naming_what_was_denied(postgres: str) -> None:
+    # It crashed the start with a 36-line traceback (exit 1) where a wrong password gets one line.
+    role = f"eventrun_user_{uuid.uuid4().hex[:8]}"
+    url = as_user(postgres, role, "pw")
+    admin = await asyncpg.connect(postgres)
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        refused = PostgresStore(url, "node-a")
+        with pytest.raises(StoreError) as caught:
+            await refused.open()
+        assert str(caught.value) == (
+            f"cannot use the PostgreSQL store at {url.replace(':pw@', ':***@')}: permission denied for schema public"
+            " (InsufficientPrivilegeError); its user must be allowed to read and write the schema's tables,"
+            " and the first start to create them"
+        )
+        with pytest.raises(RuntimeError, match="not open"):  # (its connections closed)
+            refused.pool
+        # Once a user that may create tables has made the schema, one that may only read and
+        # write them runs a node.
+        owner = PostgresStore(postgres, "node-a")
+        await owner.open()
+        await owner.close()
+        await admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        await admin.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        store = PostgresStore(url, "node-b")
+        await store.open()
+        try:
+            await store.register_functions({"f": True}, now_rfc3339())
+            await store.set_destinations({"f": [("callback", "http://127.0.0.1:1/done")]})
+            await store.join("http://127.0.0.1:1", 10.0)
+            (run,) = rows(1)
+            await store.accept([run])
+            assert await store.claim("f", 1, 1) == [run.request_id]
+            assert await store.begin(run.request_id, now_rfc3339()) is not None
+            await store.append_logs([(run.request_id, b"a line\n")])
+            assert await store.finish(run.request_id, Status.FINISHED, now_rfc3339())
+            assert (await store.outbox()).pending == 1
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+def state_of(run: NewInvocation, status: Status) -> Invocation:
+    """The run as a follower reads its state: `status`, nothing more."""
+    return Invocation(request_id=run.request_id, function=run.function, trigger=run.trigger, status=status, created_at=run.created_at)
 
 
 def node(store: PostgresStore, data_dir: Path) -> tuple[Cluster, Dispatcher]:
@@ -385,6 +567,6 @@ def node(store: PostgresStore, data_dir: Path) -> tuple[Cluster, Dispatcher]:
     cluster = Cluster(
         store, data_dir=data_dir, url="http://127.0.0.1:1", lease=10.0, concurrency={"f": 10},
         qps_limits={"f": 1000}, dispatcher=dispatcher, ended_elsewhere=lambda rid: None,
-        failed_here=nothing, terminate_here=nothing,
+        failed_here=nothing, terminate_here=nothing, lost_here=nothing,
     )
     return cluster, dispatcher

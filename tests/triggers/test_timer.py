@@ -467,6 +467,26 @@ async def test_a_slot_the_store_cannot_take_before_the_next_is_due_gives_way_to_
     assert engine.accepted[0].id not in engine.refused[:1]  # a later slot fired in its place
 
 
+async def test_a_schedule_stopped_by_an_error_reads_failed_with_no_next_slot() -> None:
+    # /healthz said "running", with a NextFire long past, of a schedule that had stopped for good.
+    engine = FakeEngine()
+
+    async def broken(function: str, source: str) -> int:
+        raise ConnectionRefusedError("an error the timer does not expect")
+
+    engine.active = broken  # type: ignore[method-assign]
+    async with TimerTrigger(engine, manifest(timer(overlap=False), timer(name="free"))) as trigger:
+        async with asyncio.timeout(5):
+            while not engine.accepted:
+                await asyncio.sleep(0.05)
+        state = trigger.state()
+    schedules = {s["Trigger"]: s for s in state["Schedules"]}
+    assert state["Status"] == "failed"
+    assert schedules["nightly"]["Failure"] == "ConnectionRefusedError: an error the timer does not expect"
+    assert schedules["nightly"]["NextFire"] is None
+    assert schedules["free"]["Failure"] is None and schedules["free"]["NextFire"] is not None
+
+
 async def test_two_timers_on_one_store_accept_each_slot_once() -> None:
     engine = FakeEngine()
     config = manifest(timer())

@@ -131,6 +131,7 @@ class TimerTrigger:
         self._stopping = asyncio.Event()
         now = _utcnow()
         for job in self._jobs:
+            job.failure = None
             job.last = await self._remembered(job)
             if job.config.catch_up and job.last is not None:
                 missed = last_slot(job.schedule, job.last, now)
@@ -167,9 +168,14 @@ class TimerTrigger:
         await self.stop()
 
     def state(self) -> dict[str, Any]:
-        """For GET /healthz: each schedule with its next and last slot and counters."""
+        """For GET /healthz: each schedule with its next and last slot and counters; "failed"
+        once an error stopped a schedule (its Failure says which), which fires no more."""
+        if not self._tasks:
+            status = "stopped"
+        else:
+            status = "failed" if any(job.failure for job in self._jobs) else "running"
         return {
-            "Status": "running" if self._tasks else "stopped",
+            "Status": status,
             "Schedules": [
                 {
                     "Function": job.function,
@@ -235,6 +241,8 @@ class TimerTrigger:
         except Exception as exc:  # a bug must not pass silently, nor stop the other schedules
             logger.exception("timer %s stopped by an unexpected error", job.label)
             job.failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            job.next = None  # (no slot of it is to come: /healthz must not show one)
 
     async def _sleep_until(self, when: datetime) -> bool:
         """Wait for the wall clock to reach `when`; True if stop() was called meanwhile."""
@@ -322,6 +330,8 @@ class TimerTrigger:
         job.last = slot
         try:
             await self._engine.put_state(job.key, slot_id(slot))
+        except StoreError as exc:  # (the store cannot serve now: a catch-up may offer the slot again, a duplicate)
+            logger.warning("timer %s: could not remember slot %s: %s", job.label, slot_id(slot), exc)
         except Exception:
             logger.exception("timer %s: could not remember slot %s", job.label, slot_id(slot))
 

@@ -1,0 +1,42 @@
+"""What the server's log says of a failure that repeats: a line once a while, and one when it ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+class FailureLog:
+    """Failures of one kind in a row (a store refusing runs' ends, heartbeats that do not reach
+    it), logged once a while rather than once each, and the recovery once, with the failures no
+    line has counted yet. Whatever fails keeps its own back-off; this is only what the log says."""
+
+    def __init__(self, logger: logging.Logger, *, every: float, level: int = logging.ERROR, counted: str = "failed") -> None:
+        self.logger = logger
+        self.every = every  # seconds between two lines of failures, at least
+        self.level = level
+        self._counted = counted  # the failures as the lines count them: "(and 3 more refused since ...)"
+        self._quiet_until = 0.0
+        self._unlogged = 0
+        self._failing = False
+
+    def log(self, text: str, *args: object) -> None:
+        """One more failure: a line, unless one was logged less than `every` seconds ago."""
+        now = time.monotonic()
+        self._failing = True
+        if now < self._quiet_until:
+            self._unlogged += 1
+            return
+        if self._unlogged:
+            text, args = text + f" (and %d more {self._counted} since the last such line)", (*args, self._unlogged)
+        self.logger.log(self.level, text, *args)
+        self._quiet_until, self._unlogged = now + self.every, 0
+
+    def recovered(self, text: str) -> None:
+        """It worked after failures: say so once, as a warning (and the next failure is logged at once)."""
+        if not self._failing:
+            return
+        if self._unlogged:
+            text += f" ({self._unlogged} more {self._counted} since the last such line)"
+        self.logger.warning(text)
+        self._quiet_until, self._unlogged, self._failing = 0.0, 0, False
