@@ -64,6 +64,10 @@ REFUSAL_LOG_EVERY = 5.0
 with how many there were since the last line, rather than every run's every try."""
 
 
+PRUNE_LOG_EVERY = 60.0
+"""While the store cannot serve (an outage), the server's log says pruning failed at most this often."""
+
+
 def _refused_delay(refusals: int) -> float:
     """Seconds to wait before trying a write again that the store refused this many times in a row before."""
     first, most = REFUSED_RETRY
@@ -275,11 +279,16 @@ class Engine:
         """Delete ended runs (and their logs) older than [server] retention, every little while."""
         retention = self.manifest.server.retention
         every = min(60.0, max(1.0, retention / 4))
+        failing = FailureLog(logger, every=PRUNE_LOG_EVERY, level=logging.WARNING)
         while True:
             try:
                 await self.prune(int((time.time() - retention) * 1000))
-            except Exception:  # (the store unreachable, say): the next round tries again
+            except StoreError as exc:  # the store cannot serve now (an outage): the next round tries again
+                failing.log("pruning runs past their retention failed (%s); trying again every %gs", exc, every)
+            except Exception:  # eventrun's own failure: its traceback, each time
                 logger.exception("pruning runs past their retention failed")
+            else:
+                failing.recovered("runs past their retention are pruned again")
             await asyncio.sleep(every)
 
     async def prune(self, ended_before_ms: int) -> int:

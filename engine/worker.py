@@ -350,9 +350,10 @@ class _Worker:
         self._tasks_pipe = _identity(tasks)
         self._output_pipe = _identity(frames)
         self._stdin = _identity(0)  # /dev/null
-        # sys.stdout and sys.stderr as a run should leave them (once the handler's module is
-        # imported: what that sets up is the instance's own); stderr as it is now, the run's log.
+        # sys.stdin, sys.stdout and sys.stderr as a run should leave them (once the handler's module
+        # is imported: what that sets up is the instance's own); stderr as it is now, the run's log.
         self._streams = (sys.stdout, sys.stderr)
+        self._stdin_stream = sys.stdin
         self._stderr = sys.stderr
         self.pid = os.getpid()  # a process the handler forks is not the instance (see _leave_fork)
         self.serving = True  # False once the tasks can no longer be read
@@ -446,6 +447,7 @@ class _Worker:
             handler = self.load()
             if not imported:  # what importing its module set up is the instance's, alike for each run
                 self._streams = (sys.stdout, sys.stderr)
+                self._stdin_stream = sys.stdin
             self._threads = threading.enumerate()
             outcome = handler(task["event"], context)
             if _maybe_awaitable(outcome):
@@ -574,9 +576,11 @@ class _Worker:
         return not any(stream is None or getattr(stream, "closed", False) for stream in (sys.stdout, sys.stderr))
 
     def _stdin_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
-        """True if fd 0 is still /dev/null, and sys.stdin open."""
+        """True if fd 0 is still /dev/null, and sys.stdin the object it was before the run, and open."""
         stream = sys.stdin
-        return on[0] == self._stdin and stream is not None and not getattr(stream, "closed", False)
+        if on[0] != self._stdin or stream is not self._stdin_stream:
+            return False
+        return stream is not None and not getattr(stream, "closed", False)
 
     def _own_fds_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
         """True if the worker's private copies of its pipes are still open on them."""

@@ -27,6 +27,7 @@ import orjson
 from eventrun.engine.api import Delivery, Invocation
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import InvocationNotFound, StoreError
+from eventrun.engine.failures import FailureLog
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.recount import Recount
 from eventrun.triggers.http import invocation_json
@@ -38,6 +39,7 @@ LOG_TAIL = 4096  # bytes of a failed run's log sent with its record (cut to whol
 GIVE_UP_AFTER = 24 * 3600.0  # seconds after the run's end; a delivery failing that long is given up
 RETRYABLE_STATUSES = frozenset({408, 425, 429})  # 4xx answers that may go the next time
 ANSWER_PREFIX = 256  # bytes of a refusing receiver's answer read for the log (the rest is not read)
+SETTLE_LOG_EVERY = 60.0  # seconds between the log's lines about attempts the store cannot record (an outage), at least
 
 
 class Undeliverable(Exception):
@@ -84,6 +86,7 @@ class Deliverer:
         # How many wait in the outbox: a pass over it, so counted in the background, and
         # again once the last count is poll seconds old (or ten times as old as it took).
         self._pending = Recount(self._count_pending, at_least=poll)
+        self._settles_failing = FailureLog(logger, every=SETTLE_LOG_EVERY, level=logging.WARNING)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -260,10 +263,18 @@ class Deliverer:
         return invocation is not None and _age(invocation) > GIVE_UP_AFTER
 
     async def _settle(self, delivery: Delivery, **outcome: Any) -> None:
+        # Unrecorded, its claim runs out and it is tried again: at least once, maybe twice.
         try:
             await self._engine.store.settle_delivery(delivery.id, **outcome)
-        except Exception:  # its claim runs out and it is tried again: at least once, maybe twice
+        except StoreError as exc:  # the store cannot serve now (an outage)
+            self._settles_failing.log(
+                "could not record the attempt to deliver %s of %s (%s); it goes again once its claim runs out",
+                delivery.kind, delivery.request_id, exc,
+            )
+        except Exception:  # eventrun's own failure: its traceback, each time
             logger.exception("could not record the attempt to deliver %s of %s", delivery.kind, delivery.request_id)
+        else:
+            self._settles_failing.recovered("attempts to deliver are recorded again")
 
     # -- one delivery ----------------------------------------------------------------------
 

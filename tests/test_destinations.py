@@ -172,6 +172,33 @@ async def test_an_outbox_the_store_cannot_read_is_logged_once_and_its_recovery_o
     assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"
 
 
+async def test_attempts_the_store_cannot_record_are_logged_once_and_their_recovery_once(caplog: pytest.LogCaptureFixture) -> None:
+    # A PostgreSQL outage wrote a traceback for every attempt; now one line, then one when it records again.
+    from eventrun.engine.errors import StoreError
+
+    class Down(FakeStore):
+        failing = 3
+
+        async def settle_delivery(self, delivery_id: int, **outcome: Any) -> None:
+            if self.failing:
+                self.failing -= 1
+                raise StoreError("the PostgreSQL store cannot serve this now (ConnectionRefusedError)")
+            await super().settle_delivery(delivery_id, **outcome)
+
+    store = Down(RECENT)
+    deliverer = Deliverer(SimpleNamespace(store=store), SimpleNamespace(functions={}))  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="eventrun.destinations"):
+        for n in range(4):
+            await deliverer._settle(Delivery(n, f"r{n}", "f", "callback", "http://x", 0))
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not record the attempt to deliver callback of r0"
+        " (the PostgreSQL store cannot serve this now (ConnectionRefusedError)); it goes again once its claim runs out",
+        "attempts to deliver are recorded again (2 more failed since the last such line)",
+    ]
+    assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"
+    assert store.settled == [{}]
+
+
 # -- one delivery to a URL, against a local receiver ------------------------------------------
 
 RECENT = "2999-01-01T00:00:00.000Z"  # a run's end that is not a day old

@@ -1,11 +1,18 @@
-"""Engine.replay_many: the ended runs that match, each replayed once, whatever happens to them meanwhile."""
+"""Engine.replay_many: the ended runs that match, each replayed once, whatever happens to them meanwhile;
+and retention's pruning, which deletes them."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from types import SimpleNamespace
+
+import pytest
 
 from eventrun.engine.api import Accepted, Status
 from eventrun.engine.core import Engine
+from eventrun.engine.errors import StoreError
 from eventrun.engine.envelope import Envelope, now_rfc3339
 
 
@@ -27,3 +34,36 @@ async def test_runs_deleted_while_a_bulk_replay_goes_on_are_passed_over(idle_eng
     assert [original for original, _ in pairs] == [ended[2]]  # newest first; the rest were deleted meanwhile
     (new,) = [new for _, new in pairs]
     assert new is not None and (await idle_engine.get(new)).status is Status.QUEUED
+
+
+async def test_pruning_the_store_cannot_serve_is_logged_once_and_its_recovery_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PostgreSQL outage wrote a traceback every round; now one line, then one when it prunes again.
+    class Stop(BaseException):
+        pass
+
+    rounds = 0
+
+    async def prune(_ended_before_ms: int) -> int:
+        nonlocal rounds
+        rounds += 1
+        if rounds <= 3:
+            raise StoreError("the PostgreSQL store cannot serve this now (ConnectionRefusedError)")
+        if rounds == 5:
+            raise Stop
+        return 0
+
+    async def no_wait(_seconds: float) -> None:
+        return None
+
+    engine = SimpleNamespace(manifest=SimpleNamespace(server=SimpleNamespace(retention=3600.0)), prune=prune)
+    monkeypatch.setattr(asyncio, "sleep", no_wait)  # the rounds, one after the other
+    with caplog.at_level(logging.WARNING, logger="eventrun.engine.core"), pytest.raises(Stop):
+        await Engine._prune_forever(engine)  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        "pruning runs past their retention failed"
+        " (the PostgreSQL store cannot serve this now (ConnectionRefusedError)); trying again every 60s",
+        "runs past their retention are pruned again (2 more failed since the last such line)",
+    ]
+    assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"

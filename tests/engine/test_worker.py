@@ -315,6 +315,8 @@ def main_handler(event, context):
     print("printed by", context.request_id)
     if event["data"] == "replace":
         sys.stdout = sys.stderr = io.StringIO()
+    elif event["data"] == "replace stdin":
+        sys.stdin = io.StringIO("x")  # what the next runs would read, were the instance kept
     return os.getpid()
 """
 
@@ -330,6 +332,18 @@ async def test_an_instance_whose_stdout_objects_a_run_replaced_is_not_reused(
     after = await _call(engine, "print")
     assert after.status == Status.FINISHED and after.result != replaced.result, after
     assert f"printed by {after.request_id}" in (await engine.read_log(after.request_id)).decode()
+
+
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+async def test_an_instance_whose_stdin_object_a_run_replaced_is_not_reused(
+    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool
+) -> None:
+    engine = await start_engine(_manifest(fork_instances), {"f.py": STREAMS})
+    replaced = await _call(engine, "replace stdin")
+    assert replaced.status == Status.FINISHED, replaced
+    assert "closed or replaced its stdin" in (await engine.read_log(replaced.request_id)).decode()
+    after = await _call(engine, "print")
+    assert after.status == Status.FINISHED and after.result != replaced.result, after
 
 
 MEMORY = """\

@@ -26,7 +26,7 @@ from eventrun.engine.envelope import (
     expand,
     template_prefix,
 )
-from eventrun.engine.errors import ManifestError
+from eventrun.engine.errors import ManifestError, StoreError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
 from eventrun.triggers.kafka import KafkaTrigger, Settings, TopicConsumer, record_id, to_envelope
 from eventrun.triggers.kafka.client import new_client
@@ -686,6 +686,31 @@ def test_client_logs_are_quieted_unless_configured() -> None:
         assert client.level == logging.DEBUG
     finally:
         client.setLevel(before)
+
+
+async def test_marks_the_store_cannot_take_are_logged_once_and_their_recovery_once(caplog: pytest.LogCaptureFixture) -> None:
+    # A PostgreSQL outage wrote a traceback at every save; now one line, then one when it writes again.
+    class Down(FakeEngine):
+        failing = 3
+
+        async def put_state(self, key: str, value: str) -> None:
+            if self.failing:
+                self.failing -= 1
+                raise StoreError("the PostgreSQL store cannot serve this now (ConnectionRefusedError)")
+            await super().put_state(key, value)
+
+    engine = Down()
+    parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
+    with caplog.at_level(logging.WARNING, logger="eventrun.triggers.kafka.partitions"):
+        for _ in range(4):
+            await parts.save_marks(force=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "kafka f:orders: could not write down the partition marks"
+        " (the PostgreSQL store cannot serve this now (ConnectionRefusedError))",
+        "kafka f:orders: the partition marks are written down again (2 more failed since the last such line)",
+    ]
+    assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"
+    assert "k" in engine.state
 
 
 def hand_off_to(engine: FakeEngine) -> tuple[HandOff, Partitions]:

@@ -7,10 +7,15 @@ import time
 
 from aiokafka import TopicPartition
 
+from eventrun.engine.errors import StoreError
+from eventrun.engine.failures import FailureLog
+
 from .engine import KafkaEngine
 from .positions import Marks
 
 logger = logging.getLogger(__name__)
+
+MARKS_LOG_EVERY = 60.0  # seconds between the log's lines about marks the store cannot take (an outage), at least
 
 
 class Partitions:
@@ -29,6 +34,7 @@ class Partitions:
         self._state_key = state_key
         self._mark_interval = mark_interval
         self._marks_saved = 0.0
+        self._saves_failing = FailureLog(logger, every=MARKS_LOG_EVERY, level=logging.WARNING)
 
     def reset(self) -> None:
         """A new client: nothing assigned yet, and whatever the previous one fetched is dropped."""
@@ -58,5 +64,9 @@ class Partitions:
         self._marks_saved = now
         try:
             await self._engine.put_state(self._state_key, self.marks.dumps())
-        except Exception:
+        except StoreError as exc:  # the store cannot serve now (an outage): the next save writes them
+            self._saves_failing.log("kafka %s: could not write down the partition marks (%s)", self._name, exc)
+        except Exception:  # eventrun's own failure: its traceback, each time
             logger.exception("kafka %s: could not write down the partition marks", self._name)
+        else:
+            self._saves_failing.recovered(f"kafka {self._name}: the partition marks are written down again")
