@@ -208,33 +208,20 @@ def _result_json(value: Any) -> bytes:
     return encoded
 
 
-def _key_collision(result: Any) -> str | None:
-    """Where a dict in a result has two keys orjson writes as the same string, e.g.
-    'result["x"] has keys 1 and "1", both written "1"'; None if nowhere."""
+def _first_fault(result: Any, fault: Callable[[Any], str | None]) -> str | None:
+    """Where `fault` first finds one in a result, walked as orjson writes it (dicts, lists,
+    tuples, enums by their value, dataclasses by their fields), e.g. 'result["x"][2] is NaN';
+    None if nowhere. `fault(value)` says what is wrong with a value itself (not what it holds)."""
     from enum import Enum
 
-    import orjson
-
-    def written(keys: Any) -> dict[str, None]:
-        return orjson.loads(orjson.dumps(dict.fromkeys(keys), option=orjson.OPT_NON_STR_KEYS))  # type: ignore[no-any-return]
-
-    def clash(mapping: dict[Any, Any]) -> str | None:
-        if all(type(key) is str for key in mapping) or len(written(mapping)) == len(mapping):
-            return None
-        seen: dict[str, Any] = {}
-        for key in mapping:
-            name = next(iter(written([key])))
-            if name in seen:
-                return f"has keys {_key_text(seen[name])} and {_key_text(key)}, both written {_key_text(name)}"
-            seen[name] = key
-        return None
+    plain = {str, int, bool, type(None)}  # (no call for these: nothing is wrong with them)
 
     def find(value: Any) -> tuple[list[str], str] | None:
-        """The first one found: (the path's steps, innermost first; what it is)."""
+        """The first one found: (the path's steps, innermost first; what fault said)."""
+        what = fault(value)
+        if what:
+            return [], what
         if isinstance(value, dict):
-            what = clash(value)
-            if what:
-                return [], what
             items: Any = value.items()
         elif isinstance(value, (list, tuple)):
             items = enumerate(value)
@@ -242,9 +229,11 @@ def _key_collision(result: Any) -> str | None:
             return find(value.value)
         elif hasattr(type(value), "__dataclass_fields__"):
             items = _dataclass_items(value)
-        else:  # str, numbers, datetime, UUID and the like: no key in them
+        else:  # str, numbers, datetime, UUID and the like: nothing inside
             return None
         for key, item in items:
+            if type(item) in plain:
+                continue
             found = find(item)
             if found:
                 found[0].append(_step(key, value))
@@ -256,6 +245,30 @@ def _key_collision(result: Any) -> str | None:
         return None
     steps, what = found
     return "result" + "".join(reversed(steps)) + " " + what
+
+
+def _key_collision(result: Any) -> str | None:
+    """Where a dict in a result has two keys orjson writes as the same string, e.g.
+    'result["x"] has keys 1 and "1", both written "1"'; None if nowhere."""
+    import orjson
+
+    def written(keys: Any) -> dict[str, None]:
+        return orjson.loads(orjson.dumps(dict.fromkeys(keys), option=orjson.OPT_NON_STR_KEYS))  # type: ignore[no-any-return]
+
+    def clash(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return None
+        if all(type(key) is str for key in value) or len(written(value)) == len(value):
+            return None
+        seen: dict[str, Any] = {}
+        for key in value:
+            name = next(iter(written([key])))
+            if name in seen:
+                return f"has keys {_key_text(seen[name])} and {_key_text(key)}, both written {_key_text(name)}"
+            seen[name] = key
+        return None
+
+    return _first_fault(result, clash)
 
 
 def _key_text(key: Any) -> str:
@@ -270,8 +283,6 @@ def _non_finite(result: Any) -> str | None:
     from enum import Enum
     from math import isfinite
 
-    plain = {str, int, bool, type(None)}
-
     def name(number: Any) -> str | None:
         if isinstance(number, Enum):
             number = number.value
@@ -279,40 +290,17 @@ def _non_finite(result: Any) -> str | None:
             return None
         return "NaN" if number != number else "Infinity" if number > 0 else "-Infinity"
 
-    def find(value: Any) -> tuple[list[str], str] | None:
-        """The first one found: (the path's steps, innermost first; what it is, e.g. "is NaN")."""
-        if value is None or isinstance(value, (str, int)):  # most of a result: nothing to look at
-            return None
+    def nan(value: Any) -> str | None:
         if isinstance(value, float):
             what = name(value)
-            return ([], f"is {what}") if what else None
+            return f"is {what}" if what else None
         if isinstance(value, dict):
-            items: Any = value.items()
-        elif isinstance(value, (list, tuple)):
-            items = enumerate(value)
-        elif isinstance(value, Enum):  # written as its value
-            return find(value.value)
-        elif hasattr(type(value), "__dataclass_fields__"):
-            items = _dataclass_items(value)
-        else:  # datetime, UUID and the like: no number in them
-            return None
-        keyed = isinstance(value, dict)
-        for key, item in items:
-            if keyed and type(key) is not str and (what := name(key)):
-                return [], f"has a key that is {what}"
-            if type(item) in plain or (type(item) is float and isfinite(item)):  # (no call for these)
-                continue
-            found = find(item)
-            if found:
-                found[0].append(_step(key, value))
-                return found
+            for key in value:
+                if type(key) is not str and (what := name(key)):
+                    return f"has a key that is {what}"
         return None
 
-    found = find(result)
-    if found is None:
-        return None
-    steps, what = found
-    return "result" + "".join(reversed(steps)) + " " + what
+    return _first_fault(result, nan)
 
 
 def _dataclass_items(value: Any) -> list[tuple[str, Any]]:
