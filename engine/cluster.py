@@ -132,6 +132,10 @@ class Cluster:
         self._lock = hold_lock(self._data_dir / "eventrun.node.lock", f"the data_dir {self._data_dir}")
         await self.store.join(self.url, self.lease, self._last_start())
         self._joined = True
+        # Just started, it may come as the store comes back from an outage (a node that could not
+        # start meanwhile, restarted): the others, cut off as well, are given their whole lease
+        # again from now before they are judged, as after this node's own failed renewals.
+        self._answered_since = time.monotonic()
         self._remember_start()
         # A node that comes back under its own id (a restart) ends what it left running at once.
         left = await self.store.fail_runs_of(

@@ -103,6 +103,35 @@ async def test_an_outage_of_the_store_takes_no_node_for_dead(
     assert (ended.status, ended.error_type) == (Status.FAILED, NODE_LOST), ended
 
 
+async def test_a_node_that_starts_as_the_store_comes_back_gives_the_others_their_lease(
+    postgres: str, start_engine: Callable[..., Awaitable[Engine]]
+) -> None:
+    # A node started as the store came back (one that could not start during the outage) found
+    # the others silent past their lease, as they could not renew either, and took them for dead.
+    node_x = PostgresStore(postgres, "node-x")
+    await node_x.open()
+    try:
+        await node_x.join("http://x", LEASE)
+        request_id = await running_on(node_x)
+        await node_x.pool.execute("UPDATE nodes SET heartbeat_at = now() - interval '10 seconds' WHERE node_id = 'node-x'")
+        engine = await start_engine(
+            '[server]\ndata_dir = "data"\nkill_grace = "1s"\n\n'
+            f'[store]\nurl = "{postgres}"\n\n[cluster]\nnode_id = "node-a"\nlease = "{LEASE:g}s"\n\n'
+            '[functions.sleepy]\nhandler = "sleepy.py:main_handler"\nconcurrency = 2\n',
+            {"sleepy.py": SLEEPY},
+        )
+        started = time.monotonic()
+        await asyncio.sleep(LEASE * 2 / 3 + 0.3)  # node-a has looked at the nodes twice since
+        assert await status_in_store(engine, request_id) == "RUNNING"
+        # node-x stays silent: taken for dead once it has had its whole lease since node-a started.
+        while await status_in_store(engine, request_id) == "RUNNING":
+            assert time.monotonic() - started < LEASE + 2 * LEASE / 3 + 1, "node-x was never taken for dead"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started >= LEASE
+    finally:
+        await node_x.close()
+
+
 async def test_a_node_that_renews_again_after_an_outage_stays_alive(
     engine: Engine, node_x: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
