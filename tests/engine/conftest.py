@@ -86,3 +86,15 @@ async def idle_engine(start_engine: StartEngine) -> Engine:
         {"noop.py": "def main_handler(event, context):\n    return None\n"},
         paused=True,
     )
+
+
+@pytest.fixture
+async def node_x(postgres: str, engine: Engine) -> AsyncIterator[PostgresStore]:
+    """Another node's store on the database of the test module's `engine` (joined after it): a
+    node whose runs never go anywhere."""
+    store = PostgresStore(postgres, "node-x")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()

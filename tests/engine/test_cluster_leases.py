@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -30,17 +30,6 @@ async def engine(postgres: str, start_engine: Callable[..., Awaitable[Engine]]) 
         '[functions.sleepy]\nhandler = "sleepy.py:main_handler"\nconcurrency = 2\n',
         {"sleepy.py": SLEEPY},
     )
-
-
-@pytest.fixture
-async def node_x(postgres: str, engine: Engine) -> AsyncIterator[PostgresStore]:
-    """Another node's store on the same database (a node whose runs never go anywhere)."""
-    store = PostgresStore(postgres, "node-x")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 class Outage:

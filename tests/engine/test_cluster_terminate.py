@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -41,17 +41,6 @@ async def engine(postgres: str, start_engine: Callable[..., Awaitable[Engine]]) 
         '[functions.echo]\nhandler = "echo.py:main_handler"\nasync_execution = false\ntimeout = "3s"\n',
         {"sleepy.py": SLEEPY, "echo.py": "def main_handler(event, context):\n    return event['data']\n"},
     )
-
-
-@pytest.fixture
-async def node_x(postgres: str, engine: Engine) -> AsyncIterator[PostgresStore]:
-    """Another node's store on the same database (a node whose runs never go anywhere)."""
-    store = PostgresStore(postgres, "node-x")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def event(function: str, data: Any) -> Envelope:
