@@ -36,7 +36,7 @@ from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
 from .errors import InvocationEnded, InvocationNotFound, NodeNotAnswering, StoreError
 from .failures import FailureLog
-from .logs import is_end_note, log_lines
+from .logs import log_lines
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
 from .store import hold_lock
@@ -53,12 +53,6 @@ FOLLOW_RECHECK = 1.0  # a follower looks at the store at least this often, notic
 FOLLOW_CHUNK = 1 << 20  # bytes of a log a follower reads from the store at a time
 RENEWAL_LATE = 1.0  # seconds past its time (a third of its lease) a node's renewal is taken as missed
 HEARTBEAT_LOG_EVERY = 60.0  # seconds between the log's lines about heartbeats that fail, at least
-CLOSING_WAIT = 5.0  # seconds a follower waits, past an end recorded before its closing line, for that line
-# Ends the store records before eventrun's closing line can be written, and a follower waits
-# for that line: NodeLost (by the node that took the run's node for dead), ServerStopped (by a
-# node ending at its start what it left running), Aborted (a terminate of a run not started:
-# the line may say so only once the store has it).
-_CLOSED_AFTER = frozenset({NODE_LOST, "ServerStopped", "Aborted"})
 
 
 def default_node_id() -> str:
@@ -449,16 +443,15 @@ class Cluster:
     async def follow_log(self, request_id: str, state: Callable[[], Awaitable[Invocation]]) -> AsyncIterator[str]:
         """The run's log so far, then new lines as any node ships them, until the run ends.
 
-        What a run writes is shipped before its end is recorded, but eventrun's closing line of
-        an end recorded by the store for a node (_CLOSED_AFTER) is written just after: the
-        follower waits for that line too, CLOSING_WAIT seconds at most (its writer may die first).
+        What a run writes is shipped before its end is recorded, and a closing line the store
+        writes for a node (fail_runs_of, finish queued_only) goes with the end: the log read
+        after an end was seen is whole.
         """
         event = asyncio.Event()
         self._log_readers.setdefault(request_id, set()).add(event)
         last = 0
-        more = closed = False
+        more = False
         run: Invocation | None = None
-        closing_by: float | None = None  # the run has ended: the follower waits for its closing line until then
         try:
             while True:
                 event.clear()
@@ -473,22 +466,14 @@ class Cluster:
                     await asyncio.sleep(FOLLOW_RECHECK)
                     continue
                 for line in log_lines(data):
-                    closed = closed or is_end_note(line)
                     yield line
                 more = len(data) >= FOLLOW_CHUNK  # a whole piece: the log may go on past it
                 if more:
                     continue
-                wait = FOLLOW_RECHECK
                 if run is not None and run.status.ended:
-                    if closed or run.error_type not in _CLOSED_AFTER:
-                        return
-                    if closing_by is None:
-                        closing_by = time.monotonic() + CLOSING_WAIT
-                    wait = closing_by - time.monotonic()
-                    if wait <= 0:
-                        return
+                    return
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(wait, FOLLOW_RECHECK)):
+                    async with asyncio.timeout(FOLLOW_RECHECK):
                         await event.wait()
         finally:
             readers = self._log_readers.get(request_id)

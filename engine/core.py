@@ -1034,14 +1034,7 @@ class Engine:
             recorded = self._end_behind(behind, outcome)
         else:
             recorded = await self._finish(request_id, outcome, queued_only=queued_only)
-        if queued_only and recorded:
-            self._note(request_id, note)
-            if self.cluster is not None:
-                try:
-                    await self.cluster.shipper.flush()
-                except StoreError:  # the line waits for the shipper's next round; the end is recorded
-                    pass
-        self.logs.close(request_id)
+        self.logs.close(request_id)  # (queued_only: the store wrote the closing line with the end)
         if recorded:
             seconds = time.monotonic() - started if started is not None else None
             self.metrics.observe_end(function, outcome.status, seconds)
@@ -1087,18 +1080,9 @@ class Engine:
                 future.set_result(None)
 
     async def _ended_by_the_store(self, ended: Sequence[tuple[str, str]]) -> None:
-        """Runs the store ended FAILED (their node died, or this one before a restart): log, wake, tell.
-
-        Their ends are committed, and announced, before their closing lines can be written: the
-        lines are shipped at once, and followers wait for them (see Cluster.follow_log)."""
+        """Runs the store ended FAILED (their node died, or this one before a restart), their
+        closing lines written with their ends: wake, tell."""
         invocations = [await self.get(request_id) for request_id, _function in ended]
-        for invocation in invocations:
-            self._note(invocation.request_id, end_note(invocation.status.value, invocation.error_type, invocation.error_message))
-        if self.cluster is not None:
-            try:
-                await self.cluster.shipper.flush()
-            except StoreError:  # the lines wait for the shipper's next round
-                pass
         for invocation in invocations:
             self.logs.close(invocation.request_id)
             self._wake_waiters(invocation.request_id)

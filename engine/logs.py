@@ -309,9 +309,10 @@ def end_note(status: str, error_type: str | None, error_message: str | None) -> 
     return f"{_END_NOTE}{status}: {error_type}: {error_message}"
 
 
-def is_end_note(line: str) -> bool:
-    """Whether a line as read from a run's log (stamped) is eventrun's closing line (end_note)."""
-    return line.partition(" ")[2].startswith(_END_NOTE)
+def closing_line(stamp: str, status: str, error_type: str | None, error_message: str | None) -> bytes:
+    """The end_note as the bytes of a log, stamped as LogHub.write stamps it: for an end the
+    shared store records with its closing line, in one commit."""
+    return f"{stamp} {end_note(status, error_type, error_message)}\n".encode("utf-8", "replace")
 
 
 def log_lines(chunk: bytes) -> list[str]:

@@ -22,6 +22,7 @@ import asyncpg
 from ..api import Accepted, Delivery, Invocation, Outbox, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
+from ..logs import closing_line
 from ..rows import (
     COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
     first_id_of, invocation,
@@ -48,13 +49,24 @@ _COLUMNS_WITHOUT_RESULT = _as_read(COLUMNS_WITHOUT_RESULT)
 # A run's duration from two RFC 3339 texts, in whole milliseconds.
 _DURATION = "round(extract(epoch FROM ({end}::text::timestamptz - {start}::timestamptz)) * 1000)::bigint"
 
-_FINISH = (
+_ENDED_RUN = (
     "WITH ended AS ("
     " UPDATE invocations SET status = $2, ended_at = $3, result = $4, error_type = $5, error_message = $6,"
     f" duration_ms = CASE WHEN started_at IS NULL THEN NULL ELSE {_DURATION.format(end='$3', start='started_at')} END"
     " WHERE request_id = $1::uuid AND status IN ({statuses})"
     " RETURNING function, request_id)"
-    " SELECT pg_notify('" + ENDED + "', function || ' ' || request_id::text) FROM ended"
+)
+_FINISH = (
+    _ENDED_RUN.format(statuses="'QUEUED', 'CLAIMED', 'RUNNING'")
+    + " SELECT pg_notify('" + ENDED + "', function || ' ' || request_id::text) FROM ended"
+)
+# A run no node holds (terminated before it started): its closing line ($7) goes to its log in
+# the same commit, and followers are told of both.
+_FINISH_QUEUED = (
+    _ENDED_RUN.format(statuses="'QUEUED', 'CLAIMED'")
+    + ", closed AS (INSERT INTO logs (request_id, data) SELECT request_id, $7 FROM ended)"
+    " SELECT pg_notify('" + ENDED + "', function || ' ' || request_id::text),"
+    " pg_notify('" + LOGGED + "', request_id::text) FROM ended"
 )
 
 
@@ -267,13 +279,15 @@ class PostgresStore:
         """Record a terminal state once; False if the run had already ended (or, queued_only, started).
 
         `queued_only`: only a run not started yet, QUEUED or CLAIMED by any node (a terminate):
-        the node holding a claim finds it ended when it tries to start it (mark_running).
+        the node holding a claim finds it ended when it tries to start it (mark_running). No
+        node writes that run's log: eventrun's closing line goes to it with the end, in one commit.
         """
         blob = dumps(result) if result is not None else None
-        statuses = "'QUEUED', 'CLAIMED'" if queued_only else "'QUEUED', 'CLAIMED', 'RUNNING'"
-        rows = await self.pool.fetch(
-            _FINISH.format(statuses=statuses), request_id, status.value, ended_at, blob, _text(error_type), _text(error_message)
-        )
+        args = (request_id, status.value, ended_at, blob, _text(error_type), _text(error_message))
+        if queued_only:
+            rows = await self.pool.fetch(_FINISH_QUEUED, *args, closing_line(ended_at, status.value, error_type, error_message))
+        else:
+            rows = await self.pool.fetch(_FINISH, *args)
         return bool(rows)
 
     @_refusal_as_store_error
@@ -465,7 +479,8 @@ class PostgresStore:
         self, owners: Collection[str], now: str, error_type: str, message: Callable[[str], str], *, lease: float | None = None
     ) -> list[tuple[str, str]]:
         """End the RUNNING runs of these nodes as FAILED, and queue what they claimed again;
-        (request_id, function) of each run ended.
+        (request_id, function) of each run ended. Each run's log gets eventrun's closing line in
+        the same commit (its node, gone, cannot write it), so a follower that sees the end has it.
 
         `lease`: the owners were taken for dead. Each is taken off the registry, and its runs
         ended, only if it is still silent past its lease then (it did not start again meanwhile,
@@ -484,14 +499,18 @@ class PostgresStore:
                 await conn.execute(
                     "UPDATE invocations SET status = 'QUEUED', owner = NULL WHERE status = 'CLAIMED' AND owner = $1", owner
                 )
+                said = message(owner)
                 rows = await conn.fetch(
                     "WITH ended AS ("
                     " UPDATE invocations SET status = 'FAILED', ended_at = $2, error_type = $3, error_message = $4,"
                     f" duration_ms = {_DURATION.format(end='$2', start='started_at')}"
                     " WHERE status = 'RUNNING' AND owner = $1"
-                    " RETURNING request_id::text AS request_id, function)"
-                    " SELECT request_id, function, pg_notify('" + ENDED + "', function || ' ' || request_id) FROM ended",
-                    owner, now, error_type, message(owner),
+                    " RETURNING request_id, function),"
+                    " closed AS (INSERT INTO logs (request_id, data) SELECT request_id, $5 FROM ended ORDER BY request_id)"
+                    " SELECT request_id::text AS request_id, function,"
+                    " pg_notify('" + ENDED + "', function || ' ' || request_id::text),"
+                    " pg_notify('" + LOGGED + "', request_id::text) FROM ended",
+                    owner, now, error_type, said, closing_line(now, "FAILED", error_type, said),
                 )
                 ended += [(r["request_id"], r["function"]) for r in rows]
         return ended

@@ -179,8 +179,8 @@ async def test_a_node_taken_for_dead_stops_the_runs_that_were_ended_for_it(
 
 
 async def test_a_follower_reads_the_closing_line_of_a_run_whose_node_was_lost(engine: Engine, node_x: PostgresStore) -> None:
-    # The end was committed (and announced) before its closing line was written: the follower
-    # ended with the run, without that line.
+    # The end was once committed (and announced) before its closing line was written: the
+    # follower ended with the run, without that line. Now both go in one commit.
     await node_x.join("http://x", LEASE)
     request_id = await running_on(node_x)
     await node_x.append_logs([(request_id, b"2026-01-01T00:00:00.000Z tick 1\n")])

@@ -102,6 +102,8 @@ async def test_a_dead_node_s_running_runs_end_failed_and_it_leaves_the_registry(
     failed = await other.get(running.request_id)
     assert failed is not None and failed.status is Status.FAILED
     assert (failed.error_type, failed.error_message) == ("NodeLost", "node-a is gone")
+    log, _ = await other.read_log(running.request_id)
+    assert log == f"{failed.ended_at} [eventrun] run ended FAILED: NodeLost: node-a is gone\n".encode(), "its closing line, with its end"
     assert failed.duration_ms is not None and failed.duration_ms >= 0
     assert (await other.get(queued.request_id)).status is Status.QUEUED  # type: ignore[union-attr]
     assert await other.claim("f", 5, 10) == [claimed.request_id, queued.request_id], "what it claimed is queued again"
@@ -138,7 +140,12 @@ async def test_a_terminated_run_not_started_ends_even_claimed_and_its_node_does_
     assert await postgres_store.owner(running.request_id) == "node-a"
     assert await other.finish(claimed.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
     assert not await postgres_store.mark_running(claimed.request_id, now_rfc3339()), "ended before its node started it"
-    assert await other.finish(queued.request_id, Status.ABORTED, now_rfc3339(), queued_only=True)
+    ended_at = now_rfc3339()
+    assert await other.finish(queued.request_id, Status.ABORTED, ended_at, error_type="Aborted", error_message="asked", queued_only=True)
+    # No node holds these runs' logs: the closing line was written with the end, in one commit.
+    log, _ = await postgres_store.read_log(queued.request_id)
+    assert log == f"{ended_at} [eventrun] run ended ABORTED: Aborted: asked\n".encode()
+    assert (await postgres_store.read_log(running.request_id))[0] == b"", "an end not recorded writes no line"
 
 
 async def test_a_terminate_is_kept_with_the_run_until_its_node_reads_it(
