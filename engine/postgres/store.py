@@ -516,14 +516,6 @@ class PostgresStore:
         return ended
 
     @_refusal_as_store_error
-    async def expired(self, lease: float) -> list[str]:
-        """Nodes not heard from within their own lease (`lease` for a node that did not record one)."""
-        rows = await self.pool.fetch(
-            "SELECT node_id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => coalesce(lease, $1))", lease
-        )
-        return [r[0] for r in rows]
-
-    @_refusal_as_store_error
     async def request_abort(self, request_id: str) -> str | None:
         """Ask the node running a run to stop it: kept with the run until it ends, and told by a
         notice; the node asked (None if the run is not claimed or running)."""

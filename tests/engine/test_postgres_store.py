@@ -119,7 +119,7 @@ async def test_a_live_node_id_is_refused_and_a_silent_one_taken_over(postgres: s
         with pytest.raises(NodeIdInUse, match="node id 'node-a' is held by a live node"):
             await twin.join("http://twin", 5.0)
         await asyncio.sleep(0.3)
-        assert await twin.expired(0.2) == ["node-a"]
+        assert [n.heartbeat_age >= 0.2 for n in await twin.nodes()] == [True]
         await twin.join("http://twin", 0.2)  # silent past this lease: taken over
         assert [(n.node_id, n.url) for n in await twin.nodes()] == [("node-a", "http://twin")]
         assert await twin.heartbeat()
@@ -179,12 +179,12 @@ async def test_each_node_is_judged_by_its_own_lease(postgres_store: PostgresStor
     assert await postgres_store.mark_running(run.request_id, now_rfc3339())
     await asyncio.sleep(0.4)
     assert await other.heartbeat()
-    assert await other.expired(0.2) == [], "node-a, heard from 0.4 s ago, is within its 30 s lease"
     assert await other.fail_runs_of(["node-a"], now_rfc3339(), "NodeLost", lambda node: "gone", lease=0.2) == []
     assert (await other.get(run.request_id)).status is Status.RUNNING  # type: ignore[union-attr]
     assert {(n.node_id, n.lease) for n in await other.nodes()} == {("node-a", 30.0), ("node-b", 0.2)}
     await asyncio.sleep(0.3)
-    assert await postgres_store.expired(30.0) == ["node-b"], "node-b, silent past its own 0.2 s"
+    assert await postgres_store.fail_runs_of(["node-b"], now_rfc3339(), "NodeLost", lambda node: "gone", lease=30.0) == []
+    assert [n.node_id for n in await postgres_store.nodes()] == ["node-a"], "node-b, silent past its own 0.2 s"
 
 
 async def test_a_database_of_the_schema_before_is_migrated_and_its_nodes_judged_by_the_observer(postgres: str) -> None:
@@ -210,8 +210,9 @@ async def test_a_database_of_the_schema_before_is_migrated_and_its_nodes_judged_
     await store.open()
     try:
         assert [(n.node_id, n.lease) for n in await store.nodes()] == [("old", None)]
-        assert await store.expired(10.0) == [] and await store.expired(1.0) == ["old"]
-        assert await store.request_abort(run.request_id) == "old"
+        assert await store.fail_runs_of(["old"], now_rfc3339(), "NodeLost", lambda node: "gone", lease=10.0) == []
+        assert await store.request_abort(run.request_id) == "old", "within the observer's lease"
+        assert await store.fail_runs_of(["old"], now_rfc3339(), "NodeLost", lambda node: "gone", lease=1.0) == [(run.request_id, "f")]
     finally:
         await store.close()
 
@@ -413,7 +414,6 @@ CALLS: dict[str, tuple[Any, ...]] = {
     "leave": (),
     "nodes": (),
     "fail_runs_of": (["node-x"], _NOW, "NodeLost", str),
-    "expired": (10.0,),
     "request_abort": (_RUN,),
     "aborts_requested": (),
     "notify": (QUEUED, "f"),
