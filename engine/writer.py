@@ -46,12 +46,6 @@ from .writes import ALL_NEW, SCHEMA, Batch, Op, by_request_id, commit, connect
 logger = logging.getLogger(__name__)
 
 _READY = "ready"
-_STATS = []
-import atexit, os as _os
-def _dump():
-    if _os.environ.get("WSTATS"):
-        import json; open(_os.environ["WSTATS"], "w").write(json.dumps(_STATS[-200000:]))
-atexit.register(_dump)
 _START_TIMEOUT = 60.0
 
 SEND_AT_ONCE = 100
@@ -168,8 +162,6 @@ class WriterProcess:
         if not outbox or self._closing:
             return
         self._pending.extend(outbox)
-        import time as _t
-        _STATS.append(("send", _t.perf_counter(), len(outbox)))
         try:
             self._conn.send_bytes(pickle.dumps([_plain(op) for op, _ in outbox], pickle.HIGHEST_PROTOCOL))
         except OSError:
@@ -187,8 +179,6 @@ class WriterProcess:
             outcomes = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
             return False
-        import time as _t
-        _STATS.append(("recv", _t.perf_counter(), len(outcomes)))
         for outcome in outcomes:
             op, future = self._pending.popleft()
             _settle(op, future, outcome)

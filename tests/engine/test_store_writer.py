@@ -8,6 +8,7 @@ import queue
 import signal
 import sqlite3
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,25 @@ def test_the_checkpoint_thread_copies_commits_into_the_database_file(tmp_path: P
     finally:
         checkpoints.close()
         db.close()
+
+
+async def test_the_server_keeps_nothing_per_write_once_it_is_answered(store: SQLiteStore) -> None:
+    # The server's end of the writer once kept a record of every frame sent and answered: its
+    # memory grew with every write for as long as it served.
+    async def writes(n: int) -> None:
+        for i in range(n):  # (one at a time: a frame each way per write)
+            await store.accept([row(str(i))])
+
+    await writes(200)  # (warmed up: caches, the deque's blocks)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        await writes(3_000)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    kept = [
+        stat for stat in after.compare_to(before, "filename")
+        if stat.traceback[0].filename.endswith(os.path.join("engine", "writer.py"))
+    ]
+    assert sum(stat.size_diff for stat in kept) < 64 * 1024, kept
