@@ -77,7 +77,9 @@ class InvocationStore(Protocol):
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]: ...
     async def prune(self, ended_before_ms: int) -> builtins.list[str]: ...
     async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None: ...
-    async def claim_deliveries(self, limit: int, lease: float) -> builtins.list[Delivery]: ...
+    async def claim_deliveries(
+        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = ...
+    ) -> builtins.list[Delivery]: ...
     async def settle_delivery(
         self, delivery_id: int, *, retry_in: float | None = None, error: str | None = None, give_up: bool = False
     ) -> None: ...
@@ -271,8 +273,14 @@ class SQLiteStore:
         rows = [(function, kind, target) for function, pairs in destinations.items() for kind, target in pairs]
         await self._submit("destinations", rows)
 
-    async def claim_deliveries(self, limit: int, lease: float) -> builtins.list[Delivery]:
-        """Up to `limit` due deliveries, oldest first, held for this server for `lease` seconds."""
+    async def claim_deliveries(
+        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = 0.0
+    ) -> builtins.list[Delivery]:
+        """Up to `limit` due deliveries, oldest first, held for this server for `lease` seconds.
+
+        This server is the store's only one: a delivery of a function not among `functions`
+        (gone from its manifest) has no other server to go to, so it is claimed as soon as it is
+        due, whatever `strays_after` (see PostgresStore.claim_deliveries)."""
         rows = await self._submit("outbox_claim", (_OWNER, _now_ms(), int(lease * 1000), limit))
         return [Delivery(*row) for row in rows]
 

@@ -209,7 +209,7 @@ class Deliverer:
         due = next_in is not None and next_in <= 0
         free = self._free_slots()
         if due and free:
-            claimed = await self._engine.store.claim_deliveries(free, self._lease)
+            claimed = await self._engine.store.claim_deliveries(free, self._lease, self._manifest.functions)
             for delivery in claimed:
                 task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
                 self._attempts.add(task)

@@ -9,7 +9,7 @@ import hmac
 import logging
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Collection
 
 import aiohttp
 import orjson
@@ -90,7 +90,7 @@ class OutboxStore:
     async def next_delivery(self) -> float | None:
         return self.next_in
 
-    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+    async def claim_deliveries(self, limit: int, lease: float, functions: Collection[str]) -> list[Delivery]:
         self.claims += 1
         claimed = [Delivery(i, f"r{i}", "f", "callback", "http://x", 0) for i in range(min(limit, self.due))]
         self.due -= len(claimed)

@@ -70,6 +70,12 @@ _FINISH_QUEUED = (
 )
 
 
+STRAYS_AFTER = 60.0
+"""Seconds a delivery of a function missing from a node's manifest must be overdue before that
+node claims it: a node that has the function takes it at once. Claimed, it fails for want of
+the function's callback_secret, and is tried again until it is given up."""
+
+
 # What says the database cannot serve a query now, rather than that the query is wrong: the
 # connection lost or refused, the server shutting down or starting, out of disk or
 # connections, or read-only (a failover under way). asyncpg raises InternalClientError on a
@@ -341,15 +347,20 @@ class PostgresStore:
             )
 
     @_refusal_as_store_error
-    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
-        """Up to `limit` due deliveries, oldest first, held for this node for `lease` seconds
-        (another node takes them if it does not settle them by then)."""
+    async def claim_deliveries(
+        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = STRAYS_AFTER
+    ) -> list[Delivery]:
+        """Up to `limit` due deliveries of these functions (this node's), oldest first, held for
+        this node for `lease` seconds (another node takes them if it does not settle them by
+        then); a delivery of any other function only once it is `strays_after` seconds overdue:
+        no node that has its function took it (see STRAYS_AFTER)."""
         rows = await self.pool.fetch(
             "UPDATE outbox o SET owner = $1, due_at = now() + make_interval(secs => $2)"
-            " FROM (SELECT id FROM outbox WHERE NOT gave_up AND due_at <= now() ORDER BY due_at, id LIMIT $3"
-            " FOR UPDATE SKIP LOCKED) due"
+            " FROM (SELECT id FROM outbox WHERE NOT gave_up AND due_at <= now()"
+            " AND (function = ANY($4::text[]) OR due_at <= now() - make_interval(secs => $5))"
+            " ORDER BY due_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) due"
             " WHERE o.id = due.id RETURNING o.id, o.request_id::text, o.function, o.kind, o.target, o.attempts",
-            self.node_id, lease, limit,
+            self.node_id, lease, limit, sorted(functions), strays_after,
         )
         return sorted(Delivery(*r) for r in rows)
 

@@ -401,7 +401,7 @@ CALLS: dict[str, tuple[Any, ...]] = {
     "replay": (rows(1)[0], _RUN),
     "prune": (0,),
     "set_destinations": ({"f": [("callback", "http://127.0.0.1:1/done")]},),
-    "claim_deliveries": (1, 60.0),
+    "claim_deliveries": (1, 60.0, ["f"]),
     "settle_delivery": (1,),
     "release_deliveries": (),
     "outbox": (),
