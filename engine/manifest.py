@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import urllib.parse
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -20,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -82,22 +84,35 @@ def parse_size(value: Any) -> int:
         unit = match.group(2).lower() if match else ""
         if not match or unit not in _SIZE_UNITS:
             raise ValueError(f"expected a size such as '6MB' or '512KB', got {value!r}")
-        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        size = _whole_bytes(match.group(1), _SIZE_UNITS[unit])
     if size <= 0:
         raise ValueError(f"a size must be positive, got {value!r}")
     return size
 
 
+def _whole_bytes(number: str, unit: int) -> int:
+    """`number` (digits, perhaps with a fraction) times `unit`, in whole bytes; exact for whole numbers."""
+    if "." in number:
+        return int(float(number) * unit)
+    return int(number) * unit
+
+
 MIN_MEMORY_LIMIT = 64 * 1024**2  # an instance's interpreter needs some 30 MB before the handler's module
+MAX_MEMORY_LIMIT = 2**63 - 1  # the largest limit setrlimit takes (a C long); past it every instance would die
 
 
 def parse_memory_limit(value: Any) -> int:
-    """An instance's memory_limit in bytes: a size of at least 64MB, or 0 (no limit)."""
+    """An instance's memory_limit in bytes: a size from 64MB to 2^63 - 1 bytes, or 0 (no limit)."""
     if value in (0, "0", "") and not isinstance(value, bool):
         return 0
     size = parse_size(value)
     if size < MIN_MEMORY_LIMIT:
         raise ValueError(f"a memory_limit must be at least 64MB (or 0: no limit), got {value!r}")
+    if size > MAX_MEMORY_LIMIT:
+        raise ValueError(
+            f"a memory_limit may be at most 2^63 - 1 bytes ({MAX_MEMORY_LIMIT}, just under 8589934592GB), "
+            f"got {value!r}"
+        )
     return size
 
 
@@ -572,11 +587,12 @@ class Manifest(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The init arguments hold only `path` (load_manifest's), which no variable may move:
         # handler paths and data_dir are relative to it.
-        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
         toml_file = _TOML_FILE.get("path")
-        if toml_file is not None:
-            sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
-        return sources
+        if toml_file is None:
+            return (init_settings, env_settings)
+        file = TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+        env = _EnvSettingsSource(settings_cls, file_functions=_table_keys(file.toml_data.get("functions")))
+        return (init_settings, env, file)
 
     @property
     def base_dir(self) -> Path:
@@ -595,6 +611,57 @@ class Manifest(BaseSettings):
     def handler_path(self, name: str) -> Path:
         """The absolute path of a function's handler file."""
         return (self.base_dir / self.functions[name].handler_file).resolve()
+
+
+class _EnvSettingsSource(EnvSettingsSource):
+    """The EVENTRUN_* variables, each function they name spelled as the manifest file spells it.
+
+    A variable's name is read without regard to case (pydantic-settings lowers it), so
+    EVENTRUN_FUNCTIONS__HELLO__TIMEOUT is about the file's [functions.Hello]. A name the file
+    has in no case is a function of the environment's own, named in lower case.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], file_functions: Collection[str]) -> None:
+        super().__init__(settings_cls)
+        self.file_functions = file_functions
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        functions = values.get("functions")
+        if isinstance(functions, dict):
+            values["functions"] = {self._as_in_file(name): table for name, table in functions.items()}
+        return values
+
+    def _as_in_file(self, name: str) -> str:
+        spellings = _spellings(name, self.file_functions)
+        # Two spellings: load_manifest refused the variable before reading (_ambiguous_functions).
+        return spellings[0] if len(spellings) == 1 else name
+
+
+def _spellings(name: str, names: Collection[str]) -> list[str]:
+    """The names in `names` that are `name` in some case."""
+    return sorted(other for other in names if other.lower() == name.lower())
+
+
+def _table_keys(table: Any) -> list[str]:
+    return [key for key in table if isinstance(key, str)] if isinstance(table, dict) else []
+
+
+def _ambiguous_functions(origins: Origins) -> str | None:
+    """A line for each function the EVENTRUN_* variables name that the file spells two ways
+    (`[functions.Hello]` and `[functions.HELLO]`), as no variable's name can choose one; or None."""
+    file_functions = _table_keys(origins.file.get("functions"))
+    lines = []
+    for name in _table_keys(origins.env.get("functions")):
+        spellings = _spellings(name, file_functions)
+        if len(spellings) > 1:
+            variables = ", ".join(origins.variables_under(["functions", name])) or "EVENTRUN_FUNCTIONS"
+            lines.append(
+                f"the environment: {variables}: {origins.label} has functions {' and '.join(map(repr, spellings))}, "
+                "and a variable's name is read without regard to case, so the variable cannot say which; "
+                "set this key in the file instead"
+            )
+    return "\n".join(lines) or None
 
 
 _TOML_FILE: dict[str, Path] = {}
@@ -626,6 +693,9 @@ def load_manifest(path: Path | str | None) -> Manifest:
     unread = unknown_tables(_SCHEMA)
     if unread is not None:
         raise ManifestError(unread)
+    ambiguous = _ambiguous_functions(Origins(_SCHEMA, label, location))
+    if ambiguous is not None:
+        raise ManifestError(ambiguous)
     _TOML_FILE.clear()
     if location is not None:
         _TOML_FILE["path"] = location

@@ -185,7 +185,7 @@ def unknown_tables(schema: Schema) -> str | None:
 
 
 def describe_settings_error(label: str, exc: SettingsError) -> str:
-    if "EnvSettingsSource" not in str(exc):
+    if "EnvSettingsSource" not in str(exc):  # (pydantic's, or engine.manifest's _EnvSettingsSource)
         return f"{label}: {exc}"
     match = re.search(r'field "([^"]+)"', str(exc))
     table = (match.group(1) if match else "").upper()
@@ -219,6 +219,9 @@ def _is_json(text: str) -> bool:
 _ARRAY_ERRORS = ("list_type", "tuple_type", "set_type", "frozen_set_type")
 _TABLE_ERRORS = ("dict_type", "model_type", "model_attributes_type", "dataclass_type")
 _SECRET_WORDS = ("password", "secret", "token")
+# Raised by eventrun's own validators, whose messages show the value where they may (not a URL
+# that could hold credentials, nor a secret).
+_OWN_ERRORS = ("value_error", "assertion_error")
 
 
 def describe(origins: Origins, exc: ValidationError) -> str:
@@ -291,7 +294,9 @@ def _in_toml_terms(kind: str, loc: list[str], value: Any, message: str, ctx: dic
         return f"{message}, got {shown}{hint}"
     if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":
         return f"{message.split(',')[0]}, got {shown}"
-    return message
+    if kind in _OWN_ERRORS:
+        return message
+    return f"{message}, got {shown}"  # (a bound, a length, ...: pydantic's words name the limit, not the value)
 
 
 def _shown(value: Any, *, secret: bool = False) -> str:

@@ -20,7 +20,6 @@ import orjson
 from eventrun.client import (
     DEFAULT_MANIFEST,
     DEFAULT_URL,
-    INVOKE_TIMEOUT,
     LIST_LIMIT,
     MAX_LIMIT,
     POLL_FIRST,
@@ -30,6 +29,7 @@ from eventrun.client import (
     TERMINATE_WAIT,
     CliError,
     Client,
+    NoAnswer,
     describe_stream_error,
     end_state,
     describe_os_error,
@@ -178,15 +178,13 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     """Invoke a function; print its RequestId, or its result with --wait."""
     client = client_for(args)
     body, content_type = _invoke_body(args.data, args.file)
-    path = f"/functions/{_quote(args.name)}/invocations"
-    status, answer = client.call(
-        "POST", path, body=body, headers={"Content-Type": content_type}, timeout=INVOKE_TIMEOUT
-    )
+    status, answer = _send_event(client, args.name, body, content_type)
     answer = answer if isinstance(answer, dict) else {}
     request_id = str(answer.get("RequestId", ""))
     if not request_id:
         raise CliError(f"{client.base_url} accepted the event but sent no RequestId")
-    # A sync function answers 200 once its run has ended; an async one 202 at once.
+    # A sync function answers 200 once its run has ended (or, should the server stop first, with
+    # the run as it stands); an async one 202 at once.
     ended = answer if status == 200 and "Status" in answer else None
     if not args.wait:
         print(request_id)
@@ -197,6 +195,30 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     _raise_unless_finished(client, request_id, outcome)
     print(_json(outcome.get("Result")))
     return 0
+
+
+def _send_event(client: Client, name: str, body: bytes, content_type: str) -> tuple[int, Any]:
+    """POST the event; the status and the answer. A sync function answers once its run has
+    ended, however long that takes (a run queued at its function's concurrency waits its turn
+    first), so once connected the answer is waited for without a time limit."""
+    path = f"/functions/{_quote(name)}/invocations"
+    try:
+        return client.call("POST", path, body=body, headers={"Content-Type": content_type}, timeout=None)
+    except NoAnswer as exc:
+        raise CliError(_unanswered_event(client, name, exc)) from None
+
+
+def _unanswered_event(client: Client, name: str, exc: NoAnswer) -> str:
+    """The one line for an event sent whose answer never came: the run may be going on."""
+    if exc.request_id:
+        return (
+            f"sent the event for {name} to {client.base_url}, but the answer was cut off ({exc.reason}); "
+            f"the run {exc.request_id} may still be going on: `eventrun status {exc.request_id}` shows it"
+        )
+    return (
+        f"sent the event for {name} to {client.base_url}, but no answer came ({exc.reason}); if the server "
+        f"accepted it, the run may still be going on: `eventrun list --function {name}` shows it"
+    )
 
 
 def _invoke_body(data: str | None, file: str | None) -> tuple[bytes, str]:
@@ -240,10 +262,12 @@ def _get_invocation(client: Client, request_id: str) -> dict[str, Any]:
 
 
 def _raise_unless_finished(client: Client, request_id: str, state: dict[str, Any]) -> None:
-    """Raise the one-line account of a run that ended other than FINISHED."""
+    """Raise the one-line account of a run that ended other than FINISHED, or has not ended."""
     status = state.get("Status")
     if status == "FINISHED":
         return
+    if status not in TERMINAL:
+        raise CliError(_not_ended(request_id, str(status)))
     # Short answers (the SSE end event) carry only the status; the invocation has the why.
     invocation = state if "ErrorType" in state else _get_invocation(client, request_id)
     parts = [f"{request_id} {status}"]
@@ -254,6 +278,19 @@ def _raise_unless_finished(client: Client, request_id: str, state: dict[str, Any
         parts.append(" ".join(str(invocation["ErrorMessage"]).split()))
     # The function wrote these: escape what would drive the terminal (ESC, BEL, ...).
     raise CliError(printable(": ".join(parts)))
+
+
+def _not_ended(request_id: str, status: str) -> str:
+    """Why a sync call was answered before its run ended: the server stopped first."""
+    if status == "QUEUED":
+        return (
+            f"{request_id} QUEUED: the server stopped before the run started; the run stays queued and "
+            f"runs once a server is running again (`eventrun status {request_id}` then gives its outcome)"
+        )
+    return (
+        f"{request_id} {status}: the server answered before the run ended; "
+        f"`eventrun status {request_id}` gives its outcome"
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -414,7 +451,20 @@ def _duration(value: Any) -> str:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    """Indented JSON for stdout: characters as they are where stdout's encoding has them all,
+    else as JSON's escapes (`\\ud83d\\ude00`), since the escapes that stdout's backslashreplace
+    would write (`\\U0001f600`, `\\xe9`) are not JSON."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return text if _encodable(text, sys.stdout) else json.dumps(value, indent=2)
+
+
+def _encodable(text: str, stream: Any) -> bool:
+    """Whether the stream's encoding has every character of text."""
+    try:
+        text.encode(getattr(stream, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def _cell(value: Any) -> str:

@@ -21,9 +21,8 @@ TERMINAL = frozenset(STATUSES[2:])
 MAX_LIMIT = 1000
 # The runs a page of GET /invocations holds when no limit is asked for (the server's default).
 LIST_LIMIT = 50
+# Seconds to connect to the server, and (unless a request says otherwise) to wait for its answer.
 REQUEST_TIMEOUT = 30.0
-# A sync function answers only when its run ends, and sync runs may last 900 s.
-INVOKE_TIMEOUT = 900.0 + 60.0
 POLL_FIRST, POLL_MAX = 0.2, 1.0
 TERMINATE_WAIT = 30.0
 # The server sends a keep-alive comment every 15 s, so this much silence means a dead link.
@@ -36,6 +35,16 @@ class CliError(Exception):
     def __init__(self, message: str, exit_status: int = 1) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+
+
+class NoAnswer(CliError):
+    """The server was sent the request, but its answer did not come: the connection dropped or
+    timed out. The request may have been acted on; `request_id` is the run's, if it was sent."""
+
+    def __init__(self, message: str, reason: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.request_id = request_id
 
 
 # --------------------------------------------------------------------------- HTTP client
@@ -59,13 +68,18 @@ class Client:
         headers: dict[str, str] | None = None,
         timeout: float | None = REQUEST_TIMEOUT,
     ) -> http.client.HTTPResponse:
-        """Send one request and return the open 2xx response."""
+        """Send one request and return the open 2xx response. `timeout`: seconds the answer may
+        take to begin; None waits as long as the server works on it (connecting still gives up
+        after REQUEST_TIMEOUT)."""
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
         request = urllib.request.Request(url, data=body, method=method, headers={**self._auth, **(headers or {})})
+        # With no timeout, the patient opener: its REQUEST_TIMEOUT bounds connecting only.
+        opener = _PATIENT if timeout is None else _OPENER
+        seconds = REQUEST_TIMEOUT if timeout is None else timeout
         try:
-            response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
+            response: http.client.HTTPResponse = opener.open(request, timeout=seconds)
             return response
         except urllib.error.HTTPError as exc:
             with exc:
@@ -73,8 +87,10 @@ class Client:
                 if exc.code == 401 and challenge.lower().startswith("bearer"):  # (the ui_token's, not a proxy's)
                     raise CliError(self._unauthorized()) from None
                 raise CliError(_describe_http_error(exc)) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        except urllib.error.URLError as exc:  # urllib's wrapping of what failed while connecting or sending
             raise self.unreachable(exc) from None
+        except (OSError, http.client.HTTPException) as exc:  # the request went out; its answer did not come
+            raise self._no_answer(method, path, exc) from None
 
     def call(
         self,
@@ -89,7 +105,7 @@ class Client:
         """Send one request and return the status and the decoded JSON answer."""
         response = self.open(method, path, query=query, body=body, headers=headers, timeout=timeout)
         with response:
-            raw = self._read(response)
+            raw = self._read(method, path, response)
         try:
             return response.status, json.loads(raw) if raw else None
         except ValueError:
@@ -99,7 +115,7 @@ class Client:
     def text(self, path: str) -> str:
         """GET a text/plain resource."""
         with self.open("GET", path) as response:
-            return self._read(response).decode("utf-8", errors="replace")
+            return self._read("GET", path, response).decode("utf-8", errors="replace")
 
     def lines(self, path: str, query: dict[str, str]) -> Iterator[str]:
         """GET a streamed resource and yield its lines as they arrive, without line ends."""
@@ -115,11 +131,18 @@ class Client:
                     return
                 yield line.decode("utf-8", errors="replace").rstrip("\r\n")
 
-    def _read(self, response: http.client.HTTPResponse) -> bytes:
+    def _read(self, method: str, path: str, response: http.client.HTTPResponse) -> bytes:
+        """The body of an answer whose head has come; NoAnswer (with the X-Request-Id sent, if
+        any) should the rest not come."""
         try:
             return response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise CliError(f"lost the connection to {self.base_url} ({describe_os_error(exc)})") from None
+            raise self._no_answer(method, path, exc, response.headers.get("X-Request-Id")) from None
+
+    def _no_answer(self, method: str, path: str, exc: BaseException, request_id: str | None = None) -> NoAnswer:
+        reason = describe_os_error(exc)
+        message = f"{self.base_url} was sent {method} {path}, but its answer did not come ({reason})"
+        return NoAnswer(message, reason, request_id)
 
     def _unauthorized(self) -> str:
         """The one line for a 401: the server asks for its ui_token, and was sent none or another."""
@@ -134,6 +157,37 @@ class Client:
         """The one line for a server that cannot be reached."""
         cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         return CliError(f"cannot reach {self.base_url} ({describe_os_error(cause)}); is `eventrun serve` running?")
+
+
+class _PatientHTTPConnection(http.client.HTTPConnection):
+    """A connection whose timeout bounds connecting only: then the answer may take as long as
+    the server works on it (a sync run, or a queued one waiting its turn first)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(None)
+
+
+class _PatientHTTPSConnection(http.client.HTTPSConnection):
+    """_PatientHTTPConnection over TLS: the timeout bounds connecting and the handshake only."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(None)
+
+
+class _PatientHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_PatientHTTPConnection, req)
+
+
+class _PatientHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_PatientHTTPSConnection, req)  # (the default TLS context, as urlopen's)
+
+
+_OPENER = urllib.request.build_opener()
+_PATIENT = urllib.request.build_opener(_PatientHTTPHandler, _PatientHTTPSHandler)
 
 
 def printable(text: str) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from eventrun import cli
+from eventrun import cli, client
 
 EVENTRUN = Path(sys.executable).with_name("eventrun")
 
@@ -118,6 +120,12 @@ class StandIn:
         if name == "syncfail":
             failure = {"ErrorType": "RuntimeError", "ErrorMessage": "nope"}
             return web.json_response({"RequestId": "sync-2", "Status": "FAILED", "Result": None} | failure)
+        if name == "syncslow":  # a sync run that outlasts every timeout the client has (see short_timeouts)
+            await asyncio.sleep(1.0)
+            return web.json_response({"RequestId": "sync-3", "Status": "FINISHED", "Result": "late"})
+        if name == "syncstopped":  # the server stopped before the run started
+            unended = {"ErrorType": None, "ErrorMessage": None}
+            return web.json_response({"RequestId": "sync-4", "Status": "QUEUED", "Result": None} | unended)
         request_id = f"req-{name}"
         return web.json_response({"RequestId": request_id}, status=202, headers={"X-Request-Id": request_id})
 
@@ -334,6 +342,84 @@ def test_invoke_sync_failure_is_reported_with_its_error(
         "eventrun: sync-2 FAILED: RuntimeError: nope\n",
     )
     assert stand_in.calls("GET", "/invocations/sync-2") == []
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every timeout the client has, whatever its name, at 0.2 s."""
+    for module in (cli, client):
+        for name in dir(module):
+            if name.endswith("_TIMEOUT"):
+                monkeypatch.setattr(module, name, 0.2)
+
+
+@pytest.mark.parametrize(("wait", "out"), [((), "sync-3\n"), (("--wait",), '"late"\n')], ids=["no-wait", "wait"])
+def test_invoke_of_a_sync_function_waits_for_its_answer_however_long(
+    stand_in: StandIn, capsys: Any, short_timeouts: None, wait: tuple[str, ...], out: str
+) -> None:
+    assert run(capsys, "invoke", "syncslow", *wait, "--url", stand_in.url) == (0, out, "")
+
+
+@contextlib.contextmanager
+def hanging_up(reply: bytes) -> Iterator[str]:
+    """The URL of a server that reads one request, writes `reply` (perhaps nothing) and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError:  # (closed: the test ended without connecting)
+            return
+        with connection:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(4096)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < length:
+                body += connection.recv(4096)
+            connection.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+def test_invoke_cut_off_before_the_answer_says_the_run_may_be_going_on(capsys: Any) -> None:
+    # A sync call's answer (and its X-Request-Id) comes only when its run ends.
+    with hanging_up(b"") as url:
+        assert run(capsys, "invoke", "syncfn", "--url", url) == (
+            1,
+            "",
+            f"eventrun: sent the event for syncfn to {url}, but no answer came (the server closed the connection); "
+            "if the server accepted it, the run may still be going on: `eventrun list --function syncfn` shows it\n",
+        )
+
+
+def test_invoke_cut_off_within_the_answer_names_the_run(capsys: Any) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id: sync-5\r\nContent-Length: 99\r\n\r\n"
+    with hanging_up(head + b'{"RequestId": "sy') as url:
+        status, out, err = run(capsys, "invoke", "syncfn", "--url", url)
+    assert (status, out) == (1, "")
+    assert err.startswith(f"eventrun: sent the event for syncfn to {url}, but the answer was cut off ("), err
+    assert err.endswith("); the run sync-5 may still be going on: `eventrun status sync-5` shows it\n"), err
+
+
+@pytest.mark.parametrize(("wait", "out"), [((), "sync-4\n"), (("--wait",), "")], ids=["no-wait", "wait"])
+def test_invoke_of_a_sync_run_the_server_stopped_before_says_it_runs_later(
+    stand_in: StandIn, capsys: Any, wait: tuple[str, ...], out: str
+) -> None:
+    assert run(capsys, "invoke", "syncstopped", *wait, "--url", stand_in.url) == (
+        1,
+        out,
+        "eventrun: sync-4 QUEUED: the server stopped before the run started; the run stays queued and runs "
+        "once a server is running again (`eventrun status sync-4` then gives its outcome)\n",
+    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -595,7 +681,10 @@ def test_output_the_terminal_cannot_encode_is_escaped(
 ) -> None:
     stand_in.logs["req-1"] = "caf\u00e9 \u4f60\u597d\n"
     stand_in.invocations["req-1"] = [
-        _invocation("req-1", "FAILED", ErrorType="ValueError", ErrorMessage="caf\u00e9 \u4f60\u597d")
+        _invocation(
+            "req-1", "FAILED", ErrorType="ValueError", ErrorMessage="caf\u00e9 \u4f60\u597d",
+            Result={"face": "\U0001f600"},
+        )
     ]
     env = {
         k: v for k, v in os.environ.items()
@@ -610,9 +699,19 @@ def test_output_the_terminal_cannot_encode_is_escaped(
 
     logs = eventrun("logs", "req-1")
     assert (logs.returncode, logs.stdout, logs.stderr) == (0, "caf\\xe9 \\u4f60\\u597d\n", "")
+    # JSON stays JSON: its escapes (\\u00e9, \\ud83d\\ude00), not the terminal's (\\xe9, \\U0001f600).
     status = eventrun("status", "req-1")
     assert (status.returncode, status.stderr) == (0, "")
-    assert '"ErrorMessage": "caf\\xe9 \\u4f60\\u597d"' in status.stdout
+    assert status.stdout.isascii() and json.loads(status.stdout) == stand_in.invocations["req-1"][0], status.stdout
+    waited = eventrun("invoke", "syncfn", "--wait", "--data", '{"face": "\\ud83d\\ude00", "caf\\u00e9": 1}')
+    assert (waited.returncode, waited.stderr) == (0, "")
+    assert json.loads(waited.stdout) == {"echo": {"face": "\U0001f600", "caf\u00e9": 1}}, waited.stdout
+
+
+def test_json_output_keeps_the_characters_a_utf8_stdout_has(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.invocations["req-1"] = [_invocation("req-1", "FINISHED", Result={"face": "\U0001f600", "caf\u00e9": 1})]
+    status, out, _ = run(capsys, "status", "req-1", "--url", stand_in.url)
+    assert status == 0 and '"face": "\U0001f600"' in out and '"caf\u00e9": 1' in out, out
 
 
 def test_terminate_prints_the_final_status(stand_in: StandIn, capsys: Any) -> None:

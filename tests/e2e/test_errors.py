@@ -37,6 +37,23 @@ async def test_unknown_request_id_is_404(eventrun_server, http, handler):
     (await api.terminate(missing)).error(404)
 
 
+async def test_a_request_id_is_read_in_any_case(eventrun_server, http, handler):
+    # RequestIds are UUIDs, written in lower case; a UUID in upper case is the same id.
+    server = eventrun_server({"quick": {"handler": handler("quick")}})
+    api = server.client(http)
+    request_id = await api.accepted("quick", {"n": 1})
+    await api.wait_ended(request_id)
+    shouted = request_id.upper()
+    shown = await api.request("GET", f"/invocations/{shouted}")
+    assert shown.status == 200 and shown.json["RequestId"] == request_id, shown.text
+    for route in ("logs", "event"):
+        reply = await api.request("GET", f"/invocations/{shouted}/{route}")
+        assert reply.status == 200, (route, reply.text)
+    assert (await api.terminate(shouted)).error(409)["Code"] == "InvocationEnded"
+    replay = await api.request("POST", f"/invocations/{shouted}/replay")
+    assert replay.status == 202 and replay.json["ReplayOf"] == request_id, replay.text
+
+
 async def test_malformed_json_is_400_and_accepts_nothing(eventrun_server, http, handler):
     server = eventrun_server({"quick": {"handler": handler("quick")}})
     api = server.client(http)

@@ -591,3 +591,115 @@ def test_an_s3_webhook_token_no_client_could_send_is_refused(write, monkeypatch,
 def test_a_ui_token_of_printable_ascii_loads(write, token):
     toml = token.replace("\\", "\\\\")
     assert load_manifest(write(f'[server]\nui_token = "{toml}"\n' + function())).server.ui_token == token
+
+
+# --- memory_limit's bounds ---------------------------------------------------------------------
+
+MEMORY_LIMIT_TOO_LARGE = "a memory_limit may be at most 2^63 - 1 bytes (9223372036854775807, just under 8589934592GB)"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ('"8589934592GB"', "'8589934592GB'"),
+        ("99999999999999999999", "99999999999999999999"),
+        ("9223372036854775808", "9223372036854775808"),
+        ('"9223372036854775808"', "'9223372036854775808'"),
+    ],
+    ids=["gigabytes", "huge-integer", "2^63", "2^63-as-text"],
+)
+def test_a_memory_limit_setrlimit_cannot_take_is_refused_at_start(write, value, shown):
+    # Taken, every instance would die at its start (setrlimit raises OverflowError past a C long).
+    path = write(f"[server]\nmemory_limit = {value}\n" + function("g", memory_limit=value))
+    assert refusal(path).splitlines() == [
+        f"{path}: server.memory_limit: {MEMORY_LIMIT_TOO_LARGE}, got {shown}",
+        f"{path}: functions.g.memory_limit: {MEMORY_LIMIT_TOO_LARGE}, got {shown}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("9223372036854775807", 2**63 - 1), ('"9223372036854775807"', 2**63 - 1), ('"8589934591GB"', 2**63 - 2**30)],
+)
+def test_the_largest_memory_limit_is_taken_to_the_byte(write, value, size):
+    assert load_manifest(write(f"[server]\nmemory_limit = {value}\n" + function())).server.memory_limit == size
+
+
+def test_a_memory_limit_from_the_environment_past_the_bound_names_the_variable(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_SERVER__MEMORY_LIMIT", "8589934592GB")
+    assert refusal(write(function())) == (
+        f"the environment: EVENTRUN_SERVER__MEMORY_LIMIT: {MEMORY_LIMIT_TOO_LARGE}, got '8589934592GB'"
+    )
+
+
+# --- every refusal shows the value refused ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (function(concurrency="0"), "functions.f.concurrency: Input should be greater than or equal to 1, got 0"),
+        (function(concurrency="20000"), "functions.f.concurrency: Input should be less than or equal to 10000, got 20000"),
+        (function(qps_limit="-3"), "functions.f.qps_limit: Input should be greater than or equal to 1, got -3"),
+        ("[server]\nport = 70000\n" + function(), "server.port: Input should be less than or equal to 65535, got 70000"),
+        ("[server]\nmax_instances = 0\n" + function(), "server.max_instances: Input should be greater than or equal to 1, got 0"),
+        ("[store]\npool_size = 1\n" + function(), "store.pool_size: Input should be greater than or equal to 2, got 1"),
+        ("[kafka]\nhigh_water_mark = 0\n" + function(), "kafka.high_water_mark: Input should be greater than or equal to 1, got 0"),
+        (f'[cluster]\nnode_id = "{"n" * 129}"\n' + function(), f"cluster.node_id: String should have at most 128 characters, got '{'n' * 129}'"),
+    ],
+    ids=["concurrency-low", "concurrency-high", "qps", "port", "instances", "pool", "high-water", "node-id"],
+)
+def test_a_value_out_of_bounds_is_shown_with_the_bound(write, text, expected):
+    path = write(text)
+    assert refusal(path) == f"{path}: {expected}"
+
+
+def test_a_bound_refused_in_the_environment_shows_the_value_and_names_the_variable(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__F__CONCURRENCY", "0")
+    assert refusal(write(function())) == (
+        "the environment: EVENTRUN_FUNCTIONS__F__CONCURRENCY: Input should be greater than or equal to 1, got '0'"
+    )
+
+
+# --- a function's keys from the environment ---------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["EVENTRUN_FUNCTIONS__HELLO__TIMEOUT", "EVENTRUN_FUNCTIONS__hello__TIMEOUT"])
+def test_a_function_variable_sets_the_files_function_whatever_the_case(write, monkeypatch, variable):
+    monkeypatch.setenv(variable, "5s")
+    manifest = load_manifest(write(function("Hello")))
+    assert list(manifest.functions) == ["Hello"]
+    assert manifest.functions["Hello"].timeout == 5.0
+
+
+def test_a_bad_function_variable_is_blamed_on_the_variable_whatever_the_case(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__HELLO__TIMEOUT", "5x")
+    path = write(function("Hello"))
+    assert refusal(path) == (
+        "the environment: EVENTRUN_FUNCTIONS__HELLO__TIMEOUT: expected a duration such as '90s', '15m' or '2h', got '5x'"
+    )
+
+
+def test_a_function_variable_that_cannot_say_which_function_is_refused(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__HELLO__TIMEOUT", "5s")
+    path = write(function("Hello") + function("HELLO"))
+    assert refusal(path) == (
+        f"the environment: EVENTRUN_FUNCTIONS__HELLO__TIMEOUT: {path} has functions 'HELLO' and 'Hello', and a "
+        "variable's name is read without regard to case, so the variable cannot say which; set this key in the file instead"
+    )
+
+
+def test_variables_may_add_a_function_named_in_lower_case(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__EXTRA__HANDLER", "handlers/ok.py:main_handler")
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__EXTRA__CONCURRENCY", "2")
+    manifest = load_manifest(write(function("Hello")))
+    assert sorted(manifest.functions) == ["Hello", "extra"]
+    assert manifest.functions["extra"].concurrency == 2
+
+
+def test_a_function_the_variables_add_without_a_handler_is_blamed_on_them(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__HELO__TIMEOUT", "5s")
+    assert refusal(write(function("Hello"))) == (
+        "the environment: functions.helo.handler: a required key, not set; "
+        "set in the environment: EVENTRUN_FUNCTIONS__HELO__TIMEOUT"
+    )

@@ -88,6 +88,12 @@ def _engine(request: web.Request) -> Engine:
     return request.app[ENGINE_KEY]
 
 
+def _request_id(request: web.Request) -> str:
+    """The RequestId in the path. RequestIds are UUIDs, written in lower case, and a UUID is the
+    same in any case (RFC 9562), so an upper-case one names the same run."""
+    return request.match_info["request_id"].lower()
+
+
 async def _read_body(request: web.Request) -> bytes:
     limit = _engine(request).manifest.server.max_body_size
     # Refuse by the declared length first, so a huge upload is not read at all.
@@ -127,7 +133,7 @@ async def invoke(request: web.Request) -> web.Response:
 async def get_invocation(request: web.Request) -> web.Response:
     """GET /invocations/{request_id}, with the runs it is linked to by replays."""
     engine = _engine(request)
-    request_id = request.match_info["request_id"]
+    request_id = _request_id(request)
     answer = invocation_json(await engine.get(request_id))
     answer["ReplayOf"], answer["Replays"] = await engine.links(request_id)
     return json_response(answer)
@@ -135,7 +141,7 @@ async def get_invocation(request: web.Request) -> web.Response:
 
 async def replay(request: web.Request) -> web.Response:
     """POST /invocations/{request_id}/replay: a new run of the same envelope."""
-    original = request.match_info["request_id"]
+    original = _request_id(request)
     accepted = await _engine(request).replay(original)
     return json_response(
         {"RequestId": accepted.request_id, "ReplayOf": original}, status=202, headers={"X-Request-Id": accepted.request_id}
@@ -213,7 +219,7 @@ async def counts(request: web.Request) -> web.Response:
 
 async def get_event(request: web.Request) -> web.Response:
     """GET /invocations/{request_id}/event: the envelope the run was given."""
-    body = await _engine(request).envelope(request.match_info["request_id"])
+    body = await _engine(request).envelope(_request_id(request))
     return web.Response(body=body, content_type="application/json")
 
 
@@ -271,7 +277,7 @@ def _parse_limit(raw: str) -> int:
 async def get_logs(request: web.Request) -> web.StreamResponse:
     """GET /invocations/{request_id}/logs, plain or (?follow=true) as Server-Sent Events."""
     engine = _engine(request)
-    request_id = request.match_info["request_id"]
+    request_id = _request_id(request)
     follow = request.query.get("follow", "").strip().lower()
     if follow not in _TRUE + _FALSE:
         raise InvalidParameter(f"follow: expected true or false, got {follow!r}")
@@ -328,7 +334,7 @@ async def _send_pieces(request: web.Request, pieces: AsyncIterator[bytes], heade
 
 async def terminate(request: web.Request) -> web.Response:
     """POST /invocations/{request_id}/terminate."""
-    invocation = await _engine(request).terminate(request.match_info["request_id"])
+    invocation = await _engine(request).terminate(_request_id(request))
     return json_response(invocation_json(invocation))
 
 
