@@ -78,7 +78,7 @@ class InvocationStore(Protocol):
     async def prune(self, ended_before_ms: int) -> builtins.list[str]: ...
     async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None: ...
     async def claim_deliveries(
-        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = ...
+        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = ..., busy: Collection[str] = ...
     ) -> builtins.list[Delivery]: ...
     async def settle_delivery(
         self, delivery_id: int, *, retry_in: float | None = None, error: str | None = None, give_up: bool = False
@@ -274,14 +274,21 @@ class SQLiteStore:
         await self._submit("destinations", rows)
 
     async def claim_deliveries(
-        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = 0.0
+        self,
+        limit: int,
+        lease: float,
+        functions: Collection[str],
+        *,
+        strays_after: float = 0.0,
+        busy: Collection[str] = (),
     ) -> builtins.list[Delivery]:
-        """Up to `limit` due deliveries, oldest first, held for this server for `lease` seconds.
+        """Up to `limit` due deliveries, oldest first, held for this server for `lease` seconds;
+        none to a `busy` target (one the deliverer has as many attempts under way to as it allows).
 
         This server is the store's only one: a delivery of a function not among `functions`
         (gone from its manifest) has no other server to go to, so it is claimed as soon as it is
         due, whatever `strays_after` (see PostgresStore.claim_deliveries)."""
-        rows = await self._submit("outbox_claim", (_OWNER, _now_ms(), int(lease * 1000), limit))
+        rows = await self._submit("outbox_claim", (_OWNER, _now_ms(), int(lease * 1000), limit, sorted(busy)))
         return [Delivery(*row) for row in rows]
 
     async def settle_delivery(

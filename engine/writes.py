@@ -498,15 +498,20 @@ def _destinations(conn: sqlite3.Connection, ops: list[list[tuple[str, str, str]]
     return [None] * len(ops)
 
 
-def _outbox_claim(conn: sqlite3.Connection, ops: list[tuple[str, int, int, int]]) -> list[list[tuple[Any, ...]]]:
-    """Take due deliveries: each op (owner, now ms, lease ms, limit) gets its rows, held until the lease runs out."""
+def _outbox_claim(
+    conn: sqlite3.Connection, ops: list[tuple[str, int, int, int, list[str]]]
+) -> list[list[tuple[Any, ...]]]:
+    """Take due deliveries: each op (owner, now ms, lease ms, limit, busy targets) gets its rows,
+    none to a busy target, held until the lease runs out."""
     out = []
-    for owner, now, lease, limit in ops:
+    for owner, now, lease, limit, busy in ops:
+        busy_marks = ", ".join(["?"] * len(busy))  # (SQLite takes an empty list: NOT IN () holds for all)
         rows = conn.execute(
             "UPDATE outbox SET owner = ?, due_at = ? WHERE id IN"
-            " (SELECT id FROM outbox WHERE gave_up = 0 AND due_at <= ? ORDER BY due_at, id LIMIT ?)"
+            " (SELECT id FROM outbox WHERE gave_up = 0 AND due_at <= ?"
+            f" AND target NOT IN ({busy_marks}) ORDER BY due_at, id LIMIT ?)"
             " RETURNING id, request_id, function, kind, target, attempts",
-            (owner, now + lease, now, limit),
+            (owner, now + lease, now, *busy, limit),
         ).fetchall()
         out.append(sorted(rows))
     return out

@@ -13,16 +13,21 @@ is why a receiver may see a delivery twice and gets `X-Eventrun-Delivery` to tel
 from __future__ import annotations
 
 import asyncio
+import collections
+import email.utils
+import functools
 import hashlib
 import hmac
 import logging
+import re
 import time
 import urllib.parse
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 
 from eventrun.engine.api import Delivery, Invocation
 from eventrun.engine.core import Engine
@@ -38,6 +43,8 @@ logger = logging.getLogger(__name__)
 LOG_TAIL = 4096  # bytes of a failed run's log sent with its record (cut to whole lines)
 GIVE_UP_AFTER = 24 * 3600.0  # seconds after the run's end; a delivery failing that long is given up
 RETRYABLE_STATUSES = frozenset({408, 425, 429})  # 4xx answers that may go the next time
+WAIT_ASKING_STATUSES = frozenset({429, 503})  # answers whose Retry-After sets the next attempt's time
+TARGET_SHARE = 2  # one target's attempts at once are at most half the slots (at least one)
 ANSWER_PREFIX = 256  # bytes of a refusing receiver's answer read for the log (the rest is not read)
 SETTLE_LOG_EVERY = 60.0  # seconds between the log's lines about attempts the store cannot record (an outage), at least
 
@@ -48,6 +55,10 @@ class Undeliverable(Exception):
 
 class DeliveryFailed(Exception):
     """The receiver did not take it this time."""
+
+    def __init__(self, problem: str, *, retry_after: float | None = None) -> None:
+        super().__init__(problem)
+        self.retry_after = retry_after  # seconds the receiver asked to wait (Retry-After), if it did
 
 
 class Deliverer:
@@ -71,6 +82,9 @@ class Deliverer:
         self._max_backoff = max_backoff
         self._lease = lease  # how long a claim holds; longer than an attempt takes (timeout)
         self._in_flight = in_flight  # attempts at once, at most
+        # A receiver that hangs holds no more than these slots, so the others' deliveries go on.
+        self._per_target = max(1, in_flight // TARGET_SHARE)  # attempts at once to one target, at most
+        self._under_way: collections.Counter[str] = collections.Counter()  # attempts in flight, by target
         self._poll = poll  # the longest wait between looks at the outbox (others' ends, clock)
         self._timeout = timeout
         self._wake = asyncio.Event()
@@ -207,21 +221,42 @@ class Deliverer:
         self._pending.refresh()
         next_in = await self._engine.store.next_delivery()
         due = next_in is not None and next_in <= 0
-        free = self._free_slots()
-        if due and free:
-            claimed = await self._engine.store.claim_deliveries(free, self._lease, self._manifest.functions)
+        room, busy = self._room()
+        if due and room:
+            claimed = await self._engine.store.claim_deliveries(
+                room, self._lease, self._manifest.functions, busy=busy
+            )
             for delivery in claimed:
-                task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
-                self._attempts.add(task)
-                task.add_done_callback(self._attempts.discard)
+                self._start(delivery)
             if claimed:
                 return 0.0  # more may be due: look again at once
         if due or next_in is None:
             return self._poll  # (an attempt ending, or a run of a function with destinations ending, wakes the loop)
         return min(self._poll, next_in)
 
-    def _free_slots(self) -> int:
-        return self._in_flight - len(self._attempts)
+    def _room(self) -> tuple[int, list[str]]:
+        """How many deliveries to claim now, and the targets to claim none for (at their cap).
+
+        No more than the least room a target under way has left: whichever targets the claimed
+        deliveries are for, none goes past its cap.
+        """
+        free = self._in_flight - len(self._attempts)
+        rooms = {target: self._per_target - count for target, count in self._under_way.items()}
+        busy = sorted(target for target, room in rooms.items() if room <= 0)
+        open_rooms = [room for room in rooms.values() if room > 0]
+        return min([free, self._per_target, *open_rooms]), busy
+
+    def _start(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
+        self._attempts.add(task)
+        self._under_way[delivery.target] += 1
+        task.add_done_callback(functools.partial(self._ended, delivery.target))
+
+    def _ended(self, target: str, task: asyncio.Task[None]) -> None:
+        self._attempts.discard(task)
+        self._under_way[target] -= 1
+        if not self._under_way[target]:
+            del self._under_way[target]
 
     async def _attempt(self, delivery: Delivery) -> None:
         target = shown_target(delivery.target)
@@ -229,10 +264,11 @@ class Deliverer:
             await self._make(delivery)
         except Undeliverable as exc:
             self.given_up += 1
-            logger.error("gave up delivering %s of %s to %s: %s", delivery.kind, delivery.request_id, target, exc)
-            await self._settle(delivery, error=str(exc), give_up=True)
+            problem = _describe(exc, delivery.target)
+            logger.error("gave up delivering %s of %s to %s: %s", delivery.kind, delivery.request_id, target, problem)
+            await self._settle(delivery, error=problem, give_up=True)
         except Exception as exc:
-            problem = _describe(exc)
+            problem = _describe(exc, delivery.target)
             if await self._too_old(delivery):
                 self.given_up += 1
                 logger.error(
@@ -242,7 +278,7 @@ class Deliverer:
                 await self._settle(delivery, error=problem, give_up=True)
             else:
                 self.failed += 1
-                retry_in = min(self._max_backoff, self._backoff * 2**delivery.attempts)
+                retry_in = self._retry_in(delivery, exc)
                 logger.warning(
                     "delivering %s of %s to %s failed (attempt %d; next in %.0fs): %s",
                     delivery.kind, delivery.request_id, target, delivery.attempts + 1, retry_in, problem,
@@ -253,6 +289,12 @@ class Deliverer:
             await self._settle(delivery)
         finally:
             self._wake.set()  # a slot is free
+
+    def _retry_in(self, delivery: Delivery, exc: Exception) -> float:
+        """Seconds to the next attempt: backing off, and not before a Retry-After asks (at most max_backoff)."""
+        backoff = self._backoff * 2**delivery.attempts
+        asked = exc.retry_after if isinstance(exc, DeliveryFailed) else None
+        return min(self._max_backoff, max(backoff, asked or 0.0))
 
     async def _too_old(self, delivery: Delivery) -> bool:
         """Whether the run ended more than GIVE_UP_AFTER ago (if the store cannot say: not yet)."""
@@ -325,8 +367,10 @@ class Deliverer:
         # A redirect is not followed: 301 to 303 would turn the POST into a GET without its
         # body (answered 200, so counted as delivered), and any would carry it, signed, elsewhere.
         async with self._session.post(delivery.target, data=body, headers=headers, allow_redirects=False) as response:
-            if response.status < 300:
+            if 200 <= response.status < 300:
                 return
+            if response.status < 200:  # (e.g. a 101: the receiver switched protocols instead of taking it)
+                raise DeliveryFailed(f"HTTP {response.status}: an interim answer, not a 2xx")
             if response.status < 400:
                 location = response.headers.get("Location", "")
                 to = f" to {shown_target(location)}" if location else ""
@@ -338,7 +382,7 @@ class Deliverer:
             problem = f"HTTP {response.status} {text}".strip()
             if 400 <= response.status < 500 and response.status not in RETRYABLE_STATUSES:
                 raise Undeliverable(problem)
-            raise DeliveryFailed(problem)
+            raise DeliveryFailed(problem, retry_after=_asked_to_wait(response))
 
     async def _produce(self, delivery: Delivery, topic: str, body: bytes) -> None:
         producer = await self._kafka()
@@ -412,6 +456,21 @@ def shown_target(target: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def retry_after(value: str, now: float | None = None) -> float | None:
+    """The seconds a Retry-After header asks to wait, from its seconds or its HTTP-date; None
+    if it cannot be read."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:  # (an HTTP-date is in GMT)
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 def log_tail(log: bytes, limit: int = LOG_TAIL) -> str:
     """The end of a log, at most `limit` bytes, starting at a line."""
     if len(log) > limit:
@@ -441,8 +500,42 @@ def _age(invocation: Invocation) -> float:
     return time.time() - ended.timestamp()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, DeliveryFailed):
+def _asked_to_wait(response: aiohttp.ClientResponse) -> float | None:
+    """The wait a 429 or 503 answer's Retry-After asks for, if any."""
+    value = response.headers.get("Retry-After")
+    if response.status not in WAIT_ASKING_STATUSES or value is None:
+        return None
+    return retry_after(value)
+
+
+def _describe(exc: BaseException, target: str) -> str:
+    """What went wrong, for the log and the outbox, with the target shown as shown_target shows it:
+    aiohttp's errors may hold the URL whole (InvalidURL, NonHttpUrlClientError, ClientResponseError)."""
+    text = _without_credentials(str(exc), target)
+    if isinstance(exc, (DeliveryFailed, Undeliverable)):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")  # a URL in a text, up to a space, quote or bracket
+
+
+def _without_credentials(text: str, target: str) -> str:
+    """The text with the target, as given or as yarl writes it, and then any URL left in it,
+    shown as shown_target shows them: no userinfo, query or fragment."""
+    for spelling in _spellings(target):
+        text = text.replace(spelling, shown_target(target))
+    return _URL.sub(lambda found: shown_target(found.group()), text)
+
+
+def _spellings(target: str) -> list[str]:
+    """The ways an error may write a target: as given, and as the yarl.URL aiohttp made of it
+    (quoted); longest first, so none is left half replaced."""
+    spellings = {target}
+    try:
+        url = yarl.URL(target)
+    except ValueError:
+        pass
+    else:
+        spellings |= {str(url), url.human_repr()}
+    return sorted(spellings, key=len, reverse=True)

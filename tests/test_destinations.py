@@ -14,10 +14,14 @@ from typing import Any, AsyncIterator, Collection
 import aiohttp
 import orjson
 import pytest
+import yarl
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import SecretStr
 
-from eventrun.destinations import LOG_TAIL, Deliverer, DeliveryFailed, Undeliverable, log_tail, shown_target, signature
+from eventrun.destinations import (
+    LOG_TAIL, Deliverer, DeliveryFailed, Undeliverable, log_tail, retry_after, shown_target, signature,
+)
 from eventrun.engine.api import Delivery, Invocation, Outbox, Status
 from eventrun.engine.manifest import KafkaConfig
 
@@ -90,7 +94,9 @@ class OutboxStore:
     async def next_delivery(self) -> float | None:
         return self.next_in
 
-    async def claim_deliveries(self, limit: int, lease: float, functions: Collection[str]) -> list[Delivery]:
+    async def claim_deliveries(
+        self, limit: int, lease: float, functions: Collection[str], *, busy: Collection[str] = ()
+    ) -> list[Delivery]:
         self.claims += 1
         claimed = [Delivery(i, f"r{i}", "f", "callback", "http://x", 0) for i in range(min(limit, self.due))]
         self.due -= len(claimed)
@@ -199,6 +205,81 @@ async def test_attempts_the_store_cannot_record_are_logged_once_and_their_recove
     assert store.settled == [{}]
 
 
+# -- one target's attempts at once ------------------------------------------------------------
+
+HANG, OK = "http://hangs.example/hook", "http://answers.example/hook"
+
+
+class TargetedOutbox(FakeStore):
+    """An outbox of deliveries waiting in order, claimed as the stores claim them: oldest first,
+    none to a busy target."""
+
+    def __init__(self, targets: list[str]) -> None:
+        super().__init__(RECENT)
+        self.waiting = [Delivery(n, f"r{n}", "f", "callback", target, 0) for n, target in enumerate(targets)]
+
+    async def outbox(self) -> Outbox:
+        return Outbox(pending=len(self.waiting), given_up=0)
+
+    async def next_delivery(self) -> float | None:
+        return -1.0 if self.waiting else None
+
+    async def claim_deliveries(
+        self, limit: int, lease: float, functions: Collection[str], *, busy: Collection[str] = ()
+    ) -> list[Delivery]:
+        claimed = [d for d in self.waiting if d.target not in busy][:limit]
+        self.waiting = [d for d in self.waiting if d not in claimed]
+        return claimed
+
+
+@contextlib.asynccontextmanager
+async def delivering(store: TargetedOutbox) -> AsyncIterator[tuple[Deliverer, list[str]]]:
+    """A deliverer (16 slots) over the store whose HANG receiver never answers; the targets delivered to."""
+    deliverer = Deliverer(SimpleNamespace(store=store), SimpleNamespace(functions={}))  # type: ignore[arg-type]
+    delivered: list[str] = []
+    never = asyncio.Event()
+
+    async def make(delivery: Delivery) -> None:
+        if delivery.target == HANG:
+            await never.wait()
+        delivered.append(delivery.target)
+
+    deliverer._make = make  # type: ignore[method-assign]
+    try:
+        yield deliverer, delivered
+    finally:
+        for task in deliverer._attempts:
+            task.cancel()
+        await asyncio.gather(*deliverer._attempts, return_exceptions=True)
+
+
+async def rounds(deliverer: Deliverer, count: int) -> None:
+    for _ in range(count):
+        await deliverer._round()
+        await asyncio.sleep(0)  # (the attempts started go as far as they can)
+
+
+async def test_a_receiver_that_hangs_holds_half_the_slots_and_the_others_go_at_once() -> None:
+    # One pool of 16 slots, claimed oldest first: 48 deliveries to a hung receiver held all 16,
+    # and a delivery to another receiver, behind them, left 31 s later.
+    store = TargetedOutbox([HANG] * 48 + [OK])
+    async with delivering(store) as (deliverer, delivered):
+        await rounds(deliverer, 5)
+        assert delivered == [OK], "the answering receiver's delivery went, behind the hung ones"
+        assert deliverer._under_way == {HANG: 8}, "the hung receiver holds 16 // 2 slots, no more"
+        assert len(store.waiting) == 40
+
+
+async def test_a_claim_takes_no_more_than_a_target_under_way_has_room_for() -> None:
+    store = TargetedOutbox([HANG] * 7)
+    async with delivering(store) as (deliverer, _):
+        await rounds(deliverer, 1)
+        assert deliverer._under_way == {HANG: 7}
+        store.waiting = TargetedOutbox([HANG] * 6).waiting  # more due to it
+        await rounds(deliverer, 3)
+        assert deliverer._under_way == {HANG: 8}, "room for one more, so a claim of one"
+
+
 # -- one delivery to a URL, against a local receiver ------------------------------------------
 
 RECENT = "2999-01-01T00:00:00.000Z"  # a run's end that is not a day old
@@ -208,7 +289,8 @@ REQUEST_ID = "01a2461d-5009-7000-b391-852c8a6cf159"
 @dataclass
 class Hooks:
     """A local receiver: /ok takes a POST (and a GET), /moved/{status} redirects to /ok, /endless
-    refuses with an answer that never ends."""
+    refuses with an answer that never ends, /busy/{status}?after=... answers with that status and
+    that Retry-After."""
 
     url: str = ""
     seen: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)  # method, path, headers, body
@@ -239,8 +321,13 @@ async def hooks() -> AsyncIterator[Hooks]:
         await done.wait()  # the rest never comes
         return response
 
+    async def busy(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(status=int(request.match_info["status"]), headers={"Retry-After": request.query["after"]})
+
     app = web.Application()
     app.router.add_route("*", "/ok", ok)
+    app.router.add_post("/busy/{status}", busy)
     app.router.add_post("/moved/{status}", moved)
     app.router.add_post("/endless", endless)
     runner = web.AppRunner(app)
@@ -301,6 +388,61 @@ async def test_a_refusing_answer_is_read_no_further_than_its_start(hooks: Hooks)
     assert problem.startswith("HTTP 500 busy busy busy") and len(problem) <= len("HTTP 500 ") + 256, problem
 
 
+async def test_a_switching_protocols_answer_is_a_failed_attempt_not_a_delivery() -> None:
+    # A 101 was < 300, so counted as delivered.
+    async def switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(switch, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = FakeStore(RECENT)
+    try:
+        async with posting({"f": posting_function()}, store) as deliverer:
+            await deliverer._attempt(to(f"http://127.0.0.1:{port}/hook"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert store.settled == [{"error": "HTTP 101: an interim answer, not a 2xx", "retry_in": 1.0}]
+    assert (deliverer.sent, deliverer.failed) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("status", "after", "attempts", "retry_in"),
+    [
+        (429, "3600", 0, 300.0),  # an hour asked: as long as the backoff may be
+        (503, "30", 0, 30.0),
+        (429, "1", 5, 32.0),  # less than the backoff: backing off still
+        (500, "30", 0, 1.0),  # a 500 asks nothing
+        (503, "soon", 0, 1.0),  # nothing that can be read
+    ],
+)
+async def test_a_retry_after_sets_the_next_attempt_s_time(
+    hooks: Hooks, status: int, after: str, attempts: int, retry_in: float
+) -> None:
+    # It was ignored: tried again after 1, 2, 4 s although the receiver said 3600.
+    store = FakeStore(RECENT)
+    async with posting({"f": posting_function()}, store) as deliverer:
+        await deliverer._attempt(to(f"{hooks.url}/busy/{status}?after={after}", attempts=attempts))
+    (outcome,) = store.settled
+    assert outcome["retry_in"] == retry_in, outcome
+
+
+def test_a_retry_after_is_read_as_seconds_or_an_http_date() -> None:
+    now = 1_445_412_480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry_after("120", now) == 120.0
+    assert retry_after(" 0 ", now) == 0.0
+    assert retry_after("Wed, 21 Oct 2015 07:30:00 GMT", now) == 120.0
+    assert retry_after("Wednesday, 21-Oct-15 07:29:00 GMT", now) == 60.0
+    assert retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now) == 0.0, "a time gone by: at once"
+    assert retry_after("-5", now) is None
+    assert retry_after("1.5", now) is None
+    assert retry_after("soon", now) is None
+    assert retry_after("Mon, 01 Jan 99999 00:00:00 GMT", now) is None
+
+
 async def test_a_failed_run_s_record_reads_only_the_end_of_its_log(hooks: Hooks) -> None:
     # A log may reach log_limit (64 MiB by default): its tail is all the record sends, and all that is read.
     whole = b"".join(b"line %06d\n" % n for n in range(100_000))
@@ -355,6 +497,60 @@ async def test_healthz_and_the_log_show_a_callback_url_without_its_credentials(c
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and all(" to https://hooks.example.com/done" in line for line in lines), lines
     assert not any("hunter2" in line or "t0k3n" in line for line in lines), lines
+
+
+SECRETS = ("alice", "w0rd", "QSECRET", "fr4g")
+
+
+def credentialed(port: int, password: str = "p'w0rd") -> str:
+    """A callback URL with a user, a password, a query and a fragment."""
+    return f"http://alice:{password}@127.0.0.1:{port}/ok?token=QSECRET#fr4g"
+
+
+async def test_a_url_aiohttp_refuses_is_described_without_its_credentials(
+    hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiohttp's InvalidUrlClientError holds the URL whole: it went to the log and to the outbox.
+    port = hooks.url.rsplit(":", 1)[1]
+    store = FakeStore(RECENT)
+    with caplog.at_level(logging.WARNING, logger="eventrun.destinations"):
+        async with posting({"f": posting_function()}, store) as deliverer:
+            await deliverer._attempt(to(credentialed(int(port), password="p\\w0rd")))
+    (outcome,) = store.settled
+    assert outcome["error"] == f"InvalidUrlClientError: http://127.0.0.1:{port}/ok", outcome
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith(f"to http://127.0.0.1:{port}/ok failed (attempt 1; next in 1s): {outcome['error']}"), line
+
+
+def response_error(url: str) -> aiohttp.ClientResponseError:
+    request = aiohttp.RequestInfo(yarl.URL(url), "POST", CIMultiDictProxy(CIMultiDict()), yarl.URL(url))
+    return aiohttp.ClientResponseError(request, (), status=400, message="Bad Request")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda url: aiohttp.InvalidUrlClientError(url),
+        lambda url: aiohttp.InvalidUrlClientError(yarl.URL(url), "bad"),
+        lambda url: aiohttp.NonHttpUrlClientError(url),
+        response_error,  # (its URL as yarl writes it, in quotes)
+        lambda url: DeliveryFailed(f"HTTP 500 cannot POST {url} now"),  # (a receiver's answer may echo it)
+        lambda url: aiohttp.InvalidUrlClientError(url.replace("p'w0rd", "pw0rd")),  # (a URL found in a text)
+    ],
+)
+async def test_no_failure_is_described_with_the_credentials_of_the_url(error: Any) -> None:
+    url = credentialed(9)  # (a quote in the password: a URL found in a text would end there)
+    store = FakeStore(RECENT)
+    deliverer = Deliverer(SimpleNamespace(store=store), SimpleNamespace(functions={}))  # type: ignore[arg-type]
+
+    async def make(_delivery: Delivery) -> None:
+        raise error(url)
+
+    deliverer._make = make  # type: ignore[method-assign]
+    await deliverer._attempt(to(url))
+    (outcome,) = store.settled
+    assert not any(secret in outcome["error"] for secret in SECRETS), outcome
+    assert "127.0.0.1:9/ok" in outcome["error"], outcome
 
 
 async def test_a_delivery_owed_for_a_function_gone_from_the_manifest_is_not_sent_unsigned(hooks: Hooks) -> None:

@@ -348,19 +348,27 @@ class PostgresStore:
 
     @_refusal_as_store_error
     async def claim_deliveries(
-        self, limit: int, lease: float, functions: Collection[str], *, strays_after: float = STRAYS_AFTER
+        self,
+        limit: int,
+        lease: float,
+        functions: Collection[str],
+        *,
+        strays_after: float = STRAYS_AFTER,
+        busy: Collection[str] = (),
     ) -> list[Delivery]:
         """Up to `limit` due deliveries of these functions (this node's), oldest first, held for
         this node for `lease` seconds (another node takes them if it does not settle them by
         then); a delivery of any other function only once it is `strays_after` seconds overdue:
-        no node that has its function took it (see STRAYS_AFTER)."""
+        no node that has its function took it (see STRAYS_AFTER). None to a `busy` target (one
+        this node has as many attempts under way to as it allows)."""
         rows = await self.pool.fetch(
             "UPDATE outbox o SET owner = $1, due_at = now() + make_interval(secs => $2)"
             " FROM (SELECT id FROM outbox WHERE NOT gave_up AND due_at <= now()"
             " AND (function = ANY($4::text[]) OR due_at <= now() - make_interval(secs => $5))"
+            " AND target <> ALL($6::text[])"
             " ORDER BY due_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) due"
             " WHERE o.id = due.id RETURNING o.id, o.request_id::text, o.function, o.kind, o.target, o.attempts",
-            self.node_id, lease, limit, sorted(functions), strays_after,
+            self.node_id, lease, limit, sorted(functions), strays_after, sorted(busy),
         )
         return sorted(Delivery(*r) for r in rows)
 

@@ -48,8 +48,11 @@ class Receiver:
     port: int = field(default_factory=free_port)
     status: int = 204  # what it answers
     location: str = ""  # with a 3xx status: where it sends the request (/elsewhere takes a GET or a POST)
+    retry_after: str = ""  # a Retry-After header to answer with
+    hangs: bool = False  # never answers (until stopped)
     got: list[Delivered] = field(default_factory=list)
     _runner: web.AppRunner | None = None
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -58,7 +61,11 @@ class Receiver:
     async def start(self) -> None:
         async def hook(request: web.Request) -> web.Response:
             self.got.append(Delivered(request.headers.copy(), await request.read(), request.method, request.path))
-            headers = {"Location": self.location} if self.location else None
+            if self.hangs:
+                await self._stopping.wait()
+            headers = {"Location": self.location} if self.location else {}
+            if self.retry_after:
+                headers["Retry-After"] = self.retry_after
             return web.Response(status=self.status, text="no thanks" if self.status >= 400 else "", headers=headers)
 
         async def elsewhere(request: web.Request) -> web.Response:
@@ -73,6 +80,7 @@ class Receiver:
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:
+        self._stopping.set()  # (a hanging answer ends, so the runner's cleanup does not wait for it)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -204,6 +212,43 @@ async def test_a_redirect_is_given_up_and_no_credential_of_the_url_is_shown(even
     log = server.stderr_text()
     assert f"gave up delivering callback of {ended} to http://127.0.0.1:{receiver.port}/hook: HTTP 302 redirect to /elsewhere: redirects are not followed" in log, log
     assert not any(secret in log for secret in ("hunter2", "t0k3n", "s1gn")), log
+
+
+async def test_a_receiver_that_hangs_delays_no_other_function_s_callbacks(eventrun_server, http) -> None:
+    # The deliverer's 16 slots were claimed oldest first: callbacks to a receiver that never
+    # answers held them all, for 10 s each, and another function's callback waited behind them.
+    hanging, answering = Receiver(hangs=True), Receiver()
+    await hanging.start()
+    await answering.start()
+    try:
+        server = eventrun_server(
+            {
+                "f_hang": {"handler": handler("quick"), "callback_url": hanging.url},
+                "f_ok": {"handler": handler("quick"), "callback_url": answering.url},
+            }
+        )
+        api = server.client(http)
+        for request_id in [await api.accepted("f_hang", {}) for _ in range(24)]:
+            await api.wait_ended(request_id)
+        ok = await api.accepted("f_ok", {})
+        await api.wait_ended(ok)
+        await poll_until(lambda: answering.of("callback", ok), 4, "the callback waited behind the hung receiver's")
+        assert len(hanging.got) == 8, "the hung receiver holds half the 16 slots, no more"
+    finally:
+        await hanging.stop()
+        await answering.stop()
+
+
+async def test_a_receiver_asking_to_wait_is_not_tried_again_sooner(eventrun_server, http, receiver: Receiver) -> None:
+    receiver.status, receiver.retry_after = 429, "3600"
+    await receiver.start()
+    server = eventrun_server({"quick": {"handler": handler("quick"), "callback_url": receiver.url}})
+    api = server.client(http)
+    ended = await api.accepted("quick", {})
+    await poll_until(lambda: _failed_attempts(http, server.url), 20, "no attempt was made")
+    await asyncio.sleep(2.5)  # backing off alone, it went again after 1 s and 2 s
+    assert len(receiver.of("callback", ended)) == 1
+    assert "(attempt 1; next in 300s): HTTP 429 no thanks" in server.stderr_text(), "an hour asked: 5 minutes, the most"
 
 
 @BOTH_STORES

@@ -71,6 +71,18 @@ async def test_a_claim_holds_until_settled_or_its_lease_runs_out(store: Store) -
     assert (outbox.pending, outbox.given_up) == (1, 0), "the delivered one is gone, the second still held"
 
 
+async def test_a_claim_takes_none_to_a_busy_target(store: Store) -> None:
+    # A receiver that hangs: the deliverer has as many attempts under way to it as it allows, so
+    # the claim passes over its deliveries and takes the others' behind them.
+    await store.set_destinations({"f": [("callback", "http://receiver/hangs")], "g": [("callback", "http://receiver/g")]})
+    hung = [await ended(store, Status.FINISHED) for _ in range(3)]
+    of_g = await ended(store, Status.FINISHED, function="g")
+    busy = ["http://receiver/hangs"]
+    assert [d.request_id for d in await store.claim_deliveries(2, 60, OURS, busy=busy)] == [of_g]
+    assert await store.claim_deliveries(2, 60, OURS, busy=[*busy, "http://receiver/g"]) == []
+    assert [d.request_id for d in await store.claim_deliveries(10, 60, OURS, busy=[])] == hung
+
+
 async def test_a_node_claims_the_deliveries_of_a_function_it_lacks_only_once_they_are_overdue(postgres_store: PostgresStore) -> None:
     # Nodes with different manifests (a function being added node by node): one that lacks the
     # function took its deliveries and failed them (no callback_secret), delaying them for the
