@@ -365,18 +365,28 @@ class _Worker:
             self._logger = logger
         return self._logger
 
-    def write(self, data: bytes, *, checked: bool = False) -> bool:
-        """Output to the run's log, after what the handler printed, or a frame's line (`data` begins
-        with the mark); False if no fd reaches it any more.
+    def write(self, data: bytes) -> bool:
+        """Output to the run's log, after what the handler printed; False if no fd reaches it any more."""
+        return self._send(iter((data,)))
 
-        It goes through the private copy of stdout's pipe, unless the handler closed it or put
+    def frame(self, payload: dict[str, Any]) -> bool:
+        """Report to the parent (see send_frame)."""
+        return self.send_frame(_frame_json(payload))
+
+    def send_frame(self, body: bytes, *, checked: bool = False) -> bool:
+        """A frame, its JSON `body` after the mark, found by the parent wherever it is in the
+        output; one longer than PIPE_BUF goes in pieces (see FRAME_MORE). False if no fd reaches
+        the parent any more. `checked`: the private copy of stdout's pipe was just found on it."""
+        return self._send(_frame_pieces(self.mark, self.mark + body + b"\n"), checked=checked)
+
+    def _send(self, pieces: Iterator[bytes], *, checked: bool = False) -> bool:
+        """Write the pieces, each in one write, after what the handler printed.
+
+        They go through the private copy of stdout's pipe, unless the handler closed it or put
         something else on its number: then through any fd of this process still on that pipe
-        (stdout, most often). The parent finds frames wherever they are in the output. A frame
-        longer than PIPE_BUF goes in pieces (see FRAME_MORE). `checked`: the private copy was just
-        found on the pipe.
+        (stdout, most often).
         """
         _flush_stdio()
-        pieces = _frame_pieces(self.mark, data) if data.startswith(self.mark) else iter((data,))
         piece: bytes | None = next(pieces)
         fds = [self.frames] if checked or _identity(self.frames) == self._output_pipe else []
         for fd in fds or self._output_fds():
@@ -396,9 +406,6 @@ class _Worker:
         except OSError:
             found = [1, 2]
         return [fd for fd in found if _identity(fd) == self._output_pipe]
-
-    def frame(self, payload: dict[str, Any]) -> bool:
-        return self.write(self.mark + _frame_json(payload) + b"\n")
 
     def load(self) -> Callable[..., Any]:
         if self.handler is None:
@@ -547,9 +554,9 @@ class _Worker:
         if failure is not None:
             sent = self.frame({**failure, "recycle": True} if recycle else failure)
         elif recycle:
-            sent = self.write(self.mark + b'{"ok":true,"recycle":true,"result":' + result + b"}\n")
+            sent = self.send_frame(b'{"ok":true,"recycle":true,"result":' + result + b"}")
         else:  # (the usual end: the fds were just found as they were)
-            sent = self.write(self.mark + b'{"ok":true,"result":' + result + b"}\n", checked=True)
+            sent = self.send_frame(b'{"ok":true,"result":' + result + b"}", checked=True)
         if not sent:
             while True:  # stopped by the parent, or by the watch should the parent be gone
                 time.sleep(3600)

@@ -430,8 +430,8 @@ def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None:
     result = {"blob": "z" * 2 * 1024 * 1024}
     try:
         instance_side = worker._Worker("h.py:main_handler", "f", "t0", tasks_read, write_end, 0)
-        report = instance_side.mark + b'{"ok":true,"result":' + orjson.dumps(result) + b"}\n"
-        assert instance_side.write(report, checked=True)  # as _Worker.end reports a result
+        report = b'{"ok":true,"result":' + orjson.dumps(result) + b"}"
+        assert instance_side.send_frame(report, checked=True)  # as _Worker.end reports a result
     finally:
         stop.set()
         threads[1].join()
