@@ -75,6 +75,7 @@ RESULT_TOO_DEEP = (
 _MB = 1024 * 1024
 _BALLAST = 4 * _MB  # under a memory_limit, let go of when it is reached: room to report it
 _LEFTOVER_WAIT = 2.0  # seconds to wait for the processes a run left behind to die once killed
+_THREAD_GRACE = 0.05  # seconds a thread the run started may take to end once the handler has returned
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -630,12 +631,18 @@ def _out_of_memory(exc: BaseException) -> bool:
     return type(exc) is RuntimeError and exc.args == ("can't start new thread",)
 
 
-def _threads_left(before: list[threading.Thread]) -> int:
-    """How many threads that were not among `before` are alive (counted first: most runs leave none)."""
+def _threads_left(before: list[threading.Thread], grace: float = _THREAD_GRACE) -> int:
+    """How many threads that were not among `before` are alive after `grace` seconds at most
+    (counted first: most runs leave none). A thread that has just handed its work over to the
+    handler may not have returned yet: it is not taken for one left running."""
     if threading.active_count() <= sum(thread.is_alive() for thread in before):
         return 0
     known = set(before)
-    return sum(thread not in known for thread in threading.enumerate())
+    left = [thread for thread in threading.enumerate() if thread not in known]
+    deadline = time.monotonic() + grace
+    while (alive := sum(thread.is_alive() for thread in left)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return alive
 
 
 def _maybe_awaitable(value: Any) -> bool:

@@ -249,6 +249,13 @@ def main_handler(event, context):
         thread = threading.Thread(target=time.sleep, args=(0.05,))
         thread.start()
         thread.join()
+    elif how == "finishing":  # its work done and handed over, the thread is still on its way out
+        done = threading.Event()
+        def work():
+            done.set()
+            time.sleep(0.01)
+        threading.Thread(target=work).start()
+        done.wait()
     elif how == "subprocess":
         def later():
             time.sleep(0.3)
@@ -268,11 +275,13 @@ async def test_an_instance_a_run_left_threads_on_is_not_reused(
     start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str
 ) -> None:
     engine = await start_engine(_manifest(fork_instances), {"f.py": THREADS})
-    # Threads its module started as it was imported are the instance's own, and joined ones are gone.
-    warm = [await _call(engine, "joined") for _ in range(2)]
-    assert [run.status for run in warm] == [Status.FINISHED] * 2, warm
-    assert warm[0].result == warm[1].result, warm
-    assert "threads running" not in (await engine.read_log(warm[1].request_id)).decode()
+    # Threads its module started as it was imported are the instance's own, joined ones are gone,
+    # and one that has just done its work is given a moment to end.
+    warm = [await _call(engine, how) for how in ("joined", "finishing", "joined")]
+    assert [run.status for run in warm] == [Status.FINISHED] * 3, warm
+    assert warm[0].result == warm[1].result == warm[2].result, warm
+    for run in warm:
+        assert "threads running" not in (await engine.read_log(run.request_id)).decode()
     left = await _call(engine, how)
     assert (left.status, left.result) == (Status.FINISHED, warm[0].result), left
     assert LEFT_THREADS in (await engine.read_log(left.request_id)).decode()
