@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import urllib.parse
@@ -9,13 +10,17 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
+import yarl
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -120,20 +125,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _VariableText(str):
+    """A value as an EVENTRUN_* variable gave it: text, which has no type until it is parsed."""
+
+
+def _typed_in_file(kind: type[Any]) -> WrapValidator:
+    """Takes a value of the key's own TOML type (`concurrency = 3`, `overlap = false`) and refuses
+    another (`"3"`, or `true` for a number; `0` or `"no"` for a boolean) rather than read it as
+    one; an EVENTRUN_* variable's text is parsed (`8`, `false`, `no`), as it has no other form."""
+    strict = TypeAdapter(kind, config=ConfigDict(strict=True))
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, _VariableText):
+            return handler(str(value))
+        return handler(strict.validate_python(value))
+
+    return WrapValidator(validate)
+
+
+Integer = Annotated[int, _typed_in_file(int)]
+"""An integer key: an integer in the file (not a string, a boolean or a float); digits in a variable."""
+Boolean = Annotated[bool, _typed_in_file(bool)]
+"""A boolean key: true or false in the file (not a string or a number); in a variable, also
+yes/no, 1/0 or on/off."""
+
+
 class ServerConfig(_Strict):
     """The `[server]` table."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: Integer = Field(8080, ge=0, le=65535)
     data_dir: Path = Path(".eventrun")
     url: str = ""
     max_body_size: int = 6 * 1024 * 1024
-    max_instances: int = Field(32, ge=1)
+    max_instances: Integer = Field(32, ge=1)
     instance_idle_timeout: float = 300.0
     kill_grace: float = 3.0
     log_limit: int = 64 * 1024 * 1024
     shutdown_grace: float = 10.0
-    fork_instances: bool = True
+    fork_instances: Boolean = True
     ui_token: str = ""  # if set, the dashboard and the API ask for it: Authorization: Bearer <ui_token>
     retention: float = 0.0  # ended runs (and their logs) older than this are deleted; 0: kept for ever
     memory_limit: int = 0  # each instance's data memory (RLIMIT_DATA), unless its function sets one; 0: no limit
@@ -174,13 +204,13 @@ class KafkaConfig(_Strict):
     """The `[kafka]` connection table."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
-    high_water_mark: int = Field(10_000, ge=1)
+    high_water_mark: Integer = Field(10_000, ge=1)
     security_protocol: KafkaProtocol = "PLAINTEXT"
     ssl_cafile: str = ""  # empty: the system's trusted CAs
     ssl_certfile: str = ""  # a client certificate, for brokers that ask for one
     ssl_keyfile: str = ""  # its private key, unless ssl_certfile holds it too
     ssl_keyfile_password: SecretStr = SecretStr("")  # if that key is encrypted
-    ssl_check_hostname: bool = True
+    ssl_check_hostname: Boolean = True
     sasl_mechanism: SaslMechanism = "PLAIN"
     sasl_username: str = ""
     sasl_password: SecretStr = SecretStr("")
@@ -284,7 +314,7 @@ class StoreConfig(_Strict):
     """The `[store]` table: where invocations are kept."""
 
     url: str = ""  # postgresql://user:password@host:5432/db; empty: SQLite in data_dir
-    pool_size: int = Field(10, ge=2, le=200)
+    pool_size: Integer = Field(10, ge=2, le=200)
 
     @field_validator("url")
     @classmethod
@@ -300,7 +330,7 @@ class StoreConfig(_Strict):
                 parts = urllib.parse.urlsplit(value)
                 parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
             except ValueError as exc:
-                raise ValueError(f"not a valid PostgreSQL URL: {exc}") from None
+                raise ValueError(f"not a valid PostgreSQL URL: {_without_secrets(str(exc), value)}") from None
             for mode in urllib.parse.parse_qs(parts.query).get("sslmode", []):
                 if mode not in _SSL_MODES:
                     raise ValueError(f"sslmode {mode!r} in the URL: expected one of {', '.join(_SSL_MODES)}")
@@ -386,8 +416,8 @@ class TimerTrigger(_Strict):
     cron: str
     timezone: str = "UTC"
     payload: Any = None
-    catch_up: bool = False
-    overlap: bool = True
+    catch_up: Boolean = False
+    overlap: Boolean = True
 
     @field_validator("payload")
     @classmethod
@@ -427,12 +457,81 @@ def _http_url(value: str) -> str:
         parts = urllib.parse.urlsplit(value)
         port = parts.port  # raises for a port that is not a number from 0 to 65535
     except ValueError as exc:
-        raise ValueError(f"not a valid URL: {exc}") from None
+        raise ValueError(f"not a valid URL: {_without_secrets(str(exc), value)}") from None
     if not parts.hostname:
         raise ValueError("not a valid URL: it names no host")
     if port == 0:
         raise ValueError("not a valid URL: port 0 (expected 1 to 65535)")
+    problem = _aiohttp_problem(value)
+    if problem is not None:
+        raise ValueError(f"not a valid URL: {problem}")
     return value
+
+
+def _aiohttp_problem(value: str) -> str | None:
+    """Why aiohttp, which makes the deliveries, could not send to the URL, or None.
+
+    urllib.parse takes more than aiohttp does: aiohttp reads the URL with yarl, looks its host
+    name up as IDNA, refuses an IPv4 address in any but its dotted-quad form, and sends a user
+    and password as Basic authentication. Said without the URL's user, password or query.
+    """
+    try:
+        url = yarl.URL(value)
+    except ValueError as exc:  # (UnicodeError, of the host's IDNA form, included)
+        return _without_secrets(str(exc).removeprefix("Invalid URL: "), value)
+    host = url.raw_host or ""
+    if ":" not in host:  # (an IPv6 address: neither looked up nor a dotted quad)
+        problem = _ipv4_problem(host) if host.replace(".", "").isdigit() else _host_name_problem(host)
+        if problem is not None:
+            return problem
+    return _basic_auth_problem(url.user or "", url.password or "")
+
+
+def _without_secrets(message: str, url: str) -> str:
+    """A parser's message about the URL, its user and password, query and fragment written `...`
+    (a parser may quote the URL's authority: urllib.parse and yarl do, in their NFKC check)."""
+    authority = re.match(r"[^:/?#]*://([^/?#]*)", url)
+    userinfo = authority[1].rpartition("@")[0] if authority else ""
+    before_fragment, _, fragment = url.partition("#")
+    query = before_fragment.partition("?")[2]
+    for secret, shown in ((f"{userinfo}@", "...@"), (f"?{query}", "?..."), (f"#{fragment}", "#...")):
+        if len(secret) > 1:
+            message = message.replace(secret, shown)
+    return message
+
+
+def _ipv4_problem(host: str) -> str | None:
+    """aiohttp takes an IPv4 address only as four numbers from 0 to 255 (no 127.1, no 0177.0.0.1),
+    since the other forms the system reads name another address than they seem to."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return f"host {host!r} is not an IPv4 address as aiohttp takes one (four numbers 0 to 255: 127.0.0.1)"
+    return None
+
+
+def _host_name_problem(host: str) -> str | None:
+    """Why the host name could not be looked up (as IDNA, in which each dot-separated label has
+    1 to 63 characters), or None."""
+    if host.endswith(".."):
+        host = host.rstrip(".") + "."  # as aiohttp looks it up: one trailing dot, a fully qualified name
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = exc.__cause__ or exc
+        return f"host name {host!r} cannot be looked up: {reason} (each part between dots has 1 to 63 characters)"
+    return None
+
+
+def _basic_auth_problem(user: str, password: str) -> str | None:
+    """Why aiohttp could not send the URL's user and password as Basic authentication, or None."""
+    if ":" in user:
+        return "its user name holds a ':' (written %3A), which Basic authentication cannot send"
+    try:
+        f"{user}:{password}".encode("latin-1")
+    except UnicodeEncodeError:
+        return "its user name or password holds a character Basic authentication cannot send (only Latin-1 ones)"
+    return None
 
 
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -473,10 +572,10 @@ class FunctionConfig(_Strict):
     """One `[functions.NAME]` table."""
 
     handler: str
-    async_execution: bool = True
+    async_execution: Boolean = True
     timeout: float = 900.0
-    concurrency: int = Field(4, ge=1, le=10_000)
-    qps_limit: int = Field(1000, ge=1)
+    concurrency: Integer = Field(4, ge=1, le=10_000)
+    qps_limit: Integer = Field(1000, ge=1)
     environment: dict[str, str] = Field(default_factory=dict)
     callback_url: str = ""
     callback_secret: SecretStr = SecretStr("")  # signs what goes to callback_url and on_failure.url
@@ -589,7 +688,7 @@ class Manifest(BaseSettings):
         # handler paths and data_dir are relative to it.
         toml_file = _TOML_FILE.get("path")
         if toml_file is None:
-            return (init_settings, env_settings)
+            return (init_settings, _EnvSettingsSource(settings_cls, file_functions=()))
         file = TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
         env = _EnvSettingsSource(settings_cls, file_functions=_table_keys(file.toml_data.get("functions")))
         return (init_settings, env, file)
@@ -614,7 +713,8 @@ class Manifest(BaseSettings):
 
 
 class _EnvSettingsSource(EnvSettingsSource):
-    """The EVENTRUN_* variables, each function they name spelled as the manifest file spells it.
+    """The EVENTRUN_* variables, each function they name spelled as the manifest file spells it,
+    and each text they give marked as theirs (_VariableText), to be parsed into its key's type.
 
     A variable's name is read without regard to case (pydantic-settings lowers it), so
     EVENTRUN_FUNCTIONS__HELLO__TIMEOUT is about the file's [functions.Hello]. A name the file
@@ -626,7 +726,7 @@ class _EnvSettingsSource(EnvSettingsSource):
         self.file_functions = file_functions
 
     def __call__(self) -> dict[str, Any]:
-        values = super().__call__()
+        values = _as_variable_text(super().__call__())
         functions = values.get("functions")
         if isinstance(functions, dict):
             values["functions"] = {self._as_in_file(name): table for name, table in functions.items()}
@@ -636,6 +736,18 @@ class _EnvSettingsSource(EnvSettingsSource):
         spellings = _spellings(name, self.file_functions)
         # Two spellings: load_manifest refused the variable before reading (_ambiguous_functions).
         return spellings[0] if len(spellings) == 1 else name
+
+
+def _as_variable_text(table: dict[str, Any]) -> dict[str, Any]:
+    """The table with each text in it, and in the tables in it, marked as a variable's. Arrays,
+    which a variable can only write as JSON, keep their types (a timer's payload too)."""
+    return {key: _marked(value) for key, value in table.items()}
+
+
+def _marked(value: Any) -> Any:
+    if isinstance(value, str):
+        return _VariableText(value)
+    return _as_variable_text(value) if isinstance(value, dict) else value
 
 
 def _spellings(name: str, names: Collection[str]) -> list[str]:

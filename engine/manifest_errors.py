@@ -293,10 +293,20 @@ def _in_toml_terms(kind: str, loc: list[str], value: Any, message: str, ctx: dic
         hint = _did_you_mean(value, choices) if isinstance(value, str) and not secret else ""
         return f"{message}, got {shown}{hint}"
     if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":
-        return f"{message.split(',')[0]}, got {shown}"
+        return f"{message.split(',')[0]}, got {shown}{_how_toml_writes_it(kind, value)}"
     if kind in _OWN_ERRORS:
         return message
     return f"{message}, got {shown}"  # (a bound, a length, ...: pydantic's words name the limit, not the value)
+
+
+def _how_toml_writes_it(kind: str, value: Any) -> str:
+    """For a boolean or an integer given as another type (a string, most likely quoted by
+    mistake), how TOML writes one; else nothing."""
+    if kind == "bool_type" and isinstance(value, (str, int, float)):
+        return " (a boolean is written true or false, without quotes)"
+    if kind == "int_type" and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return " (a string: write the number without quotes)"
+    return ""
 
 
 def _shown(value: Any, *, secret: bool = False) -> str:

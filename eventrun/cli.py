@@ -337,19 +337,39 @@ def cmd_terminate(args: argparse.Namespace) -> int:
     return 0
 
 
+REPLAY_LIMIT = 100  # the runs a bulk replay takes at most unless --limit says (the server's default too)
+_REPLAY_FILTERS = ("status", "trigger", "since", "until", "limit")
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay one ended run (print the new RequestId), or a function's runs that match a filter."""
+    _check_replay_usage(args)
+    client = client_for(args)
+    if args.request_id is not None:
+        return _replay_one(client, args.request_id, dry_run=args.dry_run)
+    return _replay_matching(client, args)
+
+
+def _check_replay_usage(args: argparse.Namespace) -> None:
+    """A usage error unless the arguments name one run, or a function with a filter."""
     if args.request_id is not None and args.function is not None:
         raise CliError("give a REQUEST_ID or --function, not both", exit_status=2)
     if args.request_id is None and args.function is None:
         raise CliError("give the REQUEST_ID of a run to replay, or --function F with a filter", exit_status=2)
-    client = client_for(args)
-    if args.request_id is not None:
-        _, answer = client.call("POST", f"/invocations/{_quote(args.request_id)}/replay")
-        print(answer["RequestId"])
-        return 0
+    filters = [f"--{name}" for name in _REPLAY_FILTERS if getattr(args, name) is not None]
+    if args.request_id is not None and filters:
+        # Ignoring them would replay the run even where they would have left it out.
+        raise CliError(
+            f"{' and '.join(filters)} choose which of a function's runs to replay (with --function F), "
+            "not one REQUEST_ID",
+            exit_status=2,
+        )
+
+
+def _replay_matching(client: Client, args: argparse.Namespace) -> int:
+    """Replay (or with --dry-run, list) the function's ended runs that match the filter."""
     # --limit, --since and --until were checked (and the times made RFC 3339) while parsing.
-    body: dict[str, Any] = {"Limit": args.limit, "DryRun": args.dry_run}
+    body: dict[str, Any] = {"Limit": args.limit or REPLAY_LIMIT, "DryRun": args.dry_run}
     if args.status:
         body["Status"] = args.status
     if args.trigger:
@@ -366,6 +386,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
     what = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(answer['Replayed'])} runs {what}", file=sys.stderr)
     return 0
+
+
+def _replay_one(client: Client, request_id: str, *, dry_run: bool) -> int:
+    """Replay one ended run and print the new RequestId; with dry_run, print the run's own
+    RequestId if the server would replay it (it has ended, and its function is still there),
+    replaying nothing."""
+    if not dry_run:
+        _, answer = client.call("POST", f"/invocations/{_quote(request_id)}/replay")
+        print(answer["RequestId"])
+        return 0
+    invocation = _get_invocation(client, request_id)
+    status, function = str(invocation.get("Status")), str(invocation.get("FunctionName"))
+    # What the server would refuse the replay for: 409 InvocationActive, 404 FunctionNotFound.
+    if status not in TERMINAL:
+        raise CliError(f"invocation {request_id!r} is still {status}; replay it once it has ended")
+    if function not in {str(item.get("FunctionName")) for item in _functions(client)}:
+        raise CliError(
+            f"{request_id} is a run of function {function!r}, which the server no longer has, so it cannot be replayed"
+        )
+    # (What the server sent, escaped: printed outside main's escaping of error lines.)
+    print(printable(str(invocation.get("RequestId") or request_id)))
+    print(f"1 run would be replayed: {printable(function)}, {status}", file=sys.stderr)
+    return 0
+
+
+def _functions(client: Client) -> list[dict[str, Any]]:
+    """The server's function registry: one JSON object per function."""
+    _, answer = client.call("GET", "/functions")
+    items = answer.get("Functions", []) if isinstance(answer, dict) else answer or []
+    return [item for item in items if isinstance(item, dict)]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -410,10 +460,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_functions(args: argparse.Namespace) -> int:
     """Print the function registry as a table."""
-    _, answer = client_for(args).call("GET", "/functions")
-    items = answer.get("Functions", []) if isinstance(answer, dict) else answer or []
     headers = ("FunctionName", "Async", "Timeout", "Concurrency", "Triggers")
-    rows = [_function_row(item) for item in items if isinstance(item, dict)]
+    rows = [_function_row(item) for item in _functions(client_for(args))]
     print(_table(headers, rows))
     return 0
 
@@ -546,9 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--until", metavar="T", type=_time_or_ago, help="accepted before: an RFC 3339 time, or a duration ago"
     )
     replaying.add_argument(
-        "--limit", metavar="N", type=_limit, default=100, help=f"at most N runs (default 100, at most {MAX_LIMIT})"
+        "--limit", metavar="N", type=_limit, help=f"at most N runs (default {REPLAY_LIMIT}, at most {MAX_LIMIT})"
     )
-    replaying.add_argument("--dry-run", action="store_true", help="only print what would be replayed")
+    replaying.add_argument(
+        "--dry-run", action="store_true", help="only print what would be replayed (the runs' RequestIds), replaying nothing"
+    )
     replaying.set_defaults(handler=cmd_replay)
 
     listing = commands.add_parser("list", parents=[client], help="list invocations, newest first")

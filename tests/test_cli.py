@@ -88,6 +88,7 @@ class StandIn:
         app.router.add_post("/invocations/{id}/terminate", self._terminate)
         app.router.add_get("/functions", self._functions)
         app.router.add_post("/functions/{name}/replay", self._replay)
+        app.router.add_post("/invocations/{id}/replay", self._replay_one)
         return app
 
     @web.middleware
@@ -167,6 +168,10 @@ class StandIn:
         dry_run = json.loads(await request.read()).get("DryRun", False)
         pair = {"ReplayOf": "old-1", "RequestId": None if dry_run else "new-1"}
         return web.json_response({"DryRun": dry_run, "Replayed": [pair]})
+
+    async def _replay_one(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.match_info["id"]
+        return web.json_response({"RequestId": f"new-{request_id}", "ReplayOf": request_id}, status=202)
 
     def calls(self, method: str, path: str) -> list[Recorded]:
         """The recorded requests to one route."""
@@ -859,6 +864,71 @@ def test_replay_sends_the_filter_with_times_as_rfc_3339(stand_in: StandIn, capsy
     since = datetime.fromisoformat(body.pop("Since"))
     assert before - timedelta(minutes=90, seconds=5) <= since <= datetime.now(timezone.utc) - timedelta(minutes=90)
     assert body == {"Until": "2026-12-05T08:00:00+01:00", "Limit": 1000, "Status": "FAILED", "DryRun": False}
+
+
+def test_replay_of_one_run_prints_the_new_request_id(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "replay", "old-1", "--url", stand_in.url) == (0, "new-old-1\n", "")
+    assert len(stand_in.calls("POST", "/invocations/old-1/replay")) == 1
+
+
+def test_a_dry_run_of_one_run_prints_it_and_replays_nothing(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.invocations["old-1"] = [_invocation("old-1", "FAILED")]
+    stand_in.functions = {"Functions": [{"FunctionName": "thumbnail"}]}
+    assert run(capsys, "replay", "old-1", "--dry-run", "--url", stand_in.url) == (
+        0,
+        "old-1\n",
+        "1 run would be replayed: thumbnail, FAILED\n",
+    )
+    assert [r.method for r in stand_in.requests] == ["GET", "GET"]  # the run, then the functions
+
+
+@pytest.mark.parametrize(
+    ("status", "functions", "line"),
+    [
+        ("RUNNING", ["thumbnail"], "eventrun: invocation 'old-1' is still RUNNING; replay it once it has ended\n"),
+        ("FAILED", ["other"], "eventrun: old-1 is a run of function 'thumbnail', which the server no longer has, "
+         "so it cannot be replayed\n"),
+    ],
+    ids=["not-ended", "function-gone"],
+)
+def test_a_dry_run_of_one_run_says_why_the_server_would_refuse_it(
+    stand_in: StandIn, capsys: Any, status: str, functions: list[str], line: str
+) -> None:
+    stand_in.invocations["old-1"] = [_invocation("old-1", status)]
+    stand_in.functions = {"Functions": [{"FunctionName": name} for name in functions]}
+    assert run(capsys, "replay", "old-1", "--dry-run", "--url", stand_in.url) == (1, "", line)
+    assert [r.method for r in stand_in.requests if r.method != "GET"] == []
+
+
+def test_a_dry_run_of_an_unknown_run_is_one_line(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "replay", "nope", "--dry-run", "--url", stand_in.url) == (
+        1, "", "eventrun: InvocationNotFound: invocation 'nope' does not exist (HTTP 404)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "options"),
+    [
+        (("--status", "FAILED"), "--status"),
+        (("--trigger", "http"), "--trigger"),
+        (("--since", "1h", "--until", "2026-12-05T08:00:00Z"), "--since and --until"),
+        (("--limit", "100"), "--limit"),  # (its default, given: still a filter one run cannot take)
+    ],
+)
+def test_filters_with_one_run_are_a_usage_error(
+    stand_in: StandIn, capsys: Any, argv: tuple[str, ...], options: str
+) -> None:
+    for dry_run in ((), ("--dry-run",)):
+        assert run(capsys, "replay", "old-1", *argv, *dry_run, "--url", stand_in.url) == (
+            2, "", f"eventrun: {options} choose which of a function's runs to replay (with --function F), "
+            "not one REQUEST_ID\n",
+        )
+    assert stand_in.requests == []
+
+
+def test_a_bulk_replay_asks_for_100_runs_unless_told(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "replay", "--function", "thumbnail", "--url", stand_in.url)[0] == 0
+    assert json.loads(stand_in.requests[0].body) == {"Limit": 100, "DryRun": False}
 
 
 def test_replay_of_a_time_before_1970_is_from_the_start(stand_in: StandIn, capsys: Any) -> None:

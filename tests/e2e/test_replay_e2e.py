@@ -80,6 +80,12 @@ async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, ht
         reply = await api.request("POST", "/functions/pid/replay", json=body)
         assert reply.status == 400 and message in reply.error(400)["Message"], reply.text
     # The CLI: one run, and a filter with a time given as a duration ago.
+    dry = await cli("replay", finished, "--dry-run", url=server.url)
+    assert (dry.returncode, dry.stdout, dry.stderr) == (0, f"{finished}\n", "1 run would be replayed: pid, FINISHED\n")
+    filtered = await cli("replay", finished, "--status", "FAILED", url=server.url)
+    assert (filtered.returncode, filtered.stdout) == (2, ""), filtered.stderr
+    assert len(filtered.stderr.splitlines()) == 1 and "--status" in filtered.stderr, filtered.stderr
+    assert (await api.status(finished))["Replays"] == [], "neither a dry run nor a refused filter replays"
     out = await cli("replay", finished, url=server.url)
     assert out.returncode == 0, out.stderr
     assert (await api.status(out.stdout.strip()))["ReplayOf"] == finished

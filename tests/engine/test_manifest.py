@@ -156,6 +156,63 @@ def test_shape_errors_are_worded_in_toml_terms(write, text, expected):
         assert word not in message, message
 
 
+TIMER = '[[functions.f.triggers]]\ntype = "timer"\nname = "t"\ncron = "* * * * *"\n'
+UNQUOTED = "(a string: write the number without quotes)"
+TRUE_OR_FALSE = "(a boolean is written true or false, without quotes)"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (function(concurrency="true"), "functions.f.concurrency: Input should be a valid integer, got true"),
+        (function(concurrency='"3"'), f"functions.f.concurrency: Input should be a valid integer, got '3' {UNQUOTED}"),
+        (function(qps_limit="10.0"), "functions.f.qps_limit: Input should be a valid integer, got 10.0"),
+        (function(async_execution='"no"'), f"functions.f.async_execution: Input should be a valid boolean, got 'no' {TRUE_OR_FALSE}"),
+        (function(async_execution="0"), f"functions.f.async_execution: Input should be a valid boolean, got 0 {TRUE_OR_FALSE}"),
+        ('[server]\nport = "9001"\n' + function(), f"server.port: Input should be a valid integer, got '9001' {UNQUOTED}"),
+        ("[server]\nfork_instances = 1\n" + function(), f"server.fork_instances: Input should be a valid boolean, got 1 {TRUE_OR_FALSE}"),
+        ("[server]\nmax_instances = false\n" + function(), "server.max_instances: Input should be a valid integer, got false"),
+        ('[kafka]\nhigh_water_mark = "500"\n' + function(), f"kafka.high_water_mark: Input should be a valid integer, got '500' {UNQUOTED}"),
+        ('[kafka]\nssl_check_hostname = "false"\n' + function(), f"kafka.ssl_check_hostname: Input should be a valid boolean, got 'false' {TRUE_OR_FALSE}"),
+        ('[store]\npool_size = "4"\n' + function(), f"store.pool_size: Input should be a valid integer, got '4' {UNQUOTED}"),
+        (function() + TIMER + 'catch_up = "yes"\n', f"functions.f.triggers[0].catch_up: Input should be a valid boolean, got 'yes' {TRUE_OR_FALSE}"),
+    ],
+    ids=["bool-for-int", "quoted-int", "float-for-int", "quoted-bool", "int-for-bool", "port", "fork_instances",
+         "max_instances", "high_water_mark", "ssl_check_hostname", "pool_size", "catch_up"],
+)
+def test_a_value_of_another_toml_type_is_refused_not_read_as_one(write, text, expected):
+    # Before, `concurrency = true` ran with 1, and `async_execution = "no"` made (and locked for
+    # ever in the store) a sync function.
+    path = write(text)
+    assert refusal(path) == f"{path}: {expected}"
+
+
+def test_a_variables_text_is_parsed_into_its_keys_type(write, monkeypatch):
+    for name, value in {
+        "EVENTRUN_SERVER__PORT": "9123", "EVENTRUN_SERVER__FORK_INSTANCES": "no", "EVENTRUN_SERVER__HOST": "0.0.0.0",
+        "EVENTRUN_FUNCTIONS__F__CONCURRENCY": "8", "EVENTRUN_FUNCTIONS__F__ASYNC_EXECUTION": "false",
+        "EVENTRUN_FUNCTIONS__F__ENVIRONMENT": '{"MODE": "fast", "LEVEL": "3"}',
+        "EVENTRUN_KAFKA": '{"high_water_mark": "500", "ssl_check_hostname": "0"}',
+    }.items():
+        monkeypatch.setenv(name, value)
+    for path in (write('[server]\nport = 9001\n' + function()), None):  # (with a file, and alone)
+        monkeypatch.setenv("EVENTRUN_FUNCTIONS__F__HANDLER", str(write("").parent / "handlers" / "ok.py:main_handler"))
+        manifest = load_manifest(path)
+        server, kafka_config, f = manifest.server, manifest.kafka, manifest.functions["f"]
+        assert (server.port, server.fork_instances, f.concurrency, f.async_execution) == (9123, False, 8, False)
+        assert (kafka_config.high_water_mark, kafka_config.ssl_check_hostname) == (500, False)
+        # The variables' text is plain text once read (nothing of the marking stays in the manifest).
+        assert type(server.host) is str and {type(v) for v in f.environment.values()} == {str}
+        assert f.environment == {"MODE": "fast", "LEVEL": "3"}
+
+
+def test_a_variables_text_that_is_not_of_its_keys_type_names_the_variable(write, monkeypatch):
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__F__ASYNC_EXECUTION", "maybe")
+    assert refusal(write(function())) == (
+        "the environment: EVENTRUN_FUNCTIONS__F__ASYNC_EXECUTION: Input should be a valid boolean, got 'maybe'"
+    )
+
+
 def test_a_secret_of_the_wrong_type_is_not_shown(write):
     message = refusal(write(kafka(security_protocol='"SASL_SSL"', sasl_username='"u"', sasl_password="73519") + function()))
     assert "kafka.sasl_password" in message and "an integer" in message and "73519" not in message, message
@@ -440,6 +497,78 @@ def test_a_refused_destination_url_does_not_show_its_credentials(write) -> None:
     assert "hunter2" not in message and "t0k3n" not in message, message
 
 
+LABEL_64 = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        # A backslash in the authority, which urllib.parse takes as part of the host or password.
+        ({"callback_url": "'http://h\\x.com/'"},
+         "functions.f.callback_url: not a valid URL: backslash ('\\') is not allowed in the authority component"),
+        ({"on_failure": "{ url = 'http://alice:p\\w0rd@127.0.0.1:18201/ok' }"},
+         "functions.f.on_failure.url: not a valid URL: backslash ('\\') is not allowed in the authority component"),
+        # Characters IDNA would delete from a host name, so that it would name another host.
+        ({"callback_url": '"http://ho\\uFEFFst.example.com/"'},
+         "functions.f.callback_url: not a valid URL: Host 'ho\\ufeffst.example.com' cannot contain '\\ufeff'"),
+        ({"callback_url": '"http://ho\\u200Bst.example.com/"'},
+         "functions.f.callback_url: not a valid URL: Host 'ho\\u200bst.example.com' cannot contain '\\u200b'"),
+        # A host name the lookup's IDNA refuses: every part between dots has 1 to 63 characters.
+        ({"callback_url": f'"http://{LABEL_64}.example.com/"'},
+         f"functions.f.callback_url: not a valid URL: host name '{LABEL_64}.example.com' cannot be looked up: "
+         "label empty or too long"),
+        ({"on_failure": '{ url = "http://hooks..example.com/" }'},
+         "functions.f.on_failure.url: not a valid URL: host name 'hooks..example.com' cannot be looked up"),
+        # An IPv4 address in a form aiohttp refuses (the system would read it as 127.0.0.1).
+        ({"callback_url": '"http://127.1:8080/x"'},
+         "functions.f.callback_url: not a valid URL: host '127.1' is not an IPv4 address as aiohttp takes one"),
+        ({"callback_url": '"http://2130706433/x"'},
+         "functions.f.callback_url: not a valid URL: host '2130706433' is not an IPv4 address as aiohttp takes one"),
+        # A user and password Basic authentication cannot carry.
+        ({"callback_url": '"http://al%3Aice:pw@hooks.example.com/x"'},
+         "functions.f.callback_url: not a valid URL: its user name holds a ':' (written %3A)"),
+        ({"callback_url": '"http://alice:\\u043f\\u0430\\u0440@hooks.example.com/x"'},
+         "functions.f.callback_url: not a valid URL: its user name or password holds a character Basic authentication"),
+    ],
+    ids=["backslash-host", "backslash-password", "bom", "zero-width-space", "long-label", "empty-label",
+         "short-ipv4", "number-ipv4", "colon-user", "cyrillic-password"],
+)
+def test_a_destination_url_aiohttp_could_not_send_to_is_refused_at_start(write, keys, message) -> None:
+    # Before, each was taken, and every delivery to it failed for 24 hours.
+    refused = refusal(write(function(**keys)))
+    assert message in refused, refused
+    assert len(refused.splitlines()) == 1 and "p\\w0rd" not in refused and "\u0430" not in refused, refused
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://alice:s\\uFF0Fcr3t@hooks.example.com/x?token=t0k3n",  # NFKC makes the password hold a '/'
+        "https://alice:s3\\\\cr3t@hooks.example.com/x?token=t0k3n",
+    ],
+    ids=["nfkc", "backslash"],
+)
+def test_no_refusal_of_a_destination_url_shows_its_password_or_query(write, url) -> None:
+    message = refusal(write(function(callback_url=f'"{url}"')))
+    assert "functions.f.callback_url: not a valid URL: " in message, message
+    assert "cr3t" not in message and "t0k3n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://\\u00e4lice:pw@127.0.0.1:18201/ok",  # Latin-1: Basic authentication carries it
+        "http://[::1]:8080/x",
+        "http://hooks.example.com./x",  # a fully qualified name
+        "http://b\\u00fccher.example/x?q=\\u00e4",  # an IDN host, sent as xn--
+        "http://hooks.example.com/a\\\\b",  # a backslash in the path is percent-encoded
+        f"http://{'a' * 63}.example.com/",
+    ],
+)
+def test_a_destination_url_aiohttp_sends_to_is_taken(write, url) -> None:
+    assert load_manifest(write(function(callback_url=f'"{url}"'))).functions["f"].callback_url
+
+
 def test_the_longest_kafka_topic_and_every_legal_character_are_taken(write) -> None:
     for topic in ("t" * 249, "Failures.v2_eu-west"):
         manifest = load_manifest(write(function(on_failure=f'{{ kafka_topic = "{topic}" }}')))
@@ -453,6 +582,7 @@ def test_the_longest_kafka_topic_and_every_legal_character_are_taken(write) -> N
         ("postgresql://u:hunter2@h:notaport/db", "not a valid PostgreSQL URL: Port could not be cast to integer value as 'notaport'"),
         ("postgresql://u:hunter2@h:99999/db", "not a valid PostgreSQL URL: Port out of range 0-65535"),
         ("postgresql://u:hunter2@[::1/db", "not a valid PostgreSQL URL: Invalid IPv6 URL"),
+        ("postgresql://u:hunter2\\uFF0F@h/db", "not a valid PostgreSQL URL: netloc '...@h' contains invalid characters"),
         ("postgresql://u:hunter2@h/db?sslmode=bogus", "sslmode 'bogus' in the URL: expected one of disable, allow"),
     ],
 )
