@@ -20,8 +20,9 @@ class FailureLog:
         self._unlogged = 0
         self._failing = False
 
-    def log(self, text: str, *args: object) -> None:
-        """One more failure: a line, unless one was logged less than `every` seconds ago."""
+    def log(self, text: str, *args: object, exc_info: BaseException | None = None) -> None:
+        """One more failure: a line (with `exc_info`'s traceback, if given), unless one was logged
+        less than `every` seconds ago."""
         now = time.monotonic()
         self._failing = True
         if now < self._quiet_until:
@@ -29,7 +30,7 @@ class FailureLog:
             return
         if self._unlogged:
             text, args = text + f" (and %d more {self._counted} since the last such line)", (*args, self._unlogged)
-        self.logger.log(self.level, text, *args)
+        self.logger.log(self.level, text, *args, exc_info=exc_info)
         self._quiet_until, self._unlogged = now + self.every, 0
 
     def recovered(self, text: str) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import builtins
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Collection, Concatenate, Mapping, ParamSpec, Protocol, Sequence, TypeVar
 
 from .api import Accepted, Delivery, Invocation, Outbox, Status
 from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
@@ -21,7 +22,7 @@ from .rows import (
     invocation, page_length,
 )
 from .writer import WriterProcess
-from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect
+from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect, refused
 
 __all__ = ["Batch", "InvocationStore", "NewInvocation", "SQLiteStore"]
 
@@ -126,6 +127,28 @@ class Unstarted:
         return len(self._kept)
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _read(
+    method: Callable[Concatenate[SQLiteStore, _P], Awaitable[_T]],
+) -> Callable[Concatenate[SQLiteStore, _P], Awaitable[_T]]:
+    """A read of the store, whose refusal by SQLite (a damaged file, an I/O error) is a StoreError,
+    as a refused write is: the store cannot serve now, eventrun is not at fault."""
+
+    @functools.wraps(method)
+    async def read(self: SQLiteStore, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if not refused(exc):
+                raise
+            raise StoreError(f"the store {self.path} refused a read ({exc})") from exc
+
+    return read
+
+
 class SQLiteStore:
     """Durable invocations; every write is committed (and fsynced) before its await returns."""
 
@@ -145,16 +168,23 @@ class SQLiteStore:
 
     def open(self) -> None:
         """Lock the store, start the writer process (which creates the schema), open the reading connection."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.path)
         try:
             self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+            self._open_reader()
         except BaseException:
             self.close()
             raise
-        self._reader = connect(self.path, check_same_thread=False)
-        self._by_request_id = by_request_id(self._reader)
-        (last,) = self._reader.execute("SELECT max(seq) FROM invocations").fetchone()
+
+    def _open_reader(self) -> None:
+        # The writer opens a file whose first pages are whole; the first read of its runs finds
+        # the damage further in.
+        try:
+            self._reader = connect(self.path, check_same_thread=False)
+            self._by_request_id = by_request_id(self._reader)
+            (last,) = self._reader.execute("SELECT max(seq) FROM invocations").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {self.path}: {type(exc).__name__}: {exc}") from exc
         issue_after(last or 0)  # new RequestIds, hence rows, come after every row the store holds
 
     async def start(self) -> None:
@@ -302,6 +332,7 @@ class SQLiteStore:
         """Make deliveries claimed before a stop (cut off mid-attempt) due at once."""
         await self._submit("outbox_release", _OWNER)
 
+    @_read
     async def outbox(self) -> Outbox:
         """How many deliveries are pending and given up (when the next is due comes from
         next_delivery()): a pass over the whole outbox, so on a thread of its own with a
@@ -317,12 +348,14 @@ class SQLiteStore:
         finally:
             conn.close()
 
+    @_read
     async def next_delivery(self) -> float | None:
         """Seconds until the next pending delivery is due (<= 0: due now), None if none is pending
         (the index of pending deliveries by due time: no pass over the outbox)."""
         (due_at,) = self._db.execute("SELECT min(due_at) FROM outbox WHERE gave_up = 0").fetchone()
         return None if due_at is None else (due_at - _now_ms()) / 1000
 
+    @_read
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]:
         """The run a run replays (or None), and the runs that replay it, oldest first."""
         found = self._db.execute("SELECT replay_of FROM replays WHERE request_id = ?", (request_id,)).fetchone()
@@ -353,16 +386,19 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         return self._reader
 
+    @_read
     async def get_state(self, key: str) -> str | None:
         """A remembered value, or None."""
         row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    @_read
     async def get(self, request_id: str) -> Invocation | None:
         """One invocation, or None."""
         row = self._find(_COLUMNS, request_id)
         return invocation(row) if row else None
 
+    @_read
     async def envelope(self, request_id: str) -> bytes | None:
         """The recorded envelope JSON of one invocation."""
         row = self._find("envelope", request_id)
@@ -396,6 +432,7 @@ class SQLiteStore:
             f"SELECT {columns} FROM invocations WHERE seq = ? AND request_id = ?", (seq, request_id)
         ).fetchone()
 
+    @_read
     async def list(
         self,
         *,
@@ -459,10 +496,12 @@ class SQLiteStore:
             db.execute("COMMIT")
         return page, encode_cursor("seq", last) if len(sizes) > taken else None
 
+    @_read
     async def queued(self) -> builtins.list[tuple[str, str]]:  # (`list` is a method of this class)
         """(request_id, function) of every QUEUED run, oldest first."""
         return self._db.execute("SELECT request_id, function FROM invocations WHERE status = 'QUEUED' ORDER BY seq").fetchall()
 
+    @_read
     async def counts(self) -> dict[str, dict[str, int]]:
         """How many runs each function has in each status: a pass over every run, so on a thread of
         its own with a connection of its own, while the event loop goes on."""
@@ -475,6 +514,7 @@ class SQLiteStore:
         finally:
             conn.close()
 
+    @_read
     async def count_active(self, function: str, source: str) -> int:
         """How many runs of this function from this source are QUEUED or RUNNING."""
         (n,) = self._db.execute(
@@ -483,6 +523,7 @@ class SQLiteStore:
         ).fetchone()
         return int(n)
 
+    @_read
     async def find_event(self, function: str, source: str, event_id: str) -> str | None:
         """The RequestId the event (function, source, id) was accepted under, or None."""
         row = self._db.execute(
@@ -500,7 +541,7 @@ def _now_ms() -> int:
 
 
 def _lock(path: Path) -> int:
-    """Hold `{path}.lock` for this process: one server at a time runs the store's runs.
+    """Hold the store's folder for this process: one server at a time runs the store's runs.
 
     A second server on the same data_dir would take the first one's RUNNING runs for left over
     and start its QUEUED ones a second time. The lock goes with the process, however it ends.
@@ -509,22 +550,54 @@ def _lock(path: Path) -> int:
 
 
 def hold_lock(lock_path: Path, what: str) -> int:
-    """Hold a lock file for this process (its pid written in it); StoreError naming the holder if taken."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold the folder of `lock_path` for this process, and write the process's id in `lock_path`;
+    StoreError naming the holder if another holds it, or naming the path if the folder cannot be held.
+
+    The lock is the folder's own (flock on the folder): `lock_path` only names the holder, so
+    removing it, as a file left over from a stop may invite, frees nothing. The descriptor
+    returned holds the lock until it is closed.
+    """
+    folder = lock_path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise _unlockable(what, folder, exc) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write_holder(lock_path)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
-        by = f" (process {holder})" if holder.isdigit() else ""
         raise StoreError(
-            f"{what} is in use by another eventrun server{by}; "
+            f"{what} is in use by another eventrun server{_holder(lock_path)}; "
             "give this one a data_dir of its own, or stop the other"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise _unlockable(what, lock_path, exc) from exc
     return fd
+
+
+def _write_holder(lock_path: Path) -> None:
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _holder(lock_path: Path) -> str:
+    """' (process N)' as `lock_path` names the holder, or nothing."""
+    try:
+        holder = lock_path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (process {holder})" if holder.isdigit() else ""
+
+
+def _unlockable(what: str, path: Path, exc: OSError) -> StoreError:
+    """One line: what could not be held, the path at fault and why (a read-only file system, a full disk)."""
+    return StoreError(f"cannot lock {what} ({exc.filename or path}: {exc.strerror or exc})")
 
 
 def _seq_cursor(cursor: str) -> int:

@@ -41,7 +41,8 @@ from typing import Any, Sequence
 
 from .api import Accepted
 from .errors import StoreError
-from .writes import ALL_NEW, SCHEMA, Batch, Op, by_request_id, commit, connect
+from .failures import FailureLog
+from .writes import ALL_NEW, REFUSAL_LOG_EVERY, SCHEMA, Batch, Op, by_request_id, commit, connect, refused
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ class Checkpointer:
         self._due = threading.Event()  # commits since the last checkpoint
         self._stopping = threading.Event()
         self._running = threading.Lock()  # held while a checkpoint runs
+        self._failing = FailureLog(logger, every=REFUSAL_LOG_EVERY)  # (a full disk fails every one)
         self._thread = threading.Thread(target=self._loop, name="checkpoint", daemon=True)
         self._thread.start()
 
@@ -317,13 +319,20 @@ class Checkpointer:
             if self._stopping.is_set():
                 return
             self._due.clear()
-            try:
-                with self._running:
-                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error:
-                logger.exception("checkpoint failed; the next commit tries again")
+            self._checkpoint()
             if self._stopping.wait(self._interval):
                 return
+
+    def _checkpoint(self) -> None:
+        try:
+            with self._running:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            self._failing.log(
+                "checkpoint failed (%s); the next commit tries again", exc, exc_info=None if refused(exc) else exc
+            )
+        else:
+            self._failing.recovered("checkpoints go through again")
 
 
 def take(ops: queue.SimpleQueue[Op | None], limit: int) -> list[Op]:

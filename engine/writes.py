@@ -29,8 +29,16 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from .api import Accepted
 from .envelope import request_seq
+from .failures import FailureLog
 
 logger = logging.getLogger(__name__)
+
+REFUSAL_LOG_EVERY = 5.0
+"""Seconds between two lines of the writer's log while the store refuses commits, at least."""
+
+_refused_commits = FailureLog(logger, every=REFUSAL_LOG_EVERY, counted="refused")
+"""What the writer's log says of refused commits: a full disk refuses every one, many a second.
+(One for the module: the writer process commits on one connection.)"""
 
 ROWS_PER_STATEMENT = 1000  # 8 parameters a row at most: well under SQLite's 32,766 variables
 
@@ -240,6 +248,19 @@ def by_request_id(conn: sqlite3.Connection) -> bool:
     )
 
 
+_REFUSALS = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOTADB,
+})
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether SQLite refused to go on for a reason of the store's own (a full disk, an I/O error,
+    a damaged or read-only file, a lock held too long) rather than for what it was asked."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _REFUSALS
+
+
 def commit(conn: sqlite3.Connection, batch: Sequence[Op], *, by_request_id: bool = False) -> list[tuple[bool, Any]]:
     """Do the ops in one transaction; (True, result) or (False, exception) for each.
 
@@ -255,11 +276,12 @@ def commit(conn: sqlite3.Connection, batch: Sequence[Op], *, by_request_id: bool
             for i, result in zip(positions, results):
                 outcomes[i] = (True, result)
         conn.execute("COMMIT")
-        return outcomes
     except Exception:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-    return _commit_one_by_one(conn, batch, run)
+        return _commit_one_by_one(conn, batch, run)
+    _refused_commits.recovered("the store takes commits again")
+    return outcomes
 
 
 def _commit_one_by_one(conn: sqlite3.Connection, batch: Sequence[Op], run: _Statements) -> list[tuple[bool, Any]]:
@@ -277,12 +299,22 @@ def _commit_one_by_one(conn: sqlite3.Connection, batch: Sequence[Op], run: _Stat
                 conn.execute("RELEASE op")
                 outcomes.append((False, exc))
         conn.execute("COMMIT")
-        return outcomes
     except Exception as exc:
-        logger.exception("store commit failed")
+        _log_refused_commit(exc, len(batch))
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         return [(False, exc)] * len(batch)
+    _refused_commits.recovered("the store takes commits again")
+    return outcomes
+
+
+def _log_refused_commit(exc: Exception, writes: int) -> None:
+    # The store's own refusal (a full disk) says all in its message; anything else is a fault
+    # of eventrun's, whose traceback tells where.
+    _refused_commits.log(
+        "the store refused a commit (%s); its %d writes are answered with the error", exc, writes,
+        exc_info=None if refused(exc) else exc,
+    )
 
 
 _STEPS = ("accept", "running", "finish")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -17,10 +18,17 @@ from aiohttp import web
 from eventrun.destinations import Deliverer
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import EventrunError
+from eventrun.engine.failures import FailureLog
 from eventrun.engine.manifest import Manifest, load_manifest
 from eventrun.triggers.http import HttpTrigger
 
 logger = logging.getLogger("eventrun")
+
+ACCEPT_LOG_EVERY = 5.0
+"""Seconds between two lines of the log while the listener cannot accept connections, at least."""
+
+OUT_OF_RESOURCES = "socket.accept() out of system resource"
+"""How asyncio reports a connection it cannot accept for want of a descriptor (EMFILE, ENFILE, ENOBUFS, ENOMEM)."""
 
 
 class Trigger(Protocol):
@@ -125,6 +133,42 @@ def tune_collector() -> None:
     gc.set_threshold(20_000, 20, 10)
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one (call once, at start), as servers do:
+    every connection, run log and instance pipe takes a descriptor, and the usual soft limit
+    (1,024) is soon reached under load. Says nothing unless it fails."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the limit of open files from %d to %d (%s); keeping %d", soft, hard, exc, soft)
+
+
+class LoopErrors:
+    """The event loop's exception handler: a listener out of descriptors logs a line at most every
+    ACCEPT_LOG_EVERY seconds, counting the failures between; every other report goes to the
+    loop's default handler.
+
+    Out of descriptors, asyncio (3.11) tries each pending connection again on every pass of its
+    accept loop and reports each failure with its traceback: hundreds of thousands of lines a
+    minute, with nothing in them the first did not say.
+    """
+
+    def __init__(self) -> None:
+        self._accepts_failing = FailureLog(logger, every=ACCEPT_LOG_EVERY)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != OUT_OF_RESOURCES:
+            loop.default_exception_handler(context)
+            return
+        self._accepts_failing.log(
+            "%s (%s): new connections wait in the listen queue until descriptors are free",
+            OUT_OF_RESOURCES, context.get("exception"),
+        )
+
+
 def serve(config_path: Path | None) -> int:
     """`eventrun serve`: run until SIGINT or SIGTERM; exit status for the shell."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -141,10 +185,12 @@ def serve(config_path: Path | None) -> int:
         return 2
 
     tune_collector()
+    raise_open_files_limit()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(LoopErrors())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await run(manifest, stop)

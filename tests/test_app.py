@@ -4,9 +4,14 @@ what the callers in flight get when it stops."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
+import resource
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import pytest
@@ -15,7 +20,7 @@ from eventrun.engine.api import SERVER_STOPPED
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest, ServerConfig
 from eventrun.triggers.kafka import KafkaTrigger
 from kafka_service import free_port
-from server_process import handler
+from server_process import ServerProcess, handler
 
 
 async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_still_starting(
@@ -130,3 +135,57 @@ async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_
     finally:
         stop.set()
         await asyncio.wait_for(serving, 60)
+
+
+async def test_a_listener_out_of_descriptors_is_reported_once_a_while_and_every_other_report_as_before(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    errors = app.LoopErrors()
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.INFO):
+        for _ in range(1000):  # as asyncio reports a pending connection on each pass of its accept loop
+            errors(loop, {"message": app.OUT_OF_RESOURCES, "exception": emfile})
+        errors(loop, {"message": "Task exception was never retrieved", "exception": ValueError("boom")})
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            "eventrun", logging.ERROR,
+            "socket.accept() out of system resource ([Errno 24] Too many open files):"
+            " new connections wait in the listen queue until descriptors are free",
+        ),
+        ("asyncio", logging.ERROR, "Task exception was never retrieved"),  # the loop's default handler
+    ]
+
+
+@pytest.mark.e2e
+def test_a_server_out_of_descriptors_says_so_once_a_while_not_for_each_connection(
+    eventrun_server: Callable[..., ServerProcess],
+) -> None:
+    server = eventrun_server({})
+    soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    # Not one descriptor to spare: each connection waiting is refused by accept() (EMFILE).
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{server.pid}/fd")), hard))
+    clients = [socket.socket() for _ in range(40)]
+    try:
+        for client in clients:
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", server.port))
+        time.sleep(3)
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for client in clients:
+            client.close()
+    log = server.stderr_text()
+    assert 1 <= log.count(app.OUT_OF_RESOURCES) <= 2, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.e2e
+def test_the_server_raises_its_limit_of_open_files_to_the_hard_limit(eventrun_server: Callable[..., ServerProcess]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard // 2, hard))  # what the server starts with, as children inherit it
+    try:
+        server = eventrun_server({})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert resource.prlimit(server.pid, resource.RLIMIT_NOFILE) == (hard, hard)

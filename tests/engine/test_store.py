@@ -8,6 +8,7 @@ import pickle
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -373,6 +374,110 @@ async def test_a_store_in_use_is_refused_until_let_go(tmp_path: Path) -> None:
     second.open()
     second.close()
 
+
+
+async def test_removing_the_lock_file_leaves_the_store_held(tmp_path: Path) -> None:
+    # The file only names the holder; left behind by a stop it looks stale, and may be removed.
+    first, second = SQLiteStore(tmp_path / "eventrun.db"), SQLiteStore(tmp_path / "eventrun.db")
+    first.open()
+    try:
+        (tmp_path / "eventrun.db.lock").unlink()
+        with pytest.raises(StoreError, match=r"is in use by another eventrun server; give this one"):
+            second.open()
+    finally:
+        second.close()
+        first.close()
+
+
+@pytest.mark.parametrize(
+    "block, reason",
+    [
+        ("a file where the folder goes", r"\(.*/data: File exists\)"),
+        ("a folder where the lock file goes", r"\(.*/data/eventrun\.db\.lock: Is a directory\)"),
+        ("a full disk", r"\(.*/data/eventrun\.db\.lock: No space left on device\)"),
+    ],
+)
+def test_a_data_dir_that_cannot_be_locked_is_refused_in_one_line_naming_the_path(
+    tmp_path: Path, block: str, reason: str
+) -> None:
+    data = tmp_path / "data"
+    if block == "a file where the folder goes":
+        data.write_text("")
+    elif block == "a folder where the lock file goes":
+        (data / "eventrun.db.lock").mkdir(parents=True)
+    else:
+        data.mkdir()
+        (data / "eventrun.db.lock").symlink_to("/dev/full")  # every write: ENOSPC
+    store = SQLiteStore(data / "eventrun.db")
+    with pytest.raises(StoreError, match=rf"^cannot lock the store .*/data/eventrun\.db {reason}$"):
+        store.open()
+    assert store.writer_pid is None
+
+
+def checkpoint(path: Path) -> None:
+    """Copy the WAL into the database file and empty it: reads then go to the file."""
+    db = sqlite3.connect(path)
+    try:
+        while db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:  # busy: the writer's own runs
+            time.sleep(0.01)
+    finally:
+        db.close()
+
+
+def cut_after_first_page(path: Path) -> None:
+    """Truncate the store after its first page (the schema): its runs' pages are gone."""
+    db = sqlite3.connect(path)
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    os.truncate(path, page_size)
+
+
+def damage_table(path: Path, table: str) -> None:
+    """Overwrite the root page of a table with garbage, leaving the first page (the schema) whole."""
+    db = sqlite3.connect(path)
+    (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with open(path, "r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+
+
+async def test_a_store_damaged_past_its_first_page_is_refused_at_open_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "eventrun.db"
+    store = SQLiteStore(path)
+    store.open()
+    await store.accept([row(f"e{n}") for n in range(10)])
+    store.close()
+    damage_table(path, "invocations")  # the writer opens it (its schema is whole); a read of its runs fails
+    for _ in range(2):  # nothing is left held by the first try: the second says the same
+        store = SQLiteStore(path)
+        with pytest.raises(StoreError, match=r"^cannot open the store .*eventrun\.db: DatabaseError: database disk image is malformed$"):
+            store.open()
+        assert store.writer_pid is None
+
+
+_READS: dict[str, Callable[[SQLiteStore, str], Awaitable[Any]]] = {
+    "get": lambda store, request_id: store.get(request_id),
+    "envelope": lambda store, request_id: store.envelope(request_id),
+    "list": lambda store, _: store.list(),
+    "queued": lambda store, _: store.queued(),
+    "count_active": lambda store, _: store.count_active("f", "/http/f"),
+    "find_event": lambda store, _: store.find_event("f", "/http/f", "e1"),
+    "counts": lambda store, _: store.counts(),
+}
+
+
+@pytest.mark.parametrize("read", _READS)
+async def test_a_read_of_a_store_cut_short_while_open_is_a_store_error_with_the_reason(
+    sqlite_store: SQLiteStore, read: str
+) -> None:
+    # A StoreError is answered 503 StoreUnavailable, as a refused write is (not 500 InternalError).
+    (accepted,) = await sqlite_store.accept([row("e1")])
+    checkpoint(sqlite_store.path)
+    cut_after_first_page(sqlite_store.path)
+    with pytest.raises(StoreError, match=r"^the store .*eventrun\.db refused a read \(database disk image is malformed\)$"):
+        await _READS[read](sqlite_store, accepted.request_id)
 
 async def test_an_envelope_stored_as_fields_is_read_whole_after_reopening(tmp_path: Path) -> None:
     template = b'{"id":"%(0)b","n":%(1)b}'

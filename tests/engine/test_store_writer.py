@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import signal
@@ -206,3 +207,39 @@ async def test_the_server_keeps_nothing_per_write_once_it_is_answered(store: SQL
         if stat.traceback[0].filename.endswith(os.path.join("engine", "writer.py"))
     ]
     assert sum(stat.size_diff for stat in kept) < 64 * 1024, kept
+
+
+class RefusingConnection:
+    """A connection whose every statement the store refuses, as on a full disk."""
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+        raise error
+
+
+def test_failing_checkpoints_are_logged_once_a_while_and_once_when_one_goes_through(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "eventrun.db"
+    db = connect(path)
+    db.executescript(SCHEMA)
+    db.close()
+    checkpoints = Checkpointer(path, interval=60)  # (its thread waits for a commit, which never comes)
+    working = checkpoints._conn
+    try:
+        with caplog.at_level(logging.WARNING, logger="eventrun.engine.writer"):
+            checkpoints._conn = RefusingConnection()  # type: ignore[assignment]
+            for _ in range(50):
+                checkpoints._checkpoint()
+            checkpoints._conn = working
+            checkpoints._checkpoint()
+            checkpoints._checkpoint()
+    finally:
+        checkpoints._conn = working
+        checkpoints.close()
+    lines = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "eventrun.engine.writer"]
+    assert lines == [
+        (logging.ERROR, "checkpoint failed (database or disk is full); the next commit tries again", None),
+        (logging.WARNING, "checkpoints go through again (49 more failed since the last such line)", None),
+    ]

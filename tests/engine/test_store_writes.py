@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
@@ -9,8 +10,12 @@ from typing import Any, Iterator
 import pytest
 
 from eventrun.engine.api import Accepted, Status
+from eventrun.engine import writes
 from eventrun.engine.envelope import dumps, now_rfc3339, request_ids, request_seq
-from eventrun.engine.writes import ALL_NEW, ROWS_PER_STATEMENT, SCHEMA, Batch, Ending, NewInvocation, Op, commit, groups
+from eventrun.engine.failures import FailureLog
+from eventrun.engine.writes import (
+    ALL_NEW, ROWS_PER_STATEMENT, SCHEMA, Batch, Ending, NewInvocation, Op, commit, groups, refused,
+)
 
 
 def row(event_id: str, *, request_id: str | None = None, function: str = "f") -> NewInvocation:
@@ -249,3 +254,45 @@ async def test_a_template_is_kept_once_and_a_key_never_holds_two(conn: sqlite3.C
     clash = commit(conn, ops(("templates", [(b"k1", b"other")])))
     assert clash[0][0] is False and "another template" in str(clash[0][1])
     assert conn.execute("SELECT template FROM templates WHERE key = ?", (b"k1",)).fetchone() == (b"one",)
+
+
+def test_a_store_refusing_commits_is_logged_once_a_while_and_once_when_it_takes_them_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk refuses every commit, many a second: the writer's log says so once a while,
+    # without a traceback (the refusal says it all), then once when commits go through again.
+    monkeypatch.setattr(writes, "_refused_commits", FailureLog(writes.logger, every=60, counted="refused"))
+    path = tmp_path / "eventrun.db"
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    conn.executescript(SCHEMA)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the store refuses this writer: "database is locked"
+    try:
+        with caplog.at_level(logging.WARNING, logger=writes.logger.name):
+            for n in range(100):
+                ((ok, error),) = commit(conn, ops(("accept", [row(f"e{n}")])))
+                assert not ok and refused(error), error
+            other.execute("ROLLBACK")
+            assert commit(conn, ops(("accept", [row("later")]))) == [(True, ALL_NEW)]
+            assert commit(conn, ops(("accept", [row("later still")]))) == [(True, ALL_NEW)]
+    finally:
+        other.close()
+        conn.close()
+    lines = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records if r.name == writes.logger.name]
+    assert lines == [
+        (logging.ERROR, "the store refused a commit (database is locked); its 1 writes are answered with the error", None),
+        (logging.WARNING, "the store takes commits again (99 more refused since the last such line)", None),
+    ]
+
+
+def test_a_refusal_is_what_the_store_says_of_itself_not_of_the_statement(conn: sqlite3.Connection) -> None:
+    with pytest.raises(sqlite3.IntegrityError) as clash:
+        conn.execute("INSERT INTO state (key, value) VALUES ('k', NULL)")
+    assert not refused(clash.value), "a fault of the statement is eventrun's: logged with its traceback"
+    assert not refused(ValueError("not SQLite's"))
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert refused(full)
+    io = sqlite3.OperationalError("disk I/O error")
+    io.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE  # type: ignore[attr-defined]  # (an extended code)
+    assert refused(io)
