@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import itertools
@@ -34,6 +35,29 @@ def now_rfc3339() -> str:
             _clock[2], _clock[3] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _clock[0], _clock[1] = millis, f"{_clock[3]}.{ms:03d}Z"
     return _clock[1]  # type: ignore[no-any-return]
+
+
+# RFC 3339's date-time (section 5.6): full-date "T" partial-time, then "Z" or an offset. Its
+# "T" and "Z" may be lower-case; ASCII digits only. (datetime.fromisoformat takes more: basic
+# and week dates, hours alone.)
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.\d+)?(?:[Zz]|[+-](\d\d):(\d\d))", re.ASCII
+)
+
+
+def is_rfc3339(value: Any) -> bool:
+    """Whether `value` is an RFC 3339 date-time with its zone (`Z` or an offset), on a real date:
+    what an envelope's `time` must be (the triggers check what producers send)."""
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return False
+    year, month, day, hour, minute, second, zone_hours, zone_minutes = (int(field or 0) for field in match.groups())
+    try:
+        datetime.date(year, month, day)
+    except ValueError:  # 30 February, month 13, year 0
+        return False
+    # A second of 60 is a leap second.
+    return hour < 24 and minute < 60 and second <= 60 and zone_hours < 24 and zone_minutes < 60
 
 
 def new_id() -> str:

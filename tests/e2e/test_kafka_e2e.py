@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -252,6 +253,39 @@ async def test_starting_position_latest_counts_from_the_start_not_the_group_join
     await kafka.produce(topic, [Record(b'{"after": "restart"}', key=b"k", partition=1)])
     runs = await server.ended("fn", 6)  # (the same data_dir: the first four are there too)
     assert sorted(ids(runs)) == ["0-2", "0-3", "0-4", "1-2", "1-3", "1-4"]
+
+
+async def test_starting_position_latest_skips_a_batch_produced_before_the_start(kafka: KafkaService, servers: Any) -> None:  # noqa: F811
+    # Tansu answers ListOffsets(latest) with the last batch's base offset + 1: of 30 records sent
+    # as one batch before the first start, "latest" ran 29 (the end was taken as 1).
+    topic = await kafka.create_topic(unique("batch"))
+    await kafka.produce(topic, [Record(json.dumps({"old": i}).encode(), key=b"k", partition=0) for i in range(30)], linger_ms=200)
+    server = await servers({"fn": kafka_function("kafka_id", topic, trigger={"starting_position": "latest"})})
+    await server.state_is("consuming")
+    await kafka.produce_json(topic, [{"new": 1}])
+    assert ids(await server.ended("fn", 1)) == ["0-30"]
+    await asyncio.sleep(0.5)
+    assert len(await server.invocations("fn")) == 1
+
+
+async def test_a_topic_created_again_before_latest_read_a_record_is_read_from_its_start(
+    kafka: KafkaService, servers: Any, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    # "latest" pinned the position with no record to check the log by: the new log's records
+    # before that position were skipped, unseen, and nothing was logged.
+    topic = await kafka.create_topic(unique("pinned"))
+    await kafka.produce_json(topic, [{"old": i} for i in range(3)])
+    functions = {"fn": kafka_function("kafka_id", topic, trigger={"starting_position": "latest"})}
+    server = await servers(functions)
+    await server.state_is("consuming")
+    await server.stop()
+    await delete_topic(kafka, topic)
+    await kafka.create_topic(topic)
+    await kafka.produce_json(topic, [{"new": i} for i in range(5)])
+    server = await servers(functions)
+    runs = await server.ended("fn", 5, timeout=40)
+    assert sorted(ids(runs)) == [f"0-{n}-1" for n in range(5)]
+    assert "started over (the record at offset 2 is not the one read there before)" in caplog.text
 
 
 async def test_starting_position_latest_on_a_topic_created_after_the_start_reads_all_of_it(
@@ -532,6 +566,52 @@ async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
     runs = await server.ended("fn", 22, timeout=40)
     assert sorted(i for i in ids(runs) if i.count("-") == 2) == sorted(f"0-{n}-1" for n in range(12)), sorted(ids(runs))
     assert re.search(r"started over \(its log ends at offset [0-3], before offset 10 ", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("undecodable_again", [False, True], ids=["now-decodable", "another-undecodable"])
+async def test_a_topic_created_again_while_down_is_noticed_when_the_last_record_read_was_undecodable(
+    kafka: KafkaService, servers: Any, caplog: pytest.LogCaptureFixture, undecodable_again: bool  # noqa: F811
+) -> None:
+    # The undecodable record was handed over with no fingerprint, so the restart had nothing to
+    # check the log by: the new log's records 0-3 were skipped, unseen, and nothing was logged.
+    topic = await kafka.create_topic(unique("poisoned"))
+    await kafka.produce_json(topic, [{"old": i} for i in range(3)])
+    produce_undecodable_header(kafka.bootstrap, topic, 0)
+    functions = {"fn": kafka_function("kafka_id", topic)}
+    server = await servers(functions)
+    await server.ended("fn", 4)
+    await server.stop()
+    await delete_topic(kafka, topic)
+    await kafka.create_topic(topic)
+    await kafka.produce_json(topic, [{"new": i} for i in range(3)])
+    if undecodable_again:  # at the same offset: another record all the same (its batch tells)
+        produce_undecodable_header(kafka.bootstrap, topic, 0)
+    await kafka.produce_json(topic, [{"new": i} for i in range(3 + undecodable_again, 6)])
+    server = await servers(functions)
+    runs = await server.ended("fn", 10, timeout=40)
+    assert sorted(i for i in ids(runs) if i.count("-") == 2) == [f"0-{n}-1" for n in range(6)]
+    assert "started over (the record at offset 3 is not the one read there before)" in caplog.text
+
+
+async def test_an_undecodable_last_record_read_again_on_the_same_log_runs_once(
+    kafka: KafkaService, servers: Any, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    # Its fingerprint comes from its batch as the broker keeps it: read again where the trigger
+    # left off, it is the same record, so the log goes on (no new epoch, no second run).
+    topic = await kafka.create_topic(unique("poisoned"))
+    await kafka.produce_json(topic, [{"old": 0}])
+    produce_undecodable_header(kafka.bootstrap, topic, 0)
+    functions = {"fn": kafka_function("kafka_id", topic)}
+    server = await servers(functions)
+    await server.ended("fn", 2)
+    await server.stop()
+    with caplog.at_level(logging.DEBUG, logger="eventrun.triggers.kafka"):
+        server = await servers(functions)
+        await kafka.produce_json(topic, [{"new": 0}])
+        runs = await server.ended("fn", 3)
+    assert sorted(ids(runs)) == ["0-0", "0-1", "0-2"]
+    assert "partition 0 starts at offset 1 (committed offset, checking the last record read)" in caplog.text
+    assert "started over" not in caplog.text
 
 
 async def test_broker_down_at_start(tmp_path: Path, kafka: KafkaService, servers: Any) -> None:  # noqa: F811

@@ -6,12 +6,15 @@ import asyncio
 import base64
 import json
 import logging
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord
 
 from eventrun.engine.api import Accepted
@@ -44,9 +47,11 @@ from eventrun.triggers.kafka.parser import (
     to_accept,
     to_envelopes,
     undecodable_envelope,
+    undecodable_fingerprint,
 )
 from eventrun.triggers.kafka.partitions import Partitions
-from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, check, decide, latest_offset
+from eventrun.triggers.kafka.peek import Peek
+from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, decide, judge, latest_offset
 from eventrun.triggers.kafka.trigger import _quiet_client_logs
 
 TS = 1714557600123  # 2024-05-01T10:00:00.123Z
@@ -434,6 +439,22 @@ def test_cloudevents_binary_mode_defaults() -> None:
     assert envelope.time == "2024-05-01T10:00:00.123Z"
 
 
+@pytest.mark.parametrize("given", [b"not a time", b"20250101T000000Z", b"2025-W01-1T00:00:00+00:00", b"2025-01-01T00Z"])
+def test_a_cloudevents_time_that_is_no_rfc_3339_time_is_the_records(given: bytes) -> None:
+    headers = [("ce_id", b"evt-1"), ("ce_source", b"/shop"), ("ce_type", b"t"), ("ce_time", given)]
+    assert to_envelope(record(headers=headers), "f").time == "2024-05-01T10:00:00.123Z"
+    structured = json.dumps({**STRUCTURED, "time": given.decode()}).encode()
+    envelope = to_envelope(record(structured, headers=[("content-type", b"application/cloudevents+json")]), "f")
+    assert (envelope.id, envelope.time) == ("evt-9", "2024-05-01T10:00:00.123Z")
+
+
+@pytest.mark.parametrize("given", ["yesterday", 1714557600, None, ["2024-05-01T09:00:00Z"], "2024-05-01T09:00:00"])
+def test_a_structured_cloudevents_time_that_is_no_rfc_3339_time_is_the_records(given: Any) -> None:
+    value = json.dumps({**STRUCTURED, "time": given}).encode()
+    envelope = to_envelope(record(value, headers=[("content-type", b"application/cloudevents+json")]), "f")
+    assert (envelope.id, envelope.time) == ("evt-9", "2024-05-01T10:00:00.123Z")
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -505,26 +526,67 @@ def test_fingerprints_tell_records_apart() -> None:
     assert fingerprint(record(key=None)) != fingerprint(record(key=b""))
 
 
+class _RawName(str):
+    """A header name that aiokafka's pure-Python batch builder writes as bytes that are not UTF-8."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:  # type: ignore[override]
+        return b"\xff\xfebad-name"
+
+
+def raw_batch(*records: tuple[bytes, list[tuple[str, bytes]]], base: int = 5) -> bytes:
+    """Record batch bytes as a broker sends them: (value, headers) at offsets base, base + 1, ..."""
+    builder = _DefaultRecordBatchBuilderPy(2, 0, 0, -1, -1, -1, 1 << 20)
+    for delta, (value, headers) in enumerate(records):
+        builder.append(delta, TS, b"order-42", value, headers)
+    batch = builder.build()
+    struct.pack_into(">q", batch, 0, base)  # the base offset, as the broker assigns it
+    return bytes(batch)
+
+
+def test_a_peek_fingerprints_a_record_as_handing_it_over_does() -> None:
+    raw = raw_batch((b'{"order": 42}', []), (b"{}", [(_RawName("x"), b"v")]))
+    crc = MemoryRecords(raw).next_batch().crc
+    peeked = Peek(7, raw)
+    assert peeked.fingerprint(5) == fingerprint(record(offset=5))
+    # The client cannot decode the record at 6: its fingerprint is of its batch's checksum.
+    assert peeked.fingerprint(6) == undecodable_fingerprint(6, crc) != undecodable_fingerprint(5, crc)
+    assert peeked.fingerprint(4) is None and peeked.fingerprint(7) is None  # not in this peek
+    corrupt = bytearray(raw)
+    corrupt[-1] ^= 0xFF  # a bad checksum: the client decodes none of the batch's records
+    assert Peek(7, bytes(corrupt)).fingerprint(5) == undecodable_fingerprint(5, crc)
+    other = raw_batch((b'{"order": 42}', []), (b"{}", [(_RawName("x"), b"w")]))
+    assert Peek(7, other).fingerprint(6) != peeked.fingerprint(6)  # another undecodable record there
+
+
 # --------------------------------------------------------------------------- start positions
 
 
 def test_the_committed_offset_wins() -> None:
-    start = decide(Mark(50, "ab"), 40, 0, started=True, latest=45)
-    assert (start.offset, start.verify, start.pin) == (40, None, False)
+    start = decide(Mark(50, "ab"), 40, 0, started=True, latest=Mark(45, "cd"))
+    assert (start.offset, start.verify, start.pin) == (40, None, None)
 
 
 def test_a_first_start() -> None:
     assert decide(None, None, 3, started=False).offset == 3
-    latest = decide(None, None, 3, started=True, latest=7)
-    assert latest.pin and latest.offset == 7  # written down at the start, committed once assigned
-    assert decide(None, None, 9, started=True, latest=7).offset == 9  # retention took the records before
+    latest = decide(None, None, 3, started=True, latest=Mark(7, None))
+    assert (latest.offset, latest.pin) == (7, 7)  # written down at the start, committed once assigned
+    assert decide(None, None, 9, started=True, latest=Mark(7, None)).offset == 9  # retention took the records before
+
+
+def test_latest_reads_the_record_before_its_position_again_to_check_the_log() -> None:
+    # A topic deleted and created again between the start and the assignment (or a restart
+    # before it) would have its first records skipped unseen.
+    start = decide(None, None, 3, started=True, latest=Mark(7, "ab"))
+    assert (start.offset, start.verify, start.pin) == (6, "ab", 7)  # the mark pinned at 7, with "ab"
+    start = decide(None, None, 7, started=True, latest=Mark(7, "ab"))
+    assert (start.offset, start.verify, start.pin) == (7, None, 7)  # retention took it: nothing to check
 
 
 def test_a_partition_new_to_a_running_trigger_is_read_from_its_beginning() -> None:
     # "latest" applies to the trigger's first start only: a partition added later, or one whose
     # group offset is gone, must not skip records.
     start = decide(None, None, 0, started=True)
-    assert (start.offset, start.pin) == (0, False)
+    assert (start.offset, start.pin) == (0, None)
 
 
 def test_latest_is_the_first_record_stamped_since_the_start_or_the_end_if_earlier() -> None:
@@ -541,7 +603,7 @@ def test_latest_is_the_first_record_stamped_since_the_start_or_the_end_if_earlie
 def test_lost_group_offsets_resume_at_the_mark_and_check_the_last_record() -> None:
     start = decide(Mark(10, "ab"), None, 0, started=True)
     assert (start.offset, start.verify) == (9, "ab")
-    assert decide(Mark(10, None), None, 0, started=True, latest=3).offset == 10
+    assert decide(Mark(10, None), None, 0, started=True, latest=Mark(3, None)).offset == 10
     assert decide(Mark(10, "ab"), None, 12, started=True).offset == 12  # retention took it
 
 
@@ -549,7 +611,7 @@ def test_where_the_trigger_left_off_its_last_record_is_read_again_to_check_the_l
     # The group's offset is where this trigger's mark is: the topic may have been deleted and
     # created again while it was away (or in a rebalance), so the last record is checked.
     start = decide(Mark(10, "ab"), 10, 0, started=True)
-    assert (start.offset, start.verify, start.pin) == (9, "ab", False)
+    assert (start.offset, start.verify, start.pin) == (9, "ab", None)
     assert decide(Mark(10, "ab"), 12, 0, started=True).verify is None  # another server read on: nothing to check
     assert decide(Mark(10, None), 10, 0, started=True).verify is None
     assert decide(Mark(10, "ab"), 10, 10, started=True).offset == 10  # retention took the record
@@ -559,21 +621,27 @@ def test_a_new_log_is_read_from_its_beginning_whatever_offset_the_group_has() ->
     # Nothing of the new log accepted yet: an offset the group has belongs to the old one.
     for committed in (None, 0, 10):
         start = decide(Mark(0, None, 1), committed, 2, started=True)
-        assert (start.offset, start.pin) == (2, True), committed
+        assert (start.offset, start.pin) == (2, 2), committed
     assert decide(Mark(0, None, 0), 10, 0, started=True).offset == 10  # "latest" pinned at 0: no new log
     assert decide(Mark(4, "ab", 1), 4, 0, started=True).offset == 3  # the new log, read on
 
 
-def test_check_verdicts() -> None:
+def test_verdicts() -> None:
     rec = record(offset=9)
-    assert check([rec], 9, None) is Verdict.SAME_LOG
-    assert check([rec], 5, None) is Verdict.SAME_LOG  # forward: a compacted or trimmed log
-    assert check([rec], 10, None) is Verdict.NEW_LOG  # backwards without eventrun seeking there
-    assert check([rec], None, None) is Verdict.SAME_LOG
-    assert check([rec], 9, (9, fingerprint(rec))) is Verdict.SAME_LOG
-    assert check([record(b"other", offset=9)], 9, (9, fingerprint(rec))) is Verdict.RESTART
-    assert check([record(offset=0)], 9, (9, fingerprint(rec))) is Verdict.NEW_LOG
-    assert check([record(offset=12)], 9, (9, fingerprint(rec))) is Verdict.SAME_LOG
+
+    def verdict(first: ConsumerRecord[bytes, bytes], expected: int | None, verify: tuple[int, str] | None) -> Verdict:
+        return judge(first.offset, fingerprint(first), expected, verify)
+
+    assert verdict(rec, 9, None) is Verdict.SAME_LOG
+    assert verdict(rec, 5, None) is Verdict.SAME_LOG  # forward: a compacted or trimmed log
+    assert verdict(rec, 10, None) is Verdict.NEW_LOG  # backwards without eventrun seeking there
+    assert verdict(rec, None, None) is Verdict.SAME_LOG
+    assert verdict(rec, 9, (9, fingerprint(rec))) is Verdict.REREAD
+    assert verdict(record(b"other", offset=9), 9, (9, fingerprint(rec))) is Verdict.RESTART
+    assert verdict(record(offset=0), 9, (9, fingerprint(rec))) is Verdict.NEW_LOG
+    assert verdict(record(offset=12), 9, (9, fingerprint(rec))) is Verdict.SAME_LOG
+    # A record whose fingerprint could not be taken checks nothing: it is no reason to start over.
+    assert judge(9, None, 9, (9, fingerprint(rec))) is Verdict.SAME_LOG
 
 
 def test_marks_round_trip_and_count_epochs() -> None:
@@ -588,9 +656,11 @@ def test_marks_round_trip_and_count_epochs() -> None:
     assert again.get(1) == Mark(0, None, 1)
     again.advance(1, 5, "cd")
     assert again.epoch(1) == 1
-    again.latest = {2: 7, 0: 3}
-    assert Marks(again.dumps()).latest == {0: 3, 2: 7}
+    again.latest = {2: Mark(7, "ef"), 0: Mark(3, None)}
+    assert Marks(again.dumps()).latest == {0: Mark(3, None), 2: Mark(7, "ef")}
     assert Marks('{"started": true, "partitions": {}}').latest == {}  # written before "latest" was kept
+    # Written before the fingerprints were kept: no record to check the log by.
+    assert Marks('{"started": true, "partitions": {}, "latest": {"1": 4}}').latest == {1: Mark(4, None)}
 
 
 # --------------------------------------------------------------------------- the trigger

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ from eventrun.triggers.s3 import (
     records_from_body,
     to_envelopes,
 )
-from eventrun.triggers.s3.sqs import SqsPoller
+from eventrun.engine.envelope import is_rfc3339
+from eventrun.triggers.s3.sqs import ANSWER_GRACE, SqsPoller
 from s3_service import MotoServer, S3Service, free_port, queue_depth, s3_service, unique  # noqa: F401
 
 TOKEN = "change-me"
@@ -211,7 +213,23 @@ def test_aws_record_with_sequencer_and_version() -> None:
     assert envelope.data["size"] == 1024
 
 
-@pytest.mark.parametrize("given", ["not a time", "2024-05-01", "2024-05-01T10:00:00", 1714557600, ""])
+NOT_RFC3339 = [
+    "not a time", "2024-05-01", "2024-05-01T10:00:00", 1714557600, "",
+    # What datetime.fromisoformat takes on Python 3.11 besides RFC 3339:
+    "20250101T000000Z", "2025-W01-1T00:00:00+00:00", "2025-01-01T00Z", "2025-01-01T00:00Z",
+    "2025-01-01T00:00:00+0100", "2025-01-01 00:00:00Z", "2025-001T00:00:00Z", "2025-01-01T00:00:00,5Z",
+    "2025-01-01T00:00:00.Z", "2025-01-01T00:00:00+01", "\uff12025-01-01T00:00:00Z",
+    # The grammar, on no real date or time:
+    "2025-02-30T00:00:00Z", "2025-13-01T00:00:00Z", "0000-01-01T00:00:00Z", "2025-01-01T24:00:00Z",
+    "2025-01-01T00:60:00Z", "2025-01-01T00:00:61Z", "2025-01-01T00:00:00+24:00", "2025-01-01T00:00:00Z\n",
+]
+RFC3339 = [
+    "2024-05-01T10:00:00Z", "2024-05-01T10:00:00.123456789Z", "2024-05-01t10:00:00z",
+    "2024-05-01T10:00:00-07:30", "2016-12-31T23:59:60Z", "2024-02-29T00:00:00+00:00",
+]
+
+
+@pytest.mark.parametrize("given", NOT_RFC3339)
 def test_an_event_time_that_is_no_rfc_3339_time_is_not_the_envelopes(given: Any) -> None:
     record = aws_record("in/a.csv")
     record["eventTime"] = given
@@ -225,6 +243,11 @@ def test_an_event_time_with_its_zone_is_the_envelopes() -> None:
     record["eventTime"] = "2024-05-01T10:00:00.000+02:00"
     (envelope,) = to_envelopes(record, {"f": function(s3("uploads"))})
     assert envelope.time == "2024-05-01T10:00:00.000+02:00"
+
+
+@pytest.mark.parametrize("given", RFC3339)
+def test_every_rfc_3339_time_is_one(given: str) -> None:
+    assert is_rfc3339(given)
 
 
 def test_minio_removal_without_size_and_etag() -> None:
@@ -643,6 +666,29 @@ async def test_poller_survives_an_unreachable_queue_and_recovers(tmp_path: Any, 
         if moto is not None:
             moto.stop()
     assert trigger.state()["sqs"] == "off"
+
+
+async def test_a_queue_that_stops_answering_shows_as_unreachable_while_its_receive_waits(tmp_path: Path) -> None:
+    # A hung endpoint (here moto, stopped by SIGSTOP) holds the receive until the client's read
+    # timeout, twice: half a minute and more of "polling" while nothing was received.
+    moto = await asyncio.to_thread(MotoServer(free_port(), tmp_path).start)
+    assert moto.proc is not None
+    try:
+        service = S3Service(moto.url)
+        trigger, engine = poller_trigger(service, await new_queue(service))
+        async with trigger:
+            await wait_for(lambda: trigger.state()["sqs"] == "polling", 10, "polling")
+            moto.proc.send_signal(signal.SIGSTOP)
+            late = 1 + ANSWER_GRACE  # the test's long poll is 1 s
+            await wait_for(lambda: trigger.state()["sqs"].startswith("unreachable"), late + 3, "unreachable state")
+            assert trigger.state()["sqs"] == "unreachable: no answer to a receive in 6s (its long poll is 1s)"
+            assert "eventrun_s3_sqs_polling 0" in trigger.metrics()
+            moto.proc.send_signal(signal.SIGCONT)
+            await wait_for(lambda: trigger.state()["sqs"] == "polling", 10, "polling again")
+            assert "eventrun_s3_sqs_polling 1" in trigger.metrics()
+    finally:
+        moto.proc.send_signal(signal.SIGCONT)
+        moto.stop()
 
 
 async def test_stop_finishes_the_batch_in_hand(s3_service: S3Service) -> None:

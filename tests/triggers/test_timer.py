@@ -487,6 +487,23 @@ async def test_a_schedule_stopped_by_an_error_reads_failed_with_no_next_slot() -
     assert schedules["free"]["Failure"] is None and schedules["free"]["NextFire"] is not None
 
 
+async def test_a_schedule_whose_dates_have_all_passed_starts_says_so_and_never_fires(caplog: pytest.LogCaptureFixture) -> None:
+    # Refused at start it would stop a server whose manifest was valid the day before.
+    engine = FakeEngine()
+    past = "0 0 0 1 1 ? 2020"
+    async with TimerTrigger(engine, manifest(timer(cron=past), timer(name="free"))) as trigger:
+        async with asyncio.timeout(5):
+            while not engine.accepted:
+                await asyncio.sleep(0.05)
+        state = trigger.state()
+    schedules = {s["Trigger"]: s for s in state["Schedules"]}
+    assert state["Status"] == "running"
+    assert schedules["nightly"]["NextFire"] is None and schedules["nightly"]["Failure"] is None
+    assert schedules["nightly"]["Fired"] == 0 and schedules["free"]["NextFire"] is not None
+    assert {e.source for e in engine.accepted} == {"timer://report/free"}
+    assert f"timer report/nightly: the schedule {past!r} has no further slots" in caplog.text
+
+
 async def test_two_timers_on_one_store_accept_each_slot_once() -> None:
     engine = FakeEngine()
     config = manifest(timer())

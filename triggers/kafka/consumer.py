@@ -14,8 +14,9 @@ from .client import RECORD_ERRORS, Settings, new_client, sleep_unless, stop_clie
 from .engine import KafkaEngine
 from .handoff import IN_FLIGHT, HandOff
 from .health import Health
+from .latest import resolve_latest
 from .partitions import Partitions
-from .positions import decide, latest_offset
+from .positions import decide
 from .security import refusal
 
 __all__ = ["IN_FLIGHT", "KafkaEngine", "TopicConsumer"]
@@ -172,24 +173,8 @@ class TopicConsumer:
         read. Partitions that appear later (all of them, when there is no topic yet) hold only
         records produced since the start: they are read from their beginning.
         """
-        client = new_client(self._settings, function=self.function, group_id=None)
-        try:
-            await client.start()
-            # What consumer.topics() asks for, the partitions included (it keeps only the names).
-            cluster = await self._broker(client._client.fetch_all_metadata())
-            partitions = [TopicPartition(self.topic, p) for p in sorted(cluster.partitions_for_topic(self.topic) or ())]
-            if partitions:
-                end = await self._broker(client.end_offsets(partitions))
-                found = await self._broker(client.offsets_for_times({tp: self._since for tp in partitions}))
-            else:
-                end, found = {}, {}
-        finally:
-            await stop_client(client, self._settings.client_stop_timeout)
         marks = self._parts.marks
-        for tp, offset in end.items():
-            at = found.get(tp)
-            answer = None if at is None else (at.offset, at.timestamp)
-            marks.latest[tp.partition] = latest_offset(offset, self._since, answer)
+        marks.latest = await resolve_latest(self._settings, function=self.function, topic=self.topic, since=self._since)
         marks.started = True
         await self._parts.save_marks(force=True)  # durable before any partition is read
         logger.debug("kafka %s: starting_position latest: %s", self.name, marks.latest or "no partitions yet")
@@ -229,7 +214,7 @@ class TopicConsumer:
 
         Apache Kafka answers a read past a log's end (a topic deleted and created again, a broker
         that lost its data) with offset-out-of-range, and the client goes back to the oldest
-        record: check() sees the offsets go backwards. Tansu answers with no records, and the
+        record: judge() sees the offsets go backwards. Tansu answers with no records, and the
         new log would be read only from that position on, once it grew past it; but the high
         watermark in its answers (the log's end, known from a fetch at the client's position)
         tells. The partition's start is then decided again: the new log from its beginning.
@@ -301,9 +286,9 @@ class TopicConsumer:
             p = tp.partition
             start = decide(marks.get(p), committed[tp], beginning[tp], started=marks.started, latest=marks.latest.get(p))
             offset = start.offset
-            if start.pin:
-                marks.advance(p, offset, None)
-                pins[tp] = offset
+            if start.pin is not None:
+                marks.advance(p, start.pin, start.verify)
+                pins[tp] = start.pin
             marks.latest.pop(p, None)  # from now on the group's offset or the mark says where
             consumer.seek(tp, offset)
             parts.expected[p] = offset

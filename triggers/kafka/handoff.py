@@ -28,7 +28,8 @@ from .engine import KafkaEngine
 from .health import Health
 from .parser import RecordLike, fingerprint, to_accept, undecodable_envelope
 from .partitions import Partitions
-from .positions import Verdict, check
+from .peek import peek
+from .positions import Verdict, judge
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class _Span:
 
     first: int
     next: int
-    fingerprint: str | None  # of the record at next - 1, when it could be decoded
+    fingerprint: str | None  # of the record at next - 1 (None: it could not be taken)
 
     @classmethod
     def of(cls, records: Sequence[RecordLike]) -> _Span:
@@ -98,22 +99,16 @@ class HandOff:
             if not records or generation != parts.generation:
                 continue
             p = tp.partition
-            verify = parts.verify.pop(p, None)
-            verdict = check(records, parts.expected.get(p), verify)
-            if verify is not None and verdict is Verdict.SAME_LOG and records[0].offset == verify[0]:
-                records = records[1:]  # the last record accepted, read again only to check the log
-                if not records:
-                    parts.expected[p] = verify[0] + 1
-                    continue
+            first = records[0]
+            verdict = self._judge(consumer, tp, first.offset, fingerprint(first))
+            new_epoch |= verdict in (Verdict.NEW_LOG, Verdict.RESTART)
             if verdict is Verdict.RESTART:
-                parts.new_epoch(p, f"the record at offset {records[0].offset} is not the one read there before")
-                new_epoch = True
-                parts.pending.add(tp)  # paused until its start is decided again
-                consumer.pause(tp)
                 continue
-            if verdict is Verdict.NEW_LOG:
-                parts.new_epoch(p, f"offset {records[0].offset} came where {parts.expected.get(p)} was next")
-                new_epoch = True
+            if verdict is Verdict.REREAD:
+                records = records[1:]  # the last record accepted, read again only to check the log
+                parts.expected[p] = first.offset + 1
+                if not records:
+                    continue
             epoch = parts.marks.epoch(p)
             max_json = self._settings.max_json
             converted.append(to_accept(records, self._function, epoch=epoch, max_json=max_json))
@@ -205,6 +200,23 @@ class HandOff:
         await parts.save_marks()
         return True
 
+    def _judge(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, digest: str | None) -> Verdict:
+        """What the first record fetched from a partition (at `offset`) says of its log (see positions.judge).
+
+        A new log gets a new epoch; where another record stands than the one read there before,
+        the partition also waits, paused, for its start to be decided again.
+        """
+        parts = self._parts
+        p = tp.partition
+        verdict = judge(offset, digest, parts.expected.get(p), parts.verify.pop(p, None))
+        if verdict is Verdict.RESTART:
+            parts.new_epoch(p, f"the record at offset {offset} is not the one read there before")
+            parts.pending.add(tp)
+            consumer.pause(tp)
+        elif verdict is Verdict.NEW_LOG:
+            parts.new_epoch(p, f"offset {offset} came where {parts.expected.get(p)} was next")
+        return verdict
+
     async def commit(self, consumer: AIOKafkaConsumer) -> None:
         """Commit the offsets accepted so far; called with the lock held."""
         offsets = dict(self.uncommitted)
@@ -251,16 +263,34 @@ class HandOff:
             wait_ms = 0
         if good:
             await self.hand_off(consumer, {tp: good}, generation)
-        if error is None:
-            return
+        if error is not None:
+            await self._hand_over_undecodable(consumer, tp, error, generation)
+
+    async def _hand_over_undecodable(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, error: Exception, generation: int
+    ) -> None:
+        """Hand over the undecodable record at the partition's position as one envelope, and go past it."""
         offset = await self._broker(consumer.position(tp))
-        reason = f"{type(error).__name__}: {error}"
-        envelope = undecodable_envelope(
-            self._topic, tp.partition, offset, self._function, reason, epoch=self._parts.marks.epoch(tp.partition)
-        )
+        # Taken from the record's batch as the broker keeps it: checked like any other record's
+        # when the partition is read again from here (a log that started over is noticed).
+        digest = (await self._broker(peek(consumer, tp, offset))).fingerprint(offset)
         await self.drain()
-        self._parts.expected[tp.partition] = offset + 1
-        if await self._accept(consumer, [envelope], {tp: _Span(offset, offset + 1, None)}, generation):
+        parts = self._parts
+        if generation != parts.generation:
+            return  # a rebalance came: the partition is read again from its committed offset
+        verdict = self._judge(consumer, tp, offset, digest)
+        if verdict in (Verdict.NEW_LOG, Verdict.RESTART):
+            await parts.save_marks(force=True)  # durable before any id of the new epoch is used
+        if verdict is Verdict.RESTART:
+            return
+        parts.expected[tp.partition] = offset + 1
+        if verdict is Verdict.REREAD:
+            consumer.seek(tp, offset + 1)  # handed over before: it was read again only to check the log
+            return
+        reason = f"{type(error).__name__}: {error}"
+        epoch = parts.marks.epoch(tp.partition)
+        envelope = undecodable_envelope(self._topic, tp.partition, offset, self._function, reason, epoch=epoch)
+        if await self._accept(consumer, [envelope], {tp: _Span(offset, offset + 1, digest)}, generation):
             consumer.seek(tp, offset + 1)
             logger.warning("kafka %s: record %d-%d cannot be decoded (%s); handed over as %s",
                            self._name, tp.partition, offset, reason, envelope.type)

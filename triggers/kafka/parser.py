@@ -23,12 +23,14 @@ from eventrun.engine.envelope import (
     dumps,
     encode,
     expand,
+    is_rfc3339,
     loads,
     loads_exact,
     nests_deeper,
     now_rfc3339,
     template_prefix,
 )
+
 
 TRIGGER = "kafka"
 RECORD_TYPE = "eventrun.kafka.record"
@@ -211,7 +213,7 @@ def _general(record: RecordLike, function: str, epoch: int, max_json: int) -> En
             source=attributes["source"],
             type=attributes["type"],
             subject=attributes.get("subject", key),
-            time=attributes.get("time") or record_time(record.timestamp),
+            time=_event_time(attributes.get("time"), record),
             function=function,
             trigger=TRIGGER,
             data=data,
@@ -318,6 +320,14 @@ def fingerprint(record: RecordLike) -> str:
     return digest.hexdigest()
 
 
+def undecodable_fingerprint(offset: int, batch_crc: int) -> str:
+    """The fingerprint of a record the client cannot decode: of its offset and its batch's checksum
+    (which covers the batch's records, their timestamps, keys, values and headers)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(b"undecodable %d %d" % (offset, batch_crc))
+    return digest.hexdigest()
+
+
 # -- CloudEvents ---------------------------------------------------------------------------
 
 def _binary_attributes(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str] | None:
@@ -367,18 +377,22 @@ def _from_structured(event: dict[str, Any], record: RecordLike, function: str) -
         data = None
     content_type = event.get("datacontenttype")
     subject = event.get("subject")
-    time = event.get("time")
     return Envelope(
         id=event["id"],
         source=event["source"],
         type=event["type"],
         subject=subject if isinstance(subject, str) else None,
-        time=time if isinstance(time, str) and time else record_time(record.timestamp),
+        time=_event_time(event.get("time"), record),
         datacontenttype=content_type if isinstance(content_type, str) else "application/json",
         function=function,
         trigger=TRIGGER,
         data=data,
     )
+
+
+def _event_time(given: Any, record: RecordLike) -> str:
+    """The producer's CloudEvents `time` if it is an RFC 3339 time with its zone; else, as without one, the record's."""
+    return given if is_rfc3339(given) else record_time(record.timestamp)
 
 
 # -- bytes ---------------------------------------------------------------------------------

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from eventrun.engine.envelope import dumps, loads
-
-from .parser import RecordLike, fingerprint
 
 
 @dataclass(slots=True)
@@ -27,7 +25,7 @@ class Mark:
     """The offset after the last record accepted from a partition, and that record's fingerprint."""
 
     next: int
-    fingerprint: str | None  # None when the mark only pins a starting position
+    fingerprint: str | None  # None: nothing to check the log by (no record before `next`, or none taken)
     epoch: int = 0
 
 
@@ -36,14 +34,19 @@ class Marks:
 
     def __init__(self, raw: str | None) -> None:
         self.started = False
-        # Where "latest" put each partition at the trigger's first start, until the group has
-        # an offset there: the group may assign the partitions only seconds later.
-        self.latest: dict[int, int] = {}
+        # Where "latest" put each partition at the trigger's first start (with the fingerprint
+        # of the record before that position), until the group has an offset there: the group
+        # may assign the partitions only seconds later.
+        self.latest: dict[int, Mark] = {}
         self._marks: dict[int, Mark] = {}
         if raw:
             document: dict[str, Any] = loads(raw)
             self.started = bool(document.get("started"))
-            self.latest = {int(partition): int(offset) for partition, offset in document.get("latest", {}).items()}
+            digests = document.get("latest_fingerprints", {})
+            self.latest = {
+                int(partition): Mark(int(offset), digests.get(partition))
+                for partition, offset in document.get("latest", {}).items()
+            }
             for partition, (next_offset, digest, epoch) in document.get("partitions", {}).items():
                 self._marks[int(partition)] = Mark(int(next_offset), digest, int(epoch))
 
@@ -71,7 +74,11 @@ class Marks:
         partitions = {str(p): [m.next, m.fingerprint, m.epoch] for p, m in sorted(self._marks.items())}
         document: dict[str, Any] = {"started": self.started, "partitions": partitions}
         if self.latest:
-            document["latest"] = {str(p): offset for p, offset in sorted(self.latest.items())}
+            # (Two maps rather than one of pairs: an earlier eventrun still reads the offsets.)
+            document["latest"] = {str(p): mark.next for p, mark in sorted(self.latest.items())}
+            digests = {str(p): mark.fingerprint for p, mark in sorted(self.latest.items()) if mark.fingerprint}
+            if digests:
+                document["latest_fingerprints"] = digests
         return dumps(document).decode()
 
 
@@ -82,7 +89,9 @@ class Start:
     offset: int
     reason: str
     verify: str | None = None  # the fingerprint the record at `offset` must have
-    pin: bool = False  # commit the position at once: "latest" as resolved, or a new log's beginning
+    # A position to write down as the mark (with `verify` as its fingerprint) and commit at once:
+    # "latest" as resolved, or a new log's beginning.
+    pin: int | None = None
 
 
 def latest_offset(end: int, since: int, found: tuple[int, int] | None) -> int:
@@ -92,7 +101,8 @@ def latest_offset(end: int, since: int, found: tuple[int, int] | None) -> int:
     `found` is the broker's answer to the look-up by time: (offset, that record's timestamp).
     The end bounds it because stamps come from the producers' clocks: a record in the log when
     eventrun looked is never skipped for its stamp. (Tansu answers a look-up that finds nothing
-    with offset 0 and timestamp -1: only a stamp at or after `since` counts.)
+    with offset 0 and timestamp -1: only a stamp at or after `since` counts.) The `end` is the
+    high watermark of a fetch (see peek.py), not ListOffsets' answer, which Tansu gives short.
     """
     if found is not None and found[1] >= since and 0 <= found[0] < end:
         return found[0]
@@ -105,14 +115,14 @@ def decide(
     beginning: int,
     *,
     started: bool,
-    latest: int | None = None,
+    latest: Mark | None = None,
 ) -> Start:
     """The start of a partition from the group's committed offset, the trigger's mark and the log's start.
 
     `latest`: where starting_position "latest" put the partition at the trigger's first start
-    (see latest_offset), if it did.
+    (see latest_offset), if it did, with the fingerprint of the record before that position.
 
-    Whether the log still holds what eventrun read is found out when reading (see check()):
+    Whether the log still holds what eventrun read is found out when reading (see judge()):
     a position past the log's end makes the client fall back to the oldest record (offsets go
     backwards), and the record at a mark is compared with the one eventrun read there. The log's
     end offset is not looked up for this: Tansu answers ListOffsets(latest) with the base offset
@@ -123,7 +133,7 @@ def decide(
         # The log started over and nothing of the new one was accepted yet: an offset the group
         # has is the old log's. (Reading the new one again from its beginning, under the same
         # epoch, gives the ids it gave: idempotent.)
-        return Start(beginning, "a new log, from its first record", pin=True)
+        return Start(beginning, "a new log, from its first record", pin=beginning)
     if committed is not None:
         if mark is not None and mark.fingerprint is not None and committed == mark.next and committed - 1 >= beginning:
             # Where this trigger left off: read its last record again, to know the log is still
@@ -133,30 +143,46 @@ def decide(
     # The group has no offset here: a first start, a partition added later, or a broker that lost it.
     if mark is None:
         if latest is not None:
-            return Start(max(latest, beginning), "starting_position latest, as of the trigger's first start", pin=True)
+            return _latest(latest, beginning)
         return Start(beginning, "earliest record (never skip)" if started else "starting_position earliest")
     if mark.fingerprint is None or mark.next - 1 < beginning:
         return Start(max(mark.next, beginning), "eventrun's own mark")
     return Start(mark.next - 1, "eventrun's own mark, checking the last record read", verify=mark.fingerprint)
 
 
+def _latest(latest: Mark, beginning: int) -> Start:
+    """Where "latest" put the partition; the record before it is read again first, to check the log."""
+    reason = "starting_position latest, as of the trigger's first start"
+    if latest.fingerprint is not None and latest.next - 1 >= beginning:
+        return Start(latest.next - 1, f"{reason}, checking the record before it", verify=latest.fingerprint, pin=latest.next)
+    offset = max(latest.next, beginning)
+    return Start(offset, reason, pin=offset)
+
+
 class Verdict(enum.Enum):
     """What a fetched run of one partition's records means for its log."""
 
     SAME_LOG = "same"
+    REREAD = "reread"  # the same log: the first record is the one read there before, read again to check it
     NEW_LOG = "new"  # accept these records, under a new epoch
     RESTART = "restart"  # a new log: drop these records and read the partition from its beginning
 
 
-def check(records: Sequence[RecordLike], expected: int | None, verify: tuple[int, str] | None) -> Verdict:
-    """Whether a partition's fetched records continue the log eventrun read before."""
-    first = records[0]
+def judge(offset: int, digest: str | None, expected: int | None, verify: tuple[int, str] | None) -> Verdict:
+    """Whether a partition's fetched records continue the log read before, by the first one's offset and fingerprint.
+
+    `expected`: the offset reading was to go on at; `verify`: (offset, fingerprint) of the
+    record read there before, when the partition was sought there to check it. A fingerprint
+    that could not be taken (None) checks nothing.
+    """
     if verify is not None:
-        offset, digest = verify
-        if first.offset == offset:
-            return Verdict.SAME_LOG if fingerprint(first) == digest else Verdict.RESTART
-        return Verdict.NEW_LOG if first.offset < offset else Verdict.SAME_LOG
-    if expected is not None and first.offset < expected:
+        at, wanted = verify
+        if offset == at:
+            if digest is None:
+                return Verdict.SAME_LOG
+            return Verdict.REREAD if digest == wanted else Verdict.RESTART
+        return Verdict.NEW_LOG if offset < at else Verdict.SAME_LOG
+    if expected is not None and offset < expected:
         # Offsets went backwards without eventrun seeking there: the client reset its position
         # because the log no longer holds it.
         return Verdict.NEW_LOG

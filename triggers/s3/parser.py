@@ -5,11 +5,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
-from eventrun.engine.envelope import JSON_DEPTH, Envelope, JSONDecodeError, loads, nests_deeper
+from eventrun.engine.envelope import JSON_DEPTH, Envelope, JSONDecodeError, is_rfc3339, loads, nests_deeper
 from eventrun.engine.errors import InvalidParameter
 from eventrun.engine.manifest import FunctionConfig
 from eventrun.engine.manifest import S3Trigger as S3TriggerConfig
@@ -138,23 +137,13 @@ def parse_record(record: Any, *, where: str = "record") -> S3Event:
         # MinIO's top-level "Key" is already decoded and is deliberately not used.
         key=decode_key(obj["key"]),
         event_name=normalise_event_name(name),
-        time=time if _rfc3339(time) else None,  # (an envelope's time is one: none is better than another)
+        time=time if is_rfc3339(time) else None,  # (an envelope's time is one: none is better than another)
         size=size if isinstance(size, int) and not isinstance(size, bool) else None,
         etag=_text(obj.get("eTag")),
         version_id=_text(obj.get("versionId")),
         sequencer=_text(obj.get("sequencer")),
         record=record,
     )
-
-
-def _rfc3339(value: Any) -> bool:
-    """Whether a notification's eventTime is an RFC 3339 time with its zone."""
-    if not isinstance(value, str) or "T" not in value[:11]:
-        return False
-    try:
-        return datetime.fromisoformat(value).tzinfo is not None
-    except ValueError:
-        return False
 
 
 def _text(value: Any) -> str | None:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_MESSAGES = 10  # the most SQS hands out per receive (and deletes per batch)
+ANSWER_GRACE = 5.0  # seconds past its long poll a receive may take to answer before the queue shows as unreachable
 _NETWORK_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
@@ -123,18 +124,31 @@ class SqsPoller:
 
     async def _poll_once(self) -> None:
         client = await self._connect()
-        response = await self._until_stopped(
-            client.receive_message(
-                QueueUrl=self._queue_url,
-                WaitTimeSeconds=self._wait,
-                MaxNumberOfMessages=MAX_MESSAGES,
-            )
-        )
+        response = await self._until_stopped(self._receive(client))
         self._set_state("polling")
         messages = response.get("Messages") or []
         if messages:
             # Not interruptible by stop(): a received batch is accepted and deleted as a whole.
             await self._handle(client, messages)
+
+    async def _receive(self, client: Any) -> dict[str, Any]:
+        """One long poll. A queue that does not answer it in time shows as unreachable while it
+        is still waited for: the client gives up only after its read timeout, twice."""
+        receive = asyncio.ensure_future(
+            client.receive_message(QueueUrl=self._queue_url, WaitTimeSeconds=self._wait, MaxNumberOfMessages=MAX_MESSAGES)
+        )
+        try:
+            late = self._wait + ANSWER_GRACE
+            done, _ = await asyncio.wait({receive}, timeout=late)
+            if not done:
+                why = f"no answer to a receive in {late:g}s (its long poll is {self._wait}s)"
+                self._set_state(f"unreachable: {why}", retrying=False)
+            return await receive  # type: ignore[no-any-return]
+        finally:
+            if not receive.done():
+                receive.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await receive
 
     async def _handle(self, client: Any, messages: list[dict[str, Any]]) -> None:
         records: list[dict[str, Any]] = []
@@ -215,11 +229,12 @@ class SqsPoller:
             except Exception:
                 logger.debug("closing the SQS client failed", exc_info=True)
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: str, *, retrying: bool = True) -> None:
         if state == self.state:
             return
         if state.startswith(("unreachable", "failing")):
-            logger.warning("SQS %s: %s; retrying with backoff", self._queue_url, state)
+            then = "retrying with backoff" if retrying else "still waiting for it"
+            logger.warning("SQS %s: %s; %s", self._queue_url, state, then)
         else:
             logger.info("SQS %s: %s", self._queue_url, state)
         self.state = state
