@@ -105,10 +105,13 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
             engine.add_reporter(name, trigger.state)
             engine.add_metrics(trigger.metrics)
         await http.start()
-        stack.push_async_callback(http.close)  # intake stops before the engine's stop begins
         for trigger in wiring.triggers.values():
             await trigger.start()
             stack.push_async_callback(trigger.stop)
+        # Closed first (callbacks go last in, first out): the gateway takes no new connection
+        # while the triggers stop, which may take seconds (a Kafka group rebalancing), and intake
+        # has stopped before the engine's stop begins.
+        stack.push_async_callback(http.close)
         logger.info(
             "eventrun serving %d functions on http://%s:%s (data in %s)",
             len(manifest.functions),

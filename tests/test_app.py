@@ -70,6 +70,53 @@ async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_stil
         await asyncio.wait_for(serving, 60)
 
 
+async def test_a_stop_takes_no_new_connection_while_the_triggers_are_still_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Kafka trigger's stop may take seconds (a rebalance under way): the gateway went on
+    # answering 202 to new invocations meanwhile, as it closed only after the triggers.
+    stopping = asyncio.Event()
+    release = asyncio.Event()
+    real_stop = KafkaTrigger.stop
+
+    async def slow_stop(self: KafkaTrigger) -> None:
+        stopping.set()
+        await release.wait()
+        await real_stop(self)
+
+    monkeypatch.setattr(KafkaTrigger, "stop", slow_stop)
+    port = free_port()
+    manifest = Manifest(
+        server=ServerConfig(port=port, data_dir=tmp_path / "data"),
+        kafka=KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+        functions={
+            "fn": FunctionConfig(handler="f.py:main", triggers=({"type": "kafka", "topic": "orders"},)),
+        },
+    )
+    stop = asyncio.Event()
+    serving = asyncio.create_task(app.run(manifest, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            while True:  # (serving once /healthz answers)
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as reply:
+                        if reply.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "the server never answered"
+                await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(stopping.wait(), 30)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(serving, 60)
+
+
 async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_once(tmp_path: Path) -> None:
     # The listener closes and log followers end first; the runs get shutdown_grace, then end
     # ServerStopped; then each sync caller gets its run as it ended, or as it stands: queued
