@@ -301,10 +301,21 @@ class Checkpointer:
         except OSError:
             return
         if oversized:
+            self._empty_wal(db)
+
+    def _empty_wal(self, db: sqlite3.Connection) -> None:
+        """A checkpoint that empties the WAL, on the commit path; a failure (a full disk) is
+        logged as the thread's are, and the next commit tries again: the writer goes on."""
+        try:
             with self._running:
                 busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if busy:
-                logger.warning("the WAL passed %d bytes and readers kept it from being emptied", self._limit)
+        except sqlite3.Error as exc:
+            self._failing.log(
+                "checkpoint failed (%s); the next commit tries again", exc, exc_info=None if refused(exc) else exc
+            )
+            return
+        if busy:
+            logger.warning("the WAL passed %d bytes and readers kept it from being emptied", self._limit)
 
     def close(self) -> None:
         """Stop the thread (closing the last connection checkpoints what is left)."""

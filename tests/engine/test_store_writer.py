@@ -243,3 +243,28 @@ def test_failing_checkpoints_are_logged_once_a_while_and_once_when_one_goes_thro
         (logging.ERROR, "checkpoint failed (database or disk is full); the next commit tries again", None),
         (logging.WARNING, "checkpoints go through again (49 more failed since the last such line)", None),
     ]
+
+
+def test_a_checkpoint_emptying_an_oversized_wal_that_fails_leaves_the_writer_going(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The checkpoint on the commit path (the WAL past its limit) let SQLite's refusal out of
+    # committed(), which ended the writer process.
+    path = tmp_path / "eventrun.db"
+    db = connect(path)
+    db.executescript(SCHEMA)
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    checkpoints = Checkpointer(path, interval=60, limit=0)  # (every commit finds the WAL oversized)
+    try:
+        db.execute("INSERT INTO state (key, value) VALUES ('k', 'v')")
+        with caplog.at_level(logging.WARNING, logger="eventrun.engine.writer"):
+            for _ in range(3):
+                checkpoints.committed(RefusingConnection())  # type: ignore[arg-type]
+        checkpoints.committed(db)  # and the next one goes through
+        assert Path(f"{path}-wal").stat().st_size == 0, "the WAL was emptied"
+    finally:
+        checkpoints.close()
+        db.close()
+    # (Once a while: the thread's own checkpoints, going through meanwhile, may end a series.)
+    failed = {r.getMessage() for r in caplog.records if "checkpoint failed" in r.getMessage()}
+    assert failed == {"checkpoint failed (database or disk is full); the next commit tries again"}, failed
