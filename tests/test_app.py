@@ -23,29 +23,40 @@ from kafka_service import free_port
 from server_process import ServerProcess, handler
 
 
-async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_still_starting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A trigger's start may wait on the store (the Kafka consumers load their marks); the
-    # listener is open by then, and its first answer must already name the trigger.
-    started = asyncio.Event()
+def held(monkeypatch: pytest.MonkeyPatch, method: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make KafkaTrigger.`method` wait: (entered, release) — set once it is called; set to let it go on."""
+    entered = asyncio.Event()
     release = asyncio.Event()
-    real_start = KafkaTrigger.start
+    real = getattr(KafkaTrigger, method)
 
-    async def slow_start(self: KafkaTrigger) -> None:
-        started.set()
+    async def slow(self: KafkaTrigger) -> None:
+        entered.set()
         await release.wait()
-        await real_start(self)
+        await real(self)
 
-    monkeypatch.setattr(KafkaTrigger, "start", slow_start)
-    port = free_port()
-    manifest = Manifest(
-        server=ServerConfig(port=port, data_dir=tmp_path / "data"),
+    monkeypatch.setattr(KafkaTrigger, method, slow)
+    return entered, release
+
+
+def kafka_manifest(tmp_path: Path) -> Manifest:
+    """One function fed by a Kafka topic, on a broker nobody listens for."""
+    return Manifest(
+        server=ServerConfig(port=free_port(), data_dir=tmp_path / "data"),
         kafka=KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}"),
         functions={
             "fn": FunctionConfig(handler="f.py:main", triggers=({"type": "kafka", "topic": "orders"},)),
         },
     )
+
+
+async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_still_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A trigger's start may wait on the store (the Kafka consumers load their marks); the
+    # listener is open by then, and its first answer must already name the trigger.
+    started, release = held(monkeypatch, "start")
+    manifest = kafka_manifest(tmp_path)
+    port = manifest.server.port
     stop = asyncio.Event()
     serving = asyncio.create_task(app.run(manifest, stop))
     try:
@@ -75,24 +86,9 @@ async def test_a_stop_takes_no_new_connection_while_the_triggers_are_still_stopp
 ) -> None:
     # A Kafka trigger's stop may take seconds (a rebalance under way): the gateway went on
     # answering 202 to new invocations meanwhile, as it closed only after the triggers.
-    stopping = asyncio.Event()
-    release = asyncio.Event()
-    real_stop = KafkaTrigger.stop
-
-    async def slow_stop(self: KafkaTrigger) -> None:
-        stopping.set()
-        await release.wait()
-        await real_stop(self)
-
-    monkeypatch.setattr(KafkaTrigger, "stop", slow_stop)
-    port = free_port()
-    manifest = Manifest(
-        server=ServerConfig(port=port, data_dir=tmp_path / "data"),
-        kafka=KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}"),
-        functions={
-            "fn": FunctionConfig(handler="f.py:main", triggers=({"type": "kafka", "topic": "orders"},)),
-        },
-    )
+    stopping, release = held(monkeypatch, "stop")
+    manifest = kafka_manifest(tmp_path)
+    port = manifest.server.port
     stop = asyncio.Event()
     serving = asyncio.create_task(app.run(manifest, stop))
     try:
