@@ -39,7 +39,7 @@ from .failures import FailureLog
 from .logs import log_lines
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
-from .store import hold_lock
+from .store import HeldLock, hold_lock
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Cluster:
         self.store = store
         self.node_id = store.node_id
         self._data_dir = data_dir
-        self._lock: int | None = None
+        self._lock: HeldLock | None = None
         self.url = url
         self.lease = lease
         self._concurrency = dict(concurrency)
@@ -182,7 +182,7 @@ class Cluster:
             with contextlib.suppress(Exception):
                 await self.store.leave()
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock.release()
             self._lock = None
 
     def _last_start(self) -> str | None:

@@ -160,7 +160,7 @@ class SQLiteStore:
         self._writer: WriterProcess | None = None
         self._reader: sqlite3.Connection | None = None
         self._by_request_id = False  # a store made before runs were keyed by seq (writes.by_request_id)
-        self._lock: int | None = None  # the descriptor holding the store's lock file
+        self._lock: HeldLock | None = None  # the store's data_dir, held
         self._templates: dict[bytes, bytes] = {}  # the templates of Templated envelopes, by key
         self._unstarted = Unstarted()
 
@@ -204,7 +204,7 @@ class SQLiteStore:
             self._reader.close()
             self._reader = None
         if self._lock is not None:
-            os.close(self._lock)  # (which lets go of the lock)
+            self._lock.release()
             self._lock = None
 
     @property
@@ -540,7 +540,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _lock(path: Path) -> int:
+def _lock(path: Path) -> HeldLock:
     """Hold the store's folder for this process: one server at a time runs the store's runs.
 
     A second server on the same data_dir would take the first one's RUNNING runs for left over
@@ -549,41 +549,68 @@ def _lock(path: Path) -> int:
     return hold_lock(path.with_name(f"{path.name}.lock"), f"the store {path}")
 
 
-def hold_lock(lock_path: Path, what: str) -> int:
-    """Hold the folder of `lock_path` for this process, and write the process's id in `lock_path`;
-    StoreError naming the holder if another holds it, or naming the path if the folder cannot be held.
+class HeldLock:
+    """A data_dir held by this process until release(): the folder's own lock and its lock file's."""
 
-    The lock is the folder's own (flock on the folder): `lock_path` only names the holder, so
-    removing it, as a file left over from a stop may invite, frees nothing. The descriptor
-    returned holds the lock until it is closed.
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def hold(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def release(self) -> None:
+        """Let go of the data_dir (closing the descriptors lets go of their locks)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def hold_lock(lock_path: Path, what: str) -> HeldLock:
+    """Hold the folder of `lock_path` for this process, and `lock_path`, writing the process's id
+    in it; StoreError naming the holder if another holds either, or naming the path if it cannot
+    be held.
+
+    The folder's own lock (flock on the folder) cannot be taken away by removing a file, as a
+    lock file left over from a stop may invite; the lock file's is the one eventrun took before
+    (up to 2026-12-06), so that an older server and a newer one on one data_dir (an upgrade
+    while the old one drains) keep each other out as well.
     """
     folder = lock_path.parent
+    held = HeldLock()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        _take(held.hold(_open(folder, os.O_RDONLY | os.O_DIRECTORY, what)), what, lock_path)
+        lock_file = held.hold(_open(lock_path, os.O_RDWR | os.O_CREAT, what))
+        _take(lock_file, what, lock_path)
+        holder = f"{os.getpid()}\n".encode()
+        os.pwrite(lock_file, holder, 0)
+        os.ftruncate(lock_file, len(holder))
     except OSError as exc:
-        raise _unlockable(what, folder, exc) from exc
+        held.release()
+        raise _unlockable(what, lock_path, exc) from exc
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def _open(path: Path, flags: int, what: str) -> int:
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise _unlockable(what, path, exc) from exc
+
+
+def _take(fd: int, what: str, lock_path: Path) -> None:
+    """Lock `fd` for this process; StoreError naming the holder (as `lock_path` has it) if another has it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _write_holder(lock_path)
     except BlockingIOError:
-        os.close(fd)
         raise StoreError(
             f"{what} is in use by another eventrun server{_holder(lock_path)}; "
             "give this one a data_dir of its own, or stop the other"
         ) from None
-    except OSError as exc:
-        os.close(fd)
-        raise _unlockable(what, lock_path, exc) from exc
-    return fd
-
-
-def _write_holder(lock_path: Path) -> None:
-    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def _holder(lock_path: Path) -> str:

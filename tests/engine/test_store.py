@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import pickle
 import sqlite3
@@ -387,6 +388,21 @@ async def test_removing_the_lock_file_leaves_the_store_held(tmp_path: Path) -> N
     finally:
         second.close()
         first.close()
+
+
+def test_a_store_held_by_an_older_eventrun_is_refused(tmp_path: Path) -> None:
+    # eventrun up to 2026-12-06 locked the lock file alone: an upgrade started while the old
+    # server still drained its runs served the same store beside it.
+    lock = os.open(tmp_path / "eventrun.db.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(lock, b"4242\n")
+        store = SQLiteStore(tmp_path / "eventrun.db")
+        with pytest.raises(StoreError, match=r"is in use by another eventrun server \(process 4242\); give this one"):
+            store.open()
+        assert store.writer_pid is None
+    finally:
+        os.close(lock)
 
 
 @pytest.mark.parametrize(
