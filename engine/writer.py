@@ -42,7 +42,7 @@ from typing import Any, Sequence
 from .api import Accepted
 from .errors import StoreError
 from .failures import FailureLog
-from .writes import ALL_NEW, REFUSAL_LOG_EVERY, SCHEMA, Batch, Op, by_request_id, commit, connect, refused
+from .writes import ALL_NEW, REFUSAL_LOG_EVERY, Batch, Op, by_request_id, commit, connect, open_schema, refused
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     """Open the store, then commit queued ops, up to `batch_limit` rows at a time, until told to stop."""
     try:
         db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
-        db.executescript(SCHEMA)
+        open_schema(db)
         keyed_by_request_id = by_request_id(db)
         checkpoints = Checkpointer(path)
     except (OSError, sqlite3.Error) as exc:

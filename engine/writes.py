@@ -229,6 +229,25 @@ END;
 """
 
 
+SCHEMA_VERSION = 1
+"""A store's `PRAGMA user_version`: raised with each change to SCHEMA an older eventrun could
+misread, so that it refuses the store instead (stores made before the stamp read 0)."""
+
+
+def open_schema(db: sqlite3.Connection) -> None:
+    """Make the store's tables (those it lacks) and stamp it with SCHEMA_VERSION; a store a newer
+    eventrun stamped is refused (sqlite3.DatabaseError) before anything is written to it."""
+    (found,) = db.execute("PRAGMA user_version").fetchone()
+    if found > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"it was written by a newer eventrun (schema version {found}; this one knows {SCHEMA_VERSION}):"
+            " run that eventrun or a newer one"
+        )
+    db.executescript(SCHEMA)
+    if found < SCHEMA_VERSION:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def connect(path: Path, **options: Any) -> sqlite3.Connection:
     """A connection to the store with its durability settings."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, **options)

@@ -18,7 +18,7 @@ from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, request_seq, template_key, template_prefix
 from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
 from eventrun.engine.store import Batch, NewInvocation, SQLiteStore, Unstarted
-from eventrun.engine.writes import SCHEMA, by_request_id
+from eventrun.engine.writes import SCHEMA, SCHEMA_VERSION, by_request_id
 
 
 def row(event_id: str, *, function: str = "f", source: str = "/http/f") -> NewInvocation:
@@ -605,3 +605,21 @@ async def test_runs_that_ended_before_a_time_are_pruned_with_their_links(store: 
     assert await store.get(late.request_id) is not None, "a run that ended after the time stays"
     assert await store.links(late.request_id) == (None, []), "the link to a pruned run goes with it"
     assert await store.prune(cutoff) == []
+
+
+def test_a_store_is_stamped_with_its_schema_version_and_one_a_newer_eventrun_stamped_is_refused(tmp_path: Path) -> None:
+    # A store carried no version: an older eventrun opened whatever a newer one had written.
+    path = tmp_path / "eventrun.db"
+    store = SQLiteStore(path)
+    store.open()
+    store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    finally:
+        db.close()
+    newer = SQLiteStore(path)
+    with pytest.raises(StoreError, match=rf"written by a newer eventrun \(schema version {SCHEMA_VERSION + 1}; this one knows {SCHEMA_VERSION}\)"):
+        newer.open()
+    assert newer.writer_pid is None
