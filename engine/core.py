@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Seque
 
 from .api import SERVER_STOPPED, Accepted, Invocation, Status
 from .dispatcher import Dispatcher
-from .envelope import AnyEnvelope, Envelope, Templated, TemplatedBatch, dumps, loads, now_rfc3339, request_ids, stored_many
+from .envelope import (
+    AnyEnvelope, Envelope, Templated, TemplatedBatch, dumps, loads, now_rfc3339, request_ids, rfc3339_at, stored_many,
+)
 from .errors import (
     FunctionNotFound, InvalidParameter, InvocationActive, InvocationEnded, InvocationNotFound, ShuttingDown, StoreError,
     Throttled,
@@ -109,8 +111,8 @@ def _rows(envelopes: Sequence[AnyEnvelope]) -> Batch | list[NewInvocation]:
     by column; others as plain tuples in NewInvocation's field order: the store takes either,
     and a plain tuple is made without a call (and pickled to the writer without one).
     """
-    now = now_rfc3339()
     first, ids = request_ids(len(envelopes))
+    now = rfc3339_at(first >> 12)  # (the RequestId's millisecond, which list's since/until go by)
     if envelopes.__class__ is TemplatedBatch:  # the columns as they are
         batch: TemplatedBatch = envelopes  # type: ignore[assignment]
         return Batch(batch.function, batch.source, batch.trigger, now, first, ids, batch.ids, batch.stored)
@@ -636,7 +638,7 @@ class Engine:
         # Its own dedupe key: the envelope (and the id in it) stays the event it was.
         row = NewInvocation(
             new_id, original.function, loads(envelope)["source"], f"replay:{new_id}", original.trigger,
-            now_rfc3339(), envelope, first,
+            rfc3339_at(first >> 12), envelope, first,
         )
         if request_id in self._unsent:
             self._send_behind()  # the original's record goes first
@@ -1048,7 +1050,9 @@ class Engine:
         until the store has it (or the server stops, and the run then ends ServerStopped).
 
         `queued_only` (terminating a run no node has claimed) is tried once: its caller is told.
+        The end's time is when it came, however long the store took to take it.
         """
+        ended_at = now_rfc3339()
         refusals = 0
         while True:
             try:
@@ -1057,7 +1061,7 @@ class Engine:
                 recorded = await self.store.finish(
                     request_id,
                     outcome.status,
-                    now_rfc3339(),
+                    ended_at,
                     result=outcome.result,
                     error_type=outcome.error_type,
                     error_message=outcome.error_message,

@@ -26,9 +26,13 @@ _clock: list[Any] = [-1, "", -1, ""]  # the last millisecond formatted and its t
 
 def now_rfc3339() -> str:
     """The current UTC time as an RFC 3339 string with milliseconds."""
+    return rfc3339_at(int(time.time() * 1000))
+
+
+def rfc3339_at(millis: int) -> str:
+    """A time in Unix milliseconds as an RFC 3339 string (UTC, with milliseconds)."""
     # Every acceptance, start and end stamps a time: the date and time of day are formatted once
     # a second, the milliseconds added once a millisecond.
-    millis = int(time.time() * 1000)
     if millis != _clock[0]:
         second, ms = divmod(millis, 1000)
         if second != _clock[2]:

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 _COLUMNS = f"{COLUMNS}, seq"
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 # A run's weight in a page of a list. length() of a BLOB reads the record's header, not the BLOB.
-_SIZE = "coalesce(length(result), 0) + coalesce(length(error_message), 0)"
-_SIZE_WITHOUT_RESULT = "coalesce(length(error_message), 0)"
+# Bytes, as PostgreSQL counts them (length() of TEXT counts characters; of a BLOB, bytes).
+_SIZE_WITHOUT_RESULT = "coalesce(length(CAST(error_message AS BLOB)), 0)"
+_SIZE = f"coalesce(length(result), 0) + {_SIZE_WITHOUT_RESULT}"
 
 
 class InvocationStore(Protocol):

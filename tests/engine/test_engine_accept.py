@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
 
+from eventrun.engine import envelope
 from eventrun.engine.core import Engine
 from eventrun.engine.envelope import Envelope, Templated, TemplatedBatch, encode, expand, template_prefix
 from eventrun.engine.store import SQLiteStore
@@ -97,3 +99,22 @@ async def test_a_batch_of_templated_envelopes_by_column_is_accepted_as_each_woul
     assert [(a.request_id, a.created) for a in again[:3]] == [(a.request_id, False) for a in answers]
     assert [a.created for a in again[3:]] == [True, True]
     assert await rows(engine, "SELECT count(*) FROM invocations") == [(5,)]
+
+
+async def test_a_run_is_created_in_the_millisecond_of_its_request_id(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CreatedAt was read from the clock apart from the RequestId: a millisecond turning between
+    # the two put a run outside the since/until (which go by RequestIds) of its own CreatedAt.
+    clock = [1_800_000_000_000_000_000]  # ns; a millisecond goes by at each reading
+
+    def tick_ns() -> int:
+        clock[0] += 1_000_000
+        return clock[0]
+
+    monkeypatch.setattr(envelope.time, "time_ns", tick_ns)
+    monkeypatch.setattr(envelope.time, "time", lambda: tick_ns() / 1e9)
+    answers = [*await engine.accept_batch([event("a", "1"), event("b", "2")]), *await engine.accept_batch([event("a", "3")])]
+    monkeypatch.undo()
+    for answer in answers:
+        run = await engine.get(answer.request_id)
+        created_ms = datetime.fromisoformat(run.created_at).timestamp() * 1000
+        assert round(created_ms) == int(answer.request_id.replace("-", "")[:12], 16), (run.created_at, answer.request_id)

@@ -156,10 +156,12 @@ async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
 
     monkeypatch.setattr(engine._refused_ends, "every", 0.25)
     refusals: dict[str, int] = {}
+    ended_at: dict[str, set[object]] = {}  # the end's time each try gave
     real = engine.store.finish
 
     async def refusing(request_id: str, *args: object, **kwargs: object) -> bool:
         refusals[request_id] = refusals.get(request_id, 0) + 1
+        ended_at.setdefault(request_id, set()).add(args[1])
         if refusals[request_id] <= 3:  # 0.1 + 0.2 + 0.4 s of retries for each run
             raise StoreError("the store refused the write (database or disk is full)")
         return await real(request_id, *args, **kwargs)
@@ -170,6 +172,8 @@ async def test_ends_the_store_refuses_are_logged_once_a_while_not_each_try(
         answers = await asyncio.gather(*(engine.call(call(n)) for n in range(6)))
     assert [a.status for a in answers] == [Status.FINISHED] * 6
     assert sorted(refusals.values()) == [4] * 6
+    # The end is recorded at its time, not the time the store took it (a second later).
+    assert all(len(times) == 1 for times in ended_at.values()), ended_at
     lines = [r.getMessage() for r in caplog.records if "the store refused the end of run" in r.getMessage()]
     assert 1 <= len(lines) <= 6, lines  # 18 refusals over about 0.7 s: a line at most every 0.25 s
     assert any("more refused since the last such line" in line for line in lines), lines

@@ -232,6 +232,18 @@ async def test_a_page_without_results_neither_reads_nor_counts_them(store: SQLit
     assert [i.request_id for i in page] == ids[3:5] and cursor is None
 
 
+async def test_a_page_budget_counts_an_error_message_in_bytes(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite counted a message's characters: pages of 4-byte characters went far past 8 MiB.
+    rows = [row(f"e{i}") for i in range(2)]
+    await store.accept(rows)
+    for new in rows:
+        await store.finish(new.request_id, Status.FAILED, now_rfc3339(), error_type="E", error_message="\U0001f600" * 200)
+    monkeypatch.setattr(store, "page_bytes", 1000)  # 200 characters, 800 bytes a message: one a page
+    for results in (True, False):
+        page, cursor = await store.list(limit=5, results=results)
+        assert len(page) == 1 and cursor is not None, (results, len(page))
+
+
 async def test_sqlite_reads_no_result_for_a_page_without_results(sqlite_store: SQLiteStore) -> None:
     store = sqlite_store
     new = row("e1")
