@@ -150,6 +150,85 @@ async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
     return bool(await count() >= n)
 
 
+@pytest.mark.timeout(300)
+async def test_a_kafka_log_that_started_over_keeps_its_epoch_when_a_partition_moves_or_a_node_restarts(
+    cluster: Cluster, kafka: KafkaService  # noqa: F811
+) -> None:
+    # Each node wrote the topic's marks as one row holding its own partitions only, and read it
+    # only at its start: a partition that moved (a node stopped, or came back) went on in the new
+    # log under no epoch, with the ids of the old log's runs, and its records never ran.
+    if not kafka.can_restart:
+        pytest.skip("needs a broker this test may stop (Tansu), not EVENTRUN_TEST_KAFKA")
+    topic = await kafka.create_topic(unique("again"), partitions=2)
+    trigger = {"type": "kafka", "topic": topic, "group_id": unique("group"), "starting_position": "earliest"}
+    functions = {"fn": {"handler": handler("kafka_id"), "concurrency": 4, "triggers": [trigger]}}
+    nodes = cluster.start(functions, n=2, kafka={"bootstrap_servers": kafka.bootstrap})
+    consumer = f"fn:{topic}"
+    expected: set[str] = set()
+
+    async def partitions(among: list[ServerProcess]) -> dict[str, list[int]]:
+        return {node_id(n): (await health(cluster, n))["Triggers"]["kafka"][consumer]["Partitions"] for n in among}
+
+    async def split(among: list[ServerProcess]) -> dict[str, list[int]]:
+        async def each_one() -> dict[str, list[int]] | None:
+            held = await partitions(among)
+            every = sorted(p for ps in held.values() for p in ps)
+            return held if every == [0, 1] and all(len(ps) == 2 // len(among) for ps in held.values()) else None
+
+        try:
+            return await poll_until(each_one, 60, "", interval=0.2)  # type: ignore[no-any-return]
+        except AssertionError:
+            raise AssertionError(f"the partitions never went one node each: {await partitions(among)}") from None
+
+    async def produce(wave: str, count: int, epoch: str = "-1") -> None:
+        sent = await kafka.produce_json(topic, [{wave: i} for i in range(count)], partitions=2)
+        expected.update(f"{p}-{o}{epoch}" for p, o in sent)
+
+    async def every_record_ran_once() -> None:
+        async def all_there() -> bool:
+            rows = await cluster.runs("SELECT convert_from(event_id, 'UTF8'), status FROM invocations WHERE function = 'fn'")
+            return {r[0] for r in rows} >= expected and all(r[1] in ENDED for r in rows)
+
+        try:
+            await poll_until(all_there, 40, "", interval=0.25)
+        except AssertionError:
+            pass  # told below: which records
+        rows = await all_ended(cluster, "fn", 0, 20)
+        ids = Counter(r["event_id"] for r in rows)
+        missing = sorted(expected - set(ids))
+        assert not missing, f"{len(missing)} records never ran: {missing}; ran: {sorted(ids)}"
+        assert set(ids) == expected and max(ids.values()) == 1, ids
+        assert all(r["status"] == "FINISHED" for r in rows), [dict(r) for r in rows if r["status"] != "FINISHED"]
+
+    await split(nodes)
+    await produce("old", 10, epoch="")  # offsets 0-4 of each partition
+    await every_record_ran_once()
+
+    # The broker loses its logs; the topic is made again. Each node finds its partition's log
+    # started over, and reads it under epoch 1.
+    kafka.stop_broker()
+    await kafka.start_broker()
+    await kafka.create_topic(topic, partitions=2)
+    await split(nodes)
+    await produce("new", 2)  # offset 0 of each partition
+    await every_record_ran_once()
+    await split(nodes)  # (each node read its own partition's new log)
+
+    # One node stops; the other takes its partition over, where the new log stands.
+    victim, survivor = nodes
+    assert victim.stop() == 0, victim.log_text()
+    await split([survivor])
+    await produce("moved", 4)  # offsets 1-2 of each partition: without the epoch, ids of old runs
+    await every_record_ran_once()
+
+    # It comes back and is given a partition again.
+    victim.restart()
+    await split(nodes)
+    await produce("back", 4)  # offsets 3-4 of each partition
+    await every_record_ran_once()
+    assert len(expected) == 10 + 2 + 4 + 4
+
+
 # --------------------------------------------------------------------------- timer
 
 

@@ -650,10 +650,15 @@ def test_marks_round_trip_and_count_epochs() -> None:
     marks.started = True
     marks.advance(0, 10, "ab")
     assert marks.new_epoch(1) == 1
+    assert marks.changed == {0, 1}
+    # The start and each partition's mark are written apart (see Partitions).
     again = Marks(marks.dumps())
-    assert again.started
+    assert again.started and again.get(0) is None
+    for p in (0, 1):
+        again.adopt(p, Mark.loads(marks.get(p).dumps()))  # type: ignore[union-attr]
     assert again.get(0) == Mark(10, "ab", 0)
     assert again.get(1) == Mark(0, None, 1)
+    assert again.changed == set()
     again.advance(1, 5, "cd")
     assert again.epoch(1) == 1
     again.latest = {2: Mark(7, "ef"), 0: Mark(3, None)}
@@ -661,6 +666,23 @@ def test_marks_round_trip_and_count_epochs() -> None:
     assert Marks('{"started": true, "partitions": {}}').latest == {}  # written before "latest" was kept
     # Written before the fingerprints were kept: no record to check the log by.
     assert Marks('{"started": true, "partitions": {}, "latest": {"1": 4}}').latest == {1: Mark(4, None)}
+    # The one text an earlier eventrun kept, marks included, still reads.
+    before = Marks('{"started": true, "partitions": {"0": [10, "ab", 0], "1": [5, null, 2]}}')
+    assert before.get(0) == Mark(10, "ab", 0) and before.get(1) == Mark(5, None, 2) and before.changed == set()
+
+
+def test_a_stored_mark_is_taken_unless_this_server_counted_a_later_epoch() -> None:
+    marks = Marks(None)
+    marks.advance(0, 10, "ab")
+    marks.adopt(0, None)  # nothing written down: this server's mark stands
+    assert marks.get(0) == Mark(10, "ab", 0) and marks.changed == {0}
+    marks.adopt(0, Mark(4, "cd", 1))  # another server went on, and found the log started over
+    assert marks.get(0) == Mark(4, "cd", 1) and marks.changed == set()
+    marks.adopt(0, Mark(2, "ef", 1))  # also an older position of the same epoch (an offset reset, say)
+    assert marks.get(0) == Mark(2, "ef", 1)
+    marks.new_epoch(0)  # the store could not take this one: its ids are in use already
+    marks.adopt(0, Mark(30, "gh", 1))
+    assert marks.get(0) == Mark(0, None, 2)
 
 
 # --------------------------------------------------------------------------- the trigger
@@ -771,6 +793,7 @@ async def test_marks_the_store_cannot_take_are_logged_once_and_their_recovery_on
 
     engine = Down()
     parts = Partitions(engine, name="f:orders", topic="orders", state_key="k", mark_interval=60)
+    parts.marks.advance(0, 3, "ab")
     with caplog.at_level(logging.WARNING, logger="eventrun.triggers.kafka.partitions"):
         for _ in range(4):
             await parts.save_marks(force=True)
@@ -780,7 +803,7 @@ async def test_marks_the_store_cannot_take_are_logged_once_and_their_recovery_on
         "kafka f:orders: the partition marks are written down again (2 more failed since the last such line)",
     ]
     assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"
-    assert "k" in engine.state
+    assert Mark.loads(engine.state["k:0"]) == Mark(3, "ab", 0) and "k:start" in engine.state
 
 
 def hand_off_to(engine: FakeEngine) -> tuple[HandOff, Partitions]:
@@ -939,7 +962,7 @@ async def test_a_log_that_ends_before_the_position_is_read_again_under_a_new_epo
     assert parts.pending == {p0} and client.paused == {p0}
     assert parts.marks.get(0) == Mark(0, None, 1)
     assert "started over (its log ends at offset 3, before offset 10" in caplog.text
-    assert Marks(engine.state["kafka:g:orders"]).get(0) == Mark(0, None, 1)  # written down before any new id is used
+    assert Mark.loads(engine.state["kafka:g:orders:0"]) == Mark(0, None, 1)  # written down before any new id is used
     # Decided again, it starts at the new log's beginning, though the group has the old offset.
     assert decide(parts.marks.get(0), 10, 0, started=True).offset == 0
     # Fetched just now, a partition is left alone; so is one whose start is being decided.
@@ -947,3 +970,115 @@ async def test_a_log_that_ends_before_the_position_is_read_again_under_a_new_epo
     parts.expected[0] = 10
     await consumer._notice_new_logs(client, {p0: []})  # type: ignore[arg-type]
     assert parts.pending == set() and parts.marks.epoch(0) == 1
+
+
+class GroupMember:
+    """What TopicConsumer asks of its client when partitions are assigned: committed offsets, seeks."""
+
+    def __init__(self, committed: dict[TopicPartition, int]) -> None:
+        self.committed_offsets = committed
+        self.held: set[TopicPartition] = set()
+        self.sought: dict[TopicPartition, int] = {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        pass
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought[tp] = offset
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.committed_offsets.get(tp)
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in tps}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed_offsets.update(offsets)
+
+    async def stop(self) -> None:
+        self.held = set()  # left the group
+
+
+async def test_partition_marks_go_with_their_partition_to_another_server() -> None:
+    # Two servers on one store kept the topic's marks in one row, each writing its own view
+    # (so each wiped the other's partitions), and read it only at their start: a partition that
+    # moved went on under the old log's ids (no epoch), those of runs that already ran.
+    engine = FakeEngine()
+    settings = Settings(bootstrap_servers="b", mark_interval=60)
+
+    def server() -> TopicConsumer:
+        return TopicConsumer(engine, function="f", topic="orders", group_id="g", starting_position="earliest", settings=settings)
+
+    p0, p1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
+    committed = {p0: 8, p1: 8}  # the group's offsets, in the old logs
+    a, b = server(), server()
+    clients = {a: GroupMember(committed), b: GroupMember(committed)}
+
+    async def assign(consumer: TopicConsumer, *tps: TopicPartition) -> None:
+        client = clients[consumer]
+        client.held = set(tps)
+        consumer._assigned(client, set(tps))  # type: ignore[arg-type]
+        await consumer._position(client)  # type: ignore[arg-type]
+
+    async def revoke(consumer: TopicConsumer) -> None:
+        client = clients[consumer]
+        await consumer._revoked(client, client.held)  # type: ignore[arg-type]
+        client.held = set()
+
+    for consumer in (a, b):
+        await consumer._parts.load_marks()
+    await assign(a, p0, p1)  # a joins first, with both partitions
+    a._parts.marks.advance(0, 8, "a7")
+    a._parts.marks.advance(1, 8, "b7")
+    await revoke(a)
+    await assign(a, p0)  # b joins
+    await assign(b, p1)
+    assert b._parts.marks.get(1) == Mark(8, "b7", 0)
+    # Both logs start over; each server counts a new epoch for its partition and reads the new log.
+    for consumer, p in ((a, 0), (b, 1)):
+        consumer._parts.new_epoch(p, "a test")
+        await consumer._parts.save_marks(force=True)
+        consumer._parts.marks.advance(p, 2, f"new{p}")
+        committed[TopicPartition("orders", p)] = 2
+        await consumer._parts.save_marks()  # within the mark interval: not written yet
+    assert Mark.loads(engine.state["kafka:g:orders:0"]).epoch == 1, "b's save wiped a's partition"
+    assert Mark.loads(engine.state["kafka:g:orders:1"]).epoch == 1, "a's save wiped b's partition"
+    # b stops: a is assigned both, and reads partition 1 where b left it, in the new log's epoch.
+    await b._close(clients[b])  # type: ignore[arg-type]
+    await revoke(a)
+    await assign(a, p0, p1)
+    assert a._parts.marks.get(1) == Mark(2, "new1", 1)
+    assert clients[a].sought == {p0: 1, p1: 1}  # each checking its last record read, in the new log
+    assert a._parts.verify == {0: (1, "new0"), 1: (1, "new1")}
+    # A server started anew (b again) finds every partition's mark, whichever server wrote it.
+    a._parts.marks.advance(1, 5, "new1-4")
+    committed[p1] = 5
+    await revoke(a)
+    await assign(a, p0)
+    b = server()
+    clients[b] = GroupMember(committed)
+    await b._parts.load_marks()
+    await assign(b, p1)
+    assert b._parts.marks.get(1) == Mark(5, "new1-4", 1) and clients[b].sought == {p1: 4}
+    assert "kafka:g:orders" not in engine.state  # the row an earlier eventrun kept for all partitions
+
+
+async def test_marks_an_earlier_eventrun_kept_in_one_row_still_count() -> None:
+    engine = FakeEngine()
+    engine.state["kafka:g:orders"] = '{"started": true, "partitions": {"0": [8, "a7", 1], "1": [3, "b2", 0]}}'
+    engine.state["kafka:g:orders:1"] = Mark(6, "b5", 0).dumps()  # written since, by this eventrun
+    settings = Settings(bootstrap_servers="b")
+    consumer = TopicConsumer(engine, function="f", topic="orders", group_id="g", starting_position="latest", settings=settings)
+    p0, p1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
+    client = GroupMember({p0: 8, p1: 6})
+    client.held = {p0, p1}
+    await consumer._parts.load_marks()
+    assert consumer._parts.marks.started  # "latest" is not looked up again
+    consumer._assigned(client, {p0, p1})  # type: ignore[arg-type]
+    await consumer._position(client)  # type: ignore[arg-type]
+    assert consumer._parts.marks.get(0) == Mark(8, "a7", 1) and consumer._parts.marks.get(1) == Mark(6, "b5", 0)
+    assert client.sought == {p0: 7, p1: 5}
+    assert engine.state["kafka:g:orders:start"] == '{"started":true}'

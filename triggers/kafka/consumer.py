@@ -156,7 +156,6 @@ class TopicConsumer:
                 await self._close(consumer)
             await sleep_unless(self._stopping, backoff)
             backoff = min(backoff * 2, self._settings.backoff_max)
-        await self._parts.save_marks(force=True)
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         self._parts.reset()
@@ -252,12 +251,15 @@ class TopicConsumer:
                 await self._handoff.commit(consumer)
             self._handoff.uncommitted.clear()
             self._parts.pending -= revoked
-        await self._parts.save_marks(force=True)
+        # Written down before the partitions move: their next holder reads their marks (and
+        # epochs) from the store, here or on another server.
+        await self._parts.release(tp.partition for tp in revoked)
 
     def _assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
         # Paused at once: nothing is read from a partition before its start is decided.
         self._parts.generation += 1
         self._parts.pending = set(assigned)
+        self._parts.reload = {tp.partition for tp in assigned}  # another server may have moved them on
         self._parts.assignment = frozenset(assigned)
         if assigned:
             consumer.pause(*assigned)
@@ -271,6 +273,9 @@ class TopicConsumer:
         if not partitions:
             parts.pending.clear()
             return
+        # Only after a rebalance: decided again after an outage or a new log, a partition stayed
+        # here, and the marks this consumer holds are newer than the ones written down.
+        await parts.reload_marks(tp.partition for tp in partitions if tp.partition in parts.reload)
         try:
             committed = {tp: await self._broker(consumer.committed(tp)) for tp in partitions}
             beginning = await self._broker(consumer.beginning_offsets(partitions))
@@ -280,6 +285,7 @@ class TopicConsumer:
             return
         if generation != parts.generation:
             return  # a rebalance came in between: decide again for the new assignment
+        parts.reload.difference_update(tp.partition for tp in partitions)
         pins: dict[TopicPartition, int] = {}
         marks = parts.marks
         for tp in partitions:
@@ -328,6 +334,9 @@ class TopicConsumer:
         if self._handoff.uncommitted:
             async with self._handoff.lock:
                 await self._handoff.commit(consumer)
+        # The last batch's marks, which the hand-off's saves (once per mark interval) may have left
+        # unwritten: should this server die, the next holder of its partitions checks by them.
+        await self._parts.save_marks()
         if not self._health.probe_due(self._settings.probe_interval):
             return
         # The client retries quietly while the broker is away; ask it something to know.
@@ -378,5 +387,8 @@ class TopicConsumer:
         if self._handoff.uncommitted and self._health.connection == "connected":
             async with self._handoff.lock:
                 await self._handoff.commit(consumer)
+        # Before leaving the group (which gives the partitions to others at once, with no
+        # revocation here), as when they are revoked.
+        await self._parts.release()
         await stop_client(consumer, self._settings.client_stop_timeout)
         self._parts.assignment = frozenset()

@@ -4,11 +4,12 @@ The dedupe key of a record is its (partition, offset). That holds for the life o
 topic is deleted and created again, or a broker loses its data (Tansu's memory store on restart),
 offsets start again at 0 and new records would look like ones eventrun already accepted. So each
 trigger remembers, per partition, the offset after the last record it accepted and a fingerprint
-of that record ("marks", in the engine's durable state). Offsets going backwards under the
-consumer (the client fell back to the oldest record because the log no longer holds the
-position), a log that ends before the position (see TopicConsumer._notice_new_logs) or a
-different record at a marked offset mean a new log: the partition gets a new epoch, and its ids
-become "{partition}-{offset}-{epoch}", so nothing of the new log is taken for a duplicate.
+of that record ("marks", in the engine's durable state, one row per partition: see Partitions).
+Offsets going backwards under the consumer (the client fell back to the oldest record because
+the log no longer holds the position), a log that ends before the position (see
+TopicConsumer._notice_new_logs) or a different record at a marked offset mean a new log: the
+partition gets a new epoch, and its ids become "{partition}-{offset}-{epoch}", so nothing of the
+new log is taken for a duplicate.
 """
 
 from __future__ import annotations
@@ -28,16 +29,33 @@ class Mark:
     fingerprint: str | None  # None: nothing to check the log by (no record before `next`, or none taken)
     epoch: int = 0
 
+    def dumps(self) -> str:
+        """The mark as the JSON text the engine stores for its partition."""
+        return dumps([self.next, self.fingerprint, self.epoch]).decode()
+
+    @classmethod
+    def loads(cls, raw: str) -> Mark:
+        """A mark from the text dumps() gives."""
+        next_offset, digest, epoch = loads(raw)
+        return cls(int(next_offset), digest, int(epoch))
+
 
 class Marks:
-    """The marks of one trigger (one topic and group), as kept in the engine's state table."""
+    """The marks of one trigger (one topic and group): how it started, and one mark per partition.
 
-    def __init__(self, raw: str | None) -> None:
+    The engine's state keeps the start (`dumps()`) apart from each partition's mark
+    (`Mark.dumps()`), so servers sharing a store, each holding some of the partitions, never
+    write over each other's marks (see Partitions).
+    """
+
+    def __init__(self, raw: str | None = None) -> None:
+        """From the start's text, or from the one text an earlier eventrun kept, marks included."""
         self.started = False
         # Where "latest" put each partition at the trigger's first start (with the fingerprint
         # of the record before that position), until the group has an offset there: the group
         # may assign the partitions only seconds later.
         self.latest: dict[int, Mark] = {}
+        self.changed: set[int] = set()  # partitions whose marks changed since they were written down
         self._marks: dict[int, Mark] = {}
         if raw:
             document: dict[str, Any] = loads(raw)
@@ -62,17 +80,31 @@ class Marks:
     def advance(self, partition: int, next_offset: int, digest: str | None) -> None:
         """Records up to `next_offset` were accepted; the last one has `digest`."""
         self._marks[partition] = Mark(next_offset, digest, self.epoch(partition))
+        self.changed.add(partition)
 
     def new_epoch(self, partition: int) -> int:
         """The partition's log started over: count a new epoch and forget the old position."""
         epoch = self.epoch(partition) + 1
         self._marks[partition] = Mark(0, None, epoch)
+        self.changed.add(partition)
         return epoch
 
+    def adopt(self, partition: int, stored: Mark | None) -> None:
+        """Take the partition's mark as the store has it: whoever held the partition last wrote it there.
+
+        Kept instead: a mark of a later epoch than the stored one (this server's new epoch, which
+        the store could not take), or any mark when the store has none (written by an earlier
+        eventrun, or never).
+        """
+        mine = self._marks.get(partition)
+        if stored is None or (mine is not None and mine.epoch > stored.epoch):
+            return
+        self._marks[partition] = stored
+        self.changed.discard(partition)
+
     def dumps(self) -> str:
-        """The marks as the JSON text the engine stores."""
-        partitions = {str(p): [m.next, m.fingerprint, m.epoch] for p, m in sorted(self._marks.items())}
-        document: dict[str, Any] = {"started": self.started, "partitions": partitions}
+        """The trigger's start (whether it started, where "latest" put each partition) as the engine stores it."""
+        document: dict[str, Any] = {"started": self.started}
         if self.latest:
             # (Two maps rather than one of pairs: an earlier eventrun still reads the offsets.)
             document["latest"] = {str(p): mark.next for p, mark in sorted(self.latest.items())}
