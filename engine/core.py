@@ -1120,4 +1120,4 @@ class Engine:
 
     def _note(self, request_id: str, line: str) -> None:
         """A line from eventrun itself in the run's log."""
-        self.logs.write(request_id, [line])
+        self.logs.note(request_id, line)

@@ -34,6 +34,7 @@ READ_CHUNK = 64 * 1024
 MAX_LINE = 64 * 1024  # longer lines are split, so one line never holds unbounded memory
 AFTER_EXIT = 1.0  # seconds to read what a process wrote before it ended, for its outcome
 OUTSIDE_RUNS = 64 * 1024  # bytes of output between runs shown in the server's log (each time)
+PARTIAL_LINE_WAIT = 0.5  # seconds output waits for its line feed; then it is logged as it is (a progress bar's)
 
 LineSink = Callable[[list[str]], None]
 
@@ -80,6 +81,9 @@ class Instance:
         self._outcome: asyncio.Future[dict[str, Any]] | None = None
         self._budget = OUTSIDE_RUNS  # bytes of output still passed on; past it, only frames are looked for
         self._pending = b""  # output after its last full line
+        self._since = 0.0  # when what waits in _pending began to wait (time.monotonic())
+        self._flush: asyncio.TimerHandle | None = None  # logs it once it has waited PARTIAL_LINE_WAIT
+        self._logged_early = False  # the line in _pending began with output logged before its line feed
         self._pump: asyncio.Task[None] | None = None  # (held, so that the task is not collected)
         if isinstance(process, SpawnedProcess):
             self._output = process.stdout
@@ -298,7 +302,8 @@ class Instance:
             self._output.connection_lost(None)
 
     def _feed(self, data: bytes) -> None:
-        """Output as it arrives: whole lines to the run's log, the outcome frame to the run."""
+        """Output as it arrives: whole lines to the run's log, the outcome frame to the run, and
+        the start of a line that waits for its line feed once it has waited PARTIAL_LINE_WAIT."""
         mark = self._mark
         if self._pending:
             data = self._pending + data
@@ -314,13 +319,46 @@ class Instance:
         if len(pending) > MAX_LINE + len(mark) - 1:
             pending = _cut(pending, lines, mark)
         self._pending = pending
+        if pending:
+            self._wait_for_line_end(new=bool(lines))
         if lines:
+            if self._logged_early:
+                self._logged_early = False
+                if not lines[0]:  # (the line feed of a line logged before it: no empty line of its own)
+                    del lines[0]
             self._route(lines)
+
+    def _wait_for_line_end(self, *, new: bool) -> None:
+        """Output waits in _pending for its line feed: log it as it is should it wait PARTIAL_LINE_WAIT.
+        `new`: it began in the output just read (a line ended before it)."""
+        if self._flush is None:
+            self._since = time.monotonic()
+            self._flush = asyncio.get_running_loop().call_later(PARTIAL_LINE_WAIT, self._log_waiting)
+        elif new:
+            self._since = time.monotonic()
+
+    def _log_waiting(self) -> None:
+        """Log the output that has waited PARTIAL_LINE_WAIT for its line feed as a line, as it is
+        (the rest of its line comes as another): a progress bar is seen while it runs."""
+        self._flush = None
+        left = self._since + PARTIAL_LINE_WAIT - time.monotonic()
+        if left > 0:  # (what waits began after the timer was set, as a line ended meanwhile)
+            self._flush = asyncio.get_running_loop().call_later(left, self._log_waiting)
+            return
+        pending = self._pending
+        ready = _ready_output(pending, self._mark) if self._budget > 0 else 0
+        if ready:
+            self._pending = pending[ready:]
+            self._logged_early = True
+            self._route([pending[:ready]])
 
     def _ended(self) -> None:
         """The output pipe's end: what is left of it is passed on, and a run still waiting has died."""
         if isinstance(self.process, SpawnedProcess):
             self.process.close_pipes()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         pending, self._pending = self._pending, b""
         if pending and self._budget > 0:
             self._route([pending])
@@ -435,6 +473,31 @@ def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:
         lines.append(pending[:at])
         pending = pending[at:]
     return pending
+
+
+def _ready_output(pending: bytes, mark: bytes) -> int:
+    """How many bytes of a line's start may be logged before its line feed: those before a
+    frame's mark (or bytes that may begin one), and not into a character not all come yet."""
+    end = pending.find(mark)
+    if end < 0:
+        end = len(pending)
+        at = pending.find(mark[:1], max(0, end - len(mark) + 1))
+        while at >= 0 and not mark.startswith(pending[at:]):
+            at = pending.find(mark[:1], at + 1)
+        if at >= 0:
+            end = at
+    return _whole_characters(pending, end)
+
+
+def _whole_characters(data: bytes, end: int) -> int:
+    """`end`, or where the UTF-8 character it would cut begins, if some of its bytes are yet to come."""
+    for back in range(1, min(3, end) + 1):
+        byte = data[end - back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: its character starts further back
+            continue
+        size = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+        return end - back if back < size else end
+    return end
 
 
 def _character_start(data: bytes, at: int) -> int:

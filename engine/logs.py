@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
+from .api import Status
 from .envelope import now_rfc3339
+from .errors import InvocationNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -122,23 +124,33 @@ class LogHub:
         if log.fd is None:
             log.held.append(f"{now_rfc3339()} {line}")
         else:
-            self.write(request_id, [line])
+            self.note(request_id, line)
 
     def is_open(self, request_id: str) -> bool:
         """True while the run's log is being written."""
         return request_id in self._open
 
     def write(self, request_id: str, lines: Iterable[str]) -> None:
-        """Stamp and append lines; past the size limit, say so once and drop the rest."""
+        """Stamp and append a run's output; past the size limit, say so once and drop the rest."""
+        self._append(request_id, lines, limited=True)
+
+    def note(self, request_id: str, line: str) -> None:
+        """Stamp and append a line of eventrun's own (the run's start, its end): past the size
+        limit too, so that a log cut short still ends with how the run ended. Such lines are few
+        and short; the notice at the limit says the run's output is what is discarded."""
+        self._append(request_id, (line,), limited=False)
+
+    def _append(self, request_id: str, lines: Iterable[str], *, limited: bool) -> None:
         log = self._log(request_id)
-        if log.truncated:
+        if log.truncated and limited:
             return
         stamp = now_rfc3339()
         stamped = [f"{stamp} {line}" for line in lines]
         if not stamped:
             return
-        if log.held:  # (only before the first line is written: the file is made with it)
-            stamped[:0] = log.held
+        held = log.held
+        if held:  # (only before the first line is written: the file is made with it)
+            stamped[:0] = held
             log.held = []
         fd = log.fd
         if fd is None and not log.unwritable:
@@ -147,10 +159,10 @@ class LogHub:
             except OSError as exc:
                 self._cannot_write(request_id, log, exc)
         data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
-        if log.size + len(data) > self.limit:
+        if limited and log.size + len(data) > self.limit:
             notice = f"{stamp} [eventrun] log limit of {self.limit} bytes reached; further output of this run is discarded"
-            stamped = [notice]
-            data = (notice + "\n").encode()
+            stamped = [*held, notice]
+            data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
             log.truncated = True
         if fd is not None:
             try:
@@ -242,7 +254,7 @@ class LogHub:
                     offset += len(chunk)
                     for line in log_lines(chunk):
                         yield line
-                if not follower.closed and request_id not in self._open and await ended() and not follower.closed:
+                if not follower.closed and request_id not in self._open and await _has_ended(ended) and not follower.closed:
                     return  # (ended before this follower subscribed: nothing more will come)
                 while (item := await follower.queue.get()) is not _BEHIND:
                     if item is None:  # _END: the run has ended
@@ -293,6 +305,15 @@ class LogHub:
                 follower.queue.put_nowait(_END)
 
 
+async def _has_ended(ended: Callable[[], Awaitable[bool]]) -> bool:
+    """Whether the run has ended; so has one whose record is gone (retention deletes only ended
+    runs), as a follower of an ended run finds when retention deletes it while it reads the log."""
+    try:
+        return await ended()
+    except InvocationNotFound:
+        return True
+
+
 def _read_lines(fd: int, offset: int) -> bytes:
     """Whole lines of a log file from `offset`, about FOLLOW_CHUNK bytes; b"" at its end."""
     data = os.pread(fd, FOLLOW_CHUNK, offset)
@@ -307,6 +328,18 @@ _END_NOTE = "[eventrun] run ended "
 def end_note(status: str, error_type: str | None, error_message: str | None) -> str:
     """eventrun's closing line in the log of a run that did not finish well."""
     return f"{_END_NOTE}{status}: {error_type}: {error_message}"
+
+
+def closing_status(line: str) -> str | None:
+    """The status a stamped closing line (see end_note) names; None for any other line."""
+    _stamp, _, text = line.partition(" ")
+    if not text.startswith(_END_NOTE):
+        return None
+    status = text[len(_END_NOTE) :].partition(":")[0]
+    return status if status in _ENDED else None
+
+
+_ENDED = frozenset(status.value for status in Status if status.ended)
 
 
 def closing_line(stamp: str, status: str, error_type: str | None, error_message: str | None) -> bytes:

@@ -702,9 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (`eventrun list | head`); silence the flush at exit too.
+        # The reader went away (`eventrun logs -f ID | head -1`): it has what it wanted, which is
+        # no failure of the command. Silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return 0
 
 
 if __name__ == "__main__":

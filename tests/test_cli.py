@@ -1213,6 +1213,22 @@ def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
         assert process.stderr.read() == ""
 
 
+@pytest.mark.parametrize("follow", [False, True], ids=["logs", "logs-follow"])
+def test_a_reader_that_goes_away_ends_logs_quietly_with_0(stand_in: StandIn, tmp_path: Path, follow: bool) -> None:
+    # `eventrun logs [-f] ID | head -1`: the reader has what it wanted, and the command did its part.
+    lines = [f"line {n} " + "x" * 100 for n in range(10_000)]
+    stand_in.logs["req-1"] = "".join(f"{line}\n" for line in lines)
+    stand_in.streams["req-1"] = [*(f"data: {line}\n\n" for line in lines[:500]), None]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
+    argv = [str(EVENTRUN), "logs", "req-1", "--url", stand_in.url] + (["--follow"] if follow else [])
+    with subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline() == b"line 0 " + b"x" * 100 + b"\n"
+        process.stdout.close()
+        assert process.wait(10) == 0
+        assert process.stderr.read() == b""
+
+
 def test_help_exits_0(capsys: Any) -> None:
     status, out, err = run(capsys, "--help")
     assert (status, err) == (0, "")

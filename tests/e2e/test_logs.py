@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from server_process import BOTH_STORES
+from server_process import BOTH_STORES, poll_until
 
 pytestmark = [pytest.mark.e2e, BOTH_STORES]
 
@@ -191,3 +193,152 @@ async def test_the_start_line_comes_with_the_first_output_and_a_quiet_run_leaves
     assert quiet["Status"] == "FINISHED", quiet
     assert await api.logs(quiet["RequestId"]) == ""
     assert not list((server.data_dir / "logs").rglob(f"{quiet['RequestId']}.log"))
+
+
+def handler_file(tmp_path: Path, name: str, source: str) -> str:
+    """The manifest `handler` value of a handler written for one test."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    return f"{path}:main_handler"
+
+
+PARTIAL = """
+import sys, time
+
+
+def main_handler(event, context):
+    sys.stderr.write("\\r 10%|#")  # a progress bar's way: no line feed
+    sys.stderr.flush()
+    time.sleep(3)
+    sys.stderr.write("\\r100%|##########\\n")
+    print("a", flush=True)
+    sys.stdout.write("no line feed")
+    sys.stdout.flush()
+    time.sleep(3)
+    print(" and its rest", flush=True)
+    return "ok"
+"""
+
+
+async def test_output_without_a_line_feed_is_readable_while_the_run_goes_on(eventrun_server, http, tmp_path):
+    server = eventrun_server({"partial": {"handler": handler_file(tmp_path, "partial", PARTIAL)}})
+    api = server.client(http)
+    request_id = await api.accepted("partial", {})
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while (await api.status(request_id))["Status"] in ("QUEUED", "RUNNING") and time.monotonic() < deadline:
+        seen.append(await api.logs(request_id))
+        await asyncio.sleep(0.1)
+    # Each part was seen before what the run wrote 3 s later: not held until a line feed came.
+    assert any("[eventrun] run started" in text and "10%" in text and "100%" not in text for text in seen), seen[-1:]
+    assert any("no line feed" in text and "its rest" not in text for text in seen), seen[-1:]
+    state = await api.wait_ended(request_id)
+    assert state["Status"] == "FINISHED", state
+    lines = [line.split(" ", 1)[1] for line in (await api.logs(request_id)).split("\n")[:-1]]
+    assert lines[1:] == ["\r 10%|#", "\r100%|##########", "a", "no line feed", " and its rest"], lines
+    assert lines[0].startswith("[eventrun] run started on instance "), lines
+
+
+FLOOD_THEN_FAIL = """
+def main_handler(event, context):
+    for n in range(20_000):
+        print(f"{n:08d} " + "y" * 60)
+    raise ValueError("failed after flooding")
+"""
+
+
+async def test_a_log_cut_at_its_limit_still_ends_with_how_the_run_ended(eventrun_server, http, tmp_path):
+    server = eventrun_server(
+        {"floodfail": {"handler": handler_file(tmp_path, "floodfail", FLOOD_THEN_FAIL)}}, server={"log_limit": "64KB"}
+    )
+    api = server.client(http)
+    request_id = await api.accepted("floodfail", {})
+    state = await api.wait_ended(request_id)
+    assert state["Status"] == "FAILED", state
+    lines = [line.split(" ", 1)[1] for line in (await api.logs(request_id)).splitlines()]
+    assert lines[-3] == "[eventrun] log limit of 65536 bytes reached; further output of this run is discarded", lines[-3:]
+    assert re.fullmatch(r"\[eventrun\] instance \d+ was discarded after the failure", lines[-2]), lines[-3:]
+    assert lines[-1] == "[eventrun] run ended FAILED: ValueError: failed after flooding", lines[-3:]
+
+
+LINES = """
+def main_handler(event, context):
+    for n in range(event["data"]["lines"]):
+        print(f"line {n} " + "z" * event["data"].get("width", 0))
+    return "ok"
+"""
+
+
+def http_get(port: int, path: str) -> socket.socket:
+    """A connection that has sent GET path (HTTP/1.1, closed after the answer)."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    return connection
+
+
+def read_chunks(connection: socket.socket, received: bytes = b"") -> list[bytes]:
+    """The chunks of a chunked answer, read to its end (from what was `received` of it already)."""
+    while not received.endswith(b"\r\n0\r\n\r\n") and (data := connection.recv(1 << 20)):
+        received += data
+    connection.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    chunks, at = [], 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end], 16)
+        if size == 0:
+            return chunks
+        chunks.append(body[line_end + 2 : line_end + 2 + size])
+        at = line_end + 2 + size + 2
+
+
+def events_of(stream: bytes) -> list[tuple[str, str]]:
+    """(event, data) of each event in a stream of Server-Sent Events."""
+    events = []
+    for block in stream.decode().split("\n\n")[:-1]:
+        fields = [line.partition(": ") for line in block.split("\n") if not line.startswith(":")]
+        event = next((value for name, _, value in fields if name == "event"), "message")
+        events.append((event, "\n".join(value for name, _, value in fields if name == "data")))
+    return events
+
+
+async def test_the_lines_waiting_for_a_follower_go_in_one_write(eventrun_server, http, tmp_path):
+    server = eventrun_server({"lines": {"handler": handler_file(tmp_path, "lines", LINES)}})
+    api = server.client(http)
+    request_id = await api.accepted("lines", {"lines": 5000})
+    assert (await api.wait_ended(request_id))["Status"] == "FINISHED"
+    connection = http_get(server.port, f"/invocations/{request_id}/logs?follow=true")
+    chunks = await asyncio.to_thread(read_chunks, connection)
+    events = events_of(b"".join(chunks))
+    assert [data.split(" ", 1)[1] for event, data in events[:-1]][1:] == [f"line {n} " for n in range(5000)]
+    assert events[-1] == ("end", json.dumps({"RequestId": request_id, "Status": "FINISHED"}, separators=(",", ":")))
+    assert len(chunks) < 50, f"{len(chunks)} writes for {len(events)} events: lines that wait are not sent one by one"
+
+
+async def test_a_follower_of_a_run_deleted_while_it_reads_gets_every_line_and_the_end(
+    eventrun_server, http, tmp_path, server_store
+):
+    # It ended with `event: error` InvocationNotFound. A shared store's follower reads the log
+    # from the database 1 MiB at a time: retention may cut it short there (README), never
+    # reorder it, and the stream still ends with the run's end.
+    server = eventrun_server({"lines": {"handler": handler_file(tmp_path, "lines", LINES)}}, server={"retention": "1s"})
+    api = server.client(http)
+    request_id = await api.accepted("lines", {"lines": 80_000, "width": 90})  # 8 MB: more than sockets hold (4 MB)
+    assert (await api.wait_ended(request_id))["Status"] == "FINISHED"
+    connection = http_get(server.port, f"/invocations/{request_id}/logs?follow=true")
+    received = await asyncio.to_thread(connection.recv, 4096)  # the stream has begun; now it waits for the reader
+
+    async def deleted() -> bool:
+        return (await api.request("GET", f"/invocations/{request_id}")).status == 404
+
+    await poll_until(deleted, 20, "the run deleted by retention")
+    chunks = await asyncio.to_thread(read_chunks, connection, received)
+    events = events_of(b"".join(chunks))
+    lines = [data.split(" ", 1)[1] for event, data in events if event == "message"]
+    written = [f"line {n} " + "z" * 90 for n in range(80_000)]
+    if server_store:
+        assert lines[1:] == written[: len(lines) - 1] and len(lines) > 1, "a beginning of the log, in order"
+    else:
+        assert lines[1:] == written
+    assert events[-1] == ("end", json.dumps({"RequestId": request_id, "Status": "FINISHED"}, separators=(",", ":")))

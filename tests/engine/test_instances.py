@@ -1,5 +1,6 @@
 """Reading an instance's output: lines too long to hold are split, never inside a character;
-a frame sent in pieces is put together whatever output comes between them."""
+a line's start that waits for its line feed is logged as it is; a frame sent in pieces is put
+together whatever output comes between them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from eventrun.engine.instances import MAX_LINE, READ_CHUNK, Instance
+from eventrun.engine import instances
+from eventrun.engine.instances import MAX_LINE, PARTIAL_LINE_WAIT, READ_CHUNK, Instance
 from eventrun.engine.worker import FRAME_MARK, MAX_FRAME, PIPE_BUF, _frame_pieces
 
 MARK = (FRAME_MARK + "t0").encode()  # an instance's, whose token is t0
@@ -21,6 +23,7 @@ def reader() -> tuple[Instance, list[str]]:
     instance._mark = MARK
     instance._parts, instance._parts_size = [], 0
     instance._pending, instance._budget, instance._outcome = b"", 1 << 62, None
+    instance._since, instance._flush, instance._logged_early = 0.0, None, False
     logged: list[str] = []
     instance._sink = logged.extend
     return instance, logged
@@ -39,7 +42,7 @@ def pieces(result: Any) -> list[bytes]:
 # After 0 to 3 ASCII bytes, each character straddles the first cut at each of its inner boundaries (or at none).
 @pytest.mark.parametrize("lead", [0, 1, 2, 3])
 @pytest.mark.parametrize("character", ["é", "€", "𝄞"], ids=["2-byte", "3-byte", "4-byte"])
-def test_a_long_line_is_split_between_characters(character: str, lead: int) -> None:
+async def test_a_long_line_is_split_between_characters(character: str, lead: int) -> None:
     text = "a" * lead + character * (3 * MAX_LINE // len(character.encode()))
     instance, logged = reader()
     feed(instance, text.encode() + b"\n")
@@ -48,14 +51,14 @@ def test_a_long_line_is_split_between_characters(character: str, lead: int) -> N
     assert all(len(piece.encode()) <= MAX_LINE for piece in logged[:-1])
 
 
-def test_a_long_line_of_mixed_characters_comes_back_whole() -> None:
+async def test_a_long_line_of_mixed_characters_comes_back_whole() -> None:
     text = "y€é𝄞" * (MAX_LINE // 3)
     instance, logged = reader()
     feed(instance, text.encode() + b"\nafter\n")
     assert "".join(logged[:-1]) == text and logged[-1] == "after"
 
 
-def test_bytes_that_are_not_utf8_are_split_and_replaced_as_before() -> None:
+async def test_bytes_that_are_not_utf8_are_split_and_replaced_as_before() -> None:
     instance, logged = reader()
     feed(instance, b"\x80" * (3 * MAX_LINE) + b"\n")  # continuation bytes, and nothing they continue
     assert len(logged[0]) == MAX_LINE  # cut where it would have been
@@ -117,3 +120,84 @@ async def test_a_frame_in_pieces_longer_than_any_frame_is_unreadable() -> None:
     assert outcome["error_type"] == "InternalError", outcome
     assert outcome["error_message"] == f"unreadable outcome: it is longer than {MAX_FRAME} bytes"
     assert instance._parts == [] and instance._parts_size == 0 and logged == []
+
+
+class Clock:
+    """time.monotonic as the tests set it (instances reads nothing else of time here)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(instances, "time", clock)
+    return clock
+
+
+def waited(instance: Instance, clock: Clock, seconds: float = PARTIAL_LINE_WAIT) -> None:
+    """`seconds` pass, and the timer set for the output waiting fires (if one is set)."""
+    clock.now += seconds
+    if instance._flush is not None:
+        instance._flush.cancel()
+        instance._log_waiting()
+
+
+async def test_output_without_its_line_feed_is_logged_once_it_has_waited(clock: Clock) -> None:
+    instance, logged = reader()
+    feed(instance, b"a\nno line feed")
+    assert logged == ["a"]
+    waited(instance, clock)
+    assert logged == ["a", "no line feed"]  # while the run goes on, not at its end
+    feed(instance, b" and the rest\n")
+    feed(instance, b"waits")
+    waited(instance, clock)
+    feed(instance, b"\n")  # (the line feed of a line logged before it: no empty line)
+    feed(instance, b"\nb\n")  # (an empty line of the run's own is one)
+    assert logged == ["a", "no line feed", " and the rest", "waits", "", "b"]
+    assert instance._pending == b""
+
+
+async def test_a_progress_bar_is_logged_as_it_is_drawn(clock: Clock) -> None:
+    instance, logged = reader()
+    for percent in (10, 20, 30):
+        feed(instance, b"\r%3d%%|%s|" % (percent, b"#" * (percent // 10)))
+        waited(instance, clock)
+    feed(instance, b"\n")
+    assert logged == ["\r 10%|#|", "\r 20%|##|", "\r 30%|###|"]  # (a carriage return ends no line)
+
+
+async def test_a_line_is_cut_only_once_its_start_has_waited(clock: Clock) -> None:
+    instance, logged = reader()
+    feed(instance, b"ab")
+    clock.now += 0.6 * PARTIAL_LINE_WAIT
+    feed(instance, b"c\nde")  # a line ends, and another begins to wait
+    waited(instance, clock, 0.6 * PARTIAL_LINE_WAIT)  # (the timer set for "ab")
+    assert logged == ["abc"]
+    waited(instance, clock, 0.4 * PARTIAL_LINE_WAIT)
+    assert logged == ["abc", "de"]
+
+
+async def test_output_that_waits_is_logged_up_to_a_frame_or_a_character_not_all_come(clock: Clock) -> None:
+    instance, logged = reader()
+    instance._outcome = asyncio.get_running_loop().create_future()
+    feed(instance, "abc é".encode()[:-1])
+    waited(instance, clock)
+    feed(instance, "é".encode()[1:] + b"\nout" + MARK[:5])
+    waited(instance, clock)
+    assert logged == ["abc ", "é", "out"]
+    feed(instance, MARK[5:] + b' {"ok":true,"result":1}\n')
+    assert instance._outcome.result() == {"ok": True, "result": 1}
+    assert logged == ["abc ", "é", "out"] and instance._pending == b""
+
+
+async def test_output_waiting_past_the_log_limit_is_not_logged(clock: Clock) -> None:
+    instance, logged = reader()
+    instance._budget = 4
+    feed(instance, b"kept\ndropped")
+    waited(instance, clock)
+    assert logged == ["kept"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from eventrun.engine.envelope import new_id
 from eventrun.engine import logs
-from eventrun.engine.logs import LogHub
+from eventrun.engine.errors import InvocationNotFound
+from eventrun.engine.logs import LogHub, closing_status, end_note
 
 
 def test_lines_are_stamped_and_appended(tmp_path: Path) -> None:
@@ -38,6 +39,42 @@ def test_past_the_limit_the_log_says_so_once_and_stops_growing(tmp_path: Path) -
     assert len(text.encode()) <= 2000 + 200
     assert text.count("log limit of 2000 bytes reached") == 1
     assert text.splitlines()[-1].endswith("further output of this run is discarded")
+
+
+def test_eventrun_s_own_lines_go_in_past_the_limit(tmp_path: Path) -> None:
+    # The notice says the run's output is discarded: how the run ended is still told at the end.
+    hub = LogHub(tmp_path, limit=2000)
+    for _ in range(100):
+        hub.write("r1", ["x" * 100])
+    hub.note("r1", "[eventrun] instance 7 was discarded after the failure")
+    hub.write("r1", ["more output"])
+    hub.note("r1", end_note("FAILED", "ValueError", "boom"))
+    hub.close("r1")
+    lines = [line.split(" ", 1)[1] for line in hub.read("r1").decode().splitlines()]
+    assert lines[-3:] == [
+        "[eventrun] log limit of 2000 bytes reached; further output of this run is discarded",
+        "[eventrun] instance 7 was discarded after the failure",
+        "[eventrun] run ended FAILED: ValueError: boom",
+    ]
+    assert "more output" not in lines
+
+
+def test_the_start_line_goes_in_though_the_first_output_is_past_the_limit(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=100)
+    hub.hold("r1", "[eventrun] run started on instance 7")
+    hub.write("r1", ["x" * 200])
+    hub.close("r1")
+    assert [line.split(" ", 1)[1] for line in hub.read("r1").decode().splitlines()] == [
+        "[eventrun] run started on instance 7",
+        "[eventrun] log limit of 100 bytes reached; further output of this run is discarded",
+    ]
+
+
+def test_a_closing_line_names_the_status_the_run_ended_with() -> None:
+    assert closing_status("2026-01-01T00:00:00.000Z " + end_note("TIMED_OUT", "TimedOut", "late: 1: 2")) == "TIMED_OUT"
+    assert closing_status("2026-01-01T00:00:00.000Z [eventrun] run ended RUNNING: x: y") is None
+    assert closing_status("2026-01-01T00:00:00.000Z output") is None
+    assert closing_status("") is None
 
 
 async def test_a_follower_gets_old_and_new_lines_and_ends_with_the_run(tmp_path: Path) -> None:
@@ -287,6 +324,36 @@ async def test_a_log_deleted_while_a_follower_reads_it_is_read_to_its_end(tmp_pa
         await asyncio.sleep(0)
     assert 0 < len(seen) < 5000
     hub.remove(request_id)  # retention, while the follower is reading
+    await asyncio.wait_for(follower, 5)
+    assert seen == written
+
+
+async def test_a_follower_of_an_ended_run_deleted_meanwhile_reads_it_and_ends(tmp_path: Path) -> None:
+    # Retention deletes the run (and its record) while the follower reads its log: the run had
+    # ended, and the follower gets every line and its end, not an error.
+    hub = LogHub(tmp_path, limit=1 << 20)
+    request_id = new_id()
+    written = [f"line {n}" for n in range(5000)]
+    hub.write(request_id, written)
+    hub.close(request_id)
+    deleted = False
+    seen: list[str] = []
+
+    async def has_ended() -> bool:
+        if deleted:
+            raise InvocationNotFound(request_id)
+        return True
+
+    async def follow() -> None:
+        async for line in hub.follow(request_id, has_ended):
+            seen.append(line.split(" ", 1)[1])
+            await asyncio.sleep(0)
+
+    follower = asyncio.create_task(follow())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    hub.remove(request_id)
+    deleted = True
     await asyncio.wait_for(follower, 5)
     assert seen == written
 

@@ -281,9 +281,9 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "").strip().lower()
     if follow not in _TRUE + _FALSE:
         raise InvalidParameter(f"follow: expected true or false, got {follow!r}")
-    await engine.get(request_id)  # a 404 must be sent before a stream's headers are
+    invocation = await engine.get(request_id)  # a 404 must be sent before a stream's headers are
     if follow in _TRUE:
-        return await stream_logs(request, engine, request_id, request.app[_CLOSING_KEY])
+        return await stream_logs(request, engine, invocation, request.app[_CLOSING_KEY])
     headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"}
     file = await engine.log_file(request_id)
     if file is not None:

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
+from eventrun.engine.api import Invocation, Status
 from eventrun.engine.envelope import dumps
-from eventrun.engine.errors import EventrunError
+from eventrun.engine.errors import EventrunError, InvocationNotFound
+from eventrun.engine.logs import closing_status
 
 if TYPE_CHECKING:
     from eventrun.engine.core import Engine
@@ -24,11 +26,19 @@ _FIELD_ENDS = re.compile("\r\n|\r|\n")
 SSE_KEEPALIVE = 15.0
 """Seconds of silence after which a log stream sends a comment line, so proxies keep it open."""
 
+SSE_BATCH = 64 * 1024
+"""Characters of events sent to a follower in one write at most: the lines that wait for it go together."""
+
 
 async def stream_logs(
-    request: web.Request, engine: Engine, request_id: str, server_closing: asyncio.Event
+    request: web.Request, engine: Engine, invocation: Invocation, server_closing: asyncio.Event
 ) -> web.StreamResponse:
-    """Follow the run's log until it ends (then send its status) or server_closing is set."""
+    """Follow the run's log until it ends (then send its status) or server_closing is set.
+
+    `invocation`: the run as it was when the follow began.
+    """
+    request_id = invocation.request_id
+    lines = await engine.follow_log(request_id)  # (a run gone meanwhile is a 404 still: no header is out)
     response = web.StreamResponse(
         headers={
             hdrs.CONTENT_TYPE: "text/event-stream",
@@ -37,12 +47,11 @@ async def stream_logs(
         }
     )
     await response.prepare(request)
-    lines = await engine.follow_log(request_id)
     closing = asyncio.ensure_future(server_closing.wait())
+    waiting = _Waiting()
     try:
-        ended = await _pump(response, lines, closing)
-        if ended:
-            status = (await engine.get(request_id)).status.value
+        if await _pump(response, lines, waiting, closing):
+            status = await _end_status(engine, invocation, waiting.last)
             end = dumps({"RequestId": request_id, "Status": status}).decode()
             await response.write(f"event: end\ndata: {end}\n\n".encode())
         await response.write_eof()
@@ -70,34 +79,113 @@ async def stream_logs(
     return response
 
 
-async def _pump(response: web.StreamResponse, lines: AsyncIterator[str], closing: asyncio.Future[Any]) -> bool:
-    """Copy log lines to the stream; True once they ran out, False when the server is closing."""
-    iterator = aiter(lines)
-    pending: asyncio.Future[str] | None = None
+async def _end_status(engine: Engine, started: Invocation, last_line: str) -> str:
+    """The status the run ended with: as it was when the follow began, if it had ended then, else
+    as the store has it now. Should retention have deleted the run since (its follower took
+    longer than the retention), the one its closing line names (eventrun writes one for every
+    end but FINISHED's)."""
+    if started.status.ended:
+        return started.status.value
+    try:
+        return (await engine.get(started.request_id)).status.value
+    except InvocationNotFound:
+        return closing_status(last_line) or Status.FINISHED.value
+
+
+class _Waiting:
+    """Events read from a run's log that its follower has not been sent yet; where the writer
+    waits for them, and the reader for room (see _pump)."""
+
+    __slots__ = ("events", "size", "last", "_loop", "_arrived", "_taken")
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.size = 0  # their characters
+        self.last = ""  # the last line read, once the log has run out
+        self._loop = asyncio.get_running_loop()
+        self._arrived: asyncio.Future[bool] | None = None  # the writer's, while it waits
+        self._taken: asyncio.Future[bool] | None = None  # the reader's, while SSE_BATCH wait
+
+    def add(self, event: str) -> None:
+        """One more event to send."""
+        self.events.append(event)
+        self.size += len(event)
+        self.wake()
+
+    def take(self) -> bytes:
+        """Every event waiting, as the bytes of one write."""
+        data = "".join(self.events).encode()
+        self.events, self.size = [], 0
+        _settle(self._taken, True)
+        return data
+
+    def wake(self, *_: object) -> None:
+        """Wake the writer: an event came, the reader ended, or the server closes."""
+        _settle(self._arrived, True)
+
+    async def arrival(self, timeout: float) -> bool:
+        """Until wake(); False if `timeout` seconds pass first."""
+        self._arrived = arrived = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _settle, arrived, False)
+        try:
+            return await arrived
+        finally:
+            timer.cancel()
+
+    async def room(self) -> None:
+        """Until the writer has taken what waits."""
+        self._taken = self._loop.create_future()
+        await self._taken
+
+
+def _settle(future: asyncio.Future[bool] | None, value: bool) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+async def _pump(
+    response: web.StreamResponse, lines: AsyncIterator[str], waiting: _Waiting, closing: asyncio.Future[Any]
+) -> bool:
+    """Copy log lines to the stream; True once they ran out, False when the server is closing.
+
+    The lines are read by a task of their own, so the writer sends whatever came while it
+    wrote in one write: one send per batch of lines rather than per line, however many.
+    """
+    reader = asyncio.get_running_loop().create_task(_read(lines, waiting))
+    reader.add_done_callback(waiting.wake)
+    closing.add_done_callback(waiting.wake)
     try:
         while True:
-            # Waiting on a task rather than wait_for(anext()) keeps a keepalive from
-            # cancelling (and so finalising) the log iterator.
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending, closing}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED)
-            if pending in done:
-                try:
-                    line = pending.result()
-                except StopAsyncIteration:
-                    pending = None
-                    return True
-                pending = None
-                # A field ends at a line feed or a carriage return (a progress bar's): each part
-                # goes in a field of its own, and the client joins them with line feeds.
-                fields = "".join(f"data: {part}\n" for part in _FIELD_ENDS.split(line))
-                await response.write(f"{fields}\n".encode())
-            elif closing in done:
+            if waiting.events:
+                await response.write(waiting.take())
+            elif reader.done():
+                reader.result()  # (what the log raised, after the lines before it)
+                return True
+            elif closing.done():
                 return False
-            else:
+            elif not await waiting.arrival(SSE_KEEPALIVE):
                 await response.write(b": keepalive\n\n")
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
+        closing.remove_done_callback(waiting.wake)
+        reader.cancel()  # (nothing, once it is done)
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # (what it raised is told above, if anywhere)
+            await reader
+
+
+async def _read(lines: AsyncIterator[str], waiting: _Waiting) -> None:
+    """Turn log lines into events as they come, until they run out; while SSE_BATCH characters
+    wait, wait for the writer (a follower that falls behind is the log's to handle, see LogHub)."""
+    line = ""
+    async for line in lines:
+        waiting.add(_event(line))
+        if waiting.size >= SSE_BATCH:
+            await waiting.room()
+    waiting.last = line
+
+
+def _event(line: str) -> str:
+    """A log line as an event. A field ends at a line feed or a carriage return (a progress bar's):
+    each part goes in a field of its own, and the client joins them with line feeds."""
+    if "\r" not in line and "\n" not in line:
+        return f"data: {line}\n\n"
+    return "".join(f"data: {part}\n" for part in _FIELD_ENDS.split(line)) + "\n"
