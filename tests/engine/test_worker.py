@@ -416,7 +416,7 @@ def test_a_short_frame_goes_as_one_line_a_long_one_in_pieces_of_at_most_pipe_buf
     assert b"".join(piece[len(mark) : -1] for piece in sent) == body
 
 
-def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None:
+async def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None:
     """A thread the run left writes lines longer than PIPE_BUF (not written at once) while the
     worker reports a large result on the same pipe: the parent still reads it whole."""
     read_end, write_end = os.pipe()
@@ -449,11 +449,7 @@ def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None:
         threads[0].join()
         os.close(read_end)
     instance, logged = reader()
-    loop = asyncio.new_event_loop()
-    try:
-        instance._outcome = loop.create_future()
-        feed(instance, bytes(received))
-        assert instance._outcome.result() == {"ok": True, "result": result}
-    finally:
-        loop.close()
+    instance._outcome = asyncio.get_running_loop().create_future()
+    feed(instance, bytes(received))  # (in the loop, as the instance's output is read)
+    assert instance._outcome.result() == {"ok": True, "result": result}
     assert logged and all(set(line) <= {"y"} for line in logged)
