@@ -44,7 +44,7 @@ LOG_TAIL = 4096  # bytes of a failed run's log sent with its record (cut to whol
 GIVE_UP_AFTER = 24 * 3600.0  # seconds after the run's end; a delivery failing that long is given up
 RETRYABLE_STATUSES = frozenset({408, 425, 429})  # 4xx answers that may go the next time
 WAIT_ASKING_STATUSES = frozenset({429, 503})  # answers whose Retry-After sets the next attempt's time
-TARGET_SHARE = 2  # one target's attempts at once are at most half the slots (at least one)
+TARGET_SHARE = 2  # one target's attempts at once are at most half the slots (at least one), unless it is the only one
 ANSWER_PREFIX = 256  # bytes of a refusing receiver's answer read for the log (the rest is not read)
 SETTLE_LOG_EVERY = 60.0  # seconds between the log's lines about attempts the store cannot record (an outage), at least
 
@@ -82,8 +82,12 @@ class Deliverer:
         self._max_backoff = max_backoff
         self._lease = lease  # how long a claim holds; longer than an attempt takes (timeout)
         self._in_flight = in_flight  # attempts at once, at most
-        # A receiver that hangs holds no more than these slots, so the others' deliveries go on.
+        # A receiver that hangs holds no more than these slots, so the others' deliveries go on;
+        # the manifest's only target, when it has one, has them all (a stray, see claim_deliveries,
+        # for another target still gets no more than its share).
         self._per_target = max(1, in_flight // TARGET_SHARE)  # attempts at once to one target, at most
+        targets = {target for f in manifest.functions.values() for _, target in f.destinations}
+        self._sole_target = targets.pop() if len(targets) == 1 else None
         self._under_way: collections.Counter[str] = collections.Counter()  # attempts in flight, by target
         self._poll = poll  # the longest wait between looks at the outbox (others' ends, clock)
         self._timeout = timeout
@@ -241,10 +245,14 @@ class Deliverer:
         deliveries are for, none goes past its cap.
         """
         free = self._in_flight - len(self._attempts)
-        rooms = {target: self._per_target - count for target, count in self._under_way.items()}
+        rooms = {target: self._cap(target) - count for target, count in self._under_way.items()}
         busy = sorted(target for target, room in rooms.items() if room <= 0)
         open_rooms = [room for room in rooms.values() if room > 0]
         return min([free, self._per_target, *open_rooms]), busy
+
+    def _cap(self, target: str) -> int:
+        """Attempts at once to this target, at most."""
+        return self._in_flight if target == self._sole_target else self._per_target
 
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")

@@ -233,9 +233,12 @@ class TargetedOutbox(FakeStore):
 
 
 @contextlib.asynccontextmanager
-async def delivering(store: TargetedOutbox) -> AsyncIterator[tuple[Deliverer, list[str]]]:
-    """A deliverer (16 slots) over the store whose HANG receiver never answers; the targets delivered to."""
-    deliverer = Deliverer(SimpleNamespace(store=store), SimpleNamespace(functions={}))  # type: ignore[arg-type]
+async def delivering(store: TargetedOutbox, *targets: str) -> AsyncIterator[tuple[Deliverer, list[str]]]:
+    """A deliverer (16 slots) over the store whose HANG receiver never answers, for a manifest
+    whose one function has these targets as destinations; the targets delivered to."""
+    function = SimpleNamespace(destinations=[("callback", target) for target in targets])
+    manifest = SimpleNamespace(functions={"f": function})
+    deliverer = Deliverer(SimpleNamespace(store=store), manifest)  # type: ignore[arg-type]
     delivered: list[str] = []
     never = asyncio.Event()
 
@@ -263,7 +266,7 @@ async def test_a_receiver_that_hangs_holds_half_the_slots_and_the_others_go_at_o
     # One pool of 16 slots, claimed oldest first: 48 deliveries to a hung receiver held all 16,
     # and a delivery to another receiver, behind them, left 31 s later.
     store = TargetedOutbox([HANG] * 48 + [OK])
-    async with delivering(store) as (deliverer, delivered):
+    async with delivering(store, HANG, OK) as (deliverer, delivered):
         await rounds(deliverer, 5)
         assert delivered == [OK], "the answering receiver's delivery went, behind the hung ones"
         assert deliverer._under_way == {HANG: 8}, "the hung receiver holds 16 // 2 slots, no more"
@@ -278,6 +281,23 @@ async def test_a_claim_takes_no_more_than_a_target_under_way_has_room_for() -> N
         store.waiting = TargetedOutbox([HANG] * 6).waiting  # more due to it
         await rounds(deliverer, 3)
         assert deliverer._under_way == {HANG: 8}, "room for one more, so a claim of one"
+
+
+async def test_the_manifests_only_target_has_every_slot() -> None:
+    # Halving the slots for a manifest with one receiver halved its deliveries at once for nothing.
+    store = TargetedOutbox([HANG] * 40)
+    async with delivering(store, HANG) as (deliverer, _):
+        await rounds(deliverer, 4)
+        assert deliverer._under_way == {HANG: 16}
+
+
+async def test_a_stray_for_another_target_gets_its_share_beside_the_only_target() -> None:
+    # Another node's overdue deliveries (strays) may go to targets this manifest does not name.
+    store = TargetedOutbox([OK] * 20 + [HANG] * 20)
+    async with delivering(store, HANG) as (deliverer, delivered):
+        deliverer._make = lambda delivery: asyncio.Event().wait()  # type: ignore[assignment,method-assign]
+        await rounds(deliverer, 6)
+        assert deliverer._under_way == {OK: 8, HANG: 8}, "the stray's target is capped at half, the rest is HANG's"
 
 
 # -- one delivery to a URL, against a local receiver ------------------------------------------
