@@ -67,6 +67,47 @@ class InstanceDied(Exception):
     """The instance process ended without reporting an outcome."""
 
 
+class PartialLine:
+    """When the start of a line that waits for its line feed is logged as it is: once it has
+    waited PARTIAL_LINE_WAIT. Its line feed then ends the line logged, making no empty one."""
+
+    __slots__ = ("_log", "_since", "_timer", "logged")
+
+    def __init__(self, log: Callable[[], None]) -> None:
+        self._log = log  # logs what waits as it is, and sets `logged` if it logs any
+        self._since = 0.0  # when what waits began to wait (time.monotonic())
+        self._timer: asyncio.TimerHandle | None = None  # calls _log once it has waited PARTIAL_LINE_WAIT
+        self.logged = False  # the line waiting began with output logged before its line feed
+
+    def waits(self, *, new: bool) -> None:
+        """Output waits for its line feed. `new`: it began in the output just read (a line ended before it)."""
+        if self._timer is None:
+            self._since = time.monotonic()
+            self._timer = asyncio.get_running_loop().call_later(PARTIAL_LINE_WAIT, self._due)
+        elif new:
+            self._since = time.monotonic()
+
+    def drop_line_feed(self, lines: list[bytes]) -> None:
+        """Lines ended, the first of them one `logged` began: its line feed makes no empty line of its own."""
+        self.logged = False
+        if not lines[0]:
+            del lines[0]
+
+    def cancel(self) -> None:
+        """No more output comes: nothing waits."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _due(self) -> None:
+        self._timer = None
+        left = self._since + PARTIAL_LINE_WAIT - time.monotonic()
+        if left > 0:  # (what waits began after the timer was set, as a line ended meanwhile)
+            self._timer = asyncio.get_running_loop().call_later(left, self._due)
+        else:
+            self._log()
+
+
 class Instance:
     """One worker process, running one event at a time."""
 
@@ -81,9 +122,7 @@ class Instance:
         self._outcome: asyncio.Future[dict[str, Any]] | None = None
         self._budget = OUTSIDE_RUNS  # bytes of output still passed on; past it, only frames are looked for
         self._pending = b""  # output after its last full line
-        self._since = 0.0  # when what waits in _pending began to wait (time.monotonic())
-        self._flush: asyncio.TimerHandle | None = None  # logs it once it has waited PARTIAL_LINE_WAIT
-        self._logged_early = False  # the line in _pending began with output logged before its line feed
+        self._partial = PartialLine(self._log_waiting)  # logs _pending as it is, once it has waited
         self._pump: asyncio.Task[None] | None = None  # (held, so that the task is not collected)
         if isinstance(process, SpawnedProcess):
             self._output = process.stdout
@@ -319,46 +358,29 @@ class Instance:
         if len(pending) > MAX_LINE + len(mark) - 1:
             pending = _cut(pending, lines, mark)
         self._pending = pending
+        partial = self._partial
         if pending:
-            self._wait_for_line_end(new=bool(lines))
+            partial.waits(new=bool(lines))
         if lines:
-            if self._logged_early:
-                self._logged_early = False
-                if not lines[0]:  # (the line feed of a line logged before it: no empty line of its own)
-                    del lines[0]
+            if partial.logged:
+                partial.drop_line_feed(lines)
             self._route(lines)
-
-    def _wait_for_line_end(self, *, new: bool) -> None:
-        """Output waits in _pending for its line feed: log it as it is should it wait PARTIAL_LINE_WAIT.
-        `new`: it began in the output just read (a line ended before it)."""
-        if self._flush is None:
-            self._since = time.monotonic()
-            self._flush = asyncio.get_running_loop().call_later(PARTIAL_LINE_WAIT, self._log_waiting)
-        elif new:
-            self._since = time.monotonic()
 
     def _log_waiting(self) -> None:
         """Log the output that has waited PARTIAL_LINE_WAIT for its line feed as a line, as it is
         (the rest of its line comes as another): a progress bar is seen while it runs."""
-        self._flush = None
-        left = self._since + PARTIAL_LINE_WAIT - time.monotonic()
-        if left > 0:  # (what waits began after the timer was set, as a line ended meanwhile)
-            self._flush = asyncio.get_running_loop().call_later(left, self._log_waiting)
-            return
         pending = self._pending
         ready = _ready_output(pending, self._mark) if self._budget > 0 else 0
         if ready:
             self._pending = pending[ready:]
-            self._logged_early = True
+            self._partial.logged = True
             self._route([pending[:ready]])
 
     def _ended(self) -> None:
         """The output pipe's end: what is left of it is passed on, and a run still waiting has died."""
         if isinstance(self.process, SpawnedProcess):
             self.process.close_pipes()
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
+        self._partial.cancel()
         pending, self._pending = self._pending, b""
         if pending and self._budget > 0:
             self._route([pending])

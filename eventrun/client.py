@@ -159,35 +159,31 @@ class Client:
         return CliError(f"cannot reach {self.base_url} ({describe_os_error(cause)}); is `eventrun serve` running?")
 
 
-class _PatientHTTPConnection(http.client.HTTPConnection):
-    """A connection whose timeout bounds connecting only: then the answer may take as long as
-    the server works on it (a sync run, or a queued one waiting its turn first)."""
+class _Patient(http.client.HTTPConnection):
+    """A connection whose timeout bounds connecting (and, over TLS, the handshake) only: then the
+    answer may take as long as the server works on it (a sync run, or a queued one waiting its turn first)."""
 
     def connect(self) -> None:
         super().connect()
         self.sock.settimeout(None)
 
 
-class _PatientHTTPSConnection(http.client.HTTPSConnection):
-    """_PatientHTTPConnection over TLS: the timeout bounds connecting and the handshake only."""
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock.settimeout(None)
+class _PatientHTTPS(_Patient, http.client.HTTPSConnection):
+    """_Patient over TLS (its connect() is HTTPSConnection's, then the timeout is lifted)."""
 
 
-class _PatientHTTPHandler(urllib.request.HTTPHandler):
+class _PatientHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """Opens http and https URLs over _Patient connections (in build_opener, in place of both defaults)."""
+
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_PatientHTTPConnection, req)
+        return self.do_open(_Patient, req)
 
-
-class _PatientHTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_PatientHTTPSConnection, req)  # (the default TLS context, as urlopen's)
+        return self.do_open(_PatientHTTPS, req)  # (the default TLS context, as urlopen's)
 
 
 _OPENER = urllib.request.build_opener()
-_PATIENT = urllib.request.build_opener(_PatientHTTPHandler, _PatientHTTPSHandler)
+_PATIENT = urllib.request.build_opener(_PatientHandler)
 
 
 def printable(text: str) -> str:

@@ -4,12 +4,14 @@ what the callers in flight get when it stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import resource
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +40,38 @@ def held(monkeypatch: pytest.MonkeyPatch, method: str) -> tuple[asyncio.Event, a
     return entered, release
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    manifest: Manifest, release: asyncio.Event | None = None
+) -> AsyncIterator[tuple[asyncio.Event, asyncio.Task[None]]]:
+    """app.run(manifest) in a task: (the event that stops it, the task). At the end it is stopped
+    and waited for, once `release` (a held trigger's) is set."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(manifest, stop))
+    try:
+        yield stop, task
+    finally:
+        if release is not None:
+            release.set()
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def answering(session: aiohttp.ClientSession, url: str) -> None:
+    """Wait until the server at `url` answers /healthz with 200 (it listens once its engine has started)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with session.get(f"{url}/healthz") as reply:
+                if reply.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the server never answered"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
 def kafka_manifest(tmp_path: Path) -> Manifest:
     """One function fed by a Kafka topic, on a broker nobody listens for."""
     return Manifest(
@@ -50,19 +84,15 @@ def kafka_manifest(tmp_path: Path) -> Manifest:
 
 
 async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_still_starting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka_manifest: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A trigger's start may wait on the store (the Kafka consumers load their marks); the
     # listener is open by then, and its first answer must already name the trigger.
     started, release = held(monkeypatch, "start")
-    manifest = kafka_manifest(tmp_path)
-    port = manifest.server.port
-    stop = asyncio.Event()
-    serving = asyncio.create_task(app.run(manifest, stop))
-    try:
+    async with serving(kafka_manifest, release):
         await asyncio.wait_for(started.wait(), 30)
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/healthz") as reply:
+            async with session.get(f"http://127.0.0.1:{kafka_manifest.server.port}/healthz") as reply:
                 assert reply.status == 200
                 health = await reply.json()
         assert health["Triggers"]["kafka"] == {
@@ -75,42 +105,22 @@ async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_stil
                 "Accepted": 0,
             }
         }
-    finally:
-        release.set()
-        stop.set()
-        await asyncio.wait_for(serving, 60)
 
 
 async def test_a_stop_takes_no_new_connection_while_the_triggers_are_still_stopping(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka_manifest: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A Kafka trigger's stop may take seconds (a rebalance under way): the gateway went on
     # answering 202 to new invocations meanwhile, as it closed only after the triggers.
     stopping, release = held(monkeypatch, "stop")
-    manifest = kafka_manifest(tmp_path)
-    port = manifest.server.port
-    stop = asyncio.Event()
-    serving = asyncio.create_task(app.run(manifest, stop))
-    try:
+    port = kafka_manifest.server.port
+    async with serving(kafka_manifest, release) as (stop, _):
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 30
-            while True:  # (serving once /healthz answers)
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as reply:
-                        if reply.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "the server never answered"
-                await asyncio.sleep(0.05)
+            await answering(session, f"http://127.0.0.1:{port}")
         stop.set()
         await asyncio.wait_for(stopping.wait(), 30)
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
-    finally:
-        release.set()
-        stop.set()
-        await asyncio.wait_for(serving, 60)
 
 
 async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_once(tmp_path: Path) -> None:
@@ -126,9 +136,7 @@ async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_
         },
     )
     url = f"http://127.0.0.1:{port}"
-    stop = asyncio.Event()
-    serving = asyncio.create_task(app.run(manifest, stop))
-    try:
+    async with serving(manifest) as (stop, server):
         async with aiohttp.ClientSession() as session:
 
             async def call(seconds: float) -> tuple[int, dict[str, Any]]:
@@ -146,12 +154,7 @@ async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_
                         return str(found[0]["RequestId"])
                 raise AssertionError(f"no {status} run")
 
-            for _ in range(300):  # the listener opens after the engine has started
-                try:
-                    async with session.get(f"{url}/healthz"):
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            await answering(session, url)
             running = asyncio.create_task(call(60))
             running_id = await appeared("RUNNING")
             queued = asyncio.create_task(call(0.1))
@@ -173,11 +176,8 @@ async def test_a_stop_answers_every_sync_call_in_flight_and_ends_log_streams_at_
             )
             status, answer = await asyncio.wait_for(queued, 5)
             assert status == 200 and (answer["RequestId"], answer["Status"]) == (queued_id, "QUEUED"), answer
-        await asyncio.wait_for(serving, grace + kill + 5)
+        await asyncio.wait_for(server, grace + kill + 5)
         assert time.monotonic() - started < grace + kill + 1.5
-    finally:
-        stop.set()
-        await asyncio.wait_for(serving, 60)
 
 
 async def test_a_listener_out_of_descriptors_is_reported_once_a_while_and_every_other_report_as_before(

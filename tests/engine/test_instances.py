@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from eventrun.engine import instances
-from eventrun.engine.instances import MAX_LINE, PARTIAL_LINE_WAIT, READ_CHUNK, Instance
+from eventrun.engine.instances import MAX_LINE, PARTIAL_LINE_WAIT, READ_CHUNK, Instance, PartialLine
 from eventrun.engine.worker import FRAME_MARK, MAX_FRAME, PIPE_BUF, _frame_pieces
 
 MARK = (FRAME_MARK + "t0").encode()  # an instance's, whose token is t0
@@ -23,7 +23,7 @@ def reader() -> tuple[Instance, list[str]]:
     instance._mark = MARK
     instance._parts, instance._parts_size = [], 0
     instance._pending, instance._budget, instance._outcome = b"", 1 << 62, None
-    instance._since, instance._flush, instance._logged_early = 0.0, None, False
+    instance._partial = PartialLine(instance._log_waiting)
     logged: list[str] = []
     instance._sink = logged.extend
     return instance, logged
@@ -142,9 +142,10 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 def waited(instance: Instance, clock: Clock, seconds: float = PARTIAL_LINE_WAIT) -> None:
     """`seconds` pass, and the timer set for the output waiting fires (if one is set)."""
     clock.now += seconds
-    if instance._flush is not None:
-        instance._flush.cancel()
-        instance._log_waiting()
+    partial = instance._partial
+    if partial._timer is not None:
+        partial._timer.cancel()
+        partial._due()
 
 
 async def test_output_without_its_line_feed_is_logged_once_it_has_waited(clock: Clock) -> None:

@@ -32,6 +32,20 @@ class Ceiling(float, enum.Enum):
     NONE = INF
 
 
+Serve = Callable[..., Awaitable[Engine]]
+
+
+async def _call(engine: Engine, data: Any, function: str = "f") -> Any:
+    """Call `function` over HTTP (as the gateway would) with `data`: its answer."""
+    envelope = Envelope(id=new_id(), source=f"/http/{function}", type="t", function=function, trigger="http", data=data)
+    return await engine.call(envelope)
+
+
+async def _log(engine: Engine, run: Any) -> str:
+    """The log of a run `_call` answered."""
+    return (await engine.read_log(run.request_id)).decode()
+
+
 @dataclasses.dataclass
 class Point:
     x: float
@@ -126,12 +140,10 @@ async def test_a_run_returning_nan_or_infinity_ends_failed_and_says_where(
         '[server]\ndata_dir = "data"\n\n[functions.shapes]\nhandler = "shapes.py:main_handler"\nasync_execution = false\n',
         {"shapes.py": SHAPES},
     )
-    envelope = Envelope(id=new_id(), source="/http/shapes", type="t", function="shapes", trigger="http", data=kind)
-    answer = await engine.call(envelope)
+    answer = await _call(engine, kind, "shapes")
     assert (answer.status, answer.error_type, answer.result) == (Status.FAILED, "ResultNotSerializable", None), answer
     assert answer.error_message == f"the handler's return value is not JSON-serialisable: {where}{NO_NAN}"
-    nulls = Envelope(id=new_id(), source="/http/shapes", type="t", function="shapes", trigger="http", data="nulls")
-    again = await engine.call(nulls)  # the same instance, still serving
+    again = await _call(engine, "nulls", "shapes")  # the same instance, still serving
     assert (again.status, again.result) == (Status.FINISHED, {"a": None, "b": "null", "c": 1.5}), again
 
 
@@ -199,21 +211,27 @@ def _manifest(fork_instances: bool, extra: str = "") -> str:
     )
 
 
-async def _call(engine: Engine, data: Any) -> Any:
-    return await engine.call(Envelope(id=new_id(), source="/http/f", type="t", function="f", trigger="http", data=data))
+@pytest.fixture(params=[True, False], ids=["forked", "fresh"])
+def serve(request: pytest.FixtureRequest, start_engine: Callable[..., Awaitable[Engine]]) -> Serve:
+    """Factory: serve(source, extra="") -> a started engine whose function f is the handler in
+    `source` (`extra`: more of its manifest keys), on instances forked, or started fresh."""
+
+    async def start(source: str, extra: str = "") -> Engine:
+        return await start_engine(_manifest(request.param, extra), {"f.py": source})
+
+    return start
 
 
-@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
 @pytest.mark.parametrize(("how", "code"), [("exit", 0), ("exit3", 3), ("return", 0), ("raise", 1)])
 async def test_a_process_the_handler_forks_ends_where_it_comes_back_and_reports_nothing(
-    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str, code: int
+    serve: Serve, how: str, code: int
 ) -> None:
-    engine = await start_engine(_manifest(fork_instances), {"f.py": FORKER})
+    engine = await serve(FORKER)
     first = await _call(engine, how)
     assert first.status == Status.FINISHED, first
     pid = first.result["pid"]
     assert first.result == {"child_exit": code, "pid": pid}, first
-    log = (await engine.read_log(first.request_id)).decode()
+    log = await _log(engine, first)
     assert "child working" in log, log
     assert ("ValueError: the child fails" in log) == (how == "raise"), log
     # The child read no event: the next one is the instance's, and its outcome is its own.
@@ -269,26 +287,23 @@ def main_handler(event, context):
 LEFT_THREADS = "[eventrun] the run left 1 threads running; this instance is not reused"
 
 
-@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
 @pytest.mark.parametrize("how", ["ticker", "exit", "subprocess"])
-async def test_an_instance_a_run_left_threads_on_is_not_reused(
-    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str
-) -> None:
-    engine = await start_engine(_manifest(fork_instances), {"f.py": THREADS})
+async def test_an_instance_a_run_left_threads_on_is_not_reused(serve: Serve, how: str) -> None:
+    engine = await serve(THREADS)
     # Threads its module started as it was imported are the instance's own, joined ones are gone,
     # and one that has just done its work is given a moment to end.
     warm = [await _call(engine, how) for how in ("joined", "finishing", "joined")]
     assert [run.status for run in warm] == [Status.FINISHED] * 3, warm
     assert warm[0].result == warm[1].result == warm[2].result, warm
     for run in warm:
-        assert "threads running" not in (await engine.read_log(run.request_id)).decode()
+        assert "threads running" not in await _log(engine, run)
     left = await _call(engine, how)
     assert (left.status, left.result) == (Status.FINISHED, warm[0].result), left
-    assert LEFT_THREADS in (await engine.read_log(left.request_id)).decode()
+    assert LEFT_THREADS in await _log(engine, left)
     # A run long enough for the thread to end the instance, or start its process, were it kept.
     after = await _call(engine, "nap")
     assert after.status == Status.FINISHED and after.result != warm[0].result, after
-    log = (await engine.read_log(after.request_id)).decode()
+    log = await _log(engine, after)
     assert "tick" not in log and "threads running" not in log and "processes running" not in log, log
 
 
@@ -304,17 +319,14 @@ def main_handler(event, context):
 """
 
 
-@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
-async def test_context_logger_writes_to_the_runs_log_whatever_sys_stderr_is(
-    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool
-) -> None:
-    engine = await start_engine(_manifest(fork_instances), {"f.py": LOGGER})
+async def test_context_logger_writes_to_the_runs_log_whatever_sys_stderr_is(serve: Serve) -> None:
+    engine = await serve(LOGGER)
     first = await _call(engine, "quiet")
-    log = (await engine.read_log(first.request_id)).decode()
+    log = await _log(engine, first)
     assert "INFO inside the redirect" in log and f"INFO logger line from {first.request_id}" in log, log
     second = await _call(engine, "plain")
     assert second.result == first.result, second
-    assert f"INFO logger line from {second.request_id}" in (await engine.read_log(second.request_id)).decode()
+    assert f"INFO logger line from {second.request_id}" in await _log(engine, second)
 
 
 STREAMS = """\
@@ -330,29 +342,21 @@ def main_handler(event, context):
 """
 
 
-@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
-async def test_an_instance_whose_stdout_objects_a_run_replaced_is_not_reused(
-    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [("replace", "closed or replaced its stdout or stderr"), ("replace stdin", "closed or replaced its stdin")],
+    ids=["stdout", "stdin"],
+)
+async def test_an_instance_whose_standard_stream_objects_a_run_replaced_is_not_reused(
+    serve: Serve, how: str, said: str
 ) -> None:
-    engine = await start_engine(_manifest(fork_instances), {"f.py": STREAMS})
-    replaced = await _call(engine, "replace")
+    engine = await serve(STREAMS)
+    replaced = await _call(engine, how)
     assert replaced.status == Status.FINISHED, replaced
-    assert "closed or replaced its stdout or stderr" in (await engine.read_log(replaced.request_id)).decode()
+    assert said in await _log(engine, replaced)
     after = await _call(engine, "print")
     assert after.status == Status.FINISHED and after.result != replaced.result, after
-    assert f"printed by {after.request_id}" in (await engine.read_log(after.request_id)).decode()
-
-
-@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
-async def test_an_instance_whose_stdin_object_a_run_replaced_is_not_reused(
-    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool
-) -> None:
-    engine = await start_engine(_manifest(fork_instances), {"f.py": STREAMS})
-    replaced = await _call(engine, "replace stdin")
-    assert replaced.status == Status.FINISHED, replaced
-    assert "closed or replaced its stdin" in (await engine.read_log(replaced.request_id)).decode()
-    after = await _call(engine, "print")
-    assert after.status == Status.FINISHED and after.result != replaced.result, after
+    assert f"printed by {after.request_id}" in await _log(engine, after)
 
 
 MEMORY = """\
@@ -371,16 +375,15 @@ def main_handler(event, context):
 """
 
 
-@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
 @pytest.mark.parametrize(("how", "traceback"), [("threads", "can't start new thread"), ("mmap", "[Errno 12]")])
 async def test_memory_past_the_limit_by_a_thread_or_a_mapping_is_memory_limit_exceeded(
-    start_engine: Callable[..., Awaitable[Engine]], fork_instances: bool, how: str, traceback: str
+    serve: Serve, how: str, traceback: str
 ) -> None:
-    engine = await start_engine(_manifest(fork_instances, 'memory_limit = "100MB"\n'), {"f.py": MEMORY})
+    engine = await serve(MEMORY, 'memory_limit = "100MB"\n')
     answer = await _call(engine, how)
     assert (answer.status, answer.error_type) == (Status.FAILED, "MemoryLimitExceeded"), answer
     assert answer.error_message.startswith("the function ran out of memory: its memory_limit is 100 MB"), answer
-    assert traceback in (await engine.read_log(answer.request_id)).decode()
+    assert traceback in await _log(engine, answer)
     again = await _call(engine, "none")
     assert (again.status, again.result) == (Status.FINISHED, "fits"), again
 

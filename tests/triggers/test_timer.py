@@ -299,27 +299,28 @@ def timer(name: str = "nightly", cron: str = "* * * * * * *", **more: Any) -> di
     return {"type": "timer", "name": name, "cron": cron, **more}
 
 
-def test_a_bad_cron_is_refused_naming_function_trigger_and_problem() -> None:
+def refusal(*triggers: dict[str, Any]) -> str:
+    """The ManifestError a TimerTrigger of a function with these triggers is refused with."""
     with pytest.raises(ManifestError) as caught:
-        TimerTrigger(FakeEngine(), manifest(timer(cron="0 0 25 * * * *")))
-    message = str(caught.value)
+        TimerTrigger(FakeEngine(), manifest(*triggers))
+    return str(caught.value)
+
+
+def test_a_bad_cron_is_refused_naming_function_trigger_and_problem() -> None:
+    message = refusal(timer(cron="0 0 25 * * * *"))
     assert "functions.report.triggers[0]" in message, message
     assert "'nightly'" in message and "cron '0 0 25 * * * *'" in message, message
     assert "hour field '25'" in message, message
 
 
 def test_a_bad_zone_is_refused_naming_function_trigger_and_problem() -> None:
-    with pytest.raises(ManifestError) as caught:
-        TimerTrigger(FakeEngine(), manifest(timer(), timer(name="later", timezone="Asia/Shangai")))
-    message = str(caught.value)
+    message = refusal(timer(), timer(name="later", timezone="Asia/Shangai"))
     assert "functions.report.triggers[1] (timer 'later'): timezone: unknown time zone 'Asia/Shangai'" in message
     assert "did you mean 'Asia/Shanghai'" in message
 
 
 def test_every_bad_trigger_is_listed_at_once() -> None:
-    with pytest.raises(ManifestError) as caught:
-        TimerTrigger(FakeEngine(), manifest(timer(cron="nope"), timer(name="b", timezone="Nowhere"), timer(name="c")))
-    lines = str(caught.value).splitlines()
+    lines = refusal(timer(cron="nope"), timer(name="b", timezone="Nowhere"), timer(name="c")).splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith("functions.report.triggers[0] (timer 'nightly'): cron 'nope'")
     assert lines[1].startswith("functions.report.triggers[1] (timer 'b'): timezone")
@@ -383,6 +384,20 @@ class FakeEngine:
         self.state[key] = value
 
 
+async def state_once_accepted(engine: FakeEngine, config: Manifest, runs: int = 1, seconds: float = 5) -> dict[str, Any]:
+    """Run a TimerTrigger until `engine` has accepted `runs` runs (failing after `seconds`): its state then."""
+    async with TimerTrigger(engine, config) as trigger:
+        async with asyncio.timeout(seconds):
+            while len(engine.accepted) < runs:
+                await asyncio.sleep(0.05)
+        return trigger.state()
+
+
+def by_trigger(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A timer state's schedules, by trigger name."""
+    return {s["Trigger"]: s for s in state["Schedules"]}
+
+
 async def test_every_second_fires_each_slot_once_in_order() -> None:
     engine = FakeEngine()
     async with TimerTrigger(engine, manifest(timer(payload={"k": 1}))) as trigger:
@@ -431,7 +446,7 @@ async def test_overlap_false_skips_while_a_run_is_active() -> None:
     busy = manifest(timer(overlap=False), timer(name="free"))
     async with TimerTrigger(engine, busy) as trigger:
         await asyncio.sleep(1.6)
-        schedules = {s["Trigger"]: s for s in trigger.state()["Schedules"]}
+        schedules = by_trigger(trigger.state())
     assert {e.source for e in engine.accepted} == {"timer://report/free"}
     assert schedules["nightly"]["Fired"] == 0 and schedules["nightly"]["Skipped"] >= 1
     assert "timer:report/nightly" in engine.state, "a skipped slot is still remembered as handled"
@@ -441,11 +456,8 @@ async def test_overlap_false_skips_while_a_run_is_active() -> None:
 async def test_a_slot_the_store_cannot_take_is_tried_again_until_it_can(overlap: bool) -> None:
     engine = FakeEngine()
     engine.refusals = 2  # 0.5 s, then 1 s: the store is back before the next slot, 2 s on
-    async with TimerTrigger(engine, manifest(timer(cron="*/2 * * * * * *", overlap=overlap))) as trigger:
-        async with asyncio.timeout(10):
-            while len(engine.accepted) < 2:
-                await asyncio.sleep(0.05)
-        [schedule] = trigger.state()["Schedules"]
+    state = await state_once_accepted(engine, manifest(timer(cron="*/2 * * * * * *", overlap=overlap)), 2, seconds=10)
+    [schedule] = state["Schedules"]
     ids = [e.id for e in engine.accepted]
     if not overlap:
         assert engine.refused == ["active", "active"]
@@ -458,11 +470,7 @@ async def test_a_slot_the_store_cannot_take_is_tried_again_until_it_can(overlap:
 async def test_a_slot_the_store_cannot_take_before_the_next_is_due_gives_way_to_it() -> None:
     engine = FakeEngine()
     engine.refusals = 3  # 0.5 + 1 + 2 s: past the next slot, a second on
-    async with TimerTrigger(engine, manifest(timer())) as trigger:
-        async with asyncio.timeout(10):
-            while not engine.accepted:
-                await asyncio.sleep(0.05)
-        [schedule] = trigger.state()["Schedules"]
+    [schedule] = (await state_once_accepted(engine, manifest(timer()), seconds=10))["Schedules"]
     assert schedule["Failure"] is None and schedule["Errors"] >= 1, schedule
     assert engine.accepted[0].id not in engine.refused[:1]  # a later slot fired in its place
 
@@ -475,12 +483,8 @@ async def test_a_schedule_stopped_by_an_error_reads_failed_with_no_next_slot() -
         raise ConnectionRefusedError("an error the timer does not expect")
 
     engine.active = broken  # type: ignore[method-assign]
-    async with TimerTrigger(engine, manifest(timer(overlap=False), timer(name="free"))) as trigger:
-        async with asyncio.timeout(5):
-            while not engine.accepted:
-                await asyncio.sleep(0.05)
-        state = trigger.state()
-    schedules = {s["Trigger"]: s for s in state["Schedules"]}
+    state = await state_once_accepted(engine, manifest(timer(overlap=False), timer(name="free")))
+    schedules = by_trigger(state)
     assert state["Status"] == "failed"
     assert schedules["nightly"]["Failure"] == "ConnectionRefusedError: an error the timer does not expect"
     assert schedules["nightly"]["NextFire"] is None
@@ -491,12 +495,8 @@ async def test_a_schedule_whose_dates_have_all_passed_starts_says_so_and_never_f
     # Refused at start it would stop a server whose manifest was valid the day before.
     engine = FakeEngine()
     past = "0 0 0 1 1 ? 2020"
-    async with TimerTrigger(engine, manifest(timer(cron=past), timer(name="free"))) as trigger:
-        async with asyncio.timeout(5):
-            while not engine.accepted:
-                await asyncio.sleep(0.05)
-        state = trigger.state()
-    schedules = {s["Trigger"]: s for s in state["Schedules"]}
+    state = await state_once_accepted(engine, manifest(timer(cron=past), timer(name="free")))
+    schedules = by_trigger(state)
     assert state["Status"] == "running"
     assert schedules["nightly"]["NextFire"] is None and schedules["nightly"]["Failure"] is None
     assert schedules["nightly"]["Fired"] == 0 and schedules["free"]["NextFire"] is not None
