@@ -501,9 +501,18 @@ def _duration(value: Any) -> str:
 def _json(value: Any) -> str:
     """Indented JSON for stdout: characters as they are where stdout's encoding has them all,
     else as JSON's escapes (`\\ud83d\\ude00`), since the escapes that stdout's backslashreplace
-    would write (`\\U0001f600`, `\\xe9`) are not JSON."""
+    would write (`\\U0001f600`, `\\xe9`) are not JSON. Control characters are JSON's escapes
+    either way (`\\u001b`, and `\\u007f`, `\\u009b` too, which json leaves as they are), so
+    that text a server sent cannot drive the terminal."""
     text = json.dumps(value, indent=2, ensure_ascii=False)
-    return text if _encodable(text, sys.stdout) else json.dumps(value, indent=2)
+    if not _encodable(text, sys.stdout):
+        return json.dumps(value, indent=2)
+    # (Outside strings, JSON holds only ASCII below DEL: escaping these anywhere keeps it valid.)
+    return text.translate(_JSON_CONTROLS)
+
+
+_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
+"""DEL and the C1 controls, as JSON's escapes (json.dumps escapes the C0 controls itself)."""
 
 
 def _encodable(text: str, stream: Any) -> bool:
@@ -520,12 +529,12 @@ def _cell(value: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, two spaces apart, no trailing blanks."""
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-        for row in [headers, *rows]
-    )
+    """Columns padded to their widest cell, two spaces apart, no trailing blanks. Cells hold
+    what the server sent (a function's name, a trigger's): their control characters are shown
+    escaped (`\\x1b`, `\\n`), so none can drive the terminal or break a row."""
+    shown = [[printable(str(cell)) for cell in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in shown) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in shown)
 
 
 def _quote(segment: str) -> str:
@@ -651,11 +660,14 @@ def _time_or_ago(text: str) -> str:
         except OverflowError:  # further back than datetime goes
             when = start
         return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    # What the server's list and replay take (datetime.fromisoformat, with a zone).
+    from eventrun.engine.envelope import is_rfc3339
+
+    # What the server's list and replay take: datetime.fromisoformat, with a zone, and RFC 3339's
+    # leap second (23:59:60Z), which datetime refuses.
     try:
         zoned = datetime.fromisoformat(text.strip().upper()).tzinfo is not None
     except ValueError:
-        zoned = False
+        zoned = is_rfc3339(text.strip())
     if not zoned:
         raise argparse.ArgumentTypeError(
             "expected an RFC 3339 time with its zone (e.g. 2026-12-05T08:00:00Z) "

@@ -719,6 +719,19 @@ def test_json_output_keeps_the_characters_a_utf8_stdout_has(stand_in: StandIn, c
     assert status == 0 and '"face": "\U0001f600"' in out and '"caf\u00e9": 1' in out, out
 
 
+def test_status_json_escapes_every_control_character(stand_in: StandIn, capsys: Any) -> None:
+    # json escapes C0 itself; DEL and C1 (a terminal may read \x9b as CSI) it leaves as they are.
+    message = "\x1b[2Jred\x7f\x80\x85\x9b31m\x9f caf\u00e9 \u00a0"
+    invocation = _invocation("req-1", "FAILED", ErrorMessage=message, Result={"\x9bkey": ["\x7f"]})
+    stand_in.invocations["req-1"] = [invocation]
+    status, out, err = run(capsys, "status", "req-1", "--url", stand_in.url)
+    assert (status, err) == (0, "")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)
+    assert "\\u001b[2Jred\\u007f\\u0080\\u0085\\u009b31m\\u009f caf\u00e9 \u00a0" in out, out
+    assert '"\\u009bkey": [' in out and '"\\u007f"' in out, out
+    assert json.loads(out) == invocation
+
+
 def test_terminate_prints_the_final_status(stand_in: StandIn, capsys: Any) -> None:
     assert run(capsys, "terminate", "req-1", "--url", stand_in.url) == (0, "ABORTED\n", "")
     assert len(stand_in.calls("POST", "/invocations/req-1/terminate")) == 1
@@ -761,6 +774,23 @@ def test_list_prints_a_table_and_passes_the_filters(stand_in: StandIn, capsys: A
     [call] = stand_in.calls("GET", "/invocations")
     # The table shows no results, so none are asked for.
     assert call.query == {"function": "thumbnail", "status": "RUNNING", "limit": "5", "results": "false"}
+
+
+GARBLING = "\x1b[2J\x1b]0;owned\x07bad\r\nreq-0  fake  FINISHED\x7f\x9b1m"  # clear, retitle, a made-up row, DEL, C1 CSI
+GARBLING_SHOWN = "\\x1b[2J\\x1b]0;owned\\x07bad\\r\\nreq-0  fake  FINISHED\\x7f\\x9b1m"
+
+
+def test_list_cells_show_control_characters_escaped(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.listing = {
+        "Invocations": [_invocation("req-1", "FAILED", FunctionName=GARBLING, ErrorMessage="boom\nline 2")],
+        "NextCursor": None,
+    }
+    status, out, err = run(capsys, "list", "--url", stand_in.url)
+    assert (status, err) == (0, "")
+    assert out == (
+        "RequestId  FunctionName" + " " * (len(GARBLING_SHOWN) - 10) + "Status  CreatedAt             DurationMs\n"
+        f"req-1      {GARBLING_SHOWN}  FAILED  2024-05-01T10:00:00Z  -\n"
+    ), out
 
 
 def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
@@ -866,6 +896,13 @@ def test_replay_sends_the_filter_with_times_as_rfc_3339(stand_in: StandIn, capsy
     assert body == {"Until": "2026-12-05T08:00:00+01:00", "Limit": 1000, "Status": "FAILED", "DryRun": False}
 
 
+def test_replay_takes_a_leap_second(stand_in: StandIn, capsys: Any) -> None:
+    argv = ("--since", "2016-12-31T23:59:60Z", "--until", "2016-12-31t23:59:60.5z", "--url", stand_in.url)
+    assert run(capsys, "replay", "--function", "thumbnail", *argv) == (0, "old-1 -> new-1\n", "1 runs replayed\n")
+    body = json.loads(stand_in.calls("POST", "/functions/thumbnail/replay")[0].body)
+    assert (body["Since"], body["Until"]) == ("2016-12-31T23:59:60Z", "2016-12-31t23:59:60.5z")
+
+
 def test_replay_of_one_run_prints_the_new_request_id(stand_in: StandIn, capsys: Any) -> None:
     assert run(capsys, "replay", "old-1", "--url", stand_in.url) == (0, "new-old-1\n", "")
     assert len(stand_in.calls("POST", "/invocations/old-1/replay")) == 1
@@ -946,6 +983,9 @@ def test_client_checks_match_the_servers() -> None:
     for text in (
         "2026-12-05T08:00:00Z", "2026-12-05T08:00:00.123+05:30", " 2026-12-05T08:00:00-00:00 ", "2026-12-05",
         "2026-12-05T08:00:00", "yesterday", "2026-13-05T08:00:00Z", "2026-12-05 08:00:00Z",
+        # A leap second: RFC 3339's, with its zone (as is_rfc3339 takes it), and nothing else.
+        "2016-12-31T23:59:60Z", "2016-12-31t23:59:60.5z", " 2016-12-31T18:59:60-05:00 ", "2016-12-31T23:59:61Z",
+        "2016-12-31T23:59:60", "2016-12-31 23:59:60Z", "2016-12-31T23:60:60Z",
     ):
         try:
             _parse_time("since", text)
@@ -997,6 +1037,26 @@ def test_functions_prints_a_table(stand_in: StandIn, capsys: Any) -> None:
         "echo          no     90.5s    1            -\n"
         "orders        yes    15m      10           kafka:orders\n",
         "",
+    )
+
+
+def test_functions_cells_show_control_characters_escaped(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.functions = {
+        "Functions": [
+            {
+                "FunctionName": GARBLING,
+                "AsyncExecution": True,
+                "Timeout": "\x1b[5m",
+                "Concurrency": 1,
+                "Triggers": [{"Type": "s3", "Bucket": "up\nloads"}, {"Type": "timer", "Name": "\x9b2J"}],
+            }
+        ]
+    }
+    status, out, err = run(capsys, "functions", "--url", stand_in.url)
+    assert (status, err) == (0, "")
+    assert out == (
+        "FunctionName" + " " * (len(GARBLING_SHOWN) - 10) + "Async  Timeout  Concurrency  Triggers\n"
+        f"{GARBLING_SHOWN}  yes    \\x1b[5m  1            s3:up\\nloads,timer:\\x9b2J\n"
     )
 
 

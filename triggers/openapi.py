@@ -50,11 +50,11 @@ _INVOCATION: dict[str, Any] = {
         "Result": {"description": "The handler's return value (JSON), null until FINISHED"},
         "ErrorType": _nullable("string"),
         "ErrorMessage": _nullable("string"),
-        "ReplayOf": {**_nullable("string"), "description": "GET /invocations/{RequestId}: the run this one replays"},
+        "ReplayOf": {**_nullable("string"), "description": "GET /invocations/{RequestId} and its terminate: the run this one replays"},
         "Replays": {
             "type": "array",
             "items": {"type": "string"},
-            "description": "GET /invocations/{RequestId}: the runs that replay this one, oldest first",
+            "description": "GET /invocations/{RequestId} and its terminate: the runs that replay this one, oldest first",
         },
     },
 }

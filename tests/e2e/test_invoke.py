@@ -296,3 +296,20 @@ async def test_function_registry(eventrun_server, http, handler):
     assert health.status == 200
     metrics = await api.request("GET", "/metrics")
     assert metrics.status == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+
+
+async def test_terminate_answers_the_run_as_get_does_with_its_replay_links(eventrun_server, http, handler):
+    server = eventrun_server({"sleepy": {"handler": handler("sleepy")}})
+    api = server.client(http)
+    original = await api.accepted("sleepy", {"seconds": 60, "quiet": True})
+    assert (await api.terminate(original)).status == 200
+    replay = await api.request("POST", f"/invocations/{original}/replay")
+    assert replay.status == 202, replay.text
+    again = replay.json["RequestId"]
+    await api.wait_for(again, {"RUNNING"}, timeout=20)
+    terminated = await api.terminate(again)
+    assert terminated.status == 200, terminated.text
+    assert terminated.json["Status"] == "ABORTED"
+    assert (terminated.json["ReplayOf"], terminated.json["Replays"]) == (original, []), terminated.json
+    assert terminated.json == await api.status(again)
+    assert (await api.status(original))["Replays"] == [again]

@@ -490,6 +490,37 @@ async def test_list_times_may_be_written_in_lower_case(client: TestClient, engin
     assert (engine.list_calls[0]["since"], engine.list_calls[0]["until"]) == (1796457600000, 1796457600000)
 
 
+LEAP_END = 1483228800000  # 2017-01-01T00:00:00Z, the second after the leap second 2016-12-31T23:59:60Z
+
+
+@pytest.mark.parametrize(
+    ("given", "millis"),
+    [
+        ("2016-12-31T23:59:60Z", LEAP_END),  # (the same instant as the next second's start, as Unix time has it)
+        ("2016-12-31t23:59:60.250z", LEAP_END + 250),
+        ("2016-12-31T18:59:60-05:00", LEAP_END),
+        (" 2016-12-31T23:59:60+00:00 ", LEAP_END),
+        ("2017-01-01T00:00:00Z", LEAP_END),
+        ("9999-12-31T23:59:60Z", 253402300800000),  # (a second past what datetime holds)
+    ],
+)
+async def test_list_times_may_be_in_a_leap_second(client: TestClient, engine: FakeEngine, given: str, millis: int) -> None:
+    # RFC 3339 (and eventrun's own check of an envelope's time) allows a second of 60.
+    response = await client.get("/invocations", params={"since": given, "until": given})
+    assert response.status == 200, await response.text()
+    assert (engine.list_calls[0]["since"], engine.list_calls[0]["until"]) == (millis, millis)
+
+
+@pytest.mark.parametrize("given", ["2016-12-31T23:59:61Z", "2016-12-31T23:59:60", "2016-12-31 23:59:60Z", "2016-12-31T23:60:60Z"])
+async def test_a_second_past_60_or_a_leap_second_without_its_zone_is_refused(
+    client: TestClient, engine: FakeEngine, given: str
+) -> None:
+    response = await client.get("/invocations", params={"since": given})
+    assert response.status == 400
+    assert "since: expected an RFC 3339 time with its zone" in (await _error(response))["Message"]
+    assert engine.list_calls == []
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
@@ -650,6 +681,16 @@ async def test_terminate_answers_the_aborted_invocation(client: TestClient, engi
     assert response.status == 200
     body = await response.json()
     assert body["RequestId"] == "r1" and body["Status"] == "ABORTED"
+
+
+async def test_terminate_answers_the_fields_get_gives_for_the_run(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    engine.links_answer = ("r0", ["r2", "r3"])
+    response = await client.post("/invocations/r1/terminate")
+    assert response.status == 200
+    terminated = await response.json()
+    assert terminated["ReplayOf"] == "r0" and terminated["Replays"] == ["r2", "r3"], terminated
+    assert terminated == await (await client.get("/invocations/r1")).json()
 
 
 async def test_terminate_an_ended_run_is_409(client: TestClient, engine: FakeEngine) -> None:
@@ -936,6 +977,36 @@ async def test_extra_routes_share_the_engine_and_the_error_table(engine: FakeEng
         assert await _error(unauthorized) == {"Code": "Unauthorized", "Message": "bad token"}
         document = await (await test_client.get("/openapi.json")).json()
         assert document["paths"]["/triggers/s3"]["post"]["summary"] == "MinIO webhook"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "why"),
+    [
+        (None, "no token was sent"),
+        ("", "no token was sent"),
+        ("Bearer", "no token was sent"),
+        ("Bearer   ", "no token was sent"),
+        ("Basic dXNlcjpwYXNz", "no token was sent"),
+        ("Bearer wrong-token", "the token does not match"),
+        ("bearer s3cret-token-", "the token does not match"),
+    ],
+)
+async def test_a_401_says_whether_no_token_was_sent_or_it_does_not_match(
+    engine: FakeEngine, authorization: str | None, why: str
+) -> None:
+    engine.manifest = Manifest(server=ServerConfig(ui_token="s3cret-token"), functions=engine.manifest.functions)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    async with TestClient(TestServer(build_app(engine))) as test_client:  # type: ignore[arg-type]
+        refused = await test_client.get("/functions", headers=headers)
+        assert refused.status == 401
+        assert refused.headers["WWW-Authenticate"] == 'Bearer realm="eventrun"'
+        assert await _error(refused) == {
+            "Code": "Unauthorized",
+            "Message": f"this server asks for its ui_token and {why}: send the header Authorization: Bearer <ui_token>",
+        }
+        assert "wrong-token" not in await refused.text()
+        allowed = await test_client.get("/functions", headers={"Authorization": "BEARER s3cret-token"})
+        assert allowed.status == 200
 
 
 # --- the server lifecycle ------------------------------------------------------------------

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from eventrun.engine.api import Status
-from eventrun.engine.envelope import dumps, loads
+from eventrun.engine.api import Invocation, Status
+from eventrun.engine.envelope import dumps, is_rfc3339, loads
 from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 
 from ..openapi import openapi_document
@@ -133,10 +133,15 @@ async def invoke(request: web.Request) -> web.Response:
 async def get_invocation(request: web.Request) -> web.Response:
     """GET /invocations/{request_id}, with the runs it is linked to by replays."""
     engine = _engine(request)
-    request_id = _request_id(request)
-    answer = invocation_json(await engine.get(request_id))
-    answer["ReplayOf"], answer["Replays"] = await engine.links(request_id)
-    return json_response(answer)
+    return json_response(await _invocation_answer(engine, await engine.get(_request_id(request))))
+
+
+async def _invocation_answer(engine: Engine, invocation: Invocation) -> dict[str, Any]:
+    """One invocation as GET /invocations/{request_id} answers it (and terminate, for the same
+    run): its fields, and the runs it is linked to by replays."""
+    answer = invocation_json(invocation)
+    answer["ReplayOf"], answer["Replays"] = await engine.links(invocation.request_id)
+    return answer
 
 
 async def replay(request: web.Request) -> web.Response:
@@ -238,13 +243,18 @@ def _parse_time(name: str, raw: str) -> int | None:
     """An RFC 3339 time (with a zone; Z for UTC) as Unix milliseconds."""
     if not raw:
         return None
+    text = raw.strip().upper()  # (RFC 3339 allows a lower-case t and z)
+    # A leap second (23:59:60Z), which RFC 3339 and is_rfc3339 allow and datetime refuses, is the
+    # same instant as the next second's start (plus its fraction), as Unix time counts it.
+    # (is_rfc3339 fixes where the second is: YYYY-MM-DDTHH:MM:SS.)
+    leap = is_rfc3339(text) and text[17:19] == "60"
     try:
-        when = datetime.fromisoformat(raw.strip().upper())  # (RFC 3339 allows a lower-case t and z)
+        when = datetime.fromisoformat(f"{text[:17]}59{text[19:]}" if leap else text)
     except ValueError:
         when = None
     if when is None or when.tzinfo is None:
         raise InvalidParameter(f"{name}: expected an RFC 3339 time with its zone, e.g. 2026-12-05T08:00:00Z, got {raw!r}")
-    return max(0, int(when.timestamp() * 1000))  # (before 1970: from the start)
+    return max(0, int(when.timestamp() * 1000) + (1000 if leap else 0))  # (before 1970: from the start)
 
 
 def _parse_status(name: str, raw: str) -> Status | None:
@@ -334,8 +344,8 @@ async def _send_pieces(request: web.Request, pieces: AsyncIterator[bytes], heade
 
 async def terminate(request: web.Request) -> web.Response:
     """POST /invocations/{request_id}/terminate."""
-    invocation = await _engine(request).terminate(_request_id(request))
-    return json_response(invocation_json(invocation))
+    engine = _engine(request)
+    return json_response(await _invocation_answer(engine, await engine.terminate(_request_id(request))))
 
 
 async def list_functions(request: web.Request) -> web.Response:
@@ -381,14 +391,19 @@ def token_middleware(token: str) -> Any:
             return await handler(request)
         # surrogateescape: aiohttp keeps header bytes that are not UTF-8 as lone surrogates.
         scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), expected):
-            return error_response(
-                401,
-                "Unauthorized",
-                "this server asks for its ui_token: send the header Authorization: Bearer <ui_token>",
-                {hdrs.WWW_AUTHENTICATE: 'Bearer realm="eventrun"'},
-            )
-        return await handler(request)
+        sent = given.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
+        if not sent:
+            why = "no token was sent"
+        elif not hmac.compare_digest(sent, expected):
+            why = "the token does not match"  # (never echoed: it may be a secret of another server)
+        else:
+            return await handler(request)
+        return error_response(
+            401,
+            "Unauthorized",
+            f"this server asks for its ui_token and {why}: send the header Authorization: Bearer <ui_token>",
+            {hdrs.WWW_AUTHENTICATE: 'Bearer realm="eventrun"'},
+        )
 
     return ask_for_token
 
