@@ -187,7 +187,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     # the run as it stands); an async one 202 at once.
     ended = answer if status == 200 and "Status" in answer else None
     if not args.wait:
-        print(request_id)
+        print(printable(str(request_id)))
         if ended is not None:
             _raise_unless_finished(client, request_id, ended)
         return 0
@@ -333,7 +333,7 @@ def cmd_terminate(args: argparse.Namespace) -> int:
     if status not in TERMINAL:
         # The kill may still be under way (a grace period); wait a little for the end.
         status = _wait(client, args.request_id, time.monotonic() + TERMINATE_WAIT).get("Status")
-    print(status)
+    print(printable(str(status)))
     return 0
 
 
@@ -382,7 +382,8 @@ def _replay_matching(client: Client, args: argparse.Namespace) -> int:
         headers={"Content-Type": "application/json"},
     )
     for pair in answer["Replayed"]:
-        print(pair["ReplayOf"] if args.dry_run else f"{pair['ReplayOf']} -> {pair['RequestId']}")
+        shown = pair["ReplayOf"] if args.dry_run else f"{pair['ReplayOf']} -> {pair['RequestId']}"
+        print(printable(shown))
     what = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(answer['Replayed'])} runs {what}", file=sys.stderr)
     return 0
@@ -394,7 +395,7 @@ def _replay_one(client: Client, request_id: str, *, dry_run: bool) -> int:
     replaying nothing."""
     if not dry_run:
         _, answer = client.call("POST", f"/invocations/{_quote(request_id)}/replay")
-        print(answer["RequestId"])
+        print(printable(str(answer["RequestId"])))
         return 0
     invocation = _get_invocation(client, request_id)
     status, function = str(invocation.get("Status")), str(invocation.get("FunctionName"))

@@ -186,11 +186,18 @@ _OPENER = urllib.request.build_opener()
 _PATIENT = urllib.request.build_opener(_PatientHandler)
 
 
+_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+"""Unicode categories printed escaped: controls, invisible formats (bidi overrides, zero widths),
+line and paragraph separators."""
+
+
 def printable(text: str) -> str:
-    """`text` on one line, its control characters (ESC, BEL, CR, line ends, C1 codes, ...) shown
-    escaped as `\\x1b`, so that text a server sent cannot drive the terminal it is printed on."""
+    """`text` on one line, its control characters (ESC, BEL, CR, line ends, C1 codes, ...) and
+    invisible ones (U+202E, which turns the rest of a line around; U+2028) shown escaped, as
+    `\\x1b` or `\\u202e`, so that text a server sent cannot drive or disguise the terminal it is
+    printed on."""
     return "".join(
-        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) == "Cc" else char
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in _UNSHOWN else char
         for char in text
     )
 

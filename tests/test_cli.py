@@ -744,6 +744,18 @@ def test_terminate_waits_for_a_kill_under_way(stand_in: StandIn, capsys: Any) ->
     assert len(stand_in.calls("GET", "/invocations/req-1")) == 2
 
 
+def test_a_terminate_answer_cannot_drive_the_terminal(stand_in: StandIn, capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(cli, "TERMINATE_WAIT", 0.2)  # (a status that is no end is waited on a while)
+    stand_in.terminated["req-1"] = {"RequestId": "req-1", "Status": "\x1b[2JABORTED\u202e"}
+    stand_in.invocations["req-1"] = [{"RequestId": "req-1", "Status": "\x1b[2JABORTED\u202e"}]
+    assert run(capsys, "terminate", "req-1", "--url", stand_in.url) == (0, "\\x1b[2JABORTED\\u202e\n", "")
+
+
+def test_printable_shows_invisible_and_turning_characters_escaped() -> None:
+    # U+202E turns the rest of the line around; U+2028 ends a line on some terminals; U+200B is unseen.
+    assert client.printable("a\u202eb\u2028c\u200bd\u00e9 \u00a0") == "a\\u202eb\\u2028c\\u200bd\u00e9 \u00a0"
+
+
 def test_terminate_an_ended_run(stand_in: StandIn, capsys: Any) -> None:
     assert run(capsys, "terminate", "ended", "--url", stand_in.url) == (
         1,
