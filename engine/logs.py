@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -20,6 +21,10 @@ FOLLOW_CHUNK = 1 << 20
 FOLLOWER_LAG = 1 << 20
 """Bytes of live lines a follower may have waiting; past them it reads on from the run's file."""
 
+FILE_CHECK_EVERY = 1.0
+"""Seconds between two looks, while a run writes, at whether its file was removed (and at its end)."""
+
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND  # (read too: should it be removed, what it held is copied)
 _Lines = tuple[list[str], "int | None", int]  # (stamped lines, their end in the run's file or None, their size)
 _END = None  # what a follower's queue receives when the run has ended
 _BEHIND: _Lines = ([], None, 0)  # ... when it fell behind: the lines it missed are read from the file
@@ -40,10 +45,12 @@ class _Follower:
 class _OpenLog:
     """The log of a run that is going on; its file is made with the first line."""
 
-    __slots__ = ("fd", "size", "truncated", "held", "unwritable")
+    __slots__ = ("fd", "path", "checked", "size", "truncated", "held", "unwritable")
 
     def __init__(self) -> None:
         self.fd: int | None = None
+        self.path = ""  # where its file is, once made
+        self.checked = 0.0  # when it was last seen at its path (time.monotonic)
         self.size = 0
         self.truncated = False
         self.held: list[str] = []  # stamped lines that go in with the first line written
@@ -105,11 +112,11 @@ class LogHub:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
         try:
-            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(file, _FLAGS, 0o644)
         except FileNotFoundError:  # the folder was removed behind our back: make it again
             os.makedirs(folder, exist_ok=True)
-            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        log.fd = fd
+            fd = os.open(file, _FLAGS, 0o644)
+        log.fd, log.path, log.checked = fd, file, time.monotonic()
         log.size = os.fstat(fd).st_size  # a log continued (e.g. noted after a restart) keeps its limit
         return fd
 
@@ -164,6 +171,8 @@ class LogHub:
             stamped = [*held, notice]
             data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
             log.truncated = True
+        if fd is not None and time.monotonic() - log.checked >= FILE_CHECK_EVERY:
+            fd = self._keep_file(request_id, log)
         if fd is not None:
             try:
                 os.write(fd, data)
@@ -174,6 +183,40 @@ class LogHub:
             self.sink(request_id, data)
         if request_id in self._followers:
             self._publish(request_id, stamped, None if log.fd is None else log.size, len(data))
+
+    def _keep_file(self, request_id: str, log: _OpenLog) -> int | None:
+        """The run's file; made again, with what it held, should it have been removed while the
+        run goes on (its folder cleaned up, or the data_dir's logs): its lines would go on into
+        a file no one can read. None if it cannot be made again (see _cannot_write)."""
+        removed = log.fd
+        assert removed is not None
+        log.checked = time.monotonic()
+        try:
+            if os.fstat(removed).st_nlink:
+                return removed
+            os.makedirs(os.path.dirname(log.path), exist_ok=True)
+            fd = os.open(log.path, _FLAGS, 0o644)
+        except OSError as exc:
+            self._cannot_write(request_id, log, exc)
+            return None
+        note = f"{now_rfc3339()} [eventrun] this log's file was removed while the run went on; made again with what it held\n"
+        try:
+            offset = 0
+            while chunk := os.pread(removed, FOLLOW_CHUNK, offset):
+                os.write(fd, chunk)
+                offset += len(chunk)
+            os.write(fd, note.encode())
+        except OSError as exc:
+            os.close(fd)
+            self._cannot_write(request_id, log, exc)
+            return None
+        os.close(removed)
+        log.fd = fd
+        log.size += len(note)
+        logger.warning(
+            "the log file of run %s was removed while the run went on; made it again (%s) with what it held", request_id, log.path
+        )
+        return fd
 
     def _cannot_write(self, request_id: str, log: _OpenLog, exc: OSError) -> None:
         """The run's file cannot be made or written (a full disk, no file descriptor left): the
@@ -200,6 +243,8 @@ class LogHub:
         """End a run's log and release its followers. With a sink (a shared store, which keeps
         the logs and is where they are read), the local file was only a spool and goes too."""
         log = self._open.pop(request_id, None)
+        if log is not None and log.fd is not None:
+            self._keep_file(request_id, log)  # (what was written since the last look goes in too)
         if log is not None and (log.fd is not None or log.unwritable):
             if log.fd is not None:
                 os.close(log.fd)

@@ -22,7 +22,7 @@ from .rows import (
     invocation, page_length,
 )
 from .writer import WriterProcess
-from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect, refused
+from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect, refused, unopenable
 
 __all__ = ["Batch", "InvocationStore", "NewInvocation", "SQLiteStore"]
 
@@ -160,6 +160,7 @@ class SQLiteStore:
         self._batch_limit = batch_limit
         self._writer: WriterProcess | None = None
         self._reader: sqlite3.Connection | None = None
+        self._reader_renewals = 0  # the writer's renewals (WriterProcess.renewals) the reader has followed
         self._by_request_id = False  # a store made before runs were keyed by seq (writes.by_request_id)
         self._lock: HeldLock | None = None  # the store's data_dir, held
         self._templates: dict[bytes, bytes] = {}  # the templates of Templated envelopes, by key
@@ -185,7 +186,7 @@ class SQLiteStore:
             self._by_request_id = by_request_id(self._reader)
             (last,) = self._reader.execute("SELECT max(seq) FROM invocations").fetchone()
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the store {self.path}: {type(exc).__name__}: {exc}") from exc
+            raise StoreError(f"cannot open the store {self.path}: {unopenable(self.path, exc)}") from exc
         issue_after(last or 0)  # new RequestIds, hence rows, come after every row the store holds
 
     async def start(self) -> None:
@@ -383,9 +384,23 @@ class SQLiteStore:
 
     @property
     def _db(self) -> sqlite3.Connection:
-        if self._reader is None:
+        writer = self._writer
+        if writer is None:
             raise RuntimeError("store is not open")
-        return self._reader
+        if self._reader is None or writer.renewals != self._reader_renewals:
+            self._renew_reader(writer.renewals)
+        return self._reader  # type: ignore[return-value]
+
+    def _renew_reader(self, renewals: int) -> None:
+        """Open the reading connection again, as the writer opened the store again (its -wal or
+        -shm file was removed): the old one would read the removed files, failing or stale."""
+        if self._reader is not None:
+            # Closed first: a connection opened beside it would share its (removed) -shm.
+            self._reader.close()
+            self._reader = None
+        self._reader = connect(self.path, check_same_thread=False)  # (should it fail, the next read tries again)
+        self._reader_renewals = renewals
+        logger.warning("the store %s was opened again by its writer (see its log); so was its reading connection", self.path)
 
     @_read
     async def get_state(self, key: str) -> str | None:

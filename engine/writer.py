@@ -17,6 +17,12 @@ half a microsecond a row, as much as building the rows.
 
 The writer ignores SIGINT and SIGTERM: it stops when the server says so, after committing what
 was queued, or when the server's end of the socket closes.
+
+Should the store's -wal or -shm file be removed (or replaced) under it, SQLite would go on
+writing to the removed file, and a crash would lose every commit it held. The writer notices
+it after each commit, before answering (see Checkpointer.moved), copies the removed WAL into
+the database file, opens the store again, and tells the server (the frame RENEWED), whose
+reading connection then opens it again too.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import functools
 import itertools
 import logging
 import operator
+import os
 import pickle
 import queue
 import signal
@@ -37,16 +44,20 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .api import Accepted
 from .errors import StoreError
 from .failures import FailureLog
-from .writes import ALL_NEW, REFUSAL_LOG_EVERY, Batch, Op, by_request_id, commit, connect, open_schema, refused
+from .writes import (
+    ALL_NEW, REFUSAL_LOG_EVERY, Batch, Op, by_request_id, commit, connect, open_schema, refused, unopenable,
+)
 
 logger = logging.getLogger(__name__)
 
 _READY = "ready"
+RENEWED = "renewed"
+"""A frame that is no answer: the writer opened the store's files again (its -wal or -shm was removed)."""
 _START_TIMEOUT = 60.0
 
 SEND_AT_ONCE = 100
@@ -79,6 +90,7 @@ class WriterProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._failed = False
+        self.renewals = 0  # how often the writer opened the store's files again (RENEWED)
         self._wait_ready(path)
 
     @property
@@ -180,6 +192,9 @@ class WriterProcess:
             outcomes = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
             return False
+        if outcomes == RENEWED:  # (the answers of the commit that found the files gone follow)
+            self.renewals += 1
+            return True
         for outcome in outcomes:
             op, future = self._pending.popleft()
             _settle(op, future, outcome)
@@ -245,14 +260,13 @@ def _settle(op: Op, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> N
 def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     """Open the store, then commit queued ops, up to `batch_limit` rows at a time, until told to stop."""
     try:
-        db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
+        db = open_writer(path)
         open_schema(db)
         keyed_by_request_id = by_request_id(db)
         checkpoints = Checkpointer(path)
     except (OSError, sqlite3.Error) as exc:
-        conn.send_bytes(pickle.dumps(f"{type(exc).__name__}: {exc}"))
+        conn.send_bytes(pickle.dumps(unopenable(path, exc)))
         return
-    db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's work, off the commit path
     conn.send_bytes(pickle.dumps(_READY))
     ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
     threading.Thread(target=_receive, args=(conn, ops), name="receive", daemon=True).start()
@@ -260,6 +274,9 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
         while batch := take(ops, batch_limit):
             outcomes = commit(db, batch, by_request_id=keyed_by_request_id)
             try:
+                if checkpoints.moved():  # before the answer: what it acknowledges must not stay in a removed WAL
+                    db = checkpoints.renew(db, functools.partial(open_writer, path))
+                    conn.send_bytes(pickle.dumps(RENEWED))
                 conn.send_bytes(_dumps(outcomes))
             except OSError:
                 break  # the server is gone; what was committed stays committed
@@ -267,6 +284,13 @@ def serve(conn: Connection, path: Path, batch_limit: int) -> None:
     finally:
         checkpoints.close()
         db.close()
+
+
+def open_writer(path: Path) -> sqlite3.Connection:
+    """The writer's connection to the store."""
+    db = connect(path, cached_statements=512)  # the multi-row statements come in a few dozen sizes
+    db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's work, off the commit path
+    return db
 
 
 class Checkpointer:
@@ -282,25 +306,85 @@ class Checkpointer:
     """
 
     def __init__(self, path: Path, *, interval: float = 0.2, limit: int = 64 * 1024 * 1024) -> None:
-        self._wal = Path(f"{path}-wal")
+        self._path = path
+        self._wal = f"{path}-wal"
+        self._shm = f"{path}-shm"
         self._interval = interval
         self._limit = limit
         self._conn = connect(path, check_same_thread=False)
+        self._files = self._identities()  # the -wal and -shm files the connections opened
+        self._wal_size: int | None = None  # as `moved` found it, for `committed`
         self._due = threading.Event()  # commits since the last checkpoint
         self._stopping = threading.Event()
         self._running = threading.Lock()  # held while a checkpoint runs
         self._failing = FailureLog(logger, every=REFUSAL_LOG_EVERY)  # (a full disk fails every one)
+        self._renewing = FailureLog(logger, every=REFUSAL_LOG_EVERY)  # (tried again after each commit)
         self._thread = threading.Thread(target=self._loop, name="checkpoint", daemon=True)
         self._thread.start()
+
+    def _identities(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        return _identity(self._wal), _identity(self._shm)
+
+    def moved(self) -> bool:
+        """Whether the store's -wal or -shm file was removed or replaced since the connections
+        opened it (two stat calls, about a microsecond each: cheap enough for every commit)."""
+        try:
+            wal = os.stat(self._wal)
+            shm = os.stat(self._shm)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # (cannot tell: a file SQLite could not reach either would fail the commit)
+        self._wal_size = wal.st_size
+        return (wal.st_dev, wal.st_ino) != self._files[0] or (shm.st_dev, shm.st_ino) != self._files[1]
+
+    def renew(self, db: sqlite3.Connection, reopen: Callable[[], sqlite3.Connection]) -> sqlite3.Connection:
+        """After `moved`: copy every commit into the database file (the connections still see the
+        removed WAL), then open the store again, which makes a new -wal and -shm; the writer's new
+        connection, or `db` should the copy not go through (the next commit tries again)."""
+        seen = dict(zip((self._wal, self._shm), self._files))
+        moved = " and ".join(
+            f"{name} was {'removed' if now is None else 'replaced'}"
+            for name, now in zip(seen, self._identities()) if now != seen[name]
+        ) or f"{self._wal} was removed"
+        with self._running:
+            error: sqlite3.Error | None = None
+            try:
+                busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as exc:
+                busy, error = 1, exc
+            if busy:
+                self._renewing.log(
+                    "%s while the store is open, and the commits SQLite went on writing to the removed WAL could not "
+                    "be copied into %s yet (%s): a crash would lose them; the next commit tries again",
+                    moved, self._path, error or "readers kept the checkpoint busy",
+                )
+                return db
+            self._conn.close()
+            db.close()
+            db = reopen()
+            self._conn = connect(self._path, check_same_thread=False)
+            self._files = self._identities()
+        self._renewing.recovered("the store's commits are in its database file again")
+        logger.error(
+            "%s while the store was open. SQLite goes on using a removed file: a crash loses the commits a removed WAL "
+            "holds, and a removed -shm leaves whatever opens the store next out of step with it. Every commit was "
+            "copied into %s and the store opened again with new files: nothing was lost. Do not remove the -wal or "
+            "-shm file of a running store.",
+            moved, self._path,
+        )
+        return db
 
     def committed(self, db: sqlite3.Connection) -> None:
         """After a commit: have the thread copy it in time; rein the WAL in if it grew too large."""
         self._due.set()
-        try:
-            oversized = self._wal.stat().st_size > self._limit
-        except OSError:
-            return
-        if oversized:
+        size, self._wal_size = self._wal_size, None  # (measured by `moved` just before, if it was called)
+        if size is None:
+            try:
+                size = os.stat(self._wal).st_size
+            except OSError:
+                return
+        if size > self._limit:
             self._empty_wal(db)
 
     def _empty_wal(self, db: sqlite3.Connection) -> None:
@@ -344,6 +428,15 @@ class Checkpointer:
             )
         else:
             self._failing.recovered("checkpoints go through again")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at `path` (its device and inode), None if there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def take(ops: queue.SimpleQueue[Op | None], limit: int) -> list[Op]:

@@ -23,6 +23,7 @@ import functools
 import itertools
 import logging
 import operator
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
@@ -257,6 +258,24 @@ def connect(path: Path, **options: Any) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+SQLITE_PATH_LIMIT = 504
+"""The longest store path, in bytes once absolute with its links resolved, that SQLite opens: its
+unix VFS keeps a path and its journal's ("-journal") within 512 bytes."""
+
+
+def unopenable(path: Path, exc: BaseException) -> str:
+    """Why the store at `path` cannot be opened, in a line: SQLite's reason ("unable to open
+    database file" says nothing of a path too long for it, so that is said instead)."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CANTOPEN:
+        length = len(os.fsencode(os.path.realpath(path)))
+        if length > SQLITE_PATH_LIMIT:
+            return (
+                f"its path is {length} bytes long, and SQLite opens paths of at most {SQLITE_PATH_LIMIT} bytes"
+                " (absolute, links resolved): give data_dir a shorter path"
+            )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def by_request_id(conn: sqlite3.Connection) -> bool:

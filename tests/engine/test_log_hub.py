@@ -386,3 +386,52 @@ async def test_a_follower_of_lines_no_file_holds_is_cut_off_rather_than_held(tmp
     await asyncio.wait_for(follower, 5)
     assert seen[-1] == "[eventrun] follower fell too far behind; read the log again to continue"
     assert 0 < len(seen) - 1 < 3000
+
+
+def test_a_log_folder_removed_while_its_run_writes_is_made_again_with_what_it_held(tmp_path: Path, caplog) -> None:
+    # The open file was removed with its folder and written on: the rest of the run's log went
+    # where no one could read it, silently.
+    hub = LogHub(tmp_path / "logs", limit=10_000)
+    request_id = new_id()
+    hub.write(request_id, ["before"])
+    shutil.rmtree(tmp_path / "logs")
+    hub.write(request_id, ["after"])
+    hub.note(request_id, "[eventrun] run ended")
+    hub.close(request_id)
+    lines = [line.split(" ", 1)[1] for line in hub.read(request_id).decode().splitlines()]
+    assert lines == [
+        "before",
+        "after",
+        "[eventrun] run ended",
+        "[eventrun] this log's file was removed while the run went on; made again with what it held",
+    ]
+    assert sum("was removed while the run went on" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_log_file_removed_is_made_again_while_its_run_goes_on(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(logs, "FILE_CHECK_EVERY", 0.0)  # (looked at with every write)
+    hub = LogHub(tmp_path, limit=10_000)
+    request_id = new_id()
+    hub.write(request_id, ["one"])
+    hub.path(request_id).unlink()
+    hub.write(request_id, ["two"])
+    assert [line.split(" ", 1)[1] for line in hub.read(request_id).decode().splitlines()] == [
+        "one",
+        "[eventrun] this log's file was removed while the run went on; made again with what it held",
+        "two",
+    ]
+    hub.write(request_id, ["three"])
+    hub.close(request_id)
+    assert hub.read(request_id).decode().endswith(" three\n")
+
+
+def test_a_removed_log_that_cannot_be_made_again_costs_the_file_not_the_run(tmp_path: Path, caplog) -> None:
+    hub = LogHub(tmp_path / "logs", limit=10_000)
+    request_id = new_id()
+    hub.write(request_id, ["before"])
+    shutil.rmtree(tmp_path / "logs")
+    (tmp_path / "logs").write_text("a file where the folder was")
+    hub.write(request_id, ["after"])
+    hub.close(request_id)  # no exception
+    assert hub.read(request_id) == b""
+    assert sum(f"cannot write the log of run {request_id}" in r.getMessage() for r in caplog.records) == 1

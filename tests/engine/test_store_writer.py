@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -11,6 +12,7 @@ import sqlite3
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -268,3 +270,95 @@ def test_a_checkpoint_emptying_an_oversized_wal_that_fails_leaves_the_writer_goi
     # (Once a while: the thread's own checkpoints, going through meanwhile, may end a series.)
     failed = {r.getMessage() for r in caplog.records if "checkpoint failed" in r.getMessage()}
     assert failed == {"checkpoint failed (database or disk is full); the next commit tries again"}, failed
+
+
+def crash_copy(path: Path, into: Path) -> sqlite3.Connection:
+    """What a crash (kill -9) would leave of the store: its file and the WAL at its path (the
+    -shm is only an index SQLite rebuilds), opened elsewhere."""
+    into.mkdir()
+    for suffix in ("", "-wal"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            (into / f"{path.name}{suffix}").write_bytes(source.read_bytes())
+    return sqlite3.connect(into / path.name)
+
+
+@contextlib.contextmanager
+def logged_store(path: Path) -> Iterator[SQLiteStore]:
+    """An open SQLite store (opened in the test's body, so that capfd captures its writer's log)."""
+    store = SQLiteStore(path)
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_a_wal_removed_under_the_writer_loses_no_commit_and_is_made_again(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # SQLite goes on writing to a removed WAL (an operator cleaning up, a backup tool), and a
+    # crash then lost every commit it held that no checkpoint had copied yet.
+    with logged_store(tmp_path / "eventrun.db") as store:
+        await _remove_the_wal(store, tmp_path)
+    lines = [line for line in capfd.readouterr().err.splitlines() if "eventrun store writer" in line]
+    wal = f"{tmp_path / 'eventrun.db'}-wal"
+    assert len(lines) == 1 and f"{wal} was removed while the store was open" in lines[0], lines
+    assert "nothing was lost" in lines[0]
+
+
+async def _remove_the_wal(store: SQLiteStore, tmp_path: Path) -> None:
+    first, second, third = row("1"), row("2"), row("3")
+    await store.accept([first])  # (the checkpoint thread copies it now, then waits its interval)
+    wal = Path(f"{store.path}-wal")
+    removed = wal.stat().st_ino
+    wal.unlink()
+    await store.accept([second])
+    pid = store.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # nothing more happens in the writer: a crash now
+    try:
+        crashed = crash_copy(store.path, tmp_path / "crashed")
+        ids = {rid for (rid,) in crashed.execute("SELECT request_id FROM invocations")}
+        crashed.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert ids == {first.request_id, second.request_id}
+    assert wal.exists() and wal.stat().st_ino != removed
+    await store.accept([third])  # written to the new WAL, and read through it
+    got = await store.get(third.request_id)
+    assert got is not None and got.status is Status.QUEUED
+
+
+async def test_a_shm_removed_under_the_writer_leaves_no_reader_on_the_old_one(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # With the writer on a new -shm and the server's reader on the removed one, the reader would
+    # no longer see new commits, and answer as if they had not been made.
+    shm = Path(f"{tmp_path / 'eventrun.db'}-shm")
+    with logged_store(tmp_path / "eventrun.db") as store:
+        await store.accept([row("1")])
+        shm.unlink()
+        await store.accept([row("2")])
+        later = row("3")
+        await store.accept([later])
+        got = await store.get(later.request_id)
+        assert got is not None and got.request_id == later.request_id
+        assert shm.exists()
+    lines = [line for line in capfd.readouterr().err.splitlines() if "eventrun store writer" in line]
+    assert len(lines) == 1 and f"{shm} was removed while the store was open" in lines[0], lines
+
+
+def test_a_store_path_too_long_for_sqlite_says_so(tmp_path: Path) -> None:
+    # SQLite's own word is "unable to open database file", which says nothing of the cause.
+    folder = tmp_path
+    while len(str(folder)) < 600:
+        folder = folder / ("d" * 100)
+    store = SQLiteStore(folder / "eventrun.db")
+    length = len(os.fsencode(store.path))
+    with pytest.raises(StoreError) as raised:
+        store.open()
+    assert str(raised.value) == (
+        f"cannot open the store {store.path}: its path is {length} bytes long, and SQLite opens paths of at most"
+        " 504 bytes (absolute, links resolved): give data_dir a shorter path"
+    )
