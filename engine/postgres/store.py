@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import secrets
 from datetime import datetime, timezone
 from dataclasses import dataclass
@@ -68,6 +69,21 @@ _FINISH_QUEUED = (
     " SELECT pg_notify('" + ENDED + "', function || ' ' || request_id::text),"
     " pg_notify('" + LOGGED + "', request_id::text) FROM ended"
 )
+
+
+# A state value's fencing token (see put_state): the same pattern in SQL and here.
+_FENCE = r'^[{]"fence":(-?[0-9]{1,18})[,}]'
+_PUT_STATE = (
+    "INSERT INTO state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    f" WHERE coalesce(substring(state.value FROM '{_FENCE}')::bigint <= substring(excluded.value FROM '{_FENCE}')::bigint, true)"
+    " RETURNING true"
+)
+
+
+def _fence(value: str | None) -> int | None:
+    """The fencing token a state value begins with, if any."""
+    found = re.match(_FENCE, value or "")
+    return int(found.group(1)) if found else None
 
 
 STRAYS_AFTER = 60.0
@@ -440,11 +456,21 @@ class PostgresStore:
 
     @_refusal_as_store_error
     async def put_state(self, key: str, value: str) -> None:
-        """Remember a small value (e.g. a trigger's last position)."""
-        await self.pool.execute(
-            "INSERT INTO state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            key, value,
-        )
+        """Remember a small value (e.g. a trigger's last position), unless the one remembered has a greater fence.
+
+        A value may begin with a fencing token, `{"fence":N` (a JSON object whose first member
+        is the integer `fence`): then it replaces a value with no fence, or with a fence at most
+        N, and is dropped (with a warning) otherwise. So a writer that lost its right to the key
+        (a Kafka partition another node holds now) cannot write over its newer holder's value.
+        A value without a fence is always written.
+        """
+        if await self.pool.fetchval(_PUT_STATE, key, value) is None:
+            held = await self.pool.fetchval("SELECT value FROM state WHERE key = $1", key)
+            logger.warning(
+                "state %s not written: it was written under fence %s since, and this write's fence %s is older"
+                " (its writer no longer holds it)",
+                key, _fence(held), _fence(value),
+            )
 
     # -- nodes -----------------------------------------------------------------------------
 

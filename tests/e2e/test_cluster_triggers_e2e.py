@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -227,6 +229,106 @@ async def test_a_kafka_log_that_started_over_keeps_its_epoch_when_a_partition_mo
     await produce("back", 4)  # offsets 3-4 of each partition
     await every_record_ran_once()
     assert len(expected) == 10 + 2 + 4 + 4
+
+
+def _mark_next(raw: str | None) -> int | None:
+    """The next offset of a partition's mark as its state row holds it (with or without a fence)."""
+    if raw is None:
+        return None
+    document = json.loads(raw)
+    return int((document["mark"] if isinstance(document, dict) else document)[0])
+
+
+@pytest.mark.timeout(240)
+async def test_a_node_paused_past_its_kafka_session_never_writes_its_marks_over_the_new_holder_s(
+    cluster: Cluster, kafka: KafkaService  # noqa: F811
+) -> None:
+    # A node paused (SIGSTOP) while it held marks it had not written down lost its partition to
+    # another node when its session expired; back, it wrote those marks over the row the new
+    # holder had written since (the store's write was unconditional).
+    topic = await kafka.create_topic(unique("paused"), partitions=1)
+    group = unique("group")
+    trigger = {"type": "kafka", "topic": topic, "group_id": group, "starting_position": "earliest"}
+    functions = {"fn": {"handler": handler("kafka_id"), "concurrency": 8, "triggers": [trigger]}}
+    nodes = cluster.start(functions, n=2, kafka={"bootstrap_servers": kafka.bootstrap})
+    consumer, key = f"fn:{topic}", f"kafka:{group}:{topic}:0"
+
+    async def holder(among: list[ServerProcess]) -> ServerProcess | None:
+        for node in among:
+            if (await health(cluster, node))["Triggers"]["kafka"][consumer]["Partitions"] == [0]:
+                return node
+        return None
+
+    async def row() -> int | None:
+        found = await cluster.runs("SELECT value FROM state WHERE key = $1", key)
+        return _mark_next(found[0]["value"]) if found else None
+
+    async def accepted() -> int:
+        [(n,)] = await cluster.runs("SELECT count(*) FROM invocations WHERE function = 'fn'")
+        return int(n)
+
+    paused = await poll_until(lambda: holder(nodes), 40, "no node was given the partition", interval=0.2)
+    other = next(n for n in nodes if n is not paused)
+    # A steady trickle: the holder writes its marks down about once a second, so it holds some
+    # it has not written when it is paused.
+    stop_trickle = asyncio.Event()
+
+    async def trickle() -> int:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=0)
+        await producer.start()
+        try:
+            sent = 0
+            while not stop_trickle.is_set():
+                await producer.send_and_wait(topic, json.dumps({"i": sent}).encode(), partition=0)
+                sent += 1
+                await asyncio.sleep(0.02)
+            return sent
+        finally:
+            await producer.stop()
+
+    producing = asyncio.create_task(trickle())
+    try:
+        await poll_until(lambda: _at_least(accepted, 60), 30, "the trickle was never accepted", interval=0.05)
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            before, taken = await row(), await accepted()  # (offsets 0 .. taken - 1)
+            stop_trickle.set()
+            sent = await producing
+            assert before is not None and before < taken, (
+                f"the paused node had written down all its marks ({before} of {taken}): nothing to test"
+            )
+            # Its session expires: the other node is given the partition, and moves the marks on.
+            await poll_until(lambda: holder([other]), 60, "the other node never took the partition over", interval=0.5)
+            await kafka.produce_json(topic, [{"after": i} for i in range(20)])
+            moved_on = sent + 20
+            await poll_until(lambda: _at_least(accepted, moved_on), 30, "the new holder accepted nothing", interval=0.1)
+
+            async def written() -> bool:
+                return await row() == moved_on
+
+            await poll_until(written, 20, "the new holder never wrote its marks down", interval=0.1)
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        # Back, it finds its session gone and lets the partition go, writing its marks down: the
+        # store refuses them (or, before fences, they went over the new holder's).
+        refused = f"state {key} not written"
+
+        async def tried() -> bool:
+            return await _logged(paused, refused) or await row() != moved_on
+
+        await poll_until(tried, 60, "the paused node never wrote its marks", interval=0.2)
+        assert await row() == moved_on, "the paused node's marks went over the new holder's"
+        await poll_until(lambda: holder(nodes), 60, "no node holds the partition again", interval=0.2)
+        await asyncio.sleep(2)  # the marks after the holder's next saves
+        assert await row() == moved_on, "the paused node's marks went over the new holder's"
+        assert await accepted() == moved_on  # each record once
+    finally:
+        stop_trickle.set()
+        producing.cancel()
+
+
+async def _logged(node: ServerProcess, text: str) -> bool:
+    return text in node.log_text()
 
 
 # --------------------------------------------------------------------------- timer

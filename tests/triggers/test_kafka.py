@@ -31,8 +31,9 @@ from eventrun.engine.envelope import (
 )
 from eventrun.engine.errors import ManifestError, StoreError
 from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest
+from eventrun.engine.postgres import PostgresStore
 from eventrun.triggers.kafka import KafkaTrigger, Settings, TopicConsumer, record_id, to_envelope
-from eventrun.triggers.kafka.client import new_client
+from eventrun.triggers.kafka.client import group_generation, new_client
 from eventrun.triggers.kafka.handoff import UNCOMMITTED, HandOff
 from eventrun.triggers.kafka.health import Health
 from eventrun.triggers.kafka.parser import (
@@ -51,7 +52,7 @@ from eventrun.triggers.kafka.parser import (
 )
 from eventrun.triggers.kafka.partitions import Partitions
 from eventrun.triggers.kafka.peek import Peek
-from eventrun.triggers.kafka.positions import Mark, Marks, Verdict, decide, judge, latest_offset
+from eventrun.triggers.kafka.positions import FENCE_ERA, Mark, Marks, Verdict, decide, fence_for, judge, latest_offset, read_row
 from eventrun.triggers.kafka.trigger import _quiet_client_logs
 
 TS = 1714557600123  # 2024-05-01T10:00:00.123Z
@@ -1082,3 +1083,173 @@ async def test_marks_an_earlier_eventrun_kept_in_one_row_still_count() -> None:
     assert consumer._parts.marks.get(0) == Mark(8, "a7", 1) and consumer._parts.marks.get(1) == Mark(6, "b5", 0)
     assert client.sought == {p0: 7, p1: 5}
     assert engine.state["kafka:g:orders:start"] == '{"started":true}'
+
+
+class Coordinator:
+    """The part of aiokafka's group coordinator eventrun reads: the generation of the last join."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+
+
+def test_a_partition_s_fence_is_its_holder_s_generation_above_any_its_row_had() -> None:
+    era = FENCE_ERA
+    assert fence_for(None, 0) == 0 and fence_for(None, 7) == 7  # a row without one: an earlier eventrun's
+    assert fence_for(3, 7) == 7 and fence_for(era + 3, 7) == era + 7  # a later generation of the same group
+    # Not above the row's: the row was written in an earlier life of the group (the broker forgot
+    # it and counts from 0 again; Tansu's first generation is 0): the next era.
+    assert fence_for(57, 1) == era + 1 and fence_for(7, 7) == era + 7 and fence_for(era + 9, 0) == 2 * era
+    for seen in (None, 0, 5, era, era + 5, 3 * era + 2):
+        for generation in (0, 1, 5, 6, 2**31 - 1):
+            assert seen is None or fence_for(seen, generation) > seen
+            assert fence_for(seen, generation) % era == generation
+
+
+def test_a_mark_is_written_with_its_fence_first_and_one_without_still_reads() -> None:
+    mark = Mark(12, "a11", 1)
+    assert mark.stamped(4294967298) == '{"fence":4294967298,"mark":[12,"a11",1]}'  # the store reads the fence there
+    assert read_row(mark.stamped(4294967298)) == (mark, 4294967298)
+    assert mark.stamped(None) == mark.dumps() == '[12,"a11",1]'
+    assert read_row(mark.dumps()) == (mark, None) and Mark.loads(mark.stamped(3)) == mark
+
+
+def test_the_generation_is_read_from_the_client_s_coordinator() -> None:
+    class Client:
+        _coordinator = Coordinator(4)
+
+    assert group_generation(Client()) == 4  # type: ignore[arg-type]
+    Client._coordinator.generation = -1  # aiokafka's "none": the member was forgotten (a session expired)
+    assert group_generation(Client()) is None
+    assert group_generation(object()) is None  # type: ignore[arg-type]
+
+
+class FencingEngine(FakeEngine):
+    """A FakeEngine whose state takes a value under a fence only if the row's is not greater (as PostgreSQL's)."""
+
+    async def put_state(self, key: str, value: str) -> None:
+        held = self.state.get(key)
+        fence = _fence_of(value)
+        if fence is not None and held is not None and (_fence_of(held) or -1) > fence:
+            return
+        await super().put_state(key, value)
+
+
+def _fence_of(value: str) -> int | None:
+    document = json.loads(value)
+    return document["fence"] if isinstance(document, dict) else None
+
+
+class Member(GroupMember):
+    """A GroupMember that tells the generation it joined in."""
+
+    def __init__(self, committed: dict[TopicPartition, int], generation: int) -> None:
+        super().__init__(committed)
+        self._coordinator = Coordinator(generation)
+
+
+async def stale_holder_comes_back(engine: FakeEngine) -> tuple[TopicConsumer, TopicConsumer]:
+    """Server a holds partition 0 (generation 1) with marks not written yet, is paused past its
+    session, and server b is given the partition (generation 2), counts a new epoch and writes
+    it down; then a comes back and lets the partition go (its rebalance), writing its marks."""
+    settings = Settings(bootstrap_servers="b", mark_interval=60)
+
+    def server() -> TopicConsumer:
+        return TopicConsumer(engine, function="f", topic="orders", group_id="g", starting_position="earliest", settings=settings)
+
+    p0 = TopicPartition("orders", 0)
+    committed = {p0: 8}
+    a, b = server(), server()
+    for consumer in (a, b):
+        await consumer._parts.load_marks()
+    client_a, client_b = Member(committed, 1), Member(committed, 2)
+    client_a.held = {p0}
+    a._assigned(client_a, {p0})  # type: ignore[arg-type]
+    await a._position(client_a)  # type: ignore[arg-type]
+    a._parts.marks.advance(0, 8, "a7")
+    await a._parts.save_marks(force=True)
+    a._parts.marks.advance(0, 12, "a11")  # accepted, not written down yet: then a is paused (SIGSTOP)
+    client_b.held = {p0}
+    b._assigned(client_b, {p0})  # type: ignore[arg-type]
+    await b._position(client_b)  # type: ignore[arg-type]
+    assert b._parts.marks.get(0) == Mark(8, "a7", 0)  # where a wrote it down last
+    b._parts.new_epoch(0, "a test")  # the topic was created again meanwhile
+    await b._parts.save_marks(force=True)
+    b._parts.marks.advance(0, 3, "b2")
+    await b._parts.save_marks(force=True)
+    await a._revoked(client_a, {p0})  # type: ignore[arg-type]  # a is back: its heartbeat failed, it rejoins
+    return a, b
+
+
+async def test_a_holder_whose_session_expired_writes_its_marks_under_the_older_fence() -> None:
+    engine = FakeEngine()
+    writes: list[tuple[str, str]] = []
+    put_state = engine.put_state
+
+    async def recording(key: str, value: str) -> None:
+        writes.append((key, value))
+        await put_state(key, value)
+
+    engine.put_state = recording  # type: ignore[method-assign]
+    await stale_holder_comes_back(engine)
+    marks = [(_fence_of(value), Mark.loads(value)) for key, value in writes if key == "kafka:g:orders:0"]
+    assert marks == [
+        (1, Mark(8, "a7", 0)),  # a, holding it in generation 1
+        (2, Mark(8, "a7", 0)),  # b, given it in generation 2: the row is its own from now on
+        (2, Mark(0, None, 1)),
+        (2, Mark(3, "b2", 1)),
+        (1, Mark(12, "a11", 0)),  # a, back: under its generation, which the store refuses
+    ]
+
+
+async def test_a_holder_whose_session_expired_never_overwrites_the_new_holder_s_marks(postgres: str) -> None:
+    # The defect: a server paused past its session wrote, when it came back, the marks it held
+    # over those of the server that took the partition over (the store's write was
+    # unconditional), and the new log's epoch was lost: its records would take the ids of old runs.
+    store = PostgresStore(postgres, "node-a")
+    await store.open()
+    try:
+
+        class OnStore(FakeEngine):
+            async def get_state(self, key: str) -> str | None:
+                return await store.get_state(key)
+
+            async def put_state(self, key: str, value: str) -> None:
+                await store.put_state(key, value)
+
+        a, b = await stale_holder_comes_back(OnStore())
+        assert Mark.loads(await store.get_state("kafka:g:orders:0") or "") == Mark(3, "b2", 1)
+        # Given the partition again (generation 3), a goes on from b's marks, in the new epoch.
+        client_a = Member({TopicPartition("orders", 0): 3}, 3)
+        client_a.held = {TopicPartition("orders", 0)}
+        a._assigned(client_a, client_a.held)  # type: ignore[arg-type]
+        await a._position(client_a)  # type: ignore[arg-type]
+        assert a._parts.marks.get(0) == Mark(3, "b2", 1)
+        assert client_a.sought == {TopicPartition("orders", 0): 2}  # checking the last record b read
+    finally:
+        await store.close()
+
+
+async def test_a_row_of_an_earlier_life_of_the_group_is_written_over_under_the_next_era() -> None:
+    # The broker forgot the group (a restart of Tansu's memory store, a group expired) and counts
+    # its generations from 0 again: rows written under generation 57 must not refuse every write.
+    engine = FencingEngine()
+    engine.state["kafka:g:orders:0"] = Mark(8, "a7", 2).stamped(57)
+    engine.state["kafka:g:orders:1"] = Mark(4, "c3", 0).dumps()  # an earlier eventrun's, without a fence
+    consumer = TopicConsumer(
+        engine, function="f", topic="orders", group_id="g", starting_position="earliest", settings=Settings(bootstrap_servers="b")
+    )
+    p0, p1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
+    client = Member({p0: 8, p1: 4}, 0)
+    client.held = {p0, p1}
+    await consumer._parts.load_marks()
+    consumer._assigned(client, {p0, p1})  # type: ignore[arg-type]
+    await consumer._position(client)  # type: ignore[arg-type]
+    assert consumer._parts.marks.get(0) == Mark(8, "a7", 2)
+    assert read_row(engine.state["kafka:g:orders:0"]) == (Mark(8, "a7", 2), FENCE_ERA)  # claimed at once
+    assert read_row(engine.state["kafka:g:orders:1"]) == (Mark(4, "c3", 0), 0)
+    consumer._parts.marks.advance(0, 10, "a9")
+    await consumer._parts.save_marks(force=True)
+    assert read_row(engine.state["kafka:g:orders:0"]) == (Mark(10, "a9", 2), FENCE_ERA)
+    # A second look in the same generation (after an outage) keeps the fence: the row is its own.
+    await consumer._parts.reload_marks([0])
+    assert consumer._parts.fences[0] == FENCE_ERA

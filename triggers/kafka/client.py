@@ -85,6 +85,16 @@ def new_client(settings: Settings, *, function: str, group_id: str | None) -> AI
     )
 
 
+def group_generation(consumer: AIOKafkaConsumer) -> int | None:
+    """The generation of the group the consumer joined last (None: none, or not known).
+
+    aiokafka keeps it on its coordinator only, and forgets it (-1) once the group no longer
+    knows the member (a session that expired): read it when the partitions are assigned.
+    """
+    generation = getattr(getattr(consumer, "_coordinator", None), "generation", None)
+    return generation if isinstance(generation, int) and generation >= 0 else None
+
+
 async def stop_client(consumer: AIOKafkaConsumer, grace: float) -> None:
     """consumer.stop(), which leaves the group; forced after `grace` seconds.
 

@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Collection, TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from .client import RECORD_ERRORS, Settings, new_client, sleep_unless, stop_client
+from .client import RECORD_ERRORS, Settings, group_generation, new_client, sleep_unless, stop_client
 from .engine import KafkaEngine
 from .handoff import IN_FLIGHT, HandOff
 from .health import Health
@@ -260,6 +260,7 @@ class TopicConsumer:
         self._parts.generation += 1
         self._parts.pending = set(assigned)
         self._parts.reload = {tp.partition for tp in assigned}  # another server may have moved them on
+        self._parts.hold(group_generation(consumer), self._parts.reload)  # the fence their marks are written under
         self._parts.assignment = frozenset(assigned)
         if assigned:
             consumer.pause(*assigned)

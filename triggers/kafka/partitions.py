@@ -13,7 +13,7 @@ from eventrun.engine.errors import StoreError
 from eventrun.engine.failures import FailureLog
 
 from .engine import KafkaEngine
-from .positions import Mark, Marks
+from .positions import Marks, fence_for, read_row
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ class Partitions:
     held it before wrote it down when it let the partition go (its epoch goes with it). The one
     row an earlier eventrun kept under `{state_key}` is still read (its marks, for partitions
     with no row of their own yet), and no longer written.
+
+    Each partition's row is written under a fence (see fence_for), from the group generation
+    that assigned the partition here: a server whose session expired while it held a partition
+    (paused, cut off) may write its marks when it comes back, and the store must not let them go
+    over those of the server that holds the partition now. A row without a fence (written by an
+    earlier eventrun) is read all the same, and written over.
     """
 
     def __init__(self, engine: KafkaEngine, *, name: str, topic: str, state_key: str, mark_interval: float) -> None:
@@ -40,6 +46,10 @@ class Partitions:
         self.expected: dict[int, int] = {}  # next offset per partition, to notice a reset
         self.verify: dict[int, tuple[int, str]] = {}  # (offset, fingerprint) of the record read there before
         self.assignment: frozenset[TopicPartition] = frozenset()
+        # The group generation of the last assignment (None: the client tells none), and the
+        # fence each partition's mark is written under (none: written without, as before fences).
+        self.holder_generation: int | None = None
+        self.fences: dict[int, int] = {}
         self._engine = engine
         self._name = name
         self._topic = topic
@@ -59,6 +69,7 @@ class Partitions:
         self.expected.clear()
         self.verify.clear()
         self.assignment = frozenset()
+        self.holder_generation = None
 
     def new_epoch(self, partition: int, reason: str) -> None:
         """The partition's log started over: its ids get a new epoch from here on."""
@@ -78,18 +89,48 @@ class Partitions:
         self.marks = marks
         self._start_written = start
 
+    def hold(self, generation: int | None, partitions: Iterable[int]) -> None:
+        """The group assigned these partitions here in `generation` (None: the client tells none): fences to write under.
+
+        Above the fence this server held each under before; reload_marks raises it above its row's.
+        """
+        self.holder_generation = generation
+        for partition in partitions:
+            if generation is None:
+                self.fences.pop(partition, None)  # written without a fence, as before fences
+            else:
+                self.fences[partition] = fence_for(self.fences.get(partition), generation)
+
     async def reload_marks(self, partitions: Iterable[int]) -> None:
-        """Read the marks of these partitions again, as whoever held them last wrote them down (see Marks.adopt)."""
+        """Read the marks of these partitions again, as whoever held them last wrote them down (see Marks.adopt).
+
+        A partition whose row holds a greater fence than the one it is held under here (written
+        in an earlier life of the group: see fence_for) gets a fence above it; a row under a
+        lesser one is written again at the next save, so a holder the group replaced is refused
+        from then on.
+        """
         try:
             for partition in partitions:
                 raw = await self._engine.get_state(self._key(partition))
-                self.marks.adopt(partition, None if raw is None else Mark.loads(raw))
+                stored, fence = (None, None) if raw is None else read_row(raw)
+                self.marks.adopt(partition, stored)
+                self._fence_above(partition, fence)
         except StoreError as exc:  # (an outage) this server's own marks stand: it may have held them last
             self._reads_failing.log("kafka %s: could not read the partition marks (%s)", self._name, exc)
         except Exception:  # eventrun's own failure (a mark it cannot read back): its traceback, each time
             logger.exception("kafka %s: could not read the partition marks", self._name)
         else:
             self._reads_failing.recovered(f"kafka {self._name}: the partition marks are read again")
+
+    def _fence_above(self, partition: int, stored: int | None) -> None:
+        """Hold the partition above the fence its row has (`stored`), and claim the row if it is below."""
+        held, generation = self.fences.get(partition), self.holder_generation
+        if held is None or generation is None:
+            return
+        if stored is not None and stored > held:
+            self.fences[partition] = held = fence_for(stored, generation)
+        if (stored is None or stored < held) and self.marks.get(partition) is not None:
+            self.marks.changed.add(partition)
 
     async def save_marks(self, *, force: bool = False) -> None:
         """Write down the marks that changed, and the start if it did; unless forced, at most once per mark interval."""
@@ -106,7 +147,7 @@ class Partitions:
                     partition = changed[0]
                     mark = marks.get(partition)
                     if mark is not None:
-                        await self._engine.put_state(self._key(partition), mark.dumps())
+                        await self._engine.put_state(self._key(partition), mark.stamped(self.fences.get(partition)))
                     changed.pop(0)
                 start = marks.dumps()
                 if start != self._start_written:

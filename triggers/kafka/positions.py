@@ -35,9 +35,48 @@ class Mark:
 
     @classmethod
     def loads(cls, raw: str) -> Mark:
-        """A mark from the text dumps() gives."""
-        next_offset, digest, epoch = loads(raw)
-        return cls(int(next_offset), digest, int(epoch))
+        """A mark from the text dumps() or stamped() gives."""
+        return read_row(raw)[0]
+
+    def stamped(self, fence: int | None) -> str:
+        """The mark as its partition's row holds it, under the fence of the holder that writes it (see fence_for).
+
+        `{"fence": F, "mark": [...]}`, the fence first: the PostgreSQL store takes the row only
+        if the one it holds has no greater fence. Without a fence, as dumps() gives.
+        """
+        if fence is None:
+            return self.dumps()
+        return dumps({"fence": fence, "mark": [self.next, self.fingerprint, self.epoch]}).decode()
+
+
+FENCE_ERA = 1 << 32
+"""A fence is `era * FENCE_ERA + generation`: the consumer group's generations are 32-bit."""
+
+
+def read_row(raw: str) -> tuple[Mark, int | None]:
+    """A partition's mark and the fence it was written under, from its row (None: written without one, by an earlier eventrun)."""
+    document = loads(raw)
+    fence: int | None = None
+    if isinstance(document, dict):
+        fence, document = int(document["fence"]), document["mark"]
+    next_offset, digest, epoch = document
+    return Mark(int(next_offset), digest, int(epoch)), fence
+
+
+def fence_for(seen: int | None, generation: int) -> int:
+    """The fence a consumer assigned a partition in the group's `generation` writes its mark under.
+
+    `seen`: the greatest fence the partition's row was known to hold (None: none). Fences order
+    the holders of a partition: the store takes a mark only under a fence at least the one its
+    row holds, so a holder the group has replaced since (its session expired while it was
+    paused, say) cannot write over the marks of the one that took the partition over. Within one
+    life of the group, a later generation is a later holder. A row whose fence is not below this
+    generation's was written in an earlier life of the group (the broker forgot the group, and
+    counts its generations from 0 again): the next era, so this holder's marks are taken.
+    """
+    era = max(seen, 0) // FENCE_ERA if seen is not None else 0
+    fence = era * FENCE_ERA + generation
+    return fence if seen is None or fence > seen else fence + FENCE_ERA
 
 
 class Marks:
