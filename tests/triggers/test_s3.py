@@ -639,6 +639,19 @@ async def test_poller_leaves_messages_when_acceptance_fails(s3_service: S3Servic
         assert await queue_depth(s3_service, queue_url) == 0
 
 
+async def test_a_queue_that_refuses_the_poller_shows_as_refused_with_its_reason(s3_service: S3Service) -> None:
+    # The endpoint answers (400: there is no such queue); it was shown as unreachable.
+    trigger, _ = poller_trigger(s3_service, f"{s3_service.url}/123456789012/{unique('missing')}")
+    await trigger.start()
+    try:
+        await wait_for(lambda: trigger.state()["sqs"] != "starting", 10, "a state past starting")
+        await wait_for(lambda: trigger.state()["sqs"].startswith("refused"), 10, "refused state")
+        state = trigger.state()["sqs"]
+        assert "NonExistentQueue" in state and state.endswith("(HTTP 400)"), state
+    finally:
+        await trigger.stop()
+
+
 async def test_poller_survives_an_unreachable_queue_and_recovers(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     service = S3Service(f"http://127.0.0.1:{port}")

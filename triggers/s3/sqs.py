@@ -103,6 +103,8 @@ class SqsPoller:
                     break
                 except ShuttingDown:
                     break  # what was received stays in the queue and comes back after restart
+                except ClientError as exc:
+                    self._set_state(_answered_with(exc))
                 except _NETWORK_ERRORS as exc:
                     self._set_state(f"unreachable: {_describe(exc)}")
                 except Exception as exc:
@@ -232,12 +234,23 @@ class SqsPoller:
     def _set_state(self, state: str, *, retrying: bool = True) -> None:
         if state == self.state:
             return
-        if state.startswith(("unreachable", "failing")):
+        if state.startswith(("unreachable", "refused", "failing")):
             then = "retrying with backoff" if retrying else "still waiting for it"
             logger.warning("SQS %s: %s; %s", self._queue_url, state, then)
         else:
             logger.info("SQS %s: %s", self._queue_url, state)
         self.state = state
+
+
+def _answered_with(exc: ClientError) -> str:
+    """The state for a queue that answered a request with an error: `refused` when the request
+    was (4xx: wrong credentials, no such queue, no permission), else `unreachable`."""
+    error = exc.response.get("Error") or {}
+    status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if not isinstance(status, int) or not 400 <= status < 500:
+        return f"unreachable: {_describe(exc)}"
+    code, message = error.get("Code") or "", " ".join(str(error.get("Message") or "").split())
+    return f"refused: {code or 'HTTP ' + str(status)}" + (f": {message[:200]}" if message else "") + f" (HTTP {status})"
 
 
 def _describe(exc: BaseException) -> str:
