@@ -39,7 +39,8 @@ class S3Event:
     bucket: str
     key: str
     event_name: str  # "ObjectCreated:Put" from every store
-    time: str | None
+    time: str | None  # the record's eventTime if it is RFC 3339 (the envelope's time)
+    event_time: str | None  # the record's eventTime as it came, whatever its form (the id's)
     size: int | None
     etag: str | None
     version_id: str | None
@@ -50,12 +51,12 @@ class S3Event:
     def id(self) -> str:
         """The CloudEvents id, stable across redeliveries of the same notification."""
         head = f"{self.event_name}:{self.bucket}/{self.key}"
-        if self.sequencer and self.time and self.event_name.startswith(_SEQUENCER_SHARED):
-            return f"{head}:{self.sequencer}:{self.time}"
+        if self.sequencer and self.event_time and self.event_name.startswith(_SEQUENCER_SHARED):
+            return f"{head}:{self.sequencer}:{self.event_time}"
         if self.sequencer:
             return f"{head}:{self.sequencer}"
         # moto (and a few stores) send no sequencer; these together still name one event.
-        return f"{head}:{self.etag or ''}:{self.version_id or ''}:{self.time or ''}"
+        return f"{head}:{self.etag or ''}:{self.version_id or ''}:{self.event_time or ''}"
 
     @property
     def source(self) -> str:
@@ -138,6 +139,7 @@ def parse_record(record: Any, *, where: str = "record") -> S3Event:
         key=decode_key(obj["key"]),
         event_name=normalise_event_name(name),
         time=time if is_rfc3339(time) else None,  # (an envelope's time is one: none is better than another)
+        event_time=_time_text(time),  # (two uploads are told apart by it in any form)
         size=size if isinstance(size, int) and not isinstance(size, bool) else None,
         etag=_text(obj.get("eTag")),
         version_id=_text(obj.get("versionId")),
@@ -148,6 +150,13 @@ def parse_record(record: Any, *, where: str = "record") -> S3Event:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _time_text(value: Any) -> str | None:
+    """A record's eventTime as text, whatever its form (a number too)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value)
 
 
 def event_matches(patterns: Iterable[str], event_name: str) -> bool:
