@@ -178,6 +178,8 @@ _RESPONSES: dict[str, Any] = {
         "The invocation already ended (InvocationEnded), or a replayed one has not (InvocationActive)", _ref("Error")
     ),
     "PayloadTooLarge": _json("Body over server.max_body_size", _ref("Error")),
+    "RequestTimeout": _json("The body did not arrive within 120 s", _ref("Error")),
+    "UnsupportedMediaType": _json("A Content-Encoding the body cannot be sent in (not gzip or deflate)", _ref("Error")),
     "Throttled": _json(
         "Over the function's qps_limit",
         _ref("Error"),
@@ -218,7 +220,9 @@ _PATHS: dict[str, Any] = {
                 "202": _json("Accepted; runs later", _ref("Accepted"), _REQUEST_ID_HEADER),
                 "400": _error("BadRequest"),
                 "404": _error("NotFound"),
+                "408": _error("RequestTimeout"),
                 "413": _error("PayloadTooLarge"),
+                "415": _error("UnsupportedMediaType"),
                 "429": _error("Throttled"),
                 "503": _error("ShuttingDown"),
             },
@@ -447,7 +451,9 @@ _PATHS: dict[str, Any] = {
                 ),
                 "400": _error("BadRequest"),
                 "404": _error("NotFound"),
+                "408": _error("RequestTimeout"),
                 "413": _error("PayloadTooLarge"),
+                "415": _error("UnsupportedMediaType"),
                 "503": _error("ShuttingDown"),
             },
         }

@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -34,7 +35,7 @@ from eventrun.engine.errors import (
 from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
 from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.triggers import http
-from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, to_envelope
+from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, routes, to_envelope
 
 MAX_BODY = 1024
 
@@ -1090,6 +1091,92 @@ async def test_a_compressed_body_is_read_decompressed(client: TestClient, engine
     )
     assert response.status == 202
     assert [envelope.data for envelope in engine.accepted] == [{"width": 640}]
+
+
+async def _raw_exchange(port: int, request: bytes, *, then_wait: float = 5) -> tuple[bytes, bool]:
+    """Send `request` on a connection of its own; the answer, and whether the server closed the
+    connection after it (within `then_wait` seconds)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        answer = head + await asyncio.wait_for(reader.readexactly(length), timeout=5)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), timeout=then_wait) == b""
+        except (asyncio.TimeoutError, ConnectionResetError):
+            closed = False
+        return answer, closed
+    finally:
+        writer.close()
+
+
+async def test_a_compression_bomb_is_not_inflated_past_its_413(engine: FakeEngine) -> None:
+    # aiohttp read the rest of a refused body for 10 s so the client could finish sending: it
+    # inflated 4 MB of gzip into 4 GB (4 s of CPU) after the answer, and kept the connection.
+    bomb = gzip.compress(b"\0" * (256 * MAX_BODY), compresslevel=9)
+    async with HttpTrigger(engine, "127.0.0.1", 0) as trigger:
+        started = time.monotonic()
+        answer, closed = await _raw_exchange(
+            trigger.port,
+            b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Length: {len(bomb)}\r\n\r\n".encode() + bomb,
+        )
+        assert answer.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in answer, answer
+        assert b"Connection: close" in answer and closed, "the connection closes after the answer"
+        assert time.monotonic() - started < 3
+    assert engine.accepted == []
+
+
+@pytest.mark.parametrize("encoding", ["x-gzip", "compress", "gzip, gzip", "foo"])
+async def test_a_body_in_an_encoding_it_is_not_read_in_is_415(client: TestClient, engine: FakeEngine, encoding: str) -> None:
+    # aiohttp passes such a body on as it came: the function got compressed bytes as body_base64.
+    response = await client.post("/functions/resize/invocations", data=b"\x1f\x8b...", headers={"Content-Encoding": encoding})
+    assert response.status == 415
+    error = await _error(response)
+    assert error["Code"] == "UnsupportedMediaType" and repr(encoding) in error["Message"], error
+    assert engine.accepted == []
+
+
+@pytest.mark.parametrize("encoding", ["identity", "IDENTITY", "GZIP"])
+async def test_identity_and_any_case_are_read(client: TestClient, engine: FakeEngine, encoding: str) -> None:
+    body = gzip.compress(b'{"width": 640}') if encoding == "GZIP" else b'{"width": 640}'
+    headers = {"Content-Encoding": encoding, "Content-Type": "application/json"}
+    assert (await client.post("/functions/resize/invocations", data=body, headers=headers)).status == 202
+    assert [envelope.data for envelope in engine.accepted] == [{"width": 640}]
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routes, "BODY_WAIT", 0.5)  # (120 s)
+    async with HttpTrigger(engine, "127.0.0.1", 0) as trigger:
+        answer, closed = await _raw_exchange(
+            trigger.port,
+            b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{\"drip",
+        )
+    assert answer.startswith(b"HTTP/1.1 408") and b"RequestTimeout" in answer and b"0 s" in answer, answer
+    assert closed
+    assert engine.accepted == []
+
+
+@pytest.mark.parametrize("hang_up", ["close", "reset"])
+async def test_a_client_that_hangs_up_mid_upload_is_no_error_in_the_log(
+    engine: FakeEngine, caplog: pytest.LogCaptureFixture, hang_up: str
+) -> None:
+    # Each one was an ERROR with a 19-line traceback ("ConnectionResetError: Connection lost").
+    async with HttpTrigger(engine, "127.0.0.1", 0) as trigger:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", trigger.port)
+            writer.write(b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\": 1, ")
+            await writer.drain()
+            await asyncio.sleep(0.002)
+            writer.close() if hang_up == "close" else writer.transport.abort()  # mid-body
+        await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{trigger.port}/healthz") as response:
+                assert response.status == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert engine.accepted == []
 
 
 async def test_a_compressed_body_over_the_limit_once_decompressed_is_413(client: TestClient, engine: FakeEngine) -> None:

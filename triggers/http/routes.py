@@ -45,7 +45,16 @@ def _map_http_exception(request: web.Request, exc: web.HTTPException) -> web.Res
     headers = {str(k): v for k, v in exc.headers.items() if k not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH)}
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[ENGINE_KEY].manifest.server.max_body_size
-        return error_response(413, "PayloadTooLarge", f"request body exceeds the limit of {limit} bytes", headers)
+        response = error_response(413, "PayloadTooLarge", f"request body exceeds the limit of {limit} bytes", headers)
+        if _decoded(request):
+            # aiohttp reads the rest of a refused body for up to 10 s before closing, so that the
+            # client, still sending, gets the answer; here that means inflating it (4 MB of gzip
+            # can be 4 GB, seconds of CPU). The connection closes after the answer instead.
+            _read_no_more(request, response)
+        return response
+    if isinstance(exc, web.HTTPRequestTimeout):
+        _read_no_more(request, response := error_response(408, "RequestTimeout", exc.text or exc.reason, headers))
+        return response
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
         message = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
@@ -75,13 +84,23 @@ async def error_middleware(
         reason = " ".join(str(exc.__cause__ or exc).split()).removeprefix("400, message: ")
         response = error_response(400, "InvalidParameter", f"the request body could not be read: {reason}")
         # Nothing more of the body can be read: aiohttp is not to try (it would fail again and drop
-        # the connection before the answer), and the connection closes after the answer.
-        request.content.feed_eof()
-        response.force_close()
+        # the connection before the answer).
+        _read_no_more(request, response)
+        return response
+    except ConnectionResetError:  # the client went away, mid-upload say: routine, not the server's fault
+        logger.debug("%s %s: the client closed the connection", request.method, request.path)
+        response = error_response(400, "InvalidParameter", "the client closed the connection before the request was read")
+        _read_no_more(request, response)  # (an answer nobody reads: the connection is gone)
         return response
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
     return error_response(500, "InternalError", "internal error; see the server log")
+
+
+def _read_no_more(request: web.Request, response: web.Response) -> None:
+    """Read nothing more of the request's body, and close the connection after the answer."""
+    request.content.feed_eof()
+    response.force_close()
 
 
 def _engine(request: web.Request) -> Engine:
@@ -94,12 +113,36 @@ def _request_id(request: web.Request) -> str:
     return request.match_info["request_id"].lower()
 
 
+BODY_WAIT = 120.0
+"""Seconds a request's body may take to arrive: a client dripping it holds its connection no longer."""
+
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+"""The Content-Encodings aiohttp decodes a body from, as it reads the header (br and zstd only
+with their libraries installed: without, aiohttp refuses them itself, before any route)."""
+
+
+def _decoded(request: web.Request) -> bool:
+    """Whether aiohttp decodes this request's body (its Content-Encoding is one it knows)."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    return encoding.isascii() and encoding.lower() in _DECODED
+
+
 async def _read_body(request: web.Request) -> bytes:
     limit = _engine(request).manifest.server.max_body_size
     # Refuse by the declared length first, so a huge upload is not read at all.
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    return await request.read()
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    if encoding.strip().lower() not in ("", "identity") and not _decoded(request):
+        # aiohttp would pass the body on as it came: the function would get bytes it cannot read.
+        raise web.HTTPUnsupportedMediaType(
+            text=f"Content-Encoding {encoding!r} is not one the body can be sent in: send it as it is, or in gzip or deflate"
+        )
+    try:
+        async with asyncio.timeout(BODY_WAIT):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the request's body did not arrive within {BODY_WAIT:.0f} s") from None
 
 
 async def invoke(request: web.Request) -> web.Response:
