@@ -6,7 +6,7 @@ import ipaddress
 import math
 import re
 import urllib.parse
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -34,7 +34,7 @@ from pydantic_settings import (
 )
 
 from .errors import ManifestError
-from .manifest_errors import Origins, Schema, describe, describe_settings_error, unknown_tables
+from .manifest_errors import Origins, Schema, describe, describe_settings_error, dotted, unknown_tables
 from .tokens import token_problem
 
 ASYNC_MAX_TIMEOUT = 24 * 3600.0
@@ -796,8 +796,19 @@ _SCHEMA = Schema(
 )
 
 
-def load_manifest(path: Path | str | None) -> Manifest:
-    """Read the manifest at `path` (or defaults only) plus EVENTRUN_* variables."""
+Problem = tuple[list[str], str]
+"""What a trigger finds wrong in its part of a manifest (a cron no date matches, two consumers
+of one group): where, as the keys that lead to the value, and what."""
+
+
+def problems_text(problems: Sequence[Problem]) -> str:
+    """Problems one a line, each after the keys of its value: `functions.f.triggers[0].cron: ...`."""
+    return "\n".join(f"{dotted(loc)}: {message}" for loc, message in problems)
+
+
+def load_manifest(path: Path | str | None, check: Callable[[Manifest], Sequence[Problem]] | None = None) -> Manifest:
+    """Read the manifest at `path` (or defaults only) plus EVENTRUN_* variables. `check` looks at
+    what the triggers read (ManifestError listing every problem it finds, each after its source)."""
     location = Path(path).resolve() if path is not None else None
     label = str(path) if path is not None else "the environment"
     if location is not None and not location.is_file():
@@ -831,6 +842,8 @@ def load_manifest(path: Path | str | None) -> Manifest:
         found = manifest.kafka_file(name)
         if not found.is_file():
             raise ManifestError(origins.line(["kafka", key], f"file {name!r} not found (looked for {found})"))
+    if check is not None and (problems := check(manifest)):
+        raise ManifestError("\n".join(origins.line(loc, message) for loc, message in problems))
     return manifest
 
 

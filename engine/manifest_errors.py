@@ -103,7 +103,7 @@ class Origins:
         found = self.variable(loc)
         if found is not None:
             name, inside = found
-            key = f"{name} ({_dotted(inside)})" if inside else name
+            key = f"{name} ({dotted(inside)})" if inside else name
             return f"the environment: {key}: {message}"
         # An error about a whole table (a check of several keys, a missing key): name the
         # variables that took part, and the environment alone if the file holds no such table.
@@ -116,7 +116,7 @@ class Origins:
             names = [name for name in names if _mentioned(name, message)]
         if names:
             message += f"; set in the environment: {_and(names)}"
-        key = _dotted(loc)
+        key = dotted(loc)
         return f"{label}: {key}: {message}" if key else f"{label}: {message}"
 
 
@@ -270,7 +270,7 @@ def _in_toml_terms(kind: str, loc: list[str], value: Any, message: str, ctx: dic
     key = loc[-1] if loc else ""
     if kind in _ARRAY_ERRORS:
         if key == "triggers":
-            wanted = f"an array of tables ([[{_dotted(loc)}]])"
+            wanted = f"an array of tables ([[{dotted(loc)}]])"
         elif key == "events":
             wanted = "an array of strings"
         else:
@@ -280,9 +280,9 @@ def _in_toml_terms(kind: str, loc: list[str], value: Any, message: str, ctx: dic
         if len(loc) == 1:
             header = " ([functions.NAME])" if key == "functions" else f" ([{key}])"
         elif len(loc) == 2 and loc[0] == "functions":
-            header = f" ([{_dotted(loc)}])"
+            header = f" ([{dotted(loc)}])"
         elif len(loc) >= 2 and key.isdigit() and loc[-2] == "triggers":
-            header = f" ([[{_dotted(loc[:-1])}]])"
+            header = f" ([[{dotted(loc[:-1])}]])"
         else:
             header = ""
         return f"expected a table{header}, got {shown}"
@@ -358,7 +358,8 @@ def _unknown_key_hint(origins: Origins, loc: list[str], trigger_type: str = "") 
     return f" (did you mean {close!r}?)"
 
 
-def _dotted(loc: list[str]) -> str:
+def dotted(loc: list[str]) -> str:
+    """Keys as a manifest path: `functions.f.triggers[0].cron`."""
     out = ""
     for part in loc:
         if part.isdigit():

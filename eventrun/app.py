@@ -19,7 +19,7 @@ from eventrun.destinations import Deliverer
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import EventrunError
 from eventrun.engine.failures import FailureLog
-from eventrun.engine.manifest import Manifest, load_manifest
+from eventrun.engine.manifest import Manifest, Problem, load_manifest
 from eventrun.triggers.http import HttpTrigger
 
 logger = logging.getLogger("eventrun")
@@ -47,6 +47,21 @@ class Wiring:
     triggers: dict[str, Trigger] = field(default_factory=dict)
     routes: list[web.AbstractRouteDef] = field(default_factory=list)
     openapi_paths: dict[str, Any] = field(default_factory=dict)
+
+
+def trigger_problems(manifest: Manifest) -> list[Problem]:
+    """What the triggers the manifest asks for find wrong in it, checked as it is read."""
+    kinds = {t.type for f in manifest.functions.values() for t in f.triggers}
+    problems: list[Problem] = []
+    if "kafka" in kinds:
+        from eventrun.triggers.kafka import manifest_problems as kafka_problems
+
+        problems += kafka_problems(manifest)
+    if "timer" in kinds:
+        from eventrun.triggers.timer import manifest_problems as timer_problems
+
+        problems += timer_problems(manifest)
+    return problems
 
 
 def build_triggers(engine: Engine, manifest: Manifest) -> Wiring:
@@ -182,7 +197,7 @@ def serve(config_path: Path | None) -> int:
             Path.cwd(),
         )
     try:
-        manifest = load_manifest(config_path)
+        manifest = load_manifest(config_path, check=trigger_problems)
     except EventrunError as exc:
         print(f"eventrun: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 from eventrun import app
 from eventrun.engine.api import SERVER_STOPPED
-from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest, ServerConfig
+from eventrun.engine.errors import ManifestError
+from eventrun.engine.manifest import FunctionConfig, KafkaConfig, Manifest, ServerConfig, load_manifest
 from eventrun.triggers.kafka import KafkaTrigger
 from kafka_service import free_port
 from server_process import ServerProcess, handler
@@ -232,3 +233,27 @@ def test_the_server_raises_its_limit_of_open_files_to_the_hard_limit(eventrun_se
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert resource.prlimit(server.pid, resource.RLIMIT_NOFILE) == (hard, hard)
+
+
+def test_what_the_triggers_find_wrong_is_refused_as_the_manifest_is_read_naming_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "f.py").write_text("def main_handler(event, context):\n    return None\n")
+    path = tmp_path / "eventrun.toml"
+    path.write_text(
+        '[functions.f]\nhandler = "f.py:main_handler"\n'
+        '[[functions.f.triggers]]\ntype = "kafka"\ntopic = "orders"\n'
+        '[[functions.f.triggers]]\ntype = "kafka"\ntopic = "orders"\n'
+        '[[functions.f.triggers]]\ntype = "timer"\nname = "nightly"\ncron = "0 0 30 2 *"\n'
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=app.trigger_problems)
+    assert str(caught.value).splitlines() == [
+        f"{path}: functions.f.triggers[1]: topic 'orders' with group_id 'eventrun-f' is already consumed by "
+        "functions.f.triggers[0]; give this trigger its own group_id",
+        f"{path}: functions.f.triggers[2].cron: '0 0 30 2 *' (timer 'nightly'): no date ever matches every field (such as 30 February)",
+    ]
+    monkeypatch.setenv("EVENTRUN_FUNCTIONS__F__TRIGGERS", '[{"type": "timer", "name": "t", "cron": "0 0 25 * * * *"}]')
+    with pytest.raises(ManifestError, match=r"^the environment: EVENTRUN_FUNCTIONS__F__TRIGGERS \(\[0\]\.cron\): '0 0 25 \* \* \* \*' \(timer 't'\): .*hour field '25'"):
+        load_manifest(path, check=app.trigger_problems)
+    assert load_manifest(path).functions["f"].triggers[0].type == "timer", "without the check the manifest reads"

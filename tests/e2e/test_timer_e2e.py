@@ -265,7 +265,7 @@ async def test_a_bad_cron_or_zone_is_refused_before_the_engine_starts(world, han
     with pytest.raises(ManifestError) as caught:
         await here.start()
     message = str(caught.value)
-    assert "functions.report.triggers[1] (timer 'nightly')" in message, message
+    assert "functions.report.triggers[1]." in message and "(timer 'nightly')" in message, message
     for fragment in fragments:
         assert fragment in message, message
     assert not here.live, "nothing started"
@@ -312,7 +312,9 @@ def test_serve_refuses_a_bad_cron_naming_function_and_trigger(eventrun_server, h
     code = server.run_to_exit()
     stderr = server.stderr_text()
     assert code != 0, server.log_text()
-    assert "functions.report.triggers[0] (timer 'nightly')" in stderr and "hour field '25'" in stderr, stderr
+    first = stderr.splitlines()[0]
+    assert first.startswith(f"eventrun: {server.manifest_path}: functions.report.triggers[0].cron: '0 0 25 * * * *' (timer 'nightly'): "), stderr
+    assert "hour field '25'" in first, stderr
     assert "Traceback" not in stderr, stderr
 
 

@@ -218,6 +218,63 @@ def test_dst_spring_forward_skips_the_missing_hour_for_frequent_schedules() -> N
     assert fired[1] - fired[0] == timedelta(minutes=30)
 
 
+@pytest.mark.parametrize(
+    ("expr", "zone", "after", "expected"),
+    [
+        # The day after the clocks go forward at 02:00 (New York, Berlin): midnight still fires.
+        ("0 0 * * *", "America/New_York", utc(2025, 3, 9, 12), "2025-03-10 00:00 EDT"),
+        ("0 0 * * 1", "America/New_York", utc(2025, 3, 4), "2025-03-10 00:00 EDT"),
+        ("0 0 1 * *", "Europe/Berlin", utc(2025, 3, 2), "2025-04-01 00:00 CEST"),
+        # Santiago's clocks go from 00:00 to 01:00: that day's midnight fires at 01:00.
+        ("0 0 * * *", "America/Santiago", utc(2025, 9, 6, 12), "2025-09-07 01:00 -03"),
+        # Lord Howe Island moves by half an hour.
+        ("15 2 * * *", "Australia/Lord_Howe", utc(2025, 10, 4, 12), "2025-10-05 02:45 +11"),
+    ],
+)
+def test_dst_spring_forward_never_loses_a_day(expr: str, zone: str, after: datetime, expected: str) -> None:
+    """APScheduler 3 adds a day to a wall time as 24 hours, so after the clocks went forward its
+    "next midnight" is 01:00 and the day is skipped (agronholm/apscheduler #529)."""
+    fired = next_slot(parse_cron(expr, zone), after)
+    assert fired is not None
+    assert fired.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M %Z") == expected
+
+
+def wall_clock_slots(expr: str, zone: str, start: datetime, end: datetime) -> list[datetime]:
+    """The slots in (start, end] by the definition: each wall time the fields match, at every
+    moment the zone's clocks show it, or once with the offset before the jump if they skip it."""
+    tz = ZoneInfo(zone)
+    on_the_wall = parse_cron(expr, "UTC")  # UTC has no DST: its slots are the wall times
+    naive = start.astimezone(tz).replace(tzinfo=None) - timedelta(days=2)
+    moments: set[datetime] = set()
+    while (wall := next_slot(on_the_wall, naive.replace(tzinfo=UTC))) is not None:
+        naive = wall.replace(tzinfo=None)
+        if naive > end.astimezone(tz).replace(tzinfo=None) + timedelta(days=2):
+            break
+        shown = {m for fold in (0, 1) if (m := naive.replace(tzinfo=tz, fold=fold).astimezone(UTC)).astimezone(tz).replace(tzinfo=None) == naive}
+        moments |= shown or {naive.replace(tzinfo=tz, fold=0).astimezone(UTC)}
+    return sorted(m for m in moments if start < m <= end)
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Europe/Berlin", "America/Santiago", "Australia/Lord_Howe", "Asia/Tehran"])
+@pytest.mark.parametrize("expr", ["0 0 * * *", "30 0 * * *", "30 2 * * *", "0 0 1 * *", "0 0 * * 0", "*/20 0-3 * * *"])
+def test_a_year_of_slots_follows_the_wall_clock_through_every_change(expr: str, zone: str) -> None:
+    start, end = utc(2024, 12, 20), utc(2026, 1, 10)
+    walked = []
+    at = start
+    while (at := next_slot(parse_cron(expr, zone), at)) is not None and at <= end:
+        walked.append(at)
+    assert walked == wall_clock_slots(expr, zone, start, end)
+    assert last_slot(parse_cron(expr, zone), start, end) == walked[-1]
+
+
+def test_catch_up_over_a_spring_forward_picks_the_day_after() -> None:
+    """Down from Saturday evening to just after midnight on Monday (Berlin, 2025-03-30 went
+    to summer time): the missed slot is Monday's midnight, not Sunday's."""
+    daily = parse_cron("0 0 * * *", "Europe/Berlin")
+    missed = last_slot(daily, utc(2025, 3, 28, 23), utc(2025, 3, 30, 22, 30))
+    assert missed == datetime(2025, 3, 31, tzinfo=ZoneInfo("Europe/Berlin"))
+
+
 # --------------------------------------------------------------------------- slots and envelopes
 
 
@@ -308,27 +365,26 @@ def refusal(*triggers: dict[str, Any]) -> str:
 
 def test_a_bad_cron_is_refused_naming_function_trigger_and_problem() -> None:
     message = refusal(timer(cron="0 0 25 * * * *"))
-    assert "functions.report.triggers[0]" in message, message
-    assert "'nightly'" in message and "cron '0 0 25 * * * *'" in message, message
+    assert message.startswith("functions.report.triggers[0].cron: '0 0 25 * * * *' (timer 'nightly'): "), message
     assert "hour field '25'" in message, message
 
 
 def test_a_bad_zone_is_refused_naming_function_trigger_and_problem() -> None:
     message = refusal(timer(), timer(name="later", timezone="Asia/Shangai"))
-    assert "functions.report.triggers[1] (timer 'later'): timezone: unknown time zone 'Asia/Shangai'" in message
+    assert "functions.report.triggers[1].timezone: unknown time zone 'Asia/Shangai'" in message and "(timer 'later')" in message
     assert "did you mean 'Asia/Shanghai'" in message
 
 
 def test_every_bad_trigger_is_listed_at_once() -> None:
     lines = refusal(timer(cron="nope"), timer(name="b", timezone="Nowhere"), timer(name="c")).splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].startswith("functions.report.triggers[0] (timer 'nightly'): cron 'nope'")
-    assert lines[1].startswith("functions.report.triggers[1] (timer 'b'): timezone")
+    assert lines[0].startswith("functions.report.triggers[0].cron: 'nope' (timer 'nightly'): ")
+    assert lines[1].startswith("functions.report.triggers[1].timezone: ") and lines[1].endswith("(timer 'b')")
 
 
 @pytest.mark.parametrize("name", ["has space", "slash/y", "9lives", "x" * 61])
 def test_trigger_names_must_be_safe_in_a_source_uri(name: str) -> None:
-    with pytest.raises(ManifestError, match=r"triggers\[0\].*name: must start with a letter"):
+    with pytest.raises(ManifestError, match=r"triggers\[0\]\.name: .*must start with a letter"):
         TimerTrigger(FakeEngine(), manifest(timer(name=name)))
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import KafkaTrigger as KafkaTriggerConfig
-from eventrun.engine.manifest import Manifest
+from eventrun.engine.manifest import Manifest, Problem, problems_text
+from eventrun.engine.manifest_errors import dotted
 from eventrun.engine.metrics import family, labels
 
 from .client import Settings
@@ -16,6 +17,35 @@ from .consumer import TopicConsumer
 from .engine import KafkaEngine
 
 logger = logging.getLogger(__name__)
+
+
+def manifest_problems(manifest: Manifest) -> list[Problem]:
+    """What is wrong with the manifest's Kafka triggers: two of them consuming one topic as one group."""
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str], str] = {}
+    for function, config in manifest.functions.items():
+        for index, trigger in enumerate(config.triggers):
+            if not isinstance(trigger, KafkaTriggerConfig):
+                continue
+            group_id = _group_id(function, trigger)
+            where = ["functions", function, "triggers", str(index)]
+            if (group_id, trigger.topic) in seen:
+                # Two consumers of one group on one topic split its partitions between them,
+                # so each would see only part of the records.
+                problems.append(
+                    (
+                        where,
+                        f"topic {trigger.topic!r} with group_id {group_id!r} is already consumed by "
+                        f"{seen[group_id, trigger.topic]}; give this trigger its own group_id",
+                    )
+                )
+            else:
+                seen[group_id, trigger.topic] = dotted(where)
+    return problems
+
+
+def _group_id(function: str, trigger: KafkaTriggerConfig) -> str:
+    return trigger.group_id or f"eventrun-{function}"
 
 
 class KafkaTrigger:
@@ -30,32 +60,21 @@ class KafkaTrigger:
                 "kafka: sasl_mechanism PLAIN over security_protocol SASL_PLAINTEXT sends the password "
                 "unencrypted; use SASL_SSL, or a SCRAM mechanism"
             )
-        self.consumers: list[TopicConsumer] = []
-        seen: dict[tuple[str, str], str] = {}
-        for function, config in manifest.functions.items():
-            for index, trigger in enumerate(config.triggers):
-                if not isinstance(trigger, KafkaTriggerConfig):
-                    continue
-                group_id = trigger.group_id or f"eventrun-{function}"
-                where = f"functions.{function}.triggers[{index}]"
-                if (group_id, trigger.topic) in seen:
-                    # Two consumers of one group on one topic split its partitions between them,
-                    # so each would see only part of the records.
-                    raise ManifestError(
-                        f"{where}: topic {trigger.topic!r} with group_id {group_id!r} is already consumed by "
-                        f"{seen[group_id, trigger.topic]}; give this trigger its own group_id"
-                    )
-                seen[group_id, trigger.topic] = where
-                self.consumers.append(
-                    TopicConsumer(
-                        engine,
-                        function=function,
-                        topic=trigger.topic,
-                        group_id=group_id,
-                        starting_position=trigger.starting_position,
-                        settings=self.settings,
-                    )
-                )
+        if problems := manifest_problems(manifest):
+            raise ManifestError(problems_text(problems))
+        self.consumers = [
+            TopicConsumer(
+                engine,
+                function=function,
+                topic=trigger.topic,
+                group_id=_group_id(function, trigger),
+                starting_position=trigger.starting_position,
+                settings=self.settings,
+            )
+            for function, config in manifest.functions.items()
+            for trigger in config.triggers
+            if isinstance(trigger, KafkaTriggerConfig)
+        ]
 
     async def start(self) -> None:
         """Start every consumer in the background; a broker that is down delays nothing."""

@@ -12,7 +12,7 @@ from .parser import (
     slot_id,
     to_envelope,
 )
-from .trigger import MISFIRE_GRACE, TimerEngine, TimerTrigger
+from .trigger import MISFIRE_GRACE, TimerEngine, TimerTrigger, manifest_problems
 
 __all__ = [
     "EVENT_TYPE",
@@ -20,6 +20,7 @@ __all__ = [
     "TimerEngine",
     "TimerTrigger",
     "last_slot",
+    "manifest_problems",
     "next_slot",
     "parse_cron",
     "parse_slot",

@@ -6,7 +6,7 @@ import difflib
 import re
 import zoneinfo
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 from apscheduler.triggers.cron import CronTrigger
 
@@ -151,28 +151,117 @@ def to_envelope(function: str, trigger_name: str, fire_time: datetime, payload: 
 
 def next_slot(schedule: CronTrigger, after: datetime) -> datetime | None:
     """The first slot strictly after `after`, in UTC; None once the schedule has ended."""
-    # No previous fire time is passed: APScheduler then starts from `now`, rounded up to the
-    # second, which with the microsecond makes "strictly after". Arithmetic stays in UTC.
     try:
-        fire = schedule.get_next_fire_time(None, after.astimezone(UTC) + timedelta(microseconds=1))
+        return _next_slot(schedule, after.astimezone(UTC), None)
     except OverflowError:  # past the last time a datetime holds (the end of year 9999): no slot
         return None
-    return fire.astimezone(UTC) if fire is not None else None
 
 
 def last_slot(schedule: CronTrigger, after: datetime, until: datetime) -> datetime | None:
     """The latest slot in (after, until], or None; bisects, so a year-long gap costs ~25 steps."""
-    low = next_slot(schedule, after)
-    if low is None or low > until:
+    until = until.astimezone(UTC)
+
+    def following(moment: datetime) -> datetime | None:  # the next slot, if it is <= until
+        try:
+            found = _next_slot(schedule, moment.astimezone(UTC), until)
+        except OverflowError:
+            return None
+        return found if found is not None and found <= until else None
+
+    low = following(after)
+    if low is None:
         return None
     high = until  # invariant: `low` is a slot <= until, and no slot lies in (high, until]
     while True:
-        following = next_slot(schedule, low)
-        if following is None or following > until:
+        if following(low) is None:
             return low
         middle = low + (high - low) / 2
-        probe = next_slot(schedule, middle)
-        if probe is not None and probe <= until:
+        probe = following(middle)
+        if probe is not None:
             low = probe
         else:
             high = middle
+
+
+# -- slots in a zone with daylight saving time -------------------------------------------------
+#
+# APScheduler 3 adds wall-clock differences as absolute time (agronholm/apscheduler #529, #606):
+# in a zone whose clocks went forward, "the next day at 00:00" lands at 01:00 and the day is
+# skipped. So the cron fields are matched here on the wall clock alone (a CronTrigger in UTC,
+# which has no DST, over naive local times), and each matching wall time W is put in the zone:
+#   - a wall time the clocks show once fires then;
+#   - one they show twice (the clocks went back) fires both times;
+#   - one they skip (the clocks went forward by g) fires once, g later: at the moment the clocks
+#     read W + g, that is W read with the offset from before the jump (zoneinfo's fold=0).
+# The slots are found by walking the spans of constant UTC offset forward from `after`.
+
+_PROBE = timedelta(days=1)
+"""Step at which the UTC offset is looked at for a change: shorter than the least time between two
+changes of any zone in the tz database (about 4 days), so no change and change back between two
+looks is missed."""
+
+_REACH = timedelta(days=2)
+"""More than any jump of the clocks (an offset is under a day either way): a skipped wall time
+fires less than this after its jump, and a wall time shown again, less than this after its first time."""
+
+
+def _next_slot(schedule: CronTrigger, after: datetime, until: datetime | None) -> datetime | None:
+    """The first slot after `after` (UTC); with `until`, None may also mean "none up to until"."""
+    zone = schedule.timezone
+    wall = _wall_clock(schedule)
+
+    def offset(moment: datetime) -> timedelta:
+        return moment.astimezone(zone).utcoffset() or timedelta(0)
+
+    def match(naive: datetime) -> datetime | None:  # the first wall time > naive the fields match
+        fire = wall.get_next_fire_time(None, naive.replace(tzinfo=UTC) + timedelta(microseconds=1))
+        return fire.replace(tzinfo=None) if fire is not None else None
+
+    naive_after = after.replace(tzinfo=None)
+    best: datetime | None = None  # the earliest slot of a skipped wall time found so far
+    # Begin a little before `after`: a wall time skipped by a jump just before it may fire after it.
+    start = after - _REACH
+    current = offset(start)
+    while True:
+        # The span of offset `current` from `start`: its first slot after `after`, if it lasts.
+        floor = max(start - timedelta(microseconds=1), after).replace(tzinfo=None)
+        shown = match(floor + current)
+        first = (shown - current).replace(tzinfo=UTC) if shown is not None else None
+        # Where a change of offset could still give an earlier slot; without a further match,
+        # only a wall time shown again can (less than _REACH on).
+        bounds = [t for t in (first, best, until) if t is not None] or [max(start, after) + _REACH]
+        change = _next_change(offset, start, current, min(bounds))
+        if change is None:
+            return min((t for t in (first, best) if t is not None), default=None)
+        then = offset(change)
+        if then > current:  # clocks forward: wall times [change + current, change + then) skipped
+            jump_at = change.replace(tzinfo=None) + current
+            skipped = match(max(jump_at - timedelta(microseconds=1), naive_after + current))
+            if skipped is not None and skipped < change.replace(tzinfo=None) + then:
+                slot = (skipped - current).replace(tzinfo=UTC)
+                best = slot if best is None else min(best, slot)
+        start, current = change, then
+
+
+def _next_change(offset: Callable[[datetime], timedelta], start: datetime, current: timedelta, end: datetime) -> datetime | None:
+    """The first moment in (start, end] whose offset is not `current`, or None."""
+    low = start
+    while low < end:
+        high = min(low + _PROBE, end)
+        if offset(high) != current:
+            while high - low > timedelta(microseconds=1):
+                middle = low + (high - low) / 2
+                if offset(middle) == current:
+                    low = middle
+                else:
+                    high = middle
+            return high
+        low = high
+    return None
+
+
+def _wall_clock(schedule: CronTrigger) -> CronTrigger:
+    """The schedule's fields on the wall clock: the same CronTrigger in UTC, which has no DST."""
+    wall = CronTrigger.__new__(CronTrigger)
+    wall.__setstate__({**schedule.__getstate__(), "timezone": UTC})
+    return wall

@@ -15,7 +15,7 @@ from apscheduler.triggers.cron import CronTrigger
 from eventrun.engine.api import Accepted
 from eventrun.engine.envelope import Envelope
 from eventrun.engine.errors import ManifestError, ShuttingDown, StoreError
-from eventrun.engine.manifest import Manifest
+from eventrun.engine.manifest import Manifest, Problem, problems_text
 from eventrun.engine.manifest import TimerTrigger as TimerConfig
 from eventrun.engine.metrics import family, labels
 
@@ -108,7 +108,7 @@ _COUNTERS = (
 class TimerTrigger:
     """Fires every `type = "timer"` trigger of the manifest on its cron schedule.
 
-    APScheduler's CronTrigger does the calendar arithmetic (fields, time zones, DST); the
+    APScheduler's CronTrigger matches the fields, and next_slot puts them in the zone (DST); the
     waiting is one asyncio task per trigger rather than AsyncIOScheduler, because APScheduler
     3 does not tell a job which slot it runs for, and the envelope's id must be exactly that
     slot. Slots are computed and slept for in UTC. Missed slots coalesce into the latest one;
@@ -336,34 +336,42 @@ class TimerTrigger:
             logger.exception("timer %s: could not remember slot %s", job.label, slot_id(slot))
 
 
-def _jobs(manifest: Manifest) -> list[_Job]:
-    """One job per timer trigger; ManifestError listing every bad one."""
+def manifest_problems(manifest: Manifest) -> list[Problem]:
+    """What is wrong with the manifest's timer triggers: every bad name, zone and cron."""
+    problems: list[Problem] = []
+    _jobs(manifest, problems)
+    return problems
+
+
+def _jobs(manifest: Manifest, problems: list[Problem] | None = None) -> list[_Job]:
+    """One job per timer trigger; the bad ones go to `problems`, or without it a ManifestError."""
     jobs: list[_Job] = []
-    problems: list[str] = []
+    found: list[Problem] = []
     for function, config in manifest.functions.items():
         for index, trigger in enumerate(config.triggers):
             if not isinstance(trigger, TimerConfig):
                 continue
-            where = f"functions.{function}.triggers[{index}] (timer {trigger.name!r})"
+            where = ["functions", function, "triggers", str(index)]
             if not _NAME.fullmatch(trigger.name):
-                problems.append(
-                    f"{where}: name: must start with a letter and hold only letters, digits, "
-                    "'_' or '-' (at most 60)"
+                found.append(
+                    ([*where, "name"], f"{trigger.name!r}: must start with a letter and hold only letters, digits, '_' or '-' (at most 60)")
                 )
                 continue
             try:
                 parse_timezone(trigger.timezone)
             except ValueError as exc:
-                problems.append(f"{where}: timezone: {exc}")
+                found.append(([*where, "timezone"], f"{exc} (timer {trigger.name!r})"))
                 continue
             try:
                 schedule = parse_cron(trigger.cron, trigger.timezone)
             except ValueError as exc:
-                problems.append(f"{where}: cron {trigger.cron!r}: {exc}")
+                found.append(([*where, "cron"], f"{trigger.cron!r} (timer {trigger.name!r}): {exc}"))
                 continue
             jobs.append(_Job(function=function, config=trigger, schedule=schedule))
-    if problems:
-        raise ManifestError("\n".join(problems))
+    if problems is not None:
+        problems += found
+    elif found:
+        raise ManifestError(problems_text(found))
     return jobs
 
 
