@@ -241,6 +241,10 @@ def test_a_log_file_that_stops_taking_writes_is_given_up_for_the_run(tmp_path: P
     hub.write(new_id(), ["another run's log is written as before"])
 
 
+async def _never_ended() -> bool:
+    return False
+
+
 def _follow(hub: LogHub, request_id: str, ended: list[bool]) -> tuple[asyncio.Task[None], list[str]]:
     """A follower of the run, as a task, and the lines it has seen (without their stamps); it
     lets the loop turn once a line, as one sending each line to a client does."""
@@ -310,6 +314,33 @@ async def test_a_follower_of_a_large_log_reads_it_a_chunk_at_a_time(tmp_path: Pa
     await asyncio.wait_for(follower, 5)
     assert seen == written
     assert max(reads) <= 1000 and len(reads) > 50  # whole lines, a chunk at a time
+
+
+async def test_a_line_longer_than_a_chunk_is_read_whole(tmp_path: Path, monkeypatch) -> None:
+    hub = LogHub(tmp_path, limit=64 << 20)
+    request_id = new_id()
+    written = ["short", "y" * 3500, "short again", "z" * 999, "end"]
+    hub.write(request_id, written)
+    hub.close(request_id)
+    monkeypatch.setattr(logs, "FOLLOW_CHUNK", 1000)
+    follower, seen = _follow(hub, request_id, [True])
+    await asyncio.wait_for(follower, 5)
+    assert seen == written
+
+
+async def test_a_follower_that_stops_reading_holds_a_bounded_share_of_the_run_output(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=64 << 20)
+    request_id = new_id()
+    hub.write(request_id, ["first"])
+    lines = hub.follow(request_id, _never_ended)
+    assert (await anext(lines)).endswith(" first")  # it is live now, and reads no further
+    for _ in range(2000):  # 2 MB of output in batches of 10 lines
+        hub.write(request_id, ["x" * 100] * 10)
+    (follower,) = hub._followers[request_id]
+    held = sum(item[2] for item in follower.queue._queue if isinstance(item, tuple))  # type: ignore[attr-defined]
+    assert follower.behind and held <= logs.FOLLOWER_LAG <= 128 * 1024, held  # (not the 2 MB written)
+    hub.close(request_id)
+    await lines.aclose()
 
 
 async def test_a_log_deleted_while_a_follower_reads_it_is_read_to_its_end(tmp_path: Path, monkeypatch) -> None:

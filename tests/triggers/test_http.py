@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -852,6 +853,34 @@ async def test_follow_sends_live_lines_and_keepalives(
     rest = (await response.content.read()).decode()
     assert "data: after the gate\n\n" in rest
     assert rest.endswith('event: end\ndata: {"RequestId":"r1","Status":"FINISHED"}\n\n')
+
+
+async def test_a_follower_that_stops_reading_is_let_go(
+    client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its writes wait on it, holding a batch and what the log has for it; after SSE_STALL
+    seconds of that its connection is closed, so what it holds is freed."""
+    monkeypatch.setattr(http.sse, "SSE_STALL", 0.3)
+    caplog.set_level(logging.INFO, logger=http.sse.__name__)
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    engine.log_lines = ["x" * 1000] * 20_000  # 20 MB, far more than the socket buffers hold
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", client.server.port))  # type: ignore[arg-type]
+    await loop.sock_sendall(sock, b"GET /invocations/r1/logs?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
+    for _ in range(200):
+        if "read nothing for 0.3 s" in caplog.text:
+            break
+        await asyncio.sleep(0.05)
+    assert "log follower of r1 read nothing for 0.3 s: its connection is closed" in caplog.text
+    received = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 5):
+            received += len(chunk)
+    sock.close()
+    assert 0 < received < 5_000_000, received
 
 
 # --- registry, health, metrics, openapi ----------------------------------------------------

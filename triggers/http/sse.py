@@ -29,6 +29,14 @@ SSE_KEEPALIVE = 15.0
 SSE_BATCH = 64 * 1024
 """Characters of events sent to a follower in one write at most: the lines that wait for it go together."""
 
+SSE_STALL = 60.0
+"""Seconds a write may wait for a follower to read; past them it is let go (its connection closed),
+so a follower that stops reading holds its buffers no longer than that."""
+
+
+class _Stalled(Exception):
+    """The follower read nothing for SSE_STALL seconds."""
+
 
 async def stream_logs(
     request: web.Request, engine: Engine, invocation: Invocation, server_closing: asyncio.Event
@@ -53,10 +61,14 @@ async def stream_logs(
         if await _pump(response, lines, waiting, closing):
             status = await _end_status(engine, invocation, waiting.last)
             end = dumps({"RequestId": request_id, "Status": status}).decode()
-            await response.write(f"event: end\ndata: {end}\n\n".encode())
+            await _send(response, f"event: end\ndata: {end}\n\n".encode())
         await response.write_eof()
     except ConnectionResetError:
         logger.debug("log follower of %s went away", request_id)
+    except _Stalled:
+        logger.info("log follower of %s read nothing for %g s: its connection is closed", request_id, SSE_STALL)
+        if request.transport is not None:
+            request.transport.abort()
     except Exception as exc:
         # Headers are out, so the middleware cannot answer any more; tell the client in-band:
         # an error of the API's (the store unavailable, say) as itself, any other as internal.
@@ -157,19 +169,28 @@ async def _pump(
     try:
         while True:
             if waiting.events:
-                await response.write(waiting.take())
+                await _send(response, waiting.take())
             elif reader.done():
                 reader.result()  # (what the log raised, after the lines before it)
                 return True
             elif closing.done():
                 return False
             elif not await waiting.arrival(SSE_KEEPALIVE):
-                await response.write(b": keepalive\n\n")
+                await _send(response, b": keepalive\n\n")
     finally:
         closing.remove_done_callback(waiting.wake)
         reader.cancel()  # (nothing, once it is done)
         with contextlib.suppress(asyncio.CancelledError, Exception):  # (what it raised is told above, if anywhere)
             await reader
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    """Write to the follower; _Stalled if it has not read for SSE_STALL seconds."""
+    try:
+        async with asyncio.timeout(SSE_STALL):
+            await response.write(data)
+    except TimeoutError:
+        raise _Stalled from None
 
 
 async def _read(lines: AsyncIterator[str], waiting: _Waiting) -> None:
