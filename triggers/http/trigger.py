@@ -7,6 +7,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from eventrun.engine.failures import FailureLog
 
 from .routes import build_app
 
@@ -19,6 +22,44 @@ ANSWER_GRACE = 1.0
 """Seconds stop() gives requests still in flight before it cuts them off (aiohttp may wait twice
 this: once for the handler, once more after cancelling it). The server stops the gateway once
 the engine has ended every run, so a sync call then only has its answer to write."""
+
+IDLE_TIMEOUT = 75.0
+"""Seconds a connection may stay open with no request in hand: from its opening (or the end of its
+last answer) until the headers of a request are in. A client that sends nothing, or drips its
+headers, is closed then; a request being handled (a sync call, a log follow) is never cut by it.
+Longer than the 60 s after which proxies commonly drop an idle upstream connection, so that a
+proxy in front closes first and never reuses a connection the gateway has just closed."""
+
+BAD_REQUEST_LOG_EVERY = 60.0
+"""Seconds between two lines of the log about requests aiohttp could not parse, at least."""
+
+_SERVER_LOG = logging.getLogger("aiohttp.server")
+_GIST = 200  # characters of a bad request's error message the log line keeps at most
+
+
+class BadRequestLines(logging.Filter):
+    """On aiohttp's server logger: a request it could not parse (a bad request line or header, a
+    line too long) is one short line of the gateway's log, at most every BAD_REQUEST_LOG_EVERY
+    seconds, instead of an error with a traceback each (a scanner would write megabytes). Every
+    other record passes as it is, a handler's bug with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bad_requests = FailureLog(logger, every=BAD_REQUEST_LOG_EVERY, level=logging.INFO, counted="bad requests")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.ERROR or not isinstance(exc, HttpProcessingError):
+            return True
+        # aiohttp logs them as "Error handling request from %s", the peer's address.
+        peer = record.args[0] if isinstance(record.args, tuple) and len(record.args) == 1 else "a client"
+        # Its messages quote the bytes, a line with a caret under the bad one: the words and the quote are enough.
+        lines = (line.strip() for line in exc.message.splitlines())
+        gist = " ".join(line for line in lines if line.strip("^"))
+        if len(gist) > _GIST:
+            gist = gist[: _GIST - 3] + "..."
+        self._bad_requests.log("bad request from %s: %s: %s", peer, type(exc).__name__, gist)
+        return False
 
 
 class HttpTrigger:
@@ -39,6 +80,7 @@ class HttpTrigger:
         self._extra_routes = list(extra_routes)
         self._openapi_paths = openapi_paths
         self._runner: web.AppRunner | None = None
+        self._bad_requests: BadRequestLines | None = None
 
     @property
     def port(self) -> int:
@@ -51,13 +93,17 @@ class HttpTrigger:
             return
         app = build_app(self._engine, extra_routes=self._extra_routes, openapi_paths=self._openapi_paths)
         # No per-request access log: it costs more than accepting the event; /metrics counts instead.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=ANSWER_GRACE)
+        # aiohttp's keep-alive timer runs only while a connection waits for a request's headers.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=ANSWER_GRACE, keepalive_timeout=IDLE_TIMEOUT)
         await runner.setup()
+        self._bad_requests = BadRequestLines()
+        _SERVER_LOG.addFilter(self._bad_requests)
         try:
             site = web.TCPSite(runner, self._host, self._port)
             await site.start()
         except BaseException:
             await runner.cleanup()
+            self._remove_log_filter()
             raise
         self._runner = runner
         self._port = runner.addresses[0][1]
@@ -85,7 +131,13 @@ class HttpTrigger:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+            self._remove_log_filter()
             logger.info("HTTP gateway stopped")
+
+    def _remove_log_filter(self) -> None:
+        if self._bad_requests is not None:
+            _SERVER_LOG.removeFilter(self._bad_requests)
+            self._bad_requests = None
 
     async def __aenter__(self) -> HttpTrigger:
         await self.start()
