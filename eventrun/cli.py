@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -534,8 +535,20 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     what the server sent (a function's name, a trigger's): their control characters are shown
     escaped (`\\x1b`, `\\n`), so none can drive the terminal or break a row."""
     shown = [[printable(str(cell)) for cell in row] for row in [headers, *rows]]
-    widths = [max(len(row[i]) for row in shown) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in shown)
+    widths = [max(_columns(row[i]) for row in shown) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell + " " * (width - _columns(cell)) for cell, width in zip(row, widths)).rstrip() for row in shown
+    )
+
+
+def _columns(text: str) -> int:
+    """The columns `text` takes on a terminal: two for a wide character (CJK, most emoji), none
+    for one that combines with the character before it (an accent written apart)."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text
+    )
 
 
 def _quote(segment: str) -> str:

@@ -805,6 +805,24 @@ def test_list_cells_show_control_characters_escaped(stand_in: StandIn, capsys: A
     ), out
 
 
+def test_list_columns_line_up_with_wide_and_combining_characters(stand_in: StandIn, capsys: Any) -> None:
+    stand_in.listing = {
+        "Invocations": [
+            _invocation("req-1", "FINISHED", FunctionName="缩略图"),  # three characters, six columns
+            _invocation("req-2", "FINISHED", FunctionName="cafe\u0301s"),  # an accent written apart: five columns
+            _invocation("req-3", "FINISHED", FunctionName="thumbnail"),
+        ],
+        "NextCursor": None,
+    }
+    status, out, err = run(capsys, "list", "--url", stand_in.url)
+    assert (status, err) == (0, "")
+    assert out.splitlines()[1:] == [
+        "req-1      缩略图        FINISHED  2024-05-01T10:00:00Z  -",
+        "req-2      cafe\u0301s         FINISHED  2024-05-01T10:00:00Z  -",
+        "req-3      thumbnail     FINISHED  2024-05-01T10:00:00Z  -",
+    ]
+
+
 def test_list_points_at_the_next_page(stand_in: StandIn, capsys: Any) -> None:
     stand_in.listing = {"Invocations": [], "NextCursor": "abc"}
     assert run(capsys, "list", "--url", stand_in.url) == (
