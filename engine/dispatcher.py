@@ -1,4 +1,4 @@
-"""The dispatcher: a FIFO per function, per-function concurrency, a global cap, QPS buckets."""
+"""The dispatcher: a FIFO per function, per-function concurrency, a global cap, a QPS window per function."""
 
 from __future__ import annotations
 
@@ -16,27 +16,30 @@ logger = logging.getLogger(__name__)
 Execute = Callable[[str, str], Awaitable[None]]
 
 
-class TokenBucket:
-    """At most `rate` events per second, with a burst of `rate`."""
+class QpsWindow:
+    """At most `rate` events in any one second: the times of those of the last second are kept
+    (at most `rate` of them), and an event is let in while fewer than `rate` are. A token bucket
+    refilled at `rate` a second with a burst of `rate` would let in up to twice that in one second."""
 
     def __init__(self, rate: int) -> None:
-        self.rate = float(rate)
-        self.tokens = float(rate)
-        self.stamp = time.monotonic()
+        self.rate = rate
+        self._taken: collections.deque[float] = collections.deque()  # monotonic times, oldest first
 
     def take(self) -> float:
-        """0.0 if a token was taken, else the seconds until one is available."""
+        """0.0 if the event may go in (it is counted), else the seconds until one may."""
         now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        taken = self._taken
+        while taken and now - taken[0] >= 1.0:
+            taken.popleft()
+        if len(taken) < self.rate:
+            taken.append(now)
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return taken[len(taken) - self.rate] + 1.0 - now
 
     def give_back(self) -> None:
-        """Return a token taken for nothing (the event was a repeat)."""
-        self.tokens = min(self.rate, self.tokens + 1.0)
+        """Count the last event let in as never taken (it was a repeat)."""
+        if self._taken:
+            self._taken.pop()
 
 
 class Dispatcher:
@@ -51,7 +54,7 @@ class Dispatcher:
         execute: Execute,
     ) -> None:
         self._concurrency = dict(concurrency)
-        self._buckets = {name: TokenBucket(limit) for name, limit in qps_limits.items()}
+        self._windows = {name: QpsWindow(limit) for name, limit in qps_limits.items()}
         self._limits = dict(qps_limits)
         self._max_running = max_running
         self._execute = execute
@@ -67,23 +70,20 @@ class Dispatcher:
 
     def throttle(self, function: str) -> None:
         """Take one QPS token for the function or raise Throttled."""
-        wait = self._buckets[function].take()
+        window = self._windows[function]
+        wait = window.take()
         if wait:
-            bucket = self._buckets[function]
-            share = int(bucket.rate) if bucket.rate != self._limits[function] else None
+            share = window.rate if window.rate != self._limits[function] else None
             raise Throttled(function, self._limits[function], max(1.0, math.ceil(wait)), share=share)
 
     def give_back(self, function: str) -> None:
         """Return the QPS token an event took that turned out to be a repeat of one accepted before."""
-        self._buckets[function].give_back()
+        self._windows[function].give_back()
 
     def share_qps(self, shares: Mapping[str, int]) -> None:
         """Allow each function only this node's share of its qps_limit (several nodes on one store)."""
         for function, share in shares.items():
-            bucket = self._buckets[function]
-            if bucket.rate != share:
-                bucket.rate = float(share)
-                bucket.tokens = min(bucket.tokens, bucket.rate)
+            self._windows[function].rate = share
 
     def free(self, function: str) -> int:
         """How many more runs of the function could start here now."""

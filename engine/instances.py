@@ -288,8 +288,9 @@ class Instance:
         return f"the instance process exited with code {code} before the run ended"
 
     async def abort(self, status: Status, kill_grace: float) -> None:
-        """Stop the current run: SIGTERM the instance's process group, SIGKILL after the grace."""
-        self.stopping = status
+        """Stop the current run: SIGTERM the instance's process group, SIGKILL after the grace.
+        A run already being stopped keeps the reason it had (one past its timeout ends TIMED_OUT)."""
+        self.stopping = self.stopping or status
         await self.kill(kill_grace)
 
     async def kill(self, grace: float) -> None:
@@ -306,13 +307,13 @@ class Instance:
         """
         if self.process.returncode is None:
             _kill_escaped(self.pid)
-            _signal_group(self.pid, signal.SIGTERM)
-            _signal_group(self.pid, signal.SIGCONT)  # a stopped process would not act on its SIGTERM
+            _signal_instance(self.pid, signal.SIGTERM)
+            _signal_instance(self.pid, signal.SIGCONT)  # a stopped process would not act on its SIGTERM
             try:
                 await asyncio.wait_for(asyncio.shield(self._exit), grace)
             except asyncio.TimeoutError:
                 _kill_escaped(self.pid)
-                _signal_group(self.pid, signal.SIGKILL)
+                _signal_instance(self.pid, signal.SIGKILL)
                 await asyncio.shield(self._exit)
         # Children the function left behind in its group go too.
         _signal_group(self.pid, signal.SIGKILL)
@@ -539,6 +540,18 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _signal_instance(pid: int, sig: signal.Signals) -> None:
+    """Signal a live instance's process group; or the instance alone, before it has made its
+    group: the spawner tells its pid as it forks it, a moment before it calls setsid()."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    except PermissionError:
+        pass
+
+
 def _stdout_link(pid: int) -> str | None:
     """What /proc shows a process's fd 1 as ("pipe:[INODE]"), to know its pipe by."""
     try:
@@ -590,6 +603,7 @@ class InstancePool:
         self._spawner = Spawner(_WORKER_FILE, {**base_env, "PYTHONUNBUFFERED": "1"})
         self._idle: dict[str, list[Instance]] = {}
         self._busy: set[Instance] = set()
+        self._starting = 0  # instances being started
         self._reaper: asyncio.Task[None] | None = None
         self._evicted: set[asyncio.Task[None]] = set()  # idle instances being stopped to make room
 
@@ -611,8 +625,8 @@ class InstancePool:
 
     @property
     def size(self) -> int:
-        """Instances alive now."""
-        return len(self._busy) + sum(len(g) for g in self._idle.values())
+        """Instances alive now, and those being started."""
+        return self._starting + len(self._busy) + sum(len(g) for g in self._idle.values())
 
     async def acquire(self, spec: Spec) -> Instance:
         """A warm instance of the function, or a new one."""
@@ -624,7 +638,11 @@ class InstancePool:
                 return instance
         if self.size >= self.max_instances:
             self._evict_one()
-        instance = await self._spawn(spec)
+        self._starting += 1  # (counted in size meanwhile: runs starting together each make room)
+        try:
+            instance = await self._spawn(spec)
+        finally:
+            self._starting -= 1
         self._busy.add(instance)
         return instance
 

@@ -131,6 +131,21 @@ async def test_a_run_past_its_timeout_ends_timed_out_whatever_its_sigterm_handle
     assert "cleaning up" in await api.logs(request_id)
 
 
+async def test_a_terminate_while_a_timed_out_run_is_being_killed_leaves_it_timed_out(eventrun_server, http, handler, poll_until):
+    server = eventrun_server({"cleanup": {"handler": handler("cleanup"), "timeout": "1s"}}, server={"kill_grace": "4s"})
+    api = server.client(http)
+    request_id = await api.accepted("cleanup", {"seconds": 30, "on_term": "ignore"})
+
+    async def sigtermed() -> bool:  # past its timeout, its SIGTERM ignored: kill_grace runs
+        return "cleaning up" in await api.logs(request_id)
+
+    await poll_until(sigtermed, 15, f"{request_id} never got its SIGTERM")
+    reply = await api.terminate(request_id)
+    assert reply.status == 200, reply.text
+    state = await api.wait_ended(request_id, timeout=15)
+    assert (state["Status"], state["ErrorType"]) == ("TIMED_OUT", "TimedOut"), state
+
+
 async def test_success_keeps_the_instance_warm(eventrun_server, http, handler):
     server = eventrun_server({"pid": {"handler": handler("pid"), "concurrency": 1}})
     api = server.client(http)

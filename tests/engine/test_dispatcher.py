@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from eventrun.engine.dispatcher import Dispatcher, TokenBucket
+from eventrun.engine import dispatcher as dispatcher_module
+from eventrun.engine.dispatcher import Dispatcher, QpsWindow
 from eventrun.engine.errors import Throttled
 
 
@@ -135,11 +136,22 @@ async def test_pause_starts_nothing_new_and_drain_reports_what_still_runs() -> N
     assert dispatcher.queued("f") == 1
 
 
-def test_the_token_bucket_allows_a_burst_of_the_rate_then_throttles() -> None:
-    bucket = TokenBucket(3)
-    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
-    wait = bucket.take()
-    assert 0 < wait <= 1 / 3 + 1e-6
+def test_the_qps_window_lets_in_the_rate_in_any_one_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(dispatcher_module.time, "monotonic", lambda: clock[0])
+    window = QpsWindow(3)
+    assert [window.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert window.take() == pytest.approx(1.0)
+    clock[0] = 100.5
+    assert window.take() == pytest.approx(0.5), "no more until the first is a second old"
+    clock[0] = 101.0
+    assert window.take() == 0.0 and window.take() == 0.0 and window.take() == 0.0
+    assert window.take() == pytest.approx(1.0), "a token bucket would let in 3 more here: 6 in one second"
+    window.give_back()  # the last one was a repeat
+    assert window.take() == 0.0
+    window.rate = 1  # this node's share shrank: the 3 of the last second must age out first
+    clock[0] = 101.5
+    assert window.take() == pytest.approx(0.5)
 
 
 def test_throttle_names_the_function_and_gives_a_whole_retry_after() -> None:

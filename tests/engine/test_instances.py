@@ -5,13 +5,15 @@ together whatever output comes between them."""
 from __future__ import annotations
 
 import asyncio
+import signal
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
 from eventrun.engine import instances
-from eventrun.engine.instances import MAX_LINE, PARTIAL_LINE_WAIT, READ_CHUNK, Instance, PartialLine
+from eventrun.engine.instances import MAX_LINE, PARTIAL_LINE_WAIT, READ_CHUNK, Instance, InstancePool, PartialLine, Spec
 from eventrun.engine.worker import FRAME_MARK, MAX_FRAME, PIPE_BUF, _frame_pieces
 
 MARK = (FRAME_MARK + "t0").encode()  # an instance's, whose token is t0
@@ -202,3 +204,50 @@ async def test_output_waiting_past_the_log_limit_is_not_logged(clock: Clock) -> 
     feed(instance, b"kept\ndropped")
     waited(instance, clock)
     assert logged == ["kept"]
+
+
+async def test_a_kill_reaches_an_instance_that_has_not_made_its_process_group_yet(tmp_path) -> None:
+    """The spawner tells an instance's pid as it forks it, a moment before the instance calls
+    setsid(): a terminate then finds no group of that id, and must signal the process itself."""
+    process = await asyncio.create_subprocess_exec(
+        "sleep", "30", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE  # (in this process's group)
+    )
+    instance = Instance(Spec(function="f", handler="f.py:main", cwd=tmp_path, environment={}), process, "t0")
+    await asyncio.wait_for(instance.kill(30), 5)  # SIGTERM ends it: no kill_grace waited out
+    assert process.returncode == -signal.SIGTERM
+
+
+class _Idle:
+    """An idle instance in the pool, as far as making room goes."""
+
+    def __init__(self, function: str, last_used: float) -> None:
+        self.spec = Spec(function=function, handler="f.py:main", cwd=Path("."), environment={})
+        self.alive = True
+        self.last_used = last_used
+        self.pid = 0
+        self.killed = False
+
+    async def kill(self, grace: float) -> None:
+        self.killed = True
+
+
+async def test_instances_starting_together_each_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = InstancePool(max_instances=3, idle_timeout=300, kill_grace=1, base_env={})
+    idle = [_Idle("a", n) for n in range(3)]
+    pool._idle["a"] = list(idle)  # type: ignore[list-item]
+    started = asyncio.Event()
+
+    async def spawn(spec: Spec) -> Any:
+        await started.wait()  # (starting takes a while: every acquire is in before one ends)
+        return _Idle(spec.function, 10)
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    spec = Spec(function="b", handler="f.py:main", cwd=Path("."), environment={})
+    acquiring = [asyncio.create_task(pool.acquire(spec)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert pool.size == 3, "the three being started count"
+    started.set()
+    await asyncio.gather(*acquiring)
+    await asyncio.sleep(0)
+    assert [i.killed for i in idle] == [True, True, True], "each start made room: 3 alive at most, not 6"
+    assert pool.size == 3

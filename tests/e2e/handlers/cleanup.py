@@ -1,5 +1,5 @@
 """Sleeps, and handles SIGTERM itself: data["on_term"] "exit" cleans up and exits with 1, "return"
-returns a partial result."""
+returns a partial result, "ignore" says so and sleeps on (until SIGKILL)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         print("cleaning up", flush=True)
         if data["on_term"] == "exit":
             sys.exit(1)
-        stopped = True
+        stopped = data["on_term"] != "ignore"
 
     signal.signal(signal.SIGTERM, on_term)
     print("cleanup start", flush=True)
