@@ -179,11 +179,32 @@ class Cluster:
             self._listener = None
         if self._joined:  # (a node refused its id must not take the holder's entry away)
             self._joined = False
-            with contextlib.suppress(Exception):
-                await self.store.leave()
+            await self._leave()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    async def _leave(self) -> None:
+        """Leave the registry, ending first the runs this node leaves RUNNING: those whose ends
+        the store refused as it stopped (an outage), FAILED (ServerStopped), as its next start
+        would; but no next start may come. Should the store refuse that too, the node stays
+        registered: once its lease has run out, the others end them FAILED (NodeLost)."""
+        try:
+            left = await self.store.fail_runs_of(
+                [self.node_id], now_rfc3339(), "ServerStopped", lambda _: SERVER_STOPPED
+            )
+        except Exception as exc:
+            logger.warning(
+                "could not record the ends of the runs this node leaves (%s): it stays in the cluster's registry, "
+                "and the other nodes end its runs FAILED (NodeLost) once its lease has run out", exc
+            )
+            return
+        if left:
+            logger.warning("ended %d runs whose ends the store had refused as FAILED (ServerStopped)", len(left))
+            with contextlib.suppress(Exception):
+                await self._failed_here(left)
+        with contextlib.suppress(Exception):
+            await self.store.leave()
 
     def _last_start(self) -> str | None:
         """The incarnation this node id had at its last start from this data_dir."""
@@ -539,20 +560,17 @@ class LogShipper:
 
     async def _run(self) -> None:
         failures = 0  # shipments failed in a row: each waits twice as long as the last, up to SHIP_MOST
-        quiet_until = 0.0  # a failure is logged at most every SHIP_LOG_EVERY seconds
+        failing = FailureLog(logger, every=SHIP_LOG_EVERY, level=logging.WARNING, counted="failed tries")
         while True:
             started = time.monotonic()
             try:
                 await self.flush()
             except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 failures += 1
-                if started >= quiet_until:
-                    logger.warning("shipping log lines to the store failed (%s); trying again (%d tries so far)", exc, failures)
-                    quiet_until = started + SHIP_LOG_EVERY
+                failing.log("shipping log lines to the store failed (%s); trying again (%d tries in a row so far)", exc, failures)
             else:
-                if failures:
-                    logger.warning("log lines are shipped to the store again, after %d failed tries", failures)
-                failures, quiet_until = 0, 0.0
+                failing.recovered("log lines are shipped to the store again")
+                failures = 0
             wait = min(self._interval * 2**failures, SHIP_MOST) if failures else self._interval
             await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
 

@@ -19,6 +19,7 @@ class FailureLog:
         self._quiet_until = 0.0
         self._unlogged = 0
         self._failing = False
+        self._told = False  # a line told of the failures going on
 
     def log(self, text: str, *args: object, exc_info: BaseException | None = None) -> None:
         """One more failure: a line (with `exc_info`'s traceback, if given), unless one was logged
@@ -31,13 +32,19 @@ class FailureLog:
         if self._unlogged:
             text, args = text + f" (and %d more {self._counted} since the last such line)", (*args, self._unlogged)
         self.logger.log(self.level, text, *args, exc_info=exc_info)
-        self._quiet_until, self._unlogged = now + self.every, 0
+        self._quiet_until, self._unlogged, self._told = now + self.every, 0, True
 
     def recovered(self, text: str) -> None:
-        """It worked after failures: say so once, as a warning (and the next failure is logged at once)."""
+        """It worked after failures: say so once, as a warning, if a line told of them. Failures
+        no line told of (they came less than `every` seconds after the last) end unsaid, and the
+        next line counts them: something that fails and recovers over and over costs the log
+        two lines every `every` seconds at most."""
         if not self._failing:
+            return
+        self._failing = False
+        if not self._told:
             return
         if self._unlogged:
             text += f" ({self._unlogged} more {self._counted} since the last such line)"
         self.logger.warning(text)
-        self._quiet_until, self._unlogged, self._failing = 0.0, 0, False
+        self._unlogged, self._told = 0, False

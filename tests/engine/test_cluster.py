@@ -83,6 +83,33 @@ async def test_a_store_that_is_down_is_tried_less_and_less_often_and_logged_once
     assert store.shipped == [[("r1", b"a\n")]]
 
 
+async def test_a_store_that_fails_and_recovers_over_and_over_is_logged_once_a_while(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A connection that drops and comes back used to cost two lines each time (every 0.3-0.9 s).
+    monkeypatch.setattr(cluster, "SHIP_LOG_EVERY", 0.3)
+    store = FakeStore()
+    real = store.append_logs
+
+    async def flapping(chunks: Sequence[tuple[str, bytes]]) -> None:
+        store.down = not store.down  # every other try fails
+        await real(chunks)
+
+    store.append_logs = flapping  # type: ignore[method-assign]
+    shipper = LogShipper(store, interval=0.01)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="eventrun.engine.cluster"):
+        shipper.start()
+        for _ in range(70):  # 0.7 s, a line to ship at every try
+            shipper.add("r1", b"a\n")
+            await asyncio.sleep(0.01)
+        await shipper.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    failed = [line for line in lines if line.startswith("shipping log lines to the store failed")]
+    again = [line for line in lines if line.startswith("log lines are shipped to the store again")]
+    assert 1 <= len(failed) <= 3 and 1 <= len(again) <= 3, lines  # about 25 failures in 0.7 s, a line at most every 0.3 s
+    assert "more failed tries since the last such line" in " ".join(failed[1:] + again), lines
+
+
 def test_a_lost_node_s_runs_say_which_node_and_that_nothing_was_retried() -> None:
     message: Any = node_lost("node-7")
     assert "node node-7" in message and "not retried" in message

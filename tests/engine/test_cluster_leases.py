@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import pytest
 
 from eventrun.engine.api import Status
@@ -200,3 +201,40 @@ async def test_a_follower_reads_the_closing_line_of_a_run_whose_node_was_lost(en
     assert lines[0].endswith(" tick 1") and len(lines) == 2, lines
     assert " [eventrun] run ended FAILED: NodeLost: node node-x running this run stopped answering" in lines[1], lines
     assert "\n".join(lines) + "\n" == (await engine.read_log(request_id)).decode(), "every line once, in order"
+
+
+async def _in_store(postgres: str, query: str, *args: object) -> object:
+    """One value read on a connection of its own (the engine's pool is closed once it stopped)."""
+    connection = await asyncpg.connect(postgres)
+    try:
+        return await connection.fetchval(query, *args)
+    finally:
+        await connection.close()
+
+
+async def test_a_node_that_stops_ends_the_runs_whose_ends_the_store_refused_before_it_leaves(
+    postgres: str, engine: Engine
+) -> None:
+    # A run RUNNING under node-a in the store that node-a no longer runs: its end was refused
+    # through an outage as the node stopped. Left so, with node-a gone from the registry, no
+    # other node would ever take it for dead.
+    request_id = await running_on(engine.store)
+    await engine.stop()
+    row = await _in_store(postgres, "SELECT status || ' ' || error_type FROM invocations WHERE request_id = $1::uuid", request_id)
+    assert row == "FAILED ServerStopped"
+    assert await _in_store(postgres, "SELECT count(*) FROM nodes WHERE node_id = 'node-a'") == 0
+
+
+async def test_a_node_that_cannot_end_them_as_it_stops_stays_registered_for_the_others_to_judge(
+    postgres: str, engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    request_id = await running_on(engine.store)
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise StoreError("the PostgreSQL store cannot serve this now (ConnectionRefusedError: [Errno 111])")
+
+    monkeypatch.setattr(engine.store, "fail_runs_of", refused)
+    await engine.stop()
+    assert await _in_store(postgres, "SELECT status FROM invocations WHERE request_id = $1::uuid", request_id) == "RUNNING"
+    assert await _in_store(postgres, "SELECT count(*) FROM nodes WHERE node_id = 'node-a'") == 1, "its lease will run out"
+    assert "it stays in the cluster's registry" in caplog.text
