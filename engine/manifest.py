@@ -447,10 +447,10 @@ def _finite(value: Any) -> bool:
 def _http_url(value: str) -> str:
     if not value:
         return value
+    # Not echoed: a receiver's URL may hold its credentials (userinfo, a token in the query).
     if not re.match(r"^https?://[^/\s]+", value, re.IGNORECASE):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    # What the HTTP client would fail on at every delivery. Not echoed: a receiver's URL may
-    # hold its credentials (userinfo, a token in the query).
+        raise ValueError(f"expected an http:// or https:// URL, got {_scheme_of(value)}")
+    # What the HTTP client would fail on at every delivery.
     if re.search(r"\s", value):
         raise ValueError("not a valid URL: it holds a space")
     try:
@@ -485,6 +485,21 @@ def _aiohttp_problem(value: str) -> str | None:
         if problem is not None:
             return problem
     return _basic_auth_problem(url.user or "", url.password or "")
+
+
+def _scheme_of(value: str) -> str:
+    """What a value that is no http(s) URL is, for its error: the value itself only when it can
+    hold no credentials (no `@`, no query)."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(/*)", value)
+    if scheme is not None and scheme[1].lower() in ("http", "https"):
+        if scheme[2] == "//":
+            return f"{scheme[0]!r} with no host after it"
+        return f"'{scheme[0]}...' (expected '{scheme[1]}://' and a host)"
+    if scheme is not None and scheme[2] == "//":
+        return f"a URL of scheme {scheme[1]!r}"
+    if "@" in value or "?" in value or "#" in value:
+        return "a value with no scheme (such as 'https://')"
+    return f"{value!r}, with no scheme (such as 'https://')"
 
 
 def _without_secrets(message: str, url: str) -> str:

@@ -482,8 +482,16 @@ def test_destinations_are_read_in_order_callback_then_on_failure(write) -> None:
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        ({"callback_url": '"hooks.example.com/done"'}, "functions.f.callback_url: expected an http:// or https:// URL, got 'hooks.example.com/done'"),
-        ({"on_failure": '{ url = "ftp://x/y" }'}, "functions.f.on_failure.url: expected an http:// or https:// URL"),
+        ({"callback_url": '"hooks.example.com/done"'}, "functions.f.callback_url: expected an http:// or https:// URL, got 'hooks.example.com/done', with no scheme (such as 'https://')"),
+        ({"on_failure": '{ url = "ftp://x/y" }'}, "functions.f.on_failure.url: expected an http:// or https:// URL, got a URL of scheme 'ftp'"),
+        # A mistyped scheme does not show the URL's user, password or query.
+        ({"callback_url": '"htp://user:SECRETPW@hooks.example.com/done?token=SECRETQ"'},
+         "functions.f.callback_url: expected an http:// or https:// URL, got a URL of scheme 'htp'"),
+        ({"callback_url": '"http//user:SECRETPW@hooks.example.com/done?token=SECRETQ"'},
+         "functions.f.callback_url: expected an http:// or https:// URL, got a value with no scheme (such as 'https://')"),
+        ({"on_failure": '{ url = "https:/hooks/x?token=SECRETQ" }'},
+         "functions.f.on_failure.url: expected an http:// or https:// URL, got 'https:/...' (expected 'https://' and a host)"),
+        ({"callback_url": '"https://"'}, "functions.f.callback_url: expected an http:// or https:// URL, got 'https://' with no host after it"),
         ({"on_failure": '{ url = "http://x", kafka_topic = "t" }'}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
         ({"on_failure": "{}"}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
         ({"on_failure": '{ topic = "t" }'}, "functions.f.on_failure.topic: unknown key (did you mean 'kafka_topic'?)"),
