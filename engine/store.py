@@ -301,9 +301,14 @@ class SQLiteStore:
     # -- the outbox: deliveries owed for ended runs (written by the end's own commit) ------
 
     async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None:
-        """Where each function's runs go when they end, from now on: {function: [(kind, target)]}."""
+        """Where each function's runs go when they end, from now on: {function: [(kind, target)]}.
+
+        A function not given (dropped from the manifest) keeps the destinations it had: what its
+        runs' ends owe (a restart ends them FAILED) is held until a manifest has it again, or
+        given up after a day, as with a shared store.
+        """
         rows = [(function, kind, target) for function, pairs in destinations.items() for kind, target in pairs]
-        await self._submit("destinations", rows)
+        await self._submit("destinations", (sorted(destinations), rows))
 
     async def claim_deliveries(
         self,

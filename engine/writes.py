@@ -560,10 +560,11 @@ def _replay(conn: sqlite3.Connection, ops: list[tuple[Sequence[Any], str]]) -> l
     return [None] * len(ops)
 
 
-def _destinations(conn: sqlite3.Connection, ops: list[list[tuple[str, str, str]]]) -> list[None]:
-    """Set every function's destinations: each op the whole list of (function, kind, target)."""
-    for rows in ops:
-        conn.execute("DELETE FROM destinations")
+def _destinations(conn: sqlite3.Connection, ops: list[tuple[list[str], list[tuple[str, str, str]]]]) -> list[None]:
+    """Set the destinations of functions: each op (the functions, all their (function, kind,
+    target)). Functions not given keep theirs (see SQLiteStore.set_destinations)."""
+    for functions, rows in ops:
+        conn.executemany("DELETE FROM destinations WHERE function = ?", [(f,) for f in functions])
         conn.executemany("INSERT OR IGNORE INTO destinations (function, kind, target) VALUES (?, ?, ?)", rows)
     return [None] * len(ops)
 

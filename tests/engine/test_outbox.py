@@ -137,6 +137,18 @@ async def test_destinations_are_replaced_by_the_next_manifest(store: Store) -> N
     ]
 
 
+async def test_a_function_the_next_manifest_lacks_keeps_its_destinations(store: Store) -> None:
+    # Dropped from the manifest, its runs still end (a restart ends them FAILED): what they owe
+    # is held for a manifest that has it again. The SQLite store used to forget them.
+    await store.set_destinations(DESTINATIONS)
+    await store.set_destinations({"g": [("callback", "http://receiver/g")]})  # f is gone
+    failed = await ended(store, Status.FAILED)
+    assert {(d.request_id, d.kind) for d in await store.claim_deliveries(10, 60, OURS)} == {
+        (failed, "callback"),
+        (failed, "on_failure"),
+    }
+
+
 async def test_a_run_with_a_delivery_owed_outlives_its_retention(store: Store) -> None:
     await store.set_destinations({"f": [("callback", "http://receiver/done")]})
     owed = await ended(store, Status.FINISHED)
