@@ -480,12 +480,18 @@ def retry_after(value: str, now: float | None = None) -> float | None:
 
 
 def log_tail(log: bytes, limit: int = LOG_TAIL) -> str:
-    """The end of a log, at most `limit` bytes, starting at a line."""
+    """The end of a log, at most `limit` bytes, starting at a line; when its last line alone is
+    longer, that line's end, starting at a character."""
     if len(log) > limit:
         log = log[-limit:]
         cut = log.find(b"\n")
         if 0 <= cut < len(log) - 1:
             log = log[cut + 1 :]
+        else:  # (its last line is longer: from the first character that begins within the limit)
+            start = 0
+            while start < 3 and 0x80 <= log[start] < 0xC0:  # the rest of a UTF-8 character begun before
+                start += 1
+            log = log[start:]
     return log.decode("utf-8", errors="replace")
 
 

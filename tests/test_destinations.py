@@ -39,6 +39,8 @@ def test_a_log_tail_starts_at_a_line_and_keeps_the_end() -> None:
     assert tail.endswith("line 999\n") and tail.startswith("line ")
     assert len(tail.encode()) <= 100
     assert log_tail(b"short\n") == "short\n"
+    long_line = b"start\n" + "\u00e9".encode() * 5000 + b"\n"  # a last line of 10,001 bytes
+    assert log_tail(long_line, limit=4096) == "\u00e9" * 2047 + "\n", "its end, from a whole character"
     assert log_tail(b"\xff\xfe broken utf-8\n") == "\ufffd\ufffd broken utf-8\n"
 
 
