@@ -537,9 +537,11 @@ class SQLiteStore:
 
     @_read
     async def count_active(self, function: str, source: str) -> int:
-        """How many runs of this function from this source are QUEUED or RUNNING."""
+        """How many runs of this function from this source are QUEUED or RUNNING (replays of its
+        runs not counted: they are not the source's)."""
         (n,) = self._db.execute(
-            "SELECT COUNT(*) FROM invocations WHERE function = ? AND source = ? AND status IN (?, ?)",
+            "SELECT COUNT(*) FROM invocations i WHERE function = ? AND source = ? AND status IN (?, ?)"
+            " AND NOT EXISTS (SELECT 1 FROM replays r WHERE r.request_id = i.request_id)",
             (function, source, *_ACTIVE),
         ).fetchone()
         return int(n)

@@ -775,10 +775,12 @@ class PostgresStore:
 
     @_refusal_as_store_error
     async def count_active(self, function: str, source: str) -> int:
-        """How many runs of this function from this source are QUEUED or RUNNING."""
+        """How many runs of this function from this source are QUEUED or RUNNING (replays of its
+        runs not counted: they are not the source's)."""
         n = await self.pool.fetchval(
-            "SELECT count(*) FROM invocations WHERE function = $1 AND source = $2"
-            " AND status IN ('QUEUED', 'CLAIMED', 'RUNNING')",
+            "SELECT count(*) FROM invocations i WHERE function = $1 AND source = $2"
+            " AND status IN ('QUEUED', 'CLAIMED', 'RUNNING')"
+            " AND NOT EXISTS (SELECT 1 FROM replays r WHERE r.request_id = i.request_id)",
             function, source,
         )
         return int(n)

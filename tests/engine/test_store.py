@@ -287,6 +287,9 @@ async def test_active_runs_are_counted_per_source(store: SQLiteStore) -> None:
     await store.finish(a.request_id, Status.FINISHED, now_rfc3339())
     assert (await store.count_active("f", "timer://f/t")) == 1
     assert (await store.count_active("f", "/http/f")) == 1
+    # A replay of a timer's run is not that timer's run: it does not hold up its next slot.
+    await store.replay(row("replay-of-1", source="timer://f/t"), a.request_id)
+    assert (await store.count_active("f", "timer://f/t")) == 1
 
 
 async def test_a_run_is_found_by_its_request_id_without_an_index_of_them(sqlite_store: SQLiteStore) -> None:
