@@ -726,14 +726,17 @@ class Engine:
     ) -> tuple[list[Invocation], str | None]:
         """Invocations newest first (accepted from `since` until before `until`, Unix ms), and the next page's cursor.
 
-        Without `results`, each run's result is left unread (None).
+        Without `results`, each run's result is left unread (None). A function the manifest lacks
+        is listed if the store has runs of it (dropped since, or another node's); else FunctionNotFound.
         """
-        if function is not None:
-            self.function(function)
-        return await self.store.list(
+        page = await self.store.list(
             function=function, status=status, trigger=trigger, since=since, until=until, limit=limit, cursor=cursor,
             results=results,
         )
+        if function is not None and function not in self.manifest.functions and not page[0]:
+            if not (await self.store.list(function=function, limit=1, results=False))[0]:
+                self.function(function)  # (raises: most likely a typo)
+        return page
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Runs of each function of the manifest by status (see Recount: shared, and at most 10% of the time)."""
