@@ -276,7 +276,10 @@ class Deliverer:
             logger.error("gave up delivering %s of %s to %s: %s", delivery.kind, delivery.request_id, target, problem)
             await self._settle(delivery, error=problem, give_up=True)
         except Exception as exc:
-            problem = _describe(exc, delivery.target)
+            if isinstance(exc, asyncio.TimeoutError) and not str(exc):  # (aiohttp's ClientTimeout says nothing more)
+                problem = f"no answer within {self._timeout:g} s"
+            else:
+                problem = _describe(exc, delivery.target)
             if await self._too_old(delivery):
                 self.given_up += 1
                 logger.error(

@@ -347,8 +347,14 @@ async def hooks() -> AsyncIterator[Hooks]:
         await record(request)
         return web.Response(status=int(request.match_info["status"]), headers={"Retry-After": request.query["after"]})
 
+    async def silent(request: web.Request) -> web.Response:
+        await record(request)
+        await done.wait()  # no answer
+        return web.Response()
+
     app = web.Application()
     app.router.add_route("*", "/ok", ok)
+    app.router.add_post("/silent", silent)
     app.router.add_post("/busy/{status}", busy)
     app.router.add_post("/moved/{status}", moved)
     app.router.add_post("/endless", endless)
@@ -369,12 +375,14 @@ def posting_function(secret: str = "") -> SimpleNamespace:
 
 
 @contextlib.asynccontextmanager
-async def posting(functions: dict[str, Any], store: FakeStore | None = None) -> AsyncIterator[Deliverer]:
+async def posting(
+    functions: dict[str, Any], store: FakeStore | None = None, *, timeout: float = 5.0
+) -> AsyncIterator[Deliverer]:
     """A deliverer with its HTTP session, for the functions given, over a store of recent ends."""
     store = store or FakeStore(RECENT)
     engine = SimpleNamespace(store=store, get=store.get)
-    deliverer = Deliverer(engine, SimpleNamespace(functions=functions), timeout=5.0)  # type: ignore[arg-type]
-    deliverer._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+    deliverer = Deliverer(engine, SimpleNamespace(functions=functions), timeout=timeout)  # type: ignore[arg-type]
+    deliverer._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
     try:
         yield deliverer
     finally:
@@ -399,6 +407,14 @@ async def test_a_redirect_is_not_followed_and_the_delivery_is_given_up(hooks: Ho
         }
     ]
     assert (deliverer.sent, deliverer.given_up) == (0, 1)
+
+
+async def test_a_receiver_that_does_not_answer_in_time_is_said_so(hooks: Hooks) -> None:
+    # The log and the outbox said only "TimeoutError".
+    store = FakeStore(RECENT)
+    async with posting({"f": posting_function()}, store, timeout=0.3) as deliverer:
+        await deliverer._attempt(to(f"{hooks.url}/silent"))
+    assert [settled["error"] for settled in store.settled] == ["no answer within 0.3 s"]
 
 
 async def test_a_refusing_answer_is_read_no_further_than_its_start(hooks: Hooks) -> None:
