@@ -369,6 +369,10 @@ def dotted(loc: list[str]) -> str:
     return out
 
 
+_NAMED_ELSEWHERE = {("function", "on_success"): "callback_url"}
+"""Keys as other platforms name them (AWS Lambda's destinations), and ours: (scope, theirs) -> ours."""
+
+
 def _suggest(loc: list[str], keys: Mapping[str, tuple[str, ...]]) -> str | None:
     """The known key closest to the unknown one at loc, if one is close."""
     if not loc:
@@ -385,6 +389,8 @@ def _suggest(loc: list[str], keys: Mapping[str, tuple[str, ...]]) -> str | None:
         scope = "trigger"
     else:
         scope = parent[0]
+    if (scope, wrong) in _NAMED_ELSEWHERE:
+        return _NAMED_ELSEWHERE[scope, wrong]
     known = keys.get(scope, ())
     close = difflib.get_close_matches(wrong, [k for k in known if k != "path"], n=1)
     return close[0] if close else None

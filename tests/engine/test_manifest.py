@@ -495,6 +495,7 @@ def test_destinations_are_read_in_order_callback_then_on_failure(write) -> None:
         ({"on_failure": '{ url = "http://x", kafka_topic = "t" }'}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
         ({"on_failure": "{}"}, "functions.f.on_failure: give exactly one of url or kafka_topic"),
         ({"on_failure": '{ topic = "t" }'}, "functions.f.on_failure.topic: unknown key (did you mean 'kafka_topic'?)"),
+        ({"on_success": '{ url = "http://x" }'}, "functions.f.on_success: unknown key (did you mean 'callback_url'?)"),
         # What the HTTP client or the Kafka producer would have failed on at every delivery:
         ({"callback_url": '"http://127.0.0.1:99999/x"'}, "functions.f.callback_url: not a valid URL: Port out of range 0-65535"),
         ({"callback_url": '"http://[::1/x"'}, "functions.f.callback_url: not a valid URL: Invalid IPv6 URL"),
