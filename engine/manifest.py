@@ -180,13 +180,20 @@ class ServerConfig(_Strict):
     def _sendable_token(cls, value: str) -> str:
         return _sendable_token(value)
 
+    _url = field_validator("url")(lambda value: _http_url(value))
+
     @property
     def base_url(self) -> str:
         """Where clients reach this server."""
         if self.url:
             return self.url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{url_host(host)}:{self.port}"
+
+
+def url_host(host: str) -> str:
+    """A host as a URL holds it: an IPv6 address in brackets (`[::1]`)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]

@@ -19,7 +19,7 @@ from eventrun.destinations import Deliverer
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import EventrunError
 from eventrun.engine.failures import FailureLog
-from eventrun.engine.manifest import Manifest, Problem, load_manifest
+from eventrun.engine.manifest import Manifest, Problem, load_manifest, url_host
 from eventrun.triggers.http import HttpTrigger
 
 logger = logging.getLogger("eventrun")
@@ -130,7 +130,7 @@ async def run(manifest: Manifest, stop: asyncio.Event) -> None:
         logger.info(
             "eventrun serving %d functions on http://%s:%s (data in %s)",
             len(manifest.functions),
-            manifest.server.host,
+            url_host(manifest.server.host),
             http.port,
             manifest.data_dir,
         )

@@ -49,6 +49,9 @@ def resolve_url(args: argparse.Namespace, manifest: Any = None) -> str:
     if manifest is None and not args.url:
         manifest = load_client_manifest(args.config)
     url = args.url or _manifest_url(manifest) or os.environ.get("EVENTRUN_URL") or DEFAULT_URL
+    if control := next((char for char in url if unicodedata.category(char) == "Cc"), None):
+        # (urllib drops tabs and line breaks as it reads a URL: the request would carry them)
+        raise CliError(f"not a server URL: it holds {control!r}, a control character", exit_status=2)
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # (raises for a port that is not a number from 0 to 65535)
@@ -76,6 +79,8 @@ def _server_url_problem(url: str, parts: urllib.parse.SplitResult) -> str | None
         if mark in url:
             shown = base + mark + "..."
             return f"not a server URL: {shown!r} holds {what}; give the server's address alone, e.g. {DEFAULT_URL}"
+    if " " in parts.netloc:
+        return f"not a valid host name in {base!r}: it holds a space"
     try:
         (parts.hostname or "").encode("idna")  # as the connection will look the name up
     except UnicodeError as exc:

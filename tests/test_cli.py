@@ -485,8 +485,12 @@ LONG_LABEL = "a" * 64
         ("http://127.0.0.1:9/?", "not a server URL: 'http://127.0.0.1:9/?...' holds a query; give the server's address alone, e.g. http://127.0.0.1:8080"),
         ("http://127.0.0.1:9#frag", "not a server URL: 'http://127.0.0.1:9#...' holds a fragment; give the server's address alone, e.g. http://127.0.0.1:8080"),
         ("http://user:pw@127.0.0.1:9", "not a server URL: 'http://...@127.0.0.1:9' holds a user name or password (a server's ui_token goes in --token)"),
+        # A line break or a tab urllib would have dropped as it read the URL, to send it as a header.
+        ("http://127.0.0.1:9\n", "not a server URL: it holds '\\n', a control character"),
+        ("http://127.0.0.1:9/a\tb", "not a server URL: it holds '\\t', a control character"),
+        ("http://127.0.0.1 :9", "not a valid host name in 'http://127.0.0.1 :9': it holds a space"),
     ],
-    ids=["empty-label", "long-label", "non-ascii-path", "space", "query", "empty-query", "fragment", "userinfo"],
+    ids=["empty-label", "long-label", "non-ascii-path", "space", "query", "empty-query", "fragment", "userinfo", "line-break", "tab", "space-in-host"],
 )
 def test_a_url_that_names_no_server_is_a_usage_error(capsys: Any, url: str, line: str) -> None:
     assert run(capsys, "functions", "--url", url) == (2, "", f"eventrun: {line}\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eventrun.engine.errors import ManifestError
-from eventrun.engine.manifest import load_manifest, parse_duration, parse_size
+from eventrun.engine.manifest import ServerConfig, load_manifest, parse_duration, parse_size
 
 
 pytestmark = pytest.mark.usefixtures("no_eventrun_environment")
@@ -678,12 +678,23 @@ def test_a_trigger_that_could_never_work_is_refused_precisely(write, trigger, ex
         ('[kafka]\nbootstrap_servers = "broker:kafka"\n', "kafka.bootstrap_servers: expected host:port"),
         ('[s3]\nsqs_queue_url = "q1"\n', "s3.sqs_queue_url: expected an http:// or https:// URL, got 'q1'"),
         ('[s3]\nendpoint_url = "127.0.0.1:9000"\n', "s3.endpoint_url: expected an http:// or https:// URL, got '127.0.0.1:9000'"),
+        # Where clients (and the other nodes of a cluster) reach this server.
+        ('[server]\nurl = "127.0.0.1:18822"\n', "server.url: expected an http:// or https:// URL, got '127.0.0.1:18822', with no scheme"),
     ],
-    ids=["port", "empty", "not-a-port", "queue", "endpoint"],
+    ids=["port", "empty", "not-a-port", "queue", "endpoint", "server-url"],
 )
 def test_a_connection_no_client_could_open_is_refused(write, table, expected):
     message = refusal(write(table + function()))
     assert expected in message, message
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("127.0.0.1", "http://127.0.0.1:8080"), ("0.0.0.0", "http://127.0.0.1:8080"), ("::1", "http://[::1]:8080"),
+     ("::", "http://127.0.0.1:8080"), ("fe80::1", "http://[fe80::1]:8080"), ("box.example", "http://box.example:8080")],
+)
+def test_clients_reach_the_server_at_its_host_as_a_url_holds_it(host: str, url: str) -> None:
+    assert ServerConfig(host=host).base_url == url
 
 
 @pytest.mark.parametrize(
