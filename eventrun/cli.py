@@ -391,7 +391,8 @@ def _replay_matching(client: Client, args: argparse.Namespace) -> int:
         shown = pair["ReplayOf"] if args.dry_run else f"{pair['ReplayOf']} -> {pair['RequestId']}"
         print(printable(shown))
     what = "would be replayed" if args.dry_run else "replayed"
-    print(f"{len(answer['Replayed'])} runs {what}", file=sys.stderr)
+    count = len(answer["Replayed"])
+    print(f"{count} {'run' if count == 1 else 'runs'} {what}", file=sys.stderr)
     return 0
 
 

@@ -922,7 +922,7 @@ def test_replay_sends_the_filter_with_times_as_rfc_3339(stand_in: StandIn, capsy
     assert run(capsys, "replay", "--function", "thumbnail", *argv, "--url", stand_in.url) == (
         0,
         "old-1 -> new-1\n",
-        "1 runs replayed\n",
+        "1 run replayed\n",
     )
     body = json.loads(stand_in.calls("POST", "/functions/thumbnail/replay")[0].body)
     since = datetime.fromisoformat(body.pop("Since"))
@@ -932,7 +932,7 @@ def test_replay_sends_the_filter_with_times_as_rfc_3339(stand_in: StandIn, capsy
 
 def test_replay_takes_a_leap_second(stand_in: StandIn, capsys: Any) -> None:
     argv = ("--since", "2016-12-31T23:59:60Z", "--until", "2016-12-31t23:59:60.5z", "--url", stand_in.url)
-    assert run(capsys, "replay", "--function", "thumbnail", *argv) == (0, "old-1 -> new-1\n", "1 runs replayed\n")
+    assert run(capsys, "replay", "--function", "thumbnail", *argv) == (0, "old-1 -> new-1\n", "1 run replayed\n")
     body = json.loads(stand_in.calls("POST", "/functions/thumbnail/replay")[0].body)
     assert (body["Since"], body["Until"]) == ("2016-12-31T23:59:60Z", "2016-12-31t23:59:60.5z")
 
