@@ -27,10 +27,10 @@ IDLE = 1.0
 """The idle timeout of the gateways started here (IDLE_TIMEOUT is 75 s): a long request runs 3 times it."""
 
 MALFORMED = (
-    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",  # LineTooLong
-    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",  # a header with no colon
-    b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",  # a NUL in the path
-    b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",  # a bad chunk size
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",  # LineTooLong
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",  # a header with no colon
+    b"GET /\x00 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # a NUL in the path
+    b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",  # a bad chunk size
 )
 
 Gateway = Callable[..., Awaitable[HttpTrigger]]
@@ -104,7 +104,7 @@ async def test_a_connection_without_a_request_is_closed(gateway: Gateway, sendin
     reader, writer = await _connect(http.port)
 
     async def drip() -> None:
-        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 1000
+        request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: " + b"a" * 1000
         try:
             for byte in request:
                 writer.write(bytes([byte]))
@@ -128,7 +128,7 @@ async def test_a_connection_idle_after_an_answer_is_closed(gateway: Gateway) -> 
     reader, writer = await _connect(http.port)
     try:
         for _ in range(3):  # each request within the timeout keeps the connection
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             head, _ = await _answer(reader)
             assert head.startswith(b"HTTP/1.1 200"), head
             await asyncio.sleep(IDLE / 2)
@@ -145,7 +145,7 @@ async def test_a_sync_call_longer_than_the_idle_timeout_is_answered(gateway: Gat
     try:
         started = time.monotonic()
         writer.write(
-            b"POST /functions/sleepy/invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /functions/sleepy/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         head, answer = await _answer(reader)
@@ -166,7 +166,7 @@ async def test_a_log_follow_longer_than_the_idle_timeout_is_not_cut(
     body = b'{"seconds": 3, "quiet": true}'
     try:
         writer.write(
-            b"POST /functions/ticker/invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /functions/ticker/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         head, answer = await _answer(reader)
@@ -174,7 +174,7 @@ async def test_a_log_follow_longer_than_the_idle_timeout_is_not_cut(
         request_id = re.search(rb'"RequestId":"([^"]+)"', answer)
         assert request_id is not None, answer
         started = time.monotonic()
-        writer.write(b"GET /invocations/%s/logs?follow=true HTTP/1.1\r\nHost: x\r\n\r\n" % request_id[1])
+        writer.write(b"GET /invocations/%s/logs?follow=true HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % request_id[1])
         head, events = await _answer(reader)
         assert time.monotonic() - started >= 2 * IDLE
         assert head.startswith(b"HTTP/1.1 200"), head
@@ -221,7 +221,7 @@ async def test_a_bug_keeps_its_traceback_while_bad_requests_lose_theirs(
 ) -> None:
     caplog.set_level(logging.INFO)
     http = await gateway(extra_routes=[web.get("/bug", _bug)])
-    for payload in (b"GET /bug HTTP/1.1\r\nHost: x\r\n\r\n", *MALFORMED):
+    for payload in (b"GET /bug HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", *MALFORMED):
         reader, writer = await _connect(http.port)
         try:
             writer.write(payload)

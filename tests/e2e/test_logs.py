@@ -272,7 +272,7 @@ def main_handler(event, context):
 def http_get(port: int, path: str) -> socket.socket:
     """A connection that has sent GET path (HTTP/1.1, closed after the answer)."""
     connection = socket.create_connection(("127.0.0.1", port), timeout=10)
-    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     return connection
 
 

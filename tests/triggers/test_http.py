@@ -869,7 +869,7 @@ async def test_a_follower_that_stops_reading_is_let_go(
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", client.server.port))  # type: ignore[arg-type]
-    await loop.sock_sendall(sock, b"GET /invocations/r1/logs?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
+    await loop.sock_sendall(sock, b"GET /invocations/r1/logs?follow=true HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     for _ in range(200):
         if "read nothing for 0.3 s" in caplog.text:
             break
@@ -881,6 +881,60 @@ async def test_a_follower_that_stops_reading_is_let_go(
             received += len(chunk)
     sock.close()
     assert 0 < received < 5_000_000, received
+
+
+# --- other sites ---------------------------------------------------------------------------
+
+
+async def test_a_browser_s_request_from_another_site_is_refused(client: TestClient, engine: FakeEngine) -> None:
+    # A "simple" POST (a form's content type) goes without a CORS preflight: any page the user
+    # opens could invoke, terminate and replay on a server on the user's machine.
+    response = await client.post(
+        "/functions/resize/invocations", data=b'{"cmd": "theirs"}',
+        headers={"Origin": "http://evil.test:18711", "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 403
+    error = await _error(response)
+    assert error["Code"] == "CrossSiteRequest" and "'http://evil.test:18711'" in error["Message"], error
+    assert engine.accepted == [], "nothing was accepted"
+    own = f"http://127.0.0.1:{client.server.port}"
+    mine = await client.post("/functions/resize/invocations", json={}, headers={"Origin": own})
+    assert mine.status == 202, "the dashboard's own requests go through"
+    assert (await client.post("/functions/resize/invocations", json={})).status == 202, "so do a client's, with no Origin"
+    assert (await client.get("/healthz", headers={"Origin": "null"})).status == 403, "a sandboxed frame or a file is no site of ours"
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.test:8080", 403),  # a name pointed at 127.0.0.1 by its owner (DNS rebinding)
+    ("127.0.0.1:8080", 200), ("localhost:8080", 200), ("[::1]:8080", 200), ("app.localhost", 200),
+])
+async def test_a_server_on_a_loopback_address_answers_only_names_of_this_machine(
+    client: TestClient, host: str, status: int
+) -> None:
+    response = await client.get("/invocations", headers={"Host": host})
+    assert response.status == status, await response.text()
+    if status == 403:
+        assert "Host 'evil.test:8080' is none of them" in (await _error(response))["Message"]
+
+
+async def test_the_name_in_server_url_is_the_server_s_own(engine: FakeEngine) -> None:
+    # Behind a proxy, the browser's origin and the Host it sends are the proxy's.
+    engine.manifest = Manifest(
+        server=ServerConfig(url="https://eventrun.example.com"), functions=engine.manifest.functions
+    )
+    async with TestClient(TestServer(build_app(engine))) as proxied:  # type: ignore[arg-type]
+        headers = {"Origin": "https://eventrun.example.com", "Host": "eventrun.example.com"}
+        assert (await proxied.post("/functions/resize/invocations", json={}, headers=headers)).status == 202
+        assert (await proxied.post("/functions/resize/invocations", json={}, headers={"Origin": "https://other.example.com"})).status == 403
+
+
+async def test_with_a_ui_token_no_other_site_can_send_it_and_the_origin_is_not_looked_at(engine: FakeEngine) -> None:
+    engine.manifest = Manifest(server=ServerConfig(ui_token="s3cret-token"), functions=engine.manifest.functions)
+    async with TestClient(TestServer(build_app(engine))) as guarded:  # type: ignore[arg-type]
+        refused = await guarded.post("/functions/resize/invocations", json={}, headers={"Origin": "http://evil.test"})
+        assert refused.status == 401
+        token = {"Authorization": "Bearer s3cret-token", "Host": "eventrun.internal:8080"}
+        assert (await guarded.post("/functions/resize/invocations", json={}, headers=token)).status == 202
 
 
 # --- registry, health, metrics, openapi ----------------------------------------------------
@@ -1081,14 +1135,14 @@ async def test_declared_oversize_body_is_refused_before_it_is_sent(engine: FakeE
         try:
             # Only the headers go out: an answer proves the server did not wait for the body.
             writer.write(
-                b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\n"
+                b"POST /functions/resize/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 10485760\r\n\r\n"
             )
             await writer.drain()
             status_line = await asyncio.wait_for(reader.readline(), timeout=5)
             # aiohttp keeps reading (and dropping) the body so the client sees the answer rather
             # than a reset; send it and one more request, so the server is idle when it stops.
-            writer.write(b" " * 10485760 + b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            writer.write(b" " * 10485760 + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             await writer.drain()
             await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 200"), timeout=5)
         finally:
@@ -1149,7 +1203,7 @@ async def test_a_compression_bomb_is_not_inflated_past_its_413(engine: FakeEngin
         started = time.monotonic()
         answer, closed = await _raw_exchange(
             trigger.port,
-            b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\nContent-Encoding: gzip\r\n"
+            b"POST /functions/resize/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip\r\n"
             + f"Content-Length: {len(bomb)}\r\n\r\n".encode() + bomb,
         )
         assert answer.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in answer, answer
@@ -1181,7 +1235,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(engine: FakeEngine, mo
     async with HttpTrigger(engine, "127.0.0.1", 0) as trigger:
         answer, closed = await _raw_exchange(
             trigger.port,
-            b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{\"drip",
+            b"POST /functions/resize/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"drip",
         )
     assert answer.startswith(b"HTTP/1.1 408") and b"RequestTimeout" in answer and b"0 s" in answer, answer
     assert closed
@@ -1196,7 +1250,7 @@ async def test_a_client_that_hangs_up_mid_upload_is_no_error_in_the_log(
     async with HttpTrigger(engine, "127.0.0.1", 0) as trigger:
         for _ in range(3):
             reader, writer = await asyncio.open_connection("127.0.0.1", trigger.port)
-            writer.write(b"POST /functions/resize/invocations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\": 1, ")
+            writer.write(b"POST /functions/resize/invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\": 1, ")
             await writer.drain()
             await asyncio.sleep(0.002)
             writer.close() if hang_up == "close" else writer.transport.abort()  # mid-body

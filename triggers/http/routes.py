@@ -19,6 +19,7 @@ from eventrun.engine.envelope import dumps, is_rfc3339, loads
 from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 
 from ..openapi import openapi_document
+from .origins import origin_middleware
 from .parser import to_envelope
 from .responses import error_response, function_json, invocation_json, json_response, map_error
 from .sse import stream_logs
@@ -461,6 +462,8 @@ def build_app(
     middlewares = [error_middleware]
     if engine.manifest.server.ui_token:
         middlewares.append(token_middleware(engine.manifest.server.ui_token))
+    else:  # (the token is a header no other site can send: it keeps them out as well)
+        middlewares.append(origin_middleware(engine.manifest.server))
     app = web.Application(middlewares=middlewares, client_max_size=engine.manifest.server.max_body_size)
     app[ENGINE_KEY] = engine
     app[_CLOSING_KEY] = asyncio.Event()
