@@ -518,6 +518,23 @@ async def test_untrusted_text_is_shown_as_text(eventrun_server, http, handler, d
     assert (await api.status(request_id))["ErrorMessage"].endswith(XSS_IMG)
 
 
+async def test_text_that_turns_around_is_shown_escaped(eventrun_server, http, handler, dashboard, tmp_path):
+    # "pay 1234 \u202e9876" reads "pay 1234 6789" when its right-to-left override works.
+    server = eventrun_server({"echo": {"handler": echo_handler(tmp_path)}})
+    ui = await dashboard(server)
+    await ui.open()
+    turned = "pay 1234 \u202e9876"
+    await ui.invoke("echo", json.dumps({"line": turned, "fail": turned}))
+    await ui.testid("invoke-request-id").click()
+    await expect(ui.testid("run-status")).to_have_text("FAILED", timeout=WAIT)
+    escaped = "pay 1234 \\u202e9876"
+    await expect(ui.testid("run-log")).to_contain_text(escaped, timeout=WAIT)
+    await expect(ui.testid("run-error")).to_contain_text(escaped)
+    await expect(ui.testid("run-envelope")).to_contain_text(escaped)
+    for area in ("run-log", "run-error", "run-envelope"):
+        assert "\u202e" not in (await ui.testid(area).text_content() or ""), area
+
+
 async def test_a_server_with_a_token_gets_it_from_the_page(eventrun_server, handler, dashboard):
     token = "dashboard-token"
     server = eventrun_server({"sleepy": {"handler": handler("sleepy")}}, server={"ui_token": token})

@@ -22,22 +22,31 @@ function byTestId(testid) {
   return document.querySelector(`[data-testid="${testid}"]`);
 }
 
+/** Characters that turn the text after them around or mark its direction unseen (U+202E, U+2066
+ * to U+2069, U+200E, U+200F, U+061C): shown escaped, as the CLI shows them, so that text from a
+ * run cannot pass for other text ("1234 \u202e9876" would read "1234 6789"). */
+const TURNING = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+function shown(text) {
+  return String(text).replace(TURNING, (char) => `\\u${char.charCodeAt(0).toString(16).padStart(4, "0")}`);
+}
+
 /** A new element; `props.text` becomes its text, other props plain attributes set by our code. */
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
     if (value === undefined || value === null || value === false) continue;
-    if (key === "text") node.textContent = String(value);
+    if (key === "text") node.textContent = shown(value);
     else if (key === "class") node.className = value;
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  node.append(...children.filter((child) => child !== null && child !== undefined));
+  node.append(...children.filter((child) => child !== null && child !== undefined).map((child) => (typeof child === "string" ? shown(child) : child)));
   return node;
 }
 
 /** Set text only when it differs, so unchanged cells are not touched on every refresh. */
 function setText(node, text) {
-  const value = String(text);
+  const value = shown(text);
   if (node.textContent !== value) node.textContent = value;
 }
 
@@ -815,7 +824,7 @@ function flushLog() {
   if (!run.pending.length) return;
   const pre = byTestId("run-log");
   const pinned = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 24;
-  pre.append(document.createTextNode(run.pending.join("\n") + "\n"));
+  pre.append(document.createTextNode(shown(run.pending.join("\n") + "\n")));
   run.lines += run.pending.length;
   run.pending = [];
   if (pinned) pre.scrollTop = pre.scrollHeight;
@@ -839,7 +848,7 @@ async function loadPlainLog(id) {
     if (response.status === 401) askForToken(sent);
     if (!response.ok) return setLogState(`log not available (HTTP ${response.status})`);
     clearLog();
-    byTestId("run-log").append(document.createTextNode(text));
+    byTestId("run-log").append(document.createTextNode(shown(text)));
     setLogState("log as of now (not following)");
   } catch (error) {
     if (id === run.id) setLogState(`log not available: ${error.message || error}`);
