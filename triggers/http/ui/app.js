@@ -12,6 +12,8 @@ const OVERVIEW_EVERY_MS = 2000;
 const RUNS_EVERY_MS = 1000;
 const RUN_EVERY_MS = 1000;
 const LOG_FLUSH_MS = 40; // lines arriving in a burst are added to the page in one go
+const LOG_LINES_SHOWN = 20000; // the last lines of a log the page holds: a 60 MB log would take it minutes and GBs
+const JSON_CHARS_SHOWN = 100000; // of a result or an event shown pretty-printed; the rest is cut, and said so
 const STREAM_RETRY_MS = 2000; // as EventSource waits before it reconnects
 const TOKEN_KEY = "eventrun.token";
 
@@ -148,6 +150,13 @@ function compact(value) {
 
 function pretty(value) {
   return JSON.stringify(value, null, 2) ?? "null";
+}
+
+/** pretty(value), cut after JSON_CHARS_SHOWN characters (a 5 MB result took the page seconds to lay out). */
+function preview(value) {
+  const text = pretty(value);
+  if (text.length <= JSON_CHARS_SHOWN) return text;
+  return `${text.slice(0, JSON_CHARS_SHOWN)}\n… (${text.length.toLocaleString("en")} characters in all; the first ${JSON_CHARS_SHOWN.toLocaleString("en")} shown)`;
 }
 
 // ------------------------------------------------------------------------------ the API
@@ -684,7 +693,10 @@ const run = {
   stream: null, // what follows the log: { close() }
   pending: [], // lines received but not yet on the page
   flushTimer: null,
-  lines: 0,
+  lines: 0, // lines of the log received
+  chunks: [], // lines in each text node of the log on the page, oldest first
+  shownLines: 0, // their sum: at most LOG_LINES_SHOWN, and a batch
+  outcome: null, // what the result box shows (see renderOutcome)
   status: null,
 };
 
@@ -767,14 +779,18 @@ function renderOutcome(inv) {
   const result = byTestId("run-result");
   const showResult = !failed || (inv.Result !== null && inv.Result !== undefined);
   result.hidden = !showResult;
-  if (showResult) setText(result, pretty(inv.Result));
+  const key = `${inv.RequestId} ${inv.Status} ${inv.EndedAt}`; // (an ended run's result does not change)
+  if (showResult && run.outcome !== key) {
+    run.outcome = key;
+    setText(result, preview(inv.Result));
+  }
 }
 
 async function loadEnvelope(id) {
   const box = byTestId("run-envelope");
   try {
     const envelope = await api(`/invocations/${encodeURIComponent(id)}/event`);
-    if (id === run.id) setText(box, pretty(envelope));
+    if (id === run.id) setText(box, preview(envelope));
   } catch (error) {
     if (id === run.id) setText(box, `not available: ${describeError(error)}`);
   }
@@ -808,6 +824,8 @@ function setLogState(text) {
 function clearLog() {
   run.pending = [];
   run.lines = 0;
+  run.chunks = [];
+  run.shownLines = 0;
   clearTimeout(run.flushTimer);
   run.flushTimer = null;
   byTestId("run-log").replaceChildren();
@@ -824,10 +842,30 @@ function flushLog() {
   if (!run.pending.length) return;
   const pre = byTestId("run-log");
   const pinned = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 24;
-  pre.append(document.createTextNode(shown(run.pending.join("\n") + "\n")));
+  const batch = run.pending.slice(-LOG_LINES_SHOWN);
+  pre.append(document.createTextNode(shown(batch.join("\n") + "\n")));
+  run.chunks.push(batch.length);
+  run.shownLines += batch.length;
   run.lines += run.pending.length;
   run.pending = [];
+  dropOldLines(pre);
   if (pinned) pre.scrollTop = pre.scrollHeight;
+}
+
+/** Keep the last LOG_LINES_SHOWN lines on the page (batches whole), under a line saying how many went. */
+function dropOldLines(pre) {
+  let note = pre.firstChild.nodeType === Node.ELEMENT_NODE ? pre.firstChild : null;
+  while (run.chunks.length > 1 && run.shownLines - run.chunks[0] >= LOG_LINES_SHOWN) {
+    (note ? note.nextSibling : pre.firstChild).remove();
+    run.shownLines -= run.chunks.shift();
+  }
+  const earlier = run.lines - run.shownLines;
+  if (!earlier) return;
+  if (!note) {
+    note = el("span", { class: "log-cut", "data-testid": "run-log-cut" });
+    pre.prepend(note);
+  }
+  setText(note, `[${earlier.toLocaleString("en")} earlier lines are not shown here: GET /invocations/${run.id}/logs has the whole log]\n`);
 }
 
 function stopFollowing() {
