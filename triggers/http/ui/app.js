@@ -697,6 +697,7 @@ const run = {
   chunks: [], // lines in each text node of the log on the page, oldest first
   shownLines: 0, // their sum: at most LOG_LINES_SHOWN, and a batch
   outcome: null, // what the result box shows (see renderOutcome)
+  logShown: false, // its log is being followed or was read
   status: null,
 };
 
@@ -714,6 +715,12 @@ async function refreshRun() {
   if (id !== run.id) return;
   showMessage(byTestId("run-load-error"), "");
   renderRun(inv);
+  if (!run.logShown) {
+    // A run going on is followed live; an ended one's log is read as a file, its end kept.
+    run.logShown = true;
+    if (ACTIVE.has(inv.Status)) followLog(id);
+    else loadPlainLog(id, inv.Status);
+  }
   if (!ACTIVE.has(inv.Status)) runPoller.stop(); // an ended run changes no more
 }
 
@@ -874,23 +881,51 @@ function stopFollowing() {
 }
 
 /** Without a stream (e.g. refused), show the log as it is now. */
-async function loadPlainLog(id) {
+async function loadPlainLog(id, ended = null) {
   const sent = auth.token;
   try {
     const response = await fetch(`/invocations/${encodeURIComponent(id)}/logs`, {
       cache: "no-store",
       headers: authHeader(sent),
     });
-    const text = await response.text();
     if (id !== run.id) return;
     if (response.status === 401) askForToken(sent);
     if (!response.ok) return setLogState(`log not available (HTTP ${response.status})`);
+    setLogState("reading the log…");
+    const { kept, total } = await lastLines(response);
+    if (id !== run.id) return;
     clearLog();
-    byTestId("run-log").append(document.createTextNode(shown(text)));
-    setLogState("log as of now (not following)");
+    run.pending = kept;
+    run.lines = total - kept.length; // (flushLog counts those it adds)
+    flushLog();
+    setLogState(ended ? `ended (${ended}) · ${total} lines` : "log as of now (not following)");
   } catch (error) {
     if (id === run.id) setLogState(`log not available: ${error.message || error}`);
   }
+}
+
+/** The last LOG_LINES_SHOWN lines of a response's text, read as it comes (a large log is never
+ * held whole), and how many lines it had. */
+async function lastLines(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let kept = [];
+  let total = 0;
+  let rest = "";
+  for (;;) {
+    const { done, value } = await reader.read();
+    const parts = (rest + decoder.decode(value, { stream: !done })).split("\n");
+    rest = parts.pop();
+    total += parts.length;
+    kept = kept.concat(parts);
+    if (kept.length > 2 * LOG_LINES_SHOWN) kept = kept.slice(-LOG_LINES_SHOWN);
+    if (done) break;
+  }
+  if (rest) {
+    kept.push(rest);
+    total += 1;
+  }
+  return { kept: kept.slice(-LOG_LINES_SHOWN), total };
 }
 
 // -- following a log stream
@@ -1090,9 +1125,9 @@ function openRun(id) {
   byTestId("run-outcome").hidden = true;
   setText(byTestId("run-envelope"), "loading…");
   clearLog();
-  runPoller.start();
+  run.logShown = false;
+  runPoller.start(); // (its first answer starts the log: see refreshRun)
   loadEnvelope(id);
-  followLog(id);
 }
 
 /** Leaving a run: its stream and timers end with the view. */
