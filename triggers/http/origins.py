@@ -37,6 +37,7 @@ def origin_middleware(server: ServerConfig) -> Any:
     own = {_authority(own_url.scheme, own_url.raw_authority)} if own_url is not None and own_url.raw_host else set()
     named = {own_url.raw_host.lower()} if own_url is not None and own_url.raw_host else set()
     loopback = _is_loopback(server.host)
+    hosts: dict[str, bool] = {}  # Host header -> whether it names this machine (a client sends the same each time)
 
     @web.middleware
     async def refuse_other_sites(
@@ -52,7 +53,7 @@ def origin_middleware(server: ServerConfig) -> Any:
                 "requests from its own dashboard and from clients that are not browsers (behind a proxy, set "
                 "[server] url to the address the browser uses)",
             )
-        if loopback and not _names_this_machine(sent_to, named):
+        if loopback and not _checked(hosts, sent_to, named):
             return error_response(
                 403,
                 "CrossSiteRequest",
@@ -81,6 +82,16 @@ def _authority(scheme: str, authority: str) -> tuple[str, str]:
     authority = authority.lower()
     default = f":{_DEFAULT_PORTS.get(scheme, 0)}"
     return scheme, authority.removesuffix(default)
+
+
+def _checked(hosts: dict[str, bool], host_header: str, named: set[str]) -> bool:
+    """_names_this_machine, remembered for the first 256 Host headers (an answer costs a few µs)."""
+    known = hosts.get(host_header)
+    if known is None:
+        known = _names_this_machine(host_header, named)
+        if len(hosts) < 256:
+            hosts[host_header] = known
+    return known
 
 
 def _names_this_machine(host_header: str, named: set[str]) -> bool:
