@@ -49,9 +49,13 @@ class Wiring:
     openapi_paths: dict[str, Any] = field(default_factory=dict)
 
 
+def _trigger_kinds(manifest: Manifest) -> set[str]:
+    return {t.type for f in manifest.functions.values() for t in f.triggers}
+
+
 def trigger_problems(manifest: Manifest) -> list[Problem]:
     """What the triggers the manifest asks for find wrong in it, checked as it is read."""
-    kinds = {t.type for f in manifest.functions.values() for t in f.triggers}
+    kinds = _trigger_kinds(manifest)
     problems: list[Problem] = []
     if "kafka" in kinds:
         from eventrun.triggers.kafka import manifest_problems as kafka_problems
@@ -66,7 +70,7 @@ def trigger_problems(manifest: Manifest) -> list[Problem]:
 
 def build_triggers(engine: Engine, manifest: Manifest) -> Wiring:
     """Construct (and so validate) every trigger the manifest asks for."""
-    kinds = {t.type for f in manifest.functions.values() for t in f.triggers}
+    kinds = _trigger_kinds(manifest)
     wiring = Wiring()
     triggers = wiring.triggers
     # Imported only when used, so a manifest without Kafka never loads aiokafka.

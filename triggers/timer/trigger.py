@@ -120,7 +120,9 @@ class TimerTrigger:
     ) -> None:
         self._engine = engine
         self._grace = timedelta(seconds=misfire_grace)
-        self._jobs = _jobs(manifest)
+        self._jobs, problems = _jobs(manifest)
+        if problems:
+            raise ManifestError(problems_text(problems))
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -338,41 +340,35 @@ class TimerTrigger:
 
 def manifest_problems(manifest: Manifest) -> list[Problem]:
     """What is wrong with the manifest's timer triggers: every bad name, zone and cron."""
-    problems: list[Problem] = []
-    _jobs(manifest, problems)
-    return problems
+    return _jobs(manifest)[1]
 
 
-def _jobs(manifest: Manifest, problems: list[Problem] | None = None) -> list[_Job]:
-    """One job per timer trigger; the bad ones go to `problems`, or without it a ManifestError."""
+def _jobs(manifest: Manifest) -> tuple[list[_Job], list[Problem]]:
+    """One job per good timer trigger, and the problems of the others."""
     jobs: list[_Job] = []
-    found: list[Problem] = []
+    problems: list[Problem] = []
     for function, config in manifest.functions.items():
         for index, trigger in enumerate(config.triggers):
             if not isinstance(trigger, TimerConfig):
                 continue
             where = ["functions", function, "triggers", str(index)]
             if not _NAME.fullmatch(trigger.name):
-                found.append(
+                problems.append(
                     ([*where, "name"], f"{trigger.name!r}: must start with a letter and hold only letters, digits, '_' or '-' (at most 60)")
                 )
                 continue
             try:
                 parse_timezone(trigger.timezone)
             except ValueError as exc:
-                found.append(([*where, "timezone"], f"{exc} (timer {trigger.name!r})"))
+                problems.append(([*where, "timezone"], f"{exc} (timer {trigger.name!r})"))
                 continue
             try:
                 schedule = parse_cron(trigger.cron, trigger.timezone)
             except ValueError as exc:
-                found.append(([*where, "cron"], f"{trigger.cron!r} (timer {trigger.name!r}): {exc}"))
+                problems.append(([*where, "cron"], f"{trigger.cron!r} (timer {trigger.name!r}): {exc}"))
                 continue
             jobs.append(_Job(function=function, config=trigger, schedule=schedule))
-    if problems is not None:
-        problems += found
-    elif found:
-        raise ManifestError(problems_text(found))
-    return jobs
+    return jobs, problems
 
 
 def _utcnow() -> datetime:
