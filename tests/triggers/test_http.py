@@ -937,6 +937,32 @@ async def test_with_a_ui_token_no_other_site_can_send_it_and_the_origin_is_not_l
         assert (await guarded.post("/functions/resize/invocations", json={}, headers=token)).status == 202
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/functions/resize/invocations", 202),
+    ("GET", "/invocations/not-a-run", 404),
+    ("GET", "/no/such/route", 404),
+    ("GET", "/invocations/0190b7a4-8d5e-7000-8000-000000000001/logs", 200),
+    ("GET", "/metrics", 200),
+    ("GET", "/openapi.json", 200),
+])
+async def test_no_answer_is_kept_by_a_cache_or_read_as_another_type(
+    client: TestClient, engine: FakeEngine, method: str, path: str, status: int
+) -> None:
+    # A result or a log line holding HTML is still JSON or text to a browser, and no shared or
+    # browser cache keeps a run's data or an outdated state.
+    engine.invocations["0190b7a4-8d5e-7000-8000-000000000001"] = _invocation("0190b7a4-8d5e-7000-8000-000000000001")
+    response = await client.request(method, path, json={} if method == "POST" else None)
+    assert response.status == status, await response.text()
+    assert response.headers.get("Cache-Control") == "no-store", dict(response.headers)
+    assert response.headers.get("X-Content-Type-Options") == "nosniff", dict(response.headers)
+
+
+async def test_the_dashboard_s_files_keep_their_own_cache_rule(client: TestClient) -> None:
+    response = await client.get("/ui/app.js")
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-cache" and response.headers["X-Content-Type-Options"] == "nosniff"
+
+
 # --- registry, health, metrics, openapi ----------------------------------------------------
 
 

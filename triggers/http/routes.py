@@ -452,6 +452,14 @@ def token_middleware(token: str) -> Any:
     return ask_for_token
 
 
+async def _private(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer: no cache is to keep it (runs' results and logs are the users' data, and a
+    run's state changes), and no browser is to read it as anything but its Content-Type says (a
+    result or a log line holding HTML is not a page). The dashboard's files say how they are cached."""
+    response.headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
+    response.headers.setdefault(hdrs.X_CONTENT_TYPE_OPTIONS, "nosniff")
+
+
 def build_app(
     engine: Engine,
     *,
@@ -477,6 +485,7 @@ def build_app(
         app[_CLOSING_KEY].set()
 
     app.on_shutdown.append(on_shutdown)
+    app.on_response_prepare.append(_private)
     app.add_routes(
         [
             web.post("/functions/{name}/invocations", invoke),
