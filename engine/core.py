@@ -739,10 +739,13 @@ class Engine:
         return page
 
     async def counts(self) -> dict[str, dict[str, int]]:
-        """Runs of each function of the manifest by status (see Recount: shared, and at most 10% of the time)."""
+        """Runs of each function by status (see Recount: shared, and at most 10% of the time): every
+        function of the manifest, then any other the store has runs of (dropped since, or another
+        node's: nodes may have different manifests), as `list` lists them."""
         found = await self._recount.result()
         empty = {s.value: 0 for s in Status}
-        return {name: found.get(name, dict(empty)) for name in self.manifest.functions}
+        counts = {name: found.get(name, dict(empty)) for name in self.manifest.functions}
+        return counts | {name: found[name] for name in sorted(found) if name not in counts}
 
     async def envelope(self, request_id: str) -> bytes:
         """The envelope a run was given, as JSON."""

@@ -74,3 +74,11 @@ async def test_runs_of_a_function_the_manifest_lacks_are_listed_if_the_store_has
     runs, _ = await idle_engine.list(function="gone")
     assert [run.request_id for run in runs] == [gone.request_id]
     assert (await idle_engine.list(function="gone", status=Status.RUNNING))[0] == [], "filtered out: an empty page"
+
+
+async def test_runs_of_a_function_the_manifest_lacks_are_counted_after_the_manifest_s(idle_engine: Engine) -> None:
+    await idle_engine.store.accept([row("old", function="gone", source="/http/gone"), row("new", function="f")])
+    counts = await idle_engine.counts()
+    assert list(counts) == ["f", "gone"], counts
+    assert counts["gone"] == {**{status.value: 0 for status in Status}, "QUEUED": 1}
+    assert counts["f"]["QUEUED"] == 1
