@@ -12,7 +12,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     invoke = commands.add_parser("invoke", parents=[client], help="invoke a function")
-    invoke.add_argument("name", metavar="NAME")
+    invoke.add_argument("name", metavar="NAME", type=_named("a function's name"))
     body = invoke.add_mutually_exclusive_group()
     body.add_argument("--data", metavar="JSON", help="the event data as JSON (default: {})")
     body.add_argument("--file", metavar="F", help="send this file's bytes ('-' for stdin)")
@@ -597,23 +597,27 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.set_defaults(handler=cmd_invoke)
 
     status = commands.add_parser("status", parents=[client], help="show one invocation")
-    status.add_argument("request_id", metavar="REQUEST_ID")
+    status.add_argument("request_id", metavar="REQUEST_ID", type=_named("a RequestId"))
     status.set_defaults(handler=cmd_status)
 
     logs = commands.add_parser("logs", parents=[client], help="print a run's log")
-    logs.add_argument("request_id", metavar="REQUEST_ID")
+    logs.add_argument("request_id", metavar="REQUEST_ID", type=_named("a RequestId"))
     logs.add_argument("--follow", "-f", action="store_true", help="stream the log until the run ends")
     logs.set_defaults(handler=cmd_logs)
 
     terminate = commands.add_parser("terminate", parents=[client], help="kill a queued or running run")
-    terminate.add_argument("request_id", metavar="REQUEST_ID")
+    terminate.add_argument("request_id", metavar="REQUEST_ID", type=_named("a RequestId"))
     terminate.set_defaults(handler=cmd_terminate)
 
     replaying = commands.add_parser(
         "replay", parents=[client], help="run an ended run's event again (or a function's runs that match)"
     )
-    replaying.add_argument("request_id", metavar="REQUEST_ID", nargs="?", help="the run to replay")
-    replaying.add_argument("--function", metavar="F", help="replay this function's ended runs that match")
+    replaying.add_argument(
+        "request_id", metavar="REQUEST_ID", nargs="?", type=_named("a RequestId"), help="the run to replay"
+    )
+    replaying.add_argument(
+        "--function", metavar="F", type=_named("a function's name"), help="replay this function's ended runs that match"
+    )
     replaying.add_argument("--status", metavar="S", type=_status, help="only runs that ended so")
     replaying.add_argument("--trigger", choices=("http", "kafka", "s3", "timer"), help="only runs from this trigger")
     replaying.add_argument(
@@ -631,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     replaying.set_defaults(handler=cmd_replay)
 
     listing = commands.add_parser("list", parents=[client], help="list invocations, newest first")
-    listing.add_argument("--function", metavar="F", help="only this function's invocations")
+    listing.add_argument(
+        "--function", metavar="F", type=_named("a function's name"), help="only this function's invocations"
+    )
     listing.add_argument("--status", metavar="S", type=_status, help="only this status")
     listing.add_argument(
         "--limit", metavar="N", type=_limit, help=f"at most N invocations (default 50, at most {MAX_LIMIT})"
@@ -653,6 +659,18 @@ def _limit(text: str) -> int:
     if not 1 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_LIMIT}, got {text!r}")
     return value
+
+
+def _named(what: str) -> Callable[[str], str]:
+    """The type of an argument that names `what` (a function, a run): an empty or blank one names
+    nothing (in a URL it would make the path of another route)."""
+
+    def named(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return text
+
+    return named
 
 
 def _status(text: str) -> str:

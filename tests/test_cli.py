@@ -563,6 +563,26 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(capsys: Any, argv: tuple[
     assert run(capsys, *argv, "--url", "http://127.0.0.1:9") == (2, "", expected)
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("status", ""), "argument REQUEST_ID: expected a RequestId, got ''"),
+        (("logs", " "), "argument REQUEST_ID: expected a RequestId, got ' '"),
+        (("terminate", "\t"), "argument REQUEST_ID: expected a RequestId, got '\\t'"),
+        (("replay", ""), "argument REQUEST_ID: expected a RequestId, got ''"),
+        (("invoke", ""), "argument NAME: expected a function's name, got ''"),
+        (("list", "--function", " "), "argument --function: expected a function's name, got ' '"),
+        (("replay", "--function", ""), "argument --function: expected a function's name, got ''"),
+    ],
+    ids=["status", "logs", "terminate", "replay", "invoke", "list", "replay-function"],
+)
+def test_an_empty_name_or_request_id_is_a_usage_error(stand_in: StandIn, capsys: Any, argv: tuple[str, ...], expected: str) -> None:
+    # Sent, it made the path of another route: `status ""` answered "no route for GET /invocations/".
+    status, out, err = run(capsys, *argv, "--url", stand_in.url)
+    assert (status, out) == (2, "") and err.rstrip().endswith(expected), err
+    assert stand_in.requests == []
+
+
 @pytest.mark.parametrize("data", ["NaN", '{"a": Infinity}', "[-Infinity]"])
 def test_data_the_server_would_not_read_as_json_is_a_usage_error(capsys: Any, data: str) -> None:
     status, out, err = run(capsys, "invoke", "echo", "--data", data, "--url", "http://127.0.0.1:9")
