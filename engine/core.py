@@ -622,10 +622,12 @@ class Engine:
 
     # -- replay ----------------------------------------------------------------------------
 
-    async def replay(self, request_id: str) -> Accepted:
+    async def replay(self, request_id: str, *, key: str | None = None) -> Accepted:
         """A new run of an ended run's envelope, with a new RequestId, linked to it both ways.
 
         Async execution never retries on its own; this is how a user does, when they choose to.
+        `key` (an Idempotency-Key): the replay of this run made with the same key before, if
+        there is one (created False), rather than another.
         """
         if self.shutting_down:
             raise ShuttingDown()
@@ -634,15 +636,21 @@ class Engine:
             raise InvocationActive(request_id, original.status.value)
         self.function(original.function)  # (a function no longer in the manifest cannot run)
         envelope = await self.envelope(request_id)
-        first, (new_id,) = request_ids(1)
+        source = loads(envelope)["source"]
         # Its own dedupe key: the envelope (and the id in it) stays the event it was.
+        event_id = f"replay:{request_id}:{key}" if key else None
+        if event_id is not None and (earlier := await self.store.find_event(original.function, source, event_id)):
+            return Accepted(earlier, False)
+        first, (new_id,) = request_ids(1)
         row = NewInvocation(
-            new_id, original.function, loads(envelope)["source"], f"replay:{new_id}", original.trigger,
+            new_id, original.function, source, event_id or f"replay:{new_id}", original.trigger,
             rfc3339_at(first >> 12), envelope, first,
         )
         if request_id in self._unsent:
             self._send_behind()  # the original's record goes first
-        await self.store.replay(row, request_id)
+        recorded = await self.store.replay(row, request_id)
+        if recorded != new_id:  # the same key's replay, made at the same moment
+            return Accepted(recorded, False)
         self.metrics.accepted[original.function] += 1
         self._queue(original.function, [new_id])
         return Accepted(new_id, True)

@@ -550,14 +550,22 @@ def _recover(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[list[
     return out
 
 
-def _replay(conn: sqlite3.Connection, ops: list[tuple[Sequence[Any], str]]) -> list[None]:
-    """Record replays: each op a new run's row (in NewInvocation's order) and the run it replays."""
+def _replay(conn: sqlite3.Connection, ops: list[tuple[Sequence[Any], str]]) -> list[str]:
+    """Record replays: each op a new run's row (in NewInvocation's order) and the run it replays;
+    the RequestId under each row's event id (an earlier replay's, for a key used before)."""
+    recorded: list[str] = []
     for row, replay_of in ops:
         params = list(row)
         params[6] = _blob(params[6])
-        conn.execute(_insert_sql(1), params)
-        conn.execute("INSERT INTO replays (request_id, replay_of) VALUES (?, ?)", (row[0], replay_of))
-    return [None] * len(ops)
+        if conn.execute(_insert_sql(1), params).rowcount:
+            conn.execute("INSERT INTO replays (request_id, replay_of) VALUES (?, ?)", (row[0], replay_of))
+            recorded.append(row[0])
+        else:
+            (earlier,) = conn.execute(
+                "SELECT request_id FROM invocations WHERE function = ? AND source = ? AND event_id = ?", params[1:4]
+            ).fetchone()
+            recorded.append(earlier)
+    return recorded
 
 
 def _destinations(conn: sqlite3.Connection, ops: list[tuple[list[str], list[tuple[str, str, str]]]]) -> list[None]:

@@ -387,7 +387,15 @@ _PATHS: dict[str, Any] = {
         "post": {
             "summary": "A new run of an ended run's envelope, with a new RequestId, linked both ways",
             "operationId": "replay",
-            "parameters": [_REQUEST_ID],
+            "parameters": [
+                _REQUEST_ID,
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "description": "The same key for the same run yields the same replay (its RequestId), not another",
+                    "schema": {"type": "string", "maxLength": 256},
+                },
+            ],
             "responses": {
                 "202": _json(
                     "Accepted",
@@ -398,6 +406,7 @@ _PATHS: dict[str, Any] = {
                     },
                     _REQUEST_ID_HEADER,
                 ),
+                "400": _error("BadRequest"),
                 "404": _error("NotFound"),
                 "409": _error("Conflict"),
                 "503": _error("ShuttingDown"),

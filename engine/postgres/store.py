@@ -313,16 +313,25 @@ class PostgresStore:
         return bool(rows)
 
     @_refusal_as_store_error
-    async def replay(self, row: NewInvocation, replay_of: str) -> None:
-        """Record a new run replaying another (its row, and the link between the two) in one commit."""
+    async def replay(self, row: NewInvocation, replay_of: str) -> str:
+        """Record a new run replaying another (its row, and the link between the two) in one commit;
+        the RequestId of the run its event id names (another's, if that replay was recorded first)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            inserted = await conn.fetchval(
                 "INSERT INTO invocations (request_id, function, source, event_id, trigger, status, created_at, envelope)"
-                " VALUES ($1::uuid, $2, $3, $4, $5, 'QUEUED', $6, $7)",
+                " VALUES ($1::uuid, $2, $3, $4, $5, 'QUEUED', $6, $7)"
+                " ON CONFLICT (function, source, event_id) DO NOTHING RETURNING request_id",
                 row.request_id, row.function, row.source, event_key(row.event_id), row.trigger, row.created_at,
                 bytes(row.envelope),
             )
+            if inserted is None:
+                earlier = await conn.fetchval(
+                    "SELECT request_id::text FROM invocations WHERE function = $1 AND source = $2 AND event_id = $3",
+                    row.function, row.source, event_key(row.event_id),
+                )
+                return earlier  # type: ignore[no-any-return]
             await conn.execute("INSERT INTO replays (request_id, replay_of) VALUES ($1::uuid, $2::uuid)", row.request_id, replay_of)
+        return row.request_id
 
     @_refusal_as_store_error
     async def prune(self, ended_before_ms: int, at_once: int = PRUNE_AT_ONCE) -> list[str]:

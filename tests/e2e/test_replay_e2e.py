@@ -47,6 +47,20 @@ async def test_a_failed_run_is_replayed_with_its_envelope_and_linked_both_ways(e
     assert missing.status == 404
 
 
+async def test_a_replay_sent_again_with_its_idempotency_key_answers_the_same_run(eventrun_server, http: aiohttp.ClientSession) -> None:
+    server = eventrun_server({"pid": {"handler": handler("pid")}})
+    api = server.client(http)
+    original = await api.accepted("pid", {"fail": True})
+    await api.wait_ended(original)
+    sent = [await api.request("POST", f"/invocations/{original}/replay", headers={"Idempotency-Key": "k1"}) for _ in range(2)]
+    assert [reply.status for reply in sent] == [202, 202], [reply.text for reply in sent]
+    again = sent[0].json["RequestId"]
+    assert sent[1].json == {"RequestId": again, "ReplayOf": original} and sent[1].headers["X-Request-Id"] == again
+    assert (await api.status(original))["Replays"] == [again], "one replay, one run"
+    too_long = await api.request("POST", f"/invocations/{original}/replay", headers={"Idempotency-Key": "k" * 257})
+    assert too_long.status == 400 and "Idempotency-Key header: at most 256 characters" in too_long.error(400)["Message"]
+
+
 async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, http: aiohttp.ClientSession) -> None:
     server = eventrun_server({"pid": {"handler": handler("pid")}})
     api = server.client(http)

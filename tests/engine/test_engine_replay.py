@@ -36,6 +36,32 @@ async def test_runs_deleted_while_a_bulk_replay_goes_on_are_passed_over(idle_eng
     assert new is not None and (await idle_engine.get(new)).status is Status.QUEUED
 
 
+async def _ended(engine: Engine, event_id: str) -> str:
+    accepted = await engine.accept(Envelope(id=event_id, source="/test", type="t", function="f", trigger="http", data=1))
+    assert await engine.store.finish(accepted.request_id, Status.FAILED, now_rfc3339())
+    return accepted.request_id
+
+
+async def test_a_replay_sent_again_with_its_idempotency_key_is_the_same_replay(idle_engine: Engine) -> None:
+    # A client that got no answer (a timeout, a dropped connection) sends the replay again.
+    original, other = await _ended(idle_engine, "e1"), await _ended(idle_engine, "e2")
+    first = await idle_engine.replay(original, key="retry-1")
+    assert first.created
+    assert await idle_engine.replay(original, key="retry-1") == Accepted(first.request_id, False)
+    together = await asyncio.gather(*(idle_engine.replay(original, key="retry-2") for _ in range(3)))
+    assert len({accepted.request_id for accepted in together}) == 1, together
+    assert [accepted.created for accepted in together].count(True) == 1, together
+    another_key = await idle_engine.replay(original, key="retry-3")
+    unkeyed = [await idle_engine.replay(original), await idle_engine.replay(original)]
+    _, replays = await idle_engine.links(original)
+    assert sorted(replays) == sorted([first.request_id, together[0].request_id, another_key.request_id, *(a.request_id for a in unkeyed)])
+    assert len(set(replays)) == 5, "a key names one replay; without one, each is new"
+    of_other = await idle_engine.replay(other, key="retry-1")
+    assert of_other.created and of_other.request_id not in replays, "a key is the replay of one run"
+    queued, _ = await idle_engine.list(function="f", status=Status.QUEUED)
+    assert len(queued) == 6, "one run for each replay, none for a repeat"
+
+
 async def test_pruning_the_store_cannot_serve_is_logged_once_and_its_recovery_once(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -622,6 +622,17 @@ async def test_runs_that_ended_before_a_time_are_pruned_with_their_links(store: 
     assert await store.prune(cutoff) == []
 
 
+async def test_a_replay_under_an_event_id_recorded_before_answers_that_run_and_adds_nothing(store: SQLiteStore) -> None:
+    original = row("o")
+    await store.accept([original])
+    await store.finish(original.request_id, Status.FAILED, now_rfc3339())
+    first, again = row("replay:o:key-1"), row("replay:o:key-1")
+    assert await store.replay(first, original.request_id) == first.request_id
+    assert await store.replay(again, original.request_id) == first.request_id
+    assert await store.get(again.request_id) is None, "no second run"
+    assert await store.links(original.request_id) == (None, [first.request_id]), "no second link"
+
+
 def test_a_store_is_stamped_with_its_schema_version_and_one_a_newer_eventrun_stamped_is_refused(tmp_path: Path) -> None:
     # A store carried no version: an older eventrun opened whatever a newer one had written.
     path = tmp_path / "eventrun.db"

@@ -21,7 +21,7 @@ MAX_NESTING = JSON_DEPTH - 1
 def to_envelope(function: str, body: bytes, content_type: str | None, idempotency_key: str | None) -> Envelope:
     """The envelope for one HTTP invocation; raises InvalidParameter for a malformed JSON body or header."""
     _check_utf8("Content-Type", content_type)
-    _check_utf8("Idempotency-Key", idempotency_key)
+    key = checked_key(idempotency_key)
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     data: Any = None
     if _JSON_TYPE.match(media_type):
@@ -34,13 +34,19 @@ def to_envelope(function: str, body: bytes, content_type: str | None, idempotenc
                 raise InvalidParameter(f"request body nests deeper than {MAX_NESTING} levels")
     elif body:
         data = _parse_or_wrap(body, media_type, content_type)
-    key = (idempotency_key or "").strip()
-    if len(key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidParameter(f"Idempotency-Key header: at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}")
     return Envelope(
         id=key or new_id(), source=f"/http/{function}", type="eventrun.http.request",
         function=function, trigger="http", data=data,
     )
+
+
+def checked_key(idempotency_key: str | None) -> str:
+    """An Idempotency-Key header's key ("" for none); raises InvalidParameter for one no event id can be."""
+    _check_utf8("Idempotency-Key", idempotency_key)
+    key = (idempotency_key or "").strip()
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidParameter(f"Idempotency-Key header: at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}")
+    return key
 
 
 def _check_utf8(name: str, value: str | None) -> None:

@@ -20,7 +20,7 @@ from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 
 from ..openapi import openapi_document
 from .origins import origin_middleware
-from .parser import to_envelope
+from .parser import checked_key, to_envelope
 from .responses import error_response, function_json, invocation_json, json_response, map_error
 from .sse import stream_logs
 from .ui import ui_routes
@@ -191,7 +191,7 @@ async def _invocation_answer(engine: Engine, invocation: Invocation) -> dict[str
 async def replay(request: web.Request) -> web.Response:
     """POST /invocations/{request_id}/replay: a new run of the same envelope."""
     original = _request_id(request)
-    accepted = await _engine(request).replay(original)
+    accepted = await _engine(request).replay(original, key=checked_key(request.headers.get("Idempotency-Key")) or None)
     return json_response(
         {"RequestId": accepted.request_id, "ReplayOf": original}, status=202, headers={"X-Request-Id": accepted.request_id}
     )
