@@ -26,7 +26,7 @@ from .errors import (
 from .failures import FailureLog
 from .instances import Instance, InstancePool, Outcome, Spec
 from .logs import LogHub, end_note
-from .manifest import FunctionConfig, Manifest, format_duration
+from .manifest import FunctionConfig, Manifest, format_duration, functions_environment
 from .metrics import Metrics
 from .recount import Recount
 from .store import Batch, NewInvocation, SQLiteStore
@@ -170,7 +170,7 @@ class Engine:
             max_instances=server.max_instances,
             idle_timeout=server.instance_idle_timeout,
             kill_grace=server.kill_grace,
-            base_env={**os.environ, **manifest.s3.aws_environment()},
+            base_env={**functions_environment(os.environ), **manifest.s3.aws_environment()},
             fork=server.fork_instances,
         )
         self.dispatcher = Dispatcher(

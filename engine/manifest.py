@@ -6,7 +6,7 @@ import ipaddress
 import math
 import re
 import urllib.parse
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -668,11 +668,22 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+ENV_PREFIX = "EVENTRUN_"
+"""What the names of the variables that set the manifest begin with (in any case)."""
+
+
+def functions_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment as its functions' processes get it: without the EVENTRUN_*
+    variables, eventrun's own configuration, which holds its tokens and passwords (a store's
+    URL, a Kafka password, the ui_token) and is no function's to read."""
+    return {name: value for name, value in environ.items() if not name.upper().startswith(ENV_PREFIX)}
+
+
 class Manifest(BaseSettings):
     """The whole manifest: `[server]`, `[kafka]`, `[s3]` and `[functions.*]`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EVENTRUN_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
