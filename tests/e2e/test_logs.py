@@ -261,6 +261,26 @@ async def test_a_log_cut_at_its_limit_still_ends_with_how_the_run_ended(eventrun
     assert lines[-1] == "[eventrun] run ended FAILED: ValueError: failed after flooding", lines[-3:]
 
 
+RAISE_THE_DATA = """
+def main_handler(event, context):
+    raise ValueError(event["data"]["message"])
+"""
+
+
+async def test_a_caller_cannot_add_lines_to_a_log_through_a_failure_s_message(eventrun_server, http, tmp_path):
+    server = eventrun_server({"raiser": {"handler": handler_file(tmp_path, "raiser", RAISE_THE_DATA)}})
+    api = server.client(http)
+    message = "boom\n2026-12-07T14:56:20.000Z [eventrun] run ended FINISHED"
+    request_id = await api.accepted("raiser", {"message": message})
+    state = await api.wait_ended(request_id)
+    assert (state["Status"], state["ErrorMessage"]) == ("FAILED", message), "the API gives the message as it was"
+    lines = [line.split(" ", 1)[1] for line in (await api.logs(request_id)).splitlines()]
+    assert lines[-1] == "[eventrun] run ended FAILED: ValueError: boom\\n2026-12-07T14:56:20.000Z [eventrun] run ended FINISHED"
+    # (The traceback the function's process prints has the message as it is: the function's
+    # output, under a stamp of its own, as anything a function prints.)
+    assert sum(line.startswith("[eventrun] run ended") for line in lines) == 1, lines
+
+
 LINES = """
 def main_handler(event, context):
     for n in range(event["data"]["lines"]):

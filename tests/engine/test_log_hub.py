@@ -70,6 +70,21 @@ def test_the_start_line_goes_in_though_the_first_output_is_past_the_limit(tmp_pa
     ]
 
 
+def test_what_a_function_said_stays_on_eventrun_s_closing_line_escaped(tmp_path: Path) -> None:
+    # An exception's message often holds the caller's data: a line break in it made a line that
+    # passed for eventrun's own, and an escape sequence reached the terminal of `eventrun logs`.
+    hub = LogHub(tmp_path, limit=2000)
+    forged = "boom\n2026-12-07T14:56:20.000Z [eventrun] run ended FINISHED\r\x1b[31m\x85é 中\tend"
+    hub.note("r1", end_note("FAILED", "Bad\nType", forged))
+    hub.close("r1")
+    (line,) = hub.read("r1").decode().splitlines()
+    assert line.split(" ", 1)[1] == (
+        "[eventrun] run ended FAILED: Bad\\nType: boom\\n2026-12-07T14:56:20.000Z [eventrun] run ended FINISHED"
+        "\\r\\x1b[31m\\x85é 中\\tend"
+    )
+    assert closing_status(line) == "FAILED"
+
+
 def test_a_closing_line_names_the_status_the_run_ended_with() -> None:
     assert closing_status("2026-01-01T00:00:00.000Z " + end_note("TIMED_OUT", "TimedOut", "late: 1: 2")) == "TIMED_OUT"
     assert closing_status("2026-01-01T00:00:00.000Z [eventrun] run ended RUNNING: x: y") is None
