@@ -452,8 +452,9 @@ def signature(secret: str, body: bytes, now: float | None = None) -> str:
 
 
 def shown_target(target: str) -> str:
-    """A destination as /healthz and the log show it: a URL as scheme://host[:port]/path, without
-    the userinfo, query and fragment that may hold a receiver's credentials; a Kafka topic as is."""
+    """A destination as /healthz and the log show it: a URL as scheme://host[:port], its path as
+    "/…" (a chat service's webhook URL is its path: the path is the secret), without the userinfo,
+    query and fragment, which may hold a receiver's credentials too; a Kafka topic as is."""
     if target.startswith("kafka:"):
         return target
     try:
@@ -464,7 +465,8 @@ def shown_target(target: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port is None else f"{host}:{port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    path = "/…" if parts.path.strip("/") else parts.path
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
 def retry_after(value: str, now: float | None = None) -> float | None:

@@ -402,7 +402,7 @@ async def test_a_redirect_is_not_followed_and_the_delivery_is_given_up(hooks: Ho
     assert [(method, path) for method, path, _, _ in hooks.seen] == [("POST", f"/moved/{status}")]
     assert store.settled == [
         {
-            "error": f"HTTP {status} redirect to /ok: redirects are not followed; set the URL that takes the POST itself",
+            "error": f"HTTP {status} redirect to /…: redirects are not followed; set the URL that takes the POST itself",
             "give_up": True,
         }
     ]
@@ -507,10 +507,13 @@ async def test_a_failed_run_s_record_reads_only_the_end_of_its_log(hooks: Hooks)
 
 
 def test_a_destination_is_shown_without_its_credentials() -> None:
-    assert shown_target("https://user:pw@Hooks.example.com:8443/done/x?token=t0k3n#frag") == "https://hooks.example.com:8443/done/x"
-    assert shown_target("http://[::1]:8080/hook?sig=abc") == "http://[::1]:8080/hook"
+    assert shown_target("https://user:pw@Hooks.example.com:8443/done/x?token=t0k3n#frag") == "https://hooks.example.com:8443/…"
+    assert shown_target("http://[::1]:8080/hook?sig=abc") == "http://[::1]:8080/…"
     assert shown_target("https://hooks.example.com") == "https://hooks.example.com"
-    assert shown_target("/elsewhere?token=t0k3n") == "/elsewhere"
+    assert shown_target("https://hooks.example.com/") == "https://hooks.example.com/"
+    # A chat service's webhook URL holds its secret in the path (/services/T0/B0/XOXSECRET).
+    assert shown_target("https://hooks.slack.example/services/T0AAAA/B0BBBB/XOXSECRET") == "https://hooks.slack.example/…"
+    assert shown_target("/elsewhere?token=t0k3n") == "/…"
     assert shown_target("kafka:transcode-failures") == "kafka:transcode-failures"
     assert shown_target("http://[::1/x") == "(a URL that cannot be read)"
 
@@ -519,7 +522,7 @@ async def test_healthz_and_the_log_show_a_callback_url_without_its_credentials(c
     url = "https://user:hunter2@hooks.example.com/done?token=t0k3n"
     functions = {"f": SimpleNamespace(destinations=[("callback", url), ("on_failure", "kafka:failures")])}
     deliverer = Deliverer(SimpleNamespace(store=FakeStore(RECENT)), SimpleNamespace(functions=functions))  # type: ignore[arg-type]
-    assert deliverer.state()["destinations"] == {"f": {"callback": "https://hooks.example.com/done", "on_failure": "kafka:failures"}}
+    assert deliverer.state()["destinations"] == {"f": {"callback": "https://hooks.example.com/…", "on_failure": "kafka:failures"}}
 
     outcomes = [DeliveryFailed("HTTP 503 busy"), Undeliverable("HTTP 404 gone"), DeliveryFailed("HTTP 503 busy")]
 
@@ -533,7 +536,7 @@ async def test_healthz_and_the_log_show_a_callback_url_without_its_credentials(c
         deliverer._engine.store.ended_at = "2020-01-01T00:00:00.000Z"  # type: ignore[attr-defined]
         await deliverer._attempt(to(url, attempts=200))  # failing for a day
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3 and all(" to https://hooks.example.com/done" in line for line in lines), lines
+    assert len(lines) == 3 and all(" to https://hooks.example.com/…" in line for line in lines), lines
     assert not any("hunter2" in line or "t0k3n" in line for line in lines), lines
 
 
@@ -555,9 +558,9 @@ async def test_a_url_aiohttp_refuses_is_described_without_its_credentials(
         async with posting({"f": posting_function()}, store) as deliverer:
             await deliverer._attempt(to(credentialed(int(port), password="p\\w0rd")))
     (outcome,) = store.settled
-    assert outcome["error"] == f"InvalidUrlClientError: http://127.0.0.1:{port}/ok", outcome
+    assert outcome["error"] == f"InvalidUrlClientError: http://127.0.0.1:{port}/…", outcome
     (line,) = [r.getMessage() for r in caplog.records]
-    assert line.endswith(f"to http://127.0.0.1:{port}/ok failed (attempt 1; next in 1s): {outcome['error']}"), line
+    assert line.endswith(f"to http://127.0.0.1:{port}/… failed (attempt 1; next in 1s): {outcome['error']}"), line
 
 
 def response_error(url: str) -> aiohttp.ClientResponseError:
@@ -588,7 +591,7 @@ async def test_no_failure_is_described_with_the_credentials_of_the_url(error: An
     await deliverer._attempt(to(url))
     (outcome,) = store.settled
     assert not any(secret in outcome["error"] for secret in SECRETS), outcome
-    assert "127.0.0.1:9/ok" in outcome["error"], outcome
+    assert "127.0.0.1:9/…" in outcome["error"], outcome
 
 
 async def test_a_delivery_owed_for_a_function_gone_from_the_manifest_is_not_sent_unsigned(hooks: Hooks) -> None:
