@@ -57,6 +57,7 @@ class Client:
         self.base_url = base_url
         # The token was checked as sendable (engine.tokens) where it was read.
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = token
 
     def open(
         self,
@@ -83,6 +84,8 @@ class Client:
             return response
         except urllib.error.HTTPError as exc:
             with exc:
+                if 300 <= exc.code < 400:
+                    raise CliError(self._redirected(exc, url)) from None
                 challenge = (exc.headers.get("WWW-Authenticate") or "") if exc.headers else ""
                 if exc.code == 401 and challenge.lower().startswith("bearer"):  # (the ui_token's, not a proxy's)
                     raise CliError(self._unauthorized()) from None
@@ -153,6 +156,36 @@ class Client:
             "pass --token or set EVENTRUN_TOKEN (HTTP 401)"
         )
 
+    def _redirected(self, exc: urllib.error.HTTPError, url: str) -> str:
+        """The one line for a 3xx answer to `url`: its status, and where it pointed."""
+        try:
+            status = f"{exc.code} {http.HTTPStatus(exc.code).phrase}"
+        except ValueError:  # (a code Python has no name for: the server's own words)
+            status = f"{exc.code} {printable(str(exc.reason))}".rstrip()
+        location = exc.headers.get("Location") if exc.headers else None
+        if location:
+            status += f", pointing to {self._shown_location(url, location)}"
+        return (
+            f"{self.base_url} answered {status}; eventrun does not follow redirects "
+            "(they would carry the token elsewhere): give --url as the server's own address"
+        )
+
+    def _shown_location(self, url: str, location: str) -> str:
+        """`location` resolved against `url`, on one line, with any user name, password, query or
+        fragment shown as `...` (each may hold a secret), and never the token itself."""
+        try:
+            parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location.strip()))
+        except ValueError:
+            return "an address that is not a valid URL"
+        netloc = f"...@{parts.netloc.rpartition('@')[2]}" if "@" in parts.netloc else parts.netloc
+        shown = f"{parts.scheme}:" if parts.scheme else ""
+        shown += f"//{netloc}{parts.path}" if netloc else parts.path
+        shown += "?..." if parts.query else ""
+        shown += "#..." if parts.fragment else ""
+        if self._token:
+            shown = shown.replace(self._token, "...")
+        return printable(shown)
+
     def unreachable(self, exc: BaseException) -> CliError:
         """The one line for a server that cannot be reached."""
         cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
@@ -182,8 +215,19 @@ class _PatientHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         return self.do_open(_PatientHTTPS, req)  # (the default TLS context, as urlopen's)
 
 
-_OPENER = urllib.request.build_opener()
-_PATIENT = urllib.request.build_opener(_PatientHandler)
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect (in build_opener, in place of the default that follows them): the API
+    never redirects, and a redirect followed would carry the request and its ui_token wherever it
+    points. The 3xx then reaches Client.open as an HTTPError."""
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any) -> None:
+        return None
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+_PATIENT = urllib.request.build_opener(_PatientHandler, _NoRedirect)
 
 
 _UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})

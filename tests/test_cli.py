@@ -57,6 +57,7 @@ class Recorded:
     query: dict[str, str]
     content_type: str
     body: bytes
+    authorization: str | None = None
 
 
 @dataclass
@@ -76,6 +77,8 @@ class StandIn:
     terminated: dict[str, Any] = field(default_factory=dict)
     # When set, every request must carry `Authorization: Bearer <token>`, as with a ui_token.
     token: str | None = None
+    # When set, (status, Location): the answer to every request, as from a server that redirects.
+    redirect: tuple[int, str | None] | None = None
     url: str = ""
 
     def app(self) -> web.Application:
@@ -96,9 +99,13 @@ class StandIn:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         body = await request.read()
+        authorization = request.headers.get("Authorization")
         self.requests.append(
-            Recorded(request.method, request.path, dict(request.query), request.content_type, body)
+            Recorded(request.method, request.path, dict(request.query), request.content_type, body, authorization)
         )
+        if self.redirect is not None:
+            status, location = self.redirect
+            return web.Response(status=status, headers={"Location": location} if location else None)
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             message = "this server asks for its ui_token: send the header Authorization: Bearer <ui_token>"
             return _error(401, "Unauthorized", message, **{"WWW-Authenticate": 'Bearer realm="eventrun"'})
@@ -178,10 +185,9 @@ class StandIn:
         return [r for r in self.requests if (r.method, r.path) == (method, path)]
 
 
-@pytest.fixture
-def stand_in() -> Iterator[StandIn]:
-    """A StandIn served on a free port from a background thread, stopped afterwards."""
-    server = StandIn()
+@contextlib.contextmanager
+def serving(server: StandIn) -> Iterator[StandIn]:
+    """`server` served on a free port from a background thread, stopped afterwards."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -209,6 +215,20 @@ def stand_in() -> Iterator[StandIn]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandIn]:
+    """A StandIn served on a free port from a background thread, stopped afterwards."""
+    with serving(StandIn()) as server:
+        yield server
+
+
+@pytest.fixture
+def redirector() -> Iterator[StandIn]:
+    """A second StandIn, on a port of its own, for a test to set a `redirect` on."""
+    with serving(StandIn()) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -450,6 +470,70 @@ def test_a_non_json_error_names_the_url_and_status(stand_in: StandIn, capsys: An
         1,
         "",
         f"eventrun: {stand_in.url}/functions/broken/invocations answered HTTP 502 Bad Gateway\n",
+    )
+
+
+TOKEN = "MY-UI-TOKEN-SECRET"
+NOT_FOLLOWED = (
+    "; eventrun does not follow redirects (they would carry the token elsewhere): "
+    "give --url as the server's own address\n"
+)
+
+
+@pytest.mark.parametrize(("status", "phrase"), [(302, "Found"), (307, "Temporary Redirect")])
+@pytest.mark.parametrize(
+    ("argv", "path"),
+    [(("list",), "/invocations"), (("invoke", "thumbnail"), "/functions/thumbnail/invocations")],
+    ids=["list", "invoke"],
+)
+def test_a_redirect_is_not_followed_and_the_token_stays_home(
+    stand_in: StandIn, redirector: StandIn, capsys: Any, argv: tuple[str, ...], path: str, status: int, phrase: str
+) -> None:
+    elsewhere = stand_in.url.replace("127.0.0.1", "localhost") + path
+    redirector.redirect = (status, elsewhere)
+    exit_status, out, err = run(capsys, *argv, "--url", redirector.url, "--token", TOKEN)
+    assert (exit_status, out, err) == (
+        1,
+        "",
+        f"eventrun: {redirector.url} answered {status} {phrase}, pointing to {elsewhere}{NOT_FOLLOWED}",
+    )
+    assert TOKEN not in err
+    assert stand_in.requests == []
+    [call] = redirector.requests
+    assert (call.path, call.authorization) == (path, f"Bearer {TOKEN}")
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        # A user name, password, query or fragment may hold a secret: only their place is shown.
+        ("http://me:pa55@elsewhere.test:8080/api?key=pa55#pa55", "http://...@elsewhere.test:8080/api?...#..."),
+        # Said against the address it answered; never the token, even where the server echoes it.
+        (f"/v2/{TOKEN}/invocations", "{url}/v2/.../invocations"),
+    ],
+    ids=["credentials", "relative"],
+)
+def test_where_a_redirect_points_is_shown_without_secrets(
+    stand_in: StandIn, redirector: StandIn, capsys: Any, location: str, shown: str
+) -> None:
+    redirector.redirect = (301, location)
+    status, out, err = run(capsys, "invoke", "thumbnail", "--url", redirector.url, "--token", TOKEN)
+    pointing = shown.format(url=redirector.url)
+    assert (status, out, err) == (
+        1,
+        "",
+        f"eventrun: {redirector.url} answered 301 Moved Permanently, pointing to {pointing}{NOT_FOLLOWED}",
+    )
+    assert TOKEN not in err and "pa55" not in err
+    assert stand_in.requests == []
+
+
+def test_a_3xx_without_a_location_is_said_as_it_is(redirector: StandIn, capsys: Any) -> None:
+    redirector.redirect = (300, None)
+    assert run(capsys, "functions", "--url", redirector.url, "--token", TOKEN) == (
+        1,
+        "",
+        f"eventrun: {redirector.url} answered 300 Multiple Choices{NOT_FOLLOWED}",
     )
 
 
