@@ -32,7 +32,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/eventrun \
         --shell /usr/sbin/nologin eventrun \
  && mkdir -p /var/lib/eventrun \
- && chown eventrun:eventrun /var/lib/eventrun
+ && chown eventrun:eventrun /var/lib/eventrun \
+ && chmod 700 /var/lib/eventrun
 
 COPY --from=build /opt/venv /opt/venv
 # The repository's layout, so the manifest's relative handler paths (../functions/...) hold.

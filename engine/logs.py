@@ -12,6 +12,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from .api import Status
 from .envelope import now_rfc3339
 from .errors import InvocationNotFound
+from .store import PRIVATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +116,10 @@ class LogHub:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
         try:
-            fd = os.open(file, _FLAGS, 0o644)
+            fd = os.open(file, _FLAGS, PRIVATE_FILE)
         except FileNotFoundError:  # the folder was removed behind our back: make it again
             os.makedirs(folder, exist_ok=True)
-            fd = os.open(file, _FLAGS, 0o644)
+            fd = os.open(file, _FLAGS, PRIVATE_FILE)
         log.fd, log.path, log.checked = fd, file, time.monotonic()
         log.size = os.fstat(fd).st_size  # a log continued (e.g. noted after a restart) keeps its limit
         return fd
@@ -198,7 +199,7 @@ class LogHub:
             if os.fstat(removed).st_nlink:
                 return removed
             os.makedirs(os.path.dirname(log.path), exist_ok=True)
-            fd = os.open(log.path, _FLAGS, 0o644)
+            fd = os.open(log.path, _FLAGS, PRIVATE_FILE)
         except OSError as exc:
             self._cannot_write(request_id, log, exc)
             return None

@@ -172,6 +172,7 @@ class SQLiteStore:
         """Lock the store, start the writer process (which creates the schema), open the reading connection."""
         self._lock = _lock(self.path)
         try:
+            create_private(self.path)
             self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
             self._open_reader()
         except BaseException:
@@ -603,7 +604,7 @@ def hold_lock(lock_path: Path, what: str) -> HeldLock:
     folder = lock_path.parent
     held = HeldLock()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
         _take(held.hold(_open(folder, os.O_RDONLY | os.O_DIRECTORY, what)), what, lock_path)
         lock_file = held.hold(_open(lock_path, os.O_RDWR | os.O_CREAT, what))
         _take(lock_file, what, lock_path)
@@ -616,12 +617,39 @@ def hold_lock(lock_path: Path, what: str) -> HeldLock:
     except BaseException:
         held.release()
         raise
+    _warn_if_open_to_others(folder)
     return held
+
+
+PRIVATE_FOLDER = 0o700
+PRIVATE_FILE = 0o600
+"""The modes of the data_dir eventrun makes and of the files it makes in it (its store, its runs'
+logs): they hold every event, result and log, for its user alone."""
+
+
+def _warn_if_open_to_others(folder: Path) -> None:
+    """Say so if other users of the machine can read or enter the data_dir (one made before, or by
+    someone else): eventrun does not change the modes of a folder it did not make."""
+    try:
+        mode = folder.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o005:
+        logger.warning(
+            "the data_dir %s can be read by other users of this machine (mode %03o), and it holds every event, result "
+            "and log: `chmod 700 %s` keeps them out", folder, mode, folder,
+        )
+
+
+def create_private(path: Path) -> None:
+    """Make the file `path` for this user alone if it is not there (SQLite gives the -wal and -shm
+    files it makes beside a database the database file's mode)."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
 
 
 def _open(path: Path, flags: int, what: str) -> int:
     try:
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, PRIVATE_FILE)
     except OSError as exc:
         raise _unlockable(what, path, exc) from exc
 

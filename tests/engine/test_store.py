@@ -17,6 +17,7 @@ from eventrun.engine.api import Accepted, Status
 from eventrun.engine import envelope as envelope_module
 from eventrun.engine.envelope import expand, new_id, now_rfc3339, request_ids, request_seq, template_key, template_prefix
 from eventrun.engine.errors import InvalidParameter, ManifestError, StoreError
+from eventrun.engine.logs import LogHub
 from eventrun.engine.store import Batch, NewInvocation, SQLiteStore, Unstarted
 from eventrun.engine.writes import SCHEMA, SCHEMA_VERSION, by_request_id
 
@@ -649,3 +650,44 @@ def test_a_store_is_stamped_with_its_schema_version_and_one_a_newer_eventrun_sta
     with pytest.raises(StoreError, match=rf"written by a newer eventrun \(schema version {SCHEMA_VERSION + 1}; this one knows {SCHEMA_VERSION}\)"):
         newer.open()
     assert newer.writer_pid is None
+
+
+async def test_a_new_data_dir_and_what_eventrun_writes_in_it_are_its_user_s_alone(tmp_path: Path) -> None:
+    # They hold every event, result and log: with the usual umask (022) other users could read them all.
+    old = os.umask(0o022)
+    try:
+        data_dir = tmp_path / "data"
+        store = SQLiteStore(data_dir / "eventrun.db")
+        store.open()
+        try:
+            await store.accept([row("e1")])
+            hub = LogHub(data_dir / "logs", 1000)
+            hub.write("r1", ["a line"])
+            hub.close("r1")
+            modes = {
+                path.name: path.stat().st_mode & 0o777
+                for path in [data_dir, *data_dir.glob("eventrun.db*"), *data_dir.rglob("*.log")]
+            }
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+    assert modes == {
+        "data": 0o700, "eventrun.db": 0o600, "eventrun.db-wal": 0o600, "eventrun.db-shm": 0o600,
+        "eventrun.db.lock": 0o600, "r1.log": 0o600,
+    }, {name: oct(mode) for name, mode in modes.items()}
+
+
+def test_a_data_dir_others_can_read_is_said_and_left_as_it_is(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)
+    store = SQLiteStore(data_dir / "eventrun.db")
+    store.open()
+    store.close()
+    assert data_dir.stat().st_mode & 0o777 == 0o755, "a folder eventrun did not make keeps its mode"
+    (warning,) = [r.getMessage() for r in caplog.records if "other users" in r.getMessage()]
+    assert warning == (
+        f"the data_dir {data_dir} can be read by other users of this machine (mode 755), and it holds every event, "
+        f"result and log: `chmod 700 {data_dir}` keeps them out"
+    )
