@@ -928,6 +928,77 @@ async def test_the_name_in_server_url_is_the_server_s_own(engine: FakeEngine) ->
         assert (await proxied.post("/functions/resize/invocations", json={}, headers={"Origin": "https://other.example.com"})).status == 403
 
 
+def _listening_everywhere(engine: FakeEngine, url: str = "") -> TestClient[web.Request, web.Application]:
+    """A client of a server that listens on 0.0.0.0, as in a container."""
+    engine.manifest = Manifest(server=ServerConfig(host="0.0.0.0", url=url), functions=engine.manifest.functions)
+    return TestClient(TestServer(build_app(engine)))  # type: ignore[arg-type]
+
+
+_REBOUND = "rebind.attacker.example:8080"  # a name pointed at the server by its owner (DNS rebinding)
+
+
+@pytest.mark.parametrize(("method", "path", "browser"), [
+    ("GET", "/invocations", {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}),
+    ("POST", "/functions/resize/invocations", {"Origin": f"http://{_REBOUND}", "Content-Type": "text/plain"}),
+    # To a plain-http name a browser sends no Sec-Fetch-*: a same-origin GET has only these.
+    ("GET", "/invocations", {"Accept-Language": "en-US,en;q=0.9", "User-Agent": "Mozilla/5.0"}),
+    ("GET", "/invocations", {"Accept-Language": ""}),  # (a page may empty it; it is still sent)
+])
+async def test_a_server_on_every_address_refuses_a_browser_s_request_to_a_name_not_its_own(
+    engine: FakeEngine, method: str, path: str, browser: dict[str, str]
+) -> None:
+    async with _listening_everywhere(engine) as anywhere:
+        response = await anywhere.request(method, path, data=b"{}", headers={"Host": _REBOUND, **browser})
+        assert response.status == 403, await response.text()
+        error = await _error(response)
+        assert error["Code"] == "CrossSiteRequest", error
+        assert f"Host {_REBOUND!r} is none of them" in error["Message"], error
+        assert "needs that name in [server] url, or set a [server] ui_token" in error["Message"], error
+    assert engine.accepted == [], "nothing was accepted"
+
+
+async def test_a_server_on_every_address_answers_a_client_that_is_not_a_browser_by_any_name(engine: FakeEngine) -> None:
+    # Other containers reach it by a service name (http://eventrun:8080), curl or MinIO by any other.
+    async with _listening_everywhere(engine) as anywhere:
+        for host in (_REBOUND, "eventrun:8080"):
+            listed = await anywhere.get("/invocations", headers={"Host": host})
+            assert listed.status == 200, await listed.text()
+            invoked = await anywhere.post("/functions/resize/invocations", data=b"{}", headers={"Host": host})
+            assert invoked.status == 202, await invoked.text()
+
+
+@pytest.mark.parametrize("host", [
+    "10.0.0.5:8080", "127.0.0.1:8080", "[::1]:8080", "localhost:8080", "app.localhost",
+    f"{socket.gethostname()}:8080", f"{socket.gethostname().upper()}:8080", "eventrun.example.com",
+])
+async def test_a_server_on_every_address_answers_a_browser_by_an_address_or_a_name_of_its_own(
+    engine: FakeEngine, host: str
+) -> None:
+    async with _listening_everywhere(engine, url="https://eventrun.example.com") as anywhere:
+        browser = {"Host": host, "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Accept-Language": "en"}
+        listed = await anywhere.get("/invocations", headers=browser)
+        assert listed.status == 200, await listed.text()
+        scheme = "https" if host == "eventrun.example.com" else "http"
+        posted = {**browser, "Origin": f"{scheme}://{host}", "Content-Type": "text/plain"}
+        invoked = await anywhere.post("/functions/resize/invocations", data=b"{}", headers=posted)
+        assert invoked.status == 202, await invoked.text()
+
+
+async def test_a_server_on_every_address_looks_its_own_names_up_once(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up: list[str] = []
+    monkeypatch.setattr(socket, "gethostname", lambda: looked_up.append("hostname") or "Build-Box")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": looked_up.append("fqdn") or "Build-Box.Lan")
+    async with _listening_everywhere(engine) as anywhere:
+        for host in ("build-box:8080", "build-box.lan", "BUILD-BOX.lan:8080"):
+            response = await anywhere.get("/invocations", headers={"Host": host, "Sec-Fetch-Site": "none"})
+            assert response.status == 200, await response.text()
+        refused = await anywhere.get("/invocations", headers={"Host": "other-box.lan", "Sec-Fetch-Site": "none"})
+        assert refused.status == 403
+    assert sorted(looked_up) == ["fqdn", "hostname"], "once, when the app was built"
+
+
 async def test_with_a_ui_token_no_other_site_can_send_it_and_the_origin_is_not_looked_at(engine: FakeEngine) -> None:
     engine.manifest = Manifest(server=ServerConfig(ui_token="s3cret-token"), functions=engine.manifest.functions)
     async with TestClient(TestServer(build_app(engine))) as guarded:  # type: ignore[arg-type]

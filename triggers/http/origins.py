@@ -9,16 +9,26 @@ origin as the server to the browser, so it could read runs' results too. A ui_to
 - a request with an Origin header (browsers send it with every cross-site request) that is not
   this server's own (the Host it was sent to, or [server] url's) is refused;
 - a server listening on a loopback address answers only a Host that is an IP address, localhost
-  or [server] url's host: a rebound name is none of them.
+  or [server] url's host: a rebound name is none of them;
+- a server listening on any other address (0.0.0.0 in a container, often published on
+  127.0.0.1) is reached by other machines under names it cannot know (a service name such as
+  http://eventrun:8080), so it looks at the Host of a browser's request only: one with Origin
+  (every POST), Sec-Fetch-Site or Sec-Fetch-Mode (every request to https or localhost) or
+  Accept-Language (every request: to a plain-http name, a rebound one, a GET carries no other
+  mark, and a page may change the header's value but not leave it out). Such a request is
+  answered only if its Host is an IP address, localhost, [server] url's host or this machine's
+  own name (socket.gethostname(), socket.getfqdn()): a browser that reaches the server by
+  another name needs it in [server] url.
 
-Clients that are not browsers (curl, the CLI, MinIO's webhook) send no Origin, and reach the
-server by an address or by the name it is given.
+Clients that are not browsers (curl, the CLI, MinIO's webhook, other nodes) send none of these
+headers, and reach the server by an address or by any name it is given.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import yarl
@@ -37,6 +47,8 @@ def origin_middleware(server: ServerConfig) -> Any:
     own = {_authority(own_url.scheme, own_url.raw_authority)} if own_url is not None and own_url.raw_host else set()
     named = {own_url.raw_host.lower()} if own_url is not None and own_url.raw_host else set()
     loopback = _is_loopback(server.host)
+    if not loopback:  # (a browser on this machine may use its name; looked up once, getfqdn may ask DNS)
+        named |= {name.lower() for name in (socket.gethostname(), socket.getfqdn()) if name}
     hosts: dict[str, bool] = {}  # Host header -> whether it names this machine (a client sends the same each time)
 
     @web.middleware
@@ -53,16 +65,34 @@ def origin_middleware(server: ServerConfig) -> Any:
                 "requests from its own dashboard and from clients that are not browsers (behind a proxy, set "
                 "[server] url to the address the browser uses)",
             )
-        if loopback and not _checked(hosts, sent_to, named):
-            return error_response(
-                403,
-                "CrossSiteRequest",
-                f"this server listens on a loopback address and answers requests sent to an IP address, localhost "
-                f"or [server] url's host; Host {sent_to[:200]!r} is none of them (set [server] url to the name clients use)",
-            )
+        if (loopback or _from_a_browser(request.headers, origin)) and not _checked(hosts, sent_to, named):
+            return error_response(403, "CrossSiteRequest", _not_our_name(sent_to[:200], loopback))
         return await handler(request)
 
     return refuse_other_sites
+
+
+def _from_a_browser(headers: Mapping[str, str], origin: str | None) -> bool:
+    # (Sec-Fetch-* go only to https and localhost: Accept-Language is what marks a GET to a rebound name)
+    return (
+        origin is not None
+        or "Sec-Fetch-Site" in headers
+        or "Sec-Fetch-Mode" in headers
+        or hdrs.ACCEPT_LANGUAGE in headers
+    )
+
+
+def _not_our_name(host: str, loopback: bool) -> str:
+    if loopback:
+        return (
+            f"this server listens on a loopback address and answers requests sent to an IP address, localhost "
+            f"or [server] url's host; Host {host!r} is none of them (set [server] url to the name clients use)"
+        )
+    return (
+        f"this server answers a browser's requests sent to an IP address, localhost, this machine's name or "
+        f"[server] url's host; Host {host!r} is none of them (a browser that reaches this server by a name needs "
+        "that name in [server] url, or set a [server] ui_token)"
+    )
 
 
 def _same_site(origin: str, sent_to: str, request: web.Request, own: set[tuple[str, str]]) -> bool:
