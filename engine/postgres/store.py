@@ -837,11 +837,16 @@ def _cause(exc: BaseException) -> str:
 
 
 def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its passwords, for messages: the user's, and one given as a parameter
+    (`?password=`, `?sslpassword=`)."""
+    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if not at:
         return url
     user = userinfo.partition(":")[0]
     return f"{scheme}{sep}{user}:***@{host}" if ":" in userinfo else url
+
+
+_PASSWORD_PARAMETER = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
 

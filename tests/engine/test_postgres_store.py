@@ -325,6 +325,22 @@ async def test_an_unreachable_server_is_a_clear_error_without_the_password() -> 
     assert "s3cret" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://127.0.0.1:1/eventrun?password=QPW&sslmode=disable", "postgresql://127.0.0.1:1/eventrun?password=***&sslmode=disable"),
+        ("postgresql://u@127.0.0.1:1/eventrun?sslmode=prefer&PASSWORD=QPW", "postgresql://u@127.0.0.1:1/eventrun?sslmode=prefer&PASSWORD=***"),
+        ("postgresql://u:QPW@127.0.0.1:1/eventrun?sslpassword=QPW", "postgresql://u:***@127.0.0.1:1/eventrun?sslpassword=***"),
+    ],
+    ids=["password", "upper-case", "sslpassword"],
+)
+async def test_a_password_given_as_a_parameter_is_not_shown_either(url: str, shown: str) -> None:
+    store = PostgresStore(url, "node-a")
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert "QPW" not in str(caught.value) and f" at {shown}: " in str(caught.value), caught.value
+
+
 async def test_one_event_handed_to_two_nodes_at_once_is_one_run(postgres_store: PostgresStore, other: PostgresStore) -> None:
     # As a Kafka batch is after a crash between acceptance and the offset commit, once the
     # partition moves: the same records reach another node, each with a fresh RequestId.
