@@ -33,6 +33,7 @@ from eventrun.engine.api import Delivery, Invocation
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import InvocationNotFound, StoreError
 from eventrun.engine.failures import FailureLog
+from eventrun.engine.logs import one_line
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.recount import Recount
 from eventrun.triggers.http import invocation_json
@@ -501,15 +502,16 @@ def log_tail(log: bytes, limit: int = LOG_TAIL) -> str:
 
 
 async def _answer_prefix(response: aiohttp.ClientResponse, limit: int = ANSWER_PREFIX) -> str:
-    """The start of a receiver's answer, at most `limit` bytes, on one line (what is left unread
-    is dropped with the connection when the response is released)."""
+    """The start of a receiver's answer, at most `limit` bytes, on one line, its control
+    characters escaped (what is left unread is dropped with the connection when the response is
+    released)."""
     prefix = b""
     while len(prefix) < limit:
         chunk = await response.content.read(limit - len(prefix))
         if not chunk:
             break
         prefix += chunk
-    return " ".join(prefix.decode("utf-8", errors="replace").split())
+    return one_line(" ".join(prefix.decode("utf-8", errors="replace").split()))
 
 
 def _age(invocation: Invocation) -> float:

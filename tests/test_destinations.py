@@ -347,6 +347,10 @@ async def hooks() -> AsyncIterator[Hooks]:
         await record(request)
         return web.Response(status=int(request.match_info["status"]), headers={"Retry-After": request.query["after"]})
 
+    async def shouting(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(status=400, body=b"bad\x1b[31m request\x07\r\nsee\x00 docs")
+
     async def silent(request: web.Request) -> web.Response:
         await record(request)
         await done.wait()  # no answer
@@ -355,6 +359,7 @@ async def hooks() -> AsyncIterator[Hooks]:
     app = web.Application()
     app.router.add_route("*", "/ok", ok)
     app.router.add_post("/silent", silent)
+    app.router.add_post("/shouting", shouting)
     app.router.add_post("/busy/{status}", busy)
     app.router.add_post("/moved/{status}", moved)
     app.router.add_post("/endless", endless)
@@ -424,6 +429,14 @@ async def test_a_refusing_answer_is_read_no_further_than_its_start(hooks: Hooks)
             await asyncio.wait_for(deliverer._post(to(f"{hooks.url}/endless"), b"{}"), 3)
     problem = str(info.value)
     assert problem.startswith("HTTP 500 busy busy busy") and len(problem) <= len("HTTP 500 ") + 256, problem
+
+
+async def test_a_refusing_answer_s_control_characters_are_escaped(hooks: Hooks) -> None:
+    # It goes to the server's log and the outbox: an escape sequence would reach the terminal.
+    async with posting({"f": posting_function()}) as deliverer:
+        with pytest.raises(Undeliverable) as info:
+            await deliverer._post(to(f"{hooks.url}/shouting"), b"{}")
+    assert str(info.value) == "HTTP 400 bad\\x1b[31m request\\x07 see\\x00 docs"
 
 
 async def test_a_switching_protocols_answer_is_a_failed_attempt_not_a_delivery() -> None:
