@@ -643,8 +643,12 @@ def _warn_if_open_to_others(folder: Path) -> None:
 
 def create_private(path: Path) -> None:
     """Make the file `path` for this user alone if it is not there (SQLite gives the -wal and -shm
-    files it makes beside a database the database file's mode)."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    files it makes beside a database the database file's mode). If it cannot be made, SQLite's
+    own opening says why."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    except OSError:
+        pass
 
 
 def _open(path: Path, flags: int, what: str) -> int:
