@@ -36,7 +36,7 @@ from .dispatcher import Dispatcher
 from .envelope import now_rfc3339
 from .errors import InvocationEnded, InvocationNotFound, NodeNotAnswering, StoreError
 from .failures import FailureLog
-from .logs import log_lines
+from .logs import LeftOut, log_lines
 from .metrics import family, labels
 from .postgres import ENDED, LOGGED, QUEUED, TERMINATE, Node, PostgresStore
 from .store import HeldLock, hold_lock
@@ -461,8 +461,12 @@ class Cluster:
                 return
             yield data
 
-    async def follow_log(self, request_id: str, state: Callable[[], Awaitable[Invocation]]) -> AsyncIterator[str]:
-        """The run's log so far, then new lines as any node ships them, until the run ends.
+    async def follow_log(
+        self, request_id: str, state: Callable[[], Awaitable[Invocation]], *, tail: int | None = None
+    ) -> AsyncIterator[str | LeftOut]:
+        """The run's log so far, then new lines as any node ships them, until the run ends. With
+        `tail`, of the log so far only the lines that begin within its last `tail` bytes, after a
+        LeftOut saying how many bytes come before them (if any do).
 
         What a run writes is shipped before its end is recorded, and a closing line the store
         writes for a node (fail_runs_of, finish queued_only) goes with the end: the log read
@@ -479,7 +483,13 @@ class Cluster:
                 try:
                     if not more:  # (read before the log: what a run wrote is shipped before it ends)
                         run = await state()
-                    data, last = await self.store.read_log(request_id, last, most=FOLLOW_CHUNK)
+                    if tail is not None:
+                        data, last, left_out = await self.store.read_log_tail(request_id, tail)
+                        tail = None
+                        if left_out:
+                            yield LeftOut(left_out)
+                    else:
+                        data, last = await self.store.read_log(request_id, last, most=FOLLOW_CHUNK)
                 except StoreError as exc:
                     # The store cannot serve now (an outage); the run goes on, and so does the
                     # follower, reading on once it can (the stream's keepalives hold it open).

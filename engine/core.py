@@ -25,7 +25,7 @@ from .errors import (
 )
 from .failures import FailureLog
 from .instances import Instance, InstancePool, Outcome, Spec
-from .logs import LogHub, end_note
+from .logs import LeftOut, LogHub, end_note
 from .manifest import FunctionConfig, Manifest, format_duration, functions_environment
 from .metrics import Metrics
 from .recount import Recount
@@ -822,8 +822,9 @@ class Engine:
         await self.get(request_id)
         return None if self.cluster is not None else self.logs.file(request_id)
 
-    async def follow_log(self, request_id: str) -> AsyncIterator[str]:
-        """Log lines so far, then live ones, ending when the run ends."""
+    async def follow_log(self, request_id: str, *, tail: int | None = None) -> AsyncIterator[str | LeftOut]:
+        """Log lines so far, then live ones, ending when the run ends; with `tail`, of the lines so
+        far only those in about the last `tail` bytes, after a LeftOut if earlier ones are left out."""
         await self.get(request_id)
 
         async def state() -> Invocation:
@@ -833,8 +834,8 @@ class Engine:
             return (await state()).status.ended
 
         if self.cluster is not None:
-            return self.cluster.follow_log(request_id, state)
-        return self.logs.follow(request_id, ended)
+            return self.cluster.follow_log(request_id, state, tail=tail)
+        return self.logs.follow(request_id, ended, tail=tail)
 
     def metrics_text(self) -> str:
         """Prometheus text of the engine's counters, then of each added source."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -282,8 +283,12 @@ class LogHub:
                 pass
         return b""
 
-    async def follow(self, request_id: str, ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-        """Every line so far, then live lines until the run ends.
+    async def follow(
+        self, request_id: str, ended: Callable[[], Awaitable[bool]], *, tail: int | None = None
+    ) -> AsyncIterator[str | LeftOut]:
+        """Every line so far, then live lines until the run ends. With `tail`, only the lines so far
+        that begin within the file's last `tail` bytes, after a LeftOut saying how many bytes
+        come before them (if any do).
 
         The lines so far are read from the run's file a chunk at a time, and so are the live
         lines a slow follower falls behind on. Each batch of live lines carries where it ends in
@@ -299,6 +304,10 @@ class LogHub:
                 # The file from `offset` to its end; no await between the last read and the queue.
                 if fd is None:
                     fd = self._open_to_read(request_id)
+                    if fd is not None and tail is not None:
+                        offset, tail = _tail_start(fd, tail), None
+                        if offset:
+                            yield LeftOut(offset)
                 while fd is not None and (chunk := _read_lines(fd, offset)):
                     offset += len(chunk)
                     text = chunk.decode("utf-8", "replace")
@@ -363,6 +372,35 @@ async def _has_ended(ended: Callable[[], Awaitable[bool]]) -> bool:
         return await ended()
     except InvocationNotFound:
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftOut:
+    """What a follow of a log's tail leaves out before its first line: `size` bytes of it."""
+
+    size: int
+
+
+def _tail_start(fd: int, most: int) -> int:
+    """Where in a log file the first line that begins within its last `most` bytes begins (its
+    end, if none does: the last line alone is longer)."""
+    size = os.fstat(fd).st_size
+    if size <= most:
+        return 0
+    at = size - most - 1  # (a line begins after a line feed: from the byte before)
+    while piece := os.pread(fd, FOLLOW_CHUNK, at):
+        if (found := piece.find(b"\n")) >= 0:
+            return at + found + 1
+        at += len(piece)
+    return size
+
+
+def tail_start(data: bytes, most: int) -> int:
+    """Where in `data` (whole lines) the first line that begins within its last `most` bytes
+    begins (its end, if none does)."""
+    if len(data) <= most:
+        return 0
+    return data.find(b"\n", len(data) - most - 1) + 1 or len(data)
 
 
 def _read_lines(fd: int, offset: int) -> bytes:

@@ -346,11 +346,18 @@ _PATHS: dict[str, Any] = {
             "parameters": [
                 _REQUEST_ID,
                 {"name": "follow", "in": "query", "schema": {"type": "boolean", "default": False}},
+                {
+                    "name": "tail",
+                    "in": "query",
+                    "description": "With follow=true: of the log so far, only the lines in about its last this many bytes",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1 << 40},
+                },
             ],
             "responses": {
                 "200": {
                     "description": "Lines 'RFC3339-time text'. The stream sends each line as "
-                    "'data: <line>', then 'event: end' with data {RequestId, Status}.",
+                    "'data: <line>', then 'event: end' with data {RequestId, Status}; with tail, first "
+                    "'event: skipped' with data {Bytes} when earlier lines are left out.",
                     "content": {
                         "text/plain": {"schema": {"type": "string"}},
                         # Before OpenAPI 3.2 (itemSchema), an event stream's schema describes one event.
@@ -359,7 +366,7 @@ _PATHS: dict[str, Any] = {
                                 "type": "object",
                                 "required": ["data"],
                                 "properties": {
-                                    "event": {"type": "string", "enum": ["message", "end", "error"]},
+                                    "event": {"type": "string", "enum": ["message", "skipped", "end", "error"]},
                                     "data": {"type": "string"},
                                 },
                             }

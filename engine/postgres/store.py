@@ -23,7 +23,7 @@ import asyncpg
 from ..api import Accepted, Delivery, Invocation, Outbox, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
-from ..logs import closing_line
+from ..logs import closing_line, tail_start
 from ..rows import (
     COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
     first_id_of, invocation,
@@ -647,6 +647,25 @@ class PostgresStore:
         if row is None or row[1] is None:
             return b"", after
         return bytes(row[0]), row[1]
+
+    @_refusal_as_store_error
+    async def read_log_tail(self, request_id: str, most: int) -> tuple[bytes, int, int]:
+        """The lines of the run's log that begin within its last `most` bytes, the number of the
+        last chunk read, and how many bytes come before those lines."""
+        if not _is_uuid(request_id):
+            return b"", 0, 0
+        row = await self.pool.fetchrow(  # (octet_length reads a chunk's size, not the chunk)
+            "WITH sized AS (SELECT n, octet_length(data) AS size,"
+            " sum(octet_length(data)) OVER (ORDER BY n DESC) - octet_length(data) AS after"
+            " FROM logs WHERE request_id = $1::uuid)"
+            " SELECT (SELECT string_agg(data, ''::bytea ORDER BY n) FROM logs WHERE request_id = $1::uuid"
+            " AND n IN (SELECT n FROM sized WHERE after < $2)),"
+            " (SELECT max(n) FROM sized), (SELECT coalesce(sum(size), 0) FROM sized WHERE after >= $2)",
+            request_id, most,
+        )
+        data = bytes(row[0]) if row[0] is not None else b""
+        cut = tail_start(data, most)  # (the chunks hold whole lines, up to a shipment's worth more)
+        return data[cut:], row[1] or 0, int(row[2]) + cut
 
     @_refusal_as_store_error
     async def read_log_end(self, request_id: str, most: int) -> bytes:

@@ -153,6 +153,63 @@ async def test_a_follower_gets_every_line_of_a_burst_and_a_progress_bar_as_writt
     assert lines[-1] == "tail"  # written after the burst, just before the run ended
 
 
+LONG_LOG_THEN_WAIT = """
+import time
+
+def main_handler(event, context):
+    for n in range(20000):
+        print(f"line {n:05}")
+    time.sleep(60)
+"""
+
+
+async def test_a_follow_of_a_running_run_s_tail_leaves_its_earlier_log_out_and_says_so(eventrun_server, http, tmp_path):
+    # The dashboard's live view of a long run: its log so far may be 64 MB.
+    server = eventrun_server({"long": {"handler": handler_file(tmp_path, "long", LONG_LOG_THEN_WAIT)}})
+    api = server.client(http)
+    request_id = await api.accepted("long", {})
+    async with asyncio.timeout(30):
+        while "line 19999" not in (await api.logs(request_id))[-100:]:  # (a shared store has it once shipped)
+            await asyncio.sleep(0.2)
+    whole = (await api.logs(request_id)).encode()
+    url = f"{server.url}/invocations/{request_id}/logs"
+    async with http.get(url, params={"follow": "true", "tail": "1000"}) as response:
+        assert response.status == 200
+        first: list[tuple[float, str, str]] = []
+        async with asyncio.timeout(20):
+            while not first or "line 19999" not in first[-1][2]:
+                first += await read_sse_some(response)
+        assert (await api.request("POST", f"/invocations/{request_id}/terminate")).status == 200
+        rest = await read_sse(response, timeout=25)
+    events = first + rest
+    assert events[0][1] == "skipped", events[:2]
+    left_out = json.loads(events[0][2])["Bytes"]
+    lines = [data for _, event, data in events if event == "message"]
+    shown = "".join(f"{line}\n" for line in lines[: lines.index(next(line for line in lines if "line 19999" in line)) + 1])
+    assert whole[left_out:].decode().startswith(shown) and left_out + len(shown.encode()) == len(whole), (left_out, len(whole))
+    assert 0 < len(shown.encode()) <= 1000 + 100, "the lines within the last 1,000 bytes, whole"
+    assert events[-1][1] == "end" and json.loads(events[-1][2])["Status"] == "ABORTED", events[-3:]
+
+
+async def read_sse_some(response: Any) -> list[tuple[float, str, str]]:
+    """The events of the next lines the stream sends (at least one line)."""
+    events: list[tuple[float, str, str]] = []
+    event, data = "message", []
+    while True:
+        line = (await response.content.readline()).decode().rstrip("\r\n")
+        if line == "":
+            if data or event != "message":
+                events.append((time.time(), event, "\n".join(data)))
+                return events
+            event, data = "message", []
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            if field == "event":
+                event = value.removeprefix(" ")
+            elif field == "data":
+                data.append(value.removeprefix(" "))
+
+
 async def test_logs_survive_a_restart(eventrun_server, http, handler):
     server = eventrun_server({"sleepy": {"handler": handler("sleepy")}})
     api = server.client(http)

@@ -6,6 +6,7 @@ EVENTRUN_UPDATE_SCREENSHOTS=1 the overview also rewrites the README's docs/dashb
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -561,6 +562,37 @@ async def test_a_large_log_and_result_are_shown_in_part_and_say_so(eventrun_serv
     result = await ui.testid("run-result").text_content() or ""
     assert result.endswith("characters in all; the first 100,000 shown)") and len(result) < 100_200, result[-200:]
     assert page.url.endswith(request_id)
+
+
+async def test_a_running_run_s_long_log_is_followed_from_its_tail_and_says_so(eventrun_server, http, dashboard, tmp_path):
+    # A live view sent the whole log so far (up to log_limit, 64 MB) before the new lines.
+    (tmp_path / "long.py").write_text(
+        "import time\n"
+        "def main_handler(event, context):\n"
+        "    for n in range(200000):\n"
+        "        print(f'line {n:06} of a long transcoding run')\n"
+        "    time.sleep(60)\n"
+    )
+    server = eventrun_server({"long": {"handler": str(tmp_path / "long.py") + ":main_handler"}})
+    api = server.client(http)
+    request_id = await api.accepted("long", {})
+    async with asyncio.timeout(WAIT / 1000):
+        while "line 199999" not in (await api.logs(request_id))[-100:]:
+            await asyncio.sleep(0.2)
+    ui = await dashboard(server)
+    await ui.open(f"#/runs/{request_id}")
+    log = ui.testid("run-log")
+    await expect(log).to_contain_text("line 199999 of a long transcoding run", timeout=WAIT)
+    await expect(ui.testid("run-log-state")).to_have_text("following live")
+    cut = await ui.testid("run-log-cut").text_content() or ""
+    # (2 MB of these lines are more than the 20,000 the page keeps: it says so too)
+    pattern = rf"\[the log's first \d+\.\d MB( and the [\d,]+ lines after them)? are not shown here: GET /invocations/{request_id}/logs has the whole log\]\n"
+    assert re.fullmatch(pattern, cut), cut
+    text = await log.text_content() or ""
+    assert " line 100000 " not in text and text.count("\n") < 60_000, "about the last 2 MB of lines"
+    assert (await api.request("POST", f"/invocations/{request_id}/terminate")).status == 200
+    await expect(ui.testid("run-log-state")).to_contain_text("ended (ABORTED) · ", timeout=WAIT)
+    assert re.search(r"lines after the first \d+\.\d MB$", await ui.testid("run-log-state").text_content() or "")
 
 
 async def test_a_server_with_a_token_gets_it_from_the_page(eventrun_server, handler, dashboard):

@@ -6,10 +6,12 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import pytest
+
 from eventrun.engine.envelope import new_id
 from eventrun.engine import logs
 from eventrun.engine.errors import InvocationNotFound
-from eventrun.engine.logs import LogHub, closing_status, end_note
+from eventrun.engine.logs import LeftOut, LogHub, closing_status, end_note
 
 
 def test_lines_are_stamped_and_appended(tmp_path: Path) -> None:
@@ -112,6 +114,44 @@ async def test_a_follower_gets_old_and_new_lines_and_ends_with_the_run(tmp_path:
     hub.close("r1")
     await asyncio.wait_for(task, 1)
     assert seen == ["before", "after"]
+
+
+async def _follow_tail(hub: LogHub, tail: int, then: str) -> list[object]:
+    """What a follow of the tail of r1 gives: the lines (their text), after any LeftOut; `then` is
+    written once it has begun, and the run ends."""
+    ended = False
+
+    async def has_ended() -> bool:
+        return ended
+
+    async def follow() -> list[object]:
+        return [item if isinstance(item, LeftOut) else item.split(" ", 1)[1] async for item in hub.follow("r1", has_ended, tail=tail)]
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.01)
+    hub.write("r1", [then])
+    ended = True
+    hub.close("r1")
+    return await asyncio.wait_for(task, 1)
+
+
+@pytest.mark.parametrize("tail", [1, 30, 31, 32, 100, 1000])
+async def test_a_follow_of_the_tail_gives_the_lines_that_begin_within_it_then_live_ones(tmp_path: Path, tail: int) -> None:
+    # A live view of a long run: the log so far may be 64 MB, the page shows its end.
+    hub = LogHub(tmp_path, limit=100_000)
+    hub.write("r1", [f"line {n:03}" for n in range(100)])
+    data = hub.read("r1")
+    starts = [0, *(i + 1 for i, byte in enumerate(data) if byte == 0x0A)][:-1]
+    first = next((start for start in starts if start >= len(data) - tail), len(data))
+    expected_old = [line.split(" ", 1)[1] for line in data[first:].decode().splitlines()]
+    seen = await _follow_tail(hub, tail, "live")
+    assert seen == [LeftOut(first), *expected_old, "live"], (len(data), seen[:3])
+
+
+async def test_a_follow_of_a_tail_longer_than_the_log_leaves_nothing_out(tmp_path: Path) -> None:
+    hub = LogHub(tmp_path, limit=100_000)
+    hub.write("r1", ["one", "two"])
+    assert await _follow_tail(hub, 10_000, "three") == ["one", "two", "three"]
 
 
 def test_a_log_folder_removed_while_serving_is_made_again(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from postgres_service import Link, as_user
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.cluster import Cluster
 from eventrun.engine.dispatcher import Dispatcher
-from eventrun.engine.envelope import now_rfc3339, request_ids
+from eventrun.engine.envelope import new_id, now_rfc3339, request_ids
+from eventrun.engine.logs import LeftOut
 from eventrun.engine.errors import StoreError
 from eventrun.engine.postgres import ENDED, MIGRATIONS, QUEUED, TERMINATE, NodeIdInUse, PostgresStore, migrate
 from eventrun.engine.store import NewInvocation
@@ -289,6 +290,31 @@ async def test_the_end_of_a_log_is_read_without_the_rest_and_a_whole_log_in_piec
     assert await cluster.read_log(run.request_id, last=size + 1) == b"".join(shipments[-2:])
 
 
+async def test_a_follow_of_the_tail_of_a_shipped_log_reads_only_its_last_pieces(
+    postgres_store: PostgresStore, shipped: tuple[NewInvocation, list[bytes]], tmp_path: Path
+) -> None:
+    run, shipments = shipped
+    size = len(shipments[0])
+    whole = b"".join(shipments)
+    line = whole.index(b"\n") + 1  # (the lines are of one size)
+    assert await postgres_store.read_log_tail(run.request_id, size * 2 + 1) == (b"".join(shipments[-2:]), 30, size * 28)
+    assert await postgres_store.read_log_tail(run.request_id, line * 3 - 1) == (whole[-line * 2 :], 30, len(whole) - line * 2)
+    assert await postgres_store.read_log_tail(run.request_id, size * 100) == (b"".join(shipments), 30, 0)
+    assert await postgres_store.read_log_tail(new_id(), 10) == (b"", 0, 0)
+    assert await postgres_store.read_log_tail("not-a-request-id", 10) == (b"", 0, 0)
+    cluster, _ = node(postgres_store, tmp_path)
+
+    async def ended() -> Invocation:
+        return state_of(run, Status.FINISHED)
+
+    seen = [line async for line in cluster.follow_log(run.request_id, ended, tail=1)]
+    assert seen == [LeftOut(len(whole))], "the last line alone is longer"
+    seen = [text async for text in cluster.follow_log(run.request_id, ended, tail=line * 3 + 1)]
+    assert seen == [LeftOut(len(whole) - line * 3), *whole[-line * 3 :].decode().splitlines()], seen[:3]
+    seen = [line async for line in cluster.follow_log(run.request_id, ended, tail=size * 100)]
+    assert seen == b"".join(shipments).decode().splitlines(), "nothing left out: no LeftOut"
+
+
 async def test_every_node_hears_of_new_runs_and_of_ends(postgres_store: PostgresStore, other: PostgresStore) -> None:
     heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     listener = await other.listen(lambda channel, payload: heard.put_nowait((channel, payload)), lambda: None)
@@ -438,6 +464,7 @@ CALLS: dict[str, tuple[Any, ...]] = {
     "append_logs": ([(_RUN, b"a line\n")],),
     "read_log": (_RUN,),
     "read_log_end": (_RUN, 100),
+    "read_log_tail": (_RUN, 100),
     "get_state": ("k",),
     "get": (_RUN,),
     "owner": (_RUN,),

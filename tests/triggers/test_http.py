@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from eventrun.engine.api import Accepted, Invocation, Status
 from eventrun.engine.envelope import Envelope, encode, now_rfc3339, request_ids
+from eventrun.engine.logs import LeftOut
 from eventrun.engine.errors import (
     FunctionNotFound,
     InvalidParameter,
@@ -78,6 +79,8 @@ class FakeEngine:
         self.call_unique: list[bool] = []  # whether each sync call came without an Idempotency-Key
         self.links_answer: tuple[str | None, list[str]] = (None, [])
         self.list_calls: list[dict[str, Any]] = []
+        self.follow_tails: list[int | None] = []  # the tail each log follow asked for
+        self.left_out = 0  # bytes a follow with a tail says it leaves out
         self.list_answer: tuple[list[Invocation], str | None] = ([], None)
         self.list_error: Exception | None = None
         self.log_lines: list[str] = []
@@ -167,11 +170,14 @@ class FakeEngine:
         await self.get(request_id)
         return self.log_path
 
-    async def follow_log(self, request_id: str) -> AsyncIterator[str]:
+    async def follow_log(self, request_id: str, *, tail: int | None = None) -> AsyncIterator[str | LeftOut]:
         await self.get(request_id)
-        return self._log_lines()
+        self.follow_tails.append(tail)
+        return self._log_lines(tail)
 
-    async def _log_lines(self) -> AsyncIterator[str]:
+    async def _log_lines(self, tail: int | None) -> AsyncIterator[str | LeftOut]:
+        if tail is not None and self.left_out:
+            yield LeftOut(self.left_out)
         for line in self.log_lines:
             yield line
         if self.log_error is not None:
@@ -818,6 +824,35 @@ async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine
         "data: t3 10%\ndata: 50%\ndata: \n\n"  # a carriage return ends a field too: none is sent raw
         'event: end\ndata: {"RequestId":"r1","Status":"FAILED"}\n\n'
     )
+
+
+async def test_a_follow_of_the_tail_says_first_how_much_it_leaves_out(client: TestClient, engine: FakeEngine) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.FINISHED)
+    engine.log_lines, engine.left_out = ["t9 last"], 123_456
+    response = await client.get("/invocations/r1/logs", params={"follow": "true", "tail": "2097152"})
+    assert response.status == 200
+    assert await response.text() == (
+        'event: skipped\ndata: {"Bytes":123456}\n\n'
+        "data: t9 last\n\n"
+        'event: end\ndata: {"RequestId":"r1","Status":"FINISHED"}\n\n'
+    )
+    assert engine.follow_tails == [2097152]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"follow": "true", "tail": "0"}, "tail: expected a number of bytes from 1 to 1099511627776, got '0'"),
+        ({"follow": "true", "tail": "-5"}, "tail: expected a number of bytes from 1 to 1099511627776, got '-5'"),
+        ({"follow": "true", "tail": "1e6"}, "tail: expected a number of bytes from 1 to 1099511627776, got '1e6'"),
+        ({"tail": "1000"}, "tail: only with follow=true (a plain read gives the whole log)"),
+    ],
+)
+async def test_a_bad_tail_is_named(client: TestClient, engine: FakeEngine, query: dict[str, str], message: str) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.FINISHED)
+    response = await client.get("/invocations/r1/logs", params=query)
+    assert response.status == 400
+    assert (await _error(response)) == {"Code": "InvalidParameter", "Message": message}
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ class OneRunEngine:
     async def terminate(self, request_id: str) -> Invocation:
         return self._find(request_id)
 
-    async def replay(self, request_id: str) -> Accepted:
+    async def replay(self, request_id: str, *, key: str | None = None) -> Accepted:
         self._find(request_id)
         return Accepted("0190a1b2-c3d4-7e5f-8a6b-000000000001", created=True)
 

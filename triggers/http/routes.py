@@ -38,6 +38,8 @@ _CLOSING_KEY: web.AppKey[asyncio.Event] = web.AppKey("closing")
 MAX_LIST_LIMIT = 1000
 LOG_CHUNK = 256 * 1024  # bytes of a log file sent at a time: a log of up to log_limit is never all in memory
 _LIMIT = re.compile(r"[0-9]{1,4}")
+_TAIL = re.compile(r"[0-9]{1,13}")
+MAX_TAIL = 1 << 40
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
@@ -320,6 +322,15 @@ def _parse_results(raw: str) -> bool:
     return raw.lower() == "true"
 
 
+def _parse_tail(raw: str) -> int | None:
+    """tail=BYTES of a log follow (1 to 2**40), or None."""
+    if not raw:
+        return None
+    if not _TAIL.fullmatch(raw) or not 1 <= int(raw) <= MAX_TAIL:
+        raise InvalidParameter(f"tail: expected a number of bytes from 1 to {MAX_TAIL}, got {raw[:40]!r}")
+    return int(raw)
+
+
 def _parse_limit(raw: str) -> int:
     if not raw:
         return 50
@@ -335,9 +346,12 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "").strip().lower()
     if follow not in _TRUE + _FALSE:
         raise InvalidParameter(f"follow: expected true or false, got {follow!r}")
+    tail = _parse_tail(request.query.get("tail", ""))
+    if tail is not None and follow not in _TRUE:
+        raise InvalidParameter("tail: only with follow=true (a plain read gives the whole log)")
     invocation = await engine.get(request_id)  # a 404 must be sent before a stream's headers are
     if follow in _TRUE:
-        return await stream_logs(request, engine, invocation, request.app[_CLOSING_KEY])
+        return await stream_logs(request, engine, invocation, request.app[_CLOSING_KEY], tail=tail)
     headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8"}
     file = await engine.log_file(request_id)
     if file is not None:

@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.envelope import dumps
 from eventrun.engine.errors import EventrunError, InvocationNotFound
-from eventrun.engine.logs import closing_status
+from eventrun.engine.logs import LeftOut, closing_status
 
 if TYPE_CHECKING:
     from eventrun.engine.core import Engine
@@ -39,14 +39,15 @@ class _Stalled(Exception):
 
 
 async def stream_logs(
-    request: web.Request, engine: Engine, invocation: Invocation, server_closing: asyncio.Event
+    request: web.Request, engine: Engine, invocation: Invocation, server_closing: asyncio.Event, *, tail: int | None = None
 ) -> web.StreamResponse:
     """Follow the run's log until it ends (then send its status) or server_closing is set.
 
-    `invocation`: the run as it was when the follow began.
+    `invocation`: the run as it was when the follow began. `tail`: of the log so far, send only
+    about its last `tail` bytes, after an `event: skipped` saying how many bytes come before them.
     """
     request_id = invocation.request_id
-    lines = await engine.follow_log(request_id)  # (a run gone meanwhile is a 404 still: no header is out)
+    lines = await engine.follow_log(request_id, tail=tail)  # (a run gone meanwhile is a 404 still: no header is out)
     response = web.StreamResponse(
         headers={
             hdrs.CONTENT_TYPE: "text/event-stream",
@@ -193,15 +194,19 @@ async def _send(response: web.StreamResponse, data: bytes) -> None:
         raise _Stalled from None
 
 
-async def _read(lines: AsyncIterator[str], waiting: _Waiting) -> None:
+async def _read(lines: AsyncIterator[str | LeftOut], waiting: _Waiting) -> None:
     """Turn log lines into events as they come, until they run out; while SSE_BATCH characters
     wait, wait for the writer (a follower that falls behind is the log's to handle, see LogHub)."""
-    line = ""
+    last = ""
     async for line in lines:
+        if isinstance(line, LeftOut):
+            waiting.add(f"event: skipped\ndata: {dumps({'Bytes': line.size}).decode()}\n\n")
+            continue
         waiting.add(_event(line))
+        last = line
         if waiting.size >= SSE_BATCH:
             await waiting.room()
-    waiting.last = line
+    waiting.last = last
 
 
 def _event(line: str) -> str:

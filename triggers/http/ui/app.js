@@ -15,6 +15,7 @@ const LOG_FLUSH_MS = 40; // lines arriving in a burst are added to the page in o
 const LOG_LINES_SHOWN = 20000; // the last lines of a log the page holds: a 60 MB log would take it minutes and GBs
 const JSON_CHARS_SHOWN = 100000; // of a result or an event shown pretty-printed; the rest is cut, and said so
 const STREAM_RETRY_MS = 2000; // as EventSource waits before it reconnects
+const LOG_TAIL_BYTES = 2 * 1024 * 1024; // of a live log so far, what a follow sends: its last lines, not 64 MB
 const TOKEN_KEY = "eventrun.token";
 
 // ------------------------------------------------------------------------------ DOM helpers
@@ -831,6 +832,7 @@ function setLogState(text) {
 function clearLog() {
   run.pending = [];
   run.lines = 0;
+  run.skippedBytes = 0;
   run.chunks = [];
   run.shownLines = 0;
   clearTimeout(run.flushTimer);
@@ -861,18 +863,31 @@ function flushLog() {
 
 /** Keep the last LOG_LINES_SHOWN lines on the page (batches whole), under a line saying how many went. */
 function dropOldLines(pre) {
-  let note = pre.firstChild.nodeType === Node.ELEMENT_NODE ? pre.firstChild : null;
+  const first = pre.firstChild;
+  let note = first && first.nodeType === Node.ELEMENT_NODE ? first : null;
   while (run.chunks.length > 1 && run.shownLines - run.chunks[0] >= LOG_LINES_SHOWN) {
     (note ? note.nextSibling : pre.firstChild).remove();
     run.shownLines -= run.chunks.shift();
   }
   const earlier = run.lines - run.shownLines;
-  if (!earlier) return;
+  if (!earlier && !run.skippedBytes) return;
   if (!note) {
     note = el("span", { class: "log-cut", "data-testid": "run-log-cut" });
     pre.prepend(note);
   }
-  setText(note, `[${earlier.toLocaleString("en")} earlier lines are not shown here: GET /invocations/${run.id}/logs has the whole log]\n`);
+  setText(note, `[${cutText(earlier, run.skippedBytes)} not shown here: GET /invocations/${run.id}/logs has the whole log]\n`);
+}
+
+/** What the note above a log says it leaves out: lines dropped here, and the bytes of the log a
+ * follow of its tail did not send. */
+function cutText(lines, bytes) {
+  const counted = lines.toLocaleString("en");
+  if (!bytes) return `${counted} earlier lines are`;
+  return `the log's first ${byteSize(bytes)}${lines ? ` and the ${counted} lines after them` : ""} are`;
+}
+
+function byteSize(bytes) {
+  return bytes >= 1048576 ? `${(bytes / 1048576).toFixed(1)} MB` : `${Math.ceil(bytes / 1024)} KB`;
 }
 
 function stopFollowing() {
@@ -932,13 +947,15 @@ async function lastLines(response) {
 //
 // EventSource cannot send an Authorization header, so with a token the same Server-Sent
 // Events are read from a fetch() stream instead. Both report to one set of callbacks:
-// open() (the stream starts, replaying the log from its first line), line(text), end(data),
+// open() (the stream starts, sending the log's last lines so far), skipped(data) (the bytes of
+// the log so far it leaves out, before those lines), line(text), end(data),
 // failed(message) (the server gave up on it), refused() (no stream at all), retrying().
 
 function eventSourceStream(url, on) {
   const source = new EventSource(url);
   source.addEventListener("open", () => on.open());
   source.addEventListener("message", (event) => on.line(event.data));
+  source.addEventListener("skipped", (event) => on.skipped(event.data));
   source.addEventListener("end", (event) => {
     source.close();
     on.end(event.data);
@@ -970,6 +987,7 @@ function fetchStream(url, on) {
   // What the stream's events mean; true once the stream is done with.
   const dispatch = (type, data) => {
     if (type === "message") on.line(data);
+    else if (type === "skipped") on.skipped(data);
     else if (type === "end") on.end(data);
     else if (type === "error") on.failed(data);
     return type === "end" || type === "error";
@@ -1057,15 +1075,26 @@ function streamErrorMessage(data) {
 }
 
 function followLog(id) {
-  const url = `/invocations/${encodeURIComponent(id)}/logs?follow=true`;
+  const url = `/invocations/${encodeURIComponent(id)}/logs?follow=true&tail=${LOG_TAIL_BYTES}`;
   let stream = null;
   const current = () => stream !== null && run.stream === stream;
   const on = {
-    // The stream replays the whole log from its start, also after a reconnect: start afresh.
+    // The stream sends the log's last lines so far, then the live ones, also after a reconnect:
+    // start afresh.
     open() {
       if (!current()) return;
       clearLog();
       setLogState("following live");
+    },
+    // (first, when the log so far is longer than LOG_TAIL_BYTES: {"Bytes"} left out before its lines)
+    skipped(data) {
+      if (!current()) return;
+      try {
+        run.skippedBytes = Number(JSON.parse(data).Bytes) || 0;
+      } catch {
+        run.skippedBytes = 0;
+      }
+      dropOldLines(byTestId("run-log"));
     },
     line(text) {
       if (current()) queueLine(text);
@@ -1080,7 +1109,11 @@ function followLog(id) {
       } catch {
         status = "";
       }
-      setLogState(`ended${status ? ` (${status})` : ""} · ${run.lines} lines`);
+      if (run.skippedBytes) {
+        setLogState(`ended${status ? ` (${status})` : ""} · ${run.lines} lines after the first ${byteSize(run.skippedBytes)}`);
+      } else {
+        setLogState(`ended${status ? ` (${status})` : ""} · ${run.lines} lines`);
+      }
       runPoller.now(); // the final status, result and timings
     },
     failed(data) {
