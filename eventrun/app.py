@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import resource
@@ -155,6 +156,25 @@ def tune_collector() -> None:
     gc.set_threshold(20_000, 20, 10)
 
 
+M_MMAP_THRESHOLD = -3  # (glibc's malloc.h)
+
+
+def return_large_blocks() -> None:
+    """Have glibc's malloc hand every block of 128 KiB or more back to the system once it is freed
+    (call once, at start; elsewhere than glibc, nothing is done).
+
+    By default glibc raises that threshold to the largest block freed so far, so after a few large
+    answers (a 5 MB result) the next ones come from the heap, which fragments and is seldom given
+    back: 40 clients hanging up on a 5 MB result, five times over, grew the server by 20 MB each
+    time, for good; with the threshold held, by about 40 MB the first time, then not at all.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def raise_open_files_limit() -> None:
     """Raise the soft limit of open files to the hard one (call once, at start), as servers do:
     every connection, run log and instance pipe takes a descriptor, and the usual soft limit
@@ -207,6 +227,7 @@ def serve(config_path: Path | None) -> int:
         return 2
 
     tune_collector()
+    return_large_blocks()
     raise_open_files_limit()
 
     async def main() -> None:

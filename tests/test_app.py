@@ -257,3 +257,38 @@ def test_what_the_triggers_find_wrong_is_refused_as_the_manifest_is_read_naming_
     with pytest.raises(ManifestError, match=r"^the environment: EVENTRUN_FUNCTIONS__F__TRIGGERS \(\[0\]\.cron\): '0 0 25 \* \* \* \*' \(timer 't'\): .*hour field '25'"):
         load_manifest(path, check=app.trigger_problems)
     assert load_manifest(path).functions["f"].triggers[0].type == "timer", "without the check the manifest reads"
+
+
+LARGE_BLOCKS = """
+import sys
+from eventrun.app import return_large_blocks
+
+def resident_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+
+if sys.argv[1] == "held":
+    return_large_blocks()
+block = bytes(5_000_000)  # glibc raises its threshold to the largest block freed: 5 MB
+del block
+before = resident_kb()
+pinned = []
+for _ in range(20):
+    block = bytearray(4_000_000)  # (a large answer's copy)
+    block[::4096] = b"x" * len(block[::4096])
+    pinned.append(bytearray(100))  # what comes after it on the heap keeps the heap from shrinking
+    del block
+print(resident_kb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc's malloc on Linux only")
+def test_large_blocks_go_back_to_the_system_once_freed() -> None:
+    # A large answer freed went to the heap once a larger one had been freed, and stayed there.
+    import subprocess
+    import sys
+
+    grown = {how: int(subprocess.run([sys.executable, "-c", LARGE_BLOCKS, how], capture_output=True, text=True, check=True).stdout) for how in ("default", "held")}
+    assert grown["default"] >= 3000, grown  # (what the test shows: a 4 MB block kept)
+    assert grown["held"] < 500, grown

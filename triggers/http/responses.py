@@ -40,9 +40,28 @@ UNSERVABLE_RESULT = {
 }
 
 
+class Answer(web.Response):
+    """A Response that lets go of its body once written, or once the client has gone.
+
+    A client that hangs up while a large answer waits to be sent (a sync call's 5 MB result, say)
+    makes aiohttp's send fail with a ConnectionError whose traceback holds the frames that hold
+    the body, and the future that holds the error is held by one of those frames: a cycle, which
+    only a full collection frees, and eventrun's collector runs those rarely (see tune_collector).
+    Each such client kept its answer's memory (40 clients of a 5 MB result: 196 MB more, for good).
+    """
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        except ConnectionError as exc:
+            raise exc.with_traceback(None) from None  # (the frames go, and the body with them)
+        finally:
+            self.body = None
+
+
 def json_response(value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """A JSON answer encoded with eventrun's one JSON encoder."""
-    return web.Response(body=document_json(value), status=status, content_type="application/json", headers=headers)
+    return Answer(body=document_json(value), status=status, content_type="application/json", headers=headers)
 
 
 def document_json(value: Any) -> bytes:

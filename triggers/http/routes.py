@@ -21,7 +21,7 @@ from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 from ..openapi import openapi_document
 from .origins import origin_middleware
 from .parser import checked_key, to_envelope
-from .responses import error_response, function_json, invocation_json, json_response, map_error
+from .responses import Answer, error_response, function_json, invocation_json, json_response, map_error
 from .sse import stream_logs
 from .ui import ui_routes
 
@@ -271,7 +271,7 @@ async def counts(request: web.Request) -> web.Response:
 async def get_event(request: web.Request) -> web.Response:
     """GET /invocations/{request_id}/event: the envelope the run was given."""
     body = await _engine(request).envelope(_request_id(request))
-    return web.Response(body=body, content_type="application/json")
+    return Answer(body=body, content_type="application/json")
 
 
 TRIGGERS = ("http", "kafka", "s3", "timer")
@@ -373,7 +373,8 @@ async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) 
             while left > 0 and (chunk := file.read(min(LOG_CHUNK, left))):
                 left -= len(chunk)
                 await response.write(chunk)
-        except ConnectionResetError:  # the client went away (`eventrun logs ID | head`)
+        except ConnectionResetError as exc:  # the client went away (`eventrun logs ID | head`)
+            exc.with_traceback(None)  # (its frames hold the chunk in a cycle: see responses.Answer)
             response.force_close()
             return response
     await response.write_eof()
@@ -391,7 +392,8 @@ async def _send_pieces(request: web.Request, pieces: AsyncIterator[bytes], heade
             await response.write(first)
             async for piece in pieces:
                 await response.write(piece)
-    except ConnectionResetError:  # the client went away
+    except ConnectionResetError as exc:  # the client went away
+        exc.with_traceback(None)  # (its frames hold the piece in a cycle: see responses.Answer)
         response.force_close()
         return response
     finally:
