@@ -640,11 +640,27 @@ class InstancePool:
             self._evict_one()
         self._starting += 1  # (counted in size meanwhile: runs starting together each make room)
         try:
-            instance = await self._spawn(spec)
+            try:
+                instance = await self._spawn(spec)
+            except OSError as exc:
+                # No process, pipe or descriptor to be had (EAGAIN, EMFILE, ENFILE, ENOMEM): the
+                # idle instances hold some, kept warm for runs that may not come. They go, and
+                # one more try; without them, the run fails (InstanceStartFailed).
+                if not await self._stop_idle():
+                    raise
+                logger.warning("cannot start an instance of %s (%s); stopped the idle instances and trying again", spec.function, exc)
+                instance = await self._spawn(spec)
         finally:
             self._starting -= 1
         self._busy.add(instance)
         return instance
+
+    async def _stop_idle(self) -> int:
+        """Stop every idle instance, waiting until they have exited; how many there were."""
+        idle = [i for group in self._idle.values() for i in group]
+        self._idle.clear()
+        await asyncio.gather(*(i.kill(self.kill_grace) for i in idle), return_exceptions=True)
+        return len(idle)
 
     def keep_warm(self, instance: Instance, *, keep: bool) -> bool:
         """Take an instance back after a run and keep it warm if `keep` and it lives; False: kill it."""

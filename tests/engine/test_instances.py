@@ -5,6 +5,7 @@ together whatever output comes between them."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,32 @@ async def test_instances_starting_together_each_make_room(monkeypatch: pytest.Mo
     await asyncio.sleep(0)
     assert [i.killed for i in idle] == [True, True, True], "each start made room: 3 alive at most, not 6"
     assert pool.size == 3
+
+
+async def test_out_of_processes_or_descriptors_the_idle_instances_go_and_the_start_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Warm instances of other functions held the process slots (RLIMIT_NPROC) or descriptors for
+    # instance_idle_timeout: every other function's run failed InstanceStartFailed meanwhile.
+    pool = InstancePool(max_instances=32, idle_timeout=300, kill_grace=1, base_env={})
+    idle = [_Idle("a", n) for n in range(3)]
+    pool._idle["a"] = list(idle)  # type: ignore[list-item]
+    tries: list[str] = []
+    short = True  # of processes, until the idle instances have gone
+
+    async def spawn(spec: Spec) -> Any:
+        tries.append(spec.function)
+        if short and not all(i.killed for i in idle):
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return _Idle(spec.function, 10)
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    spec = Spec(function="b", handler="f.py:main", cwd=Path("."), environment={})
+    started = await pool.acquire(spec)
+    assert started.spec.function == "b" and tries == ["b", "b"]
+    assert [i.killed for i in idle] == [True, True, True] and pool._idle == {}
+    idle.append(_Idle("a", 20))  # (short again, and nothing idle in the pool to stop)
+    with pytest.raises(BlockingIOError):
+        await pool.acquire(spec)
+    assert tries[2:] == ["b"], "tried once: nothing could be freed"
+    assert pool.size == 1, "the instance started; the one that failed is not counted"
