@@ -12,7 +12,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 from .api import Status
 from .envelope import now_rfc3339
-from .errors import InvocationNotFound
+from .errors import InvocationNotFound, StoreError
 from .store import PRIVATE_FILE
 
 logger = logging.getLogger(__name__)
@@ -336,12 +336,15 @@ class LogHub:
                     del self._followers[request_id]
 
     def _open_to_read(self, request_id: str) -> int | None:
-        """The run's file, open to read; None while it has none (nothing written yet, or it could not be made)."""
+        """The run's file, open to read; None while it has none (nothing written yet, or it could not
+        be made). StoreError if it cannot be opened now (no descriptor left: EMFILE)."""
         for path in (self.path(request_id), self._legacy_path(request_id)):
             try:
                 return os.open(path, os.O_RDONLY)
             except (FileNotFoundError, NotADirectoryError):
                 pass
+            except OSError as exc:
+                raise unreadable_log(path, exc) from None
         return None
 
     def _publish(self, request_id: str, lines: list[str], end: int | None, size: int) -> None:
@@ -372,6 +375,11 @@ async def _has_ended(ended: Callable[[], Awaitable[bool]]) -> bool:
         return await ended()
     except InvocationNotFound:
         return True
+
+
+def unreadable_log(path: Path | str, exc: OSError) -> StoreError:
+    """The error for a run's log file that cannot be opened now."""
+    return StoreError(f"the run's log {path} cannot be read now ({exc.strerror or exc}); try again later")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from eventrun.engine.envelope import new_id
 from eventrun.engine import logs
-from eventrun.engine.errors import InvocationNotFound
+from eventrun.engine.errors import InvocationNotFound, StoreError
 from eventrun.engine.logs import LeftOut, LogHub, closing_status, end_note
 
 
@@ -152,6 +154,25 @@ async def test_a_follow_of_a_tail_longer_than_the_log_leaves_nothing_out(tmp_pat
     hub = LogHub(tmp_path, limit=100_000)
     hub.write("r1", ["one", "two"])
     assert await _follow_tail(hub, 10_000, "three") == ["one", "two", "three"]
+
+
+async def test_a_follower_that_cannot_open_the_log_now_is_told_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = LogHub(tmp_path, limit=10_000)
+    hub.write("r1", ["a line"])
+    opened = os.open
+
+    def no_descriptor_left(path: str, flags: int, *args: int) -> int:
+        if flags == os.O_RDONLY:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return opened(path, flags, *args)
+
+    async def running() -> bool:
+        return False
+
+    monkeypatch.setattr(logs.os, "open", no_descriptor_left)
+    with pytest.raises(StoreError, match=r"^the run's log .*r1\.log cannot be read now \(Too many open files\); try again later$"):
+        async for _ in hub.follow("r1", running):
+            pass
 
 
 def test_a_log_folder_removed_while_serving_is_made_again(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ from eventrun.engine.errors import (
 from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
 from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.triggers import http
-from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, routes, to_envelope
+from eventrun.engine.failures import FailureLog
+from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, routes, sse, to_envelope
 
 MAX_BODY = 1024
 
@@ -873,6 +874,31 @@ async def test_a_follow_that_fails_says_why_in_band(client: TestClient, engine: 
     text = await response.text()
     assert text.startswith("data: t1 first\n\nevent: error\ndata: "), text
     assert json.loads(text.split("event: error\ndata: ", 1)[1]) == {"Error": expected}
+
+
+async def test_followers_that_fail_alike_cost_the_log_one_line(
+    client: TestClient, engine: FakeEngine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 411 followers that found no descriptor left wrote 411 lines, each with a traceback.
+    monkeypatch.setattr(sse, "_ENDED_SO", FailureLog(sse.logger, every=60.0, level=logging.WARNING))  # (none logged lately)
+    engine.invocations["r1"] = _invocation("r1", Status.RUNNING)
+    engine.log_error = StoreError("the run's log /data/logs/r1.log cannot be read now (Too many open files); try again later")
+    for _ in range(3):
+        text = await (await client.get("/invocations/r1/logs", params={"follow": "true"})).text()
+        assert "Too many open files" in text.split("event: error\ndata: ", 1)[1], text
+    lines = [r.getMessage() for r in caplog.records if "log stream of" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("log stream of r1 ended: the run's log"), lines
+
+
+async def test_a_log_file_that_cannot_be_opened_now_is_503_saying_so(
+    client: TestClient, engine: FakeEngine, tmp_path: Path
+) -> None:
+    engine.invocations["r1"] = _invocation("r1", Status.FINISHED)
+    engine.log_path = tmp_path  # (a folder: it cannot be opened as a file, as with no descriptor left)
+    response = await client.get("/invocations/r1/logs")
+    assert response.status == 503
+    error = await _error(response)
+    assert error["Code"] == "StoreUnavailable" and error["Message"].startswith(f"the run's log {tmp_path} cannot be read now ("), error
 
 
 async def test_follow_sends_live_lines_and_keepalives(

@@ -17,6 +17,7 @@ from aiohttp import hdrs, web
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.envelope import dumps, is_rfc3339, loads
 from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
+from eventrun.engine.logs import unreadable_log
 
 from ..openapi import openapi_document
 from .origins import origin_middleware
@@ -364,7 +365,13 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
 
 async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) -> web.StreamResponse:
     """A file as it is now, a chunk at a time (reads of a local file, as its writes are)."""
-    with open(path, "rb") as file:
+    try:
+        opened = open(path, "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # (no descriptor left: EMFILE)
+        raise unreadable_log(path, exc) from None
+    with opened as file:
         left = os.fstat(file.fileno()).st_size
         response = web.StreamResponse(headers=headers)
         response.content_length = left

@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 from eventrun.engine.api import Invocation, Status
 from eventrun.engine.envelope import dumps
 from eventrun.engine.errors import EventrunError, InvocationNotFound
+from eventrun.engine.failures import FailureLog
 from eventrun.engine.logs import LeftOut, closing_status
 
 if TYPE_CHECKING:
@@ -32,6 +33,10 @@ SSE_BATCH = 64 * 1024
 SSE_STALL = 60.0
 """Seconds a write may wait for a follower to read; past them it is let go (its connection closed),
 so a follower that stops reading holds its buffers no longer than that."""
+
+
+_ENDED_SO = FailureLog(logger, every=60.0, level=logging.WARNING, counted="log streams ended so")
+"""(Many followers at once fail alike: the store gone, no descriptor left.)"""
 
 
 class _Stalled(Exception):
@@ -74,7 +79,7 @@ async def stream_logs(
         # Headers are out, so the middleware cannot answer any more; tell the client in-band:
         # an error of the API's (the store unavailable, say) as itself, any other as internal.
         if isinstance(exc, EventrunError):
-            logger.warning("log stream of %s ended: %s", request_id, exc)
+            _ENDED_SO.log("log stream of %s ended: %s", request_id, exc)
             error = dumps({"Error": {"Code": exc.code, "Message": str(exc)}})
         else:
             logger.exception("log stream of %s failed", request_id)
