@@ -848,6 +848,25 @@ async def test_a_hand_off_has_started_its_accept_when_it_returns() -> None:
     assert consumer.committed == {tp: 2}
 
 
+async def test_records_read_again_are_counted_as_duplicates_not_as_accepted() -> None:
+    # A group's offsets reset (or a crash before the commit): the records map to the runs they
+    # had; /healthz and /metrics counted them as accepted all the same, as if new events ran.
+    class Repeats(FakeEngine):
+        async def accept_batch(self, envelopes: Sequence[Envelope]) -> list[Accepted]:
+            self.accepted += envelopes
+            return [Accepted(e.id, e.id != "2-0") for e in envelopes]
+
+    class Consumer:
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            pass
+
+    handoff, parts = hand_off_to(Repeats())
+    tp = TopicPartition("orders", 2)
+    await handoff.hand_off(Consumer(), {tp: [record(offset=0), record(offset=1), record(offset=2)]}, parts.generation)  # type: ignore[arg-type]
+    await handoff.drain()
+    assert (handoff.accepted, handoff.duplicates) == (2, 1)
+
+
 async def test_the_next_accept_does_not_wait_for_the_commits_before_it() -> None:
     # Committing offsets is a round trip to the broker: the accepts after it go on meanwhile,
     # the commits still go in order, and at most UNCOMMITTED hand-offs wait for theirs.

@@ -118,6 +118,7 @@ class TopicConsumer:
             "GroupId": self.group_id,
             "Partitions": sorted(tp.partition for tp in self._parts.assignment),
             "Accepted": self._handoff.accepted,
+            "Duplicates": self._handoff.duplicates,
         }
 
     def figures(self) -> dict[str, int]:
@@ -128,6 +129,7 @@ class TopicConsumer:
             "paused": int(connected and self._health.backpressure),
             "partitions": len(self._parts.assignment),
             "accepted": self._handoff.accepted,
+            "duplicates": self._handoff.duplicates,
         }
 
     # -- the loop --------------------------------------------------------------------------

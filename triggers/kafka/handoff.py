@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Awaitable, Mapping, Sequence, TypeVar
 
@@ -30,6 +31,8 @@ from .parser import RecordLike, fingerprint, to_accept, undecodable_envelope
 from .partitions import Partitions
 from .peek import peek
 from .positions import Verdict, judge
+
+_created = operator.itemgetter(1)  # Accepted.created
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ class HandOff:
         self._inflight: collections.deque[asyncio.Task[bool]] = collections.deque()  # oldest first
         self._accepting: collections.deque[asyncio.Future[None]] = collections.deque()  # done once accepted
         self.handing = 0  # records in those hand-offs: not in the engine's backlog yet
-        self.accepted = 0
+        self.accepted = 0  # records whose events were new
+        self.duplicates = 0  # records read again whose events had been accepted before
 
     async def hand_off(
         self, consumer: AIOKafkaConsumer, batch: Mapping[TopicPartition, Sequence[RecordLike]], generation: int
@@ -160,15 +164,18 @@ class HandOff:
         """
         parts = self._parts
         failure: Exception | None = None
+        new = 0  # of the records, those whose events were new
         try:
             if generation != parts.generation:
                 # Fetched before a rebalance: these partitions restart from their committed
                 # offsets, here or on another server, so the records are read again there.
                 return False
             try:
-                await self._engine.accept_batch(envelopes)
+                answers = await self._engine.accept_batch(envelopes)
             except Exception as exc:
                 failure = exc
+            else:
+                new = sum(map(_created, answers))
         finally:
             self.handing -= len(envelopes)  # accepted ones are in the engine's backlog now
             if accepted is not None and not accepted.done():
@@ -192,7 +199,8 @@ class HandOff:
                 return False
             if generation != parts.generation:
                 return False  # a batch before this one failed, or a rebalance came: read again
-            self.accepted += len(envelopes)
+            self.accepted += new
+            self.duplicates += len(envelopes) - new  # (read again: their runs were made before)
             for tp, span in spans.items():
                 parts.marks.advance(tp.partition, span.next, span.fingerprint)
                 self.uncommitted[tp] = span.next

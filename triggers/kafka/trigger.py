@@ -116,7 +116,9 @@ _FAMILIES = (
      "1 while the consumer holds its partitions back because the function's backlog passed the high-water mark."),
     ("eventrun_kafka_partitions", "gauge", "partitions", "Partitions of the topic assigned to the consumer."),
     ("eventrun_kafka_records_accepted_total", "counter", "accepted",
-     "Records durably accepted (their offsets committed after) since the server started."),
+     "Records durably accepted as new events (their offsets committed after) since the server started."),
+    ("eventrun_kafka_records_duplicate_total", "counter", "duplicates",
+     "Records read again whose events had been accepted before (no new run) since the server started."),
 )  # fmt: skip
 
 
