@@ -638,6 +638,21 @@ async def test_poller_accepts_then_deletes_and_skips_test_and_bad_messages(s3_se
     assert (state["skipped"], state["bad"], state["records"], state["sqs"]) == (1, 2, 2, "off")
 
 
+async def test_a_message_with_a_bad_record_has_its_good_ones_taken(s3_service: S3Service, caplog: pytest.LogCaptureFixture) -> None:
+    # The whole message was deleted: its good records never ran.
+    queue_url = await new_queue(s3_service)
+    good = json.loads(MOTO_PUT)["Records"][0]
+    bad = {**good, "s3": {**good["s3"], "object": {**good["s3"]["object"], "key": 5}}}
+    await send(s3_service, queue_url, json.dumps({"Records": [good, bad]}))
+    trigger, engine = poller_trigger(s3_service, queue_url)
+    async with trigger:
+        await wait_for(lambda: trigger.state()["bad"] == 1 and len(engine.accepted) == 2, 10, "the message handled")
+        await wait_for(lambda: trigger.state()["records"] == 1, 5, "one record counted")
+        assert await queue_depth(s3_service, queue_url) == 0
+    assert sorted(e.function for e in engine.accepted) == ["audit", "ingest"]
+    assert "1 of its records are not S3 notification records (Records[1].s3.object.key: expected a string); the others are taken" in caplog.text
+
+
 async def test_poller_leaves_messages_when_acceptance_fails(s3_service: S3Service) -> None:
     queue_url = await new_queue(s3_service, VisibilityTimeout="1")
     await send(s3_service, queue_url, MOTO_PUT)

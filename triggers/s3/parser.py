@@ -79,21 +79,22 @@ def decode_key(raw: str) -> str:
     return unquote_plus(raw)
 
 
-def parse_body(raw: bytes | str) -> list[dict[str, Any]]:
-    """The records of a raw JSON body (webhook request or SQS message)."""
+def parse_body(raw: bytes | str, *, passed_over: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of a raw JSON body (webhook request or SQS message); see records_from_body."""
     try:
         body = loads(raw)
     except JSONDecodeError as exc:
         raise BadNotification(f"body is not valid JSON: {exc}") from None
-    return records_from_body(body)
+    return records_from_body(body, passed_over=passed_over)
 
 
-def records_from_body(body: Any) -> list[dict[str, Any]]:
+def records_from_body(body: Any, *, passed_over: list[str] | None = None) -> list[dict[str, Any]]:
     """The notification records of a parsed body; [] for an s3:TestEvent. Unwraps SNS envelopes.
 
     Accepts MinIO webhook bodies ({"EventName", "Key", "Records"}), S3 -> SQS bodies
     ({"Records"}) and either one inside an SNS `Notification`. Every record is checked, so a
-    body that passes can be turned into envelopes without further errors.
+    body that passes can be turned into envelopes without further errors. A record that is not
+    one raises BadNotification, or, given `passed_over`, is left out and its problem added there.
     """
     if not isinstance(body, dict):
         raise BadNotification(f"expected a JSON object, got {type(body).__name__}")
@@ -109,9 +110,17 @@ def records_from_body(body: Any) -> list[dict[str, Any]]:
     records = body.get("Records")
     if not isinstance(records, list):
         raise BadNotification("expected a 'Records' list (an S3 or MinIO bucket notification)")
+    good = []
     for index, record in enumerate(records):
-        parse_record(record, where=f"Records[{index}]")
-    return records
+        try:
+            parse_record(record, where=f"Records[{index}]")
+        except BadNotification as exc:
+            if passed_over is None:
+                raise
+            passed_over.append(str(exc))
+        else:
+            good.append(record)
+    return good
 
 
 def parse_record(record: Any, *, where: str = "record") -> S3Event:

@@ -156,8 +156,9 @@ class SqsPoller:
         records: list[dict[str, Any]] = []
         for message in messages:
             body = message.get("Body") or ""
+            passed_over: list[str] = []
             try:
-                found = parse_body(body)
+                found = parse_body(body, passed_over=passed_over)
             except BadNotification as exc:
                 # Deleted rather than left for a redrive policy: it can never become a valid
                 # notification, and without a dead-letter queue it would come back forever.
@@ -169,7 +170,13 @@ class SqsPoller:
                     body,
                 )
                 continue
-            if not found:
+            if passed_over:  # (the message's good records are taken all the same)
+                self._counters["bad"] += len(passed_over)
+                logger.warning(
+                    "SQS message %s: %d of its records are not S3 notification records (%s); the others are taken",
+                    message.get("MessageId"), len(passed_over), "; ".join(passed_over)[:300],
+                )
+            if not found and not passed_over:
                 self._counters["skipped"] += 1
                 logger.info("SQS message %s holds no records (s3:TestEvent); deleting it", message.get("MessageId"))
             records.extend(found)

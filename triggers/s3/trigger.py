@@ -123,6 +123,6 @@ _COUNTER_HELP = {
     "duplicates": "Events from them already accepted before (redeliveries).",
     "unmatched": "Records that matched no function's s3 trigger.",
     "skipped": "SQS test events, skipped.",
-    "bad": "SQS messages that were not bucket notifications.",
+    "bad": "SQS messages that were not bucket notifications, and records of a message that were not.",
 }
 _COUNTERS = tuple(_COUNTER_HELP)
