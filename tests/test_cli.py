@@ -1402,6 +1402,9 @@ def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As in a terminal: a runner started in the background (`cmd &` in a script) hands its
+        # children SIGINT ignored, and Python then leaves it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as process:
         assert process.stdout is not None and process.stderr is not None
         assert process.stdout.readline() == "working\n"
