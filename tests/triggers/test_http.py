@@ -40,7 +40,7 @@ from eventrun.engine.manifest import FunctionConfig, Manifest, ServerConfig
 from eventrun.engine.store import NewInvocation, SQLiteStore
 from eventrun.triggers import http
 from eventrun.engine.failures import FailureLog
-from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, routes, sse, to_envelope
+from eventrun.triggers.http import ENGINE_KEY, HttpTrigger, build_app, responses, routes, sse, to_envelope
 
 MAX_BODY = 1024
 
@@ -974,6 +974,38 @@ async def test_a_large_answer_a_client_hangs_up_on_is_let_go_without_a_collectio
         tracemalloc.stop()
         gc.enable()
     assert held < 5_000_000, f"{held:,} bytes still held"
+
+
+async def test_a_client_that_reads_a_large_answer_too_slowly_is_cut_off_and_its_answer_let_go(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It held its answer (and the connection) for as long as it stayed: 40 of them, 375 MB.
+    monkeypatch.setattr(responses, "SEND_TIME", 0.3)
+    monkeypatch.setattr(responses, "SEND_RATE", 1 << 40)  # (the size adds nothing to the time)
+    request_id = "0190b7a4-8d5e-7000-8000-00000000000c"
+    engine.invocations[request_id] = _invocation(request_id, result="x" * 5_000_000)
+    loop = asyncio.get_running_loop()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        async with HttpTrigger(engine, "127.0.0.1", 0) as gateway:  # type: ignore[arg-type]
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+            await loop.sock_sendall(sock, f"GET /invocations/{request_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            await asyncio.sleep(1.0)  # reads nothing meanwhile
+            held, _ = tracemalloc.get_traced_memory()
+            assert held < 5_000_000, f"{held:,} bytes still held"
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 5):
+                    received += len(chunk)
+            sock.close()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert received < 5_000_000, "cut off before the whole answer"
 
 
 # --- other sites ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +41,13 @@ UNSERVABLE_RESULT = {
 }
 
 
+SEND_TIME = 60.0
+"""Seconds a large answer may take to reach its client, plus one for each SEND_RATE bytes of it."""
+SEND_RATE = 64 * 1024
+SEND_FREE = 64 * 1024
+"""Bytes of an answer that are sent without a time limit (they fit in the connection's buffers)."""
+
+
 class Answer(web.Response):
     """A Response that lets go of its body once written, or once the client has gone.
 
@@ -48,15 +56,44 @@ class Answer(web.Response):
     the body, and the future that holds the error is held by one of those frames: a cycle, which
     only a full collection frees, and eventrun's collector runs those rarely (see tune_collector).
     Each such client kept its answer's memory (40 clients of a 5 MB result: 196 MB more, for good).
+
+    A client that reads a large answer slower than SEND_RATE a second (or not at all) past
+    SEND_TIME is cut off, so that its answer is not held for as long as it keeps the connection.
     """
 
+    _request: web.BaseRequest | None = None
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        self._request = request
+        return await super().prepare(request)
+
     async def write_eof(self, data: bytes = b"") -> None:
+        size = self.content_length or 0
         try:
-            await super().write_eof(data)
+            if size <= SEND_FREE:
+                await super().write_eof(data)
+            else:
+                async with asyncio.timeout(SEND_TIME + size / SEND_RATE):
+                    await super().write_eof(data)
         except ConnectionError as exc:
-            raise exc.with_traceback(None) from None  # (the frames go, and the body with them)
+            raise _forgotten(exc) from None  # (the frames go, and the body with them)
+        except TimeoutError as exc:
+            _forgotten(exc)
+            transport = self._request.transport if self._request is not None else None
+            if transport is not None:
+                transport.abort()  # (closing would wait for the client to read what is buffered)
+            raise ConnectionResetError(f"the client read less than {SEND_RATE} bytes a second") from None
         finally:
             self.body = None
+
+
+def _forgotten(exc: BaseException) -> BaseException:
+    """`exc` without its traceback, nor those of the errors it was raised while handling."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.with_traceback(None)
+        seen = seen.__context__
+    return exc
 
 
 def json_response(value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
