@@ -946,25 +946,29 @@ async def test_a_follower_that_stops_reading_is_let_go(
     assert 0 < received < 5_000_000, received
 
 
+async def _ask_without_reading(port: int, path: str) -> socket.socket:
+    """A connection that has sent GET `path` and reads nothing (its buffer is small, so that a
+    large answer cannot all be sent)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return sock
+
+
 async def test_a_large_answer_a_client_hangs_up_on_is_let_go_without_a_collection(engine: FakeEngine) -> None:
     # aiohttp's failed send leaves the answer in a reference cycle (the error's traceback holds the
     # frames that hold it, and a frame the future that holds the error): with the server's rare
     # full collections, each client that timed out on a 5 MB result kept it, and its copies, for good.
     request_id = "0190b7a4-8d5e-7000-8000-00000000000b"
     engine.invocations[request_id] = _invocation(request_id, result="x" * 5_000_000)
-    loop = asyncio.get_running_loop()
     gc.disable()
     tracemalloc.start()
     try:
         async with HttpTrigger(engine, "127.0.0.1", 0) as gateway:  # type: ignore[arg-type]
-            sockets = []
-            for _ in range(5):
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (so that the answer cannot all be sent)
-                sock.setblocking(False)
-                await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
-                await loop.sock_sendall(sock, f"GET /invocations/{request_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-                sockets.append(sock)
+            sockets = [await _ask_without_reading(gateway.port, f"/invocations/{request_id}") for _ in range(5)]
             await asyncio.sleep(0.5)  # the answers wait for clients that read nothing
             for sock in sockets:
                 sock.close()
@@ -989,11 +993,7 @@ async def test_a_client_that_reads_a_large_answer_too_slowly_is_cut_off_and_its_
     tracemalloc.start()
     try:
         async with HttpTrigger(engine, "127.0.0.1", 0) as gateway:  # type: ignore[arg-type]
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
-            await loop.sock_sendall(sock, f"GET /invocations/{request_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            sock = await _ask_without_reading(gateway.port, f"/invocations/{request_id}")
             await asyncio.sleep(1.0)  # reads nothing meanwhile
             held, _ = tracemalloc.get_traced_memory()
             assert held < 5_000_000, f"{held:,} bytes still held"
