@@ -173,7 +173,7 @@ class LogHub:
         data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
         if limited and log.size + len(data) > self.limit:
             notice = f"{stamp} [eventrun] log limit of {self.limit} bytes reached; further output of this run is discarded"
-            stamped = [*held, notice]
+            stamped = [*held, *_fitting(stamped[len(held) :], self.limit - log.size - _size(held)), notice]
             data = ("\n".join(stamped) + "\n").encode("utf-8", "replace")
             log.truncated = True
         if fd is not None and time.monotonic() - log.checked >= FILE_CHECK_EVERY:
@@ -401,6 +401,22 @@ def _tail_start(fd: int, most: int) -> int:
             return at + found + 1
         at += len(piece)
     return size
+
+
+def _size(lines: list[str]) -> int:
+    """The bytes of these lines in a log."""
+    return sum(len(line.encode("utf-8", "replace")) + 1 for line in lines)
+
+
+def _fitting(lines: list[str], room: int) -> list[str]:
+    """The first of these lines that fit in `room` bytes of a log."""
+    fitting = []
+    for line in lines:
+        room -= len(line.encode("utf-8", "replace")) + 1
+        if room < 0:
+            break
+        fitting.append(line)
+    return fitting
 
 
 def tail_start(data: bytes, most: int) -> int:

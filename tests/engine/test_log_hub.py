@@ -45,6 +45,19 @@ def test_past_the_limit_the_log_says_so_once_and_stops_growing(tmp_path: Path) -
     assert text.splitlines()[-1].endswith("further output of this run is discarded")
 
 
+def test_the_lines_of_a_batch_that_fit_under_the_limit_go_in_before_the_notice(tmp_path: Path) -> None:
+    # A batch that crossed the limit was dropped whole: a 100 KB limit kept 61 KB of output.
+    hub = LogHub(tmp_path, limit=2000)
+    hub.write("r1", [f"line {n:02} " + "x" * 60 for n in range(100)])  # (one batch, about 9 KB)
+    hub.close("r1")
+    data = hub.read("r1")
+    lines = [line.split(" ", 1)[1] for line in data.decode().splitlines()]
+    assert lines[-1] == "[eventrun] log limit of 2000 bytes reached; further output of this run is discarded"
+    kept = lines[:-1]
+    assert kept == [f"line {n:02} " + "x" * 60 for n in range(len(kept))] and len(kept) == 2000 // (25 + 69)
+    assert len(data) - len(data.splitlines()[-1]) - 1 <= 2000
+
+
 def test_eventrun_s_own_lines_go_in_past_the_limit(tmp_path: Path) -> None:
     # The notice says the run's output is discarded: how the run ended is still told at the end.
     hub = LogHub(tmp_path, limit=2000)

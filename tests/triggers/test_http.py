@@ -820,7 +820,7 @@ async def test_follow_streams_lines_then_an_end_event(client: TestClient, engine
     response = await client.get("/invocations/r1/logs", params={"follow": "true"})
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
-    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["Cache-Control"] == "no-store"
     assert await response.text() == (
         "data: t1 first\n\n"
         "data: t2 two\ndata: lines\n\n"

@@ -56,7 +56,7 @@ async def stream_logs(
     response = web.StreamResponse(
         headers={
             hdrs.CONTENT_TYPE: "text/event-stream",
-            hdrs.CACHE_CONTROL: "no-cache",
+            hdrs.CACHE_CONTROL: "no-store",  # (as every answer: see routes._private)
             "X-Accel-Buffering": "no",  # nginx would otherwise hold events back
         }
     )
