@@ -519,8 +519,12 @@ def _json(value: Any) -> str:
     return text.translate(_JSON_CONTROLS)
 
 
-_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
-"""DEL and the C1 controls, as JSON's escapes (json.dumps escapes the C0 controls itself)."""
+_INVISIBLE = (0x061C, *range(0x200B, 0x2010), *range(0x2028, 0x202F), *range(0x2060, 0x206A), 0xFEFF)
+"""Characters that are not seen but change what is (direction marks and overrides such as U+202E,
+zero widths, the line and paragraph separators)."""
+_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in (*range(0x7F, 0xA0), *_INVISIBLE)}
+"""DEL, the C1 controls and the invisible characters, as JSON's escapes (json.dumps escapes the
+C0 controls itself)."""
 
 
 def _encodable(text: str, stream: Any) -> bool:

@@ -821,6 +821,18 @@ def test_output_the_terminal_cannot_encode_is_escaped(
     assert json.loads(waited.stdout) == {"echo": {"face": "\U0001f600", "caf\u00e9": 1}}, waited.stdout
 
 
+def test_status_json_escapes_characters_that_turn_or_hide_text(stand_in: StandIn, capsys: Any) -> None:
+    # "pay 1234 \u202e9876" reads "pay 1234 6789" on a terminal; the CLI's other output escapes it.
+    message = "pay 1234 \u202e9876 \u200b\u2028\u2066x\ufeff"
+    invocation = _invocation("req-1", "FAILED", ErrorMessage=message, Result={"\u202ekey": ["\u061c"]})
+    stand_in.invocations["req-1"] = [invocation]
+    status, out, err = run(capsys, "status", "req-1", "--url", stand_in.url)
+    assert (status, err) == (0, "")
+    assert "pay 1234 \\u202e9876 \\u200b\\u2028\\u2066x\\ufeff" in out and '"\\u202ekey": [' in out, out
+    assert not re.search("[\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]", out), repr(out)
+    assert json.loads(out) == invocation
+
+
 def test_json_output_keeps_the_characters_a_utf8_stdout_has(stand_in: StandIn, capsys: Any) -> None:
     stand_in.invocations["req-1"] = [_invocation("req-1", "FINISHED", Result={"face": "\U0001f600", "caf\u00e9": 1})]
     status, out, _ = run(capsys, "status", "req-1", "--url", stand_in.url)
