@@ -104,6 +104,7 @@ async def test_healthz_reports_every_trigger_of_the_manifest_while_they_are_stil
                 "GroupId": "eventrun-fn",
                 "Partitions": [],
                 "Accepted": 0,
+                "Duplicates": 0,
             }
         }
 
