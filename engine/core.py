@@ -53,8 +53,9 @@ TERMINATE_WAIT = 10.0
 """Seconds a terminate waits, past kill_grace, for the run to end before answering with it as it is."""
 
 WAIT_RECHECK = 1.0
-"""With a shared store, a wait for a run's end also reads the store this often: the notice of
-an end recorded on another node may be lost with a dropped connection."""
+"""With a shared store, a wait for a run's end also reads the store this often (the notice of
+an end recorded on another node may be lost with a dropped connection), and so does any wait
+once a read of the run has failed."""
 
 REFUSED_RETRY = (0.1, 5.0)
 """While the store refuses writes (a full disk, its writer restarting), a run's start or end is
@@ -504,8 +505,22 @@ class Engine:
         lost: a bug, or a store gone) the answer is the run as it is."""
         margin = config.timeout + self.manifest.server.kill_grace + 5
         running_since: float | None = None
+        unread_since: float | None = None
         while True:
-            invocation = await self.wait(request_id, timeout=margin)
+            try:
+                invocation = await self.wait(request_id, timeout=margin)
+            except StoreError as exc:
+                # The event is recorded and its run goes on: an answer without it would have the
+                # client send it again (a second run). The store is read again, up to the margin.
+                unread_since = unread_since or time.monotonic()
+                if time.monotonic() - unread_since >= margin or self.shutting_down:
+                    raise StoreError(
+                        f"run {request_id} was accepted, but the store cannot say how it ended now ({exc}): "
+                        f"GET /invocations/{request_id} once it can; do not send the event again"
+                    ) from None
+                await asyncio.sleep(WAIT_RECHECK)
+                continue
+            unread_since = None
             if invocation.status.ended or self.shutting_down:  # (a stop answers the waiting as they are)
                 return invocation
             if invocation.status is Status.RUNNING:
@@ -771,14 +786,19 @@ class Engine:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(request_id, []).append(future)
         try:
-            invocation = await self.get(request_id)
-            if invocation.status.ended:
-                return invocation
+            looked = True
+            try:
+                invocation = await self.get(request_id)
+            except StoreError:
+                looked = False  # (it may have ended already: the store is read again as the wait goes)
+            else:
+                if invocation.status.ended:
+                    return invocation
             async with asyncio.timeout(timeout):
-                if self.cluster is None:
+                if self.cluster is None and looked:
                     await future
                 else:
-                    await self._wait_in_cluster(request_id, future)
+                    await self._wait_reading(request_id, future)
         except TimeoutError:
             pass
         finally:
@@ -787,8 +807,10 @@ class Engine:
                 waiting.remove(future)
         return await self.get(request_id)
 
-    async def _wait_in_cluster(self, request_id: str, future: asyncio.Future[None]) -> None:
-        """Until the run's end is heard of, or found in the store (read every WAIT_RECHECK seconds)."""
+    async def _wait_reading(self, request_id: str, future: asyncio.Future[None]) -> None:
+        """Until the run's end is heard of, or found in the store (read every WAIT_RECHECK seconds:
+        with a shared store, whose notice of an end may be lost with a dropped connection, or
+        once a look at the run has failed)."""
         while not future.done():
             await asyncio.wait({future}, timeout=WAIT_RECHECK)
             if future.done():

@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from eventrun.engine import core
 from eventrun.engine.api import Status
 from eventrun.engine.core import Engine
 from eventrun.engine.envelope import Envelope, new_id
+from eventrun.engine.errors import StoreError
 from eventrun.engine.manifest import load_manifest
 
 
@@ -248,3 +250,26 @@ async def test_a_sync_call_queued_longer_than_its_timeout_is_answered_once_its_r
         ]
         answers = await asyncio.gather(*(engine.call(envelope, unique=True) for envelope in calls))
     assert [(a.status, a.result) for a in answers] == [(Status.FINISHED, n) for n in range(8)]
+
+
+@pytest.mark.parametrize("failing", [1, 3], ids=["the first look", "every look for a while"])
+async def test_a_call_whose_run_the_store_cannot_show_for_a_moment_is_still_answered(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    # A dropped connection to the store answered an accepted call 503 StoreUnavailable (8 of 9
+    # such calls had run): a client that sends it again, as a 503 says, runs it twice.
+    monkeypatch.setattr(core, "WAIT_RECHECK", 0.05)
+    get = engine.store.get
+    looks = 0
+
+    async def flaky_get(request_id: str) -> Any:
+        nonlocal looks
+        looks += 1
+        if looks <= failing:
+            raise StoreError("the PostgreSQL store cannot serve this now (ConnectionResetError)")
+        return await get(request_id)
+
+    monkeypatch.setattr(engine.store, "get", flaky_get)
+    answer = await asyncio.wait_for(engine.call(call(7), unique=False), 10)  # (recorded first: an Idempotency-Key's)
+    assert (answer.status, answer.result) == (Status.FINISHED, {"n": 7})
+    assert looks > failing
