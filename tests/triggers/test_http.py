@@ -83,6 +83,7 @@ class FakeEngine:
         self.links_answer: tuple[str | None, list[str]] = (None, [])
         self.list_calls: list[dict[str, Any]] = []
         self.follow_tails: list[int | None] = []  # the tail each log follow asked for
+        self.stored_functions: set[str] = set()  # functions the manifest lacks that the store has runs of
         self.left_out = 0  # bytes a follow with a tail says it leaves out
         self.list_answer: tuple[list[Invocation], str | None] = ([], None)
         self.list_error: Exception | None = None
@@ -145,6 +146,8 @@ class FakeEngine:
         )
         if self.list_error is not None:
             raise self.list_error
+        if function is not None and function not in self.manifest.functions and function not in self.stored_functions:
+            raise FunctionNotFound(function)
         return self.list_answer
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Invocation:
@@ -591,6 +594,17 @@ async def test_list_unknown_function_is_404(client: TestClient, engine: FakeEngi
     response = await client.get("/invocations", params={"function": "nope"})
     assert response.status == 404
     assert (await _error(response))["Code"] == "FunctionNotFound"
+
+
+async def test_the_runs_of_a_function_the_manifest_lacks_are_listed_when_the_store_has_some(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    # Another node's function, or one dropped since: the route refused it before the engine looked.
+    engine.stored_functions = {"theirs"}
+    engine.list_answer = ([_invocation("r1", function="theirs")], None)
+    response = await client.get("/invocations", params={"function": "theirs"})
+    assert response.status == 200, await response.text()
+    assert [run["FunctionName"] for run in (await response.json())["Invocations"]] == ["theirs"]
 
 
 async def test_list_bad_cursor_from_engine_is_400(client: TestClient, engine: FakeEngine) -> None:

@@ -246,9 +246,7 @@ async def list_invocations(request: web.Request) -> web.Response:
     """GET /invocations?function=&status=&trigger=&since=&until=&limit=&cursor=&results=."""
     engine = _engine(request)
     query = request.query
-    function = query.get("function") or None
-    if function is not None:
-        engine.function(function)  # an unknown name is a 404, not an empty list
+    function = query.get("function") or None  # (a name neither the manifest nor the store has is a 404: Engine.list)
     results = _parse_results(query.get("results", ""))
     invocations, cursor = await engine.list(
         function=function,
