@@ -117,6 +117,8 @@ class Cluster:
         self._renewals_failed = False  # a renewal of this node's lease failed since the last that went through
         self._answered_since = -math.inf  # (monotonic) the store has renewed this node's lease in time since
         self._beats_failing = FailureLog(logger, every=HEARTBEAT_LOG_EVERY, level=logging.WARNING)
+        self._beaten_at = time.monotonic()  # this node's last heartbeat that reached the store
+        self._beat_failure: str | None = None  # why the last one did not, if it did not
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -291,8 +293,10 @@ class Cluster:
             try:
                 await self._beat()
             except Exception as exc:  # a heartbeat must go on whatever one of them met
+                self._beat_failure = str(exc) or type(exc).__name__
                 self._beats_failing.log("heartbeat failed (%s); trying again every %gs", exc, self.lease / 3)
             else:
+                self._beaten_at, self._beat_failure = time.monotonic(), None
                 self._beats_failing.recovered("heartbeats reach the store again")
 
     async def _beat(self) -> None:
@@ -529,7 +533,11 @@ class Cluster:
 
     def view(self) -> dict[str, Any]:
         """The cluster as this node sees it, for /healthz."""
+        failure = self._beat_failure
         return {
+            # (how this node's own heartbeats fare: the rest is as of the last that went through)
+            "Store": "reachable" if failure is None else f"unreachable: {failure}",
+            "LastHeartbeatSecondsAgo": round(time.monotonic() - self._beaten_at, 1),
             "Nodes": [{"NodeId": n.node_id, "Url": n.url, "HeartbeatAgeSeconds": round(n.heartbeat_age, 1)} for n in self.nodes],
             "Backlog": sum(self.backlog.values()) + sum(self._accepted_since.values()),
             "LeaseSeconds": self.lease,

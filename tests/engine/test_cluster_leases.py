@@ -153,6 +153,22 @@ async def test_heartbeats_that_fail_are_logged_once_and_their_recovery_once(
     assert len(again) == 1 and "more failed since the last such line" in again[0], messages
 
 
+async def test_healthz_says_while_the_node_s_heartbeats_do_not_reach_the_store(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every node answered {"Status": "ok"} with nothing else changed through a 30 s outage.
+    outage = Outage(engine, monkeypatch)
+    assert engine.health()["Cluster"]["Store"] == "reachable"
+    await outage.start()
+    await asyncio.sleep(LEASE / 3 + 0.3)  # and one more that fails
+    cluster = engine.health()["Cluster"]
+    assert cluster["Store"] == "unreachable: the PostgreSQL store cannot serve this now (ConnectionRefusedError: [Errno 111])", cluster
+    assert cluster["LastHeartbeatSecondsAgo"] >= LEASE / 3, cluster
+    await outage.end()
+    async with asyncio.timeout(LEASE):  # (once the rest of that heartbeat's work is done)
+        while (cluster := engine.health()["Cluster"])["Store"] != "reachable":
+            await asyncio.sleep(0.02)
+    assert cluster["LastHeartbeatSecondsAgo"] < 1, cluster
+
+
 async def test_a_node_taken_for_dead_stops_the_runs_that_were_ended_for_it(
     engine: Engine, node_x: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
