@@ -601,6 +601,9 @@ class LogShipper:
             self._task = None
         try:
             await self.flush()
+        except (StoreError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # (an outage: said in a line)
+            lines = sum(chunk.count(b"\n") for _, chunk in self._pending)
+            logger.error("the last %d log lines of this node's runs could not be shipped to the store (%s); they are lost", lines, exc)
         except Exception:
             logger.exception("the last log lines could not be shipped to the store")
 

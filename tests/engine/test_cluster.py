@@ -49,6 +49,22 @@ async def test_lines_that_could_not_be_shipped_go_with_the_next_try() -> None:
     assert store.shipped == [[("r1", b"a\nb\n")]]
 
 
+async def test_lines_a_stop_cannot_ship_during_an_outage_are_counted_in_a_line_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FakeStore()
+    shipper = LogShipper(store)  # type: ignore[arg-type]
+    shipper.add("r1", b"a\nb\n")
+    shipper.add("r2", b"c\n")
+    store.down = True
+    await shipper.stop()
+    (record,) = [r for r in caplog.records if "could not be shipped" in r.getMessage()]
+    assert record.getMessage() == (
+        "the last 3 log lines of this node's runs could not be shipped to the store (connection refused); they are lost"
+    )
+    assert record.exc_info is None
+
+
 async def test_a_store_that_is_down_is_tried_less_and_less_often_and_logged_once_a_while(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
