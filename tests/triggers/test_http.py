@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import gc
 import gzip
 import json
@@ -1020,6 +1021,35 @@ async def test_a_client_that_reads_a_large_answer_too_slowly_is_cut_off_and_its_
         tracemalloc.stop()
         gc.enable()
     assert received < 5_000_000, "cut off before the whole answer"
+
+
+async def test_out_of_descriptors_a_listener_is_tried_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncio retried once per failed accept of each pass, and its retries multiplied: 9,000
+    # failed accepts a second after three minutes, and 10 % of a core.
+    from eventrun.triggers.http import trigger as http_trigger
+
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # (the server's says it in a line a while)
+    (sock,) = await http_trigger.listeners("127.0.0.1", 0)
+    tries = 0
+
+    def out_of_descriptors(self: socket.socket) -> Any:
+        nonlocal tries
+        tries += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    server = await loop.create_server(asyncio.Protocol, sock=sock, backlog=100)
+    waiting = [socket.create_connection(sock.getsockname()[:2]) for _ in range(50)]  # in the listen queue
+    monkeypatch.setattr(socket.socket, "accept", out_of_descriptors)
+    try:
+        await asyncio.sleep(2.5)
+    finally:
+        monkeypatch.undo()
+        server.close()
+        for client in waiting:
+            client.close()
+        loop.set_exception_handler(None)
+    assert 2 <= tries <= 4, f"{tries} accepts in 2.5 s (with a plain socket, some hundreds)"
 
 
 # --- other sites ---------------------------------------------------------------------------

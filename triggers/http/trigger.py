@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import socket
+import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +66,63 @@ class BadRequestLines(logging.Filter):
         return False
 
 
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Listener(socket.socket):
+    """A listening socket that, once out of descriptors, answers "none waiting" for a moment.
+
+    Out of descriptors, asyncio (3.11) stops watching the socket and tries again in a second, but
+    goes on accepting in the same pass, up to the listen backlog, and schedules a retry for each
+    failure: the retries multiply (9,000 failed accepts a second after 3 minutes, 10 % of a
+    core). After the first failure this socket says that nothing waits, which ends the pass:
+    one retry a second, as asyncio means, while connections wait in the listen queue.
+    """
+
+    _out_at = -1.0  # (monotonic) when an accept last failed for want of descriptors
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if time.monotonic() - self._out_at < ACCEPT_PAUSE:
+            raise BlockingIOError(errno.EAGAIN, "out of descriptors a moment ago")
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                self._out_at = time.monotonic()
+            raise
+
+
+ACCEPT_PAUSE = 0.5
+"""Seconds a Listener answers "none waiting" after an accept failed for want of descriptors
+(asyncio tries again after a second)."""
+
+
+async def listeners(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of host:port, made as asyncio's create_server makes
+    them (address reuse, IPv6 sockets for IPv6 alone, its bind error), each a Listener."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = Listener(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise OSError(exc.errno, f"error while attempting to bind on address {address!r}: {reason}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class HttpTrigger:
     """The gateway as a trigger: serves build_app(engine) on host:port until stopped."""
 
@@ -99,8 +160,8 @@ class HttpTrigger:
         self._bad_requests = BadRequestLines()
         _SERVER_LOG.addFilter(self._bad_requests)
         try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
+            for sock in await listeners(self._host, self._port):
+                await web.SockSite(runner, sock).start()
         except BaseException:
             await runner.cleanup()
             self._remove_log_filter()
