@@ -14,6 +14,7 @@ from .api import Status
 from .envelope import now_rfc3339
 from .errors import InvocationNotFound, StoreError
 from .store import PRIVATE_FILE
+from .text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -463,15 +464,9 @@ def end_note(status: str, error_type: str | None, error_message: str | None) -> 
     gave (an exception's message often holds the event's data) stays on this one line, its
     control characters escaped: it can neither add lines that pass for eventrun's own nor move
     a terminal's cursor."""
-    return f"{_END_NOTE}{status}: {one_line(str(error_type))}: {one_line(str(error_message))}"
+    return f"{_END_NOTE}{status}: {printable(str(error_type))}: {printable(str(error_message))}"
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
-
-
-def one_line(text: str) -> str:
-    """`text` with its line breaks and other control characters escaped (a line feed as \\n)."""
-    return text.translate(_CONTROLS) if not text.isprintable() else text
 
 
 def closing_status(line: str) -> str | None:

@@ -34,7 +34,7 @@ from pydantic_settings import (
 )
 
 from .errors import ManifestError
-from .manifest_errors import Origins, Schema, describe, describe_settings_error, dotted, unknown_tables
+from .manifest_errors import ENV_PREFIX, Origins, Schema, describe, describe_settings_error, dotted, unknown_tables
 from .tokens import token_problem
 
 ASYNC_MAX_TIMEOUT = 24 * 3600.0
@@ -666,10 +666,6 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
-
-
-ENV_PREFIX = "EVENTRUN_"
-"""What the names of the variables that set the manifest begin with (in any case)."""
 
 
 def functions_environment(environ: Mapping[str, str]) -> dict[str, str]:

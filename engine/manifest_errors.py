@@ -34,7 +34,8 @@ class Schema:
     trigger_types: tuple[str, ...]
 
 
-_ENV_PREFIX = "EVENTRUN_"
+ENV_PREFIX = "EVENTRUN_"
+"""What the names of the variables that set the manifest begin with (in any case)."""
 _ENV_DELIMITER = "__"
 
 # -- where a value came from: an EVENTRUN_* variable or the file ---------------------------------
@@ -152,7 +153,7 @@ def _leaves(node: dict[str, Any], prefix: list[str]) -> list[list[str]]:
 
 def _env_variable(loc: list[str]) -> str | None:
     """The name, as set, of the EVENTRUN_* variable for the key at loc, if it is set."""
-    wanted = _ENV_PREFIX + _ENV_DELIMITER.join(loc).upper()
+    wanted = ENV_PREFIX + _ENV_DELIMITER.join(loc).upper()
     return next((name for name in os.environ if name.upper() == wanted), None)
 
 
@@ -172,14 +173,14 @@ def unknown_tables(schema: Schema) -> str | None:
     tables = [key for key in schema.keys[""] if key != "path"]
     lines = []
     for name in sorted(os.environ):
-        rest = name.upper().removeprefix(_ENV_PREFIX)
+        rest = name.upper().removeprefix(ENV_PREFIX)
         if rest == name.upper() or _ENV_DELIMITER not in rest:
             continue
         table, _, key = rest.partition(_ENV_DELIMITER)
         if table.lower() in tables:
             continue
         close = difflib.get_close_matches(table.lower(), tables, n=1)
-        hint = f" (did you mean {_ENV_PREFIX}{close[0].upper()}{_ENV_DELIMITER}{key}?)" if close else ""
+        hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}{_ENV_DELIMITER}{key}?)" if close else ""
         lines.append(f"the environment: {name}: unknown table {table.lower()!r}{hint}; the tables are {', '.join(tables)}")
     return "\n".join(lines) or None
 
@@ -189,7 +190,7 @@ def describe_settings_error(label: str, exc: SettingsError) -> str:
         return f"{label}: {exc}"
     match = re.search(r'field "([^"]+)"', str(exc))
     table = (match.group(1) if match else "").upper()
-    stem = _ENV_PREFIX + table
+    stem = ENV_PREFIX + table
     candidates = [
         name for name in sorted(os.environ)
         if name.upper() == stem or name.upper().startswith(stem + _ENV_DELIMITER)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+from eventrun.engine.text import printable
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MANIFEST = "eventrun.toml"
@@ -228,22 +229,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
 _PATIENT = urllib.request.build_opener(_PatientHandler, _NoRedirect)
-
-
-_UNSHOWN = frozenset({"Cc", "Cf", "Zl", "Zp"})
-"""Unicode categories printed escaped: controls, invisible formats (bidi overrides, zero widths),
-line and paragraph separators."""
-
-
-def printable(text: str) -> str:
-    """`text` on one line, its control characters (ESC, BEL, CR, line ends, C1 codes, ...) and
-    invisible ones (U+202E, which turns the rest of a line around; U+2028) shown escaped, as
-    `\\x1b` or `\\u202e`, so that text a server sent cannot drive or disguise the terminal it is
-    printed on."""
-    return "".join(
-        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in _UNSHOWN else char
-        for char in text
-    )
 
 
 def describe_os_error(exc: object) -> str:

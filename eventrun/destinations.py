@@ -33,7 +33,7 @@ from eventrun.engine.api import Delivery, Invocation
 from eventrun.engine.core import Engine
 from eventrun.engine.errors import InvocationNotFound, StoreError
 from eventrun.engine.failures import FailureLog
-from eventrun.engine.logs import one_line
+from eventrun.engine.text import printable
 from eventrun.engine.manifest import Manifest
 from eventrun.engine.recount import Recount
 from eventrun.triggers.http import invocation_json
@@ -511,7 +511,7 @@ async def _answer_prefix(response: aiohttp.ClientResponse, limit: int = ANSWER_P
         if not chunk:
             break
         prefix += chunk
-    return one_line(" ".join(prefix.decode("utf-8", errors="replace").split()))
+    return printable(" ".join(prefix.decode("utf-8", errors="replace").split()))
 
 
 def _age(invocation: Invocation) -> float:

@@ -76,9 +76,9 @@ class Answer(web.Response):
                 async with asyncio.timeout(SEND_TIME + size / SEND_RATE):
                     await super().write_eof(data)
         except ConnectionError as exc:
-            raise _forgotten(exc) from None  # (the frames go, and the body with them)
+            raise forgotten(exc) from None  # (the frames go, and the body with them)
         except TimeoutError as exc:
-            _forgotten(exc)
+            forgotten(exc)
             transport = self._request.transport if self._request is not None else None
             if transport is not None:
                 transport.abort()  # (closing would wait for the client to read what is buffered)
@@ -87,7 +87,7 @@ class Answer(web.Response):
             self.body = None
 
 
-def _forgotten(exc: BaseException) -> BaseException:
+def forgotten(exc: BaseException) -> BaseException:
     """`exc` without its traceback, nor those of the errors it was raised while handling."""
     seen: BaseException | None = exc
     while seen is not None:

@@ -22,7 +22,7 @@ from eventrun.engine.logs import unreadable_log
 from ..openapi import openapi_document
 from .origins import origin_middleware
 from .parser import checked_key, to_envelope
-from .responses import Answer, error_response, function_json, invocation_json, json_response, map_error
+from .responses import Answer, error_response, forgotten, function_json, invocation_json, json_response, map_error
 from .sse import stream_logs
 from .ui import ui_routes
 
@@ -379,7 +379,7 @@ async def _send_file(request: web.Request, path: Path, headers: dict[str, str]) 
                 left -= len(chunk)
                 await response.write(chunk)
         except ConnectionResetError as exc:  # the client went away (`eventrun logs ID | head`)
-            exc.with_traceback(None)  # (its frames hold the chunk in a cycle: see responses.Answer)
+            forgotten(exc)  # (its frames hold the chunk in a cycle: see responses.Answer)
             response.force_close()
             return response
     await response.write_eof()
@@ -398,7 +398,7 @@ async def _send_pieces(request: web.Request, pieces: AsyncIterator[bytes], heade
             async for piece in pieces:
                 await response.write(piece)
     except ConnectionResetError as exc:  # the client went away
-        exc.with_traceback(None)  # (its frames hold the piece in a cycle: see responses.Answer)
+        forgotten(exc)  # (its frames hold the piece in a cycle: see responses.Answer)
         response.force_close()
         return response
     finally:
