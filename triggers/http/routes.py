@@ -142,6 +142,8 @@ async def _read_body(request: web.Request) -> bytes:
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Encoding {encoding!r} is not one the body can be sent in: send it as it is, or in gzip or deflate"
         )
+    if request.content.is_eof():  # all of it came with the headers (the usual small event): no wait to bound
+        return await request.read()
     try:
         async with asyncio.timeout(BODY_WAIT):
             return await request.read()
