@@ -29,7 +29,7 @@ from .logs import LeftOut, LogHub, end_note
 from .manifest import FunctionConfig, Manifest, format_duration, functions_environment
 from .metrics import Metrics
 from .recount import Recount
-from .store import Batch, NewInvocation, SQLiteStore
+from .store import Batch, NewInvocation, SQLiteStore, replay_event_id
 from .writes import PRUNE_AT_ONCE, Ending
 
 if TYPE_CHECKING:
@@ -653,7 +653,7 @@ class Engine:
         envelope = await self.envelope(request_id)
         source = loads(envelope)["source"]
         # Its own dedupe key: the envelope (and the id in it) stays the event it was.
-        event_id = f"replay:{request_id}:{key}" if key else None
+        event_id = replay_event_id(request_id, key) if key else None
         if event_id is not None and (earlier := await self.store.find_event(original.function, source, event_id)):
             return Accepted(earlier, False)
         first, (new_id,) = request_ids(1)
@@ -680,29 +680,56 @@ class Engine:
         until: int | None = None,
         limit: int = 100,
         dry_run: bool = False,
+        key: str | None = None,
     ) -> list[tuple[str, str | None]]:
         """Replay the ended runs of a function that match, newest first, each once, at most `limit`;
-        (original, new RequestId) pairs, the new one None in a dry run."""
+        (original, new RequestId) pairs, the new one None in a dry run.
+
+        `key` (an Idempotency-Key): each run is replayed with it (see `replay`), so the same
+        request sent again answers the same replays and makes no others; and the replays made
+        with it are not picked (a resend for FAILED runs would replay the failed replays). A dry
+        run with a key shows the replay a run has under it already, else None.
+        """
         if status is not None and not status.ended:
             raise InvalidParameter(f"status: only ended runs can be replayed, not {status.value} ones")
+        picked = await self._replay_picks(function, status, trigger, since, until, limit, key)
+        if dry_run:
+            return [(request_id, await self._replay_under(request_id, key)) for request_id in picked]
+        pairs: list[tuple[str, str | None]] = []
+        for request_id in picked:
+            try:
+                pairs.append((request_id, (await self.replay(request_id, key=key)).request_id))
+            except InvocationNotFound:
+                continue  # deleted since it was picked (retention): there is nothing left to replay
+        return pairs
+
+    async def _replay_picks(
+        self, function: str, status: Status | None, trigger: str | None, since: int | None, until: int | None,
+        limit: int, key: str | None,
+    ) -> list[str]:
+        """The runs replay_many replays: the ended ones that match, newest first, at most `limit`,
+        less the replays made with `key`."""
         picked: list[str] = []
         cursor: str | None = None
         while len(picked) < limit:
             page, cursor = await self.list(
                 function=function, status=status, trigger=trigger, since=since, until=until, limit=200, cursor=cursor
             )
-            picked += [i.request_id for i in page if i.status.ended and i.request_id not in picked][: limit - len(picked)]
+            ended = [i.request_id for i in page if i.status.ended and i.request_id not in picked]
+            if key and ended:
+                made_with_key = await self.store.replays_under(key, ended)
+                ended = [request_id for request_id in ended if request_id not in made_with_key]
+            picked += ended[: limit - len(picked)]
             if cursor is None:
                 break
-        if dry_run:
-            return [(request_id, None) for request_id in picked]
-        pairs: list[tuple[str, str | None]] = []
-        for request_id in picked:
-            try:
-                pairs.append((request_id, (await self.replay(request_id)).request_id))
-            except InvocationNotFound:
-                continue  # deleted since it was picked (retention): there is nothing left to replay
-        return pairs
+        return picked
+
+    async def _replay_under(self, request_id: str, key: str | None) -> str | None:
+        """The replay of a run made with `key` already, if there is one (None without a key)."""
+        if not key:
+            return None
+        _, replays = await self.links(request_id)
+        return next(iter(await self.store.replays_under(key, replays)), None)
 
     async def links(self, request_id: str) -> tuple[str | None, list[str]]:
         """The run a run replays, and the runs that replay it."""

@@ -24,7 +24,7 @@ from .rows import (
 from .writer import WriterProcess
 from .writes import Batch, Ending, NewInvocation, Op, by_request_id, connect, refused, unopenable
 
-__all__ = ["Batch", "InvocationStore", "NewInvocation", "SQLiteStore"]
+__all__ = ["Batch", "InvocationStore", "NewInvocation", "SQLiteStore", "replay_event_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 # Bytes, as PostgreSQL counts them (length() of TEXT counts characters; of a BLOB, bytes).
 _SIZE_WITHOUT_RESULT = "coalesce(length(CAST(error_message AS BLOB)), 0)"
 _SIZE = f"coalesce(length(result), 0) + {_SIZE_WITHOUT_RESULT}"
+
+
+def replay_event_id(replay_of: str, key: str) -> str:
+    """The event id of the replay of run `replay_of` made with Idempotency-Key `key` (its dedupe
+    key: one such replay a run and key). A key may hold ':', so only the whole id names the pair."""
+    return f"replay:{replay_of}:{key}"
 
 
 class InvocationStore(Protocol):
@@ -76,6 +82,7 @@ class InvocationStore(Protocol):
     async def find_event(self, function: str, source: str, event_id: str) -> str | None: ...
     async def counts(self) -> dict[str, dict[str, int]]: ...
     async def replay(self, row: NewInvocation, replay_of: str) -> str: ...
+    async def replays_under(self, key: str, request_ids: Collection[str]) -> set[str]: ...
     async def links(self, request_id: str) -> tuple[str | None, builtins.list[str]]: ...
     async def prune(self, ended_before_ms: int) -> builtins.list[str]: ...
     async def set_destinations(self, destinations: Mapping[str, Sequence[tuple[str, str]]]) -> None: ...
@@ -372,6 +379,20 @@ class SQLiteStore:
             "SELECT request_id FROM replays WHERE replay_of = ? ORDER BY request_id", (request_id,)
         ).fetchall()
         return (found[0] if found else None), [r for (r,) in replays]
+
+    @_read
+    async def replays_under(self, key: str, request_ids: Collection[str]) -> set[str]:
+        """Those of these runs that are replays made with Idempotency-Key `key` (see replay_event_id)."""
+        ids = list(request_ids)
+        if not ids:
+            return set()
+        links = self._db.execute(
+            f"SELECT request_id, replay_of FROM replays WHERE request_id IN ({', '.join('?' * len(ids))})", ids
+        ).fetchall()
+        return {
+            request_id for request_id, replay_of in links
+            if (found := self._find("event_id", request_id)) and found[0] == replay_event_id(replay_of, key)
+        }
 
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:
         """Record new functions' async flag; refuse a manifest that flips a recorded one."""

@@ -352,8 +352,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _check_replay_usage(args)
     client = client_for(args)
     if args.request_id is not None:
-        return _replay_one(client, args.request_id, dry_run=args.dry_run)
+        return _replay_one(client, args.request_id, dry_run=args.dry_run, key=args.idempotency_key)
     return _replay_matching(client, args)
+
+
+def _key_header(key: str | None) -> dict[str, str]:
+    """The Idempotency-Key header of a replay, if --idempotency-key gave one."""
+    # http.client sends header text as Latin-1, so the key's UTF-8 bytes (what the server reads),
+    # spelt as Latin-1, go out as they are: "日本" is sent, not a UnicodeEncodeError.
+    return {"Idempotency-Key": key.encode(errors="surrogateescape").decode("latin-1")} if key else {}
 
 
 def _check_replay_usage(args: argparse.Namespace) -> None:
@@ -385,10 +392,11 @@ def _replay_matching(client: Client, args: argparse.Namespace) -> int:
             body[key] = value
     _, answer = client.call(
         "POST", f"/functions/{_quote(args.function)}/replay", body=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **_key_header(args.idempotency_key)},
     )
     for pair in answer["Replayed"]:
-        shown = pair["ReplayOf"] if args.dry_run else f"{pair['ReplayOf']} -> {pair['RequestId']}"
+        # (A dry run's RequestId is None, or with a key the run's replay under that key already.)
+        shown = pair["ReplayOf"] if pair["RequestId"] is None else f"{pair['ReplayOf']} -> {pair['RequestId']}"
         print(printable(shown))
     what = "would be replayed" if args.dry_run else "replayed"
     count = len(answer["Replayed"])
@@ -396,12 +404,12 @@ def _replay_matching(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_one(client: Client, request_id: str, *, dry_run: bool) -> int:
-    """Replay one ended run and print the new RequestId; with dry_run, print the run's own
-    RequestId if the server would replay it (it has ended, and its function is still there),
-    replaying nothing."""
+def _replay_one(client: Client, request_id: str, *, dry_run: bool, key: str | None = None) -> int:
+    """Replay one ended run (with `key`, its replay under that key, made once) and print the new
+    RequestId; with dry_run, print the run's own RequestId if the server would replay it (it has
+    ended, and its function is still there), replaying nothing."""
     if not dry_run:
-        _, answer = client.call("POST", f"/invocations/{_quote(request_id)}/replay")
+        _, answer = client.call("POST", f"/invocations/{_quote(request_id)}/replay", headers=_key_header(key))
         print(printable(str(answer["RequestId"])))
         return 0
     invocation = _get_invocation(client, request_id)
@@ -635,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replaying.add_argument(
         "--dry-run", action="store_true", help="only print what would be replayed (the runs' RequestIds), replaying nothing"
+    )
+    replaying.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        type=_named("an Idempotency-Key"),
+        help="replay each run with this key: sent again, the same key makes no other replay of a run",
     )
     replaying.set_defaults(handler=cmd_replay)
 

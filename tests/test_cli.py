@@ -58,6 +58,7 @@ class Recorded:
     content_type: str
     body: bytes
     authorization: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -101,7 +102,10 @@ class StandIn:
         body = await request.read()
         authorization = request.headers.get("Authorization")
         self.requests.append(
-            Recorded(request.method, request.path, dict(request.query), request.content_type, body, authorization)
+            Recorded(
+                request.method, request.path, dict(request.query), request.content_type, body, authorization,
+                request.headers.get("Idempotency-Key"),
+            )
         )
         if self.redirect is not None:
             status, location = self.redirect
@@ -657,8 +661,9 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(capsys: Any, argv: tuple[
         (("invoke", ""), "argument NAME: expected a function's name, got ''"),
         (("list", "--function", " "), "argument --function: expected a function's name, got ' '"),
         (("replay", "--function", ""), "argument --function: expected a function's name, got ''"),
+        (("replay", "old-1", "--idempotency-key", " "), "argument --idempotency-key: expected an Idempotency-Key, got ' '"),
     ],
-    ids=["status", "logs", "terminate", "replay", "invoke", "list", "replay-function"],
+    ids=["status", "logs", "terminate", "replay", "invoke", "list", "replay-function", "replay-key"],
 )
 def test_an_empty_name_or_request_id_is_a_usage_error(stand_in: StandIn, capsys: Any, argv: tuple[str, ...], expected: str) -> None:
     # Sent, it made the path of another route: `status ""` answered "no route for GET /invocations/".
@@ -1056,6 +1061,17 @@ def test_replay_takes_a_leap_second(stand_in: StandIn, capsys: Any) -> None:
 def test_replay_of_one_run_prints_the_new_request_id(stand_in: StandIn, capsys: Any) -> None:
     assert run(capsys, "replay", "old-1", "--url", stand_in.url) == (0, "new-old-1\n", "")
     assert len(stand_in.calls("POST", "/invocations/old-1/replay")) == 1
+
+
+@pytest.mark.parametrize("key", ["nightly:2024-05-01", "日本:1"])
+def test_replay_sends_its_idempotency_key_for_one_run_and_in_bulk(stand_in: StandIn, capsys: Any, key: str) -> None:
+    assert run(capsys, "replay", "old-1", "--idempotency-key", key, "--url", stand_in.url) == (0, "new-old-1\n", "")
+    argv = ("--function", "thumbnail", "--status", "FAILED", "--idempotency-key", key, "--url", stand_in.url)
+    assert run(capsys, "replay", *argv) == (0, "old-1 -> new-1\n", "1 run replayed\n")
+    sent = [*stand_in.calls("POST", "/invocations/old-1/replay"), *stand_in.calls("POST", "/functions/thumbnail/replay")]
+    assert [call.idempotency_key for call in sent] == [key, key], "as UTF-8, which the server reads"
+    assert run(capsys, "replay", "old-1", "--url", stand_in.url)[0] == 0
+    assert stand_in.calls("POST", "/invocations/old-1/replay")[-1].idempotency_key is None, "no key unless given"
 
 
 def test_a_dry_run_of_one_run_prints_it_and_replays_nothing(stand_in: StandIn, capsys: Any) -> None:

@@ -424,7 +424,16 @@ _PATHS: dict[str, Any] = {
         "post": {
             "summary": "Replay the ended runs of a function that match a filter, newest first, each once",
             "operationId": "replayFunction",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "description": "Each run is replayed with this key, as by /invocations/{RequestId}/replay: sent again,"
+                    " the request answers the same replays and makes no others; the replays made with it are not picked",
+                    "schema": {"type": "string", "maxLength": 256},
+                },
+            ],
             "requestBody": {
                 "required": False,
                 "content": {
@@ -446,7 +455,8 @@ _PATHS: dict[str, Any] = {
             },
             "responses": {
                 "200": _json(
-                    "What was (or, DryRun, would be) replayed",
+                    "What was (or, DryRun, would be) replayed; a DryRun's RequestId is null, or with an"
+                    " Idempotency-Key the replay the run has under it already",
                     {
                         "type": "object",
                         "required": ["DryRun", "Replayed"],

@@ -28,6 +28,7 @@ from ..rows import (
     COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
     first_id_of, invocation,
 )
+from ..store import replay_event_id
 from ..writes import PRUNE_AT_ONCE, Batch, NewInvocation
 from .intake import Intake, event_key
 from .schema import CHANNELS, ENDED, LOGGED, QUEUED, TERMINATE, migrate
@@ -447,6 +448,19 @@ class PostgresStore:
                 "SELECT request_id::text FROM replays WHERE replay_of = $1::uuid ORDER BY request_id", request_id
             )
         return replay_of, [r[0] for r in rows]
+
+    @_refusal_as_store_error
+    async def replays_under(self, key: str, request_ids: Collection[str]) -> set[str]:
+        """Those of these runs that are replays made with Idempotency-Key `key` (see replay_event_id)."""
+        rows = await self.pool.fetch(
+            "SELECT r.request_id::text, r.replay_of::text, i.event_id FROM replays r JOIN invocations i USING (request_id)"
+            " WHERE r.request_id = any($1::uuid[])",
+            [request_id for request_id in request_ids if _is_uuid(request_id)],
+        )
+        return {
+            request_id for request_id, replay_of, event_id in rows
+            if bytes(event_id) == event_key(replay_event_id(replay_of, key))
+        }
 
     @_refusal_as_store_error
     async def register_functions(self, functions: Mapping[str, bool], now: str) -> None:

@@ -106,3 +106,36 @@ async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, ht
     listed = await cli("replay", "--function", "pid", "--status", "FINISHED", "--since", "1h", "--dry-run", url=server.url)
     assert listed.returncode == 0 and finished in listed.stdout.split(), listed.stderr
     assert "would be replayed" in listed.stderr
+
+
+async def test_a_bulk_replay_sent_again_with_its_idempotency_key_answers_the_same_replays(
+    eventrun_server, http: aiohttp.ClientSession
+) -> None:
+    server = eventrun_server({"pid": {"handler": handler("pid")}})
+    api = server.client(http)
+    failed = [await api.accepted("pid", {"fail": True, "n": n}) for n in range(2)]
+    for request_id in failed:
+        await api.wait_ended(request_id)
+    key = {"Idempotency-Key": "nightly:2024-05-01"}
+
+    async def bulk(**body: object) -> dict:
+        reply = await api.request("POST", "/functions/pid/replay", json=body, headers=key)
+        assert reply.status == 200, reply.text
+        return reply.json  # type: ignore[no-any-return]
+
+    first = await bulk(Status="FAILED")
+    assert sorted(p["ReplayOf"] for p in first["Replayed"]) == sorted(failed)
+    for pair in first["Replayed"]:
+        assert (await api.wait_ended(pair["RequestId"]))["Status"] == "FAILED"
+    assert await bulk(Status="FAILED") == first, "the failed replays are not replayed; the runs' replays are the same"
+    assert await bulk(Status="FAILED", DryRun=True) == {**first, "DryRun": True}
+    assert len((await api.list(function="pid")).json["Invocations"]) == 4
+    # The CLI sends the same key, and a dry run shows the replays made with it.
+    listed = await cli(
+        "replay", "--function", "pid", "--status", "FAILED", "--idempotency-key", key["Idempotency-Key"], "--dry-run",
+        url=server.url,
+    )
+    shown = [f"{p['ReplayOf']} -> {p['RequestId']}" for p in first["Replayed"]]
+    assert (listed.returncode, listed.stdout.splitlines()) == (0, shown), listed.stderr
+    too_long = await api.request("POST", "/functions/pid/replay", json={}, headers={"Idempotency-Key": "k" * 257})
+    assert too_long.status == 400 and "Idempotency-Key header: at most 256 characters" in too_long.error(400)["Message"]

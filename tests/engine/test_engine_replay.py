@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import pytest
@@ -24,8 +25,8 @@ async def test_runs_deleted_while_a_bulk_replay_goes_on_are_passed_over(idle_eng
         ended.append(accepted.request_id)
     replay = idle_engine.replay
 
-    async def replay_then_prune(request_id: str) -> Accepted:
-        accepted = await replay(request_id)
+    async def replay_then_prune(request_id: str, *, key: str | None = None) -> Accepted:
+        accepted = await replay(request_id, key=key)
         await idle_engine.prune(int(time.time() * 1000) + 60_000)  # retention deletes the other ended runs
         return accepted
 
@@ -93,3 +94,77 @@ async def test_pruning_the_store_cannot_serve_is_logged_once_and_its_recovery_on
         "runs past their retention are pruned again (2 more failed since the last such line)",
     ]
     assert not any(r.exc_info for r in caplog.records), "no traceback for a store that cannot serve"
+
+
+# -- a bulk replay with an Idempotency-Key: each run's replay under the key made once ---------------
+
+
+@pytest.fixture
+async def engine(store_url: str, start_engine: Callable[..., Awaitable[Engine]]) -> Engine:
+    """An engine on each kind of store with a function f whose runs never start (they stay queued)."""
+    store = f'[store]\nurl = "{store_url}"\n\n' if store_url else ""
+    return await start_engine(
+        f'[server]\ndata_dir = "data"\n\n{store}[functions.f]\nhandler = "noop.py:main_handler"\n',
+        {"noop.py": "def main_handler(event, context):\n    return None\n"},
+        paused=True,
+    )
+
+
+async def _runs(engine: Engine) -> list[str]:
+    page, _ = await engine.list(function="f", limit=1000, results=False)
+    return [invocation.request_id for invocation in page]
+
+
+async def _replays(engine: Engine, original: str) -> list[str]:
+    _, replays = await engine.links(original)
+    return replays
+
+
+async def test_a_bulk_replay_sent_again_with_its_key_answers_the_same_replays_and_makes_no_others(engine: Engine) -> None:
+    originals = [await _ended(engine, f"e{n}") for n in range(3)]
+    first = await engine.replay_many("f", status=Status.FAILED, key="bulk-1")
+    assert [original for original, _ in first] == originals[::-1]
+    assert await engine.replay_many("f", status=Status.FAILED, key="bulk-1") == first
+    assert len(await _runs(engine)) == 6, "three runs, and one replay of each"
+    for original, new in first:
+        assert await _replays(engine, original) == [new]
+    unkeyed = await engine.replay_many("f", status=Status.FAILED)
+    assert {new for _, new in unkeyed}.isdisjoint(new for _, new in first), "without a key, each sending replays anew"
+
+
+async def test_a_bulk_replay_sent_several_times_at_once_with_its_key_replays_each_run_once(engine: Engine) -> None:
+    originals = [await _ended(engine, f"e{n}") for n in range(3)]
+    together = await asyncio.gather(*(engine.replay_many("f", status=Status.FAILED, key="bulk-1") for _ in range(4)))
+    assert all(answer == together[0] for answer in together), together
+    assert [original for original, _ in together[0]] == originals[::-1]
+    for original in originals:
+        assert len(await _replays(engine, original)) == 1
+    assert len(await _runs(engine)) == 6
+
+
+async def test_a_bulk_replay_sent_again_does_not_replay_the_replays_it_made(engine: Engine) -> None:
+    # A key may hold ':', as the replays' event ids do (replay:{original}:{key}).
+    originals = [await _ended(engine, f"e{n}") for n in range(2)]
+    key = "nightly:2024-05-01:1"
+    first = await engine.replay_many("f", status=Status.FAILED, key=key)
+    for _, new in first:
+        assert new is not None and await engine.store.finish(new, Status.FAILED, now_rfc3339())
+    assert await engine.replay_many("f", status=Status.FAILED, key=key) == first, "the failed replays are passed over"
+    assert await engine.replay_many("f", status=Status.FAILED, key=key, dry_run=True) == first
+    assert len(await _runs(engine)) == 4
+    # Only the replays made with this very key are: with another (even one its end spells), they are runs like any other.
+    other = await engine.replay_many("f", status=Status.FAILED, key="01:1")
+    replays = [new for _, new in first]
+    assert [original for original, _ in other] == [*replays[::-1], *originals[::-1]]
+
+
+async def test_a_dry_run_with_a_key_shows_the_replays_made_with_it_and_replays_nothing(engine: Engine) -> None:
+    older, newer = await _ended(engine, "e1"), await _ended(engine, "e2")
+    made = await engine.replay(older, key="k")
+    assert await engine.replay_many("f", status=Status.FAILED, key="k", dry_run=True) == [
+        (newer, None), (older, made.request_id)
+    ]
+    assert await engine.replay_many("f", status=Status.FAILED, key="other", dry_run=True) == [(newer, None), (older, None)]
+    assert len(await _runs(engine)) == 3, "a dry run replays nothing"
+    done = await engine.replay_many("f", status=Status.FAILED, key="k")
+    assert done[1] == (older, made.request_id) and done[0][1] not in (None, made.request_id)

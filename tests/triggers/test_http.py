@@ -1273,6 +1273,17 @@ async def test_openapi_describes_every_route(client: TestClient) -> None:
     assert set(schemas["Status"]["enum"]) == {status.value for status in Status}
 
 
+async def test_openapi_lists_the_idempotency_key_of_a_bulk_replay_as_of_a_single_one(client: TestClient) -> None:
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+
+    def key_header(path: str) -> dict[str, Any]:
+        (header,) = [p for p in paths[path]["post"]["parameters"] if p["name"] == "Idempotency-Key"]
+        return header  # type: ignore[no-any-return]
+
+    single, bulk = key_header("/invocations/{RequestId}/replay"), key_header("/functions/{name}/replay")
+    assert bulk["in"] == single["in"] == "header" and bulk["schema"] == single["schema"] == {"type": "string", "maxLength": 256}
+
+
 # --- errors everywhere ---------------------------------------------------------------------
 
 

@@ -206,10 +206,12 @@ _REPLAY_FIELDS = {"Status", "Trigger", "Since", "Until", "Limit", "DryRun"}
 
 
 async def replay_function(request: web.Request) -> web.Response:
-    """POST /functions/{name}/replay with a filter: replay the ended runs that match, each once."""
+    """POST /functions/{name}/replay with a filter: replay the ended runs that match, each once
+    (with an Idempotency-Key, each once for that key: Engine.replay_many)."""
     engine = _engine(request)
     name = request.match_info["name"]
     engine.function(name)
+    key = checked_key(request.headers.get("Idempotency-Key")) or None
     raw = await _read_body(request)
     try:
         body = loads(raw) if raw.strip() else {}
@@ -240,6 +242,7 @@ async def replay_function(request: web.Request) -> web.Response:
         until=_parse_time("Until", text["Until"] or ""),
         limit=limit,
         dry_run=dry_run,
+        key=key,
     )
     return json_response({"DryRun": dry_run, "Replayed": [{"ReplayOf": old, "RequestId": new} for old, new in pairs]})
 
