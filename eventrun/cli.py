@@ -184,7 +184,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     """Invoke a function; print its RequestId, or its result with --wait."""
     client = client_for(args)
     body, content_type = _invoke_body(args.data, args.file)
-    status, answer = _send_event(client, args.name, body, content_type)
+    status, answer = _send_event(client, args.name, body, content_type, key=args.idempotency_key)
     answer = answer if isinstance(answer, dict) else {}
     request_id = str(answer.get("RequestId", ""))
     if not request_id:
@@ -203,23 +203,30 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _send_event(client: Client, name: str, body: bytes, content_type: str) -> tuple[int, Any]:
-    """POST the event; the status and the answer. A sync function answers once its run has
-    ended, however long that takes (a run queued at its function's concurrency waits its turn
-    first), so once connected the answer is waited for without a time limit."""
+def _send_event(client: Client, name: str, body: bytes, content_type: str, *, key: str | None = None) -> tuple[int, Any]:
+    """POST the event (with `key` as its Idempotency-Key); the status and the answer. A sync
+    function answers once its run has ended, however long that takes (a run queued at its
+    function's concurrency waits its turn first), so once connected the answer is waited for
+    without a time limit."""
     path = f"/functions/{_quote(name)}/invocations"
+    headers = {"Content-Type": content_type, **_key_header(key)}
     try:
-        return client.call("POST", path, body=body, headers={"Content-Type": content_type}, timeout=None)
+        return client.call("POST", path, body=body, headers=headers, timeout=None)
     except NoAnswer as exc:
-        raise CliError(_unanswered_event(client, name, exc)) from None
+        raise CliError(_unanswered_event(client, name, exc, keyed=key is not None)) from None
 
 
-def _unanswered_event(client: Client, name: str, exc: NoAnswer) -> str:
+def _unanswered_event(client: Client, name: str, exc: NoAnswer, *, keyed: bool = False) -> str:
     """The one line for an event sent whose answer never came: the run may be going on."""
     if exc.request_id:
         return (
             f"sent the event for {name} to {client.base_url}, but the answer was cut off ({exc.reason}); "
             f"the run {exc.request_id} may still be going on: `eventrun status {exc.request_id}` shows it"
+        )
+    if keyed:
+        return (
+            f"sent the event for {name} to {client.base_url}, but no answer came ({exc.reason}); send it again "
+            f"with the same --idempotency-key: if the server accepted it, that answers its run rather than making another"
         )
     return (
         f"sent the event for {name} to {client.base_url}, but no answer came ({exc.reason}); if the server "
@@ -357,7 +364,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _key_header(key: str | None) -> dict[str, str]:
-    """The Idempotency-Key header of a replay, if --idempotency-key gave one."""
+    """The Idempotency-Key header of an invoke or a replay, if --idempotency-key gave one."""
     # http.client sends header text as Latin-1, so the key's UTF-8 bytes (what the server reads),
     # spelt as Latin-1, go out as they are: "日本" is sent, not a UnicodeEncodeError.
     return {"Idempotency-Key": key.encode(errors="surrogateescape").decode("latin-1")} if key else {}
@@ -606,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--data", metavar="JSON", help="the event data as JSON (default: {})")
     body.add_argument("--file", metavar="F", help="send this file's bytes ('-' for stdin)")
     invoke.add_argument("--wait", action="store_true", help="wait for the run and print its result")
+    invoke.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        type=_named("an Idempotency-Key"),
+        help="send the event with this key: sent again with the same key, it answers the same run rather than making another",
+    )
     invoke.set_defaults(handler=cmd_invoke)
 
     status = commands.add_parser("status", parents=[client], help="show one invocation")

@@ -269,6 +269,14 @@ def test_invoke_prints_the_request_id_and_sends_an_empty_object(stand_in: StandI
     assert (call.content_type, call.body) == ("application/json", b"{}")
 
 
+@pytest.mark.parametrize("key", ["order-17:retry", "日本"])
+def test_invoke_sends_its_idempotency_key(stand_in: StandIn, capsys: Any, key: str) -> None:
+    assert run(capsys, "invoke", "thumbnail", "--idempotency-key", key, "--url", stand_in.url) == (0, "req-thumbnail\n", "")
+    assert run(capsys, "invoke", "thumbnail", "--url", stand_in.url)[0] == 0
+    calls = stand_in.calls("POST", "/functions/thumbnail/invocations")
+    assert [call.idempotency_key for call in calls] == [key, None], "as UTF-8, which the server reads; none unless given"
+
+
 def test_invoke_sends_data_exactly_as_given(stand_in: StandIn, capsys: Any) -> None:
     data = '{"b": 2,  "a": [1, "ü"]}'
     assert run(capsys, "invoke", "thumbnail", "--data", data, "--url", stand_in.url)[0] == 0
@@ -427,6 +435,17 @@ def test_invoke_cut_off_before_the_answer_says_the_run_may_be_going_on(capsys: A
             "",
             f"eventrun: sent the event for syncfn to {url}, but no answer came (the server closed the connection); "
             "if the server accepted it, the run may still be going on: `eventrun list --function syncfn` shows it\n",
+        )
+
+
+def test_invoke_with_a_key_cut_off_before_the_answer_says_to_send_it_again(capsys: Any) -> None:
+    with hanging_up(b"") as url:
+        assert run(capsys, "invoke", "syncfn", "--idempotency-key", "k1", "--url", url) == (
+            1,
+            "",
+            f"eventrun: sent the event for syncfn to {url}, but no answer came (the server closed the connection); "
+            "send it again with the same --idempotency-key: if the server accepted it, that answers its run rather "
+            "than making another\n",
         )
 
 
@@ -659,11 +678,12 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(capsys: Any, argv: tuple[
         (("terminate", "\t"), "argument REQUEST_ID: expected a RequestId, got '\\t'"),
         (("replay", ""), "argument REQUEST_ID: expected a RequestId, got ''"),
         (("invoke", ""), "argument NAME: expected a function's name, got ''"),
+        (("invoke", "thumbnail", "--idempotency-key", ""), "argument --idempotency-key: expected an Idempotency-Key, got ''"),
         (("list", "--function", " "), "argument --function: expected a function's name, got ' '"),
         (("replay", "--function", ""), "argument --function: expected a function's name, got ''"),
         (("replay", "old-1", "--idempotency-key", " "), "argument --idempotency-key: expected an Idempotency-Key, got ' '"),
     ],
-    ids=["status", "logs", "terminate", "replay", "invoke", "list", "replay-function", "replay-key"],
+    ids=["status", "logs", "terminate", "replay", "invoke", "invoke-key", "list", "replay-function", "replay-key"],
 )
 def test_an_empty_name_or_request_id_is_a_usage_error(stand_in: StandIn, capsys: Any, argv: tuple[str, ...], expected: str) -> None:
     # Sent, it made the path of another route: `status ""` answered "no route for GET /invocations/".

@@ -69,6 +69,18 @@ async def test_cli_round_trip(eventrun_server, http, handler):
     assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1, missing
 
 
+async def test_cli_invoke_with_an_idempotency_key_makes_one_run(eventrun_server, http, handler):
+    server = eventrun_server({"quick": {"handler": handler("quick")}})
+    api = server.client(http)
+    key = ("--idempotency-key", "upload-7:日本")
+    first = ok(await eventrun("invoke", "quick", "--data", '{"n": 1}', *key, url=server.url)).strip()
+    again = ok(await eventrun("invoke", "quick", "--data", '{"n": 1}', *key, url=server.url)).strip()
+    assert again == first, "sent again with its key, the event answers its first run"
+    assert (await api.wait_ended(first))["Status"] == "FINISHED"
+    reply = await api.list(function="quick")
+    assert [item["RequestId"] for item in reply.json["Invocations"]] == [first], reply.text
+
+
 async def eventrun_in(folder, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m eventrun.cli ARGS` in `folder`, with no --url and only these EVENTRUN_* variables."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")} | (env or {})
