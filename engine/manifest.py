@@ -699,8 +699,8 @@ class Manifest(BaseSettings):
         for name in value:
             if not _NAME.fullmatch(name):
                 raise ValueError(
-                    f"function name {name!r} must start with a letter and hold only letters, "
-                    "digits, '_' or '-' (at most 64)"
+                    f"function name {name!r} must start with an ASCII letter and hold only ASCII "
+                    "letters, digits, '_' or '-' (at most 64)"
                 )
         return value
 

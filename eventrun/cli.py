@@ -197,7 +197,11 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         if ended is not None:
             _raise_unless_finished(client, request_id, ended)
         return 0
-    outcome = ended or _wait(client, request_id)
+    try:
+        outcome = ended or _wait(client, request_id)
+    except KeyboardInterrupt:  # (its RequestId was not printed yet: it would be lost with the wait)
+        print(f"eventrun: stopped waiting; the run {request_id} goes on: `eventrun status {request_id}` shows it", file=sys.stderr)
+        raise
     _raise_unless_finished(client, request_id, outcome)
     print(_json(outcome.get("Result")))
     return 0

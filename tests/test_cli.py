@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -1460,6 +1461,32 @@ def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
         assert process.wait(10) == 130
         assert process.stdout.read() == ""
         assert process.stderr.read() == ""
+
+
+def test_ctrl_c_on_invoke_wait_names_the_run_that_goes_on(stand_in: StandIn, tmp_path: Path) -> None:
+    # The RequestId of an async run is printed only with its result: Ctrl-C lost it.
+    stand_in.invocations["req-thumbnail"] = [_invocation("req-thumbnail", "RUNNING")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
+    with subprocess.Popen(
+        [str(EVENTRUN), "invoke", "thumbnail", "--wait", "--url", stand_in.url],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (as in test_ctrl_c_exits_130_quietly)
+    ) as process:
+        deadline = time.monotonic() + 10
+        while not stand_in.calls("GET", "/invocations/req-thumbnail") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stand_in.calls("GET", "/invocations/req-thumbnail"), "the command never waited"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 130
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.read() == ""
+        assert process.stderr.read() == (
+            "eventrun: stopped waiting; the run req-thumbnail goes on: `eventrun status req-thumbnail` shows it\n"
+        )
 
 
 @pytest.mark.parametrize("follow", [False, True], ids=["logs", "logs-follow"])

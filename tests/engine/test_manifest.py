@@ -391,7 +391,7 @@ def test_a_missing_manifest_file_is_refused(tmp_path):
 @pytest.mark.parametrize(("name", "shown"), [("9lives", "'9lives'"), ('"hello\\n"', "'hello\\n'"), ('"hello "', "'hello '")])
 def test_a_bad_function_name_is_refused(write, name, shown):
     assert refusal(write(function(name))).endswith(
-        f"functions: function name {shown} must start with a letter and hold only letters, digits, '_' or '-' (at most 64)"
+        f"functions: function name {shown} must start with an ASCII letter and hold only ASCII letters, digits, '_' or '-' (at most 64)"
     )
 
 

@@ -591,6 +591,36 @@ async def test_list_bad_parameter_is_400_naming_it(
     assert engine.list_calls == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "query", "message"),
+    [
+        # A typo was passed over: every function's runs listed, a plain log answered, a sync call waited on.
+        ("GET", "/invocations", "functon=noop", "unknown query parameter 'functon': did you mean 'function'?"),
+        ("GET", "/invocations/r1/logs", "follw=true", "unknown query parameter 'follw': did you mean 'follow'?"),
+        (
+            "GET", "/invocations", "zzz=1",
+            "unknown query parameter 'zzz': this route takes cursor, function, limit, results, since, status, trigger, until",
+        ),
+        ("POST", "/functions/echo/invocations", "InvocationType=Event", "unknown query parameter 'InvocationType': this route takes none"),
+        ("GET", "/counts", "a%0Ab=1", "unknown query parameter 'a\\nb': this route takes none"),
+        ("GET", "/invocations", "status=FAILED&status=FINISHED", "status: given 2 times; give it once"),
+    ],
+)
+async def test_an_unknown_or_repeated_query_parameter_is_400_naming_it(
+    client: TestClient, engine: FakeEngine, method: str, path: str, query: str, message: str
+) -> None:
+    response = await client.request(method, f"{path}?{query}", json={})
+    assert response.status == 400, await response.text()
+    assert (await _error(response)) == {"Code": "InvalidParameter", "Message": message}
+    assert engine.list_calls == []
+
+
+async def test_monitoring_routes_take_any_query(client: TestClient) -> None:
+    for path in ("/healthz?probe=1", "/metrics?probe=1"):
+        response = await client.get(path)
+        assert response.status == 200, (path, await response.text())
+
+
 async def test_list_unknown_function_is_404(client: TestClient, engine: FakeEngine) -> None:
     response = await client.get("/invocations", params={"function": "nope"})
     assert response.status == 404

@@ -384,7 +384,7 @@ def test_every_bad_trigger_is_listed_at_once() -> None:
 
 @pytest.mark.parametrize("name", ["has space", "slash/y", "9lives", "x" * 61])
 def test_trigger_names_must_be_safe_in_a_source_uri(name: str) -> None:
-    with pytest.raises(ManifestError, match=r"triggers\[0\]\.name: .*must start with a letter"):
+    with pytest.raises(ManifestError, match=r"triggers\[0\]\.name: .*must start with an ASCII letter"):
         TimerTrigger(FakeEngine(), manifest(timer(name=name)))
 
 
@@ -506,6 +506,10 @@ async def test_overlap_false_skips_while_a_run_is_active() -> None:
     assert {e.source for e in engine.accepted} == {"timer://report/free"}
     assert schedules["nightly"]["Fired"] == 0 and schedules["nightly"]["Skipped"] >= 1
     assert "timer:report/nightly" in engine.state, "a skipped slot is still remembered as handled"
+    # A slot skipped is no fire: an alert on an old LastFire must see a schedule that skips every slot.
+    assert schedules["nightly"]["LastFire"] is None
+    assert schedules["nightly"]["LastSlot"] == engine.state["timer:report/nightly"]
+    assert schedules["free"]["LastFire"] == schedules["free"]["LastSlot"] == engine.accepted[-1].id
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hmac
 import logging
 import os
@@ -245,6 +246,39 @@ async def replay_function(request: web.Request) -> web.Response:
         key=key,
     )
     return json_response({"DryRun": dry_run, "Replayed": [{"ReplayOf": old, "RequestId": new} for old, new in pairs]})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_LIST_PARAMETERS = ("function", "status", "trigger", "since", "until", "limit", "cursor", "results")
+
+
+def taking_query(handler: Handler, parameters: Iterable[str] = ()) -> Handler:
+    """`handler`, refusing (400 InvalidParameter) a query parameter it does not take, or one
+    given twice: a typo (`?functon=`, `?follw=true`) would otherwise be passed over, and a list
+    of every function's runs, or a plain log, answered as if it were what was asked."""
+    takes = frozenset(parameters)
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.query_string:
+            _check_query(request.query, takes)
+        return await handler(request)
+
+    return checked
+
+
+def _check_query(query: Mapping[str, str], takes: frozenset[str]) -> None:
+    for name in query:  # (each name as often as it is given)
+        if name not in takes:
+            close = difflib.get_close_matches(name, takes, n=1)
+            if close:
+                hint = f"did you mean {close[0]!r}?"
+            else:
+                hint = f"this route takes {', '.join(sorted(takes))}" if takes else "this route takes none"
+            raise InvalidParameter(f"unknown query parameter {name!r}: {hint}")
+        given = len(query.getall(name))  # type: ignore[attr-defined]
+        if given > 1:
+            raise InvalidParameter(f"{name}: given {given} times; give it once")
 
 
 async def list_invocations(request: web.Request) -> web.Response:
@@ -514,17 +548,18 @@ def build_app(
     app.on_response_prepare.append(_private)
     app.add_routes(
         [
-            web.post("/functions/{name}/invocations", invoke),
-            web.get("/functions", list_functions),
-            web.get("/functions/{name}", get_function),
-            web.get("/invocations", list_invocations),
-            web.get("/invocations/{request_id}", get_invocation),
-            web.get("/invocations/{request_id}/logs", get_logs),
-            web.get("/invocations/{request_id}/event", get_event),
-            web.get("/counts", counts),
-            web.post("/invocations/{request_id}/terminate", terminate),
-            web.post("/invocations/{request_id}/replay", replay),
-            web.post("/functions/{name}/replay", replay_function),
+            web.post("/functions/{name}/invocations", taking_query(invoke)),
+            web.get("/functions", taking_query(list_functions)),
+            web.get("/functions/{name}", taking_query(get_function)),
+            web.get("/invocations", taking_query(list_invocations, _LIST_PARAMETERS)),
+            web.get("/invocations/{request_id}", taking_query(get_invocation)),
+            web.get("/invocations/{request_id}/logs", taking_query(get_logs, ("follow", "tail"))),
+            web.get("/invocations/{request_id}/event", taking_query(get_event)),
+            web.get("/counts", taking_query(counts)),
+            web.post("/invocations/{request_id}/terminate", taking_query(terminate)),
+            web.post("/invocations/{request_id}/replay", taking_query(replay)),
+            web.post("/functions/{name}/replay", taking_query(replay_function)),
+            # (Monitoring, the dashboard's files and the triggers' own routes take any query.)
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
             web.get("/openapi.json", openapi),

@@ -73,6 +73,7 @@ class _Job:
     config: TimerConfig
     schedule: CronTrigger
     last: datetime | None = None  # the latest slot handled (fired or deliberately skipped)
+    last_fired: datetime | None = None  # the latest slot fired since the start (here, or by another server)
     next: datetime | None = None
     fired: int = 0
     duplicates: int = 0
@@ -187,7 +188,8 @@ class TimerTrigger:
                     "CatchUp": job.config.catch_up,
                     "Overlap": job.config.overlap,
                     "NextFire": slot_id(job.next) if job.next and self._tasks else None,
-                    "LastFire": slot_id(job.last) if job.last else None,
+                    "LastFire": slot_id(job.last_fired) if job.last_fired else None,
+                    "LastSlot": slot_id(job.last) if job.last else None,
                     "Fired": job.fired,
                     "Duplicates": job.duplicates,
                     "Skipped": job.skipped,
@@ -313,6 +315,7 @@ class TimerTrigger:
             logger.info("timer %s: slot %s accepted as %s", job.label, envelope.id, accepted.request_id)
         else:  # another server (or a previous life) accepted this slot already
             job.duplicates += 1
+        job.last_fired = max(slot, job.last_fired or slot)
         await self._remember(job, slot)
         return True
 
@@ -354,7 +357,7 @@ def _jobs(manifest: Manifest) -> tuple[list[_Job], list[Problem]]:
             where = ["functions", function, "triggers", str(index)]
             if not _NAME.fullmatch(trigger.name):
                 problems.append(
-                    ([*where, "name"], f"{trigger.name!r}: must start with a letter and hold only letters, digits, '_' or '-' (at most 60)")
+                    ([*where, "name"], f"{trigger.name!r}: must start with an ASCII letter and hold only ASCII letters, digits, '_' or '-' (at most 60)")
                 )
                 continue
             try:
