@@ -682,7 +682,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     functions = commands.add_parser("functions", parents=[client], help="list the functions")
     functions.set_defaults(handler=cmd_functions)
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)  # (see parse)
     return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown one is a usage error of its command (`eventrun logs --follw`
+    shows the usage of `logs`, where argparse shows eventrun's own, which lists no option)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _limit(text: str) -> int:
@@ -770,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
     except SystemExit as exc:  # argparse has printed usage or help already
         return exc.code if isinstance(exc.code, int) else 2
     undecodable = _not_utf8(args)

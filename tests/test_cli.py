@@ -1505,6 +1505,20 @@ def test_a_reader_that_goes_away_ends_logs_quietly_with_0(stand_in: StandIn, tmp
         assert process.stderr.read() == b""
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [
+        (("logs", "--follw", "req-1"), "usage: eventrun logs ", "eventrun logs: error: unrecognized arguments: --follw"),
+        (("functions", "extra"), "usage: eventrun functions ", "eventrun functions: error: unrecognized arguments: extra"),
+    ],
+)
+def test_an_unknown_argument_shows_its_commands_usage(capsys: Any, argv: tuple[str, ...], usage: str, error: str) -> None:
+    # eventrun's own usage (`eventrun [-h] COMMAND ...`) named none of the command's options.
+    status, out, err = run(capsys, *argv)
+    assert (status, out) == (2, "")
+    assert err.startswith(usage) and err.endswith(f"\n{error}\n"), err
+
+
 def test_help_exits_0(capsys: Any) -> None:
     status, out, err = run(capsys, "--help")
     assert (status, err) == (0, "")
