@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -495,6 +496,17 @@ async def test_no_catch_up_without_the_flag_or_a_remembered_slot(catch_up: bool,
     async with TimerTrigger(engine, manifest(timer(cron="0 * * * * * *", catch_up=catch_up))):
         pass
     assert engine.accepted == []
+
+
+def test_a_zone_without_the_summer_time_its_name_suggests_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    # 0 9 * * * in "EST" fires at 14:00 UTC all year: at 10:00 in New York for eight months.
+    with caplog.at_level(logging.WARNING):
+        TimerTrigger(FakeEngine(), manifest(timer(cron="0 9 * * *", timezone="EST")))
+        TimerTrigger(FakeEngine(), manifest(timer(cron="0 9 * * *", timezone="America/New_York")))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "timer report/nightly: timezone 'EST' is UTC-05:00 all year, without daylight saving time;"
+        " for the time in New York use 'America/New_York'"
+    ]
 
 
 async def test_overlap_false_skips_while_a_run_is_active() -> None:

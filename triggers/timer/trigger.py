@@ -371,7 +371,17 @@ def _jobs(manifest: Manifest) -> tuple[list[_Job], list[Problem]]:
                 problems.append(([*where, "cron"], f"{trigger.cron!r} (timer {trigger.name!r}): {exc}"))
                 continue
             jobs.append(_Job(function=function, config=trigger, schedule=schedule))
+            if trigger.timezone in _SUMMERLESS:
+                offset, local = _SUMMERLESS[trigger.timezone]
+                logger.warning(
+                    "timer %s/%s: timezone %r is UTC%s all year, without daylight saving time; for the time in %s use %r",
+                    function, trigger.name, trigger.timezone, offset, local.split("/")[1].replace("_", " "), local,
+                )
     return jobs, problems
+
+
+_SUMMERLESS = {"EST": ("-05:00", "America/New_York"), "MST": ("-07:00", "America/Denver")}
+"""IANA zones named like the time of a region that keeps summer time, which they do not keep."""
 
 
 def _utcnow() -> datetime:
