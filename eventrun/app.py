@@ -18,7 +18,7 @@ from aiohttp import web
 
 from eventrun.destinations import Deliverer
 from eventrun.engine.core import Engine
-from eventrun.engine.errors import EventrunError
+from eventrun.engine.errors import EventrunError, ManifestError
 from eventrun.engine.failures import FailureLog
 from eventrun.engine.manifest import Manifest, Problem, load_manifest, url_host
 from eventrun.triggers.http import HttpTrigger
@@ -266,6 +266,10 @@ def serve(config_path: Path | None) -> int:
 
     try:
         asyncio.run(main())
+    except ManifestError as exc:  # what the store holds refuses the manifest (an async_execution flipped)
+        where = f"{manifest.path}: " if manifest.path else ""
+        print(f"eventrun: cannot start: {where}{exc}", file=sys.stderr)
+        return 2
     except EventrunError as exc:
         # The manifest was read; what stops the start now is where it points (the store, the
         # data_dir, the node id), which the message names, whether the file or a variable set it.

@@ -28,6 +28,7 @@ async def test_async_mode_is_locked_at_creation(eventrun_server, http, handler):
     stderr = server.stderr_text()
     assert code != 0, f"a flipped async_execution must be refused\n{server.log_text()}"
     assert "lockme" in stderr, stderr
+    assert f"cannot start: {server.manifest_path}: functions.lockme.async_execution: " in stderr, "the file is named"
     assert re.search(r"new\s+(function\s+)?name|rename|different name|another name", stderr, re.I), stderr
     assert "Traceback" not in stderr, stderr
 
