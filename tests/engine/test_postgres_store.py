@@ -449,6 +449,7 @@ CALLS: dict[str, tuple[Any, ...]] = {
     "outbox": (),
     "next_delivery": (),
     "links": (_RUN,),
+    "replays_under": ("key", [_RUN]),
     "register_functions": ({"f": True}, _NOW),
     "put_state": ("k", "v"),
     "join": ("http://127.0.0.1:1", 10.0),
