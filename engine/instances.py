@@ -37,6 +37,7 @@ OUTSIDE_RUNS = 64 * 1024  # bytes of output between runs shown in the server's l
 PARTIAL_LINE_WAIT = 0.5  # seconds output waits for its line feed; then it is logged as it is (a progress bar's)
 
 LineSink = Callable[[list[str]], None]
+CodeFile = tuple[str, int, int, int]  # a file of a function's code: path, st_mtime_ns, st_size, st_ino
 
 _WORKER_FILE = worker.__file__
 
@@ -135,6 +136,7 @@ class Instance:
         self._pipe = None if isinstance(process, SpawnedProcess) else _stdout_link(self.pid)
         self.last_used = time.monotonic()
         self.stopping: Status | None = None  # why we are killing it, if we are
+        self.code: tuple[CodeFile, ...] = ()  # the function's code as it imported it (see worker._CodeFiles)
 
     @property
     def alive(self) -> bool:
@@ -199,6 +201,8 @@ class Instance:
             self._sink = None
             self._budget = OUTSIDE_RUNS
             self.last_used = time.monotonic()
+        if "code" in frame:  # (its code changed since it last said: after its first run, as a rule)
+            self.code = code_files(frame["code"])
         if frame.get("ok"):
             return Outcome(status=Status.FINISHED, result=frame.get("result"), keep_instance=not frame.get("recycle"))
         return Outcome(
@@ -435,6 +439,34 @@ class Instance:
             logger.info("instance %s of %s said outside a run: %s", self.pid, self.spec.function, shown)
 
 
+def code_files(reported: Any) -> tuple[CodeFile, ...]:
+    """The files of its code an instance reported (a list of [path, mtime_ns, size, ino]); those
+    not so written are left out (the worker writes none such: the function's code might)."""
+    files = []
+    for item in reported if isinstance(reported, list) else ():
+        if isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and all(type(n) is int for n in item[1:]):
+            files.append((item[0], item[1], item[2], item[3]))
+    return tuple(files)
+
+
+def code_changes(code: tuple[CodeFile, ...]) -> dict[str, CodeFile | None]:
+    """The files of an instance's code that differ from it now, each as it is now (None: gone).
+
+    One stat per file: a warm instance is checked so each time it is handed a run.
+    """
+    changed: dict[str, CodeFile | None] = {}
+    for file in code:
+        path = file[0]
+        try:
+            st = os.stat(path)
+        except OSError:
+            changed[path] = None
+            continue
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != file[1:]:
+            changed[path] = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    return changed
+
+
 def _read_frame(raw: bytes) -> dict[str, Any]:
     """A frame's JSON, read and checked: the outcome it reports, or why it cannot be had."""
     try:
@@ -468,11 +500,15 @@ def _nests_too_deep(text: bytes, result: Any) -> bool:
 
 
 def _too_deep(frame: dict[str, Any]) -> dict[str, Any]:
-    """The outcome of a run whose result nests too deep to be served, in place of its frame."""
-    return {
+    """The outcome of a run whose result nests too deep to be served, in place of its frame
+    (with the code it reported: the instance is kept)."""
+    outcome: dict[str, Any] = {
         "ok": False, "error_type": "ResultNotSerializable", "error_message": RESULT_TOO_DEEP,
         "recycle": bool(frame.get("recycle")),
     }
+    if "code" in frame:
+        outcome["code"] = frame["code"]
+    return outcome
 
 
 def _cut(pending: bytes, lines: list[bytes], mark: bytes) -> bytes:
@@ -590,7 +626,8 @@ def _kill_escaped(pid: int) -> None:
 
 
 class InstancePool:
-    """Starts instances, keeps warm ones per function, and reaps idle ones."""
+    """Starts instances, keeps warm ones per function, and reaps idle ones. A warm instance whose
+    function's code changed since it imported it is stopped, not handed a run (see _outdated)."""
 
     def __init__(
         self, *, max_instances: int, idle_timeout: float, kill_grace: float, base_env: dict[str, str], fork: bool = True
@@ -605,7 +642,8 @@ class InstancePool:
         self._busy: set[Instance] = set()
         self._starting = 0  # instances being started
         self._reaper: asyncio.Task[None] | None = None
-        self._evicted: set[asyncio.Task[None]] = set()  # idle instances being stopped to make room
+        self._evicted: set[asyncio.Task[None]] = set()  # idle instances being stopped to make room, or outdated
+        self._announced: dict[str, dict[str, CodeFile | None]] = {}  # per function: the changes of its code logged
 
     async def start(self) -> None:
         """Start the spawner, and begin reaping idle instances."""
@@ -633,7 +671,7 @@ class InstancePool:
         idle = self._idle.get(spec.function, [])
         while idle:
             instance = idle.pop()
-            if instance.alive:
+            if instance.alive and not self._outdated(instance):
                 self._busy.add(instance)
                 return instance
         if self.size >= self.max_instances:
@@ -671,15 +709,38 @@ class InstancePool:
             return True
         return False
 
+    def _outdated(self, instance: Instance) -> bool:
+        """Whether the function's code changed since the idle instance imported it; if so, it is
+        stopped (the run goes to a fresh one), and the change logged once per function."""
+        changed = code_changes(instance.code)
+        if not changed:
+            return False
+        function = instance.spec.function
+        announced = self._announced.setdefault(function, {})
+        if any(announced.get(path, ()) != now for path, now in changed.items()):
+            announced.update(changed)
+            logger.info(
+                "the code of function %s changed (%s): its instances are started afresh",
+                function, ", ".join(sorted(os.path.basename(path) for path in changed)),
+            )
+        self._stop_in_background(instance, "outdated")
+        return True
+
     def _evict_one(self) -> None:
         candidates = [i for group in self._idle.values() for i in group]
         if not candidates:
             return
         oldest = min(candidates, key=lambda i: i.last_used)
         self._idle[oldest.spec.function].remove(oldest)
-        # Stopped in the background: the run that needs the room does not wait out kill_grace for
-        # an instance that takes its time to go (one ignoring SIGTERM); it is SIGKILLed after it.
-        stopping = asyncio.create_task(oldest.kill(self.kill_grace), name=f"evict {oldest.pid}")
+        self._stop_in_background(oldest, "evict")
+
+    def _stop_in_background(self, instance: Instance, why: str) -> None:
+        """Stop an instance taken out of the pool, in the background (stop() waits for it).
+
+        The run that needs the room, or a fresh instance, does not wait out kill_grace for an
+        instance that takes its time to go (one ignoring SIGTERM); it is SIGKILLed after it.
+        """
+        stopping = asyncio.create_task(instance.kill(self.kill_grace), name=f"{why} {instance.pid}")
         self._evicted.add(stopping)
         stopping.add_done_callback(self._evicted.discard)
 

@@ -27,6 +27,11 @@ forked instances too: heap and other private writable memory, not shared librari
 files. An allocation past it (a MemoryError, a thread whose stack does not fit, a mapping or
 fork refused with ENOMEM) is reported as MemoryLimitExceeded.
 
+An instance runs the function's code as it was when the instance imported it. With the outcome
+of its first run (and of any run that imported more of it) it reports the files of that code and
+their signatures (see _CodeFiles); the server stops an instance whose files changed since,
+rather than hand it another run.
+
 The same file, run with --spawner, is the process instances are forked from (see spawner()).
 """
 
@@ -77,6 +82,11 @@ _BALLAST = 4 * _MB  # under a memory_limit, let go of when it is reached: room t
 _LEFTOVER_WAIT = 2.0  # seconds to wait for the processes a run left behind to die once killed
 _THREAD_GRACE = 0.05  # seconds a thread the run started may take to end once the handler has returned
 _PR_SET_CHILD_SUBREAPER = 36
+# The function's code is watched for changes (see _CodeFiles) in at most this many files: the
+# server stats each of them every time it hands the instance a run.
+MAX_CODE_FILES = 64
+CHANGED_WHILE_LOADING = -1  # a file's mtime in its signature: it changed as it was read, no version to trust
+_MTIME_SLACK_NS = 10_000_000  # file times come from a clock that lags by up to a tick (1-10 ms)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -139,7 +149,7 @@ class Context:
         return int(self.remaining_time() * 1000)
 
 
-def _frame_json(payload: dict[str, Any]) -> bytes:
+def _frame_json(payload: dict[str, Any] | list[Any]) -> bytes:
     """A frame's JSON: text and flags only, which the standard library writes as well as orjson."""
     # A lone surrogate (it can come with an exception's message) becomes "?": the parent's
     # parser accepts only valid UTF-8.
@@ -326,6 +336,80 @@ def _step(key: Any, container: Any) -> str:
     return f"[{key!r}]"
 
 
+class _CodeFiles:
+    """The function's code as this instance imported it, for the server to tell when it changed.
+
+    That is the handler's file and every module the instance imported from the handler's
+    folder or below it (not the interpreter's own, nor site-packages), each with its signature
+    (st_mtime_ns, st_size, st_ino: an editor that saves by renaming a new file over the old one
+    may keep its time and size) as the instance read it. Files are looked for once the handler's
+    module is loaded, and after each run: a len() when the run imported nothing, else a scan of
+    sys.modules. A file is statted once, when first found: statted again, it would take in a
+    change made since it was read. One whose time falls since the run began (it may have changed
+    after it was read) gets CHANGED_WHILE_LOADING, which no file has: the server replaces the
+    instance.
+    """
+
+    __slots__ = ("_folder", "_skip", "_modules", "_new", "signatures", "left_out")
+
+    def __init__(self, handler_file: str) -> None:
+        self._folder = os.path.join(os.path.dirname(os.path.abspath(handler_file)), "")
+        platform = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+        self._skip = tuple(os.path.join(folder, "") for folder in platform if folder)
+        self._modules = 0  # len(sys.modules) when last looked at
+        self._new = False  # files were added since the signatures were last reported
+        self.signatures: dict[str, tuple[int, int, int]] = {}
+        self.left_out = False  # files past MAX_CODE_FILES were found, and are not watched
+
+    def look(self, since: int) -> None:
+        """Take in the files of modules imported since the last look. `since`: when the run that
+        imported them began (time.time_ns()), before it could import anything."""
+        if len(sys.modules) != self._modules:
+            self._modules = len(sys.modules)
+            self._add(since)
+
+    def report(self) -> list[list[Any]] | None:
+        """Every file's [path, mtime_ns, size, ino], if files were added since the last report; else None."""
+        if not self._new:
+            return None
+        self._new = False
+        return [[path, *signature] for path, signature in self.signatures.items()]
+
+    def _add(self, since: int) -> None:
+        for path in self._files():
+            if path in self.signatures:
+                continue  # (statted again, it would take in a change made since it was read)
+            if len(self.signatures) >= MAX_CODE_FILES:
+                self.left_out = True
+                return
+            try:
+                st = os.stat(path)
+            except OSError:  # (e.g. a module from a zip file): not watched
+                continue
+            changed = since - _MTIME_SLACK_NS <= st.st_mtime_ns <= time.time_ns()
+            self.signatures[path] = (CHANGED_WHILE_LOADING if changed else st.st_mtime_ns, st.st_size, st.st_ino)
+            self._new = True
+
+    def _files(self) -> list[str]:
+        """The files of the modules loaded from the handler's folder or below it, in the order they came."""
+        found = []
+        for module in list(sys.modules.values()):
+            try:
+                path = module.__file__
+            except Exception:  # noqa: BLE001, S112 - whatever the handler put in sys.modules
+                continue
+            if (
+                type(path) is str
+                and path.startswith(self._folder)
+                and not path.startswith(self._skip)
+                and "-packages" + os.sep not in path  # (site-packages, dist-packages)
+                and path != __file__  # (the worker itself, should the handler live beside it)
+                and path.isprintable()  # (a name the frame's JSON cannot carry as it is)
+            ):
+                found.append(path)
+        return found
+
+
 class _Worker:
     def __init__(self, handler: str, function: str, token: str, tasks: int, frames: int, memory_limit: int) -> None:
         self.handler_spec = handler
@@ -351,6 +435,8 @@ class _Worker:
         self._logger: logging.Logger | None = None
         self._ballast = _ballast() if memory_limit else None
         self._threads: list[threading.Thread] | None = None  # those there as the handler was called
+        self._code: _CodeFiles | None = None  # (once the handler is loaded)
+        self._began = 0  # when the current run began (time.time_ns())
 
     def logger(self) -> logging.Logger:
         if self._logger is None:
@@ -414,6 +500,7 @@ class _Worker:
 
             path, _, name = self.handler_spec.rpartition(":")
             sys.path.insert(0, os.path.dirname(path))
+            self._code = _CodeFiles(path)
             stem = os.path.splitext(os.path.basename(path))[0]
             spec = importlib.util.spec_from_file_location(f"eventrun_handler_{stem}", path)
             if spec is None or spec.loader is None:
@@ -438,12 +525,15 @@ class _Worker:
             context.memory_limit_in_mb = self.memory_limit // _MB
         failure: dict[str, Any] | None = None
         self._threads = None
+        self._began = time.time_ns()
         try:
             imported = self.handler is not None
             handler = self.load()
             if not imported:  # what importing its module set up is the instance's, alike for each run
                 self._streams = (sys.stdout, sys.stderr)
                 self._stdin_stream = sys.stdin
+                if self._code is not None:  # (before the handler runs: an edit meanwhile is seen as one)
+                    self._code.look(self._began)
             self._threads = threading.enumerate()
             outcome = handler(task["event"], context)
             if _maybe_awaitable(outcome):
@@ -552,15 +642,32 @@ class _Worker:
         for note in notes:
             self.write(f"[eventrun] {note} is not reused\n".encode())
         recycle = bool(notes)
+        code = None if recycle else self._code_changes()
         if failure is not None:
-            sent = self.frame({**failure, "recycle": True} if recycle else failure)
+            sent = self.frame({**failure, "recycle": True} if recycle else {**failure, "code": code} if code else failure)
         elif recycle:
             sent = self.send_frame(b'{"ok":true,"recycle":true,"result":' + result + b"}")
+        elif code:
+            sent = self.send_frame(b'{"ok":true,"code":' + _frame_json(code) + b',"result":' + result + b"}", checked=True)
         else:  # (the usual end: the fds were just found as they were)
             sent = self.send_frame(b'{"ok":true,"result":' + result + b"}", checked=True)
         if not sent:
             while True:  # stopped by the parent, or by the watch should the parent be gone
                 time.sleep(3600)
+
+    def _code_changes(self) -> list[list[Any]] | None:
+        """The signature of the code this instance runs, to report with the outcome of a run that
+        keeps it, if it changed since last reported (after the first run, as a rule); else None."""
+        if self._code is None:
+            return None
+        self._code.look(self._began)
+        code = self._code.report()
+        if code and self._code.left_out:
+            self.write(
+                f"[eventrun] the function imported more than {MAX_CODE_FILES} files from its folder: changes to"
+                " those past them are not seen until its instances are replaced\n".encode()
+            )
+        return code
 
     def _stdio_intact(self, on: dict[int, tuple[int, int] | None]) -> bool:
         """True if fds 1 and 2 are still the output pipe, and sys.stdout and sys.stderr the objects

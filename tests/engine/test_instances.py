@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,18 @@ import orjson
 import pytest
 
 from eventrun.engine import instances
-from eventrun.engine.instances import MAX_LINE, PARTIAL_LINE_WAIT, READ_CHUNK, Instance, InstancePool, PartialLine, Spec
+from eventrun.engine.instances import (
+    MAX_LINE,
+    PARTIAL_LINE_WAIT,
+    READ_CHUNK,
+    CodeFile,
+    Instance,
+    InstancePool,
+    PartialLine,
+    Spec,
+    code_changes,
+    code_files,
+)
 from eventrun.engine.worker import FRAME_MARK, MAX_FRAME, PIPE_BUF, _frame_pieces
 
 MARK = (FRAME_MARK + "t0").encode()  # an instance's, whose token is t0
@@ -227,6 +239,7 @@ class _Idle:
         self.last_used = last_used
         self.pid = 0
         self.killed = False
+        self.code: tuple[CodeFile, ...] = ()
 
     async def kill(self, grace: float) -> None:
         self.killed = True
@@ -281,3 +294,76 @@ async def test_out_of_processes_or_descriptors_the_idle_instances_go_and_the_sta
         await pool.acquire(spec)
     assert tries[2:] == ["b"], "tried once: nothing could be freed"
     assert pool.size == 1, "the instance started; the one that failed is not counted"
+
+
+def signature(path: Path) -> CodeFile:
+    """A file as an instance reports it."""
+    st = path.stat()
+    return (str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def test_code_changes_are_an_edit_a_file_renamed_over_and_a_file_gone(tmp_path: Path) -> None:
+    same, edited, renamed, gone = (tmp_path / f"{name}.py" for name in ("same", "edited", "renamed", "gone"))
+    for path in (same, edited, renamed, gone):
+        path.write_text("VERSION = 'A'\n")
+    code = tuple(map(signature, (same, edited, renamed, gone)))
+    assert code_changes(code) == {}
+    edited.write_text("VERSION = 'B'\n")  # the same size: its time says it
+    os.utime(edited, ns=(code[1][1] + 1, code[1][1] + 1))
+    fresh = tmp_path / "renamed.py.sed"
+    fresh.write_text("VERSION = 'B'\n")
+    os.utime(fresh, ns=(code[2][1], code[2][1]))  # the same time and size: its inode says it (as `cp -p` and a rename)
+    os.replace(fresh, renamed)
+    gone.unlink()
+    assert code_changes(code) == {str(edited): signature(edited), str(renamed): signature(renamed), str(gone): None}
+
+
+def test_code_files_keeps_what_a_worker_writes_and_drops_the_rest() -> None:
+    good = ["/f/handler.py", 1, 2, 3]
+    assert code_files([good, ["/f/x.py", "1", 2, 3], ["/f/y.py", 1, 2], [None, 1, 2, 3], "no", ["/f/z.py", 1.5, 2, 3]]) == (
+        ("/f/handler.py", 1, 2, 3),
+    )
+    assert code_files({"not": "a list"}) == ()
+
+
+def _reported(path: Path) -> tuple[CodeFile, ...]:
+    return (signature(path),)
+
+
+async def test_an_outdated_idle_instance_is_stopped_and_the_run_gets_a_fresh_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = tmp_path / "handler.py"
+    handler.write_text("VERSION = 'A'\n")
+    pool = InstancePool(max_instances=8, idle_timeout=300, kill_grace=1, base_env={})
+    idle = [_Idle("f", n) for n in range(3)]
+    for instance in idle:
+        instance.code = _reported(handler)
+    pool._idle["f"] = list(idle)  # type: ignore[list-item]
+    fresh = _Idle("f", 10)
+    spawns: list[str] = []
+
+    async def spawn(spec: Spec) -> Any:
+        spawns.append(spec.function)
+        return fresh
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    spec = Spec(function="f", handler=f"{handler}:main", cwd=tmp_path, environment={})
+    assert await pool.acquire(spec) is idle[2] and spawns == [], "unchanged: reused"
+    pool.keep_warm(idle[2], keep=True)  # type: ignore[arg-type]
+    handler.write_text("VERSION = 'B'\n")
+    os.utime(handler, ns=(idle[0].code[0][1] + 10**9, idle[0].code[0][1] + 10**9))
+    with caplog.at_level("INFO", logger="eventrun.engine.instances"):
+        assert await pool.acquire(spec) is fresh and spawns == ["f"], "each outdated one is passed over"
+        fresh.code = _reported(handler)
+        pool.keep_warm(fresh, keep=True)  # type: ignore[arg-type]
+        assert await pool.acquire(spec) is fresh, "the fresh one is current"
+        pool.keep_warm(fresh, keep=True)  # type: ignore[arg-type]
+        late = _Idle("f", 20)  # busy with a run as the code changed: back only now
+        late.code = idle[0].code
+        pool.keep_warm(late, keep=True)  # type: ignore[arg-type]
+        assert await pool.acquire(spec) is fresh
+    await asyncio.gather(*pool._evicted)
+    assert [i.killed for i in (*idle, late)] == [True, True, True, True] and not fresh.killed
+    said = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
+    assert said == ["the code of function f changed (handler.py): its instances are started afresh"]

@@ -7,8 +7,12 @@ import asyncio
 import dataclasses
 import enum
 import os
+import sys
 import threading
+import time
+import types
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -456,3 +460,73 @@ async def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None
     feed(instance, bytes(received))  # (in the loop, as the instance's output is read)
     assert instance._outcome.result() == {"ok": True, "result": result}
     assert logged and all(set(line) <= {"y"} for line in logged)
+
+
+def _module(monkeypatch: pytest.MonkeyPatch, name: str, path: Path) -> None:
+    """A module of the instance's, loaded from `path`, as far as its file goes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("VERSION = 1\n")
+    os.utime(path, (1_000_000, 1_000_000))  # long before any run
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_the_code_is_the_modules_from_the_handlers_folder_and_below(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folder = tmp_path / "fn"
+    for name, path in {
+        "handler": folder / "handler.py",
+        "helper": folder / "helper.py",
+        "pkg.inner": folder / "pkg" / "inner.py",
+        "vendored": folder / ".venv" / "lib" / "site-packages" / "vendored.py",
+        "neighbour": tmp_path / "fn2" / "neighbour.py",  # (a folder whose name starts alike)
+        "elsewhere": tmp_path / "other.py",
+    }.items():
+        _module(monkeypatch, f"code_test_{name}", path)
+    monkeypatch.setitem(sys.modules, "code_test_odd", _Odd())
+    code = worker._CodeFiles(str(folder / "handler.py"))
+    code.look(time.time_ns())
+    reported = code.report()
+    assert reported is not None
+    assert [path for path, *_ in reported] == [str(folder / "handler.py"), str(folder / "helper.py"), str(folder / "pkg" / "inner.py")]
+    st = (folder / "helper.py").stat()
+    assert reported[1] == [str(folder / "helper.py"), st.st_mtime_ns, st.st_size, st.st_ino]
+    assert code.report() is None, "reported once"
+
+
+class _Odd:
+    """Something a handler put in sys.modules that no file can be had of."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("no attributes here")
+
+
+def test_a_file_is_statted_once_and_one_changed_as_its_run_went_is_marked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    folder = tmp_path / "fn"
+    _module(monkeypatch, "code_test_handler", folder / "handler.py")
+    code = worker._CodeFiles(str(folder / "handler.py"))
+    code.look(time.time_ns())
+    first = code.report()
+    (folder / "handler.py").write_text("VERSION = 2\n")  # after it was read: its signature stays as it was
+    began = time.time_ns()
+    _module(monkeypatch, "code_test_lazy", folder / "lazy.py")  # imported by a run...
+    (folder / "lazy.py").write_text("VERSION = 2\n")  # ... and changed as it went on
+    code.look(began)
+    reported = code.report()
+    assert reported is not None and first is not None
+    assert reported[0] == first[0]
+    assert reported[1][0] == str(folder / "lazy.py") and reported[1][1] == worker.CHANGED_WHILE_LOADING
+    code.look(time.time_ns())
+    assert code.report() is None, "no module came since: nothing to report"
+
+
+def test_past_max_code_files_the_rest_are_not_watched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folder = tmp_path / "fn"
+    for n in range(worker.MAX_CODE_FILES + 3):
+        _module(monkeypatch, f"code_test_m{n}", folder / f"m{n}.py")
+    code = worker._CodeFiles(str(folder / "m0.py"))
+    code.look(time.time_ns())
+    reported = code.report()
+    assert reported is not None and len(reported) == worker.MAX_CODE_FILES and code.left_out
