@@ -30,6 +30,8 @@ from .manifest import FunctionConfig, Manifest, format_duration, functions_envir
 from .metrics import Metrics
 from .recount import Recount
 from .store import Batch, NewInvocation, SQLiteStore, replay_event_id
+from .text import printable
+from .worker import HANDLER_LOAD_FAILED
 from .writes import PRUNE_AT_ONCE, Ending
 
 if TYPE_CHECKING:
@@ -186,6 +188,7 @@ class Engine:
         self._recount = Recount(lambda: self.store.counts())
         self._behind: dict[str, _Behind] = {}  # sync calls whose record is not yet committed (see call)
         self._starts_refused = 0  # starts the store refused in a row (see _start_refused)
+        self._unloadable: dict[str, str] = {}  # per function, why its handler could not be loaded, as logged (see _note_loading)
         self._start_tried: dict[str, str] = {}  # the time of a run's refused start, to try again with
         self._behind_refused = 0  # sends of sync calls' records the store refused in a row (see _written_behind)
         # What the server's log says of refused writes, by kind (see FailureLog).
@@ -1083,7 +1086,20 @@ class Engine:
                 await asyncio.shield(instance.kill(self.manifest.server.kill_grace))
         if not outcome.keep_instance and outcome.status is Status.FAILED:
             self._note(request_id, f"[eventrun] instance {instance.pid} was discarded after the failure")
+        self._note_loading(function, outcome)
         return outcome
+
+    def _note_loading(self, function: str, outcome: Outcome) -> None:
+        """Say in the server's log that a function's handler cannot be loaded: once a reason, as
+        each of its runs fails alike until its code is fixed (the run's log has the traceback);
+        and that it can again, once a run finishes."""
+        if outcome.error_type == HANDLER_LOAD_FAILED:
+            reason = outcome.error_message or ""
+            if self._unloadable.get(function) != reason:
+                self._unloadable[function] = reason
+                logger.error("function %s: %s; its runs fail until its code is fixed", function, printable(reason))
+        elif outcome.status is Status.FINISHED and self._unloadable.pop(function, None) is not None:
+            logger.info("function %s: its handler is loaded again", function)
 
     async def _end(
         self, request_id: str, function: str, outcome: Outcome, *, started: float | None, queued_only: bool = False

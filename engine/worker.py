@@ -52,6 +52,7 @@ import time
 TYPE_CHECKING = False  # typing itself is not imported: it would cost every start a few ms
 if TYPE_CHECKING:
     import logging
+    from types import TracebackType
     from typing import Any, Callable, Iterator, NoReturn
 
 FRAME_MARK = "\x1eeventrun-frame:"
@@ -66,6 +67,7 @@ FRAME_MORE = "+"
 PIPE_BUF = 4096  # Linux's (select.PIPE_BUF: select is not imported for it)
 MAX_RESULT = 6 * 1024 * 1024  # the same bound as an invocation body
 MAX_MESSAGE = 16 * 1024  # characters of an error message kept (the traceback in the log has it all)
+HANDLER_LOAD_FAILED = "HandlerLoadFailed"  # the ErrorType of a run whose handler could not be imported or found
 MAX_FRAME = MAX_RESULT + 256 * 1024  # no frame is longer: a result, or a message, and a little
 # orjson writes at most JSON_DEPTH levels of nesting (see triggers/http/parser.py, MAX_NESTING),
 # and a result is written inside other documents: 3 levels down in GET /invocations
@@ -526,9 +528,12 @@ class _Worker:
         failure: dict[str, Any] | None = None
         self._threads = None
         self._began = time.time_ns()
+        loading = False
         try:
             imported = self.handler is not None
+            loading = not imported
             handler = self.load()
+            loading = False
             if not imported:  # what importing its module set up is the instance's, alike for each run
                 self._streams = (sys.stdout, sys.stderr)
                 self._stdin_stream = sys.stdin
@@ -545,7 +550,7 @@ class _Worker:
         except BaseException as exc:  # SystemExit too: the run failed, the parent decides
             if os.getpid() != self.pid:
                 _leave_fork(exc)
-            failure = self.failed(exc)
+            failure = self.failed(exc, loading=loading)
         if os.getpid() != self.pid:
             _leave_fork(None)
         if failure is not None:  # (reported out of the except block, which holds the handler's frames)
@@ -583,8 +588,13 @@ class _Worker:
             return
         self.end(None, encoded)
 
-    def failed(self, exc: BaseException) -> dict[str, str]:
-        """Print the handler's traceback to the run's log; the error type and message to report."""
+    def failed(self, exc: BaseException, *, loading: bool = False) -> dict[str, str]:
+        """Print the handler's traceback to the run's log; the error type and message to report.
+
+        `loading`: raised as the handler's module was imported, or its callable looked for: the
+        run fails HANDLER_LOAD_FAILED, naming the exception, and the traceback starts in the
+        function's own code (its import went through this worker and importlib first).
+        """
         if self.memory_limit and _out_of_memory(exc):
             if self._ballast is not None:
                 self._ballast.close()  # the room to report it in
@@ -599,11 +609,15 @@ class _Worker:
                 message = str(exc)
             except BaseException:  # noqa: BLE001 - a hostile __str__ does not take the report down with it
                 message = f"<{error_type} whose message cannot be read>"
+            if loading:
+                message = f"the handler {self.handler_spec} could not be loaded: {error_type}: {message}"
+                error_type = HANDLER_LOAD_FAILED
         try:
             import traceback
 
             # Skip this frame: the user's traceback starts at their handler.
-            trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+            frames = exc.__traceback__.tb_next if exc.__traceback__ else None
+            trace = traceback.format_exception(type(exc), exc, _past_the_loader(frames) if loading else frames)
             text = "".join(trace)
         except BaseException:  # noqa: BLE001 - e.g. MemoryError again
             text = f"{error_type}: {message}\n"
@@ -699,6 +713,16 @@ class _Worker:
                 return  # the parent closed it: no more events
             if line.strip():
                 self.run_one(json.loads(line))
+
+
+def _past_the_loader(frames: TracebackType | None) -> TracebackType | None:
+    """A traceback from its first frame in the function's own code: without this worker's and
+    importlib's frames before it (none is left when the error is the loader's own)."""
+    while frames is not None and (
+        frames.tb_frame.f_code.co_filename == __file__ or frames.tb_frame.f_code.co_filename.startswith("<frozen importlib")
+    ):
+        frames = frames.tb_next
+    return frames
 
 
 def _leave_fork(exc: BaseException | None) -> NoReturn:
