@@ -205,8 +205,11 @@ def _result_json(value: Any) -> bytes:
         keyed = False
     except TypeError as exc:
         if str(exc) != "Dict key must be str":
-            raise
-        encoded = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+            raise _located(value, exc) from None
+        try:
+            encoded = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError as exc:
+            raise _located(value, exc) from None
         keyed = True
     if len(encoded) > MAX_RESULT:
         return encoded
@@ -219,6 +222,49 @@ def _result_json(value: Any) -> bytes:
         if where is not None:
             raise TypeError(f"{where}; JSON keys are strings, so one value would be lost (give each a key of its own)")
     return encoded
+
+
+_UNWRITTEN_HINTS = {
+    "set": " (return a list)",
+    "frozenset": " (return a list)",
+    "bytes": " (return text: decoded, or in base64)",
+    "bytearray": " (return text: decoded, or in base64)",
+    "Decimal": " (return a string, or a float)",
+}
+
+
+def _located(result: Any, exc: TypeError) -> TypeError:
+    """orjson's refusal of a value or a key it has no JSON for, said with where it is in the
+    result (e.g. 'result["tags"] is of type set, which JSON cannot hold (return a list)'); any other
+    refusal as it is. orjson's own words name only the type, once in broken English."""
+    if not str(exc).startswith(("Type is not JSON serializable", "Dict key must")):
+        return exc
+    import dataclasses
+    from enum import Enum
+
+    import orjson
+
+    def written(thing: Any) -> bool:
+        try:
+            orjson.dumps(thing, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            return False
+        return True
+
+    def unwritten(value: Any) -> str | None:
+        if isinstance(value, dict):
+            key = next((key for key in value if not written({key: None})), _NO_KEY)
+            return None if key is _NO_KEY else f"has a key {_key_text(key)} of type {type(key).__name__}, which JSON cannot write as text"
+        if isinstance(value, (list, tuple, Enum)) or dataclasses.is_dataclass(value) or written(value):
+            return None  # (what it holds is looked at next)
+        kind = type(value).__name__
+        return f"is of type {kind}, which JSON cannot hold{_UNWRITTEN_HINTS.get(kind, '')}"
+
+    where = _first_fault(result, unwritten)
+    return TypeError(where) if where is not None else exc
+
+
+_NO_KEY = object()
 
 
 def _first_fault(result: Any, fault: Callable[[Any], str | None]) -> str | None:

@@ -12,6 +12,7 @@ import threading
 import time
 import types
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,24 @@ def test_a_result_over_the_size_limit_is_not_walked(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(worker, "_non_finite", None)
     big = [None, "x" * worker.MAX_RESULT, NAN]
     assert len(worker._result_json(big)) > worker.MAX_RESULT  # it fails as ResultTooLarge
+
+
+@pytest.mark.parametrize(
+    ("result", "where"),
+    [
+        ({"tags": {1, 2}}, 'result["tags"] is of type set, which JSON cannot hold (return a list)'),
+        (b"png", "result is of type bytes, which JSON cannot hold (return text: decoded, or in base64)"),
+        ([1, {"d": Decimal("1.5")}], 'result[1]["d"] is of type Decimal, which JSON cannot hold (return a string, or a float)'),
+        ({"at": Point(object())}, 'result["at"].x is of type object, which JSON cannot hold'),
+        ({(1, 2): 3}, "result has a key (1, 2) of type tuple, which JSON cannot write as text"),
+        ({"n": 1, "k": {frozenset(): 1}}, 'result["k"] has a key frozenset() of type frozenset, which JSON cannot write as text'),
+    ],
+)
+def test_a_value_or_key_json_cannot_hold_is_refused_with_where_it_is(result: Any, where: str) -> None:
+    # orjson's words named the type alone, and of a key said "Dict key must a type serializable with OPT_NON_STR_KEYS".
+    with pytest.raises(TypeError) as caught:
+        worker._result_json(result)
+    assert str(caught.value) == where
 
 
 def test_an_integer_beyond_64_bits_is_still_refused() -> None:
