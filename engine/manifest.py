@@ -861,19 +861,29 @@ def load_manifest(path: Path | str | None, check: Callable[[Manifest], Sequence[
         raise ManifestError(f"{label}: not valid TOML: {exc}") from None
     finally:
         _TOML_FILE.clear()
-    origins = Origins(_SCHEMA, label, location)
+    # What the values lead to (files, names across tables, the triggers' own reading): every
+    # problem at once, as the values' own problems above are.
+    problems = [*_file_problems(manifest), *_trigger_name_problems(manifest)]
+    if check is not None:
+        problems += check(manifest)
+    if problems:
+        origins = Origins(_SCHEMA, label, location)
+        raise ManifestError("\n".join(origins.line(loc, message) for loc, message in problems))
+    return manifest
+
+
+def _file_problems(manifest: Manifest) -> list[Problem]:
+    """Handler files that are not Python files, and Kafka files (certificates, keys) not found."""
+    problems: list[Problem] = []
     for name, function in manifest.functions.items():
         handler = manifest.handler_path(name)
         if not handler.is_file() or not handler.name.endswith(".py"):
-            raise ManifestError(origins.line(["functions", name, "handler"], _handler_problem(function, handler)))
-    _check_trigger_names(origins, manifest)
+            problems.append((["functions", name, "handler"], _handler_problem(function, handler)))
     for key, name in manifest.kafka.files().items():
         found = manifest.kafka_file(name)
         if not found.is_file():
-            raise ManifestError(origins.line(["kafka", key], f"file {name!r} not found (looked for {found})"))
-    if check is not None and (problems := check(manifest)):
-        raise ManifestError("\n".join(origins.line(loc, message) for loc, message in problems))
-    return manifest
+            problems.append((["kafka", key], f"file {name!r} not found (looked for {found})"))
+    return problems
 
 
 def _handler_problem(function: FunctionConfig, found: Path) -> str:
@@ -893,15 +903,14 @@ def _handler_problem(function: FunctionConfig, found: Path) -> str:
     return message
 
 
-def _check_trigger_names(origins: Origins, manifest: Manifest) -> None:
+def _trigger_name_problems(manifest: Manifest) -> list[Problem]:
+    """Two timer triggers of one function with one name."""
+    problems: list[Problem] = []
     for name, function in manifest.functions.items():
         seen: set[str] = set()
         for trigger in function.triggers:
             if isinstance(trigger, TimerTrigger):
                 if trigger.name in seen:
-                    raise ManifestError(
-                        origins.line(
-                            ["functions", name, "triggers"], f"two timer triggers are named {trigger.name!r}"
-                        )
-                    )
+                    problems.append((["functions", name, "triggers"], f"two timer triggers are named {trigger.name!r}"))
                 seen.add(trigger.name)
+    return problems

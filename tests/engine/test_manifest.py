@@ -866,3 +866,19 @@ def test_a_function_the_variables_add_without_a_handler_is_blamed_on_them(write,
         "the environment: functions.helo.handler: a required key, not set; "
         "set in the environment: EVENTRUN_FUNCTIONS__HELO__TIMEOUT"
     )
+
+
+def test_what_the_values_lead_to_is_refused_all_at_once(write, tmp_path):
+    # Each was refused alone: fixed, the next came up, one start after another.
+    text = (
+        kafka(security_protocol='"SSL"', ssl_cafile='"certs/ca.pem"')
+        + function("a")
+        + "[functions.b]\nhandler = \"handlers/missing.py:main_handler\"\n"
+        + "[functions.c]\nhandler = \"handlers/gone.py:main_handler\"\n"
+    )
+    message = refusal(write(text))
+    lines = message.splitlines()
+    assert len(lines) == 3, message
+    assert "functions.b.handler: file 'handlers/missing.py' not found" in lines[0], message
+    assert "functions.c.handler: file 'handlers/gone.py' not found" in lines[1], message
+    assert "kafka.ssl_cafile: file 'certs/ca.pem' not found" in lines[2], message
