@@ -1441,20 +1441,25 @@ def test_serve_reports_a_bad_manifest_in_one_line(fake_app: list[Path | None], c
 # --------------------------------------------------------------------------- the console script
 
 
-def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
-    stand_in.streams["req-1"] = ["data: working\n\n", None]
+def interruptible(folder: Path, *argv: str) -> subprocess.Popen[str]:
+    """The console script with these arguments, started as in a terminal, where Ctrl-C reaches it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
-    with subprocess.Popen(
-        [str(EVENTRUN), "logs", "req-1", "--follow", "--url", stand_in.url],
-        cwd=tmp_path,
+    return subprocess.Popen(
+        [str(EVENTRUN), *argv],
+        cwd=folder,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # As in a terminal: a runner started in the background (`cmd &` in a script) hands its
-        # children SIGINT ignored, and Python then leaves it ignored.
+        # A runner started in the background (`cmd &` in a script) hands its children SIGINT
+        # ignored, and Python then leaves it ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    ) as process:
+    )
+
+
+def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
+    stand_in.streams["req-1"] = ["data: working\n\n", None]
+    with interruptible(tmp_path, "logs", "req-1", "--follow", "--url", stand_in.url) as process:
         assert process.stdout is not None and process.stderr is not None
         assert process.stdout.readline() == "working\n"
         process.send_signal(signal.SIGINT)
@@ -1466,16 +1471,7 @@ def test_ctrl_c_exits_130_quietly(stand_in: StandIn, tmp_path: Path) -> None:
 def test_ctrl_c_on_invoke_wait_names_the_run_that_goes_on(stand_in: StandIn, tmp_path: Path) -> None:
     # The RequestId of an async run is printed only with its result: Ctrl-C lost it.
     stand_in.invocations["req-thumbnail"] = [_invocation("req-thumbnail", "RUNNING")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
-    with subprocess.Popen(
-        [str(EVENTRUN), "invoke", "thumbnail", "--wait", "--url", stand_in.url],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (as in test_ctrl_c_exits_130_quietly)
-    ) as process:
+    with interruptible(tmp_path, "invoke", "thumbnail", "--wait", "--url", stand_in.url) as process:
         deadline = time.monotonic() + 10
         while not stand_in.calls("GET", "/invocations/req-thumbnail") and time.monotonic() < deadline:
             time.sleep(0.02)
