@@ -139,3 +139,11 @@ async def test_a_bulk_replay_sent_again_with_its_idempotency_key_answers_the_sam
     assert (listed.returncode, listed.stdout.splitlines()) == (0, shown), listed.stderr
     too_long = await api.request("POST", "/functions/pid/replay", json={}, headers={"Idempotency-Key": "k" * 257})
     assert too_long.status == 400 and "Idempotency-Key header: at most 256 characters" in too_long.error(400)["Message"]
+    # The key sent is the one used: another key, or none, replays anew.
+    made_first = {pair["RequestId"] for pair in first["Replayed"]}
+    for headers in ({"Idempotency-Key": "nightly:2024-05-02"}, {}):
+        reply = await api.request("POST", "/functions/pid/replay", json={"Status": "FAILED", "Limit": 1}, headers=headers)
+        assert reply.status == 200, reply.text
+        [pair] = reply.json["Replayed"]
+        assert pair["RequestId"] not in made_first, (headers, pair)
+        await api.wait_ended(pair["RequestId"])

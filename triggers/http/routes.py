@@ -231,10 +231,10 @@ async def replay_function(request: web.Request) -> web.Response:
     dry_run = body.get("DryRun", False)
     if not isinstance(dry_run, bool):
         raise InvalidParameter(f"DryRun: expected true or false, got {dry_run!r}")
-    text = {key: body.get(key) for key in ("Status", "Trigger", "Since", "Until")}
-    for key, value in text.items():
+    text = {field: body.get(field) for field in ("Status", "Trigger", "Since", "Until")}
+    for field, value in text.items():
         if value is not None and not isinstance(value, str):
-            raise InvalidParameter(f"{key}: expected a string, got {value!r}")
+            raise InvalidParameter(f"{field}: expected a string, got {value!r}")
     pairs = await engine.replay_many(
         name,
         status=_parse_status("Status", text["Status"] or ""),
