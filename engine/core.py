@@ -694,7 +694,7 @@ class Engine:
         run with a key shows the replay a run has under it already, else None.
         """
         if status is not None and not status.ended:
-            raise InvalidParameter(f"status: only ended runs can be replayed, not {status.value} ones")
+            raise InvalidParameter(f"Status: only ended runs can be replayed, not {status.value} ones")
         picked = await self._replay_picks(function, status, trigger, since, until, limit, key)
         if dry_run:
             return [(request_id, await self._replay_under(request_id, key)) for request_id in picked]

@@ -86,8 +86,9 @@ async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, ht
     whole = await bulk(Status="FAILED", Limit=1.0, DryRun=True)
     assert len(whole["Replayed"]) == 1, "a number with no fraction is an integer, as JSON Schema has it"
     refusals = [
-        ({"Status": "RUNNING"}, "only ended runs"), ({"Limit": 0}, "Limit"), ({"Limit": 1.5}, "Limit"),
-        ({"Limit": True}, "Limit"), ({"Colour": 1}, "unknown field"),
+        ({"Status": "RUNNING"}, "Status: only ended runs"), ({"Limit": 0}, "Limit"), ({"Limit": 1.5}, "Limit"),
+        ({"Limit": True}, "Limit: expected an integer from 1 to 1000, got true"), ({"Colour": 1}, "unknown field"),
+        ({"Since": 5}, "Since: expected a string, got 5"), ({"DryRun": None}, "DryRun: expected true or false, got null"),
         ({"Status": "DONE"}, "Status: expected one of"), ({"Trigger": "ftp"}, "Trigger: expected one of"),
     ]
     for body, message in refusals:

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -256,6 +257,23 @@ def test_malformed_json_is_invalid_parameter() -> None:
         to_envelope("resize", b'{"w": ', "application/json", None)
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type", "where"),
+    [
+        ('{"a": "\u00e9"}'.encode("latin-1"), "application/json; charset=iso-8859-1", "at byte 7: invalid continuation byte"),
+        ('{"a": 1}'.encode("utf-16"), "application/json; charset=utf-16", "at byte 0: invalid start byte"),
+    ],
+    ids=["latin-1", "utf-16"],
+)
+def test_json_not_in_utf8_is_refused_saying_so(body: bytes, content_type: str, where: str) -> None:
+    # orjson's words were "str is not valid UTF-8: surrogates not allowed".
+    with pytest.raises(InvalidParameter) as caught:
+        to_envelope("resize", body, content_type, None)
+    assert str(caught.value) == (
+        f"request body is not valid JSON: it is not UTF-8 ({where}); send JSON in UTF-8, whatever the charset"
+    )
+
+
 def test_structured_json_types_are_parsed() -> None:
     envelope = to_envelope("resize", b"[1, 2]", "application/cloudevents+json", None)
     assert envelope.data == [1, 2]
@@ -359,6 +377,24 @@ async def test_event_invocation_type_queues_a_sync_function(client: TestClient, 
     assert response.status == 202
     assert await response.json() == {"RequestId": "rid-1"}
     assert engine.wait_calls == []
+
+
+@pytest.mark.parametrize(
+    ("path", "header"),
+    [
+        ("/functions/echo/invocations", "Idempotency-Key"),
+        ("/functions/echo/invocations", "X-Invocation-Type"),
+        ("/invocations/r1/replay", "Idempotency-Key"),
+        ("/functions/echo/replay", "Idempotency-Key"),
+    ],
+)
+async def test_a_header_sent_twice_is_400_naming_it(client: TestClient, engine: FakeEngine, path: str, header: str) -> None:
+    # The first one counted, and a proxy may join the two into one ("a, b"): another key.
+    headers = CIMultiDict([(header, "Event"), (header, "Event")])
+    response = await client.post(path, json={}, headers=headers)
+    assert response.status == 400, await response.text()
+    assert (await _error(response)) == {"Code": "InvalidParameter", "Message": f"{header} header: given 2 times; give it once"}
+    assert engine.accepted == []
 
 
 async def test_unknown_invocation_type_is_400(client: TestClient, engine: FakeEngine) -> None:
@@ -475,6 +511,19 @@ async def test_get_unknown_invocation_is_404(client: TestClient) -> None:
     response = await client.get("/invocations/missing")
     assert response.status == 404
     assert (await _error(response))["Code"] == "InvocationNotFound"
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ("0000AAAA-0000-7000-8000-00000000000A", "0000aaaa-0000-7000-8000-00000000000a"),  # a UUID: in any case, the same
+        ("Missing%ZZ", "Missing%ZZ"),  # no UUID: named as it came (it was lower-cased)
+    ],
+)
+async def test_a_404_names_the_request_id_as_a_uuid_or_as_it_came(client: TestClient, given: str, named: str) -> None:
+    response = await client.get(f"/invocations/{given}")
+    assert response.status == 404
+    assert (await _error(response))["Message"] == f"invocation {named!r} does not exist"
 
 
 async def test_list_passes_filters_and_answers_a_page(client: TestClient, engine: FakeEngine) -> None:

@@ -29,7 +29,7 @@ def to_envelope(function: str, body: bytes, content_type: str | None, idempotenc
             try:
                 data = loads_exact(body, loads(body))  # (an integer beyond 64 bits keeps every digit)
             except JSONDecodeError as exc:
-                raise InvalidParameter(f"request body is not valid JSON: {exc}") from None
+                raise InvalidParameter(f"request body is not valid JSON: {_not_utf8(body) or exc}") from None
             if nests_deeper(data, MAX_NESTING, body):
                 raise InvalidParameter(f"request body nests deeper than {MAX_NESTING} levels")
     elif body:
@@ -55,6 +55,16 @@ def _check_utf8(name: str, value: str | None) -> None:
         (value or "").encode()
     except UnicodeEncodeError:
         raise InvalidParameter(f"{name} header: not valid UTF-8") from None
+
+
+def _not_utf8(body: bytes) -> str | None:
+    """Why a body is not UTF-8, which JSON is read in whatever charset its Content-Type names
+    (orjson says "surrogates not allowed" of a Latin-1 or UTF-16 body); None if it is."""
+    try:
+        body.decode()
+    except UnicodeDecodeError as exc:
+        return f"it is not UTF-8 (at byte {exc.start}: {exc.reason}); send JSON in UTF-8, whatever the charset"
+    return None
 
 
 def _parse_or_wrap(body: bytes, media_type: str, content_type: str | None) -> Any:

@@ -114,8 +114,28 @@ def _engine(request: web.Request) -> Engine:
 
 def _request_id(request: web.Request) -> str:
     """The RequestId in the path. RequestIds are UUIDs, written in lower case, and a UUID is the
-    same in any case (RFC 9562), so an upper-case one names the same run."""
-    return request.match_info["request_id"].lower()
+    same in any case (RFC 9562), so an upper-case one names the same run (other text is no
+    RequestId: it is left as it came, for the 404 to name)."""
+    given = request.match_info["request_id"]
+    lowered = given.lower()
+    return lowered if _UUID_TEXT.fullmatch(lowered) else given
+
+
+_UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _one_header(request: web.Request, name: str) -> str | None:
+    """A header's value (None without it); sent twice, it is a 400: which one counts is
+    unclear, and a proxy may join the two into one ("a, b")."""
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise InvalidParameter(f"{name} header: given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _json_text(value: Any) -> str:
+    """A value from a JSON body as JSON writes it (true, not True), for a message."""
+    return dumps(value).decode()
 
 
 BODY_WAIT = 120.0
@@ -159,12 +179,12 @@ async def invoke(request: web.Request) -> web.Response:
     config = engine.function(name)
     if engine.shutting_down:
         raise ShuttingDown()
-    given = request.headers.get("X-Invocation-Type", "").strip()
+    given = (_one_header(request, "X-Invocation-Type") or "").strip()
     mode = given.lower()
     if mode not in ("", "event", "requestresponse"):
         raise InvalidParameter(f"X-Invocation-Type header: expected 'Event' or 'RequestResponse', got {given!r}")
     body = await _read_body(request)
-    key = request.headers.get("Idempotency-Key")
+    key = _one_header(request, "Idempotency-Key")
     keyed = bool((key or "").strip())
     envelope = to_envelope(name, body, request.headers.get(hdrs.CONTENT_TYPE), key)
     if config.async_execution or mode == "event":
@@ -197,7 +217,8 @@ async def _invocation_answer(engine: Engine, invocation: Invocation) -> dict[str
 async def replay(request: web.Request) -> web.Response:
     """POST /invocations/{request_id}/replay: a new run of the same envelope."""
     original = _request_id(request)
-    accepted = await _engine(request).replay(original, key=checked_key(request.headers.get("Idempotency-Key")) or None)
+    key = checked_key(_one_header(request, "Idempotency-Key")) or None
+    accepted = await _engine(request).replay(original, key=key)
     return json_response(
         {"RequestId": accepted.request_id, "ReplayOf": original}, status=202, headers={"X-Request-Id": accepted.request_id}
     )
@@ -212,7 +233,7 @@ async def replay_function(request: web.Request) -> web.Response:
     engine = _engine(request)
     name = request.match_info["name"]
     engine.function(name)
-    key = checked_key(request.headers.get("Idempotency-Key")) or None
+    key = checked_key(_one_header(request, "Idempotency-Key")) or None
     raw = await _read_body(request)
     try:
         body = loads(raw) if raw.strip() else {}
@@ -227,14 +248,14 @@ async def replay_function(request: web.Request) -> web.Response:
     if isinstance(limit, float) and limit.is_integer():
         limit = int(limit)  # 100.0 is an integer to JSON Schema, and so to the API's own schema
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise InvalidParameter(f"Limit: expected an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
+        raise InvalidParameter(f"Limit: expected an integer from 1 to {MAX_LIST_LIMIT}, got {_json_text(limit)}")
     dry_run = body.get("DryRun", False)
     if not isinstance(dry_run, bool):
-        raise InvalidParameter(f"DryRun: expected true or false, got {dry_run!r}")
+        raise InvalidParameter(f"DryRun: expected true or false, got {_json_text(dry_run)}")
     text = {field: body.get(field) for field in ("Status", "Trigger", "Since", "Until")}
     for field, value in text.items():
         if value is not None and not isinstance(value, str):
-            raise InvalidParameter(f"{field}: expected a string, got {value!r}")
+            raise InvalidParameter(f"{field}: expected a string, got {_json_text(value)}")
     pairs = await engine.replay_many(
         name,
         status=_parse_status("Status", text["Status"] or ""),
