@@ -74,7 +74,8 @@ _SCHEMAS: dict[str, Any] = {
                             "InvalidParameter", "Unauthorized", "WebhookTokenNotSet", "FunctionNotFound",
                             "InvocationNotFound", "InvocationEnded", "InvocationActive", "PayloadTooLarge",
                             "Throttled", "ShuttingDown", "StoreUnavailable", "NotFound", "MethodNotAllowed",
-                            "InternalError",
+                            "InternalError", "CrossSiteRequest", "NodeNotAnswering", "RequestTimeout",
+                            "UnsupportedMediaType",
                         ],
                     },
                     "Message": {"type": "string"},
@@ -542,5 +543,17 @@ def openapi_document(extra_paths: Mapping[str, Any] | None = None) -> dict[str, 
             "description": "Self-hosted async functions: ack first, run later, stream the logs.",
         },
         "paths": paths,
-        "components": copy.deepcopy({"schemas": _SCHEMAS, "responses": _RESPONSES}),
+        # Asked for only when the server has a ui_token (then by every route but /healthz, /ui and
+        # the MinIO webhook, which has a token of its own): optional here, the document being one.
+        "security": [{}, {"uiToken": []}],
+        "components": copy.deepcopy({"schemas": _SCHEMAS, "responses": _RESPONSES, "securitySchemes": _SECURITY}),
     }
+
+
+_SECURITY = {
+    "uiToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The server's [server] ui_token, as Authorization: Bearer <ui_token>; without one set, none is asked for",
+    }
+}
