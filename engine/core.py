@@ -252,7 +252,7 @@ class Engine:
             await self.store.stop()
             raise
         for request_id in interrupted:
-            self._note(request_id, f"[eventrun] {SERVER_STOPPED}")
+            self._note(request_id, end_note(Status.FAILED.value, "ServerStopped", SERVER_STOPPED))  # (as a stop's own ends say)
             self.logs.close(request_id)
             self._notify(await self.get(request_id))
         await self.pool.start()

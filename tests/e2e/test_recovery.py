@@ -62,8 +62,11 @@ async def test_kill_9_loses_no_acknowledged_run(eventrun_server, http, handler, 
         state = await api.wait_ended(request_id, timeout=25)
         assert state["Status"] == "FINISHED", state
     # No retries: the interrupted run is not started again after the restart.
-    assert len(START.findall(await api.logs(running))) == 1
+    log = await api.logs(running)
+    assert len(START.findall(log)) == 1
     assert (await api.status(running))["Status"] == "FAILED"
+    # Its log ends as a stopped server's runs' do: a grep for "run ended" finds it.
+    assert log.rstrip("\n").splitlines()[-1].split(" ", 1)[1].startswith("[eventrun] run ended FAILED: ServerStopped: "), log
 
 
 async def _has_started(api, request_id: str) -> bool:
