@@ -20,3 +20,16 @@ def printable(text: str) -> str:
         char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in _UNSHOWN else char
         for char in text
     )
+
+
+def log_to_stderr(level: int, source: str = "%(name)s") -> None:
+    """Send this process's log to stderr, a line each: the time in UTC, as the runs' logs and the
+    API give it (`2026-12-07T18:04:05.123Z`), the level, the source, the message."""
+    import logging
+    import time
+
+    formatter = logging.Formatter(f"%(asctime)s.%(msecs)03dZ %(levelname)s {source}: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])

@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 from .api import Accepted
 from .errors import StoreError
 from .failures import FailureLog
+from .text import log_to_stderr
 from .writes import (
     ALL_NEW, REFUSAL_LOG_EVERY, Batch, Op, by_request_id, commit, connect, open_schema, refused, unopenable,
 )
@@ -499,7 +500,7 @@ def main(argv: Sequence[str]) -> None:
     """`python -m eventrun.engine.writer FD PATH BATCH_LIMIT`, as WriterProcess starts it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s eventrun store writer: %(message)s")
+    log_to_stderr(logging.WARNING, "eventrun store writer")
     fd, path, batch_limit = argv
     serve(Connection(int(fd)), Path(path), int(batch_limit))
 

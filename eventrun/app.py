@@ -21,6 +21,7 @@ from eventrun.engine.core import Engine
 from eventrun.engine.errors import EventrunError, ManifestError
 from eventrun.engine.failures import FailureLog
 from eventrun.engine.manifest import Manifest, Problem, load_manifest, url_host
+from eventrun.engine.text import log_to_stderr
 from eventrun.triggers.http import HttpTrigger
 
 logger = logging.getLogger("eventrun")
@@ -235,7 +236,7 @@ class LoopErrors:
 
 def serve(config_path: Path | None) -> int:
     """`eventrun serve`: run until SIGINT or SIGTERM; exit status for the shell."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.INFO)
     if config_path is None:
         logger.warning(
             "no eventrun.toml in %s and no --config: serving with no functions "

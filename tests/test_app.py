@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import socket
 import time
@@ -333,3 +334,19 @@ def test_large_blocks_go_back_to_the_system_once_freed() -> None:
     grown = {how: int(subprocess.run([sys.executable, "-c", LARGE_BLOCKS, how], capture_output=True, text=True, check=True).stdout) for how in ("default", "held")}
     assert grown["default"] >= 3000, grown  # (what the test shows: a 4 MB block kept)
     assert grown["held"] < 500, grown
+
+
+def test_the_servers_log_lines_are_stamped_in_utc() -> None:
+    # They were in the machine's local time, without a zone, beside runs' logs and an API in UTC.
+    import subprocess
+    import sys
+    from datetime import datetime, timedelta, timezone
+
+    code = "import logging; from eventrun.engine.text import log_to_stderr; log_to_stderr(logging.INFO); logging.getLogger('eventrun').info('hello')"
+    before = datetime.now(timezone.utc)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "TZ": "Asia/Shanghai"})
+    stamp, rest = run.stderr.rstrip("\n").split(" ", 1)
+    assert rest == "INFO eventrun: hello", run.stderr
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+    at = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    assert before - timedelta(seconds=1) <= at <= datetime.now(timezone.utc) + timedelta(seconds=1), (before, stamp)
