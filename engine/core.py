@@ -303,7 +303,7 @@ class Engine:
         while True:
             pruned = await self.store.prune(ended_before_ms)
             for request_id in pruned:
-                self.logs.remove(request_id)
+                self.logs.prune(request_id)
             total += len(pruned)
             if len(pruned) < PRUNE_AT_ONCE:
                 break

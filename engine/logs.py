@@ -238,12 +238,24 @@ class LogHub:
             log.fd = None
 
     def remove(self, request_id: str) -> None:
-        """Delete an ended run's log (retention)."""
+        """Delete an ended run's log (retention, or a shared store's spool)."""
         for path in (self.path(request_id), self._legacy_path(request_id)):
             try:
                 os.remove(path)
             except (FileNotFoundError, NotADirectoryError):
                 pass
+
+    def prune(self, request_id: str) -> None:
+        """Delete the log of a run retention deletes, and its time folders once they hold nothing
+        more (they went on piling up empty: a folder a minute that saw a log)."""
+        self.remove(request_id)
+        folder = self._folder(request_id)
+        for empty in (folder, os.path.dirname(folder)):  # (a log made in one meanwhile makes it again: _create)
+            try:
+                os.rmdir(empty)
+            except OSError:  # not empty, as a rule: a run of that minute is still kept
+                break
+            self._folders.discard(empty)
 
     def close(self, request_id: str) -> None:
         """End a run's log and release its followers. With a sink (a shared store, which keeps

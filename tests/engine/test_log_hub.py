@@ -555,3 +555,22 @@ def test_a_removed_log_that_cannot_be_made_again_costs_the_file_not_the_run(tmp_
     hub.close(request_id)  # no exception
     assert hub.read(request_id) == b""
     assert sum(f"cannot write the log of run {request_id}" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_retention_takes_a_logs_time_folders_once_they_are_empty(tmp_path: Path) -> None:
+    # They piled up empty: a folder for every minute that saw a log, for as long as the server ran.
+    hub = LogHub(tmp_path, limit=1024)
+    old, kept = "01a25100-0000-7000-8000-000000000001", "01a25200-0000-7000-8000-000000000002"  # other 4.7 hours
+    same_minute = "01a25100-0001-7000-8000-000000000003"
+    for request_id in (old, kept, same_minute):
+        hub.write(request_id, ["a line"])
+        hub.close(request_id)
+    minute, period = hub.path(old).parent, hub.path(old).parent.parent
+    hub.prune(old)
+    assert not hub.path(old).exists() and minute.is_dir(), "a log of that minute is still kept"
+    hub.prune(same_minute)
+    assert not minute.exists() and not period.exists(), "emptied, the minute's and the period's folders go"
+    assert hub.path(kept).is_file()
+    hub.write(old, ["written again into a folder pruned away"])  # (a run of that minute ending late)
+    hub.close(old)
+    assert hub.read(old).decode().endswith(" written again into a folder pruned away\n")
