@@ -1,6 +1,8 @@
 # eventrun's image. Build context: the repository root.
 #   docker build -t eventrun .
-#   docker run -p 8080:8080 -e EVENTRUN_KAFKA__BOOTSTRAP_SERVERS=... -e EVENTRUN_S3__ENDPOINT_URL=... eventrun
+#   docker run -p 8080:8080 --stop-timeout 30 -e EVENTRUN_KAFKA__BOOTSTRAP_SERVERS=... -e EVENTRUN_S3__ENDPOINT_URL=... eventrun
+# (--stop-timeout: a stop lets runs finish for shutdown_grace plus kill_grace, 14 s by default,
+# past docker's 10 s.)
 # compose/docker-compose.yml builds it and mounts compose/eventrun.toml and functions/ over
 # the copies made here. To serve your own functions, mount them at /app/functions and a
 # manifest at /app/compose/eventrun.toml (or pass --config).
