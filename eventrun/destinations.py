@@ -48,6 +48,7 @@ WAIT_ASKING_STATUSES = frozenset({429, 503})  # answers whose Retry-After sets t
 TARGET_SHARE = 2  # one target's attempts at once are at most half the slots (at least one), unless it is the only one
 ANSWER_PREFIX = 256  # bytes of a refusing receiver's answer read for the log (the rest is not read)
 SETTLE_LOG_EVERY = 60.0  # seconds between the log's lines about attempts the store cannot record (an outage), at least
+FAILED_LOG_EVERY = 60.0  # seconds between the log's lines about failed attempts to one target, at least
 
 
 class Undeliverable(Exception):
@@ -106,6 +107,7 @@ class Deliverer:
         # again once the last count is poll seconds old (or ten times as old as it took).
         self._pending = Recount(self._count_pending, at_least=poll)
         self._settles_failing = FailureLog(logger, every=SETTLE_LOG_EVERY, level=logging.WARNING)
+        self._targets_failing: dict[str, FailureLog] = {}  # failed attempts, per target (see _failing_to)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -291,16 +293,29 @@ class Deliverer:
             else:
                 self.failed += 1
                 retry_in = self._retry_in(delivery, exc)
-                logger.warning(
+                self._failing_to(delivery.target).log(
                     "delivering %s of %s to %s failed (attempt %d; next in %.0fs): %s",
                     delivery.kind, delivery.request_id, target, delivery.attempts + 1, retry_in, problem,
                 )
                 await self._settle(delivery, error=problem, retry_in=retry_in)
         else:
             self.sent += 1
+            if (failing := self._targets_failing.get(delivery.target)) is not None:
+                failing.recovered(f"deliveries to {target} go through again")
             await self._settle(delivery)
         finally:
             self._wake.set()  # a slot is free
+
+    def _failing_to(self, target: str) -> FailureLog:
+        """What the log says of failed attempts to one target: a line a minute at most, counting
+        the others (a receiver down for a while, many runs' callbacks owed to it, made a line
+        an attempt), and one when they go through again."""
+        failing = self._targets_failing.get(target)
+        if failing is None:
+            failing = self._targets_failing[target] = FailureLog(
+                logger, every=FAILED_LOG_EVERY, level=logging.WARNING, counted="attempts there failed"
+            )
+        return failing
 
     def _retry_in(self, delivery: Delivery, exc: Exception) -> float:
         """Seconds to the next attempt: backing off, and not before a Retry-After asks (at most max_backoff)."""

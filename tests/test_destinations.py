@@ -681,3 +681,31 @@ async def test_deliveries_that_come_while_the_producer_starts_share_it(monkeypat
     assert FakeProducer.made[1].stopped, "a producer that did not start is stopped"
     monkeypatch.setattr(FakeProducer, "failing", False)
     assert await deliverer._kafka() is FakeProducer.made[2]
+
+
+async def test_failed_attempts_to_one_target_are_logged_a_line_a_minute_and_their_end_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A receiver down for 30 s, with callbacks of several runs owed to it, made a line an attempt.
+    down, other = "https://down.example.com/hook", "https://other.example.com/hook"
+    functions = {"f": SimpleNamespace(destinations=[("callback", down)])}
+    deliverer = Deliverer(SimpleNamespace(store=FakeStore(RECENT)), SimpleNamespace(functions=functions))  # type: ignore[arg-type]
+    outcomes: list[Exception | None] = [DeliveryFailed("HTTP 503 busy")] * 5 + [DeliveryFailed("HTTP 502 bad"), None]
+
+    async def make(_delivery: Delivery) -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    deliverer._make = make  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="eventrun.destinations"):
+        for _ in range(5):
+            await deliverer._attempt(to(down))
+        await deliverer._attempt(to(other))  # another target: a line of its own
+        await deliverer._attempt(to(down))  # through again
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].endswith("to https://down.example.com/… failed (attempt 1; next in 1s): HTTP 503 busy"), lines
+    assert lines[1].endswith("to https://other.example.com/… failed (attempt 1; next in 1s): HTTP 502 bad"), lines
+    assert lines[2] == "deliveries to https://down.example.com/… go through again (4 more attempts there failed since the last such line)"
+    assert deliverer.failed == 6, "each attempt is still counted"
