@@ -150,6 +150,48 @@ Boolean = Annotated[bool, _typed_in_file(bool)]
 yes/no, 1/0 or on/off."""
 
 
+def _browser_origin(entry: Any) -> str:
+    """A cors_origins entry as a browser sends it in Origin: scheme://host[:port], in lower case,
+    without its scheme's default port; ValueError naming anything that is no such origin."""
+    if not isinstance(entry, str):
+        raise ValueError(f"expected an origin such as 'https://app.example.com', got {entry!r}")
+    shown = repr(entry[:200])
+    if entry.strip() == "*":
+        raise ValueError(
+            "'*' is refused: it would let every site the user visits call the API and read its answers; "
+            "list the origins instead, e.g. [\"https://app.example.com\"]"
+        )
+    if entry.strip().lower() == "null":
+        raise ValueError(
+            "'null' is refused: it is the origin of sandboxed frames and local files, which any site can "
+            "make; list the origins instead, e.g. [\"https://app.example.com\"]"
+        )
+    scheme, sep, authority = entry.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{shown}: expected an http:// or https:// origin, such as 'https://app.example.com'")
+    if not authority:
+        raise ValueError(f"{shown}: not an origin: it names no host")
+    if re.search(r"[\s/?#@\\]", authority):
+        raise ValueError(
+            f"{shown}: an origin is scheme://host or scheme://host:port, nothing else "
+            "(no path, not even a trailing '/', no query, no user)"
+        )
+    try:
+        url = yarl.URL(f"{scheme.lower()}://{authority}")
+        port = url.explicit_port  # (raises for a port that is not a number up to 65535)
+    except ValueError as exc:
+        raise ValueError(f"{shown}: not an origin: {exc}") from None
+    host = (url.raw_host or "").lower()
+    if not host or port == 0:
+        raise ValueError(f"{shown}: not an origin: {'port 0' if host else 'it names no host'}")
+    try:
+        host = f"[{ipaddress.IPv6Address(host).compressed}]"
+    except ValueError:
+        pass
+    default = {"http": 80, "https": 443}[url.scheme]
+    return f"{url.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
 class ServerConfig(_Strict):
     """The `[server]` table."""
 
@@ -167,6 +209,7 @@ class ServerConfig(_Strict):
     ui_token: str = ""  # if set, the dashboard and the API ask for it: Authorization: Bearer <ui_token>
     retention: float = 0.0  # ended runs (and their logs) older than this are deleted; 0: kept for ever
     memory_limit: int = 0  # each instance's data memory (RLIMIT_DATA), unless its function sets one; 0: no limit
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (CORS)
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
     _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)
@@ -181,6 +224,16 @@ class ServerConfig(_Strict):
         return _sendable_token(value)
 
     _url = field_validator("url")(lambda value: _http_url(value))
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        """Each entry as a browser sends it in Origin (see _browser_origin), once."""
+        if isinstance(value, str):
+            raise ValueError(f'expected an array of origins, e.g. ["https://app.example.com"], got {value[:200]!r}')
+        if not isinstance(value, (list, tuple)):
+            return value  # (pydantic words the wrong type)
+        return tuple(dict.fromkeys(map(_browser_origin, value)))
 
     @property
     def base_url(self) -> str:

@@ -100,10 +100,10 @@ _SCHEMAS: dict[str, Any] = {
             "ErrorMessage": {**_nullable("string"), "description": "Present when Status is not FINISHED, or when a result stored too deep cannot be returned"},
         },
     },
-    "Invocation": _INVOCATION,
+    "Invocation": {**_INVOCATION, "required": [*_INVOCATION["required"], "ReplayOf", "Replays"]},
     "ListedInvocation": {
         **_INVOCATION,
-        "description": "An Invocation in a list; with results=false, without its Result",
+        "description": "An Invocation in a list, without ReplayOf and Replays; with results=false, without its Result",
         "required": [name for name in _INVOCATION["required"] if name != "Result"],
     },
     "InvocationList": {

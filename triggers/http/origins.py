@@ -22,6 +22,12 @@ origin as the server to the browser, so it could read runs' results too. A ui_to
 
 Clients that are not browsers (curl, the CLI, MinIO's webhook, other nodes) send none of these
 headers, and reach the server by an address or by any name it is given.
+
+An origin in [server] cors_origins is not another site: the operator lets its pages call the API
+(see cors.py), so its Origin is taken as the server's own. The Host check stays as it is: a
+listed page calls the API by the API's name (https://eventrun.example.com from a page on
+https://app.example.com), which is [server] url's host in a deployment, or by an address or
+localhost; a rebound name is still refused, whoever's page sent the request.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ def origin_middleware(server: ServerConfig) -> Any:
     if not loopback:  # (a browser on this machine may use its name; looked up once, getfqdn may ask DNS)
         named |= {name.lower() for name in (socket.gethostname(), socket.getfqdn()) if name}
     hosts: dict[str, bool] = {}  # Host header -> whether it names this machine (a client sends the same each time)
+    listed = frozenset(server.cors_origins)  # (written as browsers write an Origin: see ServerConfig)
 
     @web.middleware
     async def refuse_other_sites(
@@ -57,7 +64,7 @@ def origin_middleware(server: ServerConfig) -> Any:
     ) -> web.StreamResponse:
         origin = request.headers.get(hdrs.ORIGIN)
         sent_to = request.headers.get(hdrs.HOST, "")
-        if origin is not None and not _same_site(origin, sent_to, request, own):
+        if origin is not None and origin not in listed and not _same_site(origin, sent_to, request, own):
             return error_response(
                 403,
                 "CrossSiteRequest",

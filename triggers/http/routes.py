@@ -21,6 +21,7 @@ from eventrun.engine.errors import EventrunError, InvalidParameter, ShuttingDown
 from eventrun.engine.logs import unreadable_log
 
 from ..openapi import openapi_document
+from .cors import cors_headers, preflight_middleware
 from .origins import origin_middleware
 from .parser import checked_key, to_envelope
 from .responses import Answer, error_response, forgotten, function_json, invocation_json, json_response, map_error
@@ -548,7 +549,10 @@ def build_app(
     openapi_paths: Mapping[str, Any] | None = None,
 ) -> web.Application:
     """The gateway application; extra_routes (e.g. POST /triggers/s3) get the same error handling."""
+    server = engine.manifest.server
     middlewares = [error_middleware]
+    if server.cors_origins:  # (a preflight carries no token, and is for no route: answered first)
+        middlewares.append(preflight_middleware(server.cors_origins))
     if engine.manifest.server.ui_token:
         middlewares.append(token_middleware(engine.manifest.server.ui_token))
     else:  # (the token is a header no other site can send: it keeps them out as well)
@@ -567,6 +571,8 @@ def build_app(
 
     app.on_shutdown.append(on_shutdown)
     app.on_response_prepare.append(_private)
+    if server.cors_origins:  # (a hook, so that answers prepared early, a log stream's, have the headers too)
+        app.on_response_prepare.append(cors_headers(server.cors_origins))
     app.add_routes(
         [
             web.post("/functions/{name}/invocations", taking_query(invoke)),
