@@ -254,7 +254,9 @@ class Engine:
         for request_id in interrupted:
             self._note(request_id, end_note(Status.FAILED.value, "ServerStopped", SERVER_STOPPED))  # (as a stop's own ends say)
             self.logs.close(request_id)
-            self._notify(await self.get(request_id))
+            invocation = await self.get(request_id)
+            self.metrics.observe_end(invocation.function, Status.FAILED, None)  # (its time includes the downtime)
+            self._notify(invocation)
         await self.pool.start()
         self._started = True
         resumed = 0
@@ -895,7 +897,8 @@ class Engine:
             self.metrics.render(
                 self.manifest.functions,
                 lambda f: (self._queued(f), self.dispatcher.running(f)),
-            )
+            ),
+            self.store.writes.render(),
         ]
         if self.cluster is not None:
             parts.append(self.cluster.metrics_text())
@@ -917,7 +920,10 @@ class Engine:
             "Triggers": {name: report() for name, report in self._reporters.items()},
         }
         if self.cluster is not None:
-            health["Cluster"] = self.cluster.view()
+            health["Cluster"] = self.cluster.view()  # (its Store: whether the heartbeats reach the store)
+        else:
+            # Status stays "ok" while writes are refused (a restart would not help), as with Cluster.Store.
+            health["Store"] = self.store.writes.view()
         return health
 
     # -- terminate -------------------------------------------------------------------------
@@ -1168,6 +1174,7 @@ class Engine:
         closing lines written with their ends: wake, tell."""
         invocations = [await self.get(request_id) for request_id, _function in ended]
         for invocation in invocations:
+            self.metrics.observe_end(invocation.function, Status.FAILED, None)  # (ended by the store, not by a run here)
             self.logs.close(invocation.request_id)
             self._wake_waiters(invocation.request_id)
             self._notify(invocation)

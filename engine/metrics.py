@@ -5,9 +5,11 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
-from typing import Callable, Iterable
+import time
+from typing import Any, Callable, Iterable
 
 from .api import Status
+from .envelope import now_rfc3339
 
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0)
 
@@ -36,6 +38,7 @@ class Metrics:
         self.ended: collections.Counter[tuple[str, str]] = collections.Counter()
         self._buckets: dict[str, list[int]] = {}
         self._sums: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.started = time.time()  # the counters count from here (process_start_time_seconds)
 
     def observe_end(self, function: str, status: Status, seconds: float | None) -> None:
         """Count one ended run and its duration."""
@@ -75,4 +78,53 @@ class Metrics:
             out.append(f'eventrun_run_duration_seconds_bucket{{function="{f}",le="+Inf"}} {counts[-1]}')
             out.append(f'eventrun_run_duration_seconds_sum{{function="{f}"}} {self._sums[f]:.6f}')
             out.append(f'eventrun_run_duration_seconds_count{{function="{f}"}} {counts[-1]}')
+        out += family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
+        out.append(f"process_start_time_seconds {self.started:.3f}")
+        return "\n".join(out) + "\n"
+
+
+class StoreWrites:
+    """Whether the store takes writes now, and the writes it refused since the start.
+
+    A write is refused when the store cannot take it (SQLite: a full disk, an I/O error, a
+    read-only file; PostgreSQL: the database unreachable, full or read-only), and nothing of it
+    is recorded; the store is writable again at the next commit that goes through.
+    """
+
+    def __init__(self) -> None:
+        self.refused_total = 0
+        self.reason: str | None = None  # why the latest write was refused, while they are
+        self.refused_since: str | None = None  # when the first of the ongoing refusals came (RFC 3339)
+
+    @property
+    def writable(self) -> bool:
+        """False from a refused write until the next commit that goes through."""
+        return self.reason is None
+
+    def refused(self, reason: str, writes: int = 1) -> None:
+        """The store refused `writes` writes (one commit's, or one call's) for `reason`."""
+        self.refused_total += writes
+        if self.reason is None:
+            self.refused_since = now_rfc3339()
+        self.reason = reason
+
+    def went_through(self) -> None:
+        """A commit went through: the store takes writes (again)."""
+        if self.reason is not None:
+            self.reason = self.refused_since = None
+
+    def view(self) -> dict[str, Any]:
+        """The store's writes, for /healthz."""
+        return {
+            "Writes": "ok" if self.reason is None else f"refused: {self.reason}",
+            "RefusedSince": self.refused_since,
+            "WritesRefused": self.refused_total,
+        }
+
+    def render(self) -> str:
+        """Prometheus text of the store's writes."""
+        out = family("eventrun_store_writes_refused_total", "counter", "Writes the store refused (nothing of them recorded).")
+        out.append(f"eventrun_store_writes_refused_total {self.refused_total}")
+        out += family("eventrun_store_writable", "gauge", "1 while the store takes writes, 0 from a refused write until the next commit.")
+        out.append(f"eventrun_store_writable {int(self.writable)}")
         return "\n".join(out) + "\n"

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Collection, Concatenate, Mapping, P
 from .api import Accepted, Delivery, Invocation, Outbox, Status
 from .envelope import dumps, expand, issue_after, request_seq, stored_template, template_key
 from .errors import InvalidParameter, StoreError
+from .metrics import StoreWrites
 from .rows import (
     COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
     invocation, page_length,
@@ -172,6 +173,7 @@ class SQLiteStore:
         self._lock: HeldLock | None = None  # the store's data_dir, held
         self._templates: dict[bytes, bytes] = {}  # the templates of Templated envelopes, by key
         self._unstarted = Unstarted()
+        self.writes = StoreWrites()  # whether commits go through now, and those refused (for /healthz, /metrics)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class SQLiteStore:
         self._lock = _lock(self.path)
         try:
             create_private(self.path)
-            self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+            self._writer = WriterProcess(self.path, batch_limit=self._batch_limit, writes=self.writes)
             self._open_reader()
         except BaseException:
             self.close()
@@ -233,7 +235,11 @@ class SQLiteStore:
         if not writer.alive:
             # It died (the error went to whatever was waiting on it); writes go on with a new one.
             writer.close()
-            writer = self._writer = WriterProcess(self.path, batch_limit=self._batch_limit)
+            try:
+                writer = self._writer = WriterProcess(self.path, batch_limit=self._batch_limit, writes=self.writes)
+            except StoreError as exc:  # (the store cannot be opened again: the write is refused)
+                self.writes.refused(str(exc))
+                raise
             logger.warning("store writer restarted as process %s", writer.pid)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         writer.submit(Op(kind, args), future)

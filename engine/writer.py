@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 from .api import Accepted
 from .errors import StoreError
 from .failures import FailureLog
+from .metrics import StoreWrites
 from .text import log_to_stderr
 from .writes import (
     ALL_NEW, REFUSAL_LOG_EVERY, Batch, Op, by_request_id, commit, connect, open_schema, refused, unopenable,
@@ -72,7 +73,7 @@ class WriterProcess:
     and reads the answers (the socket is watched by the loop: no thread, no wake-up of another).
     """
 
-    def __init__(self, path: Path, *, batch_limit: int) -> None:
+    def __init__(self, path: Path, *, batch_limit: int, writes: StoreWrites | None = None) -> None:
         ours, theirs = socket.socketpair()
         try:
             self._process = subprocess.Popen(
@@ -92,6 +93,7 @@ class WriterProcess:
         self._closing = False
         self._failed = False
         self.renewals = 0  # how often the writer opened the store's files again (RENEWED)
+        self.writes = StoreWrites() if writes is None else writes  # (the store's, kept across restarts)
         self._wait_ready(path)
 
     @property
@@ -196,10 +198,23 @@ class WriterProcess:
         if outcomes == RENEWED:  # (the answers of the commit that found the files gone follow)
             self.renewals += 1
             return True
+        self._note_commit(outcomes)  # (before the futures wake anyone: whoever is told sees it)
         for outcome in outcomes:
             op, future = self._pending.popleft()
             _settle(op, future, outcome)
         return True
+
+    def _note_commit(self, outcomes: list[tuple[bool, Any]]) -> None:
+        """Whether the store took this commit: refused if SQLite refused its writes for a reason of
+        the store's own (a full disk), none of them went through; writable again otherwise."""
+        if all(map(_first, outcomes)):  # (the usual case, at C speed)
+            self.writes.went_through()
+            return
+        refusals = [value for ok, value in outcomes if not ok and refused(value)]
+        if refusals:
+            self.writes.refused(str(refusals[-1]), len(refusals))
+        if not refusals or any(map(_first, outcomes)):
+            self.writes.went_through()
 
     def _lost(self) -> None:
         self._failed = True

@@ -167,6 +167,16 @@ _SCHEMAS: dict[str, Any] = {
                     "LeaseSeconds": {"type": "number"},
                 },
             },
+            "Store": {
+                "type": "object",
+                "description": "With the SQLite store: whether its writes go through",
+                "required": ["Writes", "RefusedSince", "WritesRefused"],
+                "properties": {
+                    "Writes": {"type": "string", "examples": ["ok", "refused: database or disk is full"]},
+                    "RefusedSince": {**_nullable("string"), "format": "date-time"},
+                    "WritesRefused": {"type": "integer", "description": "Since the server's start"},
+                },
+            },
         },
         "additionalProperties": True,
     },

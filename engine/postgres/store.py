@@ -24,6 +24,7 @@ from ..api import Accepted, Delivery, Invocation, Outbox, Status
 from ..envelope import dumps, expand, stored_template, template_key
 from ..errors import InvalidParameter, StoreError
 from ..logs import closing_line, tail_start
+from ..metrics import StoreWrites
 from ..rows import (
     COLUMNS, COLUMNS_WITHOUT_RESULT, PAGE_BYTES, async_flag_flipped, counts as _counts, decode_cursor, encode_cursor,
     first_id_of, invocation,
@@ -116,14 +117,31 @@ def _refusal_as_store_error(method: _Method) -> _Method:
     the API answers 503 rather than 500, and a run's start and end are tried again, as with
     the SQLite store."""
 
+    write = method.__name__ in _WRITES
+
     @functools.wraps(method)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await method(*args, **kwargs)
+            result = await method(*args, **kwargs)
         except _UNAVAILABLE as exc:
-            raise StoreError(f"the PostgreSQL store cannot serve this now ({type(exc).__name__}: {exc})") from None
+            reason = f"{type(exc).__name__}: {exc}"
+            if write:
+                args[0].writes.refused(reason)
+            raise StoreError(f"the PostgreSQL store cannot serve this now ({reason})") from None
+        if write:
+            args[0].writes.went_through()
+        return result
 
     return guarded  # type: ignore[return-value]
+
+
+# The writes whose refusals PostgresStore.writes counts (for /metrics). Not the heartbeat's
+# (join, heartbeat, leave): /healthz has those as Cluster.Store.
+_WRITES = frozenset({
+    "keep_templates", "accept", "mark_running", "begin", "unclaim", "claim", "finish", "replay", "prune",
+    "set_destinations", "claim_deliveries", "settle_delivery", "release_deliveries", "register_functions",
+    "put_state", "fail_runs_of", "request_abort", "append_logs",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +171,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._intake: Intake | None = None
         self._templates: dict[bytes, bytes] = {}
+        self.writes = StoreWrites()  # whether writes go through now, and those refused (for /metrics)
 
     # -- lifecycle -------------------------------------------------------------------------
 
