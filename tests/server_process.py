@@ -407,3 +407,12 @@ class Api:
 
 BOTH_STORES = pytest.mark.parametrize("server_store", ["sqlite", "postgres"], indirect=True)
 """A module's `pytestmark`: its end-to-end tests run once on each kind of store."""
+
+
+def writer_of(server_pid: int) -> int:
+    """The store's writer process: the server's child running eventrun.engine.writer."""
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        for child in Path(f"/proc/{server_pid}/task/{task}/children").read_text().split():
+            if b"eventrun.engine.writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no store writer below the server")

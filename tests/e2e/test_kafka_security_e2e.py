@@ -136,7 +136,7 @@ async def finished_values(api: Any, count: int, log: Any, poll_until: Any) -> li
     """The record values of `count` ended runs of "fn", once there are that many, all FINISHED."""
 
     async def ended() -> list[dict[str, Any]] | None:
-        runs = (await api.list(Function="fn", Limit=100)).json["Invocations"]
+        runs = (await api.list(function="fn", limit=100)).json["Invocations"]
         return runs if len(runs) >= count and all(run["Status"] in ENDED for run in runs) else None
 
     runs = await poll_until(ended, 40, f"{count} ended runs of fn\n{log()}")
@@ -237,6 +237,6 @@ async def test_a_refused_connection_says_why_and_the_server_keeps_serving(
     assert kafka.bootstrap in shown, shown
     assert expected in server.log_text(), server.log_text()  # the log line says the same
     # Nothing got in, and the rest of the server is unaffected.
-    assert (await api.list(Function="fn")).json["Invocations"] == []
+    assert (await api.list(function="fn")).json["Invocations"] == []
     request_id = await api.accepted("echo", {"still": "serving"})
     assert (await api.wait_ended(request_id))["Status"] == "FINISHED"

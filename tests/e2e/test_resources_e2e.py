@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import resource
 from datetime import datetime
-from pathlib import Path
 
 import pytest
+from server_process import writer_of
 
 pytestmark = pytest.mark.e2e
 
@@ -41,15 +41,6 @@ async def test_a_run_that_cannot_get_an_instance_fails_with_the_reason_and_the_s
     assert again["Status"] == "FINISHED", again
     assert again["Result"]["data"] == {"n": 2}
     assert "[eventrun] run started on instance" in await api.logs(again["RequestId"])
-
-
-def writer_of(server_pid: int) -> int:
-    """The store's writer process: the server's child running eventrun.engine.writer."""
-    for task in os.listdir(f"/proc/{server_pid}/task"):
-        for child in Path(f"/proc/{server_pid}/task/{task}/children").read_text().split():
-            if b"eventrun.engine.writer" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
-    raise AssertionError("no store writer below the server")
 
 
 async def test_while_the_store_refuses_writes_events_get_503_and_no_start_or_end_is_lost(

@@ -3,29 +3,18 @@ when it takes them again), and runs that start-up recovery ends count in eventru
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-from server_process import BOTH_STORES, Api
+from server_process import BOTH_STORES, Api, writer_of
 
 pytestmark = pytest.mark.e2e
 
 REFUSED = re.compile(r"the store refused the write \((.+)\); nothing of it was recorded")
-
-
-def writer_of(server_pid: int) -> int:
-    """The store's writer process: the server's child running eventrun.engine.writer."""
-    for task in os.listdir(f"/proc/{server_pid}/task"):
-        for child in Path(f"/proc/{server_pid}/task/{task}/children").read_text().split():
-            if b"eventrun.engine.writer" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
-    raise AssertionError("no store writer below the server")
 
 
 async def metrics(api: Api) -> dict[str, float]:
