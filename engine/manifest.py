@@ -207,6 +207,7 @@ class ServerConfig(_Strict):
     shutdown_grace: float = 10.0
     fork_instances: Boolean = True
     ui_token: str = ""  # if set, the dashboard and the API ask for it: Authorization: Bearer <ui_token>
+    metrics_token: str = ""  # if set, GET /metrics takes it (a scraper's token, good for nothing else)
     retention: float = 0.0  # ended runs (and their logs) older than this are deleted; 0: kept for ever
     memory_limit: int = 0  # each instance's data memory (RLIMIT_DATA), unless its function sets one; 0: no limit
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (CORS)
@@ -218,12 +219,21 @@ class ServerConfig(_Strict):
         parse_duration
     )
 
-    @field_validator("ui_token")
+    @field_validator("ui_token", "metrics_token")
     @classmethod
     def _sendable_token(cls, value: str) -> str:
         return _sendable_token(value)
 
     _url = field_validator("url")(lambda value: _http_url(value))
+
+    @model_validator(mode="after")
+    def _tokens_apart(self) -> ServerConfig:
+        if self.metrics_token and self.metrics_token == self.ui_token:
+            raise ValueError(
+                "metrics_token is the same as ui_token: give the scraper a token of its own "
+                "(the ui_token already opens GET /metrics)"
+            )
+        return self
 
     @field_validator("cors_origins", mode="before")
     @classmethod

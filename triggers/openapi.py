@@ -521,6 +521,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "Prometheus text exposition",
             "operationId": "metrics",
+            "security": [{}, {"uiToken": []}, {"metricsToken": []}],
             "responses": {
                 "200": {
                     "description": "Metrics",
@@ -565,5 +566,10 @@ _SECURITY = {
         "type": "http",
         "scheme": "bearer",
         "description": "The server's [server] ui_token, as Authorization: Bearer <ui_token>; without one set, none is asked for",
-    }
+    },
+    "metricsToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The server's [server] metrics_token, which opens GET /metrics only",
+    },
 }

@@ -1366,6 +1366,8 @@ async def test_openapi_names_every_error_code_of_the_readme_and_the_token(client
         "type": "http", "scheme": "bearer", "description": document["components"]["securitySchemes"]["uiToken"]["description"],
     }
     assert document["security"] == [{}, {"uiToken": []}], "optional: asked for only when the server has a ui_token"
+    assert document["components"]["securitySchemes"]["metricsToken"]["scheme"] == "bearer"
+    assert document["paths"]["/metrics"]["get"]["security"] == [{}, {"uiToken": []}, {"metricsToken": []}]
 
 
 async def test_openapi_lists_the_idempotency_key_of_a_bulk_replay_as_of_a_single_one(client: TestClient) -> None:
@@ -1463,6 +1465,45 @@ async def test_a_401_says_whether_no_token_was_sent_or_it_does_not_match(
         assert "wrong-token" not in await refused.text()
         allowed = await test_client.get("/functions", headers={"Authorization": "BEARER s3cret-token"})
         assert allowed.status == 200
+
+
+@pytest.mark.parametrize("ui_token", ["s3cret-token", ""], ids=["with-ui-token", "without"])
+async def test_a_metrics_token_opens_the_metrics_and_nothing_else(engine: FakeEngine, ui_token: str) -> None:
+    # A scraper's token: before it, Prometheus had to hold the ui_token, which runs and ends runs.
+    server = ServerConfig(ui_token=ui_token, metrics_token="scrape-only")
+    engine.manifest = Manifest(server=server, functions=engine.manifest.functions)
+    asked = "its metrics_token or its ui_token" if ui_token else "its metrics_token"
+    async with TestClient(TestServer(build_app(engine))) as test_client:  # type: ignore[arg-type]
+        scraped = await test_client.get("/metrics", headers={"Authorization": "Bearer scrape-only"})
+        assert scraped.status == 200 and "eventrun_" in await scraped.text()
+        for authorization, why in [(None, "no token was sent"), ("Bearer scrape-only-", "the token does not match")]:
+            headers = {} if authorization is None else {"Authorization": authorization}
+            refused = await test_client.get("/metrics", headers=headers)
+            assert refused.status == 401
+            assert await _error(refused) == {
+                "Code": "Unauthorized",
+                "Message": f"this server asks for {asked} and {why}: send the header Authorization: Bearer <metrics_token>",
+            }
+        if ui_token:
+            by_ui_token = await test_client.get("/metrics", headers={"Authorization": f"Bearer {ui_token}"})
+            assert by_ui_token.status == 200
+            elsewhere = await test_client.get("/functions", headers={"Authorization": "Bearer scrape-only"})
+            assert elsewhere.status == 401
+            assert await _error(elsewhere) == {
+                "Code": "Unauthorized",
+                "Message": "this server asks for its ui_token and the token sent is the metrics_token, which opens "
+                "only GET /metrics: send the header Authorization: Bearer <ui_token>",
+            }
+        else:  # the rest of the API is as open as it was
+            assert (await test_client.get("/functions")).status == 200
+        assert (await test_client.get("/healthz")).status == 200
+
+
+def test_a_metrics_token_that_is_the_ui_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="metrics_token is the same as ui_token: give the scraper a token of its own"):
+        ServerConfig(ui_token="s3cret-token", metrics_token="s3cret-token")
+    with pytest.raises(ValueError, match="metrics_token\n.*expected printable ASCII only"):
+        ServerConfig(metrics_token="scrape only")
 
 
 # --- the server lifecycle ------------------------------------------------------------------

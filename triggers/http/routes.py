@@ -504,30 +504,45 @@ async def metrics(request: web.Request) -> web.Response:
 _OPEN_PATHS = ("/healthz", "/ui", "/ui/", "/triggers/s3")
 
 
-def token_middleware(token: str) -> Any:
-    """Ask every request but _OPEN_PATHS for `Authorization: Bearer <token>` (the scheme in any case)."""
-    expected = token.encode()
+_METRICS_PATH = "/metrics"
+
+
+def token_middleware(ui_token: str, metrics_token: str = "") -> Any:
+    """Ask for `Authorization: Bearer <token>` (the scheme in any case): the ui_token, if set,
+    of every request but _OPEN_PATHS; the metrics_token, if set, opens GET /metrics as well."""
+    expected = ui_token.encode()
+    for_metrics = metrics_token.encode()
 
     @web.middleware
     async def ask_for_token(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = request.path
-        if path in _OPEN_PATHS or path.startswith("/ui/"):
-            return await handler(request)
+        metrics = path == _METRICS_PATH
+        if path in _OPEN_PATHS or path.startswith("/ui/") or not (expected or (metrics and for_metrics)):
+            return await handler(request)  # (no token asked for here)
         # surrogateescape: aiohttp keeps header bytes that are not UTF-8 as lone surrogates.
         scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
         sent = given.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
-        if not sent:
-            why = "no token was sent"
-        elif not hmac.compare_digest(sent, expected):
-            why = "the token does not match"  # (never echoed: it may be a secret of another server)
-        else:
+        if expected and sent and hmac.compare_digest(sent, expected):
             return await handler(request)
+        if for_metrics and sent and hmac.compare_digest(sent, for_metrics):
+            if metrics:
+                return await handler(request)
+            why = "the token sent is the metrics_token, which opens only GET /metrics"
+        elif not sent:
+            why = "no token was sent"
+        else:
+            why = "the token does not match"  # (never echoed: it may be a secret of another server)
+        if metrics and for_metrics:
+            asked = "its metrics_token or its ui_token" if expected else "its metrics_token"
+            header = "metrics_token"
+        else:
+            asked, header = "its ui_token", "ui_token"
         return error_response(
             401,
             "Unauthorized",
-            f"this server asks for its ui_token and {why}: send the header Authorization: Bearer <ui_token>",
+            f"this server asks for {asked} and {why}: send the header Authorization: Bearer <{header}>",
             {hdrs.WWW_AUTHENTICATE: 'Bearer realm="eventrun"'},
         )
 
@@ -553,9 +568,9 @@ def build_app(
     middlewares = [error_middleware]
     if server.cors_origins:  # (a preflight carries no token, and is for no route: answered first)
         middlewares.append(preflight_middleware(server.cors_origins))
-    if engine.manifest.server.ui_token:
-        middlewares.append(token_middleware(engine.manifest.server.ui_token))
-    else:  # (the token is a header no other site can send: it keeps them out as well)
+    if server.ui_token or server.metrics_token:
+        middlewares.append(token_middleware(server.ui_token, server.metrics_token))
+    if not server.ui_token:  # (the token is a header no other site can send: it keeps them out as well)
         middlewares.append(origin_middleware(engine.manifest.server))
     app = web.Application(middlewares=middlewares, client_max_size=engine.manifest.server.max_body_size)
     app[ENGINE_KEY] = engine
