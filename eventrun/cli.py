@@ -180,6 +180,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy a single node's store and logs into a new folder, while its server serves or not."""
+    from eventrun.engine.backup import take_backup
+    from eventrun.engine.errors import EventrunError
+
+    manifest = load_client_manifest(args.config)
+    if manifest is None:
+        from eventrun.engine.manifest import Manifest
+
+        manifest = Manifest()
+    if manifest.store.shared:
+        raise CliError(
+            "the store is PostgreSQL ([store] url): its runs and their logs are all in the database; "
+            "back it up as PostgreSQL is (pg_dump)",
+            exit_status=2,
+        )
+    try:
+        taken = take_backup(manifest.data_dir, Path(args.folder).absolute())
+    except EventrunError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"backed up {taken.runs} runs ({taken.store_bytes:,} bytes) and {taken.logs} logs "
+        f"({taken.log_bytes:,} bytes) from {manifest.data_dir} to {taken.folder}"
+    )
+    return 0
+
+
 def cmd_invoke(args: argparse.Namespace) -> int:
     """Invoke a function; print its RequestId, or its result with --wait."""
     client = client_for(args)
@@ -597,6 +624,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help=f"the manifest (default: ./{DEFAULT_MANIFEST} if it exists)"
     )
     serve.set_defaults(handler=cmd_serve)
+
+    backup = commands.add_parser(
+        "backup", help="copy a single node's store and runs' logs into a new folder (the server may be serving)"
+    )
+    backup.add_argument("folder", metavar="FOLDER", type=_named("a folder"), help="a new or empty folder")
+    backup.add_argument(
+        "--config", metavar="FILE", help=f"the manifest naming the data_dir (default: ./{DEFAULT_MANIFEST} if it exists)"
+    )
+    backup.set_defaults(handler=cmd_backup)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
