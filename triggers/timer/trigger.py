@@ -312,7 +312,7 @@ class TimerTrigger:
             return True
         if accepted.created:
             job.fired += 1
-            logger.info("timer %s: slot %s accepted as %s", job.label, envelope.id, accepted.request_id)
+            logger.debug("timer %s: slot %s accepted as %s", job.label, envelope.id, accepted.request_id)
         else:  # another server (or a previous life) accepted this slot already
             job.duplicates += 1
         job.last_fired = max(slot, job.last_fired or slot)
