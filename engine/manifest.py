@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import socket
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -187,9 +188,24 @@ def _browser_origin(entry: Any) -> str:
     try:
         host = f"[{ipaddress.IPv6Address(host).compressed}]"
     except ValueError:
-        pass
+        host = _ipv4_as_browsers_write_it(host, shown)
     default = {"http": 80, "https": 443}[url.scheme]
     return f"{url.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+_IPV4_PART = re.compile(r"0x[0-9a-f]*|[0-9]+")
+
+
+def _ipv4_as_browsers_write_it(host: str, shown: str) -> str:
+    """A host whose last label is a number is an IPv4 address to a browser, which writes it in
+    four decimal parts (`127.1` and `0x7f.0.0.1` are 127.0.0.1 in its Origin); other hosts as they are."""
+    labels = host.removesuffix(".").split(".")
+    if not _IPV4_PART.fullmatch(labels[-1]):
+        return host
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
+    except OSError:
+        raise ValueError(f"{shown}: not an origin: its host is no IPv4 address a browser would take") from None
 
 
 class ServerConfig(_Strict):

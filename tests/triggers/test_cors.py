@@ -253,6 +253,14 @@ def test_cors_origins_are_normalised_as_browsers_write_them(manifest_file) -> No
     assert ServerConfig().cors_origins == ()
 
 
+def test_an_ipv4_origin_is_written_as_browsers_send_it(manifest_file) -> None:
+    # A browser sends http://127.1 as http://127.0.0.1: listed as written, it never matched.
+    path = manifest_file('cors_origins = ["http://127.1:5173", "http://0x7f.0.0.1", "http://010.0.0.1."]')
+    assert load_manifest(path).server.cors_origins == ("http://127.0.0.1:5173", "http://127.0.0.1", "http://8.0.0.1")
+    with pytest.raises(ManifestError, match="'http://1.2.3.4.5': not an origin: its host is no IPv4 address a browser"):
+        load_manifest(manifest_file('cors_origins = ["http://1.2.3.4.5"]'))
+
+
 @pytest.mark.parametrize(("toml", "expected"), [
     ('["*"]', "'*' is refused: it would let every site the user visits call the API and read its answers; "
               'list the origins instead, e.g. ["https://app.example.com"]'),
