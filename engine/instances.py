@@ -789,10 +789,19 @@ class InstancePool:
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(min(self.idle_timeout / 2, 30))
-            now = time.monotonic()
-            for function, group in list(self._idle.items()):
-                stale = [i for i in group if now - i.last_used >= self.idle_timeout or not i.alive]
-                for instance in stale:
+            await self._reap_once(time.monotonic())
+
+    async def _reap_once(self, now: float) -> None:
+        """Stop the idle instances unused for idle_timeout or dead, and those whose function's
+        code changed (else they would wait for a run, or for idle_timeout, to go)."""
+        stale: list[Instance] = []
+        for group in self._idle.values():
+            for instance in list(group):  # (taken out before any wait: acquire may meanwhile pop the others)
+                if now - instance.last_used >= self.idle_timeout or not instance.alive:
                     group.remove(instance)
-                    logger.info("reaping idle instance %s of %s", instance.pid, function)
-                    await instance.kill(self.kill_grace)
+                    stale.append(instance)
+                elif self._outdated(instance):  # (stopped in the background, the change logged)
+                    group.remove(instance)
+        for instance in stale:
+            logger.info("reaping idle instance %s of %s", instance.pid, instance.spec.function)
+            await instance.kill(self.kill_grace)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 import signal
 from pathlib import Path
 from typing import Any
@@ -367,3 +368,23 @@ async def test_an_outdated_idle_instance_is_stopped_and_the_run_gets_a_fresh_one
     assert [i.killed for i in (*idle, late)] == [True, True, True, True] and not fresh.killed
     said = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
     assert said == ["the code of function f changed (handler.py): its instances are started afresh"]
+
+
+async def test_the_reaper_stops_outdated_idle_instances_without_waiting_for_a_run(tmp_path: Path) -> None:
+    # Before, an instance holding old code stayed until a run would reuse it, or idle_timeout.
+    handler = tmp_path / "handler.py"
+    handler.write_text("VERSION = 'A'\n")
+    pool = InstancePool(max_instances=8, idle_timeout=300, kill_grace=1, base_env={})
+    current, outdated, other = _Idle("f", 1), _Idle("f", 2), _Idle("g", 3)
+    for instance in (current, outdated):
+        instance.code = _reported(handler)
+        instance.last_used = time.monotonic()
+    other.last_used = time.monotonic() - 301  # unused for idle_timeout
+    handler.write_text("VERSION = 'B'\n")
+    os.utime(handler, ns=(current.code[0][1] + 10**9, current.code[0][1] + 10**9))
+    current.code = _reported(handler)
+    pool._idle = {"f": [current, outdated], "g": [other]}  # type: ignore[dict-item]
+    await pool._reap_once(time.monotonic())
+    await asyncio.gather(*pool._evicted)
+    assert pool._idle == {"f": [current], "g": []}
+    assert (current.killed, outdated.killed, other.killed) == (False, True, True)
