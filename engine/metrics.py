@@ -93,6 +93,7 @@ class StoreWrites:
 
     def __init__(self) -> None:
         self.refused_total = 0
+        self.unanswered_total = 0  # writes a SQLite store's writer process died (or stalled) holding
         self.reason: str | None = None  # why the latest write was refused, while they are
         self.refused_since: str | None = None  # when the first of the ongoing refusals came (RFC 3339)
 
@@ -108,6 +109,15 @@ class StoreWrites:
             self.refused_since = now_rfc3339()
         self.reason = reason
 
+    def unanswered(self, reason: str, writes: int) -> None:
+        """The writer process went (it died, or was killed for answering nothing) holding `writes`
+        writes, which may or may not have been committed; no write goes through until a new one
+        commits."""
+        self.unanswered_total += writes
+        if self.reason is None:
+            self.refused_since = now_rfc3339()
+        self.reason = reason
+
     def went_through(self) -> None:
         """A commit went through: the store takes writes (again)."""
         if self.reason is not None:
@@ -119,12 +129,18 @@ class StoreWrites:
             "Writes": "ok" if self.reason is None else f"refused: {self.reason}",
             "RefusedSince": self.refused_since,
             "WritesRefused": self.refused_total,
+            "WritesUnanswered": self.unanswered_total,
         }
 
     def render(self) -> str:
         """Prometheus text of the store's writes."""
         out = family("eventrun_store_writes_refused_total", "counter", "Writes the store refused (nothing of them recorded).")
         out.append(f"eventrun_store_writes_refused_total {self.refused_total}")
+        out += family(
+            "eventrun_store_writes_unanswered_total", "counter",
+            "Writes the store's writer process died or stalled holding (SQLite; each may or may not be recorded).",
+        )
+        out.append(f"eventrun_store_writes_unanswered_total {self.unanswered_total}")
         out += family("eventrun_store_writable", "gauge", "1 while the store takes writes, 0 from a refused write until the next commit.")
         out.append(f"eventrun_store_writable {int(self.writable)}")
         return "\n".join(out) + "\n"

@@ -62,6 +62,10 @@ RENEWED = "renewed"
 """A frame that is no answer: the writer opened the store's files again (its -wal or -shm was removed)."""
 _START_TIMEOUT = 60.0
 
+STALLED_AFTER = 30.0
+"""Seconds the writer may hold writes without answering a commit before it is taken for stuck
+(stopped, or hung on its disk): it is then killed, its writes fail, and the next write starts a new one."""
+
 SEND_AT_ONCE = 100
 """An accept of this many rows or more is sent to the writer at once rather than at the end of the loop's turn."""
 
@@ -73,7 +77,9 @@ class WriterProcess:
     and reads the answers (the socket is watched by the loop: no thread, no wake-up of another).
     """
 
-    def __init__(self, path: Path, *, batch_limit: int, writes: StoreWrites | None = None) -> None:
+    def __init__(
+        self, path: Path, *, batch_limit: int, writes: StoreWrites | None = None, stalled_after: float | None = None
+    ) -> None:
         ours, theirs = socket.socketpair()
         try:
             self._process = subprocess.Popen(
@@ -92,6 +98,10 @@ class WriterProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._failed = False
+        self._stalled_after = STALLED_AFTER if stalled_after is None else stalled_after
+        self._stalled = False  # killed for answering nothing for stalled_after seconds
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._answers = 0  # frames answered, for the watchdog to tell a writer that moves on
         self.renewals = 0  # how often the writer opened the store's files again (RENEWED)
         self.writes = StoreWrites() if writes is None else writes  # (the store's, kept across restarts)
         self._wait_ready(path)
@@ -140,6 +150,13 @@ class WriterProcess:
         except OSError:
             pass  # gone already
         while self._pending:
+            if not self._conn.poll(self._stalled_after):  # (stopped, or stuck: as _check_stalled)
+                self._stalled = True
+                logger.error(
+                    "the store's writer process %s answered no commit for %g s: killing it", self._process.pid, self._stalled_after
+                )
+                self._process.kill()
+                break
             if not self._answer():
                 break
         self._fail_pending()
@@ -170,6 +187,9 @@ class WriterProcess:
         loop.add_reader(self._conn.fileno(), self._readable)
 
     def _unwatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
 
@@ -182,6 +202,32 @@ class WriterProcess:
             self._conn.send_bytes(pickle.dumps([_plain(op) for op, _ in outbox], pickle.HIGHEST_PROTOCOL))
         except OSError:
             self._lost()
+            return
+        if self._watchdog is None:
+            self._watch_for_stall()
+
+    def _watch_for_stall(self) -> None:
+        """In stalled_after seconds, see whether the writer answered anything meanwhile (one timer
+        at a time, while writes wait)."""
+        assert self._loop is not None
+        self._watchdog = self._loop.call_later(self._stalled_after, self._check_stalled, self._answers)
+
+    def _check_stalled(self, answers_then: int) -> None:
+        self._watchdog = None
+        if not self._pending or self._failed or self._closing:
+            return
+        if self._answers != answers_then:
+            self._watch_for_stall()
+            return
+        # Stopped (SIGSTOP), or stuck: a write waiting on it would wait for ever, and so would its
+        # client. SIGKILL ends a stopped process too.
+        self._stalled = True
+        logger.error(
+            "the store's writer process %s answered no commit for %g s: killing it; a new one starts at the next write",
+            self._process.pid, self._stalled_after,
+        )
+        self._process.kill()
+        self._lost()
 
     def _readable(self) -> None:
         # One frame a call: the loop calls again while more are waiting. (The writer sends each
@@ -195,6 +241,7 @@ class WriterProcess:
             outcomes = pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
             return False
+        self._answers += 1
         if outcomes == RENEWED:  # (the answers of the commit that found the files gone follow)
             self.renewals += 1
             return True
@@ -228,11 +275,18 @@ class WriterProcess:
         if unanswered or not self._closing:
             text = self._exit_text()
             logger.error("%s; %d writes are left without an answer", text, len(unanswered))
+            if not self._closing:
+                self.writes.unanswered(text, len(unanswered))
             error = StoreError(text)
             for op, future in unanswered:
                 _settle(op, future, (False, error))
 
     def _exit_text(self) -> str:
+        if self._stalled:
+            return (
+                f"the store's writer process {self._process.pid} answered no commit for {self._stalled_after:g} s "
+                "(stopped, or stuck on its disk) and was killed"
+            )
         try:
             code = self._process.wait(1.0)
         except subprocess.TimeoutExpired:

@@ -170,11 +170,15 @@ _SCHEMAS: dict[str, Any] = {
             "Store": {
                 "type": "object",
                 "description": "With the SQLite store: whether its writes go through",
-                "required": ["Writes", "RefusedSince", "WritesRefused"],
+                "required": ["Writes", "RefusedSince", "WritesRefused", "WritesUnanswered"],
                 "properties": {
                     "Writes": {"type": "string", "examples": ["ok", "refused: database or disk is full"]},
                     "RefusedSince": {**_nullable("string"), "format": "date-time"},
                     "WritesRefused": {"type": "integer", "description": "Since the server's start"},
+                    "WritesUnanswered": {
+                        "type": "integer",
+                        "description": "Writes the store's writer process died or stalled holding, since the server's start",
+                    },
                 },
             },
         },

@@ -4,8 +4,12 @@ counted in eventrun_runs_total."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
 import resource
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,9 +28,11 @@ from eventrun.engine.errors import StoreError
 from eventrun.engine.metrics import StoreWrites
 from eventrun.engine.postgres import PostgresStore
 from eventrun.engine.store import NewInvocation, SQLiteStore
+from eventrun.engine import writer as writer_module
 from eventrun.engine.writer import WriterProcess
 
 from postgres_service import Link
+from server_process import pid_alive
 
 REFUSED = re.compile(r"the store refused the write \((.+)\); nothing of it was recorded")
 StartEngine = Callable[..., Awaitable[Engine]]
@@ -66,23 +72,27 @@ def metric(text: str, name: str) -> float:
 
 def test_refusals_are_counted_timed_from_the_first_and_cleared_by_the_next_commit() -> None:
     writes = StoreWrites()
-    assert writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0}
+    assert writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0, "WritesUnanswered": 0}
     writes.refused("database or disk is full", 3)
     since = writes.view()["RefusedSince"]
     assert since.endswith("Z") and abs(seconds_ago(since)) < 5, since  # RFC 3339, UTC
     writes.refused("disk I/O error")
-    assert writes.view() == {"Writes": "refused: disk I/O error", "RefusedSince": since, "WritesRefused": 4}
+    assert writes.view() == {"Writes": "refused: disk I/O error", "RefusedSince": since, "WritesRefused": 4, "WritesUnanswered": 0}
     assert not writes.writable
     assert writes.render().splitlines() == [
         "# HELP eventrun_store_writes_refused_total Writes the store refused (nothing of them recorded).",
         "# TYPE eventrun_store_writes_refused_total counter",
         "eventrun_store_writes_refused_total 4",
+        "# HELP eventrun_store_writes_unanswered_total Writes the store's writer process died or stalled holding "
+        "(SQLite; each may or may not be recorded).",
+        "# TYPE eventrun_store_writes_unanswered_total counter",
+        "eventrun_store_writes_unanswered_total 0",
         "# HELP eventrun_store_writable 1 while the store takes writes, 0 from a refused write until the next commit.",
         "# TYPE eventrun_store_writable gauge",
         "eventrun_store_writable 0",
     ]
     writes.went_through()
-    assert writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 4}
+    assert writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 4, "WritesUnanswered": 0}
     assert "eventrun_store_writable 1" in writes.render().splitlines()
 
 
@@ -120,7 +130,7 @@ def test_a_commit_is_refused_when_sqlite_refused_its_writes_and_none_went_throug
 async def test_a_sqlite_store_that_refuses_commits_says_why_until_one_goes_through(sqlite_store: SQLiteStore) -> None:
     store = sqlite_store
     await store.put_state("k", "1")
-    assert store.writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0}
+    assert store.writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0, "WritesUnanswered": 0}
     assert store.writer_pid is not None
     with files_cannot_grow(store.writer_pid):
         for value in ("2", "3"):
@@ -132,8 +142,63 @@ async def test_a_sqlite_store_that_refuses_commits_says_why_until_one_goes_throu
         assert view["Writes"] == f"refused: {match.group(1)}", (view, refused.value)  # the reason the 503 gives
         assert view["WritesRefused"] == 2 and 0 <= seconds_ago(view["RefusedSince"]) < 30, view
     await store.put_state("k", "4")
-    assert store.writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 2}
+    assert store.writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 2, "WritesUnanswered": 0}
     assert await store.get_state("k") == "4"
+
+
+async def test_a_stopped_writer_is_killed_its_writes_fail_and_the_next_write_starts_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A function could SIGSTOP the writer (it runs as the same user): every request then waited
+    # for ever, /healthz said "ok", and a stop of the server never ended.
+    monkeypatch.setattr(writer_module, "STALLED_AFTER", 1.0)
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    try:
+        await _a_stopped_writer_is_replaced(store)
+    finally:
+        store.close()
+
+
+async def _a_stopped_writer_is_replaced(store: SQLiteStore) -> None:
+    await store.put_state("k", "1")
+    stopped = store.writer_pid
+    assert stopped is not None
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StoreError) as unanswered:
+            await asyncio.wait_for(store.put_state("k", "2"), 20)
+        assert time.monotonic() - began < 10
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    said = f"the store's writer process {stopped} answered no commit for 1 s (stopped, or stuck on its disk) and was killed"
+    assert str(unanswered.value) == said
+    view = store.writes.view()
+    assert (view["Writes"], view["WritesRefused"], view["WritesUnanswered"]) == (f"refused: {said}", 0, 1), view
+    assert not pid_alive(stopped)
+    await store.put_state("k", "3")  # a new writer
+    assert store.writer_pid != stopped and await store.get_state("k") == "3"
+    assert store.writes.view()["Writes"] == "ok"
+    assert "eventrun_store_writes_unanswered_total 1" in store.writes.render()
+
+
+async def test_a_stopped_writer_does_not_hold_up_the_stores_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "STALLED_AFTER", 1.0)
+    store = SQLiteStore(tmp_path / "eventrun.db")
+    store.open()
+    await store.put_state("k", "1")
+    stopped = store.writer_pid
+    assert stopped is not None
+    os.kill(stopped, signal.SIGSTOP)
+    writing = asyncio.ensure_future(store.put_state("k", "2"))
+    await asyncio.sleep(0.1)
+    began = time.monotonic()
+    store.close()  # (was: waited for ever)
+    assert time.monotonic() - began < 10 and not pid_alive(stopped)
+    with pytest.raises(StoreError, match="answered no commit for 1 s"):
+        await writing
 
 
 # -- an engine's /healthz and /metrics ---------------------------------------------------------
@@ -147,7 +212,7 @@ async def test_a_sqlite_engine_s_health_and_metrics_show_refused_writes_and_the_
         f'[server]\ndata_dir = "{tmp_path / "data"}"\n\n[functions.f]\nhandler = "noop.py:main_handler"\n', NOOP, paused=True
     )
     health = engine.health()
-    assert health["Status"] == "ok" and health["Store"] == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0}, health
+    assert health["Status"] == "ok" and health["Store"] == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0, "WritesUnanswered": 0}, health
     text = engine.metrics_text()
     assert metric(text, "eventrun_store_writable") == 1 and metric(text, "eventrun_store_writes_refused_total") == 0
     assert before - 1 <= metric(text, "process_start_time_seconds") <= time.time()
@@ -165,7 +230,7 @@ async def test_a_sqlite_engine_s_health_and_metrics_show_refused_writes_and_the_
     assert metric(text, "eventrun_store_writable") == 0 and metric(text, "eventrun_store_writes_refused_total") == 1
 
     await engine.store.put_state("k", "v")
-    assert engine.health()["Store"] == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 1}
+    assert engine.health()["Store"] == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 1, "WritesUnanswered": 0}
     text = engine.metrics_text()
     assert metric(text, "eventrun_store_writable") == 1 and metric(text, "eventrun_store_writes_refused_total") == 1
 
@@ -219,6 +284,6 @@ async def test_a_postgres_store_counts_the_writes_an_outage_refuses(postgres: st
         assert "eventrun_store_writable 0" in store.writes.render().splitlines()
         postgres_link.mend()
         await store.put_state("k", "3")
-        assert store.writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 1}
+        assert store.writes.view() == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 1, "WritesUnanswered": 0}
     finally:
         await store.close()
