@@ -107,6 +107,10 @@ class _Run:
         self.lost = False
 
 
+ENDS_AT_ONCE = 200
+"""Runs ended together at a start (their log files are open meanwhile), see _end_queued_of_removed."""
+
+
 def _rows(envelopes: Sequence[AnyEnvelope]) -> Batch | list[NewInvocation]:
     """The store rows of envelopes being accepted, each with a fresh RequestId.
 
@@ -260,24 +264,38 @@ class Engine:
         await self.pool.start()
         self._started = True
         resumed = 0
+        removed: dict[str, list[str]] = {}
         for request_id, function in await self.store.queued():
             if function in self.manifest.functions:
                 self.dispatcher.submit(function, request_id)
                 resumed += 1
             else:
-                await self._end(
-                    request_id,
-                    function,
-                    Outcome(
-                        status=Status.FAILED,
-                        error_type="FunctionNotFound",
-                        error_message=f"function {function!r} is no longer in the manifest",
-                    ),
-                    started=None,
-                )
+                removed.setdefault(function, []).append(request_id)
         if interrupted or resumed:
             logger.info("recovered: %d interrupted runs ended FAILED, %d queued runs resumed", len(interrupted), resumed)
+        for function, request_ids in removed.items():
+            await self._end_queued_of_removed(function, request_ids)
         self._start_pruning()
+
+    async def _end_queued_of_removed(self, function: str, request_ids: list[str]) -> None:
+        """End FAILED (FunctionNotFound) the queued runs of a function no longer in the manifest.
+
+        Many at a time, so that their ends share commits (one a run took about 1.5 ms: 28 s for
+        19,000 queued runs before the server answered).
+        """
+        outcome = Outcome(
+            status=Status.FAILED,
+            error_type="FunctionNotFound",
+            error_message=f"function {function!r} is no longer in the manifest",
+        )
+        for first in range(0, len(request_ids), ENDS_AT_ONCE):
+            await asyncio.gather(
+                *(self._end(request_id, function, outcome, started=None) for request_id in request_ids[first : first + ENDS_AT_ONCE])
+            )
+        logger.warning(
+            "%d queued runs of function %r, which is no longer in the manifest, ended FAILED (FunctionNotFound)",
+            len(request_ids), function,
+        )
 
     def _start_pruning(self) -> None:
         if self.manifest.server.retention > 0:

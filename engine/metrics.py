@@ -60,7 +60,8 @@ class Metrics:
         out += family("eventrun_throttled_total", "counter", "Events refused by qps_limit.")
         out += [f'eventrun_throttled_total{{function="{f}"}} {self.throttled[f]}' for f in names]
         out += family("eventrun_runs_total", "counter", "Runs ended, by final status.")
-        for f in names:
+        # (with the functions no longer in the manifest whose queued runs a start ended)
+        for f in sorted({*names, *(function for function, _ in self.ended)}):
             for status in Status:
                 if status.ended:
                     out.append(f'eventrun_runs_total{{function="{f}",status="{status.value}"}} {self.ended[(f, status.value)]}')
