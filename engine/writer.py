@@ -51,6 +51,7 @@ from .errors import StoreError
 from .failures import FailureLog
 from .metrics import StoreWrites
 from .text import log_to_stderr
+from .undumpable import undumpable
 from .writes import (
     ALL_NEW, REFUSAL_LOG_EVERY, Batch, Op, by_request_id, commit, connect, open_schema, refused, unopenable,
 )
@@ -569,6 +570,7 @@ def main(argv: Sequence[str]) -> None:
     """`python -m eventrun.engine.writer FD PATH BATCH_LIMIT`, as WriterProcess starts it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    undumpable()  # (it holds the store open: no function is to reach its descriptors)
     log_to_stderr(logging.WARNING, "eventrun store writer")
     fd, path, batch_limit = argv
     serve(Connection(int(fd)), Path(path), int(batch_limit))

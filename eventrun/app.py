@@ -22,6 +22,7 @@ from eventrun.engine.errors import EventrunError, ManifestError
 from eventrun.engine.failures import FailureLog
 from eventrun.engine.manifest import Manifest, Problem, load_manifest, url_host
 from eventrun.engine.text import log_to_stderr
+from eventrun.engine.undumpable import undumpable
 from eventrun.triggers.http import HttpTrigger
 
 logger = logging.getLogger("eventrun")
@@ -252,6 +253,7 @@ def serve(config_path: Path | None) -> int:
     tune_collector()
     return_large_blocks()
     raise_open_files_limit()
+    undumpable()  # (before the store's writer and the spawner start: they are made so too)
 
     async def main() -> None:
         stop = asyncio.Event()
