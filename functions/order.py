@@ -22,13 +22,15 @@ from typing import Any
 
 def main_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Log the order a record carries and return it with where it came from."""
-    # event["data"] holds the record: key, value (the decoded JSON value, or value_base64
-    # when the value is not JSON), headers, partition, offset and timestamp (ms).
+    # event["data"] holds the record: key (or key_base64 when the key is not UTF-8), value (the
+    # decoded JSON value, or value_base64 when the value is not JSON), headers, partition,
+    # offset and timestamp (ms).
     data = event["data"]
     where = f"{event['source']} partition {data['partition']} offset {data['offset']}"
     if "value" not in data:
         context.logger.warning("record at %s is not JSON; nothing to do", where)
         return {"skipped": where}
     order = data["value"]
-    context.logger.info("order %s (key %s) from %s", order, data["key"], where)
-    return {"order": order, "key": data["key"], "partition": data["partition"], "offset": data["offset"]}
+    key = data.get("key")  # (None without a key, or for a key that is not UTF-8)
+    context.logger.info("order %s (key %s) from %s", order, key, where)
+    return {"order": order, "key": key, "partition": data["partition"], "offset": data["offset"]}

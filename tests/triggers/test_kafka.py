@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import UnsupportedCodecError
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord
@@ -158,10 +159,30 @@ def test_json_scalars_are_values() -> None:
 def test_keys() -> None:
     event = roundtrip(to_envelope(record(key=b"\xff\x00"), "f"))
     assert "subject" not in event
-    assert event["data"]["key"] is None and base64.b64decode(event["data"]["key_base64"]) == b"\xff\x00"
+    # Instead of `key`: a handler's `data["key"] is None` means "no key", never "a binary one".
+    assert "key" not in event["data"] and base64.b64decode(event["data"]["key_base64"]) == b"\xff\x00"
     event = roundtrip(to_envelope(record(key=None), "f"))
     assert "subject" not in event and event["data"]["key"] is None and "key_base64" not in event["data"]
     assert to_envelope(record(key="ключ".encode()), "f").subject == "ключ"
+
+
+@pytest.mark.parametrize("headers", [(), [("trace", b"t")], BINARY_HEADERS], ids=["usual", "header", "cloudevents-binary"])
+@pytest.mark.parametrize("alone", [True, False])
+def test_an_empty_key_gives_no_subject(headers: list[tuple[str, bytes]], alone: bool) -> None:
+    # CloudEvents: a subject, if present, is a non-empty string. The data keeps the key as it was.
+    rec = record(key=b"", headers=headers)
+    batch = [rec] if alone else [record(offset=1), rec, record(offset=3)]
+    event = json.loads(encode_many(to_accept(batch, "f"))[0 if alone else 1])
+    assert "subject" not in event and event["data"]["key"] == ""
+    assert to_envelopes(batch, "f")[0 if alone else 1].subject is None
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_key_that_is_not_utf8_arrives_as_key_base64_only(alone: bool) -> None:
+    rec = record(key=b"\xff\xfe", headers=[("trace", b"t")] if alone else ())
+    batch = [rec] if alone else [record(offset=1), rec, record(offset=3)]
+    data = json.loads(encode_many(to_accept(batch, "f"))[0 if alone else 1])["data"]
+    assert "key" not in data and data["key_base64"] == base64.b64encode(b"\xff\xfe").decode()
 
 
 def test_headers() -> None:
@@ -221,7 +242,7 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
         id=record_id(rec.partition, rec.offset, epoch),
         source=source_of(rec.topic),
         type=RECORD_TYPE,
-        subject=data["key"],
+        subject=data.get("key") or None,
         time=envelope.time if now_stamped else record_time(rec.timestamp),
         function="f",
         trigger="kafka",
@@ -232,7 +253,7 @@ def test_a_record_without_headers_is_built_like_any_other(changes: dict[str, Any
 
 
 @pytest.mark.parametrize(
-    "key", [b"order-42", b"", b'quote " and back\\slash', "\u00fcn\u00ef \u20ac \U0001f680".encode(), b"ctl\x01\x1f\x7f"]
+    "key", [b"order-42", b'quote " and back\\slash', "\u00fcn\u00ef \u20ac \U0001f680".encode(), b"ctl\x01\x1f\x7f"]
 )
 @pytest.mark.parametrize(
     "value",
@@ -438,6 +459,27 @@ def test_cloudevents_binary_mode_defaults() -> None:
     envelope = to_envelope(record(headers=headers), "f")
     assert envelope.subject == "order-42"  # the key, as for any record
     assert envelope.time == "2024-05-01T10:00:00.123Z"
+    assert envelope.datacontenttype == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("value", "content_type", "data"),
+    [
+        (b"\x89PNG\r\n\x1a\n", b"image/png", {"value_base64": base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()}),
+        (b"id,total\n9,19.5\n", b"text/csv; charset=utf-8", {"value_base64": base64.b64encode(b"id,total\n9,19.5\n").decode()}),
+        (b'{"order": 42}', b"application/json", {"value": {"order": 42}}),
+    ],
+    ids=["png", "csv", "json"],
+)
+def test_cloudevents_binary_mode_takes_datacontenttype_from_the_content_type_header(
+    value: bytes, content_type: bytes, data: dict[str, Any]
+) -> None:
+    # The Kafka binding maps the content-type header to datacontenttype in binary mode; it was
+    # "application/json" whatever the header said. `data` stays the record, its value as any value.
+    event = roundtrip(to_envelope(record(value, headers=[*BINARY_HEADERS, ("Content-Type", content_type)]), "f"))
+    assert event["datacontenttype"] == content_type.decode()
+    assert {k: event["data"][k] for k in data} == data
+    assert event["data"]["headers"]["Content-Type"] == content_type.decode()
 
 
 @pytest.mark.parametrize("given", [b"not a time", b"20250101T000000Z", b"2025-W01-1T00:00:00+00:00", b"2025-01-01T00Z"])
@@ -492,6 +534,12 @@ def test_cloudevents_structured_mode_takes_the_event_from_the_value() -> None:
         "subject": "invoices/9", "time": "2024-05-02T08:00:00Z", "datacontenttype": "application/json",
         "eventrunfunction": "f", "eventruntrigger": "kafka", "data": {"invoice": 9},
     }
+
+
+def test_an_empty_structured_cloudevents_subject_is_none() -> None:
+    value = json.dumps({**STRUCTURED, "subject": ""}).encode()
+    event = roundtrip(to_envelope(record(value, headers=[("content-type", b"application/cloudevents+json")]), "f"))
+    assert event["id"] == "evt-9" and "subject" not in event
 
 
 def test_cloudevents_structured_mode_with_data_base64() -> None:
@@ -765,6 +813,83 @@ async def test_a_broker_that_is_down_delays_nothing_and_shows_in_the_state(unuse
     assert time.monotonic() - stopping < 2.0
     assert trigger.state()["fn:t"]["State"] == "stopped"
     assert engine.accepted == []
+
+
+async def test_records_of_a_codec_not_installed_are_held_back_not_taken_for_an_outage(
+    unused_tcp_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client raises UnsupportedCodecError (a KafkaError) for a batch compressed with a codec
+    # whose library is missing. It was taken for an outage: "broker unreachable", connected 0.
+    tp = TopicPartition("orders", 0)
+
+    class Consumer:
+        """What _consume asks of aiokafka's consumer, with a fetch that cannot decompress."""
+
+        codec_missing = True
+
+        def __init__(self) -> None:
+            self.fetches = 0
+            self.seeks: set[tuple[int, int]] = set()
+
+        def assignment(self) -> set[TopicPartition]:
+            return {tp}
+
+        def paused(self) -> set[TopicPartition]:
+            return set()
+
+        def pause(self, *partitions: TopicPartition) -> None:
+            pass
+
+        def resume(self, *partitions: TopicPartition) -> None:
+            pass
+
+        def highwater(self, partition: TopicPartition) -> int | None:
+            return None
+
+        def seek(self, partition: TopicPartition, offset: int) -> None:
+            self.seeks.add((partition.partition, offset))
+
+        async def topics(self) -> set[str]:
+            return {"orders"}
+
+        async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+            self.fetches += 1
+            if self.codec_missing:
+                raise UnsupportedCodecError("Libraries for zstd compression codec not found")
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+
+    engine = FakeEngine()
+    settings = Settings(bootstrap_servers=f"127.0.0.1:{unused_tcp_port}", backoff_min=0.02, backoff_max=0.05, poll_interval=0.02)
+    topic = TopicConsumer(engine, function="f", topic="orders", group_id="g", starting_position="earliest", settings=settings)
+    topic._parts.expected[0] = 5  # where hand-offs stand: the position was decided, records up to 4 handed over
+    topic._health.contact()
+    fake = Consumer()
+
+    async def until(condition: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline, topic.state()
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.INFO, logger="eventrun.triggers.kafka"):
+        consuming = asyncio.create_task(topic._consume(fake))  # type: ignore[arg-type]
+        try:
+            await until(lambda: fake.fetches >= 3)
+            state = topic.state()["State"]
+            assert state.startswith("records held back: UnsupportedCodecError: Libraries for zstd compression codec not found")
+            assert "cramjam" in state and "aiokafka[lz4,snappy,zstd]" in state, state
+            assert topic.figures()["connected"] == 1
+            # Read again from where hand-offs stand, each time: nothing skipped, nothing accepted.
+            assert fake.seeks == {(0, 5)} and engine.accepted == []
+            Consumer.codec_missing = False  # (installed, say): the next fetch finds nothing new
+            await until(lambda: topic.state()["State"] == "consuming")
+        finally:
+            topic._stopping.set()
+            await consuming
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "records cannot be read: UnsupportedCodecError" in errors[0], errors
+    assert "unreachable" not in caplog.text
 
 
 def test_client_logs_are_quieted_unless_configured() -> None:

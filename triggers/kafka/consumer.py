@@ -8,7 +8,7 @@ import time
 from typing import Any, Awaitable, Collection, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, UnsupportedCodecError
 
 from .client import RECORD_ERRORS, Settings, group_generation, new_client, sleep_unless, stop_client
 from .engine import KafkaEngine
@@ -66,6 +66,7 @@ class TopicConsumer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._health = Health(self.name, servers=settings.bootstrap_servers, group_id=group_id)
+        self._held_wait = settings.backoff_min  # before records held back are fetched again (see _hold_back)
         self._parts = Partitions(
             engine,
             name=self.name,
@@ -195,6 +196,9 @@ class TopicConsumer:
             except RECORD_ERRORS as exc:
                 await self._handoff.isolate_poison(consumer, exc)
                 continue
+            except UnsupportedCodecError as exc:
+                await self._hold_back(consumer, exc)
+                continue
             except KafkaError as exc:
                 self._health.unreachable(exc, await self._why())
                 await sleep_unless(self._stopping, self._settings.backoff_min)
@@ -209,6 +213,26 @@ class TopicConsumer:
                 self._health.contact()
                 await self._handoff.hand_off(consumer, batch, generation)
             await self._notice_new_logs(consumer, batch)
+
+    async def _hold_back(self, consumer: AIOKafkaConsumer, exc: UnsupportedCodecError) -> None:
+        """Records came compressed with a codec this install cannot read: say so, and read them again later.
+
+        The broker answered, so this is no outage. The client drops the whole answer of that
+        getmany, yet may already have moved other partitions past the records it drained for
+        it: every partition goes back to where hand-offs stand, so no record is skipped. The
+        batch fails again until the codec's library is installed (and eventrun restarted).
+        """
+        if self._health.connection == "unreachable":
+            self._parts.pending |= consumer.assignment()  # back after an outage, as in _idle
+        self._health.contact()
+        self._health.hold_back(exc)
+        parts = self._parts
+        for tp in consumer.assignment():
+            offset = parts.expected.get(tp.partition)
+            if offset is not None and tp not in parts.pending:
+                consumer.seek(tp, offset)
+        await sleep_unless(self._stopping, self._held_wait)
+        self._held_wait = min(self._held_wait * 2, self._settings.backoff_max)
 
     async def _notice_new_logs(self, consumer: AIOKafkaConsumer, fetched: Collection[TopicPartition]) -> None:
         """Start a partition again, under a new epoch, once its log ends before where reading stands.
@@ -333,6 +357,8 @@ class TopicConsumer:
             consumer.resume(*(paused - want))
 
     async def _idle(self, consumer: AIOKafkaConsumer) -> None:
+        self._health.release()  # nothing left to read: nothing held back either
+        self._held_wait = self._settings.backoff_min
         await self._handoff.drain()
         if self._handoff.uncommitted:
             async with self._handoff.lock:

@@ -19,6 +19,7 @@ class Health:
         self.connection = "stopped"  # connecting | connected | unreachable | stopped
         self.error = ""
         self.backpressure = False
+        self.held_back = ""  # why records the broker sent cannot be read here (a codec missing), if they cannot
         self._servers = servers
         self._group_id = group_id
         self._last_contact = 0.0
@@ -28,6 +29,8 @@ class Health:
         if self.connection == "unreachable":
             return f"broker unreachable: {self.error}"
         if self.connection == "connected":
+            if self.held_back:
+                return f"records held back: {self.held_back}"
             return f"paused (backlog {backlog()})" if self.backpressure else "consuming"
         return self.connection
 
@@ -56,6 +59,23 @@ class Health:
         error = describe(exc)
         self.error = f"{error} ({reason})" if reason else error
         self.enter("unreachable")
+
+    def hold_back(self, exc: BaseException) -> None:
+        """The broker answered with records this install cannot decompress (UnsupportedCodecError).
+
+        Not an outage: the connection stays as it is. The state and the log (once a change)
+        name the codec and what to install.
+        """
+        reason = f"{describe(exc)} (install the codec libraries, cramjam, as eventrun's dependency aiokafka[lz4,snappy,zstd] brings them, then restart)"
+        if reason != self.held_back:
+            logger.error("kafka %s: records cannot be read: %s; they wait, and nothing after them runs", self.name, reason)
+        self.held_back = reason
+
+    def release(self) -> None:
+        """Records are read again: what held them back is gone."""
+        if self.held_back:
+            self.held_back = ""
+            logger.info("kafka %s: records are read again", self.name)
 
     def probe_due(self, interval: float) -> bool:
         """Whether the broker said nothing for `interval` seconds, so it is time to ask it something."""

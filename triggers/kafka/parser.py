@@ -120,7 +120,7 @@ def to_accept(
 ) -> Sequence[Envelope | Templated]:
     """What accept_batch takes for records: their envelopes, the usual ones as a template's fields.
 
-    The usual record (UTF-8 key, JSON value, a timestamp, no headers) becomes a Templated
+    The usual record (non-empty UTF-8 key, JSON value, a timestamp, no headers) becomes a Templated
     envelope: the store keeps only its fields (the value as the producer wrote it: parsed only
     to know it is JSON, not turned into objects and written again) and the template once. That
     is most of the work per record on a busy topic, and a third of the bytes of its JSON.
@@ -140,7 +140,7 @@ def to_accept(
             out.append(_general(record, function, epoch, max_json))
             continue
         key, value, timestamp = record.key, record.value, record.timestamp
-        if key is not None and value and len(value) <= max_json and timestamp is not None and timestamp >= 0:
+        if key and value and len(value) <= max_json and timestamp is not None and timestamp >= 0:
             try:
                 subject = _json_string(key.decode()).encode()
                 # That it is JSON (and not too deep to store) is all that is needed of it.
@@ -205,15 +205,19 @@ def _general(record: RecordLike, function: str, epoch: int, max_json: int) -> En
         if structured is not None:
             return _from_structured(structured, record, function)
     data = record_data(record, headers, max_json)
-    key = data["key"]
+    # CloudEvents: a subject, when there is one, is a non-empty string; an empty key gives none.
+    subject = data.get("key") or None
     attributes = _binary_attributes(headers) if headers else None
     if attributes is not None:
         return Envelope(
             id=attributes["id"],
             source=attributes["source"],
             type=attributes["type"],
-            subject=attributes.get("subject", key),
+            subject=attributes.get("subject", subject),
             time=_event_time(attributes.get("time"), record),
+            # The Kafka binding maps the content-type header to datacontenttype in binary mode:
+            # it describes the record's value (in data as `value` or `value_base64`).
+            datacontenttype=_content_type(headers) or "application/json",
             function=function,
             trigger=TRIGGER,
             data=data,
@@ -222,7 +226,7 @@ def _general(record: RecordLike, function: str, epoch: int, max_json: int) -> En
         id=record_id(record.partition, record.offset, epoch),
         source=source_of(record.topic),
         type=RECORD_TYPE,
-        subject=key,
+        subject=subject,
         time=record_time(record.timestamp),
         function=function,
         trigger=TRIGGER,
@@ -253,7 +257,7 @@ def undecodable_envelope(
 
 
 def record_data(record: RecordLike, headers: Sequence[tuple[str, bytes | None]], max_json: int) -> dict[str, Any]:
-    """The `data` of a record's envelope: key, value (or value_base64), headers and position.
+    """The `data` of a record's envelope: key (or key_base64), value (or value_base64), headers and position.
 
     A JSON value is held as its own text (an orjson Fragment, on one line), not as the objects
     it parses to: orjson reads an integer beyond 64 bits as a float, and writing that back
@@ -261,9 +265,11 @@ def record_data(record: RecordLike, headers: Sequence[tuple[str, bytes | None]],
     """
     key = record.key
     text_key = _text(key) if key is not None else None
-    data: dict[str, Any] = {"key": text_key}
+    data: dict[str, Any]
     if text_key is None and key is not None:
-        data["key_base64"] = _b64(key)
+        data = {"key_base64": _b64(key)}  # instead of `key`, whose null means "no key"
+    else:
+        data = {"key": text_key}
     value = record.value
     if value is None:
         data["value"] = None  # a tombstone
@@ -355,9 +361,7 @@ def _structured_cloudevent(
     """The event of a structured-mode record (content-type application/cloudevents+json), if valid."""
     if value is None:
         return None
-    content_type = next(
-        (_text(raw) for name, raw in headers if name.lower() == "content-type" and raw is not None), None
-    )
+    content_type = _content_type(headers)
     if not content_type or content_type.split(";", 1)[0].strip().lower() != CLOUDEVENTS_JSON:
         return None
     event = _json(value, max_json)
@@ -366,6 +370,14 @@ def _structured_cloudevent(
     if not all(isinstance(event.get(name), str) and event[name] for name in ("id", "source", "type")):
         return None
     return loads_exact(value, event)  # (its integers beyond 64 bits, too, keep every digit)
+
+
+def _content_type(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
+    """The record's `content-type` header as text, if it has one that is UTF-8 and not empty."""
+    for name, raw in headers:
+        if name.lower() == "content-type" and raw is not None:
+            return _text(raw) or None
+    return None
 
 
 def _from_structured(event: dict[str, Any], record: RecordLike, function: str) -> Envelope:
@@ -381,7 +393,7 @@ def _from_structured(event: dict[str, Any], record: RecordLike, function: str) -
         id=event["id"],
         source=event["source"],
         type=event["type"],
-        subject=subject if isinstance(subject, str) else None,
+        subject=subject if isinstance(subject, str) and subject else None,  # non-empty, or none
         time=_event_time(event.get("time"), record),
         datacontenttype=content_type if isinstance(content_type, str) else "application/json",
         function=function,
