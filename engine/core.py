@@ -704,9 +704,11 @@ class Engine:
         limit: int = 100,
         dry_run: bool = False,
         key: str | None = None,
-    ) -> list[tuple[str, str | None]]:
+        cursor: str | None = None,
+    ) -> tuple[list[tuple[str, str | None]], str | None]:
         """Replay the ended runs of a function that match, newest first, each once, at most `limit`;
-        (original, new RequestId) pairs, the new one None in a dry run.
+        (original, new RequestId) pairs, the new one None in a dry run, and the cursor where the
+        runs that match go on after them (a list's: None when none are left to look at).
 
         `key` (an Idempotency-Key): each run is replayed with it (see `replay`), so the same
         request sent again answers the same replays and makes no others; and the replays made
@@ -715,37 +717,41 @@ class Engine:
         """
         if status is not None and not status.ended:
             raise InvalidParameter(f"Status: only ended runs can be replayed, not {status.value} ones")
-        picked = await self._replay_picks(function, status, trigger, since, until, limit, key)
+        picked, cursor = await self._replay_picks(function, status, trigger, since, until, limit, key, cursor)
         if dry_run:
-            return [(request_id, await self._replay_under(request_id, key)) for request_id in picked]
+            return [(request_id, await self._replay_under(request_id, key)) for request_id in picked], cursor
         pairs: list[tuple[str, str | None]] = []
         for request_id in picked:
             try:
                 pairs.append((request_id, (await self.replay(request_id, key=key)).request_id))
             except InvocationNotFound:
                 continue  # deleted since it was picked (retention): there is nothing left to replay
-        return pairs
+        return pairs, cursor
 
     async def _replay_picks(
         self, function: str, status: Status | None, trigger: str | None, since: int | None, until: int | None,
-        limit: int, key: str | None,
-    ) -> list[str]:
-        """The runs replay_many replays: the ended ones that match, newest first, at most `limit`,
-        less the replays made with `key`."""
+        limit: int, key: str | None, cursor: str | None,
+    ) -> tuple[list[str], str | None]:
+        """The runs replay_many replays: the ended ones that match, newest first from `cursor`, at
+        most `limit`, less the replays made with `key`; and the cursor after the last run looked at.
+
+        Each page asked for is at most what is still wanted, and taken whole: so the cursor
+        after it is right after the last run picked, and the next request takes up from there.
+        """
         picked: list[str] = []
-        cursor: str | None = None
         while len(picked) < limit:
             page, cursor = await self.list(
-                function=function, status=status, trigger=trigger, since=since, until=until, limit=200, cursor=cursor
+                function=function, status=status, trigger=trigger, since=since, until=until,
+                limit=min(200, limit - len(picked)), cursor=cursor,
             )
-            ended = [i.request_id for i in page if i.status.ended and i.request_id not in picked]
+            ended = [i.request_id for i in page if i.status.ended]
             if key and ended:
                 made_with_key = await self.store.replays_under(key, ended)
                 ended = [request_id for request_id in ended if request_id not in made_with_key]
-            picked += ended[: limit - len(picked)]
+            picked += ended
             if cursor is None:
                 break
-        return picked
+        return picked, cursor
 
     async def _replay_under(self, request_id: str, key: str | None) -> str | None:
         """The replay of a run made with `key` already, if there is one (None without a key)."""

@@ -382,7 +382,7 @@ def cmd_terminate(args: argparse.Namespace) -> int:
 
 
 REPLAY_LIMIT = 100  # the runs a bulk replay takes at most unless --limit says (the server's default too)
-_REPLAY_FILTERS = ("status", "trigger", "since", "until", "limit")
+_REPLAY_FILTERS = ("status", "trigger", "since", "until", "limit", "cursor")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -425,7 +425,7 @@ def _replay_matching(client: Client, args: argparse.Namespace) -> int:
         body["Status"] = args.status
     if args.trigger:
         body["Trigger"] = args.trigger
-    for key, value in (("Since", args.since), ("Until", args.until)):
+    for key, value in (("Since", args.since), ("Until", args.until), ("Cursor", args.cursor)):
         if value:
             body[key] = value
     _, answer = client.call(
@@ -439,6 +439,8 @@ def _replay_matching(client: Client, args: argparse.Namespace) -> int:
     what = "would be replayed" if args.dry_run else "replayed"
     count = len(answer["Replayed"])
     print(f"{count} {'run' if count == 1 else 'runs'} {what}", file=sys.stderr)
+    if answer.get("Cursor"):  # (a server before cursors sends none)
+        print(f"more runs may match: add --cursor {printable(str(answer['Cursor']))}", file=sys.stderr)
     return 0
 
 
@@ -694,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     replaying.add_argument(
         "--limit", metavar="N", type=_limit, help=f"at most N runs (default {REPLAY_LIMIT}, at most {MAX_LIMIT})"
     )
+    replaying.add_argument("--cursor", help="go on after the runs of a previous replay (its --cursor)")
     replaying.add_argument(
         "--dry-run", action="store_true", help="only print what would be replayed (the runs' RequestIds), replaying nothing"
     )

@@ -177,9 +177,11 @@ class StandIn:
         return web.json_response(self.functions)
 
     async def _replay(self, request: web.Request) -> web.StreamResponse:
-        dry_run = json.loads(await request.read()).get("DryRun", False)
+        body = json.loads(await request.read())
+        dry_run = body.get("DryRun", False)
         pair = {"ReplayOf": "old-1", "RequestId": None if dry_run else "new-1"}
-        return web.json_response({"DryRun": dry_run, "Replayed": [pair]})
+        cursor = "next-page" if body.get("Limit") == 1 and "Cursor" not in body else None
+        return web.json_response({"DryRun": dry_run, "Replayed": [pair], "Cursor": cursor})
 
     async def _replay_one(self, request: web.Request) -> web.StreamResponse:
         request_id = request.match_info["id"]
@@ -1148,6 +1150,20 @@ def test_filters_with_one_run_are_a_usage_error(
             "not one REQUEST_ID\n",
         )
     assert stand_in.requests == []
+
+
+def test_a_bulk_replay_says_how_to_go_on_when_more_runs_may_match(stand_in: StandIn, capsys: Any) -> None:
+    assert run(capsys, "replay", "--function", "thumbnail", "--limit", "1", "--url", stand_in.url) == (
+        0,
+        "old-1 -> new-1\n",
+        "1 run replayed\nmore runs may match: add --cursor next-page\n",
+    )
+    assert run(capsys, "replay", "--function", "thumbnail", "--limit", "1", "--cursor", "next-page", "--url", stand_in.url) == (
+        0,
+        "old-1 -> new-1\n",
+        "1 run replayed\n",
+    )
+    assert json.loads(stand_in.requests[-1].body) == {"Limit": 1, "DryRun": False, "Cursor": "next-page"}
 
 
 def test_a_bulk_replay_asks_for_100_runs_unless_told(stand_in: StandIn, capsys: Any) -> None:

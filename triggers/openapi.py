@@ -463,6 +463,10 @@ _PATHS: dict[str, Any] = {
                                 "Until": {"type": "string", "format": "date-time"},
                                 "Limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                                 "DryRun": {"type": "boolean", "default": False},
+                                "Cursor": {
+                                    "type": "string",
+                                    "description": "The Cursor of an earlier answer: the runs that match after those it picked",
+                                },
                             },
                         }
                     }
@@ -474,9 +478,14 @@ _PATHS: dict[str, Any] = {
                     " Idempotency-Key the replay the run has under it already",
                     {
                         "type": "object",
-                        "required": ["DryRun", "Replayed"],
+                        "required": ["DryRun", "Replayed", "Cursor"],
                         "properties": {
                             "DryRun": {"type": "boolean"},
+                            "Cursor": {
+                                "type": ["string", "null"],
+                                "description": "Where the runs that match go on, for the next request (its Cursor);"
+                                " null when none are left",
+                            },
                             "Replayed": {
                                 "type": "array",
                                 "items": {

@@ -85,6 +85,18 @@ async def test_runs_are_replayed_in_bulk_by_filter_each_once(eventrun_server, ht
         assert (await api.wait_ended(pair["RequestId"]))["ReplayOf"] == pair["ReplayOf"]
     whole = await bulk(Status="FAILED", Limit=1.0, DryRun=True)
     assert len(whole["Replayed"]) == 1, "a number with no fraction is an integer, as JSON Schema has it"
+    # Page by page from the Cursor: each run that matches once, the last page's Cursor null.
+    pages, cursor = [], None
+    while True:
+        page = await bulk(Status="FAILED", Limit=2, DryRun=True, **({"Cursor": cursor} if cursor else {}))
+        pages.append([p["ReplayOf"] for p in page["Replayed"]])
+        cursor = page["Cursor"]
+        if cursor is None:
+            break
+    assert sum(pages, []) == sorted(sum(pages, []), reverse=True) and set(failed) <= set(sum(pages, []))
+    assert len(sum(pages, [])) == len(set(sum(pages, []))), pages
+    unknown = await api.request("POST", "/functions/pid/replay", json={"Cursor": "not-a-cursor"})
+    assert unknown.status == 400 and "cursor 'not-a-cursor' is not a cursor this server gave out" in unknown.error(400)["Message"]
     refusals = [
         ({"Status": "RUNNING"}, "Status: only ended runs"), ({"Limit": 0}, "Limit"), ({"Limit": 1.5}, "Limit"),
         ({"Limit": True}, "Limit: expected an integer from 1 to 1000, got true"), ({"Colour": 1}, "unknown field"),

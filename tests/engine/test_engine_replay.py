@@ -31,7 +31,7 @@ async def test_runs_deleted_while_a_bulk_replay_goes_on_are_passed_over(idle_eng
         return accepted
 
     monkeypatch.setattr(idle_engine, "replay", replay_then_prune)
-    pairs = await idle_engine.replay_many("f", status=Status.FAILED)
+    pairs = (await idle_engine.replay_many("f", status=Status.FAILED))[0]
     assert [original for original, _ in pairs] == [ended[2]]  # newest first; the rest were deleted meanwhile
     (new,) = [new for _, new in pairs]
     assert new is not None and (await idle_engine.get(new)).status is Status.QUEUED
@@ -122,19 +122,19 @@ async def _replays(engine: Engine, original: str) -> list[str]:
 
 async def test_a_bulk_replay_sent_again_with_its_key_answers_the_same_replays_and_makes_no_others(engine: Engine) -> None:
     originals = [await _ended(engine, f"e{n}") for n in range(3)]
-    first = await engine.replay_many("f", status=Status.FAILED, key="bulk-1")
+    first = (await engine.replay_many("f", status=Status.FAILED, key="bulk-1"))[0]
     assert [original for original, _ in first] == originals[::-1]
-    assert await engine.replay_many("f", status=Status.FAILED, key="bulk-1") == first
+    assert (await engine.replay_many("f", status=Status.FAILED, key="bulk-1"))[0] == first
     assert len(await _runs(engine)) == 6, "three runs, and one replay of each"
     for original, new in first:
         assert await _replays(engine, original) == [new]
-    unkeyed = await engine.replay_many("f", status=Status.FAILED)
+    unkeyed = (await engine.replay_many("f", status=Status.FAILED))[0]
     assert {new for _, new in unkeyed}.isdisjoint(new for _, new in first), "without a key, each sending replays anew"
 
 
 async def test_a_bulk_replay_sent_several_times_at_once_with_its_key_replays_each_run_once(engine: Engine) -> None:
     originals = [await _ended(engine, f"e{n}") for n in range(3)]
-    together = await asyncio.gather(*(engine.replay_many("f", status=Status.FAILED, key="bulk-1") for _ in range(4)))
+    together = [pairs for pairs, _ in await asyncio.gather(*(engine.replay_many("f", status=Status.FAILED, key="bulk-1") for _ in range(4)))]
     assert all(answer == together[0] for answer in together), together
     assert [original for original, _ in together[0]] == originals[::-1]
     for original in originals:
@@ -146,14 +146,14 @@ async def test_a_bulk_replay_sent_again_does_not_replay_the_replays_it_made(engi
     # A key may hold ':', as the replays' event ids do (replay:{original}:{key}).
     originals = [await _ended(engine, f"e{n}") for n in range(2)]
     key = "nightly:2024-05-01:1"
-    first = await engine.replay_many("f", status=Status.FAILED, key=key)
+    first = (await engine.replay_many("f", status=Status.FAILED, key=key))[0]
     for _, new in first:
         assert new is not None and await engine.store.finish(new, Status.FAILED, now_rfc3339())
-    assert await engine.replay_many("f", status=Status.FAILED, key=key) == first, "the failed replays are passed over"
-    assert await engine.replay_many("f", status=Status.FAILED, key=key, dry_run=True) == first
+    assert (await engine.replay_many("f", status=Status.FAILED, key=key))[0] == first, "the failed replays are passed over"
+    assert (await engine.replay_many("f", status=Status.FAILED, key=key, dry_run=True))[0] == first
     assert len(await _runs(engine)) == 4
     # Only the replays made with this very key are: with another (even one its end spells), they are runs like any other.
-    other = await engine.replay_many("f", status=Status.FAILED, key="01:1")
+    other = (await engine.replay_many("f", status=Status.FAILED, key="01:1"))[0]
     replays = [new for _, new in first]
     assert [original for original, _ in other] == [*replays[::-1], *originals[::-1]]
 
@@ -161,10 +161,31 @@ async def test_a_bulk_replay_sent_again_does_not_replay_the_replays_it_made(engi
 async def test_a_dry_run_with_a_key_shows_the_replays_made_with_it_and_replays_nothing(engine: Engine) -> None:
     older, newer = await _ended(engine, "e1"), await _ended(engine, "e2")
     made = await engine.replay(older, key="k")
-    assert await engine.replay_many("f", status=Status.FAILED, key="k", dry_run=True) == [
+    assert (await engine.replay_many("f", status=Status.FAILED, key="k", dry_run=True))[0] == [
         (newer, None), (older, made.request_id)
     ]
-    assert await engine.replay_many("f", status=Status.FAILED, key="other", dry_run=True) == [(newer, None), (older, None)]
+    assert (await engine.replay_many("f", status=Status.FAILED, key="other", dry_run=True))[0] == [(newer, None), (older, None)]
     assert len(await _runs(engine)) == 3, "a dry run replays nothing"
-    done = await engine.replay_many("f", status=Status.FAILED, key="k")
+    done = (await engine.replay_many("f", status=Status.FAILED, key="k"))[0]
     assert done[1] == (older, made.request_id) and done[0][1] not in (None, made.request_id)
+
+
+async def test_a_bulk_replay_goes_on_from_its_cursor_to_the_runs_after_those_it_picked(engine: Engine) -> None:
+    # Limit is at most 1,000: a day's 2,001 failures could not be reached past the first 1,000.
+    originals = [await _ended(engine, f"e{n}") for n in range(7)]
+    newest_first = originals[::-1]
+    seen: list[str] = []
+    cursor = None
+    answers = []
+    while True:
+        pairs, cursor = await engine.replay_many("f", status=Status.FAILED, limit=3, key="day", cursor=cursor)
+        answers.append((pairs, cursor))
+        seen += [original for original, _ in pairs]
+        if cursor is None:
+            break
+    assert seen == newest_first and [len(pairs) for pairs, _ in answers] == [3, 3, 1]
+    # Sent again with its key and cursor, a page answers the same replays, and goes on from the same place.
+    assert await engine.replay_many("f", status=Status.FAILED, limit=3, key="day", cursor=answers[0][1]) == answers[1]
+    assert len(await _runs(engine)) == 14, "seven runs, each replayed once"
+    dry, dry_cursor = await engine.replay_many("f", status=Status.FAILED, limit=5, dry_run=True)
+    assert len(dry) == 5 and dry_cursor is not None

@@ -225,7 +225,7 @@ async def replay(request: web.Request) -> web.Response:
     )
 
 
-_REPLAY_FIELDS = {"Status", "Trigger", "Since", "Until", "Limit", "DryRun"}
+_REPLAY_FIELDS = {"Status", "Trigger", "Since", "Until", "Limit", "DryRun", "Cursor"}
 
 
 async def replay_function(request: web.Request) -> web.Response:
@@ -253,11 +253,11 @@ async def replay_function(request: web.Request) -> web.Response:
     dry_run = body.get("DryRun", False)
     if not isinstance(dry_run, bool):
         raise InvalidParameter(f"DryRun: expected true or false, got {_json_text(dry_run)}")
-    text = {field: body.get(field) for field in ("Status", "Trigger", "Since", "Until")}
+    text = {field: body.get(field) for field in ("Status", "Trigger", "Since", "Until", "Cursor")}
     for field, value in text.items():
         if value is not None and not isinstance(value, str):
             raise InvalidParameter(f"{field}: expected a string, got {_json_text(value)}")
-    pairs = await engine.replay_many(
+    pairs, cursor = await engine.replay_many(
         name,
         status=_parse_status("Status", text["Status"] or ""),
         trigger=_parse_trigger("Trigger", text["Trigger"] or ""),
@@ -266,8 +266,10 @@ async def replay_function(request: web.Request) -> web.Response:
         limit=limit,
         dry_run=dry_run,
         key=key,
+        cursor=text["Cursor"] or None,
     )
-    return json_response({"DryRun": dry_run, "Replayed": [{"ReplayOf": old, "RequestId": new} for old, new in pairs]})
+    replayed = [{"ReplayOf": old, "RequestId": new} for old, new in pairs]
+    return json_response({"DryRun": dry_run, "Replayed": replayed, "Cursor": cursor})
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
