@@ -6,6 +6,12 @@ never held or decoded. A run ends when its outcome arrives, or when the process 
 one (even while processes it started still hold its output pipe open), or at its timeout,
 which also bounds handing it the event. A killed instance takes with it every process it
 started, including ones that left its process group (see kill()).
+
+Only this server talks to an instance, and it knows it by two secrets it makes for each, handed
+over as the first line on the instance's task pipe (see worker.py): the token that marks its
+frames, and a key every task carries. Each task names its run with a fresh nonce, which the end
+frame must name again; an answer for another run means someone else made the instance run
+something, and the instance is stopped (ForeignAnswer).
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class InstanceDied(Exception):
     """The instance process ended without reporting an outcome."""
 
 
+class ForeignAnswer(InstanceDied):
+    """The instance sent an end frame for another run than the one it was given: it is stopped."""
+
+
 class PartialLine:
     """When the start of a line that waits for its line feed is logged as it is: once it has
     waited PARTIAL_LINE_WAIT. Its line feed then ends the line logged, making no empty one."""
@@ -117,6 +127,12 @@ class Instance:
         self.process = process
         self.pid = process.pid
         self._mark = (FRAME_MARK + token).encode()  # what each piece of a frame begins with (see worker.FRAME_MORE)
+        self._key = secrets.token_hex(8).encode()  # what each task carries, for the instance to know it ours
+        self._run: tuple[str, str] = ("", "")  # the request_id and nonce of the last task: what its end frame names
+        self.foreign: str | None = None  # why the instance is not to be trusted, once it sent an answer for another run
+        self._stopping_foreign: asyncio.Task[None] | None = None
+        assert process.stdin is not None
+        process.stdin.write(token.encode() + b" " + self._key + b"\n")  # (the first line it reads)
         self._parts: list[bytes] = []  # the pieces of a frame that came before its last
         self._parts_size = 0  # their bytes, counted on past MAX_FRAME (no more are kept then)
         self._sink: LineSink | None = None
@@ -133,7 +149,7 @@ class Instance:
         self._output.attach(self._feed, self._ended)
         self._exit = asyncio.ensure_future(self._wait_exit())
         self._exit.add_done_callback(self._exited)
-        self._pipe = None if isinstance(process, SpawnedProcess) else _stdout_link(self.pid)
+        self._pipe = None if isinstance(process, SpawnedProcess) else _output_link(process)
         self.last_used = time.monotonic()
         self.stopping: Status | None = None  # why we are killing it, if we are
         self.code: tuple[CodeFile, ...] = ()  # the function's code as it imported it (see worker._CodeFiles)
@@ -141,7 +157,7 @@ class Instance:
     @property
     def alive(self) -> bool:
         """True while the process runs."""
-        return self.process.returncode is None and not self._output.closed.done()
+        return self.process.returncode is None and not self._output.closed.done() and self.foreign is None
 
     async def run(
         self,
@@ -162,7 +178,12 @@ class Instance:
         self._budget = log_limit if log_limit is not None else 1 << 62
         self._outcome = asyncio.get_running_loop().create_future()
         deadline = time.time() + timeout
-        task = b'{"request_id":' + dumps(request_id) + b',"deadline":' + dumps(deadline) + b',"event":' + envelope + b"}\n"
+        nonce = secrets.token_hex(8)
+        self._run = (request_id, nonce)
+        task = (
+            b'{"key":"' + self._key + b'","run":"' + nonce.encode() + b'","request_id":' + dumps(request_id)
+            + b',"deadline":' + dumps(deadline) + b',"event":' + envelope + b"}\n"
+        )
         try:
             # Handing it the event counts against the timeout: an instance that stopped reading
             # (stopped, or stuck in native code) never takes a large one.
@@ -179,6 +200,9 @@ class Instance:
             self.stopping = self.stopping or Status.TIMED_OUT
             await self.kill(kill_grace)
             return self._stopped_outcome(timeout)
+        except ForeignAnswer as exc:
+            await self.kill(kill_grace)
+            return Outcome(status=Status.FAILED, error_type="InstanceDied", error_message=str(exc))
         except (InstanceDied, ConnectionError):
             with contextlib.suppress(asyncio.TimeoutError):
                 # Its pipe closes as it exits, a moment before its exit status comes.
@@ -307,7 +331,9 @@ class Instance:
         the tree over: a spawner kills what it inherits. The server, parent of the instances it
         starts itself while the spawner is down, is no subreaper (it would inherit every orphan
         of its own children); for those, what still holds the instance's output pipe is killed.
-        A process that also closed its copies of the pipe (a proper daemon) is out of reach then.
+        A process that also closed its copies of the pipe (a proper daemon) is out of reach then,
+        as is, for a server that is not root, one forked from the instance and not exec'd since: it
+        is not dumpable (see worker.py), so its fds are not to be seen.
         """
         if self.process.returncode is None:
             _kill_escaped(self.pid)
@@ -418,18 +444,34 @@ class Instance:
                 continue
             self._emit(text)
             text = []
-            frame = self._assemble(line[at + 1 :])
+            try:
+                frame = self._assemble(line[at + 1 :])
+            except ForeignAnswer as exc:
+                self._distrust(exc)
+                continue
             if self._outcome is not None and not self._outcome.done():
                 self._outcome.set_result(frame)
         self._emit(text)
 
     def _assemble(self, last: bytes) -> dict[str, Any]:
-        """The frame whose last piece this is, read: the run's outcome."""
+        """The frame whose last piece this is, read: the run's outcome (ForeignAnswer: another run's)."""
         parts, size = self._parts, self._parts_size + len(last)
         self._parts, self._parts_size = [], 0
         if size > MAX_FRAME:  # the worker sends no longer one
             return _unreadable(f"it is longer than {MAX_FRAME} bytes")
-        return _read_frame(b"".join([*parts, last]) if parts else last)
+        return _read_frame(b"".join([*parts, last]) if parts else last, self._run)
+
+    def _distrust(self, exc: ForeignAnswer) -> None:
+        """An answer for another run came: some other process got a task to the instance (or wrote
+        as it). The run waiting fails, and the instance is stopped (at once, between runs)."""
+        if self.foreign is None:
+            logger.warning("instance %s of %s is stopped: %s", self.pid, self.spec.function, exc)
+        self.foreign = str(exc)
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_exception(exc)
+            self._outcome.exception()  # retrieved here; run() reads it again
+        elif self._stopping_foreign is None:
+            self._stopping_foreign = asyncio.get_running_loop().create_task(self.kill(0), name=f"distrusted {self.pid}")
 
     def _emit(self, lines: list[str]) -> None:
         if lines and self._sink is not None:
@@ -467,8 +509,9 @@ def code_changes(code: tuple[CodeFile, ...]) -> dict[str, CodeFile | None]:
     return changed
 
 
-def _read_frame(raw: bytes) -> dict[str, Any]:
-    """A frame's JSON, read and checked: the outcome it reports, or why it cannot be had."""
+def _read_frame(raw: bytes, run: tuple[str, str]) -> dict[str, Any]:
+    """A frame's JSON, read and checked: the outcome it reports, or why it cannot be had;
+    ForeignAnswer if it names another run than `run` (the request_id and nonce of the last task)."""
     try:
         frame = loads(raw)
     except ValueError as exc:
@@ -477,6 +520,12 @@ def _read_frame(raw: bytes) -> dict[str, Any]:
         return _unreadable(str(exc))
     if not isinstance(frame, dict):
         return _unreadable("it is no JSON object")
+    if (frame.get("request_id"), frame.get("run")) != run:
+        named = repr(frame.get("request_id"))
+        raise ForeignAnswer(
+            f"the instance sent an answer for another run (request_id {named[:80]}) than the one it was given"
+            f" ({run[0]}): it was stopped, and its answer not taken"
+        )
     if frame.get("ok") and _nests_too_deep(raw, frame.get("result")):
         return _too_deep(frame)
     return frame
@@ -586,6 +635,19 @@ def _signal_instance(pid: int, sig: signal.Signals) -> None:
             os.kill(pid, sig)
     except PermissionError:
         pass
+
+
+def _output_link(process: asyncio.subprocess.Process) -> str | None:
+    """What /proc shows an instance's output pipe as ("pipe:[INODE]"), from the server's own end of it.
+
+    (Not from the instance's /proc/PID/fd: an instance is not dumpable, which closes that to a
+    server that is not root.)
+    """
+    try:
+        pipe = process._transport.get_pipe_transport(1).get_extra_info("pipe")  # type: ignore[attr-defined]
+        return f"pipe:[{os.fstat(pipe.fileno()).st_ino}]"
+    except (AttributeError, OSError, ValueError):
+        return _stdout_link(process.pid)
 
 
 def _stdout_link(pid: int) -> str | None:
@@ -745,7 +807,7 @@ class InstancePool:
         stopping.add_done_callback(self._evicted.discard)
 
     async def _spawn(self, spec: Spec) -> Instance:
-        token = secrets.token_hex(8)
+        token = secrets.token_hex(8)  # (handed over by the Instance, on the task pipe: see worker.py)
         env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
         # A fresh interpreter is still started by the spawner while it runs: so the spawner, a
         # subreaper, inherits what the instance leaves behind should it die (see worker.py).
@@ -755,7 +817,6 @@ class InstancePool:
                 forked = await self._spawner.spawn(
                     handler=spec.handler,
                     function=spec.function,
-                    token=token,
                     cwd=str(spec.cwd),
                     env=env,
                     memory_limit=spec.memory_limit,
@@ -774,7 +835,6 @@ class InstancePool:
             _WORKER_FILE,
             spec.handler,
             spec.function,
-            token,
             str(spec.memory_limit),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

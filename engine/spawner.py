@@ -15,6 +15,8 @@ locale (LANG, LC_*) differently from the server's gets a fresh interpreter, as d
 instance with `fork_instances = false`. The spawner starts those too (its child execs a new
 interpreter), so that they are also its children. Only while the spawner is not available
 does the server start instances itself. Forked instances share the spawner's hash seed.
+
+The spawner is not dumpable, as instances are (see worker.py), and its forked instances keep that.
 """
 
 from __future__ import annotations
@@ -203,7 +205,6 @@ class Spawner:
         *,
         handler: str,
         function: str,
-        token: str,
         cwd: str,
         env: Mapping[str, str],
         memory_limit: int = 0,
@@ -211,7 +212,8 @@ class Spawner:
     ) -> SpawnedProcess:
         """Fork one instance, its data memory capped at `memory_limit` bytes (0: not); SpawnerUnavailable if not.
 
-        `fresh`: the forked child starts a new interpreter (exec) to run the worker in.
+        `fresh`: the forked child starts a new interpreter (exec) to run the worker in. The
+        instance's secrets are not the spawner's to know: they come on its task pipe (see Instance).
         """
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
@@ -225,7 +227,6 @@ class Spawner:
             "id": request_id,
             "handler": handler,
             "function": function,
-            "token": token,
             "cwd": cwd,
             "env": dict(env),
             "memory_limit": memory_limit,

@@ -32,15 +32,24 @@ of its first run (and of any run that imported more of it) it reports the files 
 their signatures (see _CodeFiles); the server stops an instance whose files changed since,
 rather than hand it another run.
 
+Functions of one server run as one Unix user, so an instance guards itself against the others:
+it and the spawner are not dumpable (PR_SET_DUMPABLE 0, set first thing by each interpreter, and
+kept across a fork), which closes their /proc/PID/fd, mem and environ, and ptrace, to other
+processes of that user; the root user is not held back. Its secrets (the frame token, and the key
+each task must carry) come as the first line on its task pipe, never on its command line or in
+its environment. A task without the key is refused, and the instance ends; each end frame names
+the run it ends (the task's request_id and run), for the server to refuse an answer for another.
+
 The same file, run with --spawner, is the process instances are forked from (see spawner()).
 """
 
 from __future__ import annotations
 
 # Every instance start pays for what is imported here, so this module imports only what every
-# run needs. The rest comes when used: logging with the first use of context.logger, orjson
-# with the first result other than None, traceback with the first error, asyncio with the
-# first async handler. It runs as a script, outside the eventrun package, so the package (and
+# run needs. The rest comes when used: logging with the first use of context.logger, traceback
+# with the first error, asyncio with the first async handler. orjson, which writes results, comes
+# as the instance starts (main()): a run that holds every file descriptor as it returns could not
+# import it then. The spawner imports it once, for the instances it forks. It runs as a script, outside the eventrun package, so the package (and
 # whatever it imports) is not loaded either.
 import json
 import os
@@ -84,6 +93,8 @@ _BALLAST = 4 * _MB  # under a memory_limit, let go of when it is reached: room t
 _LEFTOVER_WAIT = 2.0  # seconds to wait for the processes a run left behind to die once killed
 _THREAD_GRACE = 0.05  # seconds a thread the run started may take to end once the handler has returned
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_DUMPABLE = 3
+_PR_SET_DUMPABLE = 4
 # The function's code is watched for changes (see _CodeFiles) in at most this many files: the
 # server stats each of them every time it hands the instance a run.
 MAX_CODE_FILES = 64
@@ -459,13 +470,15 @@ class _CodeFiles:
 
 
 class _Worker:
-    def __init__(self, handler: str, function: str, token: str, tasks: int, frames: int, memory_limit: int) -> None:
+    def __init__(self, handler: str, function: str, tasks: int, frames: int, memory_limit: int) -> None:
         self.handler_spec = handler
         self.function = function
-        self.mark = (FRAME_MARK + token + FRAME_LAST).encode()
         # (Never closed by the file object: should the handler close the fd, or open something
         # else on its number, finalising the object must not close what is there then.)
         self.tasks = os.fdopen(tasks, "rb", closefd=False)
+        token, self.key = _secrets(self.tasks.readline())
+        self.mark = (FRAME_MARK + token + FRAME_LAST).encode()
+        self.answer = b"{"  # an end frame's start: the run it ends, named (see run_one)
         self.frames = frames  # a private copy of stdout's pipe
         # What the worker's fds are open on, to know whether a handler closed or replaced them.
         self._tasks_pipe = _identity(tasks)
@@ -505,8 +518,8 @@ class _Worker:
         return self._send(iter((data,)))
 
     def frame(self, payload: dict[str, Any]) -> bool:
-        """Report to the parent (see send_frame)."""
-        return self.send_frame(_frame_json(payload))
+        """Report to the parent (see send_frame), naming the run."""
+        return self.send_frame(self.answer + _frame_json(payload)[1:])
 
     def send_frame(self, body: bytes, *, checked: bool = False) -> bool:
         """A frame, its JSON `body` after the mark, found by the parent wherever it is in the
@@ -563,6 +576,7 @@ class _Worker:
         return self.handler
 
     def run_one(self, task: dict[str, Any]) -> None:
+        self.answer = b'{"request_id":' + _frame_json(task["request_id"]) + b',"run":' + _frame_json(task.get("run")) + b","
         context = Context(
             request_id=task["request_id"],
             function_name=self.function,
@@ -618,6 +632,16 @@ class _Worker:
             return
         except MemoryError as exc:
             failure = self.failed(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. OSError EMFILE: the run holds every file descriptor
+            self.end(
+                {
+                    "ok": False,
+                    "error_type": type(exc).__name__,
+                    "error_message": f"the handler's result could not be written: {exc}"[:MAX_MESSAGE],
+                    "recycle": True,
+                }
+            )
+            return
         if failure is not None:
             del outcome
             self.end({"ok": False, **failure, "recycle": True})
@@ -691,6 +715,8 @@ class _Worker:
             notes.append("the run closed or replaced its stdout or stderr; this instance")
         if not self._stdin_intact(on):
             notes.append("the run closed or replaced its stdin; this instance")
+        if not _fd_free(self.frames):  # (what the next run would need, from an import on)
+            notes.append("the run left no file descriptor free; this instance")
         own_fds = self._own_fds_intact(on)
         if not own_fds:
             # No more tasks can be read: this process ends once the outcome is out.
@@ -706,11 +732,13 @@ class _Worker:
         if failure is not None:
             sent = self.frame({**failure, "recycle": True} if recycle else {**failure, "code": code} if code else failure)
         elif recycle:
-            sent = self.send_frame(b'{"ok":true,"recycle":true,"result":' + result + b"}")
+            sent = self.send_frame(self.answer + b'"ok":true,"recycle":true,"result":' + result + b"}")
         elif code:
-            sent = self.send_frame(b'{"ok":true,"code":' + _frame_json(code) + b',"result":' + result + b"}", checked=True)
+            sent = self.send_frame(
+                self.answer + b'"ok":true,"code":' + _frame_json(code) + b',"result":' + result + b"}", checked=True
+            )
         else:  # (the usual end: the fds were just found as they were)
-            sent = self.send_frame(b'{"ok":true,"result":' + result + b"}", checked=True)
+            sent = self.send_frame(self.answer + b'"ok":true,"result":' + result + b"}", checked=True)
         if not sent:
             while True:  # stopped by the parent, or by the watch should the parent be gone
                 time.sleep(3600)
@@ -758,7 +786,41 @@ class _Worker:
             if not line:
                 return  # the parent closed it: no more events
             if line.strip():
-                self.run_one(json.loads(line))
+                task = _task(line, self.key)
+                if task is None:
+                    # Written by some other process that got hold of the task pipe: whatever comes
+                    # on it may be that process's, so the instance takes no more.
+                    self.write(b"[eventrun] a task that did not come from eventrun was refused; this instance ends\n")
+                    return
+                self.run_one(task)
+
+
+def _secrets(line: bytes) -> tuple[str, str]:
+    """The frame token and the task key, from the first line on the task pipe ("TOKEN KEY")."""
+    words = line.decode("ascii", "replace").split()
+    if len(words) != 2 or not all(word.isalnum() and word.isascii() for word in words):
+        raise SystemExit("eventrun: the instance's first line on its task pipe is not its token and key")
+    return words[0], words[1]
+
+
+def _task(line: bytes, key: str) -> dict[str, Any] | None:
+    """A task line, read; None unless it is a JSON object that carries the instance's key."""
+    try:
+        task = json.loads(line)
+    except ValueError:
+        return None
+    if type(task) is not dict or task.get("key") != key or type(task.get("request_id")) is not str:
+        return None
+    return task
+
+
+def _fd_free(fd: int) -> bool:
+    """Whether the process can still open a file descriptor (a dup of `fd`, closed again)."""
+    try:
+        os.close(os.dup(fd))
+    except OSError as exc:
+        return exc.errno != 24  # EMFILE (a closed `fd` is no sign of a full table)
+    return True
 
 
 def _past_the_loader(frames: TracebackType | None) -> TracebackType | None:
@@ -923,6 +985,17 @@ def _subreaper() -> None:
         pass
 
 
+def _undumpable() -> None:
+    """Make this process not dumpable: other processes of its user no longer open its /proc/PID/fd,
+    mem or environ, nor ptrace it. A fork keeps it; an exec makes a process dumpable again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (ImportError, OSError, AttributeError):  # not Linux
+        pass
+
+
 def _limit_memory(limit: int) -> None:
     """Cap the process's data memory (and its children's) at `limit` bytes; the hard limit too,
     so the function cannot lift it."""
@@ -932,7 +1005,10 @@ def _limit_memory(limit: int) -> None:
 
 
 def _deprioritise() -> None:
-    """Should the machine run out of memory, let the kernel pick an instance before the server."""
+    """Should the machine run out of memory, let the kernel pick an instance before the server.
+
+    The spawner too (its instances keep its score; as a rule they hold more memory than it, and go
+    first), as only a process still dumpable may write its own score (see the end of this file)."""
     try:
         with open("/proc/self/oom_score_adj", "w") as file:
             file.write("500")
@@ -941,11 +1017,12 @@ def _deprioritise() -> None:
 
 
 def main() -> None:
-    """Entry point of an instance process."""
-    handler, function, token = sys.argv[1:4]
-    memory_limit = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    """Entry point of an instance process (not dumpable by now: see the end of this file)."""
+    handler, function = sys.argv[1:3]
+    memory_limit = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    import orjson  # noqa: F401 - for the end of a run (see the imports); loaded already in a forked instance
+
     _subreaper()
-    _deprioritise()
     if memory_limit:
         _limit_memory(memory_limit)  # before the handler's module is imported (with the first event)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
@@ -956,7 +1033,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    _Worker(handler, function, token, tasks, frames, memory_limit).serve()
+    _Worker(handler, function, tasks, frames, memory_limit).serve()
 
 
 # -- the spawner ----------------------------------------------------------------------------
@@ -986,6 +1063,7 @@ def spawner(control: int) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up byte is what counts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutdown comes from the server, not a terminal
     _subreaper()  # (also loads ctypes, so that instances forked from here have it at hand)
+    import orjson  # noqa: F401 - once, for every instance forked from here (see main())
     children: set[int] = set()
 
     def send(message: dict[str, Any]) -> None:
@@ -1077,7 +1155,7 @@ def _become_instance(request: dict[str, Any], fds: list[int]) -> int | str | Non
         if fd > 2:
             os.close(fd)
     os.chdir(request["cwd"])
-    arguments = [request["handler"], request["function"], request["token"], str(request["memory_limit"])]
+    arguments = [request["handler"], request["function"], str(request["memory_limit"])]
     if request.get("fresh"):
         _become_fresh_interpreter(arguments, request["env"])
     os.environ.clear()
@@ -1106,6 +1184,11 @@ def _become_fresh_interpreter(arguments: list[str], env: dict[str, str]) -> None
 
 
 if __name__ == "__main__":
+    # First thing, in the spawner and in a fresh instance alike (a forked instance keeps both from
+    # the spawner). Raising its own oom_score_adj comes first: a process not dumpable owns no file
+    # of its /proc, and, if not root, cannot write it.
+    _deprioritise()
+    _undumpable()
     if sys.argv[1:2] == ["--spawner"]:
         spawner(int(sys.argv[2]))
     else:

@@ -31,6 +31,7 @@ from eventrun.engine.instances import (
 from eventrun.engine.worker import FRAME_MARK, MAX_FRAME, PIPE_BUF, _frame_pieces
 
 MARK = (FRAME_MARK + "t0").encode()  # an instance's, whose token is t0
+RUN = ("r1", "n1")  # the request_id and nonce of the task it was given last
 
 
 def reader() -> tuple[Instance, list[str]]:
@@ -39,6 +40,7 @@ def reader() -> tuple[Instance, list[str]]:
     instance._mark = MARK
     instance._parts, instance._parts_size = [], 0
     instance._pending, instance._budget, instance._outcome = b"", 1 << 62, None
+    instance._run, instance.foreign, instance._stopping_foreign = RUN, None, None
     instance._partial = PartialLine(instance._log_waiting)
     logged: list[str] = []
     instance._sink = logged.extend
@@ -50,9 +52,13 @@ def feed(instance: Instance, data: bytes, chunk: int = READ_CHUNK) -> None:
         instance._feed(data[at : at + chunk])
 
 
-def pieces(result: Any) -> list[bytes]:
-    """The lines a worker sends the frame of a run that returned `result` as."""
-    return list(_frame_pieces(MARK + b" ", MARK + b' {"ok":true,"result":' + orjson.dumps(result) + b"}\n"))
+def pieces(result: Any, run: tuple[str, str] = RUN) -> list[bytes]:
+    """The lines a worker sends the frame of a run (`run`: its request_id and nonce) that returned `result` as."""
+    named = b'{"request_id":"%s","run":"%s",' % (run[0].encode(), run[1].encode())
+    return list(_frame_pieces(MARK + b" ", MARK + b" " + named + b'"ok":true,"result":' + orjson.dumps(result) + b"}\n"))
+
+
+OK = {"request_id": RUN[0], "run": RUN[1], "ok": True}  # what a frame of RUN that ended well holds, but its result
 
 
 # After 0 to 3 ASCII bytes, each character straddles the first cut at each of its inner boundaries (or at none).
@@ -103,7 +109,7 @@ async def test_a_frame_in_pieces_comes_whole_with_output_between_and_before_them
     instance, logged = reader()
     instance._outcome = asyncio.get_running_loop().create_future()
     feed(instance, stream + b"after\n", chunk)
-    assert instance._outcome.result() == {"ok": True, "result": RESULT}
+    assert instance._outcome.result() == {**OK, "result": RESULT}
     assert logged == [*said, "after"]
     assert instance._parts == [] and instance._pending == b""
 
@@ -113,7 +119,7 @@ async def test_a_frame_in_pieces_comes_whole_past_the_log_limit() -> None:
     instance._outcome = asyncio.get_running_loop().create_future()
     instance._budget = 10
     feed(instance, b"kept line\n" + b"".join(b"dropped %d\n" % n + piece for n, piece in enumerate(pieces(RESULT))))
-    assert instance._outcome.result() == {"ok": True, "result": RESULT}
+    assert instance._outcome.result() == {**OK, "result": RESULT}
     assert logged == ["kept line"]
 
 
@@ -124,7 +130,7 @@ async def test_output_marked_with_another_token_is_output() -> None:
     instance, logged = reader()
     instance._outcome = asyncio.get_running_loop().create_future()
     feed(instance, sent[0] + forged + b'+{"ok":false}\n' + forged + b' {"ok":false}\n' + b"".join(sent[1:]))
-    assert instance._outcome.result() == {"ok": True, "result": RESULT}
+    assert instance._outcome.result() == {**OK, "result": RESULT}
     assert logged == [forged.decode() + '+{"ok":false}', forged.decode() + ' {"ok":false}']
 
 
@@ -207,8 +213,8 @@ async def test_output_that_waits_is_logged_up_to_a_frame_or_a_character_not_all_
     feed(instance, "é".encode()[1:] + b"\nout" + MARK[:5])
     waited(instance, clock)
     assert logged == ["abc ", "é", "out"]
-    feed(instance, MARK[5:] + b' {"ok":true,"result":1}\n')
-    assert instance._outcome.result() == {"ok": True, "result": 1}
+    feed(instance, MARK[5:] + b" " + orjson.dumps({**OK, "result": 1}) + b"\n")
+    assert instance._outcome.result() == {**OK, "result": 1}
     assert logged == ["abc ", "é", "out"] and instance._pending == b""
 
 

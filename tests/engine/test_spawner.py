@@ -34,12 +34,15 @@ _spawned: list[SpawnedProcess] = []
 
 
 async def spawn(spawner: Spawner, folder: Path, token: str = "t0", *, fresh: bool = False) -> SpawnedProcess:
+    """A worker whose frame token is `token` and task key KEY (handed over as an Instance does)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "X": "forked"}
-    process = await spawner.spawn(
-        handler=f"{folder}/h.py:main_handler", function="f", token=token, cwd=str(folder), env=env, fresh=fresh
-    )
+    process = await spawner.spawn(handler=f"{folder}/h.py:main_handler", function="f", cwd=str(folder), env=env, fresh=fresh)
     _spawned.append(process)
+    process.stdin.write(f"{token} {KEY}\n".encode())
     return process
+
+
+KEY = "k0"
 
 
 def arguments_of(pid: int) -> list[str]:
@@ -50,7 +53,7 @@ def arguments_of(pid: int) -> list[str]:
 async def test_a_spawned_worker_runs_a_task_and_its_end_is_reported(spawner: Spawner, tmp_path: Path, fresh: bool) -> None:
     process = await spawn(spawner, tmp_path, fresh=fresh)
     assert process.stdin is not None and process.stdout is not None
-    process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"id": "e"}}\n')
+    process.stdin.write(b'{"key": "k0", "run": "n1", "request_id": "r1", "deadline": 9e9, "event": {"id": "e"}}\n')
     await process.stdin.drain()
     arrived: list[bytes] = []
     first_line: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -62,7 +65,7 @@ async def test_a_spawned_worker_runs_a_task_and_its_end_is_reported(spawner: Spa
 
     process.stdout.attach(feed, lambda: None)
     line = await asyncio.wait_for(first_line, 10)
-    assert line.startswith((worker.FRAME_MARK + "t0 ").encode())
+    assert line.startswith((worker.FRAME_MARK + 't0 {"request_id":"r1","run":"n1",').encode())
     assert f'"pid":{process.pid}'.encode() in line and b'"x":"forked"' in line and str(tmp_path).encode() in line
     assert os.getpgid(process.pid) == process.pid  # a process group of its own
     # A fresh one is a new interpreter, started with the worker's arguments; a forked one
@@ -159,11 +162,14 @@ async def worker_with_a_daemon(spawner: Spawner, tmp_path: Path, fresh: bool) ->
     (tmp_path / "daemon.py").write_text(DAEMON)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = await spawner.spawn(
-        handler=f"{tmp_path}/daemon.py:main_handler", function="f", token="t0", cwd=str(tmp_path), env=env, fresh=fresh
+        handler=f"{tmp_path}/daemon.py:main_handler", function="f", cwd=str(tmp_path), env=env, fresh=fresh
     )
     _spawned.append(process)
     pidfile = tmp_path / "daemon.pid"
-    process.stdin.write(b'{"request_id": "r1", "deadline": 9e9, "event": {"pidfile": "%s"}}\n' % str(pidfile).encode())
+    process.stdin.write(b"t0 k0\n")
+    process.stdin.write(
+        b'{"key": "k0", "run": "n1", "request_id": "r1", "deadline": 9e9, "event": {"pidfile": "%s"}}\n' % str(pidfile).encode()
+    )
     await process.stdin.drain()
     for _ in range(200):
         if pidfile.exists():

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from test_instances import feed, reader
+from test_instances import OK, feed, reader
 
 from eventrun.engine import worker
 from eventrun.engine.api import Status
@@ -464,8 +464,9 @@ async def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None
         thread.start()
     result = {"blob": "z" * 2 * 1024 * 1024}
     try:
-        instance_side = worker._Worker("h.py:main_handler", "f", "t0", tasks_read, write_end, 0)
-        report = b'{"ok":true,"result":' + orjson.dumps(result) + b"}"
+        os.write(tasks_write, b"t0 k0\n")  # its token and key, the first line it reads
+        instance_side = worker._Worker("h.py:main_handler", "f", tasks_read, write_end, 0)
+        report = orjson.dumps({**OK, "result": result})
         assert instance_side.send_frame(report, checked=True)  # as _Worker.end reports a result
     finally:
         stop.set()
@@ -477,7 +478,7 @@ async def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None
     instance, logged = reader()
     instance._outcome = asyncio.get_running_loop().create_future()
     feed(instance, bytes(received))  # (in the loop, as the instance's output is read)
-    assert instance._outcome.result() == {"ok": True, "result": result}
+    assert instance._outcome.result() == {**OK, "result": result}
     assert logged and all(set(line) <= {"y"} for line in logged)
 
 
@@ -549,3 +550,37 @@ def test_past_max_code_files_the_rest_are_not_watched(monkeypatch: pytest.Monkey
     code.look(time.time_ns())
     reported = code.report()
     assert reported is not None and len(reported) == worker.MAX_CODE_FILES and code.left_out
+
+
+async def test_a_result_that_cannot_be_written_for_want_of_descriptors_fails_the_run_saying_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should writing the result open a file (an import) when the run holds every descriptor, the
+    run ends FAILED with the reason, and the worker goes on to report it."""
+
+    def no_descriptor(value: Any) -> bytes:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(worker, "_result_json", no_descriptor)
+    monkeypatch.setattr(worker, "_end_leftovers", lambda wait: [])  # (this process's own children are not the run's)
+    read_end, write_end = os.pipe()
+    tasks_read, tasks_write = os.pipe()
+    try:
+        os.write(tasks_write, b"t0 k0\n")
+        instance_side = worker._Worker("h.py:main_handler", "f", tasks_read, write_end, 0)
+        instance_side.handler = lambda event, context: {"x": 1}
+        instance_side.run_one({"request_id": "r1", "run": "n1", "deadline": time.time() + 60, "event": {}})
+        received = os.read(read_end, 1 << 16)
+    finally:
+        for fd in (read_end, write_end, tasks_read, tasks_write):
+            os.close(fd)
+    instance, logged = reader()
+    instance._outcome = asyncio.get_running_loop().create_future()
+    feed(instance, received)
+    assert instance._outcome.result() == {
+        **{key: OK[key] for key in ("request_id", "run")},
+        "ok": False,
+        "error_type": "OSError",
+        "error_message": "the handler's result could not be written: [Errno 24] Too many open files",
+        "recycle": True,
+    }
