@@ -704,7 +704,7 @@ class InstancePool:
         self._busy: set[Instance] = set()
         self._starting = 0  # instances being started
         self._reaper: asyncio.Task[None] | None = None
-        self._evicted: set[asyncio.Task[None]] = set()  # idle instances being stopped to make room, or outdated
+        self._evicted: set[asyncio.Task[None]] = set()  # instances being stopped: to make room, reaped, outdated
         self._announced: dict[str, dict[str, CodeFile | None]] = {}  # per function: the changes of its code logged
 
     async def start(self) -> None:
@@ -725,8 +725,8 @@ class InstancePool:
 
     @property
     def size(self) -> int:
-        """Instances alive now, and those being started."""
-        return self._starting + len(self._busy) + sum(len(g) for g in self._idle.values())
+        """Instances alive now (those being stopped among them), and those being started."""
+        return self._starting + len(self._busy) + sum(len(g) for g in self._idle.values()) + len(self._evicted)
 
     async def acquire(self, spec: Spec) -> Instance:
         """A warm instance of the function, or a new one."""
@@ -736,8 +736,7 @@ class InstancePool:
             if instance.alive and not self._outdated(instance):
                 self._busy.add(instance)
                 return instance
-        if self.size >= self.max_instances:
-            self._evict_one()
+        await self._make_room()
         self._starting += 1  # (counted in size meanwhile: runs starting together each make room)
         try:
             try:
@@ -788,13 +787,28 @@ class InstancePool:
         self._stop_in_background(instance, "outdated")
         return True
 
-    def _evict_one(self) -> None:
+    async def _make_room(self) -> None:
+        """Wait for room for one more instance: max_instances alive, and one more at most while
+        instances are being stopped. At the limit the idle instance used longest ago is stopped
+        to make room, and the run that needs it starts at once; should others still be going
+        (an idle worker goes at SIGTERM, in milliseconds; one whose function ignores SIGTERM,
+        after kill_grace), it waits for one of them to be gone."""
+        while True:
+            if self.size - len(self._evicted) >= self.max_instances and not self._evict_one():
+                return  # (none idle: every slot is a run's, which the dispatcher bounds)
+            if self.size <= self.max_instances or not self._evicted:
+                return
+            await asyncio.wait(set(self._evicted), return_when=asyncio.FIRST_COMPLETED)
+
+    def _evict_one(self) -> bool:
+        """Stop the idle instance used longest ago, in the background; False if none is idle."""
         candidates = [i for group in self._idle.values() for i in group]
         if not candidates:
-            return
+            return False
         oldest = min(candidates, key=lambda i: i.last_used)
         self._idle[oldest.spec.function].remove(oldest)
         self._stop_in_background(oldest, "evict")
+        return True
 
     def _stop_in_background(self, instance: Instance, why: str) -> None:
         """Stop an instance taken out of the pool, in the background (stop() waits for it).
@@ -853,15 +867,14 @@ class InstancePool:
 
     async def _reap_once(self, now: float) -> None:
         """Stop the idle instances unused for idle_timeout or dead, and those whose function's
-        code changed (else they would wait for a run, or for idle_timeout, to go)."""
-        stale: list[Instance] = []
+        code changed (else they would wait for a run, or for idle_timeout, to go): all at once, in
+        the background (one after the other, instances that take kill_grace to go held up the
+        rest, and new ones were started meanwhile)."""
         for group in self._idle.values():
-            for instance in list(group):  # (taken out before any wait: acquire may meanwhile pop the others)
+            for instance in list(group):
                 if now - instance.last_used >= self.idle_timeout or not instance.alive:
                     group.remove(instance)
-                    stale.append(instance)
+                    logger.info("reaping idle instance %s of %s", instance.pid, instance.spec.function)
+                    self._stop_in_background(instance, "reap")
                 elif self._outdated(instance):  # (stopped in the background, the change logged)
                     group.remove(instance)
-        for instance in stale:
-            logger.info("reaping idle instance %s of %s", instance.pid, instance.spec.function)
-            await instance.kill(self.kill_grace)

@@ -274,6 +274,58 @@ async def test_instances_starting_together_each_make_room(monkeypatch: pytest.Mo
     assert pool.size == 3
 
 
+class _Slow(_Idle):
+    """An idle instance that takes its time to go (its handler ignores SIGTERM: kill_grace)."""
+
+    def __init__(self, function: str, last_used: float, gone: asyncio.Event) -> None:
+        super().__init__(function, last_used)
+        self.gone = gone
+
+    async def kill(self, grace: float) -> None:
+        self.killed = True
+        await self.gone.wait()
+
+
+async def test_instances_being_stopped_count_against_max_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40 functions taking turns at max_instances = 4, each stopped instance ignoring SIGTERM:
+    # 40 processes were alive for kill_grace while /healthz said 4. One more than the limit, while
+    # an instance goes, is all there may be.
+    pool = InstancePool(max_instances=2, idle_timeout=300, kill_grace=8, base_env={})
+    gone = asyncio.Event()
+    older, newer = _Slow("a", 1, gone), _Slow("b", 2, gone)
+    pool._idle = {"a": [older], "b": [newer]}  # type: ignore[dict-item]
+    spawned: list[str] = []
+
+    async def spawn(spec: Spec) -> Any:
+        spawned.append(spec.function)
+        return _Idle(spec.function, 10)
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    first = await asyncio.wait_for(pool.acquire(Spec(function="c", handler="f.py:main", cwd=Path("."), environment={})), 1)
+    assert older.killed and not newer.killed, "the one used longest ago makes room"
+    assert first.spec.function == "c" and pool.size == 3, "the run does not wait for it: one process more, for that moment"
+    starting = asyncio.create_task(pool.acquire(Spec(function="d", handler="f.py:main", cwd=Path("."), environment={})))
+    await asyncio.sleep(0.05)
+    assert newer.killed, "room made again"
+    assert not starting.done() and spawned == ["c"] and pool.size == 3, "never two more: it waits"
+    gone.set()
+    started = await asyncio.wait_for(starting, 5)
+    assert started.spec.function == "d" and spawned == ["c", "d"] and pool.size == 2
+
+
+async def test_the_reaper_stops_idle_instances_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One after the other, 20 instances that took kill_grace (5 s) each to go took 100 s.
+    pool = InstancePool(max_instances=8, idle_timeout=4, kill_grace=5, base_env={})
+    gone = asyncio.Event()
+    stale = [_Slow(f"f{n}", 0, gone) for n in range(3)]
+    pool._idle = {i.spec.function: [i] for i in stale}  # type: ignore[misc]
+    await asyncio.wait_for(pool._reap_once(time.monotonic()), 1)
+    assert all(i.killed for i in stale) and pool.size == 3, "all being stopped at once, and counted meanwhile"
+    gone.set()
+    await asyncio.gather(*pool._evicted)
+    assert pool.size == 0
+
+
 async def test_out_of_processes_or_descriptors_the_idle_instances_go_and_the_start_is_tried_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
