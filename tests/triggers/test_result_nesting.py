@@ -190,10 +190,12 @@ async def test_an_instance_s_frame_is_checked_as_it_is_read(result: bytes, outco
     lines: list[str] = []
     instance._sink = lines.extend
     instance._outcome = asyncio.get_running_loop().create_future()
+    instance._run = ("r1", "n1")  # (the run the frame must name)
     padding = b" " * 3 * PIPE_BUF if pieces else b""  # (JSON's whitespace: a frame the worker sends in pieces)
-    frame = instance._mark + b' {"ok":true,' + padding + b'"result":' + result + b"}\n"
+    frame = instance._mark + b' {"request_id":"r1","run":"n1","ok":true,' + padding + b'"result":' + result + b"}\n"
     sent = list(_frame_pieces(instance._mark + b" ", frame))
     assert (len(sent) > 1) is pieces
     instance._route([b"before", b"said " + sent[0][:-1], *(piece[:-1] for piece in sent[1:]), b"after"])
-    assert instance._outcome.result() == outcome
+    read = instance._outcome.result()
+    assert {key: value for key, value in read.items() if key not in ("request_id", "run")} == outcome
     assert lines == ["before", "said ", "after"]
