@@ -43,7 +43,7 @@ async def test_healthz_and_metrics_say_while_the_store_refuses_writes_and_when_i
     # with no word of the store, and /metrics had nothing of the refused writes.
     server = eventrun_server({"quick": {"handler": handler("quick")}})
     api = server.client(http)
-    assert await store_health(api) == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0}
+    assert await store_health(api) == {"Writes": "ok", "RefusedSince": None, "WritesRefused": 0, "WritesUnanswered": 0}
     figures = await metrics(api)
     assert figures["eventrun_store_writable"] == 1 and figures["eventrun_store_writes_refused_total"] == 0, figures
 
