@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EventrunError
-from .store import PRIVATE_FILE, PRIVATE_FOLDER, create_private
-
-STORE_FILE = "eventrun.db"
-LOGS_FOLDER = "logs"
+from .logs import LOGS_FOLDER
+from .store import PRIVATE_FILE, PRIVATE_FOLDER, STORE_FILE, create_private
 
 
 class BackupError(EventrunError):

@@ -25,11 +25,11 @@ from .errors import (
 )
 from .failures import FailureLog
 from .instances import Instance, InstancePool, Outcome, Spec
-from .logs import LeftOut, LogHub, end_note
+from .logs import LOGS_FOLDER, LeftOut, LogHub, end_note
 from .manifest import FunctionConfig, Manifest, format_duration, functions_environment
 from .metrics import Metrics
 from .recount import Recount
-from .store import Batch, NewInvocation, SQLiteStore, replay_event_id
+from .store import STORE_FILE, Batch, NewInvocation, SQLiteStore, replay_event_id
 from .text import printable
 from .worker import HANDLER_LOAD_FAILED
 from .writes import PRUNE_AT_ONCE, Ending
@@ -170,8 +170,8 @@ class Engine:
             self.store = PostgresStore(manifest.store.url, self.node_id, pool_size=manifest.store.pool_size)
         else:
             self.node_id = manifest.cluster.node_id or "local"
-            self.store = SQLiteStore(data_dir / "eventrun.db")
-        self.logs = LogHub(data_dir / "logs", server.log_limit)
+            self.store = SQLiteStore(data_dir / STORE_FILE)
+        self.logs = LogHub(data_dir / LOGS_FOLDER, server.log_limit)
         self.metrics = Metrics()
         self.pool = InstancePool(
             max_instances=server.max_instances,

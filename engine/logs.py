@@ -63,6 +63,10 @@ class _OpenLog:
         self.unwritable = False  # its file could not be made or written: not tried again
 
 
+LOGS_FOLDER = "logs"
+"""The runs' logs' folder in the data_dir."""
+
+
 class LogHub:
     """Appends stamped lines to per-run files and hands them to live followers."""
 

@@ -106,15 +106,16 @@ class StoreWrites:
     def refused(self, reason: str, writes: int = 1) -> None:
         """The store refused `writes` writes (one commit's, or one call's) for `reason`."""
         self.refused_total += writes
-        if self.reason is None:
-            self.refused_since = now_rfc3339()
-        self.reason = reason
+        self._not_writable(reason)
 
     def unanswered(self, reason: str, writes: int) -> None:
         """The writer process went (it died, or was killed for answering nothing) holding `writes`
         writes, which may or may not have been committed; no write goes through until a new one
         commits."""
         self.unanswered_total += writes
+        self._not_writable(reason)
+
+    def _not_writable(self, reason: str) -> None:
         if self.reason is None:
             self.refused_since = now_rfc3339()
         self.reason = reason

@@ -648,6 +648,9 @@ def hold_lock(lock_path: Path, what: str) -> HeldLock:
     return held
 
 
+STORE_FILE = "eventrun.db"
+"""The SQLite store's file in the data_dir."""
+
 PRIVATE_FOLDER = 0o700
 PRIVATE_FILE = 0o600
 """The modes of the data_dir eventrun makes and of the files it makes in it (its store, its runs'

@@ -151,12 +151,8 @@ class WriterProcess:
         except OSError:
             pass  # gone already
         while self._pending:
-            if not self._conn.poll(self._stalled_after):  # (stopped, or stuck: as _check_stalled)
-                self._stalled = True
-                logger.error(
-                    "the store's writer process %s answered no commit for %g s: killing it", self._process.pid, self._stalled_after
-                )
-                self._process.kill()
+            if not self._conn.poll(self._stalled_after):
+                self._kill_stalled()
                 break
             if not self._answer():
                 break
@@ -220,15 +216,15 @@ class WriterProcess:
         if self._answers != answers_then:
             self._watch_for_stall()
             return
-        # Stopped (SIGSTOP), or stuck: a write waiting on it would wait for ever, and so would its
-        # client. SIGKILL ends a stopped process too.
-        self._stalled = True
-        logger.error(
-            "the store's writer process %s answered no commit for %g s: killing it; a new one starts at the next write",
-            self._process.pid, self._stalled_after,
-        )
-        self._process.kill()
+        self._kill_stalled()
         self._lost()
+
+    def _kill_stalled(self) -> None:
+        """Stopped (SIGSTOP), or stuck: a write waiting on it would wait for ever, and so would its
+        client. SIGKILL ends a stopped process too; the next write starts a new one."""
+        self._stalled = True
+        logger.error("the store's writer process %s answered no commit for %g s: killing it", self._process.pid, self._stalled_after)
+        self._process.kill()
 
     def _readable(self) -> None:
         # One frame a call: the loop calls again while more are waiting. (The writer sends each
