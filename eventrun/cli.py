@@ -516,7 +516,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_functions(args: argparse.Namespace) -> int:
     """Print the function registry as a table."""
-    headers = ("FunctionName", "Async", "Timeout", "Concurrency", "Triggers")
+    headers = ("FunctionName", "Async", "Timeout", "Concurrency", "QpsLimit", "Triggers")
     rows = [_function_row(item) for item in _functions(client_for(args))]
     print(_table(headers, rows))
     return 0
@@ -529,6 +529,7 @@ def _function_row(item: dict[str, Any]) -> list[str]:
         "-" if asynchronous is None else ("yes" if asynchronous else "no"),
         _duration(item.get("Timeout")),
         _cell(item.get("Concurrency")),
+        _cell(item.get("QpsLimit")),
         ",".join(_trigger_label(t) for t in item.get("Triggers") or []) or "-",
     ]
 

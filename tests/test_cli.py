@@ -1229,16 +1229,17 @@ def test_functions_prints_a_table(stand_in: StandIn, capsys: Any) -> None:
                 "AsyncExecution": True,
                 "Timeout": 900.0,
                 "Concurrency": 10,
+                "QpsLimit": 50,
                 "Triggers": [{"Type": "kafka", "Topic": "orders", "GroupId": "g"}],
             },
         ]
     }
     assert run(capsys, "functions", "--url", stand_in.url) == (
         0,
-        "FunctionName  Async  Timeout  Concurrency  Triggers\n"
-        "thumbnail     yes    2h       4            s3:uploads,timer:nightly\n"
-        "echo          no     90.5s    1            -\n"
-        "orders        yes    15m      10           kafka:orders\n",
+        "FunctionName  Async  Timeout  Concurrency  QpsLimit  Triggers\n"
+        "thumbnail     yes    2h       4            1000      s3:uploads,timer:nightly\n"
+        "echo          no     90.5s    1            -         -\n"
+        "orders        yes    15m      10           50        kafka:orders\n",
         "",
     )
 
@@ -1258,8 +1259,8 @@ def test_functions_cells_show_control_characters_escaped(stand_in: StandIn, caps
     status, out, err = run(capsys, "functions", "--url", stand_in.url)
     assert (status, err) == (0, "")
     assert out == (
-        "FunctionName" + " " * (len(GARBLING_SHOWN) - 10) + "Async  Timeout  Concurrency  Triggers\n"
-        f"{GARBLING_SHOWN}  yes    \\x1b[5m  1            s3:up\\nloads,timer:\\x9b2J\n"
+        "FunctionName" + " " * (len(GARBLING_SHOWN) - 10) + "Async  Timeout  Concurrency  QpsLimit  Triggers\n"
+        f"{GARBLING_SHOWN}  yes    \\x1b[5m  1            -         s3:up\\nloads,timer:\\x9b2J\n"
     )
 
 
@@ -1279,7 +1280,7 @@ def test_the_url_comes_from_the_manifest_in_the_current_folder(
     stand_in: StandIn, capsys: Any, tmp_path: Path
 ) -> None:
     _manifest(tmp_path / "eventrun.toml", _port(stand_in.url))
-    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  QpsLimit  Triggers\n", "")
 
 
 def test_the_url_comes_from_config(stand_in: StandIn, capsys: Any, tmp_path: Path) -> None:
@@ -1292,10 +1293,10 @@ def test_the_url_comes_from_server_variables_without_a_manifest(
     stand_in: StandIn, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EVENTRUN_SERVER__PORT", str(_port(stand_in.url)))
-    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  QpsLimit  Triggers\n", "")
     monkeypatch.delenv("EVENTRUN_SERVER__PORT")
     monkeypatch.setenv("EVENTRUN_SERVER__URL", stand_in.url + "/")
-    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  Triggers\n", "")
+    assert run(capsys, "functions") == (0, "FunctionName  Async  Timeout  Concurrency  QpsLimit  Triggers\n", "")
 
 
 def test_server_variables_override_the_manifest(
@@ -1565,7 +1566,7 @@ def served(tmp_path: Path) -> Iterator[str]:
         f'[server]\nport = {port}\n\n'
         '[functions.work]\nhandler = "functions/work.py:main_handler"\ntimeout = "60s"\n\n'
         '[functions.now]\nhandler = "functions/work.py:main_handler"\nasync_execution = false\n'
-        'timeout = "30s"\n'
+        'timeout = "30s"\nqps_limit = 20\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTRUN_")}
     url = f"http://127.0.0.1:{port}"
@@ -1594,9 +1595,9 @@ def served(tmp_path: Path) -> Iterator[str]:
 def test_against_the_real_server(served: str, capsys: Any) -> None:
     assert run(capsys, "functions") == (
         0,
-        "FunctionName  Async  Timeout  Concurrency  Triggers\n"
-        "work          yes    1m       4            -\n"
-        "now           no     30s      4            -\n",
+        "FunctionName  Async  Timeout  Concurrency  QpsLimit  Triggers\n"
+        "work          yes    1m       4            1000      -\n"
+        "now           no     30s      4            20        -\n",
         "",
     )
     for name in ("work", "now"):  # async, then sync

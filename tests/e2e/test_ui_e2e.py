@@ -458,6 +458,37 @@ async def test_filters_narrow_the_runs_table(eventrun_server, http, handler, das
     await expect(ui.row(broken)).to_be_visible(timeout=WAIT)
 
 
+async def test_runs_of_a_function_removed_from_the_manifest_can_be_filtered(eventrun_server, http, handler, dashboard):
+    kept = {"fine": {"handler": handler("quick")}}
+    server = eventrun_server({**kept, "old_fn": {"handler": handler("quick")}})
+    api = server.client(http)
+    old = [await api.accepted("old_fn", {"n": n}) for n in range(2)]
+    fine = await api.accepted("fine", {"n": 0})
+    for request_id in [*old, fine]:
+        await api.wait_ended(request_id)
+    server.stop()
+    server.write_manifest(kept)  # old_fn is gone; its runs stay in the store (GET /counts lists them)
+    server.restart()
+    assert "old_fn" in (await api.request("GET", "/counts")).json["Functions"]
+
+    ui = await dashboard(server)
+    page = await ui.open()
+    await expect(ui.function_row("old_fn")).to_have_count(0)
+    choices = ui.testid("filter-function").locator("option")
+    await expect(choices).to_have_text(["any", "fine", "old_fn (removed)"], timeout=WAIT)
+    assert await choices.evaluate_all("options => options.map(option => option.value)") == ["", "fine", "old_fn"]
+    await expect(ui.testid("invoke-function").locator("option")).to_have_text(["fine"])  # nothing to invoke
+
+    await expect(ui.row(fine)).to_be_visible(timeout=WAIT)
+    await ui.testid("filter-function").select_option("old_fn")
+    await expect(page.locator('[data-testid="runs-table"] tbody tr')).to_have_count(len(old), timeout=WAIT)
+    assert await ui.shown_ids() == list(reversed(old))
+    # The page's own refreshes keep the choice (the options are rebuilt only when they change).
+    await page.wait_for_timeout(2500)
+    await expect(ui.testid("filter-function")).to_have_value("old_fn")
+    assert await ui.shown_ids() == list(reversed(old))
+
+
 async def test_paging_older_and_newest(eventrun_server, http, handler, dashboard):
     server = eventrun_server({"fine": {"handler": handler("quick"), "concurrency": 8}})
     api = server.client(http)

@@ -361,7 +361,7 @@ class Poller {
 const overview = {
   functionsKey: "", // what the functions table last showed, to skip identical redraws
   healthKey: "",
-  names: [],
+  counted: [], // the functions GET /counts last listed: the manifest's, then any other with runs
 };
 
 /** Functions, counts and health; each may fail on its own without blanking the others. */
@@ -379,7 +379,9 @@ async function refreshOverview() {
     const list = functions.value.Functions || [];
     const byName = counts.status === "fulfilled" ? counts.value.Functions || {} : null;
     renderFunctions(list, byName);
-    syncFunctionOptions(list.map((f) => f.FunctionName));
+    // When /counts does not answer, the functions it last listed stay in the filter.
+    if (byName) overview.counted = Object.keys(byName);
+    syncFunctionOptions(list.map((f) => String(f.FunctionName)));
   }
 }
 
@@ -484,23 +486,32 @@ function renderHealth(triggers) {
   byTestId("trigger-health").replaceChildren(...cards);
 }
 
-/** Keep a select's options equal to `names`, keeping what the user chose. */
-function syncSelect(select, names, anyLabel) {
-  const wanted = (anyLabel === null ? [] : [""]).concat(names);
-  const current = Array.from(select.options, (option) => option.value);
-  if (current.join("\n") === wanted.join("\n")) return;
+const selectKeys = new WeakMap(); // <select> -> the options it shows, to skip identical rebuilds
+
+/** Keep a select's options equal to `choices` (each an option's props for el()), keeping what the user chose. */
+function syncSelect(select, choices, anyLabel) {
+  const wanted = (anyLabel === null ? [] : [{ value: "", text: anyLabel }]).concat(choices);
+  const key = JSON.stringify(wanted);
+  if (selectKeys.get(select) === key) return;
+  selectKeys.set(select, key);
   const chosen = select.value;
-  const options = names.map((name) => el("option", { value: name, text: name }));
-  if (anyLabel !== null) options.unshift(el("option", { value: "", text: anyLabel }));
-  select.replaceChildren(...options);
-  if (wanted.includes(chosen)) select.value = chosen;
+  select.replaceChildren(...wanted.map((choice) => el("option", choice)));
+  if (wanted.some((choice) => choice.value === chosen)) select.value = chosen;
 }
 
+/** Invoke offers the manifest's functions; the filter also those with runs that it no longer lists
+ * (removed from it, or another node's), so that their runs can still be found. */
 function syncFunctionOptions(names) {
-  if (names.join("\n") === overview.names.join("\n")) return;
-  overview.names = names;
-  syncSelect(byTestId("invoke-function"), names, null);
-  syncSelect(byTestId("filter-function"), names, "any");
+  const removed = overview.counted.filter((name) => !names.includes(name));
+  const listed = names.map((name) => ({ value: name, text: name }));
+  syncSelect(byTestId("invoke-function"), listed, null);
+  const gone = removed.map((name) => ({
+    value: name,
+    text: `${name} (removed)`,
+    class: "removed",
+    title: "not in this server's manifest: only its runs are left",
+  }));
+  syncSelect(byTestId("filter-function"), listed.concat(gone), "any");
 }
 
 // ------------------------------------------------------------------------------ invoke
