@@ -32,6 +32,7 @@ from .api import Status
 from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
 from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable
+from .users import RunAs
 from .worker import FRAME_MARK, FRAME_MORE, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Spec:
     cwd: Path
     environment: dict[str, str]
     memory_limit: int = 0  # bytes of data memory (RLIMIT_DATA) an instance may use; 0: no limit
+    user: RunAs | None = None  # the user it runs as; None: the server's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -822,7 +824,10 @@ class InstancePool:
 
     async def _spawn(self, spec: Spec) -> Instance:
         token = secrets.token_hex(8)  # (handed over by the Instance, on the task pipe: see worker.py)
-        env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
+        user = spec.user
+        login = user.environment() if user else {}
+        env = {**self._base_env, **login, **spec.environment, "PYTHONUNBUFFERED": "1"}
+        as_user = f" as {user.name}" if user else ""
         # A fresh interpreter is still started by the spawner while it runs: so the spawner, a
         # subreaper, inherits what the instance leaves behind should it die (see worker.py).
         fresh = not (self._fork and forkable(spec.environment, self._base_env))
@@ -834,13 +839,15 @@ class InstancePool:
                     cwd=str(spec.cwd),
                     env=env,
                     memory_limit=spec.memory_limit,
+                    user=user,
                     fresh=fresh,
                 )
             except SpawnerUnavailable as exc:
                 logger.warning("cannot start an instance of %s from the spawner (%s); starting one here", spec.function, exc)
             else:
-                logger.info("started instance %s of %s", forked.pid, spec.function)
+                logger.info("started instance %s of %s%s", forked.pid, spec.function, as_user)
                 return Instance(spec, forked, token)
+        switch_user = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)} if user else {}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             # -P: neither the cwd (the user's folder) nor the worker's own folder goes on sys.path.
@@ -856,8 +863,9 @@ class InstancePool:
             cwd=spec.cwd,
             env=env,
             start_new_session=True,  # its own process group, so a kill reaches the function's children
+            **switch_user,
         )
-        logger.info("started instance %s of %s", process.pid, spec.function)
+        logger.info("started instance %s of %s%s", process.pid, spec.function, as_user)
         return Instance(spec, process, token)
 
     async def _reap(self) -> None:

@@ -227,6 +227,7 @@ class ServerConfig(_Strict):
     retention: float = 0.0  # ended runs (and their logs) older than this are deleted; 0: kept for ever
     memory_limit: int = 0  # each instance's data memory (RLIMIT_DATA), unless its function sets one; 0: no limit
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (CORS)
+    run_as: str = ""  # the Unix user functions run as, unless one sets its own; "": the server's user
 
     _sizes = field_validator("max_body_size", "log_limit", mode="before")(parse_size)
     _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)
@@ -683,6 +684,7 @@ class FunctionConfig(_Strict):
     on_failure: OnFailure | None = None
     triggers: tuple[Trigger, ...] = ()
     memory_limit: int | None = None  # bytes of data memory per instance; None: [server] memory_limit; 0: no limit
+    run_as: str | None = None  # the Unix user its instances run as; None: [server] run_as; "": the server's user
 
     _timeout = field_validator("timeout", mode="before")(parse_duration)
     _memory_limit = field_validator("memory_limit", mode="before")(parse_memory_limit)

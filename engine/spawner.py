@@ -31,9 +31,12 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .worker import children_of
+
+if TYPE_CHECKING:
+    from .users import RunAs
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +211,11 @@ class Spawner:
         cwd: str,
         env: Mapping[str, str],
         memory_limit: int = 0,
+        user: RunAs | None = None,
         fresh: bool = False,
     ) -> SpawnedProcess:
-        """Fork one instance, its data memory capped at `memory_limit` bytes (0: not); SpawnerUnavailable if not.
+        """Fork one instance, its data memory capped at `memory_limit` bytes (0: not), running as
+        `user` (None: the spawner's own); SpawnerUnavailable if not.
 
         `fresh`: the forked child starts a new interpreter (exec) to run the worker in. The
         instance's secrets are not the spawner's to know: they come on its task pipe (see Instance).
@@ -230,6 +235,7 @@ class Spawner:
             "cwd": cwd,
             "env": dict(env),
             "memory_limit": memory_limit,
+            "user": [user.uid, user.gid, list(user.groups)] if user else None,
             "fresh": fresh,
         }
         try:

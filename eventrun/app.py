@@ -23,6 +23,7 @@ from eventrun.engine.failures import FailureLog
 from eventrun.engine.manifest import Manifest, Problem, load_manifest, url_host
 from eventrun.engine.text import log_to_stderr
 from eventrun.engine.undumpable import undumpable
+from eventrun.engine.users import run_as_problems, run_as_warnings
 from eventrun.triggers.http import HttpTrigger
 
 logger = logging.getLogger("eventrun")
@@ -54,6 +55,12 @@ class Wiring:
 
 def _trigger_kinds(manifest: Manifest) -> set[str]:
     return {t.type for f in manifest.functions.values() for t in f.triggers}
+
+
+def serve_problems(manifest: Manifest) -> list[Problem]:
+    """What `eventrun serve` finds wrong in a manifest beyond its values: the users functions run
+    as, and what the triggers read."""
+    return [*run_as_problems(manifest), *trigger_problems(manifest)]
 
 
 def trigger_problems(manifest: Manifest) -> list[Problem]:
@@ -245,10 +252,12 @@ def serve(config_path: Path | None) -> int:
             Path.cwd(),
         )
     try:
-        manifest = load_manifest(config_path, check=trigger_problems)
+        manifest = load_manifest(config_path, check=serve_problems)
     except EventrunError as exc:
         print(f"eventrun: {exc}", file=sys.stderr)
         return 2
+    for warning in run_as_warnings(manifest):
+        logger.warning("%s", warning)
 
     tune_collector()
     return_large_blocks()

@@ -1,0 +1,117 @@
+"""run_as: which users a manifest may name, and what eventrun checks of them at start."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eventrun.app import serve_problems
+from eventrun.engine import users
+from eventrun.engine.errors import ManifestError
+from eventrun.engine.manifest import load_manifest
+from eventrun.engine.users import RunAs, run_as, unreadable
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="only root can become another user")
+
+
+def other_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("this machine has no user 'nobody'")
+
+
+@pytest.fixture
+def public() -> Iterator[Path]:
+    """A folder any user may enter (the tests' own tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="eventrun-users-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def manifest(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "f.py").write_text("def main_handler(event, context):\n    return None\n")
+    path = tmp_path / "eventrun.toml"
+    path.write_text(f'[functions.f]\nhandler = "f.py:main_handler"\n{text}')
+    return path
+
+
+def test_the_servers_own_user_and_none_need_no_change() -> None:
+    assert run_as("") is None
+    assert run_as(pwd.getpwuid(os.geteuid()).pw_name) is None
+
+
+def test_another_user_comes_with_its_ids_groups_and_login_environment() -> None:
+    entry = other_user()
+    if entry.pw_uid == os.geteuid():
+        pytest.skip("the tests run as nobody")
+    user = run_as("nobody")
+    assert user == RunAs("nobody", entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist("nobody", entry.pw_gid)), entry.pw_dir)
+    assert user.environment() == {"HOME": entry.pw_dir, "USER": "nobody", "LOGNAME": "nobody"}
+
+
+def test_a_user_that_does_not_exist_is_refused_at_start_naming_its_line(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 'run_as = "no-such-user-here"\n')
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value) == f"{path}: functions.f.run_as: no user named 'no-such-user-here' on this machine"
+    assert load_manifest(path).functions["f"].run_as == "no-such-user-here", "other commands read it"
+
+
+def test_server_run_as_is_every_functions_unless_one_sets_its_own(tmp_path: Path) -> None:
+    path = manifest(tmp_path, 'run_as = ""\n[functions.g]\nhandler = "f.py:main_handler"\n[server]\nrun_as = "nobody"\n')
+    read = load_manifest(path)
+    assert users.function_user(read, read.functions["f"]) == ""  # the server's own user
+    assert users.function_user(read, read.functions["g"]) == "nobody"
+
+
+def test_another_user_needs_a_server_started_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = other_user()
+    path = manifest(tmp_path, '[server]\nrun_as = "nobody"\n')
+    uid = 4242 if entry.pw_uid != 4242 else 4243
+    monkeypatch.setattr(users.os, "geteuid", lambda: uid)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value).startswith(f"{path}: server.run_as: running as 'nobody' needs a server started as root; it runs as ")
+    assert str(caught.value).endswith(f"uid {uid}")
+
+
+@needs_root
+def test_a_handler_its_user_cannot_read_is_refused_at_start(public: Path) -> None:
+    other_user()
+    path = manifest(public, 'run_as = "nobody"\n')
+    (public / "f.py").chmod(0o644)
+    load_manifest(path, check=serve_problems)
+    (public / "f.py").chmod(0o600)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value) == (
+        f"{path}: functions.f.handler: user 'nobody' (its run_as) cannot read {public / 'f.py'}: give that user read"
+        " access to the file, and to the folders above it"
+    )
+
+
+@needs_root
+def test_what_a_user_cannot_read_is_asked_of_the_kernel_as_that_user(public: Path) -> None:
+    user = run_as(other_user().pw_name)
+    assert user is not None
+    tmp_path = public
+    (tmp_path / "open.txt").write_text("x")
+    (tmp_path / "open.txt").chmod(0o644)
+    (tmp_path / "closed.txt").write_text("x")
+    (tmp_path / "closed.txt").chmod(0o600)
+    (tmp_path / "shut").mkdir(mode=0o700)
+    (tmp_path / "shut" / "inside.txt").write_text("x")
+    (tmp_path / "shut" / "inside.txt").chmod(0o644)
+    paths = [str(tmp_path / name) for name in ("open.txt", "closed.txt", "shut", "shut/inside.txt", "missing")]
+    assert unreadable(user, paths) == paths[1:]
+    assert unreadable(user, [str(tmp_path)]) == []
+    assert unreadable(user, [str(tmp_path / "open.txt")]) == []
