@@ -33,7 +33,7 @@ from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
 from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable
 from .users import RunAs
-from .worker import FRAME_MARK, FRAME_MORE, MAX_FRAME, MAX_RESULT_NESTING, RESULT_TOO_DEEP
+from .worker import FRAME_MARK, FRAME_MORE, MAX_FRAME, MAX_RESULT_NESTING, NO_NEW_PRIVILEGES, RESULT_TOO_DEEP
 
 logger = logging.getLogger(__name__)
 
@@ -857,6 +857,7 @@ class InstancePool:
             spec.handler,
             spec.function,
             str(spec.memory_limit),
+            *([NO_NEW_PRIVILEGES] if user else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

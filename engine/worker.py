@@ -95,6 +95,8 @@ _THREAD_GRACE = 0.05  # seconds a thread the run started may take to end once th
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
+_PR_SET_NO_NEW_PRIVS = 38
+NO_NEW_PRIVILEGES = "--no-new-privileges"  # the argument that sets PR_SET_NO_NEW_PRIVS (see _become_user)
 # The function's code is watched for changes (see _CodeFiles) in at most this many files: the
 # server stats each of them every time it hands the instance a run.
 MAX_CODE_FILES = 64
@@ -976,22 +978,23 @@ def _end_leftovers(wait: float) -> list[int]:
 
 
 def _subreaper() -> None:
-    """Become the process that orphans below this one are handed to (instead of init)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (ImportError, OSError, AttributeError):  # not Linux: process groups alone, then
-        pass
+    """Become the process that orphans below this one are handed to (instead of init; not on
+    Linux: process groups alone, then)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _undumpable() -> None:
     """Make this process not dumpable: other processes of its user no longer open its /proc/PID/fd,
     mem or environ, nor ptrace it. A fork keeps it; an exec makes a process dumpable again."""
+    _prctl(_PR_SET_DUMPABLE, 0)
+
+
+def _prctl(option: int, value: int) -> None:
+    """prctl(option, value) on Linux; elsewhere, nothing."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
     except (ImportError, OSError, AttributeError):  # not Linux
         pass
 
@@ -1020,6 +1023,8 @@ def main() -> None:
     """Entry point of an instance process (not dumpable by now: see the end of this file)."""
     handler, function = sys.argv[1:3]
     memory_limit = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    if sys.argv[4:5] == [NO_NEW_PRIVILEGES]:  # started by the server as a function's run_as user
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     import orjson  # noqa: F401 - for the end of a run (see the imports); loaded already in a forked instance
 
     _subreaper()
@@ -1195,6 +1200,7 @@ def _become_user(uid: int, gid: int, groups: list[int]) -> None:
         os.write(2, f"eventrun: cannot run as uid {uid}, gid {gid}: {exc}\n".encode())
         os._exit(126)
     _undumpable()  # (a change of user leaves it as the system's suid_dumpable says)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # nor may a set-user-ID program it runs (su, sudo) make it root again
 
 
 def _become_fresh_interpreter(arguments: list[str], env: dict[str, str]) -> None:

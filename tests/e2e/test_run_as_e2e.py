@@ -106,6 +106,7 @@ async def test_a_function_run_as_another_user_cannot_reach_the_server_its_store_
     assert me["signal"] == {"server": "PermissionError", "spawner": "PermissionError", "host instance": "PermissionError"}
     assert me["read"] == {"store": "PermissionError", "manifest": "PermissionError"}, me
     assert me["become_root"] == "PermissionError"
+    assert me["no_new_privileges"] == "1", me  # nor through a set-user-ID program (su, sudo)
     assert f"guest uid={guest.pw_uid}" in await api.logs(request_id)
     assert f"started instance {me['pid']} of guest as {GUEST}" in server.stderr_text()
 
@@ -136,6 +137,7 @@ async def test_without_the_spawner_an_instance_started_by_the_server_runs_as_the
     assert second["Result"]["ids"] == [guest.pw_uid, guest.pw_uid, guest.pw_gid, guest.pw_gid], second
     assert second["Result"]["signal"] == {"server": "PermissionError"}
     assert second["Result"]["env"]["HOME"] == guest.pw_dir
+    assert second["Result"]["no_new_privileges"] == "1", second
 
 
 async def test_a_run_as_user_that_does_not_exist_is_refused_at_start_naming_its_line(eventrun_server, handler):

@@ -9,9 +9,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from eventrun.app import serve_problems
+from eventrun.engine.api import Status
+from eventrun.engine.instances import InstancePool, Spec
 from eventrun.engine import users
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import load_manifest
@@ -115,3 +118,43 @@ def test_what_a_user_cannot_read_is_asked_of_the_kernel_as_that_user(public: Pat
     assert unreadable(user, paths) == paths[1:]
     assert unreadable(user, [str(tmp_path)]) == []
     assert unreadable(user, [str(tmp_path / "open.txt")]) == []
+
+
+INSTANCE_HANDLER = """\
+import os
+
+def main_handler(event, context):
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "env": [os.environ.get(name) for name in ("HOME", "USER", "LOGNAME", "GREETING")],
+        "no_new_privileges": fields["NoNewPrivs"].strip(),
+    }
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("spawner", [True, False], ids=["from the spawner", "by the server"])
+async def test_an_instance_gets_its_users_login_environment_and_no_new_privileges(tmp_path: Path, spawner: bool) -> None:
+    # Root itself stands for the user: what changes with another one is the e2e tests' (test_run_as_e2e.py).
+    (tmp_path / "f.py").write_text(INSTANCE_HANDLER)
+    user = RunAs("someone", 0, 0, (0,), "/home/someone")
+    pool = InstancePool(max_instances=2, idle_timeout=300, kill_grace=1, base_env=dict(os.environ, HOME="/root"))
+    if spawner:
+        await pool.start()
+    try:
+        spec = Spec(
+            function="f", handler=f"{tmp_path}/f.py:main_handler", cwd=tmp_path, environment={"LOGNAME": "mine"}, user=user
+        )
+        instance = await pool.acquire(spec)
+        envelope = orjson.dumps({"specversion": "1.0", "id": "e", "source": "/t", "type": "t", "data": {}})
+        outcome = await instance.run("r1", envelope, 10, lambda lines: None, 1)
+        assert outcome.status is Status.FINISHED, outcome
+        assert (outcome.result["ppid"] == os.getpid()) is not spawner  # the fallback: started by the server
+        assert outcome.result["env"] == ["/home/someone", "someone", "mine", None]  # the function's environment wins
+        assert outcome.result["no_new_privileges"] == "1"
+        pool.keep_warm(instance, keep=False)
+    finally:
+        await pool.stop()

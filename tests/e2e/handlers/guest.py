@@ -24,6 +24,11 @@ def _data_limit() -> list[str]:
     return line.split()[3:5]
 
 
+def _no_new_privileges() -> str:
+    with open("/proc/self/status") as status:
+        return next(line for line in status if line.startswith("NoNewPrivs:")).split()[1]
+
+
 def main_handler(event, context):
     print(f"guest uid={os.getuid()}")
     data = event.get("data") or {}
@@ -41,4 +46,5 @@ def main_handler(event, context):
         "signal": {name: _try(lambda pid=pid: os.kill(pid, signal.SIGCONT)) for name, pid in targets.items()},
         "read": {name: _try(lambda path=path: open(path, "rb").close()) for name, path in files.items()},
         "become_root": _try(lambda: os.setuid(0)),
+        "no_new_privileges": _no_new_privileges(),
     }
