@@ -171,10 +171,11 @@ async def test_async_def_handler_runs(eventrun_server, http, handler):
 
 async def test_an_instance_loads_only_what_its_handler_uses(eventrun_server, http, handler):
     # Every instance start pays for what the worker imports: asyncio (and ssl with it) comes
-    # only for an async handler, logging with context.logger; the eventrun package and what it
-    # imports never. orjson comes at start (the spawner's, once: forked instances share it), and
-    # inspect and dataclasses with it, so that a handler that used up every descriptor can still
-    # have its result written.
+    # only for an async handler; the eventrun package and what it imports never. orjson comes
+    # at start (the spawner's, once: forked instances share it), and inspect and dataclasses with
+    # it, so that a handler that used up every descriptor can still have its result written. The
+    # spawner also loads what the worker imports when first needed (logging for context.logger,
+    # among others), once, for a function whose run_as user cannot read the Python's files.
     server = eventrun_server({"mods": {"handler": handler("modules")}})
     api = server.client(http)
     state = await api.wait_ended(await api.accepted("mods", {}))
@@ -182,7 +183,7 @@ async def test_an_instance_loads_only_what_its_handler_uses(eventrun_server, htt
     assert state["Result"] == {
         "asyncio": False,
         "orjson": True,
-        "logging": False,
+        "logging": True,
         "inspect": True,
         "dataclasses": True,
         "eventrun": False,
