@@ -9,7 +9,7 @@ started, including ones that left its process group (see kill()).
 
 Only this server talks to an instance, and it knows it by two secrets it makes for each, handed
 over as the first line on the instance's task pipe (see worker.py): the token that marks its
-frames, and a key every task carries. Each task names its run with a fresh nonce, which the end
+frames, and a key every task carries; the function's environment comes on that line too. Each task names its run with a fresh nonce, which the end
 frame must name again; an answer for another run means someone else made the instance run
 something, and the instance is stopped (ForeignAnswer).
 """
@@ -31,7 +31,7 @@ from typing import Any, Callable
 from .api import Status
 from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
-from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable
+from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable, read_at_start
 from .users import RunAs
 from .worker import FRAME_MARK, FRAME_MORE, MAX_FRAME, MAX_RESULT_NESTING, NO_NEW_PRIVILEGES, RESULT_TOO_DEEP
 
@@ -134,7 +134,9 @@ class Instance:
         self.foreign: str | None = None  # why the instance is not to be trusted, once it sent an answer for another run
         self._stopping_foreign: asyncio.Task[None] | None = None
         assert process.stdin is not None
-        process.stdin.write(token.encode() + b" " + self._key + b"\n")  # (the first line it reads)
+        # The first line it reads: its secrets, and its function's environment, which goes no other
+        # way (through the spawner, it would stay in the memory of instances forked after it).
+        process.stdin.write(token.encode() + b" " + self._key + b" " + dumps(spec.environment) + b"\n")
         self._parts: list[bytes] = []  # the pieces of a frame that came before its last
         self._parts_size = 0  # their bytes, counted on past MAX_FRAME (no more are kept then)
         self._sink: LineSink | None = None
@@ -826,7 +828,10 @@ class InstancePool:
         token = secrets.token_hex(8)  # (handed over by the Instance, on the task pipe: see worker.py)
         user = spec.user
         login = user.environment() if user else {}
-        env = {**self._base_env, **login, **spec.environment, "PYTHONUNBUFFERED": "1"}
+        # The function's own variables come on its task pipe (see Instance), but for those an
+        # interpreter reads as it starts, which a fresh one must be given.
+        at_start = {name: value for name, value in spec.environment.items() if read_at_start(name)}
+        env = {**self._base_env, **login, **at_start, "PYTHONUNBUFFERED": "1"}
         as_user = f" as {user.name}" if user else ""
         # A fresh interpreter is still started by the spawner while it runs: so the spawner, a
         # subreaper, inherits what the instance leaves behind should it die (see worker.py).

@@ -50,12 +50,14 @@ class SpawnerUnavailable(Exception):
     """The spawner could not fork this instance; start a fresh interpreter instead."""
 
 
+def read_at_start(name: str) -> bool:
+    """Whether an interpreter reads the environment variable `name` as it starts (PYTHON*, the locale's)."""
+    return name.startswith(("PYTHON", "LC_")) or name in ("LANG", "LANGUAGE")
+
+
 def forkable(environment: Mapping[str, str], base: Mapping[str, str]) -> bool:
     """False if a function's environment changes what an interpreter decides at start."""
-    return not any(
-        (name.startswith(("PYTHON", "LC_")) or name in ("LANG", "LANGUAGE")) and base.get(name) != value
-        for name, value in environment.items()
-    )
+    return not any(read_at_start(name) and base.get(name) != value for name, value in environment.items())
 
 
 class OutputPipe(asyncio.Protocol):

@@ -37,7 +37,9 @@ it and the spawner are not dumpable (PR_SET_DUMPABLE 0, set first thing by each 
 kept across a fork), which closes their /proc/PID/fd, mem and environ, and ptrace, to other
 processes of that user; the root user is not held back. Its secrets (the frame token, and the key
 each task must carry) come as the first line on its task pipe, never on its command line or in
-its environment. A task without the key is refused, and the instance ends; each end frame names
+its environment; so does its function's own environment, set before any of the function's code
+runs: sent through the spawner, it would stay in the spawner's memory, which every instance
+forked after it starts with, another function's, run as another user, among them. A task without the key is refused, and the instance ends; each end frame names
 the run it ends (the task's request_id and run), for the server to refuse an answer for another.
 
 The same file, run with --spawner, is the process instances are forked from (see spawner()).
@@ -478,7 +480,10 @@ class _Worker:
         # (Never closed by the file object: should the handler close the fd, or open something
         # else on its number, finalising the object must not close what is there then.)
         self.tasks = os.fdopen(tasks, "rb", closefd=False)
-        token, self.key = _secrets(self.tasks.readline())
+        token, self.key, environment = _secrets(self.tasks.readline())
+        os.environ.update(environment)  # the function's own variables (before any of its code runs)
+        if "TZ" in environment:
+            time.tzset()
         self.mark = (FRAME_MARK + token + FRAME_LAST).encode()
         self.answer = b"{"  # an end frame's start: the run it ends, named (see run_one)
         self.frames = frames  # a private copy of stdout's pipe
@@ -797,12 +802,19 @@ class _Worker:
                 self.run_one(task)
 
 
-def _secrets(line: bytes) -> tuple[str, str]:
-    """The frame token and the task key, from the first line on the task pipe ("TOKEN KEY")."""
-    words = line.decode("ascii", "replace").split()
-    if len(words) != 2 or not all(word.isalnum() and word.isascii() for word in words):
-        raise SystemExit("eventrun: the instance's first line on its task pipe is not its token and key")
-    return words[0], words[1]
+def _secrets(line: bytes) -> tuple[str, str, dict[str, str]]:
+    """The frame token, the task key and the function's environment, from the first line on the
+    task pipe ("TOKEN KEY {JSON}")."""
+    token, _, rest = line.partition(b" ")
+    key, _, environment = rest.partition(b" ")
+    try:
+        words = [token.decode("ascii"), key.decode("ascii")]
+        variables = json.loads(environment)
+    except ValueError:
+        words, variables = [], None
+    if not all(word.isalnum() for word in words) or len(words) != 2 or type(variables) is not dict:
+        raise SystemExit("eventrun: the instance's first line on its task pipe is not its token, key and environment")
+    return words[0], words[1], variables
 
 
 def _task(line: bytes, key: str) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
@@ -130,3 +131,56 @@ async def test_a_task_without_the_instances_key_is_refused_and_the_instance_ends
     await instance.process.stdin.drain()
     assert await gone(instance.pid), "an instance given a task not of the server's still runs"
     assert not touched.exists(), "the instance ran a task not of the server's"
+
+
+SCANNER = """\
+import os
+
+def main_handler(event, context):
+    # Everything of its own memory an instance can read: was another function's secret ever there?
+    # (Looked for as its head followed by its tail, so that the secret itself is never made here.)
+    head, tail = event["data"]["head"].encode(), event["data"]["tail"].encode()
+    found = 0
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if not fields[1].startswith("r") or (len(fields) > 5 and fields[5].startswith("[v")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            at = chunk.find(head)
+            while at >= 0:
+                found += chunk.startswith(tail, at + len(head))
+                at = chunk.find(head, at + 1)
+    return {"found": found, "own": os.environ.get("SECRET")}
+"""
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh"])
+async def test_a_functions_environment_is_not_left_in_the_memory_of_instances_forked_after_it(
+    tmp_path: Path, fork: bool
+) -> None:
+    # The spawner used to be handed each function's environment, and instances forked after it
+    # (another function's, run as another user among them) began with its memory.
+    (tmp_path / "f.py").write_text(HANDLER)
+    (tmp_path / "scan.py").write_text(SCANNER)
+    marker = secrets.token_hex(8)
+    # Large, and the scanner's environment small: what the spawner freed of it is not all written over.
+    secret = "x" * 60_000 + f"secret-of-f-{marker}"
+    pool = InstancePool(max_instances=4, idle_timeout=300, kill_grace=1, base_env=dict(os.environ), fork=fork)
+    await pool.start()
+    try:
+        holder = Spec(function="f", handler=f"{tmp_path}/f.py:main_handler", cwd=tmp_path, environment={"SECRET": secret})
+        first = await pool.acquire(holder)
+        assert (await run(first, {})).status == Status.FINISHED
+        scanner = Spec(function="s", handler=f"{tmp_path}/scan.py:main_handler", cwd=tmp_path, environment={"SECRET": "own"})
+        second = await pool.acquire(scanner)
+        outcome = await run(second, {"head": "secret-of-f-", "tail": marker})
+        assert outcome.status == Status.FINISHED, outcome
+        assert outcome.result == {"found": 0, "own": "own"}, outcome.result
+    finally:
+        await pool.stop()

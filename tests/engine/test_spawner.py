@@ -38,7 +38,7 @@ async def spawn(spawner: Spawner, folder: Path, token: str = "t0", *, fresh: boo
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "X": "forked"}
     process = await spawner.spawn(handler=f"{folder}/h.py:main_handler", function="f", cwd=str(folder), env=env, fresh=fresh)
     _spawned.append(process)
-    process.stdin.write(f"{token} {KEY}\n".encode())
+    process.stdin.write(f"{token} {KEY} {{}}\n".encode())
     return process
 
 
@@ -166,7 +166,7 @@ async def worker_with_a_daemon(spawner: Spawner, tmp_path: Path, fresh: bool) ->
     )
     _spawned.append(process)
     pidfile = tmp_path / "daemon.pid"
-    process.stdin.write(b"t0 k0\n")
+    process.stdin.write(b"t0 k0 {}\n")
     process.stdin.write(
         b'{"key": "k0", "run": "n1", "request_id": "r1", "deadline": 9e9, "event": {"pidfile": "%s"}}\n' % str(pidfile).encode()
     )
