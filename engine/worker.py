@@ -95,6 +95,7 @@ _BALLAST = 4 * _MB  # under a memory_limit, let go of when it is reached: room t
 _LEFTOVER_WAIT = 2.0  # seconds to wait for the processes a run left behind to die once killed
 _THREAD_GRACE = 0.05  # seconds a thread the run started may take to end once the handler has returned
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
@@ -714,6 +715,8 @@ class _Worker:
         if killed:
             pids = ", ".join(map(str, killed[:10])) + (", ..." if len(killed) > 10 else "")
             notes.append(f"the run left {len(killed)} processes running ({pids}); they were killed, and this instance")
+        if not _still_subreaper():  # what it starts from now on would go to the spawner: killed as the instance goes
+            notes.append("the run let go of the processes it starts (PR_SET_CHILD_SUBREAPER 0); this instance")
         threads = _threads_left(self._threads) if self._threads is not None else 0
         if threads:  # (a thread cannot be stopped: it would go on into the next runs)
             notes.append(f"the run left {threads} threads running; this instance")
@@ -995,6 +998,36 @@ def _subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def _still_subreaper() -> bool:
+    """Whether this process is still the subreaper of what it starts (a handler may undo it, and
+    the processes it then leaves behind pass to the spawner); True where that cannot be asked."""
+    libc = _libc()
+    if libc is None:
+        return True
+    import ctypes
+
+    flag = ctypes.c_int(1)
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    return flag.value != 0
+
+
+def _libc() -> Any:
+    """The C library, through ctypes (loaded once); None where it has no prctl (not Linux)."""
+    global _LIBC
+    if _LIBC is False:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.prctl  # noqa: B018 - AttributeError where there is none
+        except (ImportError, OSError, AttributeError):
+            _LIBC = None
+    return _LIBC
+
+
+_LIBC: Any = False  # not loaded yet
+
+
 def _undumpable() -> None:
     """Make this process not dumpable: other processes of its user no longer open its /proc/PID/fd,
     mem or environ, nor ptrace it. A fork keeps it; an exec makes a process dumpable again."""
@@ -1003,12 +1036,9 @@ def _undumpable() -> None:
 
 def _prctl(option: int, value: int) -> None:
     """prctl(option, value) on Linux; elsewhere, nothing."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
-    except (ImportError, OSError, AttributeError):  # not Linux
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(option, value, 0, 0, 0)
 
 
 def _limit_memory(limit: int) -> None:

@@ -190,6 +190,30 @@ async def test_processes_a_run_left_behind_die_when_it_ends(
     assert (await api.wait_ended(await api.accepted("quick", {})))["Status"] == "FINISHED"
 
 
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+async def test_a_run_that_turns_off_the_instances_subreaper_still_takes_its_processes_with_it(
+    eventrun_server, http, handler, poll_until, pid_alive, leftovers, tmp_path, fork_instances
+):
+    # Its daemon then passed to the spawner, not to the instance, which found nothing to kill:
+    # the run ended FINISHED, its instance was kept, and the daemon lived on.
+    server = eventrun_server({"fork": {"handler": handler("hostile_fork")}}, server={"fork_instances": fork_instances})
+    api = server.client(http)
+    pidfile = tmp_path / "pids"
+    request_id = await api.accepted("fork", {"pidfile": str(pidfile), "subreaper_off": True, "daemon_only": True})
+    state = await api.wait_ended(request_id, timeout=15)
+    pids = [int(pid) for pid in pidfile.read_text().split()]
+    instance = await instance_of(api, request_id)
+    leftovers.extend([*pids, instance])
+    assert state["Status"] == "FINISHED", state
+    log = await api.logs(request_id)
+    assert "[eventrun] the run let go of the processes it starts (PR_SET_CHILD_SUBREAPER 0); this instance is not reused" in log
+    await poll_until(lambda: not any(map(pid_alive, pids)), 5, f"processes {pids} outlived the run that started them")
+    await poll_until(lambda: not pid_alive(instance), 5, f"instance {instance} still there")
+    again = await api.wait_ended(await api.accepted("fork", {"pidfile": str(tmp_path / "again")}), timeout=15)
+    leftovers.extend(int(pid) for pid in (tmp_path / "again").read_text().split())
+    assert again["Status"] == "FINISHED" and again["Result"]["pid"] != instance, again
+
+
 # -- 4. memory --------------------------------------------------------------------------------
 
 

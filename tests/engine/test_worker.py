@@ -464,7 +464,7 @@ async def test_a_frame_goes_whole_through_a_pipe_another_thread_floods() -> None
         thread.start()
     result = {"blob": "z" * 2 * 1024 * 1024}
     try:
-        os.write(tasks_write, b"t0 k0\n")  # its token and key, the first line it reads
+        os.write(tasks_write, b"t0 k0 {}\n")  # its token and key, the first line it reads
         instance_side = worker._Worker("h.py:main_handler", "f", tasks_read, write_end, 0)
         report = orjson.dumps({**OK, "result": result})
         assert instance_side.send_frame(report, checked=True)  # as _Worker.end reports a result
@@ -566,7 +566,7 @@ async def test_a_result_that_cannot_be_written_for_want_of_descriptors_fails_the
     read_end, write_end = os.pipe()
     tasks_read, tasks_write = os.pipe()
     try:
-        os.write(tasks_write, b"t0 k0\n")
+        os.write(tasks_write, b"t0 k0 {}\n")
         instance_side = worker._Worker("h.py:main_handler", "f", tasks_read, write_end, 0)
         instance_side.handler = lambda event, context: {"x": 1}
         instance_side.run_one({"request_id": "r1", "run": "n1", "deadline": time.time() + 60, "event": {}})

@@ -51,12 +51,18 @@ def _daemon() -> int:
 
 
 def main_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Start both, write their pids to data["pidfile"], then end as data["then"] says.
+    """Start both, write their pids to data["pidfile"], then end as data["then"] says (with
+    data["subreaper_off"], after turning off the instance's PR_SET_CHILD_SUBREAPER; with
+    data["daemon_only"], the daemon alone).
 
     "return" (the default), "raise", "sleep" (until killed at the timeout) or "abort".
     """
     data = event.get("data") or {}
-    pids = [_child(), _daemon()]
+    if data.get("subreaper_off"):  # the instance no longer inherits what this run leaves behind
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    pids = [_daemon()] if data.get("daemon_only") else [_child(), _daemon()]
     with open(data["pidfile"], "w") as file:
         file.write(" ".join(map(str, pids)))
     print(f"hostile_fork left {pids} behind", flush=True)
