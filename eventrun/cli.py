@@ -180,22 +180,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
+def _single_node_manifest(args: argparse.Namespace, instead: str) -> Any:
+    """The manifest of --config (or ./eventrun.toml, or defaults alone) for backup and restore;
+    CliError (exit status 2) for a PostgreSQL store, saying what to do `instead`."""
+    from eventrun.engine.manifest import Manifest
+
+    manifest = load_client_manifest(args.config) or Manifest()
+    if manifest.store.shared:
+        raise CliError(
+            f"the store is PostgreSQL ([store] url): its runs and their logs are all in the database; {instead}",
+            exit_status=2,
+        )
+    return manifest
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     """Copy a single node's store and logs into a new folder, while its server serves or not."""
     from eventrun.engine.backup import take_backup
     from eventrun.engine.errors import EventrunError
 
-    manifest = load_client_manifest(args.config)
-    if manifest is None:
-        from eventrun.engine.manifest import Manifest
-
-        manifest = Manifest()
-    if manifest.store.shared:
-        raise CliError(
-            "the store is PostgreSQL ([store] url): its runs and their logs are all in the database; "
-            "back it up as PostgreSQL is (pg_dump)",
-            exit_status=2,
-        )
+    manifest = _single_node_manifest(args, "back it up as PostgreSQL is (pg_dump)")
     try:
         taken = take_backup(manifest.data_dir, Path(args.folder).absolute())
     except EventrunError as exc:
@@ -203,6 +207,26 @@ def cmd_backup(args: argparse.Namespace) -> int:
     print(
         f"backed up {taken.runs} runs ({taken.store_bytes:,} bytes) and {taken.logs} logs "
         f"({taken.log_bytes:,} bytes) from {manifest.data_dir} to {taken.folder}"
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put a folder `eventrun backup` made in place as the data_dir's store and logs, no server running on it."""
+    from eventrun.engine.backup import RestoreRefused, restore_backup
+    from eventrun.engine.errors import EventrunError
+
+    manifest = _single_node_manifest(args, "restore it as PostgreSQL is (pg_restore or psql)")
+    folder = Path(args.folder).absolute()
+    try:
+        restored = restore_backup(folder, manifest.data_dir)
+    except RestoreRefused as exc:
+        raise CliError(str(exc), exit_status=2) from None
+    except EventrunError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"restored {restored.runs} runs ({restored.store_bytes:,} bytes) and {restored.logs} logs "
+        f"({restored.log_bytes:,} bytes) from {folder} to {restored.folder}"
     )
     return 0
 
@@ -636,6 +660,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help=f"the manifest naming the data_dir (default: ./{DEFAULT_MANIFEST} if it exists)"
     )
     backup.set_defaults(handler=cmd_backup)
+
+    restore = commands.add_parser(
+        "restore", help="put a folder `eventrun backup` made in place as the data_dir (no server running on it)"
+    )
+    restore.add_argument("folder", metavar="FOLDER", type=_named("a folder"), help="a folder `eventrun backup` made")
+    restore.add_argument(
+        "--config", metavar="FILE", help=f"the manifest naming the data_dir (default: ./{DEFAULT_MANIFEST} if it exists)"
+    )
+    restore.set_defaults(handler=cmd_restore)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
