@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .recount import Recount
 from .store import STORE_FILE, Batch, NewInvocation, SQLiteStore, replay_event_id
 from .text import printable
-from .users import function_user, run_as
+from .users import UnknownUser, function_user
 from .worker import HANDLER_LOAD_FAILED
 from .writes import PRUNE_AT_ONCE, Ending
 
@@ -1081,30 +1081,24 @@ class Engine:
         self.dispatcher.retry_later(function, request_id, delay)
 
     def _spec(self, function: str, config: FunctionConfig) -> Spec:
-        """How to start the function's instances, kept for its runs to come; KeyError if its
-        run_as user is gone."""
+        """How to start the function's instances, kept for its runs to come."""
         spec = self._specs[function] = Spec(
             function=function,
             handler=f"{self.manifest.handler_path(function)}:{config.handler_name}",
             cwd=self.manifest.base_dir,
             environment=dict(config.environment),
             memory_limit=self.manifest.server.memory_limit if config.memory_limit is None else config.memory_limit,
-            user=run_as(function_user(self.manifest, config)),
+            run_as=function_user(self.manifest, config),
         )
         return spec
 
     async def _run_on_instance(
         self, run: _Run, function: str, config: FunctionConfig, request_id: str, envelope: bytes
     ) -> Outcome:
-        try:
-            spec = self._specs.get(function) or self._spec(function, config)
-        except KeyError:  # its run_as user was deleted since the server started
-            message = f"no instance could be started: no user named {function_user(self.manifest, config)!r} on this machine"
-            logger.error("cannot start an instance of %s for run %s: %s", function, request_id, message)
-            return Outcome(status=Status.FAILED, error_type="InstanceStartFailed", error_message=message)
+        spec = self._specs.get(function) or self._spec(function, config)
         try:
             instance = run.instance = await self.pool.acquire(spec)
-        except OSError as exc:  # no process, pipe or file descriptor to be had (EAGAIN, EMFILE, ENOMEM)
+        except (OSError, UnknownUser) as exc:  # no process, pipe or fd to be had (EAGAIN, EMFILE, ENOMEM); no user
             logger.error("cannot start an instance of %s for run %s: %s", function, request_id, exc)
             return Outcome(
                 status=Status.FAILED, error_type="InstanceStartFailed", error_message=f"no instance could be started: {exc}"

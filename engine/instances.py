@@ -32,7 +32,7 @@ from .api import Status
 from .envelope import dumps, loads, too_deep_to_serve
 from . import worker
 from .spawner import OutputPipe, SpawnedProcess, Spawner, SpawnerUnavailable, descendants, forkable, read_at_start
-from .users import RunAs
+from .users import instance_user
 from .worker import FRAME_MARK, FRAME_MORE, MAX_FRAME, MAX_RESULT_NESTING, NO_NEW_PRIVILEGES, RESULT_TOO_DEEP
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Spec:
     cwd: Path
     environment: dict[str, str]
     memory_limit: int = 0  # bytes of data memory (RLIMIT_DATA) an instance may use; 0: no limit
-    user: RunAs | None = None  # the user it runs as; None: the server's
+    run_as: str = ""  # the name of the user it runs as, looked up at each start; "": the server's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -826,7 +826,7 @@ class InstancePool:
 
     async def _spawn(self, spec: Spec) -> Instance:
         token = secrets.token_hex(8)  # (handed over by the Instance, on the task pipe: see worker.py)
-        user = spec.user
+        user = instance_user(spec.run_as)
         login = user.environment() if user else {}
         # The function's own variables come on its task pipe (see Instance), but for those an
         # interpreter reads as it starts, which a fresh one must be given.

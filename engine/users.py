@@ -34,6 +34,19 @@ class RunAs:
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
+class UnknownUser(Exception):
+    """A run_as user that no longer exists (deleted since the server started)."""
+
+
+def instance_user(name: str) -> RunAs | None:
+    """The user to start an instance as, looked up afresh (one deleted meanwhile is not started
+    as, nor is whoever took its uid since); UnknownUser if there is none of that name."""
+    try:
+        return run_as(name)
+    except KeyError:
+        raise UnknownUser(f"no user named {name!r} on this machine") from None
+
+
 def run_as(name: str) -> RunAs | None:
     """The user named `name`; None for "" or the server's own user (nothing to change).
 

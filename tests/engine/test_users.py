@@ -14,11 +14,13 @@ import pytest
 
 from eventrun.app import serve_problems
 from eventrun.engine.api import Status
+from eventrun.engine.envelope import Envelope, new_id
+from eventrun.engine import instances
 from eventrun.engine.instances import InstancePool, Spec
 from eventrun.engine import users
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import load_manifest
-from eventrun.engine.users import RunAs, run_as, unreadable
+from eventrun.engine.users import RunAs, UnknownUser, run_as, unreadable
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="only root can become another user")
@@ -137,16 +139,19 @@ def main_handler(event, context):
 
 @needs_root
 @pytest.mark.parametrize("spawner", [True, False], ids=["from the spawner", "by the server"])
-async def test_an_instance_gets_its_users_login_environment_and_no_new_privileges(tmp_path: Path, spawner: bool) -> None:
+async def test_an_instance_gets_its_users_login_environment_and_no_new_privileges(
+    tmp_path: Path, spawner: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Root itself stands for the user: what changes with another one is the e2e tests' (test_run_as_e2e.py).
     (tmp_path / "f.py").write_text(INSTANCE_HANDLER)
     user = RunAs("someone", 0, 0, (0,), "/home/someone")
+    monkeypatch.setattr(instances, "instance_user", lambda name: user if name == "someone" else None)
     pool = InstancePool(max_instances=2, idle_timeout=300, kill_grace=1, base_env=dict(os.environ, HOME="/root"))
     if spawner:
         await pool.start()
     try:
         spec = Spec(
-            function="f", handler=f"{tmp_path}/f.py:main_handler", cwd=tmp_path, environment={"LOGNAME": "mine"}, user=user
+            function="f", handler=f"{tmp_path}/f.py:main_handler", cwd=tmp_path, environment={"LOGNAME": "mine"}, run_as="someone"
         )
         instance = await pool.acquire(spec)
         envelope = orjson.dumps({"specversion": "1.0", "id": "e", "source": "/t", "type": "t", "data": {}})
@@ -158,3 +163,28 @@ async def test_an_instance_gets_its_users_login_environment_and_no_new_privilege
         pool.keep_warm(instance, keep=False)
     finally:
         await pool.stop()
+
+
+async def test_a_user_deleted_since_the_start_is_looked_up_at_each_instance_start(tmp_path: Path) -> None:
+    # It used to be looked up once, at the function's first run: instances went on starting with
+    # its uid, which the next user made could be given.
+    pool = InstancePool(max_instances=2, idle_timeout=300, kill_grace=1, base_env={})
+    spec = Spec(function="f", handler=f"{tmp_path}/f.py:main_handler", cwd=tmp_path, environment={}, run_as="gone-user-here")
+    with pytest.raises(UnknownUser, match="^no user named 'gone-user-here' on this machine$"):
+        await pool.acquire(spec)
+    await pool.stop()
+
+
+async def test_a_run_whose_user_is_gone_fails_instance_start_failed_naming_it(start_engine) -> None:
+    engine = await start_engine(
+        '[server]\ndata_dir = "data"\n[functions.f]\nhandler = "f.py:main_handler"\nasync_execution = false\n'
+        'run_as = "gone-user-here"\n',
+        {"f.py": "def main_handler(event, context):\n    return 1\n"},
+    )
+    envelope = Envelope(id=new_id(), source="/http/f", type="t", function="f", trigger="http", data={})
+    answer = await engine.call(envelope)
+    assert (answer.status, answer.error_type, answer.error_message) == (
+        Status.FAILED,
+        "InstanceStartFailed",
+        "no instance could be started: no user named 'gone-user-here' on this machine",
+    ), answer
