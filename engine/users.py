@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .manifest_errors import dotted
+
 if TYPE_CHECKING:
     from .manifest import FunctionConfig, Manifest, Problem
 
@@ -67,12 +69,13 @@ def function_user(manifest: Manifest, function: FunctionConfig) -> str:
 
 
 def run_as_problems(manifest: Manifest) -> list[Problem]:
-    """Users that do not exist, users a server that is not root cannot become, and handler files
-    the user their function runs as cannot read."""
+    """Users that do not exist or that a server not root cannot become; and what would let a
+    function's user past the separation: a handler it cannot read, a manifest it can read (the
+    ui_token, every function's environment) or change, another function's code it can change."""
     problems: list[Problem] = []
     places: list[tuple[list[str], str]] = [(["server", "run_as"], manifest.server.run_as)]
     places += [(["functions", name, "run_as"], f.run_as) for name, f in manifest.functions.items() if f.run_as]
-    users: dict[str, RunAs] = {}
+    users: dict[str, tuple[list[str], RunAs]] = {}  # each user to switch to, and where it is first named
     for where, name in places:
         if not name:
             continue
@@ -83,36 +86,62 @@ def run_as_problems(manifest: Manifest) -> list[Problem]:
             continue
         if user is not None and os.geteuid() != 0:
             problems.append((where, f"running as {name!r} needs a server started as root; it runs as {_me()}"))
-        elif user is not None:
-            users[name] = user
-    for function_name, function in manifest.functions.items():
-        user = users.get(function_user(manifest, function))
-        if user is None:
-            continue
-        handler = str(manifest.handler_path(function_name))
-        if unreadable(user, [handler]):
-            problems.append(
-                (
-                    ["functions", function_name, "handler"],
-                    f"user {user.name!r} (its run_as) cannot read {handler}: give that user read access to the"
-                    " file, and to the folders above it",
-                )
-            )
-    if not manifest.server.fork_instances:  # every instance is a fresh interpreter, started as the user
-        for name, user in users.items():
-            if python_unreadable(user):
-                problems.append((["server", "fork_instances"], _python_message(user) + " (or fork_instances = true)"))
+        elif user is not None and name in {function_user(manifest, f) for f in manifest.functions.values()}:
+            users.setdefault(name, (where, user))
+    for name, (where, user) in users.items():
+        problems += _reach_problems(manifest, name, where, user)
+        if not manifest.server.fork_instances and python_unreadable(user):  # every instance a fresh interpreter
+            problems.append((["server", "fork_instances"], _python_message(user) + " (or fork_instances = true)"))
     return problems
 
 
+def _reach_problems(manifest: Manifest, name: str, where: list[str], user: RunAs) -> list[Problem]:
+    """What of the manifest's files `user` (run_as `name`) can reach and must not, or cannot and must."""
+    own = [f for f, config in manifest.functions.items() if function_user(manifest, config) == name]
+    others = [f for f in manifest.functions if f not in own]
+    checks: list[tuple[list[str], str, str, str]] = []  # where, path, "read" or "write", the problem if so
+    for function in own:
+        handler = str(manifest.handler_path(function))
+        checks.append((["functions", function, "handler"], handler, "not read", (
+            f"user {name!r} (its run_as) cannot read {handler}: give that user read access to the file, and to"
+            " the folders above it"
+        )))
+    for function in others:
+        handler = manifest.handler_path(function)
+        for path in (handler, handler.parent):
+            checks.append((["functions", function, "handler"], str(path), "write", (
+                f"user {name!r} ({dotted(where)}) can write to {path}, "
+                + ("this handler" if path == handler else "this handler's folder, first on its sys.path")
+                + f": code it put there would run as {_runs_as(manifest, function)!r}; make it writable by"
+                f" {_runs_as(manifest, function)!r} alone"
+            )))
+    if manifest.path is not None:
+        manifest_file = manifest.path
+        checks.append((where, str(manifest_file), "read", (
+            f"user {name!r} can read the manifest {manifest_file}, which holds the server's secrets (the ui_token,"
+            f" every function's environment): make it readable by the server's user alone (chmod 600 {manifest_file})"
+        )))
+        for path in (manifest_file, manifest_file.parent):
+            checks.append((where, str(path), "write", (
+                f"user {name!r} can write to {path}, and so change the manifest (its own run_as among it) for the"
+                " server's next start: make it writable by the server's user alone"
+            )))
+    can = access(user, [(path, os.W_OK if check == "write" else os.R_OK) for _, path, check, _ in checks])
+    return [(at, message) for (at, _, check, message), yes in zip(checks, can) if yes == (check != "not read")]
 def run_as_warnings(manifest: Manifest) -> list[str]:
-    """What works only in part: functions whose user cannot read the Python eventrun runs on
-    (forked instances run, with only the modules the spawner has loaded)."""
-    users = {function_user(manifest, f) for f in manifest.functions.values()}
+    """What leaves a function's user less apart than it could be (an API without a ui_token), or
+    works only in part (a Python that user cannot read: forked instances run, with only the
+    modules the spawner has loaded). For a manifest run_as_problems found nothing wrong in."""
+    names = sorted({function_user(manifest, f) for f in manifest.functions.values()} - {""})
+    users = {name: user for name in names if (user := run_as(name)) is not None}
     warnings = []
-    for name in sorted(users):
-        user = run_as(name) if name else None
-        if user is not None and manifest.server.fork_instances and python_unreadable(user):
+    if users and not manifest.server.ui_token:
+        warnings.append(
+            f"functions run as {', '.join(map(repr, users))} can call this server's API, which takes no ui_token:"
+            " every run's event, result and log, and invoking any function, are open to them; set [server] ui_token"
+        )
+    for user in users.values():
+        if manifest.server.fork_instances and python_unreadable(user):
             warnings.append(
                 _python_message(user) + ": until then its functions' instances, forked, import only the modules"
                 " eventrun's spawner has loaded, and none starts where a fresh interpreter is needed (while the"
@@ -139,8 +168,17 @@ def python_unreadable(user: RunAs) -> tuple[str, ...]:
 
 
 def unreadable(user: RunAs, paths: list[str]) -> list[str]:
-    """The paths `user` cannot read (a file) or list and enter (a folder); a file that does not
-    exist counts as unreadable. Asked of the kernel by a child process that becomes the user."""
+    """The paths `user` cannot read (a file) or list and enter (a folder); one that does not exist
+    counts as unreadable."""
+    modes = [os.R_OK | os.X_OK if os.path.isdir(path) else os.R_OK for path in paths]
+    return [path for path, yes in zip(paths, access(user, list(zip(paths, modes)))) if not yes]
+
+
+def access(user: RunAs, checks: list[tuple[str, int]]) -> list[bool]:
+    """Whether `user` may access each path so (os.R_OK, os.W_OK...), asked of the kernel by a child
+    process that becomes the user; all False should it fail to."""
+    if not checks:
+        return []
     answer_r, answer_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # (nothing but system calls here, then out: no Python state of the parent's is used)
@@ -150,19 +188,28 @@ def unreadable(user: RunAs, paths: list[str]) -> list[str]:
             os.setgroups(list(user.groups))
             os.setresgid(user.gid, user.gid, user.gid)
             os.setresuid(user.uid, user.uid, user.uid)
-            wanted = [os.R_OK | os.X_OK if os.path.isdir(path) else os.R_OK for path in paths]
-            refused = [str(i) for i, (path, mode) in enumerate(zip(paths, wanted)) if not os.access(path, mode)]
-            os.write(answer_w, " ".join(refused).encode() or b"-")
+            os.write(answer_w, bytes(b"01"[os.access(path, mode)] for path, mode in checks))
             code = 0
         finally:
             os._exit(code)
     os.close(answer_w)
     with open(answer_r, "rb") as answer:
-        text = answer.read().decode()
+        text = answer.read()
     _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not text:
-        return list(paths)  # the child could not become the user: nothing of this is readable to it
-    return [paths[int(i)] for i in text.split() if i != "-"]
+    if os.waitstatus_to_exitcode(status) != 0 or len(text) != len(checks):
+        return [False] * len(checks)
+    return [c == ord("1") for c in text]
+
+
+def _runs_as(manifest: Manifest, function: str) -> str:
+    """The name of the user a function runs as."""
+    name = function_user(manifest, manifest.functions[function])
+    if name:
+        return name
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _me() -> str:

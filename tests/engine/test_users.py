@@ -20,7 +20,7 @@ from eventrun.engine.instances import InstancePool, Spec
 from eventrun.engine import users
 from eventrun.engine.errors import ManifestError
 from eventrun.engine.manifest import load_manifest
-from eventrun.engine.users import RunAs, UnknownUser, run_as, unreadable
+from eventrun.engine.users import RunAs, UnknownUser, run_as, run_as_warnings, unreadable
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="only root can become another user")
@@ -93,6 +93,7 @@ def test_another_user_needs_a_server_started_as_root(tmp_path: Path, monkeypatch
 def test_a_handler_its_user_cannot_read_is_refused_at_start(public: Path) -> None:
     other_user()
     path = manifest(public, 'run_as = "nobody"\n')
+    path.chmod(0o600)
     (public / "f.py").chmod(0o644)
     load_manifest(path, check=serve_problems)
     (public / "f.py").chmod(0o600)
@@ -188,3 +189,60 @@ async def test_a_run_whose_user_is_gone_fails_instance_start_failed_naming_it(st
         "InstanceStartFailed",
         "no instance could be started: no user named 'gone-user-here' on this machine",
     ), answer
+
+
+@needs_root
+def test_a_manifest_a_functions_user_can_read_or_change_is_refused_at_start(public: Path) -> None:
+    # It holds the ui_token and every function's environment; changed, it could set the
+    # function's own run_as to the server's user for the next start.
+    other_user()
+    path = manifest(public, 'run_as = "nobody"\nenvironment = { DB_PASSWORD = "secret" }\n')
+    (public / "f.py").chmod(0o644)
+    path.chmod(0o644)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value) == (
+        f"{path}: functions.f.run_as: user 'nobody' can read the manifest {path}, which holds the server's secrets"
+        f" (the ui_token, every function's environment): make it readable by the server's user alone (chmod 600 {path})"
+    )
+    path.chmod(0o600)
+    public.chmod(0o777)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value) == (
+        f"{path}: functions.f.run_as: user 'nobody' can write to {public}, and so change the manifest (its own run_as"
+        " among it) for the server's next start: make it writable by the server's user alone"
+    )
+    public.chmod(0o755)
+    assert load_manifest(path, check=serve_problems).functions["f"].run_as == "nobody"
+
+
+@needs_root
+def test_another_functions_code_a_functions_user_can_change_is_refused_at_start(public: Path) -> None:
+    # Its folder is first on that function's sys.path: a module put there runs as its user (root).
+    other_user()
+    shared = public / "shared"
+    shared.mkdir(mode=0o755)
+    (shared / "g.py").write_text("import csv\ndef main_handler(event, context):\n    return None\n")
+    path = manifest(public, f'run_as = "nobody"\n[functions.g]\nhandler = "shared/g.py:main_handler"\n')
+    path.chmod(0o600)
+    (public / "f.py").chmod(0o644)
+    load_manifest(path, check=serve_problems)
+    shared.chmod(0o1777)  # (as /tmp is: anyone may add a file)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value) == (
+        f"{path}: functions.g.handler: user 'nobody' (functions.f.run_as) can write to {shared}, this handler's folder,"
+        " first on its sys.path: code it put there would run as 'root'; make it writable by 'root' alone"
+    )
+
+
+def test_functions_of_other_users_and_no_ui_token_are_warned_of(tmp_path: Path) -> None:
+    entry = other_user()
+    if entry.pw_uid == os.geteuid():
+        pytest.skip("the tests run as nobody")
+    path = manifest(tmp_path, 'run_as = "nobody"\n')
+    warned = "functions run as 'nobody' can call this server's API, which takes no ui_token"
+    assert any(warning.startswith(warned) for warning in run_as_warnings(load_manifest(path)))
+    path.write_text(path.read_text() + '[server]\nui_token = "t0k3n"\n')
+    assert not any(warning.startswith(warned) for warning in run_as_warnings(load_manifest(path)))
