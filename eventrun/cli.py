@@ -652,23 +652,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
-    backup = commands.add_parser(
-        "backup", help="copy a single node's store and runs' logs into a new folder (the server may be serving)"
-    )
-    backup.add_argument("folder", metavar="FOLDER", type=_named("a folder"), help="a new or empty folder")
-    backup.add_argument(
-        "--config", metavar="FILE", help=f"the manifest naming the data_dir (default: ./{DEFAULT_MANIFEST} if it exists)"
-    )
-    backup.set_defaults(handler=cmd_backup)
-
-    restore = commands.add_parser(
-        "restore", help="put a folder `eventrun backup` made in place as the data_dir (no server running on it)"
-    )
-    restore.add_argument("folder", metavar="FOLDER", type=_named("a folder"), help="a folder `eventrun backup` made")
-    restore.add_argument(
-        "--config", metavar="FILE", help=f"the manifest naming the data_dir (default: ./{DEFAULT_MANIFEST} if it exists)"
-    )
-    restore.set_defaults(handler=cmd_restore)
+    for name, handler, summary, folder in (
+        ("backup", cmd_backup, "copy a single node's store and runs' logs into a new folder (the server may be serving)",
+         "a new or empty folder"),
+        ("restore", cmd_restore, "put a folder `eventrun backup` made in place as the data_dir (no server running on it)",
+         "a folder `eventrun backup` made"),
+    ):
+        command = commands.add_parser(name, help=summary)
+        command.add_argument("folder", metavar="FOLDER", type=_named("a folder"), help=folder)
+        command.add_argument(
+            "--config", metavar="FILE", help=f"the manifest naming the data_dir (default: ./{DEFAULT_MANIFEST} if it exists)"
+        )
+        command.set_defaults(handler=handler)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
