@@ -1094,6 +1094,7 @@ def main() -> None:
 # parent of a process can learn it.
 
 _SPAWN_MESSAGE = 1 << 20  # a request's size bound: the environment is most of it
+_SWEEP_EVERY = 1.0  # seconds: how long a child of the spawner that is no instance may live, at most
 
 
 def spawner(control: int) -> None:
@@ -1145,16 +1146,24 @@ def spawner(control: int) -> None:
                 children.discard(pid)
                 send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
         if reaped:
-            # A process left by an instance that died (this spawner is their subreaper) is a
-            # child of ours that is no instance: it goes. Its own children come to us, and go next.
-            for pid in children_of(os.getpid()):
-                if pid not in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            sweep()
+
+    def sweep() -> None:
+        # A child of ours that is no instance goes: one left by an instance that died (this
+        # spawner is their subreaper), or one a run made our child (clone with CLONE_PARENT),
+        # out of its instance's sight. Its own children come to us, and go next.
+        for pid in children_of(os.getpid()):
+            if pid not in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     control = sock.fileno()
+    swept = time.monotonic()
     while True:
-        ready, _, _ = select.select([control, wake_r], [], [])
+        ready, _, _ = select.select([control, wake_r], [], [], max(0.0, swept + _SWEEP_EVERY - time.monotonic()))
+        if time.monotonic() >= swept + _SWEEP_EVERY:
+            sweep()
+            swept = time.monotonic()
         if wake_r in ready:
             while True:
                 try:

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import platform
 import re
 import signal
 import time
@@ -27,6 +28,10 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def state_of(pid: int) -> str:
@@ -188,6 +193,24 @@ async def test_processes_a_run_left_behind_die_when_it_ends(
         assert again["Result"]["pid"] != instance, again
     await poll_until(lambda: not pid_alive(instance), 5, f"instance {instance} still there")
     assert (await api.wait_ended(await api.accepted("quick", {})))["Status"] == "FINISHED"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the handler calls clone by its x86_64 system call number")
+@pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
+async def test_a_process_a_run_makes_its_instances_sibling_is_killed_by_the_spawner_within_a_second(
+    eventrun_server, http, handler, poll_until, pid_alive, leftovers, fork_instances
+):
+    # Its parent is the spawner, not the instance, which finds nothing left at the run's end: it
+    # used to live until the spawner next reaped an instance (instance_idle_timeout, or longer).
+    server = eventrun_server({"sibling": {"handler": handler("hostile_sibling")}}, server={"fork_instances": fork_instances})
+    api = server.client(http)
+    state = await api.wait_ended(await api.accepted("sibling", {}), timeout=15)
+    assert state["Status"] == "FINISHED", state
+    sibling = state["Result"]["sibling"]
+    leftovers.append(sibling)
+    assert sibling > 0 and parent_of(sibling) == state["Result"]["ppid"], state  # the spawner's child
+    await poll_until(lambda: not pid_alive(sibling), 3, f"the run's sibling {sibling} outlived it")
+    assert pid_alive(state["Result"]["pid"]), "the instance itself stays warm"
 
 
 @pytest.mark.parametrize("fork_instances", [True, False], ids=["forked", "fresh"])
