@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .manifest_errors import dotted
+from .reach import as_user, changeable, readable
 
 if TYPE_CHECKING:
     from .manifest import FunctionConfig, Manifest, Problem
@@ -96,38 +97,68 @@ def run_as_problems(manifest: Manifest) -> list[Problem]:
 
 
 def _reach_problems(manifest: Manifest, name: str, where: list[str], user: RunAs) -> list[Problem]:
-    """What of the manifest's files `user` (run_as `name`) can reach and must not, or cannot and must."""
+    """What of the files eventrun and its functions depend on `user` (run_as `name`) can reach and
+    must not (read the manifest; change it, the data_dir, another function's code, eventrun's
+    Python), or cannot and must (read its own handler)."""
     own = [f for f, config in manifest.functions.items() if function_user(manifest, config) == name]
     others = [f for f in manifest.functions if f not in own]
-    checks: list[tuple[list[str], str, str, str]] = []  # where, path, "read" or "write", the problem if so
+    named = f"user {name!r} ({dotted(where)})"
+    reads: list[tuple[list[str], str, bool, str]] = []  # where, path, whether it must be readable, the problem
+    changes: list[tuple[list[str], str, str]] = []  # where, path, the problem (after "how" it could change it)
     for function in own:
         handler = str(manifest.handler_path(function))
-        checks.append((["functions", function, "handler"], handler, "not read", (
+        reads.append((["functions", function, "handler"], handler, True, (
             f"user {name!r} (its run_as) cannot read {handler}: give that user read access to the file, and to"
             " the folders above it"
         )))
-    for function in others:
-        handler = manifest.handler_path(function)
-        for path in (handler, handler.parent):
-            checks.append((["functions", function, "handler"], str(path), "write", (
-                f"user {name!r} ({dotted(where)}) can write to {path}, "
-                + ("this handler" if path == handler else "this handler's folder, first on its sys.path")
-                + f": code it put there would run as {_runs_as(manifest, function)!r}; make it writable by"
-                f" {_runs_as(manifest, function)!r} alone"
-            )))
     if manifest.path is not None:
-        manifest_file = manifest.path
-        checks.append((where, str(manifest_file), "read", (
-            f"user {name!r} can read the manifest {manifest_file}, which holds the server's secrets (the ui_token,"
-            f" every function's environment): make it readable by the server's user alone (chmod 600 {manifest_file})"
+        reads.append((where, str(manifest.path), False, (
+            f"user {name!r} can read the manifest {manifest.path}, which holds the server's secrets (the ui_token,"
+            f" every function's environment): make it readable by the server's user alone (chmod 600 {manifest.path})"
         )))
-        for path in (manifest_file, manifest_file.parent):
-            checks.append((where, str(path), "write", (
-                f"user {name!r} can write to {path}, and so change the manifest (its own run_as among it) for the"
-                " server's next start: make it writable by the server's user alone"
+        changes.append((where, str(manifest.path), (
+            f"and so change the manifest {manifest.path} (its own run_as among it) for the server's next start:"
+            " keep it, and the folders above it, writable by the server's user alone"
+        )))
+    changes.append((["server", "data_dir"], str(manifest.data_dir), (
+        f"and so put a store of its own in place of the data_dir {manifest.data_dir}, which the server would write"
+        " every run to: keep the data_dir, and the folders above it, writable by the server's user alone"
+    )))
+    for function in others:
+        runs_as = _runs_as(manifest, function)
+        handler = manifest.handler_path(function)
+        for path in (handler.parent, handler):
+            changes.append((["functions", function, "handler"], str(path), (
+                f"in this function's code (its handler's folder is first on its sys.path): code put there would run"
+                f" as {runs_as!r}; keep that folder, what it holds and the folders above it writable by {runs_as!r} alone"
             )))
-    can = access(user, [(path, os.W_OK if check == "write" else os.R_OK) for _, path, check, _ in checks])
-    return [(at, message) for (at, _, check, message), yes in zip(checks, can) if yes == (check != "not read")]
+        for entry in manifest.functions[function].environment.get("PYTHONPATH", "").split(os.pathsep):
+            if entry:
+                changes.append((["functions", function, "environment"], entry, (
+                    f"on this function's PYTHONPATH: code put there would run as {runs_as!r}; keep it writable by"
+                    f" {runs_as!r} alone"
+                )))
+    for entry in sys.path:  # where the server, the spawner and every forked instance import from
+        if entry and os.path.isdir(entry):
+            changes.append((where, entry, (
+                "where eventrun's Python imports from: code put there would run as the server's user, and every"
+                " function's; keep it writable by the server's user alone"
+            )))
+    answers = as_user(user, lambda: (
+        [readable(path) for _, path, _, _ in reads],
+        [changeable(path) for _, path, _ in changes],
+    ))
+    if answers is None:  # (it could not become the user: run_as_problems has said why)
+        return []
+    can_read, how = answers
+    problems = [(at, message) for (at, _, wanted, message), yes in zip(reads, can_read) if yes != wanted]
+    problems += [(at, f"{named} {done}, {message}") for (at, _, message), done in zip(changes, how) if done]
+    unique: dict[tuple[tuple[str, ...], str], Problem] = {}  # (the handler and its folder may say the same)
+    for at, message in problems:
+        unique.setdefault((tuple(at), message), (at, message))
+    return list(unique.values())
+
+
 def run_as_warnings(manifest: Manifest) -> list[str]:
     """What leaves a function's user less apart than it could be (an API without a ui_token), or
     works only in part (a Python that user cannot read: forked instances run, with only the
@@ -168,37 +199,10 @@ def python_unreadable(user: RunAs) -> tuple[str, ...]:
 
 
 def unreadable(user: RunAs, paths: list[str]) -> list[str]:
-    """The paths `user` cannot read (a file) or list and enter (a folder); one that does not exist
-    counts as unreadable."""
-    modes = [os.R_OK | os.X_OK if os.path.isdir(path) else os.R_OK for path in paths]
-    return [path for path, yes in zip(paths, access(user, list(zip(paths, modes)))) if not yes]
-
-
-def access(user: RunAs, checks: list[tuple[str, int]]) -> list[bool]:
-    """Whether `user` may access each path so (os.R_OK, os.W_OK...), asked of the kernel by a child
-    process that becomes the user; all False should it fail to."""
-    if not checks:
-        return []
-    answer_r, answer_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # (nothing but system calls here, then out: no Python state of the parent's is used)
-        code = 1
-        try:
-            os.close(answer_r)
-            os.setgroups(list(user.groups))
-            os.setresgid(user.gid, user.gid, user.gid)
-            os.setresuid(user.uid, user.uid, user.uid)
-            os.write(answer_w, bytes(b"01"[os.access(path, mode)] for path, mode in checks))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(answer_w)
-    with open(answer_r, "rb") as answer:
-        text = answer.read()
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or len(text) != len(checks):
-        return [False] * len(checks)
-    return [c == ord("1") for c in text]
+    """The paths `user` cannot read (a file) or list and enter (a folder); all of them should it
+    not be possible to ask."""
+    answer = as_user(user, lambda: [path for path in paths if not readable(path)])
+    return list(paths) if answer is None else answer
 
 
 def _runs_as(manifest: Manifest, function: str) -> str:

@@ -210,8 +210,9 @@ def test_a_manifest_a_functions_user_can_read_or_change_is_refused_at_start(publ
     with pytest.raises(ManifestError) as caught:
         load_manifest(path, check=serve_problems)
     assert str(caught.value) == (
-        f"{path}: functions.f.run_as: user 'nobody' can write to {public}, and so change the manifest (its own run_as"
-        " among it) for the server's next start: make it writable by the server's user alone"
+        f"{path}: functions.f.run_as: user 'nobody' (functions.f.run_as) can rename {path} (it can write to {public}),"
+        f" and so change the manifest {path} (its own run_as among it) for the server's next start: keep it, and the"
+        " folders above it, writable by the server's user alone"
     )
     public.chmod(0o755)
     assert load_manifest(path, check=serve_problems).functions["f"].run_as == "nobody"
@@ -232,9 +233,43 @@ def test_another_functions_code_a_functions_user_can_change_is_refused_at_start(
     with pytest.raises(ManifestError) as caught:
         load_manifest(path, check=serve_problems)
     assert str(caught.value) == (
-        f"{path}: functions.g.handler: user 'nobody' (functions.f.run_as) can write to {shared}, this handler's folder,"
-        " first on its sys.path: code it put there would run as 'root'; make it writable by 'root' alone"
+        f"{path}: functions.g.handler: user 'nobody' (functions.f.run_as) can write to {shared}, in this function's"
+        " code (its handler's folder is first on its sys.path): code put there would run as 'root'; keep that folder,"
+        " what it holds and the folders above it writable by 'root' alone"
     )
+
+
+@needs_root
+@pytest.mark.parametrize("way", ["grandparent", "sibling module", "pycache", "pythonpath", "data_dir's parent"])
+def test_each_way_a_functions_user_could_change_what_another_runs_is_refused_at_start(public: Path, way: str) -> None:
+    # Each was found to let a function run as nobody run code as root (or take over the store).
+    entry = other_user()
+    code = public / "code" / "g"
+    code.mkdir(parents=True, mode=0o755)
+    (code / "g.py").write_text("import helper\ndef main_handler(event, context):\n    return None\n")
+    (code / "helper.py").write_text("")
+    (code / "__pycache__").mkdir(mode=0o755)
+    elsewhere = public / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    data = public / "store" / "data"
+    data.mkdir(parents=True, mode=0o700)
+    g = f'[functions.g]\nhandler = "code/g/g.py:main_handler"\nenvironment = {{ PYTHONPATH = "{elsewhere}" }}\n'
+    path = manifest(public, f'run_as = "nobody"\n{g}[server]\ndata_dir = "{data}"\n')
+    path.chmod(0o600)
+    (public / "f.py").chmod(0o644)
+    load_manifest(path, check=serve_problems)
+    at, how = {
+        "grandparent": ("functions.g.handler", lambda: os.chown(public / "code", entry.pw_uid, -1)),
+        "sibling module": ("functions.g.handler", lambda: (code / "helper.py").chmod(0o666)),
+        "pycache": ("functions.g.handler", lambda: (code / "__pycache__").chmod(0o777)),
+        "pythonpath": ("functions.g.environment", lambda: elsewhere.chmod(0o777)),
+        "data_dir's parent": ("server.data_dir", lambda: os.chown(data.parent, entry.pw_uid, -1)),
+    }[way]
+    how()
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    assert str(caught.value).startswith(f"{path}: {at}: user 'nobody' (functions.f.run_as) can "), str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1, str(caught.value)
 
 
 def test_functions_of_other_users_and_no_ui_token_are_warned_of(tmp_path: Path) -> None:
