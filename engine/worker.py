@@ -39,8 +39,13 @@ processes of that user; the root user is not held back. Its secrets (the frame t
 each task must carry) come as the first line on its task pipe, never on its command line or in
 its environment; so does its function's own environment, set before any of the function's code
 runs: sent through the spawner, it would stay in the spawner's memory, which every instance
-forked after it starts with, another function's, run as another user, among them. A task without the key is refused, and the instance ends; each end frame names
-the run it ends (the task's request_id and run), for the server to refuse an answer for another.
+forked after it starts with (another function's, run as another user, among them). A task
+without the key is refused, and the instance ends; each end frame names the run it ends (the
+task's request_id and run), for the server to refuse an answer for another.
+
+A server started as root can run a function as a user of its own (run_as): the spawner's child
+becomes that user (_become_user) before any of the function's code is loaded, and cannot become
+root again.
 
 The same file, run with --spawner, is the process instances are forked from (see spawner()).
 """
