@@ -9,9 +9,10 @@ started, including ones that left its process group (see kill()).
 
 Only this server talks to an instance, and it knows it by two secrets it makes for each, handed
 over as the first line on the instance's task pipe (see worker.py): the token that marks its
-frames, and a key every task carries; the function's environment comes on that line too. Each task names its run with a fresh nonce, which the end
-frame must name again; an answer for another run means someone else made the instance run
-something, and the instance is stopped (ForeignAnswer).
+frames, and a key every task carries; the function's environment comes on that line too. Each
+task names its run with a fresh nonce, which the end frame must name again; an answer for
+another run means someone else made the instance run something, and the instance is stopped
+(ForeignAnswer).
 """
 
 from __future__ import annotations
