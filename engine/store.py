@@ -618,10 +618,10 @@ class HeldLock:
         self._fds = []
 
 
-def hold_lock(lock_path: Path, what: str) -> HeldLock:
+def hold_lock(lock_path: Path, what: str, by: str = "") -> HeldLock:
     """Hold the folder of `lock_path` for this process, and `lock_path`, writing the process's id
-    in it; StoreError naming the holder if another holds either, or naming the path if it cannot
-    be held.
+    in it (and on a second line `by`, what holds it if not a server: "eventrun restore"); StoreError
+    naming the holder if another holds either, or naming the path if it cannot be held.
 
     The folder's own lock (flock on the folder) cannot be taken away by removing a file, as a
     lock file left over from a stop may invite; the lock file's is the one eventrun took before
@@ -635,7 +635,7 @@ def hold_lock(lock_path: Path, what: str) -> HeldLock:
         _take(held.hold(_open(folder, os.O_RDONLY | os.O_DIRECTORY, what)), what, lock_path)
         lock_file = held.hold(_open(lock_path, os.O_RDWR | os.O_CREAT, what))
         _take(lock_file, what, lock_path)
-        holder = f"{os.getpid()}\n".encode()
+        holder = f"{os.getpid()}\n{by}\n".encode() if by else f"{os.getpid()}\n".encode()
         os.pwrite(lock_file, holder, 0)
         os.ftruncate(lock_file, len(holder))
     except OSError as exc:
@@ -693,19 +693,28 @@ def _take(fd: int, what: str, lock_path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        process, by = _holder(lock_path)
+        if by:
+            raise StoreError(f"{what} is in use by {by}{process}: wait for it to end") from None
         raise StoreError(
-            f"{what} is in use by another eventrun server{_holder(lock_path)}; "
+            f"{what} is in use by another eventrun server{process}; "
             "give this one a data_dir of its own, or stop the other"
         ) from None
 
 
-def _holder(lock_path: Path) -> str:
-    """' (process N)' as `lock_path` names the holder, or nothing."""
+_HOLDERS = frozenset({"eventrun restore"})
+"""What hold_lock's `by` names, besides a server: what a lock file is believed to say."""
+
+
+def _holder(lock_path: Path) -> tuple[str, str]:
+    """(' (process N)', what holds it if not a server) as `lock_path` names the holder; blanks if it does not."""
     try:
-        holder = lock_path.read_text(errors="replace").strip()
+        lines = lock_path.read_text(errors="replace").split("\n")
     except OSError:
-        return ""
-    return f" (process {holder})" if holder.isdigit() else ""
+        return "", ""
+    process = lines[0].strip()
+    by = lines[1].strip() if len(lines) > 1 else ""
+    return (f" (process {process})" if process.isdigit() else ""), (by if by in _HOLDERS else "")
 
 
 def _unlockable(what: str, path: Path, exc: OSError) -> StoreError:

@@ -529,10 +529,27 @@ def _prune(conn: sqlite3.Connection, ops: list[tuple[int, str]]) -> list[list[st
                 (below, ended_before, PRUNE_AT_ONCE),
             )
         ]
-        conn.executemany("DELETE FROM replays WHERE request_id = ? OR replay_of = ?", [(r, r) for r in ids])
-        conn.executemany("DELETE FROM outbox WHERE request_id = ?", [(r,) for r in ids])
+        delete_links(conn, ids)
         out.append(ids)
     return out
+
+
+def prune(conn: sqlite3.Connection, op: tuple[int, str]) -> list[str]:
+    """One op of _prune, outside the writer (a backup's copy): the RequestIds it deleted."""
+    [ids] = _prune(conn, [op])
+    return ids
+
+
+def delete_runs(conn: sqlite3.Connection, request_ids: list[str]) -> None:
+    """Delete these runs, with their replay links and deliveries."""
+    conn.executemany("DELETE FROM invocations WHERE request_id = ?", [(r,) for r in request_ids])
+    delete_links(conn, request_ids)
+
+
+def delete_links(conn: sqlite3.Connection, request_ids: list[str]) -> None:
+    """Delete what refers to these runs, deleted: their replay links (either way) and deliveries."""
+    conn.executemany("DELETE FROM replays WHERE request_id = ? OR replay_of = ?", [(r, r) for r in request_ids])
+    conn.executemany("DELETE FROM outbox WHERE request_id = ?", [(r,) for r in request_ids])
 
 
 def _recover(conn: sqlite3.Connection, ops: list[tuple[str, str]]) -> list[list[str]]:

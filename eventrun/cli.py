@@ -196,36 +196,52 @@ def _single_node_manifest(args: argparse.Namespace, instead: str) -> Any:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Copy a single node's store and logs into a new folder, while its server serves or not."""
-    from eventrun.engine.backup import take_backup
+    from eventrun.engine.backup import BackupRefused, take_backup, terminated_as_interrupted
     from eventrun.engine.errors import EventrunError
 
     manifest = _single_node_manifest(args, "back it up as PostgreSQL is (pg_dump)")
+    folder = Path(args.folder).absolute()
     try:
-        taken = take_backup(manifest.data_dir, Path(args.folder).absolute())
+        with terminated_as_interrupted():
+            taken = take_backup(manifest.data_dir, folder, manifest.server.retention)
+    except BackupRefused as exc:
+        raise CliError(str(exc), exit_status=2) from None
     except EventrunError as exc:
         raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"eventrun: the backup was interrupted; what it had copied into {folder} was removed", file=sys.stderr)
+        raise
+    left_out = (
+        f"; it left out {taken.left_out:,} run{'' if taken.left_out == 1 else 's'} that [server] retention deleted, "
+        "or could have, while it copied"
+        if taken.left_out else ""
+    )
     print(
-        f"backed up {taken.runs} runs ({taken.store_bytes:,} bytes) and {taken.logs} logs "
-        f"({taken.log_bytes:,} bytes) from {manifest.data_dir} to {taken.folder}"
+        f"backed up {taken.runs:,} runs ({taken.store_bytes:,} bytes) and {taken.logs:,} logs "
+        f"({taken.log_bytes:,} bytes) from {manifest.data_dir} to {taken.folder}{left_out}"
     )
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Put a folder `eventrun backup` made in place as the data_dir's store and logs, no server running on it."""
-    from eventrun.engine.backup import RestoreRefused, restore_backup
+    from eventrun.engine.backup import BackupRefused, restore_backup, terminated_as_interrupted
     from eventrun.engine.errors import EventrunError
 
     manifest = _single_node_manifest(args, "restore it as PostgreSQL is (pg_restore or psql)")
     folder = Path(args.folder).absolute()
     try:
-        restored = restore_backup(folder, manifest.data_dir)
-    except RestoreRefused as exc:
+        with terminated_as_interrupted():
+            restored = restore_backup(folder, manifest.data_dir)
+    except BackupRefused as exc:
         raise CliError(str(exc), exit_status=2) from None
     except EventrunError as exc:
         raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"eventrun: the restore was interrupted; the data_dir {manifest.data_dir} is as it was", file=sys.stderr)
+        raise
     print(
-        f"restored {restored.runs} runs ({restored.store_bytes:,} bytes) and {restored.logs} logs "
+        f"restored {restored.runs:,} runs ({restored.store_bytes:,} bytes) and {restored.logs:,} logs "
         f"({restored.log_bytes:,} bytes) from {folder} to {restored.folder}"
     )
     return 0

@@ -172,7 +172,13 @@ def fake_backup(folder: Path, *, rows: int = 1, user_version: int = 1) -> Path:
         db.executemany("INSERT INTO invocations (request_id) VALUES (?)", [(f"req-{n:03}",) for n in range(rows)])
         db.execute(f"PRAGMA user_version = {user_version}")
     db.close()
+    mark_whole(folder)
     return folder / "eventrun.db"
+
+
+def mark_whole(folder: Path) -> None:
+    """The mark `eventrun backup` ends a backup with."""
+    (folder / "eventrun-backup.json").write_text('{"eventrun_backup": 1, "schema_version": 1, "runs": 1}\n')
 
 
 def test_eventrun_restore_refuses_a_folder_that_is_no_backup_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -195,6 +201,7 @@ def test_eventrun_restore_refuses_a_folder_that_is_no_backup_and_leaves_nothing_
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "eventrun.db").write_bytes(b"not a database, " * 100)
+    mark_whole(junk)
     assert refused(junk) == (
         f"eventrun: {junk} is not a backup eventrun can read: {junk / 'eventrun.db'}: file is not a database {hint}\n"
     )
@@ -203,11 +210,12 @@ def test_eventrun_restore_refuses_a_folder_that_is_no_backup_and_leaves_nothing_
     with sqlite3.connect(other / "eventrun.db") as db:
         db.execute("CREATE TABLE notes (text TEXT)")
     db.close()
+    mark_whole(other)
     assert refused(other) == (
         f"eventrun: {other} is not a backup eventrun can read: {other / 'eventrun.db'}: "
         f"no such table: invocations {hint}\n"
     )
-    assert sorted(p.name for p in other.iterdir()) == ["eventrun.db"]  # (read as it is)
+    assert sorted(p.name for p in other.iterdir()) == ["eventrun-backup.json", "eventrun.db"]  # (read as it is)
 
     newer = fake_backup(tmp_path / "newer", user_version=99)
     assert refused(newer.parent) == (
@@ -238,8 +246,8 @@ def test_eventrun_restore_writes_over_no_logs_and_refuses_a_postgresql_store(tmp
     logs = restore(str(folder), "--config", str(manifest))
     assert (logs.returncode, logs.stderr) == (
         2,
-        f"eventrun: the data_dir {tmp_path / 'data'} already holds a store ({tmp_path / 'data' / 'logs'}), "
-        "and a restore writes over no run: move it away, or restore into an empty data_dir\n",
+        f"eventrun: the data_dir {tmp_path / 'data'} already holds runs' logs ({tmp_path / 'data' / 'logs'}), "
+        "and a restore writes over no run: move them away, or restore into an empty data_dir\n",
     )
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["logs"]  # (its lock file gone too)
 
@@ -277,7 +285,8 @@ def test_no_server_starts_on_a_data_dir_while_it_is_restored_and_an_interrupted_
 
     def start_a_server_then_interrupt(source: Path, target: Path) -> tuple[int, int]:
         copy_logs(source, target)
-        assert sorted(p.name for p in (data_dir / ".eventrun-restore").iterdir()) == ["eventrun.db", "logs"]
+        assert sorted(p.name for p in (data_dir / ".eventrun-restore").iterdir()) == ["logs"]
+        assert (data_dir / ".restore.db").is_file()  # (the store's work copy)
         starts.append(eventrun("serve", "--config", str(manifest)))
         raise KeyboardInterrupt  # Ctrl-C
 
@@ -287,8 +296,8 @@ def test_no_server_starts_on_a_data_dir_while_it_is_restored_and_an_interrupted_
     [start] = starts
     assert start.returncode != 0
     assert (
-        f"the store {data_dir / 'eventrun.db'} is in use by another eventrun server (process {os.getpid()})"
-        in start.stderr
+        f"eventrun: cannot start: the store {data_dir / 'eventrun.db'} is in use by eventrun restore "
+        f"(process {os.getpid()}): wait for it to end\n" == start.stderr
     ), start.stderr
     assert not data_dir.exists()
 
@@ -296,3 +305,143 @@ def test_no_server_starts_on_a_data_dir_while_it_is_restored_and_an_interrupted_
     restored = backups.restore_backup(folder, data_dir)
     assert (restored.folder, restored.runs, restored.logs, restored.log_bytes) == (data_dir, 1, 1, 6)
     assert (data_dir / "logs" / "req-000.log").read_text() == "a log\n"
+
+
+def test_a_restore_holding_the_data_dir_is_named_to_a_second_restore(tmp_path: Path) -> None:
+    from eventrun.engine.store import hold_lock
+
+    folder = fake_backup(tmp_path / "copy").parent
+    manifest = tmp_path / "eventrun.toml"
+    manifest.write_text('[server]\ndata_dir = "data"\n')
+    held = hold_lock(tmp_path / "data" / "eventrun.db.lock", "the data_dir", by="eventrun restore")
+    try:
+        second = restore(str(folder), "--config", str(manifest))
+    finally:
+        held.release()
+    assert (second.returncode, second.stderr) == (
+        2,
+        f"eventrun: cannot restore: the data_dir {tmp_path / 'data'} is in use by eventrun restore "
+        f"(process {os.getpid()}): wait for it to end\n",
+    )
+
+
+def a_store(data_dir: Path, rows: int) -> Path:
+    """A data_dir with a store of `rows` runs (a table of invocations, as a store has)."""
+    store = fake_backup(data_dir, rows=rows)
+    (data_dir / "eventrun-backup.json").unlink()
+    return store
+
+
+def test_counts_are_printed_with_thousands_separators(tmp_path: Path) -> None:
+    a_store(tmp_path / "data", rows=1204)
+    manifest = tmp_path / "eventrun.toml"
+    manifest.write_text('[server]\ndata_dir = "data"\n')
+    taken = backup(str(tmp_path / "copy"), cwd=tmp_path)
+    assert taken.returncode == 0 and taken.stdout.startswith("backed up 1,204 runs ("), taken
+    manifest.write_text('[server]\ndata_dir = "restored"\n')
+    done = restore(str(tmp_path / "copy"), cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("restored 1,204 runs ("), done
+
+
+def test_a_backup_or_restore_inside_the_data_dir_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    a_store(data_dir, rows=1)
+    (data_dir / "logs").mkdir()
+    (data_dir / "logs" / "a.log").write_text("a log\n")
+    manifest = tmp_path / "eventrun.toml"
+    manifest.write_text(f'[server]\ndata_dir = "{data_dir}"\n')
+    (tmp_path / "link").symlink_to(data_dir / "logs")
+    for folder in (data_dir / "logs" / "bk", tmp_path / "link" / "bk", data_dir):
+        refused = backup(str(folder), "--config", str(manifest))
+        assert (refused.returncode, refused.stderr) == (
+            2,
+            f"eventrun: cannot back up into {folder}: it is inside the data_dir {data_dir}, which it copies: "
+            "keep backups apart from what they copy\n",
+        )
+    assert sorted(p.name for p in (data_dir / "logs").iterdir()) == ["a.log"]
+
+    # A restore from a folder inside the data_dir it restores into (its own leftover work folder).
+    leftover = data_dir / ".eventrun-restore"
+    leftover.mkdir()
+    (data_dir / "eventrun.db").rename(leftover / "eventrun.db")
+    shutil.rmtree(data_dir / "logs")
+    mark_whole(leftover)
+    refused = restore(str(leftover), "--config", str(manifest))
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        f"eventrun: cannot restore from {leftover}: it is inside the data_dir {data_dir}, which a restore fills "
+        "(move it out of the data_dir first): keep backups apart from what they copy\n",
+    )
+    assert sorted(p.name for p in leftover.iterdir()) == ["eventrun-backup.json", "eventrun.db"]
+
+
+def long_data_dir(base: Path, store_length: int) -> Path:
+    """A data_dir under `base` whose eventrun.db has a path `store_length` bytes long."""
+    data_dir = base
+    while len(str(data_dir / "eventrun.db")) < store_length:
+        data_dir = data_dir / ("d" * min(200, store_length - len(str(data_dir / "eventrun.db")) - 1))
+    assert len(os.fsencode(data_dir / "eventrun.db")) == store_length
+    return data_dir
+
+
+def test_a_restore_works_for_every_data_dir_a_server_opens_and_refuses_the_others(tmp_path: Path) -> None:
+    folder = fake_backup(tmp_path / "copy").parent
+    base = Path(os.path.realpath(tmp_path))
+    manifest = tmp_path / "eventrun.toml"
+    longest = long_data_dir(base / "a", 504)
+    manifest.write_text(f'[server]\ndata_dir = "{longest}"\n')
+    done = restore(str(folder), "--config", str(manifest))
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert (longest / "eventrun.db").is_file()
+
+    too_long = long_data_dir(base / "b", 505)
+    manifest.write_text(f'[server]\ndata_dir = "{too_long}"\n')
+    refused = restore(str(folder), "--config", str(manifest))
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        f"eventrun: cannot open the store {too_long / 'eventrun.db'}: its path is 505 bytes long, and SQLite opens "
+        "paths of at most 504 bytes (absolute, links resolved): give data_dir a shorter path\n",
+    )
+    assert not (base / "b").exists()
+
+
+def test_a_store_copied_with_its_wal_is_restored_without_writing_beside_it(tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    source = tmp_path / "source.db"
+    db = sqlite3.connect(source)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE invocations (seq INTEGER PRIMARY KEY, request_id TEXT)")
+    db.commit()
+    db.executemany("INSERT INTO invocations (request_id) VALUES (?)", [(f"req-{n}",) for n in range(3)])
+    db.commit()
+    shutil.copyfile(source, folder / "eventrun.db")  # by hand, with the WAL that holds the runs
+    shutil.copyfile(f"{source}-wal", folder / "eventrun.db-wal")
+    db.close()
+    mark_whole(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    folder.chmod(0o555)
+    try:
+        manifest = tmp_path / "eventrun.toml"
+        manifest.write_text('[server]\ndata_dir = "data"\n')
+        done = restore(str(folder), "--config", str(manifest))
+        after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    finally:
+        folder.chmod(0o700)
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert done.stdout.startswith("restored 3 runs (")
+    assert after == before  # (no -shm beside it, the WAL as it was)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["eventrun.db", "eventrun.db.lock"]
+
+
+def test_a_backup_into_an_existing_empty_folder_makes_it_private(tmp_path: Path) -> None:
+    a_store(tmp_path / "data", rows=1)
+    manifest = tmp_path / "eventrun.toml"
+    manifest.write_text('[server]\ndata_dir = "data"\n')
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    taken = backup(str(folder), cwd=tmp_path)
+    assert taken.returncode == 0, taken
+    assert mode(folder) == 0o700
