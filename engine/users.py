@@ -130,13 +130,14 @@ def _reach_problems(manifest: Manifest, name: str, where: list[str], user: RunAs
         for path in (handler.parent, handler):
             changes.append((["functions", function, "handler"], str(path), (
                 f"in this function's code (its handler's folder is first on its sys.path): code put there would run"
-                f" as {runs_as!r}; keep that folder, what it holds and the folders above it writable by {runs_as!r} alone"
+                f" as {runs_as!r}; let no user but {runs_as!r} and the server's write to that folder, to what it holds"
+                " or to the folders above it"
             )))
         for entry in manifest.functions[function].environment.get("PYTHONPATH", "").split(os.pathsep):
             if entry:
                 changes.append((["functions", function, "environment"], entry, (
-                    f"on this function's PYTHONPATH: code put there would run as {runs_as!r}; keep it writable by"
-                    f" {runs_as!r} alone"
+                    f"on this function's PYTHONPATH: code put there would run as {runs_as!r}; let no user but"
+                    f" {runs_as!r} and the server's write to it"
                 )))
     for entry in sys.path:  # where the server, the spawner and every forked instance import from
         if entry and os.path.isdir(entry):

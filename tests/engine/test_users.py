@@ -234,8 +234,8 @@ def test_another_functions_code_a_functions_user_can_change_is_refused_at_start(
         load_manifest(path, check=serve_problems)
     assert str(caught.value) == (
         f"{path}: functions.g.handler: user 'nobody' (functions.f.run_as) can write to {shared}, in this function's"
-        " code (its handler's folder is first on its sys.path): code put there would run as 'root'; keep that folder,"
-        " what it holds and the folders above it writable by 'root' alone"
+        " code (its handler's folder is first on its sys.path): code put there would run as 'root'; let no user but"
+        " 'root' and the server's write to that folder, to what it holds or to the folders above it"
     )
 
 
