@@ -181,6 +181,7 @@ class SQLiteStore:
         """Lock the store, start the writer process (which creates the schema), open the reading connection."""
         self._lock = _lock(self.path)
         try:
+            _refuse_a_restore_left_half_done(self.path.parent)
             create_private(self.path)
             self._writer = WriterProcess(self.path, batch_limit=self._batch_limit, writes=self.writes)
             self._open_reader()
@@ -590,6 +591,25 @@ _OWNER = "local"  # who holds a claimed delivery: this server is the store's onl
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+RESTORING = ".eventrun-restore"
+"""The folder in the data_dir a restore fills with the logs before it moves them into place."""
+
+RESTORED_STORE = ".restore.db"
+"""A restore's work copy of the store, in the data_dir: a name as long as STORE_FILE's, so a
+restore opens every data_dir a server opens, and no other (SQLite's path limit)."""
+
+
+def _refuse_a_restore_left_half_done(data_dir: Path) -> None:
+    """StoreError if a restore into `data_dir` was killed before it ended: a server started there
+    would serve an empty store beside the logs it had moved in, and it could not be run again."""
+    for name in (RESTORING, RESTORED_STORE):
+        if os.path.lexists(data_dir / name):
+            raise StoreError(
+                f"a restore into the data_dir {data_dir} was stopped before it ended ({data_dir / name} is there):"
+                " run the same `eventrun restore FOLDER` again, which removes what it left and ends it"
+            )
 
 
 def _lock(path: Path) -> HeldLock:

@@ -4,6 +4,7 @@ place as another data_dir, and a server started on it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sqlite3
@@ -172,13 +173,14 @@ def fake_backup(folder: Path, *, rows: int = 1, user_version: int = 1) -> Path:
         db.executemany("INSERT INTO invocations (request_id) VALUES (?)", [(f"req-{n:03}",) for n in range(rows)])
         db.execute(f"PRAGMA user_version = {user_version}")
     db.close()
-    mark_whole(folder)
+    mark_whole(folder, runs=rows)
     return folder / "eventrun.db"
 
 
-def mark_whole(folder: Path) -> None:
-    """The mark `eventrun backup` ends a backup with."""
-    (folder / "eventrun-backup.json").write_text('{"eventrun_backup": 1, "schema_version": 1, "runs": 1}\n')
+def mark_whole(folder: Path, runs: int = 1, logs: int = 0) -> None:
+    """The mark `eventrun backup` ends a backup with (the runs and logs it was taken with)."""
+    mark = {"eventrun_backup": 1, "schema_version": 1, "runs": runs, "logs": logs}
+    (folder / "eventrun-backup.json").write_text(json.dumps(mark) + "\n")
 
 
 def test_eventrun_restore_refuses_a_folder_that_is_no_backup_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -419,7 +421,7 @@ def test_a_store_copied_with_its_wal_is_restored_without_writing_beside_it(tmp_p
     shutil.copyfile(source, folder / "eventrun.db")  # by hand, with the WAL that holds the runs
     shutil.copyfile(f"{source}-wal", folder / "eventrun.db-wal")
     db.close()
-    mark_whole(folder)
+    mark_whole(folder, runs=3)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     folder.chmod(0o555)
     try:

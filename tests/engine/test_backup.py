@@ -18,6 +18,7 @@ from eventrun import cli
 from eventrun.engine import backup as backups
 from eventrun.engine.envelope import now_rfc3339
 from eventrun.engine.backup import BACKUP_MARK, MOVING, RESTORING, BackupError, take_backup
+from eventrun.engine.errors import StoreError
 from eventrun.engine.store import SQLiteStore
 from eventrun.engine.writes import SCHEMA_VERSION
 from test_store import row
@@ -169,8 +170,9 @@ async def test_a_backup_ends_with_its_mark_and_one_that_fails_or_is_stopped_remo
     assert cli.main(["restore", str(folder), "--config", str(manifest_for(tmp_path, "restored"))]) == 2
     assert capsys.readouterr().err == (
         f"eventrun: {folder} is not a whole backup: {folder / BACKUP_MARK}, which `eventrun backup` writes last, "
-        "is missing or incomplete, so the backup was interrupted or failed, or the folder was made by hand: take a "
-        "new backup (a copy made by hand is restored by hand, as the README says)\n"
+        "is missing or incomplete, so the backup was interrupted or failed, or the folder was made by hand or by "
+        "eventrun before 2026-12-08 (which wrote no mark): take a new backup if the data_dir is still there; else "
+        "restore the folder by hand, as the README says\n"
     )
     assert not (tmp_path / "restored").exists()
 
@@ -207,3 +209,34 @@ async def test_a_restore_killed_between_moving_the_logs_and_the_store_is_undone_
     assert (again.runs, again.logs) == (2, 2)
     assert sorted(p.name for p in restored.iterdir()) == ["eventrun.db", "eventrun.db.lock", "logs"]
     assert {log.stem for log in (restored / "logs").rglob("*.log")} == set(ids)
+
+
+async def test_a_copy_of_a_backup_cut_short_is_refused_naming_what_it_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its mark said it was whole; a copy of it without its logs/ (a partial rsync) restored with
+    # no log at all.
+    data_dir = tmp_path / "data"
+    await a_data_dir(data_dir, 3)
+    folder = tmp_path / "copy"
+    take_backup(data_dir, folder)
+    for log in sorted((folder / "logs").rglob("*.log"))[:2]:
+        log.unlink()
+    assert cli.main(["restore", str(folder), "--config", str(manifest_for(tmp_path, "restored"))]) == 2
+    assert capsys.readouterr().err == (
+        f"eventrun: {folder} holds 3 runs and 1 logs, and {BACKUP_MARK} says the backup was taken with 3 and 3:"
+        " this copy of it is cut short; restore a whole one\n"
+    )
+    assert not (tmp_path / "restored").exists()
+
+
+def test_a_server_does_not_start_on_a_restore_stopped_half_way(tmp_path: Path) -> None:
+    # It started on an empty store beside the logs the restore had moved in, and the restore could
+    # not be run again (the data_dir then held a store).
+    data_dir = tmp_path / "data"
+    (data_dir / RESTORING).mkdir(parents=True)
+    store = SQLiteStore(data_dir / "eventrun.db")
+    with pytest.raises(StoreError, match=r"a restore into the data_dir .* was stopped before it ended .*: run the same"):
+        store.open()
+    store.close()
+    assert not (data_dir / "eventrun.db").exists()
