@@ -194,23 +194,34 @@ def _single_node_manifest(args: argparse.Namespace, instead: str) -> Any:
     return manifest
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
-    """Copy a single node's store and logs into a new folder, while its server serves or not."""
-    from eventrun.engine.backup import BackupRefused, take_backup, terminated_as_interrupted
+def _copying(step: Callable[[], Any], interrupted: str) -> Any:
+    """`step()`, a backup or a restore, with SIGTERM taken as Ctrl-C: its refusals exit 2, its
+    failures 1, and an interruption says `interrupted` (what it left as it was)."""
+    from eventrun.engine.backup import BackupRefused, terminated_as_interrupted
     from eventrun.engine.errors import EventrunError
 
-    manifest = _single_node_manifest(args, "back it up as PostgreSQL is (pg_dump)")
-    folder = Path(args.folder).absolute()
     try:
         with terminated_as_interrupted():
-            taken = take_backup(manifest.data_dir, folder, manifest.server.retention)
+            return step()
     except BackupRefused as exc:
         raise CliError(str(exc), exit_status=2) from None
     except EventrunError as exc:
         raise CliError(str(exc)) from None
     except KeyboardInterrupt:
-        print(f"eventrun: the backup was interrupted; what it had copied into {folder} was removed", file=sys.stderr)
+        print(f"eventrun: {interrupted}", file=sys.stderr)
         raise
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy a single node's store and logs into a new folder, while its server serves or not."""
+    from eventrun.engine.backup import take_backup
+
+    manifest = _single_node_manifest(args, "back it up as PostgreSQL is (pg_dump)")
+    folder = Path(args.folder).absolute()
+    taken = _copying(
+        lambda: take_backup(manifest.data_dir, folder, manifest.server.retention),
+        f"the backup was interrupted; what it had copied into {folder} was removed",
+    )
     left_out = (
         f"; it left out {taken.left_out:,} run{'' if taken.left_out == 1 else 's'} that [server] retention deleted, "
         "or could have, while it copied"
@@ -225,21 +236,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Put a folder `eventrun backup` made in place as the data_dir's store and logs, no server running on it."""
-    from eventrun.engine.backup import BackupRefused, restore_backup, terminated_as_interrupted
-    from eventrun.engine.errors import EventrunError
+    from eventrun.engine.backup import restore_backup
 
     manifest = _single_node_manifest(args, "restore it as PostgreSQL is (pg_restore or psql)")
     folder = Path(args.folder).absolute()
-    try:
-        with terminated_as_interrupted():
-            restored = restore_backup(folder, manifest.data_dir)
-    except BackupRefused as exc:
-        raise CliError(str(exc), exit_status=2) from None
-    except EventrunError as exc:
-        raise CliError(str(exc)) from None
-    except KeyboardInterrupt:
-        print(f"eventrun: the restore was interrupted; the data_dir {manifest.data_dir} is as it was", file=sys.stderr)
-        raise
+    restored = _copying(
+        lambda: restore_backup(folder, manifest.data_dir),
+        f"the restore was interrupted; the data_dir {manifest.data_dir} is as it was",
+    )
     print(
         f"restored {restored.runs:,} runs ({restored.store_bytes:,} bytes) and {restored.logs:,} logs "
         f"({restored.log_bytes:,} bytes) from {folder} to {restored.folder}"
