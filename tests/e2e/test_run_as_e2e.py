@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from eventrun.engine.users import python_unreadable, run_as
-from tests.server_process import HANDLERS
+from server_process import HANDLERS
 
 pytestmark = [
     pytest.mark.e2e,
