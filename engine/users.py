@@ -208,19 +208,19 @@ def unreadable(user: RunAs, paths: list[str]) -> list[str]:
 
 def _runs_as(manifest: Manifest, function: str) -> str:
     """The name of the user a function runs as."""
-    name = function_user(manifest, manifest.functions[function])
-    if name:
-        return name
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
+    return function_user(manifest, manifest.functions[function]) or _server_user() or str(os.geteuid())
 
 
 def _me() -> str:
-    uid = os.geteuid()
+    """The server's user, for a message: its name and uid."""
+    name = _server_user()
+    return f"{name!r} (uid {os.geteuid()})" if name else f"uid {os.geteuid()}"
+
+
+def _server_user() -> str:
+    """The name of the user the server runs as ("" if its uid has none)."""
     try:
-        return f"{pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+        return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return ""
 

@@ -49,6 +49,13 @@ def manifest(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def refusal(path: Path) -> str:
+    """What `eventrun serve` says of the manifest at `path`, which it must refuse."""
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check=serve_problems)
+    return str(caught.value)
+
+
 def test_the_servers_own_user_and_none_need_no_change() -> None:
     assert run_as("") is None
     assert run_as(pwd.getpwuid(os.geteuid()).pw_name) is None
@@ -65,9 +72,7 @@ def test_another_user_comes_with_its_ids_groups_and_login_environment() -> None:
 
 def test_a_user_that_does_not_exist_is_refused_at_start_naming_its_line(tmp_path: Path) -> None:
     path = manifest(tmp_path, 'run_as = "no-such-user-here"\n')
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value) == f"{path}: functions.f.run_as: no user named 'no-such-user-here' on this machine"
+    assert refusal(path) == f"{path}: functions.f.run_as: no user named 'no-such-user-here' on this machine"
     assert load_manifest(path).functions["f"].run_as == "no-such-user-here", "other commands read it"
 
 
@@ -83,10 +88,9 @@ def test_another_user_needs_a_server_started_as_root(tmp_path: Path, monkeypatch
     path = manifest(tmp_path, '[server]\nrun_as = "nobody"\n')
     uid = 4242 if entry.pw_uid != 4242 else 4243
     monkeypatch.setattr(users.os, "geteuid", lambda: uid)
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value).startswith(f"{path}: server.run_as: running as 'nobody' needs a server started as root; it runs as ")
-    assert str(caught.value).endswith(f"uid {uid}")
+    refused = refusal(path)
+    assert refused.startswith(f"{path}: server.run_as: running as 'nobody' needs a server started as root; it runs as ")
+    assert refused.endswith(f"uid {uid}")
 
 
 @needs_root
@@ -97,9 +101,7 @@ def test_a_handler_its_user_cannot_read_is_refused_at_start(public: Path) -> Non
     (public / "f.py").chmod(0o644)
     load_manifest(path, check=serve_problems)
     (public / "f.py").chmod(0o600)
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value) == (
+    assert refusal(path) == (
         f"{path}: functions.f.handler: user 'nobody' (its run_as) cannot read {public / 'f.py'}: give that user read"
         " access to the file, and to the folders above it"
     )
@@ -199,17 +201,13 @@ def test_a_manifest_a_functions_user_can_read_or_change_is_refused_at_start(publ
     path = manifest(public, 'run_as = "nobody"\nenvironment = { DB_PASSWORD = "secret" }\n')
     (public / "f.py").chmod(0o644)
     path.chmod(0o644)
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value) == (
+    assert refusal(path) == (
         f"{path}: functions.f.run_as: user 'nobody' can read the manifest {path}, which holds the server's secrets"
         f" (the ui_token, every function's environment): make it readable by the server's user alone (chmod 600 {path})"
     )
     path.chmod(0o600)
     public.chmod(0o777)
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value) == (
+    assert refusal(path) == (
         f"{path}: functions.f.run_as: user 'nobody' (functions.f.run_as) can rename {path} (it can write to {public}),"
         f" and so change the manifest {path} (its own run_as among it) for the server's next start: keep it, and the"
         " folders above it, writable by the server's user alone"
@@ -230,9 +228,7 @@ def test_another_functions_code_a_functions_user_can_change_is_refused_at_start(
     (public / "f.py").chmod(0o644)
     load_manifest(path, check=serve_problems)
     shared.chmod(0o1777)  # (as /tmp is: anyone may add a file)
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value) == (
+    assert refusal(path) == (
         f"{path}: functions.g.handler: user 'nobody' (functions.f.run_as) can write to {shared}, in this function's"
         " code (its handler's folder is first on its sys.path): code put there would run as 'root'; let no user but"
         " 'root' and the server's write to that folder, to what it holds or to the folders above it"
@@ -266,10 +262,9 @@ def test_each_way_a_functions_user_could_change_what_another_runs_is_refused_at_
         "data_dir's parent": ("server.data_dir", lambda: os.chown(data.parent, entry.pw_uid, -1)),
     }[way]
     how()
-    with pytest.raises(ManifestError) as caught:
-        load_manifest(path, check=serve_problems)
-    assert str(caught.value).startswith(f"{path}: {at}: user 'nobody' (functions.f.run_as) can "), str(caught.value)
-    assert len(str(caught.value).splitlines()) == 1, str(caught.value)
+    refused = refusal(path)
+    assert refused.startswith(f"{path}: {at}: user 'nobody' (functions.f.run_as) can "), refused
+    assert len(refused.splitlines()) == 1, refused
 
 
 def test_functions_of_other_users_and_no_ui_token_are_warned_of(tmp_path: Path) -> None:
